@@ -1,0 +1,83 @@
+# kvsieve — one Makefile. `make` builds build/kvsieve and the libraries; `make test` fetches the
+# test model (cached by sha256) and runs the whole suite; `make check` runs it under ASan+UBSan;
+# `make bench` prints JSON benchmarks; `make demo` builds, fetches and generates.
+
+CC      ?= cc
+OPT     ?= -O2
+CFLAGS  ?=
+CFLAGS  += -std=c11 -D_GNU_SOURCE -Wall -Wextra -Werror -fPIC -g $(OPT) -pthread -Iinclude -Isrc
+SIMD    := -mavx2 -mfma -mf16c
+LDLIBS  += -lm -pthread
+BUILD   ?= build
+
+LIB_SRC  := $(filter-out src/main.c, $(wildcard src/*.c src/kv/*.c))
+LIB_OBJ  := $(LIB_SRC:src/%.c=$(BUILD)/obj/%.o)
+TEST_SRC := $(wildcard tests/test_*.c)
+TEST_BIN := $(TEST_SRC:tests/%.c=$(BUILD)/%)
+MODEL    := models/SmolLM2-135M-Instruct.Q4_1.gguf
+
+.PHONY: all test test-slow check bench demo models models-large data fuzz clean
+all: $(BUILD)/kvsieve $(BUILD)/libkvsieve.a $(BUILD)/libkvsieve.so $(TEST_BIN)
+
+$(BUILD)/obj/%_avx2.o: src/%_avx2.c $(wildcard src/*.h src/kv/*.h include/*.h)
+	@mkdir -p $(dir $@)
+	$(CC) $(CFLAGS) $(SIMD) -c $< -o $@
+
+$(BUILD)/obj/%.o: src/%.c $(wildcard src/*.h src/kv/*.h include/*.h)
+	@mkdir -p $(dir $@)
+	$(CC) $(CFLAGS) -c $< -o $@
+
+$(BUILD)/libkvsieve.a: $(LIB_OBJ)
+	@rm -f $@
+	ar rcs $@ $^
+
+$(BUILD)/libkvsieve.so: $(LIB_OBJ)
+	$(CC) -shared -o $@ $^ $(LDLIBS)
+
+$(BUILD)/kvsieve: src/main.c $(BUILD)/libkvsieve.a
+	$(CC) $(CFLAGS) -o $@ $< $(BUILD)/libkvsieve.a $(LDLIBS)
+
+$(BUILD)/test_%: tests/test_%.c tests/testutil.h $(BUILD)/libkvsieve.a
+	$(CC) $(CFLAGS) -o $@ $< $(BUILD)/libkvsieve.a $(LDLIBS)
+
+models: $(MODEL)
+$(MODEL):
+	scripts/fetch_models.sh small
+
+models-large:
+	scripts/fetch_models.sh large
+
+# Jane Austen's novels as plain text (Debian r-cran-janeaustenr) for ppl and the evaluation.
+data:
+	scripts/fetch_data.sh
+
+# The whole suite: unit tests (no model needed), then tests on the real SmolLM2 model.
+test: all models
+	tests/run.sh $(BUILD)
+
+test-slow: all models-large
+	KVS_SLOW=1 tests/run.sh $(BUILD)
+
+check:
+	$(MAKE) BUILD=build/asan OPT="-O1 -fsanitize=address,undefined -fno-omit-frame-pointer -fno-sanitize-recover=all" \
+	    LDLIBS="-lm -pthread -fsanitize=address,undefined" all
+	$(MAKE) models
+	KVS_SANITIZE=1 tests/run.sh build/asan
+
+bench: all models
+	$(BUILD)/kvsieve bench --json
+
+demo: all models
+	$(BUILD)/kvsieve run --chat -n 64 --temp 0 -p "What is the capital of France? Answer in one sentence."
+
+FUZZ_CC ?= clang
+fuzz: $(BUILD)/fuzz_gguf
+	mkdir -p $(BUILD)/fuzz-corpus
+	$(BUILD)/fuzz_gguf -max_total_time=$${FUZZ_SECONDS:-60} -max_len=65536 $(BUILD)/fuzz-corpus fuzz/corpus
+
+$(BUILD)/fuzz_gguf: fuzz/fuzz_gguf.c src/gguf.c src/base.c
+	@mkdir -p $(BUILD)
+	$(FUZZ_CC) -std=c11 -D_GNU_SOURCE -g -O1 -Iinclude -Isrc -fsanitize=fuzzer,address,undefined -o $@ $^ -lm -pthread
+
+clean:
+	rm -rf build

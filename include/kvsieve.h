@@ -1,0 +1,171 @@
+/* kvsieve.h — the public API of kvsieve, an LLM inference engine whose KV cache is a budgeted,
+ * compressible store.
+ *
+ * Ownership: a kvs_model owns its mmapped weights and tokenizer; a kvs_context (run state: thread
+ * pool, scratch buffers, KV store) borrows a model that must outlive it; a kvs_sequence belongs to
+ * its context and is freed with it if not earlier. Every function that can fail returns an
+ * enum kvs_status; kvs_last_error() then gives a one-line message for the calling thread.
+ * Nothing here prints to stdout or exits the process.
+ */
+#ifndef KVSIEVE_H
+#define KVSIEVE_H
+
+#include <stddef.h>
+#include <stdint.h>
+#include <stdbool.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+#define KVS_API_VERSION 1
+
+enum kvs_status {
+    KVS_OK = 0,
+    KVS_ERR_IO = 1,           /* cannot open/read/map a file */
+    KVS_ERR_FORMAT = 2,       /* malformed or truncated file */
+    KVS_ERR_UNSUPPORTED = 3,  /* valid file, but a type/architecture we do not run */
+    KVS_ERR_NOMEM = 4,
+    KVS_ERR_INVALID_ARG = 5,  /* bad parameter, bad --kv spec, bad request */
+    KVS_ERR_CONTEXT_FULL = 6, /* tokens would exceed the context size */
+    KVS_ERR_INTERNAL = 7,
+};
+
+const char *kvs_status_str(enum kvs_status st);
+const char *kvs_last_error(void); /* message of the calling thread's last failure */
+
+/* Log sink for warnings and progress (level 0 error .. 3 debug); NULL restores stderr. */
+typedef void (*kvs_log_fn)(int level, const char *msg, void *user);
+void kvs_set_log_callback(kvs_log_fn fn, void *user);
+void kvs_set_log_level(int max_level);
+
+typedef struct kvs_model kvs_model;
+typedef struct kvs_context kvs_context;
+typedef struct kvs_sequence kvs_sequence;
+
+/* ---- model ------------------------------------------------------------------------------ */
+
+struct kvs_model_params {
+    bool prefault; /* touch all weight pages at load (MAP_POPULATE) */
+};
+struct kvs_model_params kvs_model_params_default(void);
+
+enum kvs_status kvs_model_load(const char *path, const struct kvs_model_params *p,
+                               kvs_model **out);
+void kvs_model_free(kvs_model *m);
+
+struct kvs_model_info {
+    const char *arch;   /* "llama", "qwen2" */
+    const char *name;   /* general.name or "" */
+    int n_layer, n_embd, n_head, n_head_kv, head_dim, n_ff, n_vocab, n_ctx_train;
+    float rope_theta, norm_eps;
+    bool tied_output, qkv_bias;
+    int32_t bos_id, eos_id, eot_id; /* -1 if absent */
+    uint64_t n_params;
+    uint64_t weight_bytes;       /* bytes of tensor data */
+    uint64_t kv_bytes_per_token; /* fp16 K+V over all layers and KV heads */
+    int gguf_version;
+    const char *file_type;       /* dominant weight type, e.g. "Q4_1" */
+};
+void kvs_model_get_info(const kvs_model *m, struct kvs_model_info *info);
+
+/* Tensor directory, for `kvsieve info`. Returns false when i is out of range. */
+struct kvs_tensor_info { const char *name; const char *type; int n_dims; int64_t dims[4];
+                         uint64_t bytes; };
+int kvs_model_n_tensors(const kvs_model *m);
+bool kvs_model_tensor(const kvs_model *m, int i, struct kvs_tensor_info *ti);
+
+/* ---- tokenizer -------------------------------------------------------------------------- */
+
+/* Returns the token count, or -(needed) if more than max_out tokens would be produced. */
+int kvs_tokenize(const kvs_model *m, const char *text, size_t len, bool add_bos,
+                 bool parse_special, int32_t *out, int max_out);
+/* Raw bytes of one token; returns the length (may exceed size; then truncated). */
+size_t kvs_token_piece(const kvs_model *m, int32_t tok, bool special, char *buf, size_t size);
+bool kvs_token_is_eog(const kvs_model *m, int32_t tok); /* end of generation (eos/eot/im_end) */
+
+/* Streaming detokenizer that yields only whole UTF-8 sequences. */
+struct kvs_detok { unsigned char pend[8]; int n_pend; };
+size_t kvs_detok_push(const kvs_model *m, struct kvs_detok *d, int32_t tok, char *out,
+                      size_t size);
+size_t kvs_detok_flush(struct kvs_detok *d, char *out, size_t size);
+
+struct kvs_chat_msg { const char *role, *content; };
+/* Applies the model's chat template. Returns bytes needed (excl. NUL), writes ≤ size-1 + NUL. */
+size_t kvs_chat_apply(const kvs_model *m, const struct kvs_chat_msg *msgs, int n,
+                      bool add_assistant, char *buf, size_t size);
+
+/* ---- context and sequences ---------------------------------------------------------------- */
+
+struct kvs_context_params {
+    int n_ctx;          /* max tokens per sequence (0 = model's training context) */
+    int n_threads;      /* 0 = all cores */
+    int n_batch;        /* prefill chunk size in tokens (default 512) */
+    int n_seq_max;      /* sequences that may exist at once (default 1) */
+    const char *kv_spec;/* KV policy spec ("full" by default; see `kvsieve --help kv`) */
+};
+struct kvs_context_params kvs_context_params_default(void);
+
+enum kvs_status kvs_context_new(kvs_model *m, const struct kvs_context_params *p,
+                                kvs_context **out);
+void kvs_context_free(kvs_context *c);
+int kvs_context_n_threads(const kvs_context *c);
+
+enum kvs_status kvs_seq_new(kvs_context *c, kvs_sequence **out);
+void kvs_seq_free(kvs_context *c, kvs_sequence *s);
+int kvs_seq_n_past(const kvs_sequence *s); /* tokens consumed so far (next absolute position) */
+void kvs_seq_reset(kvs_context *c, kvs_sequence *s); /* forget all tokens */
+
+/* Progress callback for long prefill: called after every chunk with tokens done / total. Return
+ * false to abort (the call then fails with KVS_ERR_INVALID_ARG "aborted"). */
+typedef bool (*kvs_progress_fn)(int done, int total, void *user);
+
+/* Feed n tokens to one sequence (split into chunks of n_batch).
+ * logits: if non-NULL, receives the logits of the last token (n_vocab floats), or, if
+ * all_logits, of every token (n × n_vocab floats, row per token). */
+enum kvs_status kvs_eval(kvs_context *c, kvs_sequence *s, const int32_t *tokens, int n,
+                         bool all_logits, float *logits, kvs_progress_fn progress,
+                         void *user);
+
+/* One decode step for several sequences at once: token[i] is appended to seqs[i]; logits row i
+ * (n_vocab floats) is written for each. Weights are read once for all of them. */
+enum kvs_status kvs_eval_batch(kvs_context *c, kvs_sequence *const *seqs, const int32_t *tokens,
+                               int n_seq, float *logits);
+
+struct kvs_mem_stats {
+    uint64_t kv_bytes;      /* KV payload + entry metadata allocated now, all sequences */
+    uint64_t kv_bytes_peak; /* high-water mark since context creation */
+    uint64_t scratch_bytes; /* activations and other per-context buffers */
+};
+void kvs_context_mem(const kvs_context *c, struct kvs_mem_stats *ms);
+
+/* ---- sampling ----------------------------------------------------------------------------- */
+
+struct kvs_sampler_params {
+    float temp;           /* 0 = greedy (default 0.8) */
+    int top_k;            /* 0 = off (default 40) */
+    float top_p;          /* 1 = off (default 0.95) */
+    float min_p;          /* 0 = off (default 0.05) */
+    float repeat_penalty; /* 1 = off (default 1.0) */
+    int repeat_last_n;    /* window for the penalty (default 64) */
+    uint64_t seed;        /* RNG seed (default 42) */
+};
+struct kvs_sampler_params kvs_sampler_params_default(void);
+typedef struct kvs_sampler kvs_sampler;
+enum kvs_status kvs_sampler_new(const struct kvs_sampler_params *p, int n_vocab,
+                                kvs_sampler **out);
+void kvs_sampler_free(kvs_sampler *s);
+/* Picks a token from logits (n_vocab floats; not modified) and records it for the penalty. */
+int32_t kvs_sampler_sample(kvs_sampler *s, const float *logits);
+void kvs_sampler_accept(kvs_sampler *s, int32_t tok); /* record a prompt token for the penalty */
+
+/* ---- measurement ------------------------------------------------------------------------- */
+
+/* Streaming read bandwidth of main memory in GB/s (1e9 bytes/s), best of 5 passes over a
+ * buffer of `bytes` with n_threads readers. Used for the bandwidth bound of decode. */
+double kvs_measure_read_bandwidth(int n_threads, size_t bytes);
+
+#ifdef __cplusplus
+}
+#endif
+#endif

@@ -1,0 +1,215 @@
+/* engine.c — contexts, sequences and evaluation: splits a prompt into chunks of n_batch
+ * tokens, feeds them through forward(), keeps each sequence's position, and reports memory.
+ * (When compression runs — after chunks, at end of prefill, every k decode steps — is decided
+ * here once policies exist; with the `full` policy nothing is ever dropped.) */
+#include "engine.h"
+#include "ops.h"
+#include "quant.h"
+
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+
+struct kvs_context_params kvs_context_params_default(void) {
+    return (struct kvs_context_params){.n_ctx = 0, .n_threads = 0, .n_batch = 512,
+                                       .n_seq_max = 1, .kv_spec = "full"};
+}
+
+static void *scratch(struct kvs_context *c, size_t bytes) {
+    c->scratch_bytes += bytes;
+    return kvs_aligned_alloc(bytes);
+}
+
+void kvs_context_free(kvs_context *c) {
+    if (!c) return;
+    if (c->seqs)
+        for (int i = 0; i < c->p.n_seq_max; i++)
+            if (c->seqs[i]) kvs_seq_free(c, c->seqs[i]);
+    free(c->seqs);
+    if (c->tp) threadpool_free(c->tp);
+    float *bufs[] = {c->x, c->xn, c->q, c->k, c->v, c->gate, c->up, c->rope_cs, c->inv_freq,
+                     c->att_s, c->att_part};
+    for (size_t i = 0; i < sizeof bufs / sizeof bufs[0]; i++) kvs_aligned_free(bufs[i]);
+    for (int i = 0; i < N_ACT_SLOTS; i++) kvs_aligned_free(c->act[i]);
+    free(c);
+}
+
+enum kvs_status kvs_context_new(kvs_model *m, const struct kvs_context_params *pp,
+                                kvs_context **out) {
+    *out = NULL;
+    struct kvs_context_params p = pp ? *pp : kvs_context_params_default();
+    const struct hparams *hp = &m->hp;
+    if (p.n_ctx < 0 || p.n_threads < 0 || p.n_batch < 0 || p.n_seq_max < 0)
+        return kvs_fail(KVS_ERR_INVALID_ARG, "context parameters must not be negative");
+    if (p.n_ctx == 0) p.n_ctx = hp->n_ctx_train;
+    if (p.n_threads == 0) p.n_threads = threadpool_default_threads();
+    if (p.n_batch == 0) p.n_batch = 512;
+    if (p.n_seq_max == 0) p.n_seq_max = 1;
+    if (p.n_batch > KVS_T_MAX) p.n_batch = KVS_T_MAX;
+    if (p.n_seq_max > 64)
+        return kvs_fail(KVS_ERR_INVALID_ARG, "at most 64 sequences per context (asked %d)",
+                        p.n_seq_max);
+    if (p.n_threads > 256) p.n_threads = 256;
+    if (p.n_ctx > (1 << 24))
+        return kvs_fail(KVS_ERR_INVALID_ARG, "context size %d is too large", p.n_ctx);
+    if (p.kv_spec && strcmp(p.kv_spec, "full") != 0)
+        return kvs_fail(KVS_ERR_INVALID_ARG, "unknown KV policy '%s' (available: full)",
+                        p.kv_spec);
+    if (p.n_ctx > hp->n_ctx_train)
+        kvs_log(1, "context %d is longer than the model's training context %d", p.n_ctx,
+                hp->n_ctx_train);
+    ops_init();
+    quant_init();
+
+    kvs_context *c = calloc(1, sizeof *c);
+    if (!c) return kvs_fail(KVS_ERR_NOMEM, "out of memory");
+    c->m = m;
+    c->p = p;
+    c->p.kv_spec = "full";
+    c->n_ctx = p.n_ctx;
+    c->n_batch = p.n_batch;
+    c->t_max = p.n_batch > p.n_seq_max ? p.n_batch : p.n_seq_max;
+    kv_cache_init(&c->kv, hp->n_layer, hp->n_head_kv, hp->head_dim);
+    c->seqs = calloc((size_t)p.n_seq_max, sizeof *c->seqs);
+    c->tp = threadpool_new(p.n_threads);
+
+    size_t T = (size_t)c->t_max, d = (size_t)hp->n_embd, hd = (size_t)hp->head_dim;
+    size_t nq = (size_t)hp->n_head * hd, nkv = (size_t)hp->n_head_kv * hd, ff = (size_t)hp->n_ff;
+    size_t wide = nq > d ? nq : d;
+    size_t g = (size_t)(hp->n_head / hp->n_head_kv);
+    c->x = scratch(c, T * d * 4);
+    c->xn = scratch(c, T * wide * 4);
+    c->q = scratch(c, T * wide * 4);
+    c->k = scratch(c, T * nkv * 4);
+    c->v = scratch(c, T * nkv * 4);
+    c->gate = scratch(c, T * ff * 4);
+    c->up = scratch(c, T * ff * 4);
+    c->rope_cs = scratch(c, T * hd * 4);
+    c->inv_freq = scratch(c, hd / 2 * 4);
+    c->att_s = scratch(c, (size_t)p.n_threads * g * (size_t)c->n_ctx * 4);
+    c->att_part = scratch(c, T * (size_t)hp->n_head_kv * ATT_MAX_SPLIT * g * (hd + 2) * 4);
+    /* activation rows, big enough for every encoding of the widest input */
+    size_t widest = ff > wide ? ff : wide, rb = 0;
+    int vdts[] = {QT_Q8_0, QT_Q8_1, QT_Q8_K};
+    for (int i = 0; i < 3; i++) {
+        size_t b = quant_row_bytes(vdts[i], (int64_t)kvs_pad(widest, 256));
+        if (b > rb) rb = b;
+    }
+    c->act_row_bytes = rb;
+    for (int i = 1; i < N_ACT_SLOTS; i++) c->act[i] = scratch(c, T * rb);
+    bool ok = c->seqs && c->tp && c->x && c->xn && c->q && c->k && c->v && c->gate && c->up &&
+              c->rope_cs && c->inv_freq && c->att_s && c->att_part;
+    for (int i = 1; i < N_ACT_SLOTS; i++) ok = ok && c->act[i];
+    if (!ok) {
+        kvs_context_free(c);
+        return kvs_fail(KVS_ERR_NOMEM, "out of memory for the context scratch buffers");
+    }
+    for (size_t i = 0; i < hd / 2; i++)
+        c->inv_freq[i] = (float)pow((double)hp->rope_theta, -2.0 * (double)i / (double)hd);
+    *out = c;
+    return KVS_OK;
+}
+
+int kvs_context_n_threads(const kvs_context *c) { return threadpool_n_threads(c->tp); }
+
+enum kvs_status kvs_seq_new(kvs_context *c, kvs_sequence **out) {
+    *out = NULL;
+    int slot = -1;
+    for (int i = 0; i < c->p.n_seq_max && slot < 0; i++)
+        if (!c->seqs[i]) slot = i;
+    if (slot < 0)
+        return kvs_fail(KVS_ERR_INVALID_ARG, "all %d sequence slots are in use (raise n_seq_max)",
+                        c->p.n_seq_max);
+    kvs_sequence *s = calloc(1, sizeof *s);
+    if (!s) return kvs_fail(KVS_ERR_NOMEM, "out of memory");
+    enum kvs_status st = kv_seq_new(&c->kv, &s->kv);
+    if (st != KVS_OK) {
+        free(s);
+        return st;
+    }
+    s->slot = slot;
+    c->seqs[slot] = s;
+    *out = s;
+    return KVS_OK;
+}
+
+void kvs_seq_free(kvs_context *c, kvs_sequence *s) {
+    if (!s) return;
+    c->seqs[s->slot] = NULL;
+    kv_seq_free(s->kv);
+    free(s);
+}
+
+int kvs_seq_n_past(const kvs_sequence *s) { return s->n_past; }
+
+void kvs_seq_reset(kvs_context *c, kvs_sequence *s) {
+    (void)c;
+    kv_seq_clear(s->kv);
+    s->n_past = 0;
+}
+
+enum kvs_status kvs_eval(kvs_context *c, kvs_sequence *s, const int32_t *tokens, int n,
+                         bool all_logits, float *logits, kvs_progress_fn progress, void *user) {
+    if (n <= 0) return kvs_fail(KVS_ERR_INVALID_ARG, "no tokens to evaluate");
+    if (n > c->n_ctx - s->n_past)
+        return kvs_fail(KVS_ERR_CONTEXT_FULL, "%d tokens would exceed the context of %d (%d "
+                        "already used)", n, c->n_ctx, s->n_past);
+    int n_vocab = c->m->hp.n_vocab;
+    int32_t pos[KVS_T_MAX];
+    int rows[KVS_T_MAX];
+    kvs_sequence *seq[KVS_T_MAX];
+    for (int done = 0; done < n;) {
+        int T = n - done < c->n_batch ? n - done : c->n_batch;
+        for (int t = 0; t < T; t++) {
+            pos[t] = s->n_past + t;
+            seq[t] = s;
+            rows[t] = t;
+        }
+        int n_out = 0;
+        float *dst = NULL;
+        if (logits && all_logits) {
+            n_out = T;
+            dst = logits + (size_t)done * n_vocab;
+        } else if (logits && done + T == n) {
+            n_out = 1;
+            rows[0] = T - 1;
+            dst = logits;
+        }
+        enum kvs_status st = forward(c, tokens + done, pos, seq, T, rows, n_out, dst);
+        if (st != KVS_OK) return st;
+        s->n_past += T;
+        done += T;
+        if (progress && !progress(done, n, user))
+            return kvs_fail(KVS_ERR_INVALID_ARG, "aborted");
+    }
+    return KVS_OK;
+}
+
+enum kvs_status kvs_eval_batch(kvs_context *c, kvs_sequence *const *seqs, const int32_t *tokens,
+                               int n_seq, float *logits) {
+    if (n_seq <= 0 || n_seq > c->t_max)
+        return kvs_fail(KVS_ERR_INVALID_ARG, "batch of %d sequences (1..%d allowed)", n_seq,
+                        c->t_max);
+    int32_t pos[KVS_T_MAX];
+    int rows[KVS_T_MAX];
+    for (int i = 0; i < n_seq; i++) {
+        for (int j = 0; j < i; j++)
+            if (seqs[j] == seqs[i])
+                return kvs_fail(KVS_ERR_INVALID_ARG, "sequence appears twice in one batch");
+        if (seqs[i]->n_past >= c->n_ctx)
+            return kvs_fail(KVS_ERR_CONTEXT_FULL, "sequence %d is at the context limit %d", i,
+                            c->n_ctx);
+        pos[i] = seqs[i]->n_past;
+        rows[i] = i;
+    }
+    enum kvs_status st = forward(c, tokens, pos, seqs, n_seq, rows, logits ? n_seq : 0, logits);
+    if (st != KVS_OK) return st;
+    for (int i = 0; i < n_seq; i++) seqs[i]->n_past++;
+    return KVS_OK;
+}
+
+void kvs_context_mem(const kvs_context *c, struct kvs_mem_stats *ms) {
+    ms->kv_bytes = c->kv.bytes;
+    ms->kv_bytes_peak = c->kv.bytes_peak;
+    ms->scratch_bytes = c->scratch_bytes;
+}

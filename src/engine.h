@@ -1,0 +1,52 @@
+/* engine.h — internal definitions of kvs_context and kvs_sequence shared by engine.c (API,
+ * sequences, chunking) and forward.c (the transformer). Not part of the public API. */
+#ifndef KVS_ENGINE_H
+#define KVS_ENGINE_H
+
+#include "base.h"
+#include "model.h"
+#include "threadpool.h"
+#include "kv/kv_cache.h"
+
+struct kvs_sequence {
+    int slot;        /* index in ctx->seqs */
+    int32_t n_past;  /* next absolute position */
+    struct kv_seq *kv;
+};
+
+enum { N_ACT_SLOTS = 4 }; /* activation encodings: F32, Q8_0, Q8_1, Q8_K */
+
+struct kvs_context {
+    kvs_model *m;
+    struct kvs_context_params p;
+    int n_ctx, n_batch, t_max; /* t_max: most tokens one forward() takes */
+    struct threadpool *tp;
+    struct kv_cache kv;
+    kvs_sequence **seqs;       /* (n_seq_max), NULL where free */
+
+    /* scratch, allocated once at context creation; shapes for t_max tokens */
+    float *x;        /* (t_max, n_embd) residual stream */
+    float *xn;       /* (t_max, max(n_embd, n_head*hd)) normed input / attention output */
+    float *q;        /* (t_max, n_head*hd) */
+    float *k, *v;    /* (t_max, n_head_kv*hd) */
+    float *gate, *up;/* (t_max, n_ff) */
+    float *rope_cs;  /* (t_max, hd) cos/sin pairs per token */
+    float *inv_freq; /* (hd/2) */
+    uint8_t *act[N_ACT_SLOTS]; /* (t_max, row bytes) quantized activations per encoding */
+    size_t act_row_bytes;
+    float *att_s;    /* (n_threads, n_head/n_head_kv, n_ctx) scores per thread */
+    float *att_part; /* (t_max * n_head_kv * MAX_SPLIT, group, hd + 2) partial results */
+    size_t scratch_bytes;
+};
+
+enum { ATT_MAX_SPLIT = 16, KVS_T_MAX = 4096 /* most tokens in one forward() */ };
+
+/* Run the transformer on T tokens. tokens[i] at absolute position pos[i] of sequence seq[i];
+ * their K/V are appended to the sequence caches. For each of the n_out rows listed in out_rows
+ * (indices into 0..T-1), logits (n_vocab floats) are written to logits + r * n_vocab.
+ * Positions of one sequence must be consecutive and start at its n_past. */
+enum kvs_status forward(struct kvs_context *c, const int32_t *tokens, const int32_t *pos,
+                        kvs_sequence *const *seq, int T, const int *out_rows, int n_out,
+                        float *logits);
+
+#endif

@@ -1,0 +1,343 @@
+/* forward.c — the transformer forward pass over a batch of tokens (a prefill chunk of one
+ * sequence, or one decode token for each of several sequences).
+ *
+ *   x = embed(tokens)                                   (T, n_embd)
+ *   per layer: xn = rmsnorm(x) * attn_norm
+ *              q, k, v = xn Wq^T (+bq), xn Wk^T (+bk), xn Wv^T (+bv)
+ *              rope(q, k) at each token's absolute position
+ *              append k, v to the token's sequence cache (fp16, through the store)
+ *              o = attention(q, view of the cache), causal by position
+ *              x += o Wo^T
+ *              xn = rmsnorm(x) * ffn_norm; x += (silu(xn Wg^T) * (xn Wu^T)) Wd^T
+ *   logits = rmsnorm(x[rows]) * output_norm  Wout^T
+ *
+ * Weight matmuls use quant_gemm on activations quantized once per distinct vec_dot_type;
+ * every parallel step is one threadpool job split by rows (matmuls) or by (token, KV head,
+ * key split) units (attention). No allocation happens here: all buffers are the context's.
+ */
+#include "engine.h"
+#include "ops.h"
+#include "quant.h"
+
+#include <math.h>
+#include <stdatomic.h>
+#include <string.h>
+
+/* ---- activation quantization ---------------------------------------------------------- */
+
+static int act_slot(int vdt) {
+    switch (vdt) {
+    case QT_Q8_0: return 1;
+    case QT_Q8_1: return 2;
+    case QT_Q8_K: return 3;
+    default: return 0; /* F32: used in place */
+    }
+}
+
+struct quant_job { const float *x; int64_t ldx, n_cols; int T, vdt; uint8_t *dst; size_t rb; };
+
+static void quant_worker(void *arg, int ith, int nth) {
+    struct quant_job *j = arg;
+    int lo, hi;
+    threadpool_split(j->T, ith, nth, &lo, &hi);
+    for (int t = lo; t < hi; t++)
+        quant_quantize_row(j->vdt, j->x + (size_t)t * j->ldx, j->dst + (size_t)t * j->rb, j->n_cols);
+}
+
+/* Activation rows x (T, ldx) prepared for a weight of type wtype: returns the row pointer base
+ * and row stride in bytes. Quantizes into the slot of wtype's vec_dot_type unless `fresh` says
+ * that slot already holds this x. */
+struct act { const void *p; size_t rb; };
+
+static struct act prep_act(struct kvs_context *c, const float *x, int64_t ldx, int T,
+                           int64_t n_cols, int wtype, unsigned *fresh_mask) {
+    int vdt = quant_get_traits(wtype)->vec_dot_type;
+    int slot = act_slot(vdt);
+    if (slot == 0) return (struct act){x, (size_t)ldx * sizeof(float)};
+    size_t rb = quant_row_bytes(vdt, n_cols);
+    if (!(*fresh_mask & (1u << slot))) {
+        struct quant_job j = {x, ldx, n_cols, T, vdt, c->act[slot], rb};
+        if (T >= 8) threadpool_run(c->tp, quant_worker, &j);
+        else quant_worker(&j, 0, 1);
+        *fresh_mask |= 1u << slot;
+    }
+    return (struct act){c->act[slot], rb};
+}
+
+/* ---- matmul: up to three weights sharing one input, split by rows ---------------------- */
+
+struct mm { const struct weight *w; struct act x; float *y; int64_t ldy; };
+struct mm_job { struct mm mm[3]; int n_mm, T; };
+
+enum { MM_ROW_ALIGN = 16 };
+
+static void mm_worker(void *arg, int ith, int nth) {
+    struct mm_job *j = arg;
+    int64_t total = 0;
+    for (int i = 0; i < j->n_mm; i++) total += j->mm[i].w->n_rows;
+    int nb = (int)((total + MM_ROW_ALIGN - 1) / MM_ROW_ALIGN), blo, bhi;
+    threadpool_split(nb, ith, nth, &blo, &bhi);
+    int64_t lo = (int64_t)blo * MM_ROW_ALIGN, hi = (int64_t)bhi * MM_ROW_ALIGN;
+    if (hi > total) hi = total;
+    int64_t base = 0;
+    for (int i = 0; i < j->n_mm && lo < hi; i++) {
+        const struct mm *m = &j->mm[i];
+        int64_t r0 = lo - base, r1 = hi - base;
+        if (r0 < 0) r0 = 0;
+        if (r1 > m->w->n_rows) r1 = m->w->n_rows;
+        if (r0 < r1)
+            quant_gemm(m->w->type, m->w->data, m->w->row_bytes, m->w->n_cols, (int)r0, (int)r1,
+                       m->x.p, m->x.rb, j->T, m->y, m->ldy);
+        base += m->w->n_rows;
+    }
+}
+
+static void matmul(struct kvs_context *c, struct mm_job *j) {
+    if (c->tp && threadpool_n_threads(c->tp) > 1) threadpool_run(c->tp, mm_worker, j);
+    else mm_worker(j, 0, 1);
+}
+
+/* ---- attention ------------------------------------------------------------------------- */
+
+struct att_job {
+    struct kvs_context *c;
+    int il, T, n_split;
+    const int32_t *pos;
+    kvs_sequence *const *seq;
+    struct kv_view *views; /* one per distinct sequence in the batch; views[vi[t]] */
+    const int *vi;
+    _Atomic int next;
+};
+
+/* Number of keys token t may see in head h: entries with position <= its own. */
+static int n_visible(const struct kv_view_head *h, int32_t pos) {
+    int lo = 0, hi = h->n; /* first index with pos > p */
+    while (lo < hi) {
+        int mid = (lo + hi) / 2;
+        if (h->pos[mid] <= pos) lo = mid + 1;
+        else hi = mid;
+    }
+    return lo;
+}
+
+static void att_worker(void *arg, int ith, int nth) {
+    (void)nth;
+    struct att_job *j = arg;
+    struct kvs_context *c = j->c;
+    const struct hparams *hp = &c->m->hp;
+    int hd = hp->head_dim, n_kv = hp->n_head_kv, g = hp->n_head / n_kv;
+    float scale = 1.0f / sqrtf((float)hd);
+    float *S = c->att_s + (size_t)ith * g * c->n_ctx;
+    int n_units = j->T * n_kv * j->n_split;
+    float m[64], l[64];
+    for (;;) {
+        int u = atomic_fetch_add_explicit(&j->next, 1, memory_order_relaxed);
+        if (u >= n_units) break;
+        int s = u % j->n_split, h = (u / j->n_split) % n_kv, t = u / (j->n_split * n_kv);
+        const struct kv_view_head *vh = &j->views[j->vi[t]].h[h];
+        int nvis = n_visible(vh, j->pos[t]);
+        int k0 = (int)((int64_t)nvis * s / j->n_split), k1 = (int)((int64_t)nvis * (s + 1) / j->n_split);
+        const float *Q = c->q + (size_t)t * hp->n_head * hd + (size_t)h * g * hd;
+        int n = k1 - k0;
+        float *part = c->att_part + (size_t)u * g * (hd + 2);
+        if (n > 0) {
+            ops_attn_scores(Q, g, vh->k + (size_t)k0 * hd, n, hd, scale, S, c->n_ctx);
+            if (vh->w)
+                for (int qi = 0; qi < g; qi++)
+                    for (int i = 0; i < n; i++) S[qi * c->n_ctx + i] += logf(vh->w[k0 + i]);
+            ops_softmax_partial(S, g, n, c->n_ctx, m, l);
+            ops_attn_accum(S, g, n, c->n_ctx, vh->v + (size_t)k0 * hd, hd, part);
+        } else {
+            memset(part, 0, sizeof(float) * (size_t)g * hd);
+            for (int qi = 0; qi < g; qi++) m[qi] = -INFINITY, l[qi] = 0.0f;
+        }
+        float *ml = part + (size_t)g * hd;
+        for (int qi = 0; qi < g; qi++) ml[2 * qi] = m[qi], ml[2 * qi + 1] = l[qi];
+    }
+}
+
+/* Merge the key-split partials into xn (T, n_head*hd): o = sum_s e^{m_s-M} o_s / sum_s e^{m_s-M} l_s */
+static void att_combine(struct kvs_context *c, int T, int n_split, float *out) {
+    const struct hparams *hp = &c->m->hp;
+    int hd = hp->head_dim, n_kv = hp->n_head_kv, g = hp->n_head / n_kv;
+    for (int t = 0; t < T; t++)
+        for (int h = 0; h < n_kv; h++)
+            for (int qi = 0; qi < g; qi++) {
+                float *o = out + (size_t)t * hp->n_head * hd + (size_t)(h * g + qi) * hd;
+                float M = -INFINITY;
+                for (int s = 0; s < n_split; s++) {
+                    const float *ml = c->att_part + ((size_t)((t * n_kv + h) * n_split + s) * g) * (hd + 2) + (size_t)g * hd;
+                    if (ml[2 * qi] > M) M = ml[2 * qi];
+                }
+                float L = 0.0f;
+                for (int d = 0; d < hd; d++) o[d] = 0.0f;
+                for (int s = 0; s < n_split; s++) {
+                    const float *part = c->att_part + ((size_t)((t * n_kv + h) * n_split + s) * g) * (hd + 2);
+                    const float *ml = part + (size_t)g * hd;
+                    if (ml[2 * qi + 1] == 0.0f) continue;
+                    float f = expf(ml[2 * qi] - M);
+                    L += f * ml[2 * qi + 1];
+                    for (int d = 0; d < hd; d++) o[d] += f * part[(size_t)qi * hd + d];
+                }
+                float inv = L > 0.0f ? 1.0f / L : 0.0f;
+                for (int d = 0; d < hd; d++) o[d] *= inv;
+            }
+}
+
+/* ---- the pass -------------------------------------------------------------------------- */
+
+struct norm_job { const float *x; float *out; const float *w; int n, T; float eps; int64_t ld; };
+static void norm_worker(void *arg, int ith, int nth) {
+    struct norm_job *j = arg;
+    int lo, hi;
+    threadpool_split(j->T, ith, nth, &lo, &hi);
+    for (int t = lo; t < hi; t++) ops_rmsnorm(j->out + (size_t)t * j->ld, j->x + (size_t)t * j->n, j->w, j->n, j->eps);
+}
+
+struct swiglu_job { float *g; const float *u; int n, T; };
+static void swiglu_worker(void *arg, int ith, int nth) {
+    struct swiglu_job *j = arg;
+    int lo, hi;
+    threadpool_split(j->T, ith, nth, &lo, &hi);
+    for (int t = lo; t < hi; t++) ops_swiglu(j->g + (size_t)t * j->n, j->u + (size_t)t * j->n, j->n);
+}
+
+static void run_rows(struct kvs_context *c, threadpool_fn fn, void *arg, int T) {
+    if (T >= 8) threadpool_run(c->tp, fn, arg);
+    else fn(arg, 0, 1);
+}
+
+enum kvs_status forward(struct kvs_context *c, const int32_t *tokens, const int32_t *pos,
+                        kvs_sequence *const *seq, int T, const int *out_rows, int n_out,
+                        float *logits) {
+    const kvs_model *m = c->m;
+    const struct hparams *hp = &m->hp;
+    const int d = hp->n_embd, hd = hp->head_dim, nq = hp->n_head * hd,
+              nkv = hp->n_head_kv * hd, ff = hp->n_ff;
+    KVS_ASSERT(T >= 1 && T <= c->t_max);
+
+    /* distinct sequences of the batch and their views */
+    struct kv_view views[64];
+    kvs_sequence *vseq[64];
+    int n_views = 0;
+    int vidx_buf[KVS_T_MAX];
+    for (int t = 0; t < T; t++) {
+        int f = -1;
+        for (int i = 0; i < n_views; i++)
+            if (vseq[i] == seq[t]) f = i;
+        if (f < 0) {
+            KVS_ASSERT(n_views < 64);
+            f = n_views;
+            vseq[n_views++] = seq[t];
+        }
+        vidx_buf[t] = f;
+    }
+    /* room for the new entries in every layer before anything is computed */
+    for (int i = 0; i < n_views; i++) {
+        int cnt = 0;
+        for (int t = 0; t < T; t++) cnt += vidx_buf[t] == i;
+        for (int il = 0; il < hp->n_layer; il++) {
+            enum kvs_status st = kv_seq_reserve(vseq[i]->kv, il, cnt);
+            if (st != KVS_OK) return st;
+        }
+    }
+
+    /* embeddings and rope tables */
+    for (int t = 0; t < T; t++) {
+        if (tokens[t] < 0 || tokens[t] >= hp->n_vocab)
+            return kvs_fail(KVS_ERR_INVALID_ARG, "token id %d out of range [0, %d)", tokens[t],
+                            hp->n_vocab);
+    }
+    for (int t = 0; t < T; t++) {
+        quant_dequantize_row(m->tok_embd.type,
+                             (const uint8_t *)m->tok_embd.data + (size_t)tokens[t] * m->tok_embd.row_bytes,
+                             c->x + (size_t)t * d, d);
+        float *cs = c->rope_cs + (size_t)t * hd;
+        for (int i = 0; i < hd / 2; i++) {
+            double a = (double)pos[t] * c->inv_freq[i];
+            cs[2 * i] = (float)cos(a);
+            cs[2 * i + 1] = (float)sin(a);
+        }
+    }
+    bool neox = m->arch->rope == ROPE_NEOX;
+    int n_split = 1;
+    if (T * hp->n_head_kv < 4 * threadpool_n_threads(c->tp)) {
+        int max_keys = 0;
+        for (int i = 0; i < n_views; i++) {
+            struct kv_view v;
+            kv_seq_view(vseq[i]->kv, 0, &v);
+            int cnt = 0;
+            for (int t = 0; t < T; t++) cnt += vidx_buf[t] == i;
+            if (v.h[0].n + cnt > max_keys) max_keys = v.h[0].n + cnt;
+        }
+        n_split = max_keys / 256;
+        if (n_split < 1) n_split = 1;
+        if (n_split > ATT_MAX_SPLIT) n_split = ATT_MAX_SPLIT;
+    }
+
+    for (int il = 0; il < hp->n_layer; il++) {
+        const struct layer_weights *lw = &m->layers[il];
+        unsigned fresh = 0;
+
+        struct norm_job nj = {c->x, c->xn, lw->attn_norm, d, T, hp->norm_eps, d};
+        run_rows(c, norm_worker, &nj, T);
+        struct mm_job qkv = {.n_mm = 3, .T = T};
+        qkv.mm[0] = (struct mm){&lw->wq, prep_act(c, c->xn, d, T, d, lw->wq.type, &fresh), c->q, nq};
+        qkv.mm[1] = (struct mm){&lw->wk, prep_act(c, c->xn, d, T, d, lw->wk.type, &fresh), c->k, nkv};
+        qkv.mm[2] = (struct mm){&lw->wv, prep_act(c, c->xn, d, T, d, lw->wv.type, &fresh), c->v, nkv};
+        matmul(c, &qkv);
+
+        for (int t = 0; t < T; t++) {
+            float *q = c->q + (size_t)t * nq, *k = c->k + (size_t)t * nkv, *v = c->v + (size_t)t * nkv;
+            if (lw->bq) {
+                for (int i = 0; i < nq; i++) q[i] += lw->bq[i];
+                for (int i = 0; i < nkv; i++) k[i] += lw->bk[i], v[i] += lw->bv[i];
+            }
+            const float *cs = c->rope_cs + (size_t)t * hd;
+            ops_rope(q, hp->n_head, hd, cs, neox);
+            ops_rope(k, hp->n_head_kv, hd, cs, neox);
+            kv_seq_append(seq[t]->kv, il, pos[t], k, v);
+        }
+
+        for (int i = 0; i < n_views; i++) kv_seq_view(vseq[i]->kv, il, &views[i]);
+        struct att_job aj = {.c = c, .il = il, .T = T, .n_split = n_split, .pos = pos,
+                             .seq = seq, .views = views, .vi = vidx_buf};
+        atomic_init(&aj.next, 0);
+        threadpool_run(c->tp, att_worker, &aj);
+        att_combine(c, T, n_split, c->xn);
+
+        fresh = 0;
+        struct mm_job oj = {.n_mm = 1, .T = T};
+        oj.mm[0] = (struct mm){&lw->wo, prep_act(c, c->xn, nq, T, nq, lw->wo.type, &fresh), c->q, d};
+        matmul(c, &oj);
+        for (size_t i = 0; i < (size_t)T * d; i++) c->x[i] += c->q[i];
+
+        fresh = 0;
+        struct norm_job fj = {c->x, c->xn, lw->ffn_norm, d, T, hp->norm_eps, d};
+        run_rows(c, norm_worker, &fj, T);
+        struct mm_job gu = {.n_mm = 2, .T = T};
+        gu.mm[0] = (struct mm){&lw->w_gate, prep_act(c, c->xn, d, T, d, lw->w_gate.type, &fresh), c->gate, ff};
+        gu.mm[1] = (struct mm){&lw->w_up, prep_act(c, c->xn, d, T, d, lw->w_up.type, &fresh), c->up, ff};
+        matmul(c, &gu);
+        struct swiglu_job sj = {c->gate, c->up, ff, T};
+        run_rows(c, swiglu_worker, &sj, T);
+        fresh = 0;
+        struct mm_job dj = {.n_mm = 1, .T = T};
+        dj.mm[0] = (struct mm){&lw->w_down, prep_act(c, c->gate, ff, T, ff, lw->w_down.type, &fresh), c->q, d};
+        matmul(c, &dj);
+        for (size_t i = 0; i < (size_t)T * d; i++) c->x[i] += c->q[i];
+    }
+
+    if (n_out > 0) {
+        /* final norm of the requested rows, gathered contiguously into xn */
+        for (int r = 0; r < n_out; r++)
+            ops_rmsnorm(c->xn + (size_t)r * d, c->x + (size_t)out_rows[r] * d, m->output_norm, d,
+                        hp->norm_eps);
+        unsigned fresh = 0;
+        struct mm_job lj = {.n_mm = 1, .T = n_out};
+        lj.mm[0] = (struct mm){&m->output, prep_act(c, c->xn, d, n_out, d, m->output.type, &fresh),
+                               logits, hp->n_vocab};
+        matmul(c, &lj);
+    }
+    return KVS_OK;
+}

@@ -1,0 +1,815 @@
+/* main.c — the kvsieve command line: argument parsing, exit codes, human and JSON output,
+ * progress display. Everything it does goes through include/kvsieve.h.
+ *
+ * Exit codes: 0 success; 1 runtime failure (out of memory, i/o during a run); 2 bad input
+ * (usage, unreadable/malformed/unsupported model file, prompt longer than the context).
+ */
+#include "kvsieve.h"
+
+#include <errno.h>
+#include <math.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/resource.h>
+#include <time.h>
+#include <unistd.h>
+
+#ifndef KVS_DEFAULT_MODEL
+#define KVS_DEFAULT_MODEL "models/SmolLM2-135M-Instruct.Q4_1.gguf"
+#endif
+
+/* ---- options ---------------------------------------------------------------------------- */
+
+struct opts {
+    const char *cmd;
+    const char *model, *prompt, *file, *kv, *system;
+    int n_predict, n_ctx, n_threads, n_batch;
+    bool json, chat, quiet, ignore_eos, no_bos_given, progress_forced;
+    struct kvs_sampler_params sp;
+    /* ppl */
+    int ppl_tokens;
+    /* bench */
+    int bench_prompt, bench_decode;
+    int bench_ctx[8], n_bench_ctx;
+};
+
+static double now_ms(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return ts.tv_sec * 1e3 + ts.tv_nsec / 1e6;
+}
+
+static const char *USAGE =
+    "usage: kvsieve <command> [options]\n"
+    "\n"
+    "commands:\n"
+    "  run     generate text from a prompt (-p TEXT or -f FILE); --chat wraps it in the\n"
+    "          model's chat template as one user turn\n"
+    "  chat    interactive chat on stdin/stdout, streaming the answers\n"
+    "  ppl     perplexity of a text file: ppl -f FILE [--tokens N] [--chunk C]\n"
+    "  bench   prefill and decode speed, KV memory, and the memory-bandwidth bound\n"
+    "  info    model header, architecture, tensor types, KV bytes per token\n"
+    "  help    this text; `kvsieve --help kv` explains the --kv spec\n"
+    "\n"
+    "common options:\n"
+    "  -m, --model FILE      GGUF model (default " KVS_DEFAULT_MODEL ",\n"
+    "                        fetched by `make models`)\n"
+    "  -t, --threads N       worker threads (default: all cores)\n"
+    "  -c, --ctx-size N      context size in tokens (default: the model's training context)\n"
+    "  -b, --batch N         prefill chunk size in tokens (default 512); alias --chunk\n"
+    "      --kv SPEC         KV-cache policy (default full); see `kvsieve --help kv`\n"
+    "      --json            print one JSON object on stdout (run, ppl, bench, info)\n"
+    "  -q, --quiet           no progress or timing lines on stderr\n"
+    "\n"
+    "generation (run, chat):\n"
+    "  -p, --prompt TEXT     prompt text            -f, --file FILE   read the prompt from FILE\n"
+    "  -n, --n-predict N     tokens to generate (default 128; chat: 512 per turn)\n"
+    "      --chat            (run) apply the chat template to the prompt\n"
+    "      --system TEXT     system message for --chat / chat (default: the model's own)\n"
+    "      --temp T          temperature, 0 = greedy (default 0.8)\n"
+    "      --top-k K         keep the K most likely tokens (default 40, 0 = off)\n"
+    "      --top-p P         nucleus sampling mass (default 0.95, 1 = off)\n"
+    "      --min-p P         drop tokens below P x the top probability (default 0.05)\n"
+    "      --repeat-penalty R  penalise the last --repeat-last-n tokens (default 1.0 = off)\n"
+    "      --repeat-last-n N   (default 64)\n"
+    "      --seed S          RNG seed (default 42)\n"
+    "      --ignore-eos      keep generating past end-of-generation tokens\n"
+    "\n"
+    "ppl:   --tokens N       score the first N tokens of the file (default: all, up to -c)\n"
+    "       --chunk C        evaluate in chunks of C tokens (default 512); every token is\n"
+    "                        predicted from its whole prefix (one sequence, no windows)\n"
+    "bench: --prompt N       prefill benchmark prompt length (default 512)\n"
+    "       --contexts A,B,C decode speed measured at these context lengths\n"
+    "                        (default 128,2048,8000, capped at the context size)\n"
+    "       --decode N       decode steps timed at each context (default 32)\n";
+
+static const char *KV_HELP =
+    "--kv SPEC selects the KV-cache policy.\n"
+    "\n"
+    "grammar:   SPEC   := PART ('+' PART)*\n"
+    "           PART   := NAME (':' KEY '=' VALUE (',' KEY '=' VALUE)*)?\n"
+    "\n"
+    "available now:\n"
+    "  full    keep every entry (the default). The reference every other policy is\n"
+    "          measured against: logits are bit-identical to running with no policy.\n"
+    "\n"
+    "Budgeted policies (streaming, h2o, tova, snapkv, knorm, random; merging, channel\n"
+    "pruning and quantized storage) are specified in shared/DESIGN.md and arrive with\n"
+    "their issues; an unknown name is refused with the list of accepted ones.\n";
+
+static void die_usage(const char *fmt, ...) {
+    va_list ap;
+    va_start(ap, fmt);
+    fprintf(stderr, "kvsieve: ");
+    vfprintf(stderr, fmt, ap);
+    va_end(ap);
+    fprintf(stderr, "\n(see `kvsieve --help`)\n");
+    exit(2);
+}
+
+static int parse_int(const char *flag, const char *v, int lo, int hi) {
+    char *end;
+    errno = 0;
+    long x = strtol(v, &end, 10);
+    if (errno || *end || end == v || x < lo || x > hi)
+        die_usage("%s expects an integer in [%d, %d], got '%s'", flag, lo, hi, v);
+    return (int)x;
+}
+
+static float parse_float(const char *flag, const char *v, float lo, float hi) {
+    char *end;
+    errno = 0;
+    double x = strtod(v, &end);
+    if (errno || *end || end == v || !(x >= lo && x <= hi))
+        die_usage("%s expects a number in [%g, %g], got '%s'", flag, lo, hi, v);
+    return (float)x;
+}
+
+static void parse_args(int argc, char **argv, struct opts *o) {
+    memset(o, 0, sizeof *o);
+    o->model = getenv("KVSIEVE_MODEL") ? getenv("KVSIEVE_MODEL") : KVS_DEFAULT_MODEL;
+    o->n_predict = -1;
+    o->sp = kvs_sampler_params_default();
+    o->bench_prompt = 512;
+    o->bench_decode = 32;
+    o->kv = "full";
+    if (argc < 2) {
+        fputs(USAGE, stderr);
+        exit(2);
+    }
+    int i = 1;
+    o->cmd = argv[i++];
+    if (!strcmp(o->cmd, "--help") || !strcmp(o->cmd, "-h") || !strcmp(o->cmd, "help")) {
+        if (i < argc && !strcmp(argv[i], "kv")) fputs(KV_HELP, stdout);
+        else fputs(USAGE, stdout);
+        exit(0);
+    }
+    static const char *cmds[] = {"run", "chat", "ppl", "bench", "info"};
+    bool known = false;
+    for (size_t k = 0; k < sizeof cmds / sizeof cmds[0]; k++) known |= !strcmp(o->cmd, cmds[k]);
+    if (!known) die_usage("unknown command '%s' (commands: run, chat, ppl, bench, info, help)", o->cmd);
+    for (; i < argc; i++) {
+        const char *a = argv[i];
+#define NEXT() (i + 1 < argc ? argv[++i] : (die_usage("%s needs a value", a), ""))
+        if (!strcmp(a, "-m") || !strcmp(a, "--model")) o->model = NEXT();
+        else if (!strcmp(a, "-p") || !strcmp(a, "--prompt")) o->prompt = NEXT();
+        else if (!strcmp(a, "-f") || !strcmp(a, "--file")) o->file = NEXT();
+        else if (!strcmp(a, "-n") || !strcmp(a, "--n-predict")) o->n_predict = parse_int(a, NEXT(), 0, 1 << 24);
+        else if (!strcmp(a, "-c") || !strcmp(a, "--ctx-size")) o->n_ctx = parse_int(a, NEXT(), 1, 1 << 24);
+        else if (!strcmp(a, "-t") || !strcmp(a, "--threads")) o->n_threads = parse_int(a, NEXT(), 1, 256);
+        else if (!strcmp(a, "-b") || !strcmp(a, "--batch") || !strcmp(a, "--chunk")) o->n_batch = parse_int(a, NEXT(), 1, 4096);
+        else if (!strcmp(a, "--kv")) o->kv = NEXT();
+        else if (!strcmp(a, "--system")) o->system = NEXT();
+        else if (!strcmp(a, "--json")) o->json = true;
+        else if (!strcmp(a, "--chat")) o->chat = true;
+        else if (!strcmp(a, "-q") || !strcmp(a, "--quiet")) o->quiet = true;
+        else if (!strcmp(a, "--ignore-eos")) o->ignore_eos = true;
+        else if (!strcmp(a, "--temp")) o->sp.temp = parse_float(a, NEXT(), 0, 100);
+        else if (!strcmp(a, "--top-k")) o->sp.top_k = parse_int(a, NEXT(), 0, 1 << 24);
+        else if (!strcmp(a, "--top-p")) o->sp.top_p = parse_float(a, NEXT(), 1e-6f, 1);
+        else if (!strcmp(a, "--min-p")) o->sp.min_p = parse_float(a, NEXT(), 0, 1);
+        else if (!strcmp(a, "--repeat-penalty")) o->sp.repeat_penalty = parse_float(a, NEXT(), 1e-3f, 100);
+        else if (!strcmp(a, "--repeat-last-n")) o->sp.repeat_last_n = parse_int(a, NEXT(), 0, 1 << 16);
+        else if (!strcmp(a, "--seed")) o->sp.seed = strtoull(NEXT(), NULL, 10);
+        else if (!strcmp(a, "--tokens")) o->ppl_tokens = parse_int(a, NEXT(), 2, 1 << 24);
+        else if (!strcmp(a, "--prompt-tokens") || (!strcmp(a, "--prompt") && !strcmp(o->cmd, "bench")))
+            o->bench_prompt = parse_int(a, NEXT(), 1, 1 << 20);
+        else if (!strcmp(a, "--decode")) o->bench_decode = parse_int(a, NEXT(), 1, 1 << 16);
+        else if (!strcmp(a, "--contexts")) {
+            char *list = NEXT(), *save = NULL, *tmp = strdup(list);
+            o->n_bench_ctx = 0;
+            for (char *tok = strtok_r(tmp, ",", &save); tok; tok = strtok_r(NULL, ",", &save)) {
+                if (o->n_bench_ctx == 8) die_usage("--contexts takes at most 8 values");
+                o->bench_ctx[o->n_bench_ctx++] = parse_int("--contexts", tok, 1, 1 << 24);
+            }
+            free(tmp);
+        } else if (!strcmp(a, "-h") || !strcmp(a, "--help")) {
+            fputs(USAGE, stdout);
+            exit(0);
+        } else die_usage("unknown option '%s'", a);
+#undef NEXT
+    }
+}
+
+/* bench --prompt N collides with run's -p/--prompt TEXT: for bench, --prompt is a number */
+static void fix_bench_prompt(int argc, char **argv, struct opts *o) {
+    if (strcmp(o->cmd, "bench") != 0 || !o->prompt) return;
+    (void)argc;
+    (void)argv;
+    o->bench_prompt = parse_int("--prompt", o->prompt, 1, 1 << 20);
+    o->prompt = NULL;
+}
+
+/* ---- helpers ---------------------------------------------------------------------------- */
+
+static char *read_file(const char *path, size_t *len) {
+    FILE *f = fopen(path, "rb");
+    if (!f) {
+        fprintf(stderr, "kvsieve: %s: cannot open: %s\n", path, strerror(errno));
+        exit(2);
+    }
+    size_t cap = 1 << 16, n = 0;
+    char *buf = malloc(cap + 1);
+    for (;;) {
+        if (!buf) {
+            fprintf(stderr, "kvsieve: out of memory reading %s\n", path);
+            exit(1);
+        }
+        size_t r = fread(buf + n, 1, cap - n, f);
+        n += r;
+        if (r == 0) break;
+        if (n == cap) {
+            cap *= 2;
+            buf = realloc(buf, cap + 1);
+        }
+    }
+    fclose(f);
+    buf[n] = 0;
+    *len = n;
+    return buf;
+}
+
+static void json_str(FILE *f, const char *s, size_t n) {
+    fputc('"', f);
+    for (size_t i = 0; i < n; i++) {
+        unsigned char ch = (unsigned char)s[i];
+        if (ch == '"' || ch == '\\') fprintf(f, "\\%c", ch);
+        else if (ch == '\n') fputs("\\n", f);
+        else if (ch == '\t') fputs("\\t", f);
+        else if (ch == '\r') fputs("\\r", f);
+        else if (ch < 0x20) fprintf(f, "\\u%04x", ch);
+        else fputc(ch, f);
+    }
+    fputc('"', f);
+}
+
+static void jstr(const char *s) { json_str(stdout, s, strlen(s)); }
+
+static long peak_rss_bytes(void) {
+    struct rusage ru;
+    getrusage(RUSAGE_SELF, &ru);
+    return ru.ru_maxrss * 1024L;
+}
+
+static kvs_model *load_model(const struct opts *o) {
+    kvs_model *m = NULL;
+    enum kvs_status st = kvs_model_load(o->model, NULL, &m);
+    if (st != KVS_OK) {
+        fprintf(stderr, "kvsieve: %s\n", kvs_last_error());
+        if (st == KVS_ERR_IO && !strcmp(o->model, KVS_DEFAULT_MODEL))
+            fprintf(stderr, "kvsieve: the default model is fetched by `make models`\n");
+        exit(st == KVS_ERR_NOMEM || st == KVS_ERR_INTERNAL ? 1 : 2);
+    }
+    return m;
+}
+
+static kvs_context *new_context(kvs_model *m, const struct opts *o, int n_seq) {
+    struct kvs_context_params cp = kvs_context_params_default();
+    cp.n_ctx = o->n_ctx;
+    cp.n_threads = o->n_threads;
+    if (o->n_batch) cp.n_batch = o->n_batch;
+    cp.kv_spec = o->kv;
+    cp.n_seq_max = n_seq;
+    kvs_context *c = NULL;
+    enum kvs_status st = kvs_context_new(m, &cp, &c);
+    if (st != KVS_OK) {
+        fprintf(stderr, "kvsieve: %s\n", kvs_last_error());
+        exit(st == KVS_ERR_INVALID_ARG ? 2 : 1);
+    }
+    return c;
+}
+
+static void fail_status(enum kvs_status st) {
+    fprintf(stderr, "kvsieve: %s\n", kvs_last_error());
+    exit(st == KVS_ERR_CONTEXT_FULL || st == KVS_ERR_INVALID_ARG ? 2 : 1);
+}
+
+static int32_t *tokenize_all(const kvs_model *m, const char *text, size_t len, bool bos,
+                             bool special, int *n_out) {
+    int cap = (int)(len + 16 < (1u << 30) ? len + 16 : (1u << 30));
+    int32_t *toks = malloc((size_t)cap * sizeof *toks);
+    int n = toks ? kvs_tokenize(m, text, len, bos, special, toks, cap) : -1;
+    if (n < 0) {
+        fprintf(stderr, "kvsieve: tokenization failed\n");
+        exit(1);
+    }
+    *n_out = n;
+    return toks;
+}
+
+struct progress { const char *what; double t0; bool on; };
+
+static bool progress_cb(int done, int total, void *user) {
+    struct progress *p = user;
+    if (!p->on) return true;
+    double el = (now_ms() - p->t0) / 1e3;
+    double rate = el > 0 ? done / el : 0;
+    double eta = rate > 0 ? (total - done) / rate : 0;
+    fprintf(stderr, "\r%s: %d/%d tokens  %.1f tok/s  ETA %.0fs   ", p->what, done, total, rate, eta);
+    if (done == total) fputc('\n', stderr);
+    return true;
+}
+
+static bool want_progress(const struct opts *o) { return !o->quiet && isatty(2); }
+
+/* ---- run / chat --------------------------------------------------------------------------- */
+
+struct gen_result { int n_gen; double gen_ms; char *text; size_t text_len, text_cap; bool stopped_eog; };
+
+static void text_append(struct gen_result *r, const char *s, size_t n) {
+    if (r->text_len + n + 1 > r->text_cap) {
+        r->text_cap = (r->text_len + n + 1) * 2;
+        r->text = realloc(r->text, r->text_cap);
+        if (!r->text) exit(1);
+    }
+    memcpy(r->text + r->text_len, s, n);
+    r->text_len += n;
+    r->text[r->text_len] = 0;
+}
+
+/* Generate up to n tokens after the logits already computed; streams to stdout if `stream`. */
+static void generate(kvs_model *m, kvs_context *c, kvs_sequence *s, kvs_sampler *smp,
+                     float *logits, int n, int n_ctx, bool ignore_eos, bool stream,
+                     struct gen_result *r) {
+    struct kvs_detok dt = {0};
+    char buf[512];
+    double t0 = now_ms();
+    for (int i = 0; i < n; i++) {
+        int32_t tok = kvs_sampler_sample(smp, logits);
+        if (kvs_token_is_eog(m, tok) && !ignore_eos) {
+            r->stopped_eog = true;
+            break;
+        }
+        size_t k = kvs_detok_push(m, &dt, tok, buf, sizeof buf);
+        if (k > sizeof buf) k = sizeof buf;
+        text_append(r, buf, k);
+        if (stream) {
+            fwrite(buf, 1, k, stdout);
+            fflush(stdout);
+        }
+        r->n_gen++;
+        if (i + 1 == n || kvs_seq_n_past(s) >= n_ctx) break;
+        enum kvs_status st = kvs_eval(c, s, &tok, 1, false, logits, NULL, NULL);
+        if (st != KVS_OK) fail_status(st);
+    }
+    size_t k = kvs_detok_flush(&dt, buf, sizeof buf);
+    text_append(r, buf, k);
+    if (stream) {
+        fwrite(buf, 1, k, stdout);
+        fflush(stdout);
+    }
+    r->gen_ms = now_ms() - t0;
+}
+
+static int cmd_run(const struct opts *o) {
+    if (!o->prompt && !o->file) die_usage("run needs a prompt: -p TEXT or -f FILE");
+    size_t plen;
+    char *prompt = o->file ? read_file(o->file, &plen) : strdup(o->prompt);
+    if (!o->file) plen = strlen(prompt);
+    kvs_model *m = load_model(o);
+    kvs_context *c = new_context(m, o, 1);
+    struct kvs_model_info mi;
+    kvs_model_get_info(m, &mi);
+
+    char *text = prompt;
+    size_t tlen = plen;
+    if (o->chat) {
+        struct kvs_chat_msg msgs[2];
+        int nm = 0;
+        if (o->system) msgs[nm++] = (struct kvs_chat_msg){"system", o->system};
+        msgs[nm++] = (struct kvs_chat_msg){"user", prompt};
+        size_t need = kvs_chat_apply(m, msgs, nm, true, NULL, 0);
+        text = malloc(need + 1);
+        kvs_chat_apply(m, msgs, nm, true, text, need + 1);
+        tlen = need;
+    }
+    int n_tok;
+    int32_t *toks = tokenize_all(m, text, tlen, !o->chat, o->chat, &n_tok);
+    if (n_tok == 0) die_usage("the prompt is empty");
+    int n_ctx = o->n_ctx ? o->n_ctx : mi.n_ctx_train;
+    if (n_tok >= n_ctx) {
+        fprintf(stderr, "kvsieve: the prompt has %d tokens, but the context holds %d (raise -c "
+                "up to the model's %d, or shorten the prompt)\n", n_tok, n_ctx, mi.n_ctx_train);
+        return 2;
+    }
+    int n_predict = o->n_predict >= 0 ? o->n_predict : 128;
+    if (n_predict > n_ctx - n_tok) n_predict = n_ctx - n_tok;
+
+    kvs_sequence *s;
+    enum kvs_status st = kvs_seq_new(c, &s);
+    if (st != KVS_OK) fail_status(st);
+    kvs_sampler *smp;
+    if ((st = kvs_sampler_new(&o->sp, mi.n_vocab, &smp)) != KVS_OK) fail_status(st);
+    for (int i = 0; i < n_tok; i++) kvs_sampler_accept(smp, toks[i]);
+    float *logits = malloc(sizeof(float) * mi.n_vocab);
+
+    struct progress pr = {"prefill", now_ms(), want_progress(o) && n_tok > 512};
+    double t0 = now_ms();
+    st = kvs_eval(c, s, toks, n_tok, false, logits, progress_cb, &pr);
+    if (st != KVS_OK) fail_status(st);
+    double prefill_ms = now_ms() - t0;
+
+    struct gen_result r = {0};
+    if (!o->json && !o->chat) {
+        fwrite(prompt, 1, plen, stdout);
+        fflush(stdout);
+    }
+    generate(m, c, s, smp, logits, n_predict, n_ctx, o->ignore_eos, !o->json, &r);
+    struct kvs_mem_stats ms;
+    kvs_context_mem(c, &ms);
+    if (o->json) {
+        printf("{\"model\":");
+        jstr(o->model);
+        printf(",\"kv\":");
+        jstr(o->kv);
+        printf(",\"prompt_tokens\":%d,\"generated_tokens\":%d,\"text\":", n_tok, r.n_gen);
+        json_str(stdout, r.text ? r.text : "", r.text_len);
+        printf(",\"stop\":\"%s\",\"prefill_ms\":%.2f,\"prefill_tok_s\":%.2f,\"decode_ms\":%.2f,"
+               "\"decode_tok_s\":%.2f,\"kv_bytes\":%llu,\"kv_bytes_peak\":%llu,\"threads\":%d}\n",
+               r.stopped_eog ? "eog" : "length", prefill_ms, n_tok / (prefill_ms / 1e3), r.gen_ms,
+               r.n_gen > 1 ? (r.n_gen - 1) / (r.gen_ms / 1e3) : 0.0,
+               (unsigned long long)ms.kv_bytes, (unsigned long long)ms.kv_bytes_peak,
+               kvs_context_n_threads(c));
+    } else {
+        printf("\n");
+        if (!o->quiet)
+            fprintf(stderr, "\nkvsieve: prompt %d tokens in %.0f ms (%.1f tok/s); generated %d "
+                    "tokens (%.1f tok/s); KV %.2f MiB (peak %.2f MiB)\n", n_tok, prefill_ms,
+                    n_tok / (prefill_ms / 1e3), r.n_gen,
+                    r.n_gen > 1 ? (r.n_gen - 1) / (r.gen_ms / 1e3) : 0.0,
+                    ms.kv_bytes / 1048576.0, ms.kv_bytes_peak / 1048576.0);
+    }
+    free(r.text);
+    free(logits);
+    free(toks);
+    if (text != prompt) free(text);
+    free(prompt);
+    kvs_sampler_free(smp);
+    kvs_context_free(c);
+    kvs_model_free(m);
+    return 0;
+}
+
+static int cmd_chat(const struct opts *o) {
+    kvs_model *m = load_model(o);
+    kvs_context *c = new_context(m, o, 1);
+    struct kvs_model_info mi;
+    kvs_model_get_info(m, &mi);
+    int n_ctx = o->n_ctx ? o->n_ctx : mi.n_ctx_train;
+    kvs_sequence *s;
+    kvs_sampler *smp;
+    enum kvs_status st = kvs_seq_new(c, &s);
+    if (st != KVS_OK || (st = kvs_sampler_new(&o->sp, mi.n_vocab, &smp)) != KVS_OK) fail_status(st);
+    float *logits = malloc(sizeof(float) * mi.n_vocab);
+    bool tty = isatty(0);
+    char *line = NULL;
+    size_t cap = 0;
+    bool first = true, ended_eog = false;
+    if (tty && !o->quiet) fprintf(stderr, "kvsieve chat — %s. Empty line or Ctrl-D to quit.\n", mi.name);
+    for (;;) {
+        if (tty) {
+            fputs("> ", stdout);
+            fflush(stdout);
+        }
+        ssize_t n = getline(&line, &cap, stdin);
+        if (n <= 0) break;
+        while (n > 0 && (line[n - 1] == '\n' || line[n - 1] == '\r')) line[--n] = 0;
+        if (n == 0 && tty) break;
+        /* the turn's text: close the previous assistant turn, then this user turn */
+        struct kvs_chat_msg msgs[2];
+        int nm = 0;
+        if (first && o->system) msgs[nm++] = (struct kvs_chat_msg){"system", o->system};
+        msgs[nm++] = (struct kvs_chat_msg){"user", line};
+        size_t need = kvs_chat_apply(m, msgs, nm, true, NULL, 0);
+        char *turn = malloc(need + 32);
+        size_t off = 0;
+        if (!first) off = (size_t)sprintf(turn, "%s", ended_eog ? "<|im_end|>\n" : "<|im_end|>\n");
+        kvs_chat_apply(m, msgs, nm, true, turn + off, need + 1);
+        if (!first) {
+            /* a later turn must not repeat the default system message: drop everything up to
+             * the user turn the template wrote */
+            char *u = strstr(turn + off, "<|im_start|>user");
+            if (u && u != turn + off) memmove(turn + off, u, strlen(u) + 1);
+        }
+        int nt;
+        int32_t *toks = tokenize_all(m, turn, strlen(turn), false, true, &nt);
+        free(turn);
+        if (kvs_seq_n_past(s) + nt + 1 >= n_ctx) {
+            fprintf(stderr, "kvsieve: the conversation has filled the context (%d tokens)\n", n_ctx);
+            free(toks);
+            break;
+        }
+        for (int i = 0; i < nt; i++) kvs_sampler_accept(smp, toks[i]);
+        if ((st = kvs_eval(c, s, toks, nt, false, logits, NULL, NULL)) != KVS_OK) fail_status(st);
+        free(toks);
+        struct gen_result r = {0};
+        int budget = o->n_predict >= 0 ? o->n_predict : 512;
+        if (budget > n_ctx - kvs_seq_n_past(s) - 2) budget = n_ctx - kvs_seq_n_past(s) - 2;
+        generate(m, c, s, smp, logits, budget, n_ctx, false, true, &r);
+        fputc('\n', stdout);
+        fflush(stdout);
+        ended_eog = r.stopped_eog;
+        free(r.text);
+        first = false;
+    }
+    free(line);
+    free(logits);
+    kvs_sampler_free(smp);
+    kvs_context_free(c);
+    kvs_model_free(m);
+    return 0;
+}
+
+/* ---- ppl ---------------------------------------------------------------------------------- */
+
+static int cmd_ppl(const struct opts *o) {
+    if (!o->file) die_usage("ppl needs a text file: -f FILE");
+    size_t len;
+    char *text = read_file(o->file, &len);
+    kvs_model *m = load_model(o);
+    struct kvs_model_info mi;
+    kvs_model_get_info(m, &mi);
+    int n_tok;
+    int32_t *toks = tokenize_all(m, text, len, true, false, &n_tok);
+    int n_ctx = o->n_ctx ? o->n_ctx : mi.n_ctx_train;
+    int n = o->ppl_tokens ? o->ppl_tokens : n_tok;
+    if (n > n_tok) {
+        fprintf(stderr, "kvsieve: %s has only %d tokens (asked for %d)\n", o->file, n_tok, n);
+        return 2;
+    }
+    if (n > n_ctx) {
+        fprintf(stderr, "kvsieve: %d tokens do not fit the context of %d (use --tokens or -c)\n",
+                n, n_ctx);
+        return 2;
+    }
+    if (n < 2) die_usage("ppl needs at least 2 tokens");
+    struct opts oc = *o;
+    oc.n_ctx = n;
+    kvs_context *c = new_context(m, &oc, 1);
+    kvs_sequence *s;
+    enum kvs_status st = kvs_seq_new(c, &s);
+    if (st != KVS_OK) fail_status(st);
+    int chunk = o->n_batch ? o->n_batch : 512;
+    float *logits = malloc(sizeof(float) * (size_t)chunk * mi.n_vocab);
+    if (!logits) {
+        fprintf(stderr, "kvsieve: out of memory\n");
+        return 1;
+    }
+    double nll = 0, t0 = now_ms();
+    int scored = 0;
+    struct progress pr = {"ppl", t0, want_progress(o)};
+    for (int done = 0; done < n; done += chunk) {
+        int T = n - done < chunk ? n - done : chunk;
+        if ((st = kvs_eval(c, s, toks + done, T, true, logits, NULL, NULL)) != KVS_OK) fail_status(st);
+        for (int t = 0; t < T && done + t + 1 < n; t++) {
+            const float *l = logits + (size_t)t * mi.n_vocab;
+            float mx = l[0];
+            for (int v = 1; v < mi.n_vocab; v++) mx = l[v] > mx ? l[v] : mx;
+            double sum = 0;
+            for (int v = 0; v < mi.n_vocab; v++) sum += exp((double)l[v] - mx);
+            nll += log(sum) + mx - l[toks[done + t + 1]];
+            scored++;
+        }
+        progress_cb(done + T, n, &pr);
+    }
+    double ms = now_ms() - t0;
+    double ppl = exp(nll / scored);
+    struct kvs_mem_stats mem;
+    kvs_context_mem(c, &mem);
+    if (o->json) {
+        printf("{\"model\":");
+        jstr(o->model);
+        printf(",\"file\":");
+        jstr(o->file);
+        printf(",\"kv\":");
+        jstr(o->kv);
+        printf(",\"tokens\":%d,\"scored\":%d,\"chunk\":%d,\"nll\":%.6f,\"ppl\":%.4f,\"ms\":%.1f,"
+               "\"tok_s\":%.2f,\"kv_bytes\":%llu,\"kv_bytes_peak\":%llu,\"threads\":%d}\n",
+               n, scored, chunk, nll / scored, ppl, ms, n / (ms / 1e3),
+               (unsigned long long)mem.kv_bytes, (unsigned long long)mem.kv_bytes_peak,
+               kvs_context_n_threads(c));
+    } else {
+        printf("perplexity %.4f over %d predicted tokens (%d tokens, chunk %d, kv %s) in %.1f s "
+               "(%.1f tok/s); KV peak %.2f MiB\n", ppl, scored, n, chunk, o->kv, ms / 1e3,
+               n / (ms / 1e3), mem.kv_bytes_peak / 1048576.0);
+    }
+    free(logits);
+    free(toks);
+    free(text);
+    kvs_context_free(c);
+    kvs_model_free(m);
+    return 0;
+}
+
+/* ---- bench -------------------------------------------------------------------------------- */
+
+static uint64_t fnv1a(const float *x, size_t n) {
+    uint64_t h = 1469598103934665603ull;
+    const unsigned char *p = (const unsigned char *)x;
+    for (size_t i = 0; i < n * sizeof(float); i++) h = (h ^ p[i]) * 1099511628211ull;
+    return h;
+}
+
+static int cmd_bench(const struct opts *o) {
+    kvs_model *m = load_model(o);
+    struct kvs_model_info mi;
+    kvs_model_get_info(m, &mi);
+    int ctxs[8], n_ctxs = o->n_bench_ctx;
+    if (n_ctxs) memcpy(ctxs, o->bench_ctx, sizeof ctxs);
+    else {
+        ctxs[0] = 128, ctxs[1] = 2048, ctxs[2] = 8000;
+        n_ctxs = 3;
+    }
+    int max_ctx = o->bench_prompt;
+    for (int i = 0; i < n_ctxs; i++) max_ctx = ctxs[i] > max_ctx ? ctxs[i] : max_ctx;
+    int n_ctx = o->n_ctx ? o->n_ctx : max_ctx + o->bench_decode + 1;
+    struct opts oc = *o;
+    oc.n_ctx = n_ctx;
+    kvs_context *c = new_context(m, &oc, 2);
+    int nth = kvs_context_n_threads(c);
+    if (!o->quiet) fprintf(stderr, "bench: measuring memory bandwidth...\n");
+    double bw = kvs_measure_read_bandwidth(nth, (size_t)512 << 20);
+
+    /* deterministic pseudo-text: token ids from a fixed LCG over the lower vocabulary */
+    int n_all = max_ctx + o->bench_decode + 8;
+    int32_t *toks = malloc(sizeof(int32_t) * (size_t)n_all);
+    uint64_t x = 12345;
+    for (int i = 0; i < n_all; i++) {
+        x = x * 6364136223846793005ull + 1442695040888963407ull;
+        toks[i] = (int32_t)(256 + (x >> 33) % (uint64_t)(mi.n_vocab / 2 - 256));
+    }
+    float *logits = malloc(sizeof(float) * mi.n_vocab);
+    kvs_sequence *s;
+    enum kvs_status st = kvs_seq_new(c, &s);
+    if (st != KVS_OK) fail_status(st);
+
+    /* prefill: best of 2 runs of the benchmark prompt (fresh sequence each time) */
+    double pf_ms = 1e30;
+    for (int rep = 0; rep < 2; rep++) {
+        kvs_seq_reset(c, s);
+        if (!o->quiet) fprintf(stderr, "bench: prefill %d tokens (run %d/2)\n", o->bench_prompt, rep + 1);
+        double t0 = now_ms();
+        if ((st = kvs_eval(c, s, toks, o->bench_prompt, false, logits, NULL, NULL)) != KVS_OK) fail_status(st);
+        double ms = now_ms() - t0;
+        if (ms < pf_ms) pf_ms = ms;
+    }
+    uint64_t logit_hash = fnv1a(logits, (size_t)mi.n_vocab);
+
+    /* decode at increasing contexts in one sequence */
+    kvs_seq_reset(c, s);
+    double dec_tps[8], dec_bound[8];
+    uint64_t dec_kv[8];
+    for (int i = 0; i < n_ctxs; i++) {
+        int at = kvs_seq_n_past(s);
+        if (ctxs[i] > at) {
+            if (!o->quiet) fprintf(stderr, "bench: filling context to %d tokens\n", ctxs[i]);
+            struct progress pr = {"fill", now_ms(), want_progress(o)};
+            if ((st = kvs_eval(c, s, toks + at, ctxs[i] - at, false, logits, progress_cb, &pr)) != KVS_OK)
+                fail_status(st);
+        }
+        struct kvs_mem_stats ms0;
+        kvs_context_mem(c, &ms0);
+        int32_t tok = toks[kvs_seq_n_past(s)];
+        double t0 = now_ms();
+        for (int k = 0; k < o->bench_decode; k++) {
+            if ((st = kvs_eval(c, s, &tok, 1, false, logits, NULL, NULL)) != KVS_OK) fail_status(st);
+            int best = 0;
+            for (int v = 1; v < mi.n_vocab; v++) best = logits[v] > logits[best] ? v : best;
+            tok = best;
+        }
+        double ms = now_ms() - t0;
+        dec_tps[i] = o->bench_decode / (ms / 1e3);
+        /* bytes one decode step must read: every weight once (the embedding table too when it
+         * is the tied output matrix) plus the KV entries held at this context */
+        struct kvs_mem_stats ms1;
+        kvs_context_mem(c, &ms1);
+        uint64_t kv_read = (uint64_t)((ctxs[i] + o->bench_decode / 2.0) * mi.kv_bytes_per_token);
+        dec_kv[i] = kv_read;
+        dec_bound[i] = bw * 1e9 / (double)(mi.weight_bytes + kv_read);
+        if (!o->quiet)
+            fprintf(stderr, "bench: decode at %d: %.1f tok/s (bound %.1f)\n", ctxs[i], dec_tps[i], dec_bound[i]);
+        /* roll back to exactly ctxs[i] for the next fill: no, keep going; positions continue */
+    }
+    struct kvs_mem_stats mem;
+    kvs_context_mem(c, &mem);
+    if (o->json) {
+        printf("{\"model\":");
+        jstr(o->model);
+        printf(",\"arch\":");
+        jstr(mi.arch);
+        printf(",\"file_type\":");
+        jstr(mi.file_type);
+        printf(",\"kv\":");
+        jstr(o->kv);
+        printf(",\"threads\":%d,\"weight_bytes\":%llu,\"kv_bytes_per_token\":%llu,"
+               "\"bandwidth_gb_s\":%.2f,\"prefill\":{\"tokens\":%d,\"ms\":%.1f,\"tok_s\":%.1f},"
+               "\"decode\":[", nth, (unsigned long long)mi.weight_bytes,
+               (unsigned long long)mi.kv_bytes_per_token, bw, o->bench_prompt, pf_ms,
+               o->bench_prompt / (pf_ms / 1e3));
+        for (int i = 0; i < n_ctxs; i++)
+            printf("%s{\"context\":%d,\"steps\":%d,\"tok_s\":%.2f,\"bytes_per_token\":%llu,"
+                   "\"bound_tok_s\":%.2f,\"fraction_of_bound\":%.3f}", i ? "," : "", ctxs[i],
+                   o->bench_decode, dec_tps[i], (unsigned long long)(mi.weight_bytes + dec_kv[i]),
+                   dec_bound[i], dec_tps[i] / dec_bound[i]);
+        printf("],\"kv_bytes\":%llu,\"kv_bytes_peak\":%llu,\"scratch_bytes\":%llu,"
+               "\"peak_rss_bytes\":%ld,\"logits_hash\":\"%016llx\"}\n",
+               (unsigned long long)mem.kv_bytes, (unsigned long long)mem.kv_bytes_peak,
+               (unsigned long long)mem.scratch_bytes, peak_rss_bytes(),
+               (unsigned long long)logit_hash);
+    } else {
+        printf("model %s (%s %s), %d threads, read bandwidth %.1f GB/s\n", mi.name, mi.arch,
+               mi.file_type, nth, bw);
+        printf("prefill %d tokens: %.1f tok/s (%.0f ms)\n", o->bench_prompt,
+               o->bench_prompt / (pf_ms / 1e3), pf_ms);
+        for (int i = 0; i < n_ctxs; i++)
+            printf("decode at %5d: %7.1f tok/s   bound %7.1f tok/s (%.0f%%)\n", ctxs[i],
+                   dec_tps[i], dec_bound[i], 100 * dec_tps[i] / dec_bound[i]);
+        printf("KV peak %.1f MiB, scratch %.1f MiB, peak RSS %.1f MiB, logits hash %016llx\n",
+               mem.kv_bytes_peak / 1048576.0, mem.scratch_bytes / 1048576.0,
+               peak_rss_bytes() / 1048576.0, (unsigned long long)logit_hash);
+    }
+    free(logits);
+    free(toks);
+    kvs_context_free(c);
+    kvs_model_free(m);
+    return 0;
+}
+
+/* ---- info --------------------------------------------------------------------------------- */
+
+static int cmd_info(const struct opts *o) {
+    kvs_model *m = load_model(o);
+    struct kvs_model_info mi;
+    kvs_model_get_info(m, &mi);
+    int nt = kvs_model_n_tensors(m);
+    /* counts and bytes per tensor type */
+    const char *tnames[32];
+    int tcount[32] = {0};
+    unsigned long long tbytes[32] = {0};
+    int ntypes = 0;
+    for (int i = 0; i < nt; i++) {
+        struct kvs_tensor_info ti;
+        kvs_model_tensor(m, i, &ti);
+        int k = 0;
+        while (k < ntypes && strcmp(tnames[k], ti.type)) k++;
+        if (k == ntypes && ntypes < 32) tnames[ntypes++] = ti.type;
+        if (k < 32) tcount[k]++, tbytes[k] += ti.bytes;
+    }
+    if (o->json) {
+        printf("{\"file\":");
+        jstr(o->model);
+        printf(",\"gguf_version\":%d,\"arch\":", mi.gguf_version);
+        jstr(mi.arch);
+        printf(",\"name\":");
+        jstr(mi.name);
+        printf(",\"file_type\":");
+        jstr(mi.file_type);
+        printf(",\"n_params\":%llu,\"weight_bytes\":%llu,\"n_layer\":%d,\"n_embd\":%d,"
+               "\"n_head\":%d,\"n_head_kv\":%d,\"head_dim\":%d,\"n_ff\":%d,\"n_vocab\":%d,"
+               "\"n_ctx_train\":%d,\"rope_theta\":%g,\"norm_eps\":%g,\"tied_output\":%s,"
+               "\"qkv_bias\":%s,\"bos\":%d,\"eos\":%d,\"kv_bytes_per_token\":%llu,\"tensor_types\":{",
+               (unsigned long long)mi.n_params, (unsigned long long)mi.weight_bytes, mi.n_layer,
+               mi.n_embd, mi.n_head, mi.n_head_kv, mi.head_dim, mi.n_ff, mi.n_vocab,
+               mi.n_ctx_train, mi.rope_theta, mi.norm_eps, mi.tied_output ? "true" : "false",
+               mi.qkv_bias ? "true" : "false", mi.bos_id, mi.eos_id,
+               (unsigned long long)mi.kv_bytes_per_token);
+        for (int k = 0; k < ntypes; k++)
+            printf("%s\"%s\":{\"tensors\":%d,\"bytes\":%llu}", k ? "," : "", tnames[k], tcount[k], tbytes[k]);
+        printf("},\"n_tensors\":%d}\n", nt);
+    } else {
+        printf("file            %s (GGUF v%d)\n", o->model, mi.gguf_version);
+        printf("name            %s\n", mi.name);
+        printf("architecture    %s\n", mi.arch);
+        printf("parameters      %.1f M, %.1f MiB of weights, mostly %s\n", mi.n_params / 1e6,
+               mi.weight_bytes / 1048576.0, mi.file_type);
+        printf("layers          %d, embedding %d, ffn %d, vocab %d\n", mi.n_layer, mi.n_embd, mi.n_ff, mi.n_vocab);
+        printf("attention       %d query heads, %d KV heads (GQA %d:1), head dim %d%s\n", mi.n_head,
+               mi.n_head_kv, mi.n_head / mi.n_head_kv, mi.head_dim, mi.qkv_bias ? ", QKV bias" : "");
+        printf("rope            theta %g; norm eps %g; output %s\n", mi.rope_theta, mi.norm_eps,
+               mi.tied_output ? "tied to the embedding" : "separate");
+        printf("context         %d tokens (training)\n", mi.n_ctx_train);
+        printf("KV per token    %llu bytes (fp16 K+V, all layers) = %.1f KiB; %.1f MiB at %d tokens\n",
+               (unsigned long long)mi.kv_bytes_per_token, mi.kv_bytes_per_token / 1024.0,
+               mi.kv_bytes_per_token * (double)mi.n_ctx_train / 1048576.0, mi.n_ctx_train);
+        printf("tensors         %d:", nt);
+        for (int k = 0; k < ntypes; k++) printf(" %s x%d (%.1f MiB)", tnames[k], tcount[k], tbytes[k] / 1048576.0);
+        printf("\n");
+    }
+    kvs_model_free(m);
+    return 0;
+}
+
+int main(int argc, char **argv) {
+    struct opts o;
+    parse_args(argc, argv, &o);
+    fix_bench_prompt(argc, argv, &o);
+    if (o.quiet) kvs_set_log_level(0);
+    if (!strcmp(o.cmd, "run")) return cmd_run(&o);
+    if (!strcmp(o.cmd, "chat")) return cmd_chat(&o);
+    if (!strcmp(o.cmd, "ppl")) return cmd_ppl(&o);
+    if (!strcmp(o.cmd, "bench")) return cmd_bench(&o);
+    if (!strcmp(o.cmd, "info")) return cmd_info(&o);
+    return 2;
+}

@@ -1,0 +1,107 @@
+/* ops_avx2.c — AVX2/FMA/F16C versions of the attention inner loops (see ops.h). Compiled with
+ * -mavx2 -mfma -mf16c; called only after ops_init() has seen those features. */
+#include "ops.h"
+
+#include <immintrin.h>
+#include <math.h>
+#include <string.h>
+
+static inline float hsum8(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+
+static inline __m256 load_f16x8(const uint16_t *p) {
+    return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)p));
+}
+
+/* e^x for x <= 0 mostly (softmax); valid on [-87, 88], relative error ~2e-7. Range reduction
+ * x = n ln2 + r with |r| <= ln2/2 (ln2 split in two for accuracy), then a degree-6 polynomial. */
+static inline __m256 exp8(__m256 x) {
+    const __m256 lo = _mm256_set1_ps(-87.3f), hi = _mm256_set1_ps(88.0f);
+    x = _mm256_max_ps(_mm256_min_ps(x, hi), lo);
+    __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                               _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+    __m256 p = _mm256_set1_ps(1.9875691500e-4f);
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
+    p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
+    __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+    return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
+}
+
+void ops_attn_scores_avx2(const float *Q, int g, const uint16_t *K, int n, int hd, float scale,
+                          float *S, int lds) {
+    if (hd % 8 != 0) {
+        ops_attn_scores_ref(Q, g, K, n, hd, scale, S, lds);
+        return;
+    }
+    for (int j = 0; j < n; j++) {
+        const uint16_t *k = K + (size_t)j * hd;
+        for (int qi = 0; qi < g; qi++) {
+            const float *q = Q + (size_t)qi * hd;
+            __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
+            int d = 0;
+            for (; d + 16 <= hd; d += 16) {
+                a0 = _mm256_fmadd_ps(_mm256_loadu_ps(q + d), load_f16x8(k + d), a0);
+                a1 = _mm256_fmadd_ps(_mm256_loadu_ps(q + d + 8), load_f16x8(k + d + 8), a1);
+            }
+            if (d < hd) a0 = _mm256_fmadd_ps(_mm256_loadu_ps(q + d), load_f16x8(k + d), a0);
+            S[qi * lds + j] = hsum8(_mm256_add_ps(a0, a1)) * scale;
+        }
+    }
+}
+
+void ops_softmax_partial_avx2(float *S, int g, int n, int lds, float *m, float *l) {
+    for (int qi = 0; qi < g; qi++) {
+        float *s = S + (size_t)qi * lds;
+        __m256 vmx = _mm256_set1_ps(-INFINITY);
+        int j = 0;
+        for (; j + 8 <= n; j += 8) vmx = _mm256_max_ps(vmx, _mm256_loadu_ps(s + j));
+        __m128 t = _mm_max_ps(_mm256_castps256_ps128(vmx), _mm256_extractf128_ps(vmx, 1));
+        t = _mm_max_ps(t, _mm_movehl_ps(t, t));
+        t = _mm_max_ss(t, _mm_movehdup_ps(t));
+        float mx = _mm_cvtss_f32(t);
+        for (; j < n; j++) mx = s[j] > mx ? s[j] : mx;
+        __m256 vm = _mm256_set1_ps(mx), vsum = _mm256_setzero_ps();
+        for (j = 0; j + 8 <= n; j += 8) {
+            __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(s + j), vm));
+            _mm256_storeu_ps(s + j, e);
+            vsum = _mm256_add_ps(vsum, e);
+        }
+        float sum = hsum8(vsum);
+        for (; j < n; j++) {
+            s[j] = expf(s[j] - mx);
+            sum += s[j];
+        }
+        m[qi] = mx;
+        l[qi] = sum;
+    }
+}
+
+void ops_attn_accum_avx2(const float *P, int g, int n, int lds, const uint16_t *V, int hd,
+                         float *O) {
+    if (hd % 8 != 0 || hd > 256) {
+        ops_attn_accum_ref(P, g, n, lds, V, hd, O);
+        return;
+    }
+    memset(O, 0, sizeof(float) * (size_t)g * hd);
+    __m256 vrow[32];
+    for (int j = 0; j < n; j++) {
+        const uint16_t *v = V + (size_t)j * hd;
+        for (int d = 0; d < hd; d += 8) vrow[d / 8] = load_f16x8(v + d);
+        for (int qi = 0; qi < g; qi++) {
+            __m256 p = _mm256_set1_ps(P[qi * lds + j]);
+            float *o = O + (size_t)qi * hd;
+            for (int d = 0; d < hd; d += 8)
+                _mm256_storeu_ps(o + d, _mm256_fmadd_ps(p, vrow[d / 8], _mm256_loadu_ps(o + d)));
+        }
+    }
+}

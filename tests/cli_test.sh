@@ -1,0 +1,50 @@
+#!/usr/bin/env bash
+# cli_test.sh BUILD_DIR — the command line as a user meets it: exit codes and one-line errors for
+# bad input (missing/truncated/garbage model files, unknown options, bad --kv, prompts longer
+# than the context), valid JSON from every --json command, and a greedy run on the real model.
+set -u
+build=${1:-build}
+bin="$build/kvsieve"
+model=${KVS_TEST_MODEL:-models/SmolLM2-135M-Instruct.Q4_1.gguf}
+tmp=$(mktemp -d)
+trap 'rm -rf "$tmp"' EXIT
+failures=0
+check() { # check NAME EXPECTED_RC PATTERN -- CMD...
+    local name=$1 want=$2 pat=$3; shift 4
+    local out rc
+    out=$("$@" 2>&1); rc=$?
+    if [ "$rc" != "$want" ] || ! grep -qE -- "$pat" <<<"$out"; then
+        echo "FAIL $name: exit $rc (wanted $want), output:"; echo "$out" | head -5 | sed 's/^/    /'
+        failures=$((failures+1))
+    else
+        echo "ok   $name"
+    fi
+}
+json_ok() { python3 -c 'import json,sys; json.loads(sys.stdin.read())'; }
+
+check "no args" 2 "usage" -- "$bin"
+check "help" 0 "commands:" -- "$bin" --help
+check "help kv" 0 "grammar" -- "$bin" --help kv
+check "unknown command" 2 "unknown command 'frobnicate'" -- "$bin" frobnicate
+check "unknown option" 2 "unknown option '--bogus'" -- "$bin" run --bogus
+check "bad number" 2 "expects an integer" -- "$bin" run -n abc -p hi
+check "missing model" 2 "cannot open" -- "$bin" info -m "$tmp/none.gguf"
+printf 'not a gguf file at all, just text....' > "$tmp/garbage.gguf"
+check "garbage model" 2 "garbage.gguf: not a GGUF file" -- "$bin" info -m "$tmp/garbage.gguf"
+if [ -f "$model" ]; then
+    head -c 1000000 "$model" > "$tmp/trunc.gguf"
+    check "truncated model" 2 "trunc.gguf: truncated file" -- "$bin" info -m "$tmp/trunc.gguf"
+    check "info" 0 "architecture +llama" -- "$bin" info -m "$model"
+    check "info json" 0 "" -- sh -c "'$bin' info --json -m '$model' | python3 -c 'import json,sys; d=json.load(sys.stdin); assert d[\"n_layer\"]==30 and d[\"kv_bytes_per_token\"]==23040, d'"
+    check "bad kv spec" 2 "unknown KV policy 'nonsense'" -- "$bin" run -m "$model" --kv nonsense -p hi -n 1
+    check "prompt too long" 2 "context holds 8" -- "$bin" run -m "$model" -c 8 -p "one two three four five six seven eight nine ten" -n 1
+    check "run greedy" 0 "Paris" -- "$bin" run -m "$model" --chat --temp 0 -n 24 -q -p "What is the capital of France?"
+    check "run json" 0 "" -- sh -c "'$bin' run --json -m '$model' --temp 0 -n 8 -p 'Once upon a time' | python3 -c 'import json,sys; d=json.load(sys.stdin); assert d[\"generated_tokens\"]==8 and d[\"kv_bytes\"]>0, d'"
+    printf 'It is a truth universally acknowledged, that a single man in possession of a good fortune, must be in want of a wife.\n' > "$tmp/text.txt"
+    check "ppl json" 0 "" -- sh -c "'$bin' ppl --json -m '$model' -f '$tmp/text.txt' --chunk 7 | python3 -c 'import json,sys; d=json.load(sys.stdin); assert 1 < d[\"ppl\"] < 100, d'"
+    check "chat stdin" 0 "." -- sh -c "printf 'Say hello.\n' | '$bin' chat -m '$model' --temp 0 -n 16 -q"
+    check "bench json" 0 "" -- sh -c "'$bin' bench --json -q -m '$model' --prompt 64 --contexts 32,128 --decode 4 | python3 -c 'import json,sys; d=json.load(sys.stdin); assert d[\"prefill\"][\"tok_s\"]>0 and len(d[\"decode\"])==2, d'"
+else
+    echo "skip model-based CLI checks: $model not found"
+fi
+[ $failures -eq 0 ] && echo "cli_test: all checks passed" || { echo "cli_test: $failures failed"; exit 1; }
