@@ -75,9 +75,9 @@ fuzz: $(BUILD)/fuzz_gguf
 	mkdir -p $(BUILD)/fuzz-corpus
 	$(BUILD)/fuzz_gguf -max_total_time=$${FUZZ_SECONDS:-60} -max_len=65536 $(BUILD)/fuzz-corpus fuzz/corpus
 
-$(BUILD)/fuzz_gguf: fuzz/fuzz_gguf.c src/gguf.c src/base.c
+$(BUILD)/fuzz_gguf: fuzz/fuzz_gguf.c src/gguf.c src/base.c src/quant.c src/quant_avx2.c
 	@mkdir -p $(BUILD)
-	$(FUZZ_CC) -std=c11 -D_GNU_SOURCE -g -O1 -Iinclude -Isrc -fsanitize=fuzzer,address,undefined -o $@ $^ -lm -pthread
+	$(FUZZ_CC) -std=c11 -D_GNU_SOURCE -g -O1 $(SIMD) -Iinclude -Isrc -fsanitize=fuzzer,address,undefined -o $@ $^ -lm -pthread
 
 clean:
 	rm -rf build

@@ -10,6 +10,8 @@
  *   n_tok = 512: GFLOP/s = 2*rows*cols*512 / time
  *   n_tok = 1:   GB/s of weights streamed; "hot" reuses one matrix (cache-resident when small),
  *                "cold" cycles through copies totalling >= 512 MB (DRAM bandwidth).
+ * Timing: thread CPU time, best of many short trials (the figure a quiet machine gives; on a
+ * shared machine, wall-clock medians swing by 2x with other processes' load).
  */
 #include <stdint.h>
 #include <stdio.h>
@@ -20,8 +22,39 @@
 
 static double now_s(void) {
     struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
+    clock_gettime(CLOCK_THREAD_CPUTIME_ID, &ts);
     return (double)ts.tv_sec + ts.tv_nsec * 1e-9;
+}
+
+/* best rate (units per second) of `trials` trials of at least `min_s` each */
+typedef void (*work_fn)(void *ctx);
+static double best_rate(work_fn fn, void *ctx, double units_per_call, int trials, double min_s) {
+    double best = 0;
+    for (int k = 0; k < trials; k++) {
+        int it = 0;
+        double t0 = now_s(), el;
+        do {
+            fn(ctx);
+            it++;
+            el = now_s() - t0;
+        } while (el < min_s);
+        double r = units_per_call * it / el;
+        if (r > best) best = r;
+    }
+    return best;
+}
+
+struct gemm_ctx {
+    int t, rows, cols, n_tok, ncopy, next;
+    uint8_t **W;
+    size_t wrb, xrb;
+    const uint8_t *X;
+    float *Y;
+};
+static void run_gemm(void *p) {
+    struct gemm_ctx *c = p;
+    quant_gemm(c->t, c->W[c->next], c->wrb, c->cols, 0, c->rows, c->X, c->xrb, c->n_tok, c->Y, c->rows);
+    if (++c->next == c->ncopy) c->next = 0;
 }
 
 static uint64_t rng = 88172645463325252ull;
@@ -57,43 +90,24 @@ static void bench_shape(int t, int rows, int cols) {
     }
     float *Y = xalloc((size_t)rows * NT * 4);
 
+    struct gemm_ctx c = {t, rows, cols, NT, 1, 0, &W, wrb, xrb, X, Y};
     /* prefill-shaped */
-    quant_gemm(t, W, wrb, cols, 0, rows, X, xrb, NT, Y, rows);
-    int it = 0;
-    double t0 = now_s(), el;
-    do {
-        quant_gemm(t, W, wrb, cols, 0, rows, X, xrb, NT, Y, rows);
-        it++;
-        el = now_s() - t0;
-    } while (el < 0.5);
-    double gflops = 2.0 * rows * cols * NT * it / el * 1e-9;
-
+    run_gemm(&c);
+    double gflops = best_rate(run_gemm, &c, 2.0 * rows * cols * NT * 1e-9, 8, 0.15);
     /* decode, hot */
-    it = 0;
-    t0 = now_s();
-    do {
-        for (int k = 0; k < 16; k++) quant_gemm(t, W, wrb, cols, 0, rows, X, xrb, 1, Y, rows);
-        it += 16;
-        el = now_s() - t0;
-    } while (el < 0.3);
-    double gbs_hot = (double)wbytes * it / el * 1e-9;
-
+    c.n_tok = 1;
+    double gbs_hot = best_rate(run_gemm, &c, (double)wbytes * 1e-9, 20, 0.05);
     /* decode, cold: cycle through copies */
     int ncopy = (int)((512u << 20) / wbytes) + 1;
     uint8_t **cp = malloc(sizeof(uint8_t *) * (size_t)ncopy);
-    for (int c = 0; c < ncopy; c++) {
-        cp[c] = xalloc(wbytes);
-        memcpy(cp[c], W, wbytes);
+    for (int k = 0; k < ncopy; k++) {
+        cp[k] = xalloc(wbytes);
+        memcpy(cp[k], W, wbytes);
     }
-    it = 0;
-    t0 = now_s();
-    do {
-        for (int c = 0; c < ncopy; c++) quant_gemm(t, cp[c], wrb, cols, 0, rows, X, xrb, 1, Y, rows);
-        it += ncopy;
-        el = now_s() - t0;
-    } while (el < 0.5);
-    double gbs_cold = (double)wbytes * it / el * 1e-9;
-    for (int c = 0; c < ncopy; c++) free(cp[c]);
+    c.W = cp;
+    c.ncopy = ncopy;
+    double gbs_cold = best_rate(run_gemm, &c, (double)wbytes * 1e-9, 10, 0.1);
+    for (int k = 0; k < ncopy; k++) free(cp[k]);
     free(cp);
 
     printf("%-5s %6d x %-5d  n_tok=512: %7.1f GFLOP/s   n_tok=1: %6.1f GB/s hot, %5.1f GB/s cold (%.1f MB)\n",
@@ -107,7 +121,7 @@ static void bench_memread(void) {
     uint64_t *a = xalloc(n);
     memset(a, 1, n);
     double best = 0;
-    for (int rep = 0; rep < 3; rep++) {
+    for (int rep = 0; rep < 6; rep++) {
         double t0 = now_s();
         uint64_t s0 = 0, s1 = 0, s2 = 0, s3 = 0;
         for (size_t i = 0; i < n / 8; i += 4) { s0 += a[i]; s1 += a[i + 1]; s2 += a[i + 2]; s3 += a[i + 3]; }

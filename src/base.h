@@ -37,6 +37,10 @@ void kvs_aligned_free(void *p);
 
 double kvs_time_ms(void); /* monotonic clock, milliseconds */
 
+/* True when the CPU (and OS, for the ymm state) supports AVX2, FMA and F16C: the feature set of
+ * every *_avx2.c file. Read once with cpuid/xgetbv; portable across gcc and clang. */
+bool kvs_cpu_has_avx2(void);
+
 static inline size_t kvs_pad(size_t x, size_t a) { return (x + a - 1) / a * a; }
 
 #endif

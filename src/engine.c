@@ -27,6 +27,7 @@ void kvs_context_free(kvs_context *c) {
             if (c->seqs[i]) kvs_seq_free(c, c->seqs[i]);
     free(c->seqs);
     if (c->tp) threadpool_free(c->tp);
+    kv_policy_free(c->policy);
     float *bufs[] = {c->x, c->xn, c->q, c->k, c->v, c->gate, c->up, c->rope_cs, c->inv_freq,
                      c->att_s, c->att_part};
     for (size_t i = 0; i < sizeof bufs / sizeof bufs[0]; i++) kvs_aligned_free(bufs[i]);
@@ -52,9 +53,9 @@ enum kvs_status kvs_context_new(kvs_model *m, const struct kvs_context_params *p
     if (p.n_threads > 256) p.n_threads = 256;
     if (p.n_ctx > (1 << 24))
         return kvs_fail(KVS_ERR_INVALID_ARG, "context size %d is too large", p.n_ctx);
-    if (p.kv_spec && strcmp(p.kv_spec, "full") != 0)
-        return kvs_fail(KVS_ERR_INVALID_ARG, "unknown KV policy '%s' (available: full)",
-                        p.kv_spec);
+    struct kv_spec spec;
+    enum kvs_status st = kv_spec_parse(p.kv_spec ? p.kv_spec : "full", &spec);
+    if (st != KVS_OK) return st;
     if (p.n_ctx > hp->n_ctx_train)
         kvs_log(1, "context %d is longer than the model's training context %d", p.n_ctx,
                 hp->n_ctx_train);
@@ -65,11 +66,20 @@ enum kvs_status kvs_context_new(kvs_model *m, const struct kvs_context_params *p
     if (!c) return kvs_fail(KVS_ERR_NOMEM, "out of memory");
     c->m = m;
     c->p = p;
-    c->p.kv_spec = "full";
+    c->spec = spec;
+    c->p.kv_spec = c->spec.text;
     c->n_ctx = p.n_ctx;
     c->n_batch = p.n_batch;
     c->t_max = p.n_batch > p.n_seq_max ? p.n_batch : p.n_seq_max;
-    kv_cache_init(&c->kv, hp->n_layer, hp->n_head_kv, hp->head_dim);
+    unsigned needs = kv_policy_needs(&spec);
+    kv_cache_init(&c->kv, hp->n_layer, hp->n_head_kv, hp->n_head, hp->head_dim,
+                  needs & KV_NEED_ACC, kv_policy_qwin(&spec));
+    st = kv_policy_new(&spec, hp->n_layer, hp->n_head, hp->n_head_kv, hp->head_dim,
+                       c->n_ctx + c->t_max + KV_CAP_STEP, kv_cache_entry_bytes(&c->kv), &c->policy);
+    if (st != KVS_OK) {
+        kvs_context_free(c);
+        return st;
+    }
     c->seqs = calloc((size_t)p.n_seq_max, sizeof *c->seqs);
     c->tp = threadpool_new(p.n_threads);
 
@@ -175,7 +185,8 @@ enum kvs_status kvs_eval(kvs_context *c, kvs_sequence *s, const int32_t *tokens,
             rows[0] = T - 1;
             dst = logits;
         }
-        enum kvs_status st = forward(c, tokens + done, pos, seq, T, rows, n_out, dst);
+        enum fwd_phase ph = n == 1 ? FWD_DECODE : done + T == n ? FWD_PREFILL_LAST : FWD_PREFILL;
+        enum kvs_status st = forward(c, tokens + done, pos, seq, T, rows, n_out, dst, ph);
         if (st != KVS_OK) return st;
         s->n_past += T;
         done += T;
@@ -202,7 +213,8 @@ enum kvs_status kvs_eval_batch(kvs_context *c, kvs_sequence *const *seqs, const 
         pos[i] = seqs[i]->n_past;
         rows[i] = i;
     }
-    enum kvs_status st = forward(c, tokens, pos, seqs, n_seq, rows, logits ? n_seq : 0, logits);
+    enum kvs_status st = forward(c, tokens, pos, seqs, n_seq, rows, logits ? n_seq : 0, logits,
+                                 FWD_DECODE);
     if (st != KVS_OK) return st;
     for (int i = 0; i < n_seq; i++) seqs[i]->n_past++;
     return KVS_OK;

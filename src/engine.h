@@ -7,6 +7,7 @@
 #include "model.h"
 #include "threadpool.h"
 #include "kv/kv_cache.h"
+#include "kv/kv_policy.h"
 
 struct kvs_sequence {
     int slot;        /* index in ctx->seqs */
@@ -22,6 +23,9 @@ struct kvs_context {
     int n_ctx, n_batch, t_max; /* t_max: most tokens one forward() takes */
     struct threadpool *tp;
     struct kv_cache kv;
+    struct kv_spec spec;
+    struct kv_policy *policy;  /* NULL for `full` */
+    struct kv_plan plan;       /* filled by the policy, applied by the store */
     kvs_sequence **seqs;       /* (n_seq_max), NULL where free */
 
     /* scratch, allocated once at context creation; shapes for t_max tokens */
@@ -41,12 +45,15 @@ struct kvs_context {
 
 enum { ATT_MAX_SPLIT = 16, KVS_T_MAX = 4096 /* most tokens in one forward() */ };
 
+/* Why forward() runs, which decides whether the policy compresses after each layer. */
+enum fwd_phase { FWD_PREFILL, FWD_PREFILL_LAST, FWD_DECODE };
+
 /* Run the transformer on T tokens. tokens[i] at absolute position pos[i] of sequence seq[i];
  * their K/V are appended to the sequence caches. For each of the n_out rows listed in out_rows
  * (indices into 0..T-1), logits (n_vocab floats) are written to logits + r * n_vocab.
  * Positions of one sequence must be consecutive and start at its n_past. */
 enum kvs_status forward(struct kvs_context *c, const int32_t *tokens, const int32_t *pos,
                         kvs_sequence *const *seq, int T, const int *out_rows, int n_out,
-                        float *logits);
+                        float *logits, enum fwd_phase phase);
 
 #endif

@@ -101,7 +101,8 @@ static void matmul(struct kvs_context *c, struct mm_job *j) {
 
 struct att_job {
     struct kvs_context *c;
-    int il, T, n_split;
+    int il, T, n_split, n_views;
+    bool acc;              /* accumulate probabilities into the views' acc slots (H2O) */
     const int32_t *pos;
     kvs_sequence *const *seq;
     struct kv_view *views; /* one per distinct sequence in the batch; views[vi[t]] */
@@ -120,39 +121,61 @@ static int n_visible(const struct kv_view_head *h, int32_t pos) {
     return lo;
 }
 
-static void att_worker(void *arg, int ith, int nth) {
-    (void)nth;
-    struct att_job *j = arg;
+/* Attention of token t's query heads of KV head h over key split s of its visible entries;
+ * writes the unnormalised partial (o, m, l) for att_combine. With acc, also adds each entry's
+ * probability (mean over the group) to its acc slot; then n_split is 1 and probabilities are
+ * exact (p / l). */
+static void att_unit(struct att_job *j, int t, int h, int s, float *S) {
     struct kvs_context *c = j->c;
     const struct hparams *hp = &c->m->hp;
     int hd = hp->head_dim, n_kv = hp->n_head_kv, g = hp->n_head / n_kv;
     float scale = 1.0f / sqrtf((float)hd);
-    float *S = c->att_s + (size_t)ith * g * c->n_ctx;
-    int n_units = j->T * n_kv * j->n_split;
     float m[64], l[64];
+    const struct kv_view_head *vh = &j->views[j->vi[t]].h[h];
+    int nvis = n_visible(vh, j->pos[t]);
+    int k0 = (int)((int64_t)nvis * s / j->n_split), k1 = (int)((int64_t)nvis * (s + 1) / j->n_split);
+    const float *Q = c->q + (size_t)t * hp->n_head * hd + (size_t)h * g * hd;
+    int n = k1 - k0;
+    int u = (t * n_kv + h) * j->n_split + s;
+    float *part = c->att_part + (size_t)u * g * (hd + 2);
+    if (n > 0) {
+        ops_attn_scores(Q, g, vh->k + (size_t)k0 * hd, n, hd, scale, S, c->n_ctx);
+        if (vh->w)
+            for (int qi = 0; qi < g; qi++)
+                for (int i = 0; i < n; i++) S[qi * c->n_ctx + i] += logf(vh->w[k0 + i]);
+        ops_softmax_partial(S, g, n, c->n_ctx, m, l);
+        ops_attn_accum(S, g, n, c->n_ctx, vh->v + (size_t)k0 * hd, hd, part);
+        if (j->acc && vh->acc)
+            for (int qi = 0; qi < g; qi++) {
+                float f = 1.0f / (l[qi] * (float)g);
+                for (int i = 0; i < n; i++) vh->acc[k0 + i] += S[qi * c->n_ctx + i] * f;
+            }
+    } else {
+        memset(part, 0, sizeof(float) * (size_t)g * hd);
+        for (int qi = 0; qi < g; qi++) m[qi] = -INFINITY, l[qi] = 0.0f;
+    }
+    float *ml = part + (size_t)g * hd;
+    for (int qi = 0; qi < g; qi++) ml[2 * qi] = m[qi], ml[2 * qi + 1] = l[qi];
+}
+
+static void att_worker(void *arg, int ith, int nth) {
+    (void)nth;
+    struct att_job *j = arg;
+    struct kvs_context *c = j->c;
+    int n_kv = c->m->hp.n_head_kv, g = c->m->hp.n_head / n_kv;
+    float *S = c->att_s + (size_t)ith * g * c->n_ctx;
+    /* with acc, one unit owns a (sequence, KV head) so that no two threads add to one slot */
+    int n_units = j->acc ? j->n_views * n_kv : j->T * n_kv * j->n_split;
     for (;;) {
         int u = atomic_fetch_add_explicit(&j->next, 1, memory_order_relaxed);
         if (u >= n_units) break;
-        int s = u % j->n_split, h = (u / j->n_split) % n_kv, t = u / (j->n_split * n_kv);
-        const struct kv_view_head *vh = &j->views[j->vi[t]].h[h];
-        int nvis = n_visible(vh, j->pos[t]);
-        int k0 = (int)((int64_t)nvis * s / j->n_split), k1 = (int)((int64_t)nvis * (s + 1) / j->n_split);
-        const float *Q = c->q + (size_t)t * hp->n_head * hd + (size_t)h * g * hd;
-        int n = k1 - k0;
-        float *part = c->att_part + (size_t)u * g * (hd + 2);
-        if (n > 0) {
-            ops_attn_scores(Q, g, vh->k + (size_t)k0 * hd, n, hd, scale, S, c->n_ctx);
-            if (vh->w)
-                for (int qi = 0; qi < g; qi++)
-                    for (int i = 0; i < n; i++) S[qi * c->n_ctx + i] += logf(vh->w[k0 + i]);
-            ops_softmax_partial(S, g, n, c->n_ctx, m, l);
-            ops_attn_accum(S, g, n, c->n_ctx, vh->v + (size_t)k0 * hd, hd, part);
+        if (j->acc) {
+            int v = u / n_kv, h = u % n_kv;
+            for (int t = 0; t < j->T; t++)
+                if (j->vi[t] == v) att_unit(j, t, h, 0, S);
         } else {
-            memset(part, 0, sizeof(float) * (size_t)g * hd);
-            for (int qi = 0; qi < g; qi++) m[qi] = -INFINITY, l[qi] = 0.0f;
+            att_unit(j, u / (j->n_split * n_kv), (u / j->n_split) % n_kv, u % j->n_split, S);
         }
-        float *ml = part + (size_t)g * hd;
-        for (int qi = 0; qi < g; qi++) ml[2 * qi] = m[qi], ml[2 * qi + 1] = l[qi];
     }
 }
 
@@ -184,6 +207,31 @@ static void att_combine(struct kvs_context *c, int T, int n_split, float *out) {
             }
 }
 
+/* ---- compression hook ------------------------------------------------------------------ */
+
+/* After layer il has attended for this batch, let the policy plan that layer of sequence s and
+ * the store apply it. when=chunk compresses after every prefill chunk (so peak memory is the
+ * budget plus one chunk of one layer); when=prefill only after the last chunk of a prompt;
+ * decoding compresses once a head is `every` entries over budget. */
+static void compress_layer(struct kvs_context *c, kvs_sequence *s, int il, enum fwd_phase phase,
+                           const int32_t *pos, const int *vi, int T, int v) {
+    const struct kv_spec *sp = &c->spec;
+    int32_t slack;
+    if (phase == FWD_DECODE) {
+        if (sp->every <= 0) return;
+        slack = sp->every;
+    } else if (phase == FWD_PREFILL && !(sp->when & KV_WHEN_CHUNK)) {
+        return;
+    } else {
+        slack = 0;
+    }
+    int64_t n_seen = 0;
+    for (int t = 0; t < T; t++)
+        if (vi[t] == v && pos[t] + 1 > n_seen) n_seen = pos[t] + 1;
+    if (kv_policy_plan_layer(c->policy, s->kv, il, n_seen, slack, &c->plan))
+        kv_seq_apply_plan(s->kv, il, &c->plan);
+}
+
 /* ---- the pass -------------------------------------------------------------------------- */
 
 struct norm_job { const float *x; float *out; const float *w; int n, T; float eps; int64_t ld; };
@@ -209,7 +257,7 @@ static void run_rows(struct kvs_context *c, threadpool_fn fn, void *arg, int T) 
 
 enum kvs_status forward(struct kvs_context *c, const int32_t *tokens, const int32_t *pos,
                         kvs_sequence *const *seq, int T, const int *out_rows, int n_out,
-                        float *logits) {
+                        float *logits, enum fwd_phase phase) {
     const kvs_model *m = c->m;
     const struct hparams *hp = &m->hp;
     const int d = hp->n_embd, hd = hp->head_dim, nq = hp->n_head * hd,
@@ -232,16 +280,9 @@ enum kvs_status forward(struct kvs_context *c, const int32_t *tokens, const int3
         }
         vidx_buf[t] = f;
     }
-    /* room for the new entries in every layer before anything is computed */
-    for (int i = 0; i < n_views; i++) {
-        int cnt = 0;
-        for (int t = 0; t < T; t++) cnt += vidx_buf[t] == i;
-        for (int il = 0; il < hp->n_layer; il++) {
-            enum kvs_status st = kv_seq_reserve(vseq[i]->kv, il, cnt);
-            if (st != KVS_OK) return st;
-        }
-    }
-
+    int cnt[64] = {0}; /* tokens of each distinct sequence in this batch */
+    for (int t = 0; t < T; t++) cnt[vidx_buf[t]]++;
+    const bool acc = c->kv.with_acc;
     /* embeddings and rope tables */
     for (int t = 0; t < T; t++) {
         if (tokens[t] < 0 || tokens[t] >= hp->n_vocab)
@@ -261,14 +302,11 @@ enum kvs_status forward(struct kvs_context *c, const int32_t *tokens, const int3
     }
     bool neox = m->arch->rope == ROPE_NEOX;
     int n_split = 1;
-    if (T * hp->n_head_kv < 4 * threadpool_n_threads(c->tp)) {
+    if (!acc && T * hp->n_head_kv < 4 * threadpool_n_threads(c->tp)) {
         int max_keys = 0;
         for (int i = 0; i < n_views; i++) {
-            struct kv_view v;
-            kv_seq_view(vseq[i]->kv, 0, &v);
-            int cnt = 0;
-            for (int t = 0; t < T; t++) cnt += vidx_buf[t] == i;
-            if (v.h[0].n + cnt > max_keys) max_keys = v.h[0].n + cnt;
+            int held = kv_seq_max_entries(vseq[i]->kv);
+            if (held + cnt[i] > max_keys) max_keys = held + cnt[i];
         }
         n_split = max_keys / 256;
         if (n_split < 1) n_split = 1;
@@ -287,6 +325,10 @@ enum kvs_status forward(struct kvs_context *c, const int32_t *tokens, const int3
         qkv.mm[2] = (struct mm){&lw->wv, prep_act(c, c->xn, d, T, d, lw->wv.type, &fresh), c->v, nkv};
         matmul(c, &qkv);
 
+        for (int i = 0; i < n_views; i++) {
+            enum kvs_status st = kv_seq_reserve(vseq[i]->kv, il, cnt[i]);
+            if (st != KVS_OK) return st;
+        }
         for (int t = 0; t < T; t++) {
             float *q = c->q + (size_t)t * nq, *k = c->k + (size_t)t * nkv, *v = c->v + (size_t)t * nkv;
             if (lw->bq) {
@@ -297,14 +339,17 @@ enum kvs_status forward(struct kvs_context *c, const int32_t *tokens, const int3
             ops_rope(q, hp->n_head, hd, cs, neox);
             ops_rope(k, hp->n_head_kv, hd, cs, neox);
             kv_seq_append(seq[t]->kv, il, pos[t], k, v);
+            if (c->kv.qwin) kv_seq_save_query(seq[t]->kv, il, pos[t], q);
         }
 
         for (int i = 0; i < n_views; i++) kv_seq_view(vseq[i]->kv, il, &views[i]);
-        struct att_job aj = {.c = c, .il = il, .T = T, .n_split = n_split, .pos = pos,
-                             .seq = seq, .views = views, .vi = vidx_buf};
+        struct att_job aj = {.c = c, .il = il, .T = T, .n_split = n_split, .n_views = n_views,
+                             .acc = acc, .pos = pos, .seq = seq, .views = views, .vi = vidx_buf};
         atomic_init(&aj.next, 0);
         threadpool_run(c->tp, att_worker, &aj);
         att_combine(c, T, n_split, c->xn);
+        if (c->policy)
+            for (int i = 0; i < n_views; i++) compress_layer(c, vseq[i], il, phase, pos, vidx_buf, T, i);
 
         fresh = 0;
         struct mm_job oj = {.n_mm = 1, .T = T};

@@ -629,8 +629,6 @@ static int cmd_bench(const struct opts *o) {
     oc.n_ctx = n_ctx;
     kvs_context *c = new_context(m, &oc, 2);
     int nth = kvs_context_n_threads(c);
-    if (!o->quiet) fprintf(stderr, "bench: measuring memory bandwidth...\n");
-    double bw = kvs_measure_read_bandwidth(nth, (size_t)512 << 20);
 
     /* deterministic pseudo-text: token ids from a fixed LCG over the lower vocabulary */
     int n_all = max_ctx + o->bench_decode + 8;
@@ -669,8 +667,6 @@ static int cmd_bench(const struct opts *o) {
             if ((st = kvs_eval(c, s, toks + at, ctxs[i] - at, false, logits, progress_cb, &pr)) != KVS_OK)
                 fail_status(st);
         }
-        struct kvs_mem_stats ms0;
-        kvs_context_mem(c, &ms0);
         int32_t tok = toks[kvs_seq_n_past(s)];
         double t0 = now_ms();
         for (int k = 0; k < o->bench_decode; k++) {
@@ -683,15 +679,16 @@ static int cmd_bench(const struct opts *o) {
         dec_tps[i] = o->bench_decode / (ms / 1e3);
         /* bytes one decode step must read: every weight once (the embedding table too when it
          * is the tied output matrix) plus the KV entries held at this context */
-        struct kvs_mem_stats ms1;
-        kvs_context_mem(c, &ms1);
         uint64_t kv_read = (uint64_t)((ctxs[i] + o->bench_decode / 2.0) * mi.kv_bytes_per_token);
         dec_kv[i] = kv_read;
-        dec_bound[i] = bw * 1e9 / (double)(mi.weight_bytes + kv_read);
-        if (!o->quiet)
-            fprintf(stderr, "bench: decode at %d: %.1f tok/s (bound %.1f)\n", ctxs[i], dec_tps[i], dec_bound[i]);
-        /* roll back to exactly ctxs[i] for the next fill: no, keep going; positions continue */
+        if (!o->quiet) fprintf(stderr, "bench: decode at %d: %.1f tok/s\n", ctxs[i], dec_tps[i]);
     }
+    /* peak RSS of the engine itself, read before the bandwidth probe allocates its buffer */
+    long rss = peak_rss_bytes();
+    if (!o->quiet) fprintf(stderr, "bench: measuring memory bandwidth...\n");
+    double bw = kvs_measure_read_bandwidth(nth, (size_t)256 << 20);
+    for (int i = 0; i < n_ctxs; i++)
+        dec_bound[i] = bw * 1e9 / (double)(mi.weight_bytes + dec_kv[i]);
     struct kvs_mem_stats mem;
     kvs_context_mem(c, &mem);
     if (o->json) {
@@ -716,7 +713,7 @@ static int cmd_bench(const struct opts *o) {
         printf("],\"kv_bytes\":%llu,\"kv_bytes_peak\":%llu,\"scratch_bytes\":%llu,"
                "\"peak_rss_bytes\":%ld,\"logits_hash\":\"%016llx\"}\n",
                (unsigned long long)mem.kv_bytes, (unsigned long long)mem.kv_bytes_peak,
-               (unsigned long long)mem.scratch_bytes, peak_rss_bytes(),
+               (unsigned long long)mem.scratch_bytes, rss,
                (unsigned long long)logit_hash);
     } else {
         printf("model %s (%s %s), %d threads, read bandwidth %.1f GB/s\n", mi.name, mi.arch,
@@ -728,7 +725,7 @@ static int cmd_bench(const struct opts *o) {
                    dec_tps[i], dec_bound[i], 100 * dec_tps[i] / dec_bound[i]);
         printf("KV peak %.1f MiB, scratch %.1f MiB, peak RSS %.1f MiB, logits hash %016llx\n",
                mem.kv_bytes_peak / 1048576.0, mem.scratch_bytes / 1048576.0,
-               peak_rss_bytes() / 1048576.0, (unsigned long long)logit_hash);
+               rss / 1048576.0, (unsigned long long)logit_hash);
     }
     free(logits);
     free(toks);

@@ -1,6 +1,7 @@
 /* ops.c — scalar reference kernels and dispatch (see ops.h). */
 #include "ops.h"
 #include "quant.h"
+#include "base.h"
 
 #include <math.h>
 #include <string.h>
@@ -11,20 +12,10 @@ void (*ops_softmax_partial)(float *, int, int, int, float *, float *) = ops_soft
 void (*ops_attn_accum)(const float *, int, int, int, const uint16_t *, int,
                        float *) = ops_attn_accum_ref;
 
-static bool have_avx2(void) {
-#if defined(__x86_64__)
-    __builtin_cpu_init();
-    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
-           __builtin_cpu_supports("f16c");
-#else
-    return false;
-#endif
-}
-
 static bool forced_ref;
 
 void ops_init(void) {
-    bool fast = !forced_ref && have_avx2();
+    bool fast = !forced_ref && kvs_cpu_has_avx2();
     ops_attn_scores = fast ? ops_attn_scores_avx2 : ops_attn_scores_ref;
     ops_softmax_partial = fast ? ops_softmax_partial_avx2 : ops_softmax_partial_ref;
     ops_attn_accum = fast ? ops_attn_accum_avx2 : ops_attn_accum_ref;

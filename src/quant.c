@@ -9,6 +9,9 @@
  */
 #include <math.h>
 #include <pthread.h>
+#if defined(__x86_64__) || defined(__i386__)
+#include <cpuid.h>
+#endif
 #include <stdbool.h>
 #include "base.h"
 #include "quant_internal.h"
@@ -807,12 +810,20 @@ static const struct quant_kernels *g_chosen = &quant_ref_kernels;
 static bool g_has_avx2;
 static pthread_once_t g_once = PTHREAD_ONCE_INIT;
 
+#if defined(__x86_64__) || defined(__i386__)
+/* F16C from CPUID leaf 1 (ECX bit 29): clang's __builtin_cpu_supports does not know "f16c" */
+static bool cpu_has_f16c(void) {
+    unsigned a, b, c, d;
+    if (!__get_cpuid(1, &a, &b, &c, &d)) return false;
+    return (c >> 29) & 1u;
+}
+#endif
+
 static void init_once(void) {
     g_fast = quant_ref_kernels;
 #if defined(__x86_64__) || defined(__i386__)
     __builtin_cpu_init();
-    g_has_avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
-                 __builtin_cpu_supports("f16c");
+    g_has_avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && cpu_has_f16c();
 #endif
     if (g_has_avx2) quant_avx2_register(&g_fast);
     g_chosen = &g_fast;
@@ -880,6 +891,11 @@ void quant_gemm(int t, const void *W, size_t w_row_bytes, int64_t n_cols, int r0
     KVS_ASSERT(n_cols % traits_tab[t].block_size == 0);
     KVS_ASSERT(r0 >= 0 && r0 <= r1 && n_tok >= 0);
     if (r0 == r1 || n_tok == 0) return;
+    if (n_cols == 0) { /* empty dot products */
+        for (int k = 0; k < n_tok; k++)
+            for (int r = r0; r < r1; r++) Y[(int64_t)k * ldy + r] = 0.0f;
+        return;
+    }
     K()->gemm[t](t, W, w_row_bytes, n_cols, r0, r1, X, x_row_bytes, n_tok, Y, ldy);
 }
 

@@ -16,6 +16,7 @@
  */
 #include <immintrin.h>
 #include <stdbool.h>
+#include <stdint.h>
 #include "quant_internal.h"
 
 #define ALWAYS_INLINE static inline __attribute__((always_inline))
@@ -395,81 +396,74 @@ static float dot_bf16(int64_t n, const void *w, const void *x) {
     return s;
 }
 
-/* [d_w, m_w] (two fp16 at pw) times [d_x, s_x] (two fp16 at px): lane 0 = dw*dx, lane 1 = mw*sx */
-ALWAYS_INLINE __m128 scale_pair(const void *pw, const void *px) {
-    __m128i h = _mm_insert_epi32(_mm_cvtsi32_si128((int)qi_load_u32(pw)), (int)qi_load_u32(px), 1);
-    __m128 f = _mm_cvtph_ps(h); /* [dw, mw, dx, sx] */
-    return _mm_mul_ps(f, _mm_movehl_ps(f, f));
-}
+/* ---- bit-identical accumulation ----------------------------------------------------------
+ * Every path (tiled GEMM, one-token GEMV, these dot products) computes each output with the
+ * same float operations in the same order, so results do not depend on the number of tokens in
+ * a call, on the thread split, or on quant_vec_dot vs quant_gemm:
+ *   legacy formats, per block b (exact integer isum = sum q*x, q unsigned for Q4/Q5):
+ *       acc = fma(isum, d_w*d_x, acc);  acc = fma(m_w, e_x, acc)   (no second step for Q8_0)
+ *     with m_w = d_w for Q4_0/Q5_0 and e_x = s_x (Q8_1) or off*d_x*sum(x) (off = -8/-16);
+ *   K-quants, per super-block (exact integers isum and msum):
+ *       acc = fma(isum, d_w*d_x, acc);  acc = fma(-msum, dmin_w*d_x, acc)   (Q4_K/Q5_K)
+ *       acc = fma(isum - 32*bsum, d_w*d_x, acc)                             (Q6_K)
+ *   accumulated in chunks of KB32 blocks / KSB super-blocks: total = c0 + c1 + c2 ... */
+#define KB32 32   /* legacy blocks per K-chunk (1024 weights) */
+#define KSB 4     /* K-quant super-blocks per K-chunk (1024 weights) */
 
-/* The legacy-format dots, two blocks per iteration (independent accumulators). kind: 0 = Q4_0,
- * 1 = Q4_1, 2 = Q5_0, 3 = Q5_1, 4 = Q8_0. */
-ALWAYS_INLINE __m256i legacy_block_isum(int kind, const void *wb, const int8_t *xq) {
+/* exact sum of q*x over one block (q unsigned for Q4/Q5, signed for Q8_0) */
+ALWAYS_INLINE int legacy_block_isum(int kind, const void *wb, const int8_t *xq) {
     const __m256i ones = _mm256_set1_epi16(1);
     __m256i qx = loadu256(xq);
+    __m256i p;
     if (kind == 4) {
         __m256i qw = loadu256(((const blk_q8_0 *)wb)->qs);
-        __m256i p = _mm256_maddubs_epi16(_mm256_sign_epi8(qw, qw), _mm256_sign_epi8(qx, qw));
-        return _mm256_madd_epi16(p, ones);
+        p = _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_sign_epi8(qw, qw), _mm256_sign_epi8(qx, qw)), ones);
+    } else {
+        __m256i qw;
+        if (kind == 0) qw = unpack_nib32(((const blk_q4_0 *)wb)->qs);
+        else if (kind == 1) qw = unpack_nib32(((const blk_q4_1 *)wb)->qs);
+        else if (kind == 2) qw = _mm256_or_si256(unpack_nib32(((const blk_q5_0 *)wb)->qs), q5_hbits(((const blk_q5_0 *)wb)->qh));
+        else qw = _mm256_or_si256(unpack_nib32(((const blk_q5_1 *)wb)->qs), q5_hbits(((const blk_q5_1 *)wb)->qh));
+        p = _mm256_madd_epi16(_mm256_maddubs_epi16(qw, qx), ones);
     }
-    __m256i qw;
-    if (kind == 0) qw = unpack_nib32(((const blk_q4_0 *)wb)->qs);
-    else if (kind == 1) qw = unpack_nib32(((const blk_q4_1 *)wb)->qs);
-    else if (kind == 2) qw = _mm256_or_si256(unpack_nib32(((const blk_q5_0 *)wb)->qs), q5_hbits(((const blk_q5_0 *)wb)->qh));
-    else qw = _mm256_or_si256(unpack_nib32(((const blk_q5_1 *)wb)->qs), q5_hbits(((const blk_q5_1 *)wb)->qh));
-    __m256i p = _mm256_maddubs_epi16(qw, qx);
-    if (kind == 0) p = _mm256_sub_epi16(p, _mm256_maddubs_epi16(_mm256_set1_epi8(8), qx));
-    if (kind == 2) p = _mm256_sub_epi16(p, _mm256_maddubs_epi16(_mm256_set1_epi8(16), qx));
-    return _mm256_madd_epi16(p, ones);
+    return hsum_epi32(p);
 }
 
+/* exact sum of the 32 int8 of an activation block */
+ALWAYS_INLINE int q8_block_sum(const int8_t *q8) {
+    __m256i q = loadu256(q8);
+    __m256i lo = _mm256_cvtepi8_epi16(_mm256_castsi256_si128(q));
+    __m256i hi = _mm256_cvtepi8_epi16(_mm256_extracti128_si256(q, 1));
+    return hsum_epi32(_mm256_madd_epi16(_mm256_add_epi16(lo, hi), _mm256_set1_epi16(1)));
+}
+
+/* kind: 0 = Q4_0, 1 = Q4_1, 2 = Q5_0, 3 = Q5_1, 4 = Q8_0 (same order as the L_* ids) */
 ALWAYS_INLINE float dot_legacy(int kind, int64_t n, const void *w, const void *x) {
     const size_t wbs = kind == 0 ? sizeof(blk_q4_0) : kind == 1 ? sizeof(blk_q4_1)
                      : kind == 2 ? sizeof(blk_q5_0) : kind == 3 ? sizeof(blk_q5_1) : sizeof(blk_q8_0);
-    const bool x1 = kind == 1 || kind == 3; /* activations are Q8_1 */
-    const size_t xbs = x1 ? sizeof(blk_q8_1) : sizeof(blk_q8_0);
-    const size_t xqo = x1 ? 4 : 2;
+    const bool q81 = kind == 1 || kind == 3;
+    const size_t xbs = q81 ? sizeof(blk_q8_1) : sizeof(blk_q8_0);
+    const size_t xqo = q81 ? 4 : 2;
+    const float off = kind == 0 ? -8.0f : kind == 2 ? -16.0f : 0.0f;
     const uint8_t *pw = w, *px = x;
     const int64_t nb = n / QK32;
-    __m256 acc0 = _mm256_setzero_ps(), acc1 = acc0;
-    __m128 ms0 = _mm_setzero_ps(), ms1 = ms0;
-    int64_t i = 0;
-    for (; i + 2 <= nb; i += 2) {
-        const uint8_t *w0 = pw + i * wbs, *x0 = px + i * xbs;
-        const uint8_t *w1 = w0 + wbs, *x1p = x0 + xbs;
-        __m256i s0 = legacy_block_isum(kind, w0, (const int8_t *)(x0 + xqo));
-        __m256i s1 = legacy_block_isum(kind, w1, (const int8_t *)(x1p + xqo));
-        if (x1) {
-            __m128 f0 = scale_pair(w0, x0), f1 = scale_pair(w1, x1p);
-            acc0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s0), _mm256_broadcastss_ps(f0), acc0);
-            acc1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s1), _mm256_broadcastss_ps(f1), acc1);
-            ms0 = _mm_add_ps(ms0, f0);
-            ms1 = _mm_add_ps(ms1, f1);
-        } else {
-            float d0 = h2f(*(const uint16_t *)w0) * h2f(*(const uint16_t *)x0);
-            float d1 = h2f(*(const uint16_t *)w1) * h2f(*(const uint16_t *)x1p);
-            acc0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s0), _mm256_set1_ps(d0), acc0);
-            acc1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s1), _mm256_set1_ps(d1), acc1);
+    float total = 0, acc = 0;
+    for (int64_t i = 0; i < nb; i++) {
+        const uint8_t *wb = pw + i * wbs, *xb = px + i * xbs;
+        uint16_t hw[2], hx[2];
+        memcpy(hw, wb, 4);
+        memcpy(hx, xb, 4);
+        const float dw = h2f(hw[0]), dx = h2f(hx[0]);
+        const int is = legacy_block_isum(kind, wb, (const int8_t *)(xb + xqo));
+        acc = fmaf((float)is, dw * dx, acc);
+        if (q81) acc = fmaf(h2f(hw[1]), h2f(hx[1]), acc);
+        else if (kind != 4) acc = fmaf(dw, off * dx * (float)q8_block_sum((const int8_t *)(xb + xqo)), acc);
+        if ((i + 1) % KB32 == 0 || i + 1 == nb) {
+            total = i < KB32 ? acc : acc + total;
+            acc = 0;
         }
     }
-    for (; i < nb; i++) {
-        const uint8_t *w0 = pw + i * wbs, *x0 = px + i * xbs;
-        __m256i s0 = legacy_block_isum(kind, w0, (const int8_t *)(x0 + xqo));
-        if (x1) {
-            __m128 f0 = scale_pair(w0, x0);
-            acc0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s0), _mm256_broadcastss_ps(f0), acc0);
-            ms0 = _mm_add_ps(ms0, f0);
-        } else {
-            float d0 = h2f(*(const uint16_t *)w0) * h2f(*(const uint16_t *)x0);
-            acc0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s0), _mm256_set1_ps(d0), acc0);
-        }
-    }
-    float r = hsum_ps(_mm256_add_ps(acc0, acc1));
-    if (x1) {
-        __m128 ms = _mm_add_ps(ms0, ms1);
-        r += _mm_cvtss_f32(_mm_shuffle_ps(ms, ms, 1));
-    }
-    return r;
+    return total;
 }
 
 static float dot_q4_0(int64_t n, const void *w, const void *x) { return dot_legacy(0, n, w, x); }
@@ -478,16 +472,18 @@ static float dot_q5_0(int64_t n, const void *w, const void *x) { return dot_lega
 static float dot_q5_1(int64_t n, const void *w, const void *x) { return dot_legacy(3, n, w, x); }
 static float dot_q8_0(int64_t n, const void *w, const void *x) { return dot_legacy(4, n, w, x); }
 
-/* int16 vector with scale sc[a] in the low 128-bit lane and sc[b] in the high lane */
-ALWAYS_INLINE __m256i sc_pair16(int a, int b) {
-    return _mm256_setr_m128i(_mm_set1_epi16((short)a), _mm_set1_epi16((short)b));
+/* pshufb index that broadcasts int16 element e (0..7) of each 128-bit lane */
+ALWAYS_INLINE __m256i bcast16_idx(int e) { return _mm256_set1_epi16((short)(0x0100 * (2 * e + 1) + 2 * e)); }
+/* ... element a in the low lane and element b in the high lane */
+ALWAYS_INLINE __m256i bcast16_idx2(int a, int b) {
+    return _mm256_setr_m128i(_mm_set1_epi16((short)(0x0100 * (2 * a + 1) + 2 * a)),
+                             _mm_set1_epi16((short)(0x0100 * (2 * b + 1) + 2 * b)));
 }
 
 ALWAYS_INLINE float dot_k45(bool five, int64_t n, const void *w, const void *x) {
     const blk_q8_K *b = x;
     const int64_t nb = n / QK_K;
-    __m256 acc = _mm256_setzero_ps();
-    float summ = 0;
+    float acc = 0, total = 0;
     for (int64_t i = 0; i < nb; i++) {
         const uint8_t *scales;
         uint16_t dh, dminh;
@@ -501,25 +497,33 @@ ALWAYS_INLINE float dot_k45(bool five, int64_t n, const void *w, const void *x) 
             scales = a->scales; dh = a->d; dminh = a->dmin;
             q4k_unpack_u8(a, v);
         }
-        uint8_t sc[8], mn[8];
-        qi_unpack_k4_scales(scales, sc, mn);
-        /* mins: sum_j mn[j] * (bsums[2j] + bsums[2j+1]) */
-        __m128i m8 = _mm_loadl_epi64((const __m128i *)mn);
-        __m128i m16 = _mm_cvtepu8_epi16(m8);
-        __m256i mdup = _mm256_setr_m128i(_mm_unpacklo_epi16(m16, m16), _mm_unpackhi_epi16(m16, m16));
-        int msum = hsum_epi32(_mm256_madd_epi16(loadu256(b[i].bsums), mdup));
+        /* 16 bytes [sc0..7 | mn0..7] -> int16 */
+        uint32_t u0 = qi_load_u32(scales), u1 = qi_load_u32(scales + 4), u2 = qi_load_u32(scales + 8);
+        uint32_t sa = u0 & 0x3F3F3F3Fu, ma = u1 & 0x3F3F3F3Fu;
+        uint32_t sb = (u2 & 0x0F0F0F0Fu) | (((u0 >> 6) & 0x03030303u) << 4);
+        uint32_t mb = ((u2 >> 4) & 0x0F0F0F0Fu) | (((u1 >> 6) & 0x03030303u) << 4);
+        __m256i s16 = _mm256_cvtepu8_epi16(_mm_setr_epi32((int)sa, (int)sb, (int)ma, (int)mb));
+        __m256i sc = _mm256_permute2x128_si256(s16, s16, 0x00);
+        __m256i mdup = _mm256_permute4x64_epi64(s16, 0xFA); /* [mn0..3 mn0..3 | mn4..7 mn4..7] */
+        mdup = _mm256_unpacklo_epi16(mdup, mdup);
+        __m256i mv = _mm256_madd_epi16(loadu256(b[i].bsums), mdup);
         __m256i s0 = _mm256_setzero_si256(), s1 = s0;
+#pragma GCC unroll 4
         for (int g = 0; g < 8; g += 2) {
             __m256i p0 = _mm256_maddubs_epi16(v[g], loadu256(b[i].qs + 32 * g));
             __m256i p1 = _mm256_maddubs_epi16(v[g + 1], loadu256(b[i].qs + 32 * g + 32));
-            s0 = _mm256_add_epi32(s0, _mm256_madd_epi16(p0, _mm256_set1_epi16((short)sc[g])));
-            s1 = _mm256_add_epi32(s1, _mm256_madd_epi16(p1, _mm256_set1_epi16((short)sc[g + 1])));
+            s0 = _mm256_add_epi32(s0, _mm256_madd_epi16(p0, _mm256_shuffle_epi8(sc, bcast16_idx(g))));
+            s1 = _mm256_add_epi32(s1, _mm256_madd_epi16(p1, _mm256_shuffle_epi8(sc, bcast16_idx(g + 1))));
         }
-        float d = b[i].d * h2f(dh), dmin = b[i].d * h2f(dminh);
-        acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_add_epi32(s0, s1)), _mm256_set1_ps(d), acc);
-        summ += dmin * (float)msum;
+        const float xd = b[i].d;
+        acc = fmaf((float)hsum_epi32(_mm256_add_epi32(s0, s1)), h2f(dh) * xd, acc);
+        acc = fmaf(-(float)hsum_epi32(mv), h2f(dminh) * xd, acc);
+        if ((i + 1) % KSB == 0 || i + 1 == nb) {
+            total = i < KSB ? acc : acc + total;
+            acc = 0;
+        }
     }
-    return hsum_ps(acc) - summ;
+    return total;
 }
 
 static float dot_q4_K(int64_t n, const void *w, const void *x) { return dot_k45(false, n, w, x); }
@@ -529,33 +533,40 @@ static float dot_q6_K(int64_t n, const void *w, const void *x) {
     const blk_q6_K *a = w;
     const blk_q8_K *b = x;
     const int64_t nb = n / QK_K;
-    __m256 acc = _mm256_setzero_ps();
+    float acc = 0, total = 0;
     for (int64_t i = 0; i < nb; i++) {
         __m256i v[8];
         q6k_unpack_u8(&a[i], v);
         __m256i sc16 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)a[i].scales));
         __m256i bias = _mm256_madd_epi16(loadu256(b[i].bsums), sc16);
+        __m256i slo = _mm256_permute2x128_si256(sc16, sc16, 0x00), shi = _mm256_permute2x128_si256(sc16, sc16, 0x11);
         __m256i s0 = _mm256_setzero_si256(), s1 = s0;
+#pragma GCC unroll 4
         for (int s = 0; s < 8; s += 2) {
+            /* v[s] holds groups 2s (low lane) and 2s+1 (high lane) */
+            __m256i c0 = _mm256_shuffle_epi8(s < 4 ? slo : shi, bcast16_idx2((2 * s) & 7, (2 * s + 1) & 7));
+            __m256i c1 = _mm256_shuffle_epi8(s < 4 ? slo : shi, bcast16_idx2((2 * s + 2) & 7, (2 * s + 3) & 7));
             __m256i p0 = _mm256_maddubs_epi16(v[s], loadu256(b[i].qs + 32 * s));
             __m256i p1 = _mm256_maddubs_epi16(v[s + 1], loadu256(b[i].qs + 32 * s + 32));
-            s0 = _mm256_add_epi32(s0, _mm256_madd_epi16(p0, sc_pair16(a[i].scales[2 * s], a[i].scales[2 * s + 1])));
-            s1 = _mm256_add_epi32(s1, _mm256_madd_epi16(p1, sc_pair16(a[i].scales[2 * s + 2], a[i].scales[2 * s + 3])));
+            s0 = _mm256_add_epi32(s0, _mm256_madd_epi16(p0, c0));
+            s1 = _mm256_add_epi32(s1, _mm256_madd_epi16(p1, c1));
         }
         __m256i tot = _mm256_sub_epi32(_mm256_add_epi32(s0, s1), _mm256_slli_epi32(bias, 5));
-        acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(tot), _mm256_set1_ps(b[i].d * h2f(a[i].d)), acc);
+        acc = fmaf((float)hsum_epi32(tot), h2f(a[i].d) * b[i].d, acc);
+        if ((i + 1) % KSB == 0 || i + 1 == nb) {
+            total = i < KSB ? acc : acc + total;
+            acc = 0;
+        }
     }
-    return hsum_ps(acc);
+    return total;
 }
 
 /* ---- tiled GEMM ---------------------------------------------------------------------------- */
 
 #define TR 8      /* weight rows per tile (one per int32 lane) */
 #define TT 4      /* tokens per register tile */
-#define KB32 32   /* legacy blocks per K-chunk (1024 weights) */
 #define TCH 128   /* tokens per activation-scale chunk */
-#define KSB 4     /* K-quant super-blocks per K-chunk (1024 weights) */
-#define GEMM_MIN_TOK 2 /* fewer tokens: horizontal dots */
+#define GEMV_MAX_TOK 4 /* fewer tokens: one-token kernels, token by token */
 
 ALWAYS_INLINE void transpose8x8_epi32(__m256i v[8]) {
     __m256i t0 = _mm256_unpacklo_epi32(v[0], v[1]), t1 = _mm256_unpackhi_epi32(v[0], v[1]);
@@ -602,6 +613,15 @@ typedef struct {
     _Alignas(32) float m[KB32][TR];
 } tile32_t;
 
+/* activation scales of a token chunk: [0] = d_x, [1] = second term (s_x, or -off*d_x*sum q) */
+#define XS_ROWS (TCH + TT)
+typedef struct {
+    _Alignas(32) float v[2][XS_ROWS][KB32];
+} xscale_t;
+
+/* keeps the compiler from re-associating the int16 sums into a tree (which spills) */
+#define BARRIER4(a, b, c, d) __asm__("" : "+x"(a), "+x"(b), "+x"(c), "+x"(d))
+
 ALWAYS_INLINE __m256i legacy_unpack(int kind, const uint8_t *blk) {
     switch (kind) {
     case L_Q4_0: return unpack_nib32(((const blk_q4_0 *)blk)->qs);
@@ -640,143 +660,312 @@ ALWAYS_INLINE void repack32(int kind, const uint8_t *W, size_t wrb, int nr, int 
     }
 }
 
-/* T tokens x 8 rows over nbk blocks. xq[t]: first activation block of the chunk for token t. */
-ALWAYS_INLINE void kern32(int kind, int T, const tile32_t *S, int nbk, const uint8_t *const *xq,
-                          const float *const *xa, const float *const *xb, __m256 *acc) {
-    const bool x1 = kind == L_Q4_1 || kind == L_Q5_1;
-    const size_t xbs = x1 ? sizeof(blk_q8_1) : sizeof(blk_q8_0);
-    const size_t xqo = x1 ? 4 : 2;
+/* 4 tokens x 8 rows over nbk blocks. x0..x3: first activation block of the chunk of each token;
+ * xs: the scale rows of token 0 (tokens 1..3 follow at +KB32). Results in out[0..3]. */
+ALWAYS_INLINE void kern32x4(int kind, const tile32_t *S, int nbk, const uint8_t *x0,
+                            const uint8_t *x1, const uint8_t *x2, const uint8_t *x3,
+                            const float *xs, __m256 out[4]) {
+    const bool q81 = kind == L_Q4_1 || kind == L_Q5_1;
+    const size_t xbs = q81 ? sizeof(blk_q8_1) : sizeof(blk_q8_0);
+    const size_t xqo = q81 ? 4 : 2;
     const bool has_m = kind != L_Q8_0;
     const __m256i ones = _mm256_set1_epi16(1);
-    for (int t = 0; t < T; t++) acc[t] = _mm256_setzero_ps();
+    const float *xb = xs + XS_ROWS * KB32;
+    __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
     for (int b = 0; b < nbk; b++) {
-        __m256i s[TT], p[TT];
         const size_t xo = (size_t)b * xbs + xqo;
-        if (kind == L_Q4_0 || kind == L_Q4_1) {
-            /* 4-bit: 8 maddubs (each <= 2*15*127) fit one int16 accumulator */
+        const uint8_t *y0 = x0 + xo, *y1 = x1 + xo, *y2 = x2 + xo, *y3 = x3 + xo;
+        __m256i s0, s1, s2, s3;
+        if (kind == L_Q4_0 || kind == L_Q4_1 || kind == L_Q5_0 || kind == L_Q5_1) {
+            /* 4-bit: 8 maddubs (each <= 2*15*127) fit an int16 sum; 5-bit: 4 */
+            const int per = (kind == L_Q4_0 || kind == L_Q4_1) ? 8 : 4;
+            __m256i p0 = _mm256_setzero_si256(), p1 = p0, p2 = p0, p3 = p0;
+            s0 = s1 = s2 = s3 = p0;
 #pragma GCC unroll 8
             for (int g = 0; g < 8; g++) {
                 __m256i w = _mm256_load_si256((const __m256i *)S->q[b][g]);
-#pragma GCC unroll 4
-                for (int t = 0; t < T; t++) {
-                    __m256i m = _mm256_maddubs_epi16(w, bcast32(xq[t] + xo + 4 * g));
-                    p[t] = g ? _mm256_add_epi16(p[t], m) : m;
+                __m256i m0 = _mm256_maddubs_epi16(w, bcast32(y0 + 4 * g));
+                __m256i m1 = _mm256_maddubs_epi16(w, bcast32(y1 + 4 * g));
+                __m256i m2 = _mm256_maddubs_epi16(w, bcast32(y2 + 4 * g));
+                __m256i m3 = _mm256_maddubs_epi16(w, bcast32(y3 + 4 * g));
+                if (g % per == 0) {
+                    p0 = m0; p1 = m1; p2 = m2; p3 = m3;
+                } else {
+                    p0 = _mm256_add_epi16(p0, m0); p1 = _mm256_add_epi16(p1, m1);
+                    p2 = _mm256_add_epi16(p2, m2); p3 = _mm256_add_epi16(p3, m3);
                 }
-            }
-#pragma GCC unroll 4
-            for (int t = 0; t < T; t++) s[t] = _mm256_madd_epi16(p[t], ones);
-        } else if (kind == L_Q5_0 || kind == L_Q5_1) {
-            /* 5-bit: 4 maddubs per int16 accumulator */
-#pragma GCC unroll 2
-            for (int h = 0; h < 2; h++) {
-#pragma GCC unroll 4
-                for (int g = 4 * h; g < 4 * h + 4; g++) {
-                    __m256i w = _mm256_load_si256((const __m256i *)S->q[b][g]);
-#pragma GCC unroll 4
-                    for (int t = 0; t < T; t++) {
-                        __m256i m = _mm256_maddubs_epi16(w, bcast32(xq[t] + xo + 4 * g));
-                        p[t] = (g & 3) ? _mm256_add_epi16(p[t], m) : m;
-                    }
-                }
-#pragma GCC unroll 4
-                for (int t = 0; t < T; t++) {
-                    __m256i m = _mm256_madd_epi16(p[t], ones);
-                    s[t] = h ? _mm256_add_epi32(s[t], m) : m;
+                BARRIER4(p0, p1, p2, p3);
+                if (g % per == per - 1) {
+                    s0 = _mm256_add_epi32(s0, _mm256_madd_epi16(p0, ones));
+                    s1 = _mm256_add_epi32(s1, _mm256_madd_epi16(p1, ones));
+                    s2 = _mm256_add_epi32(s2, _mm256_madd_epi16(p2, ones));
+                    s3 = _mm256_add_epi32(s3, _mm256_madd_epi16(p3, ones));
                 }
             }
         } else {
             /* signed 8-bit: |w| * sign(x, w), widened every step */
+            s0 = s1 = s2 = s3 = _mm256_setzero_si256();
 #pragma GCC unroll 8
             for (int g = 0; g < 8; g++) {
                 __m256i w = _mm256_load_si256((const __m256i *)S->q[b][g]);
                 __m256i aw = _mm256_sign_epi8(w, w);
-#pragma GCC unroll 4
-                for (int t = 0; t < T; t++) {
-                    __m256i m = _mm256_maddubs_epi16(aw, _mm256_sign_epi8(bcast32(xq[t] + xo + 4 * g), w));
-                    m = _mm256_madd_epi16(m, ones);
-                    s[t] = g ? _mm256_add_epi32(s[t], m) : m;
-                }
+                s0 = _mm256_add_epi32(s0, _mm256_madd_epi16(_mm256_maddubs_epi16(aw, _mm256_sign_epi8(bcast32(y0 + 4 * g), w)), ones));
+                s1 = _mm256_add_epi32(s1, _mm256_madd_epi16(_mm256_maddubs_epi16(aw, _mm256_sign_epi8(bcast32(y1 + 4 * g), w)), ones));
+                s2 = _mm256_add_epi32(s2, _mm256_madd_epi16(_mm256_maddubs_epi16(aw, _mm256_sign_epi8(bcast32(y2 + 4 * g), w)), ones));
+                s3 = _mm256_add_epi32(s3, _mm256_madd_epi16(_mm256_maddubs_epi16(aw, _mm256_sign_epi8(bcast32(y3 + 4 * g), w)), ones));
+                BARRIER4(s0, s1, s2, s3);
             }
         }
         __m256 dw = _mm256_load_ps(S->d[b]);
-#pragma GCC unroll 4
-        for (int t = 0; t < T; t++)
-            acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s[t]), _mm256_mul_ps(dw, _mm256_broadcast_ss(xa[t] + b)), acc[t]);
+        a0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s0), _mm256_mul_ps(dw, _mm256_broadcast_ss(xs + b)), a0);
+        a1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s1), _mm256_mul_ps(dw, _mm256_broadcast_ss(xs + KB32 + b)), a1);
+        a2 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s2), _mm256_mul_ps(dw, _mm256_broadcast_ss(xs + 2 * KB32 + b)), a2);
+        a3 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s3), _mm256_mul_ps(dw, _mm256_broadcast_ss(xs + 3 * KB32 + b)), a3);
         if (has_m) {
             __m256 mw = _mm256_load_ps(S->m[b]);
-#pragma GCC unroll 4
-            for (int t = 0; t < T; t++) acc[t] = _mm256_fmadd_ps(mw, _mm256_broadcast_ss(xb[t] + b), acc[t]);
+            a0 = _mm256_fmadd_ps(mw, _mm256_broadcast_ss(xb + b), a0);
+            a1 = _mm256_fmadd_ps(mw, _mm256_broadcast_ss(xb + KB32 + b), a1);
+            a2 = _mm256_fmadd_ps(mw, _mm256_broadcast_ss(xb + 2 * KB32 + b), a2);
+            a3 = _mm256_fmadd_ps(mw, _mm256_broadcast_ss(xb + 3 * KB32 + b), a3);
         }
     }
+    out[0] = a0; out[1] = a1; out[2] = a2; out[3] = a3;
 }
 
-ALWAYS_INLINE void run32(int kind, int T, const tile32_t *S, int nbk, const uint8_t *X,
-                         size_t xrb, size_t xoff, int tok, const float *xa, const float *xb,
-                         int tloc, float *Y, int64_t ldy, int row, int nr, bool accum) {
-    const uint8_t *xq[TT];
-    const float *pa[TT], *pb[TT];
-    __m256 acc[TT];
-    for (int t = 0; t < T; t++) {
-        xq[t] = X + (size_t)(tok + t) * xrb + xoff;
-        pa[t] = xa + (size_t)(tloc + t) * KB32;
-        pb[t] = xb + (size_t)(tloc + t) * KB32;
-    }
-    kern32(kind, T, S, nbk, xq, pa, pb, acc);
-    for (int t = 0; t < T; t++) store_rows(Y + (int64_t)(tok + t) * ldy + row, acc[t], nr, accum);
-}
+ALWAYS_INLINE void prefetch_rows(const float *y) { _mm_prefetch((const char *)y, _MM_HINT_T0); }
 
 ALWAYS_INLINE void gemm32(int kind, const void *W, size_t wrb, int64_t n_cols, int r0, int r1,
                           const void *X, size_t xrb, int n_tok, float *Y, int64_t ldy) {
-    const bool x1 = kind == L_Q4_1 || kind == L_Q5_1;
-    const size_t xbs = x1 ? sizeof(blk_q8_1) : sizeof(blk_q8_0);
+    const bool q81 = kind == L_Q4_1 || kind == L_Q5_1;
+    const size_t xbs = q81 ? sizeof(blk_q8_1) : sizeof(blk_q8_0);
     const size_t wbs = legacy_wbs(kind);
     const float off = kind == L_Q4_0 ? -8.0f : kind == L_Q5_0 ? -16.0f : 0.0f;
     const int nb = (int)(n_cols / QK32);
     tile32_t S;
-    _Alignas(32) float xa[TCH * KB32], xb[TCH * KB32];
+    xscale_t XS;
     for (int kb0 = 0; kb0 < nb; kb0 += KB32) {
         const int nbk = nb - kb0 < KB32 ? nb - kb0 : KB32;
+        const size_t xoff = (size_t)kb0 * xbs;
         for (int t0 = 0; t0 < n_tok; t0 += TCH) {
             const int nt = n_tok - t0 < TCH ? n_tok - t0 : TCH;
-            /* activation scales of this chunk as floats */
-            for (int t = 0; t < nt; t++) {
-                const uint8_t *xr = (const uint8_t *)X + (size_t)(t0 + t) * xrb + (size_t)kb0 * xbs;
+            /* activation scales of this chunk as floats; rows nt..nt+3 repeat the last token */
+            for (int t = 0; t < nt + TT - 1; t++) {
+                const int tt = t < nt ? t : nt - 1;
+                const uint8_t *xr = (const uint8_t *)X + (size_t)(t0 + tt) * xrb + xoff;
                 for (int b = 0; b < nbk; b++) {
                     const uint8_t *blk = xr + (size_t)b * xbs;
                     uint16_t h[2];
                     memcpy(h, blk, 4);
-                    float d = h2f(h[0]);
-                    xa[t * KB32 + b] = d;
-                    if (x1) {
-                        xb[t * KB32 + b] = h2f(h[1]);
+                    float d = h2f(h[0]), e = 0;
+                    if (q81) {
+                        e = h2f(h[1]);
                     } else if (off != 0) {
                         __m256i q = loadu256(blk + 2);
                         __m256i lo = _mm256_cvtepi8_epi16(_mm256_castsi256_si128(q));
                         __m256i hi = _mm256_cvtepi8_epi16(_mm256_extracti128_si256(q, 1));
                         int sum = hsum_epi32(_mm256_madd_epi16(_mm256_add_epi16(lo, hi), _mm256_set1_epi16(1)));
-                        xb[t * KB32 + b] = off * d * (float)sum;
-                    } else {
-                        xb[t * KB32 + b] = 0;
+                        e = off * d * (float)sum;
                     }
+                    XS.v[0][t][b] = d;
+                    XS.v[1][t][b] = e;
                 }
             }
             for (int row = r0; row < r1; row += TR) {
                 const int nr = r1 - row < TR ? r1 - row : TR;
                 repack32(kind, (const uint8_t *)W + (size_t)row * wrb + (size_t)kb0 * wbs, wrb, nr, nbk, &S);
-                const size_t xoff = (size_t)kb0 * xbs;
                 const bool accum = kb0 > 0;
-                int tt = 0;
-                for (; tt + TT <= nt; tt += TT)
-                    run32(kind, TT, &S, nbk, X, xrb, xoff, t0 + tt, xa, xb, tt, Y, ldy, row, nr, accum);
-                switch (nt - tt) {
-                case 3: run32(kind, 3, &S, nbk, X, xrb, xoff, t0 + tt, xa, xb, tt, Y, ldy, row, nr, accum); break;
-                case 2: run32(kind, 2, &S, nbk, X, xrb, xoff, t0 + tt, xa, xb, tt, Y, ldy, row, nr, accum); break;
-                case 1: run32(kind, 1, &S, nbk, X, xrb, xoff, t0 + tt, xa, xb, tt, Y, ldy, row, nr, accum); break;
-                default: break;
+                for (int tt = 0; tt < nt; tt += TT) {
+                    const int nv = nt - tt < TT ? nt - tt : TT;
+                    const uint8_t *xp[TT];
+                    float *yp[TT];
+                    for (int t = 0; t < TT; t++) {
+                        int tk = t0 + tt + (t < nv ? t : nv - 1);
+                        xp[t] = (const uint8_t *)X + (size_t)tk * xrb + xoff;
+                        yp[t] = Y + (int64_t)tk * ldy + row;
+                        prefetch_rows(yp[t]);
+                    }
+                    __m256 acc[TT];
+                    kern32x4(kind, &S, nbk, xp[0], xp[1], xp[2], xp[3], &XS.v[0][tt][0], acc);
+                    for (int t = 0; t < nv; t++) store_rows(yp[t], acc[t], nr, accum);
                 }
             }
         }
     }
+}
+
+/* ----- decode GEMV (one token) for the legacy formats ----- */
+
+/* Eight rows at a time, weights transposed in registers per block (nothing stored): lanes hold
+ * rows [0 1 4 5 2 3 6 7] (the order in which two fp16 pairs per row deinterleave cheaply); the
+ * activation's scales are converted once per call. */
+#define GV_KB 256 /* blocks per K-chunk of the activation-scale buffer */
+#define PF_BYTES 12288 /* software prefetch distance (whole row groups, at least one) */
+
+ALWAYS_INLINE __m256i loadu2_128(const void *hi, const void *lo) {
+    return _mm256_inserti128_si256(_mm256_castsi128_si256(_mm_loadu_si128((const __m128i *)lo)),
+                                   _mm_loadu_si128((const __m128i *)hi), 1);
+}
+
+/* The 16-bit values at base + idx[i] (8 lanes; every address even) through 4-byte-aligned
+ * gathers only: a gathered dword that straddles a cache line makes vpgatherdd very slow. */
+ALWAYS_INLINE __m256i gather_u16(const uint8_t *base, __m256i idx) {
+    const uintptr_t a = (uintptr_t)base;
+    const int *P = (const int *)(const void *)(base - (a & 3));
+    __m256i ix = _mm256_add_epi32(idx, _mm256_set1_epi32((int)(a & 3)));
+    __m256i g = _mm256_i32gather_epi32(P, _mm256_and_si256(ix, _mm256_set1_epi32(~3)), 1);
+    __m256i sh = _mm256_slli_epi32(_mm256_and_si256(ix, _mm256_set1_epi32(2)), 3);
+    return _mm256_and_si256(_mm256_srlv_epi32(g, sh), _mm256_set1_epi32(0xFFFF));
+}
+
+ALWAYS_INLINE void gemv_legacy(int kind, const void *W, size_t wrb, int64_t n_cols, int r0,
+                               int r1, const void *X, float *Y) {
+    const bool q81 = kind == L_Q4_1 || kind == L_Q5_1;
+    const bool five = kind == L_Q5_0 || kind == L_Q5_1;
+    const size_t xbs = q81 ? sizeof(blk_q8_1) : sizeof(blk_q8_0);
+    const size_t xqo = q81 ? 4 : 2;
+    const size_t wbs = legacy_wbs(kind);
+    const size_t qso = kind == L_Q4_0 ? 2 : kind == L_Q4_1 ? 4 : kind == L_Q5_0 ? 6 : kind == L_Q5_1 ? 8 : 2;
+    const size_t qho = kind == L_Q5_0 ? 2 : 4;
+    const float off = kind == L_Q4_0 ? -8.0f : kind == L_Q5_0 ? -16.0f : 0.0f;
+    const bool has_m = kind != L_Q8_0;
+    const int nb = (int)(n_cols / QK32);
+    const int rfull = r0 + (r1 - r0) / TR * TR;
+    const __m256i ones = _mm256_set1_epi16(1), m4 = _mm256_set1_epi8(0x0F);
+    /* gather offsets from row 0, natural row order */
+    const __m256i gidx = _mm256_mullo_epi32(_mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7), _mm256_set1_epi32((int)wrb));
+    const size_t s1 = wrb, s3 = 3 * wrb;
+    _Alignas(32) float xd[GV_KB], xe[GV_KB];
+    const bool pf_ok = nb <= GV_KB && (size_t)nb * wbs == wrb;
+    const int pf_groups = (int)(PF_BYTES / (TR * wrb)) > 1 ? (int)(PF_BYTES / (TR * wrb)) : 1;
+    for (int kb0 = 0; kb0 < nb; kb0 += GV_KB) {
+        const int nbk = nb - kb0 < GV_KB ? nb - kb0 : GV_KB;
+        const uint8_t *xr = (const uint8_t *)X + (size_t)kb0 * xbs;
+        for (int b = 0; b < nbk; b++) {
+            const uint8_t *blk = xr + (size_t)b * xbs;
+            uint16_t h[2];
+            memcpy(h, blk, 4);
+            float d = h2f(h[0]), e = 0;
+            if (q81) {
+                e = h2f(h[1]);
+            } else if (off != 0) {
+                __m256i q = loadu256(blk + 2);
+                __m256i lo = _mm256_cvtepi8_epi16(_mm256_castsi256_si128(q));
+                __m256i hi = _mm256_cvtepi8_epi16(_mm256_extracti128_si256(q, 1));
+                e = off * d * (float)hsum_epi32(_mm256_madd_epi16(_mm256_add_epi16(lo, hi), ones));
+            }
+            xd[b] = d;
+            xe[b] = e;
+        }
+        /* the first row groups: no earlier group prefetched them */
+        if (pf_ok)
+            for (size_t o = 0; o < (size_t)pf_groups * TR * wrb && (size_t)r0 * wrb + o < (size_t)r1 * wrb; o += 64)
+                _mm_prefetch((const char *)W + (size_t)r0 * wrb + o, _MM_HINT_T0);
+        for (int row = r0; row < rfull; row += TR) {
+            /* rows 0..3 at w0 + {0,1,2,3}*wrb, rows 4..7 at w4 + the same */
+            const uint8_t *w0 = (const uint8_t *)W + (size_t)row * wrb + (size_t)kb0 * wbs;
+            const uint8_t *w4 = w0 + 4 * wrb;
+            const uint8_t *xq = xr + xqo;
+            /* software prefetch of the row group pf_groups ahead: its 8 rows are one contiguous
+             * region when the chunk spans whole rows (8 short interleaved streams defeat the
+             * hardware prefetcher); 8*wbs bytes per block step cover it */
+            const uint8_t *pf = (const uint8_t *)W + (size_t)(row + pf_groups * TR) * wrb;
+            const bool do_pf = pf_ok && row + (pf_groups + 1) * TR <= r1;
+            __m256 acc = _mm256_setzero_ps(), acc2 = acc;
+            for (int b = 0; b < nbk; b++, w0 += wbs, w4 += wbs, xq += xbs, pf += TR * wbs) {
+                __m256i isum;
+                if (do_pf)
+                    for (size_t o = 0; o < TR * wbs; o += 64) _mm_prefetch((const char *)(pf + o), _MM_HINT_T0);
+                __m256 dvq50 = _mm256_setzero_ps();
+                if (kind == L_Q8_0) {
+                    __m256i v[8] = {loadu256(w0 + 2), loadu256(w0 + s1 + 2), loadu256(w4 + 2),
+                                    loadu256(w4 + s1 + 2), loadu256(w0 + 2 * s1 + 2), loadu256(w0 + s3 + 2),
+                                    loadu256(w4 + 2 * s1 + 2), loadu256(w4 + s3 + 2)};
+                    transpose8x8_epi32(v);
+                    isum = _mm256_setzero_si256();
+#pragma GCC unroll 8
+                    for (int g = 0; g < 8; g++) {
+                        __m256i p = _mm256_maddubs_epi16(_mm256_sign_epi8(v[g], v[g]), _mm256_sign_epi8(bcast32(xq + 4 * g), v[g]));
+                        isum = _mm256_add_epi32(isum, _mm256_madd_epi16(p, ones));
+                    }
+                } else {
+                    /* pairs (row a | row b): lane 0 gets rows 0,1,4,5, lane 1 rows 2,3,6,7 */
+                    __m256i A0 = loadu2_128(w0 + 2 * s1 + qso, w0 + qso);
+                    __m256i A1 = loadu2_128(w0 + s3 + qso, w0 + s1 + qso);
+                    __m256i A2 = loadu2_128(w4 + 2 * s1 + qso, w4 + qso);
+                    __m256i A3 = loadu2_128(w4 + s3 + qso, w4 + s1 + qso);
+                    __m256i t0 = _mm256_unpacklo_epi32(A0, A1), t1 = _mm256_unpackhi_epi32(A0, A1);
+                    __m256i t2 = _mm256_unpacklo_epi32(A2, A3), t3 = _mm256_unpackhi_epi32(A2, A3);
+                    __m256i T[4] = {_mm256_unpacklo_epi64(t0, t2), _mm256_unpackhi_epi64(t0, t2),
+                                    _mm256_unpacklo_epi64(t1, t3), _mm256_unpackhi_epi64(t1, t3)};
+                    /* Q5: qh of the 8 rows (lane order) from 16-byte loads at the qh offset */
+                    __m256i H = _mm256_setzero_si256(), H4 = H;
+                    if (kind == L_Q5_1) {
+                        __m256i B0 = loadu2_128(w0 + 2 * s1 + qho, w0 + qho);
+                        __m256i B1 = loadu2_128(w0 + s3 + qho, w0 + s1 + qho);
+                        __m256i B2 = loadu2_128(w4 + 2 * s1 + qho, w4 + qho);
+                        __m256i B3 = loadu2_128(w4 + s3 + qho, w4 + s1 + qho);
+                        H = _mm256_unpacklo_epi64(_mm256_unpacklo_epi32(B0, B1), _mm256_unpacklo_epi32(B2, B3));
+                    } else if (kind == L_Q5_0) {
+                        /* the first 8 bytes of each block: d (2), qh (4), ... -> d and qh together */
+                        __m256i B0 = loadu2_128(w0 + 2 * s1, w0), B1 = loadu2_128(w0 + s3, w0 + s1);
+                        __m256i B2 = loadu2_128(w4 + 2 * s1, w4), B3 = loadu2_128(w4 + s3, w4 + s1);
+                        __m256i u0 = _mm256_unpacklo_epi32(B0, B1), u1 = _mm256_unpacklo_epi32(B2, B3);
+                        __m256i D0 = _mm256_unpacklo_epi64(u0, u1), D1 = _mm256_unpackhi_epi64(u0, u1);
+                        H = _mm256_or_si256(_mm256_srli_epi32(D0, 16), _mm256_slli_epi32(D1, 16));
+                        /* d of the 8 rows (lane order) as 8 halves in the low 128 bits */
+                        __m256i dd = _mm256_shuffle_epi8(D0, _mm256_setr_epi8(0, 1, 4, 5, 8, 9, 12, 13, -1, -1, -1, -1, -1, -1, -1, -1,
+                                                                              0, 1, 4, 5, 8, 9, 12, 13, -1, -1, -1, -1, -1, -1, -1, -1));
+                        dvq50 = _mm256_cvtph_ps(_mm256_castsi256_si128(_mm256_permute4x64_epi64(dd, 0x08)));
+                    }
+                    if (five) H4 = _mm256_srli_epi32(H, 4);
+                    __m256i p = _mm256_setzero_si256(), p2 = p;
+#pragma GCC unroll 8
+                    for (int k = 0; k < 8; k++) {
+                        __m256i w = k < 4 ? _mm256_and_si256(T[k], m4) : _mm256_and_si256(_mm256_srli_epi16(T[k - 4], 4), m4);
+                        if (five) {
+                            /* bits 4k..4k+3 of each row's qh -> 0x10 in bytes 0..3 of its dword */
+                            const int sb = k >> 1;
+                            const __m256i rep = _mm256_setr_epi8(sb, sb, sb, sb, 4 + sb, 4 + sb, 4 + sb, 4 + sb, 8 + sb, 8 + sb, 8 + sb, 8 + sb,
+                                                                 12 + sb, 12 + sb, 12 + sb, 12 + sb, sb, sb, sb, sb, 4 + sb, 4 + sb, 4 + sb, 4 + sb,
+                                                                 8 + sb, 8 + sb, 8 + sb, 8 + sb, 12 + sb, 12 + sb, 12 + sb, 12 + sb);
+                            const __m256i bm = _mm256_set1_epi32(0x08040201);
+                            const __m256i lut = _mm256_setr_epi8(0, 16, 16, 16, 16, 16, 16, 16, 16, 16, 16, 16, 16, 16, 16, 16,
+                                                                 0, 16, 16, 16, 16, 16, 16, 16, 16, 16, 16, 16, 16, 16, 16, 16);
+                            __m256i hb = _mm256_and_si256(_mm256_shuffle_epi8((k & 1) ? H4 : H, rep), bm);
+                            w = _mm256_or_si256(w, _mm256_shuffle_epi8(lut, hb));
+                        }
+                        __m256i m = _mm256_maddubs_epi16(w, bcast32(xq + 4 * k));
+                        if (five && k >= 4) p2 = _mm256_add_epi16(p2, m);
+                        else p = _mm256_add_epi16(p, m);
+                    }
+                    isum = _mm256_madd_epi16(p, ones);
+                    if (five) isum = _mm256_add_epi32(isum, _mm256_madd_epi16(p2, ones));
+                }
+                /* scales of the 8 rows: [d | m<<16] (or just d) in natural row order */
+                __m256 f0 = dvq50, f1 = dvq50, dv = dvq50;
+                if (kind != L_Q5_0) {
+                    __m256i dm = q81 ? _mm256_i32gather_epi32((const int *)(const void *)w0, gidx, 1)
+                                     : gather_u16(w0, gidx);
+                    f0 = _mm256_cvtph_ps(_mm256_castsi256_si128(dm));
+                    f1 = _mm256_cvtph_ps(_mm256_extracti128_si256(dm, 1));
+                    dv = _mm256_shuffle_ps(f0, f1, 0x88); /* rows 0 1 4 5 | 2 3 6 7 */
+                }
+                acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum), _mm256_mul_ps(dv, _mm256_broadcast_ss(xd + b)), acc);
+                if (has_m) {
+                    __m256 mv = q81 ? _mm256_shuffle_ps(f0, f1, 0xDD) : dv;
+                    acc2 = _mm256_fmadd_ps(mv, _mm256_broadcast_ss(xe + b), acc2);
+                }
+            }
+            acc = _mm256_add_ps(acc, acc2);
+            acc = _mm256_castpd_ps(_mm256_permute4x64_pd(_mm256_castps_pd(acc), 0xD8));
+            if (kb0 > 0) acc = _mm256_add_ps(acc, _mm256_loadu_ps(Y + row));
+            _mm256_storeu_ps(Y + row, acc);
+        }
+    }
+    /* leftover rows: horizontal dots */
+    for (int r = rfull; r < r1; r++)
+        Y[r] = dot_legacy(kind == L_Q4_0 ? 0 : kind == L_Q4_1 ? 1 : kind == L_Q5_0 ? 2 : kind == L_Q5_1 ? 3 : 4,
+                          n_cols, (const uint8_t *)W + (size_t)r * wrb, X);
 }
 
 /* ----- K-quants (256-weight super-blocks) ----- */
@@ -847,98 +1036,80 @@ ALWAYS_INLINE void repackK(int kind, const uint8_t *W, size_t wrb, int nr, int n
     }
 }
 
-ALWAYS_INLINE void kernK(int kind, int T, const tileK_t *S, int nsb, const blk_q8_K *const *xk,
-                         __m256 *acc) {
-    for (int t = 0; t < T; t++) acc[t] = _mm256_setzero_ps();
+/* 4 tokens x 8 rows over nsb super-blocks; x0..x3: the chunk's first Q8_K block per token */
+ALWAYS_INLINE void kernKx4(int kind, const tileK_t *S, int nsb, const blk_q8_K *x0,
+                           const blk_q8_K *x1, const blk_q8_K *x2, const blk_q8_K *x3,
+                           __m256 out[4]) {
+    __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
     for (int sb = 0; sb < nsb; sb++) {
-        __m256i is[TT], p[TT];
-        if (kind == K_Q6) {
-            /* 16 groups of 16 weights (4 k-groups); maddubs <= 2*63*127, two per int16 sum */
+        const int8_t *q0 = x0[sb].qs, *q1 = x1[sb].qs, *q2 = x2[sb].qs, *q3 = x3[sb].qs;
+        __m256i i0 = _mm256_setzero_si256(), i1 = i0, i2 = i0, i3 = i0;
+        /* groups of `gk` k-groups share a scale; `per` maddubs fit an int16 sum */
+        const int ngroups = kind == K_Q6 ? 16 : 8;
+        const int gk = kind == K_Q6 ? 4 : 8;
+        const int per = kind == K_Q4 ? 8 : kind == K_Q5 ? 4 : 2;
 #pragma GCC unroll 1
-            for (int j = 0; j < 16; j++) {
-                __m256i scv = _mm256_load_si256((const __m256i *)S->sc[sb][j]);
-#pragma GCC unroll 2
-                for (int h = 0; h < 2; h++) {
-#pragma GCC unroll 2
-                    for (int g = 0; g < 2; g++) {
-                        const int kg = 4 * j + 2 * h + g;
-                        __m256i w = _mm256_load_si256((const __m256i *)S->q[sb][kg]);
-#pragma GCC unroll 4
-                        for (int t = 0; t < T; t++) {
-                            __m256i m = _mm256_maddubs_epi16(w, bcast32(xk[t][sb].qs + 4 * kg));
-                            p[t] = g ? _mm256_add_epi16(p[t], m) : m;
-                        }
-                    }
-#pragma GCC unroll 4
-                    for (int t = 0; t < T; t++) {
-                        __m256i m = _mm256_madd_epi16(p[t], scv);
-                        is[t] = (j | h) ? _mm256_add_epi32(is[t], m) : m;
-                    }
-                }
-            }
-        } else {
-            /* 8 groups of 32 weights (8 k-groups) */
-#pragma GCC unroll 1
-            for (int j = 0; j < 8; j++) {
-                __m256i scv = _mm256_load_si256((const __m256i *)S->sc[sb][j]);
-                const int per = kind == K_Q4 ? 8 : 4; /* maddubs per int16 accumulator */
-#pragma GCC unroll 2
-                for (int h = 0; h < 8 / per; h++) {
+        for (int j = 0; j < ngroups; j++) {
+            __m256i scv = _mm256_load_si256((const __m256i *)S->sc[sb][j]);
+            __m256i p0 = _mm256_setzero_si256(), p1 = p0, p2 = p0, p3 = p0;
 #pragma GCC unroll 8
-                    for (int g = 0; g < per; g++) {
-                        const int kg = 8 * j + per * h + g;
-                        __m256i w = _mm256_load_si256((const __m256i *)S->q[sb][kg]);
-#pragma GCC unroll 4
-                        for (int t = 0; t < T; t++) {
-                            __m256i m = _mm256_maddubs_epi16(w, bcast32(xk[t][sb].qs + 4 * kg));
-                            p[t] = g ? _mm256_add_epi16(p[t], m) : m;
-                        }
-                    }
-#pragma GCC unroll 4
-                    for (int t = 0; t < T; t++) {
-                        __m256i m = _mm256_madd_epi16(p[t], scv);
-                        is[t] = (j | h) ? _mm256_add_epi32(is[t], m) : m;
-                    }
+            for (int g = 0; g < gk; g++) {
+                const int kg = gk * j + g;
+                __m256i w = _mm256_load_si256((const __m256i *)S->q[sb][kg]);
+                __m256i m0 = _mm256_maddubs_epi16(w, bcast32(q0 + 4 * kg));
+                __m256i m1 = _mm256_maddubs_epi16(w, bcast32(q1 + 4 * kg));
+                __m256i m2 = _mm256_maddubs_epi16(w, bcast32(q2 + 4 * kg));
+                __m256i m3 = _mm256_maddubs_epi16(w, bcast32(q3 + 4 * kg));
+                if (g % per == 0) {
+                    p0 = m0; p1 = m1; p2 = m2; p3 = m3;
+                } else {
+                    p0 = _mm256_add_epi16(p0, m0); p1 = _mm256_add_epi16(p1, m1);
+                    p2 = _mm256_add_epi16(p2, m2); p3 = _mm256_add_epi16(p3, m3);
+                }
+                BARRIER4(p0, p1, p2, p3);
+                if (g % per == per - 1) {
+                    i0 = _mm256_add_epi32(i0, _mm256_madd_epi16(p0, scv));
+                    i1 = _mm256_add_epi32(i1, _mm256_madd_epi16(p1, scv));
+                    i2 = _mm256_add_epi32(i2, _mm256_madd_epi16(p2, scv));
+                    i3 = _mm256_add_epi32(i3, _mm256_madd_epi16(p3, scv));
                 }
             }
         }
         /* mins (Q4/Q5_K) or the -32 offset (Q6_K) through the activation group sums */
+        __m256i n0 = _mm256_setzero_si256(), n1 = n0, n2 = n0, n3 = n0;
 #pragma GCC unroll 8
         for (int j = 0; j < 8; j++) {
             __m256i mv = _mm256_load_si256((const __m256i *)S->mp[sb][j]);
-#pragma GCC unroll 4
-            for (int t = 0; t < T; t++) {
-                __m256i m = _mm256_madd_epi16(mv, bcast32(xk[t][sb].bsums + 2 * j));
-                p[t] = j ? _mm256_add_epi32(p[t], m) : m;
-            }
+            n0 = _mm256_add_epi32(n0, _mm256_madd_epi16(mv, bcast32(x0[sb].bsums + 2 * j)));
+            n1 = _mm256_add_epi32(n1, _mm256_madd_epi16(mv, bcast32(x1[sb].bsums + 2 * j)));
+            n2 = _mm256_add_epi32(n2, _mm256_madd_epi16(mv, bcast32(x2[sb].bsums + 2 * j)));
+            n3 = _mm256_add_epi32(n3, _mm256_madd_epi16(mv, bcast32(x3[sb].bsums + 2 * j)));
         }
         __m256 dv = _mm256_load_ps(S->d[sb]);
+        __m256 e0 = _mm256_broadcast_ss(&x0[sb].d), e1 = _mm256_broadcast_ss(&x1[sb].d);
+        __m256 e2 = _mm256_broadcast_ss(&x2[sb].d), e3 = _mm256_broadcast_ss(&x3[sb].d);
         if (kind == K_Q6) {
-#pragma GCC unroll 4
-            for (int t = 0; t < T; t++) {
-                __m256i tot = _mm256_sub_epi32(is[t], _mm256_slli_epi32(p[t], 5));
-                __m256 xd = _mm256_broadcast_ss(&xk[t][sb].d);
-                acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(tot), _mm256_mul_ps(dv, xd), acc[t]);
-            }
+            i0 = _mm256_sub_epi32(i0, _mm256_slli_epi32(n0, 5));
+            i1 = _mm256_sub_epi32(i1, _mm256_slli_epi32(n1, 5));
+            i2 = _mm256_sub_epi32(i2, _mm256_slli_epi32(n2, 5));
+            i3 = _mm256_sub_epi32(i3, _mm256_slli_epi32(n3, 5));
+            a0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(i0), _mm256_mul_ps(dv, e0), a0);
+            a1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(i1), _mm256_mul_ps(dv, e1), a1);
+            a2 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(i2), _mm256_mul_ps(dv, e2), a2);
+            a3 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(i3), _mm256_mul_ps(dv, e3), a3);
         } else {
-            __m256 dmv = _mm256_load_ps(S->dmin[sb]);
-#pragma GCC unroll 4
-            for (int t = 0; t < T; t++) {
-                __m256 xd = _mm256_broadcast_ss(&xk[t][sb].d);
-                acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(is[t]), _mm256_mul_ps(dv, xd), acc[t]);
-                acc[t] = _mm256_fnmadd_ps(_mm256_cvtepi32_ps(p[t]), _mm256_mul_ps(dmv, xd), acc[t]);
-            }
+            __m256 mv = _mm256_load_ps(S->dmin[sb]);
+            a0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(i0), _mm256_mul_ps(dv, e0), a0);
+            a1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(i1), _mm256_mul_ps(dv, e1), a1);
+            a2 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(i2), _mm256_mul_ps(dv, e2), a2);
+            a3 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(i3), _mm256_mul_ps(dv, e3), a3);
+            a0 = _mm256_fnmadd_ps(_mm256_cvtepi32_ps(n0), _mm256_mul_ps(mv, e0), a0);
+            a1 = _mm256_fnmadd_ps(_mm256_cvtepi32_ps(n1), _mm256_mul_ps(mv, e1), a1);
+            a2 = _mm256_fnmadd_ps(_mm256_cvtepi32_ps(n2), _mm256_mul_ps(mv, e2), a2);
+            a3 = _mm256_fnmadd_ps(_mm256_cvtepi32_ps(n3), _mm256_mul_ps(mv, e3), a3);
         }
     }
-}
-
-ALWAYS_INLINE void runK(int kind, int T, const tileK_t *S, int nsb, const uint8_t *X, size_t xrb,
-                        int sb0, int tok, float *Y, int64_t ldy, int row, int nr, bool accum) {
-    const blk_q8_K *xk[TT];
-    __m256 acc[TT];
-    for (int t = 0; t < T; t++) xk[t] = (const blk_q8_K *)(X + (size_t)(tok + t) * xrb) + sb0;
-    kernK(kind, T, S, nsb, xk, acc);
-    for (int t = 0; t < T; t++) store_rows(Y + (int64_t)(tok + t) * ldy + row, acc[t], nr, accum);
+    out[0] = a0; out[1] = a1; out[2] = a2; out[3] = a3;
 }
 
 ALWAYS_INLINE void gemmK(int kind, const void *W, size_t wrb, int64_t n_cols, int r0, int r1,
@@ -952,14 +1123,19 @@ ALWAYS_INLINE void gemmK(int kind, const void *W, size_t wrb, int64_t n_cols, in
         for (int row = r0; row < r1; row += TR) {
             const int nr = r1 - row < TR ? r1 - row : TR;
             repackK(kind, (const uint8_t *)W + (size_t)row * wrb + (size_t)sb0 * wbs, wrb, nr, nsb, &S);
-            int tt = 0;
-            for (; tt + TT <= n_tok; tt += TT)
-                runK(kind, TT, &S, nsb, X, xrb, sb0, tt, Y, ldy, row, nr, accum);
-            switch (n_tok - tt) {
-            case 3: runK(kind, 3, &S, nsb, X, xrb, sb0, tt, Y, ldy, row, nr, accum); break;
-            case 2: runK(kind, 2, &S, nsb, X, xrb, sb0, tt, Y, ldy, row, nr, accum); break;
-            case 1: runK(kind, 1, &S, nsb, X, xrb, sb0, tt, Y, ldy, row, nr, accum); break;
-            default: break;
+            for (int tt = 0; tt < n_tok; tt += TT) {
+                const int nv = n_tok - tt < TT ? n_tok - tt : TT;
+                const blk_q8_K *xp[TT];
+                float *yp[TT];
+                for (int t = 0; t < TT; t++) {
+                    int tk = tt + (t < nv ? t : nv - 1);
+                    xp[t] = (const blk_q8_K *)((const uint8_t *)X + (size_t)tk * xrb) + sb0;
+                    yp[t] = Y + (int64_t)tk * ldy + row;
+                    prefetch_rows(yp[t]);
+                }
+                __m256 acc[TT];
+                kernKx4(kind, &S, nsb, xp[0], xp[1], xp[2], xp[3], acc);
+                for (int t = 0; t < nv; t++) store_rows(yp[t], acc[t], nr, accum);
             }
         }
     }
@@ -976,8 +1152,25 @@ static void gemm_dots(int t, const void *W, size_t wrb, int64_t n_cols, int r0, 
 
 static void gemm_tiled(int t, const void *W, size_t wrb, int64_t n_cols, int r0, int r1,
                        const void *X, size_t xrb, int n_tok, float *Y, int64_t ldy) {
-    if (n_tok < GEMM_MIN_TOK) {
-        gemm_dots(t, W, wrb, n_cols, r0, r1, X, xrb, n_tok, Y, ldy);
+    const bool legacy = t == QT_Q4_0 || t == QT_Q4_1 || t == QT_Q5_0 || t == QT_Q5_1 || t == QT_Q8_0;
+    if (n_tok < GEMV_MAX_TOK) {
+        /* few tokens: one-token kernels (their scale gathers assume even addresses, true for any
+         * real tensor; otherwise the horizontal dots) */
+        if (!legacy || (((uintptr_t)W | wrb) & 1) || wrb > (size_t)INT32_MAX / TR) {
+            gemm_dots(t, W, wrb, n_cols, r0, r1, X, xrb, n_tok, Y, ldy);
+            return;
+        }
+        for (int k = 0; k < n_tok; k++) {
+            const void *x = (const uint8_t *)X + (size_t)k * xrb;
+            float *y = Y + (int64_t)k * ldy;
+            switch (t) {
+            case QT_Q4_0: gemv_legacy(L_Q4_0, W, wrb, n_cols, r0, r1, x, y); break;
+            case QT_Q4_1: gemv_legacy(L_Q4_1, W, wrb, n_cols, r0, r1, x, y); break;
+            case QT_Q5_0: gemv_legacy(L_Q5_0, W, wrb, n_cols, r0, r1, x, y); break;
+            case QT_Q5_1: gemv_legacy(L_Q5_1, W, wrb, n_cols, r0, r1, x, y); break;
+            default: gemv_legacy(L_Q8_0, W, wrb, n_cols, r0, r1, x, y); break;
+            }
+        }
         return;
     }
     switch (t) {

@@ -5,6 +5,7 @@
 #include "base.h"
 
 #include <pthread.h>
+#include <sched.h>
 #include <stdatomic.h>
 #include <stdlib.h>
 #include <unistd.h>
@@ -15,7 +16,10 @@
 #define CPU_RELAX() ((void)0)
 #endif
 
-enum { SPIN_ITERS = 200000 }; /* ~ a few ms of pause instructions before sleeping */
+/* Waiting: a few thousand pause instructions (a job is often microseconds away), then
+ * sched_yield so that an oversubscribed machine runs whoever holds the work, then (workers only)
+ * sleep on the condition variable. */
+enum { SPIN_PAUSE = 4000, SPIN_YIELD = 20000 };
 
 struct worker { struct threadpool *tp; int ith; pthread_t th; };
 
@@ -40,8 +44,12 @@ static void *worker_main(void *p) {
         unsigned g;
         int spins = 0;
         while ((g = atomic_load_explicit(&tp->gen, memory_order_acquire)) == seen) {
-            if (++spins < SPIN_ITERS) {
+            if (++spins < SPIN_PAUSE) {
                 CPU_RELAX();
+                continue;
+            }
+            if (spins < SPIN_PAUSE + SPIN_YIELD) {
+                sched_yield();
                 continue;
             }
             pthread_mutex_lock(&tp->mu);
@@ -112,7 +120,10 @@ void threadpool_run(struct threadpool *tp, threadpool_fn fn, void *arg) {
     pthread_mutex_unlock(&tp->mu);
     wake_all(tp);
     fn(arg, 0, tp->n);
-    while (atomic_load_explicit(&tp->pending, memory_order_acquire) > 0) CPU_RELAX();
+    for (int spins = 0; atomic_load_explicit(&tp->pending, memory_order_acquire) > 0; spins++) {
+        if (spins < SPIN_PAUSE) CPU_RELAX();
+        else sched_yield();
+    }
 }
 
 void threadpool_free(struct threadpool *tp) {

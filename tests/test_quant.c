@@ -324,6 +324,34 @@ static void test_gemm(int t) {
     /* more tokens than one activation chunk, more rows than a few tiles */
     int f = gemm_case(t, cols_list[0], 1, 42, 131, true);
     CHECKF(f == 0, "%s: gemm 41 rows x 131 tokens: %d wrong", tr->name, f);
+    /* very long rows (several K-chunks of the one-token path too) */
+    for (int nt = 1; nt <= 5; nt += 4) {
+        f = gemm_case(t, bs == 256 ? 256 * 36 : 32 * 300, 3, 20, nt, true);
+        CHECKF(f == 0, "%s: gemm 17 rows x %d tokens, long rows: %d wrong", tr->name, nt, f);
+    }
+}
+
+/* activation quantizers on exact ties (x*scale = k + 0.5) and on +-amax ties: SIMD == ref */
+static void test_act_ties(void) {
+    float x[256];
+    uint8_t a[300 * 2], b[300 * 2];
+    for (int i = 0; i < 256; i++) x[i] = (float)((i % 64) - 32) + 0.5f;
+    for (int i = 0; i < 256; i += 32) x[i] = 127.0f; /* scale 1 for Q8_0/Q8_1 */
+    const int types[] = {QT_Q8_0, QT_Q8_1, QT_Q8_K};
+    for (int k = 0; k < 3; k++) {
+        size_t nb = quant_row_bytes(types[k], 256);
+        quant_quantize_row(types[k], x, a, 256);
+        quant_quantize_row_ref(types[k], x, b, 256);
+        CHECKF(memcmp(a, b, nb) == 0, "%s: SIMD and reference differ on ties", quant_get_traits(types[k])->name);
+    }
+    x[5] = -127.0f; /* +-amax tie within a Q8_K super-block */
+    quant_quantize_row(QT_Q8_K, x, a, 256);
+    quant_quantize_row_ref(QT_Q8_K, x, b, 256);
+    CHECK(memcmp(a, b, quant_row_bytes(QT_Q8_K, 256)) == 0);
+    /* zero columns: gemm writes zeros */
+    float y[4] = {NAN, NAN, NAN, NAN};
+    quant_gemm(QT_Q4_1, a, 0, 0, 0, 2, b, 0, 2, y, 2);
+    CHECK(y[0] == 0 && y[1] == 0 && y[2] == 0 && y[3] == 0);
 }
 
 static void test_force_ref(void) {
@@ -352,6 +380,7 @@ int main(void) {
     for (int i = 0; i < NWT; i++) test_type(WTYPES[i]);
     for (int i = 0; i < NWT; i++) test_degenerate(WTYPES[i]);
     for (int i = 0; i < NWT; i++) test_gemm(WTYPES[i]);
+    test_act_ties();
     test_force_ref();
     return tu_finish("test_quant");
 }

@@ -2,11 +2,15 @@
 """Write the golden reference files the C test-suite compares the engine against.
 
 usage: tools/make_golden.py [smollm2|qwen2|all]      (default smollm2; needs numpy, gguf, tokenizers)
+       tools/make_golden.py austen [smollm2|qwen2|all] (perplexity reference; needs data/austen, see below)
 
 Outputs (tests/golden/):
   smollm2_golden.bin / .json   from models/SmolLM2-135M-Instruct.Q4_1.gguf        (computed in float64)
   qwen2_golden.bin   / .json   from models/qwen2.5-coder-1.5b-instruct-q4_k_m.gguf (computed in float32:
                                float64 weights would need ~13 GB)
+  austen_pp_4096.ids          first 4096 SmolLM2 token ids of data/austen/prideprejudice.txt (int32 LE)
+  austen_pp_4096_qwen2.ids    the same text, first 4096 Qwen2.5 token ids
+  austen_pp_4096.json         the reference perplexities on those ids (ref_forward.py ppl, float32)
 The .json is informative (prompt texts, decoded generations, top-5, per-position argmax, model sha256);
 the C tests read the .bin.
 
@@ -55,9 +59,12 @@ def chat(system, user):
             % (system, user))
 
 
-# chosen for robust greedy margins: no step of SmolLM2's 64-token reference continuation has a
-# top1-top2 logit gap below 0.1
-CHAT_USER = "Write a Python function that returns the factorial of n."
+# Generation prompts, chosen for robust greedy margins (an engine that quantises activations moves
+# logits by ~0.1-0.2, so a continuation is only reproducible where the reference's top1-top2 gap is
+# clearly larger). SmolLM2: smallest gap over the 64 steps 0.445 (the factorial prompt had 0.144 and an
+# 8-bit-activation engine diverged at a step with gap 0.22); Qwen2.5: smallest gap 0.646.
+SMOL_CHAT_USER = "Count from 1 to 30, separated by commas."
+QWEN_CHAT_USER = "Write a Python function that returns the factorial of n."
 
 LONG_PLAIN = (
     "The lighthouse keeper kept a careful log. On 14 March 1887 he wrote: \"Wind from the north-east, "
@@ -73,12 +80,12 @@ PROMPTS = {
         # (name, text, n_gen)
         ("one_token", "The", 0),
         ("short_plain", "The capital of France is Paris, and the capital of Germany is", 0),
-        ("chat_code", chat(SMOL_SYSTEM, CHAT_USER), N_GEN),
+        ("chat_count", chat(SMOL_SYSTEM, SMOL_CHAT_USER), N_GEN),
         ("long_plain", LONG_PLAIN, 0),
     ],
     # two prompts only, to keep the file near 1.2 MB (151936-entry logits)
     "qwen2": [
-        ("chat_code", chat(QWEN_SYSTEM, CHAT_USER), N_GEN),
+        ("chat_code", chat(QWEN_SYSTEM, QWEN_CHAT_USER), N_GEN),
         ("long_plain", LONG_PLAIN, 0),
     ],
 }
@@ -163,7 +170,51 @@ def make(name):
     rf.log("wrote %s (%d bytes) and %s_golden.json" % (out, os.path.getsize(out), name))
 
 
+PPL_CTX = 4096
+PPL_TEXT = "data/austen/prideprejudice.txt"
+PPL_IDS = {"smollm2": "austen_pp_4096.ids", "qwen2": "austen_pp_4096_qwen2.ids"}
+PPL_PROTOCOL = ("text: data/austen/prideprejudice.txt from its first byte (scripts/fetch_data.sh), tokenized "
+                "without BOS; ids = the first 4096 tokens; one window: ids fed at positions 0..4095 with "
+                "causal attention over the whole window; ppl = exp(mean over i=1..4095 of "
+                "-log p(ids[i] | ids[0..i-1])), natural log, 4095 scored tokens; ppl_second_half = the same "
+                "mean over i=2048..4095 only (llama.cpp perplexity style); reference computed in float32")
+
+
+def make_austen(name):
+    import math
+    path, _ = MODELS[name]
+    path = os.path.join(ROOT, path)
+    text_path = os.path.join(ROOT, PPL_TEXT)
+    if not os.path.exists(text_path):
+        raise SystemExit("make_golden: %s missing (scripts/fetch_data.sh)" % text_path)
+    m = rf.Model(path, dtype=np.float32)
+    ids = rf.encode(m.reader, open(text_path, encoding="utf-8").read())[:PPL_CTX]
+    rf.write_ids(os.path.join(GOLDEN, PPL_IDS[name]), ids)
+    t0 = time.time()
+    nll = m.nll(ids)
+    half = PPL_CTX // 2
+    res = {"ids_file": "tests/golden/" + PPL_IDS[name], "model": os.path.relpath(path, ROOT),
+           "model_sha256": sha256(path), "n_tokens": len(ids), "n_scored": len(nll),
+           "ppl": round(math.exp(nll.mean()), 4), "mean_nll": round(float(nll.mean()), 6),
+           "ppl_second_half": round(math.exp(nll[half - 1:].mean()), 4)}
+    rf.log("%s: ppl %.4f (second half %.4f) in %.0fs" % (name, res["ppl"], res["ppl_second_half"], time.time() - t0))
+    jp = os.path.join(GOLDEN, "austen_pp_4096.json")
+    js = json.load(open(jp)) if os.path.exists(jp) else {}
+    js["protocol"] = PPL_PROTOCOL
+    js[name] = res
+    with open(jp, "w") as f:
+        json.dump(js, f, indent=1)
+        f.write("\n")
+
+
 def main(argv):
+    if len(argv) > 1 and argv[1] == "austen":
+        which = argv[2] if len(argv) > 2 else "smollm2"
+        for n in (["smollm2", "qwen2"] if which == "all" else [which]):
+            if n not in MODELS:
+                raise SystemExit("usage: make_golden.py austen [smollm2|qwen2|all]")
+            make_austen(n)
+        return 0
     which = argv[1] if len(argv) > 1 else "smollm2"
     names = ["smollm2", "qwen2"] if which == "all" else [which]
     for n in names:

@@ -1,12 +1,18 @@
-/* kv_cache.h — the KV store: owns every byte of KV memory, hands out read-only views.
+/* kv_cache.h — the KV store: owns every byte of KV memory, applies plans, hands out views.
  *
  * Layout: for each sequence, layer and KV head, an ordered run of entries with contiguous
  * payloads: keys (n, head_dim) fp16 stored after RoPE at the entry's original absolute position,
- * values (n, head_dim) fp16, positions (n) int32 ascending, weights (n) float (1 unless merged).
- * Capacity grows in steps of KV_CAP_STEP tokens, so allocated bytes track what is held (a store
- * never grows per token). Bytes are accounted exactly: payload + metadata actually allocated.
- * Attention reads only through kv_cache_view (kv_view.h); only the store writes.
- * Does not: decide what to keep (policies, issue 3), compute attention.
+ * values (n, head_dim) fp16, positions (n) int32 strictly ascending, weights (n) float (1 unless
+ * merged), and the statistic slots the policy declared (accumulated attention for H2O).
+ * Per (sequence, layer) the store also keeps the post-RoPE queries of the last `qwin` tokens
+ * when a policy scores by recent queries (TOVA, SnapKV): attention rows are then recomputed for
+ * those queries alone at plan time instead of being materialised during attention.
+ *
+ * Memory: capacity grows and shrinks in steps of KV_CAP_STEP entries; after a plan is applied
+ * the store gives back what it no longer needs, so allocated bytes track held entries. Bytes are
+ * accounted exactly (payload + metadata + statistics + saved queries actually allocated).
+ * Only the store writes KV memory; attention reads through kv_seq_view (kv_view.h).
+ * Does not: decide what to keep (kv_policy.c), compute attention.
  */
 #ifndef KVS_KV_CACHE_H
 #define KVS_KV_CACHE_H
@@ -14,48 +20,75 @@
 #include "base.h"
 #include "kv_view.h"
 
-enum { KV_CAP_STEP = 256 };
+enum { KV_CAP_STEP = 64 };
 
 struct kv_head_store {
     int32_t n, cap;   /* entries held, entries allocated */
     uint16_t *k, *v;  /* (cap, head_dim) fp16 each */
     int32_t *pos;     /* (cap) absolute positions */
     float *w;         /* (cap) weights */
-};
-
-struct kv_seq {
-    int n_layer, n_head_kv, head_dim;
-    struct kv_head_store *h; /* (n_layer, n_head_kv) */
-    struct kv_cache *owner;
+    float *acc;       /* (cap) accumulated attention (H2O), NULL unless the policy needs it */
 };
 
 struct kv_cache {
-    int n_layer, n_head_kv, head_dim;
+    int n_layer, n_head_kv, n_head, head_dim;
+    bool with_acc;    /* allocate the accumulated-attention slot */
+    int qwin;         /* queries kept per layer for plan-time scoring (0 = none) */
     uint64_t bytes, bytes_peak; /* all sequences of this cache */
 };
 
-void kv_cache_init(struct kv_cache *c, int n_layer, int n_head_kv, int head_dim);
+struct kv_seq {
+    struct kv_cache *owner;
+    struct kv_head_store *h; /* (n_layer, n_head_kv) */
+    float *q;                /* (n_layer, qwin, n_head, head_dim) ring of recent queries */
+    int32_t *q_pos;          /* (n_layer, qwin) their positions */
+    int32_t *q_n;            /* (n_layer) queries held (<= qwin) */
+    int32_t *q_head;         /* (n_layer) next slot of the ring */
+    uint64_t rng;            /* per-sequence state for the random scorer */
+};
+
+void kv_cache_init(struct kv_cache *c, int n_layer, int n_head_kv, int n_head, int head_dim,
+                   bool with_acc, int qwin);
 uint64_t kv_cache_entry_bytes(const struct kv_cache *c); /* bytes per entry per head */
 
 enum kvs_status kv_seq_new(struct kv_cache *c, struct kv_seq **out);
 void kv_seq_free(struct kv_seq *s);
 void kv_seq_clear(struct kv_seq *s); /* drop every entry and free its memory */
 
-/* Make room for n_new more entries in every head of layer il (grows capacity by whole steps;
- * this is the only allocation of the store and happens at most once per KV_CAP_STEP tokens). */
+static inline struct kv_head_store *kv_seq_head(const struct kv_seq *s, int il, int ih) {
+    return &s->h[il * s->owner->n_head_kv + ih];
+}
+
+/* Make room for n_new more entries in every head of layer il (the only growth path; whole
+ * KV_CAP_STEP steps, so at most once per step of tokens). */
 enum kvs_status kv_seq_reserve(struct kv_seq *s, int il, int n_new);
+/* Give back capacity beyond the entries held (rounded up to a step). */
+void kv_seq_fit(struct kv_seq *s, int il);
 
 /* Append one token's keys and values for all KV heads of layer il: k, v are (n_head_kv,
  * head_dim) float; converted to fp16. Capacity must have been reserved. */
 void kv_seq_append(struct kv_seq *s, int il, int32_t pos, const float *k, const float *v);
 
+/* Remember the query of a token for plan-time scoring: q is (n_head, head_dim). */
+void kv_seq_save_query(struct kv_seq *s, int il, int32_t pos, const float *q);
+
+/* A plan for one layer: per KV head, the ascending indices of the entries to keep. */
+struct kv_plan {
+    int32_t *keep[KV_VIEW_MAX_HEADS];
+    int32_t n_keep[KV_VIEW_MAX_HEADS];
+};
+/* Apply: compact every head to its kept entries (payloads, positions, weights, statistics move
+ * together), then give back freed capacity. Checks the plan (indices ascending and in range). */
+void kv_seq_apply_plan(struct kv_seq *s, int il, const struct kv_plan *plan);
+
 /* The view of layer il that attention reads. */
 void kv_seq_view(const struct kv_seq *s, int il, struct kv_view *out);
 
 uint64_t kv_seq_bytes(const struct kv_seq *s);
+int32_t kv_seq_max_entries(const struct kv_seq *s); /* largest head */
 
-/* Debug invariant check: positions strictly ascending, counts within capacity. Returns false and
- * sets the last error on the first violation. */
+/* Invariant check: positions strictly ascending, counts within capacity, byte accounting equal
+ * to the sum of capacities. Returns false and sets the last error on the first violation. */
 bool kv_seq_check(const struct kv_seq *s);
 
 #endif

@@ -1,5 +1,6 @@
 /* kv_view.h — what attention reads for one layer of one sequence: per KV head, pointers to the
- * entries' fp16 key and value rows, positions and weights. Borrowed from the store; valid until
+ * entries' fp16 key and value rows, positions and weights, and the one statistic slot attention
+ * writes (accumulated attention probability, when a policy asked for it). Borrowed from the store; valid until
  * the store is next modified. Attention never sees the policy or the store's internals. */
 #ifndef KVS_KV_VIEW_H
 #define KVS_KV_VIEW_H
@@ -14,6 +15,7 @@ struct kv_view_head {
     const uint16_t *v;    /* (n, head_dim) fp16 */
     const int32_t *pos;   /* (n) absolute positions, ascending */
     const float *w;       /* (n) weights; NULL when all are 1 */
+    float *acc;           /* (n) accumulated attention the kernel adds to (H2O); NULL if unused */
 };
 
 struct kv_view {

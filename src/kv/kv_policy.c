@@ -1,0 +1,245 @@
+/* kv_policy.c — budgets, allocators and the top-k planner shared by every scorer.
+ *
+ * Per (sequence, layer): each KV head's budget comes from the spec (budget=N tokens, ratio=R of
+ * the tokens seen, or mem=BYTES spread over layers and heads), shaped across layers by the
+ * allocator (uniform, or PyramidKV's linear pyramid: layer 0 gets (2 - 1/beta) x the mean, the
+ * top layer 1/beta x, so the total is unchanged). The scorer scores the entries; the newest
+ * `protect` entries (the recent window of H2O/SnapKV) are always kept; the rest compete for the
+ * remaining budget by score, ties going to the later position. AdaKV instead pools the layer's
+ * budget: every head first keeps floor x its uniform share of its best entries, then the
+ * remaining slots go to the best entries of any head (scores are attention probabilities, so
+ * they compare across heads; Feng et al., "Ada-KV", arXiv 2407.11550).
+ * The planner only writes the plan; the store applies it.
+ */
+#include "kv_policy.h"
+#include "ops.h"
+
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+
+struct ent { float s; int32_t ih, j; }; /* an AdaKV pool candidate */
+
+static const struct kv_scorer_i *scorer_for(enum kv_method m) {
+    switch (m) {
+    case KV_STREAMING: return &kv_scorer_streaming;
+    case KV_H2O: return &kv_scorer_h2o;
+    case KV_TOVA: return &kv_scorer_tova;
+    case KV_SNAPKV: return &kv_scorer_snapkv;
+    case KV_KNORM: return &kv_scorer_knorm;
+    case KV_RANDOM: return &kv_scorer_random;
+    default: return NULL;
+    }
+}
+
+unsigned kv_policy_needs(const struct kv_spec *spec) {
+    const struct kv_scorer_i *sc = scorer_for(spec->method);
+    return sc ? sc->needs : 0;
+}
+
+int kv_policy_qwin(const struct kv_spec *spec) {
+    if (!(kv_policy_needs(spec) & KV_NEED_QUERIES)) return 0;
+    return spec->obs_window > 0 ? spec->obs_window : 1;
+}
+
+enum kvs_status kv_policy_new(const struct kv_spec *spec, int n_layer, int n_head, int n_head_kv,
+                              int head_dim, int32_t cap_max, uint64_t entry_bytes,
+                              struct kv_policy **out) {
+    *out = NULL;
+    if (spec->method == KV_FULL) return KVS_OK;
+    struct kv_policy *p = calloc(1, sizeof *p);
+    if (!p) return kvs_fail(KVS_ERR_NOMEM, "out of memory");
+    p->spec = *spec;
+    p->scorer = scorer_for(spec->method);
+    KVS_ASSERT(p->scorer && p->scorer->api_version == KV_POLICY_API_VERSION);
+    p->n_layer = n_layer;
+    p->n_head = n_head;
+    p->n_head_kv = n_head_kv;
+    p->head_dim = head_dim;
+    p->entry_bytes = entry_bytes;
+    p->cap_max = cap_max;
+    size_t g = (size_t)(n_head / n_head_kv);
+    p->score = malloc(sizeof(float) * n_head_kv * (size_t)cap_max);
+    p->scratch = malloc(sizeof(float) * (g + 1) * (size_t)cap_max);
+    p->order = malloc(sizeof(int32_t) * n_head_kv * (size_t)cap_max);
+    p->keep = malloc(sizeof(int32_t) * n_head_kv * (size_t)cap_max);
+    p->pool = malloc(sizeof(struct ent) * n_head_kv * (size_t)cap_max);
+    if (!p->score || !p->scratch || !p->order || !p->keep || !p->pool) {
+        kv_policy_free(p);
+        return kvs_fail(KVS_ERR_NOMEM, "out of memory for the KV policy");
+    }
+    *out = p;
+    return KVS_OK;
+}
+
+void kv_policy_free(struct kv_policy *p) {
+    if (!p) return;
+    free(p->score);
+    free(p->scratch);
+    free(p->order);
+    free(p->keep);
+    free(p->pool);
+    free(p);
+}
+
+int32_t kv_policy_budget(const struct kv_policy *p, int il, int64_t n_seen) {
+    const struct kv_spec *sp = &p->spec;
+    double b;
+    if (sp->budget > 0) b = sp->budget;
+    else if (sp->ratio > 0) b = ceil(sp->ratio * (double)n_seen);
+    else b = (double)sp->mem_bytes / ((double)p->n_layer * p->n_head_kv * p->entry_bytes);
+    if (sp->alloc == KV_ALLOC_PYRAMID && p->n_layer > 1) {
+        double beta = sp->pyramid_beta, top = 1.0 / beta, bottom = 2.0 - top;
+        b *= bottom - (bottom - top) * il / (p->n_layer - 1);
+    }
+    if (b < 1) b = 1;
+    if (b > p->cap_max) b = p->cap_max;
+    return (int32_t)b;
+}
+
+/* sort helpers: order indices by score descending, ties to the larger index (later position) */
+static const float *g_sort_score;
+static int cmp_desc(const void *a, const void *b) {
+    int32_t i = *(const int32_t *)a, j = *(const int32_t *)b;
+    float x = g_sort_score[i], y = g_sort_score[j];
+    if (x != y) return x > y ? -1 : 1;
+    return i > j ? -1 : 1;
+}
+static int cmp_i32(const void *a, const void *b) {
+    int32_t i = *(const int32_t *)a, j = *(const int32_t *)b;
+    return (i > j) - (i < j);
+}
+
+/* Keep for one head: the last `prot` entries plus the best (budget - prot) of the others. */
+static bool plan_adakv(struct kv_policy *p, const struct kv_seq *s, int il, int32_t budget,
+                       int32_t prot, struct kv_plan *plan);
+
+static int32_t select_head(const float *score, int32_t n, int32_t budget, int32_t prot,
+                           int32_t *order, int32_t *keep) {
+    if (n <= budget) {
+        for (int32_t j = 0; j < n; j++) keep[j] = j;
+        return n;
+    }
+    if (prot > budget) prot = budget;
+    int32_t cand = n - prot, take = budget - prot, nk = 0;
+    for (int32_t j = 0; j < cand; j++) order[j] = j;
+    g_sort_score = score;
+    qsort(order, (size_t)cand, sizeof *order, cmp_desc);
+    for (int32_t j = 0; j < take; j++) keep[nk++] = order[j];
+    qsort(keep, (size_t)nk, sizeof *keep, cmp_i32);
+    for (int32_t j = cand; j < n; j++) keep[nk++] = j;
+    return nk;
+}
+
+bool kv_policy_plan_layer(struct kv_policy *p, const struct kv_seq *s, int il, int64_t n_seen,
+                          int32_t slack, struct kv_plan *plan) {
+    int32_t budget = kv_policy_budget(p, il, n_seen);
+    bool over = false;
+    for (int ih = 0; ih < p->n_head_kv; ih++) {
+        int32_t n = kv_seq_head(s, il, ih)->n;
+        if (n > budget + slack) over = true;
+    }
+    if (!over) return false;
+    struct kv_score_args a = {.p = p, .s = s, .il = il, .scratch = p->scratch};
+    int32_t prot = p->scorer->protect ? p->scorer->protect(p, budget) : 0;
+    bool layerwise = p->scorer->needs & KV_NEED_LAYERWISE;
+    for (int ih = 0; ih < p->n_head_kv; ih++) p->scorer->score(&a, ih, p->score + (size_t)ih * p->cap_max);
+    if (layerwise) {
+        /* one score per layer (TOVA): the heads hold the same positions; sum their scores */
+        int32_t n = kv_seq_head(s, il, 0)->n;
+        for (int ih = 1; ih < p->n_head_kv; ih++) {
+            KVS_ASSERT(kv_seq_head(s, il, ih)->n == n);
+            const float *r = p->score + (size_t)ih * p->cap_max;
+            for (int32_t j = 0; j < n; j++) p->score[j] += r[j];
+        }
+        for (int ih = 1; ih < p->n_head_kv; ih++)
+            memcpy(p->score + (size_t)ih * p->cap_max, p->score, sizeof(float) * n);
+    }
+    if (p->spec.alloc == KV_ALLOC_ADAKV && !layerwise)
+        return plan_adakv(p, s, il, budget, prot, plan);
+    for (int ih = 0; ih < p->n_head_kv; ih++) {
+        int32_t n = kv_seq_head(s, il, ih)->n;
+        int32_t *keep = p->keep + (size_t)ih * p->cap_max;
+        plan->n_keep[ih] = select_head(p->score + (size_t)ih * p->cap_max, n, budget, prot,
+                                       p->order, keep);
+        plan->keep[ih] = keep;
+    }
+    return true;
+}
+
+/* AdaKV: each head keeps its protected tail and floor x budget of its best entries; the rest of
+ * the layer's n_head_kv x budget slots go to the best remaining entries of any head. */
+static int cmp_ent(const void *a, const void *b) {
+    const struct ent *x = a, *y = b;
+    if (x->s != y->s) return x->s > y->s ? -1 : 1;
+    if (x->j != y->j) return x->j > y->j ? -1 : 1;
+    return x->ih < y->ih ? -1 : 1;
+}
+
+static bool plan_adakv(struct kv_policy *p, const struct kv_seq *s, int il, int32_t budget,
+                       int32_t prot, struct kv_plan *plan) {
+    int32_t floor_n = (int32_t)(p->spec.adakv_floor * budget);
+    if (floor_n < prot) floor_n = prot < budget ? prot : budget;
+    int32_t remaining = budget * p->n_head_kv, n_pool = 0, nk[KV_VIEW_MAX_HEADS];
+    struct ent *pool = p->pool;
+    for (int ih = 0; ih < p->n_head_kv; ih++) {
+        int32_t n = kv_seq_head(s, il, ih)->n;
+        float *sc = p->score + (size_t)ih * p->cap_max;
+        int32_t *keep = p->keep + (size_t)ih * p->cap_max;
+        for (int32_t j = n - (prot < n ? prot : n); j < n; j++) sc[j] = INFINITY;
+        for (int32_t j = 0; j < n; j++) keep[j] = j;
+        g_sort_score = sc;
+        qsort(keep, (size_t)n, sizeof *keep, cmp_desc); /* best first */
+        nk[ih] = floor_n < n ? floor_n : n;
+        remaining -= nk[ih];
+        for (int32_t j = nk[ih]; j < n; j++) pool[n_pool++] = (struct ent){sc[keep[j]], ih, keep[j]};
+    }
+    qsort(pool, (size_t)n_pool, sizeof *pool, cmp_ent);
+    for (int32_t i = 0; i < remaining && i < n_pool; i++) {
+        int ih = pool[i].ih;
+        p->keep[(size_t)ih * p->cap_max + nk[ih]++] = pool[i].j;
+    }
+    for (int ih = 0; ih < p->n_head_kv; ih++) {
+        int32_t *keep = p->keep + (size_t)ih * p->cap_max;
+        qsort(keep, (size_t)nk[ih], sizeof *keep, cmp_i32);
+        plan->keep[ih] = keep;
+        plan->n_keep[ih] = nk[ih];
+    }
+    return true;
+}
+
+void kv_policy_query_attention(const struct kv_score_args *a, int ih, bool last_only, float *out) {
+    const struct kv_policy *p = a->p;
+    const struct kv_seq *s = a->s;
+    const struct kv_cache *c = s->owner;
+    const struct kv_head_store *h = kv_seq_head(s, a->il, ih);
+    int g = p->n_head / p->n_head_kv, hd = p->head_dim;
+    int32_t n = h->n;
+    float scale = 1.0f / sqrtf((float)hd);
+    float *S = a->scratch;                            /* (g, cap_max) probabilities */
+    float *agg = a->scratch + (size_t)g * p->cap_max; /* (cap_max) this query's group score */
+    for (int32_t j = 0; j < n; j++) out[j] = 0.0f;
+    int nq = s->q_n[a->il];
+    for (int qi = last_only ? nq - 1 : 0; qi < nq && n > 0; qi++) {
+        int slot = (s->q_head[a->il] - nq + qi + c->qwin) % c->qwin; /* qi-th oldest */
+        int32_t qpos = s->q_pos[a->il * c->qwin + slot];
+        const float *Q = s->q + ((size_t)a->il * c->qwin + slot) * p->n_head * hd + (size_t)ih * g * hd;
+        int32_t nv = 0; /* causal: the query sees entries at positions <= its own */
+        while (nv < n && h->pos[nv] <= qpos) nv++;
+        if (nv == 0) continue;
+        float m[64], l[64];
+        ops_attn_scores(Q, g, h->k, nv, hd, scale, S, p->cap_max);
+        ops_softmax_partial(S, g, nv, p->cap_max, m, l);
+        for (int32_t j = 0; j < nv; j++) agg[j] = 0.0f;
+        for (int gi = 0; gi < g; gi++) {
+            const float *row = S + (size_t)gi * p->cap_max;
+            float inv = 1.0f / l[gi];
+            for (int32_t j = 0; j < nv; j++) {
+                float pr = row[j] * inv;
+                if (p->spec.agg == KV_AGG_MAX) agg[j] = pr > agg[j] ? pr : agg[j];
+                else agg[j] += pr / (float)g;
+            }
+        }
+        for (int32_t j = 0; j < nv; j++) out[j] += agg[j];
+    }
+}

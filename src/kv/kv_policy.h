@@ -1,0 +1,87 @@
+/* kv_policy.h — what a KV policy is, and the planner that turns scores into plans.
+ *
+ * A policy is three orthogonal parts (DESIGN.md §2): a scorer (how important each entry is), an
+ * allocator (how the budget splits across layers and heads) and an action (what happens to
+ * entries that lose; eviction here). The scorers are a small vtable (struct kv_scorer_i) so a
+ * new method is one file; the allocator and the top-k selection are shared.
+ *
+ * A policy never writes storage: kv_policy_plan_layer() reads a sequence's layer (entries,
+ * statistics, saved queries) and fills a struct kv_plan; the store applies it
+ * (kv_seq_apply_plan). The engine decides when to call it (after a prefill chunk, at the end of
+ * prefill, every `every` decode steps) from the spec's `when`.
+ */
+#ifndef KVS_KV_POLICY_H
+#define KVS_KV_POLICY_H
+
+#include "kv_cache.h"
+#include "kv_spec.h"
+
+#define KV_POLICY_API_VERSION 1
+
+/* statistics a scorer needs (the attention kernel and forward() produce them) */
+enum { KV_NEED_ACC = 1,     /* accumulated attention probabilities per entry (H2O) */
+       KV_NEED_QUERIES = 2, /* the post-RoPE queries of the last `qwin` tokens (TOVA, SnapKV) */
+       KV_NEED_LAYERWISE = 4 /* one score shared by all KV heads of a layer (TOVA) */ };
+
+struct kv_policy;
+
+/* Scoring context handed to a scorer for one (sequence, layer). */
+struct kv_score_args {
+    const struct kv_policy *p;
+    const struct kv_seq *s;
+    int il;
+    float *scratch;          /* (n_head/n_head_kv + 1, max entries) floats for recomputed rows */
+};
+
+struct kv_scorer_i {
+    int api_version;
+    enum kv_method method;
+    unsigned needs;          /* KV_NEED_* */
+    /* Score every entry of KV head ih (higher = more important), writing n floats to out.
+     * +INFINITY marks an entry that must be kept. */
+    void (*score)(const struct kv_score_args *a, int ih, float *out);
+    /* Entries at the end of a head that are always kept (recent window), given its budget. */
+    int32_t (*protect)(const struct kv_policy *p, int32_t budget);
+};
+
+struct kv_policy {
+    struct kv_spec spec;
+    const struct kv_scorer_i *scorer;
+    int n_layer, n_head, n_head_kv, head_dim;
+    uint64_t entry_bytes;
+    int32_t cap_max;         /* most entries a head can hold (n_ctx + one chunk) */
+    float *score;            /* (n_head_kv, cap_max) planning scratch */
+    float *scratch;          /* (g + 1, cap_max) */
+    int32_t *order;          /* (n_head_kv * cap_max) */
+    int32_t *keep;           /* (n_head_kv, cap_max) */
+    struct ent *pool;        /* (n_head_kv * cap_max) AdaKV candidates */
+};
+
+/* The spec must have been parsed; method full gives NULL policy (and KVS_OK). */
+enum kvs_status kv_policy_new(const struct kv_spec *spec, int n_layer, int n_head, int n_head_kv,
+                              int head_dim, int32_t cap_max, uint64_t entry_bytes,
+                              struct kv_policy **out);
+void kv_policy_free(struct kv_policy *p);
+unsigned kv_policy_needs(const struct kv_spec *spec);
+int kv_policy_qwin(const struct kv_spec *spec);
+
+/* Budget (entries) of KV head ih of layer il for a sequence that has seen n_seen tokens, before
+ * head-adaptive reallocation. */
+int32_t kv_policy_budget(const struct kv_policy *p, int il, int64_t n_seen);
+
+/* Plan layer il of sequence s down to its budget. slack: entries a head may exceed its budget by
+ * before anything is planned (0 after a prefill chunk, spec.every during decode). Returns false
+ * when nothing needs to change (plan untouched). */
+bool kv_policy_plan_layer(struct kv_policy *p, const struct kv_seq *s, int il, int64_t n_seen,
+                          int32_t slack, struct kv_plan *plan);
+
+/* scorers, one per file under src/kv/ */
+extern const struct kv_scorer_i kv_scorer_streaming, kv_scorer_h2o, kv_scorer_tova,
+    kv_scorer_snapkv, kv_scorer_knorm, kv_scorer_random;
+
+/* helper for scorers: attention probabilities of the saved queries of layer il against KV head
+ * ih, summed over the queries and aggregated over the head's query group (mean or max per
+ * spec.agg). out has n entries. `last_only` uses just the newest saved query. */
+void kv_policy_query_attention(const struct kv_score_args *a, int ih, bool last_only, float *out);
+
+#endif

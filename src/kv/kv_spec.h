@@ -1,0 +1,56 @@
+/* kv_spec.h — the `--kv SPEC` string, parsed and validated into a struct kv_spec.
+ *
+ * Grammar (append-only once released; `kvsieve --help kv` prints kv_spec_help()):
+ *   SPEC := PART ('+' PART)*
+ *   PART := METHOD (':' KEY '=' VALUE (',' KEY '=' VALUE)*)?     the first part: the scorer
+ *         | KEY '=' VALUE                                         a shared option, e.g. alloc=adakv
+ * Every key is checked against the method's accepted keys; an error names the bad key and lists
+ * the accepted ones. Does not: allocate, or know about the store.
+ */
+#ifndef KVS_KV_SPEC_H
+#define KVS_KV_SPEC_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+#include "base.h"
+
+enum kv_method { KV_FULL, KV_STREAMING, KV_H2O, KV_TOVA, KV_SNAPKV, KV_KNORM, KV_RANDOM,
+                 KV_METHOD_COUNT };
+enum kv_alloc { KV_ALLOC_UNIFORM, KV_ALLOC_PYRAMID, KV_ALLOC_ADAKV };
+enum kv_pool { KV_POOL_MAX, KV_POOL_AVG, KV_POOL_NONE };
+enum kv_agg { KV_AGG_MEAN, KV_AGG_MAX };
+
+/* when compression runs (bit set) */
+enum { KV_WHEN_CHUNK = 1,   /* after every prefill chunk, layer by layer (bounded memory) */
+       KV_WHEN_PREFILL = 2, /* once the whole prompt has been seen (kvpress style) */
+       KV_WHEN_DECODE = 4   /* every `every` decode steps */ };
+
+struct kv_spec {
+    enum kv_method method;
+    /* budget: exactly one of these is set for every method but full */
+    int32_t budget;      /* tokens per KV head (0 = unset) */
+    float ratio;         /* fraction of the tokens seen (0 = unset) */
+    uint64_t mem_bytes;  /* whole-cache byte budget of one sequence (0 = unset) */
+    enum kv_alloc alloc;
+    float pyramid_beta;  /* pyramid: top layer gets budget/beta of the bottom's share ratio (default 20) */
+    float adakv_floor;   /* adakv: fraction of a head's uniform share it always keeps (default 0.2) */
+    enum kv_agg agg;     /* GQA aggregation over the query heads of a KV head */
+    unsigned when;       /* KV_WHEN_* */
+    int32_t every;       /* decode: compress when this many entries over budget (default 16) */
+    /* method parameters */
+    int32_t sinks, window;   /* streaming: first `sinks` + last `window` entries */
+    float recent;            /* h2o: fraction of the budget kept as the recent window (0.5) */
+    int32_t obs_window;      /* snapkv: observation window (32); h2o/tova protect it too */
+    int32_t kernel;          /* snapkv: pooling kernel (7) */
+    enum kv_pool pool;       /* snapkv: pooling (max) */
+    uint64_t seed;           /* random */
+    char text[256];          /* the normalised spec, for reports */
+};
+
+/* Parse. On error returns KVS_ERR_INVALID_ARG with a message naming the offending part. */
+enum kvs_status kv_spec_parse(const char *s, struct kv_spec *out);
+const char *kv_method_name(enum kv_method m);
+const char *kv_spec_help(void);
+
+#endif
