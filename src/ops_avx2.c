@@ -37,24 +37,58 @@ static inline __m256 exp8(__m256 x) {
     return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
 }
 
+/* 8 dot products in, one vector of their sums out: a[i] holds the partial sums of key i. */
+static inline __m256 reduce8(__m256 a0, __m256 a1, __m256 a2, __m256 a3, __m256 a4, __m256 a5,
+                             __m256 a6, __m256 a7) {
+    __m256 t0 = _mm256_hadd_ps(a0, a1), t1 = _mm256_hadd_ps(a2, a3);
+    __m256 t2 = _mm256_hadd_ps(a4, a5), t3 = _mm256_hadd_ps(a6, a7);
+    t0 = _mm256_hadd_ps(t0, t1); /* (k0 k1 k2 k3 | k0 k1 k2 k3) halves */
+    t2 = _mm256_hadd_ps(t2, t3); /* (k4 k5 k6 k7 | ...) */
+    __m256 lo = _mm256_permute2f128_ps(t0, t2, 0x20), hi = _mm256_permute2f128_ps(t0, t2, 0x31);
+    return _mm256_add_ps(lo, hi);
+}
+
+/* Scores of g query heads against n fp16 keys. Keys are converted to fp32 8 at a time into an L1
+ * block (each key converted once, whatever g), and 8 dot products are reduced together, which
+ * keeps long-context decode close to memory speed. */
 void ops_attn_scores_avx2(const float *Q, int g, const uint16_t *K, int n, int hd, float scale,
                           float *S, int lds) {
-    if (hd % 8 != 0) {
+    if (hd % 8 != 0 || hd > 256) {
         ops_attn_scores_ref(Q, g, K, n, hd, scale, S, lds);
         return;
     }
-    for (int j = 0; j < n; j++) {
+    float kb[8 * 256] __attribute__((aligned(32)));
+    const __m256 vs = _mm256_set1_ps(scale);
+    int j = 0;
+    for (; j + 8 <= n; j += 8) {
+        const uint16_t *k = K + (size_t)j * hd;
+        for (int i = 0; i < 8 * hd; i += 8) _mm256_store_ps(kb + i, load_f16x8(k + i));
+        for (int qi = 0; qi < g; qi++) {
+            const float *q = Q + (size_t)qi * hd;
+            __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, a4 = a0, a5 = a0,
+                   a6 = a0, a7 = a0;
+            for (int d = 0; d < hd; d += 8) {
+                __m256 qv = _mm256_loadu_ps(q + d);
+                a0 = _mm256_fmadd_ps(qv, _mm256_load_ps(kb + 0 * hd + d), a0);
+                a1 = _mm256_fmadd_ps(qv, _mm256_load_ps(kb + 1 * hd + d), a1);
+                a2 = _mm256_fmadd_ps(qv, _mm256_load_ps(kb + 2 * hd + d), a2);
+                a3 = _mm256_fmadd_ps(qv, _mm256_load_ps(kb + 3 * hd + d), a3);
+                a4 = _mm256_fmadd_ps(qv, _mm256_load_ps(kb + 4 * hd + d), a4);
+                a5 = _mm256_fmadd_ps(qv, _mm256_load_ps(kb + 5 * hd + d), a5);
+                a6 = _mm256_fmadd_ps(qv, _mm256_load_ps(kb + 6 * hd + d), a6);
+                a7 = _mm256_fmadd_ps(qv, _mm256_load_ps(kb + 7 * hd + d), a7);
+            }
+            _mm256_storeu_ps(S + (size_t)qi * lds + j,
+                             _mm256_mul_ps(reduce8(a0, a1, a2, a3, a4, a5, a6, a7), vs));
+        }
+    }
+    for (; j < n; j++) {
         const uint16_t *k = K + (size_t)j * hd;
         for (int qi = 0; qi < g; qi++) {
             const float *q = Q + (size_t)qi * hd;
-            __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
-            int d = 0;
-            for (; d + 16 <= hd; d += 16) {
-                a0 = _mm256_fmadd_ps(_mm256_loadu_ps(q + d), load_f16x8(k + d), a0);
-                a1 = _mm256_fmadd_ps(_mm256_loadu_ps(q + d + 8), load_f16x8(k + d + 8), a1);
-            }
-            if (d < hd) a0 = _mm256_fmadd_ps(_mm256_loadu_ps(q + d), load_f16x8(k + d), a0);
-            S[qi * lds + j] = hsum8(_mm256_add_ps(a0, a1)) * scale;
+            __m256 a = _mm256_setzero_ps();
+            for (int d = 0; d < hd; d += 8) a = _mm256_fmadd_ps(_mm256_loadu_ps(q + d), load_f16x8(k + d), a);
+            S[(size_t)qi * lds + j] = hsum8(a) * scale;
         }
     }
 }
@@ -86,6 +120,8 @@ void ops_softmax_partial_avx2(float *S, int g, int n, int lds, float *m, float *
     }
 }
 
+/* O[qi] = sum_j P[qi][j] V[j]: values converted 8 rows at a time into an L1 block, then each
+ * output chunk of 8 floats is loaded once, takes 8 FMAs (one per row) and is stored once. */
 void ops_attn_accum_avx2(const float *P, int g, int n, int lds, const uint16_t *V, int hd,
                          float *O) {
     if (hd % 8 != 0 || hd > 256) {
@@ -93,15 +129,38 @@ void ops_attn_accum_avx2(const float *P, int g, int n, int lds, const uint16_t *
         return;
     }
     memset(O, 0, sizeof(float) * (size_t)g * hd);
-    __m256 vrow[32];
-    for (int j = 0; j < n; j++) {
+    float vb[8 * 256] __attribute__((aligned(32)));
+    int j = 0;
+    for (; j + 8 <= n; j += 8) {
         const uint16_t *v = V + (size_t)j * hd;
-        for (int d = 0; d < hd; d += 8) vrow[d / 8] = load_f16x8(v + d);
+        for (int i = 0; i < 8 * hd; i += 8) _mm256_store_ps(vb + i, load_f16x8(v + i));
         for (int qi = 0; qi < g; qi++) {
-            __m256 p = _mm256_set1_ps(P[qi * lds + j]);
+            const float *p = P + (size_t)qi * lds + j;
+            __m256 p0 = _mm256_set1_ps(p[0]), p1 = _mm256_set1_ps(p[1]), p2 = _mm256_set1_ps(p[2]),
+                   p3 = _mm256_set1_ps(p[3]), p4 = _mm256_set1_ps(p[4]), p5 = _mm256_set1_ps(p[5]),
+                   p6 = _mm256_set1_ps(p[6]), p7 = _mm256_set1_ps(p[7]);
+            float *o = O + (size_t)qi * hd;
+            for (int d = 0; d < hd; d += 8) {
+                __m256 acc = _mm256_loadu_ps(o + d);
+                acc = _mm256_fmadd_ps(p0, _mm256_load_ps(vb + 0 * hd + d), acc);
+                acc = _mm256_fmadd_ps(p1, _mm256_load_ps(vb + 1 * hd + d), acc);
+                acc = _mm256_fmadd_ps(p2, _mm256_load_ps(vb + 2 * hd + d), acc);
+                acc = _mm256_fmadd_ps(p3, _mm256_load_ps(vb + 3 * hd + d), acc);
+                acc = _mm256_fmadd_ps(p4, _mm256_load_ps(vb + 4 * hd + d), acc);
+                acc = _mm256_fmadd_ps(p5, _mm256_load_ps(vb + 5 * hd + d), acc);
+                acc = _mm256_fmadd_ps(p6, _mm256_load_ps(vb + 6 * hd + d), acc);
+                acc = _mm256_fmadd_ps(p7, _mm256_load_ps(vb + 7 * hd + d), acc);
+                _mm256_storeu_ps(o + d, acc);
+            }
+        }
+    }
+    for (; j < n; j++) {
+        const uint16_t *v = V + (size_t)j * hd;
+        for (int qi = 0; qi < g; qi++) {
+            __m256 p = _mm256_set1_ps(P[(size_t)qi * lds + j]);
             float *o = O + (size_t)qi * hd;
             for (int d = 0; d < hd; d += 8)
-                _mm256_storeu_ps(o + d, _mm256_fmadd_ps(p, vrow[d / 8], _mm256_loadu_ps(o + d)));
+                _mm256_storeu_ps(o + d, _mm256_fmadd_ps(p, load_f16x8(v + d), _mm256_loadu_ps(o + d)));
         }
     }
 }

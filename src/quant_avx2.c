@@ -2,8 +2,8 @@
  * quant.c calls quant_avx2_register only after checking the CPU).
  *
  * Contents: fp16 rows; activation quantizers Q8_0/Q8_1/Q8_K (bit-identical to the reference);
- * dequantization; "horizontal" dot products (one weight row x one activation row, used by
- * quant_vec_dot and by quant_gemm for very few tokens); and the tiled GEMM.
+ * dequantization; dot products (one weight row x one activation row); the one-token GEMV; the
+ * tiled GEMM. quant_gemm picks: n_tok < 4 -> the one-token kernels token by token, else tiled.
  *
  * Tiled GEMM ("row-interleaved" layout). A tile of 8 weight rows is unpacked to one byte per
  * weight and stored so that one 32-byte vector holds 4 consecutive weights (a "k-group") of each
@@ -12,7 +12,19 @@
  * partial dot products for all 8 rows at once. The int16 results of a whole block stay in one
  * register (no horizontal reductions, no per-(row,token) shuffles); per block and token there is
  * a single int->float conversion and two FMAs for 8 rows. Each unpacked weight vector is reused
- * for 4 tokens from registers, and the unpacked tile (L1-resident) for every token.
+ * for 4 tokens from registers, and the unpacked tile (L1-resident) for every token. The tile is
+ * rebuilt once per 128 tokens (the activation scales of 128 tokens are converted to float once).
+ *
+ * One-token GEMV (legacy formats): the same layout, built in registers per block for 8 rows
+ * (in-lane dword transposes of 16-byte loads), with the row scales fetched by one gather and a
+ * software prefetch running ahead (8 interleaved short row streams defeat the hardware
+ * prefetcher). K-quants decode with per-row dot products plus the same prefetch.
+ *
+ * All paths compute every output with the same float operations in the same order (see "bit-
+ * identical accumulation" below): results do not depend on the batch size, the thread split, or
+ * quant_vec_dot vs quant_gemm.
+ *
+ * Stack use: at most ~48 KB (tiled legacy GEMM: tile 10 KB + activation scales 34 KB).
  */
 #include <immintrin.h>
 #include <stdbool.h>
@@ -45,6 +57,11 @@ ALWAYS_INLINE float hmax_ps(__m256 v) {
 }
 
 ALWAYS_INLINE float h2f(uint16_t h) { return _cvtsh_ss(h); }
+
+/* a*b + c with one rounding (the scalar twin of _mm256_fmadd_ps) */
+ALWAYS_INLINE float fma1(float a, float b, float c) {
+    return _mm_cvtss_f32(_mm_fmadd_ss(_mm_set_ss(a), _mm_set_ss(b), _mm_set_ss(c)));
+}
 
 ALWAYS_INLINE __m256i bcast32(const void *p) {
     int v;
@@ -455,9 +472,9 @@ ALWAYS_INLINE float dot_legacy(int kind, int64_t n, const void *w, const void *x
         memcpy(hx, xb, 4);
         const float dw = h2f(hw[0]), dx = h2f(hx[0]);
         const int is = legacy_block_isum(kind, wb, (const int8_t *)(xb + xqo));
-        acc = fmaf((float)is, dw * dx, acc);
-        if (q81) acc = fmaf(h2f(hw[1]), h2f(hx[1]), acc);
-        else if (kind != 4) acc = fmaf(dw, off * dx * (float)q8_block_sum((const int8_t *)(xb + xqo)), acc);
+        acc = fma1((float)is, dw * dx, acc);
+        if (q81) acc = fma1(h2f(hw[1]), h2f(hx[1]), acc);
+        else if (kind != 4) acc = fma1(dw, off * dx * (float)q8_block_sum((const int8_t *)(xb + xqo)), acc);
         if ((i + 1) % KB32 == 0 || i + 1 == nb) {
             total = i < KB32 ? acc : acc + total;
             acc = 0;
@@ -480,11 +497,15 @@ ALWAYS_INLINE __m256i bcast16_idx2(int a, int b) {
                              _mm_set1_epi16((short)(0x0100 * (2 * b + 1) + 2 * b)));
 }
 
-ALWAYS_INLINE float dot_k45(bool five, int64_t n, const void *w, const void *x) {
+/* pf: software prefetch distance in bytes ahead of the block being read (0: none) */
+ALWAYS_INLINE float dot_k45(bool five, int64_t n, const void *w, const void *x, size_t pf) {
     const blk_q8_K *b = x;
     const int64_t nb = n / QK_K;
+    const size_t wbs = five ? sizeof(blk_q5_K) : sizeof(blk_q4_K);
     float acc = 0, total = 0;
     for (int64_t i = 0; i < nb; i++) {
+        if (pf)
+            for (size_t o = 0; o < wbs; o += 64) _mm_prefetch((const char *)w + (size_t)i * wbs + pf + o, _MM_HINT_T0);
         const uint8_t *scales;
         uint16_t dh, dminh;
         __m256i v[8];
@@ -516,8 +537,8 @@ ALWAYS_INLINE float dot_k45(bool five, int64_t n, const void *w, const void *x) 
             s1 = _mm256_add_epi32(s1, _mm256_madd_epi16(p1, _mm256_shuffle_epi8(sc, bcast16_idx(g + 1))));
         }
         const float xd = b[i].d;
-        acc = fmaf((float)hsum_epi32(_mm256_add_epi32(s0, s1)), h2f(dh) * xd, acc);
-        acc = fmaf(-(float)hsum_epi32(mv), h2f(dminh) * xd, acc);
+        acc = fma1((float)hsum_epi32(_mm256_add_epi32(s0, s1)), h2f(dh) * xd, acc);
+        acc = fma1(-(float)hsum_epi32(mv), h2f(dminh) * xd, acc);
         if ((i + 1) % KSB == 0 || i + 1 == nb) {
             total = i < KSB ? acc : acc + total;
             acc = 0;
@@ -526,15 +547,17 @@ ALWAYS_INLINE float dot_k45(bool five, int64_t n, const void *w, const void *x) 
     return total;
 }
 
-static float dot_q4_K(int64_t n, const void *w, const void *x) { return dot_k45(false, n, w, x); }
-static float dot_q5_K(int64_t n, const void *w, const void *x) { return dot_k45(true, n, w, x); }
+static float dot_q4_K(int64_t n, const void *w, const void *x) { return dot_k45(false, n, w, x, 0); }
+static float dot_q5_K(int64_t n, const void *w, const void *x) { return dot_k45(true, n, w, x, 0); }
 
-static float dot_q6_K(int64_t n, const void *w, const void *x) {
+ALWAYS_INLINE float dot_q6k_impl(int64_t n, const void *w, const void *x, size_t pf) {
     const blk_q6_K *a = w;
     const blk_q8_K *b = x;
     const int64_t nb = n / QK_K;
     float acc = 0, total = 0;
     for (int64_t i = 0; i < nb; i++) {
+        if (pf)
+            for (size_t o = 0; o < sizeof(blk_q6_K); o += 64) _mm_prefetch((const char *)(a + i) + pf + o, _MM_HINT_T0);
         __m256i v[8];
         q6k_unpack_u8(&a[i], v);
         __m256i sc16 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)a[i].scales));
@@ -552,13 +575,28 @@ static float dot_q6_K(int64_t n, const void *w, const void *x) {
             s1 = _mm256_add_epi32(s1, _mm256_madd_epi16(p1, c1));
         }
         __m256i tot = _mm256_sub_epi32(_mm256_add_epi32(s0, s1), _mm256_slli_epi32(bias, 5));
-        acc = fmaf((float)hsum_epi32(tot), h2f(a[i].d) * b[i].d, acc);
+        acc = fma1((float)hsum_epi32(tot), h2f(a[i].d) * b[i].d, acc);
         if ((i + 1) % KSB == 0 || i + 1 == nb) {
             total = i < KSB ? acc : acc + total;
             acc = 0;
         }
     }
     return total;
+}
+
+static float dot_q6_K(int64_t n, const void *w, const void *x) { return dot_q6k_impl(n, w, x, 0); }
+
+/* one token, K-quants: row by row (the rows of a tensor are contiguous, so a fixed prefetch
+ * distance runs ahead across row ends) */
+#define PF_BYTES 12288 /* software prefetch distance of the one-token kernels */
+static void gemv_kq(int t, const void *W, size_t wrb, int64_t n_cols, int r0, int r1,
+                    const void *X, float *Y) {
+    const size_t pf = quant_row_bytes(t, n_cols) == wrb ? PF_BYTES : 0;
+    for (int r = r0; r < r1; r++) {
+        const uint8_t *w = (const uint8_t *)W + (size_t)r * wrb;
+        Y[r] = t == QT_Q4_K ? dot_k45(false, n_cols, w, X, pf)
+             : t == QT_Q5_K ? dot_k45(true, n_cols, w, X, pf) : dot_q6k_impl(n_cols, w, X, pf);
+    }
 }
 
 /* ---- tiled GEMM ---------------------------------------------------------------------------- */
@@ -760,11 +798,7 @@ ALWAYS_INLINE void gemm32(int kind, const void *W, size_t wrb, int64_t n_cols, i
                     if (q81) {
                         e = h2f(h[1]);
                     } else if (off != 0) {
-                        __m256i q = loadu256(blk + 2);
-                        __m256i lo = _mm256_cvtepi8_epi16(_mm256_castsi256_si128(q));
-                        __m256i hi = _mm256_cvtepi8_epi16(_mm256_extracti128_si256(q, 1));
-                        int sum = hsum_epi32(_mm256_madd_epi16(_mm256_add_epi16(lo, hi), _mm256_set1_epi16(1)));
-                        e = off * d * (float)sum;
+                        e = off * d * (float)q8_block_sum((const int8_t *)(blk + 2));
                     }
                     XS.v[0][t][b] = d;
                     XS.v[1][t][b] = e;
@@ -799,7 +833,6 @@ ALWAYS_INLINE void gemm32(int kind, const void *W, size_t wrb, int64_t n_cols, i
  * rows [0 1 4 5 2 3 6 7] (the order in which two fp16 pairs per row deinterleave cheaply); the
  * activation's scales are converted once per call. */
 #define GV_KB 256 /* blocks per K-chunk of the activation-scale buffer */
-#define PF_BYTES 12288 /* software prefetch distance (whole row groups, at least one) */
 
 ALWAYS_INLINE __m256i loadu2_128(const void *hi, const void *lo) {
     return _mm256_inserti128_si256(_mm256_castsi128_si256(_mm_loadu_si128((const __m128i *)lo)),
@@ -848,10 +881,7 @@ ALWAYS_INLINE void gemv_legacy(int kind, const void *W, size_t wrb, int64_t n_co
             if (q81) {
                 e = h2f(h[1]);
             } else if (off != 0) {
-                __m256i q = loadu256(blk + 2);
-                __m256i lo = _mm256_cvtepi8_epi16(_mm256_castsi256_si128(q));
-                __m256i hi = _mm256_cvtepi8_epi16(_mm256_extracti128_si256(q, 1));
-                e = off * d * (float)hsum_epi32(_mm256_madd_epi16(_mm256_add_epi16(lo, hi), ones));
+                e = off * d * (float)q8_block_sum((const int8_t *)(blk + 2));
             }
             xd[b] = d;
             xe[b] = e;
@@ -870,7 +900,10 @@ ALWAYS_INLINE void gemv_legacy(int kind, const void *W, size_t wrb, int64_t n_co
              * hardware prefetcher); 8*wbs bytes per block step cover it */
             const uint8_t *pf = (const uint8_t *)W + (size_t)(row + pf_groups * TR) * wrb;
             const bool do_pf = pf_ok && row + (pf_groups + 1) * TR <= r1;
-            __m256 acc = _mm256_setzero_ps(), acc2 = acc;
+            /* running total over K-chunks (lane order), continued from Y after the first
+             * activation-scale chunk */
+            __m256 acc = _mm256_setzero_ps(), tot = acc;
+            if (kb0 > 0) tot = _mm256_castpd_ps(_mm256_permute4x64_pd(_mm256_castps_pd(_mm256_loadu_ps(Y + row)), 0xD8));
             for (int b = 0; b < nbk; b++, w0 += wbs, w4 += wbs, xq += xbs, pf += TR * wbs) {
                 __m256i isum;
                 if (do_pf)
@@ -953,19 +986,19 @@ ALWAYS_INLINE void gemv_legacy(int kind, const void *W, size_t wrb, int64_t n_co
                 acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum), _mm256_mul_ps(dv, _mm256_broadcast_ss(xd + b)), acc);
                 if (has_m) {
                     __m256 mv = q81 ? _mm256_shuffle_ps(f0, f1, 0xDD) : dv;
-                    acc2 = _mm256_fmadd_ps(mv, _mm256_broadcast_ss(xe + b), acc2);
+                    acc = _mm256_fmadd_ps(mv, _mm256_broadcast_ss(xe + b), acc);
+                }
+                const int gb = kb0 + b; /* K-chunks of KB32 blocks, as in the tiled GEMM */
+                if ((gb + 1) % KB32 == 0 || gb + 1 == nb) {
+                    tot = gb < KB32 ? acc : _mm256_add_ps(acc, tot);
+                    acc = _mm256_setzero_ps();
                 }
             }
-            acc = _mm256_add_ps(acc, acc2);
-            acc = _mm256_castpd_ps(_mm256_permute4x64_pd(_mm256_castps_pd(acc), 0xD8));
-            if (kb0 > 0) acc = _mm256_add_ps(acc, _mm256_loadu_ps(Y + row));
-            _mm256_storeu_ps(Y + row, acc);
+            _mm256_storeu_ps(Y + row, _mm256_castpd_ps(_mm256_permute4x64_pd(_mm256_castps_pd(tot), 0xD8)));
         }
     }
-    /* leftover rows: horizontal dots */
-    for (int r = rfull; r < r1; r++)
-        Y[r] = dot_legacy(kind == L_Q4_0 ? 0 : kind == L_Q4_1 ? 1 : kind == L_Q5_0 ? 2 : kind == L_Q5_1 ? 3 : 4,
-                          n_cols, (const uint8_t *)W + (size_t)r * wrb, X);
+    /* leftover rows: dot products (same arithmetic) */
+    for (int r = rfull; r < r1; r++) Y[r] = dot_legacy(kind, n_cols, (const uint8_t *)W + (size_t)r * wrb, X);
 }
 
 /* ----- K-quants (256-weight super-blocks) ----- */
@@ -1156,6 +1189,11 @@ static void gemm_tiled(int t, const void *W, size_t wrb, int64_t n_cols, int r0,
     if (n_tok < GEMV_MAX_TOK) {
         /* few tokens: one-token kernels (their scale gathers assume even addresses, true for any
          * real tensor; otherwise the horizontal dots) */
+        if (t == QT_Q4_K || t == QT_Q5_K || t == QT_Q6_K) {
+            for (int k = 0; k < n_tok; k++)
+                gemv_kq(t, W, wrb, n_cols, r0, r1, (const uint8_t *)X + (size_t)k * xrb, Y + (int64_t)k * ldy);
+            return;
+        }
         if (!legacy || (((uintptr_t)W | wrb) & 1) || wrb > (size_t)INT32_MAX / TR) {
             gemm_dots(t, W, wrb, n_cols, r0, r1, X, xrb, n_tok, Y, ldy);
             return;

@@ -11,7 +11,9 @@
  *   for Q4_1/Q5_1 (Q8_1 activations), 2^-10 * sum_blocks |m_w * s_x|: s = d*sum(q) is stored in
  *   fp16, so the min term carries its rounding (inherent to the format, as in ggml).
  * GEMM: every Y element == quant_vec_dot_ref within the same budget; elements outside the
- *   requested rows stay untouched (Y is pre-filled with NaN).
+ *   requested rows stay untouched (Y is pre-filled with NaN); and the result is bit-identical to
+ *   quant_vec_dot and to the same GEMM done token by token with another row split (so a forward
+ *   pass does not depend on batch size or thread count).
  */
 #include <stdint.h>
 #include <stdbool.h>
@@ -300,8 +302,28 @@ static int gemm_case(int t, int64_t n_cols, int r0, int r1, int n_tok, bool verb
                 bad++;
             }
         }
+    /* determinism: the same bits token by token, with another row split, and from vec_dot */
+    float *Y1 = xmalloc((size_t)ldy * n_tok * 4);
+    for (int64_t i = 0; i < ldy * n_tok; i++) Y1[i] = NAN;
+    const int mid = r0 + (r1 - r0) / 2 + 1 < r1 ? r0 + (r1 - r0) / 2 + 1 : r1;
+    for (int k = 0; k < n_tok; k++) {
+        quant_gemm(t, W, wrb, n_cols, r0, mid, X + (size_t)k * xrb, xrb, 1, Y1 + k * ldy, ldy);
+        quant_gemm(t, W, wrb, n_cols, mid, r1, X + (size_t)k * xrb, xrb, 1, Y1 + k * ldy, ldy);
+    }
+    int nondet = 0;
+    for (int k = 0; k < n_tok; k++)
+        for (int r = r0; r < r1; r++) {
+            float y = Y[k * ldy + r], v = quant_vec_dot(t, n_cols, W + (size_t)r * wrb, X + (size_t)k * xrb);
+            if (!(y == Y1[k * ldy + r] && y == v)) { /* exact (+0 and -0 count as equal) */
+                if (nondet < 3 && verbose)
+                    fprintf(stderr, "  %s cols=%ld tok=%d/%d row %d: gemm %.9g, one token %.9g, vec_dot %.9g\n",
+                            tr->name, (long)n_cols, k, n_tok, r, y, Y1[k * ldy + r], v);
+                nondet++;
+            }
+        }
+    free(Y1);
     free(tmp); free(wd); free(xd); free(W); free(X); free(Y);
-    return bad + untouched_bad;
+    return bad + untouched_bad + nondet;
 }
 
 static void test_gemm(int t) {

@@ -196,6 +196,10 @@ enum kvs_status kv_spec_parse(const char *spec, struct kv_spec *s) {
     char buf[512];
     if (strlen(spec) >= sizeof buf) return kvs_fail(KVS_ERR_INVALID_ARG, "--kv spec is too long");
     strcpy(buf, spec);
+    size_t len = strlen(spec);
+    if (strstr(spec, ",,") || strstr(spec, "++") || strstr(spec, ":,") || strstr(spec, "+:") ||
+        spec[0] == '+' || strchr(",+:", spec[len - 1]))
+        return bad(spec, "empty part or option%s%s", "", "");
     char *save_part = NULL;
     bool first = true;
     for (char *part = strtok_r(buf, "+", &save_part); part; part = strtok_r(NULL, "+", &save_part)) {

@@ -1,0 +1,333 @@
+/* test_kv.c — the KV store, the --kv spec and the eviction policies.
+ *   spec: accepted and refused strings, error text names the bad key and the accepted ones;
+ *   scorers/selection on hand-made caches: H2O keeps the heaviest older entries + the recent
+ *     window, StreamingLLM sinks + window, SnapKV max-pooling spreads a hit to its neighbours,
+ *     TOVA keeps the same entries in every head, AdaKV honours its per-head floor;
+ *   property: thousands of random plans applied with invariants, payloads and bytes checked;
+ *   real model: every method with a budget >= the sequence gives logits bit-identical to full,
+ *     and bounded prefill keeps kv_bytes_peak within budget + one chunk of one layer. */
+#include "kv/kv_cache.h"
+#include "kv/kv_policy.h"
+#include "kv/kv_spec.h"
+#include "kvsieve.h"
+#include "ops.h"
+#include "quant.h"
+#include "testutil.h"
+
+/* ---- spec ------------------------------------------------------------------------------ */
+
+static void test_spec(void) {
+    struct kv_spec s;
+    CHECK(kv_spec_parse("full", &s) == KVS_OK && s.method == KV_FULL);
+    CHECK(kv_spec_parse(NULL, &s) == KVS_OK && s.method == KV_FULL);
+    CHECK(kv_spec_parse("", &s) == KVS_OK && s.method == KV_FULL); /* empty = default */
+    CHECK(kv_spec_parse("h2o:budget=512,recent=0.25", &s) == KVS_OK && s.method == KV_H2O &&
+          s.budget == 512 && s.recent == 0.25f);
+    CHECK(kv_spec_parse("streaming:sinks=4,window=1020", &s) == KVS_OK && s.budget == 1024);
+    CHECK(kv_spec_parse("snapkv:ratio=0.25,window=16,kernel=5,pool=avg", &s) == KVS_OK &&
+          s.ratio == 0.25f && s.obs_window == 16 && s.kernel == 5 && s.pool == KV_POOL_AVG);
+    CHECK(kv_spec_parse("tova:ratio=0.1+alloc=adakv+floor=0.3", &s) == KVS_OK &&
+          s.alloc == KV_ALLOC_ADAKV && s.adakv_floor == 0.3f);
+    CHECK(kv_spec_parse("knorm:mem=64M", &s) == KVS_OK && s.mem_bytes == 64ull << 20);
+    CHECK(kv_spec_parse("h2o:budget=64,when=prefill,every=0", &s) == KVS_OK &&
+          s.when == KV_WHEN_PREFILL && s.every == 0);
+    const char *bad[] = {"nonsense", "h2o", "h2o:budget=0", "h2o:budget=10,ratio=0.5",
+                         "h2o:ratio=1.5", "h2o:budget=abc", "snapkv:budget=8,kernel=4",
+                         "full:budget=3", "h2o:budget=8+alloc=magic", "h2o:budget=8,,",
+                         "h2o:budget=8+snapkv:budget=3", "streaming:sinks=4,window=8,budget=20",
+                         "h2o:=3", "knorm:mem=-1", "random:budget=4,seed=x", "h2o:budget=8,",
+                         "h2o:budget=8+", "+h2o:budget=8", "h2o:"};
+    for (size_t i = 0; i < sizeof bad / sizeof bad[0]; i++)
+        CHECKF(kv_spec_parse(bad[i], &s) == KVS_ERR_INVALID_ARG, "accepted '%s'", bad[i]);
+    kv_spec_parse("h2o:budget=8,kernel=3", &s);
+    CHECKF(strstr(kvs_last_error(), "unknown key 'kernel' for h2o") &&
+           strstr(kvs_last_error(), "accepted: budget, ratio"), "%s", kvs_last_error());
+    kv_spec_parse("bogus:budget=8", &s);
+    CHECKF(strstr(kvs_last_error(), "unknown method 'bogus'"), "%s", kvs_last_error());
+    /* a fuzz-ish sweep: random strings from the alphabet of the grammar never crash */
+    const char alpha[] = "h2o:snapkv=budget,ratio+0.15x";
+    char buf[40];
+    for (int it = 0; it < 20000; it++) {
+        int n = (int)(tu_rand_u64() % 39);
+        for (int i = 0; i < n; i++) buf[i] = alpha[tu_rand_u64() % (sizeof alpha - 1)];
+        buf[n] = 0;
+        kv_spec_parse(buf, &s);
+    }
+}
+
+/* ---- hand-made caches -------------------------------------------------------------------- */
+
+enum { HD = 8 };
+
+/* a one-layer cache with n entries per head at positions 0..n-1; keys all zero */
+static struct kv_seq *make_seq(struct kv_cache *c, int n_head, int n_kv, int n, bool acc, int qwin) {
+    kv_cache_init(c, 1, n_kv, n_head, HD, acc, qwin);
+    struct kv_seq *s;
+    CHECK(kv_seq_new(c, &s) == KVS_OK);
+    CHECK(kv_seq_reserve(s, 0, n) == KVS_OK);
+    float k[64 * HD] = {0}, v[64 * HD] = {0};
+    for (int t = 0; t < n; t++) kv_seq_append(s, 0, t, k, v);
+    return s;
+}
+
+static struct kv_policy *make_policy(const char *spec, const struct kv_cache *c) {
+    struct kv_spec sp;
+    CHECKF(kv_spec_parse(spec, &sp) == KVS_OK, "%s", kvs_last_error());
+    struct kv_policy *p = NULL;
+    CHECK(kv_policy_new(&sp, c->n_layer, c->n_head, c->n_head_kv, HD, 256,
+                        kv_cache_entry_bytes(c), &p) == KVS_OK);
+    return p;
+}
+
+static bool kept_is(const struct kv_seq *s, int ih, const int *want, int n) {
+    const struct kv_head_store *h = kv_seq_head(s, 0, ih);
+    if (h->n != n) return false;
+    for (int i = 0; i < n; i++)
+        if (h->pos[i] != want[i]) return false;
+    return true;
+}
+
+static void plan_apply(struct kv_policy *p, struct kv_seq *s, int64_t n_seen) {
+    struct kv_plan plan;
+    if (kv_policy_plan_layer(p, s, 0, n_seen, 0, &plan)) kv_seq_apply_plan(s, 0, &plan);
+    CHECKF(kv_seq_check(s), "%s", kvs_last_error());
+}
+
+static void test_h2o(void) {
+    struct kv_cache c;
+    struct kv_seq *s = make_seq(&c, 2, 1, 12, true, 0);
+    float acc[12] = {5, 0.1f, 0.2f, 9, 0.3f, 7, 0.1f, 0.1f, 0.1f, 0.1f, 0.1f, 0.1f};
+    memcpy(kv_seq_head(s, 0, 0)->acc, acc, sizeof acc);
+    struct kv_policy *p = make_policy("h2o:budget=6,recent=0.5", &c);
+    plan_apply(p, s, 12);
+    int want[] = {0, 3, 5, 9, 10, 11}; /* heavy {3, 5, 0} + recent 3 */
+    CHECK(kept_is(s, 0, want, 6));
+    const float *a = kv_seq_head(s, 0, 0)->acc;
+    CHECK(a[0] == 5 && a[1] == 9 && a[2] == 7); /* statistics moved with their entries */
+    kv_policy_free(p);
+    kv_seq_free(s);
+}
+
+static void test_streaming(void) {
+    struct kv_cache c;
+    struct kv_seq *s = make_seq(&c, 1, 1, 20, false, 0);
+    struct kv_policy *p = make_policy("streaming:sinks=2,window=3", &c);
+    plan_apply(p, s, 20);
+    int want[] = {0, 1, 17, 18, 19};
+    CHECK(kept_is(s, 0, want, 5));
+    kv_policy_free(p);
+    kv_seq_free(s);
+}
+
+static void test_snapkv_pooling(void) {
+    struct kv_cache c;
+    struct kv_seq *s = make_seq(&c, 1, 1, 16, false, 1);
+    /* entry 5's key points along the saved query: attention concentrates there */
+    struct kv_head_store *h = kv_seq_head(s, 0, 0);
+    for (int d = 0; d < HD; d++) h->k[5 * HD + d] = quant_f32_to_f16(d == 0 ? 8.0f : 0.0f);
+    float q[HD] = {8, 0, 0, 0, 0, 0, 0, 0};
+    kv_seq_save_query(s, 0, 15, q);
+    struct kv_policy *p = make_policy("snapkv:budget=4,window=1,kernel=3,pool=max", &c);
+    plan_apply(p, s, 16);
+    int want[] = {4, 5, 6, 15}; /* the hit and its pooled neighbours + the window */
+    CHECK(kept_is(s, 0, want, 4));
+    kv_policy_free(p);
+    kv_seq_free(s);
+    /* without pooling only the hit stands out; ties among the rest go to later positions */
+    s = make_seq(&c, 1, 1, 16, false, 1);
+    h = kv_seq_head(s, 0, 0);
+    for (int d = 0; d < HD; d++) h->k[5 * HD + d] = quant_f32_to_f16(d == 0 ? 8.0f : 0.0f);
+    kv_seq_save_query(s, 0, 15, q);
+    p = make_policy("snapkv:budget=4,window=1,pool=none", &c);
+    plan_apply(p, s, 16);
+    int want2[] = {5, 13, 14, 15};
+    CHECK(kept_is(s, 0, want2, 4));
+    kv_policy_free(p);
+    kv_seq_free(s);
+}
+
+static void test_tova_layerwise(void) {
+    struct kv_cache c;
+    struct kv_seq *s = make_seq(&c, 4, 2, 16, false, 1);
+    /* head 0 is drawn to entry 3, head 1 to entry 9: the layer-wise score keeps both in both */
+    for (int ih = 0; ih < 2; ih++) {
+        struct kv_head_store *h = kv_seq_head(s, 0, ih);
+        int hit = ih ? 9 : 3;
+        h->k[hit * HD] = quant_f32_to_f16(8.0f);
+    }
+    float q[4 * HD] = {0};
+    for (int qh = 0; qh < 4; qh++) q[qh * HD] = 8.0f;
+    kv_seq_save_query(s, 0, 15, q);
+    struct kv_policy *p = make_policy("tova:budget=3", &c);
+    plan_apply(p, s, 16);
+    const struct kv_head_store *h0 = kv_seq_head(s, 0, 0), *h1 = kv_seq_head(s, 0, 1);
+    CHECK(h0->n == 3 && h1->n == 3 && memcmp(h0->pos, h1->pos, 3 * sizeof(int32_t)) == 0);
+    CHECK(h0->pos[0] == 3 && h0->pos[1] == 9);
+    kv_policy_free(p);
+    kv_seq_free(s);
+}
+
+static void test_adakv_floor(void) {
+    struct kv_cache c;
+    struct kv_seq *s = make_seq(&c, 2, 2, 12, true, 0);
+    /* head 0: every entry heavy; head 1: every entry light */
+    for (int j = 0; j < 12; j++) {
+        kv_seq_head(s, 0, 0)->acc[j] = 10.0f + j;
+        kv_seq_head(s, 0, 1)->acc[j] = 0.01f * j;
+    }
+    struct kv_policy *p = make_policy("h2o:budget=4,recent=0+alloc=adakv+floor=0.5", &c);
+    plan_apply(p, s, 12);
+    /* layer budget 8: head 1 keeps its floor of 2 (its best: positions 10, 11), head 0 the
+     * other 6 (its 6 heaviest: 6..11) */
+    int w0[] = {6, 7, 8, 9, 10, 11}, w1[] = {10, 11};
+    CHECK(kept_is(s, 0, w0, 6));
+    CHECK(kept_is(s, 1, w1, 2));
+    kv_policy_free(p);
+    kv_seq_free(s);
+}
+
+/* ---- property: random plans -------------------------------------------------------------- */
+
+static void test_random_plans(void) {
+    struct kv_cache c;
+    kv_cache_init(&c, 2, 2, 4, HD, true, 0);
+    struct kv_seq *s;
+    CHECK(kv_seq_new(&c, &s) == KVS_OK);
+    int32_t next_pos = 0, bad = 0;
+    int32_t keep_buf[2][600];
+    for (int it = 0; it < 3000; it++) {
+        int il = (int)(tu_rand_u64() % 2);
+        /* append a random number of tokens, each key row tagged with its position */
+        int add = (int)(tu_rand_u64() % 40);
+        for (int l = 0; l < 2; l++) CHECK(kv_seq_reserve(s, l, add) == KVS_OK);
+        for (int t = 0; t < add; t++) {
+            float k[2 * HD], v[2 * HD];
+            for (int i = 0; i < 2 * HD; i++) k[i] = (float)(next_pos % 2048), v[i] = -(float)(next_pos % 2048);
+            for (int l = 0; l < 2; l++) kv_seq_append(s, l, next_pos, k, v);
+            next_pos++;
+        }
+        /* a random plan for layer il: each entry kept with probability 0.7, budget cap 300 */
+        struct kv_plan plan;
+        for (int ih = 0; ih < 2; ih++) {
+            const struct kv_head_store *h = kv_seq_head(s, il, ih);
+            int nk = 0;
+            for (int j = 0; j < h->n && nk < 300; j++)
+                if (tu_rand_u64() % 10 < 7) keep_buf[ih][nk++] = j;
+            plan.keep[ih] = keep_buf[ih];
+            plan.n_keep[ih] = nk;
+        }
+        int32_t want_pos[2][600];
+        for (int ih = 0; ih < 2; ih++)
+            for (int i = 0; i < plan.n_keep[ih]; i++)
+                want_pos[ih][i] = kv_seq_head(s, il, ih)->pos[plan.keep[ih][i]];
+        kv_seq_apply_plan(s, il, &plan);
+        if (!kv_seq_check(s)) bad++;
+        for (int ih = 0; ih < 2; ih++) {
+            const struct kv_head_store *h = kv_seq_head(s, il, ih);
+            if (h->n != plan.n_keep[ih] || h->n > 300) bad++;
+            for (int i = 0; i < h->n; i++) {
+                /* payload moved with its position */
+                if (h->pos[i] != want_pos[ih][i] ||
+                    quant_f16_to_f32(h->k[i * HD]) != (float)(h->pos[i] % 2048) ||
+                    quant_f16_to_f32(h->v[i * HD + HD - 1]) != -(float)(h->pos[i] % 2048))
+                    bad++;
+            }
+            if (h->cap > (int32_t)kvs_pad((size_t)h->n, KV_CAP_STEP)) bad++; /* memory given back */
+        }
+        if (c.bytes != kv_seq_bytes(s)) bad++;
+    }
+    CHECKF(bad == 0, "%d violations in random plans", bad);
+    kv_seq_free(s);
+    CHECK(c.bytes == 0);
+}
+
+/* ---- the real model ---------------------------------------------------------------------- */
+
+static float *run_logits(kvs_model *m, const char *spec, const int32_t *toks, int n, int batch,
+                         int n_vocab, struct kvs_mem_stats *ms) {
+    struct kvs_context_params p = kvs_context_params_default();
+    p.n_ctx = 1024;
+    p.n_batch = batch;
+    p.kv_spec = spec;
+    kvs_context *c;
+    if (kvs_context_new(m, &p, &c) != KVS_OK) {
+        CHECKF(0, "%s: %s", spec ? spec : "(null)", kvs_last_error());
+        return NULL;
+    }
+    kvs_sequence *s;
+    kvs_seq_new(c, &s);
+    float *l = malloc(sizeof(float) * (size_t)(n + 8) * n_vocab);
+    CHECK(kvs_eval(c, s, toks, n, true, l, NULL, NULL) == KVS_OK);
+    /* then 8 decode steps of fixed tokens: compression during decode must not differ either */
+    for (int i = 0; i < 8; i++)
+        CHECK(kvs_eval(c, s, &toks[i], 1, false, l + (size_t)(n + i) * n_vocab, NULL, NULL) == KVS_OK);
+    if (ms) kvs_context_mem(c, ms);
+    kvs_context_free(c);
+    return l;
+}
+
+static void test_identity_and_bounds(void) {
+    const char *path = tu_model_path();
+    if (!path) {
+        fprintf(stderr, "test_kv: model not found, real-model checks skipped\n");
+        return;
+    }
+    kvs_model *m;
+    if (kvs_model_load(path, NULL, &m) != KVS_OK) return;
+    struct kvs_model_info mi;
+    kvs_model_get_info(m, &mi);
+    const char *text =
+        "It is a truth universally acknowledged, that a single man in possession of a good "
+        "fortune, must be in want of a wife. However little known the feelings or views of such "
+        "a man may be on his first entering a neighbourhood, this truth is so well fixed in the "
+        "minds of the surrounding families, that he is considered the rightful property of some "
+        "one or other of their daughters.";
+    int32_t toks[256];
+    int n = kvs_tokenize(m, text, strlen(text), true, false, toks, 256);
+    size_t nl = (size_t)(n + 8) * mi.n_vocab;
+    float *ref = run_logits(m, "full", toks, n, 512, mi.n_vocab, NULL);
+    float *none = run_logits(m, NULL, toks, n, 512, mi.n_vocab, NULL);
+    CHECK(ref && none && memcmp(ref, none, nl * sizeof(float)) == 0);
+    const char *same[] = {"streaming:budget=4096", "h2o:budget=4096", "tova:budget=4096",
+                          "snapkv:budget=4096", "knorm:budget=4096", "random:budget=4096",
+                          "h2o:ratio=1", "snapkv:budget=4096+alloc=adakv",
+                          "tova:budget=4096+alloc=pyramid+beta=1", "knorm:mem=1G"};
+    for (size_t i = 0; i < sizeof same / sizeof same[0]; i++) {
+        float *l = run_logits(m, same[i], toks, n, 16, mi.n_vocab, NULL);
+        CHECKF(l && ref && memcmp(l, ref, nl * sizeof(float)) == 0,
+               "%s is not bit-identical to full", same[i]);
+        free(l);
+    }
+    /* bounded prefill: budget 32, chunks of 16: after every chunk each layer holds <= 32 entries
+     * (capacity rounds up to 64), so the peak is the budget of every layer plus one layer's
+     * chunk; decode compresses once a head is `every` (16) entries over */
+    struct kvs_mem_stats ms;
+    float *l = run_logits(m, "h2o:budget=32", toks, n, 16, mi.n_vocab, &ms);
+    uint64_t eb = (uint64_t)mi.head_dim * 4 + 12;
+    uint64_t bound = ((uint64_t)mi.n_layer * 64 + 64) * mi.n_head_kv * eb;
+    CHECKF(ms.kv_bytes_peak <= bound && ms.kv_bytes <= (uint64_t)mi.n_layer * 64 * mi.n_head_kv * eb,
+           "peak %llu, bound %llu", (unsigned long long)ms.kv_bytes_peak, (unsigned long long)bound);
+    fprintf(stderr, "h2o budget 32 over %d tokens: kv_bytes %llu, peak %llu (bound %llu)\n", n + 8,
+            (unsigned long long)ms.kv_bytes, (unsigned long long)ms.kv_bytes_peak,
+            (unsigned long long)bound);
+    /* and a compressed run really differs from full (the test could not pass vacuously) */
+    CHECK(l && memcmp(l, ref, nl * sizeof(float)) != 0);
+    free(l);
+    free(ref);
+    free(none);
+    kvs_model_free(m);
+}
+
+int main(void) {
+    quant_init();
+    ops_init();
+    test_spec();
+    test_h2o();
+    test_streaming();
+    test_snapkv_pooling();
+    test_tova_layerwise();
+    test_adakv_floor();
+    test_random_plans();
+    test_identity_and_bounds();
+    return tu_finish("test_kv");
+}

@@ -1,0 +1,75 @@
+/* test_ops.c — the AVX2 attention kernels, RMSNorm and RoPE against their scalar references on
+ * random data and awkward sizes (budget: relative max error 1e-5 of the largest magnitude). */
+#include "ops.h"
+#include "quant.h"
+#include "testutil.h"
+
+static void fill(float *x, int n, float scale) {
+    for (int i = 0; i < n; i++) x[i] = tu_randf() * scale;
+}
+
+int main(void) {
+    quant_init();
+    ops_init();
+    int ns[] = {1, 3, 7, 8, 9, 16, 33, 127, 300};
+    int hds[] = {64, 128, 8};
+    int gs[] = {1, 3, 6};
+    enum { LDS = 320 };
+    static float Q[6 * 128], S1[6 * LDS], S2[6 * LDS], O1[6 * 128], O2[6 * 128];
+    static uint16_t K[300 * 128], V[300 * 128];
+    for (size_t a = 0; a < sizeof hds / sizeof hds[0]; a++)
+        for (size_t b = 0; b < sizeof gs / sizeof gs[0]; b++)
+            for (size_t c = 0; c < sizeof ns / sizeof ns[0]; c++) {
+                int hd = hds[a], g = gs[b], n = ns[c];
+                fill(Q, g * hd, 2.0f);
+                for (int i = 0; i < n * hd; i++) {
+                    K[i] = quant_f32_to_f16(tu_randf() * 3.0f);
+                    V[i] = quant_f32_to_f16(tu_randf());
+                }
+                for (int i = 0; i < 6 * LDS; i++) S1[i] = S2[i] = NAN;
+                ops_attn_scores_ref(Q, g, K, n, hd, 0.125f, S1, LDS);
+                ops_attn_scores_avx2(Q, g, K, n, hd, 0.125f, S2, LDS);
+                double md = 0, mx = 0;
+                for (int qi = 0; qi < g; qi++)
+                    for (int j = 0; j < n; j++) {
+                        double d = fabs(S1[qi * LDS + j] - S2[qi * LDS + j]);
+                        md = d > md || d != d ? d : md;
+                        mx = fabs(S1[qi * LDS + j]) > mx ? fabs(S1[qi * LDS + j]) : mx;
+                    }
+                CHECKF(md <= 1e-5 * (mx + 1), "scores hd %d g %d n %d: max diff %g", hd, g, n, md);
+                float m1[8], l1[8], m2[8], l2[8];
+                memcpy(S2, S1, sizeof S1);
+                ops_softmax_partial_ref(S1, g, n, LDS, m1, l1);
+                ops_softmax_partial_avx2(S2, g, n, LDS, m2, l2);
+                for (int qi = 0; qi < g; qi++) {
+                    CHECK(m1[qi] == m2[qi]);
+                    CHECKF(fabsf(l1[qi] - l2[qi]) <= 1e-5f * l1[qi], "softmax sum %g vs %g", l1[qi], l2[qi]);
+                    for (int j = 0; j < n; j++)
+                        CHECK(fabsf(S1[qi * LDS + j] - S2[qi * LDS + j]) <= 1e-6f);
+                }
+                for (int i = 0; i < 6 * 128; i++) O1[i] = O2[i] = NAN;
+                ops_attn_accum_ref(S1, g, n, LDS, V, hd, O1);
+                ops_attn_accum_avx2(S1, g, n, LDS, V, hd, O2);
+                double e = tu_max_abs_diff(O1, O2, (long)g * hd);
+                CHECKF(e <= 1e-5 * (n + 1), "accum hd %d g %d n %d: max diff %g", hd, g, n, e);
+            }
+    /* rmsnorm of a constant row is the weight; rope at position 0 is the identity */
+    float x[64], w[64], out[64], cs[64];
+    for (int i = 0; i < 64; i++) x[i] = 3.0f, w[i] = (float)i;
+    ops_rmsnorm(out, x, w, 64, 0.0f);
+    CHECK(tu_max_abs_diff(out, w, 64) < 1e-5);
+    fill(x, 64, 1.0f);
+    memcpy(out, x, sizeof x);
+    for (int i = 0; i < 32; i++) cs[2 * i] = 1.0f, cs[2 * i + 1] = 0.0f;
+    ops_rope(out, 1, 64, cs, true);
+    CHECK(memcmp(out, x, sizeof x) == 0);
+    /* rope preserves the norm of each rotated pair */
+    for (int i = 0; i < 32; i++) cs[2 * i] = cosf(0.3f * i), cs[2 * i + 1] = sinf(0.3f * i);
+    ops_rope(out, 1, 64, cs, false);
+    for (int i = 0; i < 32; i++) {
+        float a = x[2 * i] * x[2 * i] + x[2 * i + 1] * x[2 * i + 1];
+        float b = out[2 * i] * out[2 * i] + out[2 * i + 1] * out[2 * i + 1];
+        CHECK(fabsf(a - b) < 1e-5f);
+    }
+    return tu_finish("test_ops");
+}
