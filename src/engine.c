@@ -116,6 +116,8 @@ enum kvs_status kvs_context_new(kvs_model *m, const struct kvs_context_params *p
     }
     for (size_t i = 0; i < hd / 2; i++)
         c->inv_freq[i] = (float)pow((double)hp->rope_theta, -2.0 * (double)i / (double)hd);
+    c->kv.rope_inv_freq = c->inv_freq;
+    c->kv.rope_neox = m->arch->rope == ROPE_NEOX;
     *out = c;
     return KVS_OK;
 }
@@ -156,6 +158,7 @@ void kvs_seq_reset(kvs_context *c, kvs_sequence *s) {
     (void)c;
     kv_seq_clear(s->kv);
     s->n_past = 0;
+    s->pos_shift = 0;
 }
 
 enum kvs_status kvs_eval(kvs_context *c, kvs_sequence *s, const int32_t *tokens, int n,

@@ -13,6 +13,8 @@ struct kvs_sequence {
     int slot;        /* index in ctx->seqs */
     int32_t n_past;  /* next absolute position */
     struct kv_seq *kv;
+    int32_t pos_shift; /* entries evicted under in-cache positions (streaming pos=cache): RoPE
+                        * rotates token p at p - pos_shift, so survivors sit at 0..n-1 */
 };
 
 enum { N_ACT_SLOTS = 4 }; /* activation encodings: F32, Q8_0, Q8_1, Q8_K */

@@ -228,8 +228,18 @@ static void compress_layer(struct kvs_context *c, kvs_sequence *s, int il, enum 
     int64_t n_seen = 0;
     for (int t = 0; t < T; t++)
         if (vi[t] == v && pos[t] + 1 > n_seen) n_seen = pos[t] + 1;
-    if (kv_policy_plan_layer(c->policy, s->kv, il, n_seen, slack, &c->plan))
-        kv_seq_apply_plan(s->kv, il, &c->plan);
+    int32_t before = kv_seq_head(s->kv, il, 0)->n;
+    if (!kv_policy_plan_layer(c->policy, s->kv, il, n_seen, slack, &c->plan)) return;
+    kv_seq_apply_plan(s->kv, il, &c->plan, sp->reindex);
+    int32_t budget = kv_policy_budget(c->policy, il, n_seen);
+    for (int ih = 0; ih < c->m->hp.n_head_kv; ih++) {
+        int32_t n = kv_seq_head(s->kv, il, ih)->n;
+        /* the store's bound: a plan leaves no head above its budget (AdaKV: the layer's) */
+        KVS_ASSERT(sp->alloc == KV_ALLOC_ADAKV ? n <= budget * c->m->hp.n_head_kv : n <= budget);
+    }
+    /* in-cache positions: every layer evicts the same entries (streaming), so the shift is
+     * the same for all; it takes effect from the next forward() */
+    if (sp->reindex && il == c->m->hp.n_layer - 1) s->pos_shift += before - kv_seq_head(s->kv, il, 0)->n;
 }
 
 /* ---- the pass -------------------------------------------------------------------------- */
@@ -295,7 +305,7 @@ enum kvs_status forward(struct kvs_context *c, const int32_t *tokens, const int3
                              c->x + (size_t)t * d, d);
         float *cs = c->rope_cs + (size_t)t * hd;
         for (int i = 0; i < hd / 2; i++) {
-            double a = (double)pos[t] * c->inv_freq[i];
+            double a = (double)(pos[t] - seq[t]->pos_shift) * c->inv_freq[i];
             cs[2 * i] = (float)cos(a);
             cs[2 * i + 1] = (float)sin(a);
         }

@@ -678,9 +678,11 @@ static int cmd_bench(const struct opts *o) {
         double ms = now_ms() - t0;
         dec_tps[i] = o->bench_decode / (ms / 1e3);
         /* bytes one decode step must read: every weight once (the embedding table too when it
-         * is the tied output matrix) plus the KV entries held at this context */
-        uint64_t kv_read = (uint64_t)((ctxs[i] + o->bench_decode / 2.0) * mi.kv_bytes_per_token);
-        dec_kv[i] = kv_read;
+         * is the tied output matrix) plus the KV entries the cache holds at this context
+         * (allocated bytes, an upper bound of what attention streams) */
+        struct kvs_mem_stats held;
+        kvs_context_mem(c, &held);
+        dec_kv[i] = held.kv_bytes;
         if (!o->quiet) fprintf(stderr, "bench: decode at %d: %.1f tok/s\n", ctxs[i], dec_tps[i]);
     }
     /* peak RSS of the engine itself, read before the bandwidth probe allocates its buffer */
@@ -706,9 +708,10 @@ static int cmd_bench(const struct opts *o) {
                (unsigned long long)mi.kv_bytes_per_token, bw, o->bench_prompt, pf_ms,
                o->bench_prompt / (pf_ms / 1e3));
         for (int i = 0; i < n_ctxs; i++)
-            printf("%s{\"context\":%d,\"steps\":%d,\"tok_s\":%.2f,\"bytes_per_token\":%llu,"
+            printf("%s{\"context\":%d,\"steps\":%d,\"tok_s\":%.2f,\"kv_bytes\":%llu,\"bytes_per_token\":%llu,"
                    "\"bound_tok_s\":%.2f,\"fraction_of_bound\":%.3f}", i ? "," : "", ctxs[i],
-                   o->bench_decode, dec_tps[i], (unsigned long long)(mi.weight_bytes + dec_kv[i]),
+                   o->bench_decode, dec_tps[i], (unsigned long long)dec_kv[i],
+                   (unsigned long long)(mi.weight_bytes + dec_kv[i]),
                    dec_bound[i], dec_tps[i] / dec_bound[i]);
         printf("],\"kv_bytes\":%llu,\"kv_bytes_peak\":%llu,\"scratch_bytes\":%llu,"
                "\"peak_rss_bytes\":%ld,\"logits_hash\":\"%016llx\"}\n",

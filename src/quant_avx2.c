@@ -71,6 +71,12 @@ ALWAYS_INLINE __m256i bcast32(const void *p) {
 
 ALWAYS_INLINE __m256i loadu256(const void *p) { return _mm256_loadu_si256((const __m256i *)p); }
 
+/* prefetch base + off (integer arithmetic: the address may lie past the end of the tensor, and
+ * prefetches never fault) */
+ALWAYS_INLINE void prefetch_at(const void *base, size_t off) {
+    _mm_prefetch((const char *)((uintptr_t)base + off), _MM_HINT_T0);
+}
+
 /* 16 bytes of packed nibbles -> 32 bytes: [low nibbles (elements 0..15) | high (16..31)] */
 ALWAYS_INLINE __m256i unpack_nib32(const uint8_t *qs) {
     __m256i v = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)qs));
@@ -505,7 +511,7 @@ ALWAYS_INLINE float dot_k45(bool five, int64_t n, const void *w, const void *x, 
     float acc = 0, total = 0;
     for (int64_t i = 0; i < nb; i++) {
         if (pf)
-            for (size_t o = 0; o < wbs; o += 64) _mm_prefetch((const char *)w + (size_t)i * wbs + pf + o, _MM_HINT_T0);
+            for (size_t o = 0; o < wbs; o += 64) prefetch_at(w, (size_t)i * wbs + pf + o);
         const uint8_t *scales;
         uint16_t dh, dminh;
         __m256i v[8];
@@ -557,7 +563,7 @@ ALWAYS_INLINE float dot_q6k_impl(int64_t n, const void *w, const void *x, size_t
     float acc = 0, total = 0;
     for (int64_t i = 0; i < nb; i++) {
         if (pf)
-            for (size_t o = 0; o < sizeof(blk_q6_K); o += 64) _mm_prefetch((const char *)(a + i) + pf + o, _MM_HINT_T0);
+            for (size_t o = 0; o < sizeof(blk_q6_K); o += 64) prefetch_at(a, (size_t)i * sizeof(blk_q6_K) + pf + o);
         __m256i v[8];
         q6k_unpack_u8(&a[i], v);
         __m256i sc16 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)a[i].scales));
@@ -589,14 +595,21 @@ static float dot_q6_K(int64_t n, const void *w, const void *x) { return dot_q6k_
 /* one token, K-quants: row by row (the rows of a tensor are contiguous, so a fixed prefetch
  * distance runs ahead across row ends) */
 #define PF_BYTES 12288 /* software prefetch distance of the one-token kernels */
-static void gemv_kq(int t, const void *W, size_t wrb, int64_t n_cols, int r0, int r1,
-                    const void *X, float *Y) {
-    const size_t pf = quant_row_bytes(t, n_cols) == wrb ? PF_BYTES : 0;
+ALWAYS_INLINE void gemv_kq_rows(int t, const void *W, size_t wrb, int64_t n_cols, int r0, int r1,
+                               const void *X, float *Y, size_t pf) {
     for (int r = r0; r < r1; r++) {
         const uint8_t *w = (const uint8_t *)W + (size_t)r * wrb;
         Y[r] = t == QT_Q4_K ? dot_k45(false, n_cols, w, X, pf)
              : t == QT_Q5_K ? dot_k45(true, n_cols, w, X, pf) : dot_q6k_impl(n_cols, w, X, pf);
     }
+}
+
+static void gemv_kq(int t, const void *W, size_t wrb, int64_t n_cols, int r0, int r1,
+                    const void *X, float *Y) {
+    const size_t pf = quant_row_bytes(t, n_cols) == wrb ? PF_BYTES : 0;
+    if (t == QT_Q4_K) gemv_kq_rows(QT_Q4_K, W, wrb, n_cols, r0, r1, X, Y, pf);
+    else if (t == QT_Q5_K) gemv_kq_rows(QT_Q5_K, W, wrb, n_cols, r0, r1, X, Y, pf);
+    else gemv_kq_rows(QT_Q6_K, W, wrb, n_cols, r0, r1, X, Y, pf);
 }
 
 /* ---- tiled GEMM ---------------------------------------------------------------------------- */
@@ -651,7 +664,7 @@ typedef struct {
     _Alignas(32) float m[KB32][TR];
 } tile32_t;
 
-/* activation scales of a token chunk: [0] = d_x, [1] = second term (s_x, or -off*d_x*sum q) */
+/* activation scales of a token chunk: [0] = d_x, [1] = second term (s_x, or off*d_x*sum(q)) */
 #define XS_ROWS (TCH + TT)
 typedef struct {
     _Alignas(32) float v[2][XS_ROWS][KB32];
@@ -684,11 +697,10 @@ ALWAYS_INLINE void repack32(int kind, const uint8_t *W, size_t wrb, int nr, int 
         transpose8x8_epi32(v);
         for (int g = 0; g < 8; g++) _mm256_store_si256((__m256i *)S->q[b][g], v[g]);
         for (int r = 0; r < TR; r++) {
-            const uint8_t *blk = W + (size_t)r * wrb + (size_t)b * wbs;
             float d = 0, m = 0;
             if (r < nr) {
                 uint16_t h[2];
-                memcpy(h, blk, 4);
+                memcpy(h, W + (size_t)r * wrb + (size_t)b * wbs, 4);
                 d = h2f(h[0]);
                 m = (kind == L_Q4_1 || kind == L_Q5_1) ? h2f(h[1]) : d;
             }
@@ -889,7 +901,7 @@ ALWAYS_INLINE void gemv_legacy(int kind, const void *W, size_t wrb, int64_t n_co
         /* the first row groups: no earlier group prefetched them */
         if (pf_ok)
             for (size_t o = 0; o < (size_t)pf_groups * TR * wrb && (size_t)r0 * wrb + o < (size_t)r1 * wrb; o += 64)
-                _mm_prefetch((const char *)W + (size_t)r0 * wrb + o, _MM_HINT_T0);
+                prefetch_at(W, (size_t)r0 * wrb + o);
         for (int row = r0; row < rfull; row += TR) {
             /* rows 0..3 at w0 + {0,1,2,3}*wrb, rows 4..7 at w4 + the same */
             const uint8_t *w0 = (const uint8_t *)W + (size_t)row * wrb + (size_t)kb0 * wbs;
@@ -898,7 +910,7 @@ ALWAYS_INLINE void gemv_legacy(int kind, const void *W, size_t wrb, int64_t n_co
             /* software prefetch of the row group pf_groups ahead: its 8 rows are one contiguous
              * region when the chunk spans whole rows (8 short interleaved streams defeat the
              * hardware prefetcher); 8*wbs bytes per block step cover it */
-            const uint8_t *pf = (const uint8_t *)W + (size_t)(row + pf_groups * TR) * wrb;
+            size_t pf = (size_t)(row + pf_groups * TR) * wrb;
             const bool do_pf = pf_ok && row + (pf_groups + 1) * TR <= r1;
             /* running total over K-chunks (lane order), continued from Y after the first
              * activation-scale chunk */
@@ -907,7 +919,7 @@ ALWAYS_INLINE void gemv_legacy(int kind, const void *W, size_t wrb, int64_t n_co
             for (int b = 0; b < nbk; b++, w0 += wbs, w4 += wbs, xq += xbs, pf += TR * wbs) {
                 __m256i isum;
                 if (do_pf)
-                    for (size_t o = 0; o < TR * wbs; o += 64) _mm_prefetch((const char *)(pf + o), _MM_HINT_T0);
+                    for (size_t o = 0; o < TR * wbs; o += 64) prefetch_at(W, pf + o);
                 __m256 dvq50 = _mm256_setzero_ps();
                 if (kind == L_Q8_0) {
                     __m256i v[8] = {loadu256(w0 + 2), loadu256(w0 + s1 + 2), loadu256(w4 + 2),
@@ -1023,7 +1035,7 @@ ALWAYS_INLINE void repackK(int kind, const uint8_t *W, size_t wrb, int nr, int n
         _Alignas(32) uint8_t tmp[TR][256];
         for (int r = 0; r < TR; r++) {
             __m256i v[8];
-            const uint8_t *blk = W + (size_t)r * wrb + (size_t)sb * wbs;
+            const uint8_t *blk = W + (size_t)(r < nr ? r : 0) * wrb + (size_t)sb * wbs;
             if (r >= nr) {
                 for (int s = 0; s < 8; s++) v[s] = _mm256_setzero_si256();
                 for (int j = 0; j < 16; j++) { S->sc[sb][j][2 * r] = 0; S->sc[sb][j][2 * r + 1] = 0; }

@@ -23,7 +23,10 @@ static void test_spec(void) {
     CHECK(kv_spec_parse("", &s) == KVS_OK && s.method == KV_FULL); /* empty = default */
     CHECK(kv_spec_parse("h2o:budget=512,recent=0.25", &s) == KVS_OK && s.method == KV_H2O &&
           s.budget == 512 && s.recent == 0.25f);
-    CHECK(kv_spec_parse("streaming:sinks=4,window=1020", &s) == KVS_OK && s.budget == 1024);
+    CHECK(kv_spec_parse("streaming:sinks=4,window=1020", &s) == KVS_OK && s.budget == 1024 &&
+          s.reindex);
+    CHECK(kv_spec_parse("streaming:budget=64,pos=abs", &s) == KVS_OK && !s.reindex);
+    CHECK(kv_spec_parse("h2o:budget=64", &s) == KVS_OK && !s.reindex);
     CHECK(kv_spec_parse("snapkv:ratio=0.25,window=16,kernel=5,pool=avg", &s) == KVS_OK &&
           s.ratio == 0.25f && s.obs_window == 16 && s.kernel == 5 && s.pool == KV_POOL_AVG);
     CHECK(kv_spec_parse("tova:ratio=0.1+alloc=adakv+floor=0.3", &s) == KVS_OK &&
@@ -89,7 +92,7 @@ static bool kept_is(const struct kv_seq *s, int ih, const int *want, int n) {
 
 static void plan_apply(struct kv_policy *p, struct kv_seq *s, int64_t n_seen) {
     struct kv_plan plan;
-    if (kv_policy_plan_layer(p, s, 0, n_seen, 0, &plan)) kv_seq_apply_plan(s, 0, &plan);
+    if (kv_policy_plan_layer(p, s, 0, n_seen, 0, &plan)) kv_seq_apply_plan(s, 0, &plan, false);
     CHECKF(kv_seq_check(s), "%s", kvs_last_error());
 }
 
@@ -186,6 +189,51 @@ static void test_adakv_floor(void) {
     kv_seq_free(s);
 }
 
+/* reindexing plans re-rotate keys: a key stored rotated at slot j and moved to slot i equals the
+ * unrotated key rotated at i (fp16 storage: tolerance 2e-3 relative) */
+static void rotate(float *x, int hd, double pos, const float *inv_freq) {
+    for (int i = 0; i < hd / 2; i++) {
+        double a = pos * inv_freq[i];
+        float c = (float)cos(a), s = (float)sin(a), x0 = x[i], x1 = x[i + hd / 2];
+        x[i] = x0 * c - x1 * s;
+        x[i + hd / 2] = x0 * s + x1 * c;
+    }
+}
+
+static void test_reindex(void) {
+    struct kv_cache c;
+    kv_cache_init(&c, 1, 1, 1, HD, false, 0);
+    float inv_freq[HD / 2];
+    for (int i = 0; i < HD / 2; i++) inv_freq[i] = (float)pow(10000.0, -2.0 * i / HD);
+    c.rope_inv_freq = inv_freq;
+    c.rope_neox = true;
+    struct kv_seq *s;
+    kv_seq_new(&c, &s);
+    kv_seq_reserve(s, 0, 40);
+    float raw[40][HD];
+    for (int t = 0; t < 40; t++) {
+        float k[HD], v[HD] = {0};
+        for (int d = 0; d < HD; d++) raw[t][d] = k[d] = tu_randf();
+        rotate(k, HD, t, inv_freq);
+        kv_seq_append(s, 0, t, k, v);
+    }
+    int32_t keep[] = {0, 1, 30, 35, 39};
+    struct kv_plan plan = {.keep = {keep}, .n_keep = {5}};
+    kv_seq_apply_plan(s, 0, &plan, true);
+    const struct kv_head_store *h = kv_seq_head(s, 0, 0);
+    double worst = 0;
+    for (int i = 0; i < 5; i++) {
+        float want[HD], got[HD];
+        memcpy(want, raw[keep[i]], sizeof want);
+        rotate(want, HD, i, inv_freq);
+        quant_f16_to_f32_row(h->k + i * HD, got, HD);
+        double e = tu_max_abs_diff(got, want, HD);
+        worst = e > worst ? e : worst;
+    }
+    CHECKF(worst < 2e-3, "re-rotated keys off by %g", worst);
+    kv_seq_free(s);
+}
+
 /* ---- property: random plans -------------------------------------------------------------- */
 
 static void test_random_plans(void) {
@@ -220,7 +268,7 @@ static void test_random_plans(void) {
         for (int ih = 0; ih < 2; ih++)
             for (int i = 0; i < plan.n_keep[ih]; i++)
                 want_pos[ih][i] = kv_seq_head(s, il, ih)->pos[plan.keep[ih][i]];
-        kv_seq_apply_plan(s, il, &plan);
+        kv_seq_apply_plan(s, il, &plan, false);
         if (!kv_seq_check(s)) bad++;
         for (int ih = 0; ih < 2; ih++) {
             const struct kv_head_store *h = kv_seq_head(s, il, ih);
@@ -328,6 +376,7 @@ int main(void) {
     test_tova_layerwise();
     test_adakv_floor();
     test_random_plans();
+    test_reindex();
     test_identity_and_bounds();
     return tu_finish("test_kv");
 }

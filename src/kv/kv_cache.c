@@ -2,6 +2,7 @@
 #include "kv_cache.h"
 #include "quant.h"
 
+#include <math.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -156,8 +157,25 @@ void kv_seq_save_query(struct kv_seq *s, int il, int32_t pos, const float *q) {
     if (s->q_n[il] < c->qwin) s->q_n[il]++;
 }
 
-void kv_seq_apply_plan(struct kv_seq *s, int il, const struct kv_plan *plan) {
+/* rotate one fp16 key (head_dim) by `delta` positions */
+static void rerotate(const struct kv_cache *c, uint16_t *k, int32_t delta) {
+    int hd = c->head_dim, half = hd / 2;
+    float x[512];
+    quant_f16_to_f32_row(k, x, hd);
+    for (int i = 0; i < half; i++) {
+        double a = (double)delta * c->rope_inv_freq[i];
+        float cs = (float)cos(a), sn = (float)sin(a);
+        int ia = c->rope_neox ? i : 2 * i, ib = c->rope_neox ? i + half : 2 * i + 1;
+        float x0 = x[ia], x1 = x[ib];
+        x[ia] = x0 * cs - x1 * sn;
+        x[ib] = x0 * sn + x1 * cs;
+    }
+    quant_f32_to_f16_row(x, k, hd);
+}
+
+void kv_seq_apply_plan(struct kv_seq *s, int il, const struct kv_plan *plan, bool reindex) {
     size_t hd = (size_t)s->owner->head_dim;
+    KVS_ASSERT(!reindex || (s->owner->rope_inv_freq && hd <= 512));
     for (int ih = 0; ih < s->owner->n_head_kv; ih++) {
         struct kv_head_store *h = kv_seq_head(s, il, ih);
         const int32_t *keep = plan->keep[ih];
@@ -172,6 +190,7 @@ void kv_seq_apply_plan(struct kv_seq *s, int il, const struct kv_plan *plan) {
             h->pos[i] = h->pos[j];
             h->w[i] = h->w[j];
             if (h->acc) h->acc[i] = h->acc[j];
+            if (reindex) rerotate(s->owner, h->k + i * hd, i - j);
         }
         h->n = nk;
     }

@@ -34,6 +34,8 @@ struct kv_cache {
     int n_layer, n_head_kv, n_head, head_dim;
     bool with_acc;    /* allocate the accumulated-attention slot */
     int qwin;         /* queries kept per layer for plan-time scoring (0 = none) */
+    const float *rope_inv_freq; /* (head_dim/2) for re-rotating keys (reindexing plans) */
+    bool rope_neox;
     uint64_t bytes, bytes_peak; /* all sequences of this cache */
 };
 
@@ -78,8 +80,10 @@ struct kv_plan {
     int32_t n_keep[KV_VIEW_MAX_HEADS];
 };
 /* Apply: compact every head to its kept entries (payloads, positions, weights, statistics move
- * together), then give back freed capacity. Checks the plan (indices ascending and in range). */
-void kv_seq_apply_plan(struct kv_seq *s, int il, const struct kv_plan *plan);
+ * together), then give back freed capacity. Checks the plan (indices ascending and in range).
+ * reindex: the entries' RoPE positions are their slots (streaming pos=cache): a key moving from
+ * slot j to slot i is re-rotated by i - j (RoPE rotations compose additively). */
+void kv_seq_apply_plan(struct kv_seq *s, int il, const struct kv_plan *plan, bool reindex);
 
 /* The view of layer il that attention reads. */
 void kv_seq_view(const struct kv_seq *s, int il, struct kv_view *out);

@@ -13,7 +13,7 @@ static const char *METHOD_NAMES[KV_METHOD_COUNT] = {"full", "streaming", "h2o", 
 
 /* keys each method accepts beyond the shared ones */
 static const char *METHOD_KEYS[KV_METHOD_COUNT] = {
-    "", "sinks, window", "recent", "", "window, kernel, pool", "", "seed"};
+    "", "sinks, window, pos", "recent", "", "window, kernel, pool", "", "seed"};
 static const char *SHARED_KEYS = "budget, ratio, mem, alloc, beta, floor, agg, when, every";
 
 const char *kv_method_name(enum kv_method m) {
@@ -35,7 +35,9 @@ const char *kv_spec_help(void) {
            "methods (scorers; entries that lose are evicted and their memory freed):\n"
            "  full       keep everything (default; bit-identical to no policy)\n"
            "  streaming  StreamingLLM: the first `sinks` entries + the last `window` (defaults\n"
-           "             sinks=4, window=budget-sinks)\n"
+           "             sinks=4, window=budget-sinks); pos=cache (default) gives the kept\n"
+           "             entries RoPE positions 0..n-1 (keys re-rotated on eviction) so that\n"
+           "             generation can run past the trained context; pos=abs keeps original ones\n"
            "  h2o        H2O: accumulated attention each entry received (heavy hitters) + the\n"
            "             most recent `recent` fraction of the budget (default 0.5)\n"
            "  tova       TOVA: attention of the last query; layer-wise top entries\n"
@@ -169,6 +171,10 @@ static enum kvs_status set_key(const char *spec, struct kv_spec *s, const char *
         else if (!strcmp(val, "avg")) s->pool = KV_POOL_AVG;
         else if (!strcmp(val, "none")) s->pool = KV_POOL_NONE;
         else return bad(spec, "pool must be max, avg or none (got '%s')%s", val, "");
+    } else if (!strcmp(key, "pos")) {
+        if (!strcmp(val, "cache")) s->reindex = true;
+        else if (!strcmp(val, "abs")) s->reindex = false;
+        else return bad(spec, "pos must be cache or abs (got '%s')%s", val, "");
     } else if (!strcmp(key, "seed")) {
         char *end;
         errno = 0;
@@ -192,6 +198,7 @@ enum kvs_status kv_spec_parse(const char *spec, struct kv_spec *s) {
     s->kernel = 7;
     s->pool = KV_POOL_MAX;
     s->seed = 1;
+    s->reindex = true; /* only streaming reads it */
     if (!spec || !*spec) spec = "full";
     char buf[512];
     if (strlen(spec) >= sizeof buf) return kvs_fail(KVS_ERR_INVALID_ARG, "--kv spec is too long");
@@ -232,6 +239,7 @@ enum kvs_status kv_spec_parse(const char *spec, struct kv_spec *s) {
         }
     }
     if (first) return bad(spec, "empty spec%s%s", "", "");
+    if (s->method != KV_STREAMING) s->reindex = false;
     if (s->method == KV_FULL) {
         snprintf(s->text, sizeof s->text, "full");
         return KVS_OK;

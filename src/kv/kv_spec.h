@@ -40,6 +40,7 @@ struct kv_spec {
     int32_t every;       /* decode: compress when this many entries over budget (default 16) */
     /* method parameters */
     int32_t sinks, window;   /* streaming: first `sinks` + last `window` entries */
+    bool reindex;            /* streaming pos=cache: RoPE positions are cache slots (default) */
     float recent;            /* h2o: fraction of the budget kept as the recent window (0.5) */
     int32_t obs_window;      /* snapkv: observation window (32); h2o/tova protect it too */
     int32_t kernel;          /* snapkv: pooling kernel (7) */
