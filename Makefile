@@ -68,7 +68,7 @@ bench: all models
 	$(BUILD)/kvsieve bench --json
 
 demo: all models
-	$(BUILD)/kvsieve run --chat -n 64 --temp 0 -p "What is the capital of France? Answer in one sentence."
+	$(BUILD)/kvsieve run --chat -n 96 --temp 0 -p "Explain in two sentences why the sky is blue."
 
 FUZZ_CC ?= clang
 fuzz: $(BUILD)/fuzz_gguf

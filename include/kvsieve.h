@@ -105,6 +105,8 @@ struct kvs_context_params {
     const char *kv_spec;/* KV policy spec ("full" by default; see `kvsieve --help kv`) */
 };
 struct kvs_context_params kvs_context_params_default(void);
+/* The --kv grammar, methods and options, as printed by `kvsieve --help kv`. */
+const char *kvs_kv_spec_help(void);
 
 enum kvs_status kvs_context_new(kvs_model *m, const struct kvs_context_params *p,
                                 kvs_context **out);
@@ -115,6 +117,24 @@ enum kvs_status kvs_seq_new(kvs_context *c, kvs_sequence **out);
 void kvs_seq_free(kvs_context *c, kvs_sequence *s);
 int kvs_seq_n_past(const kvs_sequence *s); /* tokens consumed so far (next absolute position) */
 void kvs_seq_reset(kvs_context *c, kvs_sequence *s); /* forget all tokens */
+
+/* Save a sequence's KV cache (possibly compressed: exactly the entries the policy kept, with
+ * their statistics and saved queries) and its position to `path`, so a long document is
+ * prefilled once and questioned many times. The file is versioned and checksummed, records the
+ * model's fingerprint and the KV spec it was made under, and is written to a temporary file that
+ * is then renamed over `path` (a reader never sees half a file). The sequence is not changed.
+ * KVS_ERR_IO when the file cannot be written. */
+enum kvs_status kvs_seq_save(kvs_context *c, const kvs_sequence *s, const char *path);
+/* Replace the sequence's whole content, n_past included, with a cache saved by kvs_seq_save;
+ * evaluation then continues after the saved tokens (feed the continuation without BOS), and
+ * gives the same logits as continuing the saved sequence when the context runs the same
+ * policy. A cache may be loaded under another policy: accumulated-attention slots it lacks
+ * start at 0 and saved queries are kept up to the context's window. The whole file is
+ * validated first; on any error the sequence is left unchanged. Errors: KVS_ERR_IO (cannot
+ * open), KVS_ERR_FORMAT (not a cache file, "unsupported cache version N", "truncated cache
+ * file", "corrupted cache file", invalid content), KVS_ERR_INVALID_ARG ("cache was made with
+ * another model (...)", more tokens than the context size), KVS_ERR_NOMEM. */
+enum kvs_status kvs_seq_load(kvs_context *c, kvs_sequence *s, const char *path);
 
 /* Progress callback for long prefill: called after every chunk with tokens done / total. Return
  * false to abort (the call then fails with KVS_ERR_INVALID_ARG "aborted"). */

@@ -15,6 +15,8 @@ struct kvs_context_params kvs_context_params_default(void) {
                                        .n_seq_max = 1, .kv_spec = "full"};
 }
 
+const char *kvs_kv_spec_help(void) { return kv_spec_help(); }
+
 static void *scratch(struct kvs_context *c, size_t bytes) {
     c->scratch_bytes += bytes;
     return kvs_aligned_alloc(bytes);

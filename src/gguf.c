@@ -130,11 +130,11 @@ static bool parse_value(struct cursor *c, struct gguf_kv *kv) {
     kv->data = c->p + c->pos;
     if (at != GGUF_STRING) {
         size_t es = vtype_size[at];
-        if (n > (c->size - c->pos) / es) return cur_fail(c, KVS_ERR_FORMAT, "truncated array");
+        if (n > (c->size - c->pos) / es) return cur_fail(c, KVS_ERR_FORMAT, "truncated file: array longer than the file");
         return cur_skip(c, n * es, "array");
     }
     /* each string takes at least its 8-byte length: bound n before allocating */
-    if (n > (c->size - c->pos) / 8) return cur_fail(c, KVS_ERR_FORMAT, "truncated string array");
+    if (n > (c->size - c->pos) / 8) return cur_fail(c, KVS_ERR_FORMAT, "truncated file: string array longer than the file");
     kv->strs = malloc((n ? n : 1) * sizeof *kv->strs);
     if (!kv->strs) return cur_fail(c, KVS_ERR_NOMEM, "out of memory for string array");
     for (uint64_t i = 0; i < n; i++) {

@@ -85,20 +85,6 @@ static const char *USAGE =
     "                        (default 128,2048,8000, capped at the context size)\n"
     "       --decode N       decode steps timed at each context (default 32)\n";
 
-static const char *KV_HELP =
-    "--kv SPEC selects the KV-cache policy.\n"
-    "\n"
-    "grammar:   SPEC   := PART ('+' PART)*\n"
-    "           PART   := NAME (':' KEY '=' VALUE (',' KEY '=' VALUE)*)?\n"
-    "\n"
-    "available now:\n"
-    "  full    keep every entry (the default). The reference every other policy is\n"
-    "          measured against: logits are bit-identical to running with no policy.\n"
-    "\n"
-    "Budgeted policies (streaming, h2o, tova, snapkv, knorm, random; merging, channel\n"
-    "pruning and quantized storage) are specified in shared/DESIGN.md and arrive with\n"
-    "their issues; an unknown name is refused with the list of accepted ones.\n";
-
 static void die_usage(const char *fmt, ...) {
     va_list ap;
     va_start(ap, fmt);
@@ -142,7 +128,7 @@ static void parse_args(int argc, char **argv, struct opts *o) {
     int i = 1;
     o->cmd = argv[i++];
     if (!strcmp(o->cmd, "--help") || !strcmp(o->cmd, "-h") || !strcmp(o->cmd, "help")) {
-        if (i < argc && !strcmp(argv[i], "kv")) fputs(KV_HELP, stdout);
+        if (i < argc && !strcmp(argv[i], "kv")) fputs(kvs_kv_spec_help(), stdout);
         else fputs(USAGE, stdout);
         exit(0);
     }
@@ -392,7 +378,7 @@ static int cmd_run(const struct opts *o) {
     if (n_tok >= n_ctx) {
         fprintf(stderr, "kvsieve: the prompt has %d tokens, but the context holds %d (raise -c "
                 "up to the model's %d, or shorten the prompt)\n", n_tok, n_ctx, mi.n_ctx_train);
-        return 2;
+        exit(2);
     }
     int n_predict = o->n_predict >= 0 ? o->n_predict : 128;
     if (n_predict > n_ctx - n_tok) n_predict = n_ctx - n_tok;
@@ -537,12 +523,12 @@ static int cmd_ppl(const struct opts *o) {
     int n = o->ppl_tokens ? o->ppl_tokens : n_tok;
     if (n > n_tok) {
         fprintf(stderr, "kvsieve: %s has only %d tokens (asked for %d)\n", o->file, n_tok, n);
-        return 2;
+        exit(2);
     }
     if (n > n_ctx) {
         fprintf(stderr, "kvsieve: %d tokens do not fit the context of %d (use --tokens or -c)\n",
                 n, n_ctx);
-        return 2;
+        exit(2);
     }
     if (n < 2) die_usage("ppl needs at least 2 tokens");
     struct opts oc = *o;

@@ -810,21 +810,9 @@ static const struct quant_kernels *g_chosen = &quant_ref_kernels;
 static bool g_has_avx2;
 static pthread_once_t g_once = PTHREAD_ONCE_INIT;
 
-#if defined(__x86_64__) || defined(__i386__)
-/* F16C from CPUID leaf 1 (ECX bit 29): clang's __builtin_cpu_supports does not know "f16c" */
-static bool cpu_has_f16c(void) {
-    unsigned a, b, c, d;
-    if (!__get_cpuid(1, &a, &b, &c, &d)) return false;
-    return (c >> 29) & 1u;
-}
-#endif
-
 static void init_once(void) {
     g_fast = quant_ref_kernels;
-#if defined(__x86_64__) || defined(__i386__)
-    __builtin_cpu_init();
-    g_has_avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && cpu_has_f16c();
-#endif
+    g_has_avx2 = kvs_cpu_has_avx2(); /* base.c: cpuid + xgetbv, same on gcc and clang */
     if (g_has_avx2) quant_avx2_register(&g_fast);
     g_chosen = &g_fast;
     __atomic_store_n(&g_active, g_chosen, __ATOMIC_RELEASE);

@@ -36,9 +36,12 @@ if [ -f "$model" ]; then
     check "truncated model" 2 "trunc.gguf: truncated file" -- "$bin" info -m "$tmp/trunc.gguf"
     check "info" 0 "architecture +llama" -- "$bin" info -m "$model"
     check "info json" 0 "" -- sh -c "'$bin' info --json -m '$model' | python3 -c 'import json,sys; d=json.load(sys.stdin); assert d[\"n_layer\"]==30 and d[\"kv_bytes_per_token\"]==23040, d'"
-    check "bad kv spec" 2 "unknown KV policy 'nonsense'" -- "$bin" run -m "$model" --kv nonsense -p hi -n 1
+    check "bad kv spec" 2 "unknown method 'nonsense'" -- "$bin" run -m "$model" --kv nonsense -p hi -n 1
     check "prompt too long" 2 "context holds 8" -- "$bin" run -m "$model" -c 8 -p "one two three four five six seven eight nine ten" -n 1
-    check "run greedy" 0 "Paris" -- "$bin" run -m "$model" --chat --temp 0 -n 24 -q -p "What is the capital of France?"
+    check "run greedy" 0 "Rayleigh scattering" -- "$bin" run -m "$model" --chat --temp 0 -n 24 -q -p "Explain in two sentences why the sky is blue."
+    check "bad kv key" 2 "unknown key 'kernel' for h2o" -- "$bin" run -m "$model" --kv h2o:budget=8,kernel=3 -p hi -n 1
+    check "run compressed" 0 "Rayleigh" -- "$bin" run -m "$model" --kv snapkv:budget=64 -c 512 --chat --temp 0 -n 24 -q -p "Explain in two sentences why the sky is blue."
+    check "help kv" 0 "snapkv" -- "$bin" --help kv
     check "run json" 0 "" -- sh -c "'$bin' run --json -m '$model' --temp 0 -n 8 -p 'Once upon a time' | python3 -c 'import json,sys; d=json.load(sys.stdin); assert d[\"generated_tokens\"]==8 and d[\"kv_bytes\"]>0, d'"
     printf 'It is a truth universally acknowledged, that a single man in possession of a good fortune, must be in want of a wife.\n' > "$tmp/text.txt"
     check "ppl json" 0 "" -- sh -c "'$bin' ppl --json -m '$model' -f '$tmp/text.txt' --chunk 7 | python3 -c 'import json,sys; d=json.load(sys.stdin); assert 1 < d[\"ppl\"] < 100, d'"
