@@ -25,6 +25,7 @@
 struct opts {
     const char *cmd;
     const char *model, *prompt, *file, *kv, *system;
+    const char *save_cache, *load_cache; /* run: KV cache files */
     int n_predict, n_ctx, n_threads, n_batch;
     bool json, chat, quiet, ignore_eos, no_bos_given, progress_forced;
     struct kvs_sampler_params sp;
@@ -76,6 +77,11 @@ static const char *USAGE =
     "      --repeat-last-n N   (default 64)\n"
     "      --seed S          RNG seed (default 42)\n"
     "      --ignore-eos      keep generating past end-of-generation tokens\n"
+    "      --save-cache FILE (run) after the prompt is evaluated, save the sequence's KV cache\n"
+    "                        (compressed as --kv left it) to FILE; -n 0 prefills and saves only\n"
+    "      --load-cache FILE (run) start from a cache saved by --save-cache with the same model;\n"
+    "                        the prompt then continues the cached text: it is tokenized without\n"
+    "                        BOS and must not be empty (e.g. a question about a saved document)\n"
     "\n"
     "ppl:   --tokens N       score the first N tokens of the file (default: all, up to -c)\n"
     "       --chunk C        evaluate in chunks of C tokens (default 512); every token is\n"
@@ -148,6 +154,8 @@ static void parse_args(int argc, char **argv, struct opts *o) {
         else if (!strcmp(a, "-b") || !strcmp(a, "--batch") || !strcmp(a, "--chunk")) o->n_batch = parse_int(a, NEXT(), 1, 4096);
         else if (!strcmp(a, "--kv")) o->kv = NEXT();
         else if (!strcmp(a, "--system")) o->system = NEXT();
+        else if (!strcmp(a, "--save-cache")) o->save_cache = NEXT();
+        else if (!strcmp(a, "--load-cache")) o->load_cache = NEXT();
         else if (!strcmp(a, "--json")) o->json = true;
         else if (!strcmp(a, "--chat")) o->chat = true;
         else if (!strcmp(a, "-q") || !strcmp(a, "--quiet")) o->quiet = true;
@@ -177,6 +185,8 @@ static void parse_args(int argc, char **argv, struct opts *o) {
         } else die_usage("unknown option '%s'", a);
 #undef NEXT
     }
+    if ((o->save_cache || o->load_cache) && strcmp(o->cmd, "run") != 0)
+        die_usage("--save-cache and --load-cache work with the run command only");
 }
 
 /* bench --prompt N collides with run's -p/--prompt TEXT: for bench, --prompt is a number */
@@ -371,21 +381,38 @@ static int cmd_run(const struct opts *o) {
         kvs_chat_apply(m, msgs, nm, true, text, need + 1);
         tlen = need;
     }
-    int n_tok;
-    int32_t *toks = tokenize_all(m, text, tlen, !o->chat, o->chat, &n_tok);
-    if (n_tok == 0) die_usage("the prompt is empty");
-    int n_ctx = o->n_ctx ? o->n_ctx : mi.n_ctx_train;
-    if (n_tok >= n_ctx) {
-        fprintf(stderr, "kvsieve: the prompt has %d tokens, but the context holds %d (raise -c "
-                "up to the model's %d, or shorten the prompt)\n", n_tok, n_ctx, mi.n_ctx_train);
-        exit(2);
-    }
-    int n_predict = o->n_predict >= 0 ? o->n_predict : 128;
-    if (n_predict > n_ctx - n_tok) n_predict = n_ctx - n_tok;
-
+    /* a loaded cache already holds the start of the text: the prompt continues it (no BOS) */
     kvs_sequence *s;
     enum kvs_status st = kvs_seq_new(c, &s);
     if (st != KVS_OK) fail_status(st);
+    int n_cached = 0;
+    if (o->load_cache) {
+        if ((st = kvs_seq_load(c, s, o->load_cache)) != KVS_OK) {
+            fprintf(stderr, "kvsieve: %s\n", kvs_last_error());
+            exit(st == KVS_ERR_NOMEM || st == KVS_ERR_INTERNAL ? 1 : 2);
+        }
+        n_cached = kvs_seq_n_past(s);
+    }
+    int n_tok;
+    int32_t *toks = tokenize_all(m, text, tlen, !o->chat && !o->load_cache, o->chat, &n_tok);
+    if (n_tok == 0)
+        die_usage(o->load_cache ? "the prompt is empty (with --load-cache it must continue the "
+                                  "cached text with at least one token)" : "the prompt is empty");
+    int n_ctx = o->n_ctx ? o->n_ctx : mi.n_ctx_train;
+    if (n_cached + n_tok >= n_ctx) {
+        if (n_cached)
+            fprintf(stderr, "kvsieve: the prompt has %d tokens after %d cached ones, but the "
+                    "context holds %d (raise -c up to the model's %d, or shorten the prompt)\n",
+                    n_tok, n_cached, n_ctx, mi.n_ctx_train);
+        else
+            fprintf(stderr, "kvsieve: the prompt has %d tokens, but the context holds %d (raise "
+                    "-c up to the model's %d, or shorten the prompt)\n", n_tok, n_ctx,
+                    mi.n_ctx_train);
+        exit(2);
+    }
+    int n_predict = o->n_predict >= 0 ? o->n_predict : 128;
+    if (n_predict > n_ctx - n_cached - n_tok) n_predict = n_ctx - n_cached - n_tok;
+
     kvs_sampler *smp;
     if ((st = kvs_sampler_new(&o->sp, mi.n_vocab, &smp)) != KVS_OK) fail_status(st);
     for (int i = 0; i < n_tok; i++) kvs_sampler_accept(smp, toks[i]);
@@ -396,6 +423,12 @@ static int cmd_run(const struct opts *o) {
     st = kvs_eval(c, s, toks, n_tok, false, logits, progress_cb, &pr);
     if (st != KVS_OK) fail_status(st);
     double prefill_ms = now_ms() - t0;
+    if (o->save_cache) {
+        if ((st = kvs_seq_save(c, s, o->save_cache)) != KVS_OK) fail_status(st);
+        if (!o->quiet)
+            fprintf(stderr, "kvsieve: saved the KV cache of %d tokens to %s\n",
+                    kvs_seq_n_past(s), o->save_cache);
+    }
 
     struct gen_result r = {0};
     if (!o->json && !o->chat) {

@@ -31,6 +31,7 @@ check "bad number" 2 "expects an integer" -- "$bin" run -n abc -p hi
 check "missing model" 2 "cannot open" -- "$bin" info -m "$tmp/none.gguf"
 printf 'not a gguf file at all, just text....' > "$tmp/garbage.gguf"
 check "garbage model" 2 "garbage.gguf: not a GGUF file" -- "$bin" info -m "$tmp/garbage.gguf"
+check "unsupported arch" 2 "sample.gguf: unsupported architecture 'toy'" -- "$bin" info -m fuzz/corpus/sample.gguf
 if [ -f "$model" ]; then
     head -c 1000000 "$model" > "$tmp/trunc.gguf"
     check "truncated model" 2 "trunc.gguf: truncated file" -- "$bin" info -m "$tmp/trunc.gguf"
@@ -47,6 +48,20 @@ if [ -f "$model" ]; then
     check "ppl json" 0 "" -- sh -c "'$bin' ppl --json -m '$model' -f '$tmp/text.txt' --chunk 7 | python3 -c 'import json,sys; d=json.load(sys.stdin); assert 1 < d[\"ppl\"] < 100, d'"
     check "chat stdin" 0 "." -- sh -c "printf 'Say hello.\n' | '$bin' chat -m '$model' --temp 0 -n 16 -q"
     check "bench json" 0 "" -- sh -c "'$bin' bench --json -q -m '$model' --prompt 64 --contexts 32,128 --decode 4 | python3 -c 'import json,sys; d=json.load(sys.stdin); assert d[\"prefill\"][\"tok_s\"]>0 and len(d[\"decode\"])==2, d'"
+    # KV cache files: prefill a document once (-n 0) and save it, then continue from the file
+    doc="The capital of France is Paris. The capital of Germany is Berlin."
+    q=" The capital of Italy is"
+    gen_text() { "$bin" run --json -q -m "$model" --temp 0 -c 256 "$@" | python3 -c 'import json,sys; print(json.load(sys.stdin)["text"])'; }
+    same_text() { # continuing a loaded cache == one run of the concatenated prompt
+        local a b
+        a=$(gen_text -n 8 -p "$q" --load-cache "$tmp/doc.kvc") && b=$(gen_text -n 8 -p "$doc$q") &&
+            [ -n "$a" ] && [ "$a" = "$b" ] && echo "same: $a" || { echo "cached '$a' vs one run '$b'"; return 1; }
+    }
+    check "save cache" 0 "saved the KV cache of [0-9]+ tokens" -- "$bin" run -m "$model" --temp 0 -n 0 -c 256 -p "$doc" --save-cache "$tmp/doc.kvc"
+    check "load cache" 0 "same: " -- same_text
+    cp "$tmp/doc.kvc" "$tmp/bad.kvc" && printf 'x' | dd of="$tmp/bad.kvc" bs=1 seek=1000 conv=notrunc 2>/dev/null
+    check "corrupted cache" 2 "bad.kvc: corrupted cache file" -- "$bin" run -m "$model" -n 1 -p " hi" --load-cache "$tmp/bad.kvc"
+    check "cache, empty prompt" 2 "prompt is empty" -- "$bin" run -m "$model" -n 1 -p "" --load-cache "$tmp/doc.kvc"
 else
     echo "skip model-based CLI checks: $model not found"
 fi

@@ -24,5 +24,10 @@ for t in "$build"/test_*; do
     run "$(basename "$t")" "$t"
 done
 run cli_test tests/cli_test.sh "$build"
+if [ "${KVS_SLOW:-0}" = 1 ]; then
+    # Qwen2.5-Coder-1.5B (make models-large): golden logits and greedy tokens, and the tokenizer
+    run test_golden_qwen2 env KVS_TEST_MODEL=models/qwen2.5-coder-1.5b-instruct-q4_k_m.gguf \
+        KVS_GOLDEN=tests/golden/qwen2_golden.bin "$build/test_golden"
+fi
 echo "passed $pass, skipped $skip, failed $fail"
 [ $fail -eq 0 ] || { echo "failed: ${failed[*]}"; exit 1; }

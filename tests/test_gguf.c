@@ -45,6 +45,12 @@ static void test_valid(void) {
     CHECK(gguf_find_tensor(g, "c") == NULL);
     gguf_close(g);
 
+    /* version 2 has the same layout (v3 only added big-endian files) */
+    buf[4] = 2;
+    CHECKF(gguf_open_buffer(buf, n, "v2", &g) == KVS_OK && g && g->version == 2, "%s", kvs_last_error());
+    gguf_close(g);
+    buf[4] = 3;
+
     /* every truncation must fail cleanly with a message naming the buffer */
     int failures = 0;
     for (size_t cut = 0; cut < n; cut++) {

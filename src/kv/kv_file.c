@@ -239,7 +239,7 @@ enum kvs_status kvs_seq_save(kvs_context *c, const kvs_sequence *s, const char *
     snprintf(tmp, tlen, "%s.tmp.%ld.%u", path, (long)getpid(), atomic_fetch_add(&counter, 1));
     w->fd = open(tmp, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0666);
     if (w->fd < 0) {
-        enum kvs_status st = kvs_fail(KVS_ERR_IO, "%s: cannot create %s: %s", path, tmp,
+        enum kvs_status st = kvs_fail(KVS_ERR_IO, "%s: cannot create the file: %s", path,
                                       strerror(errno));
         free(tmp);
         free(w);
