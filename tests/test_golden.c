@@ -4,8 +4,9 @@
  * Budgets: the engine quantizes activations to 8 bits before every weight matmul (as llama.cpp
  * does) and stores K/V in fp16, the reference computes in float64 (SmolLM2) or float32 (Qwen2.5)
  * on the same dequantized weights. Last-position logits must agree to NMSE < 2e-3 with the same
- * argmax; greedy continuations must be identical token for token (the golden prompts were chosen
- * so that no step has a top-1/top-2 reference margin below 0.1).
+ * argmax where the reference's own top-2 margin is at least 0.1; greedy continuations must be
+ * identical token for token (the golden prompts were chosen for robust margins: the smallest
+ * top-1/top-2 reference margin over the 64 steps is 0.445 for SmolLM2 and 0.646 for Qwen2.5).
  *
  * Environment: KVS_GOLDEN (default tests/golden/smollm2_golden.bin) and KVS_TEST_MODEL. */
 #include "kvsieve.h"
