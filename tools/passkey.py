@@ -2,17 +2,20 @@
 """Passkey retrieval (Mohtashami & Jaggi, "Landmark Attention", arXiv 2305.16300 style) through the
 kvsieve CLI, for every KV method and ratio, question-aware and question-agnostic.
 
-  question-aware:    the whole prompt (filler + passkey + filler + question) is prefilled with the
-                     policy active, so the last chunks (and SnapKV's window) contain the question;
-  question-agnostic: the context alone is prefilled and compressed and saved (--save-cache, -n 0),
+  question-aware:    the whole prompt (filler + passkey + filler + question) is prefilled and then
+                     compressed (when=prefill), so the scores (SnapKV's window, TOVA's last query)
+                     see the question;
+  question-agnostic: the context alone is prefilled, compressed and saved (--save-cache, -n 0),
                      then the question is appended to the restored cache (--load-cache): the policy
-                     chose what to keep without seeing the question.
+                     chose what to keep without seeing the question (kvpress's default pipeline).
+--when chunk instead compresses after every prefill chunk (bounded memory); then the context is
+compressed before the question arrives in both modes.
 
 A trial passes when the generated answer contains the passkey digits. Trials use fixed seeds
 (passkey value and depth), so runs are reproducible. Prints a markdown table and writes JSON lines.
 
 usage: tools/passkey.py [--tokens 4000] [--trials 5] [--methods full,h2o,...] [--ratios 0.5,0.25,0.1]
-                        [--bin build/kvsieve] [--model M] [--out results/passkey.jsonl]
+                        [--when prefill|chunk] [--bin build/kvsieve] [--model M] [--out results/passkey.jsonl]
 """
 import argparse
 import json
@@ -61,6 +64,7 @@ def main():
     ap.add_argument("--model", default="models/SmolLM2-135M-Instruct.Q4_1.gguf")
     ap.add_argument("--out", default="results/passkey.jsonl")
     ap.add_argument("--modes", default="aware,agnostic")
+    ap.add_argument("--when", default="prefill", choices=("prefill", "chunk"))
     args = ap.parse_args()
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
     tmp = tempfile.mkdtemp(prefix="kvs_passkey_")
@@ -70,7 +74,7 @@ def main():
             specs.append(("full", "full", 1.0))
         else:
             for r in args.ratios.split(","):
-                specs.append((m, "%s:ratio=%s" % (m, r), float(r)))
+                specs.append((m, "%s:ratio=%s+when=%s" % (m, r, args.when), float(r)))
     results = {}
     with open(args.out, "w") as out:
         for trial in range(args.trials):
