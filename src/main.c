@@ -168,8 +168,7 @@ static void parse_args(int argc, char **argv, struct opts *o) {
         else if (!strcmp(a, "--repeat-last-n")) o->sp.repeat_last_n = parse_int(a, NEXT(), 0, 1 << 16);
         else if (!strcmp(a, "--seed")) o->sp.seed = strtoull(NEXT(), NULL, 10);
         else if (!strcmp(a, "--tokens")) o->ppl_tokens = parse_int(a, NEXT(), 2, 1 << 24);
-        else if (!strcmp(a, "--prompt-tokens") || (!strcmp(a, "--prompt") && !strcmp(o->cmd, "bench")))
-            o->bench_prompt = parse_int(a, NEXT(), 1, 1 << 20);
+        else if (!strcmp(a, "--prompt-tokens")) o->bench_prompt = parse_int(a, NEXT(), 1, 1 << 20);
         else if (!strcmp(a, "--decode")) o->bench_decode = parse_int(a, NEXT(), 1, 1 << 16);
         else if (!strcmp(a, "--contexts")) {
             char *list = NEXT(), *save = NULL, *tmp = strdup(list);
@@ -189,11 +188,9 @@ static void parse_args(int argc, char **argv, struct opts *o) {
         die_usage("--save-cache and --load-cache work with the run command only");
 }
 
-/* bench --prompt N collides with run's -p/--prompt TEXT: for bench, --prompt is a number */
-static void fix_bench_prompt(int argc, char **argv, struct opts *o) {
+/* bench --prompt N shares run's -p/--prompt: for bench it is the prompt length in tokens */
+static void fix_bench_prompt(struct opts *o) {
     if (strcmp(o->cmd, "bench") != 0 || !o->prompt) return;
-    (void)argc;
-    (void)argv;
     o->bench_prompt = parse_int("--prompt", o->prompt, 1, 1 << 20);
     o->prompt = NULL;
 }
@@ -823,7 +820,7 @@ static int cmd_info(const struct opts *o) {
 int main(int argc, char **argv) {
     struct opts o;
     parse_args(argc, argv, &o);
-    fix_bench_prompt(argc, argv, &o);
+    fix_bench_prompt(&o);
     if (o.quiet) kvs_set_log_level(0);
     if (!strcmp(o.cmd, "run")) return cmd_run(&o);
     if (!strcmp(o.cmd, "chat")) return cmd_chat(&o);

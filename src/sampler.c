@@ -133,11 +133,8 @@ int32_t kvs_sampler_sample(kvs_sampler *s, const float *logits) {
     } else {
         int k = s->p.top_k > 0 && s->p.top_k < n ? s->p.top_k : n;
         top_k_sort(s->cand, n, k);
-        float mx = s->cand[0].logit, sum = 0.0f;
-        for (int i = 0; i < k; i++) {
-            s->cand[i].logit = expf((s->cand[i].logit - mx) / s->p.temp);
-            sum += s->cand[i].logit;
-        }
+        float mx = s->cand[0].logit;
+        for (int i = 0; i < k; i++) s->cand[i].logit = expf((s->cand[i].logit - mx) / s->p.temp);
         /* min-p: drop candidates below min_p times the top probability */
         int m = k;
         if (s->p.min_p > 0) {
@@ -148,7 +145,6 @@ int32_t kvs_sampler_sample(kvs_sampler *s, const float *logits) {
         /* top-p: smallest prefix whose mass reaches top_p */
         float acc = 0.0f, mass = 0.0f;
         for (int i = 0; i < m; i++) mass += s->cand[i].logit;
-        (void)sum;
         int cut = m;
         if (s->p.top_p < 1.0f) {
             for (int i = 0; i < m; i++) {

@@ -91,8 +91,9 @@ void kv_seq_view(const struct kv_seq *s, int il, struct kv_view *out);
 uint64_t kv_seq_bytes(const struct kv_seq *s);
 int32_t kv_seq_max_entries(const struct kv_seq *s); /* largest head */
 
-/* Invariant check: positions strictly ascending, counts within capacity, byte accounting equal
- * to the sum of capacities. Returns false and sets the last error on the first violation. */
+/* Invariant check: positions strictly ascending, counts within capacity, capacity in whole steps.
+ * Returns false and sets the last error on the first violation. (kv_seq_apply_plan asserts the
+ * plan itself on every apply; tests compare byte accounting with kv_seq_bytes.) */
 bool kv_seq_check(const struct kv_seq *s);
 
 #endif

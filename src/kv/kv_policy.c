@@ -98,7 +98,9 @@ int32_t kv_policy_budget(const struct kv_policy *p, int il, int64_t n_seen) {
 }
 
 /* sort helpers: order indices by score descending, ties to the larger index (later position) */
-static const float *g_sort_score;
+/* qsort has no context argument: the scores being sorted, per thread (contexts may plan
+ * concurrently on different threads) */
+static _Thread_local const float *g_sort_score;
 static int cmp_desc(const void *a, const void *b) {
     int32_t i = *(const int32_t *)a, j = *(const int32_t *)b;
     float x = g_sort_score[i], y = g_sort_score[j];
