@@ -10,8 +10,11 @@
 static kvs_model *model;
 static int n_vocab;
 
+static const char *g_spec = "full"; /* KV policy of the contexts the tests create */
+
 static kvs_context *ctx(int threads, int batch, int n_seq) {
     struct kvs_context_params p = kvs_context_params_default();
+    p.kv_spec = g_spec;
     p.n_ctx = 512;
     p.n_threads = threads;
     p.n_batch = batch;
@@ -95,7 +98,7 @@ static void test_batched(const int32_t *a, int na, const int32_t *b, int nb) {
             free(solo[k][step]);
         }
     }
-    fprintf(stderr, "batched vs one-by-one decode: worst nmse %.3g\n", worst);
+    fprintf(stderr, "batched vs one-by-one decode (%s): worst nmse %.3g\n", g_spec, worst);
     /* the same sequence twice in one batch is refused */
     kvs_sequence *dup[2] = {s[0], s[0]};
     int32_t t2[2] = {1, 1};
@@ -166,6 +169,14 @@ int main(void) {
     int32_t toks2[64];
     int n2 = kvs_tokenize(model, t2, strlen(t2), true, false, toks2, 64);
     test_batched(toks, n, toks2, n2);
+    /* the same with policies that compress during these steps (budget below the prompt) */
+    const char *specs[] = {"h2o:budget=24,every=1", "snapkv:budget=24,window=8,every=1",
+                           "streaming:budget=24,every=1"};
+    for (int i = 0; i < 3; i++) {
+        g_spec = specs[i];
+        test_batched(toks, n, toks2, n2);
+    }
+    g_spec = "full";
     test_reset_and_memory(toks, n);
     kvs_model_free(model);
     return tu_finish("test_engine");
