@@ -311,8 +311,11 @@ enum kvs_status forward(struct kvs_context *c, const int32_t *tokens, const int3
         }
     }
     bool neox = m->arch->rope == ROPE_NEOX;
+    /* Few (token, KV head) units, as in decoding: split each head's keys so all threads stream
+     * the cache (flash-decoding). The split depends only on the batch and the cache, never on
+     * the thread count, so results are the same with any number of threads. */
     int n_split = 1;
-    if (!acc && T * hp->n_head_kv < 4 * threadpool_n_threads(c->tp)) {
+    if (!acc && T * hp->n_head_kv < 8) {
         int max_keys = 0;
         for (int i = 0; i < n_views; i++) {
             int held = kv_seq_max_entries(vseq[i]->kv);
