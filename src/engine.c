@@ -31,7 +31,7 @@ void kvs_context_free(kvs_context *c) {
     if (c->tp) threadpool_free(c->tp);
     kv_policy_free(c->policy);
     float *bufs[] = {c->x, c->xn, c->q, c->k, c->v, c->gate, c->up, c->rope_cs, c->inv_freq,
-                     c->att_s, c->att_part};
+                     c->att_s, c->att_qo, c->att_part};
     for (size_t i = 0; i < sizeof bufs / sizeof bufs[0]; i++) kvs_aligned_free(bufs[i]);
     for (int i = 0; i < N_ACT_SLOTS; i++) kvs_aligned_free(c->act[i]);
     free(c);
@@ -98,7 +98,8 @@ enum kvs_status kvs_context_new(kvs_model *m, const struct kvs_context_params *p
     c->up = scratch(c, T * ff * 4);
     c->rope_cs = scratch(c, T * hd * 4);
     c->inv_freq = scratch(c, hd / 2 * 4);
-    c->att_s = scratch(c, (size_t)p.n_threads * g * (size_t)c->n_ctx * 4);
+    c->att_s = scratch(c, (size_t)p.n_threads * ATT_TB * g * (size_t)c->n_ctx * 4);
+    c->att_qo = scratch(c, (size_t)p.n_threads * 2 * ATT_TB * g * hd * 4);
     c->att_part = scratch(c, T * (size_t)hp->n_head_kv * ATT_MAX_SPLIT * g * (hd + 2) * 4);
     /* activation rows, big enough for every encoding of the widest input */
     size_t widest = ff > wide ? ff : wide, rb = 0;
@@ -110,7 +111,7 @@ enum kvs_status kvs_context_new(kvs_model *m, const struct kvs_context_params *p
     c->act_row_bytes = rb;
     for (int i = 1; i < N_ACT_SLOTS; i++) c->act[i] = scratch(c, T * rb);
     bool ok = c->seqs && c->tp && c->x && c->xn && c->q && c->k && c->v && c->gate && c->up &&
-              c->rope_cs && c->inv_freq && c->att_s && c->att_part;
+              c->rope_cs && c->inv_freq && c->att_s && c->att_qo && c->att_part;
     for (int i = 1; i < N_ACT_SLOTS; i++) ok = ok && c->act[i];
     if (!ok) {
         kvs_context_free(c);

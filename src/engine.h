@@ -40,12 +40,13 @@ struct kvs_context {
     float *inv_freq; /* (hd/2) */
     uint8_t *act[N_ACT_SLOTS]; /* (t_max, row bytes) quantized activations per encoding */
     size_t act_row_bytes;
-    float *att_s;    /* (n_threads, n_head/n_head_kv, n_ctx) scores per thread */
+    float *att_s;    /* (n_threads, ATT_TB * group, n_ctx) scores per thread */
+    float *att_qo;   /* (n_threads, 2, ATT_TB * group, hd) gathered queries and outputs */
     float *att_part; /* (t_max * n_head_kv * MAX_SPLIT, group, hd + 2) partial results */
     size_t scratch_bytes;
 };
 
-enum { ATT_MAX_SPLIT = 16, KVS_T_MAX = 4096 /* most tokens in one forward() */ };
+enum { ATT_TB = 4 /* query tokens sharing one pass over the keys */, ATT_MAX_SPLIT = 16, KVS_T_MAX = 4096 /* most tokens in one forward() */ };
 
 /* Why forward() runs, which decides whether the policy compresses after each layer. */
 enum fwd_phase { FWD_PREFILL, FWD_PREFILL_LAST, FWD_DECODE };

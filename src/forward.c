@@ -103,6 +103,8 @@ struct att_job {
     struct kvs_context *c;
     int il, T, n_split, n_views;
     bool acc;              /* accumulate probabilities into the views' acc slots (H2O) */
+    int n_blocks;          /* query blocks: up to ATT_TB consecutive tokens of one sequence */
+    const int *blk_t0, *blk_nt;
     const int32_t *pos;
     kvs_sequence *const *seq;
     struct kv_view *views; /* one per distinct sequence in the batch; views[vi[t]] */
@@ -158,14 +160,53 @@ static void att_unit(struct att_job *j, int t, int h, int s, float *S) {
     for (int qi = 0; qi < g; qi++) ml[2 * qi] = m[qi], ml[2 * qi + 1] = l[qi];
 }
 
+/* Prefill: the query heads of up to ATT_TB consecutive tokens of one sequence share each pass
+ * over KV head h, so every key is converted and streamed once per block instead of once per
+ * token. Rows beyond a token's causal limit get probability 0, which adds exactly nothing, and
+ * each score uses the same reduction whatever the block: results equal att_unit's bit for bit. */
+static void att_block(struct att_job *j, int t0, int nt, int h, float *S, float *Qb, float *Ob) {
+    struct kvs_context *c = j->c;
+    const struct hparams *hp = &c->m->hp;
+    int hd = hp->head_dim, n_kv = hp->n_head_kv, g = hp->n_head / n_kv, R = nt * g;
+    float scale = 1.0f / sqrtf((float)hd);
+    const struct kv_view_head *vh = &j->views[j->vi[t0]].h[h];
+    int nvis[ATT_TB], n_max = 0;
+    for (int i = 0; i < nt; i++) {
+        nvis[i] = n_visible(vh, j->pos[t0 + i]);
+        n_max = nvis[i] > n_max ? nvis[i] : n_max;
+        memcpy(Qb + (size_t)i * g * hd, c->q + (size_t)(t0 + i) * hp->n_head * hd + (size_t)h * g * hd,
+               sizeof(float) * (size_t)g * hd);
+    }
+    float m[ATT_TB * 64], l[ATT_TB * 64];
+    if (n_max > 0) ops_attn_scores(Qb, R, vh->k, n_max, hd, scale, S, c->n_ctx);
+    for (int r = 0; r < R; r++) {
+        int nv = nvis[r / g];
+        float *row = S + (size_t)r * c->n_ctx;
+        if (nv > 0) ops_softmax_partial(row, 1, nv, c->n_ctx, &m[r], &l[r]);
+        else m[r] = -INFINITY, l[r] = 0.0f;
+        for (int k = nv; k < n_max; k++) row[k] = 0.0f;
+    }
+    if (n_max > 0) ops_attn_accum(S, R, n_max, c->n_ctx, vh->v, hd, Ob);
+    for (int i = 0; i < nt; i++) {
+        int u = ((t0 + i) * n_kv + h) * j->n_split;
+        float *part = c->att_part + (size_t)u * g * (hd + 2), *ml = part + (size_t)g * hd;
+        if (nvis[i] > 0) memcpy(part, Ob + (size_t)i * g * hd, sizeof(float) * (size_t)g * hd);
+        else memset(part, 0, sizeof(float) * (size_t)g * hd);
+        for (int qi = 0; qi < g; qi++) ml[2 * qi] = m[i * g + qi], ml[2 * qi + 1] = l[i * g + qi];
+    }
+}
+
 static void att_worker(void *arg, int ith, int nth) {
     (void)nth;
     struct att_job *j = arg;
     struct kvs_context *c = j->c;
     int n_kv = c->m->hp.n_head_kv, g = c->m->hp.n_head / n_kv;
-    float *S = c->att_s + (size_t)ith * g * c->n_ctx;
+    float *S = c->att_s + (size_t)ith * ATT_TB * g * c->n_ctx;
+    float *Qb = c->att_qo + (size_t)ith * 2 * ATT_TB * g * c->m->hp.head_dim;
+    float *Ob = Qb + (size_t)ATT_TB * g * c->m->hp.head_dim;
     /* with acc, one unit owns a (sequence, KV head) so that no two threads add to one slot */
-    int n_units = j->acc ? j->n_views * n_kv : j->T * n_kv * j->n_split;
+    int n_units = j->acc ? j->n_views * n_kv
+                  : j->n_blocks ? j->n_blocks * n_kv : j->T * n_kv * j->n_split;
     for (;;) {
         int u = atomic_fetch_add_explicit(&j->next, 1, memory_order_relaxed);
         if (u >= n_units) break;
@@ -173,6 +214,9 @@ static void att_worker(void *arg, int ith, int nth) {
             int v = u / n_kv, h = u % n_kv;
             for (int t = 0; t < j->T; t++)
                 if (j->vi[t] == v) att_unit(j, t, h, 0, S);
+        } else if (j->n_blocks) {
+            int b = u / n_kv;
+            att_block(j, j->blk_t0[b], j->blk_nt[b], u % n_kv, S, Qb, Ob);
         } else {
             att_unit(j, u / (j->n_split * n_kv), (u / j->n_split) % n_kv, u % j->n_split, S);
         }
@@ -311,6 +355,9 @@ enum kvs_status forward(struct kvs_context *c, const int32_t *tokens, const int3
         }
     }
     bool neox = m->arch->rope == ROPE_NEOX;
+    /* query blocks for prefill: consecutive tokens of one sequence (not with key splits or
+     * accumulated statistics, which use per-token units) */
+    int blk_t0[KVS_T_MAX], blk_nt[KVS_T_MAX], n_blocks = 0;
     /* Few (token, KV head) units, as in decoding: split each head's keys so all threads stream
      * the cache (flash-decoding). The split depends only on the batch and the cache, never on
      * the thread count, so results are the same with any number of threads. */
@@ -325,6 +372,15 @@ enum kvs_status forward(struct kvs_context *c, const int32_t *tokens, const int3
         if (n_split < 1) n_split = 1;
         if (n_split > ATT_MAX_SPLIT) n_split = ATT_MAX_SPLIT;
     }
+    if (!acc && n_split == 1 && T > 1)
+        for (int t = 0; t < T;) {
+            int nt = 1;
+            while (nt < ATT_TB && t + nt < T && vidx_buf[t + nt] == vidx_buf[t] &&
+                   pos[t + nt] == pos[t + nt - 1] + 1)
+                nt++;
+            blk_t0[n_blocks] = t, blk_nt[n_blocks++] = nt;
+            t += nt;
+        }
 
     for (int il = 0; il < hp->n_layer; il++) {
         const struct layer_weights *lw = &m->layers[il];
@@ -357,7 +413,9 @@ enum kvs_status forward(struct kvs_context *c, const int32_t *tokens, const int3
 
         for (int i = 0; i < n_views; i++) kv_seq_view(vseq[i]->kv, il, &views[i]);
         struct att_job aj = {.c = c, .il = il, .T = T, .n_split = n_split, .n_views = n_views,
-                             .acc = acc, .pos = pos, .seq = seq, .views = views, .vi = vidx_buf};
+                             .acc = acc, .n_blocks = n_blocks, .blk_t0 = blk_t0,
+                             .blk_nt = blk_nt, .pos = pos, .seq = seq, .views = views,
+                             .vi = vidx_buf};
         atomic_init(&aj.next, 0);
         threadpool_run(c->tp, att_worker, &aj);
         att_combine(c, T, n_split, c->xn);

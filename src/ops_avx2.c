@@ -59,10 +59,13 @@ void ops_attn_scores_avx2(const float *Q, int g, const uint16_t *K, int n, int h
     }
     float kb[8 * 256] __attribute__((aligned(32)));
     const __m256 vs = _mm256_set1_ps(scale);
-    int j = 0;
-    for (; j + 8 <= n; j += 8) {
+    /* every key goes through the same 8-key block and reduction tree, the last partial block
+     * zero-padded, so a key's score does not depend on n (tiling over queries stays exact) */
+    for (int j = 0; j < n; j += 8) {
         const uint16_t *k = K + (size_t)j * hd;
-        for (int i = 0; i < 8 * hd; i += 8) _mm256_store_ps(kb + i, load_f16x8(k + i));
+        int nb = n - j < 8 ? n - j : 8;
+        for (int i = 0; i < nb * hd; i += 8) _mm256_store_ps(kb + i, load_f16x8(k + i));
+        for (int i = nb * hd; i < 8 * hd; i += 8) _mm256_store_ps(kb + i, _mm256_setzero_ps());
         for (int qi = 0; qi < g; qi++) {
             const float *q = Q + (size_t)qi * hd;
             __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, a4 = a0, a5 = a0,
@@ -78,17 +81,14 @@ void ops_attn_scores_avx2(const float *Q, int g, const uint16_t *K, int n, int h
                 a6 = _mm256_fmadd_ps(qv, _mm256_load_ps(kb + 6 * hd + d), a6);
                 a7 = _mm256_fmadd_ps(qv, _mm256_load_ps(kb + 7 * hd + d), a7);
             }
-            _mm256_storeu_ps(S + (size_t)qi * lds + j,
-                             _mm256_mul_ps(reduce8(a0, a1, a2, a3, a4, a5, a6, a7), vs));
-        }
-    }
-    for (; j < n; j++) {
-        const uint16_t *k = K + (size_t)j * hd;
-        for (int qi = 0; qi < g; qi++) {
-            const float *q = Q + (size_t)qi * hd;
-            __m256 a = _mm256_setzero_ps();
-            for (int d = 0; d < hd; d += 8) a = _mm256_fmadd_ps(_mm256_loadu_ps(q + d), load_f16x8(k + d), a);
-            S[(size_t)qi * lds + j] = hsum8(a) * scale;
+            __m256 r = _mm256_mul_ps(reduce8(a0, a1, a2, a3, a4, a5, a6, a7), vs);
+            if (nb == 8) {
+                _mm256_storeu_ps(S + (size_t)qi * lds + j, r);
+            } else {
+                float tmp[8];
+                _mm256_storeu_ps(tmp, r);
+                memcpy(S + (size_t)qi * lds + j, tmp, sizeof(float) * nb);
+            }
         }
     }
 }
