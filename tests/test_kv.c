@@ -10,6 +10,7 @@
 #include "kv/kv_policy.h"
 #include "kv/kv_spec.h"
 #include "kvsieve.h"
+#include "engine.h"
 #include "ops.h"
 #include "quant.h"
 #include "testutil.h"
@@ -345,6 +346,34 @@ static void test_identity_and_bounds(void) {
         CHECKF(l && ref && memcmp(l, ref, nl * sizeof(float)) == 0,
                "%s is not bit-identical to full", same[i]);
         free(l);
+    }
+    /* H2O's statistic: every query adds one probability distribution (mean over the KV head's
+     * query heads), so each head's accumulated attention sums to the number of queries */
+    {
+        struct kvs_context_params cp = kvs_context_params_default();
+        cp.n_ctx = 512;
+        cp.n_batch = 16;
+        cp.kv_spec = "h2o:budget=4096";
+        kvs_context *c;
+        kvs_context_new(m, &cp, &c);
+        kvs_sequence *sq;
+        kvs_seq_new(c, &sq);
+        kvs_eval(c, sq, toks, n, false, NULL, NULL, NULL);
+        for (int i = 0; i < 5; i++) kvs_eval(c, sq, &toks[i], 1, false, NULL, NULL, NULL);
+        double worst = 0;
+        for (int il = 0; il < mi.n_layer; il++)
+            for (int ih = 0; ih < mi.n_head_kv; ih++) {
+                const struct kv_head_store *h = kv_seq_head(sq->kv, il, ih);
+                double sum = 0;
+                for (int j = 0; j < h->n; j++) sum += h->acc[j];
+                double e = fabs(sum - (n + 5)) / (n + 5);
+                worst = e > worst ? e : worst;
+            }
+        CHECKF(worst < 1e-4, "accumulated attention off by %.3g (relative)", worst);
+        /* and the first token, seen by every query, holds more than a uniform share */
+        const struct kv_head_store *h0 = kv_seq_head(sq->kv, 0, 0);
+        CHECK(h0->acc[0] > (double)(n + 5) / h0->n);
+        kvs_context_free(c);
     }
     /* bounded prefill: budget 32, chunks of 16: after every chunk each layer holds <= 32 entries
      * (capacity rounds up to 64), so the peak is the budget of every layer plus one layer's
