@@ -108,7 +108,6 @@ enum kvs_status kvs_context_new(kvs_model *m, const struct kvs_context_params *p
         size_t b = quant_row_bytes(vdts[i], (int64_t)kvs_pad(widest, 256));
         if (b > rb) rb = b;
     }
-    c->act_row_bytes = rb;
     for (int i = 1; i < N_ACT_SLOTS; i++) c->act[i] = scratch(c, T * rb);
     bool ok = c->seqs && c->tp && c->x && c->xn && c->q && c->k && c->v && c->gate && c->up &&
               c->rope_cs && c->inv_freq && c->att_s && c->att_qo && c->att_part;

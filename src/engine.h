@@ -39,7 +39,6 @@ struct kvs_context {
     float *rope_cs;  /* (t_max, hd) cos/sin pairs per token */
     float *inv_freq; /* (hd/2) */
     uint8_t *act[N_ACT_SLOTS]; /* (t_max, row bytes) quantized activations per encoding */
-    size_t act_row_bytes;
     float *att_s;    /* (n_threads, ATT_TB * group, n_ctx) scores per thread */
     float *att_qo;   /* (n_threads, 2, ATT_TB * group, hd) gathered queries and outputs */
     float *att_part; /* (t_max * n_head_kv * MAX_SPLIT, group, hd + 2) partial results */

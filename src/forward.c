@@ -101,12 +101,11 @@ static void matmul(struct kvs_context *c, struct mm_job *j) {
 
 struct att_job {
     struct kvs_context *c;
-    int il, T, n_split, n_views;
+    int T, n_split, n_views;
     bool acc;              /* accumulate probabilities into the views' acc slots (H2O) */
     int n_blocks;          /* query blocks: up to ATT_TB consecutive tokens of one sequence */
     const int *blk_t0, *blk_nt;
     const int32_t *pos;
-    kvs_sequence *const *seq;
     struct kv_view *views; /* one per distinct sequence in the batch; views[vi[t]] */
     const int *vi;
     _Atomic int next;
@@ -398,6 +397,8 @@ enum kvs_status forward(struct kvs_context *c, const int32_t *tokens, const int3
             enum kvs_status st = kv_seq_reserve(vseq[i]->kv, il, cnt[i]);
             if (st != KVS_OK) return st;
         }
+        int later[64]; /* tokens of each sequence still to come in this batch */
+        memcpy(later, cnt, sizeof(int) * (size_t)n_views);
         for (int t = 0; t < T; t++) {
             float *q = c->q + (size_t)t * nq, *k = c->k + (size_t)t * nkv, *v = c->v + (size_t)t * nkv;
             if (lw->bq) {
@@ -408,13 +409,14 @@ enum kvs_status forward(struct kvs_context *c, const int32_t *tokens, const int3
             ops_rope(q, hp->n_head, hd, cs, neox);
             ops_rope(k, hp->n_head_kv, hd, cs, neox);
             kv_seq_append(seq[t]->kv, il, pos[t], k, v);
-            if (c->kv.qwin) kv_seq_save_query(seq[t]->kv, il, pos[t], q);
+            /* the ring keeps the last qwin queries: older ones of a chunk would be overwritten */
+            if (--later[vidx_buf[t]] < c->kv.qwin) kv_seq_save_query(seq[t]->kv, il, pos[t], q);
         }
 
         for (int i = 0; i < n_views; i++) kv_seq_view(vseq[i]->kv, il, &views[i]);
-        struct att_job aj = {.c = c, .il = il, .T = T, .n_split = n_split, .n_views = n_views,
+        struct att_job aj = {.c = c, .T = T, .n_split = n_split, .n_views = n_views,
                              .acc = acc, .n_blocks = n_blocks, .blk_t0 = blk_t0,
-                             .blk_nt = blk_nt, .pos = pos, .seq = seq, .views = views,
+                             .blk_nt = blk_nt, .pos = pos, .views = views,
                              .vi = vidx_buf};
         atomic_init(&aj.next, 0);
         threadpool_run(c->tp, att_worker, &aj);
