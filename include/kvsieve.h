@@ -103,7 +103,11 @@ struct kvs_context_params {
     int n_batch;        /* prefill chunk size in tokens (default 512) */
     int n_seq_max;      /* sequences that may exist at once (default 1) */
     const char *kv_spec;/* KV policy spec ("full" by default; see `kvsieve --help kv`) */
+    bool keep_stats;    /* also keep every statistic any policy may need (accumulated attention,
+                         * the last KVS_STATS_QWIN queries per layer), so that kvs_seq_compress
+                         * can apply any spec later; costs memory and some attention speed */
 };
+#define KVS_STATS_QWIN 64
 struct kvs_context_params kvs_context_params_default(void);
 /* The --kv grammar, methods and options, as printed by `kvsieve --help kv`. */
 const char *kvs_kv_spec_help(void);
@@ -136,6 +140,21 @@ enum kvs_status kvs_seq_save(kvs_context *c, const kvs_sequence *s, const char *
  * another model (...)", more tokens than the context size), KVS_ERR_NOMEM. */
 enum kvs_status kvs_seq_load(kvs_context *c, kvs_sequence *s, const char *path);
 
+/* Make dst (of context cd) a copy of src (of context cs): entries, statistics, saved queries and
+ * position; dst's old content is dropped. Both contexts must run the same model; they may run
+ * different policies (statistics dst keeps but src lacks start at 0). A fork: one prefill, then
+ * many continuations. Errors: KVS_ERR_INVALID_ARG (other model, src longer than cd's context),
+ * KVS_ERR_NOMEM (dst is then empty). */
+enum kvs_status kvs_seq_copy(kvs_context *cd, kvs_sequence *dst, const kvs_context *cs,
+                             const kvs_sequence *src);
+
+/* Compress s now under kv_spec, exactly as that spec compresses at the end of a prefill (budget
+ * from the tokens seen, kv_spec's scorer and allocator, the statistics s holds), whatever the
+ * context's own policy. Lets one full prefill serve many methods (kvpress style): copy, then
+ * compress each copy. "full" changes nothing. Errors: KVS_ERR_INVALID_ARG for a bad spec or when
+ * the spec needs statistics the context does not keep (create it with keep_stats). */
+enum kvs_status kvs_seq_compress(kvs_context *c, kvs_sequence *s, const char *kv_spec);
+
 /* Progress callback for long prefill: called after every chunk with tokens done / total. Return
  * false to abort (the call then fails with KVS_ERR_INVALID_ARG "aborted"). */
 typedef bool (*kvs_progress_fn)(int done, int total, void *user);
@@ -158,6 +177,10 @@ struct kvs_mem_stats {
     uint64_t scratch_bytes; /* activations and other per-context buffers */
 };
 void kvs_context_mem(const kvs_context *c, struct kvs_mem_stats *ms);
+/* Bytes of K/V payload and per-entry metadata (positions, weights) that one sequence holds now,
+ * capacity rounding included; statistic slots and saved queries are not counted (they depend on
+ * the context's policy, not on what the sequence keeps). */
+uint64_t kvs_seq_kv_bytes(const kvs_sequence *s);
 
 /* ---- sampling ----------------------------------------------------------------------------- */
 

@@ -12,7 +12,7 @@
 
 struct kvs_context_params kvs_context_params_default(void) {
     return (struct kvs_context_params){.n_ctx = 0, .n_threads = 0, .n_batch = 512,
-                                       .n_seq_max = 1, .kv_spec = "full"};
+                                       .n_seq_max = 1, .kv_spec = "full", .keep_stats = false};
 }
 
 const char *kvs_kv_spec_help(void) { return kv_spec_help(); }
@@ -74,8 +74,10 @@ enum kvs_status kvs_context_new(kvs_model *m, const struct kvs_context_params *p
     c->n_batch = p.n_batch;
     c->t_max = p.n_batch > p.n_seq_max ? p.n_batch : p.n_seq_max;
     unsigned needs = kv_policy_needs(&spec);
+    int qwin = kv_policy_qwin(&spec);
+    if (p.keep_stats && qwin < KVS_STATS_QWIN) qwin = KVS_STATS_QWIN;
     kv_cache_init(&c->kv, hp->n_layer, hp->n_head_kv, hp->n_head, hp->head_dim,
-                  needs & KV_NEED_ACC, kv_policy_qwin(&spec));
+                  (needs & KV_NEED_ACC) || p.keep_stats, qwin);
     st = kv_policy_new(&spec, hp->n_layer, hp->n_head, hp->n_head_kv, hp->head_dim,
                        c->n_ctx + c->t_max + KV_CAP_STEP, kv_cache_entry_bytes(&c->kv), &c->policy);
     if (st != KVS_OK) {
@@ -229,4 +231,63 @@ void kvs_context_mem(const kvs_context *c, struct kvs_mem_stats *ms) {
     ms->kv_bytes = c->kv.bytes;
     ms->kv_bytes_peak = c->kv.bytes_peak;
     ms->scratch_bytes = c->scratch_bytes;
+}
+
+enum kvs_status kvs_seq_copy(kvs_context *cd, kvs_sequence *dst, const kvs_context *cs,
+                             const kvs_sequence *src) {
+    if (cd->m != cs->m)
+        return kvs_fail(KVS_ERR_INVALID_ARG, "cannot copy a sequence between contexts of "
+                        "different models");
+    if (src->n_past > cd->n_ctx)
+        return kvs_fail(KVS_ERR_INVALID_ARG, "the sequence holds %d tokens, more than the "
+                        "target context of %d", src->n_past, cd->n_ctx);
+    if (dst == src) return KVS_OK;
+    enum kvs_status st = kv_seq_copy(dst->kv, src->kv);
+    if (st != KVS_OK) {
+        dst->n_past = 0;
+        dst->pos_shift = 0;
+        return st;
+    }
+    dst->n_past = src->n_past;
+    dst->pos_shift = src->pos_shift;
+    return KVS_OK;
+}
+
+enum kvs_status kvs_seq_compress(kvs_context *c, kvs_sequence *s, const char *kv_spec) {
+    struct kv_spec spec;
+    enum kvs_status st = kv_spec_parse(kv_spec ? kv_spec : "", &spec);
+    if (st != KVS_OK) return st;
+    if (spec.method == KV_FULL) return KVS_OK;
+    unsigned needs = kv_policy_needs(&spec);
+    if ((needs & KV_NEED_ACC) && !c->kv.with_acc)
+        return kvs_fail(KVS_ERR_INVALID_ARG, "'%s' needs accumulated attention, which this "
+                        "context does not keep (create it with keep_stats)", spec.text);
+    if ((needs & KV_NEED_QUERIES) && c->kv.qwin < kv_policy_qwin(&spec))
+        return kvs_fail(KVS_ERR_INVALID_ARG, "'%s' needs the last %d queries; this context keeps "
+                        "%d (create it with keep_stats)", spec.text, kv_policy_qwin(&spec),
+                        c->kv.qwin);
+    const struct hparams *hp = &c->m->hp;
+    struct kv_policy *pol;
+    st = kv_policy_new(&spec, hp->n_layer, hp->n_head, hp->n_head_kv, hp->head_dim,
+                       c->n_ctx + c->t_max + KV_CAP_STEP, kv_cache_entry_bytes(&c->kv), &pol);
+    if (st != KVS_OK) return st;
+    struct kv_plan plan;
+    int64_t n_seen = s->n_past;
+    for (int il = 0; il < hp->n_layer; il++) {
+        int32_t before = kv_seq_head(s->kv, il, 0)->n;
+        if (!kv_policy_plan_layer(pol, s->kv, il, n_seen, 0, &plan)) continue;
+        kv_seq_apply_plan(s->kv, il, &plan, spec.reindex);
+        if (spec.reindex && il == hp->n_layer - 1)
+            s->pos_shift += before - kv_seq_head(s->kv, il, 0)->n;
+    }
+    kv_policy_free(pol);
+    return KVS_OK;
+}
+
+uint64_t kvs_seq_kv_bytes(const kvs_sequence *s) {
+    const struct kv_cache *c = s->kv->owner;
+    uint64_t per = (uint64_t)c->head_dim * 2 * sizeof(uint16_t) + sizeof(int32_t) + sizeof(float);
+    uint64_t b = 0;
+    for (int i = 0; i < c->n_layer * c->n_head_kv; i++) b += (uint64_t)s->kv->h[i].cap * per;
+    return b;
 }

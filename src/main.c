@@ -5,6 +5,7 @@
  * (usage, unreadable/malformed/unsupported model file, prompt longer than the context).
  */
 #include "kvsieve.h"
+#include "eval/cli.h"
 
 #include <errno.h>
 #include <math.h>
@@ -52,6 +53,7 @@ static const char *USAGE =
     "  ppl     perplexity of a text file: ppl -f FILE [--tokens N] [--chunk C]\n"
     "  bench   prefill and decode speed, KV memory, and the memory-bandwidth bound\n"
     "  info    model header, architecture, tensor types, KV bytes per token\n"
+    "  eval    evaluation harness: sweep | ppl | tasks | report (`kvsieve eval --help`)\n"
     "  help    this text; `kvsieve --help kv` explains the --kv spec\n"
     "\n"
     "common options:\n"
@@ -141,7 +143,7 @@ static void parse_args(int argc, char **argv, struct opts *o) {
     static const char *cmds[] = {"run", "chat", "ppl", "bench", "info"};
     bool known = false;
     for (size_t k = 0; k < sizeof cmds / sizeof cmds[0]; k++) known |= !strcmp(o->cmd, cmds[k]);
-    if (!known) die_usage("unknown command '%s' (commands: run, chat, ppl, bench, info, help)", o->cmd);
+    if (!known) die_usage("unknown command '%s' (commands: run, chat, ppl, bench, info, eval, help)", o->cmd);
     for (; i < argc; i++) {
         const char *a = argv[i];
 #define NEXT() (i + 1 < argc ? argv[++i] : (die_usage("%s needs a value", a), ""))
@@ -818,6 +820,7 @@ static int cmd_info(const struct opts *o) {
 }
 
 int main(int argc, char **argv) {
+    if (argc >= 2 && !strcmp(argv[1], "eval")) return eval_main(argc - 2, argv + 2);
     struct opts o;
     parse_args(argc, argv, &o);
     fix_bench_prompt(&o);

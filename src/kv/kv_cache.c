@@ -157,6 +157,50 @@ void kv_seq_save_query(struct kv_seq *s, int il, int32_t pos, const float *q) {
     if (s->q_n[il] < c->qwin) s->q_n[il]++;
 }
 
+enum kvs_status kv_seq_copy(struct kv_seq *dst, const struct kv_seq *src) {
+    struct kv_cache *dc = dst->owner;
+    const struct kv_cache *sc = src->owner;
+    if (dc->n_layer != sc->n_layer || dc->n_head_kv != sc->n_head_kv || dc->n_head != sc->n_head ||
+        dc->head_dim != sc->head_dim)
+        return kvs_fail(KVS_ERR_INVALID_ARG, "cannot copy a KV cache between different models");
+    if (dst == src) return KVS_OK;
+    kv_seq_clear(dst);
+    size_t hd = (size_t)dc->head_dim;
+    for (int i = 0; i < dc->n_layer * dc->n_head_kv; i++) {
+        const struct kv_head_store *a = &src->h[i];
+        struct kv_head_store *b = &dst->h[i];
+        if (!head_resize(dst, b, (int32_t)kvs_pad((size_t)a->n, KV_CAP_STEP))) {
+            kv_seq_clear(dst);
+            return kvs_fail(KVS_ERR_NOMEM, "out of memory for the KV cache");
+        }
+        if (a->n == 0) continue;
+        memcpy(b->k, a->k, (size_t)a->n * hd * 2);
+        memcpy(b->v, a->v, (size_t)a->n * hd * 2);
+        memcpy(b->pos, a->pos, (size_t)a->n * sizeof *b->pos);
+        memcpy(b->w, a->w, (size_t)a->n * sizeof *b->w);
+        if (b->acc) {
+            if (a->acc) memcpy(b->acc, a->acc, (size_t)a->n * sizeof *b->acc);
+            else memset(b->acc, 0, (size_t)a->n * sizeof *b->acc);
+        }
+        b->n = a->n;
+    }
+    /* the newest min(src, dst window) saved queries of each layer, oldest first */
+    if (dc->qwin) {
+        size_t qsz = (size_t)dc->n_head * hd;
+        for (int il = 0; il < dc->n_layer; il++) {
+            int nq = sc->qwin ? src->q_n[il] : 0;
+            if (nq > dc->qwin) nq = dc->qwin;
+            for (int qi = 0; qi < nq; qi++) {
+                int slot = (src->q_head[il] - nq + qi + sc->qwin) % sc->qwin;
+                kv_seq_save_query(dst, il, src->q_pos[il * sc->qwin + slot],
+                                  src->q + ((size_t)il * sc->qwin + slot) * qsz);
+            }
+        }
+    }
+    dst->rng = src->rng;
+    return KVS_OK;
+}
+
 /* rotate one fp16 key (head_dim) by `delta` positions */
 static void rerotate(const struct kv_cache *c, uint16_t *k, int32_t delta) {
     int hd = c->head_dim, half = hd / 2;

@@ -74,6 +74,11 @@ void kv_seq_append(struct kv_seq *s, int il, int32_t pos, const float *k, const 
 /* Remember the query of a token for plan-time scoring: q is (n_head, head_dim). */
 void kv_seq_save_query(struct kv_seq *s, int il, int32_t pos, const float *q);
 
+/* Make dst (emptied first) a copy of src: entries, statistics and saved queries. The two may
+ * belong to stores with different statistic slots: accumulated attention dst has but src lacks
+ * starts at 0, and dst keeps the newest min(src, dst) saved queries of each layer. */
+enum kvs_status kv_seq_copy(struct kv_seq *dst, const struct kv_seq *src);
+
 /* A plan for one layer: per KV head, the ascending indices of the entries to keep. */
 struct kv_plan {
     int32_t *keep[KV_VIEW_MAX_HEADS];

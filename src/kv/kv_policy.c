@@ -222,7 +222,11 @@ void kv_policy_query_attention(const struct kv_score_args *a, int ih, bool last_
     float *agg = a->scratch + (size_t)g * p->cap_max; /* (cap_max) this query's group score */
     for (int32_t j = 0; j < n; j++) out[j] = 0.0f;
     int nq = s->q_n[a->il];
-    for (int qi = last_only ? nq - 1 : 0; qi < nq && n > 0; qi++) {
+    /* the newest `window` queries: a store that keeps more (a context with keep_stats) then
+     * scores exactly as one made for this spec */
+    int want = kv_policy_qwin(&p->spec);
+    int q0 = last_only ? nq - 1 : nq > want ? nq - want : 0;
+    for (int qi = q0; qi < nq && n > 0; qi++) {
         int slot = (s->q_head[a->il] - nq + qi + c->qwin) % c->qwin; /* qi-th oldest */
         int32_t qpos = s->q_pos[a->il * c->qwin + slot];
         const float *Q = s->q + ((size_t)a->il * c->qwin + slot) * p->n_head * hd + (size_t)ih * g * hd;

@@ -1,0 +1,887 @@
+/* sweep.c — see sweep.h. */
+#include "eval/sweep.h"
+#include "eval/tasks.h"
+#include "eval/report.h"
+#include "base.h"
+#include "threadpool.h"
+#include "kv/kv_spec.h"
+
+#include <ctype.h>
+#include <errno.h>
+#include <math.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <time.h>
+
+static double now_s(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + ts.tv_nsec * 1e-9;
+}
+
+static void fmt_dur(double s, char *out, size_t n) {
+    if (s < 0 || !isfinite(s)) snprintf(out, n, "?");
+    else if (s < 60) snprintf(out, n, "%.0fs", s);
+    else if (s < 3600) snprintf(out, n, "%dm%02ds", (int)s / 60, (int)s % 60);
+    else snprintf(out, n, "%dh%02dm", (int)s / 3600, ((int)s % 3600) / 60);
+}
+
+void eval_config_default(struct eval_config *c) {
+    memset(c, 0, sizeof *c);
+    c->model_path = "models/SmolLM2-135M-Instruct.Q4_1.gguf";
+    c->out_dir = "results/sweep";
+    c->data_dir = "data/austen";
+    static const char *const M[] = {"full", "streaming", "h2o", "tova", "snapkv", "knorm",
+                                    "random"};
+    for (int i = 0; i < 7; i++) c->methods[c->n_methods++] = M[i];
+    c->ratios[0] = 0.5, c->ratios[1] = 0.25, c->ratios[2] = 0.1, c->n_ratios = 3;
+    c->budgets[0] = 256, c->budgets[1] = 512, c->budgets[2] = 1024, c->n_budgets = 3;
+    for (int i = 0; eval_task_names[i]; i++) c->tasks[c->n_tasks++] = eval_task_names[i];
+    c->lengths[0] = 2048, c->lengths[1] = 4096, c->n_lengths = 2;
+    c->samples = 2;
+    c->seed = 1;
+    c->aware = c->agnostic = true;
+    c->ppl_tokens = 4096;
+    c->ppl_doc = "prideprejudice";
+    c->n_batch = 512;
+    c->speed_tokens = 16;
+    c->progress = true;
+    c->report = true;
+}
+
+void eval_config_large(struct eval_config *c) {
+    eval_config_default(c);
+    c->model_path = "models/qwen2.5-coder-1.5b-instruct-q4_k_m.gguf";
+    c->out_dir = "results/sweep-large";
+    c->lengths[0] = 4096, c->lengths[1] = 8192, c->lengths[2] = 16384, c->n_lengths = 3;
+    c->samples = 2;
+    c->ppl_tokens = 8192;
+    c->budgets[0] = 512, c->budgets[1] = 1024, c->budgets[2] = 2048;
+}
+
+/* ---- the run list ------------------------------------------------------------------------- */
+
+struct spec_run {
+    const char *method;  /* the user's method string */
+    char spec[256];      /* full spec text */
+    double ratio;        /* task runs (1 for full) */
+    int budget;          /* ppl runs (0 for full) */
+    bool direct;         /* compresses during prefill/decode: needs its own prefill */
+    kvs_context *ctx;    /* direct runs and ppl runs: a context of its own */
+    kvs_sequence *seq;
+    double speed;        /* decode tok/s measured at the current length (0 = none) */
+    int speed_len;
+    /* ppl accumulators */
+    double nll, kl, t_eval;
+    int64_t n_scored;
+};
+
+static bool is_full(const char *m) { return !strcmp(m, "full"); }
+
+static int check_spec(const char *spec) {
+    struct kv_spec ks;
+    if (kv_spec_parse(spec, &ks) != KVS_OK) {
+        fprintf(stderr, "kvsieve eval: %s\n", kvs_last_error());
+        return 2;
+    }
+    return 0;
+}
+
+/* ---- resume: the run keys already in results.jsonl -------------------------------------- */
+
+struct keyset { char **k; int n, cap; };
+
+static int cmp_key(const void *a, const void *b) {
+    return strcmp(*(char *const *)a, *(char *const *)b);
+}
+
+static void keyset_load(struct keyset *ks, const char *path) {
+    FILE *f = fopen(path, "r");
+    if (!f) return;
+    char *line = NULL;
+    size_t cap = 0;
+    while (getline(&line, &cap, f) > 0) {
+        if (!strchr(line, '\n')) continue; /* a line cut short by a crash: redo that run */
+        const char *p = strstr(line, "\"run\":\"");
+        if (!p) continue;
+        p += 7;
+        const char *e = strchr(p, '"');
+        if (!e) continue;
+        if (ks->n == ks->cap) {
+            ks->cap = ks->cap ? ks->cap * 2 : 256;
+            ks->k = realloc(ks->k, (size_t)ks->cap * sizeof *ks->k);
+        }
+        ks->k[ks->n++] = strndup(p, (size_t)(e - p));
+    }
+    free(line);
+    fclose(f);
+    qsort(ks->k, (size_t)ks->n, sizeof *ks->k, cmp_key);
+}
+
+static bool keyset_has(const struct keyset *ks, const char *k) {
+    return ks->n && bsearch(&k, ks->k, (size_t)ks->n, sizeof *ks->k, cmp_key);
+}
+
+static void keyset_free(struct keyset *ks) {
+    for (int i = 0; i < ks->n; i++) free(ks->k[i]);
+    free(ks->k);
+}
+
+/* run keys hold no quote or backslash: JSON-safe as they are */
+static void make_key(char *out, size_t n, const char *sha, const char *kind, const char *task,
+                     int length, uint64_t seed, int sample, const char *spec, const char *mode) {
+    snprintf(out, n, "%.12s|%s|%s|%d|%llu|%d|%s|%s", sha, kind, task, length,
+             (unsigned long long)seed, sample, spec, mode);
+    for (char *p = out; *p; p++)
+        if (*p == '"' || *p == '\\') *p = '_';
+}
+
+/* ---- one results line ---------------------------------------------------------------------- */
+
+struct rec {
+    const char *key, *kind, *method, *spec, *mode, *task, *family;
+    double ratio;
+    int budget, length, sample;
+    uint64_t seed;
+    double score;            /* NaN = absent */
+    const char *answer;
+    const struct eval_prompt *prompt;
+    double ppl, kl;
+    int64_t n_tokens;
+    uint64_t kv_bytes, kv_bytes_peak, kv_bytes_full;
+    double prefill_tok_s, decode_tok_s;
+};
+
+struct sweep {
+    const struct eval_config *cfg;
+    kvs_model *m;
+    struct kvs_model_info info;
+    char sha[80];
+    char model_name[256]; /* the file's base name without .gguf */
+    FILE *out;
+    struct keyset done;
+    double t0;
+    int n_written, n_threads;
+};
+
+static void put_num(FILE *f, const char *name, double x) {
+    if (isfinite(x)) fprintf(f, ",\"%s\":%.6g", name, x);
+    else fprintf(f, ",\"%s\":null", name);
+}
+
+static void write_rec(struct sweep *sw, const struct rec *r) {
+    FILE *f = sw->out;
+    char tbuf[32];
+    time_t t = time(NULL);
+    strftime(tbuf, sizeof tbuf, "%Y-%m-%dT%H:%M:%SZ", gmtime(&t));
+    fputs("{\"system\":\"kvsieve\",\"run\":", f);
+    eval_json_str(f, r->key);
+    fprintf(f, ",\"kind\":\"%s\",\"model\":", r->kind);
+    eval_json_str(f, sw->model_name);
+    fprintf(f, ",\"model_sha256\":\"%s\",\"method\":", sw->sha);
+    eval_json_str(f, r->method);
+    fputs(",\"kv\":", f);
+    eval_json_str(f, r->spec);
+    put_num(f, "ratio", r->ratio);
+    if (r->budget > 0) fprintf(f, ",\"budget\":%d", r->budget);
+    fprintf(f, ",\"mode\":\"%s\",\"task\":", r->mode);
+    eval_json_str(f, r->task);
+    fputs(",\"family\":", f);
+    eval_json_str(f, r->family);
+    fprintf(f, ",\"length\":%d", r->length);
+    if (r->prompt) {
+        fprintf(f, ",\"seed\":%llu,\"sample\":%d", (unsigned long long)r->seed, r->sample);
+        put_num(f, "score", r->score);
+        fputs(",\"answer\":", f);
+        eval_json_str(f, r->answer);
+        fputs(",\"expected\":[", f);
+        for (int i = 0; i < r->prompt->n_outputs; i++) {
+            if (i) fputc(',', f);
+            eval_json_str(f, r->prompt->outputs[i]);
+        }
+        fputc(']', f);
+    } else {
+        put_num(f, "ppl", r->ppl);
+        put_num(f, "kl", r->kl);
+        fprintf(f, ",\"n_tokens\":%lld", (long long)r->n_tokens);
+    }
+    fprintf(f, ",\"kv_bytes\":%llu,\"kv_bytes_peak\":%llu,\"kv_bytes_full\":%llu",
+            (unsigned long long)r->kv_bytes, (unsigned long long)r->kv_bytes_peak,
+            (unsigned long long)r->kv_bytes_full);
+    put_num(f, "prefill_tok_s", r->prefill_tok_s);
+    put_num(f, "decode_tok_s", r->decode_tok_s);
+    fputs(",\"git\":", f);
+    eval_json_str(f, sw->cfg->git ? sw->cfg->git : "unknown");
+    fprintf(f, ",\"threads\":%d,\"time\":\"%s\"}\n", sw->n_threads, tbuf);
+    fflush(f);
+    sw->n_written++;
+}
+
+/* ---- helpers --------------------------------------------------------------------------------- */
+
+static int mkdir_p(const char *path) {
+    char tmp[1024];
+    snprintf(tmp, sizeof tmp, "%s", path);
+    for (char *p = tmp + 1; *p; p++)
+        if (*p == '/') {
+            *p = 0;
+            if (mkdir(tmp, 0755) && errno != EEXIST) return -1;
+            *p = '/';
+        }
+    return mkdir(tmp, 0755) && errno != EEXIST ? -1 : 0;
+}
+
+static void file_sha256(const char *path, char *out, size_t n) {
+    snprintf(out, n, "unknown");
+    char cmd[1200];
+    snprintf(cmd, sizeof cmd, "sha256sum '%s' 2>/dev/null", path);
+    if (strchr(path, '\'')) return;
+    FILE *p = popen(cmd, "r");
+    if (!p) return;
+    char buf[128] = "";
+    if (fgets(buf, sizeof buf, p) && strlen(buf) >= 64) {
+        buf[64] = 0;
+        snprintf(out, n, "%s", buf);
+    }
+    pclose(p);
+}
+
+static int32_t argmax(const float *x, int n) {
+    int32_t b = 0;
+    for (int i = 1; i < n; i++)
+        if (x[i] > x[b]) b = i;
+    return b;
+}
+
+static int fail(const char *what) {
+    fprintf(stderr, "kvsieve eval: %s: %s\n", what, kvs_last_error());
+    return 1;
+}
+
+/* ---- perplexity and KL in lockstep ---------------------------------------------------------- */
+
+/* log-sum-exp of a row */
+static double row_lse(const float *x, int n) {
+    float mx = x[0];
+    for (int i = 1; i < n; i++) mx = x[i] > mx ? x[i] : mx;
+    double s = 0;
+    for (int i = 0; i < n; i++) s += exp((double)(x[i] - mx));
+    return mx + log(s);
+}
+
+static int run_ppl(struct sweep *sw, int n_threads) {
+    const struct eval_config *cfg = sw->cfg;
+    char path[1024];
+    snprintf(path, sizeof path, "%s/%s.txt", cfg->data_dir, cfg->ppl_doc);
+    FILE *f = fopen(path, "rb");
+    if (!f) {
+        fprintf(stderr, "kvsieve eval: cannot read %s for perplexity (run `make data`)\n", path);
+        return 2;
+    }
+    /* the first ppl_tokens tokens of the novel: read enough bytes (~4.5 per token) */
+    size_t want = (size_t)cfg->ppl_tokens * 8 + 4096;
+    char *text = malloc(want + 1);
+    size_t len = text ? fread(text, 1, want, f) : 0;
+    fclose(f);
+    if (!text) return fail("out of memory");
+    text[len] = 0;
+    int cap = (int)len + 16;
+    int32_t *toks = malloc((size_t)cap * sizeof *toks);
+    int n_tok = toks ? kvs_tokenize(sw->m, text, len, true, false, toks, cap) : -1;
+    free(text);
+    if (n_tok < 0) { free(toks); return fail("tokenize"); }
+    if (n_tok > cfg->ppl_tokens) n_tok = cfg->ppl_tokens;
+    if (n_tok < 2) { free(toks); fprintf(stderr, "kvsieve eval: document too short\n"); return 2; }
+
+    /* the runs: full reference + every method × budget not done yet */
+    struct spec_run runs[EVAL_MAX_LIST * EVAL_MAX_LIST + 1];
+    int n_runs = 0;
+    char key[700];
+    for (int i = 0; i < cfg->n_methods; i++)
+        for (int b = 0; b < (is_full(cfg->methods[i]) ? 1 : cfg->n_budgets); b++) {
+            struct spec_run *r = &runs[n_runs];
+            memset(r, 0, sizeof *r);
+            r->method = cfg->methods[i];
+            r->budget = is_full(r->method) ? 0 : cfg->budgets[b];
+            if (r->budget) snprintf(r->spec, sizeof r->spec, "%s+budget=%d", r->method, r->budget);
+            else snprintf(r->spec, sizeof r->spec, "full");
+            int e = check_spec(r->spec);
+            if (e) { free(toks); return e; }
+            make_key(key, sizeof key, sw->sha, "ppl", cfg->ppl_doc, n_tok, 0, 0, r->spec, "chunk");
+            if (!keyset_has(&sw->done, key)) n_runs++;
+        }
+    if (n_runs == 0) { free(toks); return 0; }
+    int n_vocab = sw->info.n_vocab, nb = cfg->n_batch;
+    struct kvs_context_params cp = kvs_context_params_default();
+    cp.n_ctx = n_tok + 8;
+    cp.n_threads = n_threads;
+    cp.n_batch = nb;
+    kvs_context *cfull = NULL;
+    kvs_sequence *sfull = NULL;
+    float *lf = malloc((size_t)nb * n_vocab * sizeof(float));
+    float *lm = malloc((size_t)nb * n_vocab * sizeof(float));
+    double *lse_f = malloc((size_t)nb * sizeof(double));
+    int rc = 0;
+    if (!lf || !lm || !lse_f) { rc = fail("out of memory"); goto out; }
+    if (kvs_context_new(sw->m, &cp, &cfull) != KVS_OK || kvs_seq_new(cfull, &sfull) != KVS_OK) {
+        rc = fail("context");
+        goto out;
+    }
+    for (int i = 0; i < n_runs; i++) {
+        struct spec_run *r = &runs[i];
+        cp.kv_spec = r->spec;
+        if (kvs_context_new(sw->m, &cp, &r->ctx) != KVS_OK || kvs_seq_new(r->ctx, &r->seq) != KVS_OK) {
+            rc = fail(r->spec);
+            goto out;
+        }
+    }
+    double t_full = 0, t_start = now_s();
+    if (cfg->progress)
+        fprintf(stderr, "ppl: %s, %d tokens, %d runs in lockstep with the full cache\n",
+                cfg->ppl_doc, n_tok, n_runs);
+    for (int done = 0; done < n_tok; done += nb) {
+        int T = n_tok - done < nb ? n_tok - done : nb;
+        double t = now_s();
+        if (kvs_eval(cfull, sfull, toks + done, T, true, lf, NULL, NULL) != KVS_OK) {
+            rc = fail("full");
+            goto out;
+        }
+        t_full += now_s() - t;
+        int n_sc = done + T < n_tok ? T : T - 1; /* rows with a next token */
+        for (int j = 0; j < n_sc; j++) lse_f[j] = row_lse(lf + (size_t)j * n_vocab, n_vocab);
+        for (int i = 0; i < n_runs; i++) {
+            struct spec_run *r = &runs[i];
+            t = now_s();
+            if (kvs_eval(r->ctx, r->seq, toks + done, T, true, lm, NULL, NULL) != KVS_OK) {
+                rc = fail(r->spec);
+                goto out;
+            }
+            r->t_eval += now_s() - t;
+            for (int j = 0; j < n_sc; j++) {
+                const float *a = lf + (size_t)j * n_vocab, *b = lm + (size_t)j * n_vocab;
+                double lse_m = row_lse(b, n_vocab), kl = 0;
+                for (int v = 0; v < n_vocab; v++) {
+                    double lpf = a[v] - lse_f[j], lpm = b[v] - lse_m;
+                    kl += exp(lpf) * (lpf - lpm);
+                }
+                r->kl += kl > 0 ? kl : 0;
+                r->nll += lse_m - b[toks[done + j + 1]];
+                r->n_scored++;
+            }
+        }
+        if (cfg->progress) {
+            double el = now_s() - t_start;
+            char e1[16], e2[16];
+            fmt_dur(el, e1, sizeof e1);
+            fmt_dur(el / (done + T) * (n_tok - done - T), e2, sizeof e2);
+            fprintf(stderr, "\rppl: %d/%d tokens, elapsed %s, ETA %s   ", done + T, n_tok, e1, e2);
+        }
+    }
+    if (cfg->progress) fprintf(stderr, "\n");
+    struct kvs_mem_stats msf;
+    kvs_context_mem(cfull, &msf);
+    for (int i = 0; i < n_runs; i++) {
+        struct spec_run *r = &runs[i];
+        struct kvs_mem_stats ms;
+        kvs_context_mem(r->ctx, &ms);
+        make_key(key, sizeof key, sw->sha, "ppl", cfg->ppl_doc, n_tok, 0, 0, r->spec, "chunk");
+        struct rec rr = {.key = key, .kind = "ppl", .method = r->method, .spec = r->spec,
+                         .mode = "chunk", .task = "ppl", .family = "ppl",
+                         .ratio = NAN, .budget = r->budget, .length = n_tok, .score = NAN,
+                         .ppl = exp(r->nll / (double)r->n_scored),
+                         .kl = r->kl / (double)r->n_scored, .n_tokens = r->n_scored,
+                         .kv_bytes = kvs_seq_kv_bytes(r->seq), .kv_bytes_peak = ms.kv_bytes_peak,
+                         .kv_bytes_full = msf.kv_bytes_peak,
+                         .prefill_tok_s = n_tok / r->t_eval, .decode_tok_s = NAN};
+        write_rec(sw, &rr);
+        if (cfg->progress)
+            fprintf(stderr, "ppl  %-28s ppl %8.4f  KL %.5f  peak KV %6.1f MiB (full %.1f)\n",
+                    r->spec, rr.ppl, rr.kl, ms.kv_bytes_peak / 1048576.0,
+                    msf.kv_bytes_peak / 1048576.0);
+    }
+    (void)t_full;
+out:
+    for (int i = 0; i < n_runs; i++) kvs_context_free(runs[i].ctx);
+    kvs_context_free(cfull);
+    free(lf);
+    free(lm);
+    free(lse_f);
+    free(toks);
+    return rc;
+}
+
+/* ---- tasks ------------------------------------------------------------------------------------ */
+
+enum { MODE_AWARE, MODE_AGNOSTIC };
+static const char *const MODE_NAME[] = {"aware", "agnostic"};
+
+struct fork {
+    int run, mode;
+    kvs_context *ctx;  /* the context the sequence lives in */
+    kvs_sequence *s;
+    int32_t next;      /* token to feed next */
+    int n_gen;
+    bool done;
+    struct kvs_detok dt;
+    char *answer;
+    size_t ans_len, ans_cap;
+    uint64_t kv_bytes;
+    double t_prefill;  /* seconds of prefill + compression charged to this run */
+    char key[700];
+};
+
+static void ans_push(struct fork *f, const char *s, size_t n) {
+    if (f->ans_len + n + 1 > f->ans_cap) {
+        size_t cap = f->ans_cap ? f->ans_cap * 2 : 256;
+        while (cap < f->ans_len + n + 1) cap *= 2;
+        char *p = realloc(f->answer, cap);
+        if (!p) return;
+        f->answer = p;
+        f->ans_cap = cap;
+    }
+    memcpy(f->answer + f->ans_len, s, n);
+    f->ans_len += n;
+    f->answer[f->ans_len] = 0;
+}
+
+/* take token `tok` as generated; decide whether the fork stops */
+static void fork_accept(const kvs_model *m, const struct eval_prompt *p, struct fork *f,
+                        int32_t tok) {
+    f->n_gen++;
+    if (kvs_token_is_eog(m, tok)) { f->done = true; return; }
+    char buf[256];
+    size_t n = kvs_detok_push(m, &f->dt, tok, buf, sizeof buf);
+    ans_push(f, buf, n < sizeof buf ? n : sizeof buf);
+    if (p->stop_at_newline && f->answer) {
+        const char *s = f->answer; /* a newline after the first letter or digit ends it */
+        while (*s && !isalnum((unsigned char)*s)) s++;
+        if (*s && strchr(s, '\n')) f->done = true;
+    }
+    if (f->n_gen >= p->max_new_tokens) f->done = true;
+    f->next = tok;
+}
+
+/* greedy decoding of every fork of one context, in batches */
+static int decode_batch(struct sweep *sw, kvs_context *ctx, const struct eval_prompt *p,
+                        struct fork *forks, int n, float *logits) {
+    int n_vocab = sw->info.n_vocab;
+    kvs_sequence *seqs[64];
+    int32_t toks[64];
+    int idx[64];
+    for (;;) {
+        int k = 0;
+        for (int i = 0; i < n && k < 64; i++)
+            if (!forks[i].done && forks[i].ctx == ctx) {
+                seqs[k] = forks[i].s;
+                toks[k] = forks[i].next;
+                idx[k++] = i;
+            }
+        if (k == 0) return 0;
+        if (kvs_eval_batch(ctx, seqs, toks, k, logits) != KVS_OK) return fail("decode");
+        for (int j = 0; j < k; j++)
+            fork_accept(sw->m, p, &forks[idx[j]], argmax(logits + (size_t)j * n_vocab, n_vocab));
+    }
+}
+
+/* decode speed of one compressed sequence alone, in a plain full-cache context */
+static double speed_probe(struct sweep *sw, kvs_context *plain, kvs_sequence *ps, kvs_context *src,
+                          kvs_sequence *s, int32_t tok, float *logits) {
+    if (kvs_seq_copy(plain, ps, src, s) != KVS_OK) return NAN;
+    int n = sw->cfg->speed_tokens;
+    kvs_eval(plain, ps, &tok, 1, false, logits, NULL, NULL); /* warm-up */
+    double t = now_s();
+    for (int i = 0; i < n; i++) {
+        tok = argmax(logits, sw->info.n_vocab);
+        if (kvs_eval(plain, ps, &tok, 1, false, logits, NULL, NULL) != KVS_OK) return NAN;
+    }
+    return n / (now_s() - t);
+}
+
+static int run_tasks(struct sweep *sw, int n_threads) {
+    const struct eval_config *cfg = sw->cfg;
+    int rc = 0;
+    struct eval_corpus corpus = {0};
+    bool need_corpus = false;
+    for (int i = 0; i < cfg->n_tasks; i++) {
+        if (!eval_task_family(cfg->tasks[i])) {
+            fprintf(stderr, "kvsieve eval: unknown task '%s' (known:", cfg->tasks[i]);
+            for (int j = 0; eval_task_names[j]; j++) fprintf(stderr, " %s", eval_task_names[j]);
+            fprintf(stderr, ")\n");
+            return 2;
+        }
+        need_corpus |= eval_task_needs_corpus(cfg->tasks[i]);
+    }
+    if (need_corpus && eval_corpus_load(cfg->data_dir, &corpus) != KVS_OK) {
+        fprintf(stderr, "kvsieve eval: %s\n", kvs_last_error());
+        return 2;
+    }
+    /* runs: full once, every other method at every ratio */
+    static struct spec_run runs[EVAL_MAX_LIST * EVAL_MAX_LIST + 1];
+    int n_runs = 0, n_fork_runs = 0, max_len = 0;
+    for (int i = 0; i < cfg->n_lengths; i++) max_len = cfg->lengths[i] > max_len ? cfg->lengths[i] : max_len;
+    for (int i = 0; i < cfg->n_methods; i++)
+        for (int b = 0; b < (is_full(cfg->methods[i]) ? 1 : cfg->n_ratios); b++) {
+            struct spec_run *r = &runs[n_runs++];
+            memset(r, 0, sizeof *r);
+            r->method = cfg->methods[i];
+            if (is_full(r->method)) {
+                r->ratio = 1.0;
+                snprintf(r->spec, sizeof r->spec, "full");
+            } else {
+                r->ratio = cfg->ratios[b];
+                r->direct = strstr(r->method, "when=") || strstr(r->method, "every=");
+                snprintf(r->spec, sizeof r->spec, r->direct ? "%s+ratio=%g" :
+                         "%s+ratio=%g+when=prefill+every=0", r->method, r->ratio);
+            }
+            int e = check_spec(r->spec);
+            if (e) { eval_corpus_free(&corpus); return e; }
+            n_fork_runs += !r->direct;
+        }
+    int n_modes = cfg->aware + cfg->agnostic;
+    int modes[2], nm = 0;
+    if (cfg->aware) modes[nm++] = MODE_AWARE;
+    if (cfg->agnostic) modes[nm++] = MODE_AGNOSTIC;
+    if (n_fork_runs * n_modes > 62) {
+        fprintf(stderr, "kvsieve eval: at most 62 method×ratio×mode runs per prompt (asked %d)\n",
+                n_fork_runs * n_modes);
+        eval_corpus_free(&corpus);
+        return 2;
+    }
+    /* every prompt can be made (lengths fit the tasks): checked before any work */
+    for (int ti = 0; ti < cfg->n_tasks; ti++)
+        for (int li = 0; li < cfg->n_lengths; li++) {
+            struct eval_prompt p;
+            if (eval_task_make(sw->m, &corpus, cfg->tasks[ti], cfg->lengths[li], cfg->seed, 0, &p) != KVS_OK) {
+                fprintf(stderr, "kvsieve eval: %s\n", kvs_last_error());
+                eval_corpus_free(&corpus);
+                return 2;
+            }
+            if (p.n_tok_context + p.n_tok_question + p.max_new_tokens > cfg->lengths[li] + 0 ||
+                cfg->lengths[li] > sw->info.n_ctx_train)
+                kvs_log(1, "%s at %d tokens: beyond the model's training context %d",
+                        p.task, cfg->lengths[li], sw->info.n_ctx_train);
+            eval_prompt_free(&p);
+        }
+    /* the prompts still to run */
+    int n_prompts = cfg->n_tasks * cfg->n_lengths * cfg->samples, n_todo = 0;
+    int64_t w_total = 0;
+    char key[700];
+    bool *todo = calloc((size_t)n_prompts, 1);
+    for (int pi = 0; pi < n_prompts; pi++) {
+        int ti = pi / (cfg->n_lengths * cfg->samples), li = pi / cfg->samples % cfg->n_lengths;
+        int si = pi % cfg->samples;
+        for (int r = 0; r < n_runs && !todo[pi]; r++)
+            for (int md = 0; md < nm && !todo[pi]; md++) {
+                make_key(key, sizeof key, sw->sha, "task", cfg->tasks[ti], cfg->lengths[li], cfg->seed,
+                         si, runs[r].spec, MODE_NAME[modes[md]]);
+                if (!keyset_has(&sw->done, key)) todo[pi] = true;
+            }
+        if (todo[pi]) { n_todo++; w_total += cfg->lengths[li]; }
+    }
+    if (n_todo == 0) { free(todo); eval_corpus_free(&corpus); return 0; }
+    if (cfg->progress)
+        fprintf(stderr, "tasks: %d prompts to run (%d done before), %d runs each (%d methods×ratios × %d modes)\n",
+                n_todo, n_prompts - n_todo, n_runs * n_modes, n_runs, n_modes);
+
+    int n_vocab = sw->info.n_vocab;
+    struct kvs_context_params cp = kvs_context_params_default();
+    cp.n_ctx = max_len + 256;
+    cp.n_threads = n_threads;
+    cp.n_batch = cfg->n_batch;
+    cp.n_seq_max = 2 + n_fork_runs * n_modes;
+    cp.keep_stats = true;
+    kvs_context *ctx = NULL, *plain = NULL;
+    kvs_sequence *A = NULL, *B = NULL, *P = NULL;
+    int max_forks = n_runs * nm;
+    struct fork *forks = calloc((size_t)max_forks, sizeof *forks);
+    float *logits = malloc((size_t)64 * n_vocab * sizeof(float));
+    float *logits_b = malloc((size_t)n_vocab * sizeof(float));
+    if (!logits || !logits_b || !forks) { rc = fail("out of memory"); goto out; }
+    if (kvs_context_new(sw->m, &cp, &ctx) != KVS_OK || kvs_seq_new(ctx, &A) != KVS_OK ||
+        kvs_seq_new(ctx, &B) != KVS_OK) { rc = fail("context"); goto out; }
+    struct kvs_context_params pp = cp;
+    pp.n_seq_max = 1;
+    pp.keep_stats = false;
+    if (kvs_context_new(sw->m, &pp, &plain) != KVS_OK || kvs_seq_new(plain, &P) != KVS_OK) {
+        rc = fail("context");
+        goto out;
+    }
+    for (int r = 0; r < n_runs; r++)
+        if (runs[r].direct) {
+            struct kvs_context_params dp = pp;
+            dp.kv_spec = runs[r].spec;
+            if (kvs_context_new(sw->m, &dp, &runs[r].ctx) != KVS_OK ||
+                kvs_seq_new(runs[r].ctx, &runs[r].seq) != KVS_OK) { rc = fail(runs[r].spec); goto out; }
+        }
+    double t_start = now_s();
+    int64_t w_done = 0;
+    int k_done = 0;
+    for (int pi = 0; pi < n_prompts && rc == 0; pi++) {
+        if (!todo[pi]) continue;
+        int ti = pi / (cfg->n_lengths * cfg->samples), li = pi / cfg->samples % cfg->n_lengths;
+        int si = pi % cfg->samples, len = cfg->lengths[li];
+        struct eval_prompt p;
+        enum kvs_status st = eval_task_make(sw->m, &corpus, cfg->tasks[ti], len, cfg->seed, si, &p);
+        if (st != KVS_OK) {
+            fprintf(stderr, "kvsieve eval: %s\n", kvs_last_error());
+            rc = st == KVS_ERR_INVALID_ARG ? 2 : 1;
+            break;
+        }
+        /* 1. the context, once, full cache, all statistics */
+        double t = now_s();
+        kvs_seq_reset(ctx, A);
+        if (kvs_eval(ctx, A, p.tok_context, p.n_tok_context, false, NULL, NULL, NULL) != KVS_OK) {
+            rc = fail(p.id);
+            eval_prompt_free(&p);
+            break;
+        }
+        double t_ctx = now_s() - t;
+        t = now_s();
+        bool aware_needed = cfg->aware;
+        if (aware_needed) {
+            if (kvs_seq_copy(ctx, B, ctx, A) != KVS_OK ||
+                kvs_eval(ctx, B, p.tok_question, p.n_tok_question, false, logits_b, NULL, NULL) != KVS_OK) {
+                rc = fail(p.id);
+                eval_prompt_free(&p);
+                break;
+            }
+        }
+        double t_q = now_s() - t;
+        uint64_t full_bytes = aware_needed ? kvs_seq_kv_bytes(B) : kvs_seq_kv_bytes(A);
+        /* 2. forks */
+        int nf = 0;
+        for (int r = 0; r < n_runs && rc == 0; r++)
+            for (int md = 0; md < nm && rc == 0; md++) {
+                struct fork *f = &forks[nf];
+                free(f->answer);
+                memset(f, 0, sizeof *f);
+                f->run = r;
+                f->mode = modes[md];
+                make_key(f->key, sizeof f->key, sw->sha, "task", p.task, len, cfg->seed, si, runs[r].spec,
+                         MODE_NAME[f->mode]);
+                if (keyset_has(&sw->done, f->key)) continue;
+                nf++;
+                t = now_s();
+                if (runs[r].direct) {
+                    /* its own prefill: context+question at once (aware) or in two calls */
+                    f->ctx = runs[r].ctx;
+                    f->s = runs[r].seq;
+                    kvs_seq_reset(f->ctx, f->s);
+                    int n_all = p.n_tok_context + p.n_tok_question;
+                    int32_t *all = malloc((size_t)n_all * sizeof *all);
+                    if (!all) { rc = fail("out of memory"); break; }
+                    memcpy(all, p.tok_context, (size_t)p.n_tok_context * sizeof *all);
+                    memcpy(all + p.n_tok_context, p.tok_question, (size_t)p.n_tok_question * sizeof *all);
+                    if (f->mode == MODE_AWARE) st = kvs_eval(f->ctx, f->s, all, n_all, false, logits, NULL, NULL);
+                    else {
+                        st = kvs_eval(f->ctx, f->s, all, p.n_tok_context, false, NULL, NULL, NULL);
+                        if (st == KVS_OK)
+                            st = kvs_eval(f->ctx, f->s, p.tok_question, p.n_tok_question, false, logits, NULL, NULL);
+                    }
+                    free(all);
+                    if (st != KVS_OK) { rc = fail(runs[r].spec); break; }
+                    f->kv_bytes = kvs_seq_kv_bytes(f->s);
+                    f->t_prefill = now_s() - t;
+                    fork_accept(sw->m, &p, f, argmax(logits, n_vocab));
+                    /* decode now, alone (its sequence is reused by the next mode) */
+                    if (!f->done && decode_batch(sw, f->ctx, &p, f, 1, logits)) { rc = 1; break; }
+                    continue;
+                }
+                f->ctx = ctx;
+                if (kvs_seq_new(ctx, &f->s) != KVS_OK) { rc = fail("fork"); break; }
+                const kvs_sequence *src = f->mode == MODE_AWARE ? B : A;
+                if (kvs_seq_copy(ctx, f->s, ctx, src) != KVS_OK ||
+                    kvs_seq_compress(ctx, f->s, runs[r].spec) != KVS_OK) { rc = fail(runs[r].spec); break; }
+                if (f->mode == MODE_AWARE) {
+                    f->kv_bytes = kvs_seq_kv_bytes(f->s);
+                    f->t_prefill = t_ctx + t_q + (now_s() - t);
+                    fork_accept(sw->m, &p, f, argmax(logits_b, n_vocab));
+                } else {
+                    if (kvs_eval(ctx, f->s, p.tok_question, p.n_tok_question, false, logits, NULL, NULL) != KVS_OK) {
+                        rc = fail(runs[r].spec);
+                        break;
+                    }
+                    f->kv_bytes = kvs_seq_kv_bytes(f->s);
+                    f->t_prefill = t_ctx + (now_s() - t);
+                    /* decode speed of this method at this length, alone in a plain context */
+                    if (cfg->speed_tokens > 0 && runs[r].speed_len != len) {
+                        int32_t tok = argmax(logits, n_vocab);
+                        runs[r].speed = speed_probe(sw, plain, P, ctx, f->s, tok, logits + n_vocab);
+                        runs[r].speed_len = len;
+                    }
+                    fork_accept(sw->m, &p, f, argmax(logits, n_vocab));
+                }
+            }
+        /* 3. decode the forks together */
+        double td = now_s();
+        if (rc == 0) rc = decode_batch(sw, ctx, &p, forks, nf, logits);
+        td = now_s() - td;
+        /* 4. score and write */
+        for (int i = 0; i < nf && rc == 0; i++) {
+            struct fork *f = &forks[i];
+            const struct spec_run *r = &runs[f->run];
+            double sc = eval_score(&p, f->answer ? f->answer : "");
+            bool prefill_mode = !r->direct;
+            uint64_t fb = full_bytes; /* what the full cache holds for context + question */
+            struct rec rr = {.key = f->key, .kind = "task", .method = r->method, .spec = r->spec,
+                             .mode = MODE_NAME[f->mode], .task = p.task, .family = p.family,
+                             .ratio = r->ratio, .length = len, .sample = si, .seed = cfg->seed,
+                             .score = sc, .answer = f->answer ? f->answer : "", .prompt = &p,
+                             .kv_bytes = f->kv_bytes,
+                             .kv_bytes_peak = prefill_mode ? fb : f->kv_bytes, .kv_bytes_full = fb,
+                             .prefill_tok_s = p.n_tok_context / f->t_prefill,
+                             .decode_tok_s = r->speed_len == len ? r->speed : NAN};
+            write_rec(sw, &rr);
+        }
+        for (int i = 0; i < nf; i++)
+            if (forks[i].ctx == ctx && forks[i].s) {
+                kvs_seq_free(ctx, forks[i].s);
+                forks[i].s = NULL;
+            }
+        w_done += len;
+        k_done++;
+        if (cfg->progress) {
+            double el = now_s() - t_start, avg = 0;
+            for (int i = 0; i < nf; i++) avg += eval_score(&p, forks[i].answer ? forks[i].answer : "");
+            char e1[16], e2[16];
+            fmt_dur(el, e1, sizeof e1);
+            fmt_dur(el / (double)w_done * (double)(w_total - w_done), e2, sizeof e2);
+            fprintf(stderr, "[%d/%d] %-16s len %5d #%d: %5d+%d tokens, prefill %5.0f tok/s, %2d runs "
+                    "decoded in %4.1fs, mean score %.2f | elapsed %s, ETA %s\n", k_done, n_todo,
+                    p.task, len, si, p.n_tok_context, p.n_tok_question, p.n_tok_context / t_ctx, nf,
+                    td, nf ? avg / nf : 0.0, e1, e2);
+        }
+        eval_prompt_free(&p);
+    }
+out:
+    for (int i = 0; forks && i < max_forks; i++) free(forks[i].answer);
+    free(forks);
+    for (int r = 0; r < n_runs; r++) {
+        kvs_context_free(runs[r].ctx);
+        runs[r].ctx = NULL;
+    }
+    kvs_context_free(ctx);
+    kvs_context_free(plain);
+    free(logits);
+    free(logits_b);
+    free(todo);
+    eval_corpus_free(&corpus);
+    return rc;
+}
+
+/* ---- entry points ---------------------------------------------------------------------------- */
+
+static int open_model(struct sweep *sw, const struct eval_config *cfg) {
+    memset(sw, 0, sizeof *sw);
+    sw->cfg = cfg;
+    struct kvs_model_params mp = kvs_model_params_default();
+    enum kvs_status st = kvs_model_load(cfg->model_path, &mp, &sw->m);
+    if (st != KVS_OK) {
+        fprintf(stderr, "kvsieve eval: %s\n", kvs_last_error());
+        return st == KVS_ERR_IO || st == KVS_ERR_FORMAT || st == KVS_ERR_UNSUPPORTED ? 2 : 1;
+    }
+    kvs_model_get_info(sw->m, &sw->info);
+    const char *b = strrchr(cfg->model_path, '/');
+    snprintf(sw->model_name, sizeof sw->model_name, "%s", b ? b + 1 : cfg->model_path);
+    size_t L = strlen(sw->model_name);
+    if (L > 5 && !strcmp(sw->model_name + L - 5, ".gguf")) sw->model_name[L - 5] = 0;
+    return 0;
+}
+
+int eval_export(const struct eval_config *cfg, const char *path) {
+    struct sweep sw;
+    int rc = open_model(&sw, cfg);
+    if (rc) return rc;
+    file_sha256(cfg->model_path, sw.sha, sizeof sw.sha);
+    struct eval_corpus corpus = {0};
+    bool need = false;
+    for (int i = 0; i < cfg->n_tasks; i++) {
+        if (!eval_task_family(cfg->tasks[i])) {
+            fprintf(stderr, "kvsieve eval: unknown task '%s'\n", cfg->tasks[i]);
+            kvs_model_free(sw.m);
+            return 2;
+        }
+        need |= eval_task_needs_corpus(cfg->tasks[i]);
+    }
+    if (need && eval_corpus_load(cfg->data_dir, &corpus) != KVS_OK) {
+        fprintf(stderr, "kvsieve eval: %s\n", kvs_last_error());
+        kvs_model_free(sw.m);
+        return 2;
+    }
+    FILE *f = strcmp(path, "-") ? fopen(path, "w") : stdout;
+    if (!f) {
+        fprintf(stderr, "kvsieve eval: cannot write %s: %s\n", path, strerror(errno));
+        rc = 1;
+    }
+    for (int ti = 0; ti < cfg->n_tasks && f && rc == 0; ti++)
+        for (int li = 0; li < cfg->n_lengths && rc == 0; li++)
+            for (int si = 0; si < cfg->samples && rc == 0; si++) {
+                struct eval_prompt p;
+                if (eval_task_make(sw.m, &corpus, cfg->tasks[ti], cfg->lengths[li], cfg->seed, si,
+                                   &p) != KVS_OK) {
+                    fprintf(stderr, "kvsieve eval: %s\n", kvs_last_error());
+                    rc = 2;
+                    break;
+                }
+                eval_prompt_write_jsonl(f, &p, sw.model_name, sw.sha);
+                eval_prompt_free(&p);
+            }
+    if (f && f != stdout && fclose(f)) rc = 1;
+    eval_corpus_free(&corpus);
+    kvs_model_free(sw.m);
+    return rc;
+}
+
+int eval_sweep(const struct eval_config *cfg) {
+    struct sweep sw;
+    int rc = open_model(&sw, cfg);
+    if (rc) return rc;
+    if (mkdir_p(cfg->out_dir)) {
+        fprintf(stderr, "kvsieve eval: cannot create %s: %s\n", cfg->out_dir, strerror(errno));
+        kvs_model_free(sw.m);
+        return 1;
+    }
+    if (cfg->progress) fprintf(stderr, "eval: sha256 of %s ...\n", cfg->model_path);
+    file_sha256(cfg->model_path, sw.sha, sizeof sw.sha);
+    char path[1200];
+    snprintf(path, sizeof path, "%s/results.jsonl", cfg->out_dir);
+    keyset_load(&sw.done, path);
+    sw.out = fopen(path, "a");
+    if (!sw.out) {
+        fprintf(stderr, "kvsieve eval: cannot write %s: %s\n", path, strerror(errno));
+        kvs_model_free(sw.m);
+        keyset_free(&sw.done);
+        return 1;
+    }
+    int n_threads = cfg->n_threads > 0 ? cfg->n_threads : threadpool_default_threads();
+    sw.n_threads = n_threads;
+    sw.t0 = now_s();
+    if (cfg->progress)
+        fprintf(stderr, "eval: %s (%s), results in %s (%d runs already there)\n",
+                sw.info.name, sw.sha, path, sw.done.n);
+    if (cfg->ppl_tokens > 0 && cfg->n_budgets > 0) rc = run_ppl(&sw, n_threads);
+    if (rc == 0 && cfg->n_tasks > 0 && cfg->n_lengths > 0 && cfg->samples > 0)
+        rc = run_tasks(&sw, n_threads);
+    fclose(sw.out);
+    if (cfg->progress) {
+        char e[16];
+        fmt_dur(now_s() - sw.t0, e, sizeof e);
+        fprintf(stderr, "eval: %d runs written in %s\n", sw.n_written, e);
+    }
+    if (rc == 0 && cfg->report) {
+        char err[512] = "";
+        if (eval_report(cfg->out_dir, NULL, 0, err, sizeof err) != 0) {
+            fprintf(stderr, "kvsieve eval: report: %s\n", err);
+            rc = 1;
+        } else if (cfg->progress) {
+            fprintf(stderr, "eval: report in %s/report.md, plots in %s/plots/\n", cfg->out_dir,
+                    cfg->out_dir);
+        }
+    }
+    keyset_free(&sw.done);
+    kvs_model_free(sw.m);
+    return rc;
+}
