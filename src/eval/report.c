@@ -426,7 +426,6 @@ static void md_summary(FILE *f, const struct report *R, int im, int imode) {
     if (!rows.n) goto out;
     const int nc = cols.n, w = nc + 4; /* families, overall, kv peak, kv full, decode */
     struct acc *a = xcalloc((size_t)rows.n * (size_t)w, sizeof *a);
-    int *n = xcalloc((size_t)rows.n, sizeof *n);
     for (int i = 0; i < R->n; i++) {
         const struct rec *r = &R->r[i];
         if (!is_task(r, im, imode)) continue;
@@ -439,7 +438,6 @@ static void md_summary(FILE *f, const struct report *R, int im, int imode) {
             acc_add(&row[nc + 2], r->kv_full, 1);
         }
         acc_add(&row[nc + 3], r->decode, 1);
-        n[ir]++;
     }
     fprintf(f, "\n### Summary, %s (mode `%s`)\n\n", mode_label(R->modes.v[imode]), R->modes.v[imode]);
     md_head_labels(f, R, true);
@@ -450,13 +448,12 @@ static void md_summary(FILE *f, const struct report *R, int im, int imode) {
         const struct acc *row = a + (size_t)ir * (size_t)w;
         md_row_head(f, R, &rows.v[ir], true);
         for (int c = 0; c <= nc; c++) md_num(f, "%.1f", acc_mean(&row[c]));
-        md_num(f, "%.0f", n[ir]);
+        md_num(f, "%.0f", (double)row[nc].n); /* scored records: a failed run has no score */
         md_num(f, "%.1f", row[nc + 2].sum > 0 ? 100 * row[nc + 1].sum / row[nc + 2].sum : NAN);
         md_num(f, "%.1f", acc_mean(&row[nc + 3]));
         fputc('\n', f);
     }
     free(a);
-    free(n);
 out:
     ks_free(&rows);
     ks_free(&cols);
@@ -643,8 +640,8 @@ static void md_header(FILE *f, const struct report *R) {
     char date[64] = "?";
     if (gmtime_r(&t, &tm)) strftime(date, sizeof date, "%Y-%m-%d %H:%M UTC", &tm);
     fprintf(f, "\n- **Generated:** %s\n\n", date);
-    fputs("Scores are means over all task records of a cell (tasks × lengths × samples), in %. "
-          "*KV % of full*: peak KV cache bytes as a share of what the uncompressed cache would hold "
+    fputs("Scores are means over all task records of a cell (tasks × lengths × samples), in %; "
+          "*n* counts the records with a score. *KV % of full*: peak KV cache bytes as a share of what the uncompressed cache would hold "
           "for the same tokens. Perplexity is pooled over tokens; KL(full || method) is in nats per "
           "token. " DASH " marks a cell without data. Every record is in `results.csv`.\n", f);
 }
