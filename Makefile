@@ -16,7 +16,7 @@ TEST_SRC := $(wildcard tests/test_*.c)
 TEST_BIN := $(TEST_SRC:tests/%.c=$(BUILD)/%)
 MODEL    := models/SmolLM2-135M-Instruct.Q4_1.gguf
 
-.PHONY: all test test-slow check bench demo models models-large data fuzz clean
+.PHONY: all test test-slow check bench demo eval eval-large models models-large data fuzz clean
 all: $(BUILD)/kvsieve $(BUILD)/libkvsieve.a $(BUILD)/libkvsieve.so $(TEST_BIN)
 
 $(BUILD)/obj/%_avx2.o: src/%_avx2.c $(wildcard src/*.h src/kv/*.h src/eval/*.h include/*.h)
@@ -51,21 +51,30 @@ models-large:
 data:
 	scripts/fetch_data.sh
 
-# The whole suite: unit tests (no model needed), then tests on the real SmolLM2 model.
-test: all models
+# The whole suite: unit tests (no model needed), then tests on the real SmolLM2 model and the
+# novels (test_eval, and a smoke sweep in cli_test).
+test: all models data
 	tests/run.sh $(BUILD)
 
-test-slow: all models-large
+test-slow: all models-large data
 	KVS_SLOW=1 tests/run.sh $(BUILD)
 
 check:
 	$(MAKE) BUILD=build/asan OPT="-O1 -fsanitize=address,undefined -fno-omit-frame-pointer -fno-sanitize-recover=all" \
 	    LDLIBS="-lm -pthread -fsanitize=address,undefined" all
-	$(MAKE) models
+	$(MAKE) models data
 	KVS_SANITIZE=1 tests/run.sh build/asan
 
 bench: all models
 	$(BUILD)/kvsieve bench --json
+
+# The evaluation harness's default grid on SmolLM2 (results/sweep: results.jsonl, report.md,
+# plots/); rerunning resumes. eval-large: the Qwen2.5-1.5B grid (hours).
+eval: all models data
+	$(BUILD)/kvsieve eval sweep
+
+eval-large: all models-large data
+	$(BUILD)/kvsieve eval sweep --profile large
 
 demo: all models
 	$(BUILD)/kvsieve run --chat -n 96 --temp 0 -p "Explain in two sentences why the sky is blue."

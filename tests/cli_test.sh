@@ -62,6 +62,22 @@ if [ -f "$model" ]; then
     cp "$tmp/doc.kvc" "$tmp/bad.kvc" && printf 'x' | dd of="$tmp/bad.kvc" bs=1 seek=1000 conv=notrunc 2>/dev/null
     check "corrupted cache" 2 "bad.kvc: corrupted cache file" -- "$bin" run -m "$model" -n 1 -p " hi" --load-cache "$tmp/bad.kvc"
     check "cache, empty prompt" 2 "prompt is empty" -- "$bin" run -m "$model" -n 1 -p "" --load-cache "$tmp/doc.kvc"
+    # the evaluation harness: bad input, export, a smoke sweep with its report, resume
+    check "eval help" 0 "sweep" -- "$bin" eval --help
+    check "eval unknown sub" 2 "unknown subcommand 'frob'" -- "$bin" eval frob
+    check "eval unknown task" 2 "unknown task 'nope'" -- "$bin" eval sweep --tasks nope
+    check "eval bad ratio" 2 "--ratios" -- "$bin" eval sweep --ratios 0,2
+    check "eval bad method" 2 "unknown method 'bogus'" -- "$bin" eval sweep --methods full,bogus
+    check "eval too short" 2 "too short for task niah_multiquery" -- "$bin" eval sweep -m "$model" --out "$tmp/ev0" --tasks niah_multiquery --lengths 300 --ppl-tokens 0
+    check "eval export" 0 "" -- sh -c "'$bin' eval tasks -m '$model' --tasks niah_single_1,vt --lengths 1024 --samples 2 --out - | python3 -c 'import json,sys; r=[json.loads(l) for l in sys.stdin]; assert len(r)==4 and all(x[\"outputs\"] and x[\"prompt_context\"] for x in r), r'"
+    ev=(eval sweep -q -m "$model" --out "$tmp/ev" --methods full,snapkv,streaming --ratios 0.5,0.25 --budgets 128 --ppl-tokens 256 --tasks niah_single_1,vt --lengths 1024 --samples 1 --speed-tokens 2)
+    check "eval smoke sweep" 0 "" -- "$bin" "${ev[@]}"
+    # ppl: full + 2 methods x 1 budget = 3; tasks: 2 prompts x (full + 2 methods x 2 ratios) x 2 modes = 20
+    check "eval results" 0 "^23$" -- sh -c "wc -l < '$tmp/ev/results.jsonl'"
+    check "eval report files" 0 "ok" -- sh -c "test -s '$tmp/ev/report.md' && test -s '$tmp/ev/results.csv' && grep -q 'Summary' '$tmp/ev/report.md' && { ! command -v gnuplot >/dev/null || head -c 8 '$tmp/ev/plots/score_vs_ratio_aware.png' | grep -q PNG; } && echo ok"
+    check "eval resume" 0 "^23$" -- sh -c "'$bin' ${ev[*]} && wc -l < '$tmp/ev/results.jsonl'"
+    check "eval report cmd" 0 "report.md" -- "$bin" eval report "$tmp/ev"
+    check "eval report missing" 1 "" -- "$bin" eval report "$tmp/none"
 else
     echo "skip model-based CLI checks: $model not found"
 fi

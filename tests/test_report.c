@@ -320,7 +320,7 @@ static void test_report(const char *dir, bool have_gnuplot) {
     snprintf(path, sizeof path, "%s/results.csv", dir);
     char *csv = slurp(path, NULL);
     const char *head = "system,run,kind,model,model_sha256,method,kv,ratio,budget,mode,task,family,"
-                       "length,seed,sample,score,answer,expected,ppl,kl,n_tokens,kv_bytes_peak,"
+                       "length,seed,sample,score,answer,expected,ppl,kl,n_tokens,kv_bytes,kv_bytes_peak,"
                        "kv_bytes_full,prefill_tok_s,decode_tok_s,git,time\r\n";
     CHECK(csv && !strncmp(csv, head, strlen(head)));
     CHECKF(csv_records(csv) == 1 + nT + nP, "%d CSV records, want %d", csv_records(csv), 1 + nT + nP);

@@ -12,7 +12,7 @@
  *
  * Aggregation (the same for tables and figures):
  *   score    plain mean over the task records of a cell (tasks x lengths x samples), in %;
- *   KV %     sum kv_bytes_peak / sum kv_bytes_full over the records that have both;
+ *   KV %     sum kv_bytes (else kv_bytes_peak) / sum kv_bytes_full over the records that have both;
  *   ppl      pooled over tokens: exp(sum n_tokens * ln ppl / sum n_tokens) (weight 1 when
  *            n_tokens is absent); KL the n_tokens-weighted mean;
  *   tok/s    plain mean.
@@ -116,6 +116,8 @@ static void rec_fill(struct rec *r) {
     r->n_tokens = jsonl_get_num(o, "n_tokens");
     r->kv_peak = jsonl_get_num(o, "kv_bytes_peak");
     r->kv_full = jsonl_get_num(o, "kv_bytes_full");
+    r->kv_held = jsonl_get_num(o, "kv_bytes");
+    if (!isfinite(r->kv_held)) r->kv_held = r->kv_peak;
     r->decode = jsonl_get_num(o, "decode_tok_s");
     const char *kind = str_or(o, "kind", NULL), *task = str_or(o, "task", NULL);
     const char *fam = str_or(o, "family", NULL);
@@ -301,7 +303,7 @@ static void report_free(struct report *R) {
 static const char *const CSV_COLS[] = {
     "system", "run", "kind", "model", "model_sha256", "method", "kv", "ratio", "budget", "mode",
     "task", "family", "length", "seed", "sample", "score", "answer", "expected", "ppl", "kl",
-    "n_tokens", "kv_bytes_peak", "kv_bytes_full", "prefill_tok_s", "decode_tok_s", "git", "time"};
+    "n_tokens", "kv_bytes", "kv_bytes_peak", "kv_bytes_full", "prefill_tok_s", "decode_tok_s", "git", "time"};
 
 static void csv_cell(FILE *f, const char *s) { /* RFC 4180: quote when needed, double quotes */
     if (!strpbrk(s, ",\"\r\n")) { fputs(s, f); return; }
@@ -433,8 +435,8 @@ static void md_summary(FILE *f, const struct report *R, int im, int imode) {
         struct acc *row = a + (size_t)ir * (size_t)w;
         acc_add(&row[ks_find(&cols, KEY(r->ifam))], 100 * r->score, 1);
         acc_add(&row[nc], 100 * r->score, 1);
-        if (isfinite(r->kv_peak) && isfinite(r->kv_full) && r->kv_full > 0) {
-            acc_add(&row[nc + 1], r->kv_peak, 1);
+        if (isfinite(r->kv_held) && isfinite(r->kv_full) && r->kv_full > 0) {
+            acc_add(&row[nc + 1], r->kv_held, 1);
             acc_add(&row[nc + 2], r->kv_full, 1);
         }
         acc_add(&row[nc + 3], r->decode, 1);
@@ -641,8 +643,11 @@ static void md_header(FILE *f, const struct report *R) {
     if (gmtime_r(&t, &tm)) strftime(date, sizeof date, "%Y-%m-%d %H:%M UTC", &tm);
     fprintf(f, "\n- **Generated:** %s\n\n", date);
     fputs("Scores are means over all task records of a cell (tasks × lengths × samples), in %; "
-          "*n* counts the records with a score. *KV % of full*: peak KV cache bytes as a share of what the uncompressed cache would hold "
-          "for the same tokens. Perplexity is pooled over tokens; KL(full || method) is in nats per "
+          "*n* counts the records with a score. *KV % of full*: KV cache bytes held when decoding starts "
+          "(K/V payload and per-entry metadata) as a share of what the uncompressed cache holds for the "
+          "same tokens; the task runs compress once at the end of prefill (kvpress style), so their peak "
+          "during prefill is the full cache (`kv_bytes_peak` in results.csv); chunked-prefill runs (ppl) "
+          "stay bounded. Decode tok/s: one sequence alone, measured after compression. Perplexity is pooled over tokens; KL(full || method) is in nats per "
           "token. " DASH " marks a cell without data. Every record is in `results.csv`.\n", f);
 }
 

@@ -125,6 +125,7 @@ struct rec {
     const char *system, *kind, *model, *method, *mode, *task, *family; /* never NULL */
     const char *run, *git, *sha;                                         /* NULL when absent */
     double ratio, budget, length, score, ppl, kl, n_tokens, kv_peak, kv_full, decode; /* NaN: absent */
+    double kv_held; /* kv_bytes (KV held when decoding starts), else kv_bytes_peak */
     bool is_ppl, is_full;
     int file;                                  /* index into report.files */
     int im, isys, imeth, imode, itask, ifam;   /* ranks in the dictionaries */

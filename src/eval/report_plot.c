@@ -40,7 +40,7 @@ static bool fig_point(const struct rec *r, enum fig_kind k, int im, int imode, i
         break;
     case FIG_KVBYTES:
         if (r->is_ppl) return false;
-        *y = r->kv_peak / (1024.0 * 1024.0);
+        *y = r->kv_held / (1024.0 * 1024.0);
         break;
     case FIG_DECODE:
         if (r->is_ppl) return false;
@@ -316,9 +316,9 @@ static int figure_make(struct report *R, enum fig_kind kind, int im, int imode, 
         break;
     case FIG_KVBYTES:
         snprintf(fg->stem, sizeof fg->stem, "kvbytes_vs_ratio%s", ms);
-        snprintf(fg->title, sizeof fg->title, "%s: peak KV cache vs kept ratio (task runs)", model);
+        snprintf(fg->title, sizeof fg->title, "%s: KV cache held while decoding vs kept ratio (task runs)", model);
         F.xlabel = "kept KV ratio (log scale)";
-        F.ylabel = "peak KV cache (MiB)";
+        F.ylabel = "KV cache held (MiB)";
         break;
     case FIG_DECODE:
         snprintf(fg->stem, sizeof fg->stem, "decode_vs_ratio%s", ms);
