@@ -111,10 +111,14 @@ static void keyset_load(struct keyset *ks, const char *path) {
         const char *e = strchr(p, '"');
         if (!e) continue;
         if (ks->n == ks->cap) {
-            ks->cap = ks->cap ? ks->cap * 2 : 256;
-            ks->k = realloc(ks->k, (size_t)ks->cap * sizeof *ks->k);
+            int cap = ks->cap ? ks->cap * 2 : 256;
+            char **k = realloc(ks->k, (size_t)cap * sizeof *k);
+            if (!k) break; /* out of memory: those runs are simply redone */
+            ks->k = k;
+            ks->cap = cap;
         }
-        ks->k[ks->n++] = strndup(p, (size_t)(e - p));
+        char *key = strndup(p, (size_t)(e - p));
+        if (key) ks->k[ks->n++] = key;
     }
     free(line);
     fclose(f);
@@ -338,23 +342,21 @@ static int run_ppl(struct sweep *sw, int n_threads) {
             goto out;
         }
     }
-    double t_full = 0, t_start = now_s();
+    double t_start = now_s();
     if (cfg->progress)
         fprintf(stderr, "ppl: %s, %d tokens, %d runs in lockstep with the full cache\n",
                 cfg->ppl_doc, n_tok, n_runs);
     for (int done = 0; done < n_tok; done += nb) {
         int T = n_tok - done < nb ? n_tok - done : nb;
-        double t = now_s();
         if (kvs_eval(cfull, sfull, toks + done, T, true, lf, NULL, NULL) != KVS_OK) {
             rc = fail("full");
             goto out;
         }
-        t_full += now_s() - t;
         int n_sc = done + T < n_tok ? T : T - 1; /* rows with a next token */
         for (int j = 0; j < n_sc; j++) lse_f[j] = row_lse(lf + (size_t)j * n_vocab, n_vocab);
         for (int i = 0; i < n_runs; i++) {
             struct spec_run *r = &runs[i];
-            t = now_s();
+            double t = now_s();
             if (kvs_eval(r->ctx, r->seq, toks + done, T, true, lm, NULL, NULL) != KVS_OK) {
                 rc = fail(r->spec);
                 goto out;
@@ -402,7 +404,6 @@ static int run_ppl(struct sweep *sw, int n_threads) {
                     r->spec, rr.ppl, rr.kl, ms.kv_bytes_peak / 1048576.0,
                     msf.kv_bytes_peak / 1048576.0);
     }
-    (void)t_full;
 out:
     for (int i = 0; i < n_runs; i++) kvs_context_free(runs[i].ctx);
     kvs_context_free(cfull);

@@ -1,5 +1,6 @@
 /* tasks.c — see tasks.h. */
 #include "eval/tasks.h"
+#include "eval/jsonl.h"
 #include "base.h"
 
 #include <ctype.h>
@@ -834,22 +835,7 @@ double eval_score(const struct eval_prompt *p, const char *answer) {
 
 /* ---- JSON -------------------------------------------------------------------------------- */
 
-void eval_json_str(FILE *f, const char *s) {
-    fputc('"', f);
-    for (const unsigned char *p = (const unsigned char *)(s ? s : ""); *p; p++) {
-        switch (*p) {
-        case '"': fputs("\\\"", f); break;
-        case '\\': fputs("\\\\", f); break;
-        case '\n': fputs("\\n", f); break;
-        case '\r': fputs("\\r", f); break;
-        case '\t': fputs("\\t", f); break;
-        default:
-            if (*p < 0x20) fprintf(f, "\\u%04x", *p);
-            else fputc(*p, f);
-        }
-    }
-    fputc('"', f);
-}
+void eval_json_str(FILE *f, const char *s) { jsonl_write_string(f, s ? s : ""); }
 
 void eval_prompt_write_jsonl(FILE *f, const struct eval_prompt *p, const char *model_name,
                              const char *model_sha256) {

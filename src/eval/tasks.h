@@ -93,7 +93,7 @@ double eval_score(const struct eval_prompt *p, const char *answer);
 void eval_prompt_write_jsonl(FILE *f, const struct eval_prompt *p, const char *model_name,
                              const char *model_sha256);
 
-/* JSON string escaping shared by the eval writers. */
+/* A JSON string (jsonl_write_string; NULL writes ""), for the eval writers. */
 void eval_json_str(FILE *f, const char *s);
 
 #endif
