@@ -32,6 +32,7 @@ static bool fig_point(const struct rec *r, enum fig_kind k, int im, int imode, i
     *panel = 0;
     *w = 1;
     *x = r->ratio;
+    *y = NAN;
     switch (k) {
     case FIG_SCORE:
         if (r->is_ppl || (imode >= 0 && r->imode != imode)) return false;
