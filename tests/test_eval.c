@@ -401,6 +401,28 @@ static void test_sweep(const char *model_path) {
     cfg.ratios[1] = 0.25, cfg.n_ratios = 2;
     CHECK(eval_sweep(&cfg) == 0);
     CHECK(count_lines(path) == n1 + 2 * 2);
+    /* a method that compresses while prefilling runs its own prefill (no fork): 2 more runs,
+     * holding less than the full cache */
+    cfg.methods[0] = "h2o:when=chunk";
+    cfg.n_methods = 1;
+    cfg.n_ratios = 1;
+    cfg.ppl_tokens = 0;
+    CHECK(eval_sweep(&cfg) == 0);
+    CHECK(count_lines(path) == n1 + 2 * 2 + 2);
+    f = fopen(path, "r");
+    int n_direct = 0;
+    while (f && fgets(line, sizeof line, f)) {
+        if (!strstr(line, "h2o:when=chunk+ratio=0.5")) continue;
+        n_direct++;
+        double held = strtod(strstr(line, "\"kv_bytes\":") + 11, NULL);
+        double peak = strtod(strstr(line, "\"kv_bytes_peak\":") + 16, NULL);
+        double full = strtod(strstr(line, "\"kv_bytes_full\":") + 16, NULL);
+        double score = strtod(strstr(line, "\"score\":") + 8, NULL);
+        CHECKF(held > 0 && held < 0.75 * full && peak >= held && peak < full && score >= 0 && score <= 1,
+               "held %g peak %g full %g score %g", held, peak, full, score);
+    }
+    if (f) fclose(f);
+    CHECK(n_direct == 2);
     unlink(path);
     rmdir(dir);
 }

@@ -5,6 +5,7 @@
 #include "base.h"
 #include "threadpool.h"
 #include "kv/kv_spec.h"
+#include "engine.h"
 
 #include <ctype.h>
 #include <errno.h>
@@ -429,7 +430,7 @@ struct fork {
     struct kvs_detok dt;
     char *answer;
     size_t ans_len, ans_cap;
-    uint64_t kv_bytes;
+    uint64_t kv_bytes, kv_peak; /* kv_peak: direct runs only */
     double t_prefill;  /* seconds of prefill + compression charged to this run */
     char key[700];
 };
@@ -671,6 +672,7 @@ static int run_tasks(struct sweep *sw, int n_threads) {
                     f->ctx = runs[r].ctx;
                     f->s = runs[r].seq;
                     kvs_seq_reset(f->ctx, f->s);
+                    f->ctx->kv.bytes_peak = f->ctx->kv.bytes; /* this run's own high-water mark */
                     int n_all = p.n_tok_context + p.n_tok_question;
                     int32_t *all = malloc((size_t)n_all * sizeof *all);
                     if (!all) { rc = fail("out of memory"); break; }
@@ -689,6 +691,7 @@ static int run_tasks(struct sweep *sw, int n_threads) {
                     fork_accept(sw->m, &p, f, argmax(logits, n_vocab));
                     /* decode now, alone (its sequence is reused by the next mode) */
                     if (!f->done && decode_batch(sw, f->ctx, &p, f, 1, logits)) { rc = 1; break; }
+                    f->kv_peak = f->ctx->kv.bytes_peak; /* everything it allocated, statistics too */
                     continue;
                 }
                 f->ctx = ctx;
@@ -732,7 +735,7 @@ static int run_tasks(struct sweep *sw, int n_threads) {
                              .ratio = r->ratio, .length = len, .sample = si, .seed = cfg->seed,
                              .score = sc, .answer = f->answer ? f->answer : "", .prompt = &p,
                              .kv_bytes = f->kv_bytes,
-                             .kv_bytes_peak = prefill_mode ? fb : f->kv_bytes, .kv_bytes_full = fb,
+                             .kv_bytes_peak = prefill_mode ? fb : f->kv_peak, .kv_bytes_full = fb,
                              .prefill_tok_s = p.n_tok_context / f->t_prefill,
                              .decode_tok_s = r->speed_len == len ? r->speed : NAN};
             write_rec(sw, &rr);
