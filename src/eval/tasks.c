@@ -562,6 +562,19 @@ static enum kvs_status template_split(const kvs_model *m, const char *context, c
     return *suffix ? KVS_OK : kvs_fail(KVS_ERR_NOMEM, "out of memory");
 }
 
+/* tokens of the templated context part for n haystack units */
+static enum kvs_status context_tokens(const kvs_model *m, const struct plan *pl,
+                                      const struct eval_corpus *c, int n, int *n_tokens) {
+    char *ctx = build_context(pl, c, n), *p = NULL, *sfx = NULL;
+    if (!ctx) return kvs_fail(KVS_ERR_NOMEM, "out of memory");
+    enum kvs_status st = template_split(m, ctx, &p, &sfx);
+    free(ctx);
+    free(sfx);
+    if (st == KVS_OK) *n_tokens = tokenize_len(m, p, true);
+    free(p);
+    return st;
+}
+
 void eval_prompt_free(struct eval_prompt *p) {
     free(p->context);
     free(p->question);
@@ -754,16 +767,8 @@ enum kvs_status eval_task_make(const kvs_model *m, const struct eval_corpus *c, 
     int budget = length - out->max_new_tokens - q_tokens;
     int lo = 0, hi = 2 * n_units_guess(pl, budget > 0 ? budget : 1) + 8, best = -1;
     while (st == KVS_OK && lo <= hi) {
-        int mid = lo + (hi - lo) / 2;
-        char *ctx = build_context(pl, c, mid);
-        char *p = NULL, *sfx = NULL;
-        if (!ctx) { st = kvs_fail(KVS_ERR_NOMEM, "out of memory"); break; }
-        st = template_split(m, ctx, &p, &sfx);
-        free(ctx);
-        free(sfx);
-        if (st != KVS_OK) break;
-        int n = tokenize_len(m, p, true);
-        free(p);
+        int mid = lo + (hi - lo) / 2, n;
+        if ((st = context_tokens(m, pl, c, mid, &n)) != KVS_OK) break;
         if (n <= budget) { best = mid; lo = mid + 1; }
         else hi = mid - 1;
     }
@@ -772,15 +777,8 @@ enum kvs_status eval_task_make(const kvs_model *m, const struct eval_corpus *c, 
         int wlo = 1, whi = 400, wbest = 0;
         while (st == KVS_OK && wlo <= whi) {
             pl->extra_words = wlo + (whi - wlo) / 2;
-            char *ctx = build_context(pl, c, best);
-            char *p = NULL, *sfx = NULL;
-            if (!ctx) { st = kvs_fail(KVS_ERR_NOMEM, "out of memory"); break; }
-            st = template_split(m, ctx, &p, &sfx);
-            free(ctx);
-            free(sfx);
-            if (st != KVS_OK) break;
-            int n = tokenize_len(m, p, true);
-            free(p);
+            int n;
+            if ((st = context_tokens(m, pl, c, best, &n)) != KVS_OK) break;
             if (n <= budget) { wbest = pl->extra_words; wlo = pl->extra_words + 1; }
             else whi = pl->extra_words - 1;
         }
