@@ -25,5 +25,11 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
     if (a.method != KV_FULL && (a.budget > 0) + (a.ratio > 0) + (a.mem_bytes > 0) != 1) abort();
     if (a.ratio < 0 || a.ratio > 1 || a.budget < 0) abort();
     if (!memchr(a.text, 0, sizeof a.text)) abort();
+    /* the normalised text parses again, to the same method and budget */
+    struct kv_spec b;
+    if (kv_spec_parse(a.text, &b) != KVS_OK) abort();
+    if (b.method != a.method || b.budget != a.budget || b.ratio != a.ratio ||
+        b.mem_bytes != a.mem_bytes || b.when != a.when || b.alloc != a.alloc)
+        abort();
     return 0;
 }

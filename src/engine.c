@@ -17,6 +17,15 @@ struct kvs_context_params kvs_context_params_default(void) {
 
 const char *kvs_kv_spec_help(void) { return kv_spec_help(); }
 
+/* Bytes of one entry of one head as a store made for this spec holds it (what a mem= budget
+ * counts), whatever statistics the context keeps beyond the spec's (keep_stats). */
+static uint64_t spec_entry_bytes(const struct hparams *hp, const struct kv_spec *spec) {
+    struct kv_cache tmp;
+    kv_cache_init(&tmp, hp->n_layer, hp->n_head_kv, hp->n_head, hp->head_dim,
+                  kv_policy_needs(spec) & KV_NEED_ACC, 0);
+    return kv_cache_entry_bytes(&tmp);
+}
+
 static void *scratch(struct kvs_context *c, size_t bytes) {
     c->scratch_bytes += bytes;
     return kvs_aligned_alloc(bytes);
@@ -79,7 +88,7 @@ enum kvs_status kvs_context_new(kvs_model *m, const struct kvs_context_params *p
     kv_cache_init(&c->kv, hp->n_layer, hp->n_head_kv, hp->n_head, hp->head_dim,
                   (needs & KV_NEED_ACC) || p.keep_stats, qwin);
     st = kv_policy_new(&spec, hp->n_layer, hp->n_head, hp->n_head_kv, hp->head_dim,
-                       c->n_ctx + c->t_max + KV_CAP_STEP, kv_cache_entry_bytes(&c->kv), &c->policy);
+                       c->n_ctx + c->t_max + KV_CAP_STEP, spec_entry_bytes(hp, &spec), &c->policy);
     if (st != KVS_OK) {
         kvs_context_free(c);
         return st;
@@ -269,7 +278,7 @@ enum kvs_status kvs_seq_compress(kvs_context *c, kvs_sequence *s, const char *kv
     const struct hparams *hp = &c->m->hp;
     struct kv_policy *pol;
     st = kv_policy_new(&spec, hp->n_layer, hp->n_head, hp->n_head_kv, hp->head_dim,
-                       c->n_ctx + c->t_max + KV_CAP_STEP, kv_cache_entry_bytes(&c->kv), &pol);
+                       c->n_ctx + c->t_max + KV_CAP_STEP, spec_entry_bytes(hp, &spec), &pol);
     if (st != KVS_OK) return st;
     struct kv_plan plan;
     int64_t n_seen = s->n_past;

@@ -76,7 +76,7 @@ static void check_niah(const struct eval_prompt *p) {
 
 /* vt: every VAR statement; the names whose chain ends at the asked value */
 static void check_vt(const struct eval_prompt *p) {
-    char names[64][8], rhs[64][16];
+    char names[64][8], rhs[64][24];
     int n = 0;
     for (const char *q = p->context; (q = strstr(q, "VAR ")) && n < 64; q++) {
         char a[8], r1[16] = "", r2[16] = "";
@@ -255,13 +255,14 @@ static void test_fork(void) {
     struct kvs_context_params cp = kvs_context_params_default();
     cp.n_ctx = 1024;
     cp.n_batch = 256;
-    cp.n_seq_max = 3;
+    cp.n_seq_max = 4;
     cp.keep_stats = true;
     kvs_context *st;
-    kvs_sequence *A, *F;
+    kvs_sequence *A, *F, *C;
     CHECK(kvs_context_new(model, &cp, &st) == KVS_OK);
     kvs_seq_new(st, &A);
     kvs_seq_new(st, &F);
+    kvs_seq_new(st, &C);
     float *l1 = malloc((size_t)n_vocab * 4), *l2 = malloc((size_t)n_vocab * 4);
     CHECK(kvs_eval(st, A, p.tok_context, p.n_tok_context, false, l1, NULL, NULL) == KVS_OK);
     /* keep_stats changes nothing in the logits */
@@ -274,6 +275,7 @@ static void test_fork(void) {
     kvs_seq_new(plain, &P);
     CHECK(kvs_eval(plain, P, p.tok_context, p.n_tok_context, false, l2, NULL, NULL) == KVS_OK);
     CHECK(!memcmp(l1, l2, (size_t)n_vocab * 4));
+    CHECK(kvs_seq_copy(st, C, st, A) == KVS_OK); /* C: the context alone, for agnostic runs */
     /* a copy continues like its original */
     CHECK(kvs_seq_copy(st, F, st, A) == KVS_OK);
     CHECK(same_cache(F, A));
@@ -290,7 +292,9 @@ static void test_fork(void) {
                            "streaming:ratio=0.25,pos=abs,when=prefill,every=0",
                            "random:ratio=0.5,when=prefill,every=0",
                            "snapkv:ratio=0.1,when=prefill,every=0+alloc=adakv",
-                           "h2o:ratio=0.25,when=prefill,every=0+alloc=pyramid"};
+                           "h2o:ratio=0.25,when=prefill,every=0+alloc=pyramid",
+                           "snapkv:mem=3M,when=prefill,every=0",
+                           "h2o:mem=2M,when=prefill,every=0"};
     int n_all = p.n_tok_context + p.n_tok_question;
     int32_t *all = malloc((size_t)n_all * 4);
     memcpy(all, p.tok_context, (size_t)p.n_tok_context * 4);
@@ -314,8 +318,27 @@ static void test_fork(void) {
         CHECK(kvs_eval(plain, P, &tok, 1, false, l2, NULL, NULL) == KVS_OK);
         CHECK(kvs_eval(d, D, &tok, 1, false, l1, NULL, NULL) == KVS_OK);
         CHECKF(!memcmp(l1, l2, (size_t)n_vocab * 4), "%s: decode differs", specs[i]);
+        /* question-agnostic: the context alone, compressed, equals the direct run's context */
+        kvs_seq_reset(d, D);
+        CHECK(kvs_eval(d, D, p.tok_context, p.n_tok_context, false, NULL, NULL, NULL) == KVS_OK);
+        CHECK(kvs_seq_copy(st, F, st, C) == KVS_OK);
+        CHECK(kvs_seq_compress(st, F, specs[i]) == KVS_OK);
+        CHECKF(same_cache(F, D), "%s: agnostic copy differs from the direct run", specs[i]);
         kvs_context_free(d);
     }
+    /* a copy from a context that kept no queries, compressed by a query scorer: no saved query
+     * to read, a deterministic plan all the same */
+    kvs_sequence *G;
+    CHECK(kvs_seq_copy(plain, P, st, C) == KVS_OK);
+    CHECK(kvs_seq_copy(st, F, plain, P) == KVS_OK);
+    CHECK(kvs_seq_new(st, &G) == KVS_OK);                 /* the 4th slot */
+    kvs_sequence *none;
+    CHECK(kvs_seq_new(st, &none) == KVS_ERR_INVALID_ARG); /* none left */
+    CHECK(kvs_seq_copy(st, G, plain, P) == KVS_OK);
+    CHECK(kvs_seq_compress(st, F, "tova:ratio=0.3") == KVS_OK);
+    CHECK(kvs_seq_compress(st, G, "tova:ratio=0.3") == KVS_OK);
+    CHECK(same_cache(F, G) && kv_seq_check(F->kv));
+    CHECK(kv_seq_max_entries(F->kv) <= (int)(0.3 * p.n_tok_context) + 1);
     /* errors: a spec needing statistics the context lacks, a bad spec, another model's context */
     CHECK(kvs_seq_copy(plain, P, st, A) == KVS_OK);
     CHECK(kvs_seq_compress(plain, P, "h2o:ratio=0.5") == KVS_ERR_INVALID_ARG);

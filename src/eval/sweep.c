@@ -5,6 +5,8 @@
 #include "base.h"
 #include "threadpool.h"
 #include "kv/kv_spec.h"
+#include "kv/kv_policy.h"
+#include "kv/kv_file.h"
 #include "engine.h"
 
 #include <ctype.h>
@@ -82,10 +84,18 @@ struct spec_run {
 
 static bool is_full(const char *m) { return !strcmp(m, "full"); }
 
-static int check_spec(const char *spec) {
+/* fork: the spec compresses a copy of the shared prefill, whose context keeps KVS_STATS_QWIN
+ * queries */
+static int check_spec(const char *spec, bool fork) {
     struct kv_spec ks;
     if (kv_spec_parse(spec, &ks) != KVS_OK) {
         fprintf(stderr, "kvsieve eval: %s\n", kvs_last_error());
+        return 2;
+    }
+    if (fork && kv_policy_qwin(&ks) > KVS_STATS_QWIN) {
+        fprintf(stderr, "kvsieve eval: '%s' scores with %d queries; a shared prefill keeps %d "
+                "(give it when=prefill to prefill on its own)\n", spec, kv_policy_qwin(&ks),
+                KVS_STATS_QWIN);
         return 2;
     }
     return 0;
@@ -123,7 +133,7 @@ static void keyset_load(struct keyset *ks, const char *path) {
     }
     free(line);
     fclose(f);
-    qsort(ks->k, (size_t)ks->n, sizeof *ks->k, cmp_key);
+    if (ks->n) qsort(ks->k, (size_t)ks->n, sizeof *ks->k, cmp_key);
 }
 
 static bool keyset_has(const struct keyset *ks, const char *k) {
@@ -239,6 +249,16 @@ static int mkdir_p(const char *path) {
     return mkdir(tmp, 0755) && errno != EEXIST ? -1 : 0;
 }
 
+static void file_sha256(const char *path, char *out, size_t n);
+
+/* the model's sha256, or (no sha256sum) a hash of its tensor directory, so that the run keys
+ * of two models never collide */
+static void model_id(const struct sweep *sw, const char *path, char *out, size_t n) {
+    file_sha256(path, out, n);
+    if (!strcmp(out, "unknown"))
+        snprintf(out, n, "fnv-%016llx", (unsigned long long)kv_file_model_hash(sw->m));
+}
+
 static void file_sha256(const char *path, char *out, size_t n) {
     snprintf(out, n, "unknown");
     char cmd[1200];
@@ -301,7 +321,10 @@ static int run_ppl(struct sweep *sw, int n_threads) {
     if (n_tok > cfg->ppl_tokens) n_tok = cfg->ppl_tokens;
     if (n_tok < 2) { free(toks); fprintf(stderr, "kvsieve eval: document too short\n"); return 2; }
 
-    /* the runs: full reference + every method × budget not done yet */
+    /* the runs: full reference + every method × budget not done yet; the chunk size is part of
+     * a chunked run's key (compression happens per chunk) */
+    char chunk_mode[32];
+    snprintf(chunk_mode, sizeof chunk_mode, "chunk/%d", cfg->n_batch);
     struct spec_run runs[EVAL_MAX_LIST * EVAL_MAX_LIST + 1];
     int n_runs = 0;
     char key[700];
@@ -313,9 +336,9 @@ static int run_ppl(struct sweep *sw, int n_threads) {
             r->budget = is_full(r->method) ? 0 : cfg->budgets[b];
             if (r->budget) snprintf(r->spec, sizeof r->spec, "%s+budget=%d", r->method, r->budget);
             else snprintf(r->spec, sizeof r->spec, "full");
-            int e = check_spec(r->spec);
+            int e = check_spec(r->spec, false);
             if (e) { free(toks); return e; }
-            make_key(key, sizeof key, sw->sha, "ppl", cfg->ppl_doc, n_tok, 0, 0, r->spec, "chunk");
+            make_key(key, sizeof key, sw->sha, "ppl", cfg->ppl_doc, n_tok, 0, 0, r->spec, chunk_mode);
             if (!keyset_has(&sw->done, key)) n_runs++;
         }
     if (n_runs == 0) { free(toks); return 0; }
@@ -390,7 +413,7 @@ static int run_ppl(struct sweep *sw, int n_threads) {
         struct spec_run *r = &runs[i];
         struct kvs_mem_stats ms;
         kvs_context_mem(r->ctx, &ms);
-        make_key(key, sizeof key, sw->sha, "ppl", cfg->ppl_doc, n_tok, 0, 0, r->spec, "chunk");
+        make_key(key, sizeof key, sw->sha, "ppl", cfg->ppl_doc, n_tok, 0, 0, r->spec, chunk_mode);
         struct rec rr = {.key = key, .kind = "ppl", .method = r->method, .spec = r->spec,
                          .mode = "chunk", .task = "ppl", .family = "ppl",
                          .ratio = NAN, .budget = r->budget, .length = n_tok, .score = NAN,
@@ -431,6 +454,7 @@ struct fork {
     char *answer;
     size_t ans_len, ans_cap;
     uint64_t kv_bytes, kv_peak; /* kv_peak: direct runs only */
+    double decode_tok_s;        /* direct runs: their own decode (NaN: none) */
     double t_prefill;  /* seconds of prefill + compression charged to this run */
     char key[700];
 };
@@ -493,7 +517,7 @@ static double speed_probe(struct sweep *sw, kvs_context *plain, kvs_sequence *ps
                           kvs_sequence *s, int32_t tok, float *logits) {
     if (kvs_seq_copy(plain, ps, src, s) != KVS_OK) return NAN;
     int n = sw->cfg->speed_tokens;
-    kvs_eval(plain, ps, &tok, 1, false, logits, NULL, NULL); /* warm-up */
+    if (kvs_eval(plain, ps, &tok, 1, false, logits, NULL, NULL) != KVS_OK) return NAN; /* warm-up */
     double t = now_s();
     for (int i = 0; i < n; i++) {
         tok = argmax(logits, sw->info.n_vocab);
@@ -538,7 +562,7 @@ static int run_tasks(struct sweep *sw, int n_threads) {
                 snprintf(r->spec, sizeof r->spec, r->direct ? "%s+ratio=%g" :
                          "%s+ratio=%g+when=prefill+every=0", r->method, r->ratio);
             }
-            int e = check_spec(r->spec);
+            int e = check_spec(r->spec, !r->direct);
             if (e) { eval_corpus_free(&corpus); return e; }
             n_fork_runs += !r->direct;
         }
@@ -553,25 +577,28 @@ static int run_tasks(struct sweep *sw, int n_threads) {
         return 2;
     }
     /* every prompt can be made (lengths fit the tasks): checked before any work */
+    for (int li = 0; li < cfg->n_lengths; li++)
+        if (cfg->lengths[li] > sw->info.n_ctx_train)
+            kvs_log(1, "length %d is beyond the model's training context %d", cfg->lengths[li],
+                    sw->info.n_ctx_train);
     for (int ti = 0; ti < cfg->n_tasks; ti++)
-        for (int li = 0; li < cfg->n_lengths; li++) {
-            struct eval_prompt p;
-            if (eval_task_make(sw->m, &corpus, cfg->tasks[ti], cfg->lengths[li], cfg->seed, 0, &p) != KVS_OK) {
-                fprintf(stderr, "kvsieve eval: %s\n", kvs_last_error());
-                eval_corpus_free(&corpus);
-                return 2;
+        for (int li = 0; li < cfg->n_lengths; li++)
+            for (int si = 0; si < cfg->samples; si++) {
+                struct eval_prompt p;
+                if (eval_task_make(sw->m, &corpus, cfg->tasks[ti], cfg->lengths[li], cfg->seed, si,
+                                   &p) != KVS_OK) {
+                    fprintf(stderr, "kvsieve eval: %s\n", kvs_last_error());
+                    eval_corpus_free(&corpus);
+                    return 2;
+                }
+                eval_prompt_free(&p);
             }
-            if (p.n_tok_context + p.n_tok_question + p.max_new_tokens > cfg->lengths[li] + 0 ||
-                cfg->lengths[li] > sw->info.n_ctx_train)
-                kvs_log(1, "%s at %d tokens: beyond the model's training context %d",
-                        p.task, cfg->lengths[li], sw->info.n_ctx_train);
-            eval_prompt_free(&p);
-        }
     /* the prompts still to run */
     int n_prompts = cfg->n_tasks * cfg->n_lengths * cfg->samples, n_todo = 0;
     int64_t w_total = 0;
     char key[700];
     bool *todo = calloc((size_t)n_prompts, 1);
+    if (!todo) { eval_corpus_free(&corpus); return fail("out of memory"); }
     for (int pi = 0; pi < n_prompts; pi++) {
         int ti = pi / (cfg->n_lengths * cfg->samples), li = pi / cfg->samples % cfg->n_lengths;
         int si = pi % cfg->samples;
@@ -642,8 +669,9 @@ static int run_tasks(struct sweep *sw, int n_threads) {
         }
         double t_ctx = now_s() - t;
         t = now_s();
-        bool aware_needed = cfg->aware;
-        if (aware_needed) {
+        /* B = context + question, full cache: aware runs start from it, and its size is what the
+         * full cache holds for every run of this prompt */
+        {
             if (kvs_seq_copy(ctx, B, ctx, A) != KVS_OK ||
                 kvs_eval(ctx, B, p.tok_question, p.n_tok_question, false, logits_b, NULL, NULL) != KVS_OK) {
                 rc = fail(p.id);
@@ -652,7 +680,7 @@ static int run_tasks(struct sweep *sw, int n_threads) {
             }
         }
         double t_q = now_s() - t;
-        uint64_t full_bytes = aware_needed ? kvs_seq_kv_bytes(B) : kvs_seq_kv_bytes(A);
+        uint64_t full_bytes = kvs_seq_kv_bytes(B);
         /* 2. forks */
         int nf = 0;
         for (int r = 0; r < n_runs && rc == 0; r++)
@@ -689,8 +717,13 @@ static int run_tasks(struct sweep *sw, int n_threads) {
                     f->kv_bytes = kvs_seq_kv_bytes(f->s);
                     f->t_prefill = now_s() - t;
                     fork_accept(sw->m, &p, f, argmax(logits, n_vocab));
-                    /* decode now, alone (its sequence is reused by the next mode) */
+                    /* decode now, alone (its sequence is reused by the next mode); its speed is
+                     * this decode's, compression while decoding included */
+                    double t_dec = now_s();
+                    int g0 = f->n_gen;
                     if (!f->done && decode_batch(sw, f->ctx, &p, f, 1, logits)) { rc = 1; break; }
+                    t_dec = now_s() - t_dec;
+                    f->decode_tok_s = f->n_gen > g0 ? (f->n_gen - g0) / t_dec : NAN;
                     f->kv_peak = f->ctx->kv.bytes_peak; /* everything it allocated, statistics too */
                     continue;
                 }
@@ -702,6 +735,12 @@ static int run_tasks(struct sweep *sw, int n_threads) {
                 if (f->mode == MODE_AWARE) {
                     f->kv_bytes = kvs_seq_kv_bytes(f->s);
                     f->t_prefill = t_ctx + t_q + (now_s() - t);
+                    if (cfg->speed_tokens > 0 && runs[r].speed_len != len && md == nm - 1) {
+                        /* aware only: probe here (with both modes the agnostic fork does) */
+                        runs[r].speed = speed_probe(sw, plain, P, ctx, f->s, argmax(logits_b, n_vocab),
+                                                    logits);
+                        runs[r].speed_len = len;
+                    }
                     fork_accept(sw->m, &p, f, argmax(logits_b, n_vocab));
                 } else {
                     if (kvs_eval(ctx, f->s, p.tok_question, p.n_tok_question, false, logits, NULL, NULL) != KVS_OK) {
@@ -737,7 +776,8 @@ static int run_tasks(struct sweep *sw, int n_threads) {
                              .kv_bytes = f->kv_bytes,
                              .kv_bytes_peak = prefill_mode ? fb : f->kv_peak, .kv_bytes_full = fb,
                              .prefill_tok_s = p.n_tok_context / f->t_prefill,
-                             .decode_tok_s = r->speed_len == len ? r->speed : NAN};
+                             .decode_tok_s = r->direct ? f->decode_tok_s
+                                             : r->speed_len == len ? r->speed : NAN};
             write_rec(sw, &rr);
         }
         for (int i = 0; i < nf; i++)
@@ -799,7 +839,7 @@ int eval_export(const struct eval_config *cfg, const char *path) {
     struct sweep sw;
     int rc = open_model(&sw, cfg);
     if (rc) return rc;
-    file_sha256(cfg->model_path, sw.sha, sizeof sw.sha);
+    model_id(&sw, cfg->model_path, sw.sha, sizeof sw.sha);
     struct eval_corpus corpus = {0};
     bool need = false;
     for (int i = 0; i < cfg->n_tasks; i++) {
@@ -849,7 +889,7 @@ int eval_sweep(const struct eval_config *cfg) {
         return 1;
     }
     if (cfg->progress) fprintf(stderr, "eval: sha256 of %s ...\n", cfg->model_path);
-    file_sha256(cfg->model_path, sw.sha, sizeof sw.sha);
+    model_id(&sw, cfg->model_path, sw.sha, sizeof sw.sha);
     char path[1200];
     snprintf(path, sizeof path, "%s/results.jsonl", cfg->out_dir);
     keyset_load(&sw.done, path);

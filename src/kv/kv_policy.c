@@ -226,6 +226,7 @@ void kv_policy_query_attention(const struct kv_score_args *a, int ih, bool last_
      * scores exactly as one made for this spec */
     int want = kv_policy_qwin(&p->spec);
     int q0 = last_only ? nq - 1 : nq > want ? nq - want : 0;
+    if (q0 < 0) q0 = 0; /* no saved query (a copy from a context that kept none): all zero */
     for (int qi = q0; qi < nq && n > 0; qi++) {
         int slot = (s->q_head[a->il] - nq + qi + c->qwin) % c->qwin; /* qi-th oldest */
         int32_t qpos = s->q_pos[a->il * c->qwin + slot];
