@@ -526,11 +526,11 @@ static double speed_probe(struct sweep *sw, kvs_context *plain, kvs_sequence *ps
     return n / (now_s() - t);
 }
 
-static int run_tasks(struct sweep *sw, int n_threads) {
-    const struct eval_config *cfg = sw->cfg;
-    int rc = 0;
-    struct eval_corpus corpus = {0};
-    bool need_corpus = false;
+/* Check the task names and load the novels if a task needs them; 0, or 2 (bad input) with the
+ * message on stderr. */
+static int tasks_corpus(const struct eval_config *cfg, struct eval_corpus *corpus) {
+    memset(corpus, 0, sizeof *corpus);
+    bool need = false;
     for (int i = 0; i < cfg->n_tasks; i++) {
         if (!eval_task_family(cfg->tasks[i])) {
             fprintf(stderr, "kvsieve eval: unknown task '%s' (known:", cfg->tasks[i]);
@@ -538,12 +538,20 @@ static int run_tasks(struct sweep *sw, int n_threads) {
             fprintf(stderr, ")\n");
             return 2;
         }
-        need_corpus |= eval_task_needs_corpus(cfg->tasks[i]);
+        need |= eval_task_needs_corpus(cfg->tasks[i]);
     }
-    if (need_corpus && eval_corpus_load(cfg->data_dir, &corpus) != KVS_OK) {
+    if (need && eval_corpus_load(cfg->data_dir, corpus) != KVS_OK) {
         fprintf(stderr, "kvsieve eval: %s\n", kvs_last_error());
         return 2;
     }
+    return 0;
+}
+
+static int run_tasks(struct sweep *sw, int n_threads) {
+    const struct eval_config *cfg = sw->cfg;
+    struct eval_corpus corpus;
+    int rc = tasks_corpus(cfg, &corpus);
+    if (rc) return rc;
     /* runs: full once, every other method at every ratio */
     static struct spec_run runs[EVAL_MAX_LIST * EVAL_MAX_LIST + 1];
     int n_runs = 0, n_fork_runs = 0, max_len = 0;
@@ -840,20 +848,10 @@ int eval_export(const struct eval_config *cfg, const char *path) {
     int rc = open_model(&sw, cfg);
     if (rc) return rc;
     model_id(&sw, cfg->model_path, sw.sha, sizeof sw.sha);
-    struct eval_corpus corpus = {0};
-    bool need = false;
-    for (int i = 0; i < cfg->n_tasks; i++) {
-        if (!eval_task_family(cfg->tasks[i])) {
-            fprintf(stderr, "kvsieve eval: unknown task '%s'\n", cfg->tasks[i]);
-            kvs_model_free(sw.m);
-            return 2;
-        }
-        need |= eval_task_needs_corpus(cfg->tasks[i]);
-    }
-    if (need && eval_corpus_load(cfg->data_dir, &corpus) != KVS_OK) {
-        fprintf(stderr, "kvsieve eval: %s\n", kvs_last_error());
+    struct eval_corpus corpus;
+    if ((rc = tasks_corpus(cfg, &corpus)) != 0) {
         kvs_model_free(sw.m);
-        return 2;
+        return rc;
     }
     FILE *f = strcmp(path, "-") ? fopen(path, "w") : stdout;
     if (!f) {

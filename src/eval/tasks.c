@@ -54,6 +54,15 @@ static uint64_t rng_next(uint64_t *s) {
 }
 static uint32_t rng_below(uint64_t *s, uint32_t n) { return (uint32_t)(rng_next(s) % n); }
 static double rng_unit(uint64_t *s) { return (double)(rng_next(s) >> 11) / 9007199254740992.0; }
+/* Fisher-Yates shuffle of n ints, from the generator state r */
+static void shuffle(int *a, int n, uint64_t r) {
+    for (int i = n - 1; i > 0; i--) {
+        int j = (int)rng_below(&r, (uint32_t)i + 1), x = a[i];
+        a[i] = a[j];
+        a[j] = x;
+    }
+}
+
 static uint64_t hash_str(uint64_t h, const char *s) {
     while (*s) h = (h ^ (unsigned char)*s++) * 0x100000001b3ull;
     return h;
@@ -451,12 +460,7 @@ static char *build_context(const struct plan *pl, const struct eval_corpus *c, i
             for (int j = 0; j < pl->freq_ucw; j++) items[k++] = w;
             got++;
         }
-        uint64_t r = pl->seed ^ 0xc0e;
-        for (int i = total - 1; i > 0; i--) {
-            int j = (int)rng_below(&r, (uint32_t)i + 1), x = items[i];
-            items[i] = items[j];
-            items[j] = x;
-        }
+        shuffle(items, total, pl->seed ^ 0xc0e);
         sb_puts(&b, "Below is a numbered list of words. In these words, some appear more often "
                     "than others. Memorize the ones that appear most often.\n");
         for (int i = 0; i < total; i++) sb_printf(&b, "%d. %s\n", i + 1, c->vocab[items[i]]);
@@ -469,12 +473,7 @@ static char *build_context(const struct plan *pl, const struct eval_corpus *c, i
         if (!items) return NULL;
         for (int i = 0; i < 200; i++)
             for (int j = 0; j < n / ((i + 1) * (i + 1)); j++) items[k++] = i;
-        uint64_t r = pl->seed ^ 0xf3e;
-        for (int i = total - 1; i > 0; i--) {
-            int j = (int)rng_below(&r, (uint32_t)i + 1), x = items[i];
-            items[i] = items[j];
-            items[j] = x;
-        }
+        shuffle(items, total, pl->seed ^ 0xf3e);
         sb_puts(&b, "Read the following coded text and track the frequency of each coded word. "
                     "Find the three most frequently appeared coded words.\n");
         for (int i = 0; i < total; i++) {
