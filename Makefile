@@ -34,8 +34,11 @@ $(BUILD)/libkvsieve.a: $(LIB_OBJ)
 $(BUILD)/libkvsieve.so: $(LIB_OBJ)
 	$(CC) -shared -o $@ $^ $(LDLIBS)
 
-$(BUILD)/kvsieve: src/main.c $(BUILD)/libkvsieve.a
-	$(CC) $(CFLAGS) -o $@ $< $(BUILD)/libkvsieve.a $(LDLIBS)
+# the program: main.c and the command-line parsers under src/cli/ (they print and exit; the
+# library does neither)
+CLI_SRC  := src/main.c $(wildcard src/cli/*.c)
+$(BUILD)/kvsieve: $(CLI_SRC) $(wildcard src/cli/*.h) $(BUILD)/libkvsieve.a
+	$(CC) $(CFLAGS) -o $@ $(CLI_SRC) $(BUILD)/libkvsieve.a $(LDLIBS)
 
 $(BUILD)/test_%: tests/test_%.c tests/testutil.h $(BUILD)/libkvsieve.a
 	$(CC) $(CFLAGS) -o $@ $< $(BUILD)/libkvsieve.a $(LDLIBS)

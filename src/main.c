@@ -5,7 +5,7 @@
  * (usage, unreadable/malformed/unsupported model file, prompt longer than the context).
  */
 #include "kvsieve.h"
-#include "eval/cli.h"
+#include "cli/eval_cli.h"
 
 #include <errno.h>
 #include <math.h>

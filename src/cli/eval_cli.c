@@ -1,7 +1,7 @@
-/* cli.c — `kvsieve eval ...`: argument parsing for the evaluation harness (sweep.c, report.c).
- * Called by main.c; prints usage and errors on stderr and returns the process exit code
- * (0 ok, 1 runtime failure, 2 bad input). */
-#include "eval/cli.h"
+/* eval_cli.c — `kvsieve eval ...`: argument parsing for the evaluation harness (src/eval/sweep.c,
+ * report.c). Part of the program, not the library: called by main.c, it prints usage, errors
+ * and report paths, and returns the process exit code (0 ok, 1 runtime failure, 2 bad input). */
+#include "cli/eval_cli.h"
 #include "eval/report.h"
 #include "eval/sweep.h"
 #include "eval/tasks.h"

@@ -1,4 +1,4 @@
-/* cli.h — `kvsieve eval` (see cli.c). */
+/* eval_cli.h — `kvsieve eval` (see eval_cli.c). */
 #ifndef KVS_EVAL_CLI_H
 #define KVS_EVAL_CLI_H
 
