@@ -20,10 +20,8 @@ const char *kvs_kv_spec_help(void) { return kv_spec_help(); }
 /* Bytes of one entry of one head as a store made for this spec holds it (what a mem= budget
  * counts), whatever statistics the context keeps beyond the spec's (keep_stats). */
 static uint64_t spec_entry_bytes(const struct hparams *hp, const struct kv_spec *spec) {
-    struct kv_cache tmp;
-    kv_cache_init(&tmp, hp->n_layer, hp->n_head_kv, hp->n_head, hp->head_dim,
-                  kv_policy_needs(spec) & KV_NEED_ACC, 0);
-    return kv_cache_entry_bytes(&tmp);
+    return kv_entry_payload_bytes(hp->head_dim) +
+           ((kv_policy_needs(spec) & KV_NEED_ACC) ? sizeof(float) : 0);
 }
 
 static void *scratch(struct kvs_context *c, size_t bytes) {
@@ -293,10 +291,4 @@ enum kvs_status kvs_seq_compress(kvs_context *c, kvs_sequence *s, const char *kv
     return KVS_OK;
 }
 
-uint64_t kvs_seq_kv_bytes(const kvs_sequence *s) {
-    const struct kv_cache *c = s->kv->owner;
-    uint64_t per = (uint64_t)c->head_dim * 2 * sizeof(uint16_t) + sizeof(int32_t) + sizeof(float);
-    uint64_t b = 0;
-    for (int i = 0; i < c->n_layer * c->n_head_kv; i++) b += (uint64_t)s->kv->h[i].cap * per;
-    return b;
-}
+uint64_t kvs_seq_kv_bytes(const kvs_sequence *s) { return kv_seq_payload_bytes(s->kv); }

@@ -17,9 +17,19 @@ void kv_cache_init(struct kv_cache *c, int n_layer, int n_head_kv, int n_head, i
     c->qwin = qwin;
 }
 
+uint64_t kv_entry_payload_bytes(int head_dim) {
+    return (uint64_t)head_dim * 2 * sizeof(uint16_t) + sizeof(int32_t) + sizeof(float);
+}
+
 uint64_t kv_cache_entry_bytes(const struct kv_cache *c) {
-    return (uint64_t)c->head_dim * 2 * sizeof(uint16_t) + sizeof(int32_t) + sizeof(float) +
-           (c->with_acc ? sizeof(float) : 0);
+    return kv_entry_payload_bytes(c->head_dim) + (c->with_acc ? sizeof(float) : 0);
+}
+
+uint64_t kv_seq_payload_bytes(const struct kv_seq *s) {
+    const struct kv_cache *c = s->owner;
+    uint64_t b = 0;
+    for (int i = 0; i < c->n_layer * c->n_head_kv; i++) b += (uint64_t)s->h[i].cap;
+    return b * kv_entry_payload_bytes(c->head_dim);
 }
 
 static uint64_t qwin_bytes(const struct kv_cache *c) {

@@ -52,6 +52,8 @@ struct kv_seq {
 void kv_cache_init(struct kv_cache *c, int n_layer, int n_head_kv, int n_head, int head_dim,
                    bool with_acc, int qwin);
 uint64_t kv_cache_entry_bytes(const struct kv_cache *c); /* bytes per entry per head */
+/* bytes of one entry of one head without statistic slots: fp16 key and value, position, weight */
+uint64_t kv_entry_payload_bytes(int head_dim);
 
 enum kvs_status kv_seq_new(struct kv_cache *c, struct kv_seq **out);
 void kv_seq_free(struct kv_seq *s);
@@ -94,6 +96,8 @@ void kv_seq_apply_plan(struct kv_seq *s, int il, const struct kv_plan *plan, boo
 void kv_seq_view(const struct kv_seq *s, int il, struct kv_view *out);
 
 uint64_t kv_seq_bytes(const struct kv_seq *s);
+/* allocated entries × kv_entry_payload_bytes: no statistic slots, no saved queries */
+uint64_t kv_seq_payload_bytes(const struct kv_seq *s);
 int32_t kv_seq_max_entries(const struct kv_seq *s); /* largest head */
 
 /* Invariant check: positions strictly ascending, counts within capacity, capacity in whole steps.
