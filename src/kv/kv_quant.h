@@ -1,0 +1,57 @@
+/* kv_quant.h — KIVI-style low-bit KV payloads (issue 5, work in progress: not yet used by the
+ * store or the attention kernels).
+ *
+ * Quantizer (KIVI, Liu et al. 2024, arXiv 2402.02750; shared/methods/kivi-mikv.md): asymmetric
+ * min-max per group, scale = (max - min) / (2^b - 1), code = round((x - min) / scale) clamped to
+ * [0, 2^b - 1], x̂ = code * scale + min. A constant group has scale 0 and reconstructs exactly
+ * (no division by zero). Bits b ∈ {2, 4, 8}; codes are packed 8/b per byte, lowest bits first.
+ *
+ * Grouping:
+ *  - keys per channel: a block of G tokens of one KV head is quantized channel by channel (each
+ *    channel's G values form a group), stored channel-major: codes (head_dim, G) and one
+ *    (scale, min) per channel. This is what makes RoPE's outlier channels quantizable.
+ *  - values per token: each token's head_dim values form one group: codes (head_dim) and one
+ *    (scale, min) per token.
+ * Fused reads (no dequantize-to-scratch of the cache): q·k̂ for the G keys of a block is
+ *   Σ_c q_c (code_ct s_c + m_c) = Σ_c (q_c s_c) code_ct + Σ_c q_c m_c,
+ * and Σ_t p_t v̂_t = Σ_t (p_t s_t) code_t + (Σ_t p_t m_t) 1.
+ * Does not: decide which tokens are quantized (the residual window and MiKV's precision choice
+ * belong to the store and the policy).
+ */
+#ifndef KVS_KV_QUANT_H
+#define KVS_KV_QUANT_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+enum { KVQ_MAX_GROUP = 256 };
+
+/* bytes of n packed b-bit codes */
+static inline size_t kvq_code_bytes(int bits, int n) { return ((size_t)n * (size_t)bits + 7) / 8; }
+static inline int kvq_bits_ok(int bits) { return bits == 2 || bits == 4 || bits == 8; }
+
+/* One group of n floats (stride `stride` between them) -> packed codes, scale and min. */
+void kvq_quant_group(const float *x, int n, int stride, int bits, uint8_t *codes, float *scale,
+                     float *min);
+/* code i of a packed group */
+static inline int kvq_code(const uint8_t *codes, int bits, int i) {
+    int per = 8 / bits, sh = (i % per) * bits;
+    return (codes[i / per] >> sh) & ((1 << bits) - 1);
+}
+void kvq_dequant_group(const uint8_t *codes, int n, int bits, float scale, float min, float *out);
+
+/* Keys, per channel: k is (G, hd) rows of G tokens; writes codes (hd groups of G codes, channel
+ * c at codes + c * kvq_code_bytes(bits, G)), scale (hd) and min (hd). */
+void kvq_quant_keys(const float *k, int G, int hd, int bits, uint8_t *codes, float *scale,
+                    float *min);
+/* scores[t] = q · k̂_t for the G keys of a block (fused, no dequantized copy) */
+void kvq_key_scores(const float *q, const uint8_t *codes, const float *scale, const float *min,
+                    int G, int hd, int bits, float *scores);
+
+/* Values, per token: v is hd floats; codes (kvq_code_bytes(bits, hd)), one scale and min. */
+void kvq_quant_value(const float *v, int hd, int bits, uint8_t *codes, float *scale, float *min);
+/* out[c] += p * v̂[c] for one quantized value (fused) */
+void kvq_value_accum(float p, const uint8_t *codes, float scale, float min, int hd, int bits,
+                     float *out);
+
+#endif

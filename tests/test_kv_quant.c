@@ -1,0 +1,119 @@
+/* test_kv_quant.c — the KIVI quantizer (src/kv/kv_quant.c) against plain arithmetic:
+ *  - round trip: every element within half a step (scale / 2) of its input, codes in range,
+ *    relative RMS error within a budget per bit width on Gaussian-like data;
+ *  - constant groups reconstruct exactly, with scale 0 and no NaN;
+ *  - extremes are exact (min and max of a group are representable);
+ *  - fused key scores and value accumulation equal dequantize-then-compute (to float rounding).
+ * No model needed. */
+#include "testutil.h"
+#include "kv/kv_quant.h"
+
+#include <stdint.h>
+
+static float gauss(void) { /* sum of uniforms: roughly normal, unit variance */
+    float s = 0;
+    for (int i = 0; i < 12; i++) s += tu_randf() * 0.5f;
+    return s;
+}
+
+/* The rounding error of a uniform quantizer is about uniform on [-step/2, step/2]: its mean
+ * square should be near step^2 / 12 (checked for 4 and 8 bits; 2 bits has too few levels for
+ * that); every element must be within half a step. */
+static void test_round_trip(int bits) {
+    enum { N = 64 };
+    float x[N], y[N];
+    uint8_t codes[N];
+    double err2 = 0, ref2 = 0, theo = 0;
+    for (int trial = 0; trial < 200; trial++) {
+        float amp = (float)(trial % 7 + 1) * 0.37f, off = tu_randf() * 3;
+        for (int i = 0; i < N; i++) x[i] = off + amp * gauss();
+        if (trial % 10 == 0) x[trial % N] *= 20; /* an outlier */
+        float s, m;
+        kvq_quant_group(x, N, 1, bits, codes, &s, &m);
+        kvq_dequant_group(codes, N, bits, s, m, y);
+        theo += N * (double)s * s / 12;
+        float lo = x[0], hi = x[0];
+        for (int i = 0; i < N; i++) {
+            lo = x[i] < lo ? x[i] : lo;
+            hi = x[i] > hi ? x[i] : hi;
+            CHECK(kvq_code(codes, bits, i) <= (1 << bits) - 1);
+            CHECKF(fabsf(y[i] - x[i]) <= s * 0.5f * 1.0001f + 1e-6f, "b=%d: |%g - %g| > %g", bits,
+                   y[i], x[i], s / 2);
+            err2 += (double)(y[i] - x[i]) * (y[i] - x[i]);
+            ref2 += (double)(x[i] - off) * (x[i] - off);
+        }
+        CHECK(m == lo);
+        /* the extremes are representable exactly (up to float rounding of code*scale+min) */
+        for (int i = 0; i < N; i++)
+            if (x[i] == lo) CHECK(y[i] == lo);
+            else if (x[i] == hi) CHECK(fabsf(y[i] - hi) <= 1e-5f * (fabsf(hi) + 1));
+    }
+    double rel = sqrt(err2 / ref2), ratio = err2 / theo;
+    if (bits >= 4) CHECKF(ratio > 0.7 && ratio < 1.3, "b=%d: error power %.3f of step^2/12", bits, ratio);
+    fprintf(stderr, "  b=%d: relative RMS error %.4f, error power %.3f of step^2/12\n", bits, rel,
+            ratio);
+}
+
+static void test_constant(int bits) {
+    float x[33], y[33];
+    uint8_t codes[33];
+    for (int i = 0; i < 33; i++) x[i] = -2.5f;
+    float s = -1, m = 0;
+    kvq_quant_group(x, 33, 1, bits, codes, &s, &m);
+    CHECK(s == 0.0f && m == -2.5f);
+    kvq_dequant_group(codes, 33, bits, s, m, y);
+    for (int i = 0; i < 33; i++) CHECK(y[i] == -2.5f && !isnan(y[i]));
+    /* a single element group */
+    kvq_quant_group(x, 1, 1, bits, codes, &s, &m);
+    CHECK(s == 0.0f && m == -2.5f);
+}
+
+static void test_fused(int bits) {
+    enum { G = 32, HD = 64 };
+    float k[G * HD], v[HD], q[HD], kh[G * HD], vh[HD], ref[G], got[G];
+    uint8_t kc[HD * G], vc[HD];
+    float ks[HD], km[HD], vs, vm;
+    for (int i = 0; i < G * HD; i++) k[i] = gauss() * (i % HD == 5 ? 8.0f : 1.0f); /* an outlier channel */
+    for (int i = 0; i < HD; i++) q[i] = gauss(), v[i] = gauss();
+    kvq_quant_keys(k, G, HD, bits, kc, ks, km);
+    /* dequantize channel by channel, then plain dot products */
+    size_t cb = kvq_code_bytes(bits, G);
+    for (int c = 0; c < HD; c++) {
+        float col[G];
+        kvq_dequant_group(kc + c * cb, G, bits, ks[c], km[c], col);
+        for (int t = 0; t < G; t++) kh[t * HD + c] = col[t];
+    }
+    for (int t = 0; t < G; t++) {
+        double s = 0;
+        for (int c = 0; c < HD; c++) s += (double)q[c] * kh[t * HD + c];
+        ref[t] = (float)s;
+    }
+    kvq_key_scores(q, kc, ks, km, G, HD, bits, got);
+    for (int t = 0; t < G; t++)
+        CHECKF(fabsf(got[t] - ref[t]) <= 1e-4f * (fabsf(ref[t]) + 1), "b=%d t=%d: %g vs %g", bits,
+               t, got[t], ref[t]);
+    /* per-channel grouping bounds each key element by its own channel's half step */
+    for (int t = 0; t < G; t++)
+        for (int c = 0; c < HD; c++) CHECK(fabsf(kh[t * HD + c] - k[t * HD + c]) <= ks[c] * 0.5001f + 1e-6f);
+    /* values */
+    kvq_quant_value(v, HD, bits, vc, &vs, &vm);
+    kvq_dequant_group(vc, HD, bits, vs, vm, vh);
+    float o1[HD] = {0}, o2[HD] = {0};
+    kvq_value_accum(0.3f, vc, vs, vm, HD, bits, o1);
+    kvq_value_accum(0.7f, vc, vs, vm, HD, bits, o1);
+    for (int c = 0; c < HD; c++) o2[c] = vh[c]; /* 0.3 + 0.7 = 1 */
+    for (int c = 0; c < HD; c++) CHECK(fabsf(o1[c] - o2[c]) <= 1e-5f * (fabsf(o2[c]) + 1));
+    CHECK(kvq_code_bytes(bits, G) * 8 == (size_t)G * bits);
+}
+
+int main(void) {
+    test_round_trip(8);
+    test_round_trip(4);
+    test_round_trip(2);
+    for (int b = 2; b <= 8; b *= 2) {
+        test_constant(b);
+        test_fused(b);
+    }
+    CHECK(kvq_bits_ok(2) && kvq_bits_ok(4) && kvq_bits_ok(8) && !kvq_bits_ok(3));
+    return tu_finish("test_kv_quant");
+}
