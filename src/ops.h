@@ -7,6 +7,7 @@
 #define KVS_OPS_H
 
 #include <stdbool.h>
+#include <stddef.h>
 #include <stdint.h>
 
 void ops_init(void);
@@ -46,5 +47,45 @@ void ops_attn_scores_avx2(const float *Q, int g, const uint16_t *K, int n, int h
 void ops_softmax_partial_avx2(float *S, int g, int n, int lds, float *m, float *l);
 void ops_attn_accum_avx2(const float *P, int g, int n, int lds, const uint16_t *V, int hd,
                          float *O);
+
+/* Attention over low-bit KV payloads (the KIVI / MiKV storage of src/kv/kv_quant.h), fused: the
+ * kernels read the packed codes directly, never a dequantized copy of the cache. Codes are b-bit,
+ * b in {2, 4, 8}, packed 8/b per byte, lowest bits first; a code x dequantizes to
+ * x * scale + min. Q is (g, kd) floats (the query heads of one KV head, already gathered to the
+ * kd stored key channels); sc is the softmax scale (1/sqrt(original head_dim)).
+ * qattn_blk_scores: one KIVI key block, per channel: the codes of channel c for tokens 0..nt-1
+ *     start at codes + c * cstride (cstride >= bytes of nt codes); one (scale, min) per channel.
+ *     S[qi * lds + t] = sc * sum_{c < kd} Q[qi * kd + c] * (code(c, t) * scale[c] + min[c]).
+ * qattn_tok_scores: n per-token rows (MiKV keys): row t's kd codes start at codes + t * rstride;
+ *     one (scale, min) per row: S[qi * lds + t] = sc * sum_c Q[qi * kd + c] * x̂(t, c).
+ * qattn_tok_accum: n per-token value rows of hd codes (row stride rstride), one (scale, min)
+ *     per row: O[qi * hd + c] += sum_{t < n} P[qi * lds + t] * x̂(t, c). Adds to O. */
+extern void (*ops_qattn_blk_scores)(const float *Q, int g, int kd, const uint8_t *codes,
+                                    size_t cstride, const float *scale, const float *min, int nt,
+                                    int bits, float sc, float *S, int lds);
+extern void (*ops_qattn_tok_scores)(const float *Q, int g, int kd, const uint8_t *codes,
+                                    size_t rstride, const float *scale, const float *min, int n,
+                                    int bits, float sc, float *S, int lds);
+extern void (*ops_qattn_tok_accum)(const float *P, int g, int n, int lds, const uint8_t *codes,
+                                   size_t rstride, const float *scale, const float *min, int hd,
+                                   int bits, float *O);
+void ops_qattn_blk_scores_ref(const float *Q, int g, int kd, const uint8_t *codes, size_t cstride,
+                              const float *scale, const float *min, int nt, int bits, float sc,
+                              float *S, int lds);
+void ops_qattn_tok_scores_ref(const float *Q, int g, int kd, const uint8_t *codes, size_t rstride,
+                              const float *scale, const float *min, int n, int bits, float sc,
+                              float *S, int lds);
+void ops_qattn_tok_accum_ref(const float *P, int g, int n, int lds, const uint8_t *codes,
+                             size_t rstride, const float *scale, const float *min, int hd,
+                             int bits, float *O);
+void ops_qattn_blk_scores_avx2(const float *Q, int g, int kd, const uint8_t *codes,
+                               size_t cstride, const float *scale, const float *min, int nt,
+                               int bits, float sc, float *S, int lds);
+void ops_qattn_tok_scores_avx2(const float *Q, int g, int kd, const uint8_t *codes,
+                               size_t rstride, const float *scale, const float *min, int n,
+                               int bits, float sc, float *S, int lds);
+void ops_qattn_tok_accum_avx2(const float *P, int g, int n, int lds, const uint8_t *codes,
+                              size_t rstride, const float *scale, const float *min, int hd,
+                              int bits, float *O);
 
 #endif
