@@ -20,8 +20,12 @@ const char *kvs_kv_spec_help(void) { return kv_spec_help(); }
 /* Bytes of one entry of one head as a store made for this spec holds it (what a mem= budget
  * counts), whatever statistics the context keeps beyond the spec's (keep_stats). */
 static uint64_t spec_entry_bytes(const struct hparams *hp, const struct kv_spec *spec) {
-    return kv_entry_payload_bytes(hp->head_dim) +
-           ((kv_policy_needs(spec) & KV_NEED_ACC) ? sizeof(float) : 0);
+    struct kv_pack_cfg pc;
+    kv_pack_cfg_from_spec(spec, hp->head_dim, &pc);
+    /* packed storage: what a packed entry costs (MiKV: an fp16 one, the budget counts those) */
+    double b = pc.on && !pc.mikv ? kv_pack_entry_bytes(&pc, hp->head_dim)
+                                 : (double)kv_entry_payload_bytes(hp->head_dim);
+    return (uint64_t)ceil(b) + ((kv_policy_needs(spec) & KV_NEED_ACC) ? sizeof(float) : 0);
 }
 
 static void *scratch(struct kvs_context *c, size_t bytes) {
@@ -38,7 +42,7 @@ void kvs_context_free(kvs_context *c) {
     if (c->tp) threadpool_free(c->tp);
     kv_policy_free(c->policy);
     float *bufs[] = {c->x, c->xn, c->q, c->k, c->v, c->gate, c->up, c->rope_cs, c->inv_freq,
-                     c->att_s, c->att_qo, c->att_part};
+                     c->att_s, c->att_qo, c->att_x, c->att_part};
     for (size_t i = 0; i < sizeof bufs / sizeof bufs[0]; i++) kvs_aligned_free(bufs[i]);
     for (int i = 0; i < N_ACT_SLOTS; i++) kvs_aligned_free(c->act[i]);
     free(c);
@@ -77,6 +81,12 @@ enum kvs_status kvs_context_new(kvs_model *m, const struct kvs_context_params *p
     c->p = p;
     c->spec = spec;
     c->p.kv_spec = c->spec.text;
+    if (hp->head_dim > 256 && (spec.think_prune > 0 || spec.kivi_bits || spec.mikv_low)) {
+        free(c);
+        return kvs_fail(KVS_ERR_UNSUPPORTED, "packed KV storage supports head_dim <= 256 (model has %d)",
+                        hp->head_dim);
+    }
+    kv_pack_cfg_from_spec(&spec, hp->head_dim, &c->pack);
     c->n_ctx = p.n_ctx;
     c->n_batch = p.n_batch;
     c->t_max = p.n_batch > p.n_seq_max ? p.n_batch : p.n_seq_max;
@@ -109,6 +119,7 @@ enum kvs_status kvs_context_new(kvs_model *m, const struct kvs_context_params *p
     c->inv_freq = scratch(c, hd / 2 * 4);
     c->att_s = scratch(c, (size_t)p.n_threads * ATT_TB * g * (size_t)c->n_ctx * 4);
     c->att_qo = scratch(c, (size_t)p.n_threads * 2 * ATT_TB * g * hd * 4);
+    c->att_x = scratch(c, (size_t)p.n_threads * kv_attn_scratch_floats(ATT_TB * g, hd) * 4);
     c->att_part = scratch(c, T * (size_t)hp->n_head_kv * ATT_MAX_SPLIT * g * (hd + 2) * 4);
     /* activation rows, big enough for every encoding of the widest input */
     size_t widest = ff > wide ? ff : wide, rb = 0;
@@ -119,7 +130,7 @@ enum kvs_status kvs_context_new(kvs_model *m, const struct kvs_context_params *p
     }
     for (int i = 1; i < N_ACT_SLOTS; i++) c->act[i] = scratch(c, T * rb);
     bool ok = c->seqs && c->tp && c->x && c->xn && c->q && c->k && c->v && c->gate && c->up &&
-              c->rope_cs && c->inv_freq && c->att_s && c->att_qo && c->att_part;
+              c->rope_cs && c->inv_freq && c->att_s && c->att_qo && c->att_x && c->att_part;
     for (int i = 1; i < N_ACT_SLOTS; i++) ok = ok && c->act[i];
     if (!ok) {
         kvs_context_free(c);
@@ -128,6 +139,7 @@ enum kvs_status kvs_context_new(kvs_model *m, const struct kvs_context_params *p
     for (size_t i = 0; i < hd / 2; i++)
         c->inv_freq[i] = (float)pow((double)hp->rope_theta, -2.0 * (double)i / (double)hd);
     c->kv.rope_inv_freq = c->inv_freq;
+    c->kv.weighted = spec.wattn;
     c->kv.rope_neox = m->arch->rope == ROPE_NEOX;
     *out = c;
     return KVS_OK;
@@ -150,6 +162,7 @@ enum kvs_status kvs_seq_new(kvs_context *c, kvs_sequence **out) {
         free(s);
         return st;
     }
+    kv_seq_set_pack(s->kv, &c->pack); /* a fresh sequence holds nothing: cannot fail */
     s->slot = slot;
     c->seqs[slot] = s;
     *out = s;
@@ -264,7 +277,10 @@ enum kvs_status kvs_seq_compress(kvs_context *c, kvs_sequence *s, const char *kv
     struct kv_spec spec;
     enum kvs_status st = kv_spec_parse(kv_spec ? kv_spec : "", &spec);
     if (st != KVS_OK) return st;
-    if (spec.method == KV_FULL) return KVS_OK;
+    const struct hparams *hp = &c->m->hp;
+    struct kv_pack_cfg pc;
+    kv_pack_cfg_from_spec(&spec, hp->head_dim, &pc);
+    if (spec.method == KV_FULL && !pc.on) return KVS_OK;
     unsigned needs = kv_policy_needs(&spec);
     if ((needs & KV_NEED_ACC) && !c->kv.with_acc)
         return kvs_fail(KVS_ERR_INVALID_ARG, "'%s' needs accumulated attention, which this "
@@ -273,22 +289,30 @@ enum kvs_status kvs_seq_compress(kvs_context *c, kvs_sequence *s, const char *kv
         return kvs_fail(KVS_ERR_INVALID_ARG, "'%s' needs the last %d queries; this context keeps "
                         "%d (create it with keep_stats)", spec.text, kv_policy_qwin(&spec),
                         c->kv.qwin);
-    const struct hparams *hp = &c->m->hp;
-    struct kv_policy *pol;
+    if (pc.on && hp->head_dim > 256)
+        return kvs_fail(KVS_ERR_UNSUPPORTED, "packed KV storage supports head_dim <= 256");
+    if (pc.on) {
+        st = kv_seq_set_pack(s->kv, &pc);
+        if (st != KVS_OK) return st;
+    }
+    struct kv_policy *pol = NULL;
     st = kv_policy_new(&spec, hp->n_layer, hp->n_head, hp->n_head_kv, hp->head_dim,
                        c->n_ctx + c->t_max + KV_CAP_STEP, spec_entry_bytes(hp, &spec), &pol);
     if (st != KVS_OK) return st;
-    struct kv_plan plan;
+    struct kv_plan plan = {0};
     int64_t n_seen = s->n_past;
     for (int il = 0; il < hp->n_layer; il++) {
+        if (pc.on) kv_pack_prepare(s->kv, il);
         int32_t before = kv_seq_head(s->kv, il, 0)->n;
-        if (!kv_policy_plan_layer(pol, s->kv, il, n_seen, 0, &plan)) continue;
-        kv_seq_apply_plan(s->kv, il, &plan, spec.reindex);
-        if (spec.reindex && il == hp->n_layer - 1)
-            s->pos_shift += before - kv_seq_head(s->kv, il, 0)->n;
+        if (pol && kv_policy_plan_layer(pol, s->kv, il, n_seen, 0, false, &plan)) {
+            kv_seq_apply_plan(s->kv, il, &plan, spec.reindex);
+            if (spec.reindex && il == hp->n_layer - 1)
+                s->pos_shift += before - kv_seq_head(s->kv, il, 0)->n;
+        }
+        if (pc.on && (st = kv_seq_pack_layer(s->kv, il, true)) != KVS_OK) break;
     }
     kv_policy_free(pol);
-    return KVS_OK;
+    return st;
 }
 
 uint64_t kvs_seq_kv_bytes(const kvs_sequence *s) { return kv_seq_payload_bytes(s->kv); }

@@ -8,6 +8,7 @@
 #include "threadpool.h"
 #include "kv/kv_cache.h"
 #include "kv/kv_policy.h"
+#include "kv/kv_attn.h"
 
 struct kvs_sequence {
     int slot;        /* index in ctx->seqs */
@@ -26,6 +27,7 @@ struct kvs_context {
     struct threadpool *tp;
     struct kv_cache kv;
     struct kv_spec spec;
+    struct kv_pack_cfg pack; /* storage of older entries, from the spec */
     struct kv_policy *policy;  /* NULL for `full` */
     struct kv_plan plan;       /* filled by the policy, applied by the store */
     kvs_sequence **seqs;       /* (n_seq_max), NULL where free */
@@ -40,6 +42,7 @@ struct kvs_context {
     float *inv_freq; /* (hd/2) */
     uint8_t *act[N_ACT_SLOTS]; /* (t_max, row bytes) quantized activations per encoding */
     float *att_s;    /* (n_threads, ATT_TB * group, n_ctx) scores per thread */
+    float *att_x;    /* (n_threads, kv_attn_scratch_floats(ATT_TB * group, hd)) */
     float *att_qo;   /* (n_threads, 2, ATT_TB * group, hd) gathered queries and outputs */
     float *att_part; /* (t_max * n_head_kv * MAX_SPLIT, group, hd + 2) partial results */
     size_t scratch_bytes;

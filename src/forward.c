@@ -113,7 +113,7 @@ struct att_job {
 
 /* Number of keys token t may see in head h: entries with position <= its own. */
 static int n_visible(const struct kv_view_head *h, int32_t pos) {
-    int lo = 0, hi = h->n; /* first index with pos > p */
+    int lo = h->nc, hi = h->n; /* first index with pos > p; packed entries are all visible */
     while (lo < hi) {
         int mid = (lo + hi) / 2;
         if (h->pos[mid] <= pos) lo = mid + 1;
@@ -126,7 +126,7 @@ static int n_visible(const struct kv_view_head *h, int32_t pos) {
  * writes the unnormalised partial (o, m, l) for att_combine. With acc, also adds each entry's
  * probability (mean over the group) to its acc slot; then n_split is 1 and probabilities are
  * exact (p / l). */
-static void att_unit(struct att_job *j, int t, int h, int s, float *S) {
+static void att_unit(struct att_job *j, int t, int h, int s, float *S, float *X) {
     struct kvs_context *c = j->c;
     const struct hparams *hp = &c->m->hp;
     int hd = hp->head_dim, n_kv = hp->n_head_kv, g = hp->n_head / n_kv;
@@ -140,12 +140,12 @@ static void att_unit(struct att_job *j, int t, int h, int s, float *S) {
     int u = (t * n_kv + h) * j->n_split + s;
     float *part = c->att_part + (size_t)u * g * (hd + 2);
     if (n > 0) {
-        ops_attn_scores(Q, g, vh->k + (size_t)k0 * hd, n, hd, scale, S, c->n_ctx);
+        kv_attn_scores(vh, hd, Q, g, k0, k1, scale, S, c->n_ctx, X);
         if (vh->w)
             for (int qi = 0; qi < g; qi++)
                 for (int i = 0; i < n; i++) S[qi * c->n_ctx + i] += logf(vh->w[k0 + i]);
         ops_softmax_partial(S, g, n, c->n_ctx, m, l);
-        ops_attn_accum(S, g, n, c->n_ctx, vh->v + (size_t)k0 * hd, hd, part);
+        kv_attn_accum(vh, hd, S, g, k0, k1, c->n_ctx, part, X);
         if (j->acc && vh->acc)
             for (int qi = 0; qi < g; qi++) {
                 float f = 1.0f / (l[qi] * (float)g);
@@ -163,7 +163,8 @@ static void att_unit(struct att_job *j, int t, int h, int s, float *S) {
  * over KV head h, so every key is converted and streamed once per block instead of once per
  * token. Rows beyond a token's causal limit get probability 0, which adds exactly nothing, and
  * each score uses the same reduction whatever the block: results equal att_unit's bit for bit. */
-static void att_block(struct att_job *j, int t0, int nt, int h, float *S, float *Qb, float *Ob) {
+static void att_block(struct att_job *j, int t0, int nt, int h, float *S, float *Qb, float *Ob,
+                      float *X) {
     struct kvs_context *c = j->c;
     const struct hparams *hp = &c->m->hp;
     int hd = hp->head_dim, n_kv = hp->n_head_kv, g = hp->n_head / n_kv, R = nt * g;
@@ -177,7 +178,7 @@ static void att_block(struct att_job *j, int t0, int nt, int h, float *S, float 
                sizeof(float) * (size_t)g * hd);
     }
     float m[ATT_TB * 64], l[ATT_TB * 64];
-    if (n_max > 0) ops_attn_scores(Qb, R, vh->k, n_max, hd, scale, S, c->n_ctx);
+    if (n_max > 0) kv_attn_scores(vh, hd, Qb, R, 0, n_max, scale, S, c->n_ctx, X);
     for (int r = 0; r < R; r++) {
         int nv = nvis[r / g];
         float *row = S + (size_t)r * c->n_ctx;
@@ -185,7 +186,7 @@ static void att_block(struct att_job *j, int t0, int nt, int h, float *S, float 
         else m[r] = -INFINITY, l[r] = 0.0f;
         for (int k = nv; k < n_max; k++) row[k] = 0.0f;
     }
-    if (n_max > 0) ops_attn_accum(S, R, n_max, c->n_ctx, vh->v, hd, Ob);
+    if (n_max > 0) kv_attn_accum(vh, hd, S, R, 0, n_max, c->n_ctx, Ob, X);
     for (int i = 0; i < nt; i++) {
         int u = ((t0 + i) * n_kv + h) * j->n_split;
         float *part = c->att_part + (size_t)u * g * (hd + 2), *ml = part + (size_t)g * hd;
@@ -203,6 +204,7 @@ static void att_worker(void *arg, int ith, int nth) {
     float *S = c->att_s + (size_t)ith * ATT_TB * g * c->n_ctx;
     float *Qb = c->att_qo + (size_t)ith * 2 * ATT_TB * g * c->m->hp.head_dim;
     float *Ob = Qb + (size_t)ATT_TB * g * c->m->hp.head_dim;
+    float *X = c->att_x + (size_t)ith * kv_attn_scratch_floats(ATT_TB * g, c->m->hp.head_dim);
     /* with acc, one unit owns a (sequence, KV head) so that no two threads add to one slot */
     int n_units = j->acc ? j->n_views * n_kv
                   : j->n_blocks ? j->n_blocks * n_kv : j->T * n_kv * j->n_split;
@@ -212,12 +214,12 @@ static void att_worker(void *arg, int ith, int nth) {
         if (j->acc) {
             int v = u / n_kv, h = u % n_kv;
             for (int t = 0; t < j->T; t++)
-                if (j->vi[t] == v) att_unit(j, t, h, 0, S);
+                if (j->vi[t] == v) att_unit(j, t, h, 0, S, X);
         } else if (j->n_blocks) {
             int b = u / n_kv;
-            att_block(j, j->blk_t0[b], j->blk_nt[b], u % n_kv, S, Qb, Ob);
+            att_block(j, j->blk_t0[b], j->blk_nt[b], u % n_kv, S, Qb, Ob, X);
         } else {
-            att_unit(j, u / (j->n_split * n_kv), (u / j->n_split) % n_kv, u % j->n_split, S);
+            att_unit(j, u / (j->n_split * n_kv), (u / j->n_split) % n_kv, u % j->n_split, S, X);
         }
     }
 }
@@ -259,30 +261,31 @@ static void att_combine(struct kvs_context *c, int T, int n_split, float *out) {
 static void compress_layer(struct kvs_context *c, kvs_sequence *s, int il, enum fwd_phase phase,
                            const int32_t *pos, const int *vi, int T, int v) {
     const struct kv_spec *sp = &c->spec;
-    int32_t slack;
-    if (phase == FWD_DECODE) {
-        if (sp->every <= 0) return;
-        slack = sp->every;
-    } else if (phase == FWD_PREFILL && !(sp->when & KV_WHEN_CHUNK)) {
-        return;
-    } else {
-        slack = 0;
+    bool prompt = phase == FWD_PREFILL_LAST || (phase == FWD_PREFILL && (sp->when & KV_WHEN_CHUNK));
+    if (s->kv->pack.on && (prompt || phase == FWD_DECODE)) kv_pack_prepare(s->kv, il);
+    int32_t slack = -1;
+    if (!c->policy) slack = -1;
+    else if (phase == FWD_DECODE) slack = sp->every > 0 ? sp->every : -1;
+    else if (prompt) slack = 0;
+    if (slack >= 0) {
+        int64_t n_seen = 0;
+        for (int t = 0; t < T; t++)
+            if (vi[t] == v && pos[t] + 1 > n_seen) n_seen = pos[t] + 1;
+        int32_t before = kv_seq_head(s->kv, il, 0)->n;
+        if (kv_policy_plan_layer(c->policy, s->kv, il, n_seen, slack, phase == FWD_DECODE, &c->plan)) {
+            kv_seq_apply_plan(s->kv, il, &c->plan, sp->reindex);
+            /* the store's bound: no head above its budget (AdaKV: the layer's) */
+            KVS_ASSERT(kv_policy_check_budget(c->policy, s->kv, il, n_seen));
+            /* in-cache positions: every layer evicts the same entries (streaming), so the shift
+             * is the same for all; it takes effect from the next forward() */
+            if (sp->reindex && il == c->m->hp.n_layer - 1)
+                s->pos_shift += before - kv_seq_head(s->kv, il, 0)->n;
+        }
     }
-    int64_t n_seen = 0;
-    for (int t = 0; t < T; t++)
-        if (vi[t] == v && pos[t] + 1 > n_seen) n_seen = pos[t] + 1;
-    int32_t before = kv_seq_head(s->kv, il, 0)->n;
-    if (!kv_policy_plan_layer(c->policy, s->kv, il, n_seen, slack, &c->plan)) return;
-    kv_seq_apply_plan(s->kv, il, &c->plan, sp->reindex);
-    int32_t budget = kv_policy_budget(c->policy, il, n_seen);
-    for (int ih = 0; ih < c->m->hp.n_head_kv; ih++) {
-        int32_t n = kv_seq_head(s->kv, il, ih)->n;
-        /* the store's bound: a plan leaves no head above its budget (AdaKV: the layer's) */
-        KVS_ASSERT(sp->alloc == KV_ALLOC_ADAKV ? n <= budget * c->m->hp.n_head_kv : n <= budget);
+    if (s->kv->pack.on && (prompt || phase == FWD_DECODE)) {
+        enum kvs_status st = kv_seq_pack_layer(s->kv, il, prompt);
+        KVS_ASSERT(st == KVS_OK);
     }
-    /* in-cache positions: every layer evicts the same entries (streaming), so the shift is
-     * the same for all; it takes effect from the next forward() */
-    if (sp->reindex && il == c->m->hp.n_layer - 1) s->pos_shift += before - kv_seq_head(s->kv, il, 0)->n;
 }
 
 /* ---- the pass -------------------------------------------------------------------------- */
@@ -421,8 +424,7 @@ enum kvs_status forward(struct kvs_context *c, const int32_t *tokens, const int3
         atomic_init(&aj.next, 0);
         threadpool_run(c->tp, att_worker, &aj);
         att_combine(c, T, n_split, c->xn);
-        if (c->policy)
-            for (int i = 0; i < n_views; i++) compress_layer(c, vseq[i], il, phase, pos, vidx_buf, T, i);
+        for (int i = 0; i < n_views; i++) compress_layer(c, vseq[i], il, phase, pos, vidx_buf, T, i);
 
         fresh = 0;
         struct mm_job oj = {.n_mm = 1, .T = T};

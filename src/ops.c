@@ -11,6 +11,14 @@ void (*ops_attn_scores)(const float *, int, const uint16_t *, int, int, float, f
 void (*ops_softmax_partial)(float *, int, int, int, float *, float *) = ops_softmax_partial_ref;
 void (*ops_attn_accum)(const float *, int, int, int, const uint16_t *, int,
                        float *) = ops_attn_accum_ref;
+void (*ops_qattn_blk_scores)(const float *, int, int, const uint8_t *, size_t, const float *,
+                             const float *, int, int, float, float *,
+                             int) = ops_qattn_blk_scores_ref;
+void (*ops_qattn_tok_scores)(const float *, int, int, const uint8_t *, size_t, const float *,
+                             const float *, int, int, float, float *,
+                             int) = ops_qattn_tok_scores_ref;
+void (*ops_qattn_tok_accum)(const float *, int, int, int, const uint8_t *, size_t, const float *,
+                            const float *, int, int, float *) = ops_qattn_tok_accum_ref;
 
 static bool forced_ref;
 
@@ -19,6 +27,9 @@ void ops_init(void) {
     ops_attn_scores = fast ? ops_attn_scores_avx2 : ops_attn_scores_ref;
     ops_softmax_partial = fast ? ops_softmax_partial_avx2 : ops_softmax_partial_ref;
     ops_attn_accum = fast ? ops_attn_accum_avx2 : ops_attn_accum_ref;
+    ops_qattn_blk_scores = fast ? ops_qattn_blk_scores_avx2 : ops_qattn_blk_scores_ref;
+    ops_qattn_tok_scores = fast ? ops_qattn_tok_scores_avx2 : ops_qattn_tok_scores_ref;
+    ops_qattn_tok_accum = fast ? ops_qattn_tok_accum_avx2 : ops_qattn_tok_accum_ref;
 }
 
 void ops_force_ref(bool on) {
@@ -86,4 +97,62 @@ void ops_attn_accum_ref(const float *P, int g, int n, int lds, const uint16_t *V
             float p = P[qi * lds + j];
             for (int d = 0; d < hd; d++) O[qi * hd + d] += p * quant_f16_to_f32(V[(size_t)j * hd + d]);
         }
+}
+
+/* code i of a row of packed b-bit codes (8/b per byte, lowest bits first) */
+static inline float qcode(const uint8_t *row, int bits, int i) {
+    int per = 8 / bits;
+    return (float)((row[i / per] >> ((i % per) * bits)) & ((1 << bits) - 1));
+}
+
+/* The references use the factored form the fast kernels use (codes times the query folded with
+ * the scale, plus one bias term), summed in the natural order; tests/test_qattn.c checks them
+ * against plain dequantize-then-dot. */
+void ops_qattn_blk_scores_ref(const float *Q, int g, int kd, const uint8_t *codes, size_t cstride,
+                              const float *scale, const float *min, int nt, int bits, float sc,
+                              float *S, int lds) {
+    for (int qi = 0; qi < g; qi++) {
+        const float *q = Q + (size_t)qi * kd;
+        float bias = 0.0f;
+        for (int c = 0; c < kd; c++) bias += q[c] * min[c];
+        for (int t = 0; t < nt; t++) {
+            float acc = bias;
+            for (int c = 0; c < kd; c++)
+                acc += (q[c] * scale[c]) * qcode(codes + (size_t)c * cstride, bits, t);
+            S[(size_t)qi * lds + t] = sc * acc;
+        }
+    }
+}
+
+void ops_qattn_tok_scores_ref(const float *Q, int g, int kd, const uint8_t *codes, size_t rstride,
+                              const float *scale, const float *min, int n, int bits, float sc,
+                              float *S, int lds) {
+    for (int qi = 0; qi < g; qi++) {
+        const float *q = Q + (size_t)qi * kd;
+        float qsum = 0.0f;
+        for (int c = 0; c < kd; c++) qsum += q[c];
+        for (int t = 0; t < n; t++) {
+            const uint8_t *row = codes + (size_t)t * rstride;
+            float dot = 0.0f;
+            for (int c = 0; c < kd; c++) dot += q[c] * qcode(row, bits, c);
+            S[(size_t)qi * lds + t] = sc * (scale[t] * dot + min[t] * qsum);
+        }
+    }
+}
+
+void ops_qattn_tok_accum_ref(const float *P, int g, int n, int lds, const uint8_t *codes,
+                             size_t rstride, const float *scale, const float *min, int hd,
+                             int bits, float *O) {
+    if (n <= 0) return;
+    for (int qi = 0; qi < g; qi++) {
+        float *o = O + (size_t)qi * hd;
+        float bias = 0.0f;
+        for (int t = 0; t < n; t++) {
+            const uint8_t *row = codes + (size_t)t * rstride;
+            float p = P[(size_t)qi * lds + t], ps = p * scale[t];
+            bias += p * min[t];
+            for (int c = 0; c < hd; c++) o[c] += ps * qcode(row, bits, c);
+        }
+        for (int c = 0; c < hd; c++) o[c] += bias;
+    }
 }

@@ -92,8 +92,8 @@ static bool kept_is(const struct kv_seq *s, int ih, const int *want, int n) {
 }
 
 static void plan_apply(struct kv_policy *p, struct kv_seq *s, int64_t n_seen) {
-    struct kv_plan plan;
-    if (kv_policy_plan_layer(p, s, 0, n_seen, 0, &plan)) kv_seq_apply_plan(s, 0, &plan, false);
+    struct kv_plan plan = {0};
+    if (kv_policy_plan_layer(p, s, 0, n_seen, 0, false, &plan)) kv_seq_apply_plan(s, 0, &plan, false);
     CHECKF(kv_seq_check(s), "%s", kvs_last_error());
 }
 
@@ -256,7 +256,7 @@ static void test_random_plans(void) {
             next_pos++;
         }
         /* a random plan for layer il: each entry kept with probability 0.7, budget cap 300 */
-        struct kv_plan plan;
+        struct kv_plan plan = {0};
         for (int ih = 0; ih < 2; ih++) {
             const struct kv_head_store *h = kv_seq_head(s, il, ih);
             int nk = 0;

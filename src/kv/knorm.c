@@ -9,11 +9,17 @@
 static void score(const struct kv_score_args *a, int ih, float *out) {
     const struct kv_head_store *h = kv_seq_head(a->s, a->il, ih);
     int hd = a->p->head_dim;
+    float x[512];
     for (int32_t j = 0; j < h->n; j++) {
         float ss = 0.0f;
-        for (int d = 0; d < hd; d++) {
-            float x = quant_f16_to_f32(h->k[(size_t)j * hd + d]);
-            ss += x * x;
+        if (j < h->nc) { /* packed: dequantized (ThinK: the kept channels only) */
+            kv_seq_key(a->s, a->il, ih, j, x);
+            for (int d = 0; d < hd; d++) ss += x[d] * x[d];
+        } else {
+            for (int d = 0; d < hd; d++) {
+                float y = quant_f16_to_f32(h->k[(size_t)(j - h->nc) * hd + d]);
+                ss += y * y;
+            }
         }
         out[j] = -sqrtf(ss);
     }

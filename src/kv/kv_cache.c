@@ -1,6 +1,8 @@
 /* kv_cache.c — see kv_cache.h. */
 #include "kv_cache.h"
 #include "quant.h"
+#include "kv_quant.h"
+#include "kv_spec.h"
 
 #include <math.h>
 #include <stdlib.h>
@@ -25,13 +27,6 @@ uint64_t kv_cache_entry_bytes(const struct kv_cache *c) {
     return kv_entry_payload_bytes(c->head_dim) + (c->with_acc ? sizeof(float) : 0);
 }
 
-uint64_t kv_seq_payload_bytes(const struct kv_seq *s) {
-    const struct kv_cache *c = s->owner;
-    uint64_t b = 0;
-    for (int i = 0; i < c->n_layer * c->n_head_kv; i++) b += (uint64_t)s->h[i].cap;
-    return b * kv_entry_payload_bytes(c->head_dim);
-}
-
 static uint64_t qwin_bytes(const struct kv_cache *c) {
     return (uint64_t)c->n_layer * c->qwin * ((uint64_t)c->n_head * c->head_dim * 4 + 4) +
            (c->qwin ? (uint64_t)c->n_layer * 8 : 0);
@@ -49,13 +44,14 @@ enum kvs_status kv_seq_new(struct kv_cache *c, struct kv_seq **out) {
     s->owner = c;
     s->rng = 0x853c49e6748fea9bull;
     s->h = calloc((size_t)c->n_layer * c->n_head_kv, sizeof *s->h);
+    s->pstate = calloc((size_t)c->n_layer * KV_PSTATE, sizeof(float));
     if (c->qwin) {
         s->q = malloc((size_t)c->n_layer * c->qwin * c->n_head * c->head_dim * sizeof(float));
         s->q_pos = malloc((size_t)c->n_layer * c->qwin * sizeof(int32_t));
         s->q_n = calloc((size_t)c->n_layer, sizeof(int32_t));
         s->q_head = calloc((size_t)c->n_layer, sizeof(int32_t));
     }
-    if (!s->h || (c->qwin && (!s->q || !s->q_pos || !s->q_n || !s->q_head))) {
+    if (!s->h || !s->pstate || (c->qwin && (!s->q || !s->q_pos || !s->q_n || !s->q_head))) {
         kv_seq_free(s);
         return kvs_fail(KVS_ERR_NOMEM, "out of memory");
     }
@@ -64,13 +60,13 @@ enum kvs_status kv_seq_new(struct kv_cache *c, struct kv_seq **out) {
     return KVS_OK;
 }
 
+static uint64_t head_bytes(const struct kv_seq *s, const struct kv_head_store *h, bool stats);
+
 static void head_free(struct kv_seq *s, struct kv_head_store *h) {
-    account(s->owner, -(int64_t)(h->cap * kv_cache_entry_bytes(s->owner)));
-    free(h->k);
-    free(h->v);
-    free(h->pos);
-    free(h->w);
-    free(h->acc);
+    account(s->owner, -(int64_t)head_bytes(s, h, true));
+    void *bufs[] = {h->k, h->v, h->pos, h->w, h->acc, h->blk_n, h->ck, h->cv, h->cks, h->ckm,
+                    h->cvs, h->cvm, h->ch, h->bal};
+    for (size_t i = 0; i < sizeof bufs / sizeof *bufs; i++) free(bufs[i]);
     memset(h, 0, sizeof *h);
 }
 
@@ -82,6 +78,7 @@ void kv_seq_clear(struct kv_seq *s) {
         memset(s->q_head, 0, sizeof(int32_t) * c->n_layer);
     }
     s->rng = 0x853c49e6748fea9bull;
+    memset(s->pstate, 0, sizeof(float) * c->n_layer * KV_PSTATE);
 }
 
 void kv_seq_free(struct kv_seq *s) {
@@ -89,6 +86,7 @@ void kv_seq_free(struct kv_seq *s) {
     if (s->h) kv_seq_clear(s);
     if (s->q && s->q_pos && s->q_n && s->q_head) account(s->owner, -(int64_t)qwin_bytes(s->owner));
     free(s->h);
+    free(s->pstate);
     free(s->q);
     free(s->q_pos);
     free(s->q_n);
@@ -96,38 +94,99 @@ void kv_seq_free(struct kv_seq *s) {
     free(s);
 }
 
-/* set the capacity of one head to exactly `cap` entries */
-static bool head_resize(struct kv_seq *s, struct kv_head_store *h, int32_t cap) {
-    size_t hd = (size_t)s->owner->head_dim;
-    if (cap == h->cap) return true;
-    if (cap == 0) {
-        head_free(s, h);
+/* ---- sizes ------------------------------------------------------------------------------ */
+
+static size_t vrow_bytes(const struct kv_pack_cfg *pc, int hd) {
+    return pc->f.vfmt == KV_V_TOK ? pc->f.vstride + 2 * sizeof(float) : (size_t)hd * 2;
+}
+static size_t krow_bytes(const struct kv_pack_cfg *pc) { /* per packed row, 0 for BLK */
+    if (pc->f.kfmt == KV_K_TOK) return pc->f.kstride + 2 * sizeof(float);
+    if (pc->f.kfmt == KV_K_F16) return (size_t)pc->f.kd * 2;
+    return 0;
+}
+static size_t blk_bytes(const struct kv_pack_cfg *pc) {
+    return (size_t)pc->f.kd * (pc->f.kstride + 2 * sizeof(float)) + sizeof(int32_t);
+}
+
+static uint64_t head_bytes(const struct kv_seq *s, const struct kv_head_store *h, bool stats) {
+    const struct kv_cache *c = s->owner;
+    const struct kv_pack_cfg *pc = &s->pack;
+    uint64_t b = (uint64_t)h->cap * (sizeof(int32_t) + sizeof(float)) +
+                 (uint64_t)h->hcap * c->head_dim * 4;
+    if (stats && h->acc) b += (uint64_t)h->cap * sizeof(float);
+    if (pc->on) {
+        b += (uint64_t)h->rcap * (vrow_bytes(pc, c->head_dim) + krow_bytes(pc));
+        if (pc->f.kfmt == KV_K_BLK) b += (uint64_t)h->bcap * blk_bytes(pc);
+        if (h->ch) b += (uint64_t)pc->f.kd;
+        if (h->bal) b += (uint64_t)c->head_dim * sizeof(float);
+    }
+    return b;
+}
+
+static bool grow(void **p, size_t bytes) {
+    if (bytes == 0) {
+        free(*p);
+        *p = NULL;
         return true;
     }
-    uint16_t *k = realloc(h->k, cap * hd * 2);
-    if (k) h->k = k;
-    uint16_t *v = realloc(h->v, cap * hd * 2);
-    if (v) h->v = v;
-    int32_t *pos = realloc(h->pos, cap * sizeof *pos);
-    if (pos) h->pos = pos;
-    float *w = realloc(h->w, cap * sizeof *w);
-    if (w) h->w = w;
-    float *acc = NULL;
-    if (s->owner->with_acc) {
-        acc = realloc(h->acc, cap * sizeof *acc);
-        if (acc) h->acc = acc;
-    }
-    if (!k || !v || !pos || !w || (s->owner->with_acc && !acc)) return false;
-    account(s->owner, (int64_t)(cap - h->cap) * (int64_t)kv_cache_entry_bytes(s->owner));
-    h->cap = cap;
+    void *q = realloc(*p, bytes);
+    if (!q) return false;
+    *p = q;
     return true;
 }
+
+/* set the capacities of one head: metadata `cap`, hot rows `hcap`, packed rows `rcap`, blocks
+ * `bcap` (shrinking never loses held data: callers pass at least what is held) */
+static bool head_resize4(struct kv_seq *s, struct kv_head_store *h, int32_t cap, int32_t hcap,
+                         int32_t rcap, int32_t bcap) {
+    const struct kv_cache *c = s->owner;
+    const struct kv_pack_cfg *pc = &s->pack;
+    size_t hd = (size_t)c->head_dim;
+    uint64_t before = head_bytes(s, h, true);
+    bool ok = true;
+    if (cap != h->cap) {
+        ok = ok && grow((void **)&h->pos, (size_t)cap * sizeof(int32_t)) &&
+             grow((void **)&h->w, (size_t)cap * sizeof(float)) &&
+             (!c->with_acc || grow((void **)&h->acc, (size_t)cap * sizeof(float)));
+        if (ok) h->cap = cap;
+    }
+    if (ok && hcap != h->hcap) {
+        ok = grow((void **)&h->k, (size_t)hcap * hd * 2) && grow((void **)&h->v, (size_t)hcap * hd * 2);
+        if (ok) h->hcap = hcap;
+    }
+    if (ok && rcap != h->rcap && pc->on) {
+        ok = grow((void **)&h->cv, (size_t)rcap * (pc->f.vfmt == KV_V_TOK ? pc->f.vstride : hd * 2));
+        if (ok && pc->f.vfmt == KV_V_TOK)
+            ok = grow((void **)&h->cvs, (size_t)rcap * 4) && grow((void **)&h->cvm, (size_t)rcap * 4);
+        if (ok && pc->f.kfmt == KV_K_F16) ok = grow((void **)&h->ck, (size_t)rcap * pc->f.kd * 2);
+        if (ok && pc->f.kfmt == KV_K_TOK)
+            ok = grow((void **)&h->ck, (size_t)rcap * pc->f.kstride) &&
+                 grow((void **)&h->cks, (size_t)rcap * 4) && grow((void **)&h->ckm, (size_t)rcap * 4);
+        if (ok) h->rcap = rcap;
+    }
+    if (ok && bcap != h->bcap && pc->on && pc->f.kfmt == KV_K_BLK) {
+        size_t kd = (size_t)pc->f.kd;
+        ok = grow((void **)&h->ck, (size_t)bcap * kd * pc->f.kstride) &&
+             grow((void **)&h->cks, (size_t)bcap * kd * 4) && grow((void **)&h->ckm, (size_t)bcap * kd * 4) &&
+             grow((void **)&h->blk_n, (size_t)bcap * 4);
+        if (ok) h->bcap = bcap;
+    }
+    /* capacities only change where their buffers did: the accounting stays exact on failure */
+    account(s->owner, (int64_t)head_bytes(s, h, true) - (int64_t)before);
+    return ok;
+}
+
+static int32_t pad(int32_t n) { return (int32_t)kvs_pad((size_t)n, KV_CAP_STEP); }
+static int32_t pad_blk(int32_t n) { return (int32_t)kvs_pad((size_t)n, 4); }
 
 enum kvs_status kv_seq_reserve(struct kv_seq *s, int il, int n_new) {
     for (int ih = 0; ih < s->owner->n_head_kv; ih++) {
         struct kv_head_store *h = kv_seq_head(s, il, ih);
-        if (h->n + n_new <= h->cap) continue;
-        if (!head_resize(s, h, (int32_t)kvs_pad((size_t)(h->n + n_new), KV_CAP_STEP)))
+        int32_t nh = h->n - h->nc;
+        if (h->n + n_new <= h->cap && nh + n_new <= h->hcap) continue;
+        int32_t cap = h->n + n_new > h->cap ? pad(h->n + n_new) : h->cap;
+        int32_t hcap = nh + n_new > h->hcap ? pad(nh + n_new) : h->hcap;
+        if (!head_resize4(s, h, cap, hcap, h->rcap, h->bcap))
             return kvs_fail(KVS_ERR_NOMEM, "out of memory for the KV cache");
     }
     return KVS_OK;
@@ -136,8 +195,10 @@ enum kvs_status kv_seq_reserve(struct kv_seq *s, int il, int n_new) {
 void kv_seq_fit(struct kv_seq *s, int il) {
     for (int ih = 0; ih < s->owner->n_head_kv; ih++) {
         struct kv_head_store *h = kv_seq_head(s, il, ih);
-        int32_t cap = (int32_t)kvs_pad((size_t)h->n, KV_CAP_STEP);
-        if (cap < h->cap) head_resize(s, h, cap); /* shrinking realloc cannot lose data */
+        int32_t cap = pad(h->n), hcap = pad(h->n - h->nc), rcap = pad(h->nc), bcap = pad_blk(h->nblk);
+        if (cap < h->cap || hcap < h->hcap || rcap < h->rcap || bcap < h->bcap)
+            head_resize4(s, h, cap < h->cap ? cap : h->cap, hcap < h->hcap ? hcap : h->hcap,
+                         rcap < h->rcap ? rcap : h->rcap, bcap < h->bcap ? bcap : h->bcap);
     }
 }
 
@@ -145,10 +206,11 @@ void kv_seq_append(struct kv_seq *s, int il, int32_t pos, const float *k, const 
     int hd = s->owner->head_dim;
     for (int ih = 0; ih < s->owner->n_head_kv; ih++) {
         struct kv_head_store *h = kv_seq_head(s, il, ih);
-        KVS_ASSERT(h->n < h->cap);
-        KVS_ASSERT(h->n == 0 || h->pos[h->n - 1] < pos);
-        quant_f32_to_f16_row(k + (size_t)ih * hd, h->k + (size_t)h->n * hd, hd);
-        quant_f32_to_f16_row(v + (size_t)ih * hd, h->v + (size_t)h->n * hd, hd);
+        int32_t r = h->n - h->nc;
+        KVS_ASSERT(h->n < h->cap && r < h->hcap);
+        KVS_ASSERT(r == 0 || h->pos[h->n - 1] < pos);
+        quant_f32_to_f16_row(k + (size_t)ih * hd, h->k + (size_t)r * hd, hd);
+        quant_f32_to_f16_row(v + (size_t)ih * hd, h->v + (size_t)r * hd, hd);
         h->pos[h->n] = pos;
         h->w[h->n] = 1.0f;
         if (h->acc) h->acc[h->n] = 0.0f;
@@ -167,6 +229,33 @@ void kv_seq_save_query(struct kv_seq *s, int il, int32_t pos, const float *q) {
     if (s->q_n[il] < c->qwin) s->q_n[il]++;
 }
 
+static bool same_pack(const struct kv_pack_cfg *a, const struct kv_pack_cfg *b) {
+    return a->on == b->on && (!a->on || (a->think == b->think && a->kivi == b->kivi &&
+           a->mikv == b->mikv && a->balance == b->balance && a->prune == b->prune &&
+           a->think_recent == b->think_recent && a->resid == b->resid &&
+           !memcmp(&a->f, &b->f, sizeof a->f)));
+}
+
+static bool seq_has_packed(const struct kv_seq *s) {
+    for (int i = 0; i < s->owner->n_layer * s->owner->n_head_kv; i++)
+        if (s->h[i].nc || s->h[i].ch || s->h[i].bal) return true;
+    return false;
+}
+
+enum kvs_status kv_seq_set_pack(struct kv_seq *s, const struct kv_pack_cfg *cfg) {
+    if (same_pack(&s->pack, cfg)) return KVS_OK;
+    if (seq_has_packed(s))
+        return kvs_fail(KVS_ERR_INVALID_ARG, "this sequence already holds entries packed in "
+                        "another storage format");
+    /* no packed payload is allocated yet: only the (empty) packed capacities change meaning */
+    for (int i = 0; i < s->owner->n_layer * s->owner->n_head_kv; i++) {
+        struct kv_head_store *h = &s->h[i];
+        head_resize4(s, h, h->cap, h->hcap, 0, 0);
+    }
+    s->pack = *cfg;
+    return KVS_OK;
+}
+
 enum kvs_status kv_seq_copy(struct kv_seq *dst, const struct kv_seq *src) {
     struct kv_cache *dc = dst->owner;
     const struct kv_cache *sc = src->owner;
@@ -175,24 +264,45 @@ enum kvs_status kv_seq_copy(struct kv_seq *dst, const struct kv_seq *src) {
         return kvs_fail(KVS_ERR_INVALID_ARG, "cannot copy a KV cache between different models");
     if (dst == src) return KVS_OK;
     kv_seq_clear(dst);
+    dst->pack = src->pack;
+    const struct kv_pack_cfg *pc = &src->pack;
     size_t hd = (size_t)dc->head_dim;
     for (int i = 0; i < dc->n_layer * dc->n_head_kv; i++) {
         const struct kv_head_store *a = &src->h[i];
         struct kv_head_store *b = &dst->h[i];
-        if (!head_resize(dst, b, (int32_t)kvs_pad((size_t)a->n, KV_CAP_STEP))) {
+        int32_t nh = a->n - a->nc;
+        if (!head_resize4(dst, b, pad(a->n), pad(nh), pad(a->nc), pad_blk(a->nblk)) ||
+            (a->ch && !(b->ch = malloc((size_t)pc->f.kd))) ||
+            (a->bal && !(b->bal = malloc(hd * sizeof(float))))) {
             kv_seq_clear(dst);
             return kvs_fail(KVS_ERR_NOMEM, "out of memory for the KV cache");
         }
-        if (a->n == 0) continue;
-        memcpy(b->k, a->k, (size_t)a->n * hd * 2);
-        memcpy(b->v, a->v, (size_t)a->n * hd * 2);
+        if (b->ch) memcpy(b->ch, a->ch, (size_t)pc->f.kd), account(dc, pc->f.kd);
+        if (b->bal) memcpy(b->bal, a->bal, hd * sizeof(float)), account(dc, (int64_t)(hd * sizeof(float)));
+        memcpy(b->k, a->k, (size_t)nh * hd * 2);
+        memcpy(b->v, a->v, (size_t)nh * hd * 2);
         memcpy(b->pos, a->pos, (size_t)a->n * sizeof *b->pos);
         memcpy(b->w, a->w, (size_t)a->n * sizeof *b->w);
         if (b->acc) {
             if (a->acc) memcpy(b->acc, a->acc, (size_t)a->n * sizeof *b->acc);
             else memset(b->acc, 0, (size_t)a->n * sizeof *b->acc);
         }
-        b->n = a->n;
+        if (pc->on && a->nc) {
+            size_t nc = (size_t)a->nc;
+            memcpy(b->cv, a->cv, nc * (pc->f.vfmt == KV_V_TOK ? pc->f.vstride : hd * 2));
+            if (pc->f.vfmt == KV_V_TOK) memcpy(b->cvs, a->cvs, nc * 4), memcpy(b->cvm, a->cvm, nc * 4);
+            if (pc->f.kfmt == KV_K_F16) memcpy(b->ck, a->ck, nc * pc->f.kd * 2);
+            if (pc->f.kfmt == KV_K_TOK)
+                memcpy(b->ck, a->ck, nc * pc->f.kstride), memcpy(b->cks, a->cks, nc * 4),
+                    memcpy(b->ckm, a->ckm, nc * 4);
+            if (pc->f.kfmt == KV_K_BLK) {
+                size_t nb = (size_t)a->nblk, kd = (size_t)pc->f.kd;
+                memcpy(b->ck, a->ck, nb * kd * pc->f.kstride);
+                memcpy(b->cks, a->cks, nb * kd * 4), memcpy(b->ckm, a->ckm, nb * kd * 4);
+                memcpy(b->blk_n, a->blk_n, nb * 4);
+            }
+        }
+        b->n = a->n, b->nc = a->nc, b->nblk = a->nblk;
     }
     /* the newest min(src, dst window) saved queries of each layer, oldest first */
     if (dc->qwin) {
@@ -207,6 +317,7 @@ enum kvs_status kv_seq_copy(struct kv_seq *dst, const struct kv_seq *src) {
             }
         }
     }
+    memcpy(dst->pstate, src->pstate, sizeof(float) * dc->n_layer * KV_PSTATE);
     dst->rng = src->rng;
     return KVS_OK;
 }
@@ -227,27 +338,354 @@ static void rerotate(const struct kv_cache *c, uint16_t *k, int32_t delta) {
     quant_f32_to_f16_row(x, k, hd);
 }
 
-void kv_seq_apply_plan(struct kv_seq *s, int il, const struct kv_plan *plan, bool reindex) {
+/* ---- packed entries ------------------------------------------------------------------------ */
+
+/* index of packed entry j's block and its slot in it (BLK) */
+static void blk_find(const struct kv_head_store *h, int32_t j, int32_t *b, int32_t *t) {
+    int32_t i = 0;
+    while (j >= h->blk_n[i]) j -= h->blk_n[i++];
+    *b = i, *t = j;
+}
+
+void kv_seq_key(const struct kv_seq *s, int il, int ih, int32_t j, float *out) {
+    const struct kv_head_store *h = kv_seq_head(s, il, ih);
+    const struct kv_packed_fmt *f = &s->pack.f;
+    int hd = s->owner->head_dim;
+    KVS_ASSERT(j >= 0 && j < h->n);
+    if (j >= h->nc) {
+        quant_f16_to_f32_row(h->k + (size_t)(j - h->nc) * hd, out, hd);
+        return;
+    }
+    float x[512];
+    int kd = f->kd;
+    if (f->kfmt == KV_K_F16) {
+        quant_f16_to_f32_row((const uint16_t *)h->ck + (size_t)j * kd, x, kd);
+    } else if (f->kfmt == KV_K_TOK) {
+        kvq_dequant_group(h->ck + (size_t)j * f->kstride, kd, f->kbits, h->cks[j], h->ckm[j], x);
+    } else {
+        int32_t b, t;
+        blk_find(h, j, &b, &t);
+        const uint8_t *base = h->ck + (size_t)b * kd * f->kstride;
+        for (int c = 0; c < kd; c++)
+            x[c] = (float)kvq_code(base + (size_t)c * f->kstride, f->kbits, t) *
+                       h->cks[(size_t)b * kd + c] + h->ckm[(size_t)b * kd + c];
+    }
+    for (int c = 0; c < hd; c++) out[c] = 0.0f;
+    for (int c = 0; c < kd; c++) {
+        int ch = h->ch ? h->ch[c] : c;
+        out[ch] = h->bal ? x[c] / h->bal[ch] : x[c];
+    }
+}
+
+void kv_seq_value(const struct kv_seq *s, int il, int ih, int32_t j, float *out) {
+    const struct kv_head_store *h = kv_seq_head(s, il, ih);
+    const struct kv_packed_fmt *f = &s->pack.f;
+    int hd = s->owner->head_dim;
+    KVS_ASSERT(j >= 0 && j < h->n);
+    if (j >= h->nc) quant_f16_to_f32_row(h->v + (size_t)(j - h->nc) * hd, out, hd);
+    else if (f->vfmt == KV_V_F16) quant_f16_to_f32_row((const uint16_t *)h->cv + (size_t)j * hd, out, hd);
+    else kvq_dequant_group(h->cv + (size_t)j * f->vstride, hd, f->vbits, h->cvs[j], h->cvm[j], out);
+}
+
+/* write packed row r (TOK/F16 keys, values) from full-width floats */
+static void put_row(const struct kv_seq *s, struct kv_head_store *h, int32_t r, const float *k,
+                    const float *v) {
+    const struct kv_packed_fmt *f = &s->pack.f;
+    int hd = s->owner->head_dim;
+    float x[512];
+    for (int c = 0; c < f->kd; c++) {
+        int ch = h->ch ? h->ch[c] : c;
+        x[c] = h->bal ? k[ch] * h->bal[ch] : k[ch];
+    }
+    if (f->kfmt == KV_K_F16) quant_f32_to_f16_row(x, (uint16_t *)h->ck + (size_t)r * f->kd, f->kd);
+    else if (f->kfmt == KV_K_TOK)
+        kvq_quant_group(x, f->kd, 1, f->kbits, h->ck + (size_t)r * f->kstride, &h->cks[r], &h->ckm[r]);
+    if (f->vfmt == KV_V_F16) quant_f32_to_f16_row(v, (uint16_t *)h->cv + (size_t)r * hd, hd);
+    else kvq_quant_group(v, hd, 1, f->vbits, h->cv + (size_t)r * f->vstride, &h->cvs[r], &h->cvm[r]);
+}
+
+static void move_row(const struct kv_seq *s, struct kv_head_store *h, int32_t to, int32_t from) {
+    const struct kv_packed_fmt *f = &s->pack.f;
     size_t hd = (size_t)s->owner->head_dim;
-    KVS_ASSERT(!reindex || (s->owner->rope_inv_freq && hd <= 512));
+    if (to == from) return;
+    if (f->vfmt == KV_V_F16) memmove(h->cv + to * hd * 2, h->cv + from * hd * 2, hd * 2);
+    else memmove(h->cv + to * f->vstride, h->cv + from * f->vstride, f->vstride),
+         h->cvs[to] = h->cvs[from], h->cvm[to] = h->cvm[from];
+    if (f->kfmt == KV_K_F16) memmove(h->ck + to * f->kd * 2, h->ck + from * f->kd * 2, (size_t)f->kd * 2);
+    else if (f->kfmt == KV_K_TOK)
+        memmove(h->ck + to * f->kstride, h->ck + from * f->kstride, f->kstride),
+            h->cks[to] = h->cks[from], h->ckm[to] = h->ckm[from];
+}
+
+/* BLK: keep the packed entries flagged in keep[0..nc) (in order), repacking each block's codes */
+static void blk_compact(const struct kv_seq *s, struct kv_head_store *h, const uint8_t *keep) {
+    const struct kv_packed_fmt *f = &s->pack.f;
+    size_t kd = (size_t)f->kd, bb = kd * f->kstride;
+    int32_t j = 0, nb = 0;
+    for (int32_t b = 0; b < h->nblk; b++) {
+        uint8_t *src = h->ck + (size_t)b * bb, *dst = h->ck + (size_t)nb * bb;
+        int32_t n = h->blk_n[b], m = 0;
+        int32_t slot[KVQ_MAX_GROUP];
+        for (int32_t t = 0; t < n; t++)
+            if (keep[j + t]) slot[m++] = t;
+        j += n;
+        if (m == 0) continue;
+        if (m != n || nb != b) {
+            for (size_t c = 0; c < kd; c++) {
+                uint8_t row[KVQ_MAX_GROUP];
+                const uint8_t *r = src + c * f->kstride;
+                for (int32_t i = 0; i < m; i++) row[i] = (uint8_t)kvq_code(r, f->kbits, slot[i]);
+                uint8_t *o = dst + c * f->kstride;
+                memset(o, 0, f->kstride);
+                int per = 8 / f->kbits;
+                for (int32_t i = 0; i < m; i++) o[i / per] |= (uint8_t)(row[i] << ((i % per) * f->kbits));
+            }
+            memmove(h->cks + (size_t)nb * kd, h->cks + (size_t)b * kd, kd * 4);
+            memmove(h->ckm + (size_t)nb * kd, h->ckm + (size_t)b * kd, kd * 4);
+        }
+        h->blk_n[nb++] = m;
+    }
+    h->nblk = nb;
+}
+
+void kv_seq_set_channels(struct kv_seq *s, int il, int ih, const uint8_t *ch) {
+    struct kv_head_store *h = kv_seq_head(s, il, ih);
+    KVS_ASSERT(!h->nc);
+    if (!h->ch) {
+        h->ch = malloc((size_t)s->pack.f.kd);
+        KVS_ASSERT(h->ch);
+        account(s->owner, s->pack.f.kd);
+    }
+    memcpy(h->ch, ch, (size_t)s->pack.f.kd);
+}
+
+void kv_seq_set_balance(struct kv_seq *s, int il, int ih, const float *bal) {
+    struct kv_head_store *h = kv_seq_head(s, il, ih);
+    KVS_ASSERT(!h->nc);
+    size_t hd = (size_t)s->owner->head_dim;
+    if (!h->bal) {
+        h->bal = malloc(hd * sizeof(float));
+        KVS_ASSERT(h->bal);
+        account(s->owner, (int64_t)(hd * sizeof(float)));
+    }
+    memcpy(h->bal, bal, hd * sizeof(float));
+}
+
+/* Move the oldest m hot entries of a head to the packed run. */
+static bool pack_oldest(struct kv_seq *s, struct kv_head_store *h, int32_t m) {
+    const struct kv_packed_fmt *f = &s->pack.f;
+    size_t hd = (size_t)s->owner->head_dim;
+    int32_t nh = h->n - h->nc;
+    KVS_ASSERT(m <= nh);
+    if (m <= 0) return true;
+    int32_t nblk = h->nblk + (f->kfmt == KV_K_BLK ? (m + f->G - 1) / f->G : 0);
+    int32_t rcap = h->nc + m > h->rcap ? pad(h->nc + m) : h->rcap;
+    int32_t bcap = nblk > h->bcap ? pad_blk(nblk) : h->bcap;
+    if (!head_resize4(s, h, h->cap, h->hcap, rcap, bcap)) return false;
+    float k[512], v[512];
+    for (int32_t i = 0; i < m; i++) {
+        quant_f16_to_f32_row(h->k + (size_t)i * hd, k, (int)hd);
+        quant_f16_to_f32_row(h->v + (size_t)i * hd, v, (int)hd);
+        put_row(s, h, h->nc + i, k, v);
+    }
+    if (f->kfmt == KV_K_BLK) {
+        float *x = malloc(sizeof(float) * (size_t)f->G * f->kd);
+        KVS_ASSERT(x);
+        for (int32_t i0 = 0; i0 < m; i0 += f->G) {
+            int32_t nt = m - i0 < f->G ? m - i0 : f->G, b = h->nblk++;
+            for (int32_t t = 0; t < nt; t++)
+                for (int c = 0; c < f->kd; c++) {
+                    int ch = h->ch ? h->ch[c] : c;
+                    x[(size_t)t * f->kd + c] = quant_f16_to_f32(h->k[(size_t)(i0 + t) * hd + ch]);
+                }
+            size_t kd = (size_t)f->kd;
+            uint8_t *base = h->ck + (size_t)b * kd * f->kstride;
+            for (size_t c = 0; c < kd; c++) {
+                memset(base + c * f->kstride, 0, f->kstride);
+                kvq_quant_group(x + c, nt, f->kd, f->kbits, base + c * f->kstride,
+                                &h->cks[(size_t)b * kd + c], &h->ckm[(size_t)b * kd + c]);
+            }
+            h->blk_n[b] = nt;
+        }
+        free(x);
+    }
+    memmove(h->k, h->k + (size_t)m * hd, (size_t)(nh - m) * hd * 2);
+    memmove(h->v, h->v + (size_t)m * hd, (size_t)(nh - m) * hd * 2);
+    h->nc += m;
+    return true;
+}
+
+enum kvs_status kv_seq_pack_layer(struct kv_seq *s, int il, bool prompt) {
+    const struct kv_pack_cfg *pc = &s->pack;
+    if (!pc->on || pc->mikv) return KVS_OK; /* MiKV packs by plan (demotions) */
     for (int ih = 0; ih < s->owner->n_head_kv; ih++) {
         struct kv_head_store *h = kv_seq_head(s, il, ih);
-        const int32_t *keep = plan->keep[ih];
-        int32_t nk = plan->n_keep[ih];
-        KVS_ASSERT(nk >= 0 && nk <= h->n);
+        int32_t nh = h->n - h->nc, m = 0;
+        if (pc->kivi) {
+            if (nh >= pc->resid + pc->f.G) m = (nh - pc->resid) / pc->f.G * pc->f.G;
+        } else if (prompt) {
+            m = nh - pc->think_recent;
+        }
+        if (m <= 0) continue;
+        KVS_ASSERT(!pc->think || h->ch);
+        if (!pack_oldest(s, h, m)) return kvs_fail(KVS_ERR_NOMEM, "out of memory for the KV cache");
+    }
+    kv_seq_fit(s, il);
+    return KVS_OK;
+}
+
+/* ---- plans --------------------------------------------------------------------------------- */
+
+struct apply_tmp { int32_t *pos; float *w, *acc; uint16_t *k, *v; float *mk, *mv; int32_t *slot; uint8_t *keepc; int32_t *order; };
+
+static _Thread_local const int32_t *g_sort_pos;
+static int cmp_by_pos(const void *a, const void *b) {
+    int32_t x = g_sort_pos[*(const int32_t *)a], y = g_sort_pos[*(const int32_t *)b];
+    return (x > y) - (x < y);
+}
+
+static void apply_head(struct kv_seq *s, struct kv_head_store *h, const struct kv_plan *plan,
+                       int ih, bool reindex) {
+    const struct kv_cache *c = s->owner;
+    size_t hd = (size_t)c->head_dim;
+    const int32_t *keep = plan->keep[ih];
+    int32_t nk = plan->n_keep[ih], n = h->n, nc = h->nc;
+    const int32_t *mt = plan->mt[ih];
+    const float *mc = plan->mc[ih];
+    const uint8_t *dem = plan->dem[ih];
+    KVS_ASSERT(nk >= 0 && nk <= n);
+    for (int32_t i = 0; i < nk; i++)
+        KVS_ASSERT(keep[i] >= i && keep[i] < n && (i == 0 || keep[i] > keep[i - 1]));
+    bool merges = false;
+    if (mt)
+        for (int32_t j = 0; j < n && !merges; j++) merges = mt[j] >= 0;
+    bool demotes = false;
+    if (dem)
+        for (int32_t i = 0; i < nk && !demotes; i++) demotes = dem[keep[i]] != 0;
+    if (!merges && !demotes && nc == 0) { /* the common case: compact in place */
         for (int32_t i = 0; i < nk; i++) {
             int32_t j = keep[i];
-            KVS_ASSERT(j >= i && j < h->n && (i == 0 || j > keep[i - 1]));
             if (j == i) continue;
             memcpy(h->k + i * hd, h->k + j * hd, hd * 2);
             memcpy(h->v + i * hd, h->v + j * hd, hd * 2);
             h->pos[i] = h->pos[j];
             h->w[i] = h->w[j];
             if (h->acc) h->acc[i] = h->acc[j];
-            if (reindex) rerotate(s->owner, h->k + i * hd, i - j);
+            if (reindex) rerotate(c, h->k + i * hd, i - j);
         }
         h->n = nk;
+        return;
     }
+    KVS_ASSERT(!reindex);
+    /* merged blends, one row per kept target that receives anything */
+    int32_t *slot = malloc(sizeof(int32_t) * (size_t)(n ? n : 1));
+    KVS_ASSERT(slot);
+    int32_t n_t = 0;
+    for (int32_t j = 0; j < n; j++) slot[j] = -1;
+    if (merges)
+        for (int32_t j = 0; j < n; j++)
+            if (mt[j] >= 0 && slot[mt[j]] < 0) slot[mt[j]] = n_t++;
+    float *mk = malloc(sizeof(float) * (size_t)(n_t ? n_t : 1) * hd * 2), *mv = mk + (size_t)n_t * hd;
+    float *mw = malloc(sizeof(float) * (size_t)(n_t ? n_t : 1) * 3), *ma = mw + n_t, *nrm = ma + n_t;
+    KVS_ASSERT(mk && mw);
+    float x[512], y[512];
+    for (int32_t j = 0; j < n && n_t; j++) {
+        if (slot[j] < 0) continue;
+        float *K = mk + (size_t)slot[j] * hd, *V = mv + (size_t)slot[j] * hd;
+        kv_seq_key(s, (int)((h - s->h) / c->n_head_kv), ih, j, x);
+        kv_seq_value(s, (int)((h - s->h) / c->n_head_kv), ih, j, y);
+        double ss = 0;
+        for (size_t d = 0; d < hd; d++) K[d] = mc[j] * x[d], V[d] = mc[j] * y[d], ss += (double)x[d] * x[d];
+        nrm[slot[j]] = (float)sqrt(ss);
+        mw[slot[j]] = h->w[j];
+        ma[slot[j]] = h->acc ? h->acc[j] : 0.0f;
+    }
+    for (int32_t e = 0; e < n && n_t; e++) {
+        if (mt[e] < 0) continue;
+        int32_t t = slot[mt[e]];
+        float *K = mk + (size_t)t * hd, *V = mv + (size_t)t * hd;
+        kv_seq_key(s, (int)((h - s->h) / c->n_head_kv), ih, e, x);
+        kv_seq_value(s, (int)((h - s->h) / c->n_head_kv), ih, e, y);
+        for (size_t d = 0; d < hd; d++) K[d] += mc[e] * x[d], V[d] += mc[e] * y[d];
+        mw[t] += h->w[e];
+        if (h->acc) ma[t] += h->acc[e];
+    }
+    if (plan->renorm)
+        for (int32_t t = 0; t < n_t; t++) {
+            float *K = mk + (size_t)t * hd;
+            double ss = 0;
+            for (size_t d = 0; d < hd; d++) ss += (double)K[d] * K[d];
+            float f = ss > 0 ? (float)(nrm[t] / sqrt(ss)) : 1.0f;
+            for (size_t d = 0; d < hd; d++) K[d] *= f;
+        }
+    /* the new order: kept packed entries that stay packed, then demoted ones, then hot ones */
+    uint8_t *keepc = calloc((size_t)(nc ? nc : 1), 1);
+    int32_t *order = malloc(sizeof(int32_t) * (size_t)(nk ? nk : 1) * 3);
+    KVS_ASSERT(keepc && order);
+    int32_t *o_pk = order, *o_dm = order + nk, *o_hot = order + 2 * nk, n_pk = 0, n_dm = 0, n_hot = 0;
+    for (int32_t i = 0; i < nk; i++) {
+        int32_t j = keep[i];
+        if (j < nc && slot[j] < 0) keepc[j] = 1, o_pk[n_pk++] = j;
+        else if (j >= nc && dem && dem[j] && slot[j] < 0) o_dm[n_dm++] = j;
+        else o_hot[n_hot++] = j;
+    }
+    g_sort_pos = h->pos;
+    qsort(o_hot, (size_t)n_hot, sizeof *o_hot, cmp_by_pos); /* promoted merge targets among them */
+    /* new metadata and hot rows, built aside */
+    int32_t *npos = malloc(sizeof(int32_t) * (size_t)(nk ? nk : 1));
+    float *nw = malloc(sizeof(float) * (size_t)(nk ? nk : 1) * 2), *nacc = nw + (nk ? nk : 1);
+    uint16_t *nkr = malloc((size_t)(n_hot ? n_hot : 1) * hd * 2 * 2), *nvr = nkr + (size_t)(n_hot ? n_hot : 1) * hd;
+    KVS_ASSERT(npos && nw && nkr);
+    int32_t r = 0;
+    #define META(j_) do { int32_t jj = (j_); npos[r] = h->pos[jj]; \
+        nw[r] = slot[jj] >= 0 ? mw[slot[jj]] : h->w[jj]; \
+        nacc[r] = slot[jj] >= 0 ? ma[slot[jj]] : h->acc ? h->acc[jj] : 0.0f; r++; } while (0)
+    for (int32_t i = 0; i < n_pk; i++) META(o_pk[i]);
+    for (int32_t i = 0; i < n_dm; i++) META(o_dm[i]);
+    for (int32_t i = 0; i < n_hot; i++) {
+        int32_t j = o_hot[i];
+        META(j);
+        if (slot[j] >= 0) {
+            quant_f32_to_f16_row(mk + (size_t)slot[j] * hd, nkr + (size_t)i * hd, (int)hd);
+            quant_f32_to_f16_row(mv + (size_t)slot[j] * hd, nvr + (size_t)i * hd, (int)hd);
+        } else {
+            memcpy(nkr + (size_t)i * hd, h->k + (size_t)(j - nc) * hd, hd * 2);
+            memcpy(nvr + (size_t)i * hd, h->v + (size_t)(j - nc) * hd, hd * 2);
+        }
+    }
+    #undef META
+    /* packed run: compact the kept packed entries, then append the demoted ones */
+    if (nc) {
+        if (s->pack.f.kfmt == KV_K_BLK) blk_compact(s, h, keepc);
+        int32_t w_ = 0;
+        for (int32_t j = 0; j < nc; j++)
+            if (keepc[j]) move_row(s, h, w_++, j);
+    }
+    if (n_dm) {
+        KVS_ASSERT(s->pack.on && s->pack.f.kfmt != KV_K_BLK);
+        int32_t rcap = n_pk + n_dm > h->rcap ? pad(n_pk + n_dm) : h->rcap;
+        KVS_ASSERT(head_resize4(s, h, h->cap, h->hcap, rcap, h->bcap));
+        for (int32_t i = 0; i < n_dm; i++) {
+            int32_t j = o_dm[i];
+            quant_f16_to_f32_row(h->k + (size_t)(j - nc) * hd, x, (int)hd);
+            quant_f16_to_f32_row(h->v + (size_t)(j - nc) * hd, y, (int)hd);
+            put_row(s, h, n_pk + i, x, y);
+        }
+    }
+    KVS_ASSERT(n_hot <= h->hcap && nk <= h->cap);
+    memcpy(h->pos, npos, sizeof(int32_t) * (size_t)nk);
+    memcpy(h->w, nw, sizeof(float) * (size_t)nk);
+    if (h->acc) memcpy(h->acc, nacc, sizeof(float) * (size_t)nk);
+    memcpy(h->k, nkr, (size_t)n_hot * hd * 2);
+    memcpy(h->v, nvr, (size_t)n_hot * hd * 2);
+    h->n = nk;
+    h->nc = n_pk + n_dm;
+    free(slot), free(mk), free(mw), free(keepc), free(order), free(npos), free(nw), free(nkr);
+}
+
+void kv_seq_apply_plan(struct kv_seq *s, int il, const struct kv_plan *plan, bool reindex) {
+    KVS_ASSERT(!reindex || (s->owner->rope_inv_freq && s->owner->head_dim <= 512));
+    for (int ih = 0; ih < s->owner->n_head_kv; ih++) apply_head(s, kv_seq_head(s, il, ih), plan, ih, reindex);
     kv_seq_fit(s, il);
 }
 
@@ -257,16 +695,25 @@ void kv_seq_view(const struct kv_seq *s, int il, struct kv_view *out) {
     out->head_dim = s->owner->head_dim;
     for (int ih = 0; ih < s->owner->n_head_kv; ih++) {
         const struct kv_head_store *h = kv_seq_head(s, il, ih);
-        out->h[ih] = (struct kv_view_head){.n = h->n, .k = h->k, .v = h->v, .pos = h->pos,
-                                           .w = NULL, .acc = h->acc};
+        out->h[ih] = (struct kv_view_head){
+            .n = h->n, .nc = h->nc, .k = h->k, .v = h->v, .pos = h->pos,
+            .w = s->owner->weighted ? h->w : NULL, .acc = h->acc, .fmt = &s->pack.f,
+            .ck = h->ck, .cks = h->cks, .ckm = h->ckm, .blk_n = h->blk_n, .nblk = h->nblk,
+            .cv = h->cv, .cvs = h->cvs, .cvm = h->cvm, .ch = h->ch, .bal = h->bal};
     }
 }
 
 uint64_t kv_seq_bytes(const struct kv_seq *s) {
     const struct kv_cache *c = s->owner;
     uint64_t b = qwin_bytes(c);
-    for (int i = 0; i < c->n_layer * c->n_head_kv; i++)
-        b += (uint64_t)s->h[i].cap * kv_cache_entry_bytes(c);
+    for (int i = 0; i < c->n_layer * c->n_head_kv; i++) b += head_bytes(s, &s->h[i], true);
+    return b;
+}
+
+uint64_t kv_seq_payload_bytes(const struct kv_seq *s) {
+    const struct kv_cache *c = s->owner;
+    uint64_t b = 0;
+    for (int i = 0; i < c->n_layer * c->n_head_kv; i++) b += head_bytes(s, &s->h[i], false);
     return b;
 }
 
@@ -281,12 +728,63 @@ bool kv_seq_check(const struct kv_seq *s) {
     const struct kv_cache *c = s->owner;
     for (int i = 0; i < c->n_layer * c->n_head_kv; i++) {
         const struct kv_head_store *h = &s->h[i];
-        if (h->n < 0 || h->n > h->cap || h->cap % KV_CAP_STEP != 0)
-            return kvs_fail(KVS_ERR_INTERNAL, "kv: head %d holds %d of %d", i, h->n, h->cap), false;
-        for (int j = 1; j < h->n; j++)
+        if (h->n < 0 || h->n > h->cap || h->cap % KV_CAP_STEP != 0 || h->nc < 0 || h->nc > h->n ||
+            h->n - h->nc > h->hcap || h->nc > (s->pack.on ? h->rcap : 0))
+            return kvs_fail(KVS_ERR_INTERNAL, "kv: head %d holds %d (%d packed) of %d", i, h->n,
+                            h->nc, h->cap), false;
+        for (int j = h->nc + 1; j < h->n; j++)
             if (h->pos[j] <= h->pos[j - 1])
                 return kvs_fail(KVS_ERR_INTERNAL, "kv: head %d positions not ascending at %d", i,
                                 j), false;
+        if (s->pack.on && s->pack.f.kfmt == KV_K_BLK) {
+            int32_t t = 0;
+            for (int b = 0; b < h->nblk; b++) t += h->blk_n[b];
+            if (t != h->nc) return kvs_fail(KVS_ERR_INTERNAL, "kv: head %d blocks hold %d of %d",
+                                            i, t, h->nc), false;
+        }
     }
     return true;
+}
+
+/* ---- configuration ------------------------------------------------------------------------- */
+
+void kv_pack_cfg_from_spec(const struct kv_spec *sp, int hd, struct kv_pack_cfg *o) {
+    memset(o, 0, sizeof *o);
+    o->think = sp->think_prune > 0;
+    o->kivi = sp->kivi_bits > 0;
+    o->mikv = sp->mikv_low > 0;
+    o->on = o->think || o->kivi || o->mikv;
+    if (!o->on) return;
+    o->prune = sp->think_prune;
+    o->think_recent = sp->think_recent;
+    o->resid = sp->kivi_resid;
+    o->balance = o->mikv && sp->mikv_balance;
+    struct kv_packed_fmt *f = &o->f;
+    f->kd = hd;
+    if (o->think) { /* prune floor(prune * hd) channels, kept count rounded up to 8 */
+        int kd = hd - (int)(sp->think_prune * hd);
+        kd = (kd + 7) / 8 * 8;
+        f->kd = kd > hd ? hd : kd;
+    }
+    if (o->kivi) {
+        f->kfmt = KV_K_BLK, f->vfmt = KV_V_TOK;
+        f->kbits = f->vbits = sp->kivi_bits;
+        f->G = sp->kivi_group;
+        f->kstride = kvq_code_bytes(f->kbits, f->G);
+        f->vstride = kvq_code_bytes(f->vbits, hd);
+    } else if (o->mikv) {
+        f->kfmt = KV_K_TOK, f->vfmt = KV_V_TOK;
+        f->kbits = f->vbits = sp->mikv_low;
+        f->kstride = kvq_code_bytes(f->kbits, f->kd);
+        f->vstride = kvq_code_bytes(f->vbits, hd);
+    } else {
+        f->kfmt = KV_K_F16, f->vfmt = KV_V_F16;
+    }
+}
+
+double kv_pack_entry_bytes(const struct kv_pack_cfg *pc, int hd) {
+    if (!pc->on) return (double)kv_entry_payload_bytes(hd);
+    double b = (double)vrow_bytes(pc, hd) + (double)krow_bytes(pc) + sizeof(int32_t) + sizeof(float);
+    if (pc->f.kfmt == KV_K_BLK) b += (double)blk_bytes(pc) / pc->f.G;
+    return b;
 }

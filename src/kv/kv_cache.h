@@ -23,11 +23,32 @@
 enum { KV_CAP_STEP = 64 };
 
 struct kv_head_store {
-    int32_t n, cap;   /* entries held, entries allocated */
-    uint16_t *k, *v;  /* (cap, head_dim) fp16 each */
+    int32_t n, cap;   /* entries held (packed + hot), entries allocated for pos/w/acc */
+    int32_t nc;       /* the leading nc entries are packed (see kv_view.h) */
+    int32_t hcap;     /* hot rows allocated */
+    uint16_t *k, *v;  /* (hcap, head_dim) fp16 each: the hot entries nc..n-1 */
     int32_t *pos;     /* (cap) absolute positions */
     float *w;         /* (cap) weights */
     float *acc;       /* (cap) accumulated attention (H2O), NULL unless the policy needs it */
+    /* packed entries, in the sequence's kv_packed_fmt */
+    int32_t rcap;     /* packed rows allocated (values; keys too unless BLK) */
+    int32_t bcap, nblk; /* BLK key blocks allocated and used */
+    int32_t *blk_n;   /* (bcap) tokens per block */
+    uint8_t *ck, *cv; /* key and value payloads */
+    float *cks, *ckm, *cvs, *cvm; /* scales and minima */
+    uint8_t *ch;      /* (kd) kept key channels (ThinK), NULL until the first pack */
+    float *bal;       /* (head_dim) MiKV balancer, NULL until the first demotion */
+};
+
+/* What a sequence packs (from the spec's storage parts): kept for the sequence's life once
+ * something is packed. */
+struct kv_pack_cfg {
+    bool on;
+    bool think, kivi, mikv, balance;
+    float prune;      /* think: fraction of key channels dropped */
+    int think_recent; /* think without kivi: newest prompt entries left full width */
+    int resid;        /* kivi: newest entries left fp16 (resid .. resid + G - 1) */
+    struct kv_packed_fmt f;
 };
 
 struct kv_cache {
@@ -36,6 +57,7 @@ struct kv_cache {
     int qwin;         /* queries kept per layer for plan-time scoring (0 = none) */
     const float *rope_inv_freq; /* (head_dim/2) for re-rotating keys (reindexing plans) */
     bool rope_neox;
+    bool weighted;    /* views hand attention the entries' weights (spec wattn=1) */
     uint64_t bytes, bytes_peak; /* all sequences of this cache */
 };
 
@@ -47,7 +69,11 @@ struct kv_seq {
     int32_t *q_n;            /* (n_layer) queries held (<= qwin) */
     int32_t *q_head;         /* (n_layer) next slot of the ring */
     uint64_t rng;            /* per-sequence state for the random scorer */
+    struct kv_pack_cfg pack; /* storage of older entries */
+    float *pstate;           /* (n_layer, KV_PSTATE) policy state: D2O's EMA threshold, Elastic's
+                                compressed-prompt length */
 };
+enum { KV_PSTATE = 4 };
 
 void kv_cache_init(struct kv_cache *c, int n_layer, int n_head_kv, int n_head, int head_dim,
                    bool with_acc, int qwin);
@@ -81,22 +107,50 @@ void kv_seq_save_query(struct kv_seq *s, int il, int32_t pos, const float *q);
  * starts at 0, and dst keeps the newest min(src, dst) saved queries of each layer. */
 enum kvs_status kv_seq_copy(struct kv_seq *dst, const struct kv_seq *src);
 
-/* A plan for one layer: per KV head, the ascending indices of the entries to keep. */
+/* A plan for one layer, per KV head: the ascending indices of the entries to keep; optionally
+ * merges (mt[j] = the kept index entry j folds into, -1 = evicted; mc[j] its coefficient, and
+ * mc[c] the kept target's own: key_c <- mc[c] key_c + sum mc[e] key_e, values alike, weights add,
+ * accumulated attention adds; renorm keeps the target key's norm, EMS) and demotions (dem[j] for
+ * kept hot entries that move to the packed run, MiKV). NULL arrays = none. */
 struct kv_plan {
     int32_t *keep[KV_VIEW_MAX_HEADS];
     int32_t n_keep[KV_VIEW_MAX_HEADS];
+    int32_t *mt[KV_VIEW_MAX_HEADS];
+    float *mc[KV_VIEW_MAX_HEADS];
+    uint8_t *dem[KV_VIEW_MAX_HEADS];
+    bool renorm;
 };
-/* Apply: compact every head to its kept entries (payloads, positions, weights, statistics move
- * together), then give back freed capacity. Checks the plan (indices ascending and in range).
- * reindex: the entries' RoPE positions are their slots (streaming pos=cache): a key moving from
- * slot j to slot i is re-rotated by i - j (RoPE rotations compose additively). */
+/* Apply: fold merges, compact every head to its kept entries (payloads, positions, weights,
+ * statistics move together), move demoted entries to the packed run, then give back freed
+ * capacity. Checks the plan (indices ascending and in range). A merge into a packed entry makes
+ * it hot again (its blend is held in fp16). reindex: the entries' RoPE positions are their slots
+ * (streaming pos=cache): a key moving from slot j to slot i is re-rotated by i - j. */
 void kv_seq_apply_plan(struct kv_seq *s, int il, const struct kv_plan *plan, bool reindex);
+
+/* Set what the sequence packs. Fails when it already holds packed entries of another format. */
+enum kvs_status kv_seq_set_pack(struct kv_seq *s, const struct kv_pack_cfg *cfg);
+/* Pack layer il as its configuration says: KIVI moves the oldest hot entries into blocks of G
+ * while more than resid + G - 1 are hot; ThinK alone (prompt only: `prompt`) packs all but the
+ * newest think_recent. ThinK channels (kv_seq_set_channels) must be set first. */
+enum kvs_status kv_seq_pack_layer(struct kv_seq *s, int il, bool prompt);
+/* Which key channels head ih of layer il keeps when packed (kd ascending), and MiKV's balancer. */
+void kv_seq_set_channels(struct kv_seq *s, int il, int ih, const uint8_t *ch);
+void kv_seq_set_balance(struct kv_seq *s, int il, int ih, const float *bal);
+/* Entry j of head ih as full-width floats (packed ones dequantized; pruned channels 0). */
+void kv_seq_key(const struct kv_seq *s, int il, int ih, int32_t j, float *out);
+void kv_seq_value(const struct kv_seq *s, int il, int ih, int32_t j, float *out);
+/* Fill a pack configuration from a spec's storage parts (think, kivi, mikv). */
+struct kv_spec;
+void kv_pack_cfg_from_spec(const struct kv_spec *sp, int head_dim, struct kv_pack_cfg *out);
+/* Bytes one packed entry of one head costs in this configuration (BLK metadata spread over G). */
+double kv_pack_entry_bytes(const struct kv_pack_cfg *cfg, int head_dim);
 
 /* The view of layer il that attention reads. */
 void kv_seq_view(const struct kv_seq *s, int il, struct kv_view *out);
 
 uint64_t kv_seq_bytes(const struct kv_seq *s);
-/* allocated entries × kv_entry_payload_bytes: no statistic slots, no saved queries */
+/* allocated payload: hot rows, packed payloads and metadata, positions and weights; no
+ * statistic slots, no saved queries */
 uint64_t kv_seq_payload_bytes(const struct kv_seq *s);
 int32_t kv_seq_max_entries(const struct kv_seq *s); /* largest head */
 

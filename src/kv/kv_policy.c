@@ -13,6 +13,7 @@
  */
 #include "kv_policy.h"
 #include "ops.h"
+#include "kv_attn.h"
 
 #include <math.h>
 #include <stdlib.h>
@@ -28,18 +29,26 @@ static const struct kv_scorer_i *scorer_for(enum kv_method m) {
     case KV_SNAPKV: return &kv_scorer_snapkv;
     case KV_KNORM: return &kv_scorer_knorm;
     case KV_RANDOM: return &kv_scorer_random;
+    case KV_D2O: return &kv_scorer_d2o;
+    case KV_EMS: return &kv_scorer_ems;
+    case KV_KVMERGER: return &kv_scorer_kvmerger;
+    case KV_ELASTIC: return &kv_scorer_elastic;
     default: return NULL;
     }
 }
 
 unsigned kv_policy_needs(const struct kv_spec *spec) {
     const struct kv_scorer_i *sc = scorer_for(spec->method);
-    return sc ? sc->needs : 0;
+    unsigned n = sc ? sc->needs : 0;
+    if (spec->think_prune > 0 || spec->mikv_low) n |= KV_NEED_QUERIES; /* pack.c's window */
+    return n;
 }
 
 int kv_policy_qwin(const struct kv_spec *spec) {
     if (!(kv_policy_needs(spec) & KV_NEED_QUERIES)) return 0;
-    return spec->obs_window > 0 ? spec->obs_window : 1;
+    int w = spec->obs_window > 0 ? spec->obs_window : 1;
+    if ((spec->think_prune > 0 || spec->mikv_low) && w < 32) w = 32;
+    return w;
 }
 
 enum kvs_status kv_policy_new(const struct kv_spec *spec, int n_layer, int n_head, int n_head_kv,
@@ -64,7 +73,12 @@ enum kvs_status kv_policy_new(const struct kv_spec *spec, int n_layer, int n_hea
     p->order = malloc(sizeof(int32_t) * n_head_kv * (size_t)cap_max);
     p->keep = malloc(sizeof(int32_t) * n_head_kv * (size_t)cap_max);
     p->pool = malloc(sizeof(struct ent) * n_head_kv * (size_t)cap_max);
-    if (!p->score || !p->scratch || !p->order || !p->keep || !p->pool) {
+    p->ascratch = malloc(sizeof(float) * kv_attn_scratch_floats((int)g, head_dim));
+    p->mt = malloc(sizeof(int32_t) * n_head_kv * (size_t)cap_max);
+    p->mc = malloc(sizeof(float) * n_head_kv * (size_t)cap_max);
+    p->dem = malloc((size_t)n_head_kv * (size_t)cap_max);
+    if (!p->score || !p->scratch || !p->order || !p->keep || !p->pool || !p->ascratch || !p->mt ||
+        !p->mc || !p->dem) {
         kv_policy_free(p);
         return kvs_fail(KVS_ERR_NOMEM, "out of memory for the KV policy");
     }
@@ -79,6 +93,10 @@ void kv_policy_free(struct kv_policy *p) {
     free(p->order);
     free(p->keep);
     free(p->pool);
+    free(p->ascratch);
+    free(p->mt);
+    free(p->mc);
+    free(p->dem);
     free(p);
 }
 
@@ -115,6 +133,7 @@ static int cmp_i32(const void *a, const void *b) {
 /* Keep for one head: the last `prot` entries plus the best (budget - prot) of the others. */
 static bool plan_adakv(struct kv_policy *p, const struct kv_seq *s, int il, int32_t budget,
                        int32_t prot, struct kv_plan *plan);
+static bool d2o_skipped(const struct kv_policy *p, int il);
 
 static int32_t select_head(const float *score, int32_t n, int32_t budget, int32_t prot,
                            int32_t *order, int32_t *keep) {
@@ -133,16 +152,77 @@ static int32_t select_head(const float *score, int32_t n, int32_t budget, int32_
     return nk;
 }
 
-bool kv_policy_plan_layer(struct kv_policy *p, const struct kv_seq *s, int il, int64_t n_seen,
-                          int32_t slack, struct kv_plan *plan) {
-    int32_t budget = kv_policy_budget(p, il, n_seen);
+static bool d2o_skipped(const struct kv_policy *p, int il) {
+    return p->spec.alloc == KV_ALLOC_D2O && p->spec.skip_layers && p->n_layer > 3 &&
+           (il < 2 || il == p->n_layer - 1);
+}
+
+/* the budget of layer il as planned (D2O's layer factor applied) */
+static int32_t layer_budget(const struct kv_policy *p, const struct kv_seq *s, int il, int64_t n_seen) {
+    int32_t b = kv_policy_budget(p, il, n_seen);
+    if (p->spec.alloc == KV_ALLOC_D2O) {
+        if (d2o_skipped(p, il)) return p->cap_max;
+        double f = kv_d2o_layer_factor(p, s, il) * b;
+        double lo = 0.01 * (double)n_seen;
+        b = (int32_t)(f < lo ? lo : f);
+        if (b < 1) b = 1;
+        if (b > p->cap_max) b = p->cap_max;
+    }
+    return b;
+}
+
+/* entries of a head the budget counts: all, or the fp16 ones under MiKV */
+static int32_t counted(const struct kv_policy *p, const struct kv_head_store *h) {
+    return p->spec.mikv_low ? h->n - h->nc : h->n;
+}
+
+bool kv_policy_check_budget(const struct kv_policy *p, const struct kv_seq *s, int il, int64_t n_seen) {
+    /* D2O's layer factor moves with the statistics the apply just changed: check the planned one */
+    int32_t budget = p->spec.alloc == KV_ALLOC_D2O ? p->planned : layer_budget(p, s, il, n_seen), sum = 0;
+    for (int ih = 0; ih < p->n_head_kv; ih++) {
+        int32_t n = counted(p, kv_seq_head(s, il, ih));
+        sum += n;
+        if (p->spec.alloc != KV_ALLOC_ADAKV && n > budget) return false;
+    }
+    return sum <= budget * p->n_head_kv;
+}
+
+/* Elastic Cache while decoding: evict the entry at the fixed slot p* = (entries after the
+ * prompt's compression) + distance (distance < 0) or slot `distance` (> 0), until within budget. */
+static bool plan_elastic_decode(struct kv_policy *p, struct kv_seq *s, int il, int32_t budget,
+                                struct kv_plan *plan) {
+    float *st = s->pstate + (size_t)il * KV_PSTATE;
+    for (int ih = 0; ih < p->n_head_kv; ih++) {
+        int32_t n = kv_seq_head(s, il, ih)->n, *keep = p->keep + (size_t)ih * p->cap_max;
+        int32_t drop = n > budget ? n - budget : 0;
+        int32_t at = p->spec.distance < 0 ? (int32_t)st[1] + p->spec.distance : p->spec.distance;
+        if (at < p->spec.sinks) at = p->spec.sinks;
+        if (at > n - drop - 1) at = n - drop - 1; /* the newest entry always stays */
+        if (at < 0) at = 0;
+        int32_t nk = 0;
+        for (int32_t j = 0; j < n; j++)
+            if (j < at || j >= at + drop) keep[nk++] = j;
+        plan->keep[ih] = keep;
+        plan->n_keep[ih] = nk;
+        plan->mt[ih] = NULL, plan->mc[ih] = NULL, plan->dem[ih] = NULL;
+    }
+    return true;
+}
+
+bool kv_policy_plan_layer(struct kv_policy *p, struct kv_seq *s, int il, int64_t n_seen,
+                          int32_t slack, bool decode, struct kv_plan *plan) {
+    int32_t budget = layer_budget(p, s, il, n_seen);
+    p->planned = budget;
     bool over = false;
     for (int ih = 0; ih < p->n_head_kv; ih++) {
-        int32_t n = kv_seq_head(s, il, ih)->n;
+        int32_t n = counted(p, kv_seq_head(s, il, ih));
         if (n > budget + slack) over = true;
     }
+    for (int ih = 0; ih < KV_VIEW_MAX_HEADS; ih++) plan->mt[ih] = NULL, plan->mc[ih] = NULL, plan->dem[ih] = NULL;
+    plan->renorm = false;
     if (!over) return false;
-    struct kv_score_args a = {.p = p, .s = s, .il = il, .scratch = p->scratch};
+    if (decode && p->spec.merge == KV_MERGE_ELASTIC) return plan_elastic_decode(p, s, il, budget, plan);
+    struct kv_score_args a = {.p = p, .s = s, .il = il, .n_seen = n_seen, .scratch = p->scratch};
     int32_t prot = p->scorer->protect ? p->scorer->protect(p, budget) : 0;
     bool layerwise = p->scorer->needs & KV_NEED_LAYERWISE;
     for (int ih = 0; ih < p->n_head_kv; ih++) p->scorer->score(&a, ih, p->score + (size_t)ih * p->cap_max);
@@ -157,15 +237,42 @@ bool kv_policy_plan_layer(struct kv_policy *p, const struct kv_seq *s, int il, i
         for (int ih = 1; ih < p->n_head_kv; ih++)
             memcpy(p->score + (size_t)ih * p->cap_max, p->score, sizeof(float) * n);
     }
-    if (p->spec.alloc == KV_ALLOC_ADAKV && !layerwise)
-        return plan_adakv(p, s, il, budget, prot, plan);
-    for (int ih = 0; ih < p->n_head_kv; ih++) {
-        int32_t n = kv_seq_head(s, il, ih)->n;
-        int32_t *keep = p->keep + (size_t)ih * p->cap_max;
-        plan->n_keep[ih] = select_head(p->score + (size_t)ih * p->cap_max, n, budget, prot,
-                                       p->order, keep);
-        plan->keep[ih] = keep;
+    if (p->spec.mikv_low) { /* rank the fp16 entries; the losers are demoted, not evicted */
+        for (int ih = 0; ih < p->n_head_kv; ih++) {
+            const struct kv_head_store *h = kv_seq_head(s, il, ih);
+            int32_t n = h->n, nc = h->nc, *keep = p->keep + (size_t)ih * p->cap_max;
+            uint8_t *dem = p->dem + (size_t)ih * p->cap_max;
+            int32_t nk = select_head(p->score + (size_t)ih * p->cap_max + nc, n - nc, budget, prot,
+                                     p->order, keep + nc);
+            memset(dem, 1, (size_t)n);
+            for (int32_t i = 0; i < nk; i++) dem[nc + keep[nc + i]] = 0;
+            for (int32_t j = 0; j < n; j++) keep[j] = j;
+            plan->keep[ih] = keep, plan->n_keep[ih] = n, plan->dem[ih] = dem;
+        }
+        return true;
     }
+    if (p->spec.merge == KV_MERGE_KVMERGER) {
+        for (int ih = 0; ih < p->n_head_kv; ih++) {
+            size_t o = (size_t)ih * p->cap_max;
+            plan->n_keep[ih] = kv_kvmerger_head(p, s, il, ih, p->score + o, budget, prot,
+                                                p->keep + o, p->mt + o, p->mc + o);
+            plan->keep[ih] = p->keep + o, plan->mt[ih] = p->mt + o, plan->mc[ih] = p->mc + o;
+        }
+        return true;
+    }
+    if (p->spec.alloc == KV_ALLOC_ADAKV && !layerwise) {
+        plan_adakv(p, s, il, budget, prot, plan);
+    } else {
+        for (int ih = 0; ih < p->n_head_kv; ih++) {
+            int32_t n = kv_seq_head(s, il, ih)->n;
+            int32_t *keep = p->keep + (size_t)ih * p->cap_max;
+            plan->n_keep[ih] = select_head(p->score + (size_t)ih * p->cap_max, n, budget, prot,
+                                           p->order, keep);
+            plan->keep[ih] = keep;
+        }
+    }
+    if (p->spec.merge != KV_MERGE_NONE) kv_merge_plan(p, s, il, plan);
+    if (!decode) s->pstate[(size_t)il * KV_PSTATE + 1] = (float)plan->n_keep[0];
     return true;
 }
 
@@ -227,15 +334,27 @@ void kv_policy_query_attention(const struct kv_score_args *a, int ih, bool last_
     int want = kv_policy_qwin(&p->spec);
     int q0 = last_only ? nq - 1 : nq > want ? nq - want : 0;
     if (q0 < 0) q0 = 0; /* no saved query (a copy from a context that kept none): all zero */
+    struct kv_view view;
+    if (h->nc) kv_seq_view(s, a->il, &view);
     for (int qi = q0; qi < nq && n > 0; qi++) {
         int slot = (s->q_head[a->il] - nq + qi + c->qwin) % c->qwin; /* qi-th oldest */
         int32_t qpos = s->q_pos[a->il * c->qwin + slot];
         const float *Q = s->q + ((size_t)a->il * c->qwin + slot) * p->n_head * hd + (size_t)ih * g * hd;
-        int32_t nv = 0; /* causal: the query sees entries at positions <= its own */
+        /* causal: the query sees entries at positions <= its own; packed entries may be newer
+         * than an old saved query, so they are masked one by one */
+        int32_t nv = h->nc, vis = 0;
         while (nv < n && h->pos[nv] <= qpos) nv++;
-        if (nv == 0) continue;
+        for (int32_t j = 0; j < nv; j++) vis += h->pos[j] <= qpos;
+        if (vis == 0) continue;
         float m[64], l[64];
-        ops_attn_scores(Q, g, h->k, nv, hd, scale, S, p->cap_max);
+        if (h->nc) {
+            kv_attn_scores(&view.h[ih], hd, Q, g, 0, nv, scale, S, p->cap_max, p->ascratch);
+            for (int32_t j = 0; j < h->nc; j++)
+                if (h->pos[j] > qpos)
+                    for (int gi = 0; gi < g; gi++) S[(size_t)gi * p->cap_max + j] = -INFINITY;
+        } else {
+            ops_attn_scores(Q, g, h->k, nv, hd, scale, S, p->cap_max);
+        }
         ops_softmax_partial(S, g, nv, p->cap_max, m, l);
         for (int32_t j = 0; j < nv; j++) agg[j] = 0.0f;
         for (int gi = 0; gi < g; gi++) {

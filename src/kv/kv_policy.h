@@ -30,6 +30,7 @@ struct kv_score_args {
     const struct kv_policy *p;
     const struct kv_seq *s;
     int il;
+    int64_t n_seen;          /* tokens the sequence has seen */
     float *scratch;          /* (n_head/n_head_kv + 1, max entries) floats for recomputed rows */
 };
 
@@ -55,6 +56,12 @@ struct kv_policy {
     int32_t *order;          /* (n_head_kv * cap_max) */
     int32_t *keep;           /* (n_head_kv, cap_max) */
     struct ent *pool;        /* (n_head_kv * cap_max) AdaKV candidates */
+    int32_t planned;         /* the budget of the last plan_layer call */
+    float *ascratch;         /* kv_attn scratch for g query rows */
+    /* merge plans: (n_head_kv, cap_max) targets, coefficients; demotions (MiKV) */
+    int32_t *mt;
+    float *mc;
+    uint8_t *dem;
 };
 
 /* The spec must have been parsed; method full gives NULL policy (and KVS_OK). */
@@ -72,12 +79,28 @@ int32_t kv_policy_budget(const struct kv_policy *p, int il, int64_t n_seen);
 /* Plan layer il of sequence s down to its budget. slack: entries a head may exceed its budget by
  * before anything is planned (0 after a prefill chunk, spec.every during decode). Returns false
  * when nothing needs to change (plan untouched). */
-bool kv_policy_plan_layer(struct kv_policy *p, const struct kv_seq *s, int il, int64_t n_seen,
-                          int32_t slack, struct kv_plan *plan);
+bool kv_policy_plan_layer(struct kv_policy *p, struct kv_seq *s, int il, int64_t n_seen,
+                          int32_t slack, bool decode, struct kv_plan *plan);
+/* After an apply: every head within its budget (AdaKV: the layer within the sum; MiKV: its fp16
+ * entries; D2O's skipped layers are unbounded). */
+bool kv_policy_check_budget(const struct kv_policy *p, const struct kv_seq *s, int il, int64_t n_seen);
+
+/* Before the first pack of a layer: ThinK's kept channels and MiKV's balancer (pack.c). */
+void kv_pack_prepare(struct kv_seq *s, int il);
+
+/* merge.c: the merge actions. Given the plan's keep lists, fold losers into kept entries
+ * (d2o, ems, elastic), or plan a KVMerger head (merging sets, then eviction). */
+void kv_merge_plan(struct kv_policy *p, struct kv_seq *s, int il, struct kv_plan *plan);
+int32_t kv_kvmerger_head(struct kv_policy *p, const struct kv_seq *s, int il, int ih,
+                         const float *score, int32_t budget, int32_t prot, int32_t *keep,
+                         int32_t *mt, float *mc);
+/* D2O's layer weights from attention variance: budget multiplier of layer il (mean 1). */
+double kv_d2o_layer_factor(const struct kv_policy *p, const struct kv_seq *s, int il);
 
 /* scorers, one per file under src/kv/ */
 extern const struct kv_scorer_i kv_scorer_streaming, kv_scorer_h2o, kv_scorer_tova,
-    kv_scorer_snapkv, kv_scorer_knorm, kv_scorer_random;
+    kv_scorer_snapkv, kv_scorer_knorm, kv_scorer_random, kv_scorer_d2o, kv_scorer_ems,
+    kv_scorer_kvmerger, kv_scorer_elastic;
 
 /* helper for scorers: attention probabilities of the saved queries of layer il against KV head
  * ih, summed over the queries and aggregated over the head's query group (mean or max per

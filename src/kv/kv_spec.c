@@ -8,13 +8,22 @@
 #include <stdlib.h>
 #include <string.h>
 
-static const char *METHOD_NAMES[KV_METHOD_COUNT] = {"full", "streaming", "h2o", "tova",
-                                                    "snapkv", "knorm", "random"};
+static const char *METHOD_NAMES[KV_METHOD_COUNT] = {
+    "full", "streaming", "h2o", "tova", "snapkv", "knorm", "random", "d2o", "ems", "kvmerger",
+    "elastic"};
+#define METHOD_LIST "full, streaming, h2o, tova, snapkv, knorm, random, d2o, ems, kvmerger, elastic"
 
 /* keys each method accepts beyond the shared ones */
 static const char *METHOD_KEYS[KV_METHOD_COUNT] = {
-    "", "sinks, window, pos", "recent", "", "window, kernel, pool", "", "seed"};
-static const char *SHARED_KEYS = "budget, ratio, mem, alloc, beta, floor, agg, when, every";
+    "", "sinks, window, pos", "recent", "", "window, kernel, pool", "", "seed",
+    "recent, sinks, alpha, beta_ema", "window, sinks", "recent, sinks", "sinks, distance"};
+static const char *SHARED_KEYS =
+    "budget, ratio, mem, alloc, beta, floor, agg, when, every, merge, thr, wattn, skip";
+
+/* storage parts: `+kivi:bits=4`, `+think:prune=0.4`, `+mikv:low=2` */
+enum { MOD_NONE = -1, MOD_THINK, MOD_KIVI, MOD_MIKV, MOD_COUNT };
+static const char *MOD_NAMES[MOD_COUNT] = {"think", "kivi", "mikv"};
+static const char *MOD_KEYS[MOD_COUNT] = {"prune, recent", "bits, group, resid", "low, balance"};
 
 const char *kv_method_name(enum kv_method m) {
     return (unsigned)m < KV_METHOD_COUNT ? METHOD_NAMES[m] : "?";
@@ -31,6 +40,9 @@ const char *kv_spec_help(void) {
            "          h2o:budget=512,recent=0.5\n"
            "          snapkv:ratio=0.25,window=32,kernel=7,pool=max\n"
            "          tova:ratio=0.1+alloc=adakv\n"
+           "          d2o:ratio=0.2      kvmerger:budget=512      snapkv:ratio=0.25+merge=kvmerger\n"
+           "          snapkv:ratio=0.25+think:prune=0.4+kivi:bits=4\n"
+           "          h2o:ratio=0.2+mikv:low=2      full+kivi:bits=2\n"
            "\n"
            "methods (scorers; entries that lose are evicted and their memory freed):\n"
            "  full       keep everything (default; bit-identical to no policy)\n"
@@ -45,13 +57,43 @@ const char *kv_spec_help(void) {
            "             `kernel` (7) neighbouring entries with `pool`=max|avg; the window is kept\n"
            "  knorm      keys with the smallest L2 norm are kept (kvpress Knorm)\n"
            "  random     uniform random scores (baseline); seed=N\n"
+           "merging methods (entries that lose are folded into kept ones; an entry's weight counts\n"
+           "the tokens it stands for):\n"
+           "  d2o        D2O: H2O scores + sinks, layer budgets from attention variance (alloc=d2o;\n"
+           "             layers 0, 1 and L-1 uncompressed unless skip=0), evicted entries merged\n"
+           "             into their most similar kept key when the cosine clears an EMA threshold\n"
+           "             (alpha=0.5, beta_ema=0.5; thr=X fixes it); recent=0.5 of the budget kept\n"
+           "  ems        EMS: global (per observer) + local (last `window` queries) importance,\n"
+           "             head-adaptive budgets (alloc=adakv), losers merged into the most similar\n"
+           "             kept centre when cosine >= thr (0.5), else evicted (the zero class)\n"
+           "  kvmerger   KVMerger: runs of adjacent keys with cosine >= thr (0.75) merged into\n"
+           "             their highest-attention pivot with Gaussian-kernel weights, then H2O\n"
+           "             eviction to the budget; recent=0.1, sinks=4\n"
+           "  elastic    Elastic Cache: layer-shared importance anchors; every other entry is\n"
+           "             merged (mean) into the anchor nearest in position; while decoding, the\n"
+           "             entry at slot (compressed prompt + distance) (-25) is evicted; sinks=1\n"
+           "  merge=none|d2o|ems|kvmerger|elastic  the merge action with any scorer\n"
+           "  thr=X      similarity threshold of the merge (cosine; 2 merges nothing)\n"
+           "  wattn=1    attention adds log(weight) to a merged entry's logit (off: as the papers)\n"
+           "\n"
+           "storage parts (older entries held in fewer bytes; combine with every method):\n"
+           "  think:prune=0.4,recent=32   ThinK: per KV head, the key channels with the lowest\n"
+           "             query-weighted energy are dropped and the rest stored packed (kept\n"
+           "             channels rounded up to a multiple of 8); the newest `recent` prompt\n"
+           "             entries and generated tokens stay full width\n"
+           "  kivi:bits=4,group=32,resid=128   KIVI: keys quantized per channel over groups of\n"
+           "             `group` tokens, values per token, 2/4/8 bits; the newest resid..resid+group\n"
+           "             entries stay fp16; attention reads the codes directly\n"
+           "  mikv:low=2,balance=1   MiKV: entries the method would evict are kept at `low` bits\n"
+           "             (per token, with the outlier channel balancer) instead; the budget counts\n"
+           "             the entries kept in fp16. mikv:ratio=0.2 alone means h2o:ratio=0.2+mikv\n"
            "\n"
            "budget (one of, required except for full and streaming with window=):\n"
            "  budget=N   entries per KV head and layer\n"
            "  ratio=R    fraction of the tokens seen so far, 0 < R <= 1\n"
            "  mem=B      bytes of KV for the whole sequence (suffix K, M, G allowed)\n"
            "shared options:\n"
-           "  alloc=uniform|pyramid|adakv  how the budget splits across layers/heads (uniform);\n"
+           "  alloc=uniform|pyramid|adakv|d2o  how the budget splits across layers/heads (uniform);\n"
            "             pyramid (PyramidKV): linear from (2-1/beta)x the mean at layer 0 down to\n"
            "             1/beta x at the top, beta=20; adakv: top entries across the heads of a\n"
            "             layer, each head keeping at least floor (0.2) of its uniform share\n"
@@ -102,13 +144,11 @@ static bool parse_bytes(const char *v, uint64_t *out) {
     return true;
 }
 
-static bool key_allowed(enum kv_method m, const char *key) {
-    char list[128];
-    snprintf(list, sizeof list, "%s, %s", SHARED_KEYS, METHOD_KEYS[m]);
+static bool in_list(const char *list, const char *key) {
     size_t kl = strlen(key);
-    for (char *p = list; *p;) {
+    for (const char *p = list; *p;) {
         while (*p == ' ' || *p == ',') p++;
-        char *e = p;
+        const char *e = p;
         while (*e && *e != ',') e++;
         if ((size_t)(e - p) == kl && strncmp(p, key, kl) == 0) return true;
         p = e;
@@ -116,21 +156,57 @@ static bool key_allowed(enum kv_method m, const char *key) {
     return false;
 }
 
-/* apply one key=value to the spec; returns false with the error set */
-static enum kvs_status set_key(const char *spec, struct kv_spec *s, const char *key,
+/* the keys accepted in one part: a storage part takes its own keys only; the method part and
+ * trailing KEY=VALUE parts take the shared keys and the method's */
+static void accepted(enum kv_method m, int mod, char *out, size_t n) {
+    if (mod != MOD_NONE) snprintf(out, n, "%s", MOD_KEYS[mod]);
+    else snprintf(out, n, "%s%s%s", SHARED_KEYS, METHOD_KEYS[m][0] ? ", " : "", METHOD_KEYS[m]);
+}
+
+static enum kvs_status set_mod_key(const char *spec, struct kv_spec *s, int mod, const char *key,
+                                   const char *val) {
+    double x;
+    bool ok = true;
+    if (mod == MOD_THINK && !strcmp(key, "prune")) {
+        ok = parse_num(val, 0.0, 0.95, &x);
+        s->think_prune = (float)x;
+    } else if (mod == MOD_THINK && !strcmp(key, "recent")) {
+        ok = parse_int(val, 0, 1 << 20, &s->think_recent);
+    } else if (mod == MOD_KIVI && !strcmp(key, "bits")) {
+        ok = parse_int(val, 2, 8, &s->kivi_bits) && (s->kivi_bits == 2 || s->kivi_bits == 4 || s->kivi_bits == 8);
+        if (!ok) return bad(spec, "kivi bits must be 2, 4 or 8 (got '%s')%s", val, "");
+    } else if (mod == MOD_KIVI && !strcmp(key, "group")) {
+        ok = parse_int(val, 8, 256, &s->kivi_group) && s->kivi_group % 8 == 0;
+        if (!ok) return bad(spec, "kivi group must be a multiple of 8 in [8, 256] (got '%s')%s", val, "");
+    } else if (mod == MOD_KIVI && !strcmp(key, "resid")) {
+        ok = parse_int(val, 0, 1 << 20, &s->kivi_resid);
+    } else if (mod == MOD_MIKV && !strcmp(key, "low")) {
+        ok = parse_int(val, 2, 8, &s->mikv_low) && (s->mikv_low == 2 || s->mikv_low == 4 || s->mikv_low == 8);
+        if (!ok) return bad(spec, "mikv low must be 2, 4 or 8 bits (got '%s')%s", val, "");
+    } else if (mod == MOD_MIKV && !strcmp(key, "balance")) {
+        int32_t b;
+        ok = parse_int(val, 0, 1, &b);
+        s->mikv_balance = b != 0;
+    }
+    if (!ok) return bad(spec, "bad value '%s' for '%s'", val, key);
+    return KVS_OK;
+}
+
+/* apply one key=value to the spec */
+static enum kvs_status set_key(const char *spec, struct kv_spec *s, int mod, const char *key,
                                const char *val) {
     double x;
-    if (s->method == KV_FULL)
-        return bad(spec, "'full' takes no options (got '%s=%s')", key, val);
-    if (!key_allowed(s->method, key)) {
-        char acc[160];
-        snprintf(acc, sizeof acc, "%s%s%s", SHARED_KEYS, METHOD_KEYS[s->method][0] ? ", " : "",
-                 METHOD_KEYS[s->method]);
-        char msg[240];
+    char acc[256];
+    accepted(s->method, mod, acc, sizeof acc);
+    if (!in_list(acc, key)) {
+        char msg[320];
         snprintf(msg, sizeof msg, "unknown key '%s' for %s (accepted: %s)", key,
-                 kv_method_name(s->method), acc);
+                 mod != MOD_NONE ? MOD_NAMES[mod] : kv_method_name(s->method),
+                 acc[0] ? acc : "none");
         return kvs_fail(KVS_ERR_INVALID_ARG, "invalid --kv '%s': %s", spec, msg);
     }
+    if (mod != MOD_NONE) return set_mod_key(spec, s, mod, key, val);
+    s->has_opts = true;
     bool ok = true;
     if (!strcmp(key, "budget")) ok = parse_int(val, 1, 1 << 24, &s->budget);
     else if (!strcmp(key, "ratio")) {
@@ -141,7 +217,8 @@ static enum kvs_status set_key(const char *spec, struct kv_spec *s, const char *
         if (!strcmp(val, "uniform")) s->alloc = KV_ALLOC_UNIFORM;
         else if (!strcmp(val, "pyramid")) s->alloc = KV_ALLOC_PYRAMID;
         else if (!strcmp(val, "adakv")) s->alloc = KV_ALLOC_ADAKV;
-        else return bad(spec, "alloc must be uniform, pyramid or adakv (got '%s')%s", val, "");
+        else if (!strcmp(val, "d2o")) s->alloc = KV_ALLOC_D2O;
+        else return bad(spec, "alloc must be uniform, pyramid, adakv or d2o (got '%s')%s", val, "");
     } else if (!strcmp(key, "beta")) {
         ok = parse_num(val, 1.0, 1000.0, &x);
         s->pyramid_beta = (float)x;
@@ -157,6 +234,28 @@ static enum kvs_status set_key(const char *spec, struct kv_spec *s, const char *
         else if (!strcmp(val, "prefill")) s->when = KV_WHEN_PREFILL;
         else return bad(spec, "when must be chunk or prefill (got '%s')%s", val, "");
     } else if (!strcmp(key, "every")) ok = parse_int(val, 0, 1 << 20, &s->every);
+    else if (!strcmp(key, "merge")) {
+        if (!strcmp(val, "none")) s->merge = KV_MERGE_NONE;
+        else if (!strcmp(val, "d2o")) s->merge = KV_MERGE_D2O;
+        else if (!strcmp(val, "ems")) s->merge = KV_MERGE_EMS;
+        else if (!strcmp(val, "kvmerger")) s->merge = KV_MERGE_KVMERGER;
+        else if (!strcmp(val, "elastic")) s->merge = KV_MERGE_ELASTIC;
+        else return bad(spec, "merge must be none, d2o, ems, kvmerger or elastic (got '%s')%s", val, "");
+    } else if (!strcmp(key, "thr")) {
+        ok = parse_num(val, -1.0, 2.0, &x);
+        s->thr = (float)x;
+    } else if (!strcmp(key, "wattn") || !strcmp(key, "skip")) {
+        int32_t b;
+        ok = parse_int(val, 0, 1, &b);
+        if (key[0] == 'w') s->wattn = b != 0;
+        else s->skip_layers = b != 0;
+    } else if (!strcmp(key, "alpha")) {
+        ok = parse_num(val, 0.0, 1.0, &x);
+        s->d2o_alpha = (float)x;
+    } else if (!strcmp(key, "beta_ema")) {
+        ok = parse_num(val, 0.0, 1.0, &x);
+        s->d2o_beta = (float)x;
+    } else if (!strcmp(key, "distance")) ok = parse_int(val, -(1 << 20), 1 << 20, &s->distance);
     else if (!strcmp(key, "sinks")) ok = parse_int(val, 0, 1 << 20, &s->sinks);
     else if (!strcmp(key, "window")) {
         ok = parse_int(val, s->method == KV_STREAMING ? 1 : 0, 1 << 20, s->method == KV_STREAMING ? &s->window : &s->obs_window);
@@ -185,6 +284,25 @@ static enum kvs_status set_key(const char *spec, struct kv_spec *s, const char *
     return KVS_OK;
 }
 
+/* the defaults a method brings (set when the method is read, so that its keys override them) */
+static void method_defaults(struct kv_spec *s) {
+    switch (s->method) {
+    case KV_D2O: /* d2o_0.2 = heavy 0.1 + recent 0.1: half of the budget recent */
+        s->merge = KV_MERGE_D2O, s->alloc = KV_ALLOC_D2O, s->skip_layers = true;
+        break;
+    case KV_EMS: s->merge = KV_MERGE_EMS, s->alloc = KV_ALLOC_ADAKV, s->obs_window = 32; break;
+    case KV_KVMERGER: s->merge = KV_MERGE_KVMERGER, s->recent = 0.1f; break;
+    case KV_ELASTIC: s->merge = KV_MERGE_ELASTIC, s->sinks = 1; break;
+    default: break;
+    }
+}
+
+static int find_name(const char *name, const char **names, int n) {
+    for (int i = 0; i < n; i++)
+        if (!strcmp(name, names[i])) return i;
+    return -1;
+}
+
 enum kvs_status kv_spec_parse(const char *spec, struct kv_spec *s) {
     memset(s, 0, sizeof *s);
     s->method = KV_FULL;
@@ -199,6 +317,14 @@ enum kvs_status kv_spec_parse(const char *spec, struct kv_spec *s) {
     s->pool = KV_POOL_MAX;
     s->seed = 1;
     s->reindex = true; /* only streaming reads it */
+    s->thr = NAN;
+    s->d2o_alpha = 0.5f;
+    s->d2o_beta = 0.5f;
+    s->distance = -25;
+    s->think_recent = 32;
+    s->kivi_group = 32;
+    s->kivi_resid = 128;
+    s->mikv_balance = true;
     if (!spec || !*spec) spec = "full";
     char buf[512];
     if (strlen(spec) >= sizeof buf) return kvs_fail(KVS_ERR_INVALID_ARG, "--kv spec is too long");
@@ -208,40 +334,68 @@ enum kvs_status kv_spec_parse(const char *spec, struct kv_spec *s) {
         spec[0] == '+' || strchr(",+:", spec[len - 1]))
         return bad(spec, "empty part or option%s%s", "", "");
     char *save_part = NULL;
-    bool first = true;
+    bool first = true, seen_mod[MOD_COUNT] = {false};
     for (char *part = strtok_r(buf, "+", &save_part); part; part = strtok_r(NULL, "+", &save_part)) {
         char *colon = strchr(part, ':');
         char *eq = strchr(part, '=');
         char *opts = NULL;
-        if (first) {
+        int mod = MOD_NONE;
+        if (colon || !eq) { /* NAME or NAME:opts */
             if (colon) *colon = 0, opts = colon + 1;
-            else if (eq) return bad(spec, "it must start with a method name (%s%s)",
-                                    "full, streaming, h2o, tova, snapkv, knorm, random", "");
-            int m = -1;
-            for (int i = 0; i < KV_METHOD_COUNT; i++)
-                if (!strcmp(part, METHOD_NAMES[i])) m = i;
-            if (m < 0) return bad(spec, "unknown method '%s' (accepted: %s)", part,
-                                  "full, streaming, h2o, tova, snapkv, knorm, random");
-            s->method = (enum kv_method)m;
-            first = false;
+            mod = find_name(part, MOD_NAMES, MOD_COUNT);
+            if (first && mod < 0) {
+                int m = find_name(part, METHOD_NAMES, KV_METHOD_COUNT);
+                if (m < 0) return bad(spec, "unknown method '%s' (accepted: %s, or a storage part "
+                                      "think, kivi, mikv)", part, METHOD_LIST);
+                s->method = (enum kv_method)m;
+                method_defaults(s);
+            } else if (mod < 0) {
+                return bad(spec, "'%s' is neither a storage part (think, kivi, mikv) nor a "
+                           "KEY=VALUE option%s", part, "");
+            } else {
+                if (seen_mod[mod]) return bad(spec, "'%s' is given twice%s", MOD_NAMES[mod], "");
+                seen_mod[mod] = true;
+                if (mod == MOD_THINK) s->think_prune = 0.4f;
+                if (mod == MOD_KIVI) s->kivi_bits = 4;
+                if (mod == MOD_MIKV) s->mikv_low = 2;
+                /* `mikv:ratio=0.2` alone: H2O decides which entries stay in high precision */
+                if (first && mod == MOD_MIKV) s->method = KV_H2O;
+            }
+        } else if (first) {
+            return bad(spec, "it must start with a method name (%s%s)", METHOD_LIST, "");
         } else {
-            if (colon || !eq) return bad(spec, "'%s' is not a KEY=VALUE option%s", part, "");
             opts = part;
         }
+        first = false;
         if (!opts) continue;
         char *save_kv = NULL;
         for (char *kv = strtok_r(opts, ",", &save_kv); kv; kv = strtok_r(NULL, ",", &save_kv)) {
             char *e = strchr(kv, '=');
             if (!e || e == kv || !e[1]) return bad(spec, "'%s' is not KEY=VALUE%s", kv, "");
             *e = 0;
-            enum kvs_status st = set_key(spec, s, kv, e + 1);
+            int use = mod;
+            /* mikv as the first part takes h2o's keys too */
+            if (mod == MOD_MIKV && s->method == KV_H2O && !in_list(MOD_KEYS[MOD_MIKV], kv)) use = MOD_NONE;
+            if (use == MOD_NONE && s->method == KV_FULL && !seen_mod[MOD_MIKV])
+                return bad(spec, "'full' takes no options (got '%s=%s')", kv, e + 1);
+            enum kvs_status st = set_key(spec, s, use, kv, e + 1);
             if (st != KVS_OK) return st;
         }
     }
     if (first) return bad(spec, "empty spec%s%s", "", "");
     if (s->method != KV_STREAMING) s->reindex = false;
+    bool storage = s->think_prune > 0 || s->kivi_bits || s->mikv_low;
+    if (s->kivi_bits && s->mikv_low)
+        return bad(spec, "kivi and mikv both set the precision of older entries; give one%s%s", "", "");
+    if (s->kivi_bits && s->kivi_resid % s->kivi_group)
+        return bad(spec, "kivi resid must be a multiple of group%s%s", "", "");
+    if (s->reindex && (storage || s->merge))
+        return bad(spec, "streaming with pos=cache re-rotates keys, which %s entries cannot be; "
+                   "give pos=abs%s", storage ? "packed or quantized" : "merged", "");
     if (s->method == KV_FULL) {
-        snprintf(s->text, sizeof s->text, "full");
+        if (s->mikv_low) return bad(spec, "mikv needs a method that ranks entries, e.g. "
+                                    "h2o:ratio=0.2+mikv:low=2%s%s", "", "");
+        snprintf(s->text, sizeof s->text, "%s", storage ? spec : "full");
         return KVS_OK;
     }
     int n_budget = (s->budget > 0) + (s->ratio > 0) + (s->mem_bytes > 0);
@@ -255,6 +409,8 @@ enum kvs_status kv_spec_parse(const char *spec, struct kv_spec *s) {
         return bad(spec, "streaming: sinks + window must equal budget%s%s", "", "");
     if (s->obs_window < 0) s->obs_window = s->method == KV_SNAPKV ? 32 : 0;
     if (s->method == KV_TOVA && s->obs_window == 0) s->obs_window = 1;
+    if (isnan(s->thr))
+        s->thr = s->merge == KV_MERGE_KVMERGER ? 0.75f : s->merge == KV_MERGE_EMS ? 0.5f : NAN;
     snprintf(s->text, sizeof s->text, "%s", spec);
     return KVS_OK;
 }

@@ -16,8 +16,10 @@
 #include "base.h"
 
 enum kv_method { KV_FULL, KV_STREAMING, KV_H2O, KV_TOVA, KV_SNAPKV, KV_KNORM, KV_RANDOM,
-                 KV_METHOD_COUNT };
-enum kv_alloc { KV_ALLOC_UNIFORM, KV_ALLOC_PYRAMID, KV_ALLOC_ADAKV };
+                 KV_D2O, KV_EMS, KV_KVMERGER, KV_ELASTIC, KV_METHOD_COUNT };
+/* what happens to entries that lose (the action): evicted, or folded into a kept entry */
+enum kv_merge { KV_MERGE_NONE, KV_MERGE_D2O, KV_MERGE_EMS, KV_MERGE_KVMERGER, KV_MERGE_ELASTIC };
+enum kv_alloc { KV_ALLOC_UNIFORM, KV_ALLOC_PYRAMID, KV_ALLOC_ADAKV, KV_ALLOC_D2O };
 enum kv_pool { KV_POOL_MAX, KV_POOL_AVG, KV_POOL_NONE };
 enum kv_agg { KV_AGG_MEAN, KV_AGG_MAX };
 
@@ -46,6 +48,22 @@ struct kv_spec {
     int32_t kernel;          /* snapkv: pooling kernel (7) */
     enum kv_pool pool;       /* snapkv: pooling (max) */
     uint64_t seed;           /* random */
+    /* merging (d2o, ems, kvmerger, elastic, or merge= with any scorer) */
+    enum kv_merge merge;
+    float thr;               /* similarity threshold; NAN = the method's default (d2o: EMA) */
+    float d2o_alpha, d2o_beta; /* d2o: EMA of the threshold, tau <- alpha tau + beta mean(u) */
+    bool skip_layers;        /* d2o: layers 0, 1 and L-1 are never compressed (paper) */
+    int32_t distance;        /* elastic: decode eviction slot relative to the compressed prompt */
+    bool has_opts;           /* a shared or method option was given (parser use) */
+    bool wattn;              /* attention adds log(weight) to a merged entry's logit */
+    /* storage of older entries (DESIGN.md §2: precisions and channel masks) */
+    float think_prune;       /* think: fraction of key channels pruned per head (0 = off) */
+    int32_t think_recent;    /* think: newest prompt entries kept full width (32) */
+    int32_t kivi_bits;       /* kivi: 2, 4 or 8 (0 = off) */
+    int32_t kivi_group;      /* kivi: tokens per key group (32) */
+    int32_t kivi_resid;      /* kivi: newest entries kept fp16 (128, a multiple of group) */
+    int32_t mikv_low;        /* mikv: bits of demoted entries, 2, 4 or 8 (0 = off) */
+    bool mikv_balance;       /* mikv: outlier channel balancer (1) */
     char text[256];          /* the normalised spec, for reports */
 };
 

@@ -1,0 +1,85 @@
+/* kv_attn.c — see kv_attn.h. */
+#include "kv_attn.h"
+#include "base.h"
+#include "ops.h"
+
+#include <string.h>
+
+size_t kv_attn_scratch_floats(int g, int hd) {
+    /* gathered queries (g, hd), one block's scores (g, KVQ_MAX_GROUP=256), packed outputs (g, hd) */
+    return (size_t)g * ((size_t)hd * 2 + 256);
+}
+
+/* the query rows on the stored key channels, divided by the balancer */
+static void gather_q(const struct kv_view_head *vh, int hd, const float *Q, int g, float *Qk) {
+    int kd = vh->fmt->kd;
+    for (int qi = 0; qi < g; qi++)
+        for (int c = 0; c < kd; c++) {
+            int ch = vh->ch ? vh->ch[c] : c;
+            float q = Q[(size_t)qi * hd + ch];
+            Qk[(size_t)qi * kd + c] = vh->bal ? q / vh->bal[ch] : q;
+        }
+}
+
+void kv_attn_scores(const struct kv_view_head *vh, int hd, const float *Q, int g, int32_t from,
+                    int32_t to, float sc, float *S, int lds, float *scratch) {
+    int32_t nc = vh->nc;
+    if (from < nc) {
+        const struct kv_packed_fmt *f = vh->fmt;
+        int32_t end = to < nc ? to : nc, kd = f->kd;
+        float *Qk = scratch, *T = scratch + (size_t)g * hd;
+        gather_q(vh, hd, Q, g, Qk);
+        if (f->kfmt == KV_K_F16) {
+            ops_attn_scores(Qk, g, (const uint16_t *)vh->ck + (size_t)from * kd, end - from, kd, sc, S, lds);
+        } else if (f->kfmt == KV_K_TOK) {
+            ops_qattn_tok_scores(Qk, g, kd, vh->ck + (size_t)from * f->kstride, f->kstride,
+                                 vh->cks + from, vh->ckm + from, end - from, f->kbits, sc, S, lds);
+        } else {
+            int32_t b0 = 0;
+            size_t bb = (size_t)kd * f->kstride;
+            for (int32_t b = 0; b < vh->nblk && b0 < end; b0 += vh->blk_n[b], b++) {
+                int32_t nt = vh->blk_n[b];
+                if (b0 + nt <= from) continue;
+                const uint8_t *codes = vh->ck + (size_t)b * bb;
+                const float *bs = vh->cks + (size_t)b * kd, *bm = vh->ckm + (size_t)b * kd;
+                if (b0 >= from && b0 + nt <= end) {
+                    ops_qattn_blk_scores(Qk, g, kd, codes, f->kstride, bs, bm, nt, f->kbits, sc,
+                                         S + (b0 - from), lds);
+                } else { /* a block cut by the range: score it whole aside, copy the part */
+                    ops_qattn_blk_scores(Qk, g, kd, codes, f->kstride, bs, bm, nt, f->kbits, sc, T, 256);
+                    int32_t lo = from > b0 ? from : b0, hi = end < b0 + nt ? end : b0 + nt;
+                    for (int qi = 0; qi < g; qi++)
+                        memcpy(S + (size_t)qi * lds + (lo - from), T + (size_t)qi * 256 + (lo - b0),
+                               sizeof(float) * (size_t)(hi - lo));
+                }
+            }
+        }
+    }
+    if (to > nc) {
+        int32_t lo = from > nc ? from : nc;
+        ops_attn_scores(Q, g, vh->k + (size_t)(lo - nc) * hd, to - lo, hd, sc, S + (lo - from), lds);
+    }
+}
+
+void kv_attn_accum(const struct kv_view_head *vh, int hd, const float *P, int g, int32_t from,
+                   int32_t to, int lds, float *O, float *scratch) {
+    int32_t nc = vh->nc;
+    if (to > nc) {
+        int32_t lo = from > nc ? from : nc;
+        ops_attn_accum(P + (lo - from), g, to - lo, lds, vh->v + (size_t)(lo - nc) * hd, hd, O);
+    } else {
+        memset(O, 0, sizeof(float) * (size_t)g * hd);
+    }
+    if (from < nc) {
+        const struct kv_packed_fmt *f = vh->fmt;
+        int32_t end = to < nc ? to : nc;
+        if (f->vfmt == KV_V_TOK) {
+            ops_qattn_tok_accum(P, g, end - from, lds, vh->cv + (size_t)from * f->vstride,
+                                f->vstride, vh->cvs + from, vh->cvm + from, hd, f->vbits, O);
+        } else {
+            float *T = scratch + (size_t)g * hd;
+            ops_attn_accum(P, g, end - from, lds, (const uint16_t *)vh->cv + (size_t)from * hd, hd, T);
+            for (size_t i = 0; i < (size_t)g * hd; i++) O[i] += T[i];
+        }
+    }
+}
