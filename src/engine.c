@@ -81,7 +81,7 @@ enum kvs_status kvs_context_new(kvs_model *m, const struct kvs_context_params *p
     c->p = p;
     c->spec = spec;
     c->p.kv_spec = c->spec.text;
-    if (hp->head_dim > 256 && (spec.think_prune > 0 || spec.kivi_bits || spec.mikv_low)) {
+    if (hp->head_dim > 256 && (spec.think || spec.kivi_bits || spec.mikv_low)) {
         free(c);
         return kvs_fail(KVS_ERR_UNSUPPORTED, "packed KV storage supports head_dim <= 256 (model has %d)",
                         hp->head_dim);

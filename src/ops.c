@@ -11,6 +11,8 @@ void (*ops_attn_scores)(const float *, int, const uint16_t *, int, int, float, f
 void (*ops_softmax_partial)(float *, int, int, int, float *, float *) = ops_softmax_partial_ref;
 void (*ops_attn_accum)(const float *, int, int, int, const uint16_t *, int,
                        float *) = ops_attn_accum_ref;
+void (*ops_attn_accum_add)(const float *, int, int, int, const uint16_t *, int,
+                           float *) = ops_attn_accum_add_ref;
 void (*ops_qattn_blk_scores)(const float *, int, int, const uint8_t *, size_t, const float *,
                              const float *, int, int, float, float *,
                              int) = ops_qattn_blk_scores_ref;
@@ -27,6 +29,7 @@ void ops_init(void) {
     ops_attn_scores = fast ? ops_attn_scores_avx2 : ops_attn_scores_ref;
     ops_softmax_partial = fast ? ops_softmax_partial_avx2 : ops_softmax_partial_ref;
     ops_attn_accum = fast ? ops_attn_accum_avx2 : ops_attn_accum_ref;
+    ops_attn_accum_add = fast ? ops_attn_accum_add_avx2 : ops_attn_accum_add_ref;
     ops_qattn_blk_scores = fast ? ops_qattn_blk_scores_avx2 : ops_qattn_blk_scores_ref;
     ops_qattn_tok_scores = fast ? ops_qattn_tok_scores_avx2 : ops_qattn_tok_scores_ref;
     ops_qattn_tok_accum = fast ? ops_qattn_tok_accum_avx2 : ops_qattn_tok_accum_ref;
@@ -92,6 +95,11 @@ void ops_softmax_partial_ref(float *S, int g, int n, int lds, float *m, float *l
 void ops_attn_accum_ref(const float *P, int g, int n, int lds, const uint16_t *V, int hd,
                         float *O) {
     memset(O, 0, sizeof(float) * (size_t)g * hd);
+    ops_attn_accum_add_ref(P, g, n, lds, V, hd, O);
+}
+
+void ops_attn_accum_add_ref(const float *P, int g, int n, int lds, const uint16_t *V, int hd,
+                            float *O) {
     for (int j = 0; j < n; j++)
         for (int qi = 0; qi < g; qi++) {
             float p = P[qi * lds + j];

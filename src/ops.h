@@ -40,6 +40,12 @@ void ops_attn_scores_ref(const float *Q, int g, const uint16_t *K, int n, int hd
 void ops_softmax_partial_ref(float *S, int g, int n, int lds, float *m, float *l);
 void ops_attn_accum_ref(const float *P, int g, int n, int lds, const uint16_t *V, int hd,
                         float *O);
+extern void (*ops_attn_accum_add)(const float *P, int g, int n, int lds, const uint16_t *V,
+                                  int hd, float *O);
+void ops_attn_accum_add_ref(const float *P, int g, int n, int lds, const uint16_t *V, int hd,
+                            float *O);
+void ops_attn_accum_add_avx2(const float *P, int g, int n, int lds, const uint16_t *V, int hd,
+                             float *O);
 
 /* AVX2 versions (ops_avx2.c); only called when the CPU supports them. */
 void ops_attn_scores_avx2(const float *Q, int g, const uint16_t *K, int n, int hd, float scale,

@@ -122,13 +122,13 @@ void ops_softmax_partial_avx2(float *S, int g, int n, int lds, float *m, float *
 
 /* O[qi] = sum_j P[qi][j] V[j]: values converted 8 rows at a time into an L1 block, then each
  * output chunk of 8 floats is loaded once, takes 8 FMAs (one per row) and is stored once. */
-void ops_attn_accum_avx2(const float *P, int g, int n, int lds, const uint16_t *V, int hd,
-                         float *O) {
+static void accum(const float *P, int g, int n, int lds, const uint16_t *V, int hd, float *O,
+                  bool add) {
     if (hd % 8 != 0 || hd > 256) {
-        ops_attn_accum_ref(P, g, n, lds, V, hd, O);
+        (add ? ops_attn_accum_add_ref : ops_attn_accum_ref)(P, g, n, lds, V, hd, O);
         return;
     }
-    memset(O, 0, sizeof(float) * (size_t)g * hd);
+    if (!add) memset(O, 0, sizeof(float) * (size_t)g * hd);
     float vb[8 * 256] __attribute__((aligned(32)));
     int j = 0;
     for (; j + 8 <= n; j += 8) {
@@ -163,4 +163,14 @@ void ops_attn_accum_avx2(const float *P, int g, int n, int lds, const uint16_t *
                 _mm256_storeu_ps(o + d, _mm256_fmadd_ps(p, load_f16x8(v + d), _mm256_loadu_ps(o + d)));
         }
     }
+}
+
+void ops_attn_accum_avx2(const float *P, int g, int n, int lds, const uint16_t *V, int hd,
+                         float *O) {
+    accum(P, g, n, lds, V, hd, O, false);
+}
+
+void ops_attn_accum_add_avx2(const float *P, int g, int n, int lds, const uint16_t *V, int hd,
+                             float *O) {
+    accum(P, g, n, lds, V, hd, O, true);
 }

@@ -340,7 +340,10 @@ static void test_identity_and_bounds(void) {
     const char *same[] = {"streaming:budget=4096", "h2o:budget=4096", "tova:budget=4096",
                           "snapkv:budget=4096", "knorm:budget=4096", "random:budget=4096",
                           "h2o:ratio=1", "snapkv:budget=4096+alloc=adakv",
-                          "tova:budget=4096+alloc=pyramid+beta=1", "knorm:mem=1G"};
+                          "tova:budget=4096+alloc=pyramid+beta=1", "knorm:mem=1G",
+                          "d2o:budget=4096", "ems:budget=4096", "kvmerger:budget=4096",
+                          "elastic:budget=4096", "h2o:budget=4096+mikv:low=2",
+                          "snapkv:budget=4096+merge=kvmerger"};
     for (size_t i = 0; i < sizeof same / sizeof same[0]; i++) {
         float *l = run_logits(m, same[i], toks, n, 16, mi.n_vocab, NULL);
         CHECKF(l && ref && memcmp(l, ref, nl * sizeof(float)) == 0,

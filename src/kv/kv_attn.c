@@ -63,23 +63,20 @@ void kv_attn_scores(const struct kv_view_head *vh, int hd, const float *Q, int g
 
 void kv_attn_accum(const struct kv_view_head *vh, int hd, const float *P, int g, int32_t from,
                    int32_t to, int lds, float *O, float *scratch) {
-    int32_t nc = vh->nc;
+    (void)scratch;
+    int32_t nc = vh->nc, end = to < nc ? to : nc;
+    const struct kv_packed_fmt *f = vh->fmt;
+    /* packed entries first, then the hot ones added in order: with fp16 packed values the sum
+     * is the same, bit for bit, as over one contiguous run */
+    if (from < nc && f->vfmt == KV_V_F16)
+        ops_attn_accum(P, g, end - from, lds, (const uint16_t *)vh->cv + (size_t)from * hd, hd, O);
+    else
+        memset(O, 0, sizeof(float) * (size_t)g * hd);
+    if (from < nc && f->vfmt == KV_V_TOK)
+        ops_qattn_tok_accum(P, g, end - from, lds, vh->cv + (size_t)from * f->vstride,
+                            f->vstride, vh->cvs + from, vh->cvm + from, hd, f->vbits, O);
     if (to > nc) {
         int32_t lo = from > nc ? from : nc;
-        ops_attn_accum(P + (lo - from), g, to - lo, lds, vh->v + (size_t)(lo - nc) * hd, hd, O);
-    } else {
-        memset(O, 0, sizeof(float) * (size_t)g * hd);
-    }
-    if (from < nc) {
-        const struct kv_packed_fmt *f = vh->fmt;
-        int32_t end = to < nc ? to : nc;
-        if (f->vfmt == KV_V_TOK) {
-            ops_qattn_tok_accum(P, g, end - from, lds, vh->cv + (size_t)from * f->vstride,
-                                f->vstride, vh->cvs + from, vh->cvm + from, hd, f->vbits, O);
-        } else {
-            float *T = scratch + (size_t)g * hd;
-            ops_attn_accum(P, g, end - from, lds, (const uint16_t *)vh->cv + (size_t)from * hd, hd, T);
-            for (size_t i = 0; i < (size_t)g * hd; i++) O[i] += T[i];
-        }
+        ops_attn_accum_add(P + (lo - from), g, to - lo, lds, vh->v + (size_t)(lo - nc) * hd, hd, O);
     }
 }

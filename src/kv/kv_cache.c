@@ -750,7 +750,7 @@ bool kv_seq_check(const struct kv_seq *s) {
 
 void kv_pack_cfg_from_spec(const struct kv_spec *sp, int hd, struct kv_pack_cfg *o) {
     memset(o, 0, sizeof *o);
-    o->think = sp->think_prune > 0;
+    o->think = sp->think;
     o->kivi = sp->kivi_bits > 0;
     o->mikv = sp->mikv_low > 0;
     o->on = o->think || o->kivi || o->mikv;

@@ -207,6 +207,11 @@ enum kvs_status kvs_seq_save(kvs_context *c, const kvs_sequence *s, const char *
     const int L = kc->n_layer, H = kc->n_head_kv, hd = kc->head_dim, qwin = kc->qwin;
     const size_t qsz = (size_t)kc->n_head * hd;
     const bool acc = kc->with_acc;
+    for (int i = 0; i < L * H; i++)
+        if (ks->h[i].nc)
+            return kvs_fail(KVS_ERR_UNSUPPORTED, "%s: the cache holds packed entries (think, "
+                            "kivi or mikv storage), which the cache file format does not store "
+                            "yet; save it under a spec without storage parts", path);
 
     uint64_t size = KV_FILE_HEADER_BYTES + 8;
     for (int i = 0; i < L * H; i++) size += 4 + (uint64_t)ks->h[i].n * entry_file_bytes(hd, acc);
@@ -538,6 +543,7 @@ enum kvs_status kvs_seq_load(kvs_context *c, kvs_sequence *s, const char *path) 
                     c->spec.text);
         kv_seq_free(s->kv);
         s->kv = ns;
+        kv_seq_set_pack(ns, &c->pack); /* later entries pack as this context's spec says */
         s->n_past = rd_i32(map + KV_FILE_OFF_N_PAST);
         s->pos_shift = rd_i32(map + KV_FILE_OFF_POS_SHIFT);
     }

@@ -40,14 +40,14 @@ static const struct kv_scorer_i *scorer_for(enum kv_method m) {
 unsigned kv_policy_needs(const struct kv_spec *spec) {
     const struct kv_scorer_i *sc = scorer_for(spec->method);
     unsigned n = sc ? sc->needs : 0;
-    if (spec->think_prune > 0 || spec->mikv_low) n |= KV_NEED_QUERIES; /* pack.c's window */
+    if (spec->think || spec->mikv_low) n |= KV_NEED_QUERIES; /* pack.c's window */
     return n;
 }
 
 int kv_policy_qwin(const struct kv_spec *spec) {
     if (!(kv_policy_needs(spec) & KV_NEED_QUERIES)) return 0;
     int w = spec->obs_window > 0 ? spec->obs_window : 1;
-    if ((spec->think_prune > 0 || spec->mikv_low) && w < 32) w = 32;
+    if ((spec->think || spec->mikv_low) && w < 32) w = 32;
     return w;
 }
 

@@ -355,7 +355,7 @@ enum kvs_status kv_spec_parse(const char *spec, struct kv_spec *s) {
             } else {
                 if (seen_mod[mod]) return bad(spec, "'%s' is given twice%s", MOD_NAMES[mod], "");
                 seen_mod[mod] = true;
-                if (mod == MOD_THINK) s->think_prune = 0.4f;
+                if (mod == MOD_THINK) s->think = true, s->think_prune = 0.4f;
                 if (mod == MOD_KIVI) s->kivi_bits = 4;
                 if (mod == MOD_MIKV) s->mikv_low = 2;
                 /* `mikv:ratio=0.2` alone: H2O decides which entries stay in high precision */
@@ -384,7 +384,7 @@ enum kvs_status kv_spec_parse(const char *spec, struct kv_spec *s) {
     }
     if (first) return bad(spec, "empty spec%s%s", "", "");
     if (s->method != KV_STREAMING) s->reindex = false;
-    bool storage = s->think_prune > 0 || s->kivi_bits || s->mikv_low;
+    bool storage = s->think || s->kivi_bits || s->mikv_low;
     if (s->kivi_bits && s->mikv_low)
         return bad(spec, "kivi and mikv both set the precision of older entries; give one%s%s", "", "");
     if (s->kivi_bits && s->kivi_resid % s->kivi_group)

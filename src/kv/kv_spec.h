@@ -57,7 +57,8 @@ struct kv_spec {
     bool has_opts;           /* a shared or method option was given (parser use) */
     bool wattn;              /* attention adds log(weight) to a merged entry's logit */
     /* storage of older entries (DESIGN.md §2: precisions and channel masks) */
-    float think_prune;       /* think: fraction of key channels pruned per head (0 = off) */
+    bool think;              /* think part given (prune=0 packs all channels: the identity case) */
+    float think_prune;       /* think: fraction of key channels pruned per head */
     int32_t think_recent;    /* think: newest prompt entries kept full width (32) */
     int32_t kivi_bits;       /* kivi: 2, 4 or 8 (0 = off) */
     int32_t kivi_group;      /* kivi: tokens per key group (32) */
