@@ -1,0 +1,274 @@
+/* test_qattn.c — the fused low-bit attention kernels (ops_qattn_*): each scalar reference against
+ * a plain dequantize-then-dot computed here with kv_quant.h (in double), and the AVX2 versions
+ * against the references (skipped, not failed, without AVX2), for 2/4/8-bit codes, awkward
+ * token counts (tails, zero), byte strides above the minimum and unaligned rows. Buffers are
+ * allocated to the exact byte the kernels may read, so ASan catches any over-read; S padding
+ * beyond n must stay untouched, P padding holds NaN (must not be read), O must be added to.
+ * Budget: |error| <= 1e-5 of the sum of absolute terms. */
+#include "base.h"
+#include "kv/kv_quant.h"
+#include "ops.h"
+#include "testutil.h"
+
+#include <stdint.h>
+
+static const int BITS[] = {2, 4, 8};
+static const int GS[] = {1, 3, 8, 20};
+static const int DS[] = {8, 40, 64, 128, 256};
+static const int NS[] = {0, 1, 7, 8, 31, 32, 33, 100};
+#define COUNT(a) ((int)(sizeof(a) / sizeof((a)[0])))
+
+static const double TOL = 1e-5;
+static double worst_ref, worst_avx2; /* largest error / budget scale seen */
+
+static int rand_int(int n) { return (int)(tu_rand_u64() % (unsigned long long)n); }
+
+/* codes for `rows` rows of `row_bytes` bytes each, `stride` apart, starting at a random odd
+ * offset inside the allocation; the allocation ends exactly at the last byte of the last row */
+typedef struct {
+    uint8_t *base, *codes;
+} Codes;
+
+static Codes make_codes(int rows, size_t row_bytes, size_t stride) {
+    size_t off = 1 + (size_t)rand_int(31);
+    size_t bytes = rows > 0 ? (size_t)(rows - 1) * stride + row_bytes : 0;
+    Codes c;
+    c.base = malloc(off + bytes);
+    c.codes = c.base + off;
+    for (size_t i = 0; i < off + bytes; i++) c.base[i] = (uint8_t)tu_rand_u64();
+    return c;
+}
+
+/* per-group (scale, min): every fifth scale 0 (a constant group), the rest in [0, 0.5) */
+static void make_scales(float *scale, float *min, int n) {
+    for (int i = 0; i < n; i++) {
+        scale[i] = rand_int(5) == 0 ? 0.0f : 0.25f * (tu_randf() + 1.0f);
+        min[i] = tu_randf();
+    }
+}
+
+/* exact-size float array (n may be 0) so that reading past n trips ASan */
+static float *falloc(int n) { return malloc(sizeof(float) * (size_t)(n > 0 ? n : 1)); }
+
+static void fill_nan(float *x, size_t n) {
+    for (size_t i = 0; i < n; i++) x[i] = NAN;
+}
+
+/* S rows of g x lds: entries t < n against want (double) with per-entry budget, padding NaN */
+static int check_scores(const char *what, const float *S, const double *want, const double *mag,
+                        int g, int n, int lds, double *worst) {
+    int bad = 0;
+    for (int qi = 0; qi < g; qi++) {
+        for (int t = 0; t < n; t++) {
+            double e = fabs((double)S[qi * lds + t] - want[qi * n + t]);
+            double r = e / (mag[qi * n + t] + 1e-30);
+            if (r > *worst || r != r) *worst = r != r ? INFINITY : r;
+            if (!(e <= TOL * mag[qi * n + t] + 1e-30)) {
+                if (!bad)
+                    fprintf(stderr, "%s: S[%d][%d] = %.9g, want %.9g (budget %g)\n", what, qi, t,
+                            S[qi * lds + t], want[qi * n + t], TOL * mag[qi * n + t]);
+                bad++;
+            }
+        }
+        for (int t = n; t < lds; t++)
+            if (!isnan(S[qi * lds + t])) {
+                if (!bad) fprintf(stderr, "%s: padding S[%d][%d] written\n", what, qi, t);
+                bad++;
+            }
+    }
+    return bad;
+}
+
+static void test_blk_scores(int bits, int g, int kd, int nt, bool avx2) {
+    size_t rb = kvq_code_bytes(bits, nt), cstride = rb + 1 + (size_t)rand_int(13);
+    Codes cd = make_codes(kd, rb, cstride);
+    float *Q = falloc(g * kd), *scale = falloc(kd), *min = falloc(kd);
+    for (int i = 0; i < g * kd; i++) Q[i] = 2.0f * tu_randf();
+    make_scales(scale, min, kd);
+    int lds = nt + 1 + rand_int(9);
+    float sc = 0.125f;
+    float *S = falloc(g * lds);
+    double *want = malloc(sizeof(double) * (size_t)(g * nt + 1));
+    double *mag = malloc(sizeof(double) * (size_t)(g * nt + 1));
+    /* independent: dequantize each channel, then dot in double */
+    float *xh = falloc(kd * nt);
+    for (int c = 0; c < kd; c++)
+        kvq_dequant_group(cd.codes + (size_t)c * cstride, nt, bits, scale[c], min[c], xh + c * nt);
+    for (int qi = 0; qi < g; qi++)
+        for (int t = 0; t < nt; t++) {
+            double w = 0, m = 0;
+            for (int c = 0; c < kd; c++) {
+                double q = Q[qi * kd + c];
+                w += q * xh[c * nt + t];
+                m += fabs(q * scale[c] * kvq_code(cd.codes + (size_t)c * cstride, bits, t)) +
+                     fabs(q * min[c]);
+            }
+            want[qi * nt + t] = sc * w;
+            mag[qi * nt + t] = sc * m;
+        }
+    char what[96];
+    snprintf(what, sizeof what, "blk_scores_ref b%d g%d kd%d nt%d", bits, g, kd, nt);
+    fill_nan(S, (size_t)g * lds);
+    ops_qattn_blk_scores_ref(Q, g, kd, cd.codes, cstride, scale, min, nt, bits, sc, S, lds);
+    CHECKF(check_scores(what, S, want, mag, g, nt, lds, &worst_ref) == 0, "%s", what);
+    if (avx2) {
+        /* the reference's own output is the target now */
+        for (int qi = 0; qi < g; qi++)
+            for (int t = 0; t < nt; t++) want[qi * nt + t] = S[qi * lds + t];
+        fill_nan(S, (size_t)g * lds);
+        ops_qattn_blk_scores_avx2(Q, g, kd, cd.codes, cstride, scale, min, nt, bits, sc, S, lds);
+        snprintf(what, sizeof what, "blk_scores_avx2 b%d g%d kd%d nt%d", bits, g, kd, nt);
+        CHECKF(check_scores(what, S, want, mag, g, nt, lds, &worst_avx2) == 0, "%s", what);
+    }
+    free(cd.base), free(Q), free(scale), free(min), free(S), free(want), free(mag), free(xh);
+}
+
+static void test_tok_scores(int bits, int g, int kd, int n, bool avx2) {
+    size_t rb = kvq_code_bytes(bits, kd), rstride = rb + 1 + (size_t)rand_int(13);
+    Codes cd = make_codes(n, rb, rstride);
+    float *Q = falloc(g * kd), *scale = falloc(n), *min = falloc(n);
+    for (int i = 0; i < g * kd; i++) Q[i] = 2.0f * tu_randf();
+    make_scales(scale, min, n);
+    int lds = n + 1 + rand_int(9);
+    float sc = 0.0883883f;
+    float *S = falloc(g * lds), *xh = falloc(kd);
+    double *want = malloc(sizeof(double) * (size_t)(g * n + 1));
+    double *mag = malloc(sizeof(double) * (size_t)(g * n + 1));
+    for (int t = 0; t < n; t++) {
+        const uint8_t *row = cd.codes + (size_t)t * rstride;
+        kvq_dequant_group(row, kd, bits, scale[t], min[t], xh);
+        for (int qi = 0; qi < g; qi++) {
+            double w = 0, m = 0;
+            for (int c = 0; c < kd; c++) {
+                double q = Q[qi * kd + c];
+                w += q * xh[c];
+                m += fabs(q * scale[t] * kvq_code(row, bits, c)) + fabs(q * min[t]);
+            }
+            want[qi * n + t] = sc * w;
+            mag[qi * n + t] = sc * m;
+        }
+    }
+    char what[96];
+    snprintf(what, sizeof what, "tok_scores_ref b%d g%d kd%d n%d", bits, g, kd, n);
+    fill_nan(S, (size_t)g * lds);
+    ops_qattn_tok_scores_ref(Q, g, kd, cd.codes, rstride, scale, min, n, bits, sc, S, lds);
+    CHECKF(check_scores(what, S, want, mag, g, n, lds, &worst_ref) == 0, "%s", what);
+    if (avx2) {
+        for (int qi = 0; qi < g; qi++)
+            for (int t = 0; t < n; t++) want[qi * n + t] = S[qi * lds + t];
+        fill_nan(S, (size_t)g * lds);
+        ops_qattn_tok_scores_avx2(Q, g, kd, cd.codes, rstride, scale, min, n, bits, sc, S, lds);
+        snprintf(what, sizeof what, "tok_scores_avx2 b%d g%d kd%d n%d", bits, g, kd, n);
+        CHECKF(check_scores(what, S, want, mag, g, n, lds, &worst_avx2) == 0, "%s", what);
+    }
+    free(cd.base), free(Q), free(scale), free(min), free(S), free(want), free(mag), free(xh);
+}
+
+static int check_accum(const char *what, const float *O, const double *want, const double *mag,
+                       int len, double *worst) {
+    int bad = 0;
+    for (int i = 0; i < len; i++) {
+        double e = fabs((double)O[i] - want[i]);
+        double r = e / (mag[i] + 1e-30);
+        if (r > *worst || r != r) *worst = r != r ? INFINITY : r;
+        if (!(e <= TOL * mag[i] + 1e-30)) {
+            if (!bad)
+                fprintf(stderr, "%s: O[%d] = %.9g, want %.9g (budget %g)\n", what, i, O[i],
+                        want[i], TOL * mag[i]);
+            bad++;
+        }
+    }
+    return bad;
+}
+
+static void test_tok_accum(int bits, int g, int hd, int n, bool avx2) {
+    size_t rb = kvq_code_bytes(bits, hd), rstride = rb + 1 + (size_t)rand_int(13);
+    Codes cd = make_codes(n, rb, rstride);
+    float *scale = falloc(n), *min = falloc(n);
+    make_scales(scale, min, n);
+    int lds = n + 1 + rand_int(9);
+    /* P is a probability-like row per query; its padding is NaN and must not be used */
+    float *P = falloc(g * lds);
+    fill_nan(P, (size_t)g * lds);
+    for (int qi = 0; qi < g; qi++)
+        for (int t = 0; t < n; t++) P[qi * lds + t] = 0.5f * (tu_randf() + 1.0f);
+    /* O starts non-zero: the kernels add to it */
+    float *O0 = falloc(g * hd), *O = falloc(g * hd), *xh = falloc(hd);
+    for (int i = 0; i < g * hd; i++) O0[i] = 4.0f * tu_randf();
+    double *want = malloc(sizeof(double) * (size_t)(g * hd));
+    double *mag = malloc(sizeof(double) * (size_t)(g * hd));
+    for (int i = 0; i < g * hd; i++) want[i] = O0[i], mag[i] = fabs(O0[i]);
+    for (int t = 0; t < n; t++) {
+        const uint8_t *row = cd.codes + (size_t)t * rstride;
+        kvq_dequant_group(row, hd, bits, scale[t], min[t], xh);
+        for (int qi = 0; qi < g; qi++) {
+            double p = P[qi * lds + t];
+            for (int c = 0; c < hd; c++) {
+                want[qi * hd + c] += p * xh[c];
+                mag[qi * hd + c] += fabs(p * scale[t] * kvq_code(row, bits, c)) + fabs(p * min[t]);
+            }
+        }
+    }
+    char what[96];
+    snprintf(what, sizeof what, "tok_accum_ref b%d g%d hd%d n%d", bits, g, hd, n);
+    memcpy(O, O0, sizeof(float) * (size_t)(g * hd));
+    ops_qattn_tok_accum_ref(P, g, n, lds, cd.codes, rstride, scale, min, hd, bits, O);
+    CHECKF(check_accum(what, O, want, mag, g * hd, &worst_ref) == 0, "%s", what);
+    if (n == 0) CHECK(memcmp(O, O0, sizeof(float) * (size_t)(g * hd)) == 0);
+    if (avx2) {
+        for (int i = 0; i < g * hd; i++) want[i] = O[i];
+        memcpy(O, O0, sizeof(float) * (size_t)(g * hd));
+        ops_qattn_tok_accum_avx2(P, g, n, lds, cd.codes, rstride, scale, min, hd, bits, O);
+        snprintf(what, sizeof what, "tok_accum_avx2 b%d g%d hd%d n%d", bits, g, hd, n);
+        CHECKF(check_accum(what, O, want, mag, g * hd, &worst_avx2) == 0, "%s", what);
+        if (n == 0) CHECK(memcmp(O, O0, sizeof(float) * (size_t)(g * hd)) == 0);
+    }
+    free(cd.base), free(scale), free(min), free(P), free(O0), free(O), free(xh), free(want),
+        free(mag);
+}
+
+/* The contract's own words on one tiny case computed by hand: 2-bit, one channel/row. */
+static void test_by_hand(void) {
+    /* codes 0..3 then 3,2,1,0 for 8 tokens: bytes 0b11100100, 0b00011011 */
+    const uint8_t codes[2] = {0xE4, 0x1B};
+    const float q[1] = {2.0f}, scale[1] = {0.5f}, min[1] = {-1.0f};
+    float S[8];
+    ops_qattn_blk_scores_ref(q, 1, 1, codes, 2, scale, min, 8, 2, 0.5f, S, 8);
+    const float want[8] = {-1.0f, -0.5f, 0.0f, 0.5f, 0.5f, 0.0f, -0.5f, -1.0f};
+    CHECK(memcmp(S, want, sizeof S) == 0);
+}
+
+int main(void) {
+    ops_init();
+    bool avx2 = kvs_cpu_has_avx2();
+    if (avx2) {
+        CHECK(ops_qattn_blk_scores == ops_qattn_blk_scores_avx2);
+        CHECK(ops_qattn_tok_scores == ops_qattn_tok_scores_avx2);
+        CHECK(ops_qattn_tok_accum == ops_qattn_tok_accum_avx2);
+    } else {
+        fprintf(stderr, "test_qattn: no AVX2, checking the references only\n");
+    }
+    ops_force_ref(true);
+    CHECK(ops_qattn_blk_scores == ops_qattn_blk_scores_ref);
+    CHECK(ops_qattn_tok_scores == ops_qattn_tok_scores_ref);
+    CHECK(ops_qattn_tok_accum == ops_qattn_tok_accum_ref);
+    ops_force_ref(false);
+    test_by_hand();
+    for (int b = 0; b < COUNT(BITS); b++)
+        for (int gi = 0; gi < COUNT(GS); gi++)
+            for (int d = 0; d < COUNT(DS); d++)
+                for (int k = 0; k < COUNT(NS); k++) {
+                    test_blk_scores(BITS[b], GS[gi], DS[d], NS[k], avx2);
+                    test_tok_scores(BITS[b], GS[gi], DS[d], NS[k], avx2);
+                    test_tok_accum(BITS[b], GS[gi], DS[d], NS[k], avx2);
+                }
+    /* a long KIVI block and many rows: several tiles, query blocks of 16 and 6 */
+    for (int b = 0; b < COUNT(BITS); b++) {
+        test_blk_scores(BITS[b], 64, 64, 257, avx2);
+        test_tok_scores(BITS[b], 64, 128, 301, avx2);
+        test_tok_accum(BITS[b], 64, 128, 301, avx2);
+    }
+    fprintf(stderr, "test_qattn: worst error / budget scale: ref %.3g, avx2 %.3g (limit %g)%s\n",
+            worst_ref, worst_avx2, TOL, avx2 ? "" : " (avx2 skipped)");
+    return tu_finish("test_qattn");
+}
