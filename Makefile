@@ -68,8 +68,14 @@ check:
 	$(MAKE) models data
 	KVS_SANITIZE=1 tests/run.sh build/asan
 
+# one JSON line per run: the default bench (full cache at 128, 2048 and 8000 tokens), then
+# each KV storage configuration decoding at 8000 tokens (bytes per cached token measured beside
+# the theoretical figure, tok/s beside the bandwidth bound)
+BENCH_KV ?= full+kivi:bits=8 full+kivi:bits=4 full+kivi:bits=2 full+think:prune=0.4 \
+            full+think:prune=0.4+kivi:bits=4 full+think:prune=0.4+kivi:bits=2
 bench: all models
 	$(BUILD)/kvsieve bench --json
+	@for kv in $(BENCH_KV); do $(BUILD)/kvsieve bench --json -q --contexts 8000 --kv $$kv || exit 1; done
 
 # The evaluation harness's default grid on SmolLM2 (results/sweep: results.jsonl, report.md,
 # plots/); rerunning resumes. eval-large: the Qwen2.5-1.5B grid (hours).

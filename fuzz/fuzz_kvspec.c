@@ -29,7 +29,11 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
     struct kv_spec b;
     if (kv_spec_parse(a.text, &b) != KVS_OK) abort();
     if (b.method != a.method || b.budget != a.budget || b.ratio != a.ratio ||
-        b.mem_bytes != a.mem_bytes || b.when != a.when || b.alloc != a.alloc)
+        b.mem_bytes != a.mem_bytes || b.when != a.when || b.alloc != a.alloc ||
+        b.merge != a.merge || b.think != a.think || b.kivi_bits != a.kivi_bits ||
+        b.mikv_low != a.mikv_low || b.kivi_resid != a.kivi_resid)
         abort();
+    /* storage parts are consistent: one precision scheme, the residual in whole groups */
+    if ((a.kivi_bits && a.mikv_low) || (a.kivi_bits && a.kivi_resid % a.kivi_group)) abort();
     return 0;
 }

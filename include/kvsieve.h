@@ -181,6 +181,10 @@ void kvs_context_mem(const kvs_context *c, struct kvs_mem_stats *ms);
  * capacity rounding included; statistic slots and saved queries are not counted (they depend on
  * the context's policy, not on what the sequence keeps). */
 uint64_t kvs_seq_kv_bytes(const kvs_sequence *s);
+/* Bytes per token a cache under `kv_spec` holds once its storage parts have packed an entry
+ * (all layers and KV heads; payload, scales, positions and weights; KIVI block metadata spread
+ * over its tokens): the theoretical figure beside kvs_seq_kv_bytes / tokens. -1 on a bad spec. */
+double kvs_kv_bytes_per_token(const kvs_model *m, const char *kv_spec);
 
 /* ---- sampling ----------------------------------------------------------------------------- */
 

@@ -316,3 +316,12 @@ enum kvs_status kvs_seq_compress(kvs_context *c, kvs_sequence *s, const char *kv
 }
 
 uint64_t kvs_seq_kv_bytes(const kvs_sequence *s) { return kv_seq_payload_bytes(s->kv); }
+
+double kvs_kv_bytes_per_token(const kvs_model *m, const char *kv_spec) {
+    struct kv_spec spec;
+    if (kv_spec_parse(kv_spec ? kv_spec : "", &spec) != KVS_OK) return -1;
+    const struct hparams *hp = &m->hp;
+    struct kv_pack_cfg pc;
+    kv_pack_cfg_from_spec(&spec, hp->head_dim, &pc);
+    return (double)hp->n_layer * hp->n_head_kv * kv_pack_entry_bytes(&pc, hp->head_dim);
+}

@@ -676,7 +676,8 @@ static int cmd_bench(const struct opts *o) {
     /* decode at increasing contexts in one sequence */
     kvs_seq_reset(c, s);
     double dec_tps[8], dec_bound[8];
-    uint64_t dec_kv[8];
+    uint64_t dec_kv[8], dec_payload[8];
+    int dec_held[8];
     for (int i = 0; i < n_ctxs; i++) {
         int at = kvs_seq_n_past(s);
         if (ctxs[i] > at) {
@@ -701,6 +702,8 @@ static int cmd_bench(const struct opts *o) {
         struct kvs_mem_stats held;
         kvs_context_mem(c, &held);
         dec_kv[i] = held.kv_bytes;
+        dec_payload[i] = kvs_seq_kv_bytes(s);
+        dec_held[i] = kvs_seq_n_past(s);
         if (!o->quiet) fprintf(stderr, "bench: decode at %d: %.1f tok/s\n", ctxs[i], dec_tps[i]);
     }
     /* peak RSS of the engine itself, read before the bandwidth probe allocates its buffer */
@@ -727,13 +730,15 @@ static int cmd_bench(const struct opts *o) {
                o->bench_prompt / (pf_ms / 1e3));
         for (int i = 0; i < n_ctxs; i++)
             printf("%s{\"context\":%d,\"steps\":%d,\"tok_s\":%.2f,\"kv_bytes\":%llu,\"bytes_per_token\":%llu,"
-                   "\"bound_tok_s\":%.2f,\"fraction_of_bound\":%.3f}", i ? "," : "", ctxs[i],
+                   "\"bound_tok_s\":%.2f,\"fraction_of_bound\":%.3f,\"kv_payload_bytes\":%llu,"
+                   "\"kv_bytes_per_cached_token\":%.1f}", i ? "," : "", ctxs[i],
                    o->bench_decode, dec_tps[i], (unsigned long long)dec_kv[i],
                    (unsigned long long)(mi.weight_bytes + dec_kv[i]),
-                   dec_bound[i], dec_tps[i] / dec_bound[i]);
-        printf("],\"kv_bytes\":%llu,\"kv_bytes_peak\":%llu,\"scratch_bytes\":%llu,"
+                   dec_bound[i], dec_tps[i] / dec_bound[i], (unsigned long long)dec_payload[i],
+                   (double)dec_payload[i] / dec_held[i]);
+        printf("],\"kv_bytes_per_token_theory\":%.1f,\"kv_bytes\":%llu,\"kv_bytes_peak\":%llu,\"scratch_bytes\":%llu,"
                "\"peak_rss_bytes\":%ld,\"logits_hash\":\"%016llx\"}\n",
-               (unsigned long long)mem.kv_bytes, (unsigned long long)mem.kv_bytes_peak,
+               kvs_kv_bytes_per_token(m, o->kv), (unsigned long long)mem.kv_bytes, (unsigned long long)mem.kv_bytes_peak,
                (unsigned long long)mem.scratch_bytes, rss,
                (unsigned long long)logit_hash);
     } else {
@@ -742,8 +747,10 @@ static int cmd_bench(const struct opts *o) {
         printf("prefill %d tokens: %.1f tok/s (%.0f ms)\n", o->bench_prompt,
                o->bench_prompt / (pf_ms / 1e3), pf_ms);
         for (int i = 0; i < n_ctxs; i++)
-            printf("decode at %5d: %7.1f tok/s   bound %7.1f tok/s (%.0f%%)\n", ctxs[i],
-                   dec_tps[i], dec_bound[i], 100 * dec_tps[i] / dec_bound[i]);
+            printf("decode at %5d: %7.1f tok/s   bound %7.1f tok/s (%.0f%%)   KV %.0f B/token\n",
+                   ctxs[i], dec_tps[i], dec_bound[i], 100 * dec_tps[i] / dec_bound[i],
+                   (double)dec_payload[i] / dec_held[i]);
+        printf("KV bytes per token in this storage (theory): %.0f\n", kvs_kv_bytes_per_token(m, o->kv));
         printf("KV peak %.1f MiB, scratch %.1f MiB, peak RSS %.1f MiB, logits hash %016llx\n",
                mem.kv_bytes_peak / 1048576.0, mem.scratch_bytes / 1048576.0,
                rss / 1048576.0, (unsigned long long)logit_hash);

@@ -327,7 +327,9 @@ enum kvs_status kv_spec_parse(const char *spec, struct kv_spec *s) {
     s->mikv_balance = true;
     if (!spec || !*spec) spec = "full";
     char buf[512];
-    if (strlen(spec) >= sizeof buf) return kvs_fail(KVS_ERR_INVALID_ARG, "--kv spec is too long");
+    if (strlen(spec) >= sizeof s->text)
+        return kvs_fail(KVS_ERR_INVALID_ARG, "--kv spec is too long (at most %zu characters)",
+                        sizeof s->text - 1);
     strcpy(buf, spec);
     size_t len = strlen(spec);
     if (strstr(spec, ",,") || strstr(spec, "++") || strstr(spec, ":,") || strstr(spec, "+:") ||

@@ -153,36 +153,51 @@ static uint16_t *head_keys(const struct kv_seq *s, int il, int ih, float *norm) 
 }
 
 /* For every entry e with is_src[e]: its most similar target (cosine) among entries with
- * is_tgt[]; best[e] (u) and arg[e] (-1 if no target). */
+ * is_tgt[]; best[e] (u) and arg[e] (-1 if no target). Keys are normalised to unit length
+ * first, so one fp16 dot-product pass over the targets gives the cosines. */
 static void best_match(const uint16_t *K, const float *norm, int32_t n, int hd, const uint8_t *is_src,
                        const uint8_t *is_tgt, float *best, int32_t *arg) {
     enum { B = 32 };
-    float *Q = malloc(sizeof(float) * B * hd), *S = malloc(sizeof(float) * B * (size_t)(n > 0 ? (uint32_t)n : 1u));
+    int32_t nt = 0;
+    for (int32_t c = 0; c < n; c++) nt += is_tgt[c] != 0;
+    size_t ntz = (size_t)(nt > 0 ? nt : 1);
+    uint16_t *T = malloc(ntz * (size_t)hd * 2);
+    int32_t *tid = malloc(sizeof(int32_t) * ntz);
+    float *Q = malloc(sizeof(float) * B * (size_t)hd), *S = malloc(sizeof(float) * B * ntz);
+    float *x = malloc(sizeof(float) * (size_t)hd);
     int32_t idx[B];
-    KVS_ASSERT(Q && S);
+    KVS_ASSERT(T && tid && Q && S && x);
+    for (int32_t c = 0, i = 0; c < n; c++) {
+        if (!is_tgt[c]) continue;
+        quant_f16_to_f32_row(K + (size_t)c * hd, x, hd);
+        float inv = norm[c] > 0 ? 1.0f / norm[c] : 0.0f;
+        for (int d = 0; d < hd; d++) x[d] *= inv;
+        quant_f32_to_f16_row(x, T + (size_t)i * hd, hd);
+        tid[i++] = c;
+    }
     for (int32_t e0 = 0; e0 < n;) {
         int nb = 0;
         for (; e0 < n && nb < B; e0++)
             if (is_src[e0]) {
                 quant_f16_to_f32_row(K + (size_t)e0 * hd, Q + (size_t)nb * hd, hd);
+                float inv = norm[e0] > 0 ? 1.0f / norm[e0] : 0.0f;
+                for (int d = 0; d < hd; d++) Q[(size_t)nb * hd + d] *= inv;
                 idx[nb++] = e0;
             }
         if (!nb) break;
-        ops_attn_scores(Q, nb, K, n, hd, 1.0f, S, n);
+        if (nt > 0) ops_attn_scores(Q, nb, T, nt, hd, 1.0f, S, nt);
         for (int b = 0; b < nb; b++) {
             int32_t e = idx[b], am = -1;
-            float bm = -INFINITY, ne = norm[e];
-            for (int32_t c = 0; c < n; c++) {
-                if (!is_tgt[c]) continue;
-                float den = ne * norm[c];
-                float u = den > 0 ? S[(size_t)b * n + c] / den : 0.0f;
-                if (u > bm) bm = u, am = c;
+            float bm = -INFINITY;
+            for (int32_t i = 0; i < nt; i++) {
+                float u = S[(size_t)b * nt + i];
+                if (u > bm) bm = u, am = tid[i];
             }
             best[e] = am >= 0 ? bm : -INFINITY;
             arg[e] = am;
         }
     }
-    free(Q), free(S);
+    free(T), free(tid), free(Q), free(S), free(x);
 }
 
 /* ---- the merge action after selection (d2o, ems, elastic) ---------------------------------- */
