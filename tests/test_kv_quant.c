@@ -5,6 +5,7 @@
  *  - extremes are exact (min and max of a group are representable);
  *  - fused key scores and value accumulation equal dequantize-then-compute (to float rounding).
  * No model needed. */
+#include "ops.h"
 #include "testutil.h"
 #include "kv/kv_quant.h"
 
@@ -75,7 +76,7 @@ static void test_fused(int bits) {
     float ks[HD], km[HD], vs, vm;
     for (int i = 0; i < G * HD; i++) k[i] = gauss() * (i % HD == 5 ? 8.0f : 1.0f); /* an outlier channel */
     for (int i = 0; i < HD; i++) q[i] = gauss(), v[i] = gauss();
-    kvq_quant_keys(k, G, HD, bits, kc, ks, km);
+    kvq_quant_keys(k, G, HD, bits, kvq_code_bytes(bits, G), kc, ks, km);
     /* dequantize channel by channel, then plain dot products */
     size_t cb = kvq_code_bytes(bits, G);
     for (int c = 0; c < HD; c++) {
@@ -88,7 +89,7 @@ static void test_fused(int bits) {
         for (int c = 0; c < HD; c++) s += (double)q[c] * kh[t * HD + c];
         ref[t] = (float)s;
     }
-    kvq_key_scores(q, kc, ks, km, G, HD, bits, got);
+    ops_qattn_blk_scores_ref(q, 1, HD, kc, cb, ks, km, G, bits, 1.0f, got, G);
     for (int t = 0; t < G; t++)
         CHECKF(fabsf(got[t] - ref[t]) <= 1e-4f * (fabsf(ref[t]) + 1), "b=%d t=%d: %g vs %g", bits,
                t, got[t], ref[t]);
@@ -96,11 +97,13 @@ static void test_fused(int bits) {
     for (int t = 0; t < G; t++)
         for (int c = 0; c < HD; c++) CHECK(fabsf(kh[t * HD + c] - k[t * HD + c]) <= ks[c] * 0.5001f + 1e-6f);
     /* values */
-    kvq_quant_value(v, HD, bits, vc, &vs, &vm);
+    kvq_quant_group(v, HD, 1, bits, vc, &vs, &vm);
     kvq_dequant_group(vc, HD, bits, vs, vm, vh);
     float o1[HD] = {0}, o2[HD] = {0};
-    kvq_value_accum(0.3f, vc, vs, vm, HD, bits, o1);
-    kvq_value_accum(0.7f, vc, vs, vm, HD, bits, o1);
+    float p[2] = {0.3f, 0.7f}, sv[2] = {vs, vs}, mv[2] = {vm, vm};
+    uint8_t vc2[2 * HD];
+    memcpy(vc2, vc, kvq_code_bytes(bits, HD)), memcpy(vc2 + kvq_code_bytes(bits, HD), vc, kvq_code_bytes(bits, HD));
+    ops_qattn_tok_accum_ref(p, 1, 2, 2, vc2, kvq_code_bytes(bits, HD), sv, mv, HD, bits, o1);
     for (int c = 0; c < HD; c++) o2[c] = vh[c]; /* 0.3 + 0.7 = 1 */
     for (int c = 0; c < HD; c++) CHECK(fabsf(o1[c] - o2[c]) <= 1e-5f * (fabsf(o2[c]) + 1));
     CHECK(kvq_code_bytes(bits, G) * 8 == (size_t)G * bits);

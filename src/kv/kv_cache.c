@@ -499,12 +499,8 @@ static bool pack_oldest(struct kv_seq *s, struct kv_head_store *h, int32_t m) {
                     x[(size_t)t * f->kd + c] = quant_f16_to_f32(h->k[(size_t)(i0 + t) * hd + ch]);
                 }
             size_t kd = (size_t)f->kd;
-            uint8_t *base = h->ck + (size_t)b * kd * f->kstride;
-            for (size_t c = 0; c < kd; c++) {
-                memset(base + c * f->kstride, 0, f->kstride);
-                kvq_quant_group(x + c, nt, f->kd, f->kbits, base + c * f->kstride,
-                                &h->cks[(size_t)b * kd + c], &h->ckm[(size_t)b * kd + c]);
-            }
+            kvq_quant_keys(x, nt, f->kd, f->kbits, f->kstride, h->ck + (size_t)b * kd * f->kstride,
+                           h->cks + (size_t)b * kd, h->ckm + (size_t)b * kd);
             h->blk_n[b] = nt;
         }
         free(x);

@@ -1,4 +1,4 @@
-/* kv_quant.c — see kv_quant.h. Scalar code; the AVX2 variants will have to match it. */
+/* kv_quant.c — see kv_quant.h. */
 #include "kv_quant.h"
 
 #include <math.h>
@@ -36,33 +36,10 @@ void kvq_dequant_group(const uint8_t *codes, int n, int bits, float scale, float
     for (int i = 0; i < n; i++) out[i] = (float)kvq_code(codes, bits, i) * scale + min;
 }
 
-void kvq_quant_keys(const float *k, int G, int hd, int bits, uint8_t *codes, float *scale,
-                    float *min) {
-    size_t cb = kvq_code_bytes(bits, G);
-    for (int c = 0; c < hd; c++)
-        kvq_quant_group(k + c, G, hd, bits, codes + (size_t)c * cb, &scale[c], &min[c]);
-}
-
-void kvq_key_scores(const float *q, const uint8_t *codes, const float *scale, const float *min,
-                    int G, int hd, int bits, float *scores) {
-    size_t cb = kvq_code_bytes(bits, G);
-    float base = 0.0f;
-    for (int c = 0; c < hd; c++) base += q[c] * min[c];
-    for (int t = 0; t < G; t++) scores[t] = base;
-    for (int c = 0; c < hd; c++) {
-        float qs = q[c] * scale[c];
-        if (qs == 0.0f) continue;
-        const uint8_t *row = codes + (size_t)c * cb;
-        for (int t = 0; t < G; t++) scores[t] += qs * (float)kvq_code(row, bits, t);
+void kvq_quant_keys(const float *k, int nt, int kd, int bits, size_t cstride, uint8_t *codes,
+                    float *scale, float *min) {
+    for (int c = 0; c < kd; c++) {
+        memset(codes + (size_t)c * cstride, 0, cstride);
+        kvq_quant_group(k + c, nt, kd, bits, codes + (size_t)c * cstride, &scale[c], &min[c]);
     }
-}
-
-void kvq_quant_value(const float *v, int hd, int bits, uint8_t *codes, float *scale, float *min) {
-    kvq_quant_group(v, hd, 1, bits, codes, scale, min);
-}
-
-void kvq_value_accum(float p, const uint8_t *codes, float scale, float min, int hd, int bits,
-                     float *out) {
-    float ps = p * scale, pm = p * min;
-    for (int c = 0; c < hd; c++) out[c] += ps * (float)kvq_code(codes, bits, c) + pm;
 }

@@ -1,5 +1,4 @@
-/* kv_quant.h — KIVI-style low-bit KV payloads (issue 5, work in progress: not yet used by the
- * store or the attention kernels).
+/* kv_quant.h — KIVI-style low-bit KV payloads: the quantizer behind the store's packed entries.
  *
  * Quantizer (KIVI, Liu et al. 2024, arXiv 2402.02750; shared/methods/kivi-mikv.md): asymmetric
  * min-max per group, scale = (max - min) / (2^b - 1), code = round((x - min) / scale) clamped to
@@ -12,8 +11,8 @@
  *    (scale, min) per channel. This is what makes RoPE's outlier channels quantizable.
  *  - values per token: each token's head_dim values form one group: codes (head_dim) and one
  *    (scale, min) per token.
- * Fused reads (no dequantize-to-scratch of the cache): q·k̂ for the G keys of a block is
- *   Σ_c q_c (code_ct s_c + m_c) = Σ_c (q_c s_c) code_ct + Σ_c q_c m_c,
+ * Fused reads (no dequantize-to-scratch of the cache, ops_qattn_* in ops.h): q·k̂ for the keys
+ * of a block is Σ_c q_c (code_ct s_c + m_c) = Σ_c (q_c s_c) code_ct + Σ_c q_c m_c,
  * and Σ_t p_t v̂_t = Σ_t (p_t s_t) code_t + (Σ_t p_t m_t) 1.
  * Does not: decide which tokens are quantized (the residual window and MiKV's precision choice
  * belong to the store and the policy).
@@ -40,18 +39,11 @@ static inline int kvq_code(const uint8_t *codes, int bits, int i) {
 }
 void kvq_dequant_group(const uint8_t *codes, int n, int bits, float scale, float min, float *out);
 
-/* Keys, per channel: k is (G, hd) rows of G tokens; writes codes (hd groups of G codes, channel
- * c at codes + c * kvq_code_bytes(bits, G)), scale (hd) and min (hd). */
-void kvq_quant_keys(const float *k, int G, int hd, int bits, uint8_t *codes, float *scale,
-                    float *min);
-/* scores[t] = q · k̂_t for the G keys of a block (fused, no dequantized copy) */
-void kvq_key_scores(const float *q, const uint8_t *codes, const float *scale, const float *min,
-                    int G, int hd, int bits, float *scores);
-
-/* Values, per token: v is hd floats; codes (kvq_code_bytes(bits, hd)), one scale and min. */
-void kvq_quant_value(const float *v, int hd, int bits, uint8_t *codes, float *scale, float *min);
-/* out[c] += p * v̂[c] for one quantized value (fused) */
-void kvq_value_accum(float p, const uint8_t *codes, float scale, float min, int hd, int bits,
-                     float *out);
+/* Keys, per channel: k is (nt, kd) rows of nt <= KVQ_MAX_GROUP tokens; channel c's nt codes go
+ * to codes + c * cstride (cstride >= kvq_code_bytes(bits, nt)), with scale[c] and min[c]. The
+ * fused reads of this layout are ops_qattn_blk_scores (keys) and ops_qattn_tok_accum (values,
+ * one kvq_quant_group per token) in ops.h. */
+void kvq_quant_keys(const float *k, int nt, int kd, int bits, size_t cstride, uint8_t *codes,
+                    float *scale, float *min);
 
 #endif
