@@ -43,6 +43,14 @@ if [ -f "$model" ]; then
     check "bad kv key" 2 "unknown key 'kernel' for h2o" -- "$bin" run -m "$model" --kv h2o:budget=8,kernel=3 -p hi -n 1
     check "run compressed" 0 "Rayleigh" -- "$bin" run -m "$model" --kv snapkv:budget=64 -c 512 --chat --temp 0 -n 24 -q -p "Explain in two sentences why the sky is blue."
     check "help kv" 0 "snapkv" -- "$bin" --help kv
+    check "help kv storage" 0 "kivi:bits=4,group=32,resid=128" -- "$bin" --help kv
+    check "bad kivi bits" 2 "kivi bits must be 2, 4 or 8" -- "$bin" run -m "$model" --kv h2o:budget=8+kivi:bits=3 -p hi -n 1
+    check "bad storage key" 2 "unknown key 'bits' for think .accepted: prune, recent" -- "$bin" run -m "$model" --kv full+think:bits=2 -p hi -n 1
+    check "kivi and mikv" 2 "give one" -- "$bin" run -m "$model" --kv h2o:budget=8+kivi:bits=4+mikv:low=2 -p hi -n 1
+    check "run composed" 0 "Rayleigh|scatter" -- "$bin" run -m "$model" --kv snapkv:budget=96+think:prune=0.4+kivi:bits=4,resid=32 -c 512 --chat --temp 0 -n 24 -q -p "Explain in two sentences why the sky is blue."
+    check "ppl merging" 0 "perplexity [0-9.]+ over 511 predicted tokens" -- "$bin" ppl -m "$model" -f data/austen/emma.txt --tokens 512 --chunk 128 --kv d2o:budget=64
+    check "bench kivi json" 0 "" -- sh -c "'$bin' bench --json -q -m '$model' --kv full+kivi:bits=2,resid=32 --prompt 64 --contexts 300 --decode 4 | python3 -c 'import json,sys; d=json.load(sys.stdin); r=d[\"decode\"][0]; assert 0 < r[\"kv_bytes_per_cached_token\"] < 15000 and 5000 < d[\"kv_bytes_per_token_theory\"] < 6000, d'"
+    check "save packed refused" 1 "packed entries" -- "$bin" run -m "$model" --kv full+kivi:bits=4,resid=32 -n 0 -c 256 -p "$(printf 'word %.0s' $(seq 1 120))" --save-cache "$tmp/packed.kvc"
     check "run json" 0 "" -- sh -c "'$bin' run --json -m '$model' --temp 0 -n 8 -p 'Once upon a time' | python3 -c 'import json,sys; d=json.load(sys.stdin); assert d[\"generated_tokens\"]==8 and d[\"kv_bytes\"]>0, d'"
     printf 'It is a truth universally acknowledged, that a single man in possession of a good fortune, must be in want of a wife.\n' > "$tmp/text.txt"
     check "ppl json" 0 "" -- sh -c "'$bin' ppl --json -m '$model' -f '$tmp/text.txt' --chunk 7 | python3 -c 'import json,sys; d=json.load(sys.stdin); assert 1 < d[\"ppl\"] < 100, d'"
@@ -70,7 +78,7 @@ if [ -f "$model" ]; then
     check "eval bad method" 2 "unknown method 'bogus'" -- "$bin" eval sweep --methods full,bogus
     check "eval too short" 2 "too short for task niah_multiquery" -- "$bin" eval sweep -m "$model" --out "$tmp/ev0" --tasks niah_multiquery --lengths 300 --ppl-tokens 0
     check "eval export" 0 "" -- sh -c "'$bin' eval tasks -m '$model' --tasks niah_single_1,vt --lengths 1024 --samples 2 --out - | python3 -c 'import json,sys; r=[json.loads(l) for l in sys.stdin]; assert len(r)==4 and all(x[\"outputs\"] and x[\"prompt_context\"] for x in r), r'"
-    ev=(eval sweep -q -m "$model" --out "$tmp/ev" --methods full,snapkv,streaming --ratios 0.5,0.25 --budgets 128 --ppl-tokens 256 --tasks niah_single_1,vt --lengths 1024 --samples 1 --speed-tokens 2)
+    ev=(eval sweep -q -m "$model" --out "$tmp/ev" --methods full,snapkv,streaming+pos=abs+kivi:bits=4,resid=32 --ratios 0.5,0.25 --budgets 128 --ppl-tokens 256 --tasks niah_single_1,vt --lengths 1024 --samples 1 --speed-tokens 2)
     check "eval smoke sweep" 0 "" -- "$bin" "${ev[@]}"
     # ppl: full + 2 methods x 1 budget = 3; tasks: 2 prompts x (full + 2 methods x 2 ratios) x 2 modes = 20
     check "eval results" 0 "^23$" -- sh -c "wc -l < '$tmp/ev/results.jsonl'"

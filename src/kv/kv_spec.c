@@ -97,6 +97,7 @@ const char *kv_spec_help(void) {
            "             pyramid (PyramidKV): linear from (2-1/beta)x the mean at layer 0 down to\n"
            "             1/beta x at the top, beta=20; adakv: top entries across the heads of a\n"
            "             layer, each head keeping at least floor (0.2) of its uniform share\n"
+           "  skip=0|1   alloc=d2o: leave layers 0, 1 and L-1 uncompressed (1 for d2o)\n"
            "  agg=mean|max  how the query heads of a KV head (GQA) are combined (mean)\n"
            "  when=chunk|prefill  compress after every prefill chunk, layer by layer, so peak\n"
            "             memory stays within budget + one chunk of one layer (chunk, default); or\n"
