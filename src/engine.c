@@ -20,12 +20,9 @@ const char *kvs_kv_spec_help(void) { return kv_spec_help(); }
 /* Bytes of one entry of one head as a store made for this spec holds it (what a mem= budget
  * counts), whatever statistics the context keeps beyond the spec's (keep_stats). */
 static uint64_t spec_entry_bytes(const struct hparams *hp, const struct kv_spec *spec) {
-    struct kv_pack_cfg pc;
-    kv_pack_cfg_from_spec(spec, hp->head_dim, &pc);
-    /* packed storage: what a packed entry costs (MiKV: an fp16 one, the budget counts those) */
-    double b = pc.on && !pc.mikv ? kv_pack_entry_bytes(&pc, hp->head_dim)
-                                 : (double)kv_entry_payload_bytes(hp->head_dim);
-    return (uint64_t)ceil(b) + ((kv_policy_needs(spec) & KV_NEED_ACC) ? sizeof(float) : 0);
+    /* an fp16 entry; kv_policy_budget prices KIVI's packed entries itself */
+    return kv_entry_payload_bytes(hp->head_dim) +
+           ((kv_policy_needs(spec) & KV_NEED_ACC) ? sizeof(float) : 0);
 }
 
 static void *scratch(struct kvs_context *c, size_t bytes) {

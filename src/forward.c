@@ -264,7 +264,9 @@ static void compress_layer(struct kvs_context *c, kvs_sequence *s, int il, enum 
     bool prompt = phase == FWD_PREFILL_LAST || (phase == FWD_PREFILL && (sp->when & KV_WHEN_CHUNK));
     if (s->kv->pack.on && (prompt || phase == FWD_DECODE)) kv_pack_prepare(s->kv, il);
     int32_t slack = -1;
-    if (!c->policy) slack = -1;
+    /* a MiKV context's demotions need its storage: a sequence given another one (by
+     * kvs_seq_compress) is not planned by this context's policy */
+    if (!c->policy || (sp->mikv_low && !s->kv->pack.mikv)) slack = -1;
     else if (phase == FWD_DECODE) slack = sp->every > 0 ? sp->every : -1;
     else if (prompt) slack = 0;
     if (slack >= 0) {

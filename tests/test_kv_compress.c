@@ -311,6 +311,44 @@ static void test_packed_store(void) {
     kvs_context_free(c);
 }
 
+/* long decodes of combinations (merges into packed entries promote them to the hot run; MiKV
+ * with a method of its own decode rule; KIVI groups of 64), then the store's invariants */
+static void test_combinations(void) {
+    const char *specs[] = {"d2o:budget=48,every=4+think:prune=0.4",
+                           "ems:budget=48,every=4+think:prune=0.4,recent=8",
+                           "kvmerger:budget=48,every=4+kivi:bits=4,group=64,resid=64",
+                           "elastic:ratio=0.3,every=2+mikv:low=2",
+                           "h2o:budget=40,every=2+merge=ems+kivi:bits=2,resid=32",
+                           "snapkv:mem=1M+kivi:bits=4,resid=32"};
+    for (size_t i = 0; i < sizeof specs / sizeof specs[0]; i++) {
+        kvs_context *c = new_ctx(specs[i], 64, false);
+        if (!c) continue;
+        kvs_sequence *s;
+        kvs_seq_new(c, &s);
+        float *l = malloc(sizeof(float) * n_vocab);
+        CHECK(kvs_eval(c, s, toks, n_tok, false, l, NULL, NULL) == KVS_OK);
+        int bad = 0;
+        uint64_t most = 0;
+        for (int t = 0; t < 160; t++) {
+            int32_t tok = toks[t % n_tok];
+            if (kvs_eval(c, s, &tok, 1, false, l, NULL, NULL) != KVS_OK) bad++;
+            uint64_t b = kvs_seq_kv_bytes(s);
+            most = b > most ? b : most;
+        }
+        CHECKF(bad == 0 && kv_seq_check(s->kv), "%s: %d failed steps; %s", specs[i], bad, kvs_last_error());
+        struct kvs_mem_stats ms;
+        kvs_context_mem(c, &ms);
+        CHECK(ms.kv_bytes == kv_seq_bytes(s->kv));
+        if (strstr(specs[i], "mem=1M")) /* within the byte budget, bar capacity steps of 64 */
+            CHECKF(most <= (1u << 20) + (uint64_t)n_layer * n_kv * 64 * 264, "%s: %llu bytes",
+                   specs[i], (unsigned long long)most);
+        fprintf(stderr, "%-58s %d tokens, %llu KV bytes at most\n", specs[i], n_tok + 160,
+                (unsigned long long)most);
+        free(l);
+        kvs_context_free(c);
+    }
+}
+
 static void test_specs(void) {
     struct kv_spec s;
     CHECK(kv_spec_parse("snapkv:ratio=0.25+think:prune=0.4+kivi:bits=4", &s) == KVS_OK &&
@@ -324,6 +362,8 @@ static void test_specs(void) {
     CHECK(kv_spec_parse("full+kivi:bits=3", &s) == KVS_ERR_INVALID_ARG);
     CHECK(kv_spec_parse("full+kivi:group=12", &s) == KVS_ERR_INVALID_ARG);
     CHECK(kv_spec_parse("full+kivi:resid=40", &s) == KVS_ERR_INVALID_ARG); /* not x group */
+    CHECK(kv_spec_parse("full+kivi:group=48", &s) == KVS_OK && s.kivi_resid == 144); /* rounded up */
+    CHECK(kv_spec_parse("h2o:mem=1M+mikv:low=2", &s) == KVS_ERR_INVALID_ARG);
     CHECK(kv_spec_parse("full+think:prune=0.99", &s) == KVS_ERR_INVALID_ARG);
     CHECK(kv_spec_parse("full+think:bits=4", &s) == KVS_ERR_INVALID_ARG);
     CHECK(strstr(kvs_last_error(), "accepted: prune, recent") != NULL);
@@ -376,6 +416,7 @@ int main(void) {
     test_merge_invariants();
     test_storage_quality(ref);
     test_packed_store();
+    test_combinations();
     free(ref);
     kvs_model_free(M);
     return tu_finish("test_kv_compress");

@@ -271,14 +271,19 @@ enum kvs_status kv_seq_copy(struct kv_seq *dst, const struct kv_seq *src) {
         const struct kv_head_store *a = &src->h[i];
         struct kv_head_store *b = &dst->h[i];
         int32_t nh = a->n - a->nc;
-        if (!head_resize4(dst, b, pad(a->n), pad(nh), pad(a->nc), pad_blk(a->nblk)) ||
-            (a->ch && !(b->ch = malloc((size_t)pc->f.kd))) ||
-            (a->bal && !(b->bal = malloc(hd * sizeof(float))))) {
+        bool ok = head_resize4(dst, b, pad(a->n), pad(nh), pad(a->nc), pad_blk(a->nblk));
+        if (ok && a->ch) { /* accounted as soon as allocated: a later failure frees it exactly */
+            if ((ok = (b->ch = malloc((size_t)pc->f.kd)) != NULL))
+                memcpy(b->ch, a->ch, (size_t)pc->f.kd), account(dc, pc->f.kd);
+        }
+        if (ok && a->bal) {
+            if ((ok = (b->bal = malloc(hd * sizeof(float))) != NULL))
+                memcpy(b->bal, a->bal, hd * sizeof(float)), account(dc, (int64_t)(hd * sizeof(float)));
+        }
+        if (!ok) {
             kv_seq_clear(dst);
             return kvs_fail(KVS_ERR_NOMEM, "out of memory for the KV cache");
         }
-        if (b->ch) memcpy(b->ch, a->ch, (size_t)pc->f.kd), account(dc, pc->f.kd);
-        if (b->bal) memcpy(b->bal, a->bal, hd * sizeof(float)), account(dc, (int64_t)(hd * sizeof(float)));
         memcpy(b->k, a->k, (size_t)nh * hd * 2);
         memcpy(b->v, a->v, (size_t)nh * hd * 2);
         memcpy(b->pos, a->pos, (size_t)a->n * sizeof *b->pos);
@@ -553,8 +558,16 @@ static void apply_head(struct kv_seq *s, struct kv_head_store *h, const struct k
     for (int32_t i = 0; i < nk; i++)
         KVS_ASSERT(keep[i] >= i && keep[i] < n && (i == 0 || keep[i] > keep[i - 1]));
     bool merges = false;
-    if (mt)
-        for (int32_t j = 0; j < n && !merges; j++) merges = mt[j] >= 0;
+    if (mt) { /* every merge goes into an entry the plan keeps */
+        uint8_t *kept = calloc((size_t)(n ? n : 1), 1);
+        KVS_ASSERT(kept);
+        for (int32_t i = 0; i < nk; i++) kept[keep[i]] = 1;
+        for (int32_t j = 0; j < n; j++) {
+            KVS_ASSERT(mt[j] >= -1 && mt[j] < n && (mt[j] < 0 || (kept[mt[j]] && !kept[j])));
+            merges = merges || mt[j] >= 0;
+        }
+        free(kept);
+    }
     bool demotes = false;
     if (dem)
         for (int32_t i = 0; i < nk && !demotes; i++) demotes = dem[keep[i]] != 0;
@@ -668,6 +681,8 @@ static void apply_head(struct kv_seq *s, struct kv_head_store *h, const struct k
             put_row(s, h, n_pk + i, x, y);
         }
     }
+    /* merge targets promoted from the packed run can make the hot run longer than before */
+    if (n_hot > h->hcap) KVS_ASSERT(head_resize4(s, h, h->cap, pad(n_hot), h->rcap, h->bcap));
     KVS_ASSERT(n_hot <= h->hcap && nk <= h->cap);
     memcpy(h->pos, npos, sizeof(int32_t) * (size_t)nk);
     memcpy(h->w, nw, sizeof(float) * (size_t)nk);

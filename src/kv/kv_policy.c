@@ -41,6 +41,7 @@ unsigned kv_policy_needs(const struct kv_spec *spec) {
     const struct kv_scorer_i *sc = scorer_for(spec->method);
     unsigned n = sc ? sc->needs : 0;
     if (spec->think || spec->mikv_low) n |= KV_NEED_QUERIES; /* pack.c's window */
+    if (spec->alloc == KV_ALLOC_D2O && sc) n |= KV_NEED_ACC;  /* D2O's attention variance */
     return n;
 }
 
@@ -66,6 +67,7 @@ enum kvs_status kv_policy_new(const struct kv_spec *spec, int n_layer, int n_hea
     p->n_head_kv = n_head_kv;
     p->head_dim = head_dim;
     p->entry_bytes = entry_bytes;
+    kv_pack_cfg_from_spec(spec, head_dim, &p->pack);
     p->cap_max = cap_max;
     size_t g = (size_t)(n_head / n_head_kv);
     p->score = malloc(sizeof(float) * n_head_kv * (size_t)cap_max);
@@ -105,7 +107,21 @@ int32_t kv_policy_budget(const struct kv_policy *p, int il, int64_t n_seen) {
     double b;
     if (sp->budget > 0) b = sp->budget;
     else if (sp->ratio > 0) b = ceil(sp->ratio * (double)n_seen);
-    else b = (double)sp->mem_bytes / ((double)p->n_layer * p->n_head_kv * p->entry_bytes);
+    else {
+        /* bytes per head; an fp16 entry costs entry_bytes. KIVI: beyond its fp16 window of
+         * resid + G - 1 entries, each entry costs a packed one. ThinK keeps generated tokens
+         * full width, so it is priced at fp16 (the bound holds however long it decodes). */
+        double mh = (double)sp->mem_bytes / ((double)p->n_layer * p->n_head_kv);
+        double F = (double)p->entry_bytes;
+        if (p->pack.kivi) {
+            double W = p->pack.resid + p->pack.f.G - 1;
+            double P = kv_pack_entry_bytes(&p->pack, p->head_dim) + (F - kv_entry_payload_bytes(p->head_dim));
+            b = mh <= W * F ? mh / F : W + (mh - W * F) / P;
+        } else {
+            b = mh / F;
+        }
+        b = floor(b);
+    }
     if (sp->alloc == KV_ALLOC_PYRAMID && p->n_layer > 1) {
         double beta = sp->pyramid_beta, top = 1.0 / beta, bottom = 2.0 - top;
         b *= bottom - (bottom - top) * il / (p->n_layer - 1);
@@ -158,11 +174,15 @@ static bool d2o_skipped(const struct kv_policy *p, int il) {
 }
 
 /* the budget of layer il as planned (D2O's layer factor applied) */
-static int32_t layer_budget(const struct kv_policy *p, const struct kv_seq *s, int il, int64_t n_seen) {
+static int32_t layer_budget(const struct kv_policy *p, struct kv_seq *s, int il, int64_t n_seen,
+                            bool decode) {
     int32_t b = kv_policy_budget(p, il, n_seen);
     if (p->spec.alloc == KV_ALLOC_D2O) {
         if (d2o_skipped(p, il)) return p->cap_max;
-        double f = kv_d2o_layer_factor(p, s, il) * b;
+        /* D2O decides the layer split from the prompt's statistics; decoding reuses it */
+        float *st = s->pstate + (size_t)il * KV_PSTATE + 3;
+        if (!decode || *st == 0) *st = (float)kv_d2o_layer_factor(p, s, il);
+        double f = *st * b;
         double lo = 0.01 * (double)n_seen;
         b = (int32_t)(f < lo ? lo : f);
         if (b < 1) b = 1;
@@ -178,7 +198,7 @@ static int32_t counted(const struct kv_policy *p, const struct kv_head_store *h)
 
 bool kv_policy_check_budget(const struct kv_policy *p, const struct kv_seq *s, int il, int64_t n_seen) {
     /* D2O's layer factor moves with the statistics the apply just changed: check the planned one */
-    int32_t budget = p->spec.alloc == KV_ALLOC_D2O ? p->planned : layer_budget(p, s, il, n_seen), sum = 0;
+    int32_t budget = p->spec.alloc == KV_ALLOC_D2O ? p->planned : layer_budget(p, (struct kv_seq *)s, il, n_seen, true), sum = 0;
     for (int ih = 0; ih < p->n_head_kv; ih++) {
         int32_t n = counted(p, kv_seq_head(s, il, ih));
         sum += n;
@@ -211,8 +231,10 @@ static bool plan_elastic_decode(struct kv_policy *p, struct kv_seq *s, int il, i
 
 bool kv_policy_plan_layer(struct kv_policy *p, struct kv_seq *s, int il, int64_t n_seen,
                           int32_t slack, bool decode, struct kv_plan *plan) {
-    int32_t budget = layer_budget(p, s, il, n_seen);
+    int32_t budget = layer_budget(p, s, il, n_seen, decode);
     p->planned = budget;
+    /* Elastic's decode slot is relative to the prompt as compressed: its length so far */
+    if (!decode) s->pstate[(size_t)il * KV_PSTATE + 1] = (float)kv_seq_head(s, il, 0)->n;
     bool over = false;
     for (int ih = 0; ih < p->n_head_kv; ih++) {
         int32_t n = counted(p, kv_seq_head(s, il, ih));
@@ -221,7 +243,9 @@ bool kv_policy_plan_layer(struct kv_policy *p, struct kv_seq *s, int il, int64_t
     for (int ih = 0; ih < KV_VIEW_MAX_HEADS; ih++) plan->mt[ih] = NULL, plan->mc[ih] = NULL, plan->dem[ih] = NULL;
     plan->renorm = false;
     if (!over) return false;
-    if (decode && p->spec.merge == KV_MERGE_ELASTIC) return plan_elastic_decode(p, s, il, budget, plan);
+    /* (with MiKV the losers are demoted, whatever the method's eviction rule) */
+    if (decode && p->spec.merge == KV_MERGE_ELASTIC && !p->spec.mikv_low)
+        return plan_elastic_decode(p, s, il, budget, plan);
     struct kv_score_args a = {.p = p, .s = s, .il = il, .n_seen = n_seen, .scratch = p->scratch};
     int32_t prot = p->scorer->protect ? p->scorer->protect(p, budget) : 0;
     bool layerwise = p->scorer->needs & KV_NEED_LAYERWISE;

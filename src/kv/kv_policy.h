@@ -57,6 +57,7 @@ struct kv_policy {
     int32_t *keep;           /* (n_head_kv, cap_max) */
     struct ent *pool;        /* (n_head_kv * cap_max) AdaKV candidates */
     int32_t planned;         /* the budget of the last plan_layer call */
+    struct kv_pack_cfg pack; /* the spec's storage (prices KIVI entries in mem= budgets) */
     float *ascratch;         /* kv_attn scratch for g query rows */
     /* merge plans: (n_head_kv, cap_max) targets, coefficients; demotions (MiKV) */
     int32_t *mt;

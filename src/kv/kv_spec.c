@@ -181,6 +181,7 @@ static enum kvs_status set_mod_key(const char *spec, struct kv_spec *s, int mod,
         if (!ok) return bad(spec, "kivi group must be a multiple of 8 in [8, 256] (got '%s')%s", val, "");
     } else if (mod == MOD_KIVI && !strcmp(key, "resid")) {
         ok = parse_int(val, 0, 1 << 20, &s->kivi_resid);
+        s->resid_given = true;
     } else if (mod == MOD_MIKV && !strcmp(key, "low")) {
         ok = parse_int(val, 2, 8, &s->mikv_low) && (s->mikv_low == 2 || s->mikv_low == 4 || s->mikv_low == 8);
         if (!ok) return bad(spec, "mikv low must be 2, 4 or 8 bits (got '%s')%s", val, "");
@@ -390,6 +391,11 @@ enum kvs_status kv_spec_parse(const char *spec, struct kv_spec *s) {
     bool storage = s->think || s->kivi_bits || s->mikv_low;
     if (s->kivi_bits && s->mikv_low)
         return bad(spec, "kivi and mikv both set the precision of older entries; give one%s%s", "", "");
+    if (s->kivi_bits && !s->resid_given) /* the default window, in whole groups */
+        s->kivi_resid = (s->kivi_resid + s->kivi_group - 1) / s->kivi_group * s->kivi_group;
+    if (s->mikv_low && s->mem_bytes)
+        return bad(spec, "mikv keeps every token (the losers at low precision), so mem= cannot "
+                   "bound it; give budget= or ratio=%s%s", "", "");
     if (s->kivi_bits && s->kivi_resid % s->kivi_group)
         return bad(spec, "kivi resid must be a multiple of group%s%s", "", "");
     if (s->reindex && (storage || s->merge))

@@ -268,16 +268,20 @@ void kv_merge_plan(struct kv_policy *p, struct kv_seq *s, int il, struct kv_plan
         for (int32_t j = 0; j < n; j++) {
             if (mt[j] < 0) continue;
             if (mode == KV_MERGE_D2O) raw[j] = expf(bh[j]);
-            else if (mode == KV_MERGE_EMS) raw[j] = p->score[(size_t)ih * p->cap_max + j] + 1e-6f;
+            else if (mode == KV_MERGE_EMS) {
+                float sj = p->score[(size_t)ih * p->cap_max + j];
+                raw[j] = (isfinite(sj) ? sj : 1.0f) + 1e-6f;
+            }
             else raw[j] = 1.0f;
             den[mt[j]] += raw[j];
         }
         for (int32_t c = 0; c < n; c++) {
             if (den[c] == 0.0f) continue;
+            float sc_c = p->score[(size_t)ih * p->cap_max + c];
+            /* EMS: a centre pinned with +inf (sink, protected window) weighs as a full score */
             float self = mode == KV_MERGE_D2O ? expf(1.0f)
-                       : mode == KV_MERGE_EMS ? fminf(p->score[(size_t)ih * p->cap_max + c], 1e30f) + 1e-6f
+                       : mode == KV_MERGE_EMS ? (isfinite(sc_c) ? sc_c : 1.0f) + 1e-6f
                        : 1.0f;
-            if (!isfinite(self)) self = 1.0f; /* a pinned sink as an EMS centre */
             den[c] += self;
             mc[c] = self / den[c];
         }
