@@ -20,7 +20,7 @@ void (*ops_qattn_tok_scores)(const float *, int, int, const uint8_t *, size_t, c
                              const float *, int, int, float, float *,
                              int) = ops_qattn_tok_scores_ref;
 void (*ops_qattn_tok_accum)(const float *, int, int, int, const uint8_t *, size_t, const float *,
-                            const float *, int, int, float *) = ops_qattn_tok_accum_ref;
+                            const float *, int, int, int, float *) = ops_qattn_tok_accum_ref;
 
 static bool forced_ref;
 
@@ -150,17 +150,20 @@ void ops_qattn_tok_scores_ref(const float *Q, int g, int kd, const uint8_t *code
 
 void ops_qattn_tok_accum_ref(const float *P, int g, int n, int lds, const uint8_t *codes,
                              size_t rstride, const float *scale, const float *min, int hd,
-                             int bits, float *O) {
+                             int gs, int bits, float *O) {
     if (n <= 0) return;
+    const int ng = hd / gs;
     for (int qi = 0; qi < g; qi++) {
-        float *o = O + (size_t)qi * hd;
-        float bias = 0.0f;
-        for (int t = 0; t < n; t++) {
-            const uint8_t *row = codes + (size_t)t * rstride;
-            float p = P[(size_t)qi * lds + t], ps = p * scale[t];
-            bias += p * min[t];
-            for (int c = 0; c < hd; c++) o[c] += ps * qcode(row, bits, c);
+        for (int k = 0; k < ng; k++) {
+            float *o = O + (size_t)qi * hd + (size_t)k * gs;
+            float bias = 0.0f;
+            for (int t = 0; t < n; t++) {
+                const uint8_t *row = codes + (size_t)t * rstride;
+                float p = P[(size_t)qi * lds + t], ps = p * scale[(size_t)t * ng + k];
+                bias += p * min[(size_t)t * ng + k];
+                for (int c = 0; c < gs; c++) o[c] += ps * qcode(row, bits, k * gs + c);
+            }
+            for (int c = 0; c < gs; c++) o[c] += bias;
         }
-        for (int c = 0; c < hd; c++) o[c] += bias;
     }
 }

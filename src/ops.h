@@ -64,8 +64,12 @@ void ops_attn_accum_avx2(const float *P, int g, int n, int lds, const uint16_t *
  *     S[qi * lds + t] = sc * sum_{c < kd} Q[qi * kd + c] * (code(c, t) * scale[c] + min[c]).
  * qattn_tok_scores: n per-token rows (MiKV keys): row t's kd codes start at codes + t * rstride;
  *     one (scale, min) per row: S[qi * lds + t] = sc * sum_c Q[qi * kd + c] * x̂(t, c).
- * qattn_tok_accum: n per-token value rows of hd codes (row stride rstride), one (scale, min)
- *     per row: O[qi * hd + c] += sum_{t < n} P[qi * lds + t] * x̂(t, c). Adds to O. */
+ * qattn_tok_accum: n per-token value rows of hd codes (row stride rstride), quantized in groups
+ *     of gs consecutive channels (gs divides hd; gs == hd: one group per row), each group with
+ *     its own (scale, min): scale and min are (n, hd / gs) row-major, group k of row t is
+ *     channels k * gs .. k * gs + gs - 1 with scale[t * (hd / gs) + k], min[t * (hd / gs) + k]:
+ *     O[qi * hd + c] += sum_{t < n} P[qi * lds + t] * (code(t, c) * scale[t, c / gs]
+ *     + min[t, c / gs]). Adds to O. */
 extern void (*ops_qattn_blk_scores)(const float *Q, int g, int kd, const uint8_t *codes,
                                     size_t cstride, const float *scale, const float *min, int nt,
                                     int bits, float sc, float *S, int lds);
@@ -74,7 +78,7 @@ extern void (*ops_qattn_tok_scores)(const float *Q, int g, int kd, const uint8_t
                                     int bits, float sc, float *S, int lds);
 extern void (*ops_qattn_tok_accum)(const float *P, int g, int n, int lds, const uint8_t *codes,
                                    size_t rstride, const float *scale, const float *min, int hd,
-                                   int bits, float *O);
+                                   int gs, int bits, float *O);
 void ops_qattn_blk_scores_ref(const float *Q, int g, int kd, const uint8_t *codes, size_t cstride,
                               const float *scale, const float *min, int nt, int bits, float sc,
                               float *S, int lds);
@@ -83,7 +87,7 @@ void ops_qattn_tok_scores_ref(const float *Q, int g, int kd, const uint8_t *code
                               float *S, int lds);
 void ops_qattn_tok_accum_ref(const float *P, int g, int n, int lds, const uint8_t *codes,
                              size_t rstride, const float *scale, const float *min, int hd,
-                             int bits, float *O);
+                             int gs, int bits, float *O);
 void ops_qattn_blk_scores_avx2(const float *Q, int g, int kd, const uint8_t *codes,
                                size_t cstride, const float *scale, const float *min, int nt,
                                int bits, float sc, float *S, int lds);
@@ -92,6 +96,6 @@ void ops_qattn_tok_scores_avx2(const float *Q, int g, int kd, const uint8_t *cod
                                int bits, float sc, float *S, int lds);
 void ops_qattn_tok_accum_avx2(const float *P, int g, int n, int lds, const uint8_t *codes,
                               size_t rstride, const float *scale, const float *min, int hd,
-                              int bits, float *O);
+                              int gs, int bits, float *O);
 
 #endif

@@ -329,38 +329,102 @@ void ops_qattn_tok_scores_avx2(const float *Q, int g, int kd, const uint8_t *cod
     }
 }
 
-/* ---- tok_accum: O[qi] += sum_t (p_t scale_t) code_t + (sum_t p_t min_t) ----
- * Blocks of 8 value rows: for each 8-channel chunk, the chunk's codes of the 8 rows are unpacked
- * into registers once and feed every query (8 FMAs into the query's accumulator chunk, one load
- * and one store of it). The accumulator is in the lane-scaled domain of the codes; at the end
- * it is unscaled (exact) and added to O together with the min terms, summed per query. Queries
- * [0, g) of one chunk (g <= TOK_QC). */
+/* ---- tok_accum: O[qi, group k] += sum_t (p_t scale_tk) code_t + (sum_t p_t min_tk) ----
+ * Blocks of 8 value rows. Per block, the (8, ng) scales and mins are turned into one vector of
+ * the 8 rows per group (with one group per row they already are), and every query's 8
+ * p * scale per group are stored; the min terms are summed per (group, query), lane r from row
+ * r. Then for each 8-channel chunk (it lies in one group: gs is a multiple of 8), the chunk's
+ * codes of the 8 rows are unpacked into registers once and feed every query (8 FMAs into the
+ * query's accumulator chunk, one load and one store of it, the p * scale broadcast from the
+ * chunk's group). The accumulator is in the lane-scaled domain of the codes; at the end it is
+ * unscaled (exact) and added to O together with the min sums of its group. Queries [0, g) of
+ * one chunk (g <= TOK_QC); `one`: gs == hd (a single group per row), as a constant. */
+
+/* 8 rows of ng floats (row-major) -> ng vectors, vector k holding column k of rows 0..7.
+ * Reads exactly the 8 * ng floats. */
+ALWAYS_INLINE void cols8(const float *v, int ng, __m256 *t) {
+    if (ng == 2) {
+        __m256 a = _mm256_loadu_ps(v), b = _mm256_loadu_ps(v + 8);
+        /* even (odd) lanes: [a0 a2 b0 b2 | a4 a6 b4 b6], then 64-bit lanes in the order 0 2 1 3 */
+        __m256d e = _mm256_castps_pd(_mm256_shuffle_ps(a, b, 0x88));
+        __m256d o = _mm256_castps_pd(_mm256_shuffle_ps(a, b, 0xDD));
+        t[0] = _mm256_castpd_ps(_mm256_permute4x64_pd(e, 0xD8));
+        t[1] = _mm256_castpd_ps(_mm256_permute4x64_pd(o, 0xD8));
+    } else if (ng == 4) {
+        __m256 v0 = _mm256_loadu_ps(v), v1 = _mm256_loadu_ps(v + 8), v2 = _mm256_loadu_ps(v + 16),
+               v3 = _mm256_loadu_ps(v + 24);
+        __m256 t0 = _mm256_unpacklo_ps(v0, v1), t1 = _mm256_unpackhi_ps(v0, v1);
+        __m256 t2 = _mm256_unpacklo_ps(v2, v3), t3 = _mm256_unpackhi_ps(v2, v3);
+        /* rows in the order 0 2 4 6 1 3 5 7 */
+        const __m256i ord = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+        t[0] = _mm256_permutevar8x32_ps(_mm256_shuffle_ps(t0, t2, 0x44), ord);
+        t[1] = _mm256_permutevar8x32_ps(_mm256_shuffle_ps(t0, t2, 0xEE), ord);
+        t[2] = _mm256_permutevar8x32_ps(_mm256_shuffle_ps(t1, t3, 0x44), ord);
+        t[3] = _mm256_permutevar8x32_ps(_mm256_shuffle_ps(t1, t3, 0xEE), ord);
+    } else if (ng % 8 == 0) {
+        for (int k = 0; k < ng; k += 8) { /* 8x8 transposes */
+            __m256 r[8], u[8];
+            UNROLL for (int i = 0; i < 8; i++) r[i] = _mm256_loadu_ps(v + i * ng + k);
+            UNROLL for (int i = 0; i < 8; i += 2)
+                u[i] = _mm256_unpacklo_ps(r[i], r[i + 1]),
+                u[i + 1] = _mm256_unpackhi_ps(r[i], r[i + 1]);
+            UNROLL for (int i = 0; i < 8; i += 4) {
+                r[i] = _mm256_shuffle_ps(u[i], u[i + 2], 0x44);
+                r[i + 1] = _mm256_shuffle_ps(u[i], u[i + 2], 0xEE);
+                r[i + 2] = _mm256_shuffle_ps(u[i + 1], u[i + 3], 0x44);
+                r[i + 3] = _mm256_shuffle_ps(u[i + 1], u[i + 3], 0xEE);
+            }
+            UNROLL for (int i = 0; i < 4; i++) {
+                t[k + i] = _mm256_permute2f128_ps(r[i], r[i + 4], 0x20);
+                t[k + i + 4] = _mm256_permute2f128_ps(r[i], r[i + 4], 0x31);
+            }
+        }
+    } else {
+        const __m256i ix = _mm256_setr_epi32(0, ng, 2 * ng, 3 * ng, 4 * ng, 5 * ng, 6 * ng, 7 * ng);
+        for (int k = 0; k < ng; k++) t[k] = _mm256_i32gather_ps(v + k, ix, 4);
+    }
+}
+
 ALWAYS_INLINE void tok_accum_impl(const float *P, int g, int n, int lds, const uint8_t *codes,
                                   size_t rstride, const float *scale, const float *min, int hd,
-                                  const int bits, float *O) {
+                                  int gs, const int bits, const int one, float *O) {
+    const int ng = one ? 1 : hd / gs; /* groups per row: ng * 8 <= hd */
+    if (one) gs = hd;
     float acc[TOK_QC * QA_MAXD] __attribute__((aligned(32)));
-    float ps[TOK_QC * 8] __attribute__((aligned(32)));
+    float ps[TOK_QC * QA_MAXD] __attribute__((aligned(32))); /* (group, query, row) */
     float vb[QA_MAXD] __attribute__((aligned(32)));
-    __m256 biasv[TOK_QC];
-    float bias[TOK_QC];
-    for (int qi = 0; qi < g; qi++) biasv[qi] = _mm256_setzero_ps(), bias[qi] = 0.0f;
+    __m256 biasv[TOK_QC * QA_MAXD / 8]; /* (group, query): min terms, lane r from row r of blocks */
+    float bias[TOK_QC * QA_MAXD / 8];   /* (group, query): min terms of the tail rows */
+    __m256 st[QA_MAXD / 8], mt[QA_MAXD / 8];
+    int kof[QA_MAXD / 8]; /* chunk -> its group's offset in ps */
+    for (int d = 0; d < hd; d += 8) kof[d / 8] = d / gs * g * 8;
+    for (int i = 0; i < g * ng; i++) biasv[i] = _mm256_setzero_ps(), bias[i] = 0.0f;
     memset(acc, 0, sizeof(float) * (size_t)g * hd);
     int j = 0;
     for (; j + 8 <= n; j += 8) {
-        const __m256 vs = _mm256_loadu_ps(scale + j), vm = _mm256_loadu_ps(min + j);
-        for (int qi = 0; qi < g; qi++) {
-            __m256 p = _mm256_loadu_ps(P + (size_t)qi * lds + j);
-            biasv[qi] = _mm256_fmadd_ps(p, vm, biasv[qi]);
-            _mm256_store_ps(ps + qi * 8, _mm256_mul_ps(p, vs));
+        if (one) {
+            st[0] = _mm256_loadu_ps(scale + j), mt[0] = _mm256_loadu_ps(min + j);
+        } else {
+            cols8(scale + (size_t)j * ng, ng, st);
+            cols8(min + (size_t)j * ng, ng, mt);
+        }
+        for (int k = 0; k < ng; k++) {
+            for (int qi = 0; qi < g; qi++) {
+                const __m256 p = _mm256_loadu_ps(P + (size_t)qi * lds + j);
+                __m256 *b = biasv + k * g + qi;
+                *b = _mm256_fmadd_ps(p, mt[k], *b);
+                _mm256_store_ps(ps + (k * g + qi) * 8, _mm256_mul_ps(p, st[k]));
+            }
         }
         const uint8_t *row = codes + (size_t)j * rstride;
         for (int d = 0; d < hd; d += 8) {
             const uint8_t *c = row + (size_t)d * bits / 8;
+            const float *wk = ps + (one ? 0 : kof[d / 8]);
             __m256 x[8];
             UNROLL for (int r = 0; r < 8; r++) x[r] = xcodes8(c + (size_t)r * rstride, bits);
             for (int qi = 0; qi < g; qi++) {
                 float *a = acc + qi * hd + d;
-                const float *w = ps + qi * 8;
+                const float *w = wk + qi * 8;
                 __m256 y = _mm256_load_ps(a);
                 UNROLL for (int r = 0; r < 8; r++)
                     y = _mm256_fmadd_ps(_mm256_broadcast_ss(w + r), x[r], y);
@@ -370,41 +434,57 @@ ALWAYS_INLINE void tok_accum_impl(const float *P, int g, int n, int lds, const u
     }
     for (; j < n; j++) {
         xcodes_row(codes + (size_t)j * rstride, hd, bits, vb);
+        const float *sj = scale + (size_t)j * ng, *mj = min + (size_t)j * ng;
         for (int qi = 0; qi < g; qi++) {
             float p = P[(size_t)qi * lds + j];
-            bias[qi] += p * min[j];
-            __m256 w = _mm256_set1_ps(p * scale[j]);
             float *a = acc + qi * hd;
-            for (int d = 0; d < hd; d += 8)
-                _mm256_store_ps(a + d, _mm256_fmadd_ps(w, _mm256_load_ps(vb + d), _mm256_load_ps(a + d)));
+            for (int k = 0, d = 0; k < ng; k++) {
+                bias[k * g + qi] += p * mj[k];
+                __m256 w = _mm256_set1_ps(p * sj[k]);
+                for (int e = 0; e < gs; e += 8, d += 8) {
+                    __m256 y = _mm256_fmadd_ps(w, _mm256_load_ps(vb + d), _mm256_load_ps(a + d));
+                    _mm256_store_ps(a + d, y);
+                }
+            }
         }
     }
     const __m256 inv = lane_inv(bits);
     for (int qi = 0; qi < g; qi++) {
-        __m256 b = _mm256_set1_ps(hsum8(biasv[qi]) + bias[qi]);
         float *o = O + (size_t)qi * hd;
         const float *a = acc + qi * hd;
-        for (int d = 0; d < hd; d += 8) {
-            __m256 x = _mm256_fmadd_ps(_mm256_load_ps(a + d), inv, _mm256_loadu_ps(o + d));
-            _mm256_storeu_ps(o + d, _mm256_add_ps(x, b));
+        for (int k = 0, d = 0; k < ng; k++) {
+            __m256 b = _mm256_set1_ps(hsum8(biasv[k * g + qi]) + bias[k * g + qi]);
+            for (int e = 0; e < gs; e += 8, d += 8) {
+                __m256 x = _mm256_fmadd_ps(_mm256_load_ps(a + d), inv, _mm256_loadu_ps(o + d));
+                _mm256_storeu_ps(o + d, _mm256_add_ps(x, b));
+            }
         }
     }
 }
 
 void ops_qattn_tok_accum_avx2(const float *P, int g, int n, int lds, const uint8_t *codes,
                               size_t rstride, const float *scale, const float *min, int hd,
-                              int bits, float *O) {
+                              int gs, int bits, float *O) {
     if (n <= 0 || g <= 0) return;
-    if (hd <= 0 || hd % 8 != 0 || hd > QA_MAXD || !bits_ok(bits)) {
-        ops_qattn_tok_accum_ref(P, g, n, lds, codes, rstride, scale, min, hd, bits, O);
+    if (hd <= 0 || hd % 8 != 0 || hd > QA_MAXD || gs <= 0 || gs % 8 != 0 || hd % gs != 0 ||
+        !bits_ok(bits)) {
+        ops_qattn_tok_accum_ref(P, g, n, lds, codes, rstride, scale, min, hd, gs, bits, O);
         return;
     }
     for (int q0 = 0; q0 < g; q0 += TOK_QC) {
         int qn = g - q0 < TOK_QC ? g - q0 : TOK_QC;
         const float *p = P + (size_t)q0 * lds;
         float *o = O + (size_t)q0 * hd;
-        if (bits == 2) tok_accum_impl(p, qn, n, lds, codes, rstride, scale, min, hd, 2, o);
-        else if (bits == 4) tok_accum_impl(p, qn, n, lds, codes, rstride, scale, min, hd, 4, o);
-        else tok_accum_impl(p, qn, n, lds, codes, rstride, scale, min, hd, 8, o);
+#define TOK_ACCUM(b, one) tok_accum_impl(p, qn, n, lds, codes, rstride, scale, min, hd, gs, b, one, o)
+        if (gs == hd) {
+            if (bits == 2) TOK_ACCUM(2, 1);
+            else if (bits == 4) TOK_ACCUM(4, 1);
+            else TOK_ACCUM(8, 1);
+        } else {
+            if (bits == 2) TOK_ACCUM(2, 0);
+            else if (bits == 4) TOK_ACCUM(4, 0);
+            else TOK_ACCUM(8, 0);
+        }
+#undef TOK_ACCUM
     }
 }

@@ -103,7 +103,7 @@ static void test_fused(int bits) {
     float p[2] = {0.3f, 0.7f}, sv[2] = {vs, vs}, mv[2] = {vm, vm};
     uint8_t vc2[2 * HD];
     memcpy(vc2, vc, kvq_code_bytes(bits, HD)), memcpy(vc2 + kvq_code_bytes(bits, HD), vc, kvq_code_bytes(bits, HD));
-    ops_qattn_tok_accum_ref(p, 1, 2, 2, vc2, kvq_code_bytes(bits, HD), sv, mv, HD, bits, o1);
+    ops_qattn_tok_accum_ref(p, 1, 2, 2, vc2, kvq_code_bytes(bits, HD), sv, mv, HD, HD, bits, o1);
     for (int c = 0; c < HD; c++) o2[c] = vh[c]; /* 0.3 + 0.7 = 1 */
     for (int c = 0; c < HD; c++) CHECK(fabsf(o1[c] - o2[c]) <= 1e-5f * (fabsf(o2[c]) + 1));
     CHECK(kvq_code_bytes(bits, G) * 8 == (size_t)G * bits);

@@ -1,9 +1,10 @@
 /* test_qattn.c — the fused low-bit attention kernels (ops_qattn_*): each scalar reference against
  * a plain dequantize-then-dot computed here with kv_quant.h (in double), and the AVX2 versions
- * against the references (skipped, not failed, without AVX2), for 2/4/8-bit codes, awkward
- * token counts (tails, zero), byte strides above the minimum and unaligned rows. Buffers are
- * allocated to the exact byte the kernels may read, so ASan catches any over-read; S padding
- * beyond n must stay untouched, P padding holds NaN (must not be read), O must be added to.
+ * against the references (skipped, not failed, without AVX2), for 2/4/8-bit codes, value rows
+ * in groups of 8, 32 or hd channels (and 4: the AVX2 fallback), awkward token counts (tails,
+ * zero), byte strides above the minimum and unaligned rows. Buffers are allocated to the exact
+ * byte the kernels may read, so ASan catches any over-read; S padding beyond n must stay
+ * untouched, P padding holds NaN (must not be read), O must be added to.
  * Budget: |error| <= 1e-5 of the sum of absolute terms. */
 #include "base.h"
 #include "kv/kv_quant.h"
@@ -16,6 +17,7 @@ static const int BITS[] = {2, 4, 8};
 static const int GS[] = {1, 3, 8, 20};
 static const int DS[] = {8, 40, 64, 128, 256};
 static const int NS[] = {0, 1, 7, 8, 31, 32, 33, 100};
+static const int VGS[] = {8, 32, 0}; /* value group sizes tried where they divide hd; 0 = hd */
 #define COUNT(a) ((int)(sizeof(a) / sizeof((a)[0])))
 
 static const double TOL = 1e-5;
@@ -181,11 +183,13 @@ static int check_accum(const char *what, const float *O, const double *want, con
     return bad;
 }
 
-static void test_tok_accum(int bits, int g, int hd, int n, bool avx2) {
+/* values in groups of vgs channels per row, each group with its own (scale, min) */
+static void test_tok_accum(int bits, int g, int hd, int vgs, int n, bool avx2) {
     size_t rb = kvq_code_bytes(bits, hd), rstride = rb + 1 + (size_t)rand_int(13);
+    int ng = hd / vgs;
     Codes cd = make_codes(n, rb, rstride);
-    float *scale = falloc(n), *min = falloc(n);
-    make_scales(scale, min, n);
+    float *scale = falloc(n * ng), *min = falloc(n * ng);
+    make_scales(scale, min, n * ng);
     int lds = n + 1 + rand_int(9);
     /* P is a probability-like row per query; its padding is NaN and must not be used */
     float *P = falloc(g * lds);
@@ -200,26 +204,30 @@ static void test_tok_accum(int bits, int g, int hd, int n, bool avx2) {
     for (int i = 0; i < g * hd; i++) want[i] = O0[i], mag[i] = fabs(O0[i]);
     for (int t = 0; t < n; t++) {
         const uint8_t *row = cd.codes + (size_t)t * rstride;
-        kvq_dequant_group(row, hd, bits, scale[t], min[t], xh);
+        /* group k's codes start at bit k * vgs * bits, a byte boundary */
+        for (int k = 0; k < ng; k++)
+            kvq_dequant_group(row + (size_t)k * vgs * bits / 8, vgs, bits, scale[t * ng + k],
+                              min[t * ng + k], xh + k * vgs);
         for (int qi = 0; qi < g; qi++) {
             double p = P[qi * lds + t];
             for (int c = 0; c < hd; c++) {
+                int k = t * ng + c / vgs;
                 want[qi * hd + c] += p * xh[c];
-                mag[qi * hd + c] += fabs(p * scale[t] * kvq_code(row, bits, c)) + fabs(p * min[t]);
+                mag[qi * hd + c] += fabs(p * scale[k] * kvq_code(row, bits, c)) + fabs(p * min[k]);
             }
         }
     }
     char what[96];
-    snprintf(what, sizeof what, "tok_accum_ref b%d g%d hd%d n%d", bits, g, hd, n);
+    snprintf(what, sizeof what, "tok_accum_ref b%d g%d hd%d gs%d n%d", bits, g, hd, vgs, n);
     memcpy(O, O0, sizeof(float) * (size_t)(g * hd));
-    ops_qattn_tok_accum_ref(P, g, n, lds, cd.codes, rstride, scale, min, hd, bits, O);
+    ops_qattn_tok_accum_ref(P, g, n, lds, cd.codes, rstride, scale, min, hd, vgs, bits, O);
     CHECKF(check_accum(what, O, want, mag, g * hd, &worst_ref) == 0, "%s", what);
     if (n == 0) CHECK(memcmp(O, O0, sizeof(float) * (size_t)(g * hd)) == 0);
     if (avx2) {
         for (int i = 0; i < g * hd; i++) want[i] = O[i];
         memcpy(O, O0, sizeof(float) * (size_t)(g * hd));
-        ops_qattn_tok_accum_avx2(P, g, n, lds, cd.codes, rstride, scale, min, hd, bits, O);
-        snprintf(what, sizeof what, "tok_accum_avx2 b%d g%d hd%d n%d", bits, g, hd, n);
+        ops_qattn_tok_accum_avx2(P, g, n, lds, cd.codes, rstride, scale, min, hd, vgs, bits, O);
+        snprintf(what, sizeof what, "tok_accum_avx2 b%d g%d hd%d gs%d n%d", bits, g, hd, vgs, n);
         CHECKF(check_accum(what, O, want, mag, g * hd, &worst_avx2) == 0, "%s", what);
         if (n == 0) CHECK(memcmp(O, O0, sizeof(float) * (size_t)(g * hd)) == 0);
     }
@@ -260,13 +268,20 @@ int main(void) {
                 for (int k = 0; k < COUNT(NS); k++) {
                     test_blk_scores(BITS[b], GS[gi], DS[d], NS[k], avx2);
                     test_tok_scores(BITS[b], GS[gi], DS[d], NS[k], avx2);
-                    test_tok_accum(BITS[b], GS[gi], DS[d], NS[k], avx2);
+                    for (int v = 0; v < COUNT(VGS); v++) {
+                        int vgs = VGS[v] ? VGS[v] : DS[d];
+                        if (DS[d] % vgs == 0 && (VGS[v] == 0 || vgs != DS[d]))
+                            test_tok_accum(BITS[b], GS[gi], DS[d], vgs, NS[k], avx2);
+                    }
                 }
+    /* a group size that is not a multiple of 8: the AVX2 version falls back to the reference */
+    for (int b = 0; b < COUNT(BITS); b++) test_tok_accum(BITS[b], 3, 40, 4, 33, avx2);
     /* a long KIVI block and many rows: several tiles, query blocks of 16 and 6 */
     for (int b = 0; b < COUNT(BITS); b++) {
         test_blk_scores(BITS[b], 64, 64, 257, avx2);
         test_tok_scores(BITS[b], 64, 128, 301, avx2);
-        test_tok_accum(BITS[b], 64, 128, 301, avx2);
+        test_tok_accum(BITS[b], 64, 128, 128, 301, avx2);
+        test_tok_accum(BITS[b], 64, 128, 32, 301, avx2);
     }
     fprintf(stderr, "test_qattn: worst error / budget scale: ref %.3g, avx2 %.3g (limit %g)%s\n",
             worst_ref, worst_avx2, TOL, avx2 ? "" : " (avx2 skipped)");

@@ -74,7 +74,8 @@ void kv_attn_accum(const struct kv_view_head *vh, int hd, const float *P, int g,
         memset(O, 0, sizeof(float) * (size_t)g * hd);
     if (from < nc && f->vfmt == KV_V_TOK)
         ops_qattn_tok_accum(P, g, end - from, lds, vh->cv + (size_t)from * f->vstride,
-                            f->vstride, vh->cvs + from, vh->cvm + from, hd, f->vbits, O);
+                            f->vstride, vh->cvs + (size_t)from * (hd / f->vgs),
+                            vh->cvm + (size_t)from * (hd / f->vgs), hd, f->vgs, f->vbits, O);
     if (to > nc) {
         int32_t lo = from > nc ? from : nc;
         ops_attn_accum_add(P + (lo - from), g, to - lo, lds, vh->v + (size_t)(lo - nc) * hd, hd, O);

@@ -772,6 +772,7 @@ void kv_pack_cfg_from_spec(const struct kv_spec *sp, int hd, struct kv_pack_cfg 
     o->balance = o->mikv && sp->mikv_balance;
     struct kv_packed_fmt *f = &o->f;
     f->kd = hd;
+    f->vgs = hd;
     if (o->think) { /* prune floor(prune * hd) channels, kept count rounded up to 8 */
         int kd = hd - (int)(sp->think_prune * hd);
         kd = (kd + 7) / 8 * 8;

@@ -30,6 +30,7 @@ struct kv_packed_fmt {
     int G;             /* BLK: tokens per block */
     size_t kstride;    /* BLK: bytes of one channel's codes in a block; TOK: bytes of a row */
     size_t vstride;    /* TOK: bytes of a value row's codes */
+    int vgs;           /* values: channels per (scale, min) group */
 };
 
 struct kv_view_head {
@@ -46,7 +47,7 @@ struct kv_view_head {
     const int32_t *blk_n; /* BLK: tokens in each block */
     int32_t nblk;
     const uint8_t *cv;    /* values: F16 (nc, head_dim) fp16; TOK (nc, vstride) codes */
-    const float *cvs, *cvm; /* value scale and min per row (TOK) */
+    const float *cvs, *cvm; /* value scale and min (TOK): (nc, head_dim / fmt->vgs) */
     const uint8_t *ch;    /* (kd) stored key channels, ascending; NULL = all */
     const float *bal;     /* (head_dim) MiKV balancer: stored keys are k * bal; NULL = none */
 };
