@@ -96,8 +96,12 @@ void kv_seq_free(struct kv_seq *s) {
 
 /* ---- sizes ------------------------------------------------------------------------------ */
 
+/* (scale, min) groups of a packed value row */
+static size_t vgroups(const struct kv_pack_cfg *pc, int hd) {
+    return pc->f.vfmt == KV_V_TOK ? (size_t)(hd / pc->f.vgs) : 0;
+}
 static size_t vrow_bytes(const struct kv_pack_cfg *pc, int hd) {
-    return pc->f.vfmt == KV_V_TOK ? pc->f.vstride + 2 * sizeof(float) : (size_t)hd * 2;
+    return pc->f.vfmt == KV_V_TOK ? pc->f.vstride + vgroups(pc, hd) * 2 * sizeof(float) : (size_t)hd * 2;
 }
 static size_t krow_bytes(const struct kv_pack_cfg *pc) { /* per packed row, 0 for BLK */
     if (pc->f.kfmt == KV_K_TOK) return pc->f.kstride + 2 * sizeof(float);
@@ -157,7 +161,8 @@ static bool head_resize4(struct kv_seq *s, struct kv_head_store *h, int32_t cap,
     if (ok && rcap != h->rcap && pc->on) {
         ok = grow((void **)&h->cv, (size_t)rcap * (pc->f.vfmt == KV_V_TOK ? pc->f.vstride : hd * 2));
         if (ok && pc->f.vfmt == KV_V_TOK)
-            ok = grow((void **)&h->cvs, (size_t)rcap * 4) && grow((void **)&h->cvm, (size_t)rcap * 4);
+            ok = grow((void **)&h->cvs, (size_t)rcap * vgroups(pc, (int)hd) * 4) &&
+                 grow((void **)&h->cvm, (size_t)rcap * vgroups(pc, (int)hd) * 4);
         if (ok && pc->f.kfmt == KV_K_F16) ok = grow((void **)&h->ck, (size_t)rcap * pc->f.kd * 2);
         if (ok && pc->f.kfmt == KV_K_TOK)
             ok = grow((void **)&h->ck, (size_t)rcap * pc->f.kstride) &&
@@ -295,7 +300,8 @@ enum kvs_status kv_seq_copy(struct kv_seq *dst, const struct kv_seq *src) {
         if (pc->on && a->nc) {
             size_t nc = (size_t)a->nc;
             memcpy(b->cv, a->cv, nc * (pc->f.vfmt == KV_V_TOK ? pc->f.vstride : hd * 2));
-            if (pc->f.vfmt == KV_V_TOK) memcpy(b->cvs, a->cvs, nc * 4), memcpy(b->cvm, a->cvm, nc * 4);
+            size_t ng = vgroups(pc, (int)hd);
+            if (pc->f.vfmt == KV_V_TOK) memcpy(b->cvs, a->cvs, nc * ng * 4), memcpy(b->cvm, a->cvm, nc * ng * 4);
             if (pc->f.kfmt == KV_K_F16) memcpy(b->ck, a->ck, nc * pc->f.kd * 2);
             if (pc->f.kfmt == KV_K_TOK)
                 memcpy(b->ck, a->ck, nc * pc->f.kstride), memcpy(b->cks, a->cks, nc * 4),
@@ -389,7 +395,13 @@ void kv_seq_value(const struct kv_seq *s, int il, int ih, int32_t j, float *out)
     KVS_ASSERT(j >= 0 && j < h->n);
     if (j >= h->nc) quant_f16_to_f32_row(h->v + (size_t)(j - h->nc) * hd, out, hd);
     else if (f->vfmt == KV_V_F16) quant_f16_to_f32_row((const uint16_t *)h->cv + (size_t)j * hd, out, hd);
-    else kvq_dequant_group(h->cv + (size_t)j * f->vstride, hd, f->vbits, h->cvs[j], h->cvm[j], out);
+    else {
+        size_t ng = vgroups(&s->pack, hd);
+        for (size_t k = 0; k < ng; k++)
+            kvq_dequant_group(h->cv + (size_t)j * f->vstride + k * (size_t)f->vgs * f->vbits / 8,
+                              f->vgs, f->vbits, h->cvs[j * ng + k], h->cvm[j * ng + k],
+                              out + k * (size_t)f->vgs);
+    }
 }
 
 /* write packed row r (TOK/F16 keys, values) from full-width floats */
@@ -406,7 +418,13 @@ static void put_row(const struct kv_seq *s, struct kv_head_store *h, int32_t r, 
     else if (f->kfmt == KV_K_TOK)
         kvq_quant_group(x, f->kd, 1, f->kbits, h->ck + (size_t)r * f->kstride, &h->cks[r], &h->ckm[r]);
     if (f->vfmt == KV_V_F16) quant_f32_to_f16_row(v, (uint16_t *)h->cv + (size_t)r * hd, hd);
-    else kvq_quant_group(v, hd, 1, f->vbits, h->cv + (size_t)r * f->vstride, &h->cvs[r], &h->cvm[r]);
+    else {
+        size_t ng = vgroups(&s->pack, hd);
+        for (size_t k = 0; k < ng; k++) /* groups of vgs channels, each its own (scale, min) */
+            kvq_quant_group(v + k * (size_t)f->vgs, f->vgs, 1, f->vbits,
+                            h->cv + (size_t)r * f->vstride + k * (size_t)f->vgs * f->vbits / 8,
+                            &h->cvs[r * ng + k], &h->cvm[r * ng + k]);
+    }
 }
 
 static void move_row(const struct kv_seq *s, struct kv_head_store *h, int32_t to, int32_t from) {
@@ -415,7 +433,10 @@ static void move_row(const struct kv_seq *s, struct kv_head_store *h, int32_t to
     if (to == from) return;
     if (f->vfmt == KV_V_F16) memmove(h->cv + to * hd * 2, h->cv + from * hd * 2, hd * 2);
     else memmove(h->cv + to * f->vstride, h->cv + from * f->vstride, f->vstride),
-         h->cvs[to] = h->cvs[from], h->cvm[to] = h->cvm[from];
+         memmove(h->cvs + to * vgroups(&s->pack, (int)hd), h->cvs + from * vgroups(&s->pack, (int)hd),
+                 vgroups(&s->pack, (int)hd) * 4),
+         memmove(h->cvm + to * vgroups(&s->pack, (int)hd), h->cvm + from * vgroups(&s->pack, (int)hd),
+                 vgroups(&s->pack, (int)hd) * 4);
     if (f->kfmt == KV_K_F16) memmove(h->ck + to * f->kd * 2, h->ck + from * f->kd * 2, (size_t)f->kd * 2);
     else if (f->kfmt == KV_K_TOK)
         memmove(h->ck + to * f->kstride, h->ck + from * f->kstride, f->kstride),
@@ -772,7 +793,6 @@ void kv_pack_cfg_from_spec(const struct kv_spec *sp, int hd, struct kv_pack_cfg 
     o->balance = o->mikv && sp->mikv_balance;
     struct kv_packed_fmt *f = &o->f;
     f->kd = hd;
-    f->vgs = hd;
     if (o->think) { /* prune floor(prune * hd) channels, kept count rounded up to 8 */
         int kd = hd - (int)(sp->think_prune * hd);
         kd = (kd + 7) / 8 * 8;
@@ -792,6 +812,8 @@ void kv_pack_cfg_from_spec(const struct kv_spec *sp, int hd, struct kv_pack_cfg 
     } else {
         f->kfmt = KV_K_F16, f->vfmt = KV_V_F16;
     }
+    /* KIVI: values per token in groups of G channels (when G divides head_dim); MiKV: per token */
+    f->vgs = o->kivi && hd % f->G == 0 && f->G < hd ? f->G : hd;
 }
 
 double kv_pack_entry_bytes(const struct kv_pack_cfg *pc, int hd) {
