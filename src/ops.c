@@ -107,10 +107,13 @@ void ops_attn_accum_add_ref(const float *P, int g, int n, int lds, const uint16_
         }
 }
 
-/* code i of a row of packed b-bit codes (8/b per byte, lowest bits first) */
+/* code i of a row of packed b-bit codes: a little-endian bit stream, lowest bits first (3-bit
+ * codes cross bytes) */
 static inline float qcode(const uint8_t *row, int bits, int i) {
-    int per = 8 / bits;
-    return (float)((row[i / per] >> ((i % per) * bits)) & ((1 << bits) - 1));
+    size_t bit = (size_t)i * (size_t)bits;
+    unsigned sh = (unsigned)(bit & 7), w = row[bit >> 3];
+    if (sh + (unsigned)bits > 8) w |= (unsigned)row[(bit >> 3) + 1] << 8;
+    return (float)((w >> sh) & ((1u << bits) - 1));
 }
 
 /* The references use the factored form the fast kernels use (codes times the query folded with

@@ -56,7 +56,8 @@ void ops_attn_accum_avx2(const float *P, int g, int n, int lds, const uint16_t *
 
 /* Attention over low-bit KV payloads (the KIVI / MiKV storage of src/kv/kv_quant.h), fused: the
  * kernels read the packed codes directly, never a dequantized copy of the cache. Codes are b-bit,
- * b in {2, 4, 8}, packed 8/b per byte, lowest bits first; a code x dequantizes to
+ * b in {2, 3, 4, 8}, a little-endian bit stream (code i at bits i b .. i b + b - 1; 3-bit codes
+ * cross bytes, 8 of them fill 3); a code x dequantizes to
  * x * scale + min. Q is (g, kd) floats (query rows of one KV head, any number, already gathered to the
  * kd stored key channels); sc is the softmax scale (1/sqrt(original head_dim)).
  * qattn_blk_scores: one KIVI key block, per channel: the codes of channel c for tokens 0..nt-1

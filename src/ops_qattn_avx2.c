@@ -1,5 +1,5 @@
 /* ops_qattn_avx2.c — AVX2/FMA versions of the fused low-bit attention kernels (ops_qattn_*, see
- * ops.h). They read the packed 2/4/8-bit codes of the KV payload directly: codes are masked and
+ * ops.h). They read the packed 2/4/8-bit codes (and 3-bit per-token rows) of the KV payload directly: codes are masked and
  * converted to floats in registers (or, for per-token keys, into an 8-row L1 block that the g
  * query heads of a KV head share); the cache is never dequantized to memory. Compiled with
  * -mavx2 -mfma -mf16c; called only after ops_init() has seen those features.
@@ -22,7 +22,9 @@ enum {
     BLK_QB = 6,    /* queries whose accumulators live in registers at once (2 * 6 + 3 <= 16) */
 };
 
+/* blk_scores reads 2, 4 and 8 bits (KIVI); the per-token kernels (MiKV) also 3 */
 static inline int bits_ok(int bits) { return bits == 2 || bits == 4 || bits == 8; }
+static inline int tok_bits_ok(int bits) { return bits_ok(bits) || bits == 3; }
 
 static inline float hsum8(__m256 v) {
     __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
@@ -39,6 +41,8 @@ static inline float hsum8(__m256 v) {
  *  2-bit: 8 codes = one 16-bit word; lane i masks bits 2i, 2i+1: scale 4^i.
  *  4-bit: 8 codes = 4 bytes; lane i takes byte i/2 and its low or high nibble: scale 1 or 16.
  *  8-bit: zero-extended bytes, scale 1.
+ *  3-bit: 8 codes = 3 bytes, one 24-bit word shifted right by 3i in lane i (variable shift: the
+ *         codes do not sit on byte or word boundaries), scale 1.
  * Only the bytes that hold the requested codes are read. */
 ALWAYS_INLINE __m256 lane_inv(int bits) {
     if (bits == 2)
@@ -66,6 +70,13 @@ static inline __m256i spread4(int base) {
 
 /* 8 codes at p (a group of 8 starts on a byte for every b), lane-scaled; reads b bytes */
 ALWAYS_INLINE __m256 xcodes8(const uint8_t *p, int bits) {
+    if (bits == 3) {
+        uint32_t w = 0;
+        memcpy(&w, p, 3);
+        __m256i v = _mm256_srlv_epi32(_mm256_set1_epi32((int)w),
+                                      _mm256_setr_epi32(0, 3, 6, 9, 12, 15, 18, 21));
+        return _mm256_cvtepi32_ps(_mm256_and_si256(v, _mm256_set1_epi32(7)));
+    }
     if (bits == 8) return _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)p)));
     if (bits == 4) {
         uint32_t w;
@@ -80,7 +91,10 @@ ALWAYS_INLINE __m256 xcodes8(const uint8_t *p, int bits) {
 
 /* 16 codes at p (2 b bytes), lane-scaled, as two vectors */
 ALWAYS_INLINE void xcodes16(const uint8_t *p, int bits, __m256 *x0, __m256 *x1) {
-    if (bits == 8) {
+    if (bits == 3) {
+        *x0 = xcodes8(p, 3);
+        *x1 = xcodes8(p + 3, 3);
+    } else if (bits == 8) {
         __m128i v = _mm_loadu_si128((const __m128i *)p);
         *x0 = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(v));
         *x1 = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_unpackhi_epi64(v, v)));
@@ -315,7 +329,7 @@ void ops_qattn_tok_scores_avx2(const float *Q, int g, int kd, const uint8_t *cod
                                size_t rstride, const float *scale, const float *min, int n,
                                int bits, float sc, float *S, int lds) {
     if (n <= 0 || g <= 0) return;
-    if (kd <= 0 || kd % 8 != 0 || kd > QA_MAXD || !bits_ok(bits)) {
+    if (kd <= 0 || kd % 8 != 0 || kd > QA_MAXD || !tok_bits_ok(bits)) {
         ops_qattn_tok_scores_ref(Q, g, kd, codes, rstride, scale, min, n, bits, sc, S, lds);
         return;
     }
@@ -324,6 +338,7 @@ void ops_qattn_tok_scores_avx2(const float *Q, int g, int kd, const uint8_t *cod
         const float *q = Q + (size_t)q0 * kd;
         float *s = S + (size_t)q0 * lds;
         if (bits == 2) tok_scores_impl(q, qn, kd, codes, rstride, scale, min, n, 2, sc, s, lds);
+        else if (bits == 3) tok_scores_impl(q, qn, kd, codes, rstride, scale, min, n, 3, sc, s, lds);
         else if (bits == 4) tok_scores_impl(q, qn, kd, codes, rstride, scale, min, n, 4, sc, s, lds);
         else tok_scores_impl(q, qn, kd, codes, rstride, scale, min, n, 8, sc, s, lds);
     }
@@ -467,7 +482,7 @@ void ops_qattn_tok_accum_avx2(const float *P, int g, int n, int lds, const uint8
                               int gs, int bits, float *O) {
     if (n <= 0 || g <= 0) return;
     if (hd <= 0 || hd % 8 != 0 || hd > QA_MAXD || gs <= 0 || gs % 8 != 0 || hd % gs != 0 ||
-        !bits_ok(bits)) {
+        !tok_bits_ok(bits)) {
         ops_qattn_tok_accum_ref(P, g, n, lds, codes, rstride, scale, min, hd, gs, bits, O);
         return;
     }
@@ -478,10 +493,12 @@ void ops_qattn_tok_accum_avx2(const float *P, int g, int n, int lds, const uint8
 #define TOK_ACCUM(b, one) tok_accum_impl(p, qn, n, lds, codes, rstride, scale, min, hd, gs, b, one, o)
         if (gs == hd) {
             if (bits == 2) TOK_ACCUM(2, 1);
+            else if (bits == 3) TOK_ACCUM(3, 1);
             else if (bits == 4) TOK_ACCUM(4, 1);
             else TOK_ACCUM(8, 1);
         } else {
             if (bits == 2) TOK_ACCUM(2, 0);
+            else if (bits == 3) TOK_ACCUM(3, 0);
             else if (bits == 4) TOK_ACCUM(4, 0);
             else TOK_ACCUM(8, 0);
         }

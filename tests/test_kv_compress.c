@@ -202,9 +202,9 @@ static void test_storage_quality(const float *ref) {
     const char *specs[] = {"full+kivi:bits=8,resid=32", "full+kivi:bits=4,resid=32",
                            "full+kivi:bits=2,resid=32", "full+think:prune=0.4",
                            "full+think:prune=0.4+kivi:bits=4,resid=32", "h2o:budget=48+mikv:low=4",
-                           "h2o:budget=48+mikv:low=2", "h2o:budget=48"};
-    double kl[8];
-    for (int i = 0; i < 8; i++) {
+                           "h2o:budget=48+mikv:low=2", "h2o:budget=48", "h2o:budget=48+mikv:low=3"};
+    double kl[9];
+    for (int i = 0; i < 9; i++) {
         float *l = run(specs[i], 64, NULL, NULL);
         kl[i] = l ? mean_kl(ref, l, n_tok + N_DECODE) : INFINITY;
         fprintf(stderr, "%-42s KL vs full %.5f\n", specs[i], kl[i]);
@@ -219,6 +219,8 @@ static void test_storage_quality(const float *ref) {
      * the per-token codes are about as far off as eviction here; reported, not asserted) */
     CHECKF(kl[5] < 0.25 * kl[7], "mikv-4 KL %.4g not below a quarter of h2o's %.4g", kl[5], kl[7]);
     CHECKF(kl[6] < 2 * kl[7], "mikv-2 KL %.4g vs h2o's %.4g", kl[6], kl[7]);
+    CHECKF(kl[5] < kl[8] && kl[8] < kl[6], "mikv KL not falling with bits: 2: %.4g 3: %.4g 4: %.4g",
+           kl[6], kl[8], kl[5]);
 }
 
 static void test_packed_store(void) {
@@ -319,7 +321,7 @@ static void test_combinations(void) {
                            "kvmerger:budget=48,every=4+kivi:bits=4,group=64,resid=64",
                            "elastic:ratio=0.3,every=2+mikv:low=2",
                            "h2o:budget=40,every=2+merge=ems+kivi:bits=2,resid=32",
-                           "snapkv:mem=1M+kivi:bits=4,resid=32"};
+                           "snapkv:mem=1M+kivi:bits=4,resid=32", "tova:budget=40,every=2+mikv:low=3"};
     for (size_t i = 0; i < sizeof specs / sizeof specs[0]; i++) {
         kvs_context *c = new_ctx(specs[i], 64, false);
         if (!c) continue;
@@ -353,12 +355,14 @@ static void test_specs(void) {
     struct kv_spec s;
     CHECK(kv_spec_parse("snapkv:ratio=0.25+think:prune=0.4+kivi:bits=4", &s) == KVS_OK &&
           s.method == KV_SNAPKV && s.think && s.think_prune == 0.4f && s.kivi_bits == 4);
-    CHECK(kv_spec_parse("h2o:ratio=0.2+mikv:low=3", &s) == KVS_ERR_INVALID_ARG); /* 2, 4, 8 */
     CHECK(kv_spec_parse("h2o:ratio=0.2+mikv:low=4", &s) == KVS_OK && s.mikv_low == 4);
     CHECK(kv_spec_parse("mikv:ratio=0.2,low=2", &s) == KVS_OK && s.method == KV_H2O &&
           s.ratio == 0.2f && s.mikv_low == 2);
     CHECK(kv_spec_parse("kivi:bits=2", &s) == KVS_OK && s.method == KV_FULL && s.kivi_bits == 2);
     CHECK(kv_spec_parse("full+kivi:bits=4+mikv:low=2", &s) == KVS_ERR_INVALID_ARG);
+    CHECK(kv_spec_parse("h2o:ratio=0.2+mikv:low=3", &s) == KVS_OK && s.mikv_low == 3);
+    CHECK(kv_spec_parse("h2o:ratio=0.2+mikv:low=5", &s) == KVS_ERR_INVALID_ARG);
+    CHECK(kv_spec_parse("full+kivi:bits=3", &s) == KVS_ERR_INVALID_ARG);
     CHECK(kv_spec_parse("full+kivi:bits=3", &s) == KVS_ERR_INVALID_ARG);
     CHECK(kv_spec_parse("full+kivi:group=12", &s) == KVS_ERR_INVALID_ARG);
     CHECK(kv_spec_parse("full+kivi:resid=40", &s) == KVS_ERR_INVALID_ARG); /* not x group */

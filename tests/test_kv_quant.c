@@ -10,6 +10,7 @@
 #include "kv/kv_quant.h"
 
 #include <stdint.h>
+#include <string.h>
 
 static float gauss(void) { /* sum of uniforms: roughly normal, unit variance */
     float s = 0;
@@ -18,7 +19,7 @@ static float gauss(void) { /* sum of uniforms: roughly normal, unit variance */
 }
 
 /* The rounding error of a uniform quantizer is about uniform on [-step/2, step/2]: its mean
- * square should be near step^2 / 12 (checked for 4 and 8 bits; 2 bits has too few levels for
+ * square should be near step^2 / 12 (checked for 3, 4 and 8 bits; 2 bits has too few levels for
  * that); every element must be within half a step. */
 static void test_round_trip(int bits) {
     enum { N = 64 };
@@ -50,7 +51,7 @@ static void test_round_trip(int bits) {
             else if (x[i] == hi) CHECK(fabsf(y[i] - hi) <= 1e-5f * (fabsf(hi) + 1));
     }
     double rel = sqrt(err2 / ref2), ratio = err2 / theo;
-    if (bits >= 4) CHECKF(ratio > 0.7 && ratio < 1.3, "b=%d: error power %.3f of step^2/12", bits, ratio);
+    if (bits >= 3) CHECKF(ratio > 0.7 && ratio < 1.3, "b=%d: error power %.3f of step^2/12", bits, ratio);
     fprintf(stderr, "  b=%d: relative RMS error %.4f, error power %.3f of step^2/12\n", bits, rel,
             ratio);
 }
@@ -109,14 +110,44 @@ static void test_fused(int bits) {
     CHECK(kvq_code_bytes(bits, G) * 8 == (size_t)G * bits);
 }
 
+/* the bit stream: every code reads back what was put, at every offset, including the 3-bit
+ * codes that cross a byte, and putting one code leaves its neighbours alone */
+static void test_bitstream(int bits) {
+    enum { N = 67 };
+    uint8_t codes[N + 1];
+    int want[N];
+    memset(codes, 0, sizeof codes);
+    size_t nb = kvq_code_bytes(bits, N);
+    codes[nb] = 0xA5; /* a guard byte after the stream */
+    for (int i = 0; i < N; i++) {
+        want[i] = (int)(tu_rand_u64() % (1u << bits));
+        kvq_put(codes, bits, i, want[i]);
+        for (int j = 0; j <= i; j++) CHECKF(kvq_code(codes, bits, j) == want[j], "b=%d put %d read %d", bits, i, j);
+    }
+    CHECK(codes[nb] == 0xA5);
+    /* the layout: code i at bits [i b, i b + b) of the little-endian stream */
+    for (int i = 0; i < N; i++) {
+        int v = 0;
+        for (int k = 0; k < bits; k++) {
+            size_t bit = (size_t)i * bits + k;
+            v |= ((codes[bit / 8] >> (bit % 8)) & 1) << k;
+        }
+        CHECK(v == want[i]);
+    }
+}
+
 int main(void) {
     test_round_trip(8);
     test_round_trip(4);
+    test_round_trip(3);
     test_round_trip(2);
-    for (int b = 2; b <= 8; b *= 2) {
-        test_constant(b);
-        test_fused(b);
+    static const int all[] = {2, 3, 4, 8};
+    for (int i = 0; i < 4; i++) {
+        test_bitstream(all[i]);
+        test_constant(all[i]);
+        test_fused(all[i]);
     }
-    CHECK(kvq_bits_ok(2) && kvq_bits_ok(4) && kvq_bits_ok(8) && !kvq_bits_ok(3));
+    CHECK(kvq_bits_ok(2) && kvq_bits_ok(3) && kvq_bits_ok(4) && kvq_bits_ok(8) && !kvq_bits_ok(5) &&
+          !kvq_bits_ok(1));
     return tu_finish("test_kv_quant");
 }

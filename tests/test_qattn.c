@@ -1,8 +1,9 @@
 /* test_qattn.c — the fused low-bit attention kernels (ops_qattn_*): each scalar reference against
  * a plain dequantize-then-dot computed here with kv_quant.h (in double), and the AVX2 versions
- * against the references (skipped, not failed, without AVX2), for 2/4/8-bit codes, value rows
- * in groups of 8, 32 or hd channels (and 4: the AVX2 fallback), awkward token counts (tails,
- * zero), byte strides above the minimum and unaligned rows. Buffers are allocated to the exact
+ * against the references (skipped, not failed, without AVX2), for 2/3/4/8-bit codes (3-bit:
+ * AVX2 per-token kernels; blk_scores falls back to the reference), value rows in groups of 8, 32
+ * or hd channels (and 4: the AVX2 fallback), awkward token counts (tails, zero), byte strides
+ * above the minimum and unaligned rows. Buffers are allocated to the exact
  * byte the kernels may read, so ASan catches any over-read; S padding beyond n must stay
  * untouched, P padding holds NaN (must not be read), O must be added to.
  * Budget: |error| <= 1e-5 of the sum of absolute terms. */
@@ -13,7 +14,7 @@
 
 #include <stdint.h>
 
-static const int BITS[] = {2, 4, 8};
+static const int BITS[] = {2, 3, 4, 8}; /* 3: per-token kernels in AVX2, blk_scores falls back */
 static const int GS[] = {1, 3, 8, 20};
 static const int DS[] = {8, 40, 64, 128, 256};
 static const int NS[] = {0, 1, 7, 8, 31, 32, 33, 100};
@@ -204,10 +205,10 @@ static void test_tok_accum(int bits, int g, int hd, int vgs, int n, bool avx2) {
     for (int i = 0; i < g * hd; i++) want[i] = O0[i], mag[i] = fabs(O0[i]);
     for (int t = 0; t < n; t++) {
         const uint8_t *row = cd.codes + (size_t)t * rstride;
-        /* group k's codes start at bit k * vgs * bits, a byte boundary */
-        for (int k = 0; k < ng; k++)
-            kvq_dequant_group(row + (size_t)k * vgs * bits / 8, vgs, bits, scale[t * ng + k],
-                              min[t * ng + k], xh + k * vgs);
+        /* code by code: group k starts at bit k * vgs * bits, not on a byte for 3-bit codes
+         * when vgs is not a multiple of 8 */
+        for (int c = 0; c < hd; c++)
+            xh[c] = (float)kvq_code(row, bits, c) * scale[t * ng + c / vgs] + min[t * ng + c / vgs];
         for (int qi = 0; qi < g; qi++) {
             double p = P[qi * lds + t];
             for (int c = 0; c < hd; c++) {

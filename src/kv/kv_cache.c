@@ -463,8 +463,7 @@ static void blk_compact(const struct kv_seq *s, struct kv_head_store *h, const u
                 for (int32_t i = 0; i < m; i++) row[i] = (uint8_t)kvq_code(r, f->kbits, slot[i]);
                 uint8_t *o = dst + c * f->kstride;
                 memset(o, 0, f->kstride);
-                int per = 8 / f->kbits;
-                for (int32_t i = 0; i < m; i++) o[i / per] |= (uint8_t)(row[i] << ((i % per) * f->kbits));
+                for (int32_t i = 0; i < m; i++) kvq_put(o, f->kbits, i, row[i]);
             }
             memmove(h->cks + (size_t)nb * kd, h->cks + (size_t)b * kd, kd * 4);
             memmove(h->ckm + (size_t)nb * kd, h->ckm + (size_t)b * kd, kd * 4);

@@ -23,12 +23,11 @@ void kvq_quant_group(const float *x, int n, int stride, int bits, uint8_t *codes
     }
     *scale = s;
     float inv = 1.0f / s;
-    int per = 8 / bits;
     for (int i = 0; i < n; i++) {
         float t = (x[(size_t)i * stride] - lo) * inv;
         int c = (int)lrintf(t);
         c = c < 0 ? 0 : c > qmax ? qmax : c;
-        codes[i / per] |= (uint8_t)(c << ((i % per) * bits));
+        kvq_put(codes, bits, i, c);
     }
 }
 

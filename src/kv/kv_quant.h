@@ -3,7 +3,8 @@
  * Quantizer (KIVI, Liu et al. 2024, arXiv 2402.02750; shared/methods/kivi-mikv.md): asymmetric
  * min-max per group, scale = (max - min) / (2^b - 1), code = round((x - min) / scale) clamped to
  * [0, 2^b - 1], x̂ = code * scale + min. A constant group has scale 0 and reconstructs exactly
- * (no division by zero). Bits b ∈ {2, 4, 8}; codes are packed 8/b per byte, lowest bits first.
+ * (no division by zero). Bits b ∈ {2, 3, 4, 8} (3 for MiKV's per-token
+ * rows only); codes are a little-endian bit stream, lowest bits first (kvq_code).
  *
  * Grouping:
  *  - keys per channel: a block of G tokens of one KV head is quantized channel by channel (each
@@ -27,15 +28,25 @@ enum { KVQ_MAX_GROUP = 256 };
 
 /* bytes of n packed b-bit codes */
 static inline size_t kvq_code_bytes(int bits, int n) { return ((size_t)n * (size_t)bits + 7) / 8; }
-static inline int kvq_bits_ok(int bits) { return bits == 2 || bits == 4 || bits == 8; }
+static inline int kvq_bits_ok(int bits) { return bits == 2 || bits == 3 || bits == 4 || bits == 8; }
 
 /* One group of n floats (stride `stride` between them) -> packed codes, scale and min. */
 void kvq_quant_group(const float *x, int n, int stride, int bits, uint8_t *codes, float *scale,
                      float *min);
-/* code i of a packed group */
+/* Codes are a little-endian bit stream: code i occupies bits [i b, i b + b), lowest bits first.
+ * For b = 2, 4, 8 no code crosses a byte; 3-bit codes do (8 codes fill 3 bytes). */
 static inline int kvq_code(const uint8_t *codes, int bits, int i) {
-    int per = 8 / bits, sh = (i % per) * bits;
-    return (codes[i / per] >> sh) & ((1 << bits) - 1);
+    size_t bit = (size_t)i * (size_t)bits;
+    unsigned sh = (unsigned)(bit & 7), w = codes[bit >> 3];
+    if (sh + (unsigned)bits > 8) w |= (unsigned)codes[(bit >> 3) + 1] << 8;
+    return (int)((w >> sh) & ((1u << bits) - 1));
+}
+/* ORs code c (< 2^b) in at position i; the bytes start zeroed */
+static inline void kvq_put(uint8_t *codes, int bits, int i, int c) {
+    size_t bit = (size_t)i * (size_t)bits;
+    unsigned sh = (unsigned)(bit & 7);
+    codes[bit >> 3] |= (uint8_t)((unsigned)c << sh);
+    if (sh + (unsigned)bits > 8) codes[(bit >> 3) + 1] |= (uint8_t)((unsigned)c >> (8 - sh));
 }
 void kvq_dequant_group(const uint8_t *codes, int n, int bits, float scale, float min, float *out);
 

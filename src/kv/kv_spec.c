@@ -85,8 +85,9 @@ const char *kv_spec_help(void) {
            "             `group` tokens, values per token, 2/4/8 bits; the newest resid..resid+group\n"
            "             entries stay fp16; attention reads the codes directly\n"
            "  mikv:low=2,balance=1   MiKV: entries the method would evict are kept at `low` bits\n"
-           "             (per token, with the outlier channel balancer) instead; the budget counts\n"
-           "             the entries kept in fp16. mikv:ratio=0.2 alone means h2o:ratio=0.2+mikv\n"
+           "             (2, 3, 4 or 8; per token, with the outlier channel balancer) instead; the\n"
+           "             budget counts the entries kept in fp16. mikv:ratio=0.2 alone means\n"
+           "             h2o:ratio=0.2+mikv\n"
            "\n"
            "budget (one of, required except for full and streaming with window=):\n"
            "  budget=N   entries per KV head and layer\n"
@@ -183,8 +184,8 @@ static enum kvs_status set_mod_key(const char *spec, struct kv_spec *s, int mod,
         ok = parse_int(val, 0, 1 << 20, &s->kivi_resid);
         s->resid_given = true;
     } else if (mod == MOD_MIKV && !strcmp(key, "low")) {
-        ok = parse_int(val, 2, 8, &s->mikv_low) && (s->mikv_low == 2 || s->mikv_low == 4 || s->mikv_low == 8);
-        if (!ok) return bad(spec, "mikv low must be 2, 4 or 8 bits (got '%s')%s", val, "");
+        ok = parse_int(val, 2, 8, &s->mikv_low) && (s->mikv_low <= 4 || s->mikv_low == 8);
+        if (!ok) return bad(spec, "mikv low must be 2, 3, 4 or 8 bits (got '%s')%s", val, "");
     } else if (mod == MOD_MIKV && !strcmp(key, "balance")) {
         int32_t b;
         ok = parse_int(val, 0, 1, &b);

@@ -64,7 +64,7 @@ struct kv_spec {
     int32_t kivi_group;      /* kivi: tokens per key group (32) */
     int32_t kivi_resid;      /* kivi: newest entries kept fp16 (128, a multiple of group) */
     bool resid_given;        /* (parser use) resid= was given */
-    int32_t mikv_low;        /* mikv: bits of demoted entries, 2, 4 or 8 (0 = off) */
+    int32_t mikv_low;        /* mikv: bits of demoted entries, 2, 3, 4 or 8 (0 = off) */
     bool mikv_balance;       /* mikv: outlier channel balancer (1) */
     char text[256];          /* the normalised spec, for reports */
 };
