@@ -45,7 +45,9 @@ if [ -f "$model" ]; then
     check "help kv" 0 "snapkv" -- "$bin" --help kv
     check "help kv storage" 0 "kivi:bits=4,group=32,resid=128" -- "$bin" --help kv
     check "bad kivi bits" 2 "kivi bits must be 2, 4 or 8" -- "$bin" run -m "$model" --kv h2o:budget=8+kivi:bits=3 -p hi -n 1
-    check "bad storage key" 2 "unknown key 'bits' for think .accepted: prune, recent" -- "$bin" run -m "$model" --kv full+think:bits=2 -p hi -n 1
+    check "bad storage key" 2 "unknown key 'bits' for think .accepted: prune, ratio, recent" -- "$bin" run -m "$model" --kv full+think:bits=2 -p hi -n 1
+    check "bad mikv low" 2 "mikv low must be 2, 3, 4 or 8" -- "$bin" run -m "$model" --kv h2o:budget=8+mikv:low=5 -p hi -n 1
+    check "design spec" 0 "KV [0-9.]+ MiB" -- "$bin" run -m "$model" --kv think:ratio=0.4+kivi:bits=2 -p hi -n 2
     check "kivi and mikv" 2 "give one" -- "$bin" run -m "$model" --kv h2o:budget=8+kivi:bits=4+mikv:low=2 -p hi -n 1
     check "run composed" 0 "Rayleigh|scatter" -- "$bin" run -m "$model" --kv snapkv:budget=96+think:prune=0.4+kivi:bits=4,resid=32 -c 512 --chat --temp 0 -n 24 -q -p "Explain in two sentences why the sky is blue."
     check "ppl merging" 0 "perplexity [0-9.]+ over 511 predicted tokens" -- "$bin" ppl -m "$model" -f data/austen/emma.txt --tokens 512 --chunk 128 --kv d2o:budget=64

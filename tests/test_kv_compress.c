@@ -361,6 +361,9 @@ static void test_specs(void) {
     CHECK(kv_spec_parse("kivi:bits=2", &s) == KVS_OK && s.method == KV_FULL && s.kivi_bits == 2);
     CHECK(kv_spec_parse("full+kivi:bits=4+mikv:low=2", &s) == KVS_ERR_INVALID_ARG);
     CHECK(kv_spec_parse("h2o:ratio=0.2+mikv:low=3", &s) == KVS_OK && s.mikv_low == 3);
+    /* DESIGN.md's example: ratio= in a think part is ThinK's pruning ratio, not a token budget */
+    CHECK(kv_spec_parse("think:ratio=0.4+kivi:bits=2", &s) == KVS_OK && s.method == KV_FULL &&
+          s.think && s.think_prune == 0.4f && s.kivi_bits == 2 && s.budget == 0 && s.ratio == 0);
     CHECK(kv_spec_parse("h2o:ratio=0.2+mikv:low=5", &s) == KVS_ERR_INVALID_ARG);
     CHECK(kv_spec_parse("full+kivi:bits=3", &s) == KVS_ERR_INVALID_ARG);
     CHECK(kv_spec_parse("full+kivi:bits=3", &s) == KVS_ERR_INVALID_ARG);
@@ -370,7 +373,7 @@ static void test_specs(void) {
     CHECK(kv_spec_parse("h2o:mem=1M+mikv:low=2", &s) == KVS_ERR_INVALID_ARG);
     CHECK(kv_spec_parse("full+think:prune=0.99", &s) == KVS_ERR_INVALID_ARG);
     CHECK(kv_spec_parse("full+think:bits=4", &s) == KVS_ERR_INVALID_ARG);
-    CHECK(strstr(kvs_last_error(), "accepted: prune, recent") != NULL);
+    CHECK(strstr(kvs_last_error(), "accepted: prune, ratio, recent") != NULL);
     CHECK(kv_spec_parse("full+kivi:bits=4+kivi:bits=2", &s) == KVS_ERR_INVALID_ARG);
     CHECK(kv_spec_parse("streaming:budget=64+kivi:bits=4", &s) == KVS_ERR_INVALID_ARG);
     CHECK(kv_spec_parse("streaming:budget=64,pos=abs+kivi:bits=4", &s) == KVS_OK);

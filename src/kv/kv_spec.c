@@ -23,7 +23,7 @@ static const char *SHARED_KEYS =
 /* storage parts: `+kivi:bits=4`, `+think:prune=0.4`, `+mikv:low=2` */
 enum { MOD_NONE = -1, MOD_THINK, MOD_KIVI, MOD_MIKV, MOD_COUNT };
 static const char *MOD_NAMES[MOD_COUNT] = {"think", "kivi", "mikv"};
-static const char *MOD_KEYS[MOD_COUNT] = {"prune, recent", "bits, group, resid", "low, balance"};
+static const char *MOD_KEYS[MOD_COUNT] = {"prune, ratio, recent", "bits, group, resid", "low, balance"};
 
 const char *kv_method_name(enum kv_method m) {
     return (unsigned)m < KV_METHOD_COUNT ? METHOD_NAMES[m] : "?";
@@ -80,7 +80,8 @@ const char *kv_spec_help(void) {
            "  think:prune=0.4,recent=32   ThinK: per KV head, the key channels with the lowest\n"
            "             query-weighted energy are dropped and the rest stored packed (kept\n"
            "             channels rounded up to a multiple of 8); the newest `recent` prompt\n"
-           "             entries and generated tokens stay full width\n"
+           "             entries and generated tokens stay full width; think:ratio=0.4 is the\n"
+           "             same as think:prune=0.4 (the paper's pruning ratio)\n"
            "  kivi:bits=4,group=32,resid=128   KIVI: keys quantized per channel over groups of\n"
            "             `group` tokens, values per token, 2/4/8 bits; the newest resid..resid+group\n"
            "             entries stay fp16; attention reads the codes directly\n"
@@ -169,7 +170,7 @@ static enum kvs_status set_mod_key(const char *spec, struct kv_spec *s, int mod,
                                    const char *val) {
     double x;
     bool ok = true;
-    if (mod == MOD_THINK && !strcmp(key, "prune")) {
+    if (mod == MOD_THINK && (!strcmp(key, "prune") || !strcmp(key, "ratio"))) {
         ok = parse_num(val, 0.0, 0.95, &x);
         s->think_prune = (float)x;
     } else if (mod == MOD_THINK && !strcmp(key, "recent")) {
