@@ -181,6 +181,9 @@ void kvs_context_mem(const kvs_context *c, struct kvs_mem_stats *ms);
  * capacity rounding included; statistic slots and saved queries are not counted (they depend on
  * the context's policy, not on what the sequence keeps). */
 uint64_t kvs_seq_kv_bytes(const kvs_sequence *s);
+/* Entries a sequence holds now, averaged over its (layer, KV head) pairs: the tokens seen under
+ * `full` or pure storage parts, fewer under eviction or merging (MiKV keeps every token). */
+double kvs_seq_entries_per_head(const kvs_sequence *s);
 /* Bytes per token a cache under `kv_spec` holds once its storage parts have packed an entry
  * (all layers and KV heads; payload, scales, positions and weights; KIVI block metadata spread
  * over its tokens): the theoretical figure beside kvs_seq_kv_bytes / tokens. -1 on a bad spec. */

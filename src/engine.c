@@ -314,6 +314,14 @@ enum kvs_status kvs_seq_compress(kvs_context *c, kvs_sequence *s, const char *kv
 
 uint64_t kvs_seq_kv_bytes(const kvs_sequence *s) { return kv_seq_payload_bytes(s->kv); }
 
+double kvs_seq_entries_per_head(const kvs_sequence *s) {
+    const struct kv_cache *c = s->kv->owner;
+    int64_t n = 0;
+    for (int il = 0; il < c->n_layer; il++)
+        for (int ih = 0; ih < c->n_head_kv; ih++) n += kv_seq_head(s->kv, il, ih)->n;
+    return (double)n / ((double)c->n_layer * c->n_head_kv);
+}
+
 double kvs_kv_bytes_per_token(const kvs_model *m, const char *kv_spec) {
     struct kv_spec spec;
     if (kv_spec_parse(kv_spec ? kv_spec : "", &spec) != KVS_OK) return -1;

@@ -91,7 +91,12 @@ static const char *USAGE =
     "bench: --prompt N       prefill benchmark prompt length (default 512)\n"
     "       --contexts A,B,C decode speed measured at these context lengths\n"
     "                        (default 128,2048,8000, capped at the context size)\n"
-    "       --decode N       decode steps timed at each context (default 32)\n";
+    "       --decode N       decode steps timed at each context (default 32)\n"
+    "       with --json, per context: tok_s beside bound_tok_s (read bandwidth / (weight\n"
+    "       bytes + KV bytes held)); kv_payload_bytes of the sequence's entries over the\n"
+    "       tokens seen (kv_bytes_per_token_seen) and over the entries held per layer and KV\n"
+    "       head (kv_bytes_per_cached_token); kv_bytes_per_token_theory: one entry of this\n"
+    "       storage once packed, all layers (fp16 for full)\n";
 
 static void die_usage(const char *fmt, ...) {
     va_list ap;
@@ -677,7 +682,8 @@ static int cmd_bench(const struct opts *o) {
     kvs_seq_reset(c, s);
     double dec_tps[8], dec_bound[8];
     uint64_t dec_kv[8], dec_payload[8];
-    int dec_held[8];
+    int dec_seen[8];
+    double dec_held[8];
     for (int i = 0; i < n_ctxs; i++) {
         int at = kvs_seq_n_past(s);
         if (ctxs[i] > at) {
@@ -703,7 +709,8 @@ static int cmd_bench(const struct opts *o) {
         kvs_context_mem(c, &held);
         dec_kv[i] = held.kv_bytes;
         dec_payload[i] = kvs_seq_kv_bytes(s);
-        dec_held[i] = kvs_seq_n_past(s);
+        dec_seen[i] = kvs_seq_n_past(s);
+        dec_held[i] = kvs_seq_entries_per_head(s);
         if (!o->quiet) fprintf(stderr, "bench: decode at %d: %.1f tok/s\n", ctxs[i], dec_tps[i]);
     }
     /* peak RSS of the engine itself, read before the bandwidth probe allocates its buffer */
@@ -731,11 +738,12 @@ static int cmd_bench(const struct opts *o) {
         for (int i = 0; i < n_ctxs; i++)
             printf("%s{\"context\":%d,\"steps\":%d,\"tok_s\":%.2f,\"kv_bytes\":%llu,\"bytes_per_token\":%llu,"
                    "\"bound_tok_s\":%.2f,\"fraction_of_bound\":%.3f,\"kv_payload_bytes\":%llu,"
+                   "\"kv_entries_per_head\":%.1f,\"kv_bytes_per_token_seen\":%.1f,"
                    "\"kv_bytes_per_cached_token\":%.1f}", i ? "," : "", ctxs[i],
                    o->bench_decode, dec_tps[i], (unsigned long long)dec_kv[i],
                    (unsigned long long)(mi.weight_bytes + dec_kv[i]),
                    dec_bound[i], dec_tps[i] / dec_bound[i], (unsigned long long)dec_payload[i],
-                   (double)dec_payload[i] / dec_held[i]);
+                   dec_held[i], (double)dec_payload[i] / dec_seen[i], (double)dec_payload[i] / dec_held[i]);
         printf("],\"kv_bytes_per_token_theory\":%.1f,\"kv_bytes\":%llu,\"kv_bytes_peak\":%llu,\"scratch_bytes\":%llu,"
                "\"peak_rss_bytes\":%ld,\"logits_hash\":\"%016llx\"}\n",
                kvs_kv_bytes_per_token(m, o->kv), (unsigned long long)mem.kv_bytes, (unsigned long long)mem.kv_bytes_peak,
@@ -747,10 +755,11 @@ static int cmd_bench(const struct opts *o) {
         printf("prefill %d tokens: %.1f tok/s (%.0f ms)\n", o->bench_prompt,
                o->bench_prompt / (pf_ms / 1e3), pf_ms);
         for (int i = 0; i < n_ctxs; i++)
-            printf("decode at %5d: %7.1f tok/s   bound %7.1f tok/s (%.0f%%)   KV %.0f B/token\n",
+            printf("decode at %5d: %7.1f tok/s   bound %7.1f tok/s (%.0f%%)   KV %.0f B/token seen, "
+                   "%.0f B/entry held (%.0f entries per head)\n",
                    ctxs[i], dec_tps[i], dec_bound[i], 100 * dec_tps[i] / dec_bound[i],
-                   (double)dec_payload[i] / dec_held[i]);
-        printf("KV bytes per token in this storage (theory): %.0f\n", kvs_kv_bytes_per_token(m, o->kv));
+                   (double)dec_payload[i] / dec_seen[i], (double)dec_payload[i] / dec_held[i], dec_held[i]);
+        printf("KV bytes per packed entry in this storage (theory): %.0f\n", kvs_kv_bytes_per_token(m, o->kv));
         printf("KV peak %.1f MiB, scratch %.1f MiB, peak RSS %.1f MiB, logits hash %016llx\n",
                mem.kv_bytes_peak / 1048576.0, mem.scratch_bytes / 1048576.0,
                rss / 1048576.0, (unsigned long long)logit_hash);

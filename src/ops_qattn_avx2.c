@@ -71,8 +71,11 @@ static inline __m256i spread4(int base) {
 /* 8 codes at p (a group of 8 starts on a byte for every b), lane-scaled; reads b bytes */
 ALWAYS_INLINE __m256 xcodes8(const uint8_t *p, int bits) {
     if (bits == 3) {
-        uint32_t w = 0;
-        memcpy(&w, p, 3);
+        /* composed in a register: a 3-byte memcpy into a 4-byte word would be a store-forwarding
+         * stall on every 8 codes */
+        uint16_t lo;
+        memcpy(&lo, p, 2);
+        uint32_t w = (uint32_t)lo | (uint32_t)p[2] << 16;
         __m256i v = _mm256_srlv_epi32(_mm256_set1_epi32((int)w),
                                       _mm256_setr_epi32(0, 3, 6, 9, 12, 15, 18, 21));
         return _mm256_cvtepi32_ps(_mm256_and_si256(v, _mm256_set1_epi32(7)));
