@@ -107,15 +107,6 @@ void ops_attn_accum_add_ref(const float *P, int g, int n, int lds, const uint16_
         }
 }
 
-/* code i of a row of packed b-bit codes: a little-endian bit stream, lowest bits first (3-bit
- * codes cross bytes) */
-static inline float qcode(const uint8_t *row, int bits, int i) {
-    size_t bit = (size_t)i * (size_t)bits;
-    unsigned sh = (unsigned)(bit & 7), w = row[bit >> 3];
-    if (sh + (unsigned)bits > 8) w |= (unsigned)row[(bit >> 3) + 1] << 8;
-    return (float)((w >> sh) & ((1u << bits) - 1));
-}
-
 /* The references use the factored form the fast kernels use (codes times the query folded with
  * the scale, plus one bias term), summed in the natural order; tests/test_qattn.c checks them
  * against plain dequantize-then-dot. */
@@ -129,7 +120,7 @@ void ops_qattn_blk_scores_ref(const float *Q, int g, int kd, const uint8_t *code
         for (int t = 0; t < nt; t++) {
             float acc = bias;
             for (int c = 0; c < kd; c++)
-                acc += (q[c] * scale[c]) * qcode(codes + (size_t)c * cstride, bits, t);
+                acc += (q[c] * scale[c]) * (float)ops_qcode(codes + (size_t)c * cstride, bits, t);
             S[(size_t)qi * lds + t] = sc * acc;
         }
     }
@@ -145,7 +136,7 @@ void ops_qattn_tok_scores_ref(const float *Q, int g, int kd, const uint8_t *code
         for (int t = 0; t < n; t++) {
             const uint8_t *row = codes + (size_t)t * rstride;
             float dot = 0.0f;
-            for (int c = 0; c < kd; c++) dot += q[c] * qcode(row, bits, c);
+            for (int c = 0; c < kd; c++) dot += q[c] * (float)ops_qcode(row, bits, c);
             S[(size_t)qi * lds + t] = sc * (scale[t] * dot + min[t] * qsum);
         }
     }
@@ -164,7 +155,7 @@ void ops_qattn_tok_accum_ref(const float *P, int g, int n, int lds, const uint8_
                 const uint8_t *row = codes + (size_t)t * rstride;
                 float p = P[(size_t)qi * lds + t], ps = p * scale[(size_t)t * ng + k];
                 bias += p * min[(size_t)t * ng + k];
-                for (int c = 0; c < gs; c++) o[c] += ps * qcode(row, bits, k * gs + c);
+                for (int c = 0; c < gs; c++) o[c] += ps * (float)ops_qcode(row, bits, k * gs + c);
             }
             for (int c = 0; c < gs; c++) o[c] += bias;
         }

@@ -98,5 +98,12 @@ void ops_qattn_tok_scores_avx2(const float *Q, int g, int kd, const uint8_t *cod
 void ops_qattn_tok_accum_avx2(const float *P, int g, int n, int lds, const uint8_t *codes,
                               size_t rstride, const float *scale, const float *min, int hd,
                               int gs, int bits, float *O);
+/* code i of a b-bit code stream (the layout of the kernels above) */
+static inline int ops_qcode(const uint8_t *codes, int bits, int i) {
+    size_t bit = (size_t)i * (size_t)bits;
+    unsigned sh = (unsigned)(bit & 7), w = codes[bit >> 3];
+    if (sh + (unsigned)bits > 8) w |= (unsigned)codes[(bit >> 3) + 1] << 8;
+    return (int)((w >> sh) & ((1u << bits) - 1));
+}
 
 #endif

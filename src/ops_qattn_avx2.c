@@ -1,8 +1,9 @@
 /* ops_qattn_avx2.c — AVX2/FMA versions of the fused low-bit attention kernels (ops_qattn_*, see
- * ops.h). They read the packed 2/4/8-bit codes (and 3-bit per-token rows) of the KV payload directly: codes are masked and
- * converted to floats in registers (or, for per-token keys, into an 8-row L1 block that the g
- * query heads of a KV head share); the cache is never dequantized to memory. Compiled with
- * -mavx2 -mfma -mf16c; called only after ops_init() has seen those features.
+ * ops.h). They read the packed 2/4/8-bit codes (and 3-bit per-token rows) of the KV payload
+ * directly: codes are masked and converted to floats in registers (or, for per-token keys, into
+ * an 8-row L1 block that the g query heads of a KV head share); the cache is never dequantized
+ * to memory. Compiled with -mavx2 -mfma -mf16c; called only after ops_init() has seen those
+ * features.
  * Reads never go past the bytes that hold the requested codes (a partial tail of a key block is
  * copied to a zero-padded scratch first), and only S[qi * lds + t] for t < n is written.
  * Results match the references to float rounding (FMA, summation order), not bit for bit. */

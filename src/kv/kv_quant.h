@@ -3,8 +3,8 @@
  * Quantizer (KIVI, Liu et al. 2024, arXiv 2402.02750; shared/methods/kivi-mikv.md): asymmetric
  * min-max per group, scale = (max - min) / (2^b - 1), code = round((x - min) / scale) clamped to
  * [0, 2^b - 1], x̂ = code * scale + min. A constant group has scale 0 and reconstructs exactly
- * (no division by zero). Bits b ∈ {2, 3, 4, 8} (3 for MiKV's per-token
- * rows only); codes are a little-endian bit stream, lowest bits first (kvq_code).
+ * (no division by zero). Bits b ∈ {2, 3, 4, 8} (3 for MiKV's per-token rows only); codes are a
+ * little-endian bit stream, lowest bits first (ops_qcode in ops.h reads them).
  *
  * Grouping:
  *  - keys per channel: a block of G tokens of one KV head is quantized channel by channel (each
@@ -21,6 +21,8 @@
 #ifndef KVS_KV_QUANT_H
 #define KVS_KV_QUANT_H
 
+#include "ops.h"
+
 #include <stddef.h>
 #include <stdint.h>
 
@@ -35,12 +37,7 @@ void kvq_quant_group(const float *x, int n, int stride, int bits, uint8_t *codes
                      float *min);
 /* Codes are a little-endian bit stream: code i occupies bits [i b, i b + b), lowest bits first.
  * For b = 2, 4, 8 no code crosses a byte; 3-bit codes do (8 codes fill 3 bytes). */
-static inline int kvq_code(const uint8_t *codes, int bits, int i) {
-    size_t bit = (size_t)i * (size_t)bits;
-    unsigned sh = (unsigned)(bit & 7), w = codes[bit >> 3];
-    if (sh + (unsigned)bits > 8) w |= (unsigned)codes[(bit >> 3) + 1] << 8;
-    return (int)((w >> sh) & ((1u << bits) - 1));
-}
+static inline int kvq_code(const uint8_t *codes, int bits, int i) { return ops_qcode(codes, bits, i); }
 /* ORs code c (< 2^b) in at position i; the bytes start zeroed */
 static inline void kvq_put(uint8_t *codes, int bits, int i, int c) {
     size_t bit = (size_t)i * (size_t)bits;
