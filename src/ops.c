@@ -13,14 +13,14 @@ void (*ops_attn_accum)(const float *, int, int, int, const uint16_t *, int,
                        float *) = ops_attn_accum_ref;
 void (*ops_attn_accum_add)(const float *, int, int, int, const uint16_t *, int,
                            float *) = ops_attn_accum_add_ref;
-void (*ops_qattn_blk_scores)(const float *, int, int, const uint8_t *, size_t, const float *,
-                             const float *, int, int, float, float *,
+void (*ops_qattn_blk_scores)(const float *, int, int, const uint8_t *, size_t, const uint16_t *,
+                             const uint16_t *, int, int, float, float *,
                              int) = ops_qattn_blk_scores_ref;
-void (*ops_qattn_tok_scores)(const float *, int, int, const uint8_t *, size_t, const float *,
-                             const float *, int, int, float, float *,
+void (*ops_qattn_tok_scores)(const float *, int, int, const uint8_t *, size_t, const uint16_t *,
+                             const uint16_t *, int, int, float, float *,
                              int) = ops_qattn_tok_scores_ref;
-void (*ops_qattn_tok_accum)(const float *, int, int, int, const uint8_t *, size_t, const float *,
-                            const float *, int, int, int, float *) = ops_qattn_tok_accum_ref;
+void (*ops_qattn_tok_accum)(const float *, int, int, int, const uint8_t *, size_t, const uint16_t *,
+                            const uint16_t *, int, int, int, float *) = ops_qattn_tok_accum_ref;
 
 static bool forced_ref;
 
@@ -111,23 +111,23 @@ void ops_attn_accum_add_ref(const float *P, int g, int n, int lds, const uint16_
  * the scale, plus one bias term), summed in the natural order; tests/test_qattn.c checks them
  * against plain dequantize-then-dot. */
 void ops_qattn_blk_scores_ref(const float *Q, int g, int kd, const uint8_t *codes, size_t cstride,
-                              const float *scale, const float *min, int nt, int bits, float sc,
+                              const uint16_t *scale, const uint16_t *min, int nt, int bits, float sc,
                               float *S, int lds) {
     for (int qi = 0; qi < g; qi++) {
         const float *q = Q + (size_t)qi * kd;
         float bias = 0.0f;
-        for (int c = 0; c < kd; c++) bias += q[c] * min[c];
+        for (int c = 0; c < kd; c++) bias += q[c] * quant_f16_to_f32(min[c]);
         for (int t = 0; t < nt; t++) {
             float acc = bias;
             for (int c = 0; c < kd; c++)
-                acc += (q[c] * scale[c]) * (float)ops_qcode(codes + (size_t)c * cstride, bits, t);
+                acc += (q[c] * quant_f16_to_f32(scale[c])) * (float)ops_qcode(codes + (size_t)c * cstride, bits, t);
             S[(size_t)qi * lds + t] = sc * acc;
         }
     }
 }
 
 void ops_qattn_tok_scores_ref(const float *Q, int g, int kd, const uint8_t *codes, size_t rstride,
-                              const float *scale, const float *min, int n, int bits, float sc,
+                              const uint16_t *scale, const uint16_t *min, int n, int bits, float sc,
                               float *S, int lds) {
     for (int qi = 0; qi < g; qi++) {
         const float *q = Q + (size_t)qi * kd;
@@ -137,13 +137,14 @@ void ops_qattn_tok_scores_ref(const float *Q, int g, int kd, const uint8_t *code
             const uint8_t *row = codes + (size_t)t * rstride;
             float dot = 0.0f;
             for (int c = 0; c < kd; c++) dot += q[c] * (float)ops_qcode(row, bits, c);
-            S[(size_t)qi * lds + t] = sc * (scale[t] * dot + min[t] * qsum);
+            S[(size_t)qi * lds + t] =
+                sc * (quant_f16_to_f32(scale[t]) * dot + quant_f16_to_f32(min[t]) * qsum);
         }
     }
 }
 
 void ops_qattn_tok_accum_ref(const float *P, int g, int n, int lds, const uint8_t *codes,
-                             size_t rstride, const float *scale, const float *min, int hd,
+                             size_t rstride, const uint16_t *scale, const uint16_t *min, int hd,
                              int gs, int bits, float *O) {
     if (n <= 0) return;
     const int ng = hd / gs;
@@ -153,8 +154,8 @@ void ops_qattn_tok_accum_ref(const float *P, int g, int n, int lds, const uint8_
             float bias = 0.0f;
             for (int t = 0; t < n; t++) {
                 const uint8_t *row = codes + (size_t)t * rstride;
-                float p = P[(size_t)qi * lds + t], ps = p * scale[(size_t)t * ng + k];
-                bias += p * min[(size_t)t * ng + k];
+                float p = P[(size_t)qi * lds + t], ps = p * quant_f16_to_f32(scale[(size_t)t * ng + k]);
+                bias += p * quant_f16_to_f32(min[(size_t)t * ng + k]);
                 for (int c = 0; c < gs; c++) o[c] += ps * (float)ops_qcode(row, bits, k * gs + c);
             }
             for (int c = 0; c < gs; c++) o[c] += bias;

@@ -58,7 +58,7 @@ void ops_attn_accum_avx2(const float *P, int g, int n, int lds, const uint16_t *
  * kernels read the packed codes directly, never a dequantized copy of the cache. Codes are b-bit,
  * b in {2, 3, 4, 8}, a little-endian bit stream (code i at bits i b .. i b + b - 1; 3-bit codes
  * cross bytes, 8 of them fill 3); a code x dequantizes to
- * x * scale + min. Q is (g, kd) floats (query rows of one KV head, any number, already gathered to the
+ * x * scale + min, scale and min fp16 (the store's layout). Q is (g, kd) floats (query rows of one KV head, any number, already gathered to the
  * kd stored key channels); sc is the softmax scale (1/sqrt(original head_dim)).
  * qattn_blk_scores: one KIVI key block, per channel: the codes of channel c for tokens 0..nt-1
  *     start at codes + c * cstride (cstride >= bytes of nt codes); one (scale, min) per channel.
@@ -72,31 +72,31 @@ void ops_attn_accum_avx2(const float *P, int g, int n, int lds, const uint16_t *
  *     O[qi * hd + c] += sum_{t < n} P[qi * lds + t] * (code(t, c) * scale[t, c / gs]
  *     + min[t, c / gs]). Adds to O. */
 extern void (*ops_qattn_blk_scores)(const float *Q, int g, int kd, const uint8_t *codes,
-                                    size_t cstride, const float *scale, const float *min, int nt,
+                                    size_t cstride, const uint16_t *scale, const uint16_t *min, int nt,
                                     int bits, float sc, float *S, int lds);
 extern void (*ops_qattn_tok_scores)(const float *Q, int g, int kd, const uint8_t *codes,
-                                    size_t rstride, const float *scale, const float *min, int n,
+                                    size_t rstride, const uint16_t *scale, const uint16_t *min, int n,
                                     int bits, float sc, float *S, int lds);
 extern void (*ops_qattn_tok_accum)(const float *P, int g, int n, int lds, const uint8_t *codes,
-                                   size_t rstride, const float *scale, const float *min, int hd,
+                                   size_t rstride, const uint16_t *scale, const uint16_t *min, int hd,
                                    int gs, int bits, float *O);
 void ops_qattn_blk_scores_ref(const float *Q, int g, int kd, const uint8_t *codes, size_t cstride,
-                              const float *scale, const float *min, int nt, int bits, float sc,
+                              const uint16_t *scale, const uint16_t *min, int nt, int bits, float sc,
                               float *S, int lds);
 void ops_qattn_tok_scores_ref(const float *Q, int g, int kd, const uint8_t *codes, size_t rstride,
-                              const float *scale, const float *min, int n, int bits, float sc,
+                              const uint16_t *scale, const uint16_t *min, int n, int bits, float sc,
                               float *S, int lds);
 void ops_qattn_tok_accum_ref(const float *P, int g, int n, int lds, const uint8_t *codes,
-                             size_t rstride, const float *scale, const float *min, int hd,
+                             size_t rstride, const uint16_t *scale, const uint16_t *min, int hd,
                              int gs, int bits, float *O);
 void ops_qattn_blk_scores_avx2(const float *Q, int g, int kd, const uint8_t *codes,
-                               size_t cstride, const float *scale, const float *min, int nt,
+                               size_t cstride, const uint16_t *scale, const uint16_t *min, int nt,
                                int bits, float sc, float *S, int lds);
 void ops_qattn_tok_scores_avx2(const float *Q, int g, int kd, const uint8_t *codes,
-                               size_t rstride, const float *scale, const float *min, int n,
+                               size_t rstride, const uint16_t *scale, const uint16_t *min, int n,
                                int bits, float sc, float *S, int lds);
 void ops_qattn_tok_accum_avx2(const float *P, int g, int n, int lds, const uint8_t *codes,
-                              size_t rstride, const float *scale, const float *min, int hd,
+                              size_t rstride, const uint16_t *scale, const uint16_t *min, int hd,
                               int gs, int bits, float *O);
 /* code i of a b-bit code stream (the layout of the kernels above) */
 static inline int ops_qcode(const uint8_t *codes, int bits, int i) {

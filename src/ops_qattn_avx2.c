@@ -51,6 +51,17 @@ ALWAYS_INLINE __m256 lane_inv(int bits) {
     if (bits == 4) return _mm256_setr_ps(1.0f, 0x1p-4f, 1.0f, 0x1p-4f, 1.0f, 0x1p-4f, 1.0f, 0x1p-4f);
     return _mm256_set1_ps(1.0f);
 }
+/* 8 fp16 scales or minima (the store keeps them in half precision) as floats */
+ALWAYS_INLINE __m256 cvt8h(const uint16_t *p) {
+    return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)p));
+}
+/* n fp16 values as floats */
+ALWAYS_INLINE void widen(const uint16_t *p, int n, float *out) {
+    int i = 0;
+    for (; i + 8 <= n; i += 8) _mm256_storeu_ps(out + i, cvt8h(p + i));
+    for (; i < n; i++) out[i] = _cvtsh_ss(p[i]);
+}
+
 ALWAYS_INLINE __m256 lane_scale(int bits) {
     if (bits == 2)
         return _mm256_setr_ps(1.0f, 0x1p2f, 0x1p4f, 0x1p6f, 0x1p8f, 0x1p10f, 0x1p12f, 0x1p14f);
@@ -208,7 +219,7 @@ static void blk_tile_any(const uint8_t *p, size_t cstride, int kd, const float *
 }
 
 void ops_qattn_blk_scores_avx2(const float *Q, int g, int kd, const uint8_t *codes,
-                               size_t cstride, const float *scale, const float *min, int nt,
+                               size_t cstride, const uint16_t *scale, const uint16_t *min, int nt,
                                int bits, float sc, float *S, int lds) {
     if (nt <= 0 || g <= 0) return;
     if (kd <= 0 || kd % 8 != 0 || kd > QA_MAXD || !bits_ok(bits)) {
@@ -217,6 +228,11 @@ void ops_qattn_blk_scores_avx2(const float *Q, int g, int kd, const uint8_t *cod
     }
     float qs[QA_MAXD * BLK_QS] __attribute__((aligned(32)));
     float bias[BLK_QS];
+    float sf[QA_MAXD], mf[QA_MAXD]; /* the block's fp16 scales and minima, widened once */
+    for (int c = 0; c < kd; c += 8) {
+        _mm256_storeu_ps(sf + c, cvt8h(scale + c));
+        _mm256_storeu_ps(mf + c, cvt8h(min + c));
+    }
     /* the last partial tile reads a zero-padded copy of its bytes (never past the row's end) */
     uint8_t tail[QA_MAXD * 2 * 8];
     const size_t tstride = 2 * 8; /* bytes of 16 codes at 8 bits, the most a tile reads */
@@ -236,8 +252,8 @@ void ops_qattn_blk_scores_avx2(const float *Q, int g, int kd, const uint8_t *cod
             __m256 b = _mm256_setzero_ps();
             for (int c = 0; c < kd; c += 8) {
                 __m256 qv = _mm256_loadu_ps(q + c);
-                _mm256_store_ps(qs + j * kd + c, _mm256_mul_ps(qv, _mm256_loadu_ps(scale + c)));
-                b = _mm256_fmadd_ps(qv, _mm256_loadu_ps(min + c), b);
+                _mm256_store_ps(qs + j * kd + c, _mm256_mul_ps(qv, _mm256_loadu_ps(sf + c)));
+                b = _mm256_fmadd_ps(qv, _mm256_loadu_ps(mf + c), b);
             }
             bias[j] = hsum8(b);
         }
@@ -274,7 +290,7 @@ static inline __m256 sum8x8(const __m256 v[8]) {
 /* queries [0, g) of one chunk (g <= TOK_QC). The rows hold lane-scaled codes; the queries are
  * scaled by the inverse lane scale instead (exact), so the dots come out in plain units. */
 ALWAYS_INLINE void tok_scores_impl(const float *Q, int g, int kd, const uint8_t *codes,
-                                   size_t rstride, const float *scale, const float *min, int n,
+                                   size_t rstride, const uint16_t *scale, const uint16_t *min, int n,
                                    const int bits, float sc, float *S, int lds) {
     float kb[8 * QA_MAXD] __attribute__((aligned(32)));
     float qx[TOK_QC * QA_MAXD] __attribute__((aligned(32)));
@@ -295,14 +311,14 @@ ALWAYS_INLINE void tok_scores_impl(const float *Q, int g, int kd, const uint8_t 
         for (int i = nb * kd; i < 8 * kd; i += 8) _mm256_store_ps(kb + i, _mm256_setzero_ps());
         __m256 vs, vm;
         if (nb == 8) {
-            vs = _mm256_loadu_ps(scale + j);
-            vm = _mm256_loadu_ps(min + j);
+            vs = cvt8h(scale + j);
+            vm = cvt8h(min + j);
         } else {
-            float ts[8] = {0}, tm[8] = {0};
-            memcpy(ts, scale + j, sizeof(float) * (size_t)nb);
-            memcpy(tm, min + j, sizeof(float) * (size_t)nb);
-            vs = _mm256_loadu_ps(ts);
-            vm = _mm256_loadu_ps(tm);
+            uint16_t ts[8] = {0}, tm[8] = {0};
+            memcpy(ts, scale + j, sizeof(uint16_t) * (size_t)nb);
+            memcpy(tm, min + j, sizeof(uint16_t) * (size_t)nb);
+            vs = cvt8h(ts);
+            vm = cvt8h(tm);
         }
         for (int qi = 0; qi < g; qi++) {
             const float *q = qx + qi * kd;
@@ -330,7 +346,7 @@ ALWAYS_INLINE void tok_scores_impl(const float *Q, int g, int kd, const uint8_t 
 }
 
 void ops_qattn_tok_scores_avx2(const float *Q, int g, int kd, const uint8_t *codes,
-                               size_t rstride, const float *scale, const float *min, int n,
+                               size_t rstride, const uint16_t *scale, const uint16_t *min, int n,
                                int bits, float sc, float *S, int lds) {
     if (n <= 0 || g <= 0) return;
     if (kd <= 0 || kd % 8 != 0 || kd > QA_MAXD || !tok_bits_ok(bits)) {
@@ -405,7 +421,7 @@ ALWAYS_INLINE void cols8(const float *v, int ng, __m256 *t) {
 }
 
 ALWAYS_INLINE void tok_accum_impl(const float *P, int g, int n, int lds, const uint8_t *codes,
-                                  size_t rstride, const float *scale, const float *min, int hd,
+                                  size_t rstride, const uint16_t *scale, const uint16_t *min, int hd,
                                   int gs, const int bits, const int one, float *O) {
     const int ng = one ? 1 : hd / gs; /* groups per row: ng * 8 <= hd */
     if (one) gs = hd;
@@ -422,10 +438,13 @@ ALWAYS_INLINE void tok_accum_impl(const float *P, int g, int n, int lds, const u
     int j = 0;
     for (; j + 8 <= n; j += 8) {
         if (one) {
-            st[0] = _mm256_loadu_ps(scale + j), mt[0] = _mm256_loadu_ps(min + j);
-        } else {
-            cols8(scale + (size_t)j * ng, ng, st);
-            cols8(min + (size_t)j * ng, ng, mt);
+            st[0] = cvt8h(scale + j), mt[0] = cvt8h(min + j);
+        } else { /* 8 rows of ng fp16 scales (minima), widened, then transposed */
+            float wf[QA_MAXD];
+            widen(scale + (size_t)j * ng, 8 * ng, wf);
+            cols8(wf, ng, st);
+            widen(min + (size_t)j * ng, 8 * ng, wf);
+            cols8(wf, ng, mt);
         }
         for (int k = 0; k < ng; k++) {
             for (int qi = 0; qi < g; qi++) {
@@ -453,7 +472,9 @@ ALWAYS_INLINE void tok_accum_impl(const float *P, int g, int n, int lds, const u
     }
     for (; j < n; j++) {
         xcodes_row(codes + (size_t)j * rstride, hd, bits, vb);
-        const float *sj = scale + (size_t)j * ng, *mj = min + (size_t)j * ng;
+        float sj[QA_MAXD / 8], mj[QA_MAXD / 8];
+        widen(scale + (size_t)j * ng, ng, sj);
+        widen(min + (size_t)j * ng, ng, mj);
         for (int qi = 0; qi < g; qi++) {
             float p = P[(size_t)qi * lds + j];
             float *a = acc + qi * hd;
@@ -482,7 +503,7 @@ ALWAYS_INLINE void tok_accum_impl(const float *P, int g, int n, int lds, const u
 }
 
 void ops_qattn_tok_accum_avx2(const float *P, int g, int n, int lds, const uint8_t *codes,
-                              size_t rstride, const float *scale, const float *min, int hd,
+                              size_t rstride, const uint16_t *scale, const uint16_t *min, int hd,
                               int gs, int bits, float *O) {
     if (n <= 0 || g <= 0) return;
     if (hd <= 0 || hd % 8 != 0 || hd > QA_MAXD || gs <= 0 || gs % 8 != 0 || hd % gs != 0 ||

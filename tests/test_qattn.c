@@ -10,6 +10,7 @@
 #include "base.h"
 #include "kv/kv_quant.h"
 #include "ops.h"
+#include "quant.h"
 #include "testutil.h"
 
 #include <stdint.h>
@@ -42,13 +43,16 @@ static Codes make_codes(int rows, size_t row_bytes, size_t stride) {
     return c;
 }
 
-/* per-group (scale, min): every fifth scale 0 (a constant group), the rest in [0, 0.5) */
-static void make_scales(float *scale, float *min, int n) {
+/* per-group (scale, min): every fifth scale 0 (a constant group), the rest in [0, 0.5); the
+ * kernels read them as fp16 (hs, hm), the expected values use the same numbers widened */
+static void make_scales(float *scale, float *min, uint16_t *hs, uint16_t *hm, int n) {
     for (int i = 0; i < n; i++) {
-        scale[i] = rand_int(5) == 0 ? 0.0f : 0.25f * (tu_randf() + 1.0f);
-        min[i] = tu_randf();
+        hs[i] = quant_f32_to_f16(rand_int(5) == 0 ? 0.0f : 0.25f * (tu_randf() + 1.0f));
+        hm[i] = quant_f32_to_f16(tu_randf());
+        scale[i] = quant_f16_to_f32(hs[i]), min[i] = quant_f16_to_f32(hm[i]);
     }
 }
+static uint16_t *halloc(int n) { return malloc(sizeof(uint16_t) * (size_t)(n > 0 ? n : 1)); }
 
 /* exact-size float array (n may be 0) so that reading past n trips ASan */
 static float *falloc(int n) { return malloc(sizeof(float) * (size_t)(n > 0 ? n : 1)); }
@@ -86,8 +90,9 @@ static void test_blk_scores(int bits, int g, int kd, int nt, bool avx2) {
     size_t rb = kvq_code_bytes(bits, nt), cstride = rb + 1 + (size_t)rand_int(13);
     Codes cd = make_codes(kd, rb, cstride);
     float *Q = falloc(g * kd), *scale = falloc(kd), *min = falloc(kd);
+    uint16_t *hs = halloc(kd), *hm = halloc(kd);
     for (int i = 0; i < g * kd; i++) Q[i] = 2.0f * tu_randf();
-    make_scales(scale, min, kd);
+    make_scales(scale, min, hs, hm, kd);
     int lds = nt + 1 + rand_int(9);
     float sc = 0.125f;
     float *S = falloc(g * lds);
@@ -112,26 +117,27 @@ static void test_blk_scores(int bits, int g, int kd, int nt, bool avx2) {
     char what[96];
     snprintf(what, sizeof what, "blk_scores_ref b%d g%d kd%d nt%d", bits, g, kd, nt);
     fill_nan(S, (size_t)g * lds);
-    ops_qattn_blk_scores_ref(Q, g, kd, cd.codes, cstride, scale, min, nt, bits, sc, S, lds);
+    ops_qattn_blk_scores_ref(Q, g, kd, cd.codes, cstride, hs, hm, nt, bits, sc, S, lds);
     CHECKF(check_scores(what, S, want, mag, g, nt, lds, &worst_ref) == 0, "%s", what);
     if (avx2) {
         /* the reference's own output is the target now */
         for (int qi = 0; qi < g; qi++)
             for (int t = 0; t < nt; t++) want[qi * nt + t] = S[qi * lds + t];
         fill_nan(S, (size_t)g * lds);
-        ops_qattn_blk_scores_avx2(Q, g, kd, cd.codes, cstride, scale, min, nt, bits, sc, S, lds);
+        ops_qattn_blk_scores_avx2(Q, g, kd, cd.codes, cstride, hs, hm, nt, bits, sc, S, lds);
         snprintf(what, sizeof what, "blk_scores_avx2 b%d g%d kd%d nt%d", bits, g, kd, nt);
         CHECKF(check_scores(what, S, want, mag, g, nt, lds, &worst_avx2) == 0, "%s", what);
     }
-    free(cd.base), free(Q), free(scale), free(min), free(S), free(want), free(mag), free(xh);
+    free(cd.base), free(Q), free(scale), free(min), free(hs), free(hm), free(S), free(want), free(mag), free(xh);
 }
 
 static void test_tok_scores(int bits, int g, int kd, int n, bool avx2) {
     size_t rb = kvq_code_bytes(bits, kd), rstride = rb + 1 + (size_t)rand_int(13);
     Codes cd = make_codes(n, rb, rstride);
     float *Q = falloc(g * kd), *scale = falloc(n), *min = falloc(n);
+    uint16_t *hs = halloc(n), *hm = halloc(n);
     for (int i = 0; i < g * kd; i++) Q[i] = 2.0f * tu_randf();
-    make_scales(scale, min, n);
+    make_scales(scale, min, hs, hm, n);
     int lds = n + 1 + rand_int(9);
     float sc = 0.0883883f;
     float *S = falloc(g * lds), *xh = falloc(kd);
@@ -154,17 +160,17 @@ static void test_tok_scores(int bits, int g, int kd, int n, bool avx2) {
     char what[96];
     snprintf(what, sizeof what, "tok_scores_ref b%d g%d kd%d n%d", bits, g, kd, n);
     fill_nan(S, (size_t)g * lds);
-    ops_qattn_tok_scores_ref(Q, g, kd, cd.codes, rstride, scale, min, n, bits, sc, S, lds);
+    ops_qattn_tok_scores_ref(Q, g, kd, cd.codes, rstride, hs, hm, n, bits, sc, S, lds);
     CHECKF(check_scores(what, S, want, mag, g, n, lds, &worst_ref) == 0, "%s", what);
     if (avx2) {
         for (int qi = 0; qi < g; qi++)
             for (int t = 0; t < n; t++) want[qi * n + t] = S[qi * lds + t];
         fill_nan(S, (size_t)g * lds);
-        ops_qattn_tok_scores_avx2(Q, g, kd, cd.codes, rstride, scale, min, n, bits, sc, S, lds);
+        ops_qattn_tok_scores_avx2(Q, g, kd, cd.codes, rstride, hs, hm, n, bits, sc, S, lds);
         snprintf(what, sizeof what, "tok_scores_avx2 b%d g%d kd%d n%d", bits, g, kd, n);
         CHECKF(check_scores(what, S, want, mag, g, n, lds, &worst_avx2) == 0, "%s", what);
     }
-    free(cd.base), free(Q), free(scale), free(min), free(S), free(want), free(mag), free(xh);
+    free(cd.base), free(Q), free(scale), free(min), free(hs), free(hm), free(S), free(want), free(mag), free(xh);
 }
 
 static int check_accum(const char *what, const float *O, const double *want, const double *mag,
@@ -190,7 +196,8 @@ static void test_tok_accum(int bits, int g, int hd, int vgs, int n, bool avx2) {
     int ng = hd / vgs;
     Codes cd = make_codes(n, rb, rstride);
     float *scale = falloc(n * ng), *min = falloc(n * ng);
-    make_scales(scale, min, n * ng);
+    uint16_t *hs = halloc(n * ng), *hm = halloc(n * ng);
+    make_scales(scale, min, hs, hm, n * ng);
     int lds = n + 1 + rand_int(9);
     /* P is a probability-like row per query; its padding is NaN and must not be used */
     float *P = falloc(g * lds);
@@ -221,18 +228,18 @@ static void test_tok_accum(int bits, int g, int hd, int vgs, int n, bool avx2) {
     char what[96];
     snprintf(what, sizeof what, "tok_accum_ref b%d g%d hd%d gs%d n%d", bits, g, hd, vgs, n);
     memcpy(O, O0, sizeof(float) * (size_t)(g * hd));
-    ops_qattn_tok_accum_ref(P, g, n, lds, cd.codes, rstride, scale, min, hd, vgs, bits, O);
+    ops_qattn_tok_accum_ref(P, g, n, lds, cd.codes, rstride, hs, hm, hd, vgs, bits, O);
     CHECKF(check_accum(what, O, want, mag, g * hd, &worst_ref) == 0, "%s", what);
     if (n == 0) CHECK(memcmp(O, O0, sizeof(float) * (size_t)(g * hd)) == 0);
     if (avx2) {
         for (int i = 0; i < g * hd; i++) want[i] = O[i];
         memcpy(O, O0, sizeof(float) * (size_t)(g * hd));
-        ops_qattn_tok_accum_avx2(P, g, n, lds, cd.codes, rstride, scale, min, hd, vgs, bits, O);
+        ops_qattn_tok_accum_avx2(P, g, n, lds, cd.codes, rstride, hs, hm, hd, vgs, bits, O);
         snprintf(what, sizeof what, "tok_accum_avx2 b%d g%d hd%d gs%d n%d", bits, g, hd, vgs, n);
         CHECKF(check_accum(what, O, want, mag, g * hd, &worst_avx2) == 0, "%s", what);
         if (n == 0) CHECK(memcmp(O, O0, sizeof(float) * (size_t)(g * hd)) == 0);
     }
-    free(cd.base), free(scale), free(min), free(P), free(O0), free(O), free(xh), free(want),
+    free(cd.base), free(scale), free(min), free(hs), free(hm), free(P), free(O0), free(O), free(xh), free(want),
         free(mag);
 }
 
@@ -240,7 +247,8 @@ static void test_tok_accum(int bits, int g, int hd, int vgs, int n, bool avx2) {
 static void test_by_hand(void) {
     /* codes 0..3 then 3,2,1,0 for 8 tokens: bytes 0b11100100, 0b00011011 */
     const uint8_t codes[2] = {0xE4, 0x1B};
-    const float q[1] = {2.0f}, scale[1] = {0.5f}, min[1] = {-1.0f};
+    const float q[1] = {2.0f};
+    const uint16_t scale[1] = {0x3800 /* 0.5 */}, min[1] = {0xBC00 /* -1 */};
     float S[8];
     ops_qattn_blk_scores_ref(q, 1, 1, codes, 2, scale, min, 8, 2, 0.5f, S, 8);
     const float want[8] = {-1.0f, -0.5f, 0.0f, 0.5f, 0.5f, 0.0f, -0.5f, -1.0f};

@@ -34,6 +34,17 @@ void kv_attn_scores(const struct kv_view_head *vh, int hd, const float *Q, int g
         } else if (f->kfmt == KV_K_TOK) {
             ops_qattn_tok_scores(Qk, g, kd, vh->ck + (size_t)from * f->kstride, f->kstride,
                                  vh->cks + from, vh->ckm + from, end - from, f->kbits, sc, S, lds);
+            if (vh->mu) /* the centres taken out of the stored keys: q . mu, once per query */
+                for (int qi = 0; qi < g; qi++) {
+                    float d = 0.0f;
+                    for (int c = 0; c < kd; c++) {
+                        int ch = vh->ch ? vh->ch[c] : c;
+                        d += Q[(size_t)qi * hd + ch] * vh->mu[ch];
+                    }
+                    d *= sc;
+                    float *row = S + (size_t)qi * lds;
+                    for (int32_t t = 0; t < end - from; t++) row[t] += d;
+                }
         } else {
             int32_t b0 = 0;
             size_t bb = (size_t)kd * f->kstride;
@@ -41,7 +52,7 @@ void kv_attn_scores(const struct kv_view_head *vh, int hd, const float *Q, int g
                 int32_t nt = vh->blk_n[b];
                 if (b0 + nt <= from) continue;
                 const uint8_t *codes = vh->ck + (size_t)b * bb;
-                const float *bs = vh->cks + (size_t)b * kd, *bm = vh->ckm + (size_t)b * kd;
+                const uint16_t *bs = vh->cks + (size_t)b * kd, *bm = vh->ckm + (size_t)b * kd;
                 if (b0 >= from && b0 + nt <= end) {
                     ops_qattn_blk_scores(Qk, g, kd, codes, f->kstride, bs, bm, nt, f->kbits, sc,
                                          S + (b0 - from), lds);

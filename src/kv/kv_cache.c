@@ -101,15 +101,15 @@ static size_t vgroups(const struct kv_pack_cfg *pc, int hd) {
     return pc->f.vfmt == KV_V_TOK ? (size_t)(hd / pc->f.vgs) : 0;
 }
 static size_t vrow_bytes(const struct kv_pack_cfg *pc, int hd) {
-    return pc->f.vfmt == KV_V_TOK ? pc->f.vstride + vgroups(pc, hd) * 2 * sizeof(float) : (size_t)hd * 2;
+    return pc->f.vfmt == KV_V_TOK ? pc->f.vstride + vgroups(pc, hd) * 2 * sizeof(uint16_t) : (size_t)hd * 2;
 }
 static size_t krow_bytes(const struct kv_pack_cfg *pc) { /* per packed row, 0 for BLK */
-    if (pc->f.kfmt == KV_K_TOK) return pc->f.kstride + 2 * sizeof(float);
+    if (pc->f.kfmt == KV_K_TOK) return pc->f.kstride + 2 * sizeof(uint16_t);
     if (pc->f.kfmt == KV_K_F16) return (size_t)pc->f.kd * 2;
     return 0;
 }
 static size_t blk_bytes(const struct kv_pack_cfg *pc) {
-    return (size_t)pc->f.kd * (pc->f.kstride + 2 * sizeof(float)) + sizeof(int32_t);
+    return (size_t)pc->f.kd * (pc->f.kstride + 2 * sizeof(uint16_t)) + sizeof(int32_t);
 }
 
 static uint64_t head_bytes(const struct kv_seq *s, const struct kv_head_store *h, bool stats) {
@@ -122,7 +122,7 @@ static uint64_t head_bytes(const struct kv_seq *s, const struct kv_head_store *h
         b += (uint64_t)h->rcap * (vrow_bytes(pc, c->head_dim) + krow_bytes(pc));
         if (pc->f.kfmt == KV_K_BLK) b += (uint64_t)h->bcap * blk_bytes(pc);
         if (h->ch) b += (uint64_t)pc->f.kd;
-        if (h->bal) b += (uint64_t)c->head_dim * sizeof(float);
+        if (h->bal) b += 2 * (uint64_t)c->head_dim * sizeof(float);
     }
     return b;
 }
@@ -161,18 +161,18 @@ static bool head_resize4(struct kv_seq *s, struct kv_head_store *h, int32_t cap,
     if (ok && rcap != h->rcap && pc->on) {
         ok = grow((void **)&h->cv, (size_t)rcap * (pc->f.vfmt == KV_V_TOK ? pc->f.vstride : hd * 2));
         if (ok && pc->f.vfmt == KV_V_TOK)
-            ok = grow((void **)&h->cvs, (size_t)rcap * vgroups(pc, (int)hd) * 4) &&
-                 grow((void **)&h->cvm, (size_t)rcap * vgroups(pc, (int)hd) * 4);
+            ok = grow((void **)&h->cvs, (size_t)rcap * vgroups(pc, (int)hd) * 2) &&
+                 grow((void **)&h->cvm, (size_t)rcap * vgroups(pc, (int)hd) * 2);
         if (ok && pc->f.kfmt == KV_K_F16) ok = grow((void **)&h->ck, (size_t)rcap * pc->f.kd * 2);
         if (ok && pc->f.kfmt == KV_K_TOK)
             ok = grow((void **)&h->ck, (size_t)rcap * pc->f.kstride) &&
-                 grow((void **)&h->cks, (size_t)rcap * 4) && grow((void **)&h->ckm, (size_t)rcap * 4);
+                 grow((void **)&h->cks, (size_t)rcap * 2) && grow((void **)&h->ckm, (size_t)rcap * 2);
         if (ok) h->rcap = rcap;
     }
     if (ok && bcap != h->bcap && pc->on && pc->f.kfmt == KV_K_BLK) {
         size_t kd = (size_t)pc->f.kd;
         ok = grow((void **)&h->ck, (size_t)bcap * kd * pc->f.kstride) &&
-             grow((void **)&h->cks, (size_t)bcap * kd * 4) && grow((void **)&h->ckm, (size_t)bcap * kd * 4) &&
+             grow((void **)&h->cks, (size_t)bcap * kd * 2) && grow((void **)&h->ckm, (size_t)bcap * kd * 2) &&
              grow((void **)&h->blk_n, (size_t)bcap * 4);
         if (ok) h->bcap = bcap;
     }
@@ -282,8 +282,9 @@ enum kvs_status kv_seq_copy(struct kv_seq *dst, const struct kv_seq *src) {
                 memcpy(b->ch, a->ch, (size_t)pc->f.kd), account(dc, pc->f.kd);
         }
         if (ok && a->bal) {
-            if ((ok = (b->bal = malloc(hd * sizeof(float))) != NULL))
-                memcpy(b->bal, a->bal, hd * sizeof(float)), account(dc, (int64_t)(hd * sizeof(float)));
+            if ((ok = (b->bal = malloc(2 * hd * sizeof(float))) != NULL))
+                memcpy(b->bal, a->bal, 2 * hd * sizeof(float)),
+                    account(dc, (int64_t)(2 * hd * sizeof(float)));
         }
         if (!ok) {
             kv_seq_clear(dst);
@@ -301,15 +302,15 @@ enum kvs_status kv_seq_copy(struct kv_seq *dst, const struct kv_seq *src) {
             size_t nc = (size_t)a->nc;
             memcpy(b->cv, a->cv, nc * (pc->f.vfmt == KV_V_TOK ? pc->f.vstride : hd * 2));
             size_t ng = vgroups(pc, (int)hd);
-            if (pc->f.vfmt == KV_V_TOK) memcpy(b->cvs, a->cvs, nc * ng * 4), memcpy(b->cvm, a->cvm, nc * ng * 4);
+            if (pc->f.vfmt == KV_V_TOK) memcpy(b->cvs, a->cvs, nc * ng * 2), memcpy(b->cvm, a->cvm, nc * ng * 2);
             if (pc->f.kfmt == KV_K_F16) memcpy(b->ck, a->ck, nc * pc->f.kd * 2);
             if (pc->f.kfmt == KV_K_TOK)
-                memcpy(b->ck, a->ck, nc * pc->f.kstride), memcpy(b->cks, a->cks, nc * 4),
-                    memcpy(b->ckm, a->ckm, nc * 4);
+                memcpy(b->ck, a->ck, nc * pc->f.kstride), memcpy(b->cks, a->cks, nc * 2),
+                    memcpy(b->ckm, a->ckm, nc * 2);
             if (pc->f.kfmt == KV_K_BLK) {
                 size_t nb = (size_t)a->nblk, kd = (size_t)pc->f.kd;
                 memcpy(b->ck, a->ck, nb * kd * pc->f.kstride);
-                memcpy(b->cks, a->cks, nb * kd * 4), memcpy(b->ckm, a->ckm, nb * kd * 4);
+                memcpy(b->cks, a->cks, nb * kd * 2), memcpy(b->ckm, a->ckm, nb * kd * 2);
                 memcpy(b->blk_n, a->blk_n, nb * 4);
             }
         }
@@ -372,19 +373,21 @@ void kv_seq_key(const struct kv_seq *s, int il, int ih, int32_t j, float *out) {
     if (f->kfmt == KV_K_F16) {
         quant_f16_to_f32_row((const uint16_t *)h->ck + (size_t)j * kd, x, kd);
     } else if (f->kfmt == KV_K_TOK) {
-        kvq_dequant_group(h->ck + (size_t)j * f->kstride, kd, f->kbits, h->cks[j], h->ckm[j], x);
+        kvq_dequant_group(h->ck + (size_t)j * f->kstride, kd, f->kbits, quant_f16_to_f32(h->cks[j]),
+                          quant_f16_to_f32(h->ckm[j]), x);
     } else {
         int32_t b, t;
         blk_find(h, j, &b, &t);
         const uint8_t *base = h->ck + (size_t)b * kd * f->kstride;
         for (int c = 0; c < kd; c++)
             x[c] = (float)kvq_code(base + (size_t)c * f->kstride, f->kbits, t) *
-                       h->cks[(size_t)b * kd + c] + h->ckm[(size_t)b * kd + c];
+                       quant_f16_to_f32(h->cks[(size_t)b * kd + c]) +
+                   quant_f16_to_f32(h->ckm[(size_t)b * kd + c]);
     }
     for (int c = 0; c < hd; c++) out[c] = 0.0f;
     for (int c = 0; c < kd; c++) {
         int ch = h->ch ? h->ch[c] : c;
-        out[ch] = h->bal ? x[c] / h->bal[ch] : x[c];
+        out[ch] = h->bal ? x[c] / h->bal[ch] + h->bal[hd + ch] : x[c];
     }
 }
 
@@ -399,7 +402,8 @@ void kv_seq_value(const struct kv_seq *s, int il, int ih, int32_t j, float *out)
         size_t ng = vgroups(&s->pack, hd);
         for (size_t k = 0; k < ng; k++)
             kvq_dequant_group(h->cv + (size_t)j * f->vstride + k * (size_t)f->vgs * f->vbits / 8,
-                              f->vgs, f->vbits, h->cvs[j * ng + k], h->cvm[j * ng + k],
+                              f->vgs, f->vbits, quant_f16_to_f32(h->cvs[j * ng + k]),
+                              quant_f16_to_f32(h->cvm[j * ng + k]),
                               out + k * (size_t)f->vgs);
     }
 }
@@ -412,7 +416,7 @@ static void put_row(const struct kv_seq *s, struct kv_head_store *h, int32_t r, 
     float x[512];
     for (int c = 0; c < f->kd; c++) {
         int ch = h->ch ? h->ch[c] : c;
-        x[c] = h->bal ? k[ch] * h->bal[ch] : k[ch];
+        x[c] = h->bal ? (k[ch] - h->bal[hd + ch]) * h->bal[ch] : k[ch];
     }
     if (f->kfmt == KV_K_F16) quant_f32_to_f16_row(x, (uint16_t *)h->ck + (size_t)r * f->kd, f->kd);
     else if (f->kfmt == KV_K_TOK)
@@ -434,9 +438,9 @@ static void move_row(const struct kv_seq *s, struct kv_head_store *h, int32_t to
     if (f->vfmt == KV_V_F16) memmove(h->cv + to * hd * 2, h->cv + from * hd * 2, hd * 2);
     else memmove(h->cv + to * f->vstride, h->cv + from * f->vstride, f->vstride),
          memmove(h->cvs + to * vgroups(&s->pack, (int)hd), h->cvs + from * vgroups(&s->pack, (int)hd),
-                 vgroups(&s->pack, (int)hd) * 4),
+                 vgroups(&s->pack, (int)hd) * 2),
          memmove(h->cvm + to * vgroups(&s->pack, (int)hd), h->cvm + from * vgroups(&s->pack, (int)hd),
-                 vgroups(&s->pack, (int)hd) * 4);
+                 vgroups(&s->pack, (int)hd) * 2);
     if (f->kfmt == KV_K_F16) memmove(h->ck + to * f->kd * 2, h->ck + from * f->kd * 2, (size_t)f->kd * 2);
     else if (f->kfmt == KV_K_TOK)
         memmove(h->ck + to * f->kstride, h->ck + from * f->kstride, f->kstride),
@@ -465,8 +469,8 @@ static void blk_compact(const struct kv_seq *s, struct kv_head_store *h, const u
                 memset(o, 0, f->kstride);
                 for (int32_t i = 0; i < m; i++) kvq_put(o, f->kbits, i, row[i]);
             }
-            memmove(h->cks + (size_t)nb * kd, h->cks + (size_t)b * kd, kd * 4);
-            memmove(h->ckm + (size_t)nb * kd, h->ckm + (size_t)b * kd, kd * 4);
+            memmove(h->cks + (size_t)nb * kd, h->cks + (size_t)b * kd, kd * 2);
+            memmove(h->ckm + (size_t)nb * kd, h->ckm + (size_t)b * kd, kd * 2);
         }
         h->blk_n[nb++] = m;
     }
@@ -484,16 +488,17 @@ void kv_seq_set_channels(struct kv_seq *s, int il, int ih, const uint8_t *ch) {
     memcpy(h->ch, ch, (size_t)s->pack.f.kd);
 }
 
-void kv_seq_set_balance(struct kv_seq *s, int il, int ih, const float *bal) {
+void kv_seq_set_balance(struct kv_seq *s, int il, int ih, const float *bal, const float *mu) {
     struct kv_head_store *h = kv_seq_head(s, il, ih);
     KVS_ASSERT(!h->nc);
     size_t hd = (size_t)s->owner->head_dim;
     if (!h->bal) {
-        h->bal = malloc(hd * sizeof(float));
+        h->bal = malloc(2 * hd * sizeof(float));
         KVS_ASSERT(h->bal);
-        account(s->owner, (int64_t)(hd * sizeof(float)));
+        account(s->owner, (int64_t)(2 * hd * sizeof(float)));
     }
     memcpy(h->bal, bal, hd * sizeof(float));
+    memcpy(h->bal + hd, mu, hd * sizeof(float));
 }
 
 /* Move the oldest m hot entries of a head to the packed run. */
@@ -730,7 +735,8 @@ void kv_seq_view(const struct kv_seq *s, int il, struct kv_view *out) {
             .n = h->n, .nc = h->nc, .k = h->k, .v = h->v, .pos = h->pos,
             .w = s->owner->weighted ? h->w : NULL, .acc = h->acc, .fmt = &s->pack.f,
             .ck = h->ck, .cks = h->cks, .ckm = h->ckm, .blk_n = h->blk_n, .nblk = h->nblk,
-            .cv = h->cv, .cvs = h->cvs, .cvm = h->cvm, .ch = h->ch, .bal = h->bal};
+            .cv = h->cv, .cvs = h->cvs, .cvm = h->cvm, .ch = h->ch, .bal = h->bal,
+            .mu = h->bal ? h->bal + s->owner->head_dim : NULL};
     }
 }
 

@@ -35,9 +35,10 @@ struct kv_head_store {
     int32_t bcap, nblk; /* BLK key blocks allocated and used */
     int32_t *blk_n;   /* (bcap) tokens per block */
     uint8_t *ck, *cv; /* key and value payloads */
-    float *cks, *ckm, *cvs, *cvm; /* scales and minima */
+    uint16_t *cks, *ckm, *cvs, *cvm; /* scales and minima, fp16 */
     uint8_t *ch;      /* (kd) kept key channels (ThinK), NULL until the first pack */
-    float *bal;       /* (head_dim) MiKV balancer, NULL until the first demotion */
+    float *bal;       /* (2, head_dim) MiKV key transform (multiplier b, centre mu): stored keys
+                         are (k - mu) * b; NULL until the first demotion */
 };
 
 /* What a sequence packs (from the spec's storage parts): kept for the sequence's life once
@@ -135,7 +136,7 @@ enum kvs_status kv_seq_set_pack(struct kv_seq *s, const struct kv_pack_cfg *cfg)
 enum kvs_status kv_seq_pack_layer(struct kv_seq *s, int il, bool prompt);
 /* Which key channels head ih of layer il keeps when packed (kd ascending), and MiKV's balancer. */
 void kv_seq_set_channels(struct kv_seq *s, int il, int ih, const uint8_t *ch);
-void kv_seq_set_balance(struct kv_seq *s, int il, int ih, const float *bal);
+void kv_seq_set_balance(struct kv_seq *s, int il, int ih, const float *bal, const float *mu);
 /* Entry j of head ih as full-width floats (packed ones dequantized; pruned channels 0). */
 void kv_seq_key(const struct kv_seq *s, int il, int ih, int32_t j, float *out);
 void kv_seq_value(const struct kv_seq *s, int il, int ih, int32_t j, float *out);

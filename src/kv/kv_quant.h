@@ -3,7 +3,8 @@
  * Quantizer (KIVI, Liu et al. 2024, arXiv 2402.02750; shared/methods/kivi-mikv.md): asymmetric
  * min-max per group, scale = (max - min) / (2^b - 1), code = round((x - min) / scale) clamped to
  * [0, 2^b - 1], x̂ = code * scale + min. A constant group has scale 0 and reconstructs exactly
- * (no division by zero). Bits b ∈ {2, 3, 4, 8} (3 for MiKV's per-token rows only); codes are a
+ * (no division by zero). Scale and min are stored as fp16 (as the paper's code keeps them), and
+ * the codes are computed from the rounded values, so x̂ uses exactly what is stored. Bits b ∈ {2, 3, 4, 8} (3 for MiKV's per-token rows only); codes are a
  * little-endian bit stream, lowest bits first (ops_qcode in ops.h reads them).
  *
  * Grouping:
@@ -33,8 +34,8 @@ static inline size_t kvq_code_bytes(int bits, int n) { return ((size_t)n * (size
 static inline int kvq_bits_ok(int bits) { return bits == 2 || bits == 3 || bits == 4 || bits == 8; }
 
 /* One group of n floats (stride `stride` between them) -> packed codes, scale and min. */
-void kvq_quant_group(const float *x, int n, int stride, int bits, uint8_t *codes, float *scale,
-                     float *min);
+void kvq_quant_group(const float *x, int n, int stride, int bits, uint8_t *codes, uint16_t *scale,
+                     uint16_t *min);
 /* Codes are a little-endian bit stream: code i occupies bits [i b, i b + b), lowest bits first.
  * For b = 2, 4, 8 no code crosses a byte; 3-bit codes do (8 codes fill 3 bytes). */
 static inline int kvq_code(const uint8_t *codes, int bits, int i) { return ops_qcode(codes, bits, i); }
@@ -52,6 +53,6 @@ void kvq_dequant_group(const uint8_t *codes, int n, int bits, float scale, float
  * fused reads of this layout are ops_qattn_blk_scores (keys) and ops_qattn_tok_accum (values,
  * one kvq_quant_group per token) in ops.h. */
 void kvq_quant_keys(const float *k, int nt, int kd, int bits, size_t cstride, uint8_t *codes,
-                    float *scale, float *min);
+                    uint16_t *scale, uint16_t *min);
 
 #endif

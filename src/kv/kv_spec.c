@@ -83,11 +83,17 @@ const char *kv_spec_help(void) {
            "             entries and generated tokens stay full width; think:ratio=0.4 is the\n"
            "             same as think:prune=0.4 (the paper's pruning ratio)\n"
            "  kivi:bits=4,group=32,resid=128   KIVI: keys quantized per channel over groups of\n"
-           "             `group` tokens, values per token, 2/4/8 bits; the newest resid..resid+group\n"
-           "             entries stay fp16; attention reads the codes directly\n"
-           "  mikv:low=2,balance=1   MiKV: entries the method would evict are kept at `low` bits\n"
-           "             (2, 3, 4 or 8; per token, with the outlier channel balancer) instead; the\n"
-           "             budget counts the entries kept in fp16. mikv:ratio=0.2 alone means\n"
+           "             `group` tokens, values per token, 2/4/8 bits (fp16 scales and minima);\n"
+           "             the newest resid..resid+group entries stay fp16; attention reads the\n"
+           "             codes directly\n"
+           "  mikv:low=2,balance=0   MiKV: entries the method would evict are kept at `low` bits\n"
+           "             (2, 3, 4 or 8) instead; the budget counts the entries kept in fp16.\n"
+           "             Demoted keys are stored per token after subtracting each channel's\n"
+           "             mean (taken at the first demotion; attention adds q.mean back), so\n"
+           "             the large constant channels of models with a K bias (Qwen2.5) do not\n"
+           "             eat the codes' range; balance=1 adds the paper's outlier balancer\n"
+           "             (sqrt(max|q|/max|k|) per channel; halves Qwen2.5's 2-bit KL, triples\n"
+           "             SmolLM2's). Scales and minima are fp16. mikv:ratio=0.2 alone means\n"
            "             h2o:ratio=0.2+mikv\n"
            "\n"
            "budget (one of, required except for full and streaming with window=):\n"
@@ -328,7 +334,7 @@ enum kvs_status kv_spec_parse(const char *spec, struct kv_spec *s) {
     s->think_recent = 32;
     s->kivi_group = 32;
     s->kivi_resid = 128;
-    s->mikv_balance = true;
+    s->mikv_balance = false;
     if (!spec || !*spec) spec = "full";
     char buf[512];
     if (strlen(spec) >= sizeof s->text)

@@ -43,13 +43,14 @@ struct kv_view_head {
     /* packed entries (nc > 0) */
     const struct kv_packed_fmt *fmt;
     const uint8_t *ck;    /* keys: F16 (nc, kd) fp16; TOK (nc, kstride) codes; BLK (nblk, kd, kstride) */
-    const float *cks, *ckm; /* key scale and min: TOK (nc); BLK (nblk, kd) */
+    const uint16_t *cks, *ckm; /* fp16 key scale and min: TOK (nc); BLK (nblk, kd) */
     const int32_t *blk_n; /* BLK: tokens in each block */
     int32_t nblk;
     const uint8_t *cv;    /* values: F16 (nc, head_dim) fp16; TOK (nc, vstride) codes */
-    const float *cvs, *cvm; /* value scale and min (TOK): (nc, head_dim / fmt->vgs) */
+    const uint16_t *cvs, *cvm; /* fp16 value scale and min (TOK): (nc, head_dim / fmt->vgs) */
     const uint8_t *ch;    /* (kd) stored key channels, ascending; NULL = all */
-    const float *bal;     /* (head_dim) MiKV balancer: stored keys are k * bal; NULL = none */
+    const float *bal;     /* (head_dim) MiKV balancer: stored keys are (k - mu) * bal; NULL = none */
+    const float *mu;      /* (head_dim) MiKV channel centres (with bal) */
 };
 
 struct kv_view {
