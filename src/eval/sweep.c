@@ -82,7 +82,8 @@ struct spec_run {
     int64_t n_scored;
 };
 
-static bool is_full(const char *m) { return !strcmp(m, "full"); }
+/* full, alone or with storage parts only (full+kivi:bits=4): no budget, run once */
+static bool is_full(const char *m) { return !strcmp(m, "full") || !strncmp(m, "full+", 5); }
 
 /* fork: the spec compresses a copy of the shared prefill, whose context keeps KVS_STATS_QWIN
  * queries */
@@ -335,7 +336,7 @@ static int run_ppl(struct sweep *sw, int n_threads) {
             r->method = cfg->methods[i];
             r->budget = is_full(r->method) ? 0 : cfg->budgets[b];
             if (r->budget) snprintf(r->spec, sizeof r->spec, "%s+budget=%d", r->method, r->budget);
-            else snprintf(r->spec, sizeof r->spec, "full");
+            else snprintf(r->spec, sizeof r->spec, "%s", r->method);
             int e = check_spec(r->spec, false);
             if (e) { free(toks); return e; }
             make_key(key, sizeof key, sw->sha, "ppl", cfg->ppl_doc, n_tok, 0, 0, r->spec, chunk_mode);
@@ -563,7 +564,7 @@ static int run_tasks(struct sweep *sw, int n_threads) {
             r->method = cfg->methods[i];
             if (is_full(r->method)) {
                 r->ratio = 1.0;
-                snprintf(r->spec, sizeof r->spec, "full");
+                snprintf(r->spec, sizeof r->spec, "%s", r->method);
             } else {
                 r->ratio = cfg->ratios[b];
                 r->direct = strstr(r->method, "when=") || strstr(r->method, "every=");
