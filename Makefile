@@ -16,7 +16,7 @@ TEST_SRC := $(wildcard tests/test_*.c)
 TEST_BIN := $(TEST_SRC:tests/%.c=$(BUILD)/%)
 MODEL    := models/SmolLM2-135M-Instruct.Q4_1.gguf
 
-.PHONY: all test test-slow check bench demo eval eval-large models models-large data fuzz clean
+.PHONY: all test test-slow check bench demo eval eval-medium eval-large models models-large data fuzz clean
 all: $(BUILD)/kvsieve $(BUILD)/libkvsieve.a $(BUILD)/libkvsieve.so $(TEST_BIN)
 
 $(BUILD)/obj/%_avx2.o: src/%_avx2.c $(wildcard src/*.h src/kv/*.h src/eval/*.h include/*.h)
@@ -78,9 +78,13 @@ bench: all models
 	@for kv in $(BENCH_KV); do $(BUILD)/kvsieve bench --json -q --contexts 8000 --kv $$kv || exit 1; done
 
 # The evaluation harness's default grid on SmolLM2 (results/sweep: results.jsonl, report.md,
-# plots/); rerunning resumes. eval-large: the Qwen2.5-1.5B grid (hours).
+# plots/); rerunning resumes. eval-medium / eval-large: the Qwen2.5-1.5B grids (1 h / 7 h).
 eval: all models data
 	$(BUILD)/kvsieve eval sweep
+
+# eval-medium: Qwen2.5-1.5B at 4096 tokens with the storage parts, about an hour on 2 cores
+eval-medium: all models-large data
+	$(BUILD)/kvsieve eval sweep --profile medium
 
 eval-large: all models-large data
 	$(BUILD)/kvsieve eval sweep --profile large

@@ -27,12 +27,16 @@ static const char *EVAL_USAGE =
     "  report   rebuild DIR's CSV, report and plots: report DIR [--peer FILE]...\n"
     "\n"
     "options:\n"
-    "  --profile small|large  default grids: small = SmolLM2-135M (default); large =\n"
-    "                   Qwen2.5-Coder-1.5B at 4096/8192/16384 tokens, ppl on 8192 (make\n"
-    "                   models-large; about 7 hours on 2 cores, estimated from\n"
-    "                   2-4 minutes per 4096-token prompt measured here)\n"
+    "  --profile small|medium|large  default grids: small = SmolLM2-135M (default);\n"
+    "                   medium = Qwen2.5-Coder-1.5B (make models-large) at 4096 tokens, 8\n"
+    "                   tasks x 2 samples, full/streaming/h2o/tova/snapkv and the storage\n"
+    "                   parts (full+kivi:bits=4|2, h2o+mikv:low=4|2, snapkv+think:prune=0.4),\n"
+    "                   ppl on 2048 tokens at budget 512 (about an hour on 2 cores);\n"
+    "                   large = Qwen2.5-Coder-1.5B at 4096/8192/16384 tokens, ppl on 8192\n"
+    "                   (about 7 hours on 2 cores, estimated)\n"
     "  -m, --model FILE GGUF model\n"
-    "  --out DIR        results directory (results/sweep, large: results/sweep-large)\n"
+    "  --out DIR        results directory (results/sweep, results/sweep-medium,\n"
+    "                   results/sweep-large)\n"
     "  --data DIR       Jane Austen's novels (data/austen, from `make data`)\n"
     "  --methods LIST   comma-separated method specs without budget, e.g.\n"
     "                   full,h2o,snapkv:window=16,tova+alloc=adakv (see `kvsieve --help kv`)\n"
@@ -121,8 +125,9 @@ int eval_main(int argc, char **argv) {
     for (int i = 1; i + 1 < argc; i++)
         if (!strcmp(argv[i], "--profile")) {
             if (!strcmp(argv[i + 1], "large")) eval_config_large(&cfg);
+            else if (!strcmp(argv[i + 1], "medium")) eval_config_medium(&cfg);
             else if (strcmp(argv[i + 1], "small"))
-                return usage_err("--profile is small or large, not '%s'", argv[i + 1]);
+                return usage_err("--profile is small, medium or large, not '%s'", argv[i + 1]);
         }
     const char *out_file = NULL, *report_dir = NULL, *peers[16];
     int n_peers = 0;

@@ -65,6 +65,28 @@ void eval_config_large(struct eval_config *c) {
     c->budgets[0] = 512, c->budgets[1] = 1024, c->budgets[2] = 2048;
 }
 
+/* Qwen2.5-1.5B in about an hour on 2 cores: one length (4096), 8 of the 12 tasks (one of each
+ * kind), 2 samples, the eviction methods and the storage parts (KIVI, MiKV, ThinK) at three
+ * ratios, perplexity on 2048 tokens at one budget. */
+void eval_config_medium(struct eval_config *c) {
+    eval_config_default(c);
+    c->model_path = "models/qwen2.5-coder-1.5b-instruct-q4_k_m.gguf";
+    c->out_dir = "results/sweep-medium";
+    static const char *const M[] = {"full", "streaming", "h2o", "tova", "snapkv",
+                                    "full+kivi:bits=4", "full+kivi:bits=2", "h2o+mikv:low=4",
+                                    "h2o+mikv:low=2", "snapkv+think:prune=0.4"};
+    c->n_methods = 0;
+    for (int i = 0; i < 10; i++) c->methods[c->n_methods++] = M[i];
+    static const char *const T[] = {"niah_single_2", "niah_multikey_1", "niah_multivalue",
+                                    "niah_multiquery", "vt", "cwe", "fwe", "qa"};
+    c->n_tasks = 0;
+    for (int i = 0; i < 8; i++) c->tasks[c->n_tasks++] = T[i];
+    c->lengths[0] = 4096, c->n_lengths = 1;
+    c->samples = 2;
+    c->ppl_tokens = 2048;
+    c->budgets[0] = 512, c->n_budgets = 1;
+}
+
 /* ---- the run list ------------------------------------------------------------------------- */
 
 struct spec_run {

@@ -48,6 +48,7 @@ struct eval_config {
 };
 void eval_config_default(struct eval_config *c); /* the default SmolLM2 grid */
 void eval_config_large(struct eval_config *c);   /* --profile large (Qwen2.5-1.5B) */
+void eval_config_medium(struct eval_config *c);  /* --profile medium (Qwen2.5-1.5B, ~1 h) */
 
 /* Run the grid; returns 0 on success, 2 for bad input (message on stderr), 1 otherwise. */
 int eval_sweep(const struct eval_config *cfg);
