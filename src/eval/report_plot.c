@@ -11,7 +11,7 @@
  * Does not: draw a figure without series, or fail when gnuplot is missing or fails (the figure
  * is then marked unrendered and report.md says so; gnuplot's output is in plots/gnuplot.log).
  */
-#include "eval/report_internal.h"
+#include "eval/report_plot.h"
 
 #include <ctype.h>
 #include <errno.h>
