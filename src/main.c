@@ -34,6 +34,8 @@ struct opts {
     bool escape, no_display_prompt, seed_given;
     const char *stops[8]; /* -r/--reverse-prompt, --stop: generation ends after any of them */
     int n_stops;
+    char *owned[10];      /* strings made by -e (prompt, system, stops) */
+    int n_owned;
     struct kvs_sampler_params sp;
     /* ppl */
     int ppl_tokens;
@@ -327,14 +329,19 @@ static void parse_args(int argc, char **argv, struct opts *o) {
     if ((o->save_cache || o->load_cache) && strcmp(o->cmd, "run") != 0)
         die_usage("--save-cache and --load-cache work with the run command only");
     if (!o->seed_given) o->sp.seed = random_seed();
-    if (o->escape) { /* the copies live as long as the process */
-        if (o->prompt) o->prompt = unescape(o->prompt);
-        if (o->system) o->system = unescape(o->system);
-        for (int k = 0; k < o->n_stops; k++) o->stops[k] = unescape(o->stops[k]);
+    if (o->escape) { /* the copies are freed by free_opts */
+        if (o->prompt) o->prompt = o->owned[o->n_owned++] = unescape(o->prompt);
+        if (o->system) o->system = o->owned[o->n_owned++] = unescape(o->system);
+        for (int k = 0; k < o->n_stops; k++) o->stops[k] = o->owned[o->n_owned++] = unescape(o->stops[k]);
     }
     if (o->prompt && o->file && !strcmp(o->cmd, "run"))
         fprintf(stderr, "kvsieve: warning: both -p and -f given; the prompt is read from %s and "
                 "-p is ignored\n", o->file);
+}
+
+static void free_opts(struct opts *o) {
+    for (int k = 0; k < o->n_owned; k++) free(o->owned[k]);
+    o->n_owned = 0;
 }
 
 /* the seed of a sampled run, on stderr so that it can be repeated with --seed */
@@ -510,7 +517,7 @@ static bool found_stop(const struct opts *o, const struct gen_result *r, size_t 
 }
 
 /* Generate up to n tokens after the logits already computed; streams to stdout if `stream`.
- * Stops early at end-of-generation (unless ignore_eos), when the text ends with a stop text,
+ * Stops early at end-of-generation (unless ignore_eos), when a stop text appears in the text,
  * when the sequence reaches max_past tokens, or on Ctrl-C (chat installs the handler). */
 static void generate(const struct opts *o, kvs_model *m, kvs_context *c, kvs_sequence *s,
                      kvs_sampler *smp, float *logits, int n, int max_past, bool ignore_eos,
@@ -1057,10 +1064,12 @@ int main(int argc, char **argv) {
     parse_args(argc, argv, &o);
     fix_bench_prompt(&o);
     if (o.quiet) kvs_set_log_level(0);
-    if (!strcmp(o.cmd, "run")) return cmd_run(&o);
-    if (!strcmp(o.cmd, "chat")) return cmd_chat(&o);
-    if (!strcmp(o.cmd, "ppl")) return cmd_ppl(&o);
-    if (!strcmp(o.cmd, "bench")) return cmd_bench(&o);
-    if (!strcmp(o.cmd, "info")) return cmd_info(&o);
-    return 2;
+    int rc = 2;
+    if (!strcmp(o.cmd, "run")) rc = cmd_run(&o);
+    else if (!strcmp(o.cmd, "chat")) rc = cmd_chat(&o);
+    else if (!strcmp(o.cmd, "ppl")) rc = cmd_ppl(&o);
+    else if (!strcmp(o.cmd, "bench")) rc = cmd_bench(&o);
+    else if (!strcmp(o.cmd, "info")) rc = cmd_info(&o);
+    free_opts(&o);
+    return rc;
 }
