@@ -188,6 +188,8 @@ if [ -f "$model" ]; then
     check "eval resume" 0 "^23$" -- sh -c "'$bin' ${ev[*]} && wc -l < '$tmp/ev/results.jsonl'"
     check "eval report cmd" 0 "report.md" -- "$bin" eval report "$tmp/ev"
     check "eval report missing" 1 "" -- "$bin" eval report "$tmp/none"
+    mkdir -p "$tmp/nopath"
+    check "eval without gnuplot" 0 "apt-get install gnuplot-nox" -- env PATH="$tmp/nopath" "$bin" eval report "$tmp/ev"
 else
     echo "skip model-based CLI checks: $model not found"
 fi

@@ -382,7 +382,8 @@ static int figure_make(struct report *R, enum fig_kind kind, int im, int imode, 
         int st = run_gnuplot(R, name);
         if (st == 127) {
             R->gnuplot = -1;
-            kvs_log(1, "gnuplot not found on PATH: plots not rendered; data and scripts are in %s", R->plots);
+            kvs_log(1, "gnuplot not found on PATH: plots not rendered (Debian: apt-get install "
+                    "gnuplot-nox, then `kvsieve eval report DIR`); data and scripts are in %s", R->plots);
         } else {
             R->gnuplot = 1;
             fg->rendered = st == 0 ? 1 : -1;
