@@ -488,10 +488,19 @@ struct gen_result {
     bool stopped_eog, stopped_string, interrupted;
 };
 
-/* chat: Ctrl-C stops the answer being generated; a second one at the prompt quits */
-static volatile sig_atomic_t g_interrupted;
+/* chat: Ctrl-C stops the answer being generated (the loop polls g_interrupted); at the prompt
+ * it quits at once from the handler (write and _exit are async-signal-safe), so that a Ctrl-C
+ * arriving just before the read cannot be lost while the read then waits */
+static volatile sig_atomic_t g_interrupted, g_at_prompt, g_tty_out;
 static void on_sigint(int sig) {
     (void)sig;
+    if (g_at_prompt) {
+        if (g_tty_out) {
+            ssize_t w = write(1, "\n", 1);
+            (void)w;
+        }
+        _exit(0);
+    }
     g_interrupted = 1;
 }
 
@@ -699,20 +708,26 @@ static int cmd_chat(const struct opts *o) {
     struct sigaction sa = {0};
     sa.sa_handler = on_sigint;
     sigemptyset(&sa.sa_mask);
+    g_tty_out = tty;
     sigaction(SIGINT, &sa, NULL);
     if (tty && !o->quiet)
         fprintf(stderr, "kvsieve chat — %s. Ctrl-C stops an answer; Ctrl-C at the prompt, an "
                 "empty line or Ctrl-D quits.\n", mi.name);
     report_seed(o);
     for (;;) {
+        g_at_prompt = 1;
+        if (g_interrupted) { /* Ctrl-C after the answer ended, before the prompt */
+            if (tty) fputc('\n', stdout);
+            break;
+        }
         if (tty) {
             fputs("> ", stdout);
             fflush(stdout);
         }
-        g_interrupted = 0;
         ssize_t n = getline(&line, &cap, stdin);
+        g_at_prompt = 0;
         if (n <= 0) {
-            if (tty) fputc('\n', stdout); /* Ctrl-D or Ctrl-C at the prompt: end the line */
+            if (tty) fputc('\n', stdout); /* Ctrl-D at the prompt: end the line */
             break;
         }
         while (n > 0 && (line[n - 1] == '\n' || line[n - 1] == '\r')) line[--n] = 0;
@@ -752,6 +767,7 @@ static int cmd_chat(const struct opts *o) {
         fflush(stdout);
         if (r.interrupted && !o->quiet)
             fprintf(stderr, "kvsieve: answer stopped (Ctrl-C); Ctrl-C again at the prompt quits\n");
+        if (r.interrupted) g_interrupted = 0; /* that Ctrl-C was the answer's */
         clearerr(stdin);
         ended_eog = r.stopped_eog;
         free(r.text);
