@@ -1,6 +1,11 @@
-# kvsieve — one Makefile. `make` builds build/kvsieve and the libraries; `make test` fetches the
-# test model (cached by sha256) and runs the whole suite; `make check` runs it under ASan+UBSan;
+# kvsieve — one Makefile, parallel by default. `make` builds build/kvsieve and the libraries;
+# `make test` fetches the test model (cached by sha256) and runs the whole suite; `make check` runs it under ASan+UBSan;
 # `make bench` prints JSON benchmarks; `make demo` builds, fetches and generates.
+
+# parallel by default, one job per core (a -jN on the command line wins)
+ifeq ($(filter -j% j%,$(MAKEFLAGS)),)
+MAKEFLAGS += -j$(shell nproc 2>/dev/null || echo 2)
+endif
 
 CC      ?= cc
 OPT     ?= -O2
@@ -37,8 +42,9 @@ $(BUILD)/libkvsieve.so: $(LIB_OBJ)
 # the program: main.c and the command-line parsers under src/cli/ (they print and exit; the
 # library does neither)
 CLI_SRC  := src/main.c $(wildcard src/cli/*.c)
+GIT_COMMIT := $(shell git rev-parse --short HEAD 2>/dev/null || echo unknown)
 $(BUILD)/kvsieve: $(CLI_SRC) $(wildcard src/cli/*.h) $(BUILD)/libkvsieve.a
-	$(CC) $(CFLAGS) -o $@ $(CLI_SRC) $(BUILD)/libkvsieve.a $(LDLIBS)
+	$(CC) $(CFLAGS) -DKVS_GIT_COMMIT='"$(GIT_COMMIT)"' -o $@ $(CLI_SRC) $(BUILD)/libkvsieve.a $(LDLIBS)
 
 $(BUILD)/test_%: tests/test_%.c tests/testutil.h $(BUILD)/libkvsieve.a
 	$(CC) $(CFLAGS) -o $@ $< $(BUILD)/libkvsieve.a $(LDLIBS)

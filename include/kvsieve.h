@@ -116,6 +116,11 @@ enum kvs_status kvs_context_new(kvs_model *m, const struct kvs_context_params *p
                                 kvs_context **out);
 void kvs_context_free(kvs_context *c);
 int kvs_context_n_threads(const kvs_context *c);
+/* Most tokens one sequence may consume: n_ctx, or KVS_PAST_MAX when the KV policy bounds the
+ * cache (a fixed budget=N, mem=B or streaming window, compressed after every prefill chunk and
+ * while decoding): n_ctx is then the cache's size and generation runs past it (StreamingLLM). */
+#define KVS_PAST_MAX (1 << 30)
+int kvs_context_max_tokens(const kvs_context *c);
 
 enum kvs_status kvs_seq_new(kvs_context *c, kvs_sequence **out);
 void kvs_seq_free(kvs_context *c, kvs_sequence *s);
@@ -198,7 +203,12 @@ struct kvs_sampler_params {
     float min_p;          /* 0 = off (default 0.05) */
     float repeat_penalty; /* 1 = off (default 1.0) */
     int repeat_last_n;    /* window for the penalty (default 64) */
-    uint64_t seed;        /* RNG seed (default 42) */
+    uint64_t seed;        /* RNG seed (default 42; the CLI draws a random one unless --seed) */
+    /* OpenAI-style penalties over the same last repeat_last_n tokens: a token seen c > 0 times
+     * loses presence_penalty + c * frequency_penalty from its logit (0 = off, the default;
+     * negative values encourage repetition) */
+    float presence_penalty;
+    float frequency_penalty;
 };
 struct kvs_sampler_params kvs_sampler_params_default(void);
 typedef struct kvs_sampler kvs_sampler;

@@ -54,12 +54,17 @@ if [ -z "$RDATA" ]; then
     if [ -z "$deb" ]; then
         command -v apt-get >/dev/null 2>&1 ||
             die "apt-get not found: this script needs a Debian/Ubuntu system (or copy ${PKG}_*.deb into $CACHE/)"
+        # As root, apt fetches as its unprivileged user _apt, which cannot write into a cache
+        # folder owned by root, and warns "Download is performed unsandboxed as root". The
+        # download is one public .deb checked by sha256 below, so run it as root on purpose.
+        APT_OPTS=(-q)
+        [ "$(id -u)" = 0 ] && APT_OPTS+=(-o APT::Sandbox::User=root)
         log "apt-get download $PKG -> $CACHE/"
-        if ! (cd "$CACHE" && apt-get download "$PKG" >&2); then
+        if ! (cd "$CACHE" && apt-get "${APT_OPTS[@]}" download "$PKG" >&2); then
             if [ "$(id -u)" = 0 ]; then
                 log "apt-get download failed; running apt-get update once and retrying"
                 apt-get update -qq >&2 || true
-                (cd "$CACHE" && apt-get download "$PKG" >&2) ||
+                (cd "$CACHE" && apt-get "${APT_OPTS[@]}" download "$PKG" >&2) ||
                     die "apt-get download $PKG failed even after apt-get update (no Debian mirror reachable?)"
             else
                 die "apt-get download $PKG failed; the apt lists may be missing: run 'sudo apt-get update' (or copy ${PKG}_*.deb into $CACHE/) and retry"

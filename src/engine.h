@@ -23,7 +23,10 @@ enum { N_ACT_SLOTS = 4 }; /* activation encodings: F32, Q8_0, Q8_1, Q8_K */
 struct kvs_context {
     kvs_model *m;
     struct kvs_context_params p;
-    int n_ctx, n_batch, t_max; /* t_max: most tokens one forward() takes */
+    int n_ctx, n_batch, t_max; /* t_max: most tokens one forward() takes; n_ctx: most entries
+                                * a head holds at once (the attention rows' stride) */
+    int max_past;              /* most tokens a sequence may consume: n_ctx, or unbounded
+                                * (KVS_PAST_MAX) when the policy bounds the cache */
     struct threadpool *tp;
     struct kv_cache kv;
     struct kv_spec spec;

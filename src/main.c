@@ -8,6 +8,8 @@
 #include "cli/eval_cli.h"
 
 #include <errno.h>
+#include <fcntl.h>
+#include <signal.h>
 #include <math.h>
 #include <stdarg.h>
 #include <stdio.h>
@@ -29,6 +31,11 @@ struct opts {
     const char *save_cache, *load_cache; /* run: KV cache files */
     int n_predict, n_ctx, n_threads, n_batch;
     bool json, chat, quiet, ignore_eos, no_bos_given, progress_forced;
+    bool escape, no_display_prompt, seed_given;
+    const char *stops[8]; /* -r/--reverse-prompt, --stop: generation ends after any of them */
+    int n_stops;
+    char *owned[10];      /* strings made by -e (prompt, system, stops) */
+    int n_owned;
     struct kvs_sampler_params sp;
     /* ppl */
     int ppl_tokens;
@@ -43,8 +50,15 @@ static double now_ms(void) {
     return ts.tv_sec * 1e3 + ts.tv_nsec / 1e6;
 }
 
-static const char *USAGE =
-    "usage: kvsieve <command> [options]\n"
+#ifndef KVS_VERSION
+#define KVS_VERSION "0.1.0"
+#endif
+#ifndef KVS_GIT_COMMIT
+#define KVS_GIT_COMMIT "unknown"
+#endif
+
+static const char *USAGE_HEAD =
+    "usage: kvsieve <command> [options]     (kvsieve <command> --help: that command's options)\n"
     "\n"
     "commands:\n"
     "  run     generate text from a prompt (-p TEXT or -f FILE); --chat wraps it in the\n"
@@ -54,49 +68,91 @@ static const char *USAGE =
     "  bench   prefill and decode speed, KV memory, and the memory-bandwidth bound\n"
     "  info    model header, architecture, tensor types, KV bytes per token\n"
     "  eval    evaluation harness: sweep | ppl | tasks | report (`kvsieve eval --help`)\n"
-    "  help    this text; `kvsieve --help kv` explains the --kv spec\n"
-    "\n"
+    "  help    this text; `kvsieve --help kv` explains the --kv spec; --version\n";
+
+static const char *USAGE_COMMON =
     "common options:\n"
     "  -m, --model FILE      GGUF model (default " KVS_DEFAULT_MODEL ",\n"
     "                        fetched by `make models`)\n"
     "  -t, --threads N       worker threads (default: all cores)\n"
-    "  -c, --ctx-size N      context size in tokens (default: the model's training context)\n"
+    "  -c, --ctx-size N      context size in tokens (default: the model's training context).\n"
+    "                        When --kv bounds the cache (a fixed budget=N, mem=B or streaming\n"
+    "                        window=W, uniform or pyramid alloc, compressing while decoding),\n"
+    "                        -c is the cache's size, not a limit on the tokens generated:\n"
+    "                        generation runs past it, as in StreamingLLM\n"
     "  -b, --batch N         prefill chunk size in tokens (default 512); alias --chunk\n"
     "      --kv SPEC         KV-cache policy (default full); see `kvsieve --help kv`\n"
     "      --json            print one JSON object on stdout (run, ppl, bench, info)\n"
-    "  -q, --quiet           no progress or timing lines on stderr\n"
-    "\n"
+    "  -q, --quiet           no progress, seed or timing lines on stderr\n";
+
+static const char *USAGE_GEN =
     "generation (run, chat):\n"
     "  -p, --prompt TEXT     prompt text            -f, --file FILE   read the prompt from FILE\n"
+    "                        (given both, -f is used and a warning printed)\n"
+    "  -e, --escape          process escapes (\\n \\t \\r \\\\ \\\" \\' \\xHH) in -p, --system, -r\n"
     "  -n, --n-predict N     tokens to generate (default 128; chat: 512 per turn)\n"
     "      --chat            (run) apply the chat template to the prompt\n"
     "      --system TEXT     system message for --chat / chat (default: the model's own)\n"
+    "      --no-display-prompt  (run) print only the generated text, not the prompt\n"
+    "  -r, --reverse-prompt TEXT, --stop TEXT  stop generating once the text ends with TEXT\n"
+    "                        (up to 8; the stop text is printed; --json: \"stop\":\"stop_string\")\n"
     "      --temp T          temperature, 0 = greedy (default 0.8)\n"
     "      --top-k K         keep the K most likely tokens (default 40, 0 = off)\n"
     "      --top-p P         nucleus sampling mass (default 0.95, 1 = off)\n"
     "      --min-p P         drop tokens below P x the top probability (default 0.05)\n"
     "      --repeat-penalty R  penalise the last --repeat-last-n tokens (default 1.0 = off)\n"
-    "      --repeat-last-n N   (default 64)\n"
-    "      --seed S          RNG seed (default 42)\n"
+    "      --repeat-last-n N   window of all three penalties (default 64)\n"
+    "      --presence-penalty P   subtract P from the logit of every token in that window\n"
+    "      --frequency-penalty F  subtract F x its count there (both -2..2, default 0 = off)\n"
+    "      --seed S          RNG seed, 0..4294967295; -1 or absent: a random seed, printed on\n"
+    "                        stderr and in --json so that a run can be repeated\n"
     "      --ignore-eos      keep generating past end-of-generation tokens\n"
     "      --save-cache FILE (run) after the prompt is evaluated, save the sequence's KV cache\n"
     "                        (compressed as --kv left it) to FILE; -n 0 prefills and saves only\n"
     "      --load-cache FILE (run) start from a cache saved by --save-cache with the same model;\n"
     "                        the prompt then continues the cached text: it is tokenized without\n"
     "                        BOS and must not be empty (e.g. a question about a saved document)\n"
-    "\n"
+    "chat: Ctrl-C stops the current answer and returns to the prompt; Ctrl-C at the prompt,\n"
+    "      Ctrl-D or an empty line quits\n";
+
+static const char *USAGE_PPL =
     "ppl:   --tokens N       score the first N tokens of the file (default: all, up to -c)\n"
     "       --chunk C        evaluate in chunks of C tokens (default 512); every token is\n"
-    "                        predicted from its whole prefix (one sequence, no windows)\n"
+    "                        predicted from its whole prefix (one sequence, no windows)\n";
+
+static const char *USAGE_BENCH =
     "bench: --prompt N       prefill benchmark prompt length (default 512)\n"
     "       --contexts A,B,C decode speed measured at these context lengths\n"
     "                        (default 128,2048,8000, capped at the context size)\n"
     "       --decode N       decode steps timed at each context (default 32)\n"
-    "       with --json, per context: tok_s beside bound_tok_s (read bandwidth / (weight\n"
-    "       bytes + KV bytes held)); kv_payload_bytes of the sequence's entries over the\n"
-    "       tokens seen (kv_bytes_per_token_seen) and over the entries held per layer and KV\n"
-    "       head (kv_bytes_per_cached_token); kv_bytes_per_token_theory: one entry of this\n"
-    "       storage once packed, all layers (fp16 for full)\n";
+    "       --json fields: kv_bytes_per_token: fp16 K+V of one token, all layers (the model's\n"
+    "       full cache, whatever --kv says); kv_bytes_per_token_theory: one entry of this --kv\n"
+    "       storage once packed (payload, scales, positions, weights; fp16 for full); per\n"
+    "       context in decode[]: tok_s beside bound_tok_s (read bandwidth / (weight bytes + KV\n"
+    "       bytes held)); kv_payload_bytes the sequence holds, over the tokens seen\n"
+    "       (kv_bytes_per_token_seen: falls with eviction) and over the entries held per\n"
+    "       layer and KV head (kv_bytes_per_cached_token: compare with the theory);\n"
+    "       logits_hash: FNV-1a of the logits of every timed decode step (greedy), so runs\n"
+    "       whose outputs differ have different hashes\n";
+
+static const char *USAGE_EXIT =
+    "exit codes: 0 success; 1 runtime failure (out of memory, i/o during a run); 2 bad input\n"
+    "(usage, unreadable/malformed/unsupported model, prompt longer than the context)\n";
+
+static void print_usage(FILE *f, const char *cmd) {
+    if (cmd && (!strcmp(cmd, "run") || !strcmp(cmd, "chat"))) {
+        fprintf(f, "usage: kvsieve %s [options]\n\n%s\n%s\n%s", cmd, USAGE_COMMON, USAGE_GEN, USAGE_EXIT);
+    } else if (cmd && !strcmp(cmd, "ppl")) {
+        fprintf(f, "usage: kvsieve ppl -f FILE [options]\n\n%s\n%s\n%s", USAGE_COMMON, USAGE_PPL, USAGE_EXIT);
+    } else if (cmd && !strcmp(cmd, "bench")) {
+        fprintf(f, "usage: kvsieve bench [options]\n\n%s\n%s\n%s", USAGE_COMMON, USAGE_BENCH, USAGE_EXIT);
+    } else if (cmd && !strcmp(cmd, "info")) {
+        fprintf(f, "usage: kvsieve info [-m FILE] [--json]\n\n%s\n%s", USAGE_COMMON, USAGE_EXIT);
+    } else {
+        fprintf(f, "%s\n%s\n%s\n%s%s\n%s", USAGE_HEAD, USAGE_COMMON, USAGE_GEN, USAGE_PPL,
+                USAGE_BENCH, USAGE_EXIT);
+    }
+}
 
 static void die_usage(const char *fmt, ...) {
     va_list ap;
@@ -126,6 +182,65 @@ static float parse_float(const char *flag, const char *v, float lo, float hi) {
     return (float)x;
 }
 
+/* --seed: 0..2^32-1 as llama.cpp, or -1 for a random seed */
+static uint64_t parse_seed(const char *v, bool *random) {
+    *random = !strcmp(v, "-1");
+    if (*random) return 0;
+    char *end;
+    errno = 0;
+    unsigned long long x = strtoull(v, &end, 10);
+    if (errno || *end || end == v || v[0] == '-' || v[0] == '+' || x > 4294967295ull)
+        die_usage("--seed expects an integer in [0, 4294967295], or -1 for a random seed, got '%s'", v);
+    return x;
+}
+
+/* a seed nobody chose: from the kernel's entropy, else the clock and the process id */
+static uint64_t random_seed(void) {
+    uint32_t x = 0;
+    int fd = open("/dev/urandom", O_RDONLY);
+    bool ok = fd >= 0 && read(fd, &x, sizeof x) == (ssize_t)sizeof x;
+    if (fd >= 0) close(fd);
+    if (!ok) {
+        struct timespec ts;
+        clock_gettime(CLOCK_REALTIME, &ts);
+        x = (uint32_t)(ts.tv_nsec ^ ts.tv_sec ^ ((uint64_t)getpid() << 16));
+    }
+    return x;
+}
+
+/* -e: C-style escapes, in place (the result is never longer) */
+static char *unescape(const char *in) {
+    char *out = strdup(in), *w = out;
+    if (!out) exit(1);
+    for (const char *r = in; *r; r++) {
+        if (*r != '\\' || !r[1]) {
+            *w++ = *r;
+            continue;
+        }
+        char c = *++r;
+        switch (c) {
+        case 'n': *w++ = '\n'; break;
+        case 't': *w++ = '\t'; break;
+        case 'r': *w++ = '\r'; break;
+        case '\\': case '"': case '\'': *w++ = c; break;
+        case 'x': {
+            int v = 0, k = 0;
+            while (k < 2 && ((r[1] >= '0' && r[1] <= '9') || ((r[1] | 32) >= 'a' && (r[1] | 32) <= 'f'))) {
+                char h = *++r;
+                v = v * 16 + (h <= '9' ? h - '0' : (h | 32) - 'a' + 10);
+                k++;
+            }
+            if (k) *w++ = (char)v;
+            else *w++ = '\\', *w++ = 'x';
+            break;
+        }
+        default: *w++ = '\\', *w++ = c; break; /* unknown escapes stay as written */
+        }
+    }
+    *w = 0;
+    return out;
+}
+
 static void parse_args(int argc, char **argv, struct opts *o) {
     memset(o, 0, sizeof *o);
     o->model = getenv("KVSIEVE_MODEL") ? getenv("KVSIEVE_MODEL") : KVS_DEFAULT_MODEL;
@@ -135,14 +250,18 @@ static void parse_args(int argc, char **argv, struct opts *o) {
     o->bench_decode = 32;
     o->kv = "full";
     if (argc < 2) {
-        fputs(USAGE, stderr);
+        print_usage(stderr, NULL);
         exit(2);
     }
     int i = 1;
     o->cmd = argv[i++];
+    if (!strcmp(o->cmd, "--version") || !strcmp(o->cmd, "-V")) {
+        printf("kvsieve %s (git %s, API %d)\n", KVS_VERSION, KVS_GIT_COMMIT, KVS_API_VERSION);
+        exit(0);
+    }
     if (!strcmp(o->cmd, "--help") || !strcmp(o->cmd, "-h") || !strcmp(o->cmd, "help")) {
         if (i < argc && !strcmp(argv[i], "kv")) fputs(kvs_kv_spec_help(), stdout);
-        else fputs(USAGE, stdout);
+        else print_usage(stdout, i < argc ? argv[i] : NULL);
         exit(0);
     }
     static const char *cmds[] = {"run", "chat", "ppl", "bench", "info"};
@@ -159,7 +278,19 @@ static void parse_args(int argc, char **argv, struct opts *o) {
         else if (!strcmp(a, "-c") || !strcmp(a, "--ctx-size")) o->n_ctx = parse_int(a, NEXT(), 1, 1 << 24);
         else if (!strcmp(a, "-t") || !strcmp(a, "--threads")) o->n_threads = parse_int(a, NEXT(), 1, 256);
         else if (!strcmp(a, "-b") || !strcmp(a, "--batch") || !strcmp(a, "--chunk")) o->n_batch = parse_int(a, NEXT(), 1, 4096);
-        else if (!strcmp(a, "--kv")) o->kv = NEXT();
+        else if (!strcmp(a, "--kv")) {
+            o->kv = NEXT();
+            if (!*o->kv) die_usage("--kv needs a spec (e.g. full, h2o:ratio=0.2; see `kvsieve --help kv`)");
+        } else if (!strcmp(a, "-r") || !strcmp(a, "--reverse-prompt") || !strcmp(a, "--stop")) {
+            const char *v = NEXT();
+            if (!*v) die_usage("%s needs a non-empty text", a);
+            if (o->n_stops == 8) die_usage("at most 8 stop texts (-r/--reverse-prompt/--stop)");
+            o->stops[o->n_stops++] = v;
+        }
+        else if (!strcmp(a, "-e") || !strcmp(a, "--escape")) o->escape = true;
+        else if (!strcmp(a, "--no-display-prompt")) o->no_display_prompt = true;
+        else if (!strcmp(a, "--presence-penalty")) o->sp.presence_penalty = parse_float(a, NEXT(), -2, 2);
+        else if (!strcmp(a, "--frequency-penalty")) o->sp.frequency_penalty = parse_float(a, NEXT(), -2, 2);
         else if (!strcmp(a, "--system")) o->system = NEXT();
         else if (!strcmp(a, "--save-cache")) o->save_cache = NEXT();
         else if (!strcmp(a, "--load-cache")) o->load_cache = NEXT();
@@ -173,7 +304,11 @@ static void parse_args(int argc, char **argv, struct opts *o) {
         else if (!strcmp(a, "--min-p")) o->sp.min_p = parse_float(a, NEXT(), 0, 1);
         else if (!strcmp(a, "--repeat-penalty")) o->sp.repeat_penalty = parse_float(a, NEXT(), 1e-3f, 100);
         else if (!strcmp(a, "--repeat-last-n")) o->sp.repeat_last_n = parse_int(a, NEXT(), 0, 1 << 16);
-        else if (!strcmp(a, "--seed")) o->sp.seed = strtoull(NEXT(), NULL, 10);
+        else if (!strcmp(a, "--seed")) {
+            bool rnd;
+            o->sp.seed = parse_seed(NEXT(), &rnd);
+            o->seed_given = !rnd;
+        }
         else if (!strcmp(a, "--tokens")) o->ppl_tokens = parse_int(a, NEXT(), 2, 1 << 24);
         else if (!strcmp(a, "--prompt-tokens")) o->bench_prompt = parse_int(a, NEXT(), 1, 1 << 20);
         else if (!strcmp(a, "--decode")) o->bench_decode = parse_int(a, NEXT(), 1, 1 << 16);
@@ -186,13 +321,34 @@ static void parse_args(int argc, char **argv, struct opts *o) {
             }
             free(tmp);
         } else if (!strcmp(a, "-h") || !strcmp(a, "--help")) {
-            fputs(USAGE, stdout);
+            print_usage(stdout, o->cmd);
             exit(0);
         } else die_usage("unknown option '%s'", a);
 #undef NEXT
     }
     if ((o->save_cache || o->load_cache) && strcmp(o->cmd, "run") != 0)
         die_usage("--save-cache and --load-cache work with the run command only");
+    if (!o->seed_given) o->sp.seed = random_seed();
+    if (o->escape) { /* the copies are freed by free_opts */
+        if (o->prompt) o->prompt = o->owned[o->n_owned++] = unescape(o->prompt);
+        if (o->system) o->system = o->owned[o->n_owned++] = unescape(o->system);
+        for (int k = 0; k < o->n_stops; k++) o->stops[k] = o->owned[o->n_owned++] = unescape(o->stops[k]);
+    }
+    if (o->prompt && o->file && !strcmp(o->cmd, "run"))
+        fprintf(stderr, "kvsieve: warning: both -p and -f given; the prompt is read from %s and "
+                "-p is ignored\n", o->file);
+}
+
+static void free_opts(struct opts *o) {
+    for (int k = 0; k < o->n_owned; k++) free(o->owned[k]);
+    o->n_owned = 0;
+}
+
+/* the seed of a sampled run, on stderr so that it can be repeated with --seed */
+static void report_seed(const struct opts *o) {
+    if (!o->quiet && o->sp.temp > 0)
+        fprintf(stderr, "kvsieve: seed %llu%s\n", (unsigned long long)o->sp.seed,
+                o->seed_given ? "" : " (random; --seed repeats this run)");
 }
 
 /* bench --prompt N shares run's -p/--prompt: for bench it is the prompt length in tokens */
@@ -258,8 +414,16 @@ static kvs_model *load_model(const struct opts *o) {
     enum kvs_status st = kvs_model_load(o->model, NULL, &m);
     if (st != KVS_OK) {
         fprintf(stderr, "kvsieve: %s\n", kvs_last_error());
-        if (st == KVS_ERR_IO && !strcmp(o->model, KVS_DEFAULT_MODEL))
-            fprintf(stderr, "kvsieve: the default model is fetched by `make models`\n");
+        /* the models the set-up knows, and the target that fetches each */
+        static const struct { const char *file, *target; } known[] = {
+            {"SmolLM2-135M-Instruct.Q4_1.gguf", "make models"},
+            {"qwen2.5-coder-1.5b-instruct-q4_k_m.gguf", "make models-large"},
+        };
+        const char *base = strrchr(o->model, '/') ? strrchr(o->model, '/') + 1 : o->model;
+        for (size_t k = 0; st == KVS_ERR_IO && k < sizeof known / sizeof known[0]; k++)
+            if (!strcmp(base, known[k].file))
+                fprintf(stderr, "kvsieve: %s is fetched by `%s` (into models/)\n", known[k].file,
+                        known[k].target);
         exit(st == KVS_ERR_NOMEM || st == KVS_ERR_INTERNAL ? 1 : 2);
     }
     return m;
@@ -316,7 +480,29 @@ static bool want_progress(const struct opts *o) { return !o->quiet && isatty(2);
 
 /* ---- run / chat --------------------------------------------------------------------------- */
 
-struct gen_result { int n_gen; double gen_ms; char *text; size_t text_len, text_cap; bool stopped_eog; };
+struct gen_result {
+    int n_gen;
+    double gen_ms;
+    char *text;
+    size_t text_len, text_cap;
+    bool stopped_eog, stopped_string, interrupted;
+};
+
+/* chat: Ctrl-C stops the answer being generated (the loop polls g_interrupted); at the prompt
+ * it quits at once from the handler (write and _exit are async-signal-safe), so that a Ctrl-C
+ * arriving just before the read cannot be lost while the read then waits */
+static volatile sig_atomic_t g_interrupted, g_at_prompt, g_tty_out;
+static void on_sigint(int sig) {
+    (void)sig;
+    if (g_at_prompt) {
+        if (g_tty_out) {
+            ssize_t w = write(1, "\n", 1);
+            (void)w;
+        }
+        _exit(0);
+    }
+    g_interrupted = 1;
+}
 
 static void text_append(struct gen_result *r, const char *s, size_t n) {
     if (r->text_len + n + 1 > r->text_cap) {
@@ -329,20 +515,36 @@ static void text_append(struct gen_result *r, const char *s, size_t n) {
     r->text[r->text_len] = 0;
 }
 
-/* Generate up to n tokens after the logits already computed; streams to stdout if `stream`. */
-static void generate(kvs_model *m, kvs_context *c, kvs_sequence *s, kvs_sampler *smp,
-                     float *logits, int n, int n_ctx, bool ignore_eos, bool stream,
-                     struct gen_result *r) {
+/* does a stop text occur in the generated text at or after byte `from` - its length + 1 (the
+ * newest token may carry it with more text after it)? */
+static bool found_stop(const struct opts *o, const struct gen_result *r, size_t from) {
+    for (int k = 0; k < o->n_stops; k++) {
+        size_t n = strlen(o->stops[k]), at = from + 1 > n ? from + 1 - n : 0;
+        if (r->text && at < r->text_len && strstr(r->text + at, o->stops[k])) return true;
+    }
+    return false;
+}
+
+/* Generate up to n tokens after the logits already computed; streams to stdout if `stream`.
+ * Stops early at end-of-generation (unless ignore_eos), when a stop text appears in the text,
+ * when the sequence reaches max_past tokens, or on Ctrl-C (chat installs the handler). */
+static void generate(const struct opts *o, kvs_model *m, kvs_context *c, kvs_sequence *s,
+                     kvs_sampler *smp, float *logits, int n, int max_past, bool ignore_eos,
+                     bool stream, struct gen_result *r) {
     struct kvs_detok dt = {0};
     char buf[512];
     double t0 = now_ms();
     for (int i = 0; i < n; i++) {
+        if (g_interrupted) {
+            r->interrupted = true;
+            break;
+        }
         int32_t tok = kvs_sampler_sample(smp, logits);
         if (kvs_token_is_eog(m, tok) && !ignore_eos) {
             r->stopped_eog = true;
             break;
         }
-        size_t k = kvs_detok_push(m, &dt, tok, buf, sizeof buf);
+        size_t k = kvs_detok_push(m, &dt, tok, buf, sizeof buf), from = r->text_len;
         if (k > sizeof buf) k = sizeof buf;
         text_append(r, buf, k);
         if (stream) {
@@ -350,7 +552,11 @@ static void generate(kvs_model *m, kvs_context *c, kvs_sequence *s, kvs_sampler 
             fflush(stdout);
         }
         r->n_gen++;
-        if (i + 1 == n || kvs_seq_n_past(s) >= n_ctx) break;
+        if (o->n_stops && found_stop(o, r, from)) {
+            r->stopped_string = true;
+            break;
+        }
+        if (i + 1 == n || kvs_seq_n_past(s) >= max_past) break;
         enum kvs_status st = kvs_eval(c, s, &tok, 1, false, logits, NULL, NULL);
         if (st != KVS_OK) fail_status(st);
     }
@@ -403,7 +609,8 @@ static int cmd_run(const struct opts *o) {
         die_usage(o->load_cache ? "the prompt is empty (with --load-cache it must continue the "
                                   "cached text with at least one token)" : "the prompt is empty");
     int n_ctx = o->n_ctx ? o->n_ctx : mi.n_ctx_train;
-    if (n_cached + n_tok >= n_ctx) {
+    int max_past = kvs_context_max_tokens(c); /* n_ctx, or unbounded when --kv bounds the cache */
+    if (n_cached + n_tok >= max_past) {
         if (n_cached)
             fprintf(stderr, "kvsieve: the prompt has %d tokens after %d cached ones, but the "
                     "context holds %d (raise -c up to the model's %d, or shorten the prompt)\n",
@@ -415,7 +622,8 @@ static int cmd_run(const struct opts *o) {
         exit(2);
     }
     int n_predict = o->n_predict >= 0 ? o->n_predict : 128;
-    if (n_predict > n_ctx - n_cached - n_tok) n_predict = n_ctx - n_cached - n_tok;
+    if (n_predict > max_past - n_cached - n_tok) n_predict = max_past - n_cached - n_tok;
+    report_seed(o);
 
     kvs_sampler *smp;
     if ((st = kvs_sampler_new(&o->sp, mi.n_vocab, &smp)) != KVS_OK) fail_status(st);
@@ -435,11 +643,15 @@ static int cmd_run(const struct opts *o) {
     }
 
     struct gen_result r = {0};
-    if (!o->json && !o->chat) {
+    if (!o->json && !o->chat && !o->no_display_prompt) {
         fwrite(prompt, 1, plen, stdout);
         fflush(stdout);
     }
-    generate(m, c, s, smp, logits, n_predict, n_ctx, o->ignore_eos, !o->json, &r);
+    generate(o, m, c, s, smp, logits, n_predict, max_past, o->ignore_eos, !o->json, &r);
+    if (r.n_gen == 0 && r.stopped_eog && !o->quiet)
+        fprintf(stderr, "%skvsieve: the model emitted end-of-sequence at once, so nothing was "
+                "generated%s\n", o->json ? "" : "\n", o->chat ? "" : " (an instruct model "
+                "answers with --chat and a question, or continues a prompt that ends mid-text)");
     struct kvs_mem_stats ms;
     kvs_context_mem(c, &ms);
     if (o->json) {
@@ -449,9 +661,11 @@ static int cmd_run(const struct opts *o) {
         jstr(o->kv);
         printf(",\"prompt_tokens\":%d,\"generated_tokens\":%d,\"text\":", n_tok, r.n_gen);
         json_str(stdout, r.text ? r.text : "", r.text_len);
-        printf(",\"stop\":\"%s\",\"prefill_ms\":%.2f,\"prefill_tok_s\":%.2f,\"decode_ms\":%.2f,"
-               "\"decode_tok_s\":%.2f,\"kv_bytes\":%llu,\"kv_bytes_peak\":%llu,\"threads\":%d}\n",
-               r.stopped_eog ? "eog" : "length", prefill_ms, n_tok / (prefill_ms / 1e3), r.gen_ms,
+        printf(",\"stop\":\"%s\",\"seed\":%llu,\"prefill_ms\":%.2f,\"prefill_tok_s\":%.2f,"
+               "\"decode_ms\":%.2f,\"decode_tok_s\":%.2f,\"kv_bytes\":%llu,\"kv_bytes_peak\":%llu,"
+               "\"threads\":%d}\n",
+               r.stopped_eog ? "eog" : r.stopped_string ? "stop_string" : "length",
+               (unsigned long long)o->sp.seed, prefill_ms, n_tok / (prefill_ms / 1e3), r.gen_ms,
                r.n_gen > 1 ? (r.n_gen - 1) / (r.gen_ms / 1e3) : 0.0,
                (unsigned long long)ms.kv_bytes, (unsigned long long)ms.kv_bytes_peak,
                kvs_context_n_threads(c));
@@ -480,7 +694,7 @@ static int cmd_chat(const struct opts *o) {
     kvs_context *c = new_context(m, o, 1);
     struct kvs_model_info mi;
     kvs_model_get_info(m, &mi);
-    int n_ctx = o->n_ctx ? o->n_ctx : mi.n_ctx_train;
+    int max_past = kvs_context_max_tokens(c);
     kvs_sequence *s;
     kvs_sampler *smp;
     enum kvs_status st = kvs_seq_new(c, &s);
@@ -490,14 +704,32 @@ static int cmd_chat(const struct opts *o) {
     char *line = NULL;
     size_t cap = 0;
     bool first = true, ended_eog = false;
-    if (tty && !o->quiet) fprintf(stderr, "kvsieve chat — %s. Empty line or Ctrl-D to quit.\n", mi.name);
+    /* Ctrl-C: no SA_RESTART, so that a read at the prompt returns and the program can quit */
+    struct sigaction sa = {0};
+    sa.sa_handler = on_sigint;
+    sigemptyset(&sa.sa_mask);
+    g_tty_out = tty;
+    sigaction(SIGINT, &sa, NULL);
+    if (tty && !o->quiet)
+        fprintf(stderr, "kvsieve chat — %s. Ctrl-C stops an answer; Ctrl-C at the prompt, an "
+                "empty line or Ctrl-D quits.\n", mi.name);
+    report_seed(o);
     for (;;) {
+        g_at_prompt = 1;
+        if (g_interrupted) { /* Ctrl-C after the answer ended, before the prompt */
+            if (tty) fputc('\n', stdout);
+            break;
+        }
         if (tty) {
             fputs("> ", stdout);
             fflush(stdout);
         }
         ssize_t n = getline(&line, &cap, stdin);
-        if (n <= 0) break;
+        g_at_prompt = 0;
+        if (n <= 0) {
+            if (tty) fputc('\n', stdout); /* Ctrl-D at the prompt: end the line */
+            break;
+        }
         while (n > 0 && (line[n - 1] == '\n' || line[n - 1] == '\r')) line[--n] = 0;
         if (n == 0 && tty) break;
         /* the turn's text: close the previous assistant turn, then this user turn */
@@ -519,8 +751,8 @@ static int cmd_chat(const struct opts *o) {
         int nt;
         int32_t *toks = tokenize_all(m, turn, strlen(turn), false, true, &nt);
         free(turn);
-        if (kvs_seq_n_past(s) + nt + 1 >= n_ctx) {
-            fprintf(stderr, "kvsieve: the conversation has filled the context (%d tokens)\n", n_ctx);
+        if (kvs_seq_n_past(s) + nt + 1 >= max_past) {
+            fprintf(stderr, "kvsieve: the conversation has filled the context (%d tokens)\n", max_past);
             free(toks);
             break;
         }
@@ -529,10 +761,14 @@ static int cmd_chat(const struct opts *o) {
         free(toks);
         struct gen_result r = {0};
         int budget = o->n_predict >= 0 ? o->n_predict : 512;
-        if (budget > n_ctx - kvs_seq_n_past(s) - 2) budget = n_ctx - kvs_seq_n_past(s) - 2;
-        generate(m, c, s, smp, logits, budget, n_ctx, false, true, &r);
+        if (budget > max_past - kvs_seq_n_past(s) - 2) budget = max_past - kvs_seq_n_past(s) - 2;
+        generate(o, m, c, s, smp, logits, budget, max_past, o->ignore_eos, true, &r);
         fputc('\n', stdout);
         fflush(stdout);
+        if (r.interrupted && !o->quiet)
+            fprintf(stderr, "kvsieve: answer stopped (Ctrl-C); Ctrl-C again at the prompt quits\n");
+        if (r.interrupted) g_interrupted = 0; /* that Ctrl-C was the answer's */
+        clearerr(stdin);
         ended_eog = r.stopped_eog;
         free(r.text);
         first = false;
@@ -628,8 +864,9 @@ static int cmd_ppl(const struct opts *o) {
 
 /* ---- bench -------------------------------------------------------------------------------- */
 
-static uint64_t fnv1a(const float *x, size_t n) {
-    uint64_t h = 1469598103934665603ull;
+/* FNV-1a, continued from h (start with FNV_OFFSET) */
+#define FNV_OFFSET 1469598103934665603ull
+static uint64_t fnv1a(uint64_t h, const float *x, size_t n) {
     const unsigned char *p = (const unsigned char *)x;
     for (size_t i = 0; i < n * sizeof(float); i++) h = (h ^ p[i]) * 1099511628211ull;
     return h;
@@ -676,10 +913,11 @@ static int cmd_bench(const struct opts *o) {
         double ms = now_ms() - t0;
         if (ms < pf_ms) pf_ms = ms;
     }
-    uint64_t logit_hash = fnv1a(logits, (size_t)mi.n_vocab);
 
-    /* decode at increasing contexts in one sequence */
+    /* decode at increasing contexts in one sequence; the logits of every timed step are
+     * hashed, so that methods whose outputs differ have different hashes */
     kvs_seq_reset(c, s);
+    uint64_t logit_hash = FNV_OFFSET;
     double dec_tps[8], dec_bound[8];
     uint64_t dec_kv[8], dec_payload[8];
     int dec_seen[8];
@@ -696,6 +934,7 @@ static int cmd_bench(const struct opts *o) {
         double t0 = now_ms();
         for (int k = 0; k < o->bench_decode; k++) {
             if ((st = kvs_eval(c, s, &tok, 1, false, logits, NULL, NULL)) != KVS_OK) fail_status(st);
+            logit_hash = fnv1a(logit_hash, logits, (size_t)mi.n_vocab);
             int best = 0;
             for (int v = 1; v < mi.n_vocab; v++) best = logits[v] > logits[best] ? v : best;
             tok = best;
@@ -760,7 +999,7 @@ static int cmd_bench(const struct opts *o) {
                    ctxs[i], dec_tps[i], dec_bound[i], 100 * dec_tps[i] / dec_bound[i],
                    (double)dec_payload[i] / dec_seen[i], (double)dec_payload[i] / dec_held[i], dec_held[i]);
         printf("KV bytes per packed entry in this storage (theory): %.0f\n", kvs_kv_bytes_per_token(m, o->kv));
-        printf("KV peak %.1f MiB, scratch %.1f MiB, peak RSS %.1f MiB, logits hash %016llx\n",
+        printf("KV peak %.1f MiB, scratch %.1f MiB, peak RSS %.1f MiB, decode logits hash %016llx\n",
                mem.kv_bytes_peak / 1048576.0, mem.scratch_bytes / 1048576.0,
                rss / 1048576.0, (unsigned long long)logit_hash);
     }
@@ -841,10 +1080,12 @@ int main(int argc, char **argv) {
     parse_args(argc, argv, &o);
     fix_bench_prompt(&o);
     if (o.quiet) kvs_set_log_level(0);
-    if (!strcmp(o.cmd, "run")) return cmd_run(&o);
-    if (!strcmp(o.cmd, "chat")) return cmd_chat(&o);
-    if (!strcmp(o.cmd, "ppl")) return cmd_ppl(&o);
-    if (!strcmp(o.cmd, "bench")) return cmd_bench(&o);
-    if (!strcmp(o.cmd, "info")) return cmd_info(&o);
-    return 2;
+    int rc = 2;
+    if (!strcmp(o.cmd, "run")) rc = cmd_run(&o);
+    else if (!strcmp(o.cmd, "chat")) rc = cmd_chat(&o);
+    else if (!strcmp(o.cmd, "ppl")) rc = cmd_ppl(&o);
+    else if (!strcmp(o.cmd, "bench")) rc = cmd_bench(&o);
+    else if (!strcmp(o.cmd, "info")) rc = cmd_info(&o);
+    free_opts(&o);
+    return rc;
 }

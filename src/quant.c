@@ -762,20 +762,11 @@ static float dot_q6_K(int64_t n, const void *w, const void *x) {
     return (float)s;
 }
 
-/* ---- gemm as a loop over dot ------------------------------------------------------------- */
-
-void quant_gemm_loop(qk_dot_fn dot, const void *W, size_t w_row_bytes, int64_t n_cols, int r0,
-                     int r1, const void *X, size_t x_row_bytes, int n_tok, float *Y, int64_t ldy) {
-    const uint8_t *w = W, *x = X;
-    for (int r = r0; r < r1; r++)
-        for (int t = 0; t < n_tok; t++)
-            Y[(int64_t)t * ldy + r] = dot(n_cols, w + (size_t)r * w_row_bytes,
-                                          x + (size_t)t * x_row_bytes);
-}
+/* ---- gemm as a loop over dot (qi_gemm_loop, quant_internal.h) --------------------------- */
 
 static void gemm_ref(int t, const void *W, size_t w_row_bytes, int64_t n_cols, int r0, int r1,
                      const void *X, size_t x_row_bytes, int n_tok, float *Y, int64_t ldy) {
-    quant_gemm_loop(quant_ref_kernels.dot[t], W, w_row_bytes, n_cols, r0, r1, X, x_row_bytes,
+    qi_gemm_loop(quant_ref_kernels.dot[t], W, w_row_bytes, n_cols, r0, r1, X, x_row_bytes,
                     n_tok, Y, ldy);
 }
 

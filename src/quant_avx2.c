@@ -606,7 +606,9 @@ ALWAYS_INLINE void gemv_kq_rows(int t, const void *W, size_t wrb, int64_t n_cols
 
 static void gemv_kq(int t, const void *W, size_t wrb, int64_t n_cols, int r0, int r1,
                     const void *X, float *Y) {
-    const size_t pf = quant_row_bytes(t, n_cols) == wrb ? PF_BYTES : 0;
+    /* prefetch across row ends only when the rows are packed back to back */
+    const size_t blk = t == QT_Q4_K ? sizeof(blk_q4_K) : t == QT_Q5_K ? sizeof(blk_q5_K) : sizeof(blk_q6_K);
+    const size_t pf = n_cols % QK_K == 0 && (size_t)(n_cols / QK_K) * blk == wrb ? PF_BYTES : 0;
     if (t == QT_Q4_K) gemv_kq_rows(QT_Q4_K, W, wrb, n_cols, r0, r1, X, Y, pf);
     else if (t == QT_Q5_K) gemv_kq_rows(QT_Q5_K, W, wrb, n_cols, r0, r1, X, Y, pf);
     else gemv_kq_rows(QT_Q6_K, W, wrb, n_cols, r0, r1, X, Y, pf);
@@ -1192,7 +1194,7 @@ static qk_dot_fn g_dot[QT_COUNT];
 
 static void gemm_dots(int t, const void *W, size_t wrb, int64_t n_cols, int r0, int r1,
                       const void *X, size_t xrb, int n_tok, float *Y, int64_t ldy) {
-    quant_gemm_loop(g_dot[t], W, wrb, n_cols, r0, r1, X, xrb, n_tok, Y, ldy);
+    qi_gemm_loop(g_dot[t], W, wrb, n_cols, r0, r1, X, xrb, n_tok, Y, ldy);
 }
 
 static void gemm_tiled(int t, const void *W, size_t wrb, int64_t n_cols, int r0, int r1,

@@ -1,6 +1,9 @@
 /* quant_internal.h — ggml block layouts and the kernel table shared by quant.c (scalar reference
  * code, dispatch) and quant_avx2.c (AVX2/FMA/F16C kernels, compiled with those flags).
  *
+ * Dependencies go one way: quant.c includes this header and calls quant_avx2_register;
+ * quant_avx2.c includes only this header (types, inline helpers) and calls nothing in quant.c.
+ *
  * Block layouts are byte-exact copies of the ggml formats stored in GGUF files; every struct has a
  * _Static_assert on its size. fp16 fields are stored as raw uint16_t bits.
  */
@@ -135,11 +138,21 @@ struct quant_kernels {
     void (*f32_to_f16_row)(const float *src, uint16_t *dst, int64_t n);
 };
 
+/* Generic gemm = loop over a table's dot (types without a tiled kernel). Inline here so that
+ * quant_avx2.c needs nothing from quant.c: quant.c (dispatch) calls quant_avx2_register, and
+ * the kernels file calls nothing back. */
+static inline void qi_gemm_loop(qk_dot_fn dot, const void *W, size_t w_row_bytes, int64_t n_cols,
+                                int r0, int r1, const void *X, size_t x_row_bytes, int n_tok,
+                                float *Y, int64_t ldy) {
+    const uint8_t *w = W, *x = X;
+    for (int r = r0; r < r1; r++)
+        for (int t = 0; t < n_tok; t++)
+            Y[(int64_t)t * ldy + r] = dot(n_cols, w + (size_t)r * w_row_bytes,
+                                          x + (size_t)t * x_row_bytes);
+}
+
 /* quant.c: the reference table (every entry set; gemm = loop over dot). */
 extern const struct quant_kernels quant_ref_kernels;
-/* quant.c: generic gemm = loop over the table's dot (used for types without a tiled kernel). */
-void quant_gemm_loop(qk_dot_fn dot, const void *W, size_t w_row_bytes, int64_t n_cols, int r0,
-                     int r1, const void *X, size_t x_row_bytes, int n_tok, float *Y, int64_t ldy);
 
 /* quant_avx2.c: overwrite the entries it implements. Call only when the CPU has AVX2+FMA+F16C. */
 void quant_avx2_register(struct quant_kernels *k);

@@ -1,4 +1,5 @@
-/* sampler.c — token sampling: repetition penalty, then greedy (temp 0) or temperature with
+/* sampler.c — token sampling: repetition penalty (multiplicative, llama.cpp's), presence and
+ * frequency penalties (additive, OpenAI's) over the last repeat_last_n tokens, then greedy (temp 0) or temperature with
  * top-k, top-p and min-p filters, drawn with a seeded xoshiro256** RNG so runs are repeatable.
  * All buffers are allocated once in kvs_sampler_new; sampling allocates nothing. */
 #include "base.h"
@@ -50,9 +51,11 @@ enum kvs_status kvs_sampler_new(const struct kvs_sampler_params *p, int n_vocab,
     struct kvs_sampler_params def = kvs_sampler_params_default();
     if (!p) p = &def;
     if (n_vocab <= 0 || !(p->temp >= 0) || p->top_k < 0 || !(p->top_p > 0 && p->top_p <= 1) ||
-        !(p->min_p >= 0 && p->min_p <= 1) || !(p->repeat_penalty > 0) || p->repeat_last_n < 0)
+        !(p->min_p >= 0 && p->min_p <= 1) || !(p->repeat_penalty > 0) || p->repeat_last_n < 0 ||
+        !(fabsf(p->presence_penalty) <= 2) || !(fabsf(p->frequency_penalty) <= 2))
         return kvs_fail(KVS_ERR_INVALID_ARG, "invalid sampler parameters (temp >= 0, top_k >= "
-                        "0, 0 < top_p <= 1, 0 <= min_p <= 1, repeat_penalty > 0)");
+                        "0, 0 < top_p <= 1, 0 <= min_p <= 1, repeat_penalty > 0, -2 <= "
+                        "presence_penalty, frequency_penalty <= 2)");
     kvs_sampler *s = calloc(1, sizeof *s);
     if (!s) return kvs_fail(KVS_ERR_NOMEM, "out of memory");
     s->p = *p;
@@ -112,16 +115,20 @@ static void top_k_sort(struct cand *c, int n, int k) {
 int32_t kvs_sampler_sample(kvs_sampler *s, const float *logits) {
     int n = s->n_vocab;
     for (int i = 0; i < n; i++) s->cand[i] = (struct cand){logits[i], i};
-    if (s->p.repeat_penalty != 1.0f) {
+    if (s->p.repeat_penalty != 1.0f || s->p.presence_penalty != 0.0f || s->p.frequency_penalty != 0.0f) {
         for (int r = 0; r < s->n_recent; r++) {
             int32_t t = s->recent[r];
             if (t < 0 || t >= n) continue;
-            /* penalise each distinct token once */
+            /* penalise each distinct token once, counting its occurrences in the window */
             bool seen = false;
             for (int q = 0; q < r && !seen; q++) seen = s->recent[q] == t;
             if (seen) continue;
+            int count = 1;
+            for (int q = r + 1; q < s->n_recent; q++) count += s->recent[q] == t;
             float *l = &s->cand[t].logit;
-            *l = *l > 0 ? *l / s->p.repeat_penalty : *l * s->p.repeat_penalty;
+            if (s->p.repeat_penalty != 1.0f)
+                *l = *l > 0 ? *l / s->p.repeat_penalty : *l * s->p.repeat_penalty;
+            *l -= s->p.presence_penalty + (float)count * s->p.frequency_penalty;
         }
     }
     int32_t tok;

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # cli_test.sh BUILD_DIR — the command line as a user meets it: exit codes and one-line errors for
 # bad input (missing/truncated/garbage model files, unknown options, bad --kv, prompts longer
-# than the context), valid JSON from every --json command, and a greedy run on the real model.
+# than the context), valid JSON from every --json command, and a greedy run on the real model;
+# the newcomer's checks of issue 18 (self-contained docs, llama.cpp habits, chat on a terminal).
 set -u
 build=${1:-build}
 bin="$build/kvsieve"
@@ -32,6 +33,68 @@ check "missing model" 2 "cannot open" -- "$bin" info -m "$tmp/none.gguf"
 printf 'not a gguf file at all, just text....' > "$tmp/garbage.gguf"
 check "garbage model" 2 "garbage.gguf: not a GGUF file" -- "$bin" info -m "$tmp/garbage.gguf"
 check "unsupported arch" 2 "sample.gguf: unsupported architecture 'toy'" -- "$bin" info -m fuzz/corpus/sample.gguf
+# issue 18: what a newcomer trips over (each numbered point of the issue has its checks)
+# 1. the repository stands alone: links resolve inside it; every --kv method is documented
+links_ok() {
+    local f l bad=0
+    for f in README.md docs/*.md; do
+        [ -f "$f" ] || { echo "missing $f"; bad=1; continue; }
+        for l in $(grep -oE '\]\([^)#]+' "$f" | sed 's/^](//' | grep -vE '^(https?|mailto):'); do
+            case $(realpath -m "$(dirname "$f")/$l") in
+                "$PWD"/*) [ -e "$(dirname "$f")/$l" ] || { echo "$f: broken link $l"; bad=1; };;
+                *) echo "$f links outside the repository: $l"; bad=1;;
+            esac
+        done
+    done
+    if grep -nE '\.\./shared|MODELS\.md|PAPERS\.txt' README.md docs/*.md scripts/*.sh; then bad=1; fi
+    [ $bad -eq 0 ] && echo "links ok"
+}
+check "docs self-contained" 0 "^links ok" -- links_ok
+methods_documented() {
+    local m bad=0 list
+    list=$("$bin" run --kv nonsense -p x 2>&1 | sed -n 's/.*accepted: \([^)]*\), or.*/\1/p' | tr -d ',')
+    [ -n "$list" ] || { echo "no method list"; return 1; }
+    for m in $list think kivi mikv; do
+        grep -qE "^#+ .*\`$m\`" docs/METHODS.md || { echo "docs/METHODS.md has no section for $m"; bad=1; }
+    done
+    [ "$(grep -oE 'arXiv:? ?[0-9]{4}\.[0-9]{5}' docs/METHODS.md | sort -u | wc -l)" -ge 12 ] || { echo "too few arXiv ids"; bad=1; }
+    [ $bad -eq 0 ] && echo "methods ok: $list"
+}
+check "methods documented" 0 "^methods ok" -- methods_documented
+check "architecture notes" 0 "store.*policy.*view|DESIGN" -- cat docs/ARCHITECTURE.md
+# 9. set-up: prerequisites listed, make parallel by default, apt without the sandbox warning
+check "readme prerequisites" 0 "ok" -- sh -c 'for w in build-essential python3-pip unzip apt-get dpkg-deb gnuplot-nox; do grep -q -- "$w" README.md || { echo "README lacks $w"; exit 1; }; done; echo ok'
+check "make parallel" 0 "MAKEFLAGS.*-j" -- sh -c 'make -n -p all 2>/dev/null | grep -E "^MAKEFLAGS"'
+fake_apt() { # fetch_data.sh with an apt-get that records its arguments, as root
+    mkdir -p "$tmp/fakebin"
+    printf '#!/bin/sh\necho "$@" >> "%s/apt.args"\nexit 1\n' "$tmp" > "$tmp/fakebin/apt-get"
+    printf '#!/bin/sh\necho 0\n' > "$tmp/fakebin/id"
+    chmod +x "$tmp/fakebin/apt-get" "$tmp/fakebin/id"
+    PATH="$tmp/fakebin:$PATH" KVS_DATA_DIR="$tmp/fd" KVS_DATA_CACHE="$tmp/fc" scripts/fetch_data.sh >/dev/null 2>&1
+    grep download "$tmp/apt.args" | head -1
+}
+check "apt unsandboxed warning" 0 "APT::Sandbox::User=root.*download" -- fake_apt
+# 11. every layer uses only the ones below it: no two library objects call each other
+check "no cycles" 0 "no two library files" -- tests/lib_cycles.sh "$build/obj"
+# 8. expected flags that need no model
+check "version" 0 "^kvsieve [0-9]+\.[0-9]+\.[0-9]+ \(git " -- "$bin" --version
+check "run --help" 0 "reverse-prompt" -- sh -c "'$bin' run --help | grep -v -- --contexts"
+check "help exit codes" 0 "exit codes: 0 success; 1 runtime failure" -- "$bin" --help
+check "bench help fields" 0 "kv_bytes_per_token_theory: one entry" -- sh -c "'$bin' bench --help | tr '\n' ' ' | grep -o 'kv_bytes_per_token_theory: one entry.*logits_hash: FNV-1a of the logits of every timed decode step'"
+check "penalty range" 2 "--presence-penalty expects a number in \[-2, 2\]" -- "$bin" run --presence-penalty 3 -p hi
+# 4. seeds are refused like every other number
+check "bad seed" 2 "--seed expects an integer in \[0, 4294967295\], or -1" -- "$bin" run --seed abc -p hi
+check "seed wraps no more" 2 "got '-2'" -- "$bin" run --seed -2 -p hi
+check "seed too big" 2 "got '4294967296'" -- "$bin" run --seed 4294967296 -p hi
+# 7. --kv errors state the range; repeated keys and empty specs are refused
+check "kv range" 2 "bad value '2' for 'ratio' \(accepted: 0 < ratio <= 1\)" -- "$bin" run --kv h2o:ratio=2 -p hi -n 1
+check "kv repeated key" 2 "'ratio' is given twice" -- "$bin" run --kv h2o:ratio=0.5,ratio=0.2 -p hi -n 1
+check "kv empty" 2 "--kv needs a spec" -- "$bin" run --kv '' -p hi -n 1
+check "kv streaming alone" 2 "window=W" -- "$bin" run --kv streaming -p hi -n 1
+# 6. -c is the cache's size under a bounded policy, said in --help
+check "help bounded -c" 0 "the cache's size, not a limit" -- "$bin" run --help
+# 3. the large model's error names its make target
+check "large model hint" 2 "fetched by .make models-large." -- "$bin" info -m "$tmp/qwen2.5-coder-1.5b-instruct-q4_k_m.gguf"
 if [ -f "$model" ]; then
     head -c 1000000 "$model" > "$tmp/trunc.gguf"
     check "truncated model" 2 "trunc.gguf: truncated file" -- "$bin" info -m "$tmp/trunc.gguf"
@@ -72,6 +135,43 @@ if [ -f "$model" ]; then
     cp "$tmp/doc.kvc" "$tmp/bad.kvc" && printf 'x' | dd of="$tmp/bad.kvc" bs=1 seek=1000 conv=notrunc 2>/dev/null
     check "corrupted cache" 2 "bad.kvc: corrupted cache file" -- "$bin" run -m "$model" -n 1 -p " hi" --load-cache "$tmp/bad.kvc"
     check "cache, empty prompt" 2 "prompt is empty" -- "$bin" run -m "$model" -n 1 -p "" --load-cache "$tmp/doc.kvc"
+    # issue 18 with the model
+    # 2. a run that generates nothing says why; the README's long-text example answers
+    "$bin" run -q -m "$model" --chat --temp 0 -n 0 -c 256 -p "Say hello." --save-cache "$tmp/hello.kvc" >/dev/null 2>&1
+    check "zero tokens explained" 0 "end-of-sequence at once" -- "$bin" run -m "$model" --temp 0 -n 8 -c 256 -p "Hello! How can I help you today?" --load-cache "$tmp/hello.kvc"
+    head -c 6000 data/austen/emma.txt > "$tmp/long.txt"
+    check "long example answers" 0 "" -- sh -c "'$bin' run --json -q -m '$model' -f '$tmp/long.txt' --kv snapkv:ratio=0.25 -n 8 --temp 0 | python3 -c 'import json,sys; d=json.load(sys.stdin); assert d[\"generated_tokens\"]==8, d'"
+    grep -q 'head -c 6000 data/austen/emma.txt > long.txt' README.md || { echo "FAIL readme long example: README does not make long.txt as tested"; failures=$((failures+1)); }
+    # 4. the default seed is random, printed on stderr and in --json; a given seed repeats
+    seeds() { local a b; for i in 1 2; do "$bin" run --json -m "$model" --temp 0.7 -n 4 -p "Once upon a time" 2>"$tmp/seed$i.err"; done |
+        python3 -c 'import json,sys; s=[json.loads(l)["seed"] for l in sys.stdin]; assert len(s)==2 and s[0]!=s[1], s; print("seeds", s)' &&
+        grep -h "seed [0-9]* (random" "$tmp/seed1.err"; }
+    check "random seed" 0 "seed [0-9]+ \(random" -- seeds
+    same_seed() { local a b; a=$("$bin" run --json -q -m "$model" --temp 0.9 -n 16 --seed 1234 -p "Once upon a time") &&
+        b=$("$bin" run --json -q -m "$model" --temp 0.9 -n 16 --seed 1234 -p "Once upon a time") && [ "$a" != "" ] &&
+        python3 -c 'import json,sys; a,b=json.loads(sys.argv[1]),json.loads(sys.argv[2]); assert a["text"]==b["text"] and a["seed"]==1234, (a,b); print("same")' "$a" "$b"; }
+    check "seed repeats" 0 "^same" -- same_seed
+    check "seed -1" 0 "" -- sh -c "'$bin' run --json -q -m '$model' --seed -1 --temp 0.7 -n 2 -p hi | python3 -c 'import json,sys; d=json.load(sys.stdin); assert 0 <= d[\"seed\"] < 2**32, d'"
+    # 5. chat on a terminal: Ctrl-C stops the answer, Ctrl-D or a second Ctrl-C quits cleanly
+    check "chat ctrl-c ctrl-d" 0 "ctrl-d ok" -- python3 tests/chat_pty.py "$bin" "$model" ctrl-d
+    check "chat ctrl-c twice" 0 "ctrl-c ok" -- python3 tests/chat_pty.py "$bin" "$model" ctrl-c
+    # 6. a bounded cache generates past -c; an unbounded one still stops at it
+    check "past -c streaming" 0 "" -- sh -c "'$bin' run --json -q -m '$model' --kv streaming:sinks=4,window=28 -c 32 --temp 0 -n 100 -p 'Once upon a time' | python3 -c 'import json,sys; d=json.load(sys.stdin); assert d[\"generated_tokens\"]==100 and d[\"stop\"]==\"length\", d'"
+    check "full stops at -c" 0 "" -- sh -c "'$bin' run --json -q -m '$model' -c 32 --temp 0 -n 100 --ignore-eos -p 'Once upon a time' | python3 -c 'import json,sys; d=json.load(sys.stdin); assert d[\"generated_tokens\"]==28, d'"
+    # 8. stop texts, prompt display, escapes, penalties, -p with -f
+    check "reverse prompt" 0 "" -- sh -c "'$bin' run --json -q -m '$model' --chat --temp 0 -n 40 -p hi -r assist | python3 -c 'import json,sys; d=json.load(sys.stdin); assert d[\"stop\"]==\"stop_string\" and d[\"text\"].endswith(\"assist\"), d'"
+    check "no display prompt" 0 "^ok" -- sh -c "out=\$('$bin' run -q -m '$model' --temp 0 -n 4 --no-display-prompt -p 'Zanzibar is'); case \"\$out\" in Zanzibar*) echo \"prompt shown: \$out\";; *) echo ok;; esac"
+    check "escapes" 0 "^a	b$" -- sh -c "'$bin' run -q -m '$model' -e -n 0 -p 'a\\tb' | head -1"
+    penalties() { local a b; a=$("$bin" run --json -q -m "$model" --temp 0 -n 32 -p "one two one two one two") &&
+        b=$("$bin" run --json -q -m "$model" --temp 0 -n 32 --frequency-penalty 2 --presence-penalty 1 -p "one two one two one two") &&
+        python3 -c 'import json,sys; a,b=json.loads(sys.argv[1])["text"],json.loads(sys.argv[2])["text"]; assert a!=b, a; print("differ")' "$a" "$b"; }
+    check "penalties" 0 "^differ" -- penalties
+    check "-p and -f" 0 "warning: both -p and -f given" -- "$bin" run -m "$model" -n 1 -p hi -f "$tmp/text.txt"
+    # 10. bench's hash follows the decode logits: different methods, different hashes
+    bench_hash() { "$bin" bench --json -q -m "$model" --prompt 64 --contexts 300 --decode 4 --kv "$1" | python3 -c 'import json,sys; print(json.load(sys.stdin)["logits_hash"])'; }
+    hashes() { local a b c; a=$(bench_hash full) && b=$(bench_hash h2o:budget=32) && c=$(bench_hash full) &&
+        [ "$a" != "$b" ] && [ "$a" = "$c" ] && echo "hashes differ: $a $b" || echo "full $a, h2o $b, full again $c"; }
+    check "bench hash" 0 "^hashes differ" -- hashes
     # the evaluation harness: bad input, export, a smoke sweep with its report, resume
     check "eval help" 0 "sweep" -- "$bin" eval --help
     check "eval unknown sub" 2 "unknown subcommand 'frob'" -- "$bin" eval frob
@@ -88,6 +188,8 @@ if [ -f "$model" ]; then
     check "eval resume" 0 "^23$" -- sh -c "'$bin' ${ev[*]} && wc -l < '$tmp/ev/results.jsonl'"
     check "eval report cmd" 0 "report.md" -- "$bin" eval report "$tmp/ev"
     check "eval report missing" 1 "" -- "$bin" eval report "$tmp/none"
+    mkdir -p "$tmp/nopath"
+    check "eval without gnuplot" 0 "apt-get install gnuplot-nox" -- env PATH="$tmp/nopath" "$bin" eval report "$tmp/ev"
 else
     echo "skip model-based CLI checks: $model not found"
 fi

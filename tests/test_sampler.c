@@ -77,6 +77,33 @@ int main(void) {
     kvs_sampler_accept(r, 1);
     CHECK(kvs_sampler_sample(r, l) == 3);
     kvs_sampler_free(r);
+    /* presence and frequency penalties: logits 1 and 3 seen, 1 three times (1.0 - 0.1 - 3 * 0.3
+     * = 0.0 < 3's), then 3 twice as well; presence alone subtracts once per distinct token */
+    {
+        const float e[4] = {0.0f, 1.0f, 0.5f, 0.95f};
+        p = kvs_sampler_params_default();
+        p.temp = 0;
+        CHECK(kvs_sampler_new(&p, 4, &r) == KVS_OK);
+        kvs_sampler_accept(r, 1);
+        CHECK(kvs_sampler_sample(r, e) == 1); /* off by default */
+        kvs_sampler_free(r);
+        p.frequency_penalty = 0.3f;
+        p.presence_penalty = 0.1f;
+        CHECK(kvs_sampler_new(&p, 4, &r) == KVS_OK);
+        for (int k = 0; k < 3; k++) kvs_sampler_accept(r, 1);
+        CHECK(kvs_sampler_sample(r, e) == 3); /* 1: 1.0 - 1.0 = 0.0; 3: 0.95 */
+        kvs_sampler_accept(r, 3);             /* 3 seen twice (sampled + accepted): 0.95 - 0.7 */
+        CHECK(kvs_sampler_sample(r, e) == 2); /* 2's 0.5 beats 3's 0.25 and 1's 0.0 */
+        kvs_sampler_free(r);
+        p.frequency_penalty = 0;
+        p.presence_penalty = 0.2f;            /* once per distinct token, however often seen */
+        CHECK(kvs_sampler_new(&p, 4, &r) == KVS_OK);
+        for (int k = 0; k < 5; k++) kvs_sampler_accept(r, 1);
+        CHECK(kvs_sampler_sample(r, e) == 3); /* 1: 0.8 < 3: 0.95 */
+        kvs_sampler_free(r);
+        p.presence_penalty = 2.5f;
+        CHECK(kvs_sampler_new(&p, 4, &r) == KVS_ERR_INVALID_ARG);
+    }
     /* invalid parameters are refused */
     p = kvs_sampler_params_default();
     p.top_p = 0;

@@ -27,7 +27,8 @@
  * the header lists the commits and model hashes so that a mixed directory is visible.
  */
 #include "eval/report.h"
-#include "eval/report_internal.h"
+#include "eval/report_data.h"
+#include "eval/report_plot.h"
 
 #include <dirent.h>
 #include <errno.h>

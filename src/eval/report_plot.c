@@ -11,7 +11,7 @@
  * Does not: draw a figure without series, or fail when gnuplot is missing or fails (the figure
  * is then marked unrendered and report.md says so; gnuplot's output is in plots/gnuplot.log).
  */
-#include "eval/report_internal.h"
+#include "eval/report_plot.h"
 
 #include <ctype.h>
 #include <errno.h>
@@ -382,7 +382,8 @@ static int figure_make(struct report *R, enum fig_kind kind, int im, int imode, 
         int st = run_gnuplot(R, name);
         if (st == 127) {
             R->gnuplot = -1;
-            kvs_log(1, "gnuplot not found on PATH: plots not rendered; data and scripts are in %s", R->plots);
+            kvs_log(1, "gnuplot not found on PATH: plots not rendered (Debian: apt-get install "
+                    "gnuplot-nox, then `kvsieve eval report DIR`); data and scripts are in %s", R->plots);
         } else {
             R->gnuplot = 1;
             fg->rendered = st == 0 ? 1 : -1;

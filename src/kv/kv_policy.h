@@ -9,6 +9,10 @@
  * statistics, saved queries) and fills a struct kv_plan; the store applies it
  * (kv_seq_apply_plan). The engine decides when to call it (after a prefill chunk, at the end of
  * prefill, every `every` decode steps) from the spec's `when`.
+ *
+ * Who calls whom (one direction): kv_policy.c (planner) -> the scorers (one file each) and
+ * merge.c (actions) -> kv_score.c (recomputed attention) -> kv_cache/kv_attn/ops. Nothing below
+ * the planner calls back into kv_policy.c.
  */
 #ifndef KVS_KV_POLICY_H
 #define KVS_KV_POLICY_H
@@ -57,6 +61,7 @@ struct kv_policy {
     int32_t *keep;           /* (n_head_kv, cap_max) */
     struct ent *pool;        /* (n_head_kv * cap_max) AdaKV candidates */
     int32_t planned;         /* the budget of the last plan_layer call */
+    int32_t qwin;            /* saved queries a scorer reads (kv_policy_qwin of the spec) */
     struct kv_pack_cfg pack; /* the spec's storage (prices KIVI entries in mem= budgets) */
     float *ascratch;         /* kv_attn scratch for g query rows */
     /* merge plans: (n_head_kv, cap_max) targets, coefficients; demotions (MiKV) */
@@ -103,9 +108,9 @@ extern const struct kv_scorer_i kv_scorer_streaming, kv_scorer_h2o, kv_scorer_to
     kv_scorer_snapkv, kv_scorer_knorm, kv_scorer_random, kv_scorer_d2o, kv_scorer_ems,
     kv_scorer_kvmerger, kv_scorer_elastic;
 
-/* helper for scorers: attention probabilities of the saved queries of layer il against KV head
+/* kv_score.c, helper for scorers: attention probabilities of the saved queries of layer il against KV head
  * ih, summed over the queries and aggregated over the head's query group (mean or max per
  * spec.agg). out has n entries. `last_only` uses just the newest saved query. */
-void kv_policy_query_attention(const struct kv_score_args *a, int ih, bool last_only, float *out);
+void kv_score_query_attention(const struct kv_score_args *a, int ih, bool last_only, float *out);
 
 #endif

@@ -165,6 +165,46 @@ static bool in_list(const char *list, const char *key) {
     return false;
 }
 
+/* The accepted values of a key, for error messages ("bad value '2' for 'ratio' (accepted:
+ * 0 < ratio <= 1)"); the ranges are the ones set_key and set_mod_key check. */
+static const char *key_range(int mod, enum kv_method m, const char *key) {
+    static const struct { int mod; const char *key, *range; } tab[] = {
+        {MOD_THINK, "prune", "0 <= prune <= 0.95"},
+        {MOD_THINK, "ratio", "0 <= ratio <= 0.95"},
+        {MOD_THINK, "recent", "an integer, 0 <= recent <= 1048576"},
+        {MOD_KIVI, "resid", "an integer, 0 <= resid <= 1048576, a multiple of group"},
+        {MOD_MIKV, "balance", "0 or 1"},
+        {MOD_NONE, "budget", "an integer, 1 <= budget <= 16777216"},
+        {MOD_NONE, "ratio", "0 < ratio <= 1"},
+        {MOD_NONE, "mem", "a byte count >= 1, with an optional K, M or G suffix"},
+        {MOD_NONE, "beta", "1 <= beta <= 1000"},
+        {MOD_NONE, "floor", "0 <= floor <= 1"},
+        {MOD_NONE, "every", "an integer, 0 <= every <= 1048576"},
+        {MOD_NONE, "thr", "-1 <= thr <= 2"},
+        {MOD_NONE, "wattn", "0 or 1"},
+        {MOD_NONE, "skip", "0 or 1"},
+        {MOD_NONE, "alpha", "0 <= alpha <= 1"},
+        {MOD_NONE, "beta_ema", "0 <= beta_ema <= 1"},
+        {MOD_NONE, "distance", "an integer, -1048576 <= distance <= 1048576"},
+        {MOD_NONE, "sinks", "an integer, 0 <= sinks <= 1048576"},
+        {MOD_NONE, "recent", "0 <= recent <= 1, a fraction of the budget"},
+        {MOD_NONE, "seed", "an integer, 0 <= seed <= 18446744073709551615"},
+    };
+    if (mod == MOD_NONE && !strcmp(key, "window"))
+        return m == KV_STREAMING ? "an integer, 1 <= window <= 1048576"
+                                 : "an integer, 0 <= window <= 1048576";
+    for (size_t i = 0; i < sizeof tab / sizeof tab[0]; i++)
+        if (tab[i].mod == mod && !strcmp(tab[i].key, key)) return tab[i].range;
+    return NULL;
+}
+
+static enum kvs_status bad_value(const char *spec, int mod, enum kv_method m, const char *key,
+                                 const char *val) {
+    const char *range = key_range(mod, m, key);
+    return kvs_fail(KVS_ERR_INVALID_ARG, "invalid --kv '%s': bad value '%s' for '%s'%s%s%s", spec,
+                    val, key, range ? " (accepted: " : "", range ? range : "", range ? ")" : "");
+}
+
 /* the keys accepted in one part: a storage part takes its own keys only; the method part and
  * trailing KEY=VALUE parts take the shared keys and the method's */
 static void accepted(enum kv_method m, int mod, char *out, size_t n) {
@@ -198,7 +238,7 @@ static enum kvs_status set_mod_key(const char *spec, struct kv_spec *s, int mod,
         ok = parse_int(val, 0, 1, &b);
         s->mikv_balance = b != 0;
     }
-    if (!ok) return bad(spec, "bad value '%s' for '%s'", val, key);
+    if (!ok) return bad_value(spec, mod, s->method, key, val);
     return KVS_OK;
 }
 
@@ -290,7 +330,7 @@ static enum kvs_status set_key(const char *spec, struct kv_spec *s, int mod, con
         s->seed = strtoull(val, &end, 10);
         ok = !errno && end != val && !*end;
     }
-    if (!ok) return bad(spec, "bad value '%s' for '%s'", val, key);
+    if (!ok) return bad_value(spec, MOD_NONE, s->method, key, val);
     return KVS_OK;
 }
 
@@ -347,6 +387,10 @@ enum kvs_status kv_spec_parse(const char *spec, struct kv_spec *s) {
         return bad(spec, "empty part or option%s%s", "", "");
     char *save_part = NULL;
     bool first = true, seen_mod[MOD_COUNT] = {false};
+    /* keys given so far, as (scope, name) pairs: a storage part's keys are its own, the method
+     * part and trailing KEY=VALUE parts share one scope; the names point into buf */
+    struct { int mod; const char *key; } given[64];
+    int n_given = 0;
     for (char *part = strtok_r(buf, "+", &save_part); part; part = strtok_r(NULL, "+", &save_part)) {
         char *colon = strchr(part, ':');
         char *eq = strchr(part, '=');
@@ -388,6 +432,12 @@ enum kvs_status kv_spec_parse(const char *spec, struct kv_spec *s) {
             int use = mod;
             /* mikv as the first part takes h2o's keys too */
             if (mod == MOD_MIKV && s->method == KV_H2O && !in_list(MOD_KEYS[MOD_MIKV], kv)) use = MOD_NONE;
+            /* think:ratio is another name of think:prune */
+            const char *name = use == MOD_THINK && !strcmp(kv, "ratio") ? "prune" : kv;
+            for (int g = 0; g < n_given; g++)
+                if (given[g].mod == use && !strcmp(given[g].key, name))
+                    return bad(spec, "'%s' is given twice%s", kv, name != kv ? " (as prune or ratio)" : "");
+            if (n_given < (int)(sizeof given / sizeof given[0])) given[n_given].mod = use, given[n_given++].key = name;
             if (use == MOD_NONE && s->method == KV_FULL && !seen_mod[MOD_MIKV])
                 return bad(spec, "'full' takes no options (got '%s=%s')", kv, e + 1);
             enum kvs_status st = set_key(spec, s, use, kv, e + 1);
@@ -421,7 +471,10 @@ enum kvs_status kv_spec_parse(const char *spec, struct kv_spec *s) {
         n_budget = 1;
     }
     if (n_budget != 1)
-        return bad(spec, "give exactly one of budget=N, ratio=R or mem=BYTES%s%s", "", "");
+        return bad(spec, "give exactly one of budget=N, ratio=R or mem=BYTES%s%s",
+                   s->method == KV_STREAMING && n_budget == 0
+                       ? " (streaming also takes window=W alone: the budget is then sinks + W, "
+                         "e.g. streaming:sinks=4,window=1020)" : "", "");
     if (s->method == KV_STREAMING && s->window > 0 && s->budget > 0 && s->window + s->sinks != s->budget)
         return bad(spec, "streaming: sinks + window must equal budget%s%s", "", "");
     if (s->obs_window < 0) s->obs_window = s->method == KV_SNAPKV ? 32 : 0;

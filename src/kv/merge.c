@@ -60,7 +60,7 @@ static void score_ems(const struct kv_score_args *a, int ih, float *out) {
     const struct kv_head_store *h = kv_seq_head(a->s, a->il, ih);
     int32_t n = h->n;
     float *loc = a->scratch + (size_t)(a->p->n_head / a->p->n_head_kv) * a->p->cap_max; /* agg row */
-    kv_policy_query_attention(a, ih, false, out);
+    kv_score_query_attention(a, ih, false, out);
     /* local part in out; the global part goes through a copy (the agg row is free again) */
     for (int32_t j = 0; j < n; j++) loc[j] = out[j];
     for (int32_t j = 0; j < n; j++) {

@@ -14,7 +14,7 @@ static void score(const struct kv_score_args *a, int ih, float *out) {
     const struct kv_policy *p = a->p;
     const struct kv_head_store *h = kv_seq_head(a->s, a->il, ih);
     int32_t n = h->n;
-    kv_policy_query_attention(a, ih, false, out);
+    kv_score_query_attention(a, ih, false, out);
     int k = p->spec.kernel, r = k / 2;
     if (p->spec.pool == KV_POOL_NONE || k <= 1) return;
     /* pool in place through a copy in scratch (row 0 is free again after the attention) */

@@ -2,8 +2,10 @@
  * Attention Sinks", arXiv 2309.17453): keep the first `sinks` entries (attention sinks) and the
  * most recent ones. Scores are positions, the sinks are pinned with +inf, so the shared top-k
  * keeps sinks + the newest budget - sinks entries.
- * Deviation: keys keep their original absolute positions (no in-cache re-rotation yet), which is
- * exact within the model's trained context; past it, the paper's re-indexing is needed. */
+ * Positions: with pos=cache (default) the store re-rotates the survivors' keys by their position
+ * delta when entries are evicted, so the kept entries sit at 0..n-1 and generation can run past
+ * the trained context (the paper rotates pre-RoPE keys at every read instead; same keys).
+ * pos=abs keeps original positions. */
 #include "kv_policy.h"
 
 #include <math.h>

@@ -5,7 +5,7 @@
 #include "kv_policy.h"
 
 static void score(const struct kv_score_args *a, int ih, float *out) {
-    kv_policy_query_attention(a, ih, true, out);
+    kv_score_query_attention(a, ih, true, out);
 }
 
 const struct kv_scorer_i kv_scorer_tova = {

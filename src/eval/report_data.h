@@ -1,10 +1,12 @@
-/* report_internal.h — state shared by report.c (loading, results.csv, report.md) and
- * report_plot.c (figures): the records, the dictionaries that rank their string fields, sorted
- * key sets and weighted means. Internal to src/eval/report*.c; the API is report.h.
+/* report_data.h — the data both report files read: the records, the dictionaries that rank
+ * their string fields, sorted key sets and weighted means (types and inline helpers only; no
+ * function of report.c or report_plot.c is declared here). Internal to src/eval/report*.c; the
+ * API is report.h. Dependencies run one way: report.c (loading, results.csv, report.md) calls
+ * report_plot.c (figures, report_plot.h), and both include this header.
  * Does not: own anything by itself; struct report and its records are freed in report.c.
  */
-#ifndef KVS_EVAL_REPORT_INTERNAL_H
-#define KVS_EVAL_REPORT_INTERNAL_H
+#ifndef KVS_EVAL_REPORT_DATA_H
+#define KVS_EVAL_REPORT_DATA_H
 
 #include "eval/jsonl.h"
 #include "base.h"
@@ -159,9 +161,5 @@ static inline double tok_weight(const struct rec *r) {
 static inline const char *mode_label(const char *mode) {
     return !strcmp(mode, "aware") ? "question-aware" : !strcmp(mode, "agnostic") ? "question-agnostic" : mode;
 }
-
-/* report_plot.c: writes DIR/plots/ (data, scripts, and images when gnuplot is on PATH) and
- * fills R->figs; 0 or -1 with a message in err */
-int report_plot_write(struct report *R, char *err, size_t err_size);
 
 #endif
