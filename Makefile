@@ -103,7 +103,7 @@ $(BUILD)/fuzz_gguf: fuzz/fuzz_gguf.c src/gguf.c src/base.c src/quant.c src/quant
 	@mkdir -p $(BUILD)
 	$(FUZZ_CC) $(FUZZ_FLAGS) -o $@ $^ -lm -pthread
 
-$(BUILD)/fuzz_jsonl: fuzz/fuzz_jsonl.c src/eval/jsonl.c src/base.c
+$(BUILD)/fuzz_jsonl: fuzz/fuzz_jsonl.c src/eval/jsonl.c src/eval/prompt_file.c src/base.c
 	@mkdir -p $(BUILD)
 	$(FUZZ_CC) $(FUZZ_FLAGS) -o $@ $^ -lm -pthread
 
