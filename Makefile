@@ -101,7 +101,8 @@ demo: all models
 FUZZ_CC ?= clang
 FUZZ_FLAGS = -std=c11 -D_GNU_SOURCE -g -O1 $(SIMD) -Iinclude -Isrc -fsanitize=fuzzer,address,undefined
 # The parsers of untrusted input: GGUF files (FUZZ_SECONDS, default 60), result lines read by
-# `kvsieve eval report` and --kv specs (a third of that each, at least 10 s).
+# `kvsieve eval report` and tasks files read by `eval sweep --tasks-file`, and --kv specs (a third
+# of that each, at least 10 s).
 fuzz: $(BUILD)/fuzz_gguf $(BUILD)/fuzz_jsonl $(BUILD)/fuzz_kvspec
 	mkdir -p $(BUILD)/fuzz-corpus $(BUILD)/fuzz-corpus-jsonl $(BUILD)/fuzz-corpus-kvspec
 	$(BUILD)/fuzz_gguf -max_total_time=$${FUZZ_SECONDS:-60} -max_len=65536 $(BUILD)/fuzz-corpus fuzz/corpus
@@ -113,7 +114,7 @@ $(BUILD)/fuzz_gguf: fuzz/fuzz_gguf.c src/gguf.c src/base.c src/quant.c src/quant
 	@mkdir -p $(BUILD)
 	$(FUZZ_CC) $(FUZZ_FLAGS) -o $@ $^ -lm -pthread
 
-$(BUILD)/fuzz_jsonl: fuzz/fuzz_jsonl.c src/eval/jsonl.c src/base.c
+$(BUILD)/fuzz_jsonl: fuzz/fuzz_jsonl.c src/eval/jsonl.c src/eval/prompt_file.c src/base.c
 	@mkdir -p $(BUILD)
 	$(FUZZ_CC) $(FUZZ_FLAGS) -o $@ $^ -lm -pthread
 

@@ -190,6 +190,57 @@ if [ -f "$model" ]; then
     check "eval report missing" 1 "" -- "$bin" eval report "$tmp/none"
     mkdir -p "$tmp/nopath"
     check "eval without gnuplot" 0 "apt-get install gnuplot-nox" -- env PATH="$tmp/nopath" "$bin" eval report "$tmp/ev"
+    # the tasks file: users' own prompts (kvsieve eval --help tasks-file)
+    check "eval help tasks-file" 0 "stop_at_newline +true . false" -- "$bin" eval --help tasks-file
+    "$bin" eval --help tasks-file | sed -n '/^example (2 lines):$/,$p' | tail -n +2 > "$tmp/hand.jsonl"
+    check "help example: 2 lines" 0 "^2$" -- sh -c "wc -l < '$tmp/hand.jsonl'"
+    tf=(eval sweep -q -m "$model" --methods full,snapkv --ratios 0.5 --ppl-tokens 0 --speed-tokens 2)
+    check "tasks-file hand-written" 0 "" -- "$bin" "${tf[@]}" --out "$tmp/tf" --tasks-file "$tmp/hand.jsonl"
+    # 2 prompts x (full + snapkv at 0.5) x 2 modes; every run scored, the full cache right
+    scored() { python3 -c 'import json,sys
+r=[json.loads(l) for l in open(sys.argv[1])]
+assert len(r)==8 and all(0<=x["score"]<=1 for x in r), r
+assert {x["id"] for x in r}=={"vault","line2"} and {x["task"] for x in r}=={"custom","capital"}, r
+assert all(x["score"]==1 for x in r if x["kv"]=="full"), [(x["id"],x["answer"]) for x in r]
+print("scored", len(r))' "$1"; }
+    check "tasks-file scored" 0 "scored 8" -- scored "$tmp/tf/results.jsonl"
+    check "tasks-file report" 0 "capital" -- cat "$tmp/tf/report.md"
+    check "tasks-file resume" 0 "^8$" -- sh -c "'$bin' ${tf[*]} --out '$tmp/tf' --tasks-file '$tmp/hand.jsonl' && wc -l < '$tmp/tf/results.jsonl'"
+    check "tasks-file peer reads it" 0 "2 prompts" -- python3 tools/kvpress_peer.py --tasks "$tmp/hand.jsonl" --dry-run --methods snapkv
+    # exported prompts: re-exported byte for byte, and run from the file = the built-in run
+    check "tasks export" 0 "" -- "$bin" eval tasks -m "$model" --tasks niah_single_1 --lengths 1024 --samples 1 --out "$tmp/ex.jsonl"
+    check "tasks-file re-export" 0 "" -- sh -c "'$bin' eval tasks -m '$model' --tasks-file '$tmp/ex.jsonl' --out '$tmp/re.jsonl' && cmp '$tmp/ex.jsonl' '$tmp/re.jsonl'"
+    check "tasks-file peer reads export" 0 "1 of 1 records carry our template split" -- python3 tools/kvpress_peer.py --tasks "$tmp/ex.jsonl" --dry-run
+    "$bin" "${tf[@]}" --out "$tmp/tb" --tasks niah_single_1 --lengths 1024 --samples 1 --no-report
+    "$bin" "${tf[@]}" --out "$tmp/tx" --tasks-file "$tmp/ex.jsonl" --no-report
+    same_runs() { python3 -c 'import json,sys
+drop={"run","time","prefill_tok_s","decode_tok_s","git"}
+load=lambda p: {(x["id"],x["kv"],x["mode"]): {k:v for k,v in x.items() if k not in drop} for x in map(json.loads, open(p))}
+a, b = load(sys.argv[1]), load(sys.argv[2])
+assert len(a)==4 and a==b, (a, b)
+print("same records", len(a))' "$1" "$2"; }
+    check "tasks-file = built-in" 0 "same records 4" -- same_runs "$tmp/tb/results.jsonl" "$tmp/tx/results.jsonl"
+    # malformed lines: the line number and the problem, exit 2, nothing run; the peer agrees
+    good='{"context":"c","question":"q?","outputs":["x"]}'
+    while IFS='|' read -r name line want; do
+        printf '%s\n\n%s\n' "$good" "$line" > "$tmp/bad.jsonl"
+        check "tasks-file $name" 2 "bad.jsonl:3: $want" -- "$bin" "${tf[@]}" --out "$tmp/never" --tasks-file "$tmp/bad.jsonl"
+        check "peer $name" 2 "bad.jsonl:3: " -- python3 tools/kvpress_peer.py --tasks "$tmp/bad.jsonl" --dry-run
+    done <<'BAD'
+bad json|{"context":"c","question":"q?","outputs":["x"]|bad JSON
+missing context|{"question":"q?","outputs":["x"]}|missing field "context"
+unknown metric|{"context":"c","question":"q?","outputs":["x"],"metric":"exact"}|unknown metric "exact"
+context type|{"context":["c"],"question":"q?","outputs":["x"]}|field "context" must be a string
+outputs type|{"context":"c","question":"q?","outputs":"x"}|field "outputs" must be an array of strings
+max_new_tokens type|{"context":"c","question":"q?","outputs":["x"],"max_new_tokens":"8"}|field "max_new_tokens" must be an integer
+stop type|{"context":"c","question":"q?","outputs":["x"],"stop_at_newline":"yes"}|field "stop_at_newline" must be true or false
+unknown key|{"context":"c","question":"q?","outputs":["x"],"answer":"x"}|unknown field "answer"
+duplicate id|{"id":"line1","context":"c","question":"q?","outputs":["x"]}|id "line1" already used on line 1
+BAD
+    check "tasks-file nothing run" 0 "none" -- sh -c "test -e '$tmp/never' && echo exists || echo none"
+    check "tasks-file missing" 2 "cannot read tasks file" -- "$bin" "${tf[@]}" --out "$tmp/never" --tasks-file "$tmp/nope.jsonl"
+    check "tasks-file with ppl" 2 "eval ppl runs no tasks" -- "$bin" eval ppl --tasks-file "$tmp/hand.jsonl"
+    check "tasks-file with --tasks" 2 "replaces --tasks" -- "$bin" eval sweep --tasks vt --tasks-file "$tmp/hand.jsonl"
 else
     echo "skip model-based CLI checks: $model not found"
 fi

@@ -8,13 +8,20 @@
  *    logits of a context that runs the same spec with when=prefill; a copy continues exactly
  *    like its original; keep_stats does not change the logits;
  *  - the sweep itself: budget >= length gives the full cache's perplexity and KL 0 exactly,
- *    and a rerun resumes (adds no line).
+ *    and a rerun resumes (adds no line);
+ *  - the tasks file (--tasks-file): the reader's defaults and its refusals (line number and
+ *    problem for bad JSON, missing or mistyped fields, unknown metric or key, duplicate ids);
+ *    every generated task exported, read back and templated gives the same tokens; exported
+ *    prompts run through the sweep from the file give the same records as the built-in run
+ *    (same prompts -> same answers, scores and KV bytes); a hand-written file runs and is
+ *    scored; a malformed file runs nothing; a rerun resumes and an edited prompt runs again.
  * Needs models/ (make models) and data/austen (make data); skips (77) without the model. */
 #include "testutil.h"
 #include "kvsieve.h"
 #include "engine.h"
 #include "eval/tasks.h"
 #include "eval/sweep.h"
+#include "eval/jsonl.h"
 
 #include <ctype.h>
 #include <unistd.h>
@@ -450,7 +457,318 @@ static void test_sweep(const char *model_path) {
     rmdir(dir);
 }
 
+/* ---- the tasks file ---------------------------------------------------------------------- */
+
+static bool parse_ok(const char *line, struct eval_prompt *p) {
+    char err[400];
+    bool ok = eval_prompt_parse(line, strlen(line), 5, p, err, sizeof err);
+    if (!ok) fprintf(stderr, "refused: %s\n", err);
+    return ok;
+}
+
+/* refused, with a message that holds `want` */
+static void check_refused(const char *line, const char *want) {
+    struct eval_prompt p;
+    char err[400] = "";
+    bool ok = eval_prompt_parse(line, strlen(line), 5, &p, err, sizeof err);
+    CHECKF(!ok && strstr(err, want), "%s -> %s (wanted '%s')", line, ok ? "accepted" : err, want);
+    if (ok) eval_prompt_free(&p);
+}
+
+static void write_file(const char *path, const char *text) {
+    FILE *f = fopen(path, "w");
+    CHECK(f != NULL);
+    if (!f) return;
+    fputs(text, f);
+    fclose(f);
+}
+
+static void test_prompt_parse(void) {
+    struct eval_prompt p;
+    /* the defaults */
+    CHECK(parse_ok("{\"context\":\"c\",\"question\":\"q?\",\"outputs\":[\"x\"]}", &p));
+    CHECK(!strcmp(p.id, "line5") && !strcmp(p.task, "custom") && !strcmp(p.family, "custom"));
+    CHECK(!strcmp(p.context, "c") && !strcmp(p.question, "q?") && !strcmp(p.answer_prefix, ""));
+    CHECK(p.n_outputs == 1 && !strcmp(p.outputs[0], "x") && p.metric == EVAL_METRIC_ALL);
+    CHECK(p.max_new_tokens == 32 && !p.stop_at_newline && p.length == 0 && p.seed == 0 && p.sample == 0);
+    CHECK(!p.prompt_context && !p.tok_context);
+    uint64_t h = eval_prompt_hash(&p);
+    eval_prompt_free(&p);
+    /* every field given; null = absent; informational fields and meta accepted */
+    CHECK(parse_ok("{\"id\":\"a/1\",\"task\":\"t\",\"family\":\"f\",\"length\":900,\"seed\":3,"
+                   "\"sample\":2,\"context\":\"c\",\"question\":\"\",\"answer_prefix\":\" A:\","
+                   "\"outputs\":[\"x\",\"y\"],\"metric\":\"part\",\"max_new_tokens\":7.0,"
+                   "\"stop_at_newline\":true,\"model\":null,\"model_sha256\":\"s\",\"prompt_context\":\"pc\","
+                   "\"prompt_question\":\"pq\",\"n_tokens_context\":4,\"n_tokens_question\":null,"
+                   "\"meta\":{\"any\":[1,{}]}}", &p));
+    CHECK(!strcmp(p.id, "a/1") && !strcmp(p.task, "t") && !strcmp(p.family, "f") && p.length == 900);
+    CHECK(p.seed == 3 && p.sample == 2 && !strcmp(p.question, "") && !strcmp(p.answer_prefix, " A:"));
+    CHECK(p.n_outputs == 2 && p.metric == EVAL_METRIC_PART && p.max_new_tokens == 7 && p.stop_at_newline);
+    CHECK(!p.prompt_context); /* the file's split is not ours to trust: rebuilt by prepare */
+    CHECK(eval_prompt_hash(&p) != h);
+    eval_prompt_free(&p);
+    CHECK(parse_ok("{\"task\":\"qa\",\"context\":\"c\",\"question\":\"q?\",\"outputs\":[\"x\"],"
+                   "\"metric\":null}", &p));
+    CHECK(!strcmp(p.family, "qa") && p.metric == EVAL_METRIC_ALL); /* family defaults to the task */
+    eval_prompt_free(&p);
+    /* refusals: each says what is wrong */
+    check_refused("{\"context\":\"c\",\"question\":\"q\",\"outputs\":[\"x\"]", "bad JSON: column");
+    check_refused("not json", "bad JSON");
+    check_refused("[\"context\"]", "bad JSON");
+    check_refused("{\"question\":\"q\",\"outputs\":[\"x\"]}", "missing field \"context\"");
+    check_refused("{\"context\":\"\",\"question\":\"q\",\"outputs\":[\"x\"]}", "\"context\" is empty");
+    check_refused("{\"context\":\"c\",\"outputs\":[\"x\"]}", "missing field \"question\"");
+    check_refused("{\"context\":\"c\",\"question\":\"q\"}", "missing field \"outputs\"");
+    check_refused("{\"context\":7,\"question\":\"q\",\"outputs\":[\"x\"]}", "\"context\" must be a string, got a number");
+    check_refused("{\"context\":\"c\",\"question\":null,\"outputs\":[\"x\"]}", "\"question\" must be a string, got null");
+    check_refused("{\"context\":\"c\",\"question\":\"q\",\"outputs\":\"x\"}", "\"outputs\" must be an array of strings, got a string");
+    check_refused("{\"context\":\"c\",\"question\":\"q\",\"outputs\":[1]}", "\"outputs\" must be an array of strings");
+    check_refused("{\"context\":\"c\",\"question\":\"q\",\"outputs\":[]}", "holds 0 answers");
+    check_refused("{\"context\":\"c\",\"question\":\"q\",\"outputs\":[\"x\",\"\"]}", "answer 2 is empty");
+    check_refused("{\"context\":\"c\",\"question\":\"q\",\"outputs\":[\"x\"],\"metric\":\"exact\"}", "unknown metric \"exact\"");
+    check_refused("{\"context\":\"c\",\"question\":\"q\",\"outputs\":[\"x\"],\"metric\":1}", "\"metric\" must be a string");
+    check_refused("{\"context\":\"c\",\"question\":\"q\",\"outputs\":[\"x\"],\"max_new_tokens\":\"32\"}", "\"max_new_tokens\" must be an integer from 1 to 4096, got a string");
+    check_refused("{\"context\":\"c\",\"question\":\"q\",\"outputs\":[\"x\"],\"max_new_tokens\":0}", "got 0");
+    check_refused("{\"context\":\"c\",\"question\":\"q\",\"outputs\":[\"x\"],\"max_new_tokens\":2.5}", "got 2.5");
+    check_refused("{\"context\":\"c\",\"question\":\"q\",\"outputs\":[\"x\"],\"length\":-1}", "\"length\" must be an integer");
+    check_refused("{\"context\":\"c\",\"question\":\"q\",\"outputs\":[\"x\"],\"seed\":true}", "\"seed\" must be an integer");
+    check_refused("{\"context\":\"c\",\"question\":\"q\",\"outputs\":[\"x\"],\"stop_at_newline\":1}", "\"stop_at_newline\" must be true or false");
+    check_refused("{\"context\":\"c\",\"question\":\"q\",\"outputs\":[\"x\"],\"answers\":[\"x\"]}", "unknown field \"answers\"");
+    check_refused("{\"context\":\"c\",\"question\":\"q\",\"outputs\":[\"x\"],\"id\":\"\"}", "\"id\" is empty");
+    check_refused("{\"context\":\"c\",\"question\":\"q\",\"outputs\":[\"x\"],\"prompt_context\":[]}", "\"prompt_context\" must be a string");
+    char longtask[200];
+    snprintf(longtask, sizeof longtask, "{\"context\":\"c\",\"question\":\"q\",\"outputs\":[\"x\"],\"task\":\"%070d\"}", 0);
+    check_refused(longtask, "\"task\" is longer than 63 bytes");
+    /* whole files: line numbers (blank lines counted), BOM, duplicates, empty */
+    char dir[] = "/tmp/kvs_test_tfXXXXXX", path[256], err[600];
+    CHECK(mkdtemp(dir) != NULL);
+    snprintf(path, sizeof path, "%s/t.jsonl", dir);
+    struct eval_prompt *ps;
+    int n;
+    write_file(path, "\xEF\xBB\xBF{\"context\":\"c\",\"question\":\"q\",\"outputs\":[\"x\"]}\n\n  \r\n"
+                     "{\"id\":\"b\",\"context\":\"d\",\"question\":\"q\",\"outputs\":[\"y\"]}");
+    CHECKF(eval_prompts_load(path, &ps, &n, err, sizeof err) == 0, "%s", err);
+    CHECK(n == 2 && !strcmp(ps[0].id, "line1") && !strcmp(ps[1].id, "b") && !strcmp(ps[1].context, "d"));
+    eval_prompts_free(ps, n);
+    write_file(path, "{\"context\":\"c\",\"question\":\"q\",\"outputs\":[\"x\"]}\n\n"
+                     "{\"context\":\"c\",\"question\":\"q\",\"outputs\":[\"x\"],\"metric\":\"most\"}\n");
+    CHECK(eval_prompts_load(path, &ps, &n, err, sizeof err) == 2 && !ps && n == 0);
+    CHECKF(strstr(err, "t.jsonl:3: unknown metric \"most\"") != NULL, "%s", err);
+    write_file(path, "{\"id\":\"line2\",\"context\":\"c\",\"question\":\"q\",\"outputs\":[\"x\"]}\n"
+                     "{\"context\":\"c\",\"question\":\"q\",\"outputs\":[\"x\"]}\n");
+    CHECK(eval_prompts_load(path, &ps, &n, err, sizeof err) == 2);
+    CHECKF(strstr(err, "t.jsonl:2: id \"line2\" already used on line 1") != NULL, "%s", err);
+    write_file(path, "\n \n");
+    CHECK(eval_prompts_load(path, &ps, &n, err, sizeof err) == 2 && strstr(err, "no prompts"));
+    unlink(path);
+    CHECK(eval_prompts_load(path, &ps, &n, err, sizeof err) == 2 && strstr(err, "cannot read"));
+    rmdir(dir);
+}
+
+/* every generated task, exported and read back, templated again: the same text and tokens */
+static void test_prompt_roundtrip(void) {
+    for (int ti = 0; eval_task_names[ti]; ti++) {
+        struct eval_prompt g, r;
+        CHECK(eval_task_make(model, &corpus, eval_task_names[ti], 1024, 5, 1, &g) == KVS_OK);
+        char *buf = NULL, err[400];
+        size_t len = 0;
+        FILE *f = open_memstream(&buf, &len);
+        eval_prompt_write_jsonl(f, &g, "m", "s");
+        fclose(f);
+        CHECKF(eval_prompt_parse(buf, len, 1, &r, err, sizeof err), "%s: %s", g.id, err);
+        CHECK(eval_prompt_prepare(model, &r) == KVS_OK);
+        CHECKF(!strcmp(g.id, r.id) && !strcmp(g.task, r.task) && !strcmp(g.family, r.family) &&
+               g.length == r.length && g.seed == r.seed && g.sample == r.sample &&
+               !strcmp(g.prompt_context, r.prompt_context) &&
+               !strcmp(g.prompt_question, r.prompt_question) &&
+               g.n_tok_context == r.n_tok_context && g.n_tok_question == r.n_tok_question &&
+               !memcmp(g.tok_context, r.tok_context, (size_t)g.n_tok_context * 4) &&
+               !memcmp(g.tok_question, r.tok_question, (size_t)g.n_tok_question * 4) &&
+               g.metric == r.metric && g.max_new_tokens == r.max_new_tokens &&
+               g.stop_at_newline == r.stop_at_newline && g.n_outputs == r.n_outputs,
+               "%s: the exported prompt reads back differently", g.id);
+        for (int i = 0; i < g.n_outputs && i < r.n_outputs; i++) CHECK(!strcmp(g.outputs[i], r.outputs[i]));
+        free(buf);
+        eval_prompt_free(&g);
+        eval_prompt_free(&r);
+    }
+}
+
+/* the task records of a results file */
+static int load_records(const char *path, struct jsonl_obj *recs, int max) {
+    FILE *f = fopen(path, "r");
+    if (!f) return -1;
+    char *line = NULL, err[200];
+    size_t cap = 0;
+    ssize_t len;
+    int n = 0;
+    while ((len = getline(&line, &cap, f)) > 0 && n < max) {
+        struct jsonl_obj o;
+        if (!jsonl_parse(line, (size_t)len, &o, err, sizeof err)) { n = -1; break; }
+        const char *kind = jsonl_get_str(&o, "kind");
+        if (kind && !strcmp(kind, "task")) recs[n++] = o;
+        else jsonl_obj_free(&o);
+    }
+    free(line);
+    fclose(f);
+    return n;
+}
+
+static const char *sget(const struct jsonl_obj *o, const char *k) {
+    const char *s = jsonl_get_str(o, k);
+    return s ? s : "(none)";
+}
+
+/* the records of a run equal but for the run key and the clock: every string and number */
+static bool same_record(const struct jsonl_obj *a, const struct jsonl_obj *b) {
+    const char *strs[] = {"system", "kind", "model", "model_sha256", "method", "kv", "mode", "task",
+                          "family", "id", "answer"};
+    const char *nums[] = {"ratio", "length", "seed", "sample", "score", "kv_bytes", "kv_bytes_peak",
+                          "kv_bytes_full"};
+    for (size_t i = 0; i < sizeof strs / sizeof *strs; i++)
+        if (strcmp(sget(a, strs[i]), sget(b, strs[i]))) {
+            fprintf(stderr, "%s: '%s' vs '%s'\n", strs[i], sget(a, strs[i]), sget(b, strs[i]));
+            return false;
+        }
+    for (size_t i = 0; i < sizeof nums / sizeof *nums; i++)
+        if (jsonl_get_num(a, nums[i]) != jsonl_get_num(b, nums[i])) {
+            fprintf(stderr, "%s: %g vs %g\n", nums[i], jsonl_get_num(a, nums[i]), jsonl_get_num(b, nums[i]));
+            return false;
+        }
+    const struct jsonl_value *ea = jsonl_get(a, "expected"), *eb = jsonl_get(b, "expected");
+    if (!ea || !eb || ea->type != JSONL_STRINGS || eb->type != JSONL_STRINGS || ea->n_items != eb->n_items)
+        return false;
+    for (int i = 0; i < ea->n_items; i++)
+        if (strcmp(ea->items[i], eb->items[i])) return false;
+    return true;
+}
+
+static void test_tasks_file_sweep(const char *model_path) {
+    char dir[] = "/tmp/kvs_test_tfsXXXXXX";
+    CHECK(mkdtemp(dir) != NULL);
+    char exported[300], out_a[300], out_b[300], res_a[320], res_b[320];
+    snprintf(exported, sizeof exported, "%s/tasks.jsonl", dir);
+    snprintf(out_a, sizeof out_a, "%s/builtin", dir);
+    snprintf(out_b, sizeof out_b, "%s/file", dir);
+    snprintf(res_a, sizeof res_a, "%s/results.jsonl", out_a);
+    snprintf(res_b, sizeof res_b, "%s/results.jsonl", out_b);
+    struct eval_config cfg;
+    eval_config_default(&cfg);
+    cfg.model_path = model_path;
+    cfg.methods[0] = "full", cfg.methods[1] = "snapkv", cfg.methods[2] = "streaming";
+    cfg.n_methods = 3;
+    cfg.ratios[0] = 0.25, cfg.n_ratios = 1;
+    cfg.ppl_tokens = 0;
+    cfg.tasks[0] = "niah_single_2", cfg.tasks[1] = "vt", cfg.tasks[2] = "qa", cfg.n_tasks = 3;
+    cfg.lengths[0] = 800, cfg.n_lengths = 1;
+    cfg.samples = 1;
+    cfg.seed = 4;
+    cfg.speed_tokens = 0;
+    cfg.progress = false;
+    cfg.report = false;
+    /* (a) built-in run, then the same prompts exported and run from the file */
+    CHECK(eval_export(&cfg, exported) == 0);
+    cfg.out_dir = out_a;
+    CHECK(eval_sweep(&cfg) == 0);
+    struct eval_config fc = cfg;
+    fc.n_tasks = 0;
+    fc.tasks_file = exported;
+    fc.out_dir = out_b;
+    CHECK(eval_sweep(&fc) == 0);
+    enum { MAXR = 64 };
+    static struct jsonl_obj ra[MAXR], rb[MAXR];
+    int na = load_records(res_a, ra, MAXR), nb = load_records(res_b, rb, MAXR);
+    CHECKF(na == 3 * 3 * 2 && nb == na, "%d built-in records, %d from the file", na, nb);
+    int matched = 0, scored = 0;
+    for (int i = 0; i < na; i++)
+        for (int j = 0; j < nb; j++)
+            if (!strcmp(sget(&ra[i], "id"), sget(&rb[j], "id")) && !strcmp(sget(&ra[i], "kv"), sget(&rb[j], "kv")) &&
+                !strcmp(sget(&ra[i], "mode"), sget(&rb[j], "mode"))) {
+                CHECKF(same_record(&ra[i], &rb[j]), "%s %s %s", sget(&ra[i], "id"), sget(&ra[i], "kv"),
+                       sget(&ra[i], "mode"));
+                CHECK(strcmp(sget(&ra[i], "run"), sget(&rb[j], "run")) != 0); /* keys never collide */
+                matched++;
+                scored += jsonl_get_num(&ra[i], "score") > 0;
+            }
+    CHECKF(matched == na, "%d of %d records matched", matched, na);
+    fprintf(stderr, "tasks file vs built-in: %d of %d records equal (%d with a nonzero score)\n", matched,
+            na, scored);
+    for (int i = 0; i < na; i++) jsonl_obj_free(&ra[i]);
+    for (int i = 0; i < nb; i++) jsonl_obj_free(&rb[i]);
+    /* (d) resume: nothing new (a new ratio adding exactly its runs is test_sweep's check; the
+     * run list is the same code for both sources) */
+    CHECK(eval_sweep(&fc) == 0);
+    CHECK(count_lines(res_b) == 18);
+    /* (b) a hand-written file: two prompts, a custom question, defaults; then one edited prompt
+     * runs again and the other is skipped */
+    char hand[300], out_h[300], res_h[320];
+    snprintf(hand, sizeof hand, "%s/hand.jsonl", dir);
+    snprintf(out_h, sizeof out_h, "%s/hand", dir);
+    snprintf(res_h, sizeof res_h, "%s/results.jsonl", out_h);
+    write_file(hand, "{\"id\":\"vault\",\"context\":\"Notes of the day. The vault code is 4712. Lunch at "
+                     "noon.\",\"question\":\"What is the vault code?\",\"outputs\":[\"4712\"],"
+                     "\"stop_at_newline\":true}\n"
+                     "{\"task\":\"capital\",\"context\":\"Paris is the capital of France.\",\"question\":"
+                     "\"Which city is the capital of France?\",\"answer_prefix\":\" Answer:\",\"outputs\":"
+                     "[\"Paris\"],\"metric\":\"part\",\"max_new_tokens\":8}\n");
+    struct eval_config hc = fc;
+    hc.tasks_file = hand;
+    hc.out_dir = out_h;
+    hc.methods[0] = "full", hc.methods[1] = "snapkv", hc.n_methods = 2;
+    hc.ratios[0] = 0.5, hc.n_ratios = 1;
+    CHECK(eval_sweep(&hc) == 0);
+    static struct jsonl_obj rh[MAXR];
+    int nh = load_records(res_h, rh, MAXR);
+    CHECKF(nh == 2 * 2 * 2, "%d records", nh);
+    int full_hits = 0;
+    for (int i = 0; i < nh; i++) {
+        double sc = jsonl_get_num(&rh[i], "score");
+        CHECK(sc >= 0 && sc <= 1);
+        CHECK(isnan(jsonl_get_num(&rh[i], "length"))); /* none given: null */
+        bool vault = !strcmp(sget(&rh[i], "id"), "vault");
+        CHECK(!strcmp(sget(&rh[i], "task"), vault ? "custom" : "capital"));
+        CHECK(!strcmp(sget(&rh[i], "family"), vault ? "custom" : "capital"));
+        CHECK(vault || !strcmp(sget(&rh[i], "id"), "line2"));
+        if (!strcmp(sget(&rh[i], "kv"), "full")) {
+            full_hits += sc == 1;
+            fprintf(stderr, "hand-written %s (%s): score %g, answer '%s'\n", sget(&rh[i], "id"),
+                    sget(&rh[i], "mode"), sc, sget(&rh[i], "answer"));
+        }
+        jsonl_obj_free(&rh[i]);
+    }
+    CHECKF(full_hits == 4, "the full cache answers both easy questions in both modes (%d of 4)", full_hits);
+    CHECK(eval_sweep(&hc) == 0);
+    CHECK(count_lines(res_h) == 8);
+    write_file(hand, "{\"id\":\"vault\",\"context\":\"Notes of the day. The vault code is 9135. Lunch at "
+                     "noon.\",\"question\":\"What is the vault code?\",\"outputs\":[\"9135\"],"
+                     "\"stop_at_newline\":true}\n"
+                     "{\"task\":\"capital\",\"context\":\"Paris is the capital of France.\",\"question\":"
+                     "\"Which city is the capital of France?\",\"answer_prefix\":\" Answer:\",\"outputs\":"
+                     "[\"Paris\"],\"metric\":\"part\",\"max_new_tokens\":8}\n");
+    CHECK(eval_sweep(&hc) == 0);
+    CHECK(count_lines(res_h) == 8 + 4); /* the edited prompt's 4 runs, not the other's */
+    /* (c) a malformed file: exit code 2, nothing run, no results directory */
+    char bad[300], out_x[300];
+    snprintf(bad, sizeof bad, "%s/bad.jsonl", dir);
+    snprintf(out_x, sizeof out_x, "%s/never", dir);
+    write_file(bad, "{\"context\":\"c\",\"question\":\"q\",\"outputs\":[\"x\"]}\n"
+                    "{\"context\":\"c\",\"question\":\"q\",\"outputs\":[\"x\"],\"max_new_tokens\":\"9\"}\n");
+    hc.tasks_file = bad;
+    hc.out_dir = out_x;
+    CHECK(eval_sweep(&hc) == 2);
+    CHECK(access(out_x, F_OK) != 0);
+    CHECK(eval_export(&hc, "-") == 2);
+    /* clean up */
+    const char *files[] = {res_a, res_b, res_h, exported, hand, bad};
+    for (size_t i = 0; i < sizeof files / sizeof *files; i++) unlink(files[i]);
+    rmdir(out_a);
+    rmdir(out_b);
+    rmdir(out_h);
+    rmdir(dir);
+}
+
 int main(void) {
+    test_prompt_parse(); /* no model needed */
     const char *path = tu_model_path();
     if (!path) {
         fprintf(stderr, "test_eval: model not found (run `make models`)\n");
@@ -473,6 +791,8 @@ int main(void) {
     test_generator();
     test_fork();
     test_sweep(path);
+    test_prompt_roundtrip();
+    test_tasks_file_sweep(path);
     eval_corpus_free(&corpus);
     kvs_model_free(model);
     return tu_finish("test_eval");

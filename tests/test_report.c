@@ -43,7 +43,13 @@ static void test_parser(void) {
     CHECK(a && a->type == JSONL_STRINGS && a->n_items == 2 && !strcmp(a->items[1], "qA"));
     a = jsonl_get(&o, "empty");
     CHECK(a && a->type == JSONL_STRINGS && a->n_items == 0);
-    CHECK(!jsonl_get(&o, "nested") && !jsonl_get(&o, "nums") && !jsonl_get(&o, "mixed") && !jsonl_get(&o, "deep"));
+    /* objects and arrays of non-strings: the key, typed JSONL_OTHER, with no content */
+    const char *other[] = {"nested", "nums", "mixed", "deep"};
+    for (int i = 0; i < 4; i++) {
+        a = jsonl_get(&o, other[i]);
+        CHECKF(a && a->type == JSONL_OTHER && !a->str && !a->items, "%s", other[i]);
+        CHECK(!jsonl_get_str(&o, other[i]) && isnan(jsonl_get_num(&o, other[i])));
+    }
     CHECK(!strcmp(jsonl_get_str(&o, "after"), "ok"));
     CHECK(isnan(jsonl_get_num(&o, "nan")) && jsonl_get(&o, "nan")->type == JSONL_NUMBER);
     CHECK(isinf(jsonl_get_num(&o, "inf")) && jsonl_get_num(&o, "inf") < 0);

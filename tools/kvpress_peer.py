@@ -1,11 +1,14 @@
 #!/usr/bin/env python3
 """Peer run: NVIDIA kvpress on the prompts of our evaluation harness.
 
-Runs ON the GPU machine (see tools/kvpress_peer.md for how it gets there).  Reads a tasks JSONL
-written by our engine's generator (one prompt per line: prompt_context, prompt_question, outputs,
-metric, max_new_tokens, ...), and for every prompt runs kvpress's text-generation pipeline once
-without a press ("full") and once per (press, kept ratio).  Writes one JSON line per run in our
-results format and prints a summary table.
+Runs ON the GPU machine (see tools/kvpress_peer.md for how it gets there).  Reads a tasks file:
+the JSONL that `kvsieve eval tasks` exports, or one a user wrote by hand, in the format
+`kvsieve eval --help tasks-file` documents (context, question, outputs required; answer_prefix,
+metric, max_new_tokens, stop_at_newline, id, task, family, length, seed, sample optional, with the
+same defaults and the same checks as kvsieve's reader, src/eval/prompt_file.c: a malformed line
+stops everything with PATH:LINE: problem and exit code 2).  For every prompt it runs kvpress's
+text-generation pipeline once without a press ("full") and once per (press, kept ratio).  Writes
+one JSON line per run in our results format and prints a summary table.
 
 Token streams: kvpress's pipeline applies the chat template to the context and appends the
 template's suffix plus the answer prefix to the question; the context is prefilled (and compressed
@@ -14,7 +17,9 @@ pipeline's forward step (KVPressTextGenerationPipeline._forward, kvpress's own c
 ids of our prompt_context and prompt_question, tokenized separately exactly like our engine does,
 so both systems see the same two token streams.  For each prompt we also run kvpress's own
 preprocess() on (context, question, answer_prefix) and record whether it would have produced the
-same ids ("kvpress_preprocess_match").
+same ids ("kvpress_preprocess_match").  A record without prompt_context/prompt_question (a
+hand-written file), or one exported for another model (its model_sha256 is not the --gguf's), is
+fed what preprocess() makes of the raw fields: the model's chat template applied by kvpress.
 
 kvpress's compression_ratio is the fraction REMOVED; our "ratio" is the fraction KEPT:
 compression_ratio = 1 - ratio.
@@ -67,8 +72,16 @@ GQA_NOTES = {
     "random": "uniform random score per (KV head, token), seeded",
 }
 
-REQUIRED = ("id", "task", "length", "prompt_context", "prompt_question", "outputs", "metric",
-            "max_new_tokens")
+# The tasks-file format (kvsieve eval --help tasks-file; src/eval/prompt_file.c reads it the same way)
+TASK_FIELDS = ("context", "question", "outputs", "answer_prefix", "metric", "max_new_tokens",
+               "stop_at_newline", "id", "task", "family", "length", "seed", "sample")
+INFO_FIELDS = ("model", "model_sha256", "prompt_context", "prompt_question", "n_tokens_context",
+               "n_tokens_question", "meta")  # accepted, not used to run (the split: see above)
+MAX_OUTPUTS = 16
+
+
+class TasksFileError(ValueError):
+    pass
 
 
 def log(*a):
@@ -78,25 +91,125 @@ def log(*a):
 # ----------------------------------------------------------------------------------------------
 # tasks and scoring (no torch)
 
+def _type_name(v):
+    if v is None:
+        return "null"
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, (int, float)):
+        return "a number"
+    if isinstance(v, str):
+        return "a string"
+    if isinstance(v, list) and all(isinstance(x, str) for x in v):
+        return "an array of strings"
+    return "an object or an array of non-strings"
+
+
+def parse_task(r, ln):
+    """One line's object -> the record with every default filled, or TasksFileError(problem).
+    The same rules, defaults and limits as eval_prompt_parse (src/eval/prompt_file.c)."""
+    if not isinstance(r, dict):
+        raise TasksFileError("bad JSON: expected an object")
+    for k in r:
+        if k not in TASK_FIELDS and k not in INFO_FIELDS:
+            raise TasksFileError(f"unknown field {k!r} (known: {', '.join(TASK_FIELDS)})")
+
+    def string(key, default=None, nonempty=False, max_len=0):
+        v = r.get(key)
+        if v is None:
+            if default is None:
+                raise TasksFileError(f"field {key!r} must be a string, got null" if key in r
+                                     else f"missing field {key!r} (a string)")
+            return default
+        if not isinstance(v, str):
+            raise TasksFileError(f"field {key!r} must be a string, got {_type_name(v)}")
+        if nonempty and not v:
+            raise TasksFileError(f"field {key!r} is empty")
+        if max_len and len(v.encode("utf-8", "surrogatepass")) > max_len:
+            raise TasksFileError(f"field {key!r} is longer than {max_len} bytes")
+        return v
+
+    def integer(key, lo, hi, default):
+        v = r.get(key)
+        if v is None:
+            return default
+        ok = (isinstance(v, int) and not isinstance(v, bool)) or (isinstance(v, float) and v.is_integer())
+        if not ok or not lo <= v <= hi:
+            got = repr(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else _type_name(v)
+            raise TasksFileError(f"field {key!r} must be an integer from {lo} to {hi}, got {got}")
+        return int(v)
+
+    out = {"context": string("context", nonempty=True), "question": string("question"),
+           "answer_prefix": string("answer_prefix", "")}
+    o = r.get("outputs")
+    if "outputs" not in r:
+        raise TasksFileError("missing field 'outputs' (the expected answers: an array of strings)")
+    if not isinstance(o, list) or not all(isinstance(x, str) for x in o):
+        raise TasksFileError(f"field 'outputs' must be an array of strings, got {_type_name(o)}")
+    if not 1 <= len(o) <= MAX_OUTPUTS:
+        raise TasksFileError(f"field 'outputs' holds {len(o)} answers (1 to {MAX_OUTPUTS})")
+    for i, x in enumerate(o):
+        if not x:
+            raise TasksFileError(f"field 'outputs': answer {i + 1} is empty")
+    out["outputs"] = list(o)
+    m = r.get("metric")
+    if m is not None and not isinstance(m, str):
+        raise TasksFileError(f"field 'metric' must be a string, got {_type_name(m)}")
+    if m is not None and m not in ("all", "part"):
+        raise TasksFileError(f"unknown metric {m!r} (all: fraction of the outputs found; part: 1 if any is found)")
+    out["metric"] = m or "all"
+    out["max_new_tokens"] = integer("max_new_tokens", 1, 4096, 32)
+    length = integer("length", 1, 1 << 24, 0)
+    out["length"] = length or None
+    out["seed"] = integer("seed", 0, 2 ** 53 - 1, 0)
+    out["sample"] = integer("sample", 0, 1 << 30, 0)
+    integer("n_tokens_context", 0, 1 << 30, 0)
+    integer("n_tokens_question", 0, 1 << 30, 0)
+    st = r.get("stop_at_newline")
+    if st is not None and not isinstance(st, bool):
+        raise TasksFileError(f"field 'stop_at_newline' must be true or false, got {_type_name(st)}")
+    out["stop_at_newline"] = bool(st)
+    out["id"] = string("id", f"line{ln}", True, 127)
+    out["task"] = string("task", "custom", True, 63)
+    out["family"] = string("family", out["task"], True, 63)
+    for k in ("model", "model_sha256", "prompt_context", "prompt_question"):
+        if r.get(k) is not None and not isinstance(r[k], str):
+            raise TasksFileError(f"field {k!r} must be a string, got {_type_name(r[k])}")
+        out[k] = r.get(k)
+    for k in ("n_tokens_context", "n_tokens_question"):
+        out[k] = r.get(k)
+    return out
+
+
 def load_tasks(path):
-    recs = []
-    with open(path, encoding="utf-8") as f:
-        for ln, line in enumerate(f, 1):
-            line = line.strip()
-            if not line:
+    """Every record of a tasks file, checked and with its defaults; TasksFileError "PATH:LINE: ..."
+    on the first malformed line (lines split at \\n only, as kvsieve's getline)."""
+    recs, seen = [], {}
+    try:
+        f = open(path, "rb")
+    except OSError as e:
+        raise TasksFileError(f"cannot read tasks file {path}: {e.strerror}") from None
+    with f:
+        for ln, raw in enumerate(f, 1):
+            line = raw.decode("utf-8", errors="replace")
+            if ln == 1 and line.startswith("\ufeff"):
+                line = line[1:]
+            if not line.strip(" \t\r\n"):
                 continue
-            r = json.loads(line)
-            miss = [k for k in REQUIRED if k not in r]
-            if miss:
-                raise ValueError(f"{path}:{ln}: missing fields {miss}")
-            if r["metric"] not in ("all", "part"):
-                raise ValueError(f"{path}:{ln}: metric {r['metric']!r} is neither 'all' nor 'part'")
-            if not isinstance(r["outputs"], list) or not r["outputs"]:
-                raise ValueError(f"{path}:{ln}: outputs must be a non-empty list")
+            try:
+                obj = json.loads(line)
+            except ValueError as e:
+                raise TasksFileError(f"{path}:{ln}: bad JSON: {e}") from None
+            try:
+                r = parse_task(obj, ln)
+            except TasksFileError as e:
+                raise TasksFileError(f"{path}:{ln}: {e}") from None
+            if r["id"] in seen:
+                raise TasksFileError(f"{path}:{ln}: id {r['id']!r} already used on line {seen[r['id']]}")
+            seen[r["id"]] = ln
             recs.append(r)
-    ids = [r["id"] for r in recs]
-    if len(set(ids)) != len(ids):
-        raise ValueError(f"{path}: duplicate ids")
+    if not recs:
+        raise TasksFileError(f"{path}: no prompts (one JSON object per line)")
     return recs
 
 
@@ -113,10 +226,18 @@ def cut_answer(answer, stop_at_newline):
     return answer if j < 0 or i >= len(answer) else answer[:j]
 
 
+_ASCII_LOWER = {c: c + 32 for c in range(ord("A"), ord("Z") + 1)}
+
+
+def _fold(s):
+    """ASCII case folding only, as our scorer's strncasecmp (Python's lower() folds more)."""
+    return s.translate(_ASCII_LOWER)
+
+
 def score(answer, expected, metric):
     """RULER string match: 'all' = fraction of expected strings found, 'part' = any found."""
-    a = answer.lower()
-    hits = [1.0 if str(e).lower() in a else 0.0 for e in expected]
+    a = _fold(answer)
+    hits = [1.0 if _fold(str(e)) in a else 0.0 for e in expected]
     if metric == "all":
         return sum(hits) / len(hits)
     return max(hits)
@@ -133,6 +254,13 @@ def _self_test():
     assert cut_answer("\n\n 123\n456", True) == "\n\n 123"
     assert cut_answer(" 123\n456", False) == " 123\n456"
     assert cut_answer("\n\n", True) == "\n\n"
+    assert score("\u00c9t\u00e9", ["\u00e9t\u00e9"], "all") == 0.0  # non-ASCII case is not folded
+    assert parse_task({"context": "c", "question": "q", "outputs": ["x"]}, 3) == {
+        "context": "c", "question": "q", "answer_prefix": "", "outputs": ["x"], "metric": "all",
+        "max_new_tokens": 32, "length": None, "seed": 0, "sample": 0, "stop_at_newline": False,
+        "id": "line3", "task": "custom", "family": "custom", "model": None, "model_sha256": None,
+        "prompt_context": None, "prompt_question": None, "n_tokens_context": None,
+        "n_tokens_question": None}
 
 
 def plan_configs(methods, ratios):
@@ -391,8 +519,10 @@ def worker(args):
     # warm-up (CUDA kernels, eager path) on a short prefix of the first prompt; not recorded
     if recs:
         tw = time.time()
-        wc = tok.encode(recs[0]["prompt_context"], add_special_tokens=False, return_tensors="pt")[:, :512]
-        wq = tok.encode(recs[0]["prompt_question"], add_special_tokens=False, return_tensors="pt")
+        wc = tok.encode(recs[0]["prompt_context"] or recs[0]["context"], add_special_tokens=False,
+                        return_tensors="pt")[:, :512]
+        wq = tok.encode(recs[0]["prompt_question"] or recs[0]["question"], add_special_tokens=False,
+                        return_tensors="pt")
         for m in ("full", "snapkv", "h2o"):
             try:
                 set_attn("eager" if m == "h2o" else "sdpa")
@@ -415,14 +545,28 @@ def worker(args):
             log(f"[w{wid}] deadline: stop before {rec['id']} ({n_done} prompts done)")
             break
         tp = time.time()
-        ids_c = tok.encode(rec["prompt_context"], add_special_tokens=False, return_tensors="pt")
-        ids_q = tok.encode(rec["prompt_question"], add_special_tokens=False, return_tensors="pt")
+        # what kvpress's own preprocess makes of the raw fields (the chat template applied by kvpress)
+        pre, pre_err = None, None
+        try:
+            pre = pipe.preprocess(rec["context"], questions=[rec["question"]],
+                                  answer_prefix=rec["answer_prefix"], max_context_length=int(1e10))
+        except Exception as e:  # noqa: BLE001
+            pre_err = e
+        # our split when the record carries one made for this model; else kvpress's
+        own_split = rec["prompt_context"] is not None and rec["prompt_question"] is not None and args.use_split
+        if own_split:
+            ids_c = tok.encode(rec["prompt_context"], add_special_tokens=False, return_tensors="pt")
+            ids_q = tok.encode(rec["prompt_question"], add_special_tokens=False, return_tensors="pt")
+        elif pre is not None:
+            ids_c, ids_q = pre["context_ids"], pre["questions_ids"][0]
+        else:
+            log(f"[w{wid}] skip {rec['id']}: no prompt_context/prompt_question and preprocess failed: {pre_err!r}")
+            continue
         n_c, n_q = ids_c.shape[1], ids_q.shape[1]
-        # what kvpress's own preprocess makes of the raw fields
         match = None
         try:
-            pre = pipe.preprocess(rec.get("context", ""), questions=[rec.get("question", "")],
-                                  answer_prefix=rec.get("answer_prefix", ""), max_context_length=int(1e10))
+            if pre is None:
+                raise pre_err
             match = bool(torch.equal(pre["context_ids"], ids_c) and torch.equal(pre["questions_ids"][0], ids_q))
             pre_n = (pre["context_ids"].shape[1], pre["questions_ids"][0].shape[1])
             if not match and n_diff_logged < 2:
@@ -438,24 +582,27 @@ def worker(args):
             pre_n = (None, None)
             log(f"[w{wid}] preprocess failed on {rec['id']}: {e!r}")
         exp_c, exp_q = rec.get("n_tokens_context"), rec.get("n_tokens_question")
+        if not own_split:
+            exp_c = exp_q = None  # counted for another split
         tok_note = {"n_tokens_context_hf": n_c, "n_tokens_question_hf": n_q,
-                    "kvpress_preprocess_match": match,
+                    "kvpress_split": not own_split, "kvpress_preprocess_match": match,
                     "kvpress_preprocess_tokens": list(pre_n)}
         if (exp_c is not None and exp_c != n_c) or (exp_q is not None and exp_q != n_q):
             log(f"[w{wid}] TOKEN MISMATCH {rec['id']}: ours {exp_c}+{exp_q}, HF {n_c}+{n_q}")
         for method, ratio in cfgs:
             row = {"system": "kvpress",
                    "run": f"kvpress:{rec['id']}:{method}:{ratio}:agnostic",
-                   "kind": "task", "model": rec.get("model"), "model_sha256": rec.get("model_sha256"),
+                   "kind": "task", "model": rec["model"] or args.model_name or None,
+                   "model_sha256": rec["model_sha256"],
                    "method": method, "ratio": ratio, "mode": "agnostic", "task": rec["task"],
-                   "family": rec.get("family"), "length": rec["length"], "seed": rec.get("seed"),
-                   "sample": rec.get("sample"), "id": rec["id"], "metric": rec["metric"],
+                   "family": rec["family"], "length": rec["length"], "seed": rec["seed"],
+                   "sample": rec["sample"], "id": rec["id"], "metric": rec["metric"],
                    "expected": rec["outputs"], "max_new_tokens": rec["max_new_tokens"]}
             try:
                 if method == "full":
                     press, kv = None, "none"
                 else:
-                    press, kv = make_press(method, ratio, int(rec.get("seed") or 0) % (2 ** 31))
+                    press, kv = make_press(method, ratio, rec["seed"] % (2 ** 31))
                 row["kv"] = kv
                 set_attn("eager" if method == "h2o" else "sdpa")
                 t0 = time.time()
@@ -464,7 +611,7 @@ def worker(args):
                                             max_new_tokens=int(rec["max_new_tokens"]), press=press)
                 dt = time.time() - t0
                 raw = answers[0]
-                ans = cut_answer(raw, bool(rec.get("stop_at_newline")))
+                ans = cut_answer(raw, rec["stop_at_newline"])
                 n_gen = len(_State.gen_calls)
                 peak = max(_State.prefill_peak, _State.kv_after_prefill, _State.kv_end)
                 lens = _State.len_after_prefill
@@ -472,7 +619,7 @@ def worker(args):
                     "score": score(ans, rec["outputs"], rec["metric"]),
                     "answer": ans,
                     "answer_raw": raw,
-                    "stop_at_newline": bool(rec.get("stop_at_newline")),
+                    "stop_at_newline": rec["stop_at_newline"],
                     "kv_bytes_peak": peak,
                     "kv_bytes_full": (n_c + n_q + max(n_gen - 1, 0)) * kv_tok,
                     "kv_bytes_after_prefill": _State.kv_after_prefill,
@@ -537,6 +684,8 @@ def main():
     ap.add_argument("--dry-run", action="store_true")
     ap.add_argument("--worker", type=int, default=-1, help=argparse.SUPPRESS)
     ap.add_argument("--deadline", type=float, default=0, help=argparse.SUPPRESS)
+    ap.add_argument("--use-split", type=int, default=1, help=argparse.SUPPRESS)
+    ap.add_argument("--model-name", default="", help=argparse.SUPPRESS)
     args = ap.parse_args()
 
     for m in args.methods.split(","):
@@ -549,7 +698,11 @@ def main():
 
     t_start = time.time()
     _self_test()
-    recs = order_records(load_tasks(args.tasks))
+    try:
+        recs = order_records(load_tasks(args.tasks))
+    except TasksFileError as e:
+        print(f"kvpress_peer: {e}", file=sys.stderr)
+        sys.exit(2)
     if args.limit:
         recs = recs[: args.limit]
     methods = [m for m in args.methods.split(",") if m]
@@ -562,10 +715,14 @@ def main():
         log(f"  {m:<20} {METHODS[m]:<26} GQA: {GQA_NOTES[m]}")
     log(f"  kept ratios {ratios} -> kvpress compression_ratio {[round(1 - r, 6) for r in ratios]}")
     if args.dry_run:
+        n_split = sum(r["prompt_context"] is not None and r["prompt_question"] is not None for r in recs)
+        log(f"  {n_split} of {len(recs)} records carry our template split (prompt_context/prompt_question); "
+            f"the others get kvpress's preprocess of the raw fields")
         for r in recs[:3]:
-            log(f"  {r['id']}: ctx {len(r['prompt_context'])} chars / {r.get('n_tokens_context')} tok, "
-                f"q {len(r['prompt_question'])} chars / {r.get('n_tokens_question')} tok, "
-                f"metric {r['metric']}, expected {r['outputs']}, max_new {r['max_new_tokens']}")
+            log(f"  {r['id']}: task {r['task']}, ctx {len(r['context'])} chars / {r['n_tokens_context']} tok, "
+                f"q {len(r['question'])} chars / {r['n_tokens_question']} tok, "
+                f"metric {r['metric']}, expected {r['outputs']}, max_new {r['max_new_tokens']}, "
+                f"stop_at_newline {r['stop_at_newline']}")
         log("dry run: scorer self-test passed, tasks parse; nothing run")
         return
 
@@ -573,6 +730,22 @@ def main():
         ap.error("--gguf is required unless --hf-dir already holds the converted model")
     if args.gguf:
         prepare_model(args)
+    # records without a model (hand-written) get the GGUF's name, as our results do
+    model_name = os.path.basename(args.gguf or "")
+    model_name = model_name[:-5] if model_name.endswith(".gguf") else model_name
+    # our template split is only valid for the model it was made with
+    use_split = 1
+    shas = {r["model_sha256"] for r in recs if r["prompt_context"] is not None and r["model_sha256"]}
+    if args.gguf and shas:
+        import hashlib
+        h = hashlib.sha256()
+        with open(args.gguf, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 24), b""):
+                h.update(chunk)
+        if shas != {h.hexdigest()}:
+            use_split = 0
+            log(f"the tasks file's prompt_context was made for another model ({sorted(shas)[0][:12]}...): "
+                f"kvpress's preprocess applies this model's template instead")
     deadline = t_start + args.budget_s
     base, ext = os.path.splitext(args.out)
     parts = [f"{base}.w{k}{ext}" for k in range(args.workers)]
@@ -581,7 +754,8 @@ def main():
         cmd = [sys.executable, os.path.abspath(__file__), "--tasks", args.tasks, "--hf-dir", args.hf_dir,
                "--out", parts[k], "--dtype", args.dtype, "--methods", args.methods, "--ratios", args.ratios,
                "--workers", str(args.workers), "--threads", str(args.threads), "--limit", str(args.limit),
-               "--worker", str(k), "--deadline", str(deadline)]
+               "--worker", str(k), "--deadline", str(deadline), "--use-split", str(use_split),
+               "--model-name", model_name]
         env = dict(os.environ)
         env.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
         procs.append(subprocess.Popen(cmd, env=env))
@@ -600,7 +774,7 @@ def main():
     errs = [r for r in rows if "error" in r]
     done_ids = {r["id"] for r in rows}
     exp = {r["id"]: (r.get("n_tokens_context"), r.get("n_tokens_question")) for r in recs}
-    mism = sorted({r["id"] for r in rows if exp.get(r["id"], (None, None)) != (None, None)
+    mism = sorted({r["id"] for r in rows if not r.get("kvpress_split") and exp.get(r["id"], (None, None)) != (None, None)
                    and exp[r["id"]] != (r.get("n_tokens_context_hf"), r.get("n_tokens_question_hf"))})
     nomatch = sorted({r["id"] for r in rows if r.get("kvpress_preprocess_match") is False})
     log(f"{len(rows)} rows, {len(done_ids)}/{len(recs)} prompts, {len(errs)} errors -> {args.out}")

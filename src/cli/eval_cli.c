@@ -21,9 +21,13 @@ static const char *EVAL_USAGE =
     "           DIR/plots/*.png|svg. With no options: the default SmolLM2 grid (7 methods x 3\n"
     "           ratios, 12 tasks at 2048 and 4096 tokens, 2 samples, ppl on 4096 tokens) in\n"
     "           about 25 minutes on 2 cores.\n"
-    "  ppl      only the perplexity / KL part of the sweep\n"
+    "           --tasks-file F.jsonl: your own prompts instead of the generated tasks, through\n"
+    "           the same grid, both modes, resume and report (format: `eval --help tasks-file`)\n"
+    "  ppl      only the perplexity / KL part of the sweep (no --tasks-file)\n"
     "  tasks    export the prompts of the grid as JSONL (--out FILE, '-' = stdout) so other\n"
-    "           systems run exactly the same prompts (tools/kvpress_peer.py does)\n"
+    "           systems run exactly the same prompts (tools/kvpress_peer.py does); with\n"
+    "           --tasks-file: check that file and export it again with this model's template\n"
+    "           split and token counts\n"
     "  report   rebuild DIR's CSV, report and plots: report DIR [--peer FILE]...\n"
     "\n"
     "options:\n"
@@ -47,6 +51,11 @@ static const char *EVAL_USAGE =
     "  --tasks LIST     task names, 'all' or 'none' (all):\n"
     "                   niah_single_1..3, niah_multikey_1..3, niah_multivalue,\n"
     "                   niah_multiquery, vt, cwe, fwe, qa\n"
+    "  --tasks-file F   JSONL of prompts (one object per line: context, question, outputs,\n"
+    "                   optional answer_prefix, metric, max_new_tokens, ...; see\n"
+    "                   `kvsieve eval --help tasks-file`); replaces --tasks, --lengths,\n"
+    "                   --samples and --seed. A malformed line: `F:LINE: problem`, exit 2,\n"
+    "                   nothing run\n"
     "  --lengths LIST   prompt lengths in tokens, answer included (2048,4096)\n"
     "  --samples N      prompts per task and length (2)\n"
     "  --seed N         generator seed (1); the same seed gives the same prompts everywhere\n"
@@ -111,6 +120,11 @@ static void git_rev(char *out, size_t n) {
 int eval_main(int argc, char **argv) {
     if (argc < 1 || !strcmp(argv[0], "-h") || !strcmp(argv[0], "--help") ||
         !strcmp(argv[0], "help")) {
+        if (argc >= 2 && !strcmp(argv[1], "tasks-file")) {
+            fputs(EVAL_TASKS_FILE_HELP, stdout);
+            return 0;
+        }
+        if (argc >= 2) return usage_err("no help topic '%s' (tasks-file)", argv[1]);
         fputs(EVAL_USAGE, argc < 1 ? stderr : stdout);
         return argc < 1 ? 2 : 0;
     }
@@ -129,7 +143,7 @@ int eval_main(int argc, char **argv) {
             else if (strcmp(argv[i + 1], "small"))
                 return usage_err("--profile is small, medium or large, not '%s'", argv[i + 1]);
         }
-    const char *out_file = NULL, *report_dir = NULL, *peers[16];
+    const char *out_file = NULL, *report_dir = NULL, *peers[16], *grid_opt = NULL;
     int n_peers = 0;
     static char bufs[16][4096];
     int nb = 0;
@@ -144,10 +158,18 @@ int eval_main(int argc, char **argv) {
         }
         if (!strcmp(a, "-q") || !strcmp(a, "--quiet")) { cfg.progress = false; continue; }
         if (!strcmp(a, "--no-report")) { cfg.report = false; continue; }
-        if (!strcmp(a, "-h") || !strcmp(a, "--help")) { fputs(EVAL_USAGE, stdout); return 0; }
+        if (!strcmp(a, "-h") || !strcmp(a, "--help")) {
+            fputs(i + 1 < argc && !strcmp(argv[i + 1], "tasks-file") ? EVAL_TASKS_FILE_HELP : EVAL_USAGE,
+                  stdout);
+            return 0;
+        }
         if (!(v = VAL())) return usage_err("%s needs a value", a);
         char *c;
+        if (!strcmp(a, "--tasks") || !strcmp(a, "--lengths") || !strcmp(a, "--samples") ||
+            !strcmp(a, "--seed"))
+            grid_opt = a; /* the generated prompts' options: not with a tasks file */
         if (!strcmp(a, "--profile")) continue;
+        else if (!strcmp(a, "--tasks-file")) cfg.tasks_file = v;
         else if (!strcmp(a, "-m") || !strcmp(a, "--model")) cfg.model_path = v;
         else if (!strcmp(a, "--out")) { cfg.out_dir = v; out_file = v; }
         else if (!strcmp(a, "--data")) cfg.data_dir = v;
@@ -224,6 +246,14 @@ int eval_main(int argc, char **argv) {
             fprintf(stderr, "kvsieve eval: --methods: %s\n", kvs_last_error());
             return 2;
         }
+    }
+    if (cfg.tasks_file) {
+        if (is_ppl)
+            return usage_err("eval ppl runs no tasks; --tasks-file is for sweep (and tasks, to "
+                             "check and re-export a file)%s", "");
+        if (grid_opt)
+            return usage_err("%s is for the generated tasks; --tasks-file replaces --tasks, "
+                             "--lengths, --samples and --seed", grid_opt);
     }
     if (is_tasks) {
         if (!out_file) return usage_err("tasks needs --out FILE ('-' for stdout)%s", "");

@@ -2,7 +2,8 @@
  *
  * Does: validate the whole line against the JSON grammar (numbers by the exact RFC 8259 syntax,
  * no trailing commas, no control characters inside strings, nothing after the object) and keep
- * the top-level fields whose values are scalars or arrays of strings. See jsonl.h for the decoding
+ * the top-level fields (scalars and arrays of strings with their values; objects and other arrays
+ * as JSONL_OTHER, content dropped). See jsonl.h for the decoding
  * rules (U+FFFD replacements) and the NaN/Infinity extension.
  * Does not: build a tree (nested values are validated and dropped), or allocate anything that the
  * returned object does not own: on failure every partial allocation is released here.
@@ -254,7 +255,11 @@ static bool parse_object(struct jp *j, int depth, struct jsonl_obj *obj) {
         struct jsonl_value v = {0};
         bool keep = false;
         if (!parse_value(j, depth, obj ? &v : NULL, &keep)) { free(key); return false; }
-        if (obj && keep) {
+        if (obj) {
+            if (!keep) { /* an object or an array of non-strings: its key, no content */
+                value_free(&v);
+                v.type = JSONL_OTHER;
+            }
             if (obj->n_fields == obj->cap) {
                 int cap = obj->cap ? obj->cap * 2 : 16;
                 struct jsonl_field *f = cap < (1 << 24) ? realloc(obj->fields, (size_t)cap * sizeof *f) : NULL;

@@ -2,7 +2,8 @@
  *
  * Does: parse one line holding one JSON object (RFC 8259) into a flat list of (key, value) fields
  * whose values are null, bool, number, string or array of strings. Nested objects and arrays that
- * hold anything but strings are parsed (so the line is still validated) and dropped. Any syntax
+ * hold anything but strings are parsed (so the line is still validated) and kept as JSONL_OTHER
+ * with no content (so a reader can tell a wrong type from a missing key). Any syntax
  * error gives false and a message with the column; the parser never reads outside
  * (line, len), bounds nesting at JSONL_MAX_DEPTH and is meant to survive fuzzing.
  * Strings are decoded to UTF-8: escapes resolved, surrogate pairs joined; lone surrogates, \u0000
@@ -23,7 +24,10 @@
 
 #define JSONL_MAX_DEPTH 64
 
-enum jsonl_type { JSONL_NULL, JSONL_BOOL, JSONL_NUMBER, JSONL_STRING, JSONL_STRINGS };
+enum jsonl_type {
+    JSONL_NULL, JSONL_BOOL, JSONL_NUMBER, JSONL_STRING, JSONL_STRINGS,
+    JSONL_OTHER /* an object, or an array holding anything but strings: validated, content dropped */
+};
 
 struct jsonl_value {
     enum jsonl_type type;

@@ -325,7 +325,7 @@ static void csv_value(FILE *f, const struct rec *r, const char *col) {
     const struct jsonl_value *v = jsonl_get(&r->obj, col);
     if (!v) return;
     switch (v->type) {
-    case JSONL_NULL: break;
+    case JSONL_NULL: case JSONL_OTHER: break;
     case JSONL_BOOL: fputs(v->b ? "true" : "false", f); break;
     case JSONL_NUMBER: if (isfinite(v->num)) fputs(v->str, f); break; /* as written: exact */
     case JSONL_STRING: csv_cell(f, v->str); break;

@@ -174,13 +174,24 @@ static void make_key(char *out, size_t n, const char *sha, const char *kind, con
     snprintf(out, n, "%.12s|%s|%s|%d|%llu|%d|%s|%s", sha, kind, task, length,
              (unsigned long long)seed, sample, spec, mode);
     for (char *p = out; *p; p++)
-        if (*p == '"' || *p == '\\') *p = '_';
+        if (*p == '"' || *p == '\\' || (unsigned char)*p < 0x20) *p = '_';
+}
+
+/* a tasks-file prompt's key: the generated prompts' fields, then its id and the hash of what
+ * decides its answer (an edited prompt runs again; keys never collide with generated ones) */
+static void make_file_key(char *out, size_t n, const char *sha, const struct eval_prompt *p,
+                          const char *spec, const char *mode) {
+    make_key(out, n, sha, "task", p->task, p->length, p->seed, p->sample, spec, mode);
+    size_t L = strlen(out);
+    snprintf(out + L, n - L, "|file:%s#%016llx", p->id, (unsigned long long)eval_prompt_hash(p));
+    for (char *q = out + L; *q; q++)
+        if (*q == '"' || *q == '\\' || (unsigned char)*q < 0x20) *q = '_';
 }
 
 /* ---- one results line ---------------------------------------------------------------------- */
 
 struct rec {
-    const char *key, *kind, *method, *spec, *mode, *task, *family;
+    const char *key, *kind, *method, *spec, *mode, *task, *family, *id;
     double ratio;
     int budget, length, sample;
     uint64_t seed;
@@ -201,6 +212,8 @@ struct sweep {
     char model_name[256]; /* the file's base name without .gguf */
     FILE *out;
     struct keyset done;
+    struct eval_prompt *fp; /* --tasks-file: its prompts (n_fp), in file order */
+    int n_fp;
     double t0;
     int n_written, n_threads;
 };
@@ -229,8 +242,10 @@ static void write_rec(struct sweep *sw, const struct rec *r) {
     eval_json_str(f, r->task);
     fputs(",\"family\":", f);
     eval_json_str(f, r->family);
-    fprintf(f, ",\"length\":%d", r->length);
+    put_num(f, "length", r->length > 0 ? r->length : NAN); /* a tasks file may give none */
     if (r->prompt) {
+        fputs(",\"id\":", f);
+        eval_json_str(f, r->id);
         fprintf(f, ",\"seed\":%llu,\"sample\":%d", (unsigned long long)r->seed, r->sample);
         put_num(f, "score", r->score);
         fputs(",\"answer\":", f);
@@ -570,15 +585,30 @@ static int tasks_corpus(const struct eval_config *cfg, struct eval_corpus *corpu
     return 0;
 }
 
+/* the run key of one prompt (generated or from the tasks file) */
+static void prompt_key(const struct sweep *sw, const struct eval_prompt *p, const char *spec,
+                       const char *mode, char *out, size_t n) {
+    if (sw->fp) make_file_key(out, n, sw->sha, p, spec, mode);
+    else make_key(out, n, sw->sha, "task", p->task, p->length, p->seed, p->sample, spec, mode);
+}
+
+/* tokens a tasks-file prompt may take, answer included; its length when larger */
+static int file_prompt_len(const struct eval_prompt *p) {
+    int n = p->n_tok_context + p->n_tok_question + p->max_new_tokens;
+    return p->length > n ? p->length : n;
+}
+
 static int run_tasks(struct sweep *sw, int n_threads) {
     const struct eval_config *cfg = sw->cfg;
     struct eval_corpus corpus;
-    int rc = tasks_corpus(cfg, &corpus);
+    memset(&corpus, 0, sizeof corpus);
+    int rc = sw->fp ? 0 : tasks_corpus(cfg, &corpus);
     if (rc) return rc;
     /* runs: full once, every other method at every ratio */
     static struct spec_run runs[EVAL_MAX_LIST * EVAL_MAX_LIST + 1];
     int n_runs = 0, n_fork_runs = 0, max_len = 0;
-    for (int i = 0; i < cfg->n_lengths; i++) max_len = cfg->lengths[i] > max_len ? cfg->lengths[i] : max_len;
+    for (int i = 0; i < cfg->n_lengths && !sw->fp; i++)
+        max_len = cfg->lengths[i] > max_len ? cfg->lengths[i] : max_len;
     for (int i = 0; i < cfg->n_methods; i++)
         for (int b = 0; b < (is_full(cfg->methods[i]) ? 1 : cfg->n_ratios); b++) {
             struct spec_run *r = &runs[n_runs++];
@@ -607,12 +637,24 @@ static int run_tasks(struct sweep *sw, int n_threads) {
         eval_corpus_free(&corpus);
         return 2;
     }
+    /* tasks file: every prompt templated and tokenized before any work */
+    for (int i = 0; i < sw->n_fp; i++) {
+        if (eval_prompt_prepare(sw->m, &sw->fp[i]) != KVS_OK) {
+            fprintf(stderr, "kvsieve eval: %s: %s\n", sw->fp[i].id, kvs_last_error());
+            return 1;
+        }
+        int L = file_prompt_len(&sw->fp[i]);
+        max_len = L > max_len ? L : max_len;
+    }
+    if (sw->fp && max_len > sw->info.n_ctx_train)
+        kvs_log(1, "the longest prompt of %s (%d tokens with its answer) is beyond the model's "
+                "training context %d", cfg->tasks_file, max_len, sw->info.n_ctx_train);
     /* every prompt can be made (lengths fit the tasks): checked before any work */
-    for (int li = 0; li < cfg->n_lengths; li++)
+    for (int li = 0; li < cfg->n_lengths && !sw->fp; li++)
         if (cfg->lengths[li] > sw->info.n_ctx_train)
             kvs_log(1, "length %d is beyond the model's training context %d", cfg->lengths[li],
                     sw->info.n_ctx_train);
-    for (int ti = 0; ti < cfg->n_tasks; ti++)
+    for (int ti = 0; ti < cfg->n_tasks && !sw->fp; ti++)
         for (int li = 0; li < cfg->n_lengths; li++)
             for (int si = 0; si < cfg->samples; si++) {
                 struct eval_prompt p;
@@ -625,12 +667,20 @@ static int run_tasks(struct sweep *sw, int n_threads) {
                 eval_prompt_free(&p);
             }
     /* the prompts still to run */
-    int n_prompts = cfg->n_tasks * cfg->n_lengths * cfg->samples, n_todo = 0;
+    int n_prompts = sw->fp ? sw->n_fp : cfg->n_tasks * cfg->n_lengths * cfg->samples, n_todo = 0;
     int64_t w_total = 0;
     char key[700];
     bool *todo = calloc((size_t)n_prompts, 1);
     if (!todo) { eval_corpus_free(&corpus); return fail("out of memory"); }
-    for (int pi = 0; pi < n_prompts; pi++) {
+    for (int pi = 0; pi < n_prompts && sw->fp; pi++) {
+        for (int r = 0; r < n_runs && !todo[pi]; r++)
+            for (int md = 0; md < nm && !todo[pi]; md++) {
+                prompt_key(sw, &sw->fp[pi], runs[r].spec, MODE_NAME[modes[md]], key, sizeof key);
+                if (!keyset_has(&sw->done, key)) todo[pi] = true;
+            }
+        if (todo[pi]) { n_todo++; w_total += file_prompt_len(&sw->fp[pi]); }
+    }
+    for (int pi = 0; pi < n_prompts && !sw->fp; pi++) {
         int ti = pi / (cfg->n_lengths * cfg->samples), li = pi / cfg->samples % cfg->n_lengths;
         int si = pi % cfg->samples;
         for (int r = 0; r < n_runs && !todo[pi]; r++)
@@ -681,21 +731,28 @@ static int run_tasks(struct sweep *sw, int n_threads) {
     int k_done = 0;
     for (int pi = 0; pi < n_prompts && rc == 0; pi++) {
         if (!todo[pi]) continue;
-        int ti = pi / (cfg->n_lengths * cfg->samples), li = pi / cfg->samples % cfg->n_lengths;
-        int si = pi % cfg->samples, len = cfg->lengths[li];
         struct eval_prompt p;
-        enum kvs_status st = eval_task_make(sw->m, &corpus, cfg->tasks[ti], len, cfg->seed, si, &p);
+        enum kvs_status st = KVS_OK;
+        bool owned = !sw->fp; /* a generated prompt, freed here; a file's is the sweep's */
+        if (sw->fp) p = sw->fp[pi];
+        else {
+            int ti = pi / (cfg->n_lengths * cfg->samples), li = pi / cfg->samples % cfg->n_lengths;
+            st = eval_task_make(sw->m, &corpus, cfg->tasks[ti], cfg->lengths[li], cfg->seed,
+                                pi % cfg->samples, &p);
+        }
         if (st != KVS_OK) {
             fprintf(stderr, "kvsieve eval: %s\n", kvs_last_error());
             rc = st == KVS_ERR_INVALID_ARG ? 2 : 1;
             break;
         }
+        /* len: the prompt's length, the key of the decode-speed probe and the ETA's weight */
+        int si = p.sample, len = sw->fp ? file_prompt_len(&p) : p.length;
         /* 1. the context, once, full cache, all statistics */
         double t = now_s();
         kvs_seq_reset(ctx, A);
         if (kvs_eval(ctx, A, p.tok_context, p.n_tok_context, false, NULL, NULL, NULL) != KVS_OK) {
             rc = fail(p.id);
-            eval_prompt_free(&p);
+            if (owned) eval_prompt_free(&p);
             break;
         }
         double t_ctx = now_s() - t;
@@ -706,7 +763,7 @@ static int run_tasks(struct sweep *sw, int n_threads) {
             if (kvs_seq_copy(ctx, B, ctx, A) != KVS_OK ||
                 kvs_eval(ctx, B, p.tok_question, p.n_tok_question, false, logits_b, NULL, NULL) != KVS_OK) {
                 rc = fail(p.id);
-                eval_prompt_free(&p);
+                if (owned) eval_prompt_free(&p);
                 break;
             }
         }
@@ -721,8 +778,7 @@ static int run_tasks(struct sweep *sw, int n_threads) {
                 memset(f, 0, sizeof *f);
                 f->run = r;
                 f->mode = modes[md];
-                make_key(f->key, sizeof f->key, sw->sha, "task", p.task, len, cfg->seed, si, runs[r].spec,
-                         MODE_NAME[f->mode]);
+                prompt_key(sw, &p, runs[r].spec, MODE_NAME[f->mode], f->key, sizeof f->key);
                 if (keyset_has(&sw->done, f->key)) continue;
                 nf++;
                 t = now_s();
@@ -802,7 +858,7 @@ static int run_tasks(struct sweep *sw, int n_threads) {
             uint64_t fb = full_bytes; /* what the full cache holds for context + question */
             struct rec rr = {.key = f->key, .kind = "task", .method = r->method, .spec = r->spec,
                              .mode = MODE_NAME[f->mode], .task = p.task, .family = p.family,
-                             .ratio = r->ratio, .length = len, .sample = si, .seed = cfg->seed,
+                             .ratio = r->ratio, .length = p.length, .sample = si, .seed = p.seed, .id = p.id,
                              .score = sc, .answer = f->answer ? f->answer : "", .prompt = &p,
                              .kv_bytes = f->kv_bytes,
                              .kv_bytes_peak = prefill_mode ? fb : f->kv_peak, .kv_bytes_full = fb,
@@ -829,7 +885,7 @@ static int run_tasks(struct sweep *sw, int n_threads) {
                     p.task, len, si, p.n_tok_context, p.n_tok_question, p.n_tok_context / t_ctx, nf,
                     td, nf ? avg / nf : 0.0, e1, e2);
         }
-        eval_prompt_free(&p);
+        if (owned) eval_prompt_free(&p);
     }
 out:
     for (int i = 0; forks && i < max_forks; i++) free(forks[i].answer);
@@ -866,13 +922,31 @@ static int open_model(struct sweep *sw, const struct eval_config *cfg) {
     return 0;
 }
 
+/* --tasks-file: read and check the whole file (nothing runs when a line is malformed) */
+static int load_tasks_file(const struct eval_config *cfg, struct eval_prompt **fp, int *n_fp) {
+    *fp = NULL;
+    *n_fp = 0;
+    if (!cfg->tasks_file) return 0;
+    char err[600];
+    int rc = eval_prompts_load(cfg->tasks_file, fp, n_fp, err, sizeof err);
+    if (rc) fprintf(stderr, "kvsieve eval: %s\n", err);
+    return rc;
+}
+
 int eval_export(const struct eval_config *cfg, const char *path) {
     struct sweep sw;
-    int rc = open_model(&sw, cfg);
+    struct eval_prompt *fp;
+    int n_fp;
+    int rc = load_tasks_file(cfg, &fp, &n_fp);
     if (rc) return rc;
+    if ((rc = open_model(&sw, cfg)) != 0) {
+        eval_prompts_free(fp, n_fp);
+        return rc;
+    }
     model_id(&sw, cfg->model_path, sw.sha, sizeof sw.sha);
     struct eval_corpus corpus;
-    if ((rc = tasks_corpus(cfg, &corpus)) != 0) {
+    memset(&corpus, 0, sizeof corpus);
+    if (!fp && (rc = tasks_corpus(cfg, &corpus)) != 0) {
         kvs_model_free(sw.m);
         return rc;
     }
@@ -881,7 +955,16 @@ int eval_export(const struct eval_config *cfg, const char *path) {
         fprintf(stderr, "kvsieve eval: cannot write %s: %s\n", path, strerror(errno));
         rc = 1;
     }
-    for (int ti = 0; ti < cfg->n_tasks && f && rc == 0; ti++)
+    /* a tasks file: re-exported with this model's template split and token counts */
+    for (int i = 0; i < n_fp && f && rc == 0; i++) {
+        if (eval_prompt_prepare(sw.m, &fp[i]) != KVS_OK) {
+            fprintf(stderr, "kvsieve eval: %s: %s\n", fp[i].id, kvs_last_error());
+            rc = 1;
+            break;
+        }
+        eval_prompt_write_jsonl(f, &fp[i], sw.model_name, sw.sha);
+    }
+    for (int ti = 0; ti < cfg->n_tasks && !fp && f && rc == 0; ti++)
         for (int li = 0; li < cfg->n_lengths && rc == 0; li++)
             for (int si = 0; si < cfg->samples && rc == 0; si++) {
                 struct eval_prompt p;
@@ -895,17 +978,28 @@ int eval_export(const struct eval_config *cfg, const char *path) {
                 eval_prompt_free(&p);
             }
     if (f && f != stdout && fclose(f)) rc = 1;
+    else if (f == stdout && fflush(f)) rc = 1;
     eval_corpus_free(&corpus);
+    eval_prompts_free(fp, n_fp);
     kvs_model_free(sw.m);
     return rc;
 }
 
 int eval_sweep(const struct eval_config *cfg) {
     struct sweep sw;
-    int rc = open_model(&sw, cfg);
+    struct eval_prompt *fp;
+    int n_fp;
+    int rc = load_tasks_file(cfg, &fp, &n_fp);
     if (rc) return rc;
+    if ((rc = open_model(&sw, cfg)) != 0) {
+        eval_prompts_free(fp, n_fp);
+        return rc;
+    }
+    sw.fp = fp;
+    sw.n_fp = n_fp;
     if (mkdir_p(cfg->out_dir)) {
         fprintf(stderr, "kvsieve eval: cannot create %s: %s\n", cfg->out_dir, strerror(errno));
+        eval_prompts_free(fp, n_fp);
         kvs_model_free(sw.m);
         return 1;
     }
@@ -917,6 +1011,7 @@ int eval_sweep(const struct eval_config *cfg) {
     sw.out = fopen(path, "a");
     if (!sw.out) {
         fprintf(stderr, "kvsieve eval: cannot write %s: %s\n", path, strerror(errno));
+        eval_prompts_free(fp, n_fp);
         kvs_model_free(sw.m);
         keyset_free(&sw.done);
         return 1;
@@ -928,7 +1023,7 @@ int eval_sweep(const struct eval_config *cfg) {
         fprintf(stderr, "eval: %s (%s), results in %s (%d runs already there)\n",
                 sw.info.name, sw.sha, path, sw.done.n);
     if (cfg->ppl_tokens > 0 && cfg->n_budgets > 0) rc = run_ppl(&sw, n_threads);
-    if (rc == 0 && cfg->n_tasks > 0 && cfg->n_lengths > 0 && cfg->samples > 0)
+    if (rc == 0 && (sw.fp || (cfg->n_tasks > 0 && cfg->n_lengths > 0 && cfg->samples > 0)))
         rc = run_tasks(&sw, n_threads);
     fclose(sw.out);
     if (cfg->progress) {
@@ -947,6 +1042,7 @@ int eval_sweep(const struct eval_config *cfg) {
         }
     }
     keyset_free(&sw.done);
+    eval_prompts_free(sw.fp, sw.n_fp);
     kvs_model_free(sw.m);
     return rc;
 }

@@ -34,6 +34,7 @@ struct eval_config {
     int n_budgets;
     const char *tasks[EVAL_MAX_LIST];
     int n_tasks;
+    const char *tasks_file;   /* JSONL of prompts (tasks.h): replaces tasks, lengths, samples, seed */
     int lengths[EVAL_MAX_LIST];
     int n_lengths;
     int samples;              /* prompts per (task, length) */
@@ -50,10 +51,14 @@ void eval_config_default(struct eval_config *c); /* the default SmolLM2 grid */
 void eval_config_large(struct eval_config *c);   /* --profile large (Qwen2.5-1.5B) */
 void eval_config_medium(struct eval_config *c);  /* --profile medium (Qwen2.5-1.5B, ~1 h) */
 
-/* Run the grid; returns 0 on success, 2 for bad input (message on stderr), 1 otherwise. */
+/* Run the grid; returns 0 on success, 2 for bad input (message on stderr), 1 otherwise. A
+ * tasks_file is read and checked whole before the model is loaded: a malformed line gives 2 and
+ * "FILE:LINE: problem", and nothing runs. */
 int eval_sweep(const struct eval_config *cfg);
 
-/* Write the prompts of the grid (tasks × lengths × samples) as JSONL to path ("-" = stdout). */
+/* Write the prompts of the grid (tasks × lengths × samples) as JSONL to path ("-" = stdout); with
+ * a tasks_file, that file's prompts again (checked, defaults filled, this model's template split
+ * and token counts added). */
 int eval_export(const struct eval_config *cfg, const char *path);
 
 #endif

@@ -574,16 +574,39 @@ static enum kvs_status context_tokens(const kvs_model *m, const struct plan *pl,
     return st;
 }
 
-void eval_prompt_free(struct eval_prompt *p) {
-    free(p->context);
-    free(p->question);
-    free(p->answer_prefix);
+enum kvs_status eval_prompt_prepare(const kvs_model *m, struct eval_prompt *p) {
     free(p->prompt_context);
     free(p->prompt_question);
-    for (int i = 0; i < p->n_outputs; i++) free(p->outputs[i]);
     free(p->tok_context);
     free(p->tok_question);
-    memset(p, 0, sizeof *p);
+    p->prompt_context = p->prompt_question = NULL;
+    p->tok_context = p->tok_question = NULL;
+    p->n_tok_context = p->n_tok_question = 0;
+    /* as eval_task_make: the question part is the question, the template's suffix for an empty
+     * context and the answer prefix; the context part is the template applied to the context */
+    char *pc = NULL, *suffix = NULL;
+    enum kvs_status st = template_split(m, "", &pc, &suffix);
+    free(pc);
+    pc = NULL;
+    if (st == KVS_OK) {
+        struct sbuf b = {0};
+        sb_puts(&b, p->question);
+        sb_puts(&b, suffix);
+        sb_puts(&b, p->answer_prefix);
+        p->prompt_question = sb_take(&b);
+        if (!p->prompt_question) st = kvs_fail(KVS_ERR_NOMEM, "out of memory");
+    }
+    if (st == KVS_OK) st = template_split(m, p->context, &p->prompt_context, &pc);
+    free(pc);
+    free(suffix);
+    if (st == KVS_OK) {
+        p->tok_context = tokenize_dup(m, p->prompt_context, true, &p->n_tok_context);
+        p->tok_question = tokenize_dup(m, p->prompt_question, false, &p->n_tok_question);
+        if (!p->tok_context || !p->tok_question) st = kvs_fail(KVS_ERR_NOMEM, "out of memory");
+        else if (p->n_tok_context < 0 || p->n_tok_question < 0)
+            st = kvs_fail(KVS_ERR_INTERNAL, "%s: tokenizer failed", p->id);
+    }
+    return st;
 }
 
 static int find_para(const struct eval_corpus *c, const char *novel, const char *anchor, int *doc) {
@@ -731,7 +754,7 @@ enum kvs_status eval_task_make(const kvs_model *m, const struct eval_corpus *c, 
     out->question = sb_take(&q);
     out->answer_prefix = sb_take(&ap);
     snprintf(out->task, sizeof out->task, "%s", t->name);
-    out->family = t->family;
+    snprintf(out->family, sizeof out->family, "%s", t->family);
     out->length = length;
     out->seed = seed;
     out->sample = sample;
@@ -828,42 +851,4 @@ double eval_score(const struct eval_prompt *p, const char *answer) {
     free(a);
     if (p->metric == EVAL_METRIC_PART) return hit > 0 ? 1.0 : 0.0;
     return (double)hit / p->n_outputs;
-}
-
-/* ---- JSON -------------------------------------------------------------------------------- */
-
-void eval_json_str(FILE *f, const char *s) { jsonl_write_string(f, s ? s : ""); }
-
-void eval_prompt_write_jsonl(FILE *f, const struct eval_prompt *p, const char *model_name,
-                             const char *model_sha256) {
-    fputs("{\"id\":", f);
-    eval_json_str(f, p->id);
-    fputs(",\"task\":", f);
-    eval_json_str(f, p->task);
-    fputs(",\"family\":", f);
-    eval_json_str(f, p->family);
-    fprintf(f, ",\"length\":%d,\"seed\":%llu,\"sample\":%d,\"model\":", p->length,
-            (unsigned long long)p->seed, p->sample);
-    eval_json_str(f, model_name);
-    fputs(",\"model_sha256\":", f);
-    eval_json_str(f, model_sha256);
-    fputs(",\"context\":", f);
-    eval_json_str(f, p->context);
-    fputs(",\"question\":", f);
-    eval_json_str(f, p->question);
-    fputs(",\"answer_prefix\":", f);
-    eval_json_str(f, p->answer_prefix);
-    fputs(",\"prompt_context\":", f);
-    eval_json_str(f, p->prompt_context);
-    fputs(",\"prompt_question\":", f);
-    eval_json_str(f, p->prompt_question);
-    fputs(",\"outputs\":[", f);
-    for (int i = 0; i < p->n_outputs; i++) {
-        if (i) fputc(',', f);
-        eval_json_str(f, p->outputs[i]);
-    }
-    fprintf(f, "],\"metric\":\"%s\",\"max_new_tokens\":%d,\"stop_at_newline\":%s,"
-            "\"n_tokens_context\":%d,\"n_tokens_question\":%d}\n",
-            p->metric == EVAL_METRIC_PART ? "part" : "all", p->max_new_tokens,
-            p->stop_at_newline ? "true" : "false", p->n_tok_context, p->n_tok_question);
 }

@@ -32,7 +32,7 @@
  * Scoring (RULER): metric "all" = fraction of expected strings found in the answer
  * (case-insensitive), "part" = 1 if any is found. The answer is cut at the first newline after
  * some text for the tasks whose answer is one line (stop_at_newline).
- * Does not: run the model (sweep.c does), read JSON.
+ * Does not: run the model (sweep.c does). Prompts can also come from a tasks file (below).
  */
 #ifndef KVS_EVAL_TASKS_H
 #define KVS_EVAL_TASKS_H
@@ -57,11 +57,13 @@ struct eval_corpus {
 enum kvs_status eval_corpus_load(const char *data_dir, struct eval_corpus *c);
 void eval_corpus_free(struct eval_corpus *c);
 
+enum { EVAL_ID_MAX = 128, EVAL_NAME_MAX = 64 }; /* sizes of id and of task/family, NUL included */
+
 struct eval_prompt {
-    char id[96];          /* task/length/sample */
-    char task[32];
-    const char *family;   /* niah, niah_multi, vt, aggregation, qa */
-    int length, sample;
+    char id[EVAL_ID_MAX];        /* task/length/seed/sample, or a tasks file's id */
+    char task[EVAL_NAME_MAX];
+    char family[EVAL_NAME_MAX];  /* niah, niah_multi, vt, aggregation, qa; a file's own */
+    int length, sample;          /* length 0: none given (a tasks file may leave it out) */
     uint64_t seed;
     char *context, *question, *answer_prefix;    /* raw parts */
     char *prompt_context, *prompt_question;      /* chat-templated split */
@@ -89,7 +91,42 @@ void eval_prompt_free(struct eval_prompt *p);
 /* Score an answer (0..1). */
 double eval_score(const struct eval_prompt *p, const char *answer);
 
-/* One JSON line describing the prompt (the export format, see docs in tools/kvpress_peer.md). */
+/* ---- the tasks file (prompt_file.c): users' own prompts, one JSON object per line ---------
+ *
+ * The format `kvsieve eval tasks` exports and `kvsieve eval sweep --tasks-file` and
+ * tools/kvpress_peer.py read (the field table is EVAL_TASKS_FILE_HELP, printed by
+ * `kvsieve eval --help tasks-file`). Raw text only: the running model's chat template is applied
+ * by eval_prompt_prepare; the prompt_context / prompt_question an export carries are ignored.
+ * The parser reuses jsonl.c (fuzzed by fuzz/fuzz_jsonl.c, which also fuzzes eval_prompt_parse).
+ * Does not: touch a model (eval_prompt_prepare in tasks.c does), print anything. */
+
+extern const char EVAL_TASKS_FILE_HELP[];
+
+/* Parse one line of a tasks file into *out (raw parts, defaults filled; no template, no tokens).
+ * line_no (1-based) names the default id "line<N>". False: *out empty, a one-line reason such as
+ * "missing field "context" (...)" or "bad JSON: column 7: ..." in err. */
+bool eval_prompt_parse(const char *line, size_t len, int line_no, struct eval_prompt *out,
+                       char *err, size_t err_size);
+
+/* Read a whole tasks file (blank lines skipped, a UTF-8 BOM allowed): *out gets n parsed prompts
+ * (free with eval_prompts_free). Returns 0; 2 for a malformed file, err "PATH:LINE: problem"
+ * (also: no prompts at all, duplicate ids); 1 when the file cannot be read. Nothing is returned
+ * on failure. */
+int eval_prompts_load(const char *path, struct eval_prompt **out, int *n, char *err,
+                      size_t err_size);
+void eval_prompts_free(struct eval_prompt *p, int n);
+
+/* Apply m's chat template to p's raw parts (the same split as generated prompts) and tokenize:
+ * fills prompt_context, prompt_question, tok_* (replacing any). In tasks.c. */
+enum kvs_status eval_prompt_prepare(const kvs_model *m, struct eval_prompt *p);
+
+/* 64-bit FNV-1a of everything that decides a run's answer and score (raw parts, outputs, metric,
+ * max_new_tokens, stop_at_newline): part of a tasks-file run's resume key. */
+uint64_t eval_prompt_hash(const struct eval_prompt *p);
+
+/* One JSON line describing the prompt: the tasks-file format, plus model, model_sha256 and the
+ * templated, tokenized split (prompt_context, prompt_question, n_tokens_*) for other systems.
+ * length 0 is written as null. */
 void eval_prompt_write_jsonl(FILE *f, const struct eval_prompt *p, const char *model_name,
                              const char *model_sha256);
 
