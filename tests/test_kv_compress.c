@@ -4,8 +4,12 @@
  *     default thresholds do merge: the relation is not vacuous); think:prune=0 (every channel
  *     packed in fp16) matches full to float rounding; budget >= length of every new method is in
  *     test_kv's bit-identity list;
- *   quality: KL(full || kivi) over prompt + decode logits is small at 8 bits and grows as bits
- *     fall (8 < 4 < 2); ThinK and MiKV stay within stated bounds;
+ *   quality, per model (SmolLM2 in `make test`; Qwen2.5-1.5B with KVS_TEST_MODEL in
+ *     `make test-slow`): every scorer, merge and storage part (ThinK, KIVI 2/4/8, MiKV 2/3/4/8)
+ *     has KL(full || method) over prompt + decode logits and the prompt's perplexity relative to
+ *     full bounded at about twice what was measured on that model; orderings (fewer bits are
+ *     worse, demoting beats evicting, every scorer beats random) are asserted only where the
+ *     gap exceeds the noise floor (the full cache through the scalar attention kernels);
  *   merge invariants, per plan on the model's real caches: weights after = weights before minus
  *     the evicted entries' (every token is kept, merged or evicted by plan), kept positions are
  *     exactly the plan's, the store's invariants and byte accounting hold, and bytes fall;
@@ -222,29 +226,31 @@ static void test_storage_quality(const float *ref) {
         const char *spec;
         double kl[2], ppl[2]; /* bounds: [0] SmolLM2 (llama), [1] Qwen2.5 (qwen2) */
     };
+    /* columns: KL bound SmolLM2, Qwen2.5; prompt-ppl ratio bound SmolLM2, Qwen2.5; then the
+     * measured KL and ratio. Ratio bounds are 1 + 2 max(measured - 1, 0.01). */
     static const struct qcase cases[] = {
         /* scorers at 48 of ~250 entries */
-        {"streaming:sinks=4,window=44", {INFINITY, INFINITY}, {INFINITY, INFINITY}},
-        {"h2o:budget=48", {INFINITY, INFINITY}, {INFINITY, INFINITY}},
-        {"tova:budget=48", {INFINITY, INFINITY}, {INFINITY, INFINITY}},
-        {"snapkv:budget=48", {INFINITY, INFINITY}, {INFINITY, INFINITY}},
-        {"knorm:budget=48", {INFINITY, INFINITY}, {INFINITY, INFINITY}},
-        {"random:budget=48", {INFINITY, INFINITY}, {INFINITY, INFINITY}},
+        {"streaming:sinks=4,window=44", {0.12, 0.18}, {1.02, 1.11}}, /* 0.0576 0.0877; x0.979 x1.052 */
+        {"h2o:budget=48", {0.088, 0.066}, {1.02, 1.02}}, /* 0.0436 0.033; x0.975 x1.008 */
+        {"tova:budget=48", {0.07, 0.072}, {1.02, 1.04}}, /* 0.0349 0.0358; x0.995 x1.017 */
+        {"snapkv:budget=48", {0.11, 0.15}, {1.02, 1.13}}, /* 0.0532 0.0715; x0.963 x1.060 */
+        {"knorm:budget=48", {0.15, 0.3}, {1.04, 1.41}}, /* 0.0709 0.146; x1.019 x1.204 */
+        {"random:budget=48", {1.4, 2}, {2.29, 4.51}}, /* 0.685 0.955; x1.641 x2.754 */
         /* merges */
-        {"d2o:budget=48", {INFINITY, INFINITY}, {INFINITY, INFINITY}},
-        {"ems:budget=48", {INFINITY, INFINITY}, {INFINITY, INFINITY}},
-        {"kvmerger:budget=48", {INFINITY, INFINITY}, {INFINITY, INFINITY}},
-        {"elastic:budget=48", {INFINITY, INFINITY}, {INFINITY, INFINITY}},
+        {"d2o:budget=48", {0.12, 0.089}, {1.02, 1.2}}, /* 0.0559 0.0444; x0.988 x1.097 */
+        {"ems:budget=48", {0.11, 0.14}, {1.02, 1.09}}, /* 0.0525 0.0659; x0.971 x1.041 */
+        {"kvmerger:budget=48", {0.21, 0.32}, {1.02, 1.47}}, /* 0.101 0.16; x0.992 x1.234 */
+        {"elastic:budget=48", {0.44, 0.5}, {1.22, 1.63}}, /* 0.22 0.247; x1.105 x1.315 */
         /* storage parts */
-        {"full+think:prune=0.4", {INFINITY, INFINITY}, {INFINITY, INFINITY}},
-        {"full+kivi:bits=8,resid=32", {INFINITY, INFINITY}, {INFINITY, INFINITY}},
-        {"full+kivi:bits=4,resid=32", {INFINITY, INFINITY}, {INFINITY, INFINITY}},
-        {"full+kivi:bits=2,resid=32", {INFINITY, INFINITY}, {INFINITY, INFINITY}},
-        {"full+think:prune=0.4+kivi:bits=4,resid=32", {INFINITY, INFINITY}, {INFINITY, INFINITY}},
-        {"h2o:budget=48+mikv:low=8", {INFINITY, INFINITY}, {INFINITY, INFINITY}},
-        {"h2o:budget=48+mikv:low=4", {INFINITY, INFINITY}, {INFINITY, INFINITY}},
-        {"h2o:budget=48+mikv:low=3", {INFINITY, INFINITY}, {INFINITY, INFINITY}},
-        {"h2o:budget=48+mikv:low=2", {INFINITY, INFINITY}, {INFINITY, INFINITY}},
+        {"full+think:prune=0.4", {0.018, 0.018}, {1.02, 1.02}}, /* 0.00882 0.00869; x0.985 x0.998 */
+        {"full+kivi:bits=8,resid=32", {0.0042, 0.0057}, {1.02, 1.03}}, /* 0.00209 0.00285; x1.003 x1.012 */
+        {"full+kivi:bits=4,resid=32", {0.011, 0.009}, {1.02, 1.02}}, /* 0.00503 0.00447; x0.999 x0.988 */
+        {"full+kivi:bits=2,resid=32", {0.15, 0.088}, {1.2, 1.15}}, /* 0.0715 0.0438; x1.098 x1.074 */
+        {"full+think:prune=0.4+kivi:bits=4,resid=32", {0.022, 0.018}, {1.02, 1.02}}, /* 0.0108 0.00896; x0.989 x1.000 */
+        {"h2o:budget=48+mikv:low=8", {0.0046, 0.0063}, {1.02, 1.02}}, /* 0.00228 0.00311; x1.001 x0.998 */
+        {"h2o:budget=48+mikv:low=4", {0.0045, 0.0078}, {1.03, 1.02}}, /* 0.00225 0.00388; x1.014 x1.009 */
+        {"h2o:budget=48+mikv:low=3", {0.0097, 0.012}, {1.02, 1.02}}, /* 0.00485 0.00551; x0.997 x1.002 */
+        {"h2o:budget=48+mikv:low=2", {0.059, 0.09}, {1.05, 1.11}}, /* 0.0293 0.045; x1.020 x1.054 */
     };
     enum { NC = sizeof cases / sizeof *cases };
     int mi = is_qwen ? 1 : 0;
@@ -269,7 +275,28 @@ static void test_storage_quality(const float *ref) {
                pr[i], cases[i].ppl[mi]);
         free(l);
     }
-    (void)floor_kl;
+    /* orderings, only where the measured gap is several times the noise floor (SmolLM2: floor
+     * 0.0031, Qwen2.5: 0.0055; e.g. KIVI 8 vs 4 bits differ by less, so they are not ordered) */
+    static const char *const order[][2] = {
+        {"full+kivi:bits=4,resid=32", "full+kivi:bits=2,resid=32"},
+        {"h2o:budget=48+mikv:low=4", "h2o:budget=48+mikv:low=2"},
+        {"h2o:budget=48+mikv:low=3", "h2o:budget=48+mikv:low=2"},
+        {"h2o:budget=48+mikv:low=4", "h2o:budget=48"}, /* demoting beats evicting */
+        {"h2o:budget=48", "random:budget=48"},
+        {"tova:budget=48", "random:budget=48"},
+        {"snapkv:budget=48", "random:budget=48"},
+        {"streaming:sinks=4,window=44", "random:budget=48"},
+    };
+    for (size_t i = 0; i < sizeof order / sizeof *order; i++) {
+        int a = -1, b = -1;
+        for (int j = 0; j < NC; j++) {
+            if (!strcmp(cases[j].spec, order[i][0])) a = j;
+            if (!strcmp(cases[j].spec, order[i][1])) b = j;
+        }
+        KVS_ASSERT(a >= 0 && b >= 0);
+        CHECKF(kl[b] - kl[a] > floor_kl, "%s (KL %.4g) not below %s (KL %.4g) by the noise floor %.3g",
+               order[i][0], kl[a], order[i][1], kl[b], floor_kl);
+    }
 }
 
 static void test_packed_store(void) {
