@@ -1,6 +1,7 @@
 /* test_kv_quant.c — the KIVI quantizer (src/kv/kv_quant.c) against plain arithmetic:
  *  - round trip: every element within half a step (scale / 2) of its input, codes in range,
- *    relative RMS error within a budget per bit width on Gaussian-like data;
+ *    scale = (hi - lo) / (2^b - 1), relative RMS error within a budget per bit width on
+ *    Gaussian-like data;
  *  - constant groups reconstruct exactly, with scale 0 and no NaN;
  *  - extremes are exact (min and max of a group are representable);
  *  - fused key scores and value accumulation equal dequantize-then-compute (to float rounding).
@@ -45,6 +46,10 @@ static void test_round_trip(int bits) {
             ref2 += (double)(x[i] - off) * (x[i] - off);
         }
         CHECK(m == lo);
+        /* the scale is the group's range over the 2^b - 1 steps between its codes */
+        float want_s = (hi - lo) / (float)((1 << bits) - 1);
+        CHECKF(fabsf(s - want_s) <= 1e-6f * want_s, "b=%d: scale %g, (hi - lo) / (2^b - 1) = %g",
+               bits, s, want_s);
         /* the extremes are representable exactly (up to float rounding of code*scale+min) */
         for (int i = 0; i < N; i++)
             if (x[i] == lo) CHECK(y[i] == lo);
@@ -52,8 +57,12 @@ static void test_round_trip(int bits) {
     }
     double rel = sqrt(err2 / ref2), ratio = err2 / theo;
     if (bits >= 3) CHECKF(ratio > 0.7 && ratio < 1.3, "b=%d: error power %.3f of step^2/12", bits, ratio);
-    fprintf(stderr, "  b=%d: relative RMS error %.4f, error power %.3f of step^2/12\n", bits, rel,
-            ratio);
+    /* relative RMS error budget per bit width: measured 0.0081 (8 bits), 0.134 (4), 0.284 (3),
+     * 0.559 (2) on this data (seeded), budget 1.2x that */
+    double budget = bits == 8 ? 0.0097 : bits == 4 ? 0.161 : bits == 3 ? 0.341 : 0.671;
+    CHECKF(rel < budget, "b=%d: relative RMS error %.4f (budget %.4f)", bits, rel, budget);
+    fprintf(stderr, "  b=%d: relative RMS error %.4f (budget %.4f), error power %.3f of "
+            "step^2/12\n", bits, rel, budget, ratio);
 }
 
 static void test_constant(int bits) {
