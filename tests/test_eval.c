@@ -9,7 +9,7 @@
  *    like its original; keep_stats does not change the logits;
  *  - the sweep itself: budget >= length gives the full cache's perplexity and KL 0 exactly,
  *    and a rerun resumes (adds no line).
- * Needs models/ (make models) and data/austen (make data); skips (77) without the model. */
+ * Needs models/ (make models) and data/austen (make data); skips (77, a SKIP line) without the model. */
 #include "testutil.h"
 #include "kvsieve.h"
 #include "engine.h"
@@ -453,7 +453,7 @@ static void test_sweep(const char *model_path) {
 int main(void) {
     const char *path = tu_model_path();
     if (!path) {
-        fprintf(stderr, "test_eval: model not found (run `make models`)\n");
+        tu_skip("test_eval", "model %s not found: make models", tu_model_name());
         return 77;
     }
     if (kvs_model_load(path, NULL, &model) != KVS_OK) {
