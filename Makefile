@@ -99,7 +99,9 @@ demo: all models
 	$(BUILD)/kvsieve run --chat -n 96 --temp 0 -p "Explain in two sentences why the sky is blue."
 
 FUZZ_CC ?= clang
-FUZZ_FLAGS = -std=c11 -D_GNU_SOURCE -g -O1 $(SIMD) -Iinclude -Isrc -fsanitize=fuzzer,address,undefined
+# no recovery: undefined behaviour found while fuzzing stops the run with a failure (exit != 0)
+FUZZ_FLAGS = -std=c11 -D_GNU_SOURCE -g -O1 $(SIMD) -Iinclude -Isrc -fsanitize=fuzzer,address,undefined \
+             -fno-sanitize-recover=all
 # The parsers of untrusted input: GGUF files (FUZZ_SECONDS, default 60), result lines read by
 # `kvsieve eval report` and tasks files read by `eval sweep --tasks-file`, and --kv specs (a third
 # of that each, at least 10 s).

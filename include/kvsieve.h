@@ -106,6 +106,9 @@ struct kvs_context_params {
     bool keep_stats;    /* also keep every statistic any policy may need (accumulated attention,
                          * the last KVS_STATS_QWIN queries per layer), so that kvs_seq_compress
                          * can apply any spec later; costs memory and some attention speed */
+    bool act_f32;       /* weight matmuls on fp32 activations (each weight row dequantized and
+                         * dotted in fp32) instead of activations quantized to 8 bits; several
+                         * times slower; for comparing the engine with a float reference */
 };
 #define KVS_STATS_QWIN 64
 struct kvs_context_params kvs_context_params_default(void);

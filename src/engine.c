@@ -39,7 +39,7 @@ void kvs_context_free(kvs_context *c) {
     if (c->tp) threadpool_free(c->tp);
     kv_policy_free(c->policy);
     float *bufs[] = {c->x, c->xn, c->q, c->k, c->v, c->gate, c->up, c->rope_cs, c->inv_freq,
-                     c->att_s, c->att_qo, c->att_x, c->att_part};
+                     c->att_s, c->att_qo, c->att_x, c->att_part, c->wrow};
     for (size_t i = 0; i < sizeof bufs / sizeof bufs[0]; i++) kvs_aligned_free(bufs[i]);
     for (int i = 0; i < N_ACT_SLOTS; i++) kvs_aligned_free(c->act[i]);
     free(c);
@@ -152,8 +152,13 @@ enum kvs_status kvs_context_new(kvs_model *m, const struct kvs_context_params *p
         if (b > rb) rb = b;
     }
     for (int i = 1; i < N_ACT_SLOTS; i++) c->act[i] = scratch(c, T * rb);
+    if (p.act_f32) {
+        c->wrow_n = kvs_pad(widest, 16);
+        c->wrow = scratch(c, (size_t)p.n_threads * c->wrow_n * 4);
+    }
     bool ok = c->seqs && c->tp && c->x && c->xn && c->q && c->k && c->v && c->gate && c->up &&
-              c->rope_cs && c->inv_freq && c->att_s && c->att_qo && c->att_x && c->att_part;
+              c->rope_cs && c->inv_freq && c->att_s && c->att_qo && c->att_x && c->att_part &&
+              (!p.act_f32 || c->wrow);
     for (int i = 1; i < N_ACT_SLOTS; i++) ok = ok && c->act[i];
     if (!ok) {
         kvs_context_free(c);

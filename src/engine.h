@@ -48,6 +48,8 @@ struct kvs_context {
     float *att_x;    /* (n_threads, kv_attn_scratch_floats(ATT_TB * group, hd)) */
     float *att_qo;   /* (n_threads, 2, ATT_TB * group, hd) gathered queries and outputs */
     float *att_part; /* (t_max * n_head_kv * MAX_SPLIT, group, hd + 2) partial results */
+    float *wrow;     /* act_f32 only: (n_threads, wrow_n) one dequantized weight row per thread */
+    size_t wrow_n;   /* floats per thread in wrow: the widest matmul input */
     size_t scratch_bytes;
 };
 

@@ -46,14 +46,16 @@ static void quant_worker(void *arg, int ith, int nth) {
 
 /* Activation rows x (T, ldx) prepared for a weight of type wtype: returns the row pointer base
  * and row stride in bytes. Quantizes into the slot of wtype's vec_dot_type unless `fresh` says
- * that slot already holds this x. */
-struct act { const void *p; size_t rb; };
+ * that slot already holds this x. With act_f32, x is used in place for every weight type
+ * (f32: matmul takes quant_gemm_f32). */
+struct act { const void *p; size_t rb; bool f32; };
 
 static struct act prep_act(struct kvs_context *c, const float *x, int64_t ldx, int T,
                            int64_t n_cols, int wtype, unsigned *fresh_mask) {
+    if (c->p.act_f32) return (struct act){x, (size_t)ldx * sizeof(float), true};
     int vdt = quant_get_traits(wtype)->vec_dot_type;
     int slot = act_slot(vdt);
-    if (slot == 0) return (struct act){x, (size_t)ldx * sizeof(float)};
+    if (slot == 0) return (struct act){x, (size_t)ldx * sizeof(float), false};
     size_t rb = quant_row_bytes(vdt, n_cols);
     if (!(*fresh_mask & (1u << slot))) {
         struct quant_job j = {x, ldx, n_cols, T, vdt, c->act[slot], rb};
@@ -61,13 +63,13 @@ static struct act prep_act(struct kvs_context *c, const float *x, int64_t ldx, i
         else quant_worker(&j, 0, 1);
         *fresh_mask |= 1u << slot;
     }
-    return (struct act){c->act[slot], rb};
+    return (struct act){c->act[slot], rb, false};
 }
 
 /* ---- matmul: up to three weights sharing one input, split by rows ---------------------- */
 
 struct mm { const struct weight *w; struct act x; float *y; int64_t ldy; };
-struct mm_job { struct mm mm[3]; int n_mm, T; };
+struct mm_job { struct mm mm[3]; int n_mm, T; float *wrow; size_t wrow_n; };
 
 enum { MM_ROW_ALIGN = 16 };
 
@@ -85,7 +87,11 @@ static void mm_worker(void *arg, int ith, int nth) {
         int64_t r0 = lo - base, r1 = hi - base;
         if (r0 < 0) r0 = 0;
         if (r1 > m->w->n_rows) r1 = m->w->n_rows;
-        if (r0 < r1)
+        if (r0 < r1 && m->x.f32)
+            quant_gemm_f32(m->w->type, m->w->data, m->w->row_bytes, m->w->n_cols, (int)r0,
+                           (int)r1, m->x.p, (int64_t)(m->x.rb / sizeof(float)), j->T, m->y,
+                           m->ldy, j->wrow + (size_t)ith * j->wrow_n);
+        else if (r0 < r1)
             quant_gemm(m->w->type, m->w->data, m->w->row_bytes, m->w->n_cols, (int)r0, (int)r1,
                        m->x.p, m->x.rb, j->T, m->y, m->ldy);
         base += m->w->n_rows;
@@ -93,6 +99,7 @@ static void mm_worker(void *arg, int ith, int nth) {
 }
 
 static void matmul(struct kvs_context *c, struct mm_job *j) {
+    j->wrow = c->wrow, j->wrow_n = c->wrow_n;
     if (c->tp && threadpool_n_threads(c->tp) > 1) threadpool_run(c->tp, mm_worker, j);
     else mm_worker(j, 0, 1);
 }

@@ -878,6 +878,20 @@ void quant_gemm(int t, const void *W, size_t w_row_bytes, int64_t n_cols, int r0
     K()->gemm[t](t, W, w_row_bytes, n_cols, r0, r1, X, x_row_bytes, n_tok, Y, ldy);
 }
 
+void quant_gemm_f32(int t, const void *W, size_t w_row_bytes, int64_t n_cols, int r0, int r1,
+                    const float *X, int64_t ldx, int n_tok, float *Y, int64_t ldy, float *row) {
+    check_type(t, true);
+    KVS_ASSERT(n_cols % traits_tab[t].block_size == 0);
+    KVS_ASSERT(r0 >= 0 && r0 <= r1 && n_tok >= 0);
+    const struct quant_kernels *k = K();
+    const uint8_t *w = W;
+    for (int r = r0; r < r1; r++) {
+        k->dequant[t](w + (size_t)r * w_row_bytes, row, n_cols);
+        for (int it = 0; it < n_tok; it++)
+            Y[(int64_t)it * ldy + r] = k->dot[QT_F32](n_cols, row, X + (size_t)it * (size_t)ldx);
+    }
+}
+
 void quant_f16_to_f32_row(const uint16_t *src, float *dst, int64_t n) {
     K()->f16_to_f32_row(src, dst, n);
 }

@@ -64,6 +64,14 @@ float quant_vec_dot_ref(int t, int64_t n, const void *w_row, const void *x_row);
 void quant_gemm(int t, const void *W, size_t w_row_bytes, int64_t n_cols, int r0, int r1,
                 const void *X, size_t x_row_bytes, int n_tok, float *Y, int64_t ldy);
 
+/* The same product on float activations: X is n_tok rows of n_cols floats (row stride ldx
+ * floats), never quantized. Each weight row ir in [r0, r1) is dequantized into `row`
+ * (n_cols floats, the caller's scratch) and dotted in fp32 with every X row. Slower than
+ * quant_gemm (a dequantization per row and call); used by contexts made with act_f32 so that the
+ * engine can be compared with a float reference far below the noise of 8-bit activations. */
+void quant_gemm_f32(int t, const void *W, size_t w_row_bytes, int64_t n_cols, int r0, int r1,
+                    const float *X, int64_t ldx, int n_tok, float *Y, int64_t ldy, float *row);
+
 /* fp16 / bf16 helpers (the KV cache stores fp16). */
 float quant_f16_to_f32(uint16_t h);
 uint16_t quant_f32_to_f16(float f);

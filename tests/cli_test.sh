@@ -3,7 +3,7 @@
 # bad input (missing/truncated/garbage model files, unknown options, bad --kv, prompts longer
 # than the context), valid JSON from every --json command, and a greedy run on the real model;
 # the newcomer's checks of issue 18 (self-contained docs, llama.cpp habits, chat on a terminal).
-set -u
+set -u -o pipefail   # a pipe into a JSON check fails when kvsieve fails, not only python
 build=${1:-build}
 bin="$build/kvsieve"
 model=${KVS_TEST_MODEL:-models/SmolLM2-135M-Instruct.Q4_1.gguf}
@@ -99,7 +99,7 @@ if [ -f "$model" ]; then
     head -c 1000000 "$model" > "$tmp/trunc.gguf"
     check "truncated model" 2 "trunc.gguf: truncated file" -- "$bin" info -m "$tmp/trunc.gguf"
     check "info" 0 "architecture +llama" -- "$bin" info -m "$model"
-    check "info json" 0 "" -- sh -c "'$bin' info --json -m '$model' | python3 -c 'import json,sys; d=json.load(sys.stdin); assert d[\"n_layer\"]==30 and d[\"kv_bytes_per_token\"]==23040, d'"
+    check "info json" 0 "" -- bash -o pipefail -c "'$bin' info --json -m '$model' | python3 -c 'import json,sys; d=json.load(sys.stdin); assert d[\"n_layer\"]==30 and d[\"kv_bytes_per_token\"]==23040, d'"
     check "bad kv spec" 2 "unknown method 'nonsense'" -- "$bin" run -m "$model" --kv nonsense -p hi -n 1
     check "prompt too long" 2 "context holds 8" -- "$bin" run -m "$model" -c 8 -p "one two three four five six seven eight nine ten" -n 1
     check "run greedy" 0 "Rayleigh scattering" -- "$bin" run -m "$model" --chat --temp 0 -n 24 -q -p "Explain in two sentences why the sky is blue."
@@ -114,13 +114,13 @@ if [ -f "$model" ]; then
     check "kivi and mikv" 2 "give one" -- "$bin" run -m "$model" --kv h2o:budget=8+kivi:bits=4+mikv:low=2 -p hi -n 1
     check "run composed" 0 "Rayleigh|scatter" -- "$bin" run -m "$model" --kv snapkv:budget=96+think:prune=0.4+kivi:bits=4,resid=32 -c 512 --chat --temp 0 -n 24 -q -p "Explain in two sentences why the sky is blue."
     check "ppl merging" 0 "perplexity [0-9.]+ over 511 predicted tokens" -- "$bin" ppl -m "$model" -f data/austen/emma.txt --tokens 512 --chunk 128 --kv d2o:budget=64
-    check "bench kivi json" 0 "" -- sh -c "'$bin' bench --json -q -m '$model' --kv full+kivi:bits=2,resid=32 --prompt 64 --contexts 300 --decode 4 | python3 -c 'import json,sys; d=json.load(sys.stdin); r=d[\"decode\"][0]; assert 0 < r[\"kv_bytes_per_cached_token\"] < 15000 and 5000 < d[\"kv_bytes_per_token_theory\"] < 7000, d'"
+    check "bench kivi json" 0 "" -- bash -o pipefail -c "'$bin' bench --json -q -m '$model' --kv full+kivi:bits=2,resid=32 --prompt 64 --contexts 300 --decode 4 | python3 -c 'import json,sys; d=json.load(sys.stdin); r=d[\"decode\"][0]; assert 0 < r[\"kv_bytes_per_cached_token\"] < 15000 and 5000 < d[\"kv_bytes_per_token_theory\"] < 7000, d'"
     check "save packed refused" 1 "packed entries" -- "$bin" run -m "$model" --kv full+kivi:bits=4,resid=32 -n 0 -c 256 -p "$(printf 'word %.0s' $(seq 1 120))" --save-cache "$tmp/packed.kvc"
-    check "run json" 0 "" -- sh -c "'$bin' run --json -m '$model' --temp 0 -n 8 -p 'Once upon a time' | python3 -c 'import json,sys; d=json.load(sys.stdin); assert d[\"generated_tokens\"]==8 and d[\"kv_bytes\"]>0, d'"
+    check "run json" 0 "" -- bash -o pipefail -c "'$bin' run --json -m '$model' --temp 0 -n 8 -p 'Once upon a time' | python3 -c 'import json,sys; d=json.load(sys.stdin); assert d[\"generated_tokens\"]==8 and d[\"kv_bytes\"]>0, d'"
     printf 'It is a truth universally acknowledged, that a single man in possession of a good fortune, must be in want of a wife.\n' > "$tmp/text.txt"
-    check "ppl json" 0 "" -- sh -c "'$bin' ppl --json -m '$model' -f '$tmp/text.txt' --chunk 7 | python3 -c 'import json,sys; d=json.load(sys.stdin); assert 1 < d[\"ppl\"] < 100, d'"
-    check "chat stdin" 0 "." -- sh -c "printf 'Say hello.\n' | '$bin' chat -m '$model' --temp 0 -n 16 -q"
-    check "bench json" 0 "" -- sh -c "'$bin' bench --json -q -m '$model' --prompt 64 --contexts 32,128 --decode 4 | python3 -c 'import json,sys; d=json.load(sys.stdin); assert d[\"prefill\"][\"tok_s\"]>0 and len(d[\"decode\"])==2, d'"
+    check "ppl json" 0 "" -- bash -o pipefail -c "'$bin' ppl --json -m '$model' -f '$tmp/text.txt' --chunk 7 | python3 -c 'import json,sys; d=json.load(sys.stdin); assert 1 < d[\"ppl\"] < 100, d'"
+    check "chat stdin" 0 "." -- bash -o pipefail -c "printf 'Say hello.\n' | '$bin' chat -m '$model' --temp 0 -n 16 -q"
+    check "bench json" 0 "" -- bash -o pipefail -c "'$bin' bench --json -q -m '$model' --prompt 64 --contexts 32,128 --decode 4 | python3 -c 'import json,sys; d=json.load(sys.stdin); assert d[\"prefill\"][\"tok_s\"]>0 and len(d[\"decode\"])==2, d'"
     # KV cache files: prefill a document once (-n 0) and save it, then continue from the file
     doc="The capital of France is Paris. The capital of Germany is Berlin."
     q=" The capital of Italy is"
@@ -179,13 +179,18 @@ if [ -f "$model" ]; then
     check "eval bad ratio" 2 "--ratios" -- "$bin" eval sweep --ratios 0,2
     check "eval bad method" 2 "unknown method 'bogus'" -- "$bin" eval sweep --methods full,bogus
     check "eval too short" 2 "too short for task niah_multiquery" -- "$bin" eval sweep -m "$model" --out "$tmp/ev0" --tasks niah_multiquery --lengths 300 --ppl-tokens 0
-    check "eval export" 0 "" -- sh -c "'$bin' eval tasks -m '$model' --tasks niah_single_1,vt --lengths 1024 --samples 2 --out - | python3 -c 'import json,sys; r=[json.loads(l) for l in sys.stdin]; assert len(r)==4 and all(x[\"outputs\"] and x[\"prompt_context\"] for x in r), r'"
+    check "eval export" 0 "" -- bash -o pipefail -c "'$bin' eval tasks -m '$model' --tasks niah_single_1,vt --lengths 1024 --samples 2 --out - | python3 -c 'import json,sys; r=[json.loads(l) for l in sys.stdin]; assert len(r)==4 and all(x[\"outputs\"] and x[\"prompt_context\"] for x in r), r'"
     ev=(eval sweep -q -m "$model" --out "$tmp/ev" --methods full,snapkv,streaming+pos=abs+kivi:bits=4,resid=32 --ratios 0.5,0.25 --budgets 128 --ppl-tokens 256 --tasks niah_single_1,vt --lengths 1024 --samples 1 --speed-tokens 2)
     check "eval smoke sweep" 0 "" -- "$bin" "${ev[@]}"
     # ppl: full + 2 methods x 1 budget = 3; tasks: 2 prompts x (full + 2 methods x 2 ratios) x 2 modes = 20
-    check "eval results" 0 "^23$" -- sh -c "wc -l < '$tmp/ev/results.jsonl'"
-    check "eval report files" 0 "ok" -- sh -c "test -s '$tmp/ev/report.md' && test -s '$tmp/ev/results.csv' && grep -q 'Summary' '$tmp/ev/report.md' && { ! command -v gnuplot >/dev/null || head -c 8 '$tmp/ev/plots/score_vs_ratio_aware.png' | grep -q PNG; } && echo ok"
-    check "eval resume" 0 "^23$" -- sh -c "'$bin' ${ev[*]} && wc -l < '$tmp/ev/results.jsonl'"
+    check "eval results" 0 "^23$" -- bash -o pipefail -c "wc -l < '$tmp/ev/results.jsonl'"
+    check "eval report files" 0 "ok" -- bash -o pipefail -c "test -s '$tmp/ev/report.md' && test -s '$tmp/ev/results.csv' && grep -q 'Summary' '$tmp/ev/report.md' && echo ok"
+    if command -v gnuplot >/dev/null; then
+        check "eval report plots" 0 "ok" -- bash -o pipefail -c "head -c 8 '$tmp/ev/plots/score_vs_ratio_aware.png' | grep -q PNG && echo ok"
+    else
+        echo "SKIP cli_test eval report plots (gnuplot not on PATH)"
+    fi
+    check "eval resume" 0 "^23$" -- bash -o pipefail -c "'$bin' ${ev[*]} && wc -l < '$tmp/ev/results.jsonl'"
     check "eval report cmd" 0 "report.md" -- "$bin" eval report "$tmp/ev"
     check "eval report missing" 1 "" -- "$bin" eval report "$tmp/none"
     mkdir -p "$tmp/nopath"
@@ -242,6 +247,6 @@ BAD
     check "tasks-file with ppl" 2 "eval ppl runs no tasks" -- "$bin" eval ppl --tasks-file "$tmp/hand.jsonl"
     check "tasks-file with --tasks" 2 "replaces --tasks" -- "$bin" eval sweep --tasks vt --tasks-file "$tmp/hand.jsonl"
 else
-    echo "skip model-based CLI checks: $model not found"
+    echo "SKIP cli_test model-based checks (model $model not found: make models)"
 fi
 [ $failures -eq 0 ] && echo "cli_test: all checks passed" || { echo "cli_test: $failures failed"; exit 1; }

@@ -7,7 +7,7 @@
  *   a cache loads under another policy (statistic slots adapted);
  *   corrupted, truncated, foreign-model, wrong-version and invalid files are refused with the
  *   right message and leave the target sequence unchanged.
- * Skips (77) when the model file is missing. */
+ * Skips (77, a SKIP line) when the model file is missing. */
 #include "kvsieve.h"
 #include "engine.h"
 #include "kv/kv_file.h"
@@ -335,7 +335,15 @@ static void test_refusals(const char *good_file, const int32_t *toks) {
     const char *qpath = "models/qwen2.5-coder-1.5b-instruct-q4_k_m.gguf";
     kvs_model *qm = NULL;
     bool slow_ok = !getenv("KVS_SANITIZE") || getenv("KVS_SLOW"); /* 1.5B under ASan: slow */
-    if (slow_ok && access(qpath, R_OK) == 0 && kvs_model_load(qpath, NULL, &qm) == KVS_OK) {
+    if (!slow_ok)
+        tu_skip("test_cache_file foreign-model cache", "the 1.5B model under the sanitizers is "
+                "slow: KVS_SLOW=1 runs it; checked by edited fingerprints only");
+    else if (access(qpath, R_OK) != 0)
+        tu_skip("test_cache_file foreign-model cache", "%s not found: make models-large; "
+                "checked by edited fingerprints only", qpath);
+    else
+        CHECKF(kvs_model_load(qpath, NULL, &qm) == KVS_OK, "%s: %s", qpath, kvs_last_error());
+    if (qm) {
         struct kvs_context_params p = kvs_context_params_default();
         p.n_ctx = 64;
         p.n_threads = 2;
@@ -352,9 +360,6 @@ static void test_refusals(const char *good_file, const int32_t *toks) {
         free(qb);
         kvs_context_free(qc);
         kvs_model_free(qm);
-    } else {
-        fprintf(stderr, "(%s not found or skipped under sanitizers: foreign-model cache "
-                "checked by edited fingerprints only)\n", qpath);
     }
 
     /* saving where it cannot be written */
@@ -387,7 +392,7 @@ static void cleanup(void) {
 int main(void) {
     const char *mp = tu_model_path();
     if (!mp) {
-        fprintf(stderr, "skip: test model not found (make models)\n");
+        tu_skip("test_cache_file", "model %s not found: make models", tu_model_name());
         return 77;
     }
     if (kvs_model_load(mp, NULL, &model) != KVS_OK) {

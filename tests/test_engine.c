@@ -146,7 +146,7 @@ static void test_reset_and_memory(const int32_t *toks, int n) {
 int main(void) {
     const char *path = tu_model_path();
     if (!path) {
-        fprintf(stderr, "test_engine: model not found (run `make models`)\n");
+        tu_skip("test_engine", "model %s not found: make models", tu_model_name());
         return 77;
     }
     if (kvs_model_load(path, NULL, &model) != KVS_OK) {

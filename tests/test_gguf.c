@@ -127,7 +127,7 @@ static void test_bad_headers(void) {
 static void test_real_model(void) {
     const char *path = tu_model_path();
     if (!path) {
-        fprintf(stderr, "test_gguf: model not found, real-file checks skipped\n");
+        tu_skip("test_gguf real-file checks", "model %s not found: make models", tu_model_name());
         return;
     }
     struct gguf_file *g;

@@ -5,6 +5,8 @@
  *     TOVA keeps the same entries in every head, AdaKV honours its per-head floor;
  *   property: thousands of random plans applied with invariants, payloads and bytes checked;
  *   real model: every method with a budget >= the sequence gives logits bit-identical to full,
+ *     also with budgets exactly the sequence's length and the planner forced to run (a plan
+ *     that keeps everything, counted),
  *     and bounded prefill keeps kv_bytes_peak within budget + one chunk of one layer. */
 #include "kv/kv_cache.h"
 #include "kv/kv_policy.h"
@@ -292,8 +294,12 @@ static void test_random_plans(void) {
 
 /* ---- the real model ---------------------------------------------------------------------- */
 
-static float *run_logits(kvs_model *m, const char *spec, const int32_t *toks, int n, int batch,
-                         int n_vocab, struct kvs_mem_stats *ms) {
+/* Logits of n prompt tokens then 8 decode steps under spec. plan_always: the policy plans every
+ * layer after every chunk and decode step even when no head is over budget, and *n_plans
+ * receives the number of plans it made. */
+static float *run_logits_planned(kvs_model *m, const char *spec, const int32_t *toks, int n,
+                                 int batch, int n_vocab, struct kvs_mem_stats *ms,
+                                 bool plan_always, uint64_t *n_plans) {
     struct kvs_context_params p = kvs_context_params_default();
     p.n_ctx = 1024;
     p.n_batch = batch;
@@ -303,6 +309,7 @@ static float *run_logits(kvs_model *m, const char *spec, const int32_t *toks, in
         CHECKF(0, "%s: %s", spec ? spec : "(null)", kvs_last_error());
         return NULL;
     }
+    if (c->policy) c->policy->plan_always = plan_always;
     kvs_sequence *s;
     kvs_seq_new(c, &s);
     float *l = malloc(sizeof(float) * (size_t)(n + 8) * n_vocab);
@@ -311,18 +318,28 @@ static float *run_logits(kvs_model *m, const char *spec, const int32_t *toks, in
     for (int i = 0; i < 8; i++)
         CHECK(kvs_eval(c, s, &toks[i], 1, false, l + (size_t)(n + i) * n_vocab, NULL, NULL) == KVS_OK);
     if (ms) kvs_context_mem(c, ms);
+    if (n_plans) *n_plans = c->policy ? c->policy->n_plans : 0;
     kvs_context_free(c);
     return l;
+}
+
+static float *run_logits(kvs_model *m, const char *spec, const int32_t *toks, int n, int batch,
+                         int n_vocab, struct kvs_mem_stats *ms) {
+    return run_logits_planned(m, spec, toks, n, batch, n_vocab, ms, false, NULL);
 }
 
 static void test_identity_and_bounds(void) {
     const char *path = tu_model_path();
     if (!path) {
-        fprintf(stderr, "test_kv: model not found, real-model checks skipped\n");
+        tu_skip("test_kv real-model identity and bounds", "model %s not found: make models",
+                tu_model_name());
         return;
     }
     kvs_model *m;
-    if (kvs_model_load(path, NULL, &m) != KVS_OK) return;
+    if (kvs_model_load(path, NULL, &m) != KVS_OK) {
+        CHECKF(0, "%s: %s", path, kvs_last_error());
+        return;
+    }
     struct kvs_model_info mi;
     kvs_model_get_info(m, &mi);
     const char *text =
@@ -348,6 +365,31 @@ static void test_identity_and_bounds(void) {
         float *l = run_logits(m, same[i], toks, n, 16, mi.n_vocab, NULL);
         CHECKF(l && ref && memcmp(l, ref, nl * sizeof(float)) == 0,
                "%s is not bit-identical to full", same[i]);
+        free(l);
+    }
+    /* The same with the planner made to run: budgets exactly equal to the sequence's length
+     * (prompt and decode steps) and plan_always, so every chunk and decode step scores, plans
+     * and applies a plan that keeps everything; the logits must still be bit-identical, and the
+     * planner must have run (the specs above return before scoring: nothing is over budget).
+     * D2O keeps 4096: its layer allocator gives attention-dense layers less than the mean
+     * budget, so at budget = length its plan evicts by design. */
+    const char *exact[] = {"streaming:budget=%d", "h2o:budget=%d", "tova:budget=%d",
+                           "snapkv:budget=%d", "knorm:budget=%d", "random:budget=%d",
+                           "h2o:ratio=1", "snapkv:budget=%d+alloc=adakv",
+                           "tova:budget=%d+alloc=pyramid+beta=1", "d2o:budget=4096",
+                           "ems:budget=%d", "kvmerger:budget=%d", "elastic:budget=%d",
+                           "h2o:budget=%d+mikv:low=2", "snapkv:budget=%d+merge=kvmerger",
+                           "h2o:budget=%d,when=chunk"};
+    for (size_t i = 0; i < sizeof exact / sizeof exact[0]; i++) {
+        char spec[128];
+        snprintf(spec, sizeof spec, exact[i], n + 8);
+        uint64_t n_plans = 0;
+        float *l = run_logits_planned(m, spec, toks, n, 16, mi.n_vocab, NULL, true, &n_plans);
+        CHECKF(n_plans >= (uint64_t)mi.n_layer, "%s: the planner ran %llu times", spec,
+               (unsigned long long)n_plans);
+        CHECKF(l && ref && memcmp(l, ref, nl * sizeof(float)) == 0,
+               "%s (planner forced, %llu plans) is not bit-identical to full", spec,
+               (unsigned long long)n_plans);
         free(l);
     }
     /* H2O's statistic: every query adds one probability distribution (mean over the KV head's

@@ -1,7 +1,8 @@
 /* test_kv_quant.c — the KIVI quantizer (src/kv/kv_quant.c) against plain arithmetic:
  *  - round trip: every element within half a step (scale / 2) of its input, plus the fp16
  *    rounding of the stored min and scale, codes in range; the scale is (hi - lo) / (2^b - 1)
- *    to fp16 precision and the min is lo rounded to fp16; the error power is step^2 / 12;
+ *    to fp16 precision and the min is lo rounded to fp16; the error power is step^2 / 12
+ *    and the relative RMS error within a budget per bit width;
  *  - constant groups reconstruct exactly, with scale 0 and no NaN;
  *  - extremes are near exact (to the fp16 rounding of min and scale);
  *  - fused key scores and value accumulation equal dequantize-then-compute (to float rounding).
@@ -60,8 +61,12 @@ static void test_round_trip(int bits) {
     }
     double rel = sqrt(err2 / ref2), ratio = err2 / theo;
     if (bits >= 3) CHECKF(ratio > 0.7 && ratio < 1.3, "b=%d: error power %.3f of step^2/12", bits, ratio);
-    fprintf(stderr, "  b=%d: relative RMS error %.4f, error power %.3f of step^2/12\n", bits, rel,
-            ratio);
+    /* relative RMS error budget per bit width: measured 0.0081 (8 bits), 0.134 (4), 0.284 (3),
+     * 0.559 (2) on this data (seeded), budget 1.2x that */
+    double budget = bits == 8 ? 0.0097 : bits == 4 ? 0.161 : bits == 3 ? 0.341 : 0.671;
+    CHECKF(rel < budget, "b=%d: relative RMS error %.4f (budget %.4f)", bits, rel, budget);
+    fprintf(stderr, "  b=%d: relative RMS error %.4f (budget %.4f), error power %.3f of "
+            "step^2/12\n", bits, rel, budget, ratio);
 }
 
 static void test_constant(int bits) {

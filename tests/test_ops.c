@@ -1,11 +1,85 @@
-/* test_ops.c — the AVX2 attention kernels, RMSNorm and RoPE against their scalar references on
- * random data and awkward sizes (budget: relative max error 1e-5 of the largest magnitude). */
+/* test_ops.c — the AVX2 attention kernels against their scalar references on random data and
+ * awkward sizes (budget: relative max error 1e-5 of the largest magnitude); RMSNorm and RoPE
+ * (both layouts, many positions) against float64 references written here. */
 #include "ops.h"
 #include "quant.h"
 #include "testutil.h"
 
 static void fill(float *x, int n, float scale) {
     for (int i = 0; i < n; i++) x[i] = tu_randf() * scale;
+}
+
+/* RMSNorm against a float64 reference, on rows of awkward and model sizes: out[i] =
+ * x[i] / sqrt(mean(x^2) + eps) * w[i]. Budget: max error 1e-6 of the largest output. */
+static void test_rmsnorm_ref(void) {
+    int ns[] = {1, 3, 31, 64, 576, 1536, 8960};
+    float eps[] = {1e-5f, 1e-6f, 0.0f};
+    static float x[8960], w[8960], out[8960];
+    for (size_t a = 0; a < sizeof ns / sizeof ns[0]; a++)
+        for (size_t b = 0; b < sizeof eps / sizeof eps[0]; b++) {
+            int n = ns[a];
+            float scale = (float)(a + 1) * 0.7f; /* rows of different magnitude */
+            fill(x, n, scale);
+            fill(w, n, 2.0f);
+            double ss = 0;
+            for (int i = 0; i < n; i++) ss += (double)x[i] * x[i];
+            double r = 1.0 / sqrt(ss / n + eps[b]);
+            ops_rmsnorm(out, x, w, n, eps[b]);
+            double md = 0, mx = 0;
+            for (int i = 0; i < n; i++) {
+                double want = x[i] * r * w[i];
+                double d = fabs(out[i] - want);
+                md = d > md || d != d ? d : md;
+                mx = fabs(want) > mx ? fabs(want) : mx;
+            }
+            CHECKF(md <= 1e-6 * mx, "rmsnorm n %d eps %g: max diff %g of %g", n, eps[b], md, mx);
+        }
+    /* eps matters where mean(x^2) is small: x = 1e-3, eps 1e-5 -> 1 / sqrt(1e-6 + 1e-5) */
+    for (int i = 0; i < 64; i++) x[i] = 1e-3f, w[i] = 1.0f;
+    ops_rmsnorm(out, x, w, 64, 1e-5f);
+    CHECKF(fabs(out[0] - 1e-3 / sqrt(1e-6 + 1e-5)) < 1e-6, "rmsnorm eps: %g", out[0]);
+}
+
+/* RoPE against a float64 rotation, both layouts (adjacent pairs and NEOX halves), several heads,
+ * head sizes and bases, at many positions up to 32767: the angle of pair i at position p is
+ * p * theta^(-2i/hd); pairs are (2i, 2i+1), or (i, i + hd/2) for NEOX. The (cos, sin) table is
+ * made here as the engine makes it (double, rounded to float). Budget: max error 2e-6 of the
+ * largest input. */
+static void test_rope_ref(void) {
+    int hds[] = {64, 128, 8};
+    double thetas[] = {10000.0, 100000.0, 1000000.0};
+    int pos[] = {0, 1, 2, 3, 7, 31, 100, 511, 1000, 4095, 8191, 32767};
+    enum { NH = 3 };
+    static float x[NH * 128], out[NH * 128], cs[128];
+    int n_cases = 0;
+    for (int neox = 0; neox <= 1; neox++)
+        for (size_t a = 0; a < sizeof hds / sizeof hds[0]; a++)
+            for (size_t b = 0; b < sizeof thetas / sizeof thetas[0]; b++)
+                for (size_t c = 0; c < sizeof pos / sizeof pos[0]; c++) {
+                    int hd = hds[a], half = hd / 2;
+                    fill(x, NH * hd, 3.0f);
+                    for (int i = 0; i < half; i++) {
+                        double ang = pos[c] * pow(thetas[b], -2.0 * i / hd);
+                        cs[2 * i] = (float)cos(ang), cs[2 * i + 1] = (float)sin(ang);
+                    }
+                    memcpy(out, x, sizeof(float) * NH * hd);
+                    ops_rope(out, NH, hd, cs, neox);
+                    double md = 0;
+                    for (int h = 0; h < NH; h++)
+                        for (int i = 0; i < half; i++) {
+                            int ia = h * hd + (neox ? i : 2 * i), ib = h * hd + (neox ? i + half : 2 * i + 1);
+                            double ang = pos[c] * pow(thetas[b], -2.0 * i / hd);
+                            double ya = x[ia] * cos(ang) - x[ib] * sin(ang);
+                            double yb = x[ia] * sin(ang) + x[ib] * cos(ang);
+                            double d = fmax(fabs(out[ia] - ya), fabs(out[ib] - yb));
+                            md = d > md || d != d ? d : md;
+                        }
+                    CHECKF(md <= 2e-6 * 3.0, "rope %s hd %d theta %g pos %d: max diff %g",
+                           neox ? "neox" : "normal", hd, thetas[b], pos[c], md);
+                    n_cases++;
+                }
+    fprintf(stderr, "rope: %d cases (2 layouts x 3 head sizes x 3 bases x 12 positions)\n",
+            n_cases);
 }
 
 int main(void) {
@@ -71,5 +145,7 @@ int main(void) {
         float b = out[2 * i] * out[2 * i] + out[2 * i + 1] * out[2 * i + 1];
         CHECK(fabsf(a - b) < 1e-5f);
     }
+    test_rmsnorm_ref();
+    test_rope_ref();
     return tu_finish("test_ops");
 }

@@ -353,6 +353,52 @@ static void test_gemm(int t) {
     }
 }
 
+/* (e) quant_gemm_f32 (float activations, act_f32) against the reference dequantization and a
+ * float64 dot, on awkward shapes; budget: |y - ref| <= 1e-6 * sum |w x| (fp32 summation). */
+static void test_gemm_f32(int t) {
+    const struct quant_traits *tr = quant_get_traits(t);
+    const int64_t bs = tr->block_size == 1 ? 32 : tr->block_size;
+    const int64_t cols_list[] = {bs, bs * 3, bs == 256 ? 256 * 9 : 32 * 70};
+    const int tok_list[] = {1, 3, 33};
+    for (size_t c = 0; c < 3; c++)
+        for (size_t ti = 0; ti < 3; ti++) {
+            int64_t n = cols_list[c];
+            int n_tok = tok_list[ti], r0 = 1, r1 = 6, rows = 7;
+            int64_t ldx = n + 5, ldy = rows + 2;
+            size_t wrb = quant_row_bytes(t, n);
+            uint8_t *W = xmalloc(wrb * rows);
+            float *tmp = xmalloc((size_t)n * 4), *wd = xmalloc((size_t)n * rows * 4);
+            float *X = xmalloc((size_t)ldx * n_tok * 4), *Y = xmalloc((size_t)ldy * n_tok * 4);
+            float *row = xmalloc((size_t)n * 4);
+            for (int r = 0; r < rows; r++) {
+                fill_data(tmp, n);
+                quant_quantize_row_ref(t, tmp, W + (size_t)r * wrb, n);
+                quant_dequantize_row_ref(t, W + (size_t)r * wrb, wd + (size_t)r * n, n);
+            }
+            for (int k = 0; k < n_tok; k++) fill_data(X + (size_t)k * ldx, n);
+            for (int64_t i = 0; i < ldy * n_tok; i++) Y[i] = NAN;
+            quant_gemm_f32(t, W, wrb, n, r0, r1, X, ldx, n_tok, Y, ldy, row);
+            int bad = 0;
+            for (int k = 0; k < n_tok; k++)
+                for (int r = 0; r < ldy; r++) {
+                    float y = Y[k * ldy + r];
+                    if (r < r0 || r >= r1) {
+                        bad += !isnan(y);
+                        continue;
+                    }
+                    double ref = 0, mag = 0;
+                    for (int64_t i = 0; i < n; i++) {
+                        double p = (double)wd[(size_t)r * n + i] * X[(size_t)k * ldx + i];
+                        ref += p, mag += fabs(p);
+                    }
+                    bad += !(fabs(y - ref) <= 1e-6 * mag + 1e-30);
+                }
+            CHECKF(bad == 0, "%s: gemm_f32 cols=%ld tok=%d: %d wrong elements", tr->name, (long)n,
+                   n_tok, bad);
+            free(W); free(tmp); free(wd); free(X); free(Y); free(row);
+        }
+}
+
 /* activation quantizers on exact ties (x*scale = k + 0.5) and on +-amax ties: SIMD == ref */
 static void test_act_ties(void) {
     float x[256];
@@ -402,6 +448,7 @@ int main(void) {
     for (int i = 0; i < NWT; i++) test_type(WTYPES[i]);
     for (int i = 0; i < NWT; i++) test_degenerate(WTYPES[i]);
     for (int i = 0; i < NWT; i++) test_gemm(WTYPES[i]);
+    for (int i = 0; i < NWT; i++) test_gemm_f32(WTYPES[i]);
     test_act_ties();
     test_force_ref();
     return tu_finish("test_quant");

@@ -277,7 +277,7 @@ static void run_file_case(const struct loaded *L, char **f, int nf) {
     if (nf < 6) { CHECKF(0, "malformed F line"); return; }
     FILE *fp = fopen(f[1], "rb");
     if (!fp) {
-        fprintf(stderr, "  (skipping %s: not present; scripts/fetch_data.sh fetches it)\n", f[1]);
+        tu_skip("test_tokenizer file case", "%s not present: make data", f[1]);
         return;
     }
     fseek(fp, 0, SEEK_END);
@@ -289,7 +289,8 @@ static void run_file_case(const struct loaded *L, char **f, int nf) {
     char hx[17];
     snprintf(hx, sizeof hx, "%016llx", (unsigned long long)fnv1a64(data, rd));
     if (rd != strtoull(f[2], NULL, 10) || strcmp(hx, f[3]) != 0) {
-        fprintf(stderr, "  (skipping %s: content differs from the golden file's)\n", f[1]);
+        tu_skip("test_tokenizer file case", "%s differs from the file the golden ids were made "
+                "from", f[1]);
         free(data);
         return;
     }
@@ -484,7 +485,7 @@ int main(void) {
     for (size_t gi = 0; gi < (only ? 1 : sizeof GOLDEN / sizeof *GOLDEN); gi++) {
         FILE *fp = fopen(GOLDEN[gi], "r");
         if (!fp) {
-            fprintf(stderr, "  (no %s)\n", GOLDEN[gi]);
+            CHECKF(0, "cannot open %s", GOLDEN[gi]);
             continue;
         }
         struct loaded L;
@@ -501,7 +502,8 @@ int main(void) {
             if (f[0][0] == 'M') {
                 FILE *mf = fopen(f[1], "rb");
                 if (!mf) {
-                    fprintf(stderr, "  (skipping %s: %s not present)\n", GOLDEN[gi], f[1]);
+                    tu_skip(GOLDEN[gi], "%s not present: make %s", f[1],
+                            strstr(f[1], "qwen") ? "models-large" : "models");
                     break;
                 }
                 fclose(mf);
@@ -529,9 +531,6 @@ int main(void) {
             unload(&L);
         }
     }
-    if (!models_run) {
-        fprintf(stderr, "test_tokenizer: SKIP (no model file)\n");
-        return 77;
-    }
+    if (!models_run) return tu_failures ? tu_finish("test_tokenizer") : 77;
     return tu_finish("test_tokenizer");
 }

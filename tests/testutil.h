@@ -7,6 +7,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <math.h>
+#include <stdarg.h>
 
 static int tu_failures = 0, tu_checks = 0;
 
@@ -61,10 +62,30 @@ static inline float tu_randf(void) { /* uniform [-1, 1) */
     return (float)((tu_rand_u64() >> 40) / (double)(1ull << 24)) * 2.0f - 1.0f;
 }
 
-/* path of the default test model, or NULL (test then skips with exit 77) */
-static inline const char *tu_model_path(void) {
+/* Skips: a test that cannot run a part says so on one line, "SKIP <what> (<why>)", which
+ * tests/run.sh counts; a test that can run nothing at all then also exits 77. A model that is
+ * present but fails to load is a failure, never a skip. */
+static inline void tu_skip(const char *what, const char *why_fmt, ...)
+    __attribute__((format(printf, 2, 3)));
+static inline void tu_skip(const char *what, const char *why_fmt, ...) {
+    va_list ap;
+    va_start(ap, why_fmt);
+    fprintf(stderr, "SKIP %s (", what);
+    vfprintf(stderr, why_fmt, ap);
+    fprintf(stderr, ")\n");
+    va_end(ap);
+}
+
+/* the test model's path: KVS_TEST_MODEL or the SmolLM2 default */
+static inline const char *tu_model_name(void) {
     const char *p = getenv("KVS_TEST_MODEL");
-    if (!p) p = "models/SmolLM2-135M-Instruct.Q4_1.gguf";
+    return p ? p : "models/SmolLM2-135M-Instruct.Q4_1.gguf";
+}
+
+/* path of the test model, or NULL when the file is absent (the test then prints a SKIP line
+ * with tu_skip and exits 77, or skips the parts that need it) */
+static inline const char *tu_model_path(void) {
+    const char *p = tu_model_name();
     FILE *f = fopen(p, "rb");
     if (!f) return NULL;
     fclose(f);

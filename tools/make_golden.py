@@ -3,6 +3,7 @@
 
 usage: tools/make_golden.py [smollm2|qwen2|all]      (default smollm2; needs numpy, gguf, tokenizers)
        tools/make_golden.py austen [smollm2|qwen2|all] (perplexity reference; needs data/austen, see below)
+       tools/make_golden.py positions [smollm2|qwen2|all] (every-position reference; needs numpy, gguf)
 
 Outputs (tests/golden/):
   smollm2_golden.bin / .json   from models/SmolLM2-135M-Instruct.Q4_1.gguf        (computed in float64)
@@ -11,8 +12,28 @@ Outputs (tests/golden/):
   austen_pp_4096.ids          first 4096 SmolLM2 token ids of data/austen/prideprejudice.txt (int32 LE)
   austen_pp_4096_qwen2.ids    the same text, first 4096 Qwen2.5 token ids
   austen_pp_4096.json         the reference perplexities on those ids (ref_forward.py ppl, float32)
+  smollm2_positions.bin / .json  logits at EVERY position of several token sequences, on a fixed sample
+  qwen2_positions.bin   / .json  of the vocabulary (both computed in float64; Qwen2.5's layers are
+                               dequantised one at a time, see ref_forward.Model(lazy=True))
 The .json is informative (prompt texts, decoded generations, top-5, per-position argmax, model sha256);
 the C tests read the .bin.
+
+Every-position format (*_positions.bin, little-endian, no padding). The sequences are the ids of the
+golden prompts above (a prompt with a greedy continuation is followed by it, so decode positions are
+covered too) and the first AUSTEN_N ids of the Austen perplexity text (austen_pp_4096*.ids); no
+tokenizer is needed, so the ids are exactly those of the other golden files.
+    char     magic[8]      "KVSPOS01"
+    int32    n_vocab
+    int32    n_seq
+    int32    n_sample                  vocabulary entries kept per position
+    int32    sample[n_sample]          their ids, ascending (a seeded random draw)
+    then n_seq records:
+        int32    n_tokens
+        int32    ids[n_tokens]         fed at positions 0..n_tokens-1, no BOS added
+        n_tokens rows of:
+            int32    top1              reference argmax over the whole vocabulary at this position
+            float32  margin            reference logit top1 - top2 (whole vocabulary)
+            float32  logits[n_sample]  reference logits at the sampled ids
 
 Binary format (all little-endian, no padding):
     char     magic[8]      "KVSGOLD1"
@@ -207,7 +228,63 @@ def make_austen(name):
         f.write("\n")
 
 
+POS_SAMPLE = 384     # vocabulary entries per position: ~0.8 MB for ~500 positions
+POS_SEED = 19
+AUSTEN_N = {"smollm2": 256, "qwen2": 192}
+
+
+def make_positions(name):
+    path, _ = MODELS[name]
+    path = os.path.join(ROOT, path)
+    if not os.path.exists(path):
+        raise SystemExit("make_golden: %s missing" % path)
+    gj = json.load(open(os.path.join(GOLDEN, name + "_golden.json"), encoding="utf-8"))
+    seqs = [(p["name"] + ("+gen" if p["gen"] else ""), p["ids"] + p["gen"]) for p in gj["prompts"]]
+    austen = rf.read_ids(os.path.join(GOLDEN, PPL_IDS[name]))[:AUSTEN_N[name]]
+    seqs.append(("austen_pp_%d" % len(austen), austen))
+    m = rf.Model(path, dtype=np.float64, lazy=(name == "qwen2"), kv_fp16=True)
+    sample = np.sort(np.random.default_rng(POS_SEED).choice(m.n_vocab, POS_SAMPLE, replace=False))
+    out = os.path.join(GOLDEN, name + "_positions.bin")
+    meta = []
+    with open(out + ".tmp", "wb") as f:
+        f.write(b"KVSPOS01")
+        f.write(struct.pack("<iii", m.n_vocab, len(seqs), POS_SAMPLE))
+        f.write(sample.astype("<i4").tobytes())
+        for sname, ids in seqs:
+            t0 = time.time()
+            lg = m.logits(m.forward(ids))  # (T, n_vocab) float64
+            top2 = np.argsort(-lg, axis=1)[:, :2]
+            rows = np.arange(len(ids))
+            margin = lg[rows, top2[:, 0]] - lg[rows, top2[:, 1]]
+            f.write(struct.pack("<i", len(ids)))
+            f.write(np.asarray(ids, dtype="<i4").tobytes())
+            for t in rows:
+                f.write(struct.pack("<if", int(top2[t, 0]), float(margin[t])))
+                f.write(lg[t, sample].astype("<f4").tobytes())
+            meta.append({"name": sname, "n_tokens": len(ids), "argmax": [int(i) for i in top2[:, 0]],
+                         "min_margin": round(float(margin.min()), 5)})
+            rf.log("%s/%s: %d positions, smallest top-2 margin %.4f (%.1fs)" % (
+                name, sname, len(ids), margin.min(), time.time() - t0))
+    os.replace(out + ".tmp", out)
+    js = {"model": os.path.relpath(path, ROOT), "model_sha256": sha256(path), "compute_dtype": "float64",
+          "n_vocab": m.n_vocab, "n_sample": POS_SAMPLE, "sample_seed": POS_SEED,
+          "format": "see tools/make_golden.py header (every-position format)", "sequences": meta}
+    with open(os.path.join(GOLDEN, name + "_positions.json"), "w", encoding="utf-8") as f:
+        txt = json.dumps(js, indent=1)
+        txt = re.sub(r"\[\s*(-?[0-9.e+-]+(?:,\s*-?[0-9.e+-]+)*)\s*\]",
+                     lambda mo: "[" + re.sub(r"\s+", " ", mo.group(1)) + "]", txt)
+        f.write(txt + "\n")
+    rf.log("wrote %s (%d bytes) and %s_positions.json" % (out, os.path.getsize(out), name))
+
+
 def main(argv):
+    if len(argv) > 1 and argv[1] == "positions":
+        which = argv[2] if len(argv) > 2 else "smollm2"
+        for n in (["smollm2", "qwen2"] if which == "all" else [which]):
+            if n not in MODELS:
+                raise SystemExit("usage: make_golden.py positions [smollm2|qwen2|all]")
+            make_positions(n)
+        return 0
     if len(argv) > 1 and argv[1] == "austen":
         which = argv[2] if len(argv) > 2 else "smollm2"
         for n in (["smollm2", "qwen2"] if which == "all" else [which]):

@@ -67,9 +67,26 @@ def field(reader, key, default=None):
     return f.contents()
 
 
+class _LazyLayer:
+    """One layer's weights, dequantised on every lookup and never kept (Model(lazy=True)): the
+    Qwen2.5-1.5B layers in float64 would need ~12 GB held at once, one layer needs ~0.4 GB."""
+
+    def __init__(self, W, names):
+        self._W, self._names = W, names
+
+    def __contains__(self, key):
+        return key in self._names
+
+    def __getitem__(self, key):
+        return self._W(self._names[key])
+
+
 class Model:
-    def __init__(self, path, dtype=np.float64):
+    def __init__(self, path, dtype=np.float64, lazy=False, kv_fp16=False):
         t0 = time.time()
+        # kv_fp16: keys (after RoPE) and values rounded to fp16 before they are cached, as the
+        # engine's KV cache stores them; everything else stays in `dtype`
+        self.kv_fp16 = kv_fp16
         self.path = path
         self.dtype = np.dtype(dtype)
         r = GGUFReader(path)
@@ -106,12 +123,13 @@ class Model:
         self.layers = []
         for i in range(self.n_layer):
             p = "blk.%d." % i
-            L = {k: W(p + k + ".weight") for k in
-                 ("attn_norm", "attn_q", "attn_k", "attn_v", "attn_output", "ffn_norm", "ffn_gate", "ffn_up", "ffn_down")}
+            names = {k: p + k + ".weight" for k in
+                     ("attn_norm", "attn_q", "attn_k", "attn_v", "attn_output", "ffn_norm", "ffn_gate", "ffn_up",
+                      "ffn_down")}
             for b in ("attn_q", "attn_k", "attn_v"):
                 if p + b + ".bias" in tensors:
-                    L[b + ".bias"] = W(p + b + ".bias")
-            self.layers.append(L)
+                    names[b + ".bias"] = p + b + ".bias"
+            self.layers.append(_LazyLayer(W, names) if lazy else {k: W(n) for k, n in names.items()})
         # RoPE frequencies: theta^(-2i/n_rot), i = 0..n_rot/2-1
         self.inv_freq = self.theta ** (-np.arange(0, self.n_rot, 2, dtype=np.float64) / self.n_rot)
         log("%s: %s, %d layers, d=%d, heads %d/%d x %d, eps %g, theta %g, rope %s, %s output, vocab %d, %s, "
@@ -174,6 +192,9 @@ class Model:
             v = v.reshape(T, nkv, hd).transpose(1, 0, 2)
             q = self.rope(q, pos)
             k = self.rope(k, pos)
+            if self.kv_fp16:
+                k = k.astype(np.float16).astype(self.dtype)
+                v = v.astype(np.float16).astype(self.dtype)
             if cache["k"][li] is not None:
                 k = np.concatenate([cache["k"][li], k], axis=1)
                 v = np.concatenate([cache["v"][li], v], axis=1)

@@ -229,8 +229,18 @@ static bool plan_elastic_decode(struct kv_policy *p, struct kv_seq *s, int il, i
     return true;
 }
 
+static bool plan_layer(struct kv_policy *p, struct kv_seq *s, int il, int64_t n_seen,
+                       int32_t slack, bool decode, struct kv_plan *plan);
+
 bool kv_policy_plan_layer(struct kv_policy *p, struct kv_seq *s, int il, int64_t n_seen,
                           int32_t slack, bool decode, struct kv_plan *plan) {
+    bool planned = plan_layer(p, s, il, n_seen, slack, decode, plan);
+    if (planned) p->n_plans++;
+    return planned;
+}
+
+static bool plan_layer(struct kv_policy *p, struct kv_seq *s, int il, int64_t n_seen,
+                       int32_t slack, bool decode, struct kv_plan *plan) {
     int32_t budget = layer_budget(p, s, il, n_seen, decode);
     p->planned = budget;
     /* Elastic's decode slot is relative to the prompt as compressed: its length so far */
@@ -242,7 +252,7 @@ bool kv_policy_plan_layer(struct kv_policy *p, struct kv_seq *s, int il, int64_t
     }
     for (int ih = 0; ih < KV_VIEW_MAX_HEADS; ih++) plan->mt[ih] = NULL, plan->mc[ih] = NULL, plan->dem[ih] = NULL;
     plan->renorm = false;
-    if (!over) return false;
+    if (!over && !p->plan_always) return false;
     /* (with MiKV the losers are demoted, whatever the method's eviction rule) */
     if (decode && p->spec.merge == KV_MERGE_ELASTIC && !p->spec.mikv_low)
         return plan_elastic_decode(p, s, il, budget, plan);

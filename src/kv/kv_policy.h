@@ -62,6 +62,9 @@ struct kv_policy {
     struct ent *pool;        /* (n_head_kv * cap_max) AdaKV candidates */
     int32_t planned;         /* the budget of the last plan_layer call */
     int32_t qwin;            /* saved queries a scorer reads (kv_policy_qwin of the spec) */
+    uint64_t n_plans;        /* plans kv_policy_plan_layer returned (layers planned) */
+    bool plan_always;        /* tests: plan even when no head is over budget (the plan then keeps
+                              * everything, and applying it must change nothing) */
     struct kv_pack_cfg pack; /* the spec's storage (prices KIVI entries in mem= budgets) */
     float *ascratch;         /* kv_attn scratch for g query rows */
     /* merge plans: (n_head_kv, cap_max) targets, coefficients; demotions (MiKV) */
@@ -84,7 +87,7 @@ int32_t kv_policy_budget(const struct kv_policy *p, int il, int64_t n_seen);
 
 /* Plan layer il of sequence s down to its budget. slack: entries a head may exceed its budget by
  * before anything is planned (0 after a prefill chunk, spec.every during decode). Returns false
- * when nothing needs to change (plan untouched). */
+ * when nothing needs to change (plan untouched), unless plan_always; counts plans in n_plans. */
 bool kv_policy_plan_layer(struct kv_policy *p, struct kv_seq *s, int il, int64_t n_seen,
                           int32_t slack, bool decode, struct kv_plan *plan);
 /* After an apply: every head within its budget (AdaKV: the layer within the sum; MiKV: its fp16
