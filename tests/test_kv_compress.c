@@ -501,11 +501,11 @@ int main(void) {
     n_tok = kvs_tokenize(M, text, strlen(text), true, false, toks, 600);
     CHECK(n_tok > 180 && n_tok < 400);
     float *ref = run("full", 64, NULL, NULL);
-    test_merge_identity(ref);
-    test_merge_invariants();
+    /* on Qwen2.5 (make test-slow) the per-model quality bounds; the model-independent parts
+     * (identities, invariants, packed store, combinations) run on SmolLM2 in `make test` */
+    if (!is_qwen) test_merge_identity(ref), test_merge_invariants();
     test_storage_quality(ref);
-    test_packed_store();
-    test_combinations();
+    if (!is_qwen) test_packed_store(), test_combinations();
     free(ref);
     kvs_model_free(M);
     return tu_finish("test_kv_compress");
