@@ -49,7 +49,7 @@ void kv_pack_prepare(struct kv_seq *s, int il) {
         struct kv_head_store *h = kv_seq_head(s, il, ih);
         if ((!need_ch || h->ch) && (!need_bal || h->bal)) continue;
         if (h->nc) continue; /* decided already (a copy of a packed head) */
-        float qe[512] = {0}, ke[512] = {0}, qm[512] = {0}, km[512] = {0};
+        float qe[512] = {0}, ke[512] = {0}, qm[512] = {0}, ks[512] = {0};
         for (int qi = q0; qi < nq; qi++) {
             int slot = (s->q_head[il] - nq + qi + c->qwin) % c->qwin;
             const float *Q = s->q + ((size_t)il * c->qwin + slot) * c->n_head * hd + (size_t)ih * g * hd;
@@ -64,7 +64,7 @@ void kv_pack_prepare(struct kv_seq *s, int il) {
             for (int d = 0; d < hd; d++) {
                 float x = quant_f16_to_f32(h->k[(size_t)j * hd + d]);
                 ke[d] += x * x;
-                km[d] = fabsf(x) > km[d] ? fabsf(x) : km[d];
+                ks[d] += x;
             }
         if (need_ch && !h->ch) {
             float sc[512];
@@ -78,12 +78,10 @@ void kv_pack_prepare(struct kv_seq *s, int il) {
         if (need_bal && !h->bal) {
             /* centres: the mean key of the entries held; the balancer (optional) on the
              * centred keys */
-            float b[512], mu[512] = {0}, cm[512] = {0};
+            float b[512], mu[512], cm[512] = {0};
             int32_t nh = h->n - h->nc;
-            for (int32_t j = 0; j < nh; j++)
-                for (int d = 0; d < hd; d++) mu[d] += quant_f16_to_f32(h->k[(size_t)j * hd + d]);
-            for (int d = 0; d < hd; d++) mu[d] = nh > 0 ? mu[d] / (float)nh : 0.0f;
-            for (int32_t j = 0; j < nh; j++)
+            for (int d = 0; d < hd; d++) mu[d] = nh > 0 ? ks[d] / (float)nh : 0.0f;
+            for (int32_t j = 0; pc->balance && j < nh; j++) /* centred maxima: balancer only */
                 for (int d = 0; d < hd; d++) {
                     float x = fabsf(quant_f16_to_f32(h->k[(size_t)j * hd + d]) - mu[d]);
                     cm[d] = x > cm[d] ? x : cm[d];
