@@ -349,30 +349,27 @@ void eval_prompt_free(struct eval_prompt *p) {
 
 void eval_json_str(FILE *f, const char *s) { jsonl_write_string(f, s ? s : ""); }
 
+/* `prefix` (a key with its punctuation) then s as a JSON string */
+static void put_str(FILE *f, const char *prefix, const char *s) {
+    fputs(prefix, f);
+    eval_json_str(f, s);
+}
+
 void eval_prompt_write_jsonl(FILE *f, const struct eval_prompt *p, const char *model_name,
                              const char *model_sha256) {
-    fputs("{\"id\":", f);
-    eval_json_str(f, p->id);
-    fputs(",\"task\":", f);
-    eval_json_str(f, p->task);
-    fputs(",\"family\":", f);
-    eval_json_str(f, p->family);
+    put_str(f, "{\"id\":", p->id);
+    put_str(f, ",\"task\":", p->task);
+    put_str(f, ",\"family\":", p->family);
     if (p->length > 0) fprintf(f, ",\"length\":%d", p->length);
     else fputs(",\"length\":null", f);
-    fprintf(f, ",\"seed\":%llu,\"sample\":%d,\"model\":", (unsigned long long)p->seed, p->sample);
-    eval_json_str(f, model_name);
-    fputs(",\"model_sha256\":", f);
-    eval_json_str(f, model_sha256);
-    fputs(",\"context\":", f);
-    eval_json_str(f, p->context);
-    fputs(",\"question\":", f);
-    eval_json_str(f, p->question);
-    fputs(",\"answer_prefix\":", f);
-    eval_json_str(f, p->answer_prefix);
-    fputs(",\"prompt_context\":", f);
-    eval_json_str(f, p->prompt_context);
-    fputs(",\"prompt_question\":", f);
-    eval_json_str(f, p->prompt_question);
+    fprintf(f, ",\"seed\":%llu,\"sample\":%d", (unsigned long long)p->seed, p->sample);
+    put_str(f, ",\"model\":", model_name);
+    put_str(f, ",\"model_sha256\":", model_sha256);
+    put_str(f, ",\"context\":", p->context);
+    put_str(f, ",\"question\":", p->question);
+    put_str(f, ",\"answer_prefix\":", p->answer_prefix);
+    put_str(f, ",\"prompt_context\":", p->prompt_context);
+    put_str(f, ",\"prompt_question\":", p->prompt_question);
     fputs(",\"outputs\":[", f);
     for (int i = 0; i < p->n_outputs; i++) {
         if (i) fputc(',', f);
