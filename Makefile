@@ -65,7 +65,7 @@ data:
 test: all models data
 	tests/run.sh $(BUILD)
 
-test-slow: all models-large data
+test-slow: all models models-large data
 	KVS_SLOW=1 tests/run.sh $(BUILD)
 
 check:

@@ -114,6 +114,10 @@ struct kvs_context_params {
 struct kvs_context_params kvs_context_params_default(void);
 /* The --kv grammar, methods and options, as printed by `kvsieve --help kv`. */
 const char *kvs_kv_spec_help(void);
+/* Validate a KV policy spec without a model (a server checks a request's `kv` field this way).
+ * KVS_OK, or KVS_ERR_INVALID_ARG with kvs_last_error() naming the offending part. When norm is
+ * non-NULL, the normalised spec (every default spelled out) is written there (≤ size-1 + NUL). */
+enum kvs_status kvs_kv_spec_check(const char *kv_spec, char *norm, size_t size);
 
 enum kvs_status kvs_context_new(kvs_model *m, const struct kvs_context_params *p,
                                 kvs_context **out);

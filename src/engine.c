@@ -7,6 +7,7 @@
 #include "quant.h"
 
 #include <math.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -16,6 +17,13 @@ struct kvs_context_params kvs_context_params_default(void) {
 }
 
 const char *kvs_kv_spec_help(void) { return kv_spec_help(); }
+
+enum kvs_status kvs_kv_spec_check(const char *kv_spec, char *norm, size_t size) {
+    struct kv_spec spec;
+    enum kvs_status st = kv_spec_parse(kv_spec ? kv_spec : "", &spec);
+    if (st == KVS_OK && norm && size) snprintf(norm, size, "%s", spec.text);
+    return st;
+}
 
 /* Bytes of one entry of one head as a store made for this spec holds it (what a mem= budget
  * counts), whatever statistics the context keeps beyond the spec's (keep_stats). */

@@ -281,6 +281,8 @@ static void parse_args(int argc, char **argv, struct opts *o) {
         else if (!strcmp(a, "--kv")) {
             o->kv = NEXT();
             if (!*o->kv) die_usage("--kv needs a spec (e.g. full, h2o:ratio=0.2; see `kvsieve --help kv`)");
+            /* checked before the model loads: a typo costs no load time */
+            if (kvs_kv_spec_check(o->kv, NULL, 0) != KVS_OK) die_usage("%s", kvs_last_error());
         } else if (!strcmp(a, "-r") || !strcmp(a, "--reverse-prompt") || !strcmp(a, "--stop")) {
             const char *v = NEXT();
             if (!*v) die_usage("%s needs a non-empty text", a);
