@@ -201,6 +201,74 @@ double kvs_seq_entries_per_head(const kvs_sequence *s);
  * over its tokens): the theoretical figure beside kvs_seq_kv_bytes / tokens. -1 on a bad spec. */
 double kvs_kv_bytes_per_token(const kvs_model *m, const char *kv_spec);
 
+/* ---- serving: per-sequence policies, mixed batches, shared prefixes ----------------------- */
+
+/* Give sequence s its own KV policy (NULL or "" = the context's again). Only while s is empty
+ * (n_past 0, no prefix attached). The statistics the spec needs must be kept by the context: a
+ * context created with keep_stats accepts every spec. Errors: KVS_ERR_INVALID_ARG (bad spec, with
+ * the --kv parser's message; sequence not empty; statistics the context does not keep). */
+enum kvs_status kvs_seq_set_kv(kvs_context *c, kvs_sequence *s, const char *kv_spec);
+const char *kvs_seq_kv(const kvs_context *c, const kvs_sequence *s); /* normalised spec s runs */
+/* Most tokens s may consume under its policy: n_ctx, or KVS_PAST_MAX when its policy bounds the
+ * cache (see kvs_context_max_tokens). */
+int kvs_seq_max_tokens(const kvs_context *c, const kvs_sequence *s);
+/* Upper bound of kvs_seq_kv_bytes for a sequence under kv_spec (NULL = the context's) that will
+ * consume at most n_tokens tokens (n_ctx bounds it too), at any moment of its life: for admission
+ * control. Shared prefix entries are not counted (they belong to their prefix). -1 on a bad spec. */
+int64_t kvs_kv_bytes_bound(const kvs_context *c, const char *kv_spec, int n_tokens);
+
+/* One forward over a mixed batch: decode tokens of running sequences and prompt chunks of others.
+ * Each item feeds n tokens to its own sequence (a sequence appears at most once). Weights are
+ * read once for the whole batch, and an item's logits and KV are bit for bit those of the same
+ * item evaluated alone (the batch does not change any sequence's result). */
+struct kvs_batch_item {
+    kvs_sequence *seq;
+    const int32_t *tokens;
+    int n;            /* tokens (>= 1); a decode step feeds the one sampled token */
+    bool decode;      /* a generated token (the policy's decode-time compression applies) */
+    bool prompt_end;  /* prompt chunk: the prompt's last (prefill-end compression applies) */
+    bool hold;        /* prompt chunk: do not compress after it (its entries stay exact, e.g. to be
+                       * published as a prefix block); a later chunk compresses them all */
+    float *logits;    /* non-NULL: receives the logits of the item's last token (n_vocab floats) */
+};
+/* Most tokens one kvs_step takes in total (n_batch, or n_seq_max if larger). */
+int kvs_context_step_tokens(const kvs_context *c);
+/* Validates every item first (sizes, distinct sequences, each within its kvs_seq_max_tokens); on
+ * an invalid batch nothing is evaluated: KVS_ERR_INVALID_ARG or KVS_ERR_CONTEXT_FULL. */
+enum kvs_status kvs_step(kvs_context *c, const struct kvs_batch_item *items, int n_items);
+
+/* Shared prefixes: read-only runs of KV entries that many sequences start from (a prefix cache,
+ * a system prompt, a document). A node holds the entries of a run of tokens and references its
+ * parent node, so a chain of nodes is a prefix; the prefix cache's radix tree maps token blocks
+ * to nodes. A node never changes after it is made; sequences that start from it read it in place
+ * and compress only their own entries. Nodes are reference counted (each holder one reference). */
+typedef struct kvs_prefix kvs_prefix;
+/* A new node (one reference, the caller's) holding a copy of s's entries for the tokens after
+ * `parent`'s chain (0 when NULL) up to s's n_past; parent (NULL, or the chain s was started from
+ * or one of its descendants that covers a prefix of s) gains a reference. Those entries of s must
+ * be exact (nothing evicted, merged or packed among them): always so under `full`, and under any
+ * policy for prompt chunks fed with .hold. Errors: KVS_ERR_INVALID_ARG (entries not exact, parent
+ * not a prefix of s, nothing after parent), KVS_ERR_NOMEM. s is not changed. */
+enum kvs_status kvs_prefix_publish(kvs_context *c, const kvs_sequence *s, kvs_prefix *parent,
+                                   kvs_prefix **out);
+/* A standalone node (no parent) holding the chain ending at p compressed question-agnostically
+ * under kv_spec, as kvs_seq_compress does at the end of a prompt (the compressed prefix a
+ * `--prefix-kv` spec asks for). One reference for the caller. */
+enum kvs_status kvs_prefix_compress(kvs_context *c, kvs_prefix *p, const char *kv_spec,
+                                    kvs_prefix **out);
+void kvs_prefix_ref(kvs_prefix *p);
+void kvs_prefix_unref(kvs_prefix *p); /* frees the node (and drops its parent) at 0 */
+int kvs_prefix_n_tokens(const kvs_prefix *p);  /* tokens of the whole chain ending at p */
+uint64_t kvs_prefix_bytes(const kvs_prefix *p); /* bytes of this node's own entries */
+int kvs_prefix_refcount(const kvs_prefix *p);
+/* Checksum (xxh64) of this node's entries: never changes while the node lives (tests). */
+uint64_t kvs_prefix_checksum(const kvs_prefix *p);
+/* Start empty sequence s from the chain ending at p: n_past becomes kvs_prefix_n_tokens(p),
+ * attention reads the chain's entries (read-only, all visible) before s's own, and s's policy
+ * compresses only s's own entries. s holds a reference to p until reset or freed. Errors:
+ * KVS_ERR_INVALID_ARG (s not empty, a streaming pos=cache policy, p from another model). */
+enum kvs_status kvs_seq_attach_prefix(kvs_context *c, kvs_sequence *s, kvs_prefix *p);
+
 /* ---- sampling ----------------------------------------------------------------------------- */
 
 struct kvs_sampler_params {
