@@ -12,7 +12,7 @@ OPT     ?= -O2
 CFLAGS  ?=
 CFLAGS  += -std=c11 -D_GNU_SOURCE -Wall -Wextra -Werror -fPIC -g $(OPT) -pthread -Iinclude -Isrc
 SIMD    := -mavx2 -mfma -mf16c
-LDLIBS  += -lm -pthread
+LDLIBS  += -lm -pthread -lxxhash
 BUILD   ?= build
 
 LIB_SRC  := $(filter-out src/main.c, $(wildcard src/*.c src/kv/*.c src/eval/*.c))
@@ -70,7 +70,7 @@ test-slow: all models models-large data
 
 check:
 	$(MAKE) BUILD=build/asan OPT="-O1 -fsanitize=address,undefined -fno-omit-frame-pointer -fno-sanitize-recover=all" \
-	    LDLIBS="-lm -pthread -fsanitize=address,undefined" all
+	    LDLIBS="-lm -pthread -lxxhash -fsanitize=address,undefined" all
 	$(MAKE) models data
 	KVS_SANITIZE=1 tests/run.sh build/asan
 

@@ -243,6 +243,8 @@ enum kvs_status kvs_step(kvs_context *c, const struct kvs_batch_item *items, int
  * to nodes. A node never changes after it is made; sequences that start from it read it in place
  * and compress only their own entries. Nodes are reference counted (each holder one reference). */
 typedef struct kvs_prefix kvs_prefix;
+/* Nodes belong to the context they were made in: release them before freeing it. Every prefix
+ * call must come from the thread that runs the context. */
 /* A new node (one reference, the caller's) holding a copy of s's entries for the tokens after
  * `parent`'s chain (0 when NULL) up to s's n_past; parent (NULL, or the chain s was started from
  * or one of its descendants that covers a prefix of s) gains a reference. Those entries of s must
@@ -251,17 +253,22 @@ typedef struct kvs_prefix kvs_prefix;
  * not a prefix of s, nothing after parent), KVS_ERR_NOMEM. s is not changed. */
 enum kvs_status kvs_prefix_publish(kvs_context *c, const kvs_sequence *s, kvs_prefix *parent,
                                    kvs_prefix **out);
-/* A standalone node (no parent) holding the chain ending at p compressed question-agnostically
- * under kv_spec, as kvs_seq_compress does at the end of a prompt (the compressed prefix a
- * `--prefix-kv` spec asks for). One reference for the caller. */
-enum kvs_status kvs_prefix_compress(kvs_context *c, kvs_prefix *p, const char *kv_spec,
+/* A standalone node (no parent, one reference for the caller) holding s's whole content — the
+ * chain it started from and its own entries, which must be exact — compressed
+ * question-agnostically under kv_spec, as kvs_seq_compress does at the end of a prompt (scorers
+ * that read recent queries use s's last ones: the prefix's own last tokens). This is the
+ * compressed prefix a `--prefix-kv` spec asks for: made once, reused by every later request.
+ * s is not changed. Errors: KVS_ERR_INVALID_ARG (bad spec, entries not exact, a spec that moves
+ * positions), KVS_ERR_NOMEM. */
+enum kvs_status kvs_prefix_compress(kvs_context *c, const kvs_sequence *s, const char *kv_spec,
                                     kvs_prefix **out);
 void kvs_prefix_ref(kvs_prefix *p);
 void kvs_prefix_unref(kvs_prefix *p); /* frees the node (and drops its parent) at 0 */
 int kvs_prefix_n_tokens(const kvs_prefix *p);  /* tokens of the whole chain ending at p */
 uint64_t kvs_prefix_bytes(const kvs_prefix *p); /* bytes of this node's own entries */
 int kvs_prefix_refcount(const kvs_prefix *p);
-/* Checksum (xxh64) of this node's entries: never changes while the node lives (tests). */
+/* Checksum (xxh64) of this node's entries, computed now: equals the one at creation for as long
+ * as the node lives (tests check that no sequence ever writes a shared node). */
 uint64_t kvs_prefix_checksum(const kvs_prefix *p);
 /* Start empty sequence s from the chain ending at p: n_past becomes kvs_prefix_n_tokens(p),
  * attention reads the chain's entries (read-only, all visible) before s's own, and s's policy

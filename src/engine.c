@@ -45,11 +45,18 @@ void kvs_context_free(kvs_context *c) {
             if (c->seqs[i]) kvs_seq_free(c, c->seqs[i]);
     free(c->seqs);
     if (c->tp) threadpool_free(c->tp);
-    kv_policy_free(c->policy);
+    kv_policy_free(c->base.policy);
+    for (int i = 0; i < KVS_MAX_PROFILES; i++)
+        if (c->prof[i]) {
+            kv_policy_free(c->prof[i]->policy);
+            free(c->prof[i]);
+        }
     float *bufs[] = {c->x, c->xn, c->q, c->k, c->v, c->gate, c->up, c->rope_cs, c->inv_freq,
                      c->att_s, c->att_qo, c->att_x, c->att_part, c->wrow};
     for (size_t i = 0; i < sizeof bufs / sizeof bufs[0]; i++) kvs_aligned_free(bufs[i]);
     for (int i = 0; i < N_ACT_SLOTS; i++) kvs_aligned_free(c->act[i]);
+    kvs_aligned_free(c->att_units);
+    free(c->step_logits);
     free(c);
 }
 
@@ -103,14 +110,14 @@ enum kvs_status kvs_context_new(kvs_model *m, const struct kvs_context_params *p
     if (!c) return kvs_fail(KVS_ERR_NOMEM, "out of memory");
     c->m = m;
     c->p = p;
-    c->spec = spec;
-    c->p.kv_spec = c->spec.text;
+    c->base.spec = spec;
+    c->p.kv_spec = c->base.spec.text;
     if (hp->head_dim > 256 && (spec.think || spec.kivi_bits || spec.mikv_low)) {
         free(c);
         return kvs_fail(KVS_ERR_UNSUPPORTED, "packed KV storage supports head_dim <= 256 (model has %d)",
                         hp->head_dim);
     }
-    kv_pack_cfg_from_spec(&spec, hp->head_dim, &c->pack);
+    kv_pack_cfg_from_spec(&spec, hp->head_dim, &c->base.pack);
     c->n_ctx = p.n_ctx;
     c->n_batch = p.n_batch;
     c->t_max = p.n_batch > p.n_seq_max ? p.n_batch : p.n_seq_max;
@@ -120,16 +127,17 @@ enum kvs_status kvs_context_new(kvs_model *m, const struct kvs_context_params *p
     kv_cache_init(&c->kv, hp->n_layer, hp->n_head_kv, hp->n_head, hp->head_dim,
                   (needs & KV_NEED_ACC) || p.keep_stats, qwin);
     st = kv_policy_new(&spec, hp->n_layer, hp->n_head, hp->n_head_kv, hp->head_dim,
-                       c->n_ctx + c->t_max + KV_CAP_STEP, spec_entry_bytes(hp, &spec), &c->policy);
+                       c->n_ctx + c->t_max + KV_CAP_STEP, spec_entry_bytes(hp, &spec), &c->base.policy);
     if (st != KVS_OK) {
         kvs_context_free(c);
         return st;
     }
     /* a bounded cache: -c is its size, and sequences run past it (StreamingLLM's point) */
-    c->max_past = c->n_ctx;
-    int32_t held = c->policy ? bounded_entries(c->policy, c->t_max) : 0;
-    if (held > 0 && held <= c->policy->cap_max) {
-        c->max_past = KVS_PAST_MAX;
+    c->base.max_past = c->n_ctx;
+    int32_t held = c->base.policy ? bounded_entries(c->base.policy, c->t_max) : 0;
+    if (held > 0 && held <= c->base.policy->cap_max) {
+        c->base.max_past = KVS_PAST_MAX;
+        c->base.held = held;
         if (held > c->n_ctx) c->n_ctx = held;
     }
     c->seqs = calloc((size_t)p.n_seq_max, sizeof *c->seqs);
@@ -152,6 +160,7 @@ enum kvs_status kvs_context_new(kvs_model *m, const struct kvs_context_params *p
     c->att_qo = scratch(c, (size_t)p.n_threads * 2 * ATT_TB * g * hd * 4);
     c->att_x = scratch(c, (size_t)p.n_threads * kv_attn_scratch_floats(ATT_TB * g, hd) * 4);
     c->att_part = scratch(c, T * (size_t)hp->n_head_kv * ATT_MAX_SPLIT * g * (hd + 2) * 4);
+    c->att_units = scratch(c, T * (size_t)hp->n_head_kv * ATT_MAX_SPLIT * sizeof(struct att_unit_desc));
     /* activation rows, big enough for every encoding of the widest input */
     size_t widest = ff > wide ? ff : wide, rb = 0;
     int vdts[] = {QT_Q8_0, QT_Q8_1, QT_Q8_K};
@@ -165,7 +174,7 @@ enum kvs_status kvs_context_new(kvs_model *m, const struct kvs_context_params *p
         c->wrow = scratch(c, (size_t)p.n_threads * c->wrow_n * 4);
     }
     bool ok = c->seqs && c->tp && c->x && c->xn && c->q && c->k && c->v && c->gate && c->up &&
-              c->rope_cs && c->inv_freq && c->att_s && c->att_qo && c->att_x && c->att_part &&
+              c->rope_cs && c->inv_freq && c->att_s && c->att_qo && c->att_x && c->att_part && c->att_units &&
               (!p.act_f32 || c->wrow);
     for (int i = 1; i < N_ACT_SLOTS; i++) ok = ok && c->act[i];
     if (!ok) {
@@ -198,15 +207,28 @@ enum kvs_status kvs_seq_new(kvs_context *c, kvs_sequence **out) {
         free(s);
         return st;
     }
-    kv_seq_set_pack(s->kv, &c->pack); /* a fresh sequence holds nothing: cannot fail */
+    kv_seq_set_pack(s->kv, &c->base.pack); /* a fresh sequence holds nothing: cannot fail */
+    s->prof = &c->base;
     s->slot = slot;
     c->seqs[slot] = s;
     *out = s;
     return KVS_OK;
 }
 
+static void profile_release(kvs_context *c, struct kv_profile *pr) {
+    if (!pr || pr == &c->base || --pr->refs > 0) return;
+    for (int i = 0; i < KVS_MAX_PROFILES; i++)
+        if (c->prof[i] == pr) c->prof[i] = NULL;
+    kv_policy_free(pr->policy);
+    free(pr);
+}
+
 void kvs_seq_free(kvs_context *c, kvs_sequence *s) {
     if (!s) return;
+    kvs_seq_drop_prefix(s);
+    free(s->chain);
+    free(s->segs);
+    profile_release(c, s->prof);
     c->seqs[s->slot] = NULL;
     kv_seq_free(s->kv);
     free(s);
@@ -214,10 +236,11 @@ void kvs_seq_free(kvs_context *c, kvs_sequence *s) {
 
 int kvs_seq_n_past(const kvs_sequence *s) { return s->n_past; }
 
-int kvs_context_max_tokens(const kvs_context *c) { return c->max_past; }
+int kvs_context_max_tokens(const kvs_context *c) { return c->base.max_past; }
 
 void kvs_seq_reset(kvs_context *c, kvs_sequence *s) {
     (void)c;
+    kvs_seq_drop_prefix(s);
     kv_seq_clear(s->kv);
     s->n_past = 0;
     s->pos_shift = 0;
@@ -226,19 +249,23 @@ void kvs_seq_reset(kvs_context *c, kvs_sequence *s) {
 enum kvs_status kvs_eval(kvs_context *c, kvs_sequence *s, const int32_t *tokens, int n,
                          bool all_logits, float *logits, kvs_progress_fn progress, void *user) {
     if (n <= 0) return kvs_fail(KVS_ERR_INVALID_ARG, "no tokens to evaluate");
-    if (n > c->max_past - s->n_past)
+    int max_past = s->prof->max_past;
+    if (n > max_past - s->n_past)
         return kvs_fail(KVS_ERR_CONTEXT_FULL, "%d tokens would exceed the context of %d (%d "
-                        "already used)", n, c->max_past, s->n_past);
+                        "already used)", n, max_past, s->n_past);
     int n_vocab = c->m->hp.n_vocab;
     int32_t pos[KVS_T_MAX];
     int rows[KVS_T_MAX];
+    uint8_t ph[KVS_T_MAX];
     kvs_sequence *seq[KVS_T_MAX];
     for (int done = 0; done < n;) {
         int T = n - done < c->n_batch ? n - done : c->n_batch;
+        enum fwd_phase p = n == 1 ? FWD_DECODE : done + T == n ? FWD_PREFILL_LAST : FWD_PREFILL;
         for (int t = 0; t < T; t++) {
             pos[t] = s->n_past + t;
             seq[t] = s;
             rows[t] = t;
+            ph[t] = (uint8_t)p;
         }
         int n_out = 0;
         float *dst = NULL;
@@ -250,13 +277,82 @@ enum kvs_status kvs_eval(kvs_context *c, kvs_sequence *s, const int32_t *tokens,
             rows[0] = T - 1;
             dst = logits;
         }
-        enum fwd_phase ph = n == 1 ? FWD_DECODE : done + T == n ? FWD_PREFILL_LAST : FWD_PREFILL;
         enum kvs_status st = forward(c, tokens + done, pos, seq, T, rows, n_out, dst, ph);
         if (st != KVS_OK) return st;
         s->n_past += T;
         done += T;
         if (progress && !progress(done, n, user))
             return kvs_fail(KVS_ERR_INVALID_ARG, "aborted");
+    }
+    return KVS_OK;
+}
+
+int kvs_context_step_tokens(const kvs_context *c) { return c->t_max; }
+
+enum kvs_status kvs_step(kvs_context *c, const struct kvs_batch_item *items, int n_items) {
+    if (!c || !items || n_items <= 0)
+        return kvs_fail(KVS_ERR_INVALID_ARG, "kvs_step: no items");
+    int T = 0, n_out = 0;
+    for (int i = 0; i < n_items; i++) {
+        const struct kvs_batch_item *it = &items[i];
+        if (!it->seq || !it->tokens || it->n <= 0)
+            return kvs_fail(KVS_ERR_INVALID_ARG, "kvs_step: item %d has no sequence or tokens", i);
+        if (it->decode && it->n != 1)
+            return kvs_fail(KVS_ERR_INVALID_ARG, "kvs_step: decode item %d feeds %d tokens (1 "
+                            "allowed)", i, it->n);
+        if (it->n > c->t_max - T)
+            return kvs_fail(KVS_ERR_INVALID_ARG, "kvs_step: more than %d tokens in one step",
+                            c->t_max);
+        T += it->n;
+        if (c->seqs[it->seq->slot] != it->seq)
+            return kvs_fail(KVS_ERR_INVALID_ARG, "kvs_step: item %d's sequence does not belong to "
+                            "this context", i);
+        for (int j = 0; j < i; j++)
+            if (items[j].seq == it->seq)
+                return kvs_fail(KVS_ERR_INVALID_ARG, "kvs_step: a sequence appears twice in one "
+                                "step (items %d and %d)", j, i);
+        if (it->n > it->seq->prof->max_past - it->seq->n_past)
+            return kvs_fail(KVS_ERR_CONTEXT_FULL, "kvs_step: item %d: %d tokens would exceed the "
+                            "context of %d (%d already used)", i, it->n, it->seq->prof->max_past,
+                            it->seq->n_past);
+        if (it->logits) n_out++;
+    }
+    if (n_out > 64) return kvs_fail(KVS_ERR_INVALID_ARG, "kvs_step: at most 64 items with logits");
+    int32_t tok[KVS_T_MAX], pos[KVS_T_MAX];
+    int rows[64];
+    uint8_t ph[KVS_T_MAX];
+    kvs_sequence *seq[KVS_T_MAX];
+    int t = 0, r = 0;
+    for (int i = 0; i < n_items; i++) {
+        const struct kvs_batch_item *it = &items[i];
+        enum fwd_phase p = it->decode ? FWD_DECODE : it->hold ? FWD_HOLD
+                           : it->prompt_end ? FWD_PREFILL_LAST : FWD_PREFILL;
+        for (int k = 0; k < it->n; k++, t++) {
+            tok[t] = it->tokens[k];
+            pos[t] = it->seq->n_past + k;
+            seq[t] = it->seq;
+            ph[t] = (uint8_t)p;
+        }
+        if (it->logits) rows[r++] = t - 1;
+    }
+    /* logits rows land in the context's scratch order; copy each to its item */
+    float *lg = NULL;
+    size_t nv = (size_t)c->m->hp.n_vocab;
+    if (n_out) {
+        if (c->step_logits_n < (size_t)n_out * nv) {
+            float *nl = realloc(c->step_logits, (size_t)n_out * nv * sizeof(float));
+            if (!nl) return kvs_fail(KVS_ERR_NOMEM, "out of memory for the step's logits");
+            c->step_logits = nl;
+            c->step_logits_n = (size_t)n_out * nv;
+        }
+        lg = c->step_logits;
+    }
+    enum kvs_status st = forward(c, tok, pos, seq, T, rows, n_out, lg, ph);
+    if (st != KVS_OK) return st;
+    r = 0;
+    for (int i = 0; i < n_items; i++) {
+        items[i].seq->n_past += items[i].n;
+        if (items[i].logits) memcpy(items[i].logits, lg + (size_t)r++ * nv, nv * sizeof(float));
     }
     return KVS_OK;
 }
@@ -268,18 +364,19 @@ enum kvs_status kvs_eval_batch(kvs_context *c, kvs_sequence *const *seqs, const 
                         c->t_max);
     int32_t pos[KVS_T_MAX];
     int rows[KVS_T_MAX];
+    uint8_t ph[KVS_T_MAX];
     for (int i = 0; i < n_seq; i++) {
         for (int j = 0; j < i; j++)
             if (seqs[j] == seqs[i])
                 return kvs_fail(KVS_ERR_INVALID_ARG, "sequence appears twice in one batch");
-        if (seqs[i]->n_past >= c->max_past)
+        if (seqs[i]->n_past >= seqs[i]->prof->max_past)
             return kvs_fail(KVS_ERR_CONTEXT_FULL, "sequence %d is at the context limit %d", i,
-                            c->max_past);
+                            seqs[i]->prof->max_past);
         pos[i] = seqs[i]->n_past;
         rows[i] = i;
+        ph[i] = FWD_DECODE;
     }
-    enum kvs_status st = forward(c, tokens, pos, seqs, n_seq, rows, logits ? n_seq : 0, logits,
-                                 FWD_DECODE);
+    enum kvs_status st = forward(c, tokens, pos, seqs, n_seq, rows, logits ? n_seq : 0, logits, ph);
     if (st != KVS_OK) return st;
     for (int i = 0; i < n_seq; i++) seqs[i]->n_past++;
     return KVS_OK;
@@ -296,11 +393,20 @@ enum kvs_status kvs_seq_copy(kvs_context *cd, kvs_sequence *dst, const kvs_conte
     if (cd->m != cs->m)
         return kvs_fail(KVS_ERR_INVALID_ARG, "cannot copy a sequence between contexts of "
                         "different models");
-    if (src->n_past > cd->max_past)
+    if (src->n_past > dst->prof->max_past)
         return kvs_fail(KVS_ERR_INVALID_ARG, "the sequence holds %d tokens, more than the "
-                        "target context of %d", src->n_past, cd->max_past);
+                        "target context of %d", src->n_past, dst->prof->max_past);
     if (dst == src) return KVS_OK;
+    if (src->prefix && cd != cs)
+        return kvs_fail(KVS_ERR_INVALID_ARG, "cannot copy a sequence that starts from a shared "
+                        "prefix to another context");
+    kvs_seq_drop_prefix(dst);
     enum kvs_status st = kv_seq_copy(dst->kv, src->kv);
+    if (st == KVS_OK && src->prefix) {
+        kvs_prefix_ref(src->prefix);
+        dst->prefix = src->prefix;
+        dst->n_prefix = src->n_prefix;
+    }
     if (st != KVS_OK) {
         dst->n_past = 0;
         dst->pos_shift = 0;
@@ -320,7 +426,7 @@ enum kvs_status kvs_seq_compress(kvs_context *c, kvs_sequence *s, const char *kv
     kv_pack_cfg_from_spec(&spec, hp->head_dim, &pc);
     if (spec.method == KV_FULL && !pc.on) return KVS_OK;
     unsigned needs = kv_policy_needs(&spec);
-    if ((needs & KV_NEED_ACC) && !c->kv.with_acc)
+    if ((needs & KV_NEED_ACC) && !s->kv->with_acc)
         return kvs_fail(KVS_ERR_INVALID_ARG, "'%s' needs accumulated attention, which this "
                         "context does not keep (create it with keep_stats)", spec.text);
     if ((needs & KV_NEED_QUERIES) && c->kv.qwin < kv_policy_qwin(&spec))
@@ -351,6 +457,132 @@ enum kvs_status kvs_seq_compress(kvs_context *c, kvs_sequence *s, const char *kv
     }
     kv_policy_free(pol);
     return st;
+}
+
+/* ---- per-sequence policies ---------------------------------------------------------------- */
+
+/* Fill a profile for spec (policy, storage, max_past) in context c, whose n_ctx is fixed: a
+ * bounded policy runs past n_ctx only when its cache fits in it. */
+static enum kvs_status profile_init(kvs_context *c, const struct kv_spec *spec, struct kv_profile *pr) {
+    const struct hparams *hp = &c->m->hp;
+    memset(pr, 0, sizeof *pr);
+    pr->spec = *spec;
+    if (hp->head_dim > 256 && (spec->think || spec->kivi_bits || spec->mikv_low))
+        return kvs_fail(KVS_ERR_UNSUPPORTED, "packed KV storage supports head_dim <= 256 (model "
+                        "has %d)", hp->head_dim);
+    kv_pack_cfg_from_spec(spec, hp->head_dim, &pr->pack);
+    enum kvs_status st = kv_policy_new(spec, hp->n_layer, hp->n_head, hp->n_head_kv, hp->head_dim,
+                                       c->n_ctx + c->t_max + KV_CAP_STEP,
+                                       spec_entry_bytes(hp, spec), &pr->policy);
+    if (st != KVS_OK) return st;
+    pr->max_past = c->n_ctx;
+    int32_t held = pr->policy ? bounded_entries(pr->policy, c->t_max) : 0;
+    if (held > 0 && held <= c->n_ctx) pr->max_past = KVS_PAST_MAX, pr->held = held;
+    return KVS_OK;
+}
+
+enum kvs_status kvs_seq_set_kv(kvs_context *c, kvs_sequence *s, const char *kv_spec) {
+    if (!c || !s || c->seqs[s->slot] != s)
+        return kvs_fail(KVS_ERR_INVALID_ARG, "kvs_seq_set_kv: the sequence does not belong to "
+                        "this context");
+    if (s->n_past || s->prefix)
+        return kvs_fail(KVS_ERR_INVALID_ARG, "a sequence's KV policy can only be set while it is "
+                        "empty (it holds %d tokens)", s->n_past);
+    struct kv_spec spec;
+    if (!kv_spec || !*kv_spec) spec = c->base.spec;
+    else {
+        enum kvs_status st = kv_spec_parse(kv_spec, &spec);
+        if (st != KVS_OK) return st;
+    }
+    int qwin = kv_policy_qwin(&spec);
+    if ((kv_policy_needs(&spec) & KV_NEED_QUERIES) && c->kv.qwin < qwin)
+        return kvs_fail(KVS_ERR_INVALID_ARG, "'%s' needs the last %d queries; this context keeps "
+                        "%d (create it with keep_stats)", spec.text, qwin, c->kv.qwin);
+    struct kv_profile *pr = NULL;
+    if (!strcmp(spec.text, c->base.spec.text)) pr = &c->base;
+    for (int i = 0; i < KVS_MAX_PROFILES && !pr; i++)
+        if (c->prof[i] && !strcmp(c->prof[i]->spec.text, spec.text)) pr = c->prof[i];
+    if (pr == s->prof) return KVS_OK;
+    if (!pr) {
+        int slot = -1;
+        for (int i = 0; i < KVS_MAX_PROFILES && slot < 0; i++)
+            if (!c->prof[i]) slot = i;
+        /* all slots taken: s's own profile is freed below if s alone runs it */
+        bool reuse = slot < 0 && s->prof != &c->base && s->prof->refs == 1;
+        if (slot < 0 && !reuse)
+            return kvs_fail(KVS_ERR_INVALID_ARG, "more than %d distinct KV policies at once",
+                            KVS_MAX_PROFILES);
+        pr = malloc(sizeof *pr);
+        if (!pr) return kvs_fail(KVS_ERR_NOMEM, "out of memory");
+        enum kvs_status st = profile_init(c, &spec, pr);
+        if (st != KVS_OK) {
+            kv_policy_free(pr->policy);
+            free(pr);
+            return st;
+        }
+        if (reuse) {
+            for (int i = 0; i < KVS_MAX_PROFILES; i++)
+                if (c->prof[i] == s->prof) slot = i;
+            profile_release(c, s->prof);
+            s->prof = &c->base;
+        }
+        c->prof[slot] = pr;
+    }
+    /* empty (no capacity once cleared): these cannot fail */
+    kv_seq_clear(s->kv);
+    kv_seq_set_pack(s->kv, &pr->pack);
+    kv_seq_set_acc(s->kv, kv_policy_needs(&spec) & KV_NEED_ACC);
+    if (pr != s->prof) {
+        profile_release(c, s->prof);
+        if (pr != &c->base) pr->refs++;
+        s->prof = pr;
+    }
+    return KVS_OK;
+}
+
+const char *kvs_seq_kv(const kvs_context *c, const kvs_sequence *s) {
+    (void)c;
+    return s->prof->spec.text;
+}
+
+int kvs_seq_max_tokens(const kvs_context *c, const kvs_sequence *s) {
+    (void)c;
+    return s->prof->max_past;
+}
+
+/* A conservative bound of the bytes a head's entries take when e are held, h of them at most
+ * hot (fp16) and the rest packed as pc says; plus one capacity step of rounding. */
+static double head_bytes_bound(const struct kv_pack_cfg *pc, int hd, int64_t e, int64_t hot) {
+    double f16 = (double)kv_entry_payload_bytes(hd);
+    double pk = pc->on ? kv_pack_entry_bytes(pc, hd) : f16;
+    if (hot > e) hot = e;
+    double b = (double)hot * f16 + (double)(e - hot) * pk;
+    return b + KV_CAP_STEP * f16 + (pc->on ? 2.0 * hd * sizeof(float) + hd + 64 : 0);
+}
+
+int64_t kvs_kv_bytes_bound(const kvs_context *c, const char *kv_spec, int n_tokens) {
+    struct kv_spec spec;
+    if (!kv_spec || !*kv_spec) spec = c->base.spec;
+    else if (kv_spec_parse(kv_spec, &spec) != KVS_OK) return -1;
+    const struct hparams *hp = &c->m->hp;
+    struct kv_profile pr;
+    if (profile_init((kvs_context *)c, &spec, &pr) != KVS_OK) {
+        kv_policy_free(pr.policy);
+        return -1;
+    }
+    int64_t n = n_tokens < 0 ? 0 : n_tokens;
+    if (pr.max_past != KVS_PAST_MAX && n > c->n_ctx) n = c->n_ctx;
+    /* most entries a head holds: every token, unless the policy bounds the cache */
+    int64_t e = n;
+    int32_t held = pr.policy ? bounded_entries(pr.policy, c->t_max) : 0;
+    if (held > 0 && held < e) e = held;
+    /* hot (fp16) entries at most: KIVI's residual plus a chunk or a block being filled; ThinK
+     * packs prompts only and MiKV demotes down to its budget, so both are priced as fp16 */
+    int64_t hot = e;
+    if (pr.pack.kivi && !spec.mikv_low) hot = pr.pack.resid + pr.pack.f.G + c->t_max;
+    double per_head = head_bytes_bound(&pr.pack, hp->head_dim, e, hot);
+    kv_policy_free(pr.policy);
+    return (int64_t)(per_head * hp->n_layer * hp->n_head_kv);
 }
 
 uint64_t kvs_seq_kv_bytes(const kvs_sequence *s) { return kv_seq_payload_bytes(s->kv); }

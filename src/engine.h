@@ -10,8 +10,35 @@
 #include "kv/kv_policy.h"
 #include "kv/kv_attn.h"
 
+/* A KV policy as sequences run it: the context's own (kvs_context.base) or one a sequence was
+ * given by kvs_seq_set_kv. Sequences with the same spec share one profile (its policy's planning
+ * scratch is used by one plan at a time: compression runs on the inference thread). */
+struct kv_profile {
+    struct kv_spec spec;
+    struct kv_pack_cfg pack; /* storage of older entries, from the spec */
+    struct kv_policy *policy;  /* NULL for `full` */
+    int max_past;              /* most tokens a sequence may consume: n_ctx, or unbounded
+                                * (KVS_PAST_MAX) when the policy bounds the cache */
+    int32_t held;              /* bounded policies: most entries a head holds (else 0) */
+    int refs;                  /* sequences running it (not counted for the context's own) */
+};
+enum { KVS_MAX_PROFILES = 64 };
+
+/* One unit of attention work (forward.c builds the list per batch). */
+enum { AU_ACC /* (view a, KV head h): all its tokens, probabilities into acc */,
+       AU_BLOCK /* (tokens a .. a+b-1 of one sequence, head h) */,
+       AU_SPLIT /* (token a, head h, key split b) */ };
+struct att_unit_desc { int8_t kind; int16_t h; int32_t a, b; };
+
 struct kvs_sequence {
     int slot;        /* index in ctx->seqs */
+    struct kv_profile *prof; /* the policy it runs */
+    struct kvs_prefix *prefix; /* the shared chain it started from (NULL = none) */
+    int32_t n_prefix;          /* tokens of that chain */
+    int32_t nsh_max;           /* most entries of one head the chain holds */
+    struct kvs_prefix **chain; /* (n_chain) its nodes, root first */
+    int n_chain;
+    const struct kv_view_head **segs; /* (n_head_kv, n_chain) view segments, rebuilt per layer */
     int32_t n_past;  /* next absolute position */
     struct kv_seq *kv;
     int32_t pos_shift; /* entries evicted under in-cache positions (streaming pos=cache): RoPE
@@ -25,13 +52,10 @@ struct kvs_context {
     struct kvs_context_params p;
     int n_ctx, n_batch, t_max; /* t_max: most tokens one forward() takes; n_ctx: most entries
                                 * a head holds at once (the attention rows' stride) */
-    int max_past;              /* most tokens a sequence may consume: n_ctx, or unbounded
-                                * (KVS_PAST_MAX) when the policy bounds the cache */
     struct threadpool *tp;
     struct kv_cache kv;
-    struct kv_spec spec;
-    struct kv_pack_cfg pack; /* storage of older entries, from the spec */
-    struct kv_policy *policy;  /* NULL for `full` */
+    struct kv_profile base;    /* the context's policy (kv_spec) */
+    struct kv_profile *prof[KVS_MAX_PROFILES]; /* policies given to sequences, NULL where free */
     struct kv_plan plan;       /* filled by the policy, applied by the store */
     kvs_sequence **seqs;       /* (n_seq_max), NULL where free */
 
@@ -48,22 +72,31 @@ struct kvs_context {
     float *att_x;    /* (n_threads, kv_attn_scratch_floats(ATT_TB * group, hd)) */
     float *att_qo;   /* (n_threads, 2, ATT_TB * group, hd) gathered queries and outputs */
     float *att_part; /* (t_max * n_head_kv * MAX_SPLIT, group, hd + 2) partial results */
+    struct att_unit_desc *att_units; /* (t_max * n_head_kv * MAX_SPLIT) attention work units */
     float *wrow;     /* act_f32 only: (n_threads, wrow_n) one dequantized weight row per thread */
     size_t wrow_n;   /* floats per thread in wrow: the widest matmul input */
     size_t scratch_bytes;
+    float *step_logits;  /* kvs_step: logits rows before they are copied to the items */
+    size_t step_logits_n;
 };
 
 enum { ATT_TB = 4 /* query tokens sharing one pass over the keys */, ATT_MAX_SPLIT = 16, KVS_T_MAX = 4096 /* most tokens in one forward() */ };
 
-/* Why forward() runs, which decides whether the policy compresses after each layer. */
-enum fwd_phase { FWD_PREFILL, FWD_PREFILL_LAST, FWD_DECODE };
+/* Why forward() runs a sequence's tokens, which decides whether its policy compresses after
+ * each layer (FWD_HOLD: a prompt chunk left exact, never compressed after). */
+enum fwd_phase { FWD_PREFILL, FWD_PREFILL_LAST, FWD_DECODE, FWD_HOLD };
 
 /* Run the transformer on T tokens. tokens[i] at absolute position pos[i] of sequence seq[i];
  * their K/V are appended to the sequence caches. For each of the n_out rows listed in out_rows
  * (indices into 0..T-1), logits (n_vocab floats) are written to logits + r * n_vocab.
  * Positions of one sequence must be consecutive and start at its n_past. */
+/* Release the shared prefix s started from (if any): s then holds only its own entries. */
+void kvs_seq_drop_prefix(kvs_sequence *s);
+/* Point view v (layer il of s, from kv_seq_view) at the shared segments of s's chain (prefix.c). */
+void prefix_view(const kvs_sequence *s, int il, struct kv_view *v);
+
 enum kvs_status forward(struct kvs_context *c, const int32_t *tokens, const int32_t *pos,
                         kvs_sequence *const *seq, int T, const int *out_rows, int n_out,
-                        float *logits, enum fwd_phase phase);
+                        float *logits, const uint8_t *phase /* enum fwd_phase per token */);
 
 #endif

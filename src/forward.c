@@ -106,12 +106,15 @@ static void matmul(struct kvs_context *c, struct mm_job *j) {
 
 /* ---- attention ------------------------------------------------------------------------- */
 
+/* One unit of attention work (kinds below); the list is built per forward from each
+ * sequence's own tokens and cache alone, so a sequence's result never depends on its batch. */
+
 struct att_job {
     struct kvs_context *c;
-    int T, n_split, n_views;
-    bool acc;              /* accumulate probabilities into the views' acc slots (H2O) */
-    int n_blocks;          /* query blocks: up to ATT_TB consecutive tokens of one sequence */
-    const int *blk_t0, *blk_nt;
+    int T, n_views, n_units;
+    const struct att_unit_desc *units;
+    const int *tsplit;     /* key splits of each token (1 unless a lone decode token) */
+    const int *poff;       /* each token's first partial in att_part: poff[t] + h * tsplit[t] + s */
     const int32_t *pos;
     struct kv_view *views; /* one per distinct sequence in the batch; views[vi[t]] */
     const int *vi;
@@ -126,7 +129,7 @@ static int n_visible(const struct kv_view_head *h, int32_t pos) {
         if (h->pos[mid] <= pos) lo = mid + 1;
         else hi = mid;
     }
-    return lo;
+    return h->nsh + lo; /* shared prefix entries are all visible */
 }
 
 /* Attention of token t's query heads of KV head h over key split s of its visible entries;
@@ -140,23 +143,25 @@ static void att_unit(struct att_job *j, int t, int h, int s, float *S, float *X)
     float scale = 1.0f / sqrtf((float)hd);
     float m[64], l[64];
     const struct kv_view_head *vh = &j->views[j->vi[t]].h[h];
-    int nvis = n_visible(vh, j->pos[t]);
-    int k0 = (int)((int64_t)nvis * s / j->n_split), k1 = (int)((int64_t)nvis * (s + 1) / j->n_split);
+    int nvis = n_visible(vh, j->pos[t]), ns = j->tsplit[t];
+    int k0 = (int)((int64_t)nvis * s / ns), k1 = (int)((int64_t)nvis * (s + 1) / ns);
     const float *Q = c->q + (size_t)t * hp->n_head * hd + (size_t)h * g * hd;
     int n = k1 - k0;
-    int u = (t * n_kv + h) * j->n_split + s;
+    int u = j->poff[t] + h * ns + s;
+    (void)n_kv;
     float *part = c->att_part + (size_t)u * g * (hd + 2);
     if (n > 0) {
         kv_attn_scores(vh, hd, Q, g, k0, k1, scale, S, c->n_ctx, X);
+        int i0 = vh->nsh > k0 ? vh->nsh - k0 : 0; /* first own entry of the range */
         if (vh->w)
             for (int qi = 0; qi < g; qi++)
-                for (int i = 0; i < n; i++) S[qi * c->n_ctx + i] += logf(vh->w[k0 + i]);
+                for (int i = i0; i < n; i++) S[qi * c->n_ctx + i] += logf(vh->w[k0 + i - vh->nsh]);
         ops_softmax_partial(S, g, n, c->n_ctx, m, l);
         kv_attn_accum(vh, hd, S, g, k0, k1, c->n_ctx, part, X);
-        if (j->acc && vh->acc)
+        if (vh->acc)
             for (int qi = 0; qi < g; qi++) {
                 float f = 1.0f / (l[qi] * (float)g);
-                for (int i = 0; i < n; i++) vh->acc[k0 + i] += S[qi * c->n_ctx + i] * f;
+                for (int i = i0; i < n; i++) vh->acc[k0 + i - vh->nsh] += S[qi * c->n_ctx + i] * f;
             }
     } else {
         memset(part, 0, sizeof(float) * (size_t)g * hd);
@@ -195,7 +200,7 @@ static void att_block(struct att_job *j, int t0, int nt, int h, float *S, float 
     }
     if (n_max > 0) kv_attn_accum(vh, hd, S, R, 0, n_max, c->n_ctx, Ob, X);
     for (int i = 0; i < nt; i++) {
-        int u = ((t0 + i) * n_kv + h) * j->n_split;
+        int u = j->poff[t0 + i] + h;
         float *part = c->att_part + (size_t)u * g * (hd + 2), *ml = part + (size_t)g * hd;
         if (nvis[i] > 0) memcpy(part, Ob + (size_t)i * g * hd, sizeof(float) * (size_t)g * hd);
         else memset(part, 0, sizeof(float) * (size_t)g * hd);
@@ -212,42 +217,39 @@ static void att_worker(void *arg, int ith, int nth) {
     float *Qb = c->att_qo + (size_t)ith * 2 * ATT_TB * g * c->m->hp.head_dim;
     float *Ob = Qb + (size_t)ATT_TB * g * c->m->hp.head_dim;
     float *X = c->att_x + (size_t)ith * kv_attn_scratch_floats(ATT_TB * g, c->m->hp.head_dim);
-    /* with acc, one unit owns a (sequence, KV head) so that no two threads add to one slot */
-    int n_units = j->acc ? j->n_views * n_kv
-                  : j->n_blocks ? j->n_blocks * n_kv : j->T * n_kv * j->n_split;
     for (;;) {
         int u = atomic_fetch_add_explicit(&j->next, 1, memory_order_relaxed);
-        if (u >= n_units) break;
-        if (j->acc) {
-            int v = u / n_kv, h = u % n_kv;
+        if (u >= j->n_units) break;
+        const struct att_unit_desc *d = &j->units[u];
+        if (d->kind == AU_ACC) { /* one unit owns a (sequence, KV head): no two threads add to one slot */
             for (int t = 0; t < j->T; t++)
-                if (j->vi[t] == v) att_unit(j, t, h, 0, S, X);
-        } else if (j->n_blocks) {
-            int b = u / n_kv;
-            att_block(j, j->blk_t0[b], j->blk_nt[b], u % n_kv, S, Qb, Ob, X);
+                if (j->vi[t] == d->a) att_unit(j, t, d->h, 0, S, X);
+        } else if (d->kind == AU_BLOCK) {
+            att_block(j, d->a, d->b, d->h, S, Qb, Ob, X);
         } else {
-            att_unit(j, u / (j->n_split * n_kv), (u / j->n_split) % n_kv, u % j->n_split, S, X);
+            att_unit(j, d->a, d->h, d->b, S, X);
         }
     }
 }
 
 /* Merge the key-split partials into xn (T, n_head*hd): o = sum_s e^{m_s-M} o_s / sum_s e^{m_s-M} l_s */
-static void att_combine(struct kvs_context *c, int T, int n_split, float *out) {
+static void att_combine(struct kvs_context *c, int T, const int *tsplit, const int *poff, float *out) {
     const struct hparams *hp = &c->m->hp;
     int hd = hp->head_dim, n_kv = hp->n_head_kv, g = hp->n_head / n_kv;
     for (int t = 0; t < T; t++)
         for (int h = 0; h < n_kv; h++)
             for (int qi = 0; qi < g; qi++) {
+                int n_split = tsplit[t], u0 = poff[t] + h * n_split;
                 float *o = out + (size_t)t * hp->n_head * hd + (size_t)(h * g + qi) * hd;
                 float M = -INFINITY;
                 for (int s = 0; s < n_split; s++) {
-                    const float *ml = c->att_part + ((size_t)((t * n_kv + h) * n_split + s) * g) * (hd + 2) + (size_t)g * hd;
+                    const float *ml = c->att_part + ((size_t)(u0 + s) * g) * (hd + 2) + (size_t)g * hd;
                     if (ml[2 * qi] > M) M = ml[2 * qi];
                 }
                 float L = 0.0f;
                 for (int d = 0; d < hd; d++) o[d] = 0.0f;
                 for (int s = 0; s < n_split; s++) {
-                    const float *part = c->att_part + ((size_t)((t * n_kv + h) * n_split + s) * g) * (hd + 2);
+                    const float *part = c->att_part + ((size_t)(u0 + s) * g) * (hd + 2);
                     const float *ml = part + (size_t)g * hd;
                     if (ml[2 * qi + 1] == 0.0f) continue;
                     float f = expf(ml[2 * qi] - M);
@@ -267,13 +269,15 @@ static void att_combine(struct kvs_context *c, int T, int n_split, float *out) {
  * decoding compresses once a head is `every` entries over budget. */
 static void compress_layer(struct kvs_context *c, kvs_sequence *s, int il, enum fwd_phase phase,
                            const int32_t *pos, const int *vi, int T, int v) {
-    const struct kv_spec *sp = &c->spec;
+    if (phase == FWD_HOLD) return; /* a held prompt chunk stays exact */
+    const struct kv_profile *pr = s->prof;
+    const struct kv_spec *sp = &pr->spec;
     bool prompt = phase == FWD_PREFILL_LAST || (phase == FWD_PREFILL && (sp->when & KV_WHEN_CHUNK));
     if (s->kv->pack.on && (prompt || phase == FWD_DECODE)) kv_pack_prepare(s->kv, il);
     int32_t slack = -1;
-    /* a MiKV context's demotions need its storage: a sequence given another one (by
-     * kvs_seq_compress) is not planned by this context's policy */
-    if (!c->policy || (sp->mikv_low && !s->kv->pack.mikv)) slack = -1;
+    /* a MiKV policy's demotions need its storage: a sequence given another one (by
+     * kvs_seq_compress) is not planned by this policy */
+    if (!pr->policy || (sp->mikv_low && !s->kv->pack.mikv)) slack = -1;
     else if (phase == FWD_DECODE) slack = sp->every > 0 ? sp->every : -1;
     else if (prompt) slack = 0;
     if (slack >= 0) {
@@ -281,10 +285,10 @@ static void compress_layer(struct kvs_context *c, kvs_sequence *s, int il, enum 
         for (int t = 0; t < T; t++)
             if (vi[t] == v && pos[t] + 1 > n_seen) n_seen = pos[t] + 1;
         int32_t before = kv_seq_head(s->kv, il, 0)->n;
-        if (kv_policy_plan_layer(c->policy, s->kv, il, n_seen, slack, phase == FWD_DECODE, &c->plan)) {
+        if (kv_policy_plan_layer(pr->policy, s->kv, il, n_seen, slack, phase == FWD_DECODE, &c->plan)) {
             kv_seq_apply_plan(s->kv, il, &c->plan, sp->reindex);
             /* the store's bound: no head above its budget (AdaKV: the layer's) */
-            KVS_ASSERT(kv_policy_check_budget(c->policy, s->kv, il, n_seen));
+            KVS_ASSERT(kv_policy_check_budget(pr->policy, s->kv, il, n_seen));
             /* in-cache positions: every layer evicts the same entries (streaming), so the shift
              * is the same for all; it takes effect from the next forward() */
             if (sp->reindex && il == c->m->hp.n_layer - 1)
@@ -322,7 +326,7 @@ static void run_rows(struct kvs_context *c, threadpool_fn fn, void *arg, int T) 
 
 enum kvs_status forward(struct kvs_context *c, const int32_t *tokens, const int32_t *pos,
                         kvs_sequence *const *seq, int T, const int *out_rows, int n_out,
-                        float *logits, enum fwd_phase phase) {
+                        float *logits, const uint8_t *phase) {
     const kvs_model *m = c->m;
     const struct hparams *hp = &m->hp;
     const int d = hp->n_embd, hd = hp->head_dim, nq = hp->n_head * hd,
@@ -346,8 +350,8 @@ enum kvs_status forward(struct kvs_context *c, const int32_t *tokens, const int3
         vidx_buf[t] = f;
     }
     int cnt[64] = {0}; /* tokens of each distinct sequence in this batch */
-    for (int t = 0; t < T; t++) cnt[vidx_buf[t]]++;
-    const bool acc = c->kv.with_acc;
+    enum fwd_phase vph[64];
+    for (int t = 0; t < T; t++) cnt[vidx_buf[t]]++, vph[vidx_buf[t]] = (enum fwd_phase)phase[t];
     /* embeddings and rope tables */
     for (int t = 0; t < T; t++) {
         if (tokens[t] < 0 || tokens[t] >= hp->n_vocab)
@@ -366,32 +370,42 @@ enum kvs_status forward(struct kvs_context *c, const int32_t *tokens, const int3
         }
     }
     bool neox = m->arch->rope == ROPE_NEOX;
-    /* query blocks for prefill: consecutive tokens of one sequence (not with key splits or
-     * accumulated statistics, which use per-token units) */
-    int blk_t0[KVS_T_MAX], blk_nt[KVS_T_MAX], n_blocks = 0;
-    /* Few (token, KV head) units, as in decoding: split each head's keys so all threads stream
-     * the cache (flash-decoding). The split depends only on the batch and the cache, never on
-     * the thread count, so results are the same with any number of threads. */
-    int n_split = 1;
-    if (!acc && T * hp->n_head_kv < 8) {
-        int max_keys = 0;
-        for (int i = 0; i < n_views; i++) {
-            int held = kv_seq_max_entries(vseq[i]->kv);
-            if (held + cnt[i] > max_keys) max_keys = held + cnt[i];
+    /* Attention units, chosen per sequence from its own tokens and cache only (so a sequence's
+     * results are the same in any batch): a sequence keeping accumulated attention gets one unit
+     * per KV head; a prompt chunk, blocks of up to ATT_TB consecutive queries per KV head; a lone
+     * decode token, its keys split so all threads stream the cache (flash-decoding; the split
+     * depends on the cache, never on the thread count). */
+    int tsplit[KVS_T_MAX], poff[KVS_T_MAX];
+    struct att_unit_desc *units = c->att_units;
+    int n_units = 0, n_kv = hp->n_head_kv;
+    for (int t = 0; t < T; t++) tsplit[t] = 1;
+    for (int i = 0; i < n_views; i++) {
+        bool vacc = vseq[i]->kv->with_acc;
+        if (vacc) {
+            for (int h = 0; h < n_kv; h++) units[n_units++] = (struct att_unit_desc){AU_ACC, (int16_t)h, i, 0};
+        } else if (cnt[i] == 1) {
+            int t = 0;
+            while (vidx_buf[t] != i) t++;
+            int held = kv_seq_max_entries(vseq[i]->kv) + vseq[i]->nsh_max + 1;
+            int ns = held / 256;
+            tsplit[t] = ns < 1 ? 1 : ns > ATT_MAX_SPLIT ? ATT_MAX_SPLIT : ns;
+            for (int h = 0; h < n_kv; h++)
+                for (int sp = 0; sp < tsplit[t]; sp++)
+                    units[n_units++] = (struct att_unit_desc){AU_SPLIT, (int16_t)h, t, sp};
+        } else {
+            for (int t = 0; t < T;) {
+                if (vidx_buf[t] != i) { t++; continue; }
+                int nt = 1;
+                while (nt < ATT_TB && t + nt < T && vidx_buf[t + nt] == i &&
+                       pos[t + nt] == pos[t + nt - 1] + 1)
+                    nt++;
+                for (int h = 0; h < n_kv; h++)
+                    units[n_units++] = (struct att_unit_desc){AU_BLOCK, (int16_t)h, t, nt};
+                t += nt;
+            }
         }
-        n_split = max_keys / 256;
-        if (n_split < 1) n_split = 1;
-        if (n_split > ATT_MAX_SPLIT) n_split = ATT_MAX_SPLIT;
     }
-    if (!acc && n_split == 1 && T > 1)
-        for (int t = 0; t < T;) {
-            int nt = 1;
-            while (nt < ATT_TB && t + nt < T && vidx_buf[t + nt] == vidx_buf[t] &&
-                   pos[t + nt] == pos[t + nt - 1] + 1)
-                nt++;
-            blk_t0[n_blocks] = t, blk_nt[n_blocks++] = nt;
-            t += nt;
-        }
+    for (int t = 0, o = 0; t < T; t++) poff[t] = o, o += n_kv * tsplit[t];
 
     for (int il = 0; il < hp->n_layer; il++) {
         const struct layer_weights *lw = &m->layers[il];
@@ -425,15 +439,17 @@ enum kvs_status forward(struct kvs_context *c, const int32_t *tokens, const int3
             if (--later[vidx_buf[t]] < c->kv.qwin) kv_seq_save_query(seq[t]->kv, il, pos[t], q);
         }
 
-        for (int i = 0; i < n_views; i++) kv_seq_view(vseq[i]->kv, il, &views[i]);
-        struct att_job aj = {.c = c, .T = T, .n_split = n_split, .n_views = n_views,
-                             .acc = acc, .n_blocks = n_blocks, .blk_t0 = blk_t0,
-                             .blk_nt = blk_nt, .pos = pos, .views = views,
-                             .vi = vidx_buf};
+        for (int i = 0; i < n_views; i++) {
+            kv_seq_view(vseq[i]->kv, il, &views[i]);
+            prefix_view(vseq[i], il, &views[i]);
+        }
+        struct att_job aj = {.c = c, .T = T, .n_views = n_views, .n_units = n_units,
+                             .units = units, .tsplit = tsplit, .poff = poff, .pos = pos,
+                             .views = views, .vi = vidx_buf};
         atomic_init(&aj.next, 0);
         threadpool_run(c->tp, att_worker, &aj);
-        att_combine(c, T, n_split, c->xn);
-        for (int i = 0; i < n_views; i++) compress_layer(c, vseq[i], il, phase, pos, vidx_buf, T, i);
+        att_combine(c, T, tsplit, poff, c->xn);
+        for (int i = 0; i < n_views; i++) compress_layer(c, vseq[i], il, vph[i], pos, vidx_buf, T, i);
 
         fresh = 0;
         struct mm_job oj = {.n_mm = 1, .T = T};

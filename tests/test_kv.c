@@ -309,7 +309,7 @@ static float *run_logits_planned(kvs_model *m, const char *spec, const int32_t *
         CHECKF(0, "%s: %s", spec ? spec : "(null)", kvs_last_error());
         return NULL;
     }
-    if (c->policy) c->policy->plan_always = plan_always;
+    if (c->base.policy) c->base.policy->plan_always = plan_always;
     kvs_sequence *s;
     kvs_seq_new(c, &s);
     float *l = malloc(sizeof(float) * (size_t)(n + 8) * n_vocab);
@@ -318,7 +318,7 @@ static float *run_logits_planned(kvs_model *m, const char *spec, const int32_t *
     for (int i = 0; i < 8; i++)
         CHECK(kvs_eval(c, s, &toks[i], 1, false, l + (size_t)(n + i) * n_vocab, NULL, NULL) == KVS_OK);
     if (ms) kvs_context_mem(c, ms);
-    if (n_plans) *n_plans = c->policy ? c->policy->n_plans : 0;
+    if (n_plans) *n_plans = c->base.policy ? c->base.policy->n_plans : 0;
     kvs_context_free(c);
     return l;
 }

@@ -6,8 +6,9 @@
 #include <string.h>
 
 size_t kv_attn_scratch_floats(int g, int hd) {
-    /* gathered queries (g, hd), one block's scores (g, KVQ_MAX_GROUP=256), packed outputs (g, hd) */
-    return (size_t)g * ((size_t)hd * 2 + 256);
+    /* gathered queries (g, hd), one block's scores (g, KVQ_MAX_GROUP=256), packed outputs (g, hd);
+     * a packed shared segment's partial output (g, hd) */
+    return (size_t)g * ((size_t)hd * 3 + 256);
 }
 
 /* the query rows on the stored key channels, divided by the balancer */
@@ -21,8 +22,8 @@ static void gather_q(const struct kv_view_head *vh, int hd, const float *Q, int 
         }
 }
 
-void kv_attn_scores(const struct kv_view_head *vh, int hd, const float *Q, int g, int32_t from,
-                    int32_t to, float sc, float *S, int lds, float *scratch) {
+static void own_scores(const struct kv_view_head *vh, int hd, const float *Q, int g, int32_t from,
+                       int32_t to, float sc, float *S, int lds, float *scratch) {
     int32_t nc = vh->nc;
     if (from < nc) {
         const struct kv_packed_fmt *f = vh->fmt;
@@ -72,8 +73,8 @@ void kv_attn_scores(const struct kv_view_head *vh, int hd, const float *Q, int g
     }
 }
 
-void kv_attn_accum(const struct kv_view_head *vh, int hd, const float *P, int g, int32_t from,
-                   int32_t to, int lds, float *O, float *scratch) {
+static void own_accum(const struct kv_view_head *vh, int hd, const float *P, int g, int32_t from,
+                      int32_t to, int lds, float *O, float *scratch) {
     (void)scratch;
     int32_t nc = vh->nc, end = to < nc ? to : nc;
     const struct kv_packed_fmt *f = vh->fmt;
@@ -91,4 +92,57 @@ void kv_attn_accum(const struct kv_view_head *vh, int hd, const float *P, int g,
         int32_t lo = from > nc ? from : nc;
         ops_attn_accum_add(P + (lo - from), g, to - lo, lds, vh->v + (size_t)(lo - nc) * hd, hd, O);
     }
+}
+
+/* Shared segments first (each a view head of its own, addressed from 0), then the own runs. */
+void kv_attn_scores(const struct kv_view_head *vh, int hd, const float *Q, int g, int32_t from,
+                    int32_t to, float sc, float *S, int lds, float *scratch) {
+    int32_t o = 0;
+    for (int k = 0; k < vh->n_seg && from < vh->nsh; k++) {
+        const struct kv_view_head *sg = vh->seg[k];
+        int32_t lo = from > o ? from : o, hi = to < o + sg->n ? to : o + sg->n;
+        if (lo < hi) own_scores(sg, hd, Q, g, lo - o, hi - o, sc, S + (lo - from), lds, scratch);
+        o += sg->n;
+    }
+    if (to > vh->nsh) {
+        int32_t lo = from > vh->nsh ? from : vh->nsh;
+        own_scores(vh, hd, Q, g, lo - vh->nsh, to - vh->nsh, sc, S + (lo - from), lds, scratch);
+    }
+}
+
+/* Pieces after the first are added to O: an fp16 hot run straight through ops_attn_accum_add,
+ * which continues the same ordered sum (a prefix read in place gives the bits of the same
+ * entries held by the sequence itself); a packed run through a temporary. */
+static void accum_piece(const struct kv_view_head *vh, int hd, const float *P, int g, int32_t from,
+                        int32_t to, int lds, float *O, float *scratch, bool first) {
+    if (first) {
+        own_accum(vh, hd, P, g, from, to, lds, O, scratch);
+    } else if (from >= vh->nc) {
+        ops_attn_accum_add(P, g, to - from, lds, vh->v + (size_t)(from - vh->nc) * hd, hd, O);
+    } else {
+        float *tmp = scratch;
+        own_accum(vh, hd, P, g, from, to, lds, tmp, scratch + (size_t)g * hd);
+        for (size_t i = 0; i < (size_t)g * hd; i++) O[i] += tmp[i];
+    }
+}
+
+void kv_attn_accum(const struct kv_view_head *vh, int hd, const float *P, int g, int32_t from,
+                   int32_t to, int lds, float *O, float *scratch) {
+    bool first = true;
+    int32_t o = 0;
+    for (int k = 0; k < vh->n_seg && from < vh->nsh; k++) {
+        const struct kv_view_head *sg = vh->seg[k];
+        int32_t lo = from > o ? from : o, hi = to < o + sg->n ? to : o + sg->n;
+        if (lo < hi) {
+            accum_piece(sg, hd, P + (lo - from), g, lo - o, hi - o, lds, O, scratch, first);
+            first = false;
+        }
+        o += sg->n;
+    }
+    if (to > vh->nsh) {
+        int32_t lo = from > vh->nsh ? from : vh->nsh;
+        accum_piece(vh, hd, P + (lo - from), g, lo - vh->nsh, to - vh->nsh, lds, O, scratch, first);
+        first = false;
+    }
+    if (first) memset(O, 0, sizeof(float) * (size_t)g * hd);
 }

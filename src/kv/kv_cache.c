@@ -42,6 +42,7 @@ enum kvs_status kv_seq_new(struct kv_cache *c, struct kv_seq **out) {
     struct kv_seq *s = calloc(1, sizeof *s);
     if (!s) return kvs_fail(KVS_ERR_NOMEM, "out of memory");
     s->owner = c;
+    s->with_acc = c->with_acc;
     s->rng = 0x853c49e6748fea9bull;
     s->h = calloc((size_t)c->n_layer * c->n_head_kv, sizeof *s->h);
     s->pstate = calloc((size_t)c->n_layer * KV_PSTATE, sizeof(float));
@@ -73,12 +74,19 @@ static void head_free(struct kv_seq *s, struct kv_head_store *h) {
 void kv_seq_clear(struct kv_seq *s) {
     struct kv_cache *c = s->owner;
     for (int i = 0; i < c->n_layer * c->n_head_kv; i++) head_free(s, &s->h[i]);
-    if (c->qwin) {
+    if (c->qwin && s->q_n) {
         memset(s->q_n, 0, sizeof(int32_t) * c->n_layer);
         memset(s->q_head, 0, sizeof(int32_t) * c->n_layer);
     }
     s->rng = 0x853c49e6748fea9bull;
     memset(s->pstate, 0, sizeof(float) * c->n_layer * KV_PSTATE);
+}
+
+bool kv_seq_set_acc(struct kv_seq *s, bool on) {
+    for (int i = 0; i < s->owner->n_layer * s->owner->n_head_kv; i++)
+        if (s->h[i].cap) return on == s->with_acc;
+    s->with_acc = on;
+    return true;
 }
 
 void kv_seq_free(struct kv_seq *s) {
@@ -151,7 +159,7 @@ static bool head_resize4(struct kv_seq *s, struct kv_head_store *h, int32_t cap,
     if (cap != h->cap) {
         ok = ok && grow((void **)&h->pos, (size_t)cap * sizeof(int32_t)) &&
              grow((void **)&h->w, (size_t)cap * sizeof(float)) &&
-             (!c->with_acc || grow((void **)&h->acc, (size_t)cap * sizeof(float)));
+             (!s->with_acc || grow((void **)&h->acc, (size_t)cap * sizeof(float)));
         if (ok) h->cap = cap;
     }
     if (ok && hcap != h->hcap) {
@@ -316,19 +324,7 @@ enum kvs_status kv_seq_copy(struct kv_seq *dst, const struct kv_seq *src) {
         }
         b->n = a->n, b->nc = a->nc, b->nblk = a->nblk;
     }
-    /* the newest min(src, dst window) saved queries of each layer, oldest first */
-    if (dc->qwin) {
-        size_t qsz = (size_t)dc->n_head * hd;
-        for (int il = 0; il < dc->n_layer; il++) {
-            int nq = sc->qwin ? src->q_n[il] : 0;
-            if (nq > dc->qwin) nq = dc->qwin;
-            for (int qi = 0; qi < nq; qi++) {
-                int slot = (src->q_head[il] - nq + qi + sc->qwin) % sc->qwin;
-                kv_seq_save_query(dst, il, src->q_pos[il * sc->qwin + slot],
-                                  src->q + ((size_t)il * sc->qwin + slot) * qsz);
-            }
-        }
-    }
+    kv_seq_copy_queries(dst, src);
     memcpy(dst->pstate, src->pstate, sizeof(float) * dc->n_layer * KV_PSTATE);
     dst->rng = src->rng;
     return KVS_OK;
@@ -826,4 +822,61 @@ double kv_pack_entry_bytes(const struct kv_pack_cfg *pc, int hd) {
     double b = (double)vrow_bytes(pc, hd) + (double)krow_bytes(pc) + sizeof(int32_t) + sizeof(float);
     if (pc->f.kfmt == KV_K_BLK) b += (double)blk_bytes(pc) / pc->f.G;
     return b;
+}
+
+void kv_seq_copy_queries(struct kv_seq *dst, const struct kv_seq *src) {
+    const struct kv_cache *dc = dst->owner, *sc = src->owner;
+    if (!dc->qwin || !dst->q) return;
+    size_t qsz = (size_t)dc->n_head * dc->head_dim;
+    for (int il = 0; il < dc->n_layer; il++) {
+        dst->q_n[il] = dst->q_head[il] = 0;
+        int nq = sc->qwin && src->q ? src->q_n[il] : 0;
+        if (nq > dc->qwin) nq = dc->qwin;
+        for (int qi = 0; qi < nq; qi++) {
+            int slot = (src->q_head[il] - nq + qi + sc->qwin) % sc->qwin;
+            kv_seq_save_query(dst, il, src->q_pos[il * sc->qwin + slot],
+                              src->q + ((size_t)il * sc->qwin + slot) * qsz);
+        }
+    }
+}
+
+void kv_seq_drop_queries(struct kv_seq *s) {
+    if (s->q && s->q_pos && s->q_n && s->q_head) account(s->owner, -(int64_t)qwin_bytes(s->owner));
+    free(s->q), free(s->q_pos), free(s->q_n), free(s->q_head);
+    s->q = NULL, s->q_pos = NULL, s->q_n = NULL, s->q_head = NULL;
+}
+
+enum kvs_status kv_seq_append_range(struct kv_seq *dst, const struct kv_seq *src, int il, int32_t from) {
+    const struct kv_cache *c = src->owner;
+    size_t hd = (size_t)c->head_dim;
+    for (int ih = 0; ih < c->n_head_kv; ih++) {
+        const struct kv_head_store *a = kv_seq_head(src, il, ih);
+        int32_t lo = 0, hi = a->n; /* first entry with pos >= from */
+        while (lo < hi) {
+            int32_t mid = (lo + hi) / 2;
+            if (a->pos[mid] < from) lo = mid + 1;
+            else hi = mid;
+        }
+        if (lo < a->nc)
+            return kvs_fail(KVS_ERR_INVALID_ARG, "layer %d head %d: entries from position %d are "
+                            "packed, not exact", il, ih, from);
+        int32_t n = a->n - lo;
+        struct kv_head_store *b = kv_seq_head(dst, il, ih);
+        if (b->n && n && b->pos[b->n - 1] >= a->pos[lo])
+            return kvs_fail(KVS_ERR_INVALID_ARG, "positions would not ascend");
+        if (b->n + n > b->cap || b->n - b->nc + n > b->hcap) {
+            int32_t cap = b->n + n > b->cap ? pad(b->n + n) : b->cap;
+            int32_t hcap = b->n - b->nc + n > b->hcap ? pad(b->n - b->nc + n) : b->hcap;
+            if (!head_resize4(dst, b, cap, hcap, b->rcap, b->bcap))
+                return kvs_fail(KVS_ERR_NOMEM, "out of memory for the KV cache");
+        }
+        int32_t r = b->n - b->nc, ra = lo - a->nc;
+        memcpy(b->k + (size_t)r * hd, a->k + (size_t)ra * hd, (size_t)n * hd * 2);
+        memcpy(b->v + (size_t)r * hd, a->v + (size_t)ra * hd, (size_t)n * hd * 2);
+        memcpy(b->pos + b->n, a->pos + lo, (size_t)n * 4);
+        memcpy(b->w + b->n, a->w + lo, (size_t)n * 4);
+        if (b->acc) memset(b->acc + b->n, 0, (size_t)n * 4);
+        b->n += n;
+    }
+    return KVS_OK;
 }

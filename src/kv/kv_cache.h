@@ -64,6 +64,7 @@ struct kv_cache {
 
 struct kv_seq {
     struct kv_cache *owner;
+    bool with_acc;           /* its entries carry the accumulated-attention slot (set while empty) */
     struct kv_head_store *h; /* (n_layer, n_head_kv) */
     float *q;                /* (n_layer, qwin, n_head, head_dim) ring of recent queries */
     int32_t *q_pos;          /* (n_layer, qwin) their positions */
@@ -83,6 +84,9 @@ uint64_t kv_cache_entry_bytes(const struct kv_cache *c); /* bytes per entry per 
 uint64_t kv_entry_payload_bytes(int head_dim);
 
 enum kvs_status kv_seq_new(struct kv_cache *c, struct kv_seq **out);
+/* Whether s's entries carry the accumulated-attention slot; only while s holds no capacity
+ * (false otherwise). kv_seq_new starts from the cache's with_acc. */
+bool kv_seq_set_acc(struct kv_seq *s, bool on);
 void kv_seq_free(struct kv_seq *s);
 void kv_seq_clear(struct kv_seq *s); /* drop every entry and free its memory */
 
@@ -107,6 +111,15 @@ void kv_seq_save_query(struct kv_seq *s, int il, int32_t pos, const float *q);
  * belong to stores with different statistic slots: accumulated attention dst has but src lacks
  * starts at 0, and dst keeps the newest min(src, dst) saved queries of each layer. */
 enum kvs_status kv_seq_copy(struct kv_seq *dst, const struct kv_seq *src);
+
+/* The saved queries of src (newest min(src, dst window) per layer) replace dst's. */
+void kv_seq_copy_queries(struct kv_seq *dst, const struct kv_seq *src);
+/* Free s's ring of saved queries (a shared prefix node never attends again). */
+void kv_seq_drop_queries(struct kv_seq *s);
+/* Append to dst, after its entries, src's entries of layer il (every KV head) with positions >=
+ * from: fp16 rows, positions and weights (accumulated attention starts at 0). Fails when one of
+ * them is packed (KVS_ERR_INVALID_ARG) or would not ascend after dst's; KVS_ERR_NOMEM. */
+enum kvs_status kv_seq_append_range(struct kv_seq *dst, const struct kv_seq *src, int il, int32_t from);
 
 /* A plan for one layer, per KV head: the ascending indices of the entries to keep; optionally
  * merges (mt[j] = the kept index entry j folds into, -1 = evicted; mc[j] its coefficient, and

@@ -206,7 +206,10 @@ enum kvs_status kvs_seq_save(kvs_context *c, const kvs_sequence *s, const char *
     const struct kv_seq *ks = s->kv;
     const int L = kc->n_layer, H = kc->n_head_kv, hd = kc->head_dim, qwin = kc->qwin;
     const size_t qsz = (size_t)kc->n_head * hd;
-    const bool acc = kc->with_acc;
+    const bool acc = ks->with_acc;
+    if (s->prefix)
+        return kvs_fail(KVS_ERR_UNSUPPORTED, "%s: the sequence starts from a shared prefix, which "
+                        "the cache file format does not store yet", path);
     for (int i = 0; i < L * H; i++)
         if (ks->h[i].nc)
             return kvs_fail(KVS_ERR_UNSUPPORTED, "%s: the cache holds packed entries (think, "
@@ -229,7 +232,7 @@ enum kvs_status kvs_seq_save(kvs_context *c, const kvs_sequence *s, const char *
     wr_u64(hdr + KV_FILE_OFF_RNG, ks->rng);
     wr_u32(hdr + KV_FILE_OFF_FLAGS, acc ? KV_FILE_FLAG_ACC : 0);
     wr_u32(hdr + KV_FILE_OFF_QWIN, (uint32_t)qwin);
-    memcpy(hdr + KV_FILE_OFF_SPEC, c->spec.text, strnlen(c->spec.text, 255));
+    memcpy(hdr + KV_FILE_OFF_SPEC, s->prof->spec.text, strnlen(s->prof->spec.text, 255));
 
     /* write a sibling temp file, then rename it over `path` (atomic on POSIX file systems) */
     static atomic_uint counter;
@@ -313,7 +316,7 @@ static void file_name(char *out, const uint8_t *p, size_t n) {
 }
 
 /* Validate the whole mapped file against context c (nothing is modified). */
-static enum kvs_status validate(const kvs_context *c, const char *path, const uint8_t *map,
+static enum kvs_status validate(const kvs_context *c, const struct kv_profile *prof, const char *path, const uint8_t *map,
                                 size_t size) {
     static const size_t min_size = KV_FILE_HEADER_BYTES + 8;
     if (size == 0) return BAD("%s: truncated cache file (empty)", path);
@@ -373,9 +376,9 @@ static enum kvs_status validate(const kvs_context *c, const char *path, const ui
         return BAD("%s: invalid cache file (unterminated spec text)", path);
 
     /* body: counts against the bytes present, positions ascending and below n_past; and what
-     * the context's policy assumes of a cache it continues */
+     * the sequence's policy assumes of a cache it continues */
     const char *spec = (const char *)map + KV_FILE_OFF_SPEC;
-    const bool layerwise = kv_policy_needs(&c->spec) & KV_NEED_LAYERWISE;
+    const bool layerwise = kv_policy_needs(&prof->spec) & KV_NEED_LAYERWISE;
     const int hd = hp->head_dim;
     const size_t ent = entry_file_bytes(hd, flags & KV_FILE_FLAG_ACC);
     const size_t qsz = (size_t)hp->n_head * hd, end = size - 8;
@@ -403,14 +406,14 @@ static enum kvs_status validate(const kvs_context *c, const char *path, const ui
             if (layerwise && (n != rd_u32(map + head0 - 4) ||
                               memcmp(map + off, map + head0, (size_t)n * 4) != 0))
                 return kvs_fail(KVS_ERR_INVALID_ARG, "%s: the KV heads of layer %d hold "
-                                "different entries (cache made under %s), but the context's "
+                                "different entries (cache made under %s), but the sequence's "
                                 "policy %s scores a layer's heads together", path, il, spec,
-                                c->spec.text);
-            if (c->spec.reindex && (int64_t)n != (int64_t)n_past - pos_shift)
+                                prof->spec.text);
+            if (prof->spec.reindex && (int64_t)n != (int64_t)n_past - pos_shift)
                 return kvs_fail(KVS_ERR_INVALID_ARG, "%s: layer %d head %d holds %u entries for "
-                                "%d in-cache positions (cache made under %s); the context's "
+                                "%d in-cache positions (cache made under %s); the sequence's "
                                 "policy %s needs contiguous ones (use pos=abs)", path, il, ih, n,
-                                n_past - pos_shift, spec, c->spec.text);
+                                n_past - pos_shift, spec, prof->spec.text);
             off += n * ent;
         }
     }
@@ -439,13 +442,14 @@ static enum kvs_status validate(const kvs_context *c, const char *path, const ui
 }
 
 /* Build a new store from a validated file; NULL (and the last error) when out of memory. */
-static struct kv_seq *build(kvs_context *c, const char *path, const uint8_t *map) {
+static struct kv_seq *build(kvs_context *c, const char *path, const uint8_t *map, bool acc) {
     struct kv_cache *kc = &c->kv;
     struct kv_seq *ns;
     if (kv_seq_new(kc, &ns) != KVS_OK) {
         kvs_fail(KVS_ERR_NOMEM, "%s: out of memory for the KV cache", path);
         return NULL;
     }
+    kv_seq_set_acc(ns, acc);
     const int H = kc->n_head_kv, hd = kc->head_dim;
     const bool facc = rd_u32(map + KV_FILE_OFF_FLAGS) & KV_FILE_FLAG_ACC;
     const size_t ent = entry_file_bytes(hd, facc), qsz = (size_t)kc->n_head * hd;
@@ -533,17 +537,18 @@ enum kvs_status kvs_seq_load(kvs_context *c, kvs_sequence *s, const char *path) 
     }
     close(fd);
 
-    enum kvs_status st = validate(c, path, map, size);
-    struct kv_seq *ns = st == KVS_OK ? build(c, path, map) : NULL;
+    enum kvs_status st = validate(c, s->prof, path, map, size);
+    struct kv_seq *ns = st == KVS_OK ? build(c, path, map, s->kv->with_acc) : NULL;
     if (st == KVS_OK && !ns) st = KVS_ERR_NOMEM;
     if (ns) {
         const char *spec = (const char *)map + KV_FILE_OFF_SPEC;
-        if (strcmp(spec, c->spec.text) != 0)
+        if (strcmp(spec, s->prof->spec.text) != 0)
             kvs_log(3, "%s: cache made under --kv %s, continued under %s", path, spec,
-                    c->spec.text);
+                    s->prof->spec.text);
         kv_seq_free(s->kv);
         s->kv = ns;
-        kv_seq_set_pack(ns, &c->pack); /* later entries pack as this context's spec says */
+        kv_seq_set_pack(ns, &s->prof->pack); /* later entries pack as the sequence's spec says */
+        kvs_seq_drop_prefix(s);
         s->n_past = rd_i32(map + KV_FILE_OFF_N_PAST);
         s->pos_shift = rd_i32(map + KV_FILE_OFF_POS_SHIFT);
     }

@@ -3,7 +3,7 @@
  * (accumulated attention probability, when a policy asked for it). Borrowed from the store; valid
  * until the store is next modified. Attention never sees the policy or the store's internals.
  *
- * A head's n entries are in two runs, in this order: nc "packed" entries (older entries the
+ * A head's own n entries are in two runs, in this order: nc "packed" entries (older entries the
  * storage parts of the spec hold in fewer bytes: ThinK-pruned key channels, KIVI or MiKV codes)
  * and n - nc "hot" entries held as full-width fp16 rows, positions ascending. Packed entries are
  * packed after the layer has attended, so every later query may see all of them; hot entries
@@ -34,7 +34,14 @@ struct kv_packed_fmt {
 };
 
 struct kv_view_head {
-    int32_t n, nc;        /* entries; the leading nc are packed */
+    /* shared prefix runs (kvs_prefix nodes), read before the sequence's own entries: nsh entries
+     * in n_seg segments, root first, all visible to every query of the sequence. Attention
+     * addresses entries [0, nsh) there and [nsh, nsh + n) in the own runs below; pos, w and acc
+     * cover the own entries only. */
+    int32_t nsh;
+    int n_seg;
+    const struct kv_view_head *const *seg;
+    int32_t n, nc;        /* own entries; the leading nc are packed */
     const uint16_t *k;    /* (n - nc, head_dim) fp16 hot keys, post-RoPE */
     const uint16_t *v;    /* (n - nc, head_dim) fp16 hot values */
     const int32_t *pos;   /* (n) absolute positions; the hot ones ascending */
