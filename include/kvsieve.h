@@ -216,6 +216,12 @@ int kvs_seq_max_tokens(const kvs_context *c, const kvs_sequence *s);
  * consume at most n_tokens tokens (n_ctx bounds it too), at any moment of its life: for admission
  * control. Shared prefix entries are not counted (they belong to their prefix). -1 on a bad spec. */
 int64_t kvs_kv_bytes_bound(const kvs_context *c, const char *kv_spec, int n_tokens);
+/* The same bound once the sequence's n_prompt-token prompt has been fed (its last chunk with
+ * .prompt_end) and while it generates up to n_gen tokens: a ratio budget or a when=prefill policy
+ * holds its whole prompt only until the prompt's end, so a scheduler can reserve
+ * kvs_kv_bytes_bound while a request prefills and this figure afterwards. -1 on a bad spec. */
+int64_t kvs_kv_bytes_bound_decode(const kvs_context *c, const char *kv_spec, int n_prompt,
+                                  int n_gen);
 
 /* One forward over a mixed batch: decode tokens of running sequences and prompt chunks of others.
  * Each item feeds n tokens to its own sequence (a sequence appears at most once). Weights are

@@ -25,13 +25,6 @@ enum kvs_status kvs_kv_spec_check(const char *kv_spec, char *norm, size_t size) 
     return st;
 }
 
-/* Bytes of one entry of one head as a store made for this spec holds it (what a mem= budget
- * counts), whatever statistics the context keeps beyond the spec's (keep_stats). */
-static uint64_t spec_entry_bytes(const struct hparams *hp, const struct kv_spec *spec) {
-    /* an fp16 entry; kv_policy_budget prices KIVI's packed entries itself */
-    return kv_entry_payload_bytes(hp->head_dim) +
-           ((kv_policy_needs(spec) & KV_NEED_ACC) ? sizeof(float) : 0);
-}
 
 static void *scratch(struct kvs_context *c, size_t bytes) {
     c->scratch_bytes += bytes;
@@ -127,7 +120,7 @@ enum kvs_status kvs_context_new(kvs_model *m, const struct kvs_context_params *p
     kv_cache_init(&c->kv, hp->n_layer, hp->n_head_kv, hp->n_head, hp->head_dim,
                   (needs & KV_NEED_ACC) || p.keep_stats, qwin);
     st = kv_policy_new(&spec, hp->n_layer, hp->n_head, hp->n_head_kv, hp->head_dim,
-                       c->n_ctx + c->t_max + KV_CAP_STEP, spec_entry_bytes(hp, &spec), &c->base.policy);
+                       c->n_ctx + c->t_max + KV_CAP_STEP, kv_spec_entry_bytes(hp, &spec), &c->base.policy);
     if (st != KVS_OK) {
         kvs_context_free(c);
         return st;
@@ -417,47 +410,6 @@ enum kvs_status kvs_seq_copy(kvs_context *cd, kvs_sequence *dst, const kvs_conte
     return KVS_OK;
 }
 
-enum kvs_status kvs_seq_compress(kvs_context *c, kvs_sequence *s, const char *kv_spec) {
-    struct kv_spec spec;
-    enum kvs_status st = kv_spec_parse(kv_spec ? kv_spec : "", &spec);
-    if (st != KVS_OK) return st;
-    const struct hparams *hp = &c->m->hp;
-    struct kv_pack_cfg pc;
-    kv_pack_cfg_from_spec(&spec, hp->head_dim, &pc);
-    if (spec.method == KV_FULL && !pc.on) return KVS_OK;
-    unsigned needs = kv_policy_needs(&spec);
-    if ((needs & KV_NEED_ACC) && !s->kv->with_acc)
-        return kvs_fail(KVS_ERR_INVALID_ARG, "'%s' needs accumulated attention, which this "
-                        "context does not keep (create it with keep_stats)", spec.text);
-    if ((needs & KV_NEED_QUERIES) && c->kv.qwin < kv_policy_qwin(&spec))
-        return kvs_fail(KVS_ERR_INVALID_ARG, "'%s' needs the last %d queries; this context keeps "
-                        "%d (create it with keep_stats)", spec.text, kv_policy_qwin(&spec),
-                        c->kv.qwin);
-    if (pc.on && hp->head_dim > 256)
-        return kvs_fail(KVS_ERR_UNSUPPORTED, "packed KV storage supports head_dim <= 256");
-    if (pc.on) {
-        st = kv_seq_set_pack(s->kv, &pc);
-        if (st != KVS_OK) return st;
-    }
-    struct kv_policy *pol = NULL;
-    st = kv_policy_new(&spec, hp->n_layer, hp->n_head, hp->n_head_kv, hp->head_dim,
-                       c->n_ctx + c->t_max + KV_CAP_STEP, spec_entry_bytes(hp, &spec), &pol);
-    if (st != KVS_OK) return st;
-    struct kv_plan plan = {0};
-    int64_t n_seen = s->n_past;
-    for (int il = 0; il < hp->n_layer; il++) {
-        if (pc.on) kv_pack_prepare(s->kv, il);
-        int32_t before = kv_seq_head(s->kv, il, 0)->n;
-        if (pol && kv_policy_plan_layer(pol, s->kv, il, n_seen, 0, false, &plan)) {
-            kv_seq_apply_plan(s->kv, il, &plan, spec.reindex);
-            if (spec.reindex && il == hp->n_layer - 1)
-                s->pos_shift += before - kv_seq_head(s->kv, il, 0)->n;
-        }
-        if (pc.on && (st = kv_seq_pack_layer(s->kv, il, true)) != KVS_OK) break;
-    }
-    kv_policy_free(pol);
-    return st;
-}
 
 /* ---- per-sequence policies ---------------------------------------------------------------- */
 
@@ -473,7 +425,7 @@ static enum kvs_status profile_init(kvs_context *c, const struct kv_spec *spec, 
     kv_pack_cfg_from_spec(spec, hp->head_dim, &pr->pack);
     enum kvs_status st = kv_policy_new(spec, hp->n_layer, hp->n_head, hp->n_head_kv, hp->head_dim,
                                        c->n_ctx + c->t_max + KV_CAP_STEP,
-                                       spec_entry_bytes(hp, spec), &pr->policy);
+                                       kv_spec_entry_bytes(hp, spec), &pr->policy);
     if (st != KVS_OK) return st;
     pr->max_past = c->n_ctx;
     int32_t held = pr->policy ? bounded_entries(pr->policy, c->t_max) : 0;
@@ -602,4 +554,37 @@ double kvs_kv_bytes_per_token(const kvs_model *m, const char *kv_spec) {
     struct kv_pack_cfg pc;
     kv_pack_cfg_from_spec(&spec, hp->head_dim, &pc);
     return (double)hp->n_layer * hp->n_head_kv * kv_pack_entry_bytes(&pc, hp->head_dim);
+}
+
+int64_t kvs_kv_bytes_bound_decode(const kvs_context *c, const char *kv_spec, int n_prompt, int n_gen) {
+    struct kv_spec spec;
+    if (!kv_spec || !*kv_spec) spec = c->base.spec;
+    else if (kv_spec_parse(kv_spec, &spec) != KVS_OK) return -1;
+    if (n_prompt < 0 || n_gen < 0) return -1;
+    const struct hparams *hp = &c->m->hp;
+    struct kv_profile pr;
+    if (profile_init((kvs_context *)c, &spec, &pr) != KVS_OK) {
+        kv_policy_free(pr.policy);
+        return -1;
+    }
+    int64_t n = (int64_t)n_prompt + n_gen;
+    if (pr.max_past != KVS_PAST_MAX && n > c->n_ctx) n = c->n_ctx;
+    int64_t e = n, hot = n;
+    if (pr.policy && spec.alloc != KV_ALLOC_D2O && spec.merge != KV_MERGE_D2O) {
+        /* after the prompt's compression a head holds its budget for the tokens seen, plus the
+         * entries decoding adds before the next compression, plus the token attending; AdaKV
+         * moves budget between the heads of a layer, not their sum (priced as the average) */
+        int64_t b = 0;
+        for (int il = 0; il < hp->n_layer; il++) {
+            int64_t bl = kv_policy_budget(pr.policy, il, n);
+            b = bl > b ? bl : b;
+        }
+        b += (spec.every > 0 ? spec.every : 1) + 1;
+        if (spec.mikv_low) hot = b; /* MiKV keeps every token, demoting the rest */
+        else e = b < e ? b : e;
+    }
+    if (pr.pack.kivi && !spec.mikv_low) hot = pr.pack.resid + pr.pack.f.G + 1;
+    double per_head = head_bytes_bound(&pr.pack, hp->head_dim, e, hot);
+    kv_policy_free(pr.policy);
+    return (int64_t)(per_head * hp->n_layer * hp->n_head_kv);
 }

@@ -90,6 +90,14 @@ enum fwd_phase { FWD_PREFILL, FWD_PREFILL_LAST, FWD_DECODE, FWD_HOLD };
  * their K/V are appended to the sequence caches. For each of the n_out rows listed in out_rows
  * (indices into 0..T-1), logits (n_vocab floats) are written to logits + r * n_vocab.
  * Positions of one sequence must be consecutive and start at its n_past. */
+/* Bytes of one entry of one head as a store made for this spec holds it (what a mem= budget
+ * counts), whatever statistics the context keeps beyond the spec's (keep_stats). */
+static inline uint64_t kv_spec_entry_bytes(const struct hparams *hp, const struct kv_spec *spec) {
+    /* an fp16 entry; kv_policy_budget prices KIVI's packed entries itself */
+    return kv_entry_payload_bytes(hp->head_dim) +
+           ((kv_policy_needs(spec) & KV_NEED_ACC) ? sizeof(float) : 0);
+}
+
 /* Release the shared prefix s started from (if any): s then holds only its own entries. */
 void kvs_seq_drop_prefix(kvs_sequence *s);
 /* Point view v (layer il of s, from kv_seq_view) at the shared segments of s's chain (prefix.c). */

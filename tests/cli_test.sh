@@ -63,7 +63,7 @@ methods_documented() {
 check "methods documented" 0 "^methods ok" -- methods_documented
 check "architecture notes" 0 "store.*policy.*view|DESIGN" -- cat docs/ARCHITECTURE.md
 # 9. set-up: prerequisites listed, make parallel by default, apt without the sandbox warning
-check "readme prerequisites" 0 "ok" -- sh -c 'for w in build-essential python3-pip unzip apt-get dpkg-deb gnuplot-nox; do grep -q -- "$w" README.md || { echo "README lacks $w"; exit 1; }; done; echo ok'
+check "readme prerequisites" 0 "ok" -- sh -c 'for w in build-essential libxxhash-dev python3-pip unzip apt-get dpkg-deb gnuplot-nox; do grep -q -- "$w" README.md || { echo "README lacks $w"; exit 1; }; done; echo ok'
 check "make parallel" 0 "MAKEFLAGS.*-j" -- sh -c 'make -n -p all 2>/dev/null | grep -E "^MAKEFLAGS"'
 fake_apt() { # fetch_data.sh with an apt-get that records its arguments, as root
     mkdir -p "$tmp/fakebin"

@@ -1,0 +1,46 @@
+/* compress.c — kvs_seq_compress: compress a sequence now under any spec, as that spec does at
+ * the end of a prompt (kvpress style: one full prefill, many methods). Used by the API and by
+ * prefix.c for compressed prefix nodes; depends on the store and the policies only. */
+#include "engine.h"
+
+enum kvs_status kvs_seq_compress(kvs_context *c, kvs_sequence *s, const char *kv_spec) {
+    struct kv_spec spec;
+    enum kvs_status st = kv_spec_parse(kv_spec ? kv_spec : "", &spec);
+    if (st != KVS_OK) return st;
+    const struct hparams *hp = &c->m->hp;
+    struct kv_pack_cfg pc;
+    kv_pack_cfg_from_spec(&spec, hp->head_dim, &pc);
+    if (spec.method == KV_FULL && !pc.on) return KVS_OK;
+    unsigned needs = kv_policy_needs(&spec);
+    if ((needs & KV_NEED_ACC) && !s->kv->with_acc)
+        return kvs_fail(KVS_ERR_INVALID_ARG, "'%s' needs accumulated attention, which this "
+                        "context does not keep (create it with keep_stats)", spec.text);
+    if ((needs & KV_NEED_QUERIES) && c->kv.qwin < kv_policy_qwin(&spec))
+        return kvs_fail(KVS_ERR_INVALID_ARG, "'%s' needs the last %d queries; this context keeps "
+                        "%d (create it with keep_stats)", spec.text, kv_policy_qwin(&spec),
+                        c->kv.qwin);
+    if (pc.on && hp->head_dim > 256)
+        return kvs_fail(KVS_ERR_UNSUPPORTED, "packed KV storage supports head_dim <= 256");
+    if (pc.on) {
+        st = kv_seq_set_pack(s->kv, &pc);
+        if (st != KVS_OK) return st;
+    }
+    struct kv_policy *pol = NULL;
+    st = kv_policy_new(&spec, hp->n_layer, hp->n_head, hp->n_head_kv, hp->head_dim,
+                       c->n_ctx + c->t_max + KV_CAP_STEP, kv_spec_entry_bytes(hp, &spec), &pol);
+    if (st != KVS_OK) return st;
+    struct kv_plan plan = {0};
+    int64_t n_seen = s->n_past;
+    for (int il = 0; il < hp->n_layer; il++) {
+        if (pc.on) kv_pack_prepare(s->kv, il);
+        int32_t before = kv_seq_head(s->kv, il, 0)->n;
+        if (pol && kv_policy_plan_layer(pol, s->kv, il, n_seen, 0, false, &plan)) {
+            kv_seq_apply_plan(s->kv, il, &plan, spec.reindex);
+            if (spec.reindex && il == hp->n_layer - 1)
+                s->pos_shift += before - kv_seq_head(s->kv, il, 0)->n;
+        }
+        if (pc.on && (st = kv_seq_pack_layer(s->kv, il, true)) != KVS_OK) break;
+    }
+    kv_policy_free(pol);
+    return st;
+}
