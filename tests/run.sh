@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # tests/run.sh BUILD_DIR — runs every test binary in BUILD_DIR (exit 0 pass, 77 skip, else fail)
-# and then the command-line tests. KVS_SLOW=1 adds the Qwen2.5-1.5B golden test and the KL/perplexity
-# bounds of every KV method on it (make test-slow); without it those are reported as skipped.
+# and then the command-line tests and the server tests (tests/server/, run by $PYTHON or python3).
+# KVS_SLOW=1 adds the Qwen2.5-1.5B golden test and the KL/perplexity bounds of every KV method on
+# it (make test-slow); without it those are reported as skipped.
 #
 # Skips are never silent: a test that cannot run a part prints "SKIP <what> (<why>)" in its log;
 # every such line is shown under the test's result and counted, and a test that exits 77 without
@@ -35,6 +36,12 @@ for t in "$build"/test_*; do
     run "$(basename "$t")" "$t"
 done
 run cli_test tests/cli_test.sh "$build"
+# `kvsieve serve` over real sockets (tests/server/): the OpenAI API with the openai client and curl,
+# bad requests, metamorphic checks against the CLI; SKIP lines when the model or openai is missing
+PY=${PYTHON:-python3}
+for t in api errors consistency; do
+    run server_$t "$PY" tests/server/test_$t.py "$build"
+done
 if [ "${KVS_SLOW:-0}" = 1 ]; then
     # Qwen2.5-Coder-1.5B (make models-large): every-position logits (fp32 and 8-bit activations),
     # last-position logits and greedy tokens

@@ -1,0 +1,260 @@
+"""server_consistency: metamorphic checks and KV accounting of `kvsieve serve`.
+
+- a greedy request gives the same text alone, batched with 15 concurrent others (mixed policies,
+  streaming and not), with a prefix-cache hit and without one, and the same text as
+  `kvsieve run --temp 0` on the same prompt (token ids compared through /tokenize);
+- shared prefix blocks never change while compressing requests use them (their checksums, where
+  the server exposes them);
+- a client that disconnects mid-stream frees its slot and its KV bytes (/slots, /metrics).
+
+    python3 tests/server/test_consistency.py [BUILD_DIR]   (tests/run.sh: server_consistency)
+"""
+import json
+import os
+import re
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+sys.path.insert(0, os.path.dirname(__file__))
+import kvserve as K  # noqa: E402
+
+build = os.path.abspath(sys.argv[1] if len(sys.argv) > 1 else os.path.join(K.ROOT, "build"))
+C = K.Checks("server_consistency")
+K.need_model(C)
+N_GEN = 24 if K.SANITIZE else 40
+
+
+def cli_run(prompt, n, chat=False, kv=None):
+    args = [os.path.join(build, "kvsieve"), "run", "-m", K.MODEL, "--temp", "0", "-n", str(n),
+            "-t", "2", "-q", "--json", "-c", "4096", "-p", prompt]
+    if chat:
+        args.append("--chat")
+    if kv:
+        args += ["--kv", kv]
+    p = subprocess.run(args, capture_output=True, timeout=600, cwd=K.ROOT)
+    if p.returncode != 0:
+        raise RuntimeError(f"{' '.join(args[:8])}...: exit {p.returncode}: {p.stderr.decode()[-400:]}")
+    return json.loads(p.stdout)
+
+
+def kv_bytes_seq(m):
+    """KV bytes held by running sequences (without the prefix cache), from /metrics."""
+    return K.metric(m, "kvsieve_kv_bytes_sequences", "kvsieve_kv_seq_bytes", "kvsieve_kv_bytes")
+
+
+def kv_bytes_prefix(m):
+    return K.metric(m, "kvsieve_prefix_bytes", "kvsieve_prefix_cache_bytes", "kvsieve_kv_bytes_prefix")
+
+
+def running_slots(sl):
+    """the slots of running requests in GET /slots (a list, or {"slots": [...]})"""
+    if isinstance(sl, dict):
+        sl = sl.get("slots", sl.get("data", []))
+    out = []
+    for s in sl or []:
+        if not isinstance(s, dict):
+            continue
+        if s.get("state") in ("idle", "free") or s.get("is_processing") is False:
+            continue
+        out.append(s)
+    return out
+
+
+srv = K.Server(build, ["-np", "16", "-c", "4096"], name="server_consistency")
+try:
+    srv.start()
+except RuntimeError as e:
+    C.ok("server starts and answers /health", False, str(e))
+    C.finish()
+
+try:
+    st, j, raw = srv.json("GET", "/v1/models")
+    model_id = j["data"][0]["id"] if st == 200 and isinstance(j, dict) and j.get("data") else "x"
+
+    def complete(prompt, n=N_GEN, **kw):
+        body = {"model": model_id, "prompt": prompt, "max_tokens": n, "temperature": 0}
+        body.update(kw)
+        st, j, raw = srv.post("/v1/completions", body)
+        if st != 200:
+            return None, None, f"status {st}: {raw[:300]!r}"
+        return j["choices"][0]["text"], j.get("usage") or {}, None
+
+    # ------------------------------------------------------------------------ alone = CLI
+    target = "The weather in London in November is usually"
+    ref = cli_run(target, N_GEN)
+    C.eq("tokens: /tokenize count = the CLI's prompt_tokens", len(srv.tokenize(target)),
+         ref["prompt_tokens"])
+    alone, u, err = complete(target)
+    C.eq("greedy alone = `kvsieve run --temp 0` (text)", alone, ref["text"])
+    C.eq("greedy alone = `kvsieve run --temp 0` (tokens generated)", u.get("completion_tokens"),
+         ref["generated_tokens"])
+    C.eq("usage.prompt_tokens = the CLI's", u.get("prompt_tokens"), ref["prompt_tokens"])
+    # the same, chat-templated
+    q = "Give me three words that rhyme with cat."
+    ref_c = cli_run(q, N_GEN, chat=True)
+    st, j, raw = srv.post("/v1/chat/completions", {"model": model_id, "max_tokens": N_GEN, "temperature": 0,
+                                                   "messages": [{"role": "user", "content": q}]})
+    C.eq("chat greedy = `kvsieve run --chat --temp 0`",
+         j["choices"][0]["message"]["content"] if st == 200 else raw[:200], ref_c["text"])
+
+    # ------------------------------------------------------------------------ batched with 15 others
+    others = []
+    policies = [None, "snapkv:ratio=0.25", "full+kivi:bits=4", "streaming:window=64", "h2o:ratio=0.5"]
+    doc = K.austen_text(6000, 40000)
+    for i in range(15):
+        p = doc[i * 300:i * 300 + 200 + 60 * i]   # different lengths: prefill chunks mix with decodes
+        others.append({"model": model_id, "prompt": p, "max_tokens": N_GEN + 24,
+                       "temperature": 0 if i % 3 else 0.7, "seed": i,
+                       "stream": bool(i % 2), **({"kv": policies[i % 5]} if policies[i % 5] else {})})
+    results = [None] * 16
+    barrier = threading.Barrier(16)
+
+    def worker(i):
+        barrier.wait()
+        if i == 15:
+            time.sleep(0.3)                     # join while the others prefill and decode
+            results[i] = complete(target)
+            return
+        b = others[i]
+        if b["stream"]:
+            st, ev, done, raw = srv.stream("/v1/completions", b)
+            results[i] = (st, done)
+        else:
+            st, j, raw = srv.post("/v1/completions", b)
+            results[i] = (st, True)
+    ths = [threading.Thread(target=worker, args=(i,)) for i in range(16)]
+    max_running = [0]
+    stop_poll = threading.Event()
+
+    def poll():
+        while not stop_poll.is_set():
+            try:
+                max_running[0] = max(max_running[0], len(running_slots(srv.slots())))
+            except (RuntimeError, OSError, ValueError):
+                pass
+            time.sleep(0.05)
+    pt = threading.Thread(target=poll)
+    for t in ths:
+        t.start()
+    pt.start()
+    for t in ths:
+        t.join()
+    stop_poll.set()
+    pt.join()
+    C.ok("batch: the 15 others answered", all(r and r[0] == 200 and r[1] for r in results[:15]),
+         K.short(results[:15]))
+    C.eq("greedy batched with 15 others = alone", results[15][0], alone)
+    C.ok("batch: requests did run concurrently (/slots)", max_running[0] >= 4,
+         f"at most {max_running[0]} running slots seen")
+    C.note(f"at most {max_running[0]} slots running at once")
+
+    # ------------------------------------------------------------------------ prefix cache
+    passage = K.austen_text(2600, 90000)
+    p1 = passage + "\n\nQuestion: who is speaking in this passage?\nAnswer:"
+    p2 = passage + "\n\nQuestion: where does this scene take place?\nAnswer:"
+    ref1, ref2 = cli_run(p1, N_GEN), cli_run(p2, N_GEN)
+    cold, u_cold, err = complete(p1)
+    C.eq("prefix: cold request = CLI", cold, ref1["text"])
+    C.eq("prefix: cold request cached_tokens 0",
+         (u_cold.get("prompt_tokens_details") or {}).get("cached_tokens"), 0)
+    hot, u_hot, err = complete(p1)
+    cached = (u_hot.get("prompt_tokens_details") or {}).get("cached_tokens")
+    C.ok("prefix: repeated prompt hits the prefix cache (cached_tokens > 0)",
+         isinstance(cached, int) and cached > 0, K.short(u_hot))
+    C.eq("prefix: greedy with a prefix-cache hit = without", hot, cold)
+    other, u_other, err = complete(p2)
+    cached2 = (u_other.get("prompt_tokens_details") or {}).get("cached_tokens")
+    C.ok("prefix: shared passage hits the cache for a new question",
+         isinstance(cached2, int) and cached2 > 0, K.short(u_other))
+    C.eq("prefix: new question with a prefix hit = CLI without one", other, ref2["text"])
+    C.note(f"prefix: prompt {u_hot.get('prompt_tokens')} tokens, cached {cached} and {cached2}")
+
+    # ------------------------------------------------------------------------ shared blocks never change
+    def block_sums():
+        """{block id: checksum} from /slots or /metrics, {} when the server exposes none"""
+        sums = {}
+        try:
+            st, j, raw = srv.json("GET", "/slots")
+            txt = raw.decode(errors="replace")
+            for m in re.finditer(r'"(?:id|block|hash)"\s*:\s*"?([0-9a-fx]+)"?[^{}]*?"checksum"\s*:\s*"?([0-9a-fx]+)', txt):
+                sums[m.group(1)] = m.group(2)
+            st, _, mt = srv.request("GET", "/metrics")
+            for m in re.finditer(r'kvsieve_prefix_block_checksum\{[^}]*(?:block|id)="([^"]+)"[^}]*\}\s+(\S+)',
+                                 mt.decode(errors="replace")):
+                sums[m.group(1)] = m.group(2)
+        except (OSError, ValueError):
+            pass
+        return sums
+    before = block_sums()
+    if before:
+        ths = [threading.Thread(target=complete, args=(p1 if i % 2 else p2,),
+                                kwargs={"kv": ["snapkv:ratio=0.25", "h2o:ratio=0.3+kivi:bits=4",
+                                               "tova:budget=128", "full+kivi:bits=2"][i]}) for i in range(4)]
+        for t in ths:
+            t.start()
+        for t in ths:
+            t.join()
+        after = block_sums()
+        changed = {k: (v, after[k]) for k, v in before.items() if k in after and after[k] != v}
+        C.ok(f"shared prefix blocks unchanged after 4 compressing requests ({len(before)} blocks)",
+             not changed, K.short(changed))
+        C.ok("shared prefix blocks still listed", any(k in after for k in before), K.short(after))
+    else:
+        C.skip("shared prefix block checksums", "the server exposes no per-block checksum on /slots or "
+               "/metrics (test_serve_engine checks kvs_prefix_checksum in the engine)")
+
+    # ------------------------------------------------------------------------ disconnects free KV
+    def wait_idle(timeout=60):
+        t_end = time.time() + timeout
+        while time.time() < t_end:
+            if not running_slots(srv.slots()):
+                return True
+            time.sleep(0.05)
+        return False
+    wait_idle()
+    m0 = srv.metrics()
+    base_seq, base_prefix = kv_bytes_seq(m0), kv_bytes_prefix(m0)
+    body = json.dumps({"model": model_id, "prompt": K.austen_text(3000, 150000), "max_tokens": 2000,
+                       "temperature": 0, "stream": True, "ignore_eos": True}).encode()
+    s = socket.create_connection((srv.host, srv.port), timeout=60)
+    s.sendall(K.http_post_bytes("/v1/completions", body))
+    got, t_end = b"", time.time() + 120
+    while got.count(b"data:") < 8 and time.time() < t_end:
+        b = s.recv(4096)
+        if not b:
+            break
+        got += b
+    C.ok("disconnect: the stream started", got.count(b"data:") >= 8, K.short(got[:300]))
+    running = running_slots(srv.slots())
+    C.ok("disconnect: its slot is on /slots while it streams", len(running) == 1, K.short(running))
+    m1 = srv.metrics()
+    C.ok("disconnect: /metrics KV bytes grew while it streams",
+         kv_bytes_seq(m1) is not None and base_seq is not None and kv_bytes_seq(m1) > base_seq,
+         f"{base_seq} -> {kv_bytes_seq(m1)}")
+    s.close()
+    t_close = time.time()
+    freed = wait_idle(30)
+    C.ok("disconnect: the slot is gone from /slots", freed, K.short(srv.slots()))
+    C.note(f"disconnect: slot freed {time.time() - t_close:.2f} s after the close")
+    t_end = time.time() + 30
+    while time.time() < t_end:
+        m2 = srv.metrics()
+        if kv_bytes_seq(m2) == base_seq:
+            break
+        time.sleep(0.05)
+    C.eq("disconnect: sequence KV bytes back to before", kv_bytes_seq(m2), base_seq)
+    C.note(f"KV bytes: sequences {base_seq} -> {kv_bytes_seq(m1)} -> {kv_bytes_seq(m2)}; prefix cache "
+           f"{base_prefix} -> {kv_bytes_prefix(m2)}")
+    st, j, raw = srv.post("/v1/completions", {"model": model_id, "prompt": target, "max_tokens": N_GEN,
+                                              "temperature": 0})
+    C.eq("after the disconnect: greedy request unchanged",
+         j["choices"][0]["text"] if st == 200 else raw[:200], alone)
+finally:
+    alive = srv.alive()
+    rc = srv.stop()
+    C.ok("server alive at the end", alive, srv.log_tail())
+    C.eq("SIGTERM: clean exit status 0", rc, 0)
+C.finish()
