@@ -2,7 +2,7 @@
 """serve_load.py — a bounded load test of `kvsieve serve` on loopback; stops by itself.
 
 N concurrent clients (default 32) for D seconds (default 300) send mixed requests: policies full,
-snapkv:ratio=0.25, streaming and full+kivi:bits=4; chat and completions; streaming and not; some
+snapkv:ratio=0.25, streaming:window=256 and full+kivi:bits=4; chat and completions; streaming and not; some
 share a long prefix (prefix cache); some disconnect mid-stream. It checks:
   - no normal request failed (every answer 200 with a well-formed body / SSE ending in [DONE]);
   - the server is alive at the end;
@@ -30,7 +30,7 @@ ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
 sys.path.insert(0, os.path.join(ROOT, "tests", "server"))
 import kvserve as K  # noqa: E402
 
-POLICIES = [None, "snapkv:ratio=0.25", "streaming", "full+kivi:bits=4"]
+POLICIES = [None, "snapkv:ratio=0.25", "streaming:window=256", "full+kivi:bits=4"]
 
 
 def main():
@@ -157,8 +157,8 @@ def main():
             try:
                 m = srv.metrics()
                 samples.append((time.time() - t_start, K.rss_kib(pid) if pid else None,
-                                K.metric(m, "kvsieve_kv_bytes_sequences"), K.metric(m, "kvsieve_prefix_bytes"),
-                                K.metric(m, "kvsieve_requests_running", "kvsieve_running")))
+                                K.metric(m, "kvsieve:kv_bytes"), K.metric(m, "kvsieve:prefix_cache_bytes"),
+                                K.metric(m, "kvsieve:requests_running")))
             except (OSError, RuntimeError, ValueError):
                 pass
             time.sleep(1)
@@ -180,10 +180,11 @@ def main():
     while alive and time.time() < t_end:
         try:
             m = srv.metrics()
-            end = {"kv_bytes_sequences": K.metric(m, "kvsieve_kv_bytes_sequences"),
-                   "kv_bytes_total": K.metric(m, "kvsieve_kv_bytes"),
-                   "prefix_bytes": K.metric(m, "kvsieve_prefix_bytes"),
-                   "running": K.metric(m, "kvsieve_requests_running", "kvsieve_running")}
+            end = {"kv_bytes_sequences": K.metric(m, "kvsieve:kv_bytes"),
+                   "prefix_cache_bytes": K.metric(m, "kvsieve:prefix_cache_bytes"),
+                   "running": K.metric(m, "kvsieve:requests_running"),
+                   "waiting": K.metric(m, "kvsieve:requests_waiting"),
+                   "requests_failed_total": K.metric(m, "kvsieve:requests_failed_total")}
             if end["kv_bytes_sequences"] == 0 and not end["running"]:
                 break
         except (OSError, RuntimeError):

@@ -41,7 +41,8 @@ def cli_kv_error(spec):
                         "-n", "1"], capture_output=True, timeout=60)
     err = p.stderr.decode().strip().splitlines()
     line = err[0] if err else ""
-    return line[len("kvsieve: "):] if line.startswith("kvsieve: ") else line
+    pre = f"kvsieve: invalid --kv '{spec}': "     # the CLI's frame around the parser's message
+    return line[len(pre):] if line.startswith(pre) else line
 
 
 srv = K.Server(build, ["-np", "2", "-c", str(N_CTX), "--max-body", str(MAX_BODY)], name="server_errors")
@@ -109,6 +110,9 @@ try:
     C.eq("n=1 accepted", st, 200)
     st, j, raw = srv.post("/v1/chat/completions", chat_with(model="no-such-model"))
     expect_error("unknown model", st, j, raw, 404, ["no-such-model"])
+    C.eq("unknown model: code model_not_found", (K.error_of(j) or {}).get("code"), "model_not_found")
+    st, j, raw = srv.post("/v1/chat/completions", chat_with(model=None))
+    C.eq("model absent: accepted (SERVER.md)", st, 200)
     st, j, raw = srv.post("/v1/completions", {"model": "gpt-nothing", "prompt": "x", "max_tokens": 2})
     expect_error("completions: unknown model", st, j, raw, 404)
     for spec in ("snapkv:ratio=7", "nosuchmethod", "h2o:budget=-5", "full+kivi:bits=3"):
@@ -135,7 +139,17 @@ try:
     st, j, raw = srv.json("GET", "/v1/no-such-endpoint")
     expect_error("unknown endpoint", st, j, raw, 404)
     st, j, raw = srv.json("GET", "/v1/chat/completions")
-    C.ok("GET on a POST endpoint: 404 or 405", st in (404, 405), f"{st} {K.short(raw)}")
+    expect_error("GET on a POST endpoint", st, j, raw, 405)
+    st, j, raw = srv.post("/v1/chat/completions", chat_with(stop=["a", "b", "c", "d", "e", "f", "g", "h", "i"]))
+    expect_error("stop: more than 8 strings", st, j, raw, 400, ["stop"])
+    st, j, raw = srv.post("/v1/chat/completions", chat_with(messages=[]))
+    expect_error("messages empty", st, j, raw, 400, ["messages"])
+    st, j, raw = srv.post("/v1/chat/completions", chat_with(messages=[{"role": "wizard", "content": "hi"}]))
+    expect_error("unknown role", st, j, raw, 400, ["role"])
+    for slot_name in ("../evil", "a/b", ""):
+        st, j, raw = srv.post("/slots/0?action=save", {"filename": slot_name})
+        C.ok(f"/slots save {slot_name!r}: refused (400, or 4xx without --slot-save-path)",
+             st is not None and 400 <= st < 500 and K.error_of(j) is not None, f"{st} {K.short(raw)}")
 
     # ------------------------------------------------------------------------ 1000 malformed requests
     rnd = random.Random(12345)
@@ -236,6 +250,10 @@ try:
     expect_error("--api-key: key without Bearer", st, j, raw, 401)
     st, j, raw = srv2.json("GET", "/v1/models", auth=False)
     expect_error("--api-key: /v1/models without key", st, j, raw, 401)
+    st, j, raw = srv2.json("POST", "/tokenize", {"content": "hi"}, auth=False)
+    expect_error("--api-key: /tokenize without key", st, j, raw, 401)
+    st, j, raw = srv2.json("GET", "/health", auth=False)
+    C.eq("--api-key: /health needs no key (SERVER.md)", st, 200)
     st, j, raw = srv2.json("POST", "/v1/chat/completions", body)
     C.eq("--api-key: right key, status 200", st, 200)
     if K.have_openai():
