@@ -385,15 +385,23 @@ def have_curl():
 
 
 # ---------------------------------------------------------------------------------------- prompts
+_NOVELS = None
+
+
 def austen_text(n_chars, offset=0):
-    """A passage of the novels (make data), or a fixed synthetic text when they are missing."""
-    d = os.path.join(ROOT, "data")
-    for name in sorted(os.listdir(d)) if os.path.isdir(d) else []:
-        if name.endswith(".txt"):
-            with open(os.path.join(d, name), encoding="utf-8", errors="replace") as f:
-                t = f.read()
-            if len(t) > offset + n_chars:
-                return t[offset:offset + n_chars]
+    """n_chars of the novels (data/austen/*.txt, `make data`) from offset (all novels one after
+    another), or a fixed synthetic text when they are missing."""
+    global _NOVELS
+    if _NOVELS is None:
+        d = os.path.join(ROOT, "data", "austen")
+        parts = []
+        for name in sorted(os.listdir(d)) if os.path.isdir(d) else []:
+            if name.endswith(".txt"):
+                with open(os.path.join(d, name), encoding="utf-8", errors="replace") as f:
+                    parts.append(f.read())
+        _NOVELS = "\n\n".join(parts)
+    if len(_NOVELS) >= offset + n_chars:
+        return _NOVELS[offset:offset + n_chars]
     rnd = random.Random(offset)
     words = ["the", "house", "of", "Mr", "Bennet", "was", "near", "a", "quiet", "village",
              "and", "every", "morning", "Elizabeth", "walked", "to", "Meryton", "with", "Jane"]
@@ -401,6 +409,11 @@ def austen_text(n_chars, offset=0):
     while sum(len(w) + 1 for w in out) < n_chars:
         out.append(rnd.choice(words))
     return " ".join(out)[:n_chars]
+
+
+def have_novels():
+    austen_text(1)
+    return len(_NOVELS) > 0
 
 
 def tmpdir():
