@@ -85,6 +85,7 @@ try:
     # ------------------------------------------------------------------------ alone = CLI
     target = "The weather in London in November is usually"
     ref = cli_run(target, N_GEN)
+    C.ok("the CLI's reference is not trivial (>= 8 tokens)", ref["generated_tokens"] >= 8, K.short(ref))
     C.eq("tokens: /tokenize count = the CLI's prompt_tokens", len(srv.tokenize(target)),
          ref["prompt_tokens"])
     alone, u, err = complete(target)
@@ -153,9 +154,12 @@ try:
 
     # ------------------------------------------------------------------------ prefix cache
     passage = K.austen_text(2600, 90000)
-    p1 = passage + "\n\nQuestion: who is speaking in this passage?\nAnswer:"
-    p2 = passage + "\n\nQuestion: where does this scene take place?\nAnswer:"
+    # continuations of a passage (an instruct model answers a bare question with end-of-turn)
+    p1 = passage + "\n\nThe next morning,"
+    p2 = passage + "\n\nThat evening, after dinner,"
     ref1, ref2 = cli_run(p1, N_GEN), cli_run(p2, N_GEN)
+    C.ok("prefix: the CLI's references are not trivial (>= 8 tokens each)",
+         ref1["generated_tokens"] >= 8 and ref2["generated_tokens"] >= 8, f"{ref1} {ref2}")
     cold, u_cold, err = complete(p1)
     C.eq("prefix: cold request = CLI", cold, ref1["text"])
     C.eq("prefix: cold request cached_tokens 0",
