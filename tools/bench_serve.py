@@ -176,6 +176,7 @@ def part_memory(a):
                        name="bench_serve_mem", threads=a.threads).start()
         try:
             mid = model_id(srv)
+            stream_timed(srv, "/v1/completions", {"model": mid, "prompt": "Warm-up.", "max_tokens": 4})
             # distinct 4096-token prompts from the novels
             prompts = []
             off = 0
@@ -230,6 +231,7 @@ def part_prefix(a):
                        threads=a.threads).start()
         try:
             mid = model_id(srv)
+            stream_timed(srv, "/v1/completions", {"model": mid, "prompt": "Warm-up.", "max_tokens": 4})
             colds, warms, cached = [], [], []
             for rep in range(a.prefix_reps):
                 base = 300000 + rep * 40000
