@@ -45,7 +45,9 @@ def cli_kv_error(spec):
     return line[len(pre):] if line.startswith(pre) else line
 
 
-srv = K.Server(build, ["-np", "2", "-c", str(N_CTX), "--max-body", str(MAX_BODY)], name="server_errors")
+slot_dir = K.tmpdir()
+srv = K.Server(build, ["-np", "2", "-c", str(N_CTX), "--max-body", str(MAX_BODY), "--slot-save-path", slot_dir],
+               name="server_errors")
 try:
     srv.start()
 except RuntimeError as e:
@@ -146,10 +148,12 @@ try:
     expect_error("messages empty", st, j, raw, 400, ["messages"])
     st, j, raw = srv.post("/v1/chat/completions", chat_with(messages=[{"role": "wizard", "content": "hi"}]))
     expect_error("unknown role", st, j, raw, 400, ["role"])
-    for slot_name in ("../evil", "a/b", ""):
-        st, j, raw = srv.post("/slots/0?action=save", {"filename": slot_name})
-        C.ok(f"/slots save {slot_name!r}: refused (400, or 4xx without --slot-save-path)",
-             st is not None and 400 <= st < 500 and K.error_of(j) is not None, f"{st} {K.short(raw)}")
+    for slot_name in ("../evil", "a/b", "", ".."):
+        for action in ("save", "restore"):
+            st, j, raw = srv.post(f"/slots/0?action={action}", {"filename": slot_name})
+            expect_error(f"/slots {action} {slot_name!r}", st, j, raw, 400)
+    C.eq("/slots: nothing written outside --slot-save-path",
+         sorted(os.listdir(os.path.dirname(slot_dir.rstrip("/")))).count("evil"), 0)
 
     # ------------------------------------------------------------------------ 1000 malformed requests
     rnd = random.Random(12345)
@@ -254,6 +258,9 @@ try:
     expect_error("--api-key: /tokenize without key", st, j, raw, 401)
     st, j, raw = srv2.json("GET", "/health", auth=False)
     C.eq("--api-key: /health needs no key (SERVER.md)", st, 200)
+    st, j, raw = srv2.post("/slots/0?action=save", {"filename": "x"})
+    C.ok("/slots save without --slot-save-path: refused with an error", st is not None and st >= 400 and
+         K.error_of(j) is not None, f"{st} {K.short(raw)}")
     st, j, raw = srv2.json("POST", "/v1/chat/completions", body)
     C.eq("--api-key: right key, status 200", st, 200)
     if K.have_openai():
