@@ -7,9 +7,11 @@ share a long prefix (prefix cache); some disconnect mid-stream. It checks:
   - no normal request failed (every answer 200 with a well-formed body / SSE ending in [DONE]);
   - the server is alive at the end;
   - RSS (/proc/PID/status VmRSS) flat after the warm-up: the peak of the second half of the run
-    is at most the peak of the first half (after warm-up) + 5% + 16 MiB;
+    is at most the peak of the first half (after warm-up) + 5% + 16 MiB (the server it starts has
+    --prefix-mem 64M, so that the prefix cache is full within the warm-up); RSS less the KV bytes
+    /metrics accounts for (running sequences + prefix cache) is reported beside it;
   - at the end, with no request running, the KV bytes held are the prefix cache's alone
-    (sequence KV bytes 0 on /metrics).
+    (sequence KV bytes 0 on /metrics), and the prefix cache holds at most --prefix-mem.
 Prints one JSON summary on stdout; exit 0 if every check passed, 1 otherwise.
 
   tools/serve_load.py                        # starts build/kvsieve serve itself (free port)
@@ -44,6 +46,7 @@ def main():
     ap.add_argument("--np", type=int, default=16, help="-np of the server it starts (default 16)")
     ap.add_argument("--threads", type=int, default=2, help="-t of the server it starts")
     ap.add_argument("--ctx", type=int, default=4096)
+    ap.add_argument("--prefix-mem", default="64M", help="--prefix-mem of the server it starts")
     ap.add_argument("--extra", default="", help="more flags for the server it starts")
     ap.add_argument("--disconnect", type=float, default=0.1, help="share of requests that disconnect")
     ap.add_argument("--seed", type=int, default=1)
@@ -58,7 +61,8 @@ def main():
         srv.host, srv.port, srv.api_key, srv.proc = host, int(port), None, None
         pid = a.pid
     else:
-        args = ["-np", str(a.np), "-c", str(a.ctx), "--queue", str(max(64, 2 * a.clients))] + a.extra.split()
+        args = ["-np", str(a.np), "-c", str(a.ctx), "--queue", str(max(64, 2 * a.clients)),
+                "--prefix-mem", a.prefix_mem] + a.extra.split()
         srv = K.Server(a.build, args, name="serve_load", threads=a.threads).start()
         pid = srv.pid()
     warmup = a.warmup if a.warmup is not None else 0.2 * a.duration
@@ -195,19 +199,30 @@ def main():
     except OSError:
         alive = False
 
-    rss = [(t, r) for t, r, *_ in samples if r is not None and t >= warmup]
-    half = warmup + (a.duration - warmup) / 2
-    first = [r for t, r in rss if t < half]
-    second = [r for t, r in rss if t >= half]
-    rss_first, rss_second = (max(first) if first else None), (max(second) if second else None)
-    rss_flat = None if rss_first is None or rss_second is None else \
-        rss_second <= rss_first * 1.05 + 16 * 1024
+    def flat(series):
+        """(peak of the first half after warm-up, of the second half, flat?) in KiB"""
+        half = warmup + (a.duration - warmup) / 2
+        first = [v for t, v in series if warmup <= t < half]
+        second = [v for t, v in series if t >= half]
+        if not first or not second:
+            return None, None, None
+        return max(first), max(second), max(second) <= max(first) * 1.05 + 16 * 1024
+    rss = [(t, r) for t, r, *_ in samples if r is not None]
+    # RSS less the KV bytes /metrics accounts for (sequences and prefix cache)
+    rss_other = [(t, r - ((kv or 0) + (pb or 0)) / 1024) for t, r, kv, pb, _ in samples if r is not None]
+    rss_first, rss_second, rss_flat_raw = flat(rss)
+    oth_first, oth_second, rss_flat = flat(rss_other)
     kv_back = end.get("kv_bytes_sequences") == 0
+    def parse_bytes(v):
+        mult = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+        return int(float(v[:-1]) * mult[v[-1].upper()]) if v and v[-1].upper() in mult else int(v)
     checks = {"no_failed_request": stats["failed"] == 0 and stats["ok"] > 0,
-              "server_alive": alive, "rss_flat_after_warmup": rss_flat,
+              "server_alive": alive, "rss_flat_after_warmup": rss_flat_raw,
               "kv_back_to_prefix_cache": kv_back}
     rc = None
-    if srv.proc:
+    if srv.proc:     # the server it started: the prefix cache within its --prefix-mem once idle
+        checks["prefix_cache_within_prefix_mem"] = end.get("prefix_cache_bytes") is not None and \
+            end["prefix_cache_bytes"] <= parse_bytes(a.prefix_mem)
         rc = srv.stop()
         checks["clean_exit"] = rc == 0
     summary = {
@@ -218,7 +233,9 @@ def main():
         "rss_mib": {"start": round(samples[0][1] / 1024, 1) if samples and samples[0][1] else None,
                     "peak_first_half": round(rss_first / 1024, 1) if rss_first else None,
                     "peak_second_half": round(rss_second / 1024, 1) if rss_second else None,
-                    "end": round(rss[-1][1] / 1024, 1) if rss else None},
+                    "end": round(rss[-1][1] / 1024, 1) if rss else None, "raw_flat": rss_flat_raw,
+                    "less_kv_peak_first_half": round(oth_first / 1024, 1) if oth_first else None,
+                    "less_kv_peak_second_half": round(oth_second / 1024, 1) if oth_second else None},
         "kv_bytes_sequences_peak": max((s[2] for s in samples if s[2] is not None), default=None),
         "end": end, "exit_status": rc, "checks": checks,
         "failures": stats["failures"],
