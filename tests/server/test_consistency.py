@@ -297,4 +297,26 @@ finally:
     rc = srv.stop()
     C.ok("server alive at the end", alive, srv.log_tail())
     C.eq("SIGTERM: clean exit status 0", rc, 0)
+
+# ---------------------------------------------------------------------------- --prefix-mem bound
+# unreferenced blocks are evicted LRU within --prefix-mem: once idle, the cache is within it
+PM = 8 << 20
+srv = K.Server(build, ["-np", "2", "-c", "2048", "--prefix-mem", str(PM)], name="server_consistency_pm")
+try:
+    srv.start()
+    sizes = []
+    for i in range(5):
+        st, j, raw = srv.post("/v1/completions", {"prompt": K.austen_text(2000, 200000 + i * 5000),
+                                                  "max_tokens": 2, "temperature": 0})
+        m = srv.metrics()
+        sizes.append((st, K.metric(m, "kvsieve:prefix_cache_bytes"),
+                      K.metric(m, "kvsieve:prefix_cache_evictions_total")))
+    C.ok("--prefix-mem 8M: requests answered, blocks evicted", all(x[0] == 200 for x in sizes) and
+         (sizes[-1][2] or 0) > 0, K.short(sizes))
+    C.ok("--prefix-mem 8M: the idle prefix cache holds at most 8 MiB after each request",
+         all(x[1] is not None and x[1] <= PM for x in sizes), f"prefix_cache_bytes {[x[1] for x in sizes]}")
+except RuntimeError as e:
+    C.ok("server with --prefix-mem starts", False, str(e))
+finally:
+    C.eq("SIGTERM (--prefix-mem server): clean exit status 0", srv.stop(), 0)
 C.finish()
