@@ -170,15 +170,21 @@ try:
     # continuations of a passage (an instruct model answers a bare question with end-of-turn)
     p1 = passage + "\n\nThe next morning,"
     p2 = passage + "\n\nThat evening, after dinner,"
-    ref1, ref2 = cli_run(p1, N_GEN), cli_run(p2, N_GEN)
-    C.ok("prefix: the CLI's references are not trivial (>= 8 tokens each)",
-         ref1["generated_tokens"] >= 8 and ref2["generated_tokens"] >= 8, f"{ref1} {ref2}")
     cold, u_cold, err = complete(p1)
-    if not C.eq("prefix: cold request = CLI", cold, ref1["text"]):
-        # diagnosis: does the server compute like the CLI with accumulated-attention statistics?
-        h2o = cli_run(p1, N_GEN, kv="h2o:budget=16000")
-        C.note(f"diagnosis: `kvsieve run --kv h2o:budget=16000` (full cache, accumulated attention "
-               f"kept) gives {'the server' if h2o['text'] == cold else 'another'}'s text: {h2o['text']!r}")
+    if K.SANITIZE:      # the CLI under ASan on ~700 tokens is slow; make test compares it
+        C.skip("prefix: long prompts against the CLI", "under the sanitizers; make test runs it")
+        ref1 = ref2 = None
+    else:
+        ref1, ref2 = cli_run(p1, N_GEN), cli_run(p2, N_GEN)
+        C.ok("prefix: the CLI's references are not trivial (>= 8 tokens each)",
+             ref1["generated_tokens"] >= 8 and ref2["generated_tokens"] >= 8, f"{ref1} {ref2}")
+        if not C.eq("prefix: cold request (long prompt) = CLI", cold, ref1["text"]):
+            # diagnosis: does the server compute like the CLI with accumulated-attention statistics?
+            h2o = cli_run(p1, N_GEN, kv="h2o:budget=16000")
+            C.note(f"diagnosis: `kvsieve run --kv h2o:budget=16000` (full cache, accumulated attention "
+                   f"kept) gives {'the server' if h2o['text'] == cold else 'another'}'s text: {h2o['text']!r}")
+    C.ok("prefix: cold answer not trivial (>= 8 tokens)", (u_cold.get("completion_tokens") or 0) >= 8,
+         f"{err} {K.short(u_cold)}")
     C.eq("prefix: cold request cached_tokens 0",
          (u_cold.get("prompt_tokens_details") or {}).get("cached_tokens"), 0)
     hot, u_hot, err = complete(p1)
@@ -190,7 +196,12 @@ try:
     cached2 = (u_other.get("prompt_tokens_details") or {}).get("cached_tokens")
     C.ok("prefix: shared passage hits the cache for a new question",
          isinstance(cached2, int) and cached2 > 0, K.short(u_other))
-    C.eq("prefix: new question with a prefix hit = CLI without one", other, ref2["text"])
+    other_nc, u_nc, err = complete(p2, cache_prompt=False)
+    C.eq("prefix: new question with a prefix hit = without one (cache_prompt false)", other, other_nc)
+    C.eq("prefix: cache_prompt false reuses nothing",
+         (u_nc.get("prompt_tokens_details") or {}).get("cached_tokens"), 0)
+    if ref2 is not None:
+        C.eq("prefix: new question with a prefix hit = CLI without one", other, ref2["text"])
     C.note(f"prefix: prompt {u_hot.get('prompt_tokens')} tokens, cached {cached} and {cached2}")
 
     # ------------------------------------------------------------------------ shared blocks never change
