@@ -236,6 +236,7 @@ def main():
                     "end": round(rss[-1][1] / 1024, 1) if rss else None, "raw_flat": rss_flat_raw,
                     "less_kv_peak_first_half": round(oth_first / 1024, 1) if oth_first else None,
                     "less_kv_peak_second_half": round(oth_second / 1024, 1) if oth_second else None},
+        "rss_series_mib": [[round(t), round(r / 1024, 1)] for i, (t, r) in enumerate(rss) if i % 10 == 0],
         "kv_bytes_sequences_peak": max((s[2] for s in samples if s[2] is not None), default=None),
         "end": end, "exit_status": rc, "checks": checks,
         "failures": stats["failures"],
