@@ -39,7 +39,9 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--clients", type=int, default=32)
     ap.add_argument("--duration", type=float, default=300, help="seconds of load (default 300)")
-    ap.add_argument("--warmup", type=float, default=None, help="seconds before RSS counts (default 20%%)")
+    ap.add_argument("--warmup", type=float, default=None,
+                    help="seconds before RSS counts (default max(20%%, min(60 s, half the run)); RSS "
+                         "grows for about a minute while the allocator and the prefix cache fill)")
     ap.add_argument("--url", help="a running server (loopback only); default: start one")
     ap.add_argument("--pid", type=int, help="the running server's PID, for RSS (with --url)")
     ap.add_argument("--build", default=os.path.join(ROOT, "build"))
@@ -65,7 +67,7 @@ def main():
                 "--prefix-mem", a.prefix_mem] + a.extra.split()
         srv = K.Server(a.build, args, name="serve_load", threads=a.threads).start()
         pid = srv.pid()
-    warmup = a.warmup if a.warmup is not None else 0.2 * a.duration
+    warmup = a.warmup if a.warmup is not None else max(0.2 * a.duration, min(60, 0.5 * a.duration))
     st, j, raw = srv.json("GET", "/v1/models")
     model_id = j["data"][0]["id"]
 

@@ -11,7 +11,6 @@
 """
 import json
 import os
-import re
 import socket
 import subprocess
 import sys
@@ -206,20 +205,13 @@ try:
 
     # ------------------------------------------------------------------------ shared blocks never change
     def block_sums():
-        """{block id: checksum} from /slots or /metrics, {} when the server exposes none"""
-        sums = {}
-        try:
-            st, j, raw = srv.json("GET", "/slots")
-            txt = raw.decode(errors="replace")
-            for m in re.finditer(r'"(?:id|block|hash)"\s*:\s*"?([0-9a-fx]+)"?[^{}]*?"checksum"\s*:\s*"?([0-9a-fx]+)', txt):
-                sums[m.group(1)] = m.group(2)
-            st, _, mt = srv.request("GET", "/metrics")
-            for m in re.finditer(r'kvsieve[:_]prefix_block_checksum\{[^}]*(?:block|id)="([^"]+)"[^}]*\}\s+(\S+)',
-                                 mt.decode(errors="replace")):
-                sums[m.group(1)] = m.group(2)
-        except (OSError, ValueError):
-            pass
-        return sums
+        """{block key: (checksum, checksum_at_insert)} of the prefix cache's nodes (GET /prefixes,
+        docs/SERVER.md); {} when the server has no such endpoint"""
+        st, j, raw = srv.json("GET", "/prefixes")
+        if st != 200 or not isinstance(j, list):
+            return {}
+        return {n.get("block"): (n.get("checksum"), n.get("checksum_at_insert")) for n in j
+                if isinstance(n, dict)}
     before = block_sums()
     pbytes0 = kv_bytes_prefix(srv.metrics())
     comp = ["snapkv:ratio=0.25", "h2o:ratio=0.3+kivi:bits=4", "tova:budget=128", "full+kivi:bits=2"]
@@ -228,8 +220,12 @@ try:
     def comp_one(i):
         comp_res[i] = complete(p1 if i % 2 else p2, kv=comp[i])
     ths = [threading.Thread(target=comp_one, args=(i,)) for i in range(4)]
+    during = []
     for t in ths:
         t.start()
+    while any(t.is_alive() for t in ths):       # the checksums while they compress
+        during.append(block_sums())
+        time.sleep(0.2)
     for t in ths:
         t.join()
     C.ok("prefix: 4 compressing requests on the cached passage answered",
@@ -246,14 +242,18 @@ try:
            f"{kv_bytes_prefix(srv.metrics())} after")
     if before:
         after = block_sums()
-        changed = {k: (v, after[k]) for k, v in before.items() if k in after and after[k] != v}
-        C.ok(f"shared prefix blocks' checksums unchanged after 4 compressing requests ({len(before)} blocks)",
-             not changed, K.short(changed))
-        C.ok("shared prefix blocks still listed", any(k in after for k in before), K.short(after))
+        C.ok(f"/prefixes: every node's checksum = its checksum at insertion ({len(before)} nodes before)",
+             all(a == b for a, b in before.values()), K.short(before))
+        bad = [(k, v) for snap in during + [after] for k, v in snap.items() if v[0] != v[1]]
+        C.ok(f"/prefixes: checksums = at insertion while 4 compressing requests ran ({len(during)} "
+             f"snapshots) and after them", not bad, K.short(bad[:3]))
+        changed = {k: (v[0], after[k][0]) for k, v in before.items() if k in after and after[k][0] != v[0]}
+        C.ok("/prefixes: the blocks listed before have the same checksum after", not changed, K.short(changed))
+        C.ok("/prefixes: the passage's blocks are still cached after them", sum(k in after for k in before) > 0,
+             K.short(after))
     else:
-        C.skip("shared prefix block checksums", "the server exposes no per-block checksum on /slots or "
-               "/metrics (docs/SERVER.md); checked through the outputs above, and in the engine by "
-               "test_serve_engine (kvs_prefix_checksum)")
+        C.skip("shared prefix block checksums", "the server has no GET /prefixes (docs/SERVER.md); "
+               "checked through the outputs above, and in the engine by test_serve_engine")
 
     # ------------------------------------------------------------------------ disconnects free KV
     def wait_idle(timeout=60):
