@@ -205,7 +205,7 @@ static bool check_job(struct sched *S, struct job *j) {
             snprintf(msg, sizeof msg, "the prompt has %d tokens, but the context holds %d (the "
                      "server's -c; shorten the prompt or use a 'kv' policy that bounds the "
                      "cache)", j->n_prompt, maxp);
-            fail(S, j, 400, "invalid_request_error", "messages", msg);
+            fail(S, j, 400, "invalid_request_error", j->p.kind == SRV_CHAT ? "messages" : "prompt", msg);
             return false;
         }
     }
@@ -283,7 +283,7 @@ static bool admit(struct sched *S, struct job *j, int slot) {
         char msg[300];
         snprintf(msg, sizeof msg, "the prompt has %d tokens, but the context holds %d",
                  j->n_prompt, r->max_past);
-        fail(S, j, 400, "invalid_request_error", "messages", msg);
+        fail(S, j, 400, "invalid_request_error", j->p.kind == SRV_CHAT ? "messages" : "prompt", msg);
         return true;
     }
     r->reserved = need;
