@@ -233,6 +233,8 @@ static void push_tok(struct run *r, int32_t t) {
     r->toks[r->n_toks++] = t;
 }
 
+static void compress_prefix(struct sched *S, struct job *j);
+
 /* try to admit waiting job j into a free slot (under mu); false when it does not fit now */
 static bool admit(struct sched *S, struct job *j, int slot) {
     struct srv *srv = S->srv;
@@ -355,7 +357,25 @@ static bool admit(struct sched *S, struct job *j, int slot) {
         srv->st.prefix_tokens_reused += (uint64_t)r->n_fed;
     }
     r->hold_end = nb * BLOCK;
+    if (r->n_fed == r->hold_end) compress_prefix(S, j);
     return true;
+}
+
+/* the sequence holds exactly the prompt's whole blocks (attached or fed with .hold): compress
+ * that prefix once under the request's prefix_kv, for later requests with the same spec */
+static void compress_prefix(struct sched *S, struct job *j) {
+    struct run *r = j->run;
+    if (!r->pkv || r->n_fed == 0) return;
+    uint64_t ck = spec_key(r->pkv, r->chain_key);
+    if (pc_find(&S->pc, ck, true)) return;
+    kvs_prefix *cp;
+    enum kvs_status st = kvs_prefix_compress(S->srv->ctx, r->seq, r->pkv, &cp);
+    if (st != KVS_OK) {
+        fprintf(stderr, "kvsieve serve: prefix_kv '%s' not applied: %s\n", r->pkv, kvs_last_error());
+        return;
+    }
+    pc_insert(&S->pc, ck, true, cp);
+    S->srv->st.prefix_evictions += pc_evict(&S->pc, (uint64_t)S->srv->cfg.prefix_mem);
 }
 
 /* after a prompt chunk with .hold ends on a block boundary: publish the block */
@@ -380,17 +400,7 @@ static void publish_block(struct sched *S, struct job *j) {
     if (r->last) kvs_prefix_unref(r->last);
     r->last = p;
     srv->st.prefix_evictions += pc_evict(&S->pc, (uint64_t)srv->cfg.prefix_mem);
-    /* the whole cached chain is fed: compress it once under prefix_kv */
-    if (r->n_fed == r->hold_end && r->pkv) {
-        uint64_t ck = spec_key(r->pkv, key);
-        if (!pc_find(&S->pc, ck, true)) {
-            kvs_prefix *cp;
-            if (kvs_prefix_compress(srv->ctx, r->seq, r->pkv, &cp) == KVS_OK) {
-                pc_insert(&S->pc, ck, true, cp);
-                srv->st.prefix_evictions += pc_evict(&S->pc, (uint64_t)srv->cfg.prefix_mem);
-            }
-        }
-    }
+    if (r->n_fed == r->hold_end) compress_prefix(S, j);
 }
 
 /* earliest position >= from where a stop string occurs in full (*full) or may start (return) */
