@@ -55,8 +55,9 @@ void job_append_out(struct job *j, const char *s, size_t n) {
 struct conn { /* per HTTP request */
     char *body;
     size_t len, cap;
-    bool too_large, answered;
+    bool too_large, answered, counted;
 };
+static int g_active; /* requests between submission and the end of their response (under mu) */
 
 static enum MHD_Result send_text(struct MHD_Connection *c, unsigned status, const char *type,
                                  const char *s, size_t n) {
@@ -433,6 +434,8 @@ static enum MHD_Result handle_completion(struct srv *srv, struct MHD_Connection 
     }
     /* submit */
     pthread_mutex_lock(&srv->mu);
+    g_active++;
+    cs->counted = true;
     if (srv->stopping || srv->n_queued >= srv->cfg.queue) {
         bool stop = srv->stopping;
         j->refs = 1;
@@ -469,7 +472,7 @@ static enum MHD_Result handle_completion(struct srv *srv, struct MHD_Connection 
             pthread_cond_signal(&srv->cv_sched);
         }
     }
-    if (j->failed && (!stream || j->state == J_DONE) && !j->out_len) {
+    if (j->failed && (!stream || j->state == J_DONE)) {
         struct srv_error err = j->err;
         job_release(j);
         pthread_mutex_unlock(&srv->mu);
@@ -852,10 +855,15 @@ static enum MHD_Result on_request(void *cls, struct MHD_Connection *c, const cha
 
 static void on_completed(void *cls, struct MHD_Connection *c, void **con_cls,
                          enum MHD_RequestTerminationCode toe) {
-    (void)cls;
+    struct srv *srv = cls;
     (void)c;
     (void)toe;
     struct conn *cs = *con_cls;
+    if (cs && cs->counted) {
+        pthread_mutex_lock(&srv->mu);
+        g_active--;
+        pthread_mutex_unlock(&srv->mu);
+    }
     if (cs) {
         free(cs->body);
         free(cs);
@@ -1040,7 +1048,7 @@ int serve_main(int argc, char **argv) {
         return 1;
     }
     struct MHD_Daemon *d = MHD_start_daemon(
-        MHD_USE_THREAD_PER_CONNECTION | MHD_USE_INTERNAL_POLLING_THREAD | MHD_USE_POLL,
+        MHD_USE_THREAD_PER_CONNECTION | MHD_USE_INTERNAL_POLLING_THREAD | MHD_USE_POLL | MHD_USE_ITC,
         (uint16_t)cfg->port, NULL, NULL, on_request, srv, MHD_OPTION_SOCK_ADDR, &sin,
         MHD_OPTION_NOTIFY_COMPLETED, on_completed, srv, MHD_OPTION_CONNECTION_TIMEOUT,
         (unsigned)600, MHD_OPTION_CONNECTION_LIMIT, (unsigned)1024, MHD_OPTION_END);
@@ -1067,7 +1075,17 @@ int serve_main(int argc, char **argv) {
     pthread_mutex_lock(&srv->mu);
     pthread_cond_broadcast(&srv->cv_out);
     pthread_mutex_unlock(&srv->mu);
-    if (d) MHD_stop_daemon(d);
+    if (d) { /* stop accepting, let the answers in flight go out (at most 2 s), then close */
+        MHD_quiesce_daemon(d);
+        for (int k = 0; k < 200; k++) {
+            pthread_mutex_lock(&srv->mu);
+            int a = g_active;
+            pthread_mutex_unlock(&srv->mu);
+            if (!a) break;
+            usleep(10000);
+        }
+        MHD_stop_daemon(d);
+    }
     /* anything submitted after the inference thread stopped */
     while (srv->submitted) {
         struct job *j = srv->submitted;
