@@ -212,6 +212,11 @@ const char *kvs_seq_kv(const kvs_context *c, const kvs_sequence *s); /* normalis
 /* Most tokens s may consume under its policy: n_ctx, or KVS_PAST_MAX when its policy bounds the
  * cache (see kvs_context_max_tokens). */
 int kvs_seq_max_tokens(const kvs_context *c, const kvs_sequence *s);
+/* Pin the first n_tokens positions of s: its policy ranks their entries above every other, so a
+ * budgeted cache that keeps generating past the context never drops them (a system prompt, the
+ * start of a conversation) as long as its budget holds them (scorers that merge may still fold
+ * other entries into them). 0 unpins. */
+void kvs_seq_pin(kvs_context *c, kvs_sequence *s, int n_tokens);
 /* Upper bound of kvs_seq_kv_bytes for a sequence under kv_spec (NULL = the context's) that will
  * consume at most n_tokens tokens (n_ctx bounds it too), at any moment of its life: for admission
  * control. Shared prefix entries are not counted (they belong to their prefix). -1 on a bad spec. */

@@ -492,6 +492,11 @@ enum kvs_status kvs_seq_set_kv(kvs_context *c, kvs_sequence *s, const char *kv_s
     return KVS_OK;
 }
 
+void kvs_seq_pin(kvs_context *c, kvs_sequence *s, int n_tokens) {
+    (void)c;
+    s->kv->pin = n_tokens > 0 ? n_tokens : 0;
+}
+
 const char *kvs_seq_kv(const kvs_context *c, const kvs_sequence *s) {
     (void)c;
     return s->prof->spec.text;

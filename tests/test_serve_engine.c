@@ -9,12 +9,13 @@
  *     sequences read them; reference counts; and the errors of each call.
  */
 #include "kvsieve.h"
+#include "engine.h" /* the store's positions, for the pinning check */
 #include "testutil.h"
 
 #include <stdint.h>
 
 static kvs_model *model;
-static int n_vocab;
+static int n_vocab, mi_layers, mi_heads_kv;
 
 enum { G = 6 /* greedy decode steps per sequence */, MAXS = 16 };
 
@@ -309,6 +310,36 @@ static void test_prefixes(const int32_t *toks, int n) {
     free(ref), free(got);
 }
 
+/* Pinned positions survive a budget far below the tokens seen; unpinned, some of them go. */
+static void test_pin(const int32_t *toks, int n) {
+    kvs_context *c = new_ctx(2, 32);
+    const int pin = 20;
+    int kept[2];
+    for (int pinned = 0; pinned < 2; pinned++) {
+        kvs_sequence *s;
+        CHECK(kvs_seq_new(c, &s) == KVS_OK);
+        CHECK(kvs_seq_set_kv(c, s, pinned ? "tova:budget=32,every=1" : "tova:budget=32,every=1") == KVS_OK);
+        if (pinned) kvs_seq_pin(c, s, pin);
+        feed(c, s, toks, n, 32, false, NULL);
+        int all = 1, some = 0;
+        for (int il = 0; il < mi_layers; il++)
+            for (int ih = 0; ih < mi_heads_kv; ih++) {
+                const struct kv_head_store *h = kv_seq_head(s->kv, il, ih);
+                int k = 0;
+                for (int j = 0; j < h->n; j++) k += h->pos[j] < pin;
+                all &= k == pin;
+                some += k;
+            }
+        kept[pinned] = some;
+        if (pinned) CHECKF(all, "pinned: %d of %d pinned entries kept", some, pin * mi_layers * mi_heads_kv);
+        kvs_seq_free(c, s);
+    }
+    CHECKF(kept[0] < kept[1], "unpinned kept %d, pinned %d of the first %d positions", kept[0], kept[1], pin);
+    fprintf(stderr, "pin %d of %d tokens under tova:budget=32: first positions kept %d (unpinned %d) of %d\n",
+            pin, n, kept[1], kept[0], pin * mi_layers * mi_heads_kv);
+    kvs_context_free(c);
+}
+
 int main(void) {
     const char *path = tu_model_path();
     if (!path) {
@@ -322,6 +353,7 @@ int main(void) {
     struct kvs_model_info mi;
     kvs_model_get_info(model, &mi);
     n_vocab = mi.n_vocab;
+    mi_layers = mi.n_layer, mi_heads_kv = mi.n_head_kv;
     const char *text =
         "It is a truth universally acknowledged, that a single man in possession of a good "
         "fortune, must be in want of a wife. However little known the feelings or views of such "
@@ -338,6 +370,7 @@ int main(void) {
     CHECKF(n > 180 && n < 512, "%d tokens", n);
     test_batch_invariance(toks, n);
     test_prefixes(toks, n);
+    test_pin(toks, n);
     kvs_model_free(model);
     return tu_finish("test_serve_engine");
 }

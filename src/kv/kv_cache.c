@@ -79,6 +79,7 @@ void kv_seq_clear(struct kv_seq *s) {
         memset(s->q_head, 0, sizeof(int32_t) * c->n_layer);
     }
     s->rng = 0x853c49e6748fea9bull;
+    s->pin = 0;
     memset(s->pstate, 0, sizeof(float) * c->n_layer * KV_PSTATE);
 }
 
@@ -327,6 +328,7 @@ enum kvs_status kv_seq_copy(struct kv_seq *dst, const struct kv_seq *src) {
     kv_seq_copy_queries(dst, src);
     memcpy(dst->pstate, src->pstate, sizeof(float) * dc->n_layer * KV_PSTATE);
     dst->rng = src->rng;
+    dst->pin = src->pin;
     return KVS_OK;
 }
 

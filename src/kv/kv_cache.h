@@ -65,6 +65,7 @@ struct kv_cache {
 struct kv_seq {
     struct kv_cache *owner;
     bool with_acc;           /* its entries carry the accumulated-attention slot (set while empty) */
+    int32_t pin;             /* entries at positions below it outrank every other in plans */
     struct kv_head_store *h; /* (n_layer, n_head_kv) */
     float *q;                /* (n_layer, qwin, n_head, head_dim) ring of recent queries */
     int32_t *q_pos;          /* (n_layer, qwin) their positions */
