@@ -15,7 +15,7 @@ SIMD    := -mavx2 -mfma -mf16c
 LDLIBS  += -lm -pthread -lxxhash
 BUILD   ?= build
 
-LIB_SRC  := $(filter-out src/main.c, $(wildcard src/*.c src/kv/*.c src/eval/*.c))
+LIB_SRC  := $(filter-out src/main.c, $(wildcard src/*.c src/kv/*.c src/eval/*.c src/batch/*.c))
 LIB_OBJ  := $(LIB_SRC:src/%.c=$(BUILD)/obj/%.o)
 TEST_SRC := $(wildcard tests/test_*.c)
 TEST_BIN := $(TEST_SRC:tests/%.c=$(BUILD)/%)
@@ -24,11 +24,11 @@ MODEL    := models/SmolLM2-135M-Instruct.Q4_1.gguf
 .PHONY: all test test-slow check bench demo eval eval-medium eval-large models models-large data fuzz clean
 all: $(BUILD)/kvsieve $(BUILD)/libkvsieve.a $(BUILD)/libkvsieve.so $(TEST_BIN)
 
-$(BUILD)/obj/%_avx2.o: src/%_avx2.c $(wildcard src/*.h src/kv/*.h src/eval/*.h include/*.h)
+$(BUILD)/obj/%_avx2.o: src/%_avx2.c $(wildcard src/*.h src/kv/*.h src/eval/*.h src/batch/*.h include/*.h)
 	@mkdir -p $(dir $@)
 	$(CC) $(CFLAGS) $(SIMD) -c $< -o $@
 
-$(BUILD)/obj/%.o: src/%.c $(wildcard src/*.h src/kv/*.h src/eval/*.h include/*.h)
+$(BUILD)/obj/%.o: src/%.c $(wildcard src/*.h src/kv/*.h src/eval/*.h src/batch/*.h include/*.h)
 	@mkdir -p $(dir $@)
 	$(CC) $(CFLAGS) -c $< -o $@
 
