@@ -21,7 +21,7 @@ TEST_SRC := $(wildcard tests/test_*.c)
 TEST_BIN := $(TEST_SRC:tests/%.c=$(BUILD)/%)
 MODEL    := models/SmolLM2-135M-Instruct.Q4_1.gguf
 
-.PHONY: all test test-slow check bench demo eval eval-medium eval-large models models-large data fuzz clean
+.PHONY: all test test-slow check bench bench-compare demo eval eval-medium eval-large models models-large data fuzz clean
 all: $(BUILD)/kvsieve $(BUILD)/libkvsieve.a $(BUILD)/libkvsieve.so $(TEST_BIN)
 
 $(BUILD)/obj/%_avx2.o: src/%_avx2.c $(wildcard src/*.h src/kv/*.h src/eval/*.h src/batch/*.h include/*.h)
@@ -82,6 +82,11 @@ BENCH_KV ?= full+kivi:bits=8 full+kivi:bits=4 full+kivi:bits=2 full+think:prune=
 bench: all models
 	$(BUILD)/kvsieve bench --json
 	@for kv in $(BENCH_KV); do $(BUILD)/kvsieve bench --json -q --contexts 8000 --kv $$kv || exit 1; done
+
+# kvsieve against llama.cpp's llama-bench (built once from llama-cpp-python's sdist under
+# .cache/llamacpp by tools/build_llamacpp.sh): medians of interleaved runs, one table of ratios
+bench-compare: all models
+	tools/bench_compare.py --json $(BUILD)/bench_compare.jsonl
 
 # The evaluation harness's default grid on SmolLM2 (results/sweep: results.jsonl, report.md,
 # plots/); rerunning resumes. eval-medium / eval-large: the Qwen2.5-1.5B grids (1 h / 7 h).
