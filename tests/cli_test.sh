@@ -120,7 +120,7 @@ if [ -f "$model" ]; then
     printf 'It is a truth universally acknowledged, that a single man in possession of a good fortune, must be in want of a wife.\n' > "$tmp/text.txt"
     check "ppl json" 0 "" -- bash -o pipefail -c "'$bin' ppl --json -m '$model' -f '$tmp/text.txt' --chunk 7 | python3 -c 'import json,sys; d=json.load(sys.stdin); assert 1 < d[\"ppl\"] < 100, d'"
     check "chat stdin" 0 "." -- bash -o pipefail -c "printf 'Say hello.\n' | '$bin' chat -m '$model' --temp 0 -n 16 -q"
-    check "bench json" 0 "" -- bash -o pipefail -c "'$bin' bench --json -q -m '$model' --prompt 64 --contexts 32,128 --decode 4 | python3 -c 'import json,sys; d=json.load(sys.stdin); assert d[\"prefill\"][\"tok_s\"]>0 and len(d[\"decode\"])==2, d'"
+    check "bench json" 0 "" -- bash -o pipefail -c "'$bin' bench --json -q -m '$model' --prompt 64 --contexts 32,128 --decode 4 | python3 -c 'import json,sys; d=json.load(sys.stdin); p=d[\"prefill\"]; r=d[\"decode\"][1]; assert p[\"tok_s\"]>0 and len(d[\"decode\"])==2 and d[\"reps\"]==3 and p[\"tok_s_min\"]<=p[\"tok_s\"]<=p[\"tok_s_max\"] and r[\"tok_s_min\"]<=r[\"tok_s\"]<=r[\"tok_s_max\"] and d[\"bandwidth_gb_s_min\"]<=d[\"bandwidth_gb_s\"], d'"
     # KV cache files: prefill a document once (-n 0) and save it, then continue from the file
     doc="The capital of France is Paris. The capital of Germany is Berlin."
     q=" The capital of Italy is"
