@@ -286,7 +286,7 @@ enum kvs_status brun_run(kvs_context *c, const kvs_model *m, const struct brun_r
     struct kvs_batch_item *items = malloc(sizeof *items * (size_t)R.n_slots);
     int *iw = malloc(sizeof(int) * (size_t)R.n_slots);
     if (rc == KVS_OK && (!items || !iw)) rc = kvs_fail(KVS_ERR_NOMEM, "out of memory");
-    while (rc == KVS_OK && R.done_count < R.total) {
+    while (rc == KVS_OK && R.done_count < R.total && !(cb->stop && *cb->stop)) {
         rc = admit(&R);
         if (rc != KVS_OK) break;
         if (R.n_work > st->max_running) st->max_running = R.n_work;
@@ -375,10 +375,10 @@ enum kvs_status brun_run(kvs_context *c, const kvs_model *m, const struct brun_r
         }
         if (cb->progress) cb->progress(cb->user, R.done_count, R.total, st->gen_tokens);
     }
-    /* on an engine failure: release everything still running */
+    /* on an engine failure or a stop: release everything still running */
     for (int i = 0; i < R.n_slots; i++)
         if (R.w[i].kind != W_FREE) {
-            if (R.w[i].kind == W_MEMBER) R.st->n_errors++;
+            if (R.w[i].kind == W_MEMBER && rc != KVS_OK) R.st->n_errors++;
             if (R.w[i].s) kvs_seq_free(c, R.w[i].s);
             kvs_sampler_free(R.w[i].smp);
         }

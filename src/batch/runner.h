@@ -37,6 +37,9 @@ struct brun_cb {
     /* after every step: requests done (and skipped) out of all, tokens generated so far */
     void (*progress)(void *user, int done, int total, int64_t gen_tokens);
     void *user;
+    /* when non-NULL and set (a signal handler): stop after the current step; requests not
+     * finished get no done call (a rerun can resume them) */
+    volatile int *stop;
 };
 
 struct brun_opts {
