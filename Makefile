@@ -15,7 +15,7 @@ SIMD    := -mavx2 -mfma -mf16c
 LDLIBS  += -lm -pthread -lxxhash
 BUILD   ?= build
 
-LIB_SRC  := $(filter-out src/main.c, $(wildcard src/*.c src/kv/*.c src/eval/*.c))
+LIB_SRC  := $(filter-out src/main.c, $(wildcard src/*.c src/kv/*.c src/eval/*.c src/page/*.c))
 LIB_OBJ  := $(LIB_SRC:src/%.c=$(BUILD)/obj/%.o)
 TEST_SRC := $(wildcard tests/test_*.c)
 TEST_BIN := $(TEST_SRC:tests/%.c=$(BUILD)/%)
@@ -29,6 +29,11 @@ $(BUILD)/obj/%_avx2.o: src/%_avx2.c $(wildcard src/*.h src/kv/*.h src/eval/*.h i
 	$(CC) $(CFLAGS) $(SIMD) -c $< -o $@
 
 $(BUILD)/obj/%.o: src/%.c $(wildcard src/*.h src/kv/*.h src/eval/*.h include/*.h)
+	@mkdir -p $(dir $@)
+	$(CC) $(CFLAGS) -c $< -o $@
+
+# the paging library (src/page/) reads only base.h and its own headers
+$(BUILD)/obj/page/%.o: src/page/%.c $(wildcard src/page/*.h) src/base.h include/kvsieve.h
 	@mkdir -p $(dir $@)
 	$(CC) $(CFLAGS) -c $< -o $@
 
