@@ -360,8 +360,10 @@ static enum kvs_status arc_new(const struct page_cfg *cfg, struct page_cache **o
  * at most F_A(t_A) + F_B(t_B) + k S (t_X: the end of X's last stretch, S switches). The last
  * leader L had not switched: F_L(n) <= beta min(F_A, F_B) + k; the other one O was left at some
  * t with F_O(t) <= beta F_L(t) + k + 1 (one request adds one fault at most) <= beta F_L(n) + k +
- * 1. Hence faults <= (beta + beta^2) min(F_pred, F_lru) + (beta + 2) k + 1 + k S. From one switch
- * to the next of the same side its faults grow by more than beta^2, so S is O(log n). */
+ * 1. Hence faults <= (beta + beta^2) min(F_pred, F_lru) + (beta + 2) k + 1 + k S.
+ * Switches: leaving X at t needs F_X(t) > beta F_Y(t) + k > k, and leaving X again at t' after
+ * leaving Y in between needs F_X(t') > beta F_Y(t'') + k > beta^2 F_X(t): each side's faults at
+ * its switches exceed k and grow by beta^2, so S <= 2 + 2 log_{beta^2}(n / k). */
 
 struct robust {
     struct page_cache base;
@@ -435,7 +437,7 @@ static enum kvs_status robust_new(const struct page_cfg *cfg, struct page_cache 
     struct robust *r = calloc(1, sizeof *r);
     if (!r) return kvs_fail(KVS_ERR_NOMEM, "page cache: out of memory");
     r->base.vt = &ROBUST_I;
-    r->beta = cfg->beta > 0 ? cfg->beta : 2.0;
+    r->beta = cfg->beta > 0 ? cfg->beta : PAGE_ROBUST_BETA;
     size_t k = (size_t)cfg->capacity;
     struct page_cfg sc = *cfg;
     enum kvs_status st = KVS_OK;

@@ -68,14 +68,17 @@ struct page_cfg {
      * the cache). Every access must then be the next request of this trace. */
     const struct page_req *trace;
     size_t n_trace;
-    /* PAGE_PRED_ROBUST: the switching factor beta >= 1 (0 = default 2). The combination follows
+    /* PAGE_PRED_ROBUST: the switching factor beta >= 1 (0 = PAGE_ROBUST_BETA). The combination follows
      * PAGE_PRED while its faults F_pred <= beta * F_lru + k, else LRU until F_lru > beta * F_pred
      * + k, and so on; it follows the leader lazily (a fault evicts a page the leader does not
      * hold). Bound, proved in page.c: faults <= (beta + beta^2) * min(F_pred, F_lru) +
-     * (beta + 1) * k + 1 + k * switches, and switches <= 2 + 2 log_{beta^2}(n). With perfect
+     * (beta + 2) * k + 1 + k * switches, and switches <= 2 + 2 log_{beta^2}(n / k). With perfect
      * bits PAGE_PRED never falls behind LRU, so it is followed all along: optimal. */
     double beta;
 };
+/* default switching factor: a bound of 2.31 x the better of pred and LRU (plus O(k log n)); a
+ * larger beta switches less often and later */
+#define PAGE_ROBUST_BETA 1.1
 
 struct page_cache;
 
