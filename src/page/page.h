@@ -142,7 +142,8 @@ void page_invert_bits(struct page_req *trace, size_t n);
  * 0 ("keep") iff the page has been reused before and its smoothed distance is below k (it is
  * expected back before k other pages have been touched, i.e. while an LRU cache of k would
  * still hold it); a first request, or a page whose reuses are k or more distinct pages apart, gets
- * bit 1. The prediction for a request uses only the requests before it. */
+ * bit 1. The prediction for a request uses only the requests before it. Memory: O(distinct
+ * pages), whatever the number of requests; O(log) time per request, amortised. */
 struct page_predictor;
 enum kvs_status page_predictor_new(int64_t k, struct page_predictor **out);
 void page_predictor_free(struct page_predictor *p);

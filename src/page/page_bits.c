@@ -133,6 +133,39 @@ static int64_t fen_sum(const int32_t *f, size_t i) { /* ones in [1, i] */
     return s;
 }
 
+static int cmp_pair(const void *a, const void *b) {
+    int64_t x = ((const int64_t *)a)[0], y = ((const int64_t *)b)[0];
+    return (x > y) - (x < y);
+}
+
+/* The time axis is full: renumber the latest request times of the pages 1..m in their order
+ * (stack distances only count marks between two times, so they are unchanged) and size the axis
+ * to 4m (at least 1024). Memory stays O(distinct pages), however long the predictor runs. */
+static enum kvs_status compact(struct page_predictor *p) {
+    size_t m = p->n_pages, nc = 4 * m > 1024 ? 4 * m : 1024;
+    int64_t *pr = malloc((m ? m : 1) * 2 * sizeof *pr);
+    int32_t *f = calloc(nc + 1, sizeof *f);
+    uint8_t *mk = calloc(nc + 1, 1);
+    if (!pr || !f || !mk) {
+        free(pr), free(f), free(mk);
+        return kvs_fail(KVS_ERR_NOMEM, "predictor: out of memory");
+    }
+    for (size_t i = 0; i < m; i++) pr[2 * i] = p->last[i], pr[2 * i + 1] = (int64_t)i;
+    qsort(pr, m, 2 * sizeof *pr, cmp_pair);
+    for (size_t r = 0; r < m; r++) {
+        p->last[pr[2 * r + 1]] = (int64_t)(r + 1);
+        mk[r + 1] = 1;
+    }
+    for (size_t i = 1; i <= nc; i++) { /* O(n) Fenwick build */
+        f[i] += mk[i];
+        size_t j = i + (i & (0 - i));
+        if (j <= nc) f[j] += f[i];
+    }
+    free(pr), free(p->fen), free(p->mark);
+    p->fen = f, p->mark = mk, p->cap_t = nc, p->t = m;
+    return KVS_OK;
+}
+
 enum kvs_status page_predictor_new(int64_t k, struct page_predictor **out) {
     *out = NULL;
     if (k < 1) return kvs_fail(KVS_ERR_INVALID_ARG, "predictor: capacity %lld < 1", (long long)k);
@@ -165,26 +198,8 @@ int page_predict(struct page_predictor *p, int64_t page) {
         kvs_fail(KVS_ERR_INVALID_ARG, "page id %lld is negative", (long long)page);
         return -1;
     }
+    if (p->t + 1 > p->cap_t && compact(p) != KVS_OK) return -1;
     size_t t = ++p->t;
-    if (t > p->cap_t) { /* grow the time axis, rebuild the tree from the marks */
-        size_t nc = p->cap_t * 2;
-        int32_t *f = calloc(nc + 1, sizeof *f);
-        uint8_t *mk = calloc(nc + 1, 1);
-        if (!f || !mk) {
-            free(f), free(mk);
-            p->t--;
-            kvs_fail(KVS_ERR_NOMEM, "predictor: out of memory");
-            return -1;
-        }
-        memcpy(mk, p->mark, p->cap_t + 1);
-        for (size_t i = 1; i <= nc; i++) {
-            f[i] += mk[i];
-            size_t j = i + (i & (0 - i));
-            if (j <= nc) f[j] += f[i];
-        }
-        free(p->fen), free(p->mark);
-        p->fen = f, p->mark = mk, p->cap_t = nc;
-    }
     int64_t s = pmap_get(&p->map, page);
     int bit = 1;
     if (s < 0) {
