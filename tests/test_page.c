@@ -215,10 +215,17 @@ static void test_noisy_and_adversarial(void) {
             int64_t k = KS[ki], opt;
             CHECK(page_label_discard(truth, n, k, &opt) == KVS_OK);
             int64_t lru = run(PAGE_LRU, k, truth, n);
-            for (size_t fi = 0; fi <= sizeof fracs / sizeof fracs[0]; fi++) {
+            const size_t nf = sizeof fracs / sizeof fracs[0];
+            for (size_t fi = 0; fi < nf + 4; fi++) {
                 memcpy(t, truth, n * sizeof *t);
-                if (fi < sizeof fracs / sizeof fracs[0]) CHECK(page_flip_bits(t, n, fracs[fi], 99 + fi) == KVS_OK);
-                else page_invert_bits(t, n); /* adversarial: every bit wrong */
+                if (fi < nf) CHECK(page_flip_bits(t, n, fracs[fi], 99 + fi) == KVS_OK);
+                else if (fi == nf) page_invert_bits(t, n); /* adversarial: every bit wrong */
+                else if (fi == nf + 1) /* random: fair coins, independent of the truth */
+                    for (size_t i = 0; i < n; i++) t[i].bit = (uint8_t)(tu_rand_u64() >> 63);
+                else /* constant bits: all 1 evicts the least recent page (LRU); all 0 is the
+                        fallback alone, the least recent unmarked page, which is LRU's choice */
+                    for (size_t i = 0; i < n; i++) t[i].bit = fi == nf + 2;
+                if (fi >= nf + 2) CHECK(run(PAGE_PRED, k, t, n) == lru);
                 int64_t ek, ed;
                 count_errors(t, truth, n, &ek, &ed);
                 int64_t pred = run(PAGE_PRED, k, t, n);
