@@ -134,6 +134,11 @@ struct sched {
     float *logits;      /* 64 rows */
     kvs_sequence *probe;
     int n_vocab, step_tokens;
+    struct restored { /* POST /slots/{id}?action=restore: a saved cache and its tokens */
+        char *path;
+        int32_t *toks;
+        int n;
+    } *restored; /* n_parallel */
 };
 
 static void run_free(struct sched *S, struct run *r) {
@@ -272,6 +277,7 @@ static bool admit(struct sched *S, struct job *j, int slot) {
         r->pkv = j->p.prefix_kv ? j->p.prefix_kv : srv->cfg.prefix_kv;
     }
     (void)n_total;
+    r->n_fed = 0;
     enum kvs_status st = kvs_seq_new(srv->ctx, &r->seq);
     if (st == KVS_OK) st = kvs_seq_set_kv(srv->ctx, r->seq, kv);
     if (st != KVS_OK) {
@@ -281,6 +287,15 @@ static bool admit(struct sched *S, struct job *j, int slot) {
         return true;
     }
     r->max_past = kvs_seq_max_tokens(srv->ctx, r->seq);
+    /* a cache restored into this slot, whose tokens start the prompt: continue from it */
+    struct restored *rs = j->p.id_slot == slot ? &S->restored[slot] : NULL;
+    if (rs && rs->path && !r->recompute && rs->n < j->n_prompt &&
+        !memcmp(rs->toks, j->toks, sizeof *rs->toks * (size_t)rs->n)) {
+        if (kvs_seq_load(srv->ctx, r->seq, rs->path) == KVS_OK && kvs_seq_n_past(r->seq) == rs->n) {
+            r->n_fed = rs->n;
+            j->n_cached = rs->n;
+        } else kvs_seq_reset(srv->ctx, r->seq);
+    }
     if (j->n_prompt >= r->max_past) {
         char msg[300];
         snprintf(msg, sizeof msg, "the prompt has %d tokens, but the context holds %d",
@@ -290,7 +305,6 @@ static bool admit(struct sched *S, struct job *j, int slot) {
     }
     r->reserved = need;
     S->reserved += need;
-    r->n_fed = 0;
     r->prompt_done = false;
     r->order = ++S->order;
     r->hold_end = 0;
@@ -308,7 +322,7 @@ static bool admit(struct sched *S, struct job *j, int slot) {
 
     /* prefix cache: attach the longest cached chain of whole blocks (one prompt token at least
      * is left to evaluate), then feed the following whole blocks with .hold and publish them */
-    if (r->recompute || !j->p.cache_prompt || srv->cfg.prefix_mem <= 0) return true;
+    if (r->recompute || r->n_fed || !j->p.cache_prompt || srv->cfg.prefix_mem <= 0) return true;
     int nb = (j->n_prompt - 1) / BLOCK;
     if (nb <= 0) return true;
     uint64_t key = 0, best_key = 0;
@@ -600,6 +614,39 @@ static void snapshot(struct sched *S) {
     srv->st.waiting = w;
 }
 
+/* the tokens of a saved cache, beside it in PATH.tokens: "KVSTOK1\n", count, int32 ids */
+static void save_tokens(const char *path, const int32_t *toks, int n) {
+    char p[4200];
+    snprintf(p, sizeof p, "%s.tokens", path);
+    FILE *f = fopen(p, "wb");
+    if (!f) return;
+    int32_t n32 = n;
+    fwrite("KVSTOK1\n", 1, 8, f);
+    fwrite(&n32, sizeof n32, 1, f);
+    fwrite(toks, sizeof *toks, (size_t)n, f);
+    fclose(f);
+}
+
+static int32_t *load_tokens(const char *path, int *n) {
+    char p[4200], magic[8];
+    snprintf(p, sizeof p, "%s.tokens", path);
+    FILE *f = fopen(p, "rb");
+    if (!f) return NULL;
+    int32_t n32 = 0;
+    int32_t *t = NULL;
+    if (fread(magic, 1, 8, f) == 8 && !memcmp(magic, "KVSTOK1\n", 8) &&
+        fread(&n32, sizeof n32, 1, f) == 1 && n32 > 0 && n32 <= (1 << 24)) {
+        t = malloc(sizeof *t * (size_t)n32);
+        if (t && fread(t, sizeof *t, (size_t)n32, f) != (size_t)n32) {
+            free(t);
+            t = NULL;
+        }
+    }
+    fclose(f);
+    *n = n32;
+    return t;
+}
+
 static void run_cmds(struct sched *S) {
     struct srv *srv = S->srv;
     while (srv->cmds) {
@@ -615,12 +662,44 @@ static void run_cmds(struct sched *S) {
                 c->status = 500;
                 snprintf(c->msg, sizeof c->msg, "%s", kvs_last_error());
             } else snprintf(c->msg, sizeof c->msg, "%d", kvs_seq_n_past(j->run->seq));
+            if (c->status == 200) save_tokens(c->path, j->run->toks, j->run->n_fed);
         } else if (c->action == 2) { /* erase */
+            struct restored *rs = &S->restored[c->slot];
+            int n = rs->path ? 1 : 0;
+            free(rs->path);
+            free(rs->toks);
+            memset(rs, 0, sizeof *rs);
             if (j) fail(S, j, 500, "server_error", NULL, "the slot was erased (POST /slots)");
-            snprintf(c->msg, sizeof c->msg, "%d", j ? 1 : 0);
-        } else {
-            c->status = 501;
-            snprintf(c->msg, sizeof c->msg, "restore is not implemented yet");
+            snprintf(c->msg, sizeof c->msg, "%d", n + (j ? 1 : 0));
+        } else { /* restore: check the file now, load it when a request names the slot */
+            int n = 0;
+            int32_t *toks = load_tokens(c->path, &n);
+            if (!S->probe) {
+                c->status = 501;
+                snprintf(c->msg, sizeof c->msg, "restore needs -np below 64");
+            } else if (!toks) {
+                c->status = 400;
+                snprintf(c->msg, sizeof c->msg, "cannot read %.300s.tokens (the tokens saved beside "
+                         "the cache by action=save)", c->path);
+            } else if (kvs_seq_load(srv->ctx, S->probe, c->path) != KVS_OK) {
+                c->status = 400;
+                snprintf(c->msg, sizeof c->msg, "%s", kvs_last_error());
+            } else if (kvs_seq_n_past(S->probe) != n) {
+                c->status = 400;
+                snprintf(c->msg, sizeof c->msg, "the cache holds %d tokens but its .tokens file "
+                         "%d", kvs_seq_n_past(S->probe), n);
+            } else {
+                struct restored *rs = &S->restored[c->slot];
+                free(rs->path);
+                free(rs->toks);
+                rs->path = strdup(c->path);
+                rs->toks = toks;
+                rs->n = n;
+                toks = NULL;
+                snprintf(c->msg, sizeof c->msg, "%d", n);
+            }
+            if (S->probe) kvs_seq_reset(srv->ctx, S->probe);
+            free(toks);
         }
         c->done = true;
     }
@@ -633,6 +712,7 @@ void *sched_main(void *arg) {
     S->srv = srv;
     int np = srv->cfg.n_parallel;
     S->slots = calloc((size_t)np, sizeof *S->slots);
+    S->restored = calloc((size_t)np, sizeof *S->restored);
     S->n_vocab = srv->mi.n_vocab;
     S->step_tokens = kvs_context_step_tokens(srv->ctx);
     int budget = srv->cfg.batch_tokens > 0 && srv->cfg.batch_tokens < S->step_tokens
@@ -689,10 +769,15 @@ void *sched_main(void *arg) {
         /* admission, first come first served */
         while (S->waiting) {
             int free_slot = -1;
+            struct job *j = S->waiting;
+            int want = j->p.id_slot;
+            if (want >= 0 && want < np && S->restored[want].path && !j->run) {
+                if (S->slots[want]) break; /* wait for the slot its cache was restored to */
+                free_slot = want;
+            }
             for (int i = 0; i < np && free_slot < 0; i++)
                 if (!S->slots[i]) free_slot = i;
             if (free_slot < 0) break;
-            struct job *j = S->waiting;
             S->waiting = j->next;
             if (!S->waiting) S->waiting_tail = NULL;
             j->next = NULL;
@@ -781,6 +866,11 @@ void *sched_main(void *arg) {
     free(items);
     free(item_job);
     free(S->logits);
+    for (int i = 0; i < np; i++) {
+        free(S->restored[i].path);
+        free(S->restored[i].toks);
+    }
+    free(S->restored);
     free(S->slots);
     return NULL;
 }

@@ -753,6 +753,9 @@ static enum MHD_Result handle_slot_action(struct srv *srv, struct MHD_Connection
         if (a == 0) {
             json_object_set_new(o, "filename", json_string(fname));
             json_object_set_new(o, "n_saved", json_integer(atoi(cmd->msg)));
+        } else if (a == 1) {
+            json_object_set_new(o, "filename", json_string(fname));
+            json_object_set_new(o, "n_restored", json_integer(atoi(cmd->msg)));
         } else json_object_set_new(o, "n_erased", json_integer(atoi(cmd->msg)));
         r = send_json(c, 200, o);
     }
@@ -878,7 +881,7 @@ static const char *SERVE_USAGE =
     "\n"
     "An OpenAI-compatible HTTP server (POST /v1/chat/completions, /v1/completions, streaming\n"
     "or not; GET /health, /v1/models, /metrics, /slots; POST /tokenize, /detokenize,\n"
-    "/slots/{id}?action=save|erase) with continuous batching: one inference thread runs one\n"
+    "/slots/{id}?action=save|restore|erase) with continuous batching: one inference thread runs one\n"
     "mixed batch per tick (the decode token of every running request, then prompt chunks),\n"
     "each request under its own KV policy (request field \"kv\"). Endpoints: docs/SERVER.md.\n"
     "\n"
@@ -901,7 +904,8 @@ static const char *SERVE_USAGE =
     "                        and reuse that copy (request field \"prefix_kv\" overrides)\n"
     "      --api-key KEY     require 'Authorization: Bearer KEY' (GET /health stays open)\n"
     "      --metrics         accepted for llama-server compatibility: /metrics is always on\n"
-    "      --slot-save-path DIR  folder for POST /slots/{id}?action=save (plain file names)\n"
+    "      --slot-save-path DIR  folder for POST /slots/{id}?action=save|restore (plain file\n"
+    "                        names): a saved cache is continued by a request with \"id_slot\"\n"
     "      --timeout S       per-request limit in seconds (default 600, 0 = none): generation\n"
     "                        stops there with finish_reason \"length\"\n"
     "      --max-body BYTES  largest request body (default 1M; 413 above)\n"
