@@ -248,6 +248,14 @@ static bool admit(struct sched *S, struct job *j, int slot) {
     int n_total = r ? r->n_toks : j->n_prompt;
     int64_t need = kvs_kv_bytes_bound(srv->ctx, kv, j->n_prompt + j->p.max_tokens);
     if (need < 0) need = 0;
+    /* publishing prompt blocks keeps them exact (.hold) until the prompt's tail: reserve the
+     * whole prompt uncompressed; only when the prompt fits the context's attention rows */
+    bool may_hold = !(r && r->recompute) && j->p.cache_prompt && srv->cfg.prefix_mem > 0 &&
+                    j->n_prompt < srv->cfg.n_ctx && (j->n_prompt - 1) / BLOCK > 0;
+    if (may_hold) {
+        int64_t h = kvs_kv_bytes_bound(srv->ctx, "full", j->n_prompt);
+        if (h > need) need = h;
+    }
     if (S->reserved + need > srv->cfg.kv_mem && S->reserved > 0) return false;
     if (!r) {
         r = j->run = calloc(1, sizeof *r);
@@ -370,8 +378,8 @@ static bool admit(struct sched *S, struct job *j, int slot) {
         srv->st.prefix_hits++;
         srv->st.prefix_tokens_reused += (uint64_t)r->n_fed;
     }
-    r->hold_end = nb * BLOCK;
-    if (r->n_fed == r->hold_end) compress_prefix(S, j);
+    r->hold_end = may_hold ? nb * BLOCK : 0;
+    if (may_hold && r->n_fed == r->hold_end) compress_prefix(S, j);
     return true;
 }
 
@@ -756,7 +764,16 @@ void *sched_main(void *arg) {
             }
         for (struct job **pp = &S->waiting; *pp;) {
             struct job *j = *pp;
-            if (j->cancel || srv->stopping) {
+            if (!j->cancel && !srv->stopping && srv->cfg.timeout_s > 0 && !j->run &&
+                now_ms() - j->t_arrive > srv->cfg.timeout_s * 1e3) {
+                *pp = j->next;
+                srv->n_queued--;
+                struct srv_error e;
+                srv_error_set(&e, 503, "unavailable_error", NULL, "timeout", "the request waited "
+                              "in the queue longer than the server's --timeout of %d s",
+                              srv->cfg.timeout_s);
+                job_finish(S, j, FIN_NONE, &e);
+            } else if (j->cancel || srv->stopping) {
                 *pp = j->next;
                 srv->n_queued--;
                 fail(S, j, 503, "unavailable_error", NULL, j->cancel ? "cancelled" :
