@@ -615,6 +615,9 @@ static void snapshot(struct sched *S) {
         }
         if (k < 8) srv->st.by_policy_bytes[k] += si->kv_bytes;
     }
+    /* nodes a finished request held are evictable now: keep the cache within --prefix-mem */
+    if (S->pc.bytes > (uint64_t)srv->cfg.prefix_mem)
+        srv->st.prefix_evictions += pc_evict(&S->pc, (uint64_t)srv->cfg.prefix_mem);
     srv->st.prefix_bytes = S->pc.bytes;
     srv->st.prefix_nodes = (uint64_t)S->pc.n;
     int w = 0;
