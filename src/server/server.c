@@ -114,12 +114,47 @@ static bool client_gone(struct MHD_Connection *c) {
     return false;
 }
 
+/* a JSON string of n bytes; invalid UTF-8 (a token's piece may hold part of a character) is
+ * replaced by U+FFFD so that every answer is valid JSON */
+static size_t utf8_len(const unsigned char *s, size_t n) {
+    unsigned c = s[0];
+    size_t k = c < 0x80 ? 1 : (c >> 5) == 6 ? 2 : (c >> 4) == 14 ? 3 : (c >> 3) == 30 ? 4 : 0;
+    if (!k || k > n || (k == 2 && c < 0xc2) || (k == 4 && c > 0xf4)) return 0;
+    for (size_t i = 1; i < k; i++)
+        if ((s[i] & 0xc0) != 0x80) return 0;
+    if (k == 3 && ((c == 0xe0 && s[1] < 0xa0) || (c == 0xed && s[1] > 0x9f))) return 0;
+    if (k == 4 && ((c == 0xf0 && s[1] < 0x90) || (c == 0xf4 && s[1] > 0x8f))) return 0;
+    return k;
+}
+
+static json_t *jtext(const char *s, size_t n) {
+    json_t *j = json_stringn(s, n);
+    if (j) return j;
+    char *o = malloc(n * 3 + 1);
+    size_t m = 0;
+    for (size_t i = 0; i < n;) {
+        size_t k = utf8_len((const unsigned char *)s + i, n - i);
+        if (k && !(k == 1 && s[i] == 0)) {
+            memcpy(o + m, s + i, k);
+            m += k;
+            i += k;
+        } else {
+            memcpy(o + m, "\xef\xbf\xbd", 3);
+            m += 3;
+            i++;
+        }
+    }
+    j = json_stringn(o, m);
+    free(o);
+    return j ? j : json_string("");
+}
+
 static json_t *lp_json(const struct srv *srv, const struct lp_entry *e, bool chat) {
     char piece[256];
     size_t n = kvs_token_piece(srv->model, e->tok, false, piece, sizeof piece);
     if (n >= sizeof piece) n = sizeof piece - 1;
     json_t *o = json_object();
-    json_object_set_new(o, "token", json_stringn_nocheck(piece, n));
+    json_object_set_new(o, "token", jtext(piece, n));
     json_object_set_new(o, "logprob", json_real(e->lp));
     json_object_set_new(o, "id", json_integer(e->tok));
     json_t *bytes = json_array();
@@ -131,7 +166,7 @@ static json_t *lp_json(const struct srv *srv, const struct lp_entry *e, bool cha
         size_t m = kvs_token_piece(srv->model, e->top[k].tok, false, p2, sizeof p2);
         if (m >= sizeof p2) m = sizeof p2 - 1;
         json_t *t = json_object();
-        json_object_set_new(t, "token", json_stringn_nocheck(p2, m));
+        json_object_set_new(t, "token", jtext(p2, m));
         json_object_set_new(t, "logprob", json_real(e->top[k].lp));
         json_object_set_new(t, "id", json_integer(e->top[k].tok));
         json_array_append_new(top, t);
@@ -219,9 +254,9 @@ static json_t *full_response(const struct srv *srv, const struct job *j) {
     if (chat) {
         json_t *m = json_object();
         json_object_set_new(m, "role", json_string("assistant"));
-        json_object_set_new(m, "content", json_stringn_nocheck(j->out ? j->out : "", j->out_len));
+        json_object_set_new(m, "content", jtext(j->out ? j->out : "", j->out_len));
         json_object_set_new(ch, "message", m);
-    } else json_object_set_new(ch, "text", json_stringn_nocheck(j->out ? j->out : "", j->out_len));
+    } else json_object_set_new(ch, "text", jtext(j->out ? j->out : "", j->out_len));
     json_object_set_new(ch, "logprobs", j->p.logprobs ? lps_json(srv, j, 0, j->n_lps) : json_null());
     json_object_set_new(ch, "finish_reason", json_string(fin_str(j->finish) ? fin_str(j->finish) : "stop"));
     json_t *choices = json_array();
@@ -276,9 +311,9 @@ static json_t *chunk(struct stream *s, const char *text, size_t n, bool with_tex
             json_object_set_new(d, "role", json_string("assistant"));
             s->role_sent = true;
         }
-        if (with_text) json_object_set_new(d, "content", json_stringn_nocheck(text, n));
+        if (with_text) json_object_set_new(d, "content", jtext(text, n));
         json_object_set_new(ch, "delta", d);
-    } else json_object_set_new(ch, "text", json_stringn_nocheck(with_text ? text : "", with_text ? n : 0));
+    } else json_object_set_new(ch, "text", jtext(with_text ? text : "", with_text ? n : 0));
     if (j->p.logprobs && j->n_lps > s->sent_lps) {
         json_object_set_new(ch, "logprobs", lps_json(s->srv, j, s->sent_lps, j->n_lps));
         s->sent_lps = j->n_lps;
@@ -559,7 +594,7 @@ static enum MHD_Result handle_tokenize(struct srv *srv, struct MHD_Connection *c
             if (k >= sizeof piece) k = sizeof piece - 1;
             json_t *p = json_object();
             json_object_set_new(p, "id", json_integer(t[i]));
-            json_object_set_new(p, "piece", json_stringn_nocheck(piece, k));
+            json_object_set_new(p, "piece", jtext(piece, k));
             json_array_append_new(arr, p);
         } else json_array_append_new(arr, json_integer(t[i]));
     }
@@ -600,12 +635,7 @@ static enum MHD_Result handle_detokenize(struct srv *srv, struct MHD_Connection 
     json_decref(o);
     json_t *r = json_object();
     /* invalid UTF-8 (a token cut inside a character) is replaced, not refused */
-    json_t *s = json_stringn(out ? out : "", len);
-    if (!s) {
-        for (size_t k = 0; k < len; k++)
-            if ((unsigned char)out[k] >= 0x80) out[k] = '?';
-        s = json_stringn(out, len);
-    }
+    json_t *s = jtext(out ? out : "", len);
     json_object_set_new(r, "content", s);
     free(out);
     return send_json(c, 200, r);
