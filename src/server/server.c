@@ -1031,6 +1031,7 @@ int serve_main(int argc, char **argv) {
     if (cfg->api_key && !*cfg->api_key) serve_die("--api-key needs a non-empty key");
     if (cfg->max_body < 16) serve_die("--max-body must be at least 16 bytes");
     struct sockaddr_in sin = {.sin_family = AF_INET, .sin_port = htons((uint16_t)cfg->port)};
+    if (!strcmp(cfg->host, "localhost")) cfg->host = "127.0.0.1";
     if (inet_pton(AF_INET, cfg->host, &sin.sin_addr) != 1)
         serve_die("--host expects an IPv4 address such as 127.0.0.1, got '%s'", cfg->host);
     if (g_log_quiet) kvs_set_log_level(0);
