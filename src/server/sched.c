@@ -26,7 +26,8 @@ struct pnode {
     uint64_t key;
     bool compressed; /* a standalone node made by kvs_prefix_compress; key includes the spec */
     kvs_prefix *p;   /* the tree's reference */
-    uint64_t last_used, bytes;
+    uint64_t last_used, bytes, checksum0; /* checksum0: at insertion */
+    char *spec;      /* compressed nodes: their spec */
     struct pnode *hnext;
 };
 
@@ -42,7 +43,8 @@ static struct pnode *pc_find(struct pcache *pc, uint64_t key, bool compressed) {
     return NULL;
 }
 
-static void pc_insert(struct pcache *pc, uint64_t key, bool compressed, kvs_prefix *p) {
+static void pc_insert(struct pcache *pc, uint64_t key, bool compressed, kvs_prefix *p,
+                      const char *spec) {
     struct pnode *n = calloc(1, sizeof *n);
     if (!n) {
         kvs_prefix_unref(p);
@@ -52,6 +54,8 @@ static void pc_insert(struct pcache *pc, uint64_t key, bool compressed, kvs_pref
     n->compressed = compressed;
     n->p = p;
     n->bytes = kvs_prefix_bytes(p);
+    n->checksum0 = kvs_prefix_checksum(p);
+    n->spec = spec ? strdup(spec) : NULL;
     n->last_used = ++pc->clock;
     n->hnext = pc->b[key % PC_BUCKETS];
     pc->b[key % PC_BUCKETS] = n;
@@ -76,6 +80,7 @@ static uint64_t pc_evict(struct pcache *pc, uint64_t limit) {
         pc->bytes -= n->bytes;
         pc->n--;
         kvs_prefix_unref(n->p);
+        free(n->spec);
         free(n);
         evicted++;
     }
@@ -89,6 +94,7 @@ static void pc_free(struct pcache *pc) {
         for (struct pnode *n = pc->b[i], *nx; n; n = nx) {
             nx = n->hnext;
             kvs_prefix_unref(n->p);
+            free(n->spec);
             free(n);
         }
     memset(pc, 0, sizeof *pc);
@@ -396,7 +402,7 @@ static void compress_prefix(struct sched *S, struct job *j) {
         fprintf(stderr, "kvsieve serve: prefix_kv '%s' not applied: %s\n", r->pkv, kvs_last_error());
         return;
     }
-    pc_insert(&S->pc, ck, true, cp);
+    pc_insert(&S->pc, ck, true, cp, r->pkv);
     S->srv->st.prefix_evictions += pc_evict(&S->pc, (uint64_t)S->srv->cfg.prefix_mem);
 }
 
@@ -417,7 +423,7 @@ static void publish_block(struct sched *S, struct job *j) {
         r->hold_end = r->n_fed;
         return;
     }
-    pc_insert(&S->pc, key, false, p);
+    pc_insert(&S->pc, key, false, p, NULL);
     kvs_prefix_ref(p);
     if (r->last) kvs_prefix_unref(r->last);
     r->last = p;
@@ -674,6 +680,23 @@ static void run_cmds(struct sched *S) {
                 snprintf(c->msg, sizeof c->msg, "%s", kvs_last_error());
             } else snprintf(c->msg, sizeof c->msg, "%d", kvs_seq_n_past(j->run->seq));
             if (c->status == 200) save_tokens(c->path, j->run->toks, j->run->n_fed);
+        } else if (c->action == 3) { /* list the prefix cache (checksums computed now) */
+            size_t cap = 256 + (size_t)S->pc.n * 256, len = 0;
+            char *o = malloc(cap);
+            len += (size_t)snprintf(o + len, cap - len, "[");
+            for (int b = 0; b < PC_BUCKETS; b++)
+                for (struct pnode *n = S->pc.b[b]; n; n = n->hnext)
+                    len += (size_t)snprintf(o + len, cap - len,
+                        "%s{\"block\":\"%016llx\",\"tokens\":%d,\"bytes\":%llu,\"refs\":%d,"
+                        "\"compressed\":%s,\"kv\":\"%.100s\",\"checksum\":\"%016llx\","
+                        "\"checksum_at_insert\":\"%016llx\"}", len > 1 ? "," : "",
+                        (unsigned long long)n->key, kvs_prefix_n_tokens(n->p),
+                        (unsigned long long)n->bytes, kvs_prefix_refcount(n->p),
+                        n->compressed ? "true" : "false", n->spec ? n->spec : "full",
+                        (unsigned long long)kvs_prefix_checksum(n->p),
+                        (unsigned long long)n->checksum0);
+            snprintf(o + len, cap - len, "]");
+            c->out = o;
         } else if (c->action == 2) { /* erase */
             struct restored *rs = &S->restored[c->slot];
             int n = rs->path ? 1 : 0;

@@ -717,6 +717,31 @@ static enum MHD_Result handle_slots(struct srv *srv, struct MHD_Connection *c) {
     return send_json(c, 200, arr);
 }
 
+/* GET /prefixes: the prefix cache's nodes with their checksums, computed on the inference thread */
+static enum MHD_Result handle_prefixes(struct srv *srv, struct MHD_Connection *c) {
+    struct slot_cmd *cmd = calloc(1, sizeof *cmd);
+    cmd->action = 3;
+    cmd->slot = -1;
+    pthread_mutex_lock(&srv->mu);
+    if (srv->stopping) {
+        pthread_mutex_unlock(&srv->mu);
+        free(cmd);
+        return send_err(c, 503, "unavailable_error", NULL, NULL, "the server is shutting down");
+    }
+    cmd->next = srv->cmds;
+    srv->cmds = cmd;
+    pthread_cond_signal(&srv->cv_sched);
+    while (!cmd->done && !srv->stopping) pthread_cond_wait(&srv->cv_out, &srv->mu);
+    bool done = cmd->done;
+    pthread_mutex_unlock(&srv->mu);
+    if (!done) return send_err(c, 503, "unavailable_error", NULL, NULL, "the server is shutting down");
+    enum MHD_Result r = send_text(c, 200, "application/json", cmd->out ? cmd->out : "[]",
+                                  cmd->out ? strlen(cmd->out) : 2);
+    free(cmd->out);
+    free(cmd);
+    return r;
+}
+
 static enum MHD_Result handle_slot_action(struct srv *srv, struct MHD_Connection *c,
                                           struct conn *cs, const char *idstr) {
     char *end;
@@ -856,7 +881,7 @@ static enum MHD_Result on_request(void *cls, struct MHD_Connection *c, const cha
     }
     struct { const char *path; bool post; } routes[] = {
         {"/health", false}, {"/v1/health", false}, {"/v1/models", false}, {"/models", false},
-        {"/metrics", false}, {"/slots", false}, {"/v1/chat/completions", true},
+        {"/metrics", false}, {"/slots", false}, {"/prefixes", false}, {"/v1/chat/completions", true},
         {"/chat/completions", true}, {"/v1/completions", true}, {"/completions", true},
         {"/tokenize", true}, {"/detokenize", true}};
     for (size_t i = 0; i < sizeof routes / sizeof routes[0]; i++) {
@@ -872,6 +897,7 @@ static enum MHD_Result on_request(void *cls, struct MHD_Connection *c, const cha
         if (strstr(url, "models")) return handle_models(srv, c);
         if (!strcmp(url, "/metrics")) return handle_metrics(srv, c);
         if (!strcmp(url, "/slots")) return handle_slots(srv, c);
+        if (!strcmp(url, "/prefixes")) return handle_prefixes(srv, c);
         if (strstr(url, "chat/completions")) return handle_completion(srv, c, cs, SRV_CHAT);
         if (strstr(url, "completions")) return handle_completion(srv, c, cs, SRV_COMPLETION);
         if (!strcmp(url, "/tokenize")) return handle_tokenize(srv, c, cs);
@@ -910,10 +936,11 @@ static const char *SERVE_USAGE =
     "usage: kvsieve serve [options]\n"
     "\n"
     "An OpenAI-compatible HTTP server (POST /v1/chat/completions, /v1/completions, streaming\n"
-    "or not; GET /health, /v1/models, /metrics, /slots; POST /tokenize, /detokenize,\n"
-    "/slots/{id}?action=save|restore|erase) with continuous batching: one inference thread runs one\n"
-    "mixed batch per tick (the decode token of every running request, then prompt chunks),\n"
-    "each request under its own KV policy (request field \"kv\"). Endpoints: docs/SERVER.md.\n"
+    "or not; GET /health, /v1/models, /metrics, /slots, /prefixes; POST /tokenize,\n"
+    "/detokenize, /slots/{id}?action=save|restore|erase) with continuous batching: one\n"
+    "inference thread runs one mixed batch per tick (the decode token of every running\n"
+    "request, then prompt chunks), each request under its own KV policy (request field\n"
+    "\"kv\"). Endpoints: docs/SERVER.md.\n"
     "\n"
     "  --host ADDR           IPv4 address to listen on (default 127.0.0.1; 0.0.0.0 = all)\n"
     "  --port N              TCP port (default 8080)\n"
