@@ -671,12 +671,13 @@ static void run_cmds(struct sched *S) {
         srv->cmds = c->next;
         struct job *j = c->slot >= 0 && c->slot < srv->cfg.n_parallel ? S->slots[c->slot] : NULL;
         c->status = 200;
+        enum kvs_status st;
         if (c->action == 0) { /* save */
             if (!j) {
                 c->status = 400;
                 snprintf(c->msg, sizeof c->msg, "slot %d has no running sequence to save", c->slot);
-            } else if (kvs_seq_save(srv->ctx, j->run->seq, c->path) != KVS_OK) {
-                c->status = 500;
+            } else if ((st = kvs_seq_save(srv->ctx, j->run->seq, c->path)) != KVS_OK) {
+                c->status = st == KVS_ERR_INVALID_ARG ? 400 : 500; /* e.g. a shared prefix */
                 snprintf(c->msg, sizeof c->msg, "%s", kvs_last_error());
             } else snprintf(c->msg, sizeof c->msg, "%d", kvs_seq_n_past(j->run->seq));
             if (c->status == 200) save_tokens(c->path, j->run->toks, j->run->n_fed);
