@@ -15,20 +15,25 @@ SIMD    := -mavx2 -mfma -mf16c
 LDLIBS  += -lm -pthread -lxxhash
 BUILD   ?= build
 
-LIB_SRC  := $(filter-out src/main.c, $(wildcard src/*.c src/kv/*.c src/eval/*.c))
+LIB_SRC  := $(filter-out src/main.c, $(wildcard src/*.c src/kv/*.c src/eval/*.c src/batch/*.c src/page/*.c))
 LIB_OBJ  := $(LIB_SRC:src/%.c=$(BUILD)/obj/%.o)
 TEST_SRC := $(wildcard tests/test_*.c)
 TEST_BIN := $(TEST_SRC:tests/%.c=$(BUILD)/%)
 MODEL    := models/SmolLM2-135M-Instruct.Q4_1.gguf
 
-.PHONY: all test test-slow check bench bench-serve demo eval eval-medium eval-large models models-large data fuzz clean
+.PHONY: all test test-slow check bench bench-serve bench-compare demo eval eval-medium eval-large models models-large data fuzz clean
 all: $(BUILD)/kvsieve $(BUILD)/libkvsieve.a $(BUILD)/libkvsieve.so $(TEST_BIN)
 
-$(BUILD)/obj/%_avx2.o: src/%_avx2.c $(wildcard src/*.h src/kv/*.h src/eval/*.h include/*.h)
+$(BUILD)/obj/%_avx2.o: src/%_avx2.c $(wildcard src/*.h src/kv/*.h src/eval/*.h src/batch/*.h include/*.h)
 	@mkdir -p $(dir $@)
 	$(CC) $(CFLAGS) $(SIMD) -c $< -o $@
 
-$(BUILD)/obj/%.o: src/%.c $(wildcard src/*.h src/kv/*.h src/eval/*.h include/*.h)
+$(BUILD)/obj/%.o: src/%.c $(wildcard src/*.h src/kv/*.h src/eval/*.h src/batch/*.h include/*.h)
+	@mkdir -p $(dir $@)
+	$(CC) $(CFLAGS) -c $< -o $@
+
+# the paging library (src/page/) reads only base.h and its own headers
+$(BUILD)/obj/page/%.o: src/page/%.c $(wildcard src/page/*.h) src/base.h include/kvsieve.h
 	@mkdir -p $(dir $@)
 	$(CC) $(CFLAGS) -c $< -o $@
 
@@ -92,6 +97,11 @@ bench: all models
 bench-serve: all models data
 	python3 tools/bench_serve.py --build $(BUILD)
 
+# kvsieve against llama.cpp's llama-bench (built once from llama-cpp-python's sdist under
+# .cache/llamacpp by tools/build_llamacpp.sh): medians of interleaved runs, one table of ratios
+bench-compare: all models
+	tools/bench_compare.py --json $(BUILD)/bench_compare.jsonl
+
 # The evaluation harness's default grid on SmolLM2 (results/sweep: results.jsonl, report.md,
 # plots/); rerunning resumes. eval-medium / eval-large: the Qwen2.5-1.5B grids (1 h / 7 h).
 eval: all models data
@@ -112,14 +122,16 @@ FUZZ_CC ?= clang
 FUZZ_FLAGS = -std=c11 -D_GNU_SOURCE -g -O1 $(SIMD) -Iinclude -Isrc -fsanitize=fuzzer,address,undefined \
              -fno-sanitize-recover=all
 # The parsers of untrusted input: GGUF files (FUZZ_SECONDS, default 60), result lines read by
-# `kvsieve eval report` and tasks files read by `eval sweep --tasks-file`, and --kv specs (a third
-# of that each, at least 10 s).
-fuzz: $(BUILD)/fuzz_gguf $(BUILD)/fuzz_jsonl $(BUILD)/fuzz_kvspec
-	mkdir -p $(BUILD)/fuzz-corpus $(BUILD)/fuzz-corpus-jsonl $(BUILD)/fuzz-corpus-kvspec
+# `kvsieve eval report` and tasks files read by `eval sweep --tasks-file`, --kv specs, page traces
+# read by `kvsieve pagesim` and request bodies of `kvsieve serve` (a third of that each, at least 10 s).
+fuzz: $(BUILD)/fuzz_gguf $(BUILD)/fuzz_jsonl $(BUILD)/fuzz_kvspec $(BUILD)/fuzz_trace $(BUILD)/fuzz_request
+	mkdir -p $(BUILD)/fuzz-corpus $(BUILD)/fuzz-corpus-jsonl $(BUILD)/fuzz-corpus-kvspec $(BUILD)/fuzz-corpus-trace $(BUILD)/fuzz-corpus-request
 	$(BUILD)/fuzz_gguf -max_total_time=$${FUZZ_SECONDS:-60} -max_len=65536 $(BUILD)/fuzz-corpus fuzz/corpus
 	t=$$(( $${FUZZ_SECONDS:-60} / 3 )); [ $$t -ge 10 ] || t=10; \
 	$(BUILD)/fuzz_jsonl -max_total_time=$$t -max_len=4096 $(BUILD)/fuzz-corpus-jsonl fuzz/corpus-jsonl && \
-	$(BUILD)/fuzz_kvspec -max_total_time=$$t -max_len=256 -dict=fuzz/kvspec.dict $(BUILD)/fuzz-corpus-kvspec fuzz/corpus-kvspec
+	$(BUILD)/fuzz_kvspec -max_total_time=$$t -max_len=256 -dict=fuzz/kvspec.dict $(BUILD)/fuzz-corpus-kvspec fuzz/corpus-kvspec && \
+	$(BUILD)/fuzz_trace -max_total_time=$$t -max_len=1024 $(BUILD)/fuzz-corpus-trace fuzz/corpus-trace && \
+	$(BUILD)/fuzz_request -max_total_time=$$t -max_len=4096 $(BUILD)/fuzz-corpus-request fuzz/corpus-request
 
 $(BUILD)/fuzz_gguf: fuzz/fuzz_gguf.c src/gguf.c src/base.c src/quant.c src/quant_avx2.c
 	@mkdir -p $(BUILD)
@@ -129,7 +141,16 @@ $(BUILD)/fuzz_jsonl: fuzz/fuzz_jsonl.c src/eval/jsonl.c src/eval/prompt_file.c s
 	@mkdir -p $(BUILD)
 	$(FUZZ_CC) $(FUZZ_FLAGS) -o $@ $^ -lm -pthread
 
+# the server's JSON-to-request path (parse and validate a chat/completions body; no model)
+$(BUILD)/fuzz_request: fuzz/fuzz_request.c src/server/request.c src/kv/kv_spec.c src/base.c
+	@mkdir -p $(BUILD)
+	$(FUZZ_CC) $(FUZZ_FLAGS) -o $@ $^ -ljansson -lm -pthread
+
 $(BUILD)/fuzz_kvspec: fuzz/fuzz_kvspec.c src/kv/kv_spec.c src/base.c
+	@mkdir -p $(BUILD)
+	$(FUZZ_CC) $(FUZZ_FLAGS) -o $@ $^ -lm -pthread
+
+$(BUILD)/fuzz_trace: fuzz/fuzz_trace.c $(wildcard src/page/*.c) src/base.c
 	@mkdir -p $(BUILD)
 	$(FUZZ_CC) $(FUZZ_FLAGS) -o $@ $^ -lm -pthread
 

@@ -212,6 +212,11 @@ const char *kvs_seq_kv(const kvs_context *c, const kvs_sequence *s); /* normalis
 /* Most tokens s may consume under its policy: n_ctx, or KVS_PAST_MAX when its policy bounds the
  * cache (see kvs_context_max_tokens). */
 int kvs_seq_max_tokens(const kvs_context *c, const kvs_sequence *s);
+/* Pin the first n_tokens positions of s: its policy ranks their entries above every other, so a
+ * budgeted cache that keeps generating past the context never drops them (a system prompt, the
+ * start of a conversation) as long as its budget holds them (scorers that merge may still fold
+ * other entries into them). 0 unpins. */
+void kvs_seq_pin(kvs_context *c, kvs_sequence *s, int n_tokens);
 /* Upper bound of kvs_seq_kv_bytes for a sequence under kv_spec (NULL = the context's) that will
  * consume at most n_tokens tokens (n_ctx bounds it too), at any moment of its life: for admission
  * control. Shared prefix entries are not counted (they belong to their prefix). -1 on a bad spec. */
@@ -236,6 +241,12 @@ struct kvs_batch_item {
     bool hold;        /* prompt chunk: do not compress after it (its entries stay exact, e.g. to be
                        * published as a prefix block); a later chunk compresses them all */
     float *logits;    /* non-NULL: receives the logits of the item's last token (n_vocab floats) */
+    /* Recompute (chunk reuse, Cache-Craft): the tokens are at the given earlier positions pos[]
+     * (ascending, below n_past), where the sequence already holds exact entries (a placed chunk);
+     * their keys and values are computed again in every layer, attending to everything before
+     * them, and replace those entries. n_past does not move. */
+    bool recompute;
+    const int32_t *pos;
 };
 /* Most tokens one kvs_step takes in total (n_batch, or n_seq_max if larger). */
 int kvs_context_step_tokens(const kvs_context *c);
@@ -281,6 +292,27 @@ uint64_t kvs_prefix_checksum(const kvs_prefix *p);
  * compresses only s's own entries. s holds a reference to p until reset or freed. Errors:
  * KVS_ERR_INVALID_ARG (s not empty, a streaming pos=cache policy, p from another model). */
 enum kvs_status kvs_seq_attach_prefix(kvs_context *c, kvs_sequence *s, kvs_prefix *p);
+
+/* Chunk caches (Cache-Craft, arXiv 2502.15734): a node published from a sequence that fed a
+ * chunk of text after some context can be reused elsewhere. kvs_seq_place_chunk copies the node's
+ * own entries (not its parent chain's) into s after its n_past tokens, moved to the new positions
+ * (keys re-rotated); the caller then recomputes a selection of the chunk's tokens with a
+ * .recompute item (all of them gives the bits of prefilling the chunk there). Errors:
+ * KVS_ERR_INVALID_ARG (packed entries, another context), KVS_ERR_CONTEXT_FULL, KVS_ERR_NOMEM. */
+enum kvs_status kvs_seq_place_chunk(kvs_context *c, kvs_sequence *s, const kvs_prefix *chunk);
+/* Record where the attention of every token fed to s from now on goes: for each query and each
+ * range of key positions [0, b_0), [b_0, b_1), ..., [b_{n-1}, inf) (n <= 15 ascending bounds),
+ * the attention probability it pays there, averaged over query heads and layers (per KV head).
+ * Cache-Craft's metadata: how much a chunk's tokens attend to each earlier chunk. s must hold no
+ * own entries yet (recording needs exact probabilities: its attention runs unsplit, with the
+ * accumulated-attention slot). Shared prefix entries count in the first range. */
+enum kvs_status kvs_seq_record_attention(kvs_context *c, kvs_sequence *s, const int32_t *bounds,
+                                         int n_bounds);
+/* Recorded shares for the n_tok tokens from position first: out[(t * n_head_kv + h) * (n_bounds
+ * + 1) + j] for token first + t, KV head h, range j. Returns the number of ranges (n_bounds + 1),
+ * or -1 when nothing was recorded for those positions. */
+int kvs_seq_recorded_attention(const kvs_sequence *s, int32_t first, int n_tok, float *out);
+
 
 /* ---- sampling ----------------------------------------------------------------------------- */
 

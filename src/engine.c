@@ -221,6 +221,8 @@ void kvs_seq_free(kvs_context *c, kvs_sequence *s) {
     kvs_seq_drop_prefix(s);
     free(s->chain);
     free(s->segs);
+    if (s->rec) free(s->rec->mass);
+    free(s->rec);
     profile_release(c, s->prof);
     c->seqs[s->slot] = NULL;
     kv_seq_free(s->kv);
@@ -234,6 +236,9 @@ int kvs_context_max_tokens(const kvs_context *c) { return c->base.max_past; }
 void kvs_seq_reset(kvs_context *c, kvs_sequence *s) {
     (void)c;
     kvs_seq_drop_prefix(s);
+    if (s->rec) free(s->rec->mass);
+    free(s->rec);
+    s->rec = NULL;
     kv_seq_clear(s->kv);
     s->n_past = 0;
     s->pos_shift = 0;
@@ -280,6 +285,60 @@ enum kvs_status kvs_eval(kvs_context *c, kvs_sequence *s, const int32_t *tokens,
     return KVS_OK;
 }
 
+/* room in s's recording for positions up to end (exclusive) */
+static enum kvs_status rec_reserve(kvs_context *c, kvs_sequence *s, int32_t end) {
+    struct att_rec *r = s->rec;
+    if (end - r->from <= r->cap) return KVS_OK;
+    int32_t cap = r->cap ? r->cap : 256;
+    while (cap < end - r->from) cap *= 2;
+    int H = c->m->hp.n_head_kv, nb = r->n_bounds + 1;
+    float *m = calloc((size_t)H * cap * nb, sizeof(float));
+    if (!m) return kvs_fail(KVS_ERR_NOMEM, "out of memory for the attention recording");
+    for (int h = 0; h < H; h++)
+        if (r->cap) memcpy(m + (size_t)h * cap * nb, r->mass + (size_t)h * r->cap * nb,
+                           sizeof(float) * (size_t)r->cap * nb);
+    free(r->mass);
+    r->mass = m, r->cap = cap;
+    return KVS_OK;
+}
+
+enum kvs_status kvs_seq_record_attention(kvs_context *c, kvs_sequence *s, const int32_t *bounds,
+                                         int n_bounds) {
+    if (!c || !s || c->seqs[s->slot] != s)
+        return kvs_fail(KVS_ERR_INVALID_ARG, "kvs_seq_record_attention: the sequence does not "
+                        "belong to this context");
+    if (n_bounds < 0 || n_bounds > 15 || (n_bounds && !bounds))
+        return kvs_fail(KVS_ERR_INVALID_ARG, "kvs_seq_record_attention: 0 to 15 bounds");
+    for (int i = 1; i < n_bounds; i++)
+        if (bounds[i] <= bounds[i - 1])
+            return kvs_fail(KVS_ERR_INVALID_ARG, "kvs_seq_record_attention: bounds must ascend");
+    if (!kv_seq_set_acc(s->kv, true))
+        return kvs_fail(KVS_ERR_INVALID_ARG, "kvs_seq_record_attention: the sequence already holds "
+                        "entries of its own");
+    struct att_rec *r = calloc(1, sizeof *r);
+    if (!r) return kvs_fail(KVS_ERR_NOMEM, "out of memory");
+    r->from = s->n_past;
+    r->n_bounds = n_bounds;
+    if (n_bounds) memcpy(r->bounds, bounds, sizeof(int32_t) * (size_t)n_bounds);
+    if (s->rec) free(s->rec->mass);
+    free(s->rec);
+    s->rec = r;
+    return KVS_OK;
+}
+
+int kvs_seq_recorded_attention(const kvs_sequence *s, int32_t first, int n_tok, float *out) {
+    const struct att_rec *r = s->rec;
+    if (!r || first < r->from || n_tok < 0 || first + n_tok > s->n_past || first + n_tok - r->from > r->cap)
+        return -1;
+    int H = s->kv->owner->n_head_kv, nb = r->n_bounds + 1;
+    for (int t = 0; t < n_tok; t++)
+        for (int h = 0; h < H; h++)
+            memcpy(out + ((size_t)t * H + h) * nb,
+                   r->mass + ((size_t)h * r->cap + (size_t)(first - r->from + t)) * nb,
+                   sizeof(float) * (size_t)nb);
+    return nb;
+}
+
 int kvs_context_step_tokens(const kvs_context *c) { return c->t_max; }
 
 enum kvs_status kvs_step(kvs_context *c, const struct kvs_batch_item *items, int n_items) {
@@ -304,7 +363,17 @@ enum kvs_status kvs_step(kvs_context *c, const struct kvs_batch_item *items, int
             if (items[j].seq == it->seq)
                 return kvs_fail(KVS_ERR_INVALID_ARG, "kvs_step: a sequence appears twice in one "
                                 "step (items %d and %d)", j, i);
-        if (it->n > it->seq->prof->max_past - it->seq->n_past)
+        if (it->recompute) {
+            if (it->decode || !it->pos)
+                return kvs_fail(KVS_ERR_INVALID_ARG, "kvs_step: recompute item %d needs positions "
+                                "and is no decode step", i);
+            for (int k = 0; k < it->n; k++)
+                if (it->pos[k] < 0 || it->pos[k] >= it->seq->n_past || (k && it->pos[k] <= it->pos[k - 1]) ||
+                    !kv_seq_has_hot(it->seq->kv, it->pos[k]))
+                    return kvs_fail(KVS_ERR_INVALID_ARG, "kvs_step: recompute item %d: position %d "
+                                    "is not an exact entry of the sequence (ascending, below %d)",
+                                    i, it->pos[k], it->seq->n_past);
+        } else if (it->n > it->seq->prof->max_past - it->seq->n_past)
             return kvs_fail(KVS_ERR_CONTEXT_FULL, "kvs_step: item %d: %d tokens would exceed the "
                             "context of %d (%d already used)", i, it->n, it->seq->prof->max_past,
                             it->seq->n_past);
@@ -316,13 +385,16 @@ enum kvs_status kvs_step(kvs_context *c, const struct kvs_batch_item *items, int
     uint8_t ph[KVS_T_MAX];
     kvs_sequence *seq[KVS_T_MAX];
     int t = 0, r = 0;
+    enum kvs_status st0;
     for (int i = 0; i < n_items; i++) {
         const struct kvs_batch_item *it = &items[i];
-        enum fwd_phase p = it->decode ? FWD_DECODE : it->hold ? FWD_HOLD
-                           : it->prompt_end ? FWD_PREFILL_LAST : FWD_PREFILL;
+        enum fwd_phase p = it->recompute ? FWD_RECOMPUTE : it->decode ? FWD_DECODE
+                           : it->hold ? FWD_HOLD : it->prompt_end ? FWD_PREFILL_LAST : FWD_PREFILL;
+        if (it->seq->rec && (st0 = rec_reserve(c, it->seq, it->seq->n_past + it->n)) != KVS_OK)
+            return st0;
         for (int k = 0; k < it->n; k++, t++) {
             tok[t] = it->tokens[k];
-            pos[t] = it->seq->n_past + k;
+            pos[t] = it->recompute ? it->pos[k] : it->seq->n_past + k;
             seq[t] = it->seq;
             ph[t] = (uint8_t)p;
         }
@@ -344,7 +416,7 @@ enum kvs_status kvs_step(kvs_context *c, const struct kvs_batch_item *items, int
     if (st != KVS_OK) return st;
     r = 0;
     for (int i = 0; i < n_items; i++) {
-        items[i].seq->n_past += items[i].n;
+        if (!items[i].recompute) items[i].seq->n_past += items[i].n;
         if (items[i].logits) memcpy(items[i].logits, lg + (size_t)r++ * nv, nv * sizeof(float));
     }
     return KVS_OK;
@@ -490,6 +562,11 @@ enum kvs_status kvs_seq_set_kv(kvs_context *c, kvs_sequence *s, const char *kv_s
         s->prof = pr;
     }
     return KVS_OK;
+}
+
+void kvs_seq_pin(kvs_context *c, kvs_sequence *s, int n_tokens) {
+    (void)c;
+    s->kv->pin = n_tokens > 0 ? n_tokens : 0;
 }
 
 const char *kvs_seq_kv(const kvs_context *c, const kvs_sequence *s) {

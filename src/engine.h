@@ -30,6 +30,15 @@ enum { AU_ACC /* (view a, KV head h): all its tokens, probabilities into acc */,
        AU_SPLIT /* (token a, head h, key split b) */ };
 struct att_unit_desc { int8_t kind; int16_t h; int32_t a, b; };
 
+/* Attention recording (kvs_seq_record_attention): per KV head, per query position from `from`,
+ * the attention share of each range of key positions split at bounds. */
+struct att_rec {
+    int32_t from, cap;       /* first recorded position; positions allocated */
+    int n_bounds;
+    int32_t bounds[16];
+    float *mass;             /* (n_head_kv, cap, n_bounds + 1) */
+};
+
 struct kvs_sequence {
     int slot;        /* index in ctx->seqs */
     struct kv_profile *prof; /* the policy it runs */
@@ -39,6 +48,7 @@ struct kvs_sequence {
     struct kvs_prefix **chain; /* (n_chain) its nodes, root first */
     int n_chain;
     const struct kv_view_head **segs; /* (n_head_kv, n_chain) view segments, rebuilt per layer */
+    struct att_rec *rec;       /* attention recording, NULL when off */
     int32_t n_past;  /* next absolute position */
     struct kv_seq *kv;
     int32_t pos_shift; /* entries evicted under in-cache positions (streaming pos=cache): RoPE
@@ -84,7 +94,8 @@ enum { ATT_TB = 4 /* query tokens sharing one pass over the keys */, ATT_MAX_SPL
 
 /* Why forward() runs a sequence's tokens, which decides whether its policy compresses after
  * each layer (FWD_HOLD: a prompt chunk left exact, never compressed after). */
-enum fwd_phase { FWD_PREFILL, FWD_PREFILL_LAST, FWD_DECODE, FWD_HOLD };
+enum fwd_phase { FWD_PREFILL, FWD_PREFILL_LAST, FWD_DECODE, FWD_HOLD,
+                 FWD_RECOMPUTE /* tokens whose entries exist (a reused chunk): replaced in place */ };
 
 /* Run the transformer on T tokens. tokens[i] at absolute position pos[i] of sequence seq[i];
  * their K/V are appended to the sequence caches. For each of the n_out rows listed in out_rows

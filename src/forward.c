@@ -118,6 +118,7 @@ struct att_job {
     const int32_t *pos;
     struct kv_view *views; /* one per distinct sequence in the batch; views[vi[t]] */
     const int *vi;
+    kvs_sequence *const *seq; /* seq[t]: for attention recording */
     _Atomic int next;
 };
 
@@ -163,6 +164,25 @@ static void att_unit(struct att_job *j, int t, int h, int s, float *S, float *X)
                 float f = 1.0f / (l[qi] * (float)g);
                 for (int i = i0; i < n; i++) vh->acc[k0 + i - vh->nsh] += S[qi * c->n_ctx + i] * f;
             }
+        struct att_rec *rec = j->seq[t]->rec;
+        if (rec && vh->acc && j->pos[t] >= rec->from) {
+            /* the share of this query's attention in each recorded range of positions, averaged
+             * over the query heads and layers (shared prefix entries: the first range) */
+            float *out = rec->mass + ((size_t)h * rec->cap + (size_t)(j->pos[t] - rec->from)) * (rec->n_bounds + 1);
+            float f = 1.0f / ((float)g * (float)hp->n_layer);
+            for (int qi = 0; qi < g; qi++) {
+                float fq = f / l[qi];
+                int b = 0;
+                for (int i = 0; i < n; i++) {
+                    int32_t ki = k0 + i;
+                    if (ki >= vh->nsh) {
+                        int32_t p = vh->pos[ki - vh->nsh];
+                        while (b < rec->n_bounds && p >= rec->bounds[b]) b++;
+                    }
+                    out[b] += S[qi * c->n_ctx + i] * fq;
+                }
+            }
+        }
     } else {
         memset(part, 0, sizeof(float) * (size_t)g * hd);
         for (int qi = 0; qi < g; qi++) m[qi] = -INFINITY, l[qi] = 0.0f;
@@ -269,7 +289,7 @@ static void att_combine(struct kvs_context *c, int T, const int *tsplit, const i
  * decoding compresses once a head is `every` entries over budget. */
 static void compress_layer(struct kvs_context *c, kvs_sequence *s, int il, enum fwd_phase phase,
                            const int32_t *pos, const int *vi, int T, int v) {
-    if (phase == FWD_HOLD) return; /* a held prompt chunk stays exact */
+    if (phase == FWD_HOLD || phase == FWD_RECOMPUTE) return; /* a held chunk stays exact */
     const struct kv_profile *pr = s->prof;
     const struct kv_spec *sp = &pr->spec;
     bool prompt = phase == FWD_PREFILL_LAST || (phase == FWD_PREFILL && (sp->when & KV_WHEN_CHUNK));
@@ -434,9 +454,14 @@ enum kvs_status forward(struct kvs_context *c, const int32_t *tokens, const int3
             const float *cs = c->rope_cs + (size_t)t * hd;
             ops_rope(q, hp->n_head, hd, cs, neox);
             ops_rope(k, hp->n_head_kv, hd, cs, neox);
+            if (phase[t] == FWD_RECOMPUTE) { /* the entry is there (a reused chunk): replace it */
+                bool ok = kv_seq_overwrite(seq[t]->kv, il, pos[t], k, v);
+                KVS_ASSERT(ok);
+                continue;
+            }
             kv_seq_append(seq[t]->kv, il, pos[t], k, v);
             /* the ring keeps the last qwin queries: older ones of a chunk would be overwritten */
-            if (--later[vidx_buf[t]] < c->kv.qwin) kv_seq_save_query(seq[t]->kv, il, pos[t], q);
+            if (phase[t] != FWD_RECOMPUTE && --later[vidx_buf[t]] < c->kv.qwin) kv_seq_save_query(seq[t]->kv, il, pos[t], q);
         }
 
         for (int i = 0; i < n_views; i++) {
@@ -445,7 +470,7 @@ enum kvs_status forward(struct kvs_context *c, const int32_t *tokens, const int3
         }
         struct att_job aj = {.c = c, .T = T, .n_views = n_views, .n_units = n_units,
                              .units = units, .tsplit = tsplit, .poff = poff, .pos = pos,
-                             .views = views, .vi = vidx_buf};
+                             .views = views, .vi = vidx_buf, .seq = seq};
         atomic_init(&aj.next, 0);
         threadpool_run(c->tp, att_worker, &aj);
         att_combine(c, T, tsplit, poff, c->xn);

@@ -7,6 +7,7 @@
 #include "kvsieve.h"
 #include "cli/eval_cli.h"
 #include "server/server.h"
+#include "cli/pagesim_cli.h"
 
 #include <errno.h>
 #include <fcntl.h>
@@ -41,7 +42,7 @@ struct opts {
     /* ppl */
     int ppl_tokens;
     /* bench */
-    int bench_prompt, bench_decode;
+    int bench_prompt, bench_decode, bench_reps;
     int bench_ctx[8], n_bench_ctx;
 };
 
@@ -71,6 +72,8 @@ static const char *USAGE_HEAD =
     "  eval    evaluation harness: sweep | ppl | tasks | report (`kvsieve eval --help`)\n"
     "  serve   OpenAI-compatible HTTP server with continuous batching and per-request KV\n"
     "          policies (`kvsieve serve --help`; docs/SERVER.md)\n"
+    "  pagesim paging policies on a page-request trace against Belady's optimum\n"
+    "          (`kvsieve pagesim --help`)\n"
     "  help    this text; `kvsieve --help kv` explains the --kv spec; --version\n";
 
 static const char *USAGE_COMMON =
@@ -128,6 +131,9 @@ static const char *USAGE_BENCH =
     "       --contexts A,B,C decode speed measured at these context lengths\n"
     "                        (default 128,2048,8000, capped at the context size)\n"
     "       --decode N       decode steps timed at each context (default 32)\n"
+    "       --reps N         repetitions of each timing (default 3): the median is reported,\n"
+    "                        with the slowest and fastest beside it (*_min, *_max in --json);\n"
+    "                        every decode repetition starts from a copy of the same filled cache\n"
     "       --json fields: kv_bytes_per_token: fp16 K+V of one token, all layers (the model's\n"
     "       full cache, whatever --kv says); kv_bytes_per_token_theory: one entry of this --kv\n"
     "       storage once packed (payload, scales, positions, weights; fp16 for full); per\n"
@@ -251,6 +257,7 @@ static void parse_args(int argc, char **argv, struct opts *o) {
     o->sp = kvs_sampler_params_default();
     o->bench_prompt = 512;
     o->bench_decode = 32;
+    o->bench_reps = 3;
     o->kv = "full";
     if (argc < 2) {
         print_usage(stderr, NULL);
@@ -270,7 +277,7 @@ static void parse_args(int argc, char **argv, struct opts *o) {
     static const char *cmds[] = {"run", "chat", "ppl", "bench", "info"};
     bool known = false;
     for (size_t k = 0; k < sizeof cmds / sizeof cmds[0]; k++) known |= !strcmp(o->cmd, cmds[k]);
-    if (!known) die_usage("unknown command '%s' (commands: run, chat, ppl, bench, info, eval, serve, help)", o->cmd);
+    if (!known) die_usage("unknown command '%s' (commands: run, chat, ppl, bench, info, eval, pagesim, serve, help)", o->cmd);
     for (; i < argc; i++) {
         const char *a = argv[i];
 #define NEXT() (i + 1 < argc ? argv[++i] : (die_usage("%s needs a value", a), ""))
@@ -317,6 +324,7 @@ static void parse_args(int argc, char **argv, struct opts *o) {
         else if (!strcmp(a, "--tokens")) o->ppl_tokens = parse_int(a, NEXT(), 2, 1 << 24);
         else if (!strcmp(a, "--prompt-tokens")) o->bench_prompt = parse_int(a, NEXT(), 1, 1 << 20);
         else if (!strcmp(a, "--decode")) o->bench_decode = parse_int(a, NEXT(), 1, 1 << 16);
+        else if (!strcmp(a, "--reps")) o->bench_reps = parse_int(a, NEXT(), 1, 100);
         else if (!strcmp(a, "--contexts")) {
             char *list = NEXT(), *save = NULL, *tmp = strdup(list);
             o->n_bench_ctx = 0;
@@ -877,6 +885,17 @@ static uint64_t fnv1a(uint64_t h, const float *x, size_t n) {
     return h;
 }
 
+struct med { double med, min, max; };
+static int cmp_dbl(const void *a, const void *b) {
+    double x = *(const double *)a, y = *(const double *)b;
+    return (x > y) - (x < y);
+}
+static struct med median_of(double *v, int n) { /* sorts v */
+    qsort(v, (size_t)n, sizeof *v, cmp_dbl);
+    double m = n % 2 ? v[n / 2] : (v[n / 2 - 1] + v[n / 2]) / 2;
+    return (struct med){m, v[0], v[n - 1]};
+}
+
 static int cmd_bench(const struct opts *o) {
     kvs_model *m = load_model(o);
     struct kvs_model_info mi;
@@ -908,22 +927,27 @@ static int cmd_bench(const struct opts *o) {
     enum kvs_status st = kvs_seq_new(c, &s);
     if (st != KVS_OK) fail_status(st);
 
-    /* prefill: best of 2 runs of the benchmark prompt (fresh sequence each time) */
-    double pf_ms = 1e30;
-    for (int rep = 0; rep < 2; rep++) {
+    /* prefill: the median of --reps runs of the benchmark prompt (fresh sequence each time) */
+    const int R = o->bench_reps;
+    double pf_tps[100];
+    for (int rep = 0; rep < R; rep++) {
         kvs_seq_reset(c, s);
-        if (!o->quiet) fprintf(stderr, "bench: prefill %d tokens (run %d/2)\n", o->bench_prompt, rep + 1);
+        if (!o->quiet) fprintf(stderr, "bench: prefill %d tokens (run %d/%d)\n", o->bench_prompt, rep + 1, R);
         double t0 = now_ms();
         if ((st = kvs_eval(c, s, toks, o->bench_prompt, false, logits, NULL, NULL)) != KVS_OK) fail_status(st);
-        double ms = now_ms() - t0;
-        if (ms < pf_ms) pf_ms = ms;
+        pf_tps[rep] = o->bench_prompt / ((now_ms() - t0) / 1e3);
     }
+    struct med pf = median_of(pf_tps, R);
+    double pf_ms = o->bench_prompt / pf.med * 1e3;
+    kvs_sequence *s2;
+    if ((st = kvs_seq_new(c, &s2)) != KVS_OK) fail_status(st);
 
     /* decode at increasing contexts in one sequence; the logits of every timed step are
      * hashed, so that methods whose outputs differ have different hashes */
     kvs_seq_reset(c, s);
     uint64_t logit_hash = FNV_OFFSET;
     double dec_tps[8], dec_bound[8];
+    struct med dec_med[8];
     uint64_t dec_kv[8], dec_payload[8];
     int dec_seen[8];
     double dec_held[8];
@@ -935,17 +959,25 @@ static int cmd_bench(const struct opts *o) {
             if ((st = kvs_eval(c, s, toks + at, ctxs[i] - at, false, logits, progress_cb, &pr)) != KVS_OK)
                 fail_status(st);
         }
-        int32_t tok = toks[kvs_seq_n_past(s)];
-        double t0 = now_ms();
-        for (int k = 0; k < o->bench_decode; k++) {
-            if ((st = kvs_eval(c, s, &tok, 1, false, logits, NULL, NULL)) != KVS_OK) fail_status(st);
-            logit_hash = fnv1a(logit_hash, logits, (size_t)mi.n_vocab);
-            int best = 0;
-            for (int v = 1; v < mi.n_vocab; v++) best = logits[v] > logits[best] ? v : best;
-            tok = best;
+        /* each repetition decodes from a copy of the filled cache; the last one continues in s */
+        double tps[100];
+        for (int rep = 0; rep < R; rep++) {
+            kvs_sequence *d = rep + 1 < R ? s2 : s;
+            if (d == s2 && (st = kvs_seq_copy(c, s2, c, s)) != KVS_OK) fail_status(st);
+            int32_t tok = toks[kvs_seq_n_past(s)];
+            double t0 = now_ms();
+            for (int k = 0; k < o->bench_decode; k++) {
+                if ((st = kvs_eval(c, d, &tok, 1, false, logits, NULL, NULL)) != KVS_OK) fail_status(st);
+                if (rep == 0) logit_hash = fnv1a(logit_hash, logits, (size_t)mi.n_vocab);
+                int best = 0;
+                for (int v = 1; v < mi.n_vocab; v++) best = logits[v] > logits[best] ? v : best;
+                tok = best;
+            }
+            tps[rep] = o->bench_decode / ((now_ms() - t0) / 1e3);
         }
-        double ms = now_ms() - t0;
-        dec_tps[i] = o->bench_decode / (ms / 1e3);
+        kvs_seq_reset(c, s2);
+        dec_med[i] = median_of(tps, R);
+        dec_tps[i] = dec_med[i].med;
         /* bytes one decode step must read: every weight once (the embedding table too when it
          * is the tied output matrix) plus the KV entries the cache holds at this context
          * (allocated bytes, an upper bound of what attention streams) */
@@ -960,7 +992,11 @@ static int cmd_bench(const struct opts *o) {
     /* peak RSS of the engine itself, read before the bandwidth probe allocates its buffer */
     long rss = peak_rss_bytes();
     if (!o->quiet) fprintf(stderr, "bench: measuring memory bandwidth...\n");
-    double bw = kvs_measure_read_bandwidth(nth, (size_t)256 << 20);
+    /* the probe's best of 5 passes, --reps times: the median of those */
+    double bws[100];
+    for (int rep = 0; rep < R; rep++) bws[rep] = kvs_measure_read_bandwidth(nth, (size_t)256 << 20);
+    struct med bwm = median_of(bws, R);
+    double bw = bwm.med;
     for (int i = 0; i < n_ctxs; i++)
         dec_bound[i] = bw * 1e9 / (double)(mi.weight_bytes + dec_kv[i]);
     struct kvs_mem_stats mem;
@@ -974,17 +1010,19 @@ static int cmd_bench(const struct opts *o) {
         jstr(mi.file_type);
         printf(",\"kv\":");
         jstr(o->kv);
-        printf(",\"threads\":%d,\"weight_bytes\":%llu,\"kv_bytes_per_token\":%llu,"
-               "\"bandwidth_gb_s\":%.2f,\"prefill\":{\"tokens\":%d,\"ms\":%.1f,\"tok_s\":%.1f},"
-               "\"decode\":[", nth, (unsigned long long)mi.weight_bytes,
-               (unsigned long long)mi.kv_bytes_per_token, bw, o->bench_prompt, pf_ms,
-               o->bench_prompt / (pf_ms / 1e3));
+        printf(",\"threads\":%d,\"reps\":%d,\"weight_bytes\":%llu,\"kv_bytes_per_token\":%llu,"
+               "\"bandwidth_gb_s\":%.2f,\"bandwidth_gb_s_min\":%.2f,\"bandwidth_gb_s_max\":%.2f,"
+               "\"prefill\":{\"tokens\":%d,\"ms\":%.1f,\"tok_s\":%.1f,\"tok_s_min\":%.1f,"
+               "\"tok_s_max\":%.1f},\"decode\":[", nth, R, (unsigned long long)mi.weight_bytes,
+               (unsigned long long)mi.kv_bytes_per_token, bw, bwm.min, bwm.max, o->bench_prompt, pf_ms,
+               pf.med, pf.min, pf.max);
         for (int i = 0; i < n_ctxs; i++)
-            printf("%s{\"context\":%d,\"steps\":%d,\"tok_s\":%.2f,\"kv_bytes\":%llu,\"bytes_per_token\":%llu,"
+            printf("%s{\"context\":%d,\"steps\":%d,\"tok_s\":%.2f,\"tok_s_min\":%.2f,\"tok_s_max\":%.2f,"
+                   "\"kv_bytes\":%llu,\"bytes_per_token\":%llu,"
                    "\"bound_tok_s\":%.2f,\"fraction_of_bound\":%.3f,\"kv_payload_bytes\":%llu,"
                    "\"kv_entries_per_head\":%.1f,\"kv_bytes_per_token_seen\":%.1f,"
                    "\"kv_bytes_per_cached_token\":%.1f}", i ? "," : "", ctxs[i],
-                   o->bench_decode, dec_tps[i], (unsigned long long)dec_kv[i],
+                   o->bench_decode, dec_tps[i], dec_med[i].min, dec_med[i].max, (unsigned long long)dec_kv[i],
                    (unsigned long long)(mi.weight_bytes + dec_kv[i]),
                    dec_bound[i], dec_tps[i] / dec_bound[i], (unsigned long long)dec_payload[i],
                    dec_held[i], (double)dec_payload[i] / dec_seen[i], (double)dec_payload[i] / dec_held[i]);
@@ -994,14 +1032,14 @@ static int cmd_bench(const struct opts *o) {
                (unsigned long long)mem.scratch_bytes, rss,
                (unsigned long long)logit_hash);
     } else {
-        printf("model %s (%s %s), %d threads, read bandwidth %.1f GB/s\n", mi.name, mi.arch,
-               mi.file_type, nth, bw);
-        printf("prefill %d tokens: %.1f tok/s (%.0f ms)\n", o->bench_prompt,
-               o->bench_prompt / (pf_ms / 1e3), pf_ms);
+        printf("model %s (%s %s), %d threads, read bandwidth %.1f GB/s (%.1f-%.1f), medians of %d runs\n",
+               mi.name, mi.arch, mi.file_type, nth, bw, bwm.min, bwm.max, R);
+        printf("prefill %d tokens: %.1f tok/s (%.1f-%.1f; %.0f ms)\n", o->bench_prompt, pf.med, pf.min,
+               pf.max, pf_ms);
         for (int i = 0; i < n_ctxs; i++)
-            printf("decode at %5d: %7.1f tok/s   bound %7.1f tok/s (%.0f%%)   KV %.0f B/token seen, "
-                   "%.0f B/entry held (%.0f entries per head)\n",
-                   ctxs[i], dec_tps[i], dec_bound[i], 100 * dec_tps[i] / dec_bound[i],
+            printf("decode at %5d: %7.1f tok/s (%.1f-%.1f)   bound %7.1f tok/s (%.0f%%)   KV %.0f B/token "
+                   "seen, %.0f B/entry held (%.0f entries per head)\n",
+                   ctxs[i], dec_tps[i], dec_med[i].min, dec_med[i].max, dec_bound[i], 100 * dec_tps[i] / dec_bound[i],
                    (double)dec_payload[i] / dec_seen[i], (double)dec_payload[i] / dec_held[i], dec_held[i]);
         printf("KV bytes per packed entry in this storage (theory): %.0f\n", kvs_kv_bytes_per_token(m, o->kv));
         printf("KV peak %.1f MiB, scratch %.1f MiB, peak RSS %.1f MiB, decode logits hash %016llx\n",
@@ -1082,6 +1120,7 @@ static int cmd_info(const struct opts *o) {
 int main(int argc, char **argv) {
     if (argc >= 2 && !strcmp(argv[1], "eval")) return eval_main(argc - 2, argv + 2);
     if (argc >= 2 && !strcmp(argv[1], "serve")) return serve_main(argc - 2, argv + 2);
+    if (argc >= 2 && !strcmp(argv[1], "pagesim")) return pagesim_main(argc - 2, argv + 2);
     struct opts o;
     parse_args(argc, argv, &o);
     fix_bench_prompt(&o);

@@ -146,7 +146,7 @@ enum kvs_status kvs_prefix_publish(kvs_context *c, const kvs_sequence *s, kvs_pr
     enum kvs_status st = node_new(c, &p);
     if (st != KVS_OK) return st;
     for (int il = 0; il < c->m->hp.n_layer && st == KVS_OK; il++)
-        st = kv_seq_append_range(p->kv, s->kv, il, n0);
+        st = kv_seq_append_range(p->kv, s->kv, il, n0, 0);
     p->parent = parent;
     p->n0 = n0;
     p->n1 = s->n_past;
@@ -189,8 +189,8 @@ enum kvs_status kvs_prefix_compress(kvs_context *c, const kvs_sequence *s, const
     for (const struct kvs_prefix *q = s->prefix; q && depth < 4096; q = q->parent) chain[depth++] = q;
     for (int il = 0; il < c->m->hp.n_layer && st == KVS_OK; il++) {
         for (int k = depth - 1; k >= 0 && st == KVS_OK; k--)
-            st = kv_seq_append_range(tmp.kv, chain[k]->kv, il, chain[k]->n0);
-        if (st == KVS_OK) st = kv_seq_append_range(tmp.kv, s->kv, il, s->n_prefix);
+            st = kv_seq_append_range(tmp.kv, chain[k]->kv, il, chain[k]->n0, 0);
+        if (st == KVS_OK) st = kv_seq_append_range(tmp.kv, s->kv, il, s->n_prefix, 0);
     }
     if (st == KVS_OK) {
         kv_seq_copy_queries(tmp.kv, s->kv);
@@ -294,4 +294,46 @@ void prefix_view(const kvs_sequence *s, int il, struct kv_view *v) {
         v->h[ih].n_seg = s->n_chain;
         v->h[ih].seg = sg;
     }
+}
+
+enum kvs_status kvs_seq_place_chunk(kvs_context *c, kvs_sequence *s, const kvs_prefix *chunk) {
+    if (!c || !s || !chunk || c->seqs[s->slot] != s)
+        return kvs_fail(KVS_ERR_INVALID_ARG, "kvs_seq_place_chunk: missing chunk, or the sequence "
+                        "does not belong to this context");
+    if (chunk->c != c)
+        return kvs_fail(KVS_ERR_INVALID_ARG, "kvs_seq_place_chunk: the chunk belongs to another context");
+    int32_t m = chunk->n1 - chunk->n0, delta = s->n_past - chunk->n0;
+    if (m > s->prof->max_past - s->n_past)
+        return kvs_fail(KVS_ERR_CONTEXT_FULL, "a chunk of %d tokens would exceed the context of %d "
+                        "(%d already used)", m, s->prof->max_past, s->n_past);
+    if (s->pos_shift)
+        return kvs_fail(KVS_ERR_INVALID_ARG, "kvs_seq_place_chunk: the sequence's positions were "
+                        "moved (pos=cache)");
+    enum kvs_status st = KVS_OK;
+    for (int il = 0; il < c->m->hp.n_layer && st == KVS_OK; il++) {
+        st = kv_seq_reserve(s->kv, il, m);
+        if (st == KVS_OK) st = kv_seq_append_range(s->kv, chunk->kv, il, chunk->n0, delta);
+    }
+    if (st != KVS_OK) {
+        /* drop what was appended: the sequence keeps its first n_past tokens */
+        for (int il = 0; il < c->m->hp.n_layer; il++) {
+            struct kv_plan plan = {0};
+            int32_t *keep[KV_VIEW_MAX_HEADS] = {0};
+            bool ok = true;
+            for (int ih = 0; ih < c->m->hp.n_head_kv && ok; ih++) {
+                const struct kv_head_store *h = kv_seq_head(s->kv, il, ih);
+                int32_t n = 0;
+                while (n < h->n && h->pos[n] < s->n_past) n++;
+                keep[ih] = malloc(sizeof(int32_t) * (size_t)(n ? n : 1));
+                ok = keep[ih] != NULL;
+                for (int32_t j = 0; ok && j < n; j++) keep[ih][j] = j;
+                plan.keep[ih] = keep[ih], plan.n_keep[ih] = n;
+            }
+            if (ok) kv_seq_apply_plan(s->kv, il, &plan, false);
+            for (int ih = 0; ih < c->m->hp.n_head_kv; ih++) free(keep[ih]);
+        }
+        return st;
+    }
+    s->n_past += m;
+    return KVS_OK;
 }

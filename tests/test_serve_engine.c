@@ -9,12 +9,13 @@
  *     sequences read them; reference counts; and the errors of each call.
  */
 #include "kvsieve.h"
+#include "engine.h" /* the store's positions, for the pinning check */
 #include "testutil.h"
 
 #include <stdint.h>
 
 static kvs_model *model;
-static int n_vocab;
+static int n_vocab, mi_layers, mi_heads_kv;
 
 enum { G = 6 /* greedy decode steps per sequence */, MAXS = 16 };
 
@@ -108,7 +109,11 @@ static void test_batch_invariance(const int32_t *toks, int n) {
                                   "full+kivi:bits=4", "streaming:budget=48", "tova:budget=40"};
     const int n_specs = (int)(sizeof specs / sizeof specs[0]);
     struct job alone[MAXS], batch[MAXS];
-    for (int i = 0; i < MAXS; i++) {
+    /* KVS_SERVE_SEQS (6..16, default 16): fewer sequences for the 1.5B model in CI */
+    const char *ev = getenv("KVS_SERVE_SEQS");
+    int ns = ev ? atoi(ev) : MAXS;
+    if (ns < 6 || ns > MAXS) ns = MAXS;
+    for (int i = 0; i < ns; i++) {
         int off = (i * 7) % 40, len = 60 + (i * 23) % (n - 60 - off);
         alone[i] = (struct job){.spec = specs[i % n_specs], .toks = toks + off, .n = len,
                                 .chunk = 16 + 8 * (i % 5)};
@@ -117,13 +122,13 @@ static void test_batch_invariance(const int32_t *toks, int n) {
         batch[i].logits = malloc(sizeof(float) * (G + 1) * n_vocab);
     }
     kvs_context *c = new_ctx(MAXS, 128);
-    for (int i = 0; i < MAXS; i++) {
+    for (int i = 0; i < ns; i++) {
         run_jobs(c, &alone[i], 1);
         kvs_seq_free(c, alone[i].s);
     }
-    run_jobs(c, batch, MAXS);
+    run_jobs(c, batch, ns);
     int same = 0;
-    for (int i = 0; i < MAXS; i++) {
+    for (int i = 0; i < ns; i++) {
         bool eq = !memcmp(alone[i].logits, batch[i].logits, sizeof(float) * (G + 1) * n_vocab);
         bool geq = !memcmp(alone[i].gen, batch[i].gen, sizeof alone[i].gen);
         CHECKF(eq && geq, "sequence %d (%s, %d prompt tokens in chunks of %d): batched logits %s, "
@@ -145,7 +150,8 @@ static void test_batch_invariance(const int32_t *toks, int n) {
                     alone[i].chunk, (unsigned long long)batch[i].peak_bytes, (long long)bound,
                     (unsigned long long)batch[i].peak_after, (long long)dbound);
     }
-    fprintf(stderr, "16 sequences, 6 policies, mixed steps: %d of 16 bit-identical to alone\n", same);
+    fprintf(stderr, "%d sequences, 6 policies, mixed steps: %d of %d bit-identical to alone\n", ns,
+            same, ns);
     /* the policies really ran: a budgeted sequence holds fewer entries than the full one */
     CHECK(kvs_seq_entries_per_head(batch[1].s) < kvs_seq_entries_per_head(batch[0].s));
     CHECK(kvs_seq_entries_per_head(batch[1].s) <= 40 + 4 + 1);
@@ -166,7 +172,7 @@ static void test_batch_invariance(const int32_t *toks, int n) {
     CHECK(kvs_seq_set_kv(c, s0, "h2o:budget=8") == KVS_ERR_INVALID_ARG); /* not empty */
     CHECK(strstr(kvs_last_error(), "empty") != NULL);
     kvs_sequence *e;
-    CHECK(kvs_seq_new(c, &e) == KVS_ERR_INVALID_ARG); /* all 16 slots in use */
+    if (ns == MAXS) CHECK(kvs_seq_new(c, &e) == KVS_ERR_INVALID_ARG); /* all 16 slots in use */
     CHECK(kvs_seq_set_kv(c, batch[1].s, "h2o:ratio=7") == KVS_ERR_INVALID_ARG);
     CHECK(kvs_kv_bytes_bound(c, "nonsense", 10) == -1);
     /* a bounded policy's bound does not grow with the tokens; full's does */
@@ -174,7 +180,7 @@ static void test_batch_invariance(const int32_t *toks, int n) {
     CHECK(kvs_kv_bytes_bound(c, "full", 400) > kvs_kv_bytes_bound(c, "full", 100));
     CHECK(kvs_kv_bytes_bound(c, "full+kivi:bits=2", 500) < kvs_kv_bytes_bound(c, "full", 500));
     kvs_context_free(c);
-    for (int i = 0; i < MAXS; i++) free(alone[i].logits), free(batch[i].logits);
+    for (int i = 0; i < ns; i++) free(alone[i].logits), free(batch[i].logits);
 }
 
 /* feed toks[0..n) to s in chunks (hold: entries stay exact), logits of the last token */
@@ -309,6 +315,36 @@ static void test_prefixes(const int32_t *toks, int n) {
     free(ref), free(got);
 }
 
+/* Pinned positions survive a budget far below the tokens seen; unpinned, some of them go. */
+static void test_pin(const int32_t *toks, int n) {
+    kvs_context *c = new_ctx(2, 32);
+    const int pin = 20;
+    int kept[2];
+    for (int pinned = 0; pinned < 2; pinned++) {
+        kvs_sequence *s;
+        CHECK(kvs_seq_new(c, &s) == KVS_OK);
+        CHECK(kvs_seq_set_kv(c, s, pinned ? "tova:budget=32,every=1" : "tova:budget=32,every=1") == KVS_OK);
+        if (pinned) kvs_seq_pin(c, s, pin);
+        feed(c, s, toks, n, 32, false, NULL);
+        int all = 1, some = 0;
+        for (int il = 0; il < mi_layers; il++)
+            for (int ih = 0; ih < mi_heads_kv; ih++) {
+                const struct kv_head_store *h = kv_seq_head(s->kv, il, ih);
+                int k = 0;
+                for (int j = 0; j < h->n; j++) k += h->pos[j] < pin;
+                all &= k == pin;
+                some += k;
+            }
+        kept[pinned] = some;
+        if (pinned) CHECKF(all, "pinned: %d of %d pinned entries kept", some, pin * mi_layers * mi_heads_kv);
+        kvs_seq_free(c, s);
+    }
+    CHECKF(kept[0] < kept[1], "unpinned kept %d, pinned %d of the first %d positions", kept[0], kept[1], pin);
+    fprintf(stderr, "pin %d of %d tokens under tova:budget=32: first positions kept %d (unpinned %d) of %d\n",
+            pin, n, kept[1], kept[0], pin * mi_layers * mi_heads_kv);
+    kvs_context_free(c);
+}
+
 int main(void) {
     const char *path = tu_model_path();
     if (!path) {
@@ -322,6 +358,7 @@ int main(void) {
     struct kvs_model_info mi;
     kvs_model_get_info(model, &mi);
     n_vocab = mi.n_vocab;
+    mi_layers = mi.n_layer, mi_heads_kv = mi.n_head_kv;
     const char *text =
         "It is a truth universally acknowledged, that a single man in possession of a good "
         "fortune, must be in want of a wife. However little known the feelings or views of such "
@@ -338,6 +375,7 @@ int main(void) {
     CHECKF(n > 180 && n < 512, "%d tokens", n);
     test_batch_invariance(toks, n);
     test_prefixes(toks, n);
+    test_pin(toks, n);
     kvs_model_free(model);
     return tu_finish("test_serve_engine");
 }

@@ -79,6 +79,7 @@ void kv_seq_clear(struct kv_seq *s) {
         memset(s->q_head, 0, sizeof(int32_t) * c->n_layer);
     }
     s->rng = 0x853c49e6748fea9bull;
+    s->pin = 0;
     memset(s->pstate, 0, sizeof(float) * c->n_layer * KV_PSTATE);
 }
 
@@ -327,6 +328,7 @@ enum kvs_status kv_seq_copy(struct kv_seq *dst, const struct kv_seq *src) {
     kv_seq_copy_queries(dst, src);
     memcpy(dst->pstate, src->pstate, sizeof(float) * dc->n_layer * KV_PSTATE);
     dst->rng = src->rng;
+    dst->pin = src->pin;
     return KVS_OK;
 }
 
@@ -846,7 +848,8 @@ void kv_seq_drop_queries(struct kv_seq *s) {
     s->q = NULL, s->q_pos = NULL, s->q_n = NULL, s->q_head = NULL;
 }
 
-enum kvs_status kv_seq_append_range(struct kv_seq *dst, const struct kv_seq *src, int il, int32_t from) {
+enum kvs_status kv_seq_append_range(struct kv_seq *dst, const struct kv_seq *src, int il, int32_t from,
+                                    int32_t delta) {
     const struct kv_cache *c = src->owner;
     size_t hd = (size_t)c->head_dim;
     for (int ih = 0; ih < c->n_head_kv; ih++) {
@@ -862,8 +865,10 @@ enum kvs_status kv_seq_append_range(struct kv_seq *dst, const struct kv_seq *src
                             "packed, not exact", il, ih, from);
         int32_t n = a->n - lo;
         struct kv_head_store *b = kv_seq_head(dst, il, ih);
-        if (b->n && n && b->pos[b->n - 1] >= a->pos[lo])
+        if (b->n && n && b->pos[b->n - 1] >= a->pos[lo] + delta)
             return kvs_fail(KVS_ERR_INVALID_ARG, "positions would not ascend");
+        if (n && a->pos[lo] + delta < 0)
+            return kvs_fail(KVS_ERR_INVALID_ARG, "a position would be negative");
         if (b->n + n > b->cap || b->n - b->nc + n > b->hcap) {
             int32_t cap = b->n + n > b->cap ? pad(b->n + n) : b->cap;
             int32_t hcap = b->n - b->nc + n > b->hcap ? pad(b->n - b->nc + n) : b->hcap;
@@ -875,8 +880,46 @@ enum kvs_status kv_seq_append_range(struct kv_seq *dst, const struct kv_seq *src
         memcpy(b->v + (size_t)r * hd, a->v + (size_t)ra * hd, (size_t)n * hd * 2);
         memcpy(b->pos + b->n, a->pos + lo, (size_t)n * 4);
         memcpy(b->w + b->n, a->w + lo, (size_t)n * 4);
+        if (delta) /* moved to other positions: RoPE keys turned by the shift */
+            for (int32_t j = 0; j < n; j++) {
+                b->pos[b->n + j] += delta;
+                rerotate(c, b->k + (size_t)(r + j) * hd, delta);
+            }
         if (b->acc) memset(b->acc + b->n, 0, (size_t)n * 4);
         b->n += n;
     }
     return KVS_OK;
+}
+
+bool kv_seq_overwrite(struct kv_seq *s, int il, int32_t pos, const float *k, const float *v) {
+    int hd = s->owner->head_dim;
+    for (int ih = 0; ih < s->owner->n_head_kv; ih++) {
+        struct kv_head_store *h = kv_seq_head(s, il, ih);
+        int32_t lo = h->nc, hi = h->n;
+        while (lo < hi) {
+            int32_t mid = (lo + hi) / 2;
+            if (h->pos[mid] < pos) lo = mid + 1;
+            else hi = mid;
+        }
+        if (lo == h->n || h->pos[lo] != pos) return false;
+        int32_t r = lo - h->nc;
+        quant_f32_to_f16_row(k + (size_t)ih * hd, h->k + (size_t)r * hd, hd);
+        quant_f32_to_f16_row(v + (size_t)ih * hd, h->v + (size_t)r * hd, hd);
+    }
+    return true;
+}
+
+bool kv_seq_has_hot(const struct kv_seq *s, int32_t pos) {
+    const struct kv_cache *c = s->owner;
+    for (int i = 0; i < c->n_layer * c->n_head_kv; i++) {
+        const struct kv_head_store *h = &s->h[i];
+        int32_t lo = h->nc, hi = h->n;
+        while (lo < hi) {
+            int32_t mid = (lo + hi) / 2;
+            if (h->pos[mid] < pos) lo = mid + 1;
+            else hi = mid;
+        }
+        if (lo == h->n || h->pos[lo] != pos) return false;
+    }
+    return true;
 }

@@ -65,6 +65,7 @@ struct kv_cache {
 struct kv_seq {
     struct kv_cache *owner;
     bool with_acc;           /* its entries carry the accumulated-attention slot (set while empty) */
+    int32_t pin;             /* entries at positions below it outrank every other in plans */
     struct kv_head_store *h; /* (n_layer, n_head_kv) */
     float *q;                /* (n_layer, qwin, n_head, head_dim) ring of recent queries */
     int32_t *q_pos;          /* (n_layer, qwin) their positions */
@@ -117,9 +118,16 @@ void kv_seq_copy_queries(struct kv_seq *dst, const struct kv_seq *src);
 /* Free s's ring of saved queries (a shared prefix node never attends again). */
 void kv_seq_drop_queries(struct kv_seq *s);
 /* Append to dst, after its entries, src's entries of layer il (every KV head) with positions >=
- * from: fp16 rows, positions and weights (accumulated attention starts at 0). Fails when one of
- * them is packed (KVS_ERR_INVALID_ARG) or would not ascend after dst's; KVS_ERR_NOMEM. */
-enum kvs_status kv_seq_append_range(struct kv_seq *dst, const struct kv_seq *src, int il, int32_t from);
+ * from: fp16 rows, positions and weights (accumulated attention starts at 0), moved by delta
+ * positions (keys re-rotated by delta: a chunk reused elsewhere). Fails when one of them is
+ * packed (KVS_ERR_INVALID_ARG) or would not ascend after dst's; KVS_ERR_NOMEM. */
+enum kvs_status kv_seq_append_range(struct kv_seq *dst, const struct kv_seq *src, int il, int32_t from,
+                                    int32_t delta);
+/* Replace the key and value of the hot entry at position pos in every KV head of layer il (a
+ * recomputed token); false when a head holds no hot entry there. */
+bool kv_seq_overwrite(struct kv_seq *s, int il, int32_t pos, const float *k, const float *v);
+/* Every head of every layer holds a hot entry at position pos. */
+bool kv_seq_has_hot(const struct kv_seq *s, int32_t pos);
 
 /* A plan for one layer, per KV head: the ascending indices of the entries to keep; optionally
  * merges (mt[j] = the kept index entry j folds into, -1 = evicted; mc[j] its coefficient, and

@@ -271,6 +271,12 @@ static bool plan_layer(struct kv_policy *p, struct kv_seq *s, int il, int64_t n_
         for (int ih = 1; ih < p->n_head_kv; ih++)
             memcpy(p->score + (size_t)ih * p->cap_max, p->score, sizeof(float) * n);
     }
+    if (s->pin > 0) /* pinned positions (a system prompt) always win their head's ranking */
+        for (int ih = 0; ih < p->n_head_kv; ih++) {
+            const struct kv_head_store *h = kv_seq_head(s, il, ih);
+            float *sc = p->score + (size_t)ih * p->cap_max;
+            for (int32_t j = 0; j < h->n && h->pos[j] < s->pin; j++) sc[j] = INFINITY;
+        }
     if (p->spec.mikv_low) { /* rank the fp16 entries; the losers are demoted, not evicted */
         for (int ih = 0; ih < p->n_head_kv; ih++) {
             const struct kv_head_store *h = kv_seq_head(s, il, ih);

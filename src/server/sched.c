@@ -26,7 +26,8 @@ struct pnode {
     uint64_t key;
     bool compressed; /* a standalone node made by kvs_prefix_compress; key includes the spec */
     kvs_prefix *p;   /* the tree's reference */
-    uint64_t last_used, bytes;
+    uint64_t last_used, bytes, checksum0; /* checksum0: at insertion */
+    char *spec;      /* compressed nodes: their spec */
     struct pnode *hnext;
 };
 
@@ -42,7 +43,8 @@ static struct pnode *pc_find(struct pcache *pc, uint64_t key, bool compressed) {
     return NULL;
 }
 
-static void pc_insert(struct pcache *pc, uint64_t key, bool compressed, kvs_prefix *p) {
+static void pc_insert(struct pcache *pc, uint64_t key, bool compressed, kvs_prefix *p,
+                      const char *spec) {
     struct pnode *n = calloc(1, sizeof *n);
     if (!n) {
         kvs_prefix_unref(p);
@@ -52,6 +54,8 @@ static void pc_insert(struct pcache *pc, uint64_t key, bool compressed, kvs_pref
     n->compressed = compressed;
     n->p = p;
     n->bytes = kvs_prefix_bytes(p);
+    n->checksum0 = kvs_prefix_checksum(p);
+    n->spec = spec ? strdup(spec) : NULL;
     n->last_used = ++pc->clock;
     n->hnext = pc->b[key % PC_BUCKETS];
     pc->b[key % PC_BUCKETS] = n;
@@ -76,6 +80,7 @@ static uint64_t pc_evict(struct pcache *pc, uint64_t limit) {
         pc->bytes -= n->bytes;
         pc->n--;
         kvs_prefix_unref(n->p);
+        free(n->spec);
         free(n);
         evicted++;
     }
@@ -89,6 +94,7 @@ static void pc_free(struct pcache *pc) {
         for (struct pnode *n = pc->b[i], *nx; n; n = nx) {
             nx = n->hnext;
             kvs_prefix_unref(n->p);
+            free(n->spec);
             free(n);
         }
     memset(pc, 0, sizeof *pc);
@@ -134,6 +140,11 @@ struct sched {
     float *logits;      /* 64 rows */
     kvs_sequence *probe;
     int n_vocab, step_tokens;
+    struct restored { /* POST /slots/{id}?action=restore: a saved cache and its tokens */
+        char *path;
+        int32_t *toks;
+        int n;
+    } *restored; /* n_parallel */
 };
 
 static void run_free(struct sched *S, struct run *r) {
@@ -205,7 +216,7 @@ static bool check_job(struct sched *S, struct job *j) {
             snprintf(msg, sizeof msg, "the prompt has %d tokens, but the context holds %d (the "
                      "server's -c; shorten the prompt or use a 'kv' policy that bounds the "
                      "cache)", j->n_prompt, maxp);
-            fail(S, j, 400, "invalid_request_error", "messages", msg);
+            fail(S, j, 400, "invalid_request_error", j->p.kind == SRV_CHAT ? "messages" : "prompt", msg);
             return false;
         }
     }
@@ -233,6 +244,8 @@ static void push_tok(struct run *r, int32_t t) {
     r->toks[r->n_toks++] = t;
 }
 
+static void compress_prefix(struct sched *S, struct job *j);
+
 /* try to admit waiting job j into a free slot (under mu); false when it does not fit now */
 static bool admit(struct sched *S, struct job *j, int slot) {
     struct srv *srv = S->srv;
@@ -241,6 +254,14 @@ static bool admit(struct sched *S, struct job *j, int slot) {
     int n_total = r ? r->n_toks : j->n_prompt;
     int64_t need = kvs_kv_bytes_bound(srv->ctx, kv, j->n_prompt + j->p.max_tokens);
     if (need < 0) need = 0;
+    /* publishing prompt blocks keeps them exact (.hold) until the prompt's tail: reserve the
+     * whole prompt uncompressed; only when the prompt fits the context's attention rows */
+    bool may_hold = !(r && r->recompute) && j->p.cache_prompt && srv->cfg.prefix_mem > 0 &&
+                    j->n_prompt < srv->cfg.n_ctx && (j->n_prompt - 1) / BLOCK > 0;
+    if (may_hold) {
+        int64_t h = kvs_kv_bytes_bound(srv->ctx, "full", j->n_prompt);
+        if (h > need) need = h;
+    }
     if (S->reserved + need > srv->cfg.kv_mem && S->reserved > 0) return false;
     if (!r) {
         r = j->run = calloc(1, sizeof *r);
@@ -270,6 +291,7 @@ static bool admit(struct sched *S, struct job *j, int slot) {
         r->pkv = j->p.prefix_kv ? j->p.prefix_kv : srv->cfg.prefix_kv;
     }
     (void)n_total;
+    r->n_fed = 0;
     enum kvs_status st = kvs_seq_new(srv->ctx, &r->seq);
     if (st == KVS_OK) st = kvs_seq_set_kv(srv->ctx, r->seq, kv);
     if (st != KVS_OK) {
@@ -279,16 +301,24 @@ static bool admit(struct sched *S, struct job *j, int slot) {
         return true;
     }
     r->max_past = kvs_seq_max_tokens(srv->ctx, r->seq);
+    /* a cache restored into this slot, whose tokens start the prompt: continue from it */
+    struct restored *rs = j->p.id_slot == slot ? &S->restored[slot] : NULL;
+    if (rs && rs->path && !r->recompute && rs->n < j->n_prompt &&
+        !memcmp(rs->toks, j->toks, sizeof *rs->toks * (size_t)rs->n)) {
+        if (kvs_seq_load(srv->ctx, r->seq, rs->path) == KVS_OK && kvs_seq_n_past(r->seq) == rs->n) {
+            r->n_fed = rs->n;
+            j->n_cached = rs->n;
+        } else kvs_seq_reset(srv->ctx, r->seq);
+    }
     if (j->n_prompt >= r->max_past) {
         char msg[300];
         snprintf(msg, sizeof msg, "the prompt has %d tokens, but the context holds %d",
                  j->n_prompt, r->max_past);
-        fail(S, j, 400, "invalid_request_error", "messages", msg);
+        fail(S, j, 400, "invalid_request_error", j->p.kind == SRV_CHAT ? "messages" : "prompt", msg);
         return true;
     }
     r->reserved = need;
     S->reserved += need;
-    r->n_fed = 0;
     r->prompt_done = false;
     r->order = ++S->order;
     r->hold_end = 0;
@@ -306,7 +336,7 @@ static bool admit(struct sched *S, struct job *j, int slot) {
 
     /* prefix cache: attach the longest cached chain of whole blocks (one prompt token at least
      * is left to evaluate), then feed the following whole blocks with .hold and publish them */
-    if (r->recompute || !j->p.cache_prompt || srv->cfg.prefix_mem <= 0) return true;
+    if (r->recompute || r->n_fed || !j->p.cache_prompt || srv->cfg.prefix_mem <= 0) return true;
     int nb = (j->n_prompt - 1) / BLOCK;
     if (nb <= 0) return true;
     uint64_t key = 0, best_key = 0;
@@ -354,8 +384,26 @@ static bool admit(struct sched *S, struct job *j, int slot) {
         srv->st.prefix_hits++;
         srv->st.prefix_tokens_reused += (uint64_t)r->n_fed;
     }
-    r->hold_end = nb * BLOCK;
+    r->hold_end = may_hold ? nb * BLOCK : 0;
+    if (may_hold && r->n_fed == r->hold_end) compress_prefix(S, j);
     return true;
+}
+
+/* the sequence holds exactly the prompt's whole blocks (attached or fed with .hold): compress
+ * that prefix once under the request's prefix_kv, for later requests with the same spec */
+static void compress_prefix(struct sched *S, struct job *j) {
+    struct run *r = j->run;
+    if (!r->pkv || r->n_fed == 0) return;
+    uint64_t ck = spec_key(r->pkv, r->chain_key);
+    if (pc_find(&S->pc, ck, true)) return;
+    kvs_prefix *cp;
+    enum kvs_status st = kvs_prefix_compress(S->srv->ctx, r->seq, r->pkv, &cp);
+    if (st != KVS_OK) {
+        fprintf(stderr, "kvsieve serve: prefix_kv '%s' not applied: %s\n", r->pkv, kvs_last_error());
+        return;
+    }
+    pc_insert(&S->pc, ck, true, cp, r->pkv);
+    S->srv->st.prefix_evictions += pc_evict(&S->pc, (uint64_t)S->srv->cfg.prefix_mem);
 }
 
 /* after a prompt chunk with .hold ends on a block boundary: publish the block */
@@ -375,22 +423,12 @@ static void publish_block(struct sched *S, struct job *j) {
         r->hold_end = r->n_fed;
         return;
     }
-    pc_insert(&S->pc, key, false, p);
+    pc_insert(&S->pc, key, false, p, NULL);
     kvs_prefix_ref(p);
     if (r->last) kvs_prefix_unref(r->last);
     r->last = p;
     srv->st.prefix_evictions += pc_evict(&S->pc, (uint64_t)srv->cfg.prefix_mem);
-    /* the whole cached chain is fed: compress it once under prefix_kv */
-    if (r->n_fed == r->hold_end && r->pkv) {
-        uint64_t ck = spec_key(r->pkv, key);
-        if (!pc_find(&S->pc, ck, true)) {
-            kvs_prefix *cp;
-            if (kvs_prefix_compress(srv->ctx, r->seq, r->pkv, &cp) == KVS_OK) {
-                pc_insert(&S->pc, ck, true, cp);
-                srv->st.prefix_evictions += pc_evict(&S->pc, (uint64_t)srv->cfg.prefix_mem);
-            }
-        }
-    }
+    if (r->n_fed == r->hold_end) compress_prefix(S, j);
 }
 
 /* earliest position >= from where a stop string occurs in full (*full) or may start (return) */
@@ -583,11 +621,47 @@ static void snapshot(struct sched *S) {
         }
         if (k < 8) srv->st.by_policy_bytes[k] += si->kv_bytes;
     }
+    /* nodes a finished request held are evictable now: keep the cache within --prefix-mem */
+    if (S->pc.bytes > (uint64_t)srv->cfg.prefix_mem)
+        srv->st.prefix_evictions += pc_evict(&S->pc, (uint64_t)srv->cfg.prefix_mem);
     srv->st.prefix_bytes = S->pc.bytes;
     srv->st.prefix_nodes = (uint64_t)S->pc.n;
     int w = 0;
     for (struct job *j = S->waiting; j; j = j->next) w++;
     srv->st.waiting = w;
+}
+
+/* the tokens of a saved cache, beside it in PATH.tokens: "KVSTOK1\n", count, int32 ids */
+static void save_tokens(const char *path, const int32_t *toks, int n) {
+    char p[4200];
+    snprintf(p, sizeof p, "%s.tokens", path);
+    FILE *f = fopen(p, "wb");
+    if (!f) return;
+    int32_t n32 = n;
+    fwrite("KVSTOK1\n", 1, 8, f);
+    fwrite(&n32, sizeof n32, 1, f);
+    fwrite(toks, sizeof *toks, (size_t)n, f);
+    fclose(f);
+}
+
+static int32_t *load_tokens(const char *path, int *n) {
+    char p[4200], magic[8];
+    snprintf(p, sizeof p, "%s.tokens", path);
+    FILE *f = fopen(p, "rb");
+    if (!f) return NULL;
+    int32_t n32 = 0;
+    int32_t *t = NULL;
+    if (fread(magic, 1, 8, f) == 8 && !memcmp(magic, "KVSTOK1\n", 8) &&
+        fread(&n32, sizeof n32, 1, f) == 1 && n32 > 0 && n32 <= (1 << 24)) {
+        t = malloc(sizeof *t * (size_t)n32);
+        if (t && fread(t, sizeof *t, (size_t)n32, f) != (size_t)n32) {
+            free(t);
+            t = NULL;
+        }
+    }
+    fclose(f);
+    *n = n32;
+    return t;
 }
 
 static void run_cmds(struct sched *S) {
@@ -597,20 +671,70 @@ static void run_cmds(struct sched *S) {
         srv->cmds = c->next;
         struct job *j = c->slot >= 0 && c->slot < srv->cfg.n_parallel ? S->slots[c->slot] : NULL;
         c->status = 200;
+        enum kvs_status st;
         if (c->action == 0) { /* save */
             if (!j) {
                 c->status = 400;
                 snprintf(c->msg, sizeof c->msg, "slot %d has no running sequence to save", c->slot);
-            } else if (kvs_seq_save(srv->ctx, j->run->seq, c->path) != KVS_OK) {
-                c->status = 500;
+            } else if ((st = kvs_seq_save(srv->ctx, j->run->seq, c->path)) != KVS_OK) {
+                c->status = st == KVS_ERR_INVALID_ARG ? 400 : 500; /* e.g. a shared prefix */
                 snprintf(c->msg, sizeof c->msg, "%s", kvs_last_error());
             } else snprintf(c->msg, sizeof c->msg, "%d", kvs_seq_n_past(j->run->seq));
+            if (c->status == 200) save_tokens(c->path, j->run->toks, j->run->n_fed);
+        } else if (c->action == 3) { /* list the prefix cache (checksums computed now) */
+            size_t cap = 256 + (size_t)S->pc.n * 256, len = 0;
+            char *o = malloc(cap);
+            len += (size_t)snprintf(o + len, cap - len, "[");
+            for (int b = 0; b < PC_BUCKETS; b++)
+                for (struct pnode *n = S->pc.b[b]; n; n = n->hnext)
+                    len += (size_t)snprintf(o + len, cap - len,
+                        "%s{\"block\":\"%016llx\",\"tokens\":%d,\"bytes\":%llu,\"refs\":%d,"
+                        "\"compressed\":%s,\"kv\":\"%.100s\",\"checksum\":\"%016llx\","
+                        "\"checksum_at_insert\":\"%016llx\"}", len > 1 ? "," : "",
+                        (unsigned long long)n->key, kvs_prefix_n_tokens(n->p),
+                        (unsigned long long)n->bytes, kvs_prefix_refcount(n->p),
+                        n->compressed ? "true" : "false", n->spec ? n->spec : "full",
+                        (unsigned long long)kvs_prefix_checksum(n->p),
+                        (unsigned long long)n->checksum0);
+            snprintf(o + len, cap - len, "]");
+            c->out = o;
         } else if (c->action == 2) { /* erase */
+            struct restored *rs = &S->restored[c->slot];
+            int n = rs->path ? 1 : 0;
+            free(rs->path);
+            free(rs->toks);
+            memset(rs, 0, sizeof *rs);
             if (j) fail(S, j, 500, "server_error", NULL, "the slot was erased (POST /slots)");
-            snprintf(c->msg, sizeof c->msg, "%d", j ? 1 : 0);
-        } else {
-            c->status = 501;
-            snprintf(c->msg, sizeof c->msg, "restore is not implemented yet");
+            snprintf(c->msg, sizeof c->msg, "%d", n + (j ? 1 : 0));
+        } else { /* restore: check the file now, load it when a request names the slot */
+            int n = 0;
+            int32_t *toks = load_tokens(c->path, &n);
+            if (!S->probe) {
+                c->status = 501;
+                snprintf(c->msg, sizeof c->msg, "restore needs -np below 64");
+            } else if (!toks) {
+                c->status = 400;
+                snprintf(c->msg, sizeof c->msg, "cannot read %.300s.tokens (the tokens saved beside "
+                         "the cache by action=save)", c->path);
+            } else if (kvs_seq_load(srv->ctx, S->probe, c->path) != KVS_OK) {
+                c->status = 400;
+                snprintf(c->msg, sizeof c->msg, "%s", kvs_last_error());
+            } else if (kvs_seq_n_past(S->probe) != n) {
+                c->status = 400;
+                snprintf(c->msg, sizeof c->msg, "the cache holds %d tokens but its .tokens file "
+                         "%d", kvs_seq_n_past(S->probe), n);
+            } else {
+                struct restored *rs = &S->restored[c->slot];
+                free(rs->path);
+                free(rs->toks);
+                rs->path = strdup(c->path);
+                rs->toks = toks;
+                rs->n = n;
+                toks = NULL;
+                snprintf(c->msg, sizeof c->msg, "%d", n);
+            }
+            if (S->probe) kvs_seq_reset(srv->ctx, S->probe);
+            free(toks);
         }
         c->done = true;
     }
@@ -623,6 +747,7 @@ void *sched_main(void *arg) {
     S->srv = srv;
     int np = srv->cfg.n_parallel;
     S->slots = calloc((size_t)np, sizeof *S->slots);
+    S->restored = calloc((size_t)np, sizeof *S->restored);
     S->n_vocab = srv->mi.n_vocab;
     S->step_tokens = kvs_context_step_tokens(srv->ctx);
     int budget = srv->cfg.batch_tokens > 0 && srv->cfg.batch_tokens < S->step_tokens
@@ -666,7 +791,16 @@ void *sched_main(void *arg) {
             }
         for (struct job **pp = &S->waiting; *pp;) {
             struct job *j = *pp;
-            if (j->cancel || srv->stopping) {
+            if (!j->cancel && !srv->stopping && srv->cfg.timeout_s > 0 && !j->run &&
+                now_ms() - j->t_arrive > srv->cfg.timeout_s * 1e3) {
+                *pp = j->next;
+                srv->n_queued--;
+                struct srv_error e;
+                srv_error_set(&e, 503, "unavailable_error", NULL, "timeout", "the request waited "
+                              "in the queue longer than the server's --timeout of %d s",
+                              srv->cfg.timeout_s);
+                job_finish(S, j, FIN_NONE, &e);
+            } else if (j->cancel || srv->stopping) {
                 *pp = j->next;
                 srv->n_queued--;
                 fail(S, j, 503, "unavailable_error", NULL, j->cancel ? "cancelled" :
@@ -679,10 +813,15 @@ void *sched_main(void *arg) {
         /* admission, first come first served */
         while (S->waiting) {
             int free_slot = -1;
+            struct job *j = S->waiting;
+            int want = j->p.id_slot;
+            if (want >= 0 && want < np && S->restored[want].path && !j->run) {
+                if (S->slots[want]) break; /* wait for the slot its cache was restored to */
+                free_slot = want;
+            }
             for (int i = 0; i < np && free_slot < 0; i++)
                 if (!S->slots[i]) free_slot = i;
             if (free_slot < 0) break;
-            struct job *j = S->waiting;
             S->waiting = j->next;
             if (!S->waiting) S->waiting_tail = NULL;
             j->next = NULL;
@@ -771,6 +910,11 @@ void *sched_main(void *arg) {
     free(items);
     free(item_job);
     free(S->logits);
+    for (int i = 0; i < np; i++) {
+        free(S->restored[i].path);
+        free(S->restored[i].toks);
+    }
+    free(S->restored);
     free(S->slots);
     return NULL;
 }

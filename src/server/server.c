@@ -55,8 +55,9 @@ void job_append_out(struct job *j, const char *s, size_t n) {
 struct conn { /* per HTTP request */
     char *body;
     size_t len, cap;
-    bool too_large, answered;
+    bool too_large, answered, counted;
 };
+static int g_active; /* requests between submission and the end of their response (under mu) */
 
 static enum MHD_Result send_text(struct MHD_Connection *c, unsigned status, const char *type,
                                  const char *s, size_t n) {
@@ -113,12 +114,47 @@ static bool client_gone(struct MHD_Connection *c) {
     return false;
 }
 
+/* a JSON string of n bytes; invalid UTF-8 (a token's piece may hold part of a character) is
+ * replaced by U+FFFD so that every answer is valid JSON */
+static size_t utf8_len(const unsigned char *s, size_t n) {
+    unsigned c = s[0];
+    size_t k = c < 0x80 ? 1 : (c >> 5) == 6 ? 2 : (c >> 4) == 14 ? 3 : (c >> 3) == 30 ? 4 : 0;
+    if (!k || k > n || (k == 2 && c < 0xc2) || (k == 4 && c > 0xf4)) return 0;
+    for (size_t i = 1; i < k; i++)
+        if ((s[i] & 0xc0) != 0x80) return 0;
+    if (k == 3 && ((c == 0xe0 && s[1] < 0xa0) || (c == 0xed && s[1] > 0x9f))) return 0;
+    if (k == 4 && ((c == 0xf0 && s[1] < 0x90) || (c == 0xf4 && s[1] > 0x8f))) return 0;
+    return k;
+}
+
+static json_t *jtext(const char *s, size_t n) {
+    json_t *j = json_stringn(s, n);
+    if (j) return j;
+    char *o = malloc(n * 3 + 1);
+    size_t m = 0;
+    for (size_t i = 0; i < n;) {
+        size_t k = utf8_len((const unsigned char *)s + i, n - i);
+        if (k && !(k == 1 && s[i] == 0)) {
+            memcpy(o + m, s + i, k);
+            m += k;
+            i += k;
+        } else {
+            memcpy(o + m, "\xef\xbf\xbd", 3);
+            m += 3;
+            i++;
+        }
+    }
+    j = json_stringn(o, m);
+    free(o);
+    return j ? j : json_string("");
+}
+
 static json_t *lp_json(const struct srv *srv, const struct lp_entry *e, bool chat) {
     char piece[256];
     size_t n = kvs_token_piece(srv->model, e->tok, false, piece, sizeof piece);
     if (n >= sizeof piece) n = sizeof piece - 1;
     json_t *o = json_object();
-    json_object_set_new(o, "token", json_stringn_nocheck(piece, n));
+    json_object_set_new(o, "token", jtext(piece, n));
     json_object_set_new(o, "logprob", json_real(e->lp));
     json_object_set_new(o, "id", json_integer(e->tok));
     json_t *bytes = json_array();
@@ -130,7 +166,7 @@ static json_t *lp_json(const struct srv *srv, const struct lp_entry *e, bool cha
         size_t m = kvs_token_piece(srv->model, e->top[k].tok, false, p2, sizeof p2);
         if (m >= sizeof p2) m = sizeof p2 - 1;
         json_t *t = json_object();
-        json_object_set_new(t, "token", json_stringn_nocheck(p2, m));
+        json_object_set_new(t, "token", jtext(p2, m));
         json_object_set_new(t, "logprob", json_real(e->top[k].lp));
         json_object_set_new(t, "id", json_integer(e->top[k].tok));
         json_array_append_new(top, t);
@@ -218,9 +254,9 @@ static json_t *full_response(const struct srv *srv, const struct job *j) {
     if (chat) {
         json_t *m = json_object();
         json_object_set_new(m, "role", json_string("assistant"));
-        json_object_set_new(m, "content", json_stringn_nocheck(j->out ? j->out : "", j->out_len));
+        json_object_set_new(m, "content", jtext(j->out ? j->out : "", j->out_len));
         json_object_set_new(ch, "message", m);
-    } else json_object_set_new(ch, "text", json_stringn_nocheck(j->out ? j->out : "", j->out_len));
+    } else json_object_set_new(ch, "text", jtext(j->out ? j->out : "", j->out_len));
     json_object_set_new(ch, "logprobs", j->p.logprobs ? lps_json(srv, j, 0, j->n_lps) : json_null());
     json_object_set_new(ch, "finish_reason", json_string(fin_str(j->finish) ? fin_str(j->finish) : "stop"));
     json_t *choices = json_array();
@@ -275,9 +311,9 @@ static json_t *chunk(struct stream *s, const char *text, size_t n, bool with_tex
             json_object_set_new(d, "role", json_string("assistant"));
             s->role_sent = true;
         }
-        if (with_text) json_object_set_new(d, "content", json_stringn_nocheck(text, n));
+        if (with_text) json_object_set_new(d, "content", jtext(text, n));
         json_object_set_new(ch, "delta", d);
-    } else json_object_set_new(ch, "text", json_stringn_nocheck(with_text ? text : "", with_text ? n : 0));
+    } else json_object_set_new(ch, "text", jtext(with_text ? text : "", with_text ? n : 0));
     if (j->p.logprobs && j->n_lps > s->sent_lps) {
         json_object_set_new(ch, "logprobs", lps_json(s->srv, j, s->sent_lps, j->n_lps));
         s->sent_lps = j->n_lps;
@@ -433,6 +469,8 @@ static enum MHD_Result handle_completion(struct srv *srv, struct MHD_Connection 
     }
     /* submit */
     pthread_mutex_lock(&srv->mu);
+    g_active++;
+    cs->counted = true;
     if (srv->stopping || srv->n_queued >= srv->cfg.queue) {
         bool stop = srv->stopping;
         j->refs = 1;
@@ -469,7 +507,7 @@ static enum MHD_Result handle_completion(struct srv *srv, struct MHD_Connection 
             pthread_cond_signal(&srv->cv_sched);
         }
     }
-    if (j->failed && (!stream || j->state == J_DONE) && !j->out_len) {
+    if (j->failed && (!stream || j->state == J_DONE)) {
         struct srv_error err = j->err;
         job_release(j);
         pthread_mutex_unlock(&srv->mu);
@@ -556,7 +594,7 @@ static enum MHD_Result handle_tokenize(struct srv *srv, struct MHD_Connection *c
             if (k >= sizeof piece) k = sizeof piece - 1;
             json_t *p = json_object();
             json_object_set_new(p, "id", json_integer(t[i]));
-            json_object_set_new(p, "piece", json_stringn_nocheck(piece, k));
+            json_object_set_new(p, "piece", jtext(piece, k));
             json_array_append_new(arr, p);
         } else json_array_append_new(arr, json_integer(t[i]));
     }
@@ -597,12 +635,7 @@ static enum MHD_Result handle_detokenize(struct srv *srv, struct MHD_Connection 
     json_decref(o);
     json_t *r = json_object();
     /* invalid UTF-8 (a token cut inside a character) is replaced, not refused */
-    json_t *s = json_stringn(out ? out : "", len);
-    if (!s) {
-        for (size_t k = 0; k < len; k++)
-            if ((unsigned char)out[k] >= 0x80) out[k] = '?';
-        s = json_stringn(out, len);
-    }
+    json_t *s = jtext(out ? out : "", len);
     json_object_set_new(r, "content", s);
     free(out);
     return send_json(c, 200, r);
@@ -684,6 +717,31 @@ static enum MHD_Result handle_slots(struct srv *srv, struct MHD_Connection *c) {
     return send_json(c, 200, arr);
 }
 
+/* GET /prefixes: the prefix cache's nodes with their checksums, computed on the inference thread */
+static enum MHD_Result handle_prefixes(struct srv *srv, struct MHD_Connection *c) {
+    struct slot_cmd *cmd = calloc(1, sizeof *cmd);
+    cmd->action = 3;
+    cmd->slot = -1;
+    pthread_mutex_lock(&srv->mu);
+    if (srv->stopping) {
+        pthread_mutex_unlock(&srv->mu);
+        free(cmd);
+        return send_err(c, 503, "unavailable_error", NULL, NULL, "the server is shutting down");
+    }
+    cmd->next = srv->cmds;
+    srv->cmds = cmd;
+    pthread_cond_signal(&srv->cv_sched);
+    while (!cmd->done && !srv->stopping) pthread_cond_wait(&srv->cv_out, &srv->mu);
+    bool done = cmd->done;
+    pthread_mutex_unlock(&srv->mu);
+    if (!done) return send_err(c, 503, "unavailable_error", NULL, NULL, "the server is shutting down");
+    enum MHD_Result r = send_text(c, 200, "application/json", cmd->out ? cmd->out : "[]",
+                                  cmd->out ? strlen(cmd->out) : 2);
+    free(cmd->out);
+    free(cmd);
+    return r;
+}
+
 static enum MHD_Result handle_slot_action(struct srv *srv, struct MHD_Connection *c,
                                           struct conn *cs, const char *idstr) {
     char *end;
@@ -750,6 +808,9 @@ static enum MHD_Result handle_slot_action(struct srv *srv, struct MHD_Connection
         if (a == 0) {
             json_object_set_new(o, "filename", json_string(fname));
             json_object_set_new(o, "n_saved", json_integer(atoi(cmd->msg)));
+        } else if (a == 1) {
+            json_object_set_new(o, "filename", json_string(fname));
+            json_object_set_new(o, "n_restored", json_integer(atoi(cmd->msg)));
         } else json_object_set_new(o, "n_erased", json_integer(atoi(cmd->msg)));
         r = send_json(c, 200, o);
     }
@@ -820,7 +881,7 @@ static enum MHD_Result on_request(void *cls, struct MHD_Connection *c, const cha
     }
     struct { const char *path; bool post; } routes[] = {
         {"/health", false}, {"/v1/health", false}, {"/v1/models", false}, {"/models", false},
-        {"/metrics", false}, {"/slots", false}, {"/v1/chat/completions", true},
+        {"/metrics", false}, {"/slots", false}, {"/prefixes", false}, {"/v1/chat/completions", true},
         {"/chat/completions", true}, {"/v1/completions", true}, {"/completions", true},
         {"/tokenize", true}, {"/detokenize", true}};
     for (size_t i = 0; i < sizeof routes / sizeof routes[0]; i++) {
@@ -836,6 +897,7 @@ static enum MHD_Result on_request(void *cls, struct MHD_Connection *c, const cha
         if (strstr(url, "models")) return handle_models(srv, c);
         if (!strcmp(url, "/metrics")) return handle_metrics(srv, c);
         if (!strcmp(url, "/slots")) return handle_slots(srv, c);
+        if (!strcmp(url, "/prefixes")) return handle_prefixes(srv, c);
         if (strstr(url, "chat/completions")) return handle_completion(srv, c, cs, SRV_CHAT);
         if (strstr(url, "completions")) return handle_completion(srv, c, cs, SRV_COMPLETION);
         if (!strcmp(url, "/tokenize")) return handle_tokenize(srv, c, cs);
@@ -852,10 +914,15 @@ static enum MHD_Result on_request(void *cls, struct MHD_Connection *c, const cha
 
 static void on_completed(void *cls, struct MHD_Connection *c, void **con_cls,
                          enum MHD_RequestTerminationCode toe) {
-    (void)cls;
+    struct srv *srv = cls;
     (void)c;
     (void)toe;
     struct conn *cs = *con_cls;
+    if (cs && cs->counted) {
+        pthread_mutex_lock(&srv->mu);
+        g_active--;
+        pthread_mutex_unlock(&srv->mu);
+    }
     if (cs) {
         free(cs->body);
         free(cs);
@@ -869,10 +936,11 @@ static const char *SERVE_USAGE =
     "usage: kvsieve serve [options]\n"
     "\n"
     "An OpenAI-compatible HTTP server (POST /v1/chat/completions, /v1/completions, streaming\n"
-    "or not; GET /health, /v1/models, /metrics, /slots; POST /tokenize, /detokenize,\n"
-    "/slots/{id}?action=save|erase) with continuous batching: one inference thread runs one\n"
-    "mixed batch per tick (the decode token of every running request, then prompt chunks),\n"
-    "each request under its own KV policy (request field \"kv\"). Endpoints: docs/SERVER.md.\n"
+    "or not; GET /health, /v1/models, /metrics, /slots, /prefixes; POST /tokenize,\n"
+    "/detokenize, /slots/{id}?action=save|restore|erase) with continuous batching: one\n"
+    "inference thread runs one mixed batch per tick (the decode token of every running\n"
+    "request, then prompt chunks), each request under its own KV policy (request field\n"
+    "\"kv\"). Endpoints: docs/SERVER.md.\n"
     "\n"
     "  --host ADDR           IPv4 address to listen on (default 127.0.0.1; 0.0.0.0 = all)\n"
     "  --port N              TCP port (default 8080)\n"
@@ -893,7 +961,8 @@ static const char *SERVE_USAGE =
     "                        and reuse that copy (request field \"prefix_kv\" overrides)\n"
     "      --api-key KEY     require 'Authorization: Bearer KEY' (GET /health stays open)\n"
     "      --metrics         accepted for llama-server compatibility: /metrics is always on\n"
-    "      --slot-save-path DIR  folder for POST /slots/{id}?action=save (plain file names)\n"
+    "      --slot-save-path DIR  folder for POST /slots/{id}?action=save|restore (plain file\n"
+    "                        names): a saved cache is continued by a request with \"id_slot\"\n"
     "      --timeout S       per-request limit in seconds (default 600, 0 = none): generation\n"
     "                        stops there with finish_reason \"length\"\n"
     "      --max-body BYTES  largest request body (default 1M; 413 above)\n"
@@ -989,6 +1058,7 @@ int serve_main(int argc, char **argv) {
     if (cfg->api_key && !*cfg->api_key) serve_die("--api-key needs a non-empty key");
     if (cfg->max_body < 16) serve_die("--max-body must be at least 16 bytes");
     struct sockaddr_in sin = {.sin_family = AF_INET, .sin_port = htons((uint16_t)cfg->port)};
+    if (!strcmp(cfg->host, "localhost")) cfg->host = "127.0.0.1";
     if (inet_pton(AF_INET, cfg->host, &sin.sin_addr) != 1)
         serve_die("--host expects an IPv4 address such as 127.0.0.1, got '%s'", cfg->host);
     if (g_log_quiet) kvs_set_log_level(0);
@@ -1040,7 +1110,7 @@ int serve_main(int argc, char **argv) {
         return 1;
     }
     struct MHD_Daemon *d = MHD_start_daemon(
-        MHD_USE_THREAD_PER_CONNECTION | MHD_USE_INTERNAL_POLLING_THREAD | MHD_USE_POLL,
+        MHD_USE_THREAD_PER_CONNECTION | MHD_USE_INTERNAL_POLLING_THREAD | MHD_USE_POLL | MHD_USE_ITC,
         (uint16_t)cfg->port, NULL, NULL, on_request, srv, MHD_OPTION_SOCK_ADDR, &sin,
         MHD_OPTION_NOTIFY_COMPLETED, on_completed, srv, MHD_OPTION_CONNECTION_TIMEOUT,
         (unsigned)600, MHD_OPTION_CONNECTION_LIMIT, (unsigned)1024, MHD_OPTION_END);
@@ -1067,7 +1137,17 @@ int serve_main(int argc, char **argv) {
     pthread_mutex_lock(&srv->mu);
     pthread_cond_broadcast(&srv->cv_out);
     pthread_mutex_unlock(&srv->mu);
-    if (d) MHD_stop_daemon(d);
+    if (d) { /* stop accepting, let the answers in flight go out (at most 2 s), then close */
+        MHD_quiesce_daemon(d);
+        for (int k = 0; k < 200; k++) {
+            pthread_mutex_lock(&srv->mu);
+            int a = g_active;
+            pthread_mutex_unlock(&srv->mu);
+            if (!a) break;
+            usleep(10000);
+        }
+        MHD_stop_daemon(d);
+    }
     /* anything submitted after the inference thread stopped */
     while (srv->submitted) {
         struct job *j = srv->submitted;

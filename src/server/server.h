@@ -74,12 +74,13 @@ struct slot_info { /* a snapshot for GET /slots, refreshed each tick */
 };
 
 struct slot_cmd { /* POST /slots/{id}: run on the inference thread */
-    int action; /* 0 save, 1 restore, 2 erase */
+    int action; /* 0 save, 1 restore, 2 erase, 3 list the prefix cache's nodes */
     int slot;
     char path[4096];
     bool done;
     int status;
     char msg[512];
+    char *out; /* action 3 (list prefixes): a malloc'ed JSON array */
     struct slot_cmd *next;
 };
 
