@@ -40,11 +40,13 @@ $(BUILD)/libkvsieve.so: $(LIB_OBJ)
 	$(CC) -shared -o $@ $^ $(LDLIBS)
 
 # the program: main.c and the command-line parsers under src/cli/ (they print and exit; the
-# library does neither)
-CLI_SRC  := src/main.c $(wildcard src/cli/*.c)
+# library does neither), and `kvsieve serve` under src/server/ (HTTP on libmicrohttpd, JSON on
+# jansson: linked into the program only, libkvsieve stays free of them)
+CLI_SRC  := src/main.c $(wildcard src/cli/*.c) $(wildcard src/server/*.c)
+SERVE_LIBS := -lmicrohttpd -ljansson -lxxhash
 GIT_COMMIT := $(shell git rev-parse --short HEAD 2>/dev/null || echo unknown)
-$(BUILD)/kvsieve: $(CLI_SRC) $(wildcard src/cli/*.h) $(BUILD)/libkvsieve.a
-	$(CC) $(CFLAGS) -DKVS_GIT_COMMIT='"$(GIT_COMMIT)"' -o $@ $(CLI_SRC) $(BUILD)/libkvsieve.a $(LDLIBS)
+$(BUILD)/kvsieve: $(CLI_SRC) $(wildcard src/cli/*.h src/server/*.h) $(BUILD)/libkvsieve.a
+	$(CC) $(CFLAGS) -DKVS_GIT_COMMIT='"$(GIT_COMMIT)"' -o $@ $(CLI_SRC) $(BUILD)/libkvsieve.a $(SERVE_LIBS) $(LDLIBS)
 
 $(BUILD)/test_%: tests/test_%.c tests/testutil.h $(BUILD)/libkvsieve.a
 	$(CC) $(CFLAGS) -o $@ $< $(BUILD)/libkvsieve.a $(LDLIBS)

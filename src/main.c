@@ -6,6 +6,7 @@
  */
 #include "kvsieve.h"
 #include "cli/eval_cli.h"
+#include "server/server.h"
 
 #include <errno.h>
 #include <fcntl.h>
@@ -68,6 +69,8 @@ static const char *USAGE_HEAD =
     "  bench   prefill and decode speed, KV memory, and the memory-bandwidth bound\n"
     "  info    model header, architecture, tensor types, KV bytes per token\n"
     "  eval    evaluation harness: sweep | ppl | tasks | report (`kvsieve eval --help`)\n"
+    "  serve   OpenAI-compatible HTTP server with continuous batching and per-request KV\n"
+    "          policies (`kvsieve serve --help`; docs/SERVER.md)\n"
     "  help    this text; `kvsieve --help kv` explains the --kv spec; --version\n";
 
 static const char *USAGE_COMMON =
@@ -271,7 +274,7 @@ static void parse_args(int argc, char **argv, struct opts *o) {
     static const char *cmds[] = {"run", "chat", "ppl", "bench", "info"};
     bool known = false;
     for (size_t k = 0; k < sizeof cmds / sizeof cmds[0]; k++) known |= !strcmp(o->cmd, cmds[k]);
-    if (!known) die_usage("unknown command '%s' (commands: run, chat, ppl, bench, info, eval, help)", o->cmd);
+    if (!known) die_usage("unknown command '%s' (commands: run, chat, ppl, bench, info, eval, serve, help)", o->cmd);
     for (; i < argc; i++) {
         const char *a = argv[i];
 #define NEXT() (i + 1 < argc ? argv[++i] : (die_usage("%s needs a value", a), ""))
@@ -1113,6 +1116,7 @@ static int cmd_info(const struct opts *o) {
 
 int main(int argc, char **argv) {
     if (argc >= 2 && !strcmp(argv[1], "eval")) return eval_main(argc - 2, argv + 2);
+    if (argc >= 2 && !strcmp(argv[1], "serve")) return serve_main(argc - 2, argv + 2);
     struct opts o;
     parse_args(argc, argv, &o);
     fix_bench_prompt(&o);

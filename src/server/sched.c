@@ -1,0 +1,776 @@
+/* sched.c — the inference thread of `kvsieve serve`: continuous batching over kvs_step, KV-byte
+ * admission control, preemption by recompute, and the prefix cache (token blocks of 64 keyed by a
+ * chained xxh3 hash, nodes reference counted, LRU eviction within --prefix-mem). Only this
+ * thread touches the context, its sequences and prefix nodes. */
+#include "server/server.h"
+
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+#include <xxhash.h>
+
+#define BLOCK 64
+#define PC_BUCKETS 4096
+
+static double now_ms(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return ts.tv_sec * 1e3 + ts.tv_nsec / 1e6;
+}
+
+/* ---- prefix cache ---------------------------------------------------------------------- */
+
+struct pnode {
+    uint64_t key;
+    bool compressed; /* a standalone node made by kvs_prefix_compress; key includes the spec */
+    kvs_prefix *p;   /* the tree's reference */
+    uint64_t last_used, bytes;
+    struct pnode *hnext;
+};
+
+struct pcache {
+    struct pnode *b[PC_BUCKETS];
+    uint64_t bytes, clock;
+    int n;
+};
+
+static struct pnode *pc_find(struct pcache *pc, uint64_t key, bool compressed) {
+    for (struct pnode *n = pc->b[key % PC_BUCKETS]; n; n = n->hnext)
+        if (n->key == key && n->compressed == compressed) return n;
+    return NULL;
+}
+
+static void pc_insert(struct pcache *pc, uint64_t key, bool compressed, kvs_prefix *p) {
+    struct pnode *n = calloc(1, sizeof *n);
+    if (!n) {
+        kvs_prefix_unref(p);
+        return;
+    }
+    n->key = key;
+    n->compressed = compressed;
+    n->p = p;
+    n->bytes = kvs_prefix_bytes(p);
+    n->last_used = ++pc->clock;
+    n->hnext = pc->b[key % PC_BUCKETS];
+    pc->b[key % PC_BUCKETS] = n;
+    pc->bytes += n->bytes;
+    pc->n++;
+}
+
+/* evict unreferenced nodes (only the tree holds them), least recently used first, until the
+ * cache fits `limit` bytes */
+static uint64_t pc_evict(struct pcache *pc, uint64_t limit) {
+    uint64_t evicted = 0;
+    while (pc->bytes > limit) {
+        struct pnode **best = NULL;
+        for (int i = 0; i < PC_BUCKETS; i++)
+            for (struct pnode **pp = &pc->b[i]; *pp; pp = &(*pp)->hnext)
+                if (kvs_prefix_refcount((*pp)->p) == 1 &&
+                    (!best || (*pp)->last_used < (*best)->last_used))
+                    best = pp;
+        if (!best) break;
+        struct pnode *n = *best;
+        *best = n->hnext;
+        pc->bytes -= n->bytes;
+        pc->n--;
+        kvs_prefix_unref(n->p);
+        free(n);
+        evicted++;
+    }
+    return evicted;
+}
+
+static void pc_free(struct pcache *pc) {
+    /* children hold their parents: release leaves first by evicting everything repeatedly */
+    pc_evict(pc, 0);
+    for (int i = 0; i < PC_BUCKETS; i++)
+        for (struct pnode *n = pc->b[i], *nx; n; n = nx) {
+            nx = n->hnext;
+            kvs_prefix_unref(n->p);
+            free(n);
+        }
+    memset(pc, 0, sizeof *pc);
+}
+
+static uint64_t block_key(const int32_t *toks, uint64_t parent) {
+    return XXH3_64bits_withSeed(toks, BLOCK * sizeof *toks, parent ^ 0x6b7673696576ULL);
+}
+static uint64_t spec_key(const char *spec, uint64_t chain) {
+    return XXH3_64bits_withSeed(spec, strlen(spec), chain);
+}
+
+/* ---- running requests ------------------------------------------------------------------ */
+
+struct run {
+    kvs_sequence *seq;
+    kvs_sampler *smp;
+    int32_t *toks; /* prompt then generated tokens */
+    int n_toks, cap_toks, n_fed;
+    bool prompt_done;
+    int64_t reserved;
+    int max_past;
+    struct kvs_detok dt;
+    char *gen;     /* generated text */
+    size_t gen_len, gen_cap, committed;
+    double t_start, t_prompt_end;
+    uint64_t order; /* admission order (youngest = largest) */
+    /* prefix cache */
+    int hold_end;        /* prompt tokens fed in whole blocks with .hold and published */
+    uint64_t chain_key;  /* key of the last block fed (published or found) */
+    kvs_prefix *last;    /* our reference to the node ending at n_fed (or NULL) */
+    const char *pkv;     /* compressed-prefix spec or NULL */
+    bool recompute;      /* preempted: fed again from its tokens */
+};
+
+struct sched {
+    struct srv *srv;
+    struct job **slots; /* n_parallel */
+    struct job *waiting, *waiting_tail;
+    int64_t reserved;
+    uint64_t order;
+    struct pcache pc;
+    float *logits;      /* 64 rows */
+    kvs_sequence *probe;
+    int n_vocab, step_tokens;
+};
+
+static void run_free(struct sched *S, struct run *r) {
+    if (!r) return;
+    if (r->seq) kvs_seq_free(S->srv->ctx, r->seq);
+    if (r->last) kvs_prefix_unref(r->last);
+    kvs_sampler_free(r->smp);
+    free(r->toks);
+    free(r->gen);
+    free(r);
+}
+
+/* finish a job (under mu): reason or error; releases the scheduler's reference */
+static void job_finish(struct sched *S, struct job *j, enum finish_reason fin,
+                       const struct srv_error *err) {
+    struct srv *srv = S->srv;
+    struct run *r = j->run;
+    if (r && r->seq) {
+        S->reserved -= r->reserved;
+        r->reserved = 0;
+    }
+    if (err) {
+        j->failed = true;
+        j->err = *err;
+        srv->st.failed++;
+    } else {
+        j->finish = fin;
+        srv->st.predicted_tokens += (uint64_t)j->n_gen;
+        srv->st.predicted_ms += j->predicted_ms;
+    }
+    j->state = J_DONE;
+    j->checked = true;
+    if (j->slot >= 0) {
+        S->slots[j->slot] = NULL;
+        srv->slots[j->slot].used = false;
+        srv->st.running--;
+    }
+    run_free(S, r);
+    j->run = NULL;
+    job_release(j);
+    pthread_cond_broadcast(&srv->cv_out);
+}
+
+static void fail(struct sched *S, struct job *j, int status, const char *type, const char *param,
+                 const char *msg) {
+    struct srv_error e;
+    srv_error_set(&e, status, type, param, NULL, "%s", msg);
+    job_finish(S, j, FIN_NONE, &e);
+}
+
+static const char *job_kv(struct sched *S, const struct job *j) {
+    return j->p.kv ? j->p.kv : S->srv->cfg.kv;
+}
+
+/* validate a newly submitted job against the context (under mu) */
+static bool check_job(struct sched *S, struct job *j) {
+    struct srv *srv = S->srv;
+    const char *kv = job_kv(S, j);
+    char msg[600];
+    if (S->probe) {
+        if (kvs_seq_set_kv(srv->ctx, S->probe, kv) != KVS_OK) {
+            snprintf(msg, sizeof msg, "'kv': %s", kvs_last_error());
+            fail(S, j, 400, "invalid_request_error", "kv", msg);
+            return false;
+        }
+        int maxp = kvs_seq_max_tokens(srv->ctx, S->probe);
+        kvs_seq_set_kv(srv->ctx, S->probe, NULL);
+        if (j->n_prompt >= maxp) {
+            snprintf(msg, sizeof msg, "the prompt has %d tokens, but the context holds %d (the "
+                     "server's -c; shorten the prompt or use a 'kv' policy that bounds the "
+                     "cache)", j->n_prompt, maxp);
+            fail(S, j, 400, "invalid_request_error", "messages", msg);
+            return false;
+        }
+    }
+    int64_t need = kvs_kv_bytes_bound(srv->ctx, kv, j->n_prompt + j->p.max_tokens);
+    if (need < 0) {
+        fail(S, j, 400, "invalid_request_error", "kv", "'kv': invalid KV spec");
+        return false;
+    }
+    if (need > srv->cfg.kv_mem) {
+        snprintf(msg, sizeof msg, "this request needs up to %lld KV bytes (%d prompt tokens + "
+                 "max_tokens %d under '%s'), more than the server's --kv-mem of %lld: lower "
+                 "max_tokens, shorten the prompt or choose a smaller 'kv' budget",
+                 (long long)need, j->n_prompt, j->p.max_tokens, kv, (long long)srv->cfg.kv_mem);
+        fail(S, j, 400, "invalid_request_error", "max_tokens", msg);
+        return false;
+    }
+    return true;
+}
+
+static void push_tok(struct run *r, int32_t t) {
+    if (r->n_toks == r->cap_toks) {
+        r->cap_toks = r->cap_toks ? r->cap_toks * 2 : 256;
+        r->toks = realloc(r->toks, sizeof *r->toks * (size_t)r->cap_toks);
+    }
+    r->toks[r->n_toks++] = t;
+}
+
+/* try to admit waiting job j into a free slot (under mu); false when it does not fit now */
+static bool admit(struct sched *S, struct job *j, int slot) {
+    struct srv *srv = S->srv;
+    const char *kv = job_kv(S, j);
+    struct run *r = j->run;
+    int n_total = r ? r->n_toks : j->n_prompt;
+    int64_t need = kvs_kv_bytes_bound(srv->ctx, kv, j->n_prompt + j->p.max_tokens);
+    if (need < 0) need = 0;
+    if (S->reserved + need > srv->cfg.kv_mem && S->reserved > 0) return false;
+    if (!r) {
+        r = j->run = calloc(1, sizeof *r);
+        struct kvs_sampler_params sp = kvs_sampler_params_default();
+        sp.temp = j->p.temperature;
+        sp.top_k = j->p.top_k;
+        sp.top_p = j->p.top_p;
+        sp.min_p = j->p.min_p;
+        sp.repeat_penalty = j->p.repeat_penalty;
+        sp.presence_penalty = j->p.presence_penalty;
+        sp.frequency_penalty = j->p.frequency_penalty;
+        if (j->p.has_seed) sp.seed = j->p.seed;
+        else {
+            struct timespec ts;
+            clock_gettime(CLOCK_REALTIME, &ts);
+            sp.seed = XXH3_64bits(&ts, sizeof ts) ^ (uint64_t)(uintptr_t)j;
+        }
+        if (kvs_sampler_new(&sp, S->n_vocab, &r->smp) != KVS_OK) {
+            fail(S, j, 500, "server_error", NULL, kvs_last_error());
+            return true;
+        }
+        for (int i = 0; i < j->n_prompt; i++) {
+            push_tok(r, j->toks[i]);
+            kvs_sampler_accept(r->smp, j->toks[i]);
+        }
+        r->t_start = now_ms();
+        r->pkv = j->p.prefix_kv ? j->p.prefix_kv : srv->cfg.prefix_kv;
+    }
+    (void)n_total;
+    enum kvs_status st = kvs_seq_new(srv->ctx, &r->seq);
+    if (st == KVS_OK) st = kvs_seq_set_kv(srv->ctx, r->seq, kv);
+    if (st != KVS_OK) {
+        fail(S, j, st == KVS_ERR_INVALID_ARG ? 400 : 500,
+             st == KVS_ERR_INVALID_ARG ? "invalid_request_error" : "server_error",
+             st == KVS_ERR_INVALID_ARG ? "kv" : NULL, kvs_last_error());
+        return true;
+    }
+    r->max_past = kvs_seq_max_tokens(srv->ctx, r->seq);
+    if (j->n_prompt >= r->max_past) {
+        char msg[300];
+        snprintf(msg, sizeof msg, "the prompt has %d tokens, but the context holds %d",
+                 j->n_prompt, r->max_past);
+        fail(S, j, 400, "invalid_request_error", "messages", msg);
+        return true;
+    }
+    r->reserved = need;
+    S->reserved += need;
+    r->n_fed = 0;
+    r->prompt_done = false;
+    r->order = ++S->order;
+    r->hold_end = 0;
+    r->chain_key = 0;
+    if (r->last) kvs_prefix_unref(r->last);
+    r->last = NULL;
+    j->slot = slot;
+    j->state = J_RUNNING;
+    S->slots[slot] = j;
+    srv->st.running++;
+    srv->slots[slot].used = true;
+    snprintf(srv->slots[slot].request_id, sizeof srv->slots[slot].request_id, "%s", j->id);
+    snprintf(srv->slots[slot].kv, sizeof srv->slots[slot].kv, "%s",
+             kvs_seq_kv(srv->ctx, r->seq));
+
+    /* prefix cache: attach the longest cached chain of whole blocks (one prompt token at least
+     * is left to evaluate), then feed the following whole blocks with .hold and publish them */
+    if (r->recompute || !j->p.cache_prompt || srv->cfg.prefix_mem <= 0) return true;
+    int nb = (j->n_prompt - 1) / BLOCK;
+    if (nb <= 0) return true;
+    uint64_t key = 0, best_key = 0;
+    int best = 0;
+    struct pnode *bn = NULL, *cn = NULL;
+    for (int b = 0; b < nb; b++) {
+        key = block_key(j->toks + b * BLOCK, key);
+        if (r->pkv) {
+            struct pnode *c = pc_find(&S->pc, spec_key(r->pkv, key), true);
+            if (c) cn = c;
+        }
+        if (best == b) {
+            struct pnode *n = pc_find(&S->pc, key, false);
+            if (n) {
+                bn = n;
+                best = b + 1;
+                best_key = key;
+            }
+        }
+    }
+    if (cn) { /* a compressed copy of a prefix under this request's prefix_kv */
+        if (kvs_seq_attach_prefix(srv->ctx, r->seq, cn->p) == KVS_OK) {
+            cn->last_used = ++S->pc.clock;
+            r->n_fed = kvs_prefix_n_tokens(cn->p);
+            j->n_cached = r->n_fed;
+            srv->st.prefix_hits++;
+            srv->st.prefix_tokens_reused += (uint64_t)r->n_fed;
+        }
+        return true; /* nothing is published after a compressed prefix */
+    }
+    if (bn) {
+        if (kvs_seq_attach_prefix(srv->ctx, r->seq, bn->p) != KVS_OK) return true;
+        /* touch the chain */
+        uint64_t k2 = 0;
+        for (int b = 0; b < best; b++) {
+            k2 = block_key(j->toks + b * BLOCK, k2);
+            struct pnode *n = pc_find(&S->pc, k2, false);
+            if (n) n->last_used = ++S->pc.clock;
+        }
+        r->n_fed = best * BLOCK;
+        j->n_cached = r->n_fed;
+        r->chain_key = best_key;
+        r->last = bn->p;
+        kvs_prefix_ref(r->last);
+        srv->st.prefix_hits++;
+        srv->st.prefix_tokens_reused += (uint64_t)r->n_fed;
+    }
+    r->hold_end = nb * BLOCK;
+    return true;
+}
+
+/* after a prompt chunk with .hold ends on a block boundary: publish the block */
+static void publish_block(struct sched *S, struct job *j) {
+    struct srv *srv = S->srv;
+    struct run *r = j->run;
+    int b = r->n_fed / BLOCK - 1;
+    uint64_t key = block_key(r->toks + b * BLOCK, r->chain_key);
+    r->chain_key = key;
+    struct pnode *have = pc_find(&S->pc, key, false);
+    if (have) { /* published meanwhile by another request: stop publishing this one */
+        r->hold_end = r->n_fed;
+        return;
+    }
+    kvs_prefix *p;
+    if (kvs_prefix_publish(srv->ctx, r->seq, r->last, &p) != KVS_OK) {
+        r->hold_end = r->n_fed;
+        return;
+    }
+    pc_insert(&S->pc, key, false, p);
+    kvs_prefix_ref(p);
+    if (r->last) kvs_prefix_unref(r->last);
+    r->last = p;
+    srv->st.prefix_evictions += pc_evict(&S->pc, (uint64_t)srv->cfg.prefix_mem);
+    /* the whole cached chain is fed: compress it once under prefix_kv */
+    if (r->n_fed == r->hold_end && r->pkv) {
+        uint64_t ck = spec_key(r->pkv, key);
+        if (!pc_find(&S->pc, ck, true)) {
+            kvs_prefix *cp;
+            if (kvs_prefix_compress(srv->ctx, r->seq, r->pkv, &cp) == KVS_OK) {
+                pc_insert(&S->pc, ck, true, cp);
+                srv->st.prefix_evictions += pc_evict(&S->pc, (uint64_t)srv->cfg.prefix_mem);
+            }
+        }
+    }
+}
+
+/* earliest position >= from where a stop string occurs in full (*full) or may start (return) */
+static size_t stop_scan(const struct job *j, const char *t, size_t len, size_t from,
+                        long *full) {
+    size_t hold = len;
+    *full = -1;
+    for (int k = 0; k < j->p.n_stops; k++) {
+        const char *s = j->p.stops[k];
+        size_t m = strlen(s);
+        if (len - from >= m) {
+            const char *f = memmem(t + from, len - from, s, m);
+            if (f && (*full < 0 || f - t < *full)) *full = f - t;
+        }
+        size_t p0 = len >= m ? len - m + 1 : 0;
+        if (p0 < from) p0 = from;
+        for (size_t p = p0; p < len; p++)
+            if (!memcmp(t + p, s, len - p)) {
+                if (p < hold) hold = p;
+                break;
+            }
+    }
+    return hold;
+}
+
+static void gen_append(struct run *r, const char *s, size_t n) {
+    if (r->gen_len + n + 1 > r->gen_cap) {
+        r->gen_cap = (r->gen_len + n + 1) * 2;
+        r->gen = realloc(r->gen, r->gen_cap);
+    }
+    memcpy(r->gen + r->gen_len, s, n);
+    r->gen_len += n;
+    r->gen[r->gen_len] = 0;
+}
+
+/* commit generated text to the client: up to a stop string (finishing) or up to what may be the
+ * start of one. Returns true when a stop string was found. */
+static bool commit_text(struct job *j, bool final) {
+    struct run *r = j->run;
+    long full;
+    size_t hold = stop_scan(j, r->gen, r->gen_len, r->committed, &full);
+    size_t upto = full >= 0 ? (size_t)full : final ? r->gen_len : hold;
+    if (upto > r->committed) {
+        job_append_out(j, r->gen + r->committed, upto - r->committed);
+        r->committed = upto;
+    }
+    return full >= 0;
+}
+
+static void logprobs_of(struct job *j, const float *lg, int n_vocab, int32_t tok) {
+    if (j->n_lps == j->cap_lps) {
+        j->cap_lps = j->cap_lps ? j->cap_lps * 2 : 64;
+        j->lps = realloc(j->lps, sizeof *j->lps * (size_t)j->cap_lps);
+    }
+    struct lp_entry *e = &j->lps[j->n_lps++];
+    float mx = lg[0];
+    for (int i = 1; i < n_vocab; i++) mx = lg[i] > mx ? lg[i] : mx;
+    double sum = 0;
+    for (int i = 0; i < n_vocab; i++) sum += exp((double)lg[i] - mx);
+    float lse = mx + (float)log(sum);
+    e->tok = tok;
+    e->lp = lg[tok] - lse;
+    e->n_top = 0;
+    int k = j->p.top_logprobs;
+    for (int i = 0; i < n_vocab && k > 0; i++) { /* insertion into the k best */
+        float v = lg[i] - lse;
+        if (e->n_top == k && v <= e->top[k - 1].lp) continue;
+        int at = e->n_top < k ? e->n_top++ : k - 1;
+        while (at > 0 && e->top[at - 1].lp < v) {
+            e->top[at] = e->top[at - 1];
+            at--;
+        }
+        e->top[at] = (struct lp_top){i, v};
+    }
+}
+
+/* a sampled position: logits row lg for job j (under mu) */
+static void on_logits(struct sched *S, struct job *j, const float *lg) {
+    struct srv *srv = S->srv;
+    struct run *r = j->run;
+    double t = now_ms();
+    if (!r->prompt_done) {
+        r->prompt_done = true;
+        r->t_prompt_end = t;
+        if (!r->recompute) {
+            j->prompt_ms = t - r->t_start;
+            srv->st.prompt_tokens += (uint64_t)(j->n_prompt - j->n_cached);
+            srv->st.prompt_ms += j->prompt_ms;
+        }
+        int64_t dec = kvs_kv_bytes_bound_decode(srv->ctx, job_kv(S, j), j->n_prompt,
+                                                j->p.max_tokens);
+        if (dec >= 0 && dec < r->reserved) {
+            S->reserved -= r->reserved - dec;
+            r->reserved = dec;
+        }
+    }
+    if (j->p.max_tokens == 0) {
+        job_finish(S, j, FIN_LENGTH, NULL);
+        return;
+    }
+    int32_t tok = kvs_sampler_sample(r->smp, lg);
+    if (j->p.logprobs && !kvs_token_is_eog(srv->model, tok)) logprobs_of(j, lg, S->n_vocab, tok);
+    j->predicted_ms = t - r->t_prompt_end;
+    if (kvs_token_is_eog(srv->model, tok)) {
+        char buf[16];
+        size_t k = kvs_detok_flush(&r->dt, buf, sizeof buf);
+        gen_append(r, buf, k < sizeof buf ? k : sizeof buf);
+        commit_text(j, true);
+        job_finish(S, j, FIN_STOP, NULL);
+        return;
+    }
+    push_tok(r, tok);
+    j->n_gen++;
+    char buf[512];
+    size_t k = kvs_detok_push(srv->model, &r->dt, tok, buf, sizeof buf);
+    gen_append(r, buf, k < sizeof buf ? k : sizeof buf);
+    bool done_len = j->n_gen >= j->p.max_tokens || r->n_toks > r->max_past ||
+                    (srv->cfg.timeout_s > 0 && t - j->t_arrive > srv->cfg.timeout_s * 1e3);
+    if (done_len) {
+        k = kvs_detok_flush(&r->dt, buf, sizeof buf);
+        gen_append(r, buf, k < sizeof buf ? k : sizeof buf);
+    }
+    if (commit_text(j, done_len)) {
+        job_finish(S, j, FIN_STOP, NULL);
+        return;
+    }
+    if (done_len) job_finish(S, j, FIN_LENGTH, NULL);
+    else pthread_cond_broadcast(&srv->cv_out);
+}
+
+/* drop the youngest running job's cache and queue it again at the head, to be recomputed */
+static bool preempt_youngest(struct sched *S) {
+    struct srv *srv = S->srv;
+    struct job *y = NULL;
+    for (int i = 0; i < srv->cfg.n_parallel; i++)
+        if (S->slots[i] && (!y || S->slots[i]->run->order > y->run->order)) y = S->slots[i];
+    if (!y) return false;
+    struct run *r = y->run;
+    S->reserved -= r->reserved;
+    r->reserved = 0;
+    kvs_seq_free(srv->ctx, r->seq);
+    r->seq = NULL;
+    if (r->last) kvs_prefix_unref(r->last);
+    r->last = NULL;
+    r->recompute = true;
+    r->prompt_done = false;
+    S->slots[y->slot] = NULL;
+    srv->slots[y->slot].used = false;
+    srv->st.running--;
+    y->slot = -1;
+    y->state = J_WAITING;
+    y->next = S->waiting;
+    S->waiting = y;
+    if (!S->waiting_tail) S->waiting_tail = y;
+    srv->n_queued++;
+    fprintf(stderr, "kvsieve serve: out of KV memory: request %s preempted (recomputed later)\n",
+            y->id);
+    return true;
+}
+
+static void snapshot(struct sched *S) {
+    struct srv *srv = S->srv;
+    srv->st.kv_bytes = 0;
+    srv->st.kv_fp16_bytes = 0;
+    srv->st.n_policy = 0;
+    for (int i = 0; i < srv->cfg.n_parallel; i++) {
+        struct job *j = S->slots[i];
+        struct slot_info *si = &srv->slots[i];
+        if (!j) {
+            si->used = false;
+            continue;
+        }
+        struct run *r = j->run;
+        si->used = true;
+        si->n_past = kvs_seq_n_past(r->seq);
+        si->n_prompt = j->n_prompt;
+        si->n_gen = j->n_gen;
+        si->entries = kvs_seq_entries_per_head(r->seq);
+        si->kv_bytes = kvs_seq_kv_bytes(r->seq);
+        si->decoding = r->prompt_done;
+        srv->st.kv_bytes += si->kv_bytes;
+        int own = si->n_past - j->n_cached;
+        srv->st.kv_fp16_bytes += (uint64_t)(own > 0 ? own : 0) * srv->mi.kv_bytes_per_token;
+        int k = 0;
+        while (k < srv->st.n_policy && strcmp(srv->st.by_policy[k], si->kv)) k++;
+        if (k == srv->st.n_policy && k < 8) {
+            snprintf(srv->st.by_policy[k], sizeof srv->st.by_policy[k], "%s", si->kv);
+            srv->st.by_policy_bytes[k] = 0;
+            srv->st.n_policy++;
+        }
+        if (k < 8) srv->st.by_policy_bytes[k] += si->kv_bytes;
+    }
+    srv->st.prefix_bytes = S->pc.bytes;
+    srv->st.prefix_nodes = (uint64_t)S->pc.n;
+    int w = 0;
+    for (struct job *j = S->waiting; j; j = j->next) w++;
+    srv->st.waiting = w;
+}
+
+static void run_cmds(struct sched *S) {
+    struct srv *srv = S->srv;
+    while (srv->cmds) {
+        struct slot_cmd *c = srv->cmds;
+        srv->cmds = c->next;
+        struct job *j = c->slot >= 0 && c->slot < srv->cfg.n_parallel ? S->slots[c->slot] : NULL;
+        c->status = 200;
+        if (c->action == 0) { /* save */
+            if (!j) {
+                c->status = 400;
+                snprintf(c->msg, sizeof c->msg, "slot %d has no running sequence to save", c->slot);
+            } else if (kvs_seq_save(srv->ctx, j->run->seq, c->path) != KVS_OK) {
+                c->status = 500;
+                snprintf(c->msg, sizeof c->msg, "%s", kvs_last_error());
+            } else snprintf(c->msg, sizeof c->msg, "%d", kvs_seq_n_past(j->run->seq));
+        } else if (c->action == 2) { /* erase */
+            if (j) fail(S, j, 500, "server_error", NULL, "the slot was erased (POST /slots)");
+            snprintf(c->msg, sizeof c->msg, "%d", j ? 1 : 0);
+        } else {
+            c->status = 501;
+            snprintf(c->msg, sizeof c->msg, "restore is not implemented yet");
+        }
+        c->done = true;
+    }
+    pthread_cond_broadcast(&srv->cv_out);
+}
+
+void *sched_main(void *arg) {
+    struct srv *srv = arg;
+    struct sched S0 = {0}, *S = &S0;
+    S->srv = srv;
+    int np = srv->cfg.n_parallel;
+    S->slots = calloc((size_t)np, sizeof *S->slots);
+    S->n_vocab = srv->mi.n_vocab;
+    S->step_tokens = kvs_context_step_tokens(srv->ctx);
+    int budget = srv->cfg.batch_tokens > 0 && srv->cfg.batch_tokens < S->step_tokens
+                     ? srv->cfg.batch_tokens : S->step_tokens;
+    if (budget < np) budget = np;
+    S->logits = malloc(sizeof(float) * (size_t)S->n_vocab * 64);
+    if (np < 64 && kvs_seq_new(srv->ctx, &S->probe) != KVS_OK) S->probe = NULL;
+    struct kvs_batch_item *items = calloc((size_t)np, sizeof *items);
+    struct job **item_job = calloc((size_t)np, sizeof *item_job);
+
+    pthread_mutex_lock(&srv->mu);
+    for (;;) {
+        /* new submissions: check against the context, then wait for admission */
+        while (srv->submitted) {
+            struct job *j = srv->submitted;
+            srv->submitted = j->next;
+            if (!srv->submitted) srv->submitted_tail = NULL;
+            j->next = NULL;
+            srv->n_queued--;
+            if (srv->stopping || j->cancel) {
+                fail(S, j, 503, "unavailable_error", NULL, "the server is shutting down");
+                continue;
+            }
+            if (!check_job(S, j)) continue;
+            j->checked = true;
+            j->state = J_WAITING;
+            srv->n_queued++;
+            if (S->waiting_tail) S->waiting_tail->next = j;
+            else S->waiting = j;
+            S->waiting_tail = j;
+            pthread_cond_broadcast(&srv->cv_out);
+        }
+        run_cmds(S);
+        /* cancellations and shutdown */
+        for (int i = 0; i < np; i++)
+            if (S->slots[i] && (S->slots[i]->cancel || srv->stopping)) {
+                if (srv->stopping)
+                    fail(S, S->slots[i], 503, "unavailable_error", NULL,
+                         "the server is shutting down");
+                else job_finish(S, S->slots[i], FIN_STOP, NULL);
+            }
+        for (struct job **pp = &S->waiting; *pp;) {
+            struct job *j = *pp;
+            if (j->cancel || srv->stopping) {
+                *pp = j->next;
+                srv->n_queued--;
+                fail(S, j, 503, "unavailable_error", NULL, j->cancel ? "cancelled" :
+                     "the server is shutting down");
+            } else pp = &j->next;
+        }
+        S->waiting_tail = NULL;
+        for (struct job *j = S->waiting; j; j = j->next) S->waiting_tail = j;
+        if (srv->stopping) break;
+        /* admission, first come first served */
+        while (S->waiting) {
+            int free_slot = -1;
+            for (int i = 0; i < np && free_slot < 0; i++)
+                if (!S->slots[i]) free_slot = i;
+            if (free_slot < 0) break;
+            struct job *j = S->waiting;
+            S->waiting = j->next;
+            if (!S->waiting) S->waiting_tail = NULL;
+            j->next = NULL;
+            srv->n_queued--;
+            if (!admit(S, j, free_slot)) { /* back at the head; admit frees nothing then */
+                j->next = S->waiting;
+                S->waiting = j;
+                if (!S->waiting_tail) S->waiting_tail = j;
+                srv->n_queued++;
+                break;
+            }
+        }
+        /* the batch: decode tokens first, then prompt chunks in admission order */
+        int n_items = 0, left = budget;
+        for (int i = 0; i < np; i++) {
+            struct job *j = S->slots[i];
+            if (!j || !j->run->prompt_done) continue;
+            struct run *r = j->run;
+            items[n_items] = (struct kvs_batch_item){.seq = r->seq, .tokens = r->toks + r->n_fed,
+                                                     .n = 1, .decode = true};
+            item_job[n_items++] = j;
+            left--;
+        }
+        for (;;) {
+            struct job *best = NULL;
+            for (int i = 0; i < np; i++) {
+                struct job *j = S->slots[i];
+                bool queued = false;
+                for (int k = 0; k < n_items; k++) queued |= item_job[k] == j;
+                if (j && !j->run->prompt_done && !queued &&
+                    (!best || j->run->order < best->run->order))
+                    best = j;
+            }
+            if (!best || left <= 0) break;
+            struct run *r = best->run;
+            int n = r->n_toks - r->n_fed;
+            bool hold = false;
+            if (r->n_fed < r->hold_end) {
+                int to_block = BLOCK - r->n_fed % BLOCK;
+                n = to_block;
+                hold = true;
+            }
+            if (n > left) n = left;
+            bool end = r->n_fed + n == r->n_toks;
+            items[n_items] = (struct kvs_batch_item){.seq = r->seq, .tokens = r->toks + r->n_fed,
+                                                     .n = n, .prompt_end = end, .hold = hold};
+            item_job[n_items++] = best;
+            left -= n;
+        }
+        if (n_items == 0) {
+            snapshot(S);
+            pthread_cond_wait(&srv->cv_sched, &srv->mu);
+            continue;
+        }
+        int n_out = 0;
+        for (int k = 0; k < n_items; k++)
+            if (items[k].decode || items[k].prompt_end)
+                items[k].logits = S->logits + (size_t)(n_out++) * (size_t)S->n_vocab;
+        pthread_mutex_unlock(&srv->mu);
+        enum kvs_status st = kvs_step(srv->ctx, items, n_items);
+        pthread_mutex_lock(&srv->mu);
+        if (st == KVS_ERR_NOMEM && preempt_youngest(S)) continue;
+        if (st != KVS_OK) {
+            char msg[600];
+            snprintf(msg, sizeof msg, "inference failed: %s", kvs_last_error());
+            fprintf(stderr, "kvsieve serve: %s\n", msg);
+            for (int k = 0; k < n_items; k++)
+                if (item_job[k]->state == J_RUNNING) fail(S, item_job[k], 500, "server_error", NULL, msg);
+            continue;
+        }
+        for (int k = 0; k < n_items; k++) {
+            struct job *j = item_job[k];
+            struct run *r = j->run;
+            if (!r) continue;
+            r->n_fed += items[k].n;
+            if (items[k].hold && r->n_fed % BLOCK == 0) publish_block(S, j);
+            if (items[k].logits) on_logits(S, j, items[k].logits);
+        }
+        snapshot(S);
+    }
+    /* shutdown: every job has been failed above */
+    snapshot(S);
+    pthread_mutex_unlock(&srv->mu);
+    pc_free(&S->pc);
+    if (S->probe) kvs_seq_free(srv->ctx, S->probe);
+    free(items);
+    free(item_job);
+    free(S->logits);
+    free(S->slots);
+    return NULL;
+}

@@ -1,0 +1,1085 @@
+/* server.c — `kvsieve serve`: command line, HTTP (libmicrohttpd, one thread per connection) and
+ * JSON (jansson). HTTP threads parse, validate and tokenize a request, submit it to the
+ * inference thread (sched.c) through a bounded queue and turn its output into OpenAI-shaped
+ * responses or SSE streams. */
+#include "server/server.h"
+
+#include <arpa/inet.h>
+#include <errno.h>
+#include <jansson.h>
+#include <microhttpd.h>
+#include <netinet/in.h>
+#include <poll.h>
+#include <signal.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <time.h>
+#include <unistd.h>
+
+#ifndef KVS_DEFAULT_MODEL
+#define KVS_DEFAULT_MODEL "models/SmolLM2-135M-Instruct.Q4_1.gguf"
+#endif
+
+static double now_ms(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return ts.tv_sec * 1e3 + ts.tv_nsec / 1e6;
+}
+
+/* ---- jobs ------------------------------------------------------------------------------- */
+
+void job_release(struct job *j) {
+    if (--j->refs > 0) return;
+    srv_params_free(&j->p);
+    free(j->toks);
+    free(j->out);
+    free(j->lps);
+    free(j);
+}
+
+void job_append_out(struct job *j, const char *s, size_t n) {
+    if (j->out_len + n + 1 > j->out_cap) {
+        j->out_cap = (j->out_len + n + 1) * 2;
+        j->out = realloc(j->out, j->out_cap);
+    }
+    memcpy(j->out + j->out_len, s, n);
+    j->out_len += n;
+    j->out[j->out_len] = 0;
+}
+
+/* ---- responses ------------------------------------------------------------------------- */
+
+struct conn { /* per HTTP request */
+    char *body;
+    size_t len, cap;
+    bool too_large, answered;
+};
+
+static enum MHD_Result send_text(struct MHD_Connection *c, unsigned status, const char *type,
+                                 const char *s, size_t n) {
+    struct MHD_Response *r = MHD_create_response_from_buffer(n, (void *)s, MHD_RESPMEM_MUST_COPY);
+    MHD_add_response_header(r, "Content-Type", type);
+    MHD_add_response_header(r, "Access-Control-Allow-Origin", "*");
+    enum MHD_Result ret = MHD_queue_response(c, status, r);
+    MHD_destroy_response(r);
+    return ret;
+}
+
+static enum MHD_Result send_json(struct MHD_Connection *c, unsigned status, json_t *o) {
+    char *s = json_dumps(o, JSON_COMPACT);
+    json_decref(o);
+    enum MHD_Result r = send_text(c, status, "application/json", s, strlen(s));
+    free(s);
+    return r;
+}
+
+static enum MHD_Result send_error(struct MHD_Connection *c, const struct srv_error *e) {
+    char *s = srv_error_json(e);
+    enum MHD_Result r = send_text(c, (unsigned)e->status, "application/json", s, strlen(s));
+    free(s);
+    return r;
+}
+
+static enum MHD_Result send_err(struct MHD_Connection *c, int status, const char *type,
+                                const char *param, const char *code, const char *fmt, ...)
+    __attribute__((format(printf, 6, 7)));
+static enum MHD_Result send_err(struct MHD_Connection *c, int status, const char *type,
+                                const char *param, const char *code, const char *fmt, ...) {
+    struct srv_error e;
+    char msg[512];
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(msg, sizeof msg, fmt, ap);
+    va_end(ap);
+    srv_error_set(&e, status, type, param, code, "%s", msg);
+    return send_error(c, &e);
+}
+
+/* has the client closed its side of the connection? */
+static bool client_gone(struct MHD_Connection *c) {
+    const union MHD_ConnectionInfo *ci = MHD_get_connection_info(c, MHD_CONNECTION_INFO_CONNECTION_FD);
+    if (!ci) return false;
+    struct pollfd pf = {.fd = ci->connect_fd, .events = POLLIN | POLLRDHUP};
+    if (poll(&pf, 1, 0) <= 0) return false;
+    if (pf.revents & (POLLRDHUP | POLLHUP | POLLERR | POLLNVAL)) return true;
+    if (pf.revents & POLLIN) {
+        char b;
+        ssize_t k = recv(ci->connect_fd, &b, 1, MSG_PEEK | MSG_DONTWAIT);
+        return k == 0;
+    }
+    return false;
+}
+
+static json_t *lp_json(const struct srv *srv, const struct lp_entry *e, bool chat) {
+    char piece[256];
+    size_t n = kvs_token_piece(srv->model, e->tok, false, piece, sizeof piece);
+    if (n >= sizeof piece) n = sizeof piece - 1;
+    json_t *o = json_object();
+    json_object_set_new(o, "token", json_stringn_nocheck(piece, n));
+    json_object_set_new(o, "logprob", json_real(e->lp));
+    json_object_set_new(o, "id", json_integer(e->tok));
+    json_t *bytes = json_array();
+    for (size_t i = 0; i < n; i++) json_array_append_new(bytes, json_integer((unsigned char)piece[i]));
+    json_object_set_new(o, "bytes", bytes);
+    json_t *top = json_array();
+    for (int k = 0; k < e->n_top; k++) {
+        char p2[256];
+        size_t m = kvs_token_piece(srv->model, e->top[k].tok, false, p2, sizeof p2);
+        if (m >= sizeof p2) m = sizeof p2 - 1;
+        json_t *t = json_object();
+        json_object_set_new(t, "token", json_stringn_nocheck(p2, m));
+        json_object_set_new(t, "logprob", json_real(e->top[k].lp));
+        json_object_set_new(t, "id", json_integer(e->top[k].tok));
+        json_array_append_new(top, t);
+    }
+    json_object_set_new(o, "top_logprobs", top);
+    (void)chat;
+    return o;
+}
+
+/* logprobs of tokens [from, to) in the shape of the endpoint */
+static json_t *lps_json(const struct srv *srv, const struct job *j, int from, int to) {
+    bool chat = j->p.kind == SRV_CHAT;
+    json_t *arr = json_array();
+    for (int i = from; i < to; i++) json_array_append_new(arr, lp_json(srv, &j->lps[i], chat));
+    if (chat) {
+        json_t *o = json_object();
+        json_object_set_new(o, "content", arr);
+        return o;
+    }
+    /* completions (legacy shape): tokens, token_logprobs, top_logprobs */
+    json_t *o = json_object(), *toks = json_array(), *lp = json_array(), *top = json_array();
+    size_t i;
+    json_t *e;
+    json_array_foreach(arr, i, e) {
+        json_array_append(toks, json_object_get(e, "token"));
+        json_array_append(lp, json_object_get(e, "logprob"));
+        json_t *m = json_object(), *t;
+        size_t k;
+        json_array_foreach(json_object_get(e, "top_logprobs"), k, t)
+            json_object_set(m, json_string_value(json_object_get(t, "token")),
+                            json_object_get(t, "logprob"));
+        json_array_append_new(top, m);
+    }
+    json_object_set_new(o, "tokens", toks);
+    json_object_set_new(o, "token_logprobs", lp);
+    json_object_set_new(o, "top_logprobs", top);
+    json_decref(arr);
+    return o;
+}
+
+static json_t *usage_json(const struct job *j) {
+    json_t *u = json_object(), *d = json_object();
+    json_object_set_new(u, "prompt_tokens", json_integer(j->n_prompt));
+    json_object_set_new(u, "completion_tokens", json_integer(j->n_gen));
+    json_object_set_new(u, "total_tokens", json_integer(j->n_prompt + j->n_gen));
+    json_object_set_new(d, "cached_tokens", json_integer(j->n_cached));
+    json_object_set_new(u, "prompt_tokens_details", d);
+    return u;
+}
+
+static json_t *timings_json(const struct job *j) {
+    json_t *t = json_object();
+    int pn = j->n_prompt - j->n_cached;
+    json_object_set_new(t, "prompt_n", json_integer(pn));
+    json_object_set_new(t, "prompt_ms", json_real(j->prompt_ms));
+    json_object_set_new(t, "prompt_per_second",
+                        json_real(j->prompt_ms > 0 ? pn / (j->prompt_ms / 1e3) : 0));
+    json_object_set_new(t, "predicted_n", json_integer(j->n_gen));
+    json_object_set_new(t, "predicted_ms", json_real(j->predicted_ms));
+    json_object_set_new(t, "predicted_per_second",
+                        json_real(j->predicted_ms > 0 ? j->n_gen / (j->predicted_ms / 1e3) : 0));
+    json_object_set_new(t, "cache_n", json_integer(j->n_cached));
+    return t;
+}
+
+static const char *fin_str(enum finish_reason f) {
+    return f == FIN_STOP ? "stop" : f == FIN_LENGTH ? "length" : NULL;
+}
+
+static json_t *base_obj(const struct srv *srv, const struct job *j, const char *object) {
+    json_t *o = json_object();
+    json_object_set_new(o, "id", json_string(j->id));
+    json_object_set_new(o, "object", json_string(object));
+    json_object_set_new(o, "created", json_integer(j->created));
+    json_object_set_new(o, "model", json_string(srv->model_id));
+    json_object_set_new(o, "system_fingerprint", json_string("kvsieve"));
+    return o;
+}
+
+static json_t *full_response(const struct srv *srv, const struct job *j) {
+    bool chat = j->p.kind == SRV_CHAT;
+    json_t *o = base_obj(srv, j, chat ? "chat.completion" : "text_completion");
+    json_t *ch = json_object();
+    json_object_set_new(ch, "index", json_integer(0));
+    if (chat) {
+        json_t *m = json_object();
+        json_object_set_new(m, "role", json_string("assistant"));
+        json_object_set_new(m, "content", json_stringn_nocheck(j->out ? j->out : "", j->out_len));
+        json_object_set_new(ch, "message", m);
+    } else json_object_set_new(ch, "text", json_stringn_nocheck(j->out ? j->out : "", j->out_len));
+    json_object_set_new(ch, "logprobs", j->p.logprobs ? lps_json(srv, j, 0, j->n_lps) : json_null());
+    json_object_set_new(ch, "finish_reason", json_string(fin_str(j->finish) ? fin_str(j->finish) : "stop"));
+    json_t *choices = json_array();
+    json_array_append_new(choices, ch);
+    json_object_set_new(o, "choices", choices);
+    json_object_set_new(o, "usage", usage_json(j));
+    json_object_set_new(o, "timings", timings_json(j));
+    return o;
+}
+
+/* ---- streaming ------------------------------------------------------------------------- */
+
+struct stream {
+    struct srv *srv;
+    struct job *j;
+    struct MHD_Connection *conn;
+    size_t sent_text;
+    int sent_lps;
+    bool role_sent, finished;
+    char *buf;
+    size_t len, off, cap;
+};
+
+static void st_put(struct stream *s, const char *data, size_t n) {
+    if (s->len + n > s->cap) {
+        s->cap = (s->len + n) * 2 + 256;
+        s->buf = realloc(s->buf, s->cap);
+    }
+    memcpy(s->buf + s->len, data, n);
+    s->len += n;
+}
+
+static void st_event(struct stream *s, json_t *o) {
+    char *t = json_dumps(o, JSON_COMPACT);
+    json_decref(o);
+    st_put(s, "data: ", 6);
+    st_put(s, t, strlen(t));
+    st_put(s, "\n\n", 2);
+    free(t);
+}
+
+static json_t *chunk(struct stream *s, const char *text, size_t n, bool with_text,
+                     const char *finish) {
+    const struct job *j = s->j;
+    bool chat = j->p.kind == SRV_CHAT;
+    json_t *o = base_obj(s->srv, j, chat ? "chat.completion.chunk" : "text_completion");
+    json_t *ch = json_object();
+    json_object_set_new(ch, "index", json_integer(0));
+    if (chat) {
+        json_t *d = json_object();
+        if (!s->role_sent) {
+            json_object_set_new(d, "role", json_string("assistant"));
+            s->role_sent = true;
+        }
+        if (with_text) json_object_set_new(d, "content", json_stringn_nocheck(text, n));
+        json_object_set_new(ch, "delta", d);
+    } else json_object_set_new(ch, "text", json_stringn_nocheck(with_text ? text : "", with_text ? n : 0));
+    if (j->p.logprobs && j->n_lps > s->sent_lps) {
+        json_object_set_new(ch, "logprobs", lps_json(s->srv, j, s->sent_lps, j->n_lps));
+        s->sent_lps = j->n_lps;
+    } else json_object_set_new(ch, "logprobs", json_null());
+    json_object_set_new(ch, "finish_reason", finish ? json_string(finish) : json_null());
+    json_t *choices = json_array();
+    json_array_append_new(choices, ch);
+    json_object_set_new(o, "choices", choices);
+    return o;
+}
+
+/* under mu: turn new output into events */
+static void st_fill(struct stream *s) {
+    struct job *j = s->j;
+    if (j->out_len > s->sent_text || (j->p.logprobs && j->n_lps > s->sent_lps)) {
+        st_event(s, chunk(s, j->out + s->sent_text, j->out_len - s->sent_text, true, NULL));
+        s->sent_text = j->out_len;
+    }
+    if (j->state != J_DONE) return;
+    s->finished = true;
+    if (j->failed) {
+        char *e = srv_error_json(&j->err);
+        st_put(s, "data: ", 6);
+        st_put(s, e, strlen(e));
+        st_put(s, "\n\n", 2);
+        free(e);
+        return;
+    }
+    json_t *last = chunk(s, "", 0, false, fin_str(j->finish) ? fin_str(j->finish) : "stop");
+    json_object_set_new(last, "timings", timings_json(j));
+    st_event(s, last);
+    if (j->p.include_usage) {
+        json_t *u = base_obj(s->srv, j, j->p.kind == SRV_CHAT ? "chat.completion.chunk"
+                                                            : "text_completion");
+        json_object_set_new(u, "choices", json_array());
+        json_object_set_new(u, "usage", usage_json(j));
+        st_event(s, u);
+    }
+    st_put(s, "data: [DONE]\n\n", 14);
+}
+
+static ssize_t st_reader(void *cls, uint64_t pos, char *out, size_t max) {
+    (void)pos;
+    struct stream *s = cls;
+    struct srv *srv = s->srv;
+    while (s->off == s->len) {
+        if (s->finished) return MHD_CONTENT_READER_END_OF_STREAM;
+        s->off = s->len = 0;
+        pthread_mutex_lock(&srv->mu);
+        while (s->j->state != J_DONE && s->j->out_len == s->sent_text &&
+               !(s->j->p.logprobs && s->j->n_lps > s->sent_lps)) {
+            struct timespec ts;
+            clock_gettime(CLOCK_REALTIME, &ts);
+            ts.tv_nsec += 100 * 1000000L;
+            if (ts.tv_nsec >= 1000000000L) {
+                ts.tv_sec++;
+                ts.tv_nsec -= 1000000000L;
+            }
+            pthread_cond_timedwait(&srv->cv_out, &srv->mu, &ts);
+            if (s->j->state != J_DONE && client_gone(s->conn)) {
+                s->j->cancel = true;
+                pthread_cond_signal(&srv->cv_sched);
+                pthread_mutex_unlock(&srv->mu);
+                return MHD_CONTENT_READER_END_WITH_ERROR;
+            }
+        }
+        st_fill(s);
+        pthread_mutex_unlock(&srv->mu);
+    }
+    size_t n = s->len - s->off < max ? s->len - s->off : max;
+    memcpy(out, s->buf + s->off, n);
+    s->off += n;
+    return (ssize_t)n;
+}
+
+static void st_free(void *cls) {
+    struct stream *s = cls;
+    pthread_mutex_lock(&s->srv->mu);
+    if (s->j->state != J_DONE) { /* the client went away: cancel, the KV is freed next tick */
+        s->j->cancel = true;
+        pthread_cond_signal(&s->srv->cv_sched);
+    }
+    job_release(s->j);
+    pthread_mutex_unlock(&s->srv->mu);
+    free(s->buf);
+    free(s);
+}
+
+/* ---- completions ----------------------------------------------------------------------- */
+
+static bool check_kv_cb(const char *spec, char *msg, size_t size) {
+    if (kvs_kv_spec_check(spec, NULL, 0) == KVS_OK) return true;
+    snprintf(msg, size, "%s", kvs_last_error());
+    return false;
+}
+
+static int32_t *tokenize(const struct srv *srv, const char *text, bool bos, bool special, int *n) {
+    size_t len = strlen(text);
+    int cap = (int)(len / 2) + 16;
+    int32_t *t = malloc(sizeof *t * (size_t)cap);
+    int k = kvs_tokenize(srv->model, text, len, bos, special, t, cap);
+    if (k < 0) {
+        cap = -k;
+        t = realloc(t, sizeof *t * (size_t)cap);
+        k = kvs_tokenize(srv->model, text, len, bos, special, t, cap);
+    }
+    *n = k < 0 ? 0 : k;
+    return t;
+}
+
+static enum MHD_Result handle_completion(struct srv *srv, struct MHD_Connection *c,
+                                         struct conn *cs, enum srv_kind kind) {
+    struct srv_error e;
+    struct job *j = calloc(1, sizeof *j);
+    if (!srv_parse_request(cs->body ? cs->body : "", cs->len, kind, &srv->lim, &j->p, &e)) {
+        free(j);
+        pthread_mutex_lock(&srv->mu);
+        srv->st.failed++;
+        pthread_mutex_unlock(&srv->mu);
+        return send_error(c, &e);
+    }
+    j->t_arrive = now_ms();
+    j->created = (long long)time(NULL);
+    j->slot = -1;
+    static unsigned long long counter;
+    unsigned long long id = __atomic_add_fetch(&counter, 1, __ATOMIC_RELAXED);
+    snprintf(j->id, sizeof j->id, "%s-%llx%06llx", kind == SRV_CHAT ? "chatcmpl" : "cmpl",
+             (unsigned long long)j->created, id);
+    if (kind == SRV_CHAT) {
+        struct kvs_chat_msg *m = calloc((size_t)j->p.n_msgs, sizeof *m);
+        for (int i = 0; i < j->p.n_msgs; i++) m[i] = (struct kvs_chat_msg){j->p.msgs[i].role, j->p.msgs[i].content};
+        size_t need = kvs_chat_apply(srv->model, m, j->p.n_msgs, true, NULL, 0);
+        char *text = malloc(need + 1);
+        kvs_chat_apply(srv->model, m, j->p.n_msgs, true, text, need + 1);
+        j->toks = tokenize(srv, text, false, true, &j->n_prompt);
+        free(text);
+        free(m);
+    } else if (j->p.prompt) {
+        j->toks = tokenize(srv, j->p.prompt, true, false, &j->n_prompt);
+    } else {
+        j->toks = malloc(sizeof *j->toks * (size_t)j->p.n_prompt_toks);
+        memcpy(j->toks, j->p.prompt_toks, sizeof *j->toks * (size_t)j->p.n_prompt_toks);
+        j->n_prompt = j->p.n_prompt_toks;
+    }
+    if (j->n_prompt == 0) {
+        j->refs = 1;
+        pthread_mutex_lock(&srv->mu);
+        job_release(j);
+        srv->st.failed++;
+        pthread_mutex_unlock(&srv->mu);
+        return send_err(c, 400, "invalid_request_error", kind == SRV_CHAT ? "messages" : "prompt",
+                        NULL, "the prompt is empty");
+    }
+    /* submit */
+    pthread_mutex_lock(&srv->mu);
+    if (srv->stopping || srv->n_queued >= srv->cfg.queue) {
+        bool stop = srv->stopping;
+        j->refs = 1;
+        job_release(j);
+        srv->st.failed++;
+        pthread_mutex_unlock(&srv->mu);
+        return send_err(c, 503, "unavailable_error", NULL, stop ? "shutting_down" : "queue_full",
+                        stop ? "the server is shutting down"
+                             : "the server is busy: %d requests are waiting (--queue); retry later",
+                        srv->cfg.queue);
+    }
+    j->refs = 2;
+    j->state = J_SUBMITTED;
+    if (srv->submitted_tail) srv->submitted_tail->next = j;
+    else srv->submitted = j;
+    srv->submitted_tail = j;
+    srv->n_queued++;
+    srv->st.requests++;
+    pthread_cond_signal(&srv->cv_sched);
+    /* wait until the inference thread has checked it against the context (or, not
+     * streaming, until it is done), watching for the client going away */
+    bool stream = j->p.stream;
+    while (stream ? !j->checked : j->state != J_DONE) {
+        struct timespec ts;
+        clock_gettime(CLOCK_REALTIME, &ts);
+        ts.tv_nsec += 100 * 1000000L;
+        if (ts.tv_nsec >= 1000000000L) {
+            ts.tv_sec++;
+            ts.tv_nsec -= 1000000000L;
+        }
+        pthread_cond_timedwait(&srv->cv_out, &srv->mu, &ts);
+        if (!j->cancel && j->state != J_DONE && client_gone(c)) {
+            j->cancel = true;
+            pthread_cond_signal(&srv->cv_sched);
+        }
+    }
+    if (j->failed && (!stream || j->state == J_DONE) && !j->out_len) {
+        struct srv_error err = j->err;
+        job_release(j);
+        pthread_mutex_unlock(&srv->mu);
+        return send_error(c, &err);
+    }
+    if (!stream) {
+        json_t *o = full_response(srv, j);
+        job_release(j);
+        pthread_mutex_unlock(&srv->mu);
+        return send_json(c, 200, o);
+    }
+    pthread_mutex_unlock(&srv->mu);
+    struct stream *s = calloc(1, sizeof *s);
+    s->srv = srv;
+    s->j = j; /* the stream owns the HTTP thread's reference now */
+    s->conn = c;
+    struct MHD_Response *r = MHD_create_response_from_callback(MHD_SIZE_UNKNOWN, 4096, st_reader,
+                                                               s, st_free);
+    MHD_add_response_header(r, "Content-Type", "text/event-stream");
+    MHD_add_response_header(r, "Cache-Control", "no-cache");
+    MHD_add_response_header(r, "Access-Control-Allow-Origin", "*");
+    enum MHD_Result ret = MHD_queue_response(c, 200, r);
+    MHD_destroy_response(r);
+    return ret;
+}
+
+/* ---- other endpoints ------------------------------------------------------------------- */
+
+static enum MHD_Result handle_models(struct srv *srv, struct MHD_Connection *c) {
+    json_t *o = json_object(), *d = json_array(), *m = json_object();
+    json_object_set_new(m, "id", json_string(srv->model_id));
+    json_object_set_new(m, "object", json_string("model"));
+    json_object_set_new(m, "created", json_integer(srv->started));
+    json_object_set_new(m, "owned_by", json_string("kvsieve"));
+    json_t *meta = json_object();
+    json_object_set_new(meta, "n_ctx", json_integer(srv->cfg.n_ctx));
+    json_object_set_new(meta, "n_vocab", json_integer(srv->mi.n_vocab));
+    json_object_set_new(meta, "n_params", json_integer((json_int_t)srv->mi.n_params));
+    json_object_set_new(meta, "kv", json_string(srv->cfg.kv));
+    json_object_set_new(m, "meta", meta);
+    json_array_append_new(d, m);
+    json_object_set_new(o, "object", json_string("list"));
+    json_object_set_new(o, "data", d);
+    return send_json(c, 200, o);
+}
+
+static json_t *parse_body_object(struct conn *cs, struct srv_error *e) {
+    json_error_t je;
+    json_t *o = json_loadb(cs->body ? cs->body : "", cs->len, 0, &je);
+    if (!o) {
+        srv_bad(e, NULL, "malformed JSON in the request body: %s", je.text);
+        return NULL;
+    }
+    if (!json_is_object(o)) {
+        json_decref(o);
+        srv_bad(e, NULL, "the request body must be a JSON object");
+        return NULL;
+    }
+    return o;
+}
+
+static enum MHD_Result handle_tokenize(struct srv *srv, struct MHD_Connection *c, struct conn *cs) {
+    struct srv_error e;
+    json_t *o = parse_body_object(cs, &e);
+    if (!o) return send_error(c, &e);
+    json_t *content = json_object_get(o, "content"), *as = json_object_get(o, "add_special"),
+           *wp = json_object_get(o, "with_pieces");
+    if (!json_is_string(content)) {
+        json_decref(o);
+        return send_err(c, 400, "invalid_request_error", "content", NULL, "'content' must be a string");
+    }
+    if ((as && !json_is_boolean(as)) || (wp && !json_is_boolean(wp))) {
+        json_decref(o);
+        return send_err(c, 400, "invalid_request_error", as && !json_is_boolean(as) ? "add_special" : "with_pieces",
+                        NULL, "'%s' must be a boolean", as && !json_is_boolean(as) ? "add_special" : "with_pieces");
+    }
+    int n;
+    int32_t *t = tokenize(srv, json_string_value(content), as && json_is_true(as), true, &n);
+    json_t *arr = json_array();
+    for (int i = 0; i < n; i++) {
+        if (wp && json_is_true(wp)) {
+            char piece[256];
+            size_t k = kvs_token_piece(srv->model, t[i], true, piece, sizeof piece);
+            if (k >= sizeof piece) k = sizeof piece - 1;
+            json_t *p = json_object();
+            json_object_set_new(p, "id", json_integer(t[i]));
+            json_object_set_new(p, "piece", json_stringn_nocheck(piece, k));
+            json_array_append_new(arr, p);
+        } else json_array_append_new(arr, json_integer(t[i]));
+    }
+    free(t);
+    json_decref(o);
+    json_t *r = json_object();
+    json_object_set_new(r, "tokens", arr);
+    return send_json(c, 200, r);
+}
+
+static enum MHD_Result handle_detokenize(struct srv *srv, struct MHD_Connection *c, struct conn *cs) {
+    struct srv_error e;
+    json_t *o = parse_body_object(cs, &e);
+    if (!o) return send_error(c, &e);
+    json_t *toks = json_object_get(o, "tokens");
+    if (!json_is_array(toks)) {
+        json_decref(o);
+        return send_err(c, 400, "invalid_request_error", "tokens", NULL, "'tokens' must be an array of token ids");
+    }
+    size_t i;
+    json_t *t;
+    char *out = NULL;
+    size_t len = 0;
+    json_array_foreach(toks, i, t) {
+        if (!json_is_integer(t) || json_integer_value(t) < 0 || json_integer_value(t) >= srv->mi.n_vocab) {
+            free(out);
+            json_decref(o);
+            return send_err(c, 400, "invalid_request_error", "tokens", NULL,
+                            "'tokens'[%zu] is not a token id in [0, %d)", i, srv->mi.n_vocab);
+        }
+        char piece[256];
+        size_t k = kvs_token_piece(srv->model, (int32_t)json_integer_value(t), true, piece, sizeof piece);
+        if (k >= sizeof piece) k = sizeof piece - 1;
+        out = realloc(out, len + k + 1);
+        memcpy(out + len, piece, k);
+        len += k;
+    }
+    json_decref(o);
+    json_t *r = json_object();
+    /* invalid UTF-8 (a token cut inside a character) is replaced, not refused */
+    json_t *s = json_stringn(out ? out : "", len);
+    if (!s) {
+        for (size_t k = 0; k < len; k++)
+            if ((unsigned char)out[k] >= 0x80) out[k] = '?';
+        s = json_stringn(out, len);
+    }
+    json_object_set_new(r, "content", s);
+    free(out);
+    return send_json(c, 200, r);
+}
+
+static void prom(char **b, size_t *len, size_t *cap, const char *fmt, ...)
+    __attribute__((format(printf, 4, 5)));
+static void prom(char **b, size_t *len, size_t *cap, const char *fmt, ...) {
+    for (;;) {
+        va_list ap;
+        va_start(ap, fmt);
+        int n = vsnprintf(*b + *len, *cap - *len, fmt, ap);
+        va_end(ap);
+        if ((size_t)n < *cap - *len) {
+            *len += (size_t)n;
+            return;
+        }
+        *cap = *cap * 2 + (size_t)n;
+        *b = realloc(*b, *cap);
+    }
+}
+
+static enum MHD_Result handle_metrics(struct srv *srv, struct MHD_Connection *c) {
+    size_t cap = 4096, len = 0;
+    char *b = malloc(cap);
+    b[0] = 0;
+    pthread_mutex_lock(&srv->mu);
+    struct srv_stats s = srv->st;
+    int queued = srv->n_queued;
+    pthread_mutex_unlock(&srv->mu);
+#define M(type, name, help, fmt, v) \
+    prom(&b, &len, &cap, "# HELP kvsieve:" name " " help "\n# TYPE kvsieve:" name " " type "\nkvsieve:" name " " fmt "\n", v)
+    M("counter", "requests_total", "Completion requests received.", "%llu", (unsigned long long)s.requests);
+    M("counter", "requests_failed_total", "Requests answered with an error.", "%llu", (unsigned long long)s.failed);
+    M("counter", "prompt_tokens_total", "Prompt tokens evaluated (cached ones excluded).", "%llu", (unsigned long long)s.prompt_tokens);
+    M("counter", "tokens_predicted_total", "Tokens generated.", "%llu", (unsigned long long)s.predicted_tokens);
+    M("gauge", "prompt_tokens_seconds", "Average prompt throughput in tokens/s.", "%.3f", s.prompt_ms > 0 ? s.prompt_tokens / (s.prompt_ms / 1e3) : 0.0);
+    M("gauge", "predicted_tokens_seconds", "Average generation throughput in tokens/s (per request).", "%.3f", s.predicted_ms > 0 ? s.predicted_tokens / (s.predicted_ms / 1e3) : 0.0);
+    M("gauge", "requests_waiting", "Requests queued, not yet admitted.", "%d", queued);
+    M("gauge", "requests_running", "Sequences running.", "%d", s.running);
+    M("gauge", "kv_bytes", "KV bytes held by running sequences (shared prefixes excluded).", "%llu", (unsigned long long)s.kv_bytes);
+    M("gauge", "kv_compression_ratio", "fp16 bytes of the tokens the running sequences hold / KV bytes held.", "%.4f", s.kv_bytes ? (double)s.kv_fp16_bytes / s.kv_bytes : 1.0);
+    M("gauge", "kv_mem_limit_bytes", "--kv-mem.", "%lld", (long long)srv->cfg.kv_mem);
+    M("counter", "prefix_cache_hits_total", "Requests that started from a cached prefix.", "%llu", (unsigned long long)s.prefix_hits);
+    M("counter", "prefix_cache_tokens_reused_total", "Prompt tokens taken from the prefix cache.", "%llu", (unsigned long long)s.prefix_tokens_reused);
+    M("gauge", "prefix_cache_bytes", "Bytes held by the prefix cache.", "%llu", (unsigned long long)s.prefix_bytes);
+    M("gauge", "prefix_cache_nodes", "Nodes in the prefix cache.", "%llu", (unsigned long long)s.prefix_nodes);
+    M("counter", "prefix_cache_evictions_total", "Prefix cache nodes evicted.", "%llu", (unsigned long long)s.prefix_evictions);
+#undef M
+    prom(&b, &len, &cap, "# HELP kvsieve:kv_bytes_by_policy KV bytes held by running sequences, by KV policy.\n"
+                         "# TYPE kvsieve:kv_bytes_by_policy gauge\n");
+    for (int i = 0; i < s.n_policy; i++)
+        prom(&b, &len, &cap, "kvsieve:kv_bytes_by_policy{policy=\"%s\"} %llu\n", s.by_policy[i],
+             (unsigned long long)s.by_policy_bytes[i]);
+    enum MHD_Result r = send_text(c, 200, "text/plain; version=0.0.4", b, len);
+    free(b);
+    return r;
+}
+
+static enum MHD_Result handle_slots(struct srv *srv, struct MHD_Connection *c) {
+    json_t *arr = json_array();
+    pthread_mutex_lock(&srv->mu);
+    for (int i = 0; i < srv->cfg.n_parallel; i++) {
+        struct slot_info *si = &srv->slots[i];
+        if (!si->used) continue;
+        json_t *o = json_object();
+        json_object_set_new(o, "id", json_integer(i));
+        json_object_set_new(o, "request_id", json_string(si->request_id));
+        json_object_set_new(o, "n_past", json_integer(si->n_past));
+        json_object_set_new(o, "n_prompt", json_integer(si->n_prompt));
+        json_object_set_new(o, "n_generated", json_integer(si->n_gen));
+        json_object_set_new(o, "entries_per_head", json_real(si->entries));
+        json_object_set_new(o, "kv_bytes", json_integer((json_int_t)si->kv_bytes));
+        json_object_set_new(o, "kv", json_string(si->kv));
+        json_object_set_new(o, "state", json_string(si->decoding ? "decode" : "prefill"));
+        json_array_append_new(arr, o);
+    }
+    pthread_mutex_unlock(&srv->mu);
+    return send_json(c, 200, arr);
+}
+
+static enum MHD_Result handle_slot_action(struct srv *srv, struct MHD_Connection *c,
+                                          struct conn *cs, const char *idstr) {
+    char *end;
+    long id = strtol(idstr, &end, 10);
+    if (!*idstr || *end || id < 0 || id >= srv->cfg.n_parallel)
+        return send_err(c, 400, "invalid_request_error", "id_slot", NULL,
+                        "slot id must be an integer in [0, %d)", srv->cfg.n_parallel);
+    const char *action = MHD_lookup_connection_value(c, MHD_GET_ARGUMENT_KIND, "action");
+    int a = !action ? -1 : !strcmp(action, "save") ? 0 : !strcmp(action, "restore") ? 1
+          : !strcmp(action, "erase") ? 2 : -1;
+    if (a < 0)
+        return send_err(c, 400, "invalid_request_error", "action", NULL,
+                        "?action= must be save, restore or erase");
+    struct slot_cmd *cmd = calloc(1, sizeof *cmd);
+    cmd->action = a;
+    cmd->slot = (int)id;
+    char fname[256] = "";
+    if (a != 2) {
+        if (!srv->cfg.slot_save_path) {
+            free(cmd);
+            return send_err(c, 501, "not_supported_error", NULL, NULL,
+                            "slot save/restore is disabled (start the server with --slot-save-path DIR)");
+        }
+        struct srv_error e;
+        json_t *o = parse_body_object(cs, &e);
+        if (!o) {
+            free(cmd);
+            return send_error(c, &e);
+        }
+        json_t *fn = json_object_get(o, "filename");
+        const char *f = json_is_string(fn) ? json_string_value(fn) : NULL;
+        if (!f || !*f || strchr(f, '/') || strchr(f, '\\') || strstr(f, "..") || strlen(f) > 200) {
+            json_decref(o);
+            free(cmd);
+            return send_err(c, 400, "invalid_request_error", "filename", NULL,
+                            "'filename' must be a plain file name (no '/' or '..', 1 to 200 bytes)");
+        }
+        snprintf(fname, sizeof fname, "%s", f);
+        snprintf(cmd->path, sizeof cmd->path, "%s/%s", srv->cfg.slot_save_path, f);
+        json_decref(o);
+    }
+    pthread_mutex_lock(&srv->mu);
+    if (srv->stopping) {
+        pthread_mutex_unlock(&srv->mu);
+        free(cmd);
+        return send_err(c, 503, "unavailable_error", NULL, NULL, "the server is shutting down");
+    }
+    cmd->next = srv->cmds;
+    srv->cmds = cmd;
+    pthread_cond_signal(&srv->cv_sched);
+    while (!cmd->done && !srv->stopping) pthread_cond_wait(&srv->cv_out, &srv->mu);
+    bool done = cmd->done;
+    pthread_mutex_unlock(&srv->mu);
+    if (!done) { /* the inference thread stopped before running it; it is leaked on purpose */
+        return send_err(c, 503, "unavailable_error", NULL, NULL, "the server is shutting down");
+    }
+    enum MHD_Result r;
+    if (cmd->status != 200) {
+        r = send_err(c, cmd->status, cmd->status == 400 ? "invalid_request_error" : "server_error",
+                     NULL, NULL, "%s", cmd->msg);
+    } else {
+        json_t *o = json_object();
+        json_object_set_new(o, "id_slot", json_integer(id));
+        if (a == 0) {
+            json_object_set_new(o, "filename", json_string(fname));
+            json_object_set_new(o, "n_saved", json_integer(atoi(cmd->msg)));
+        } else json_object_set_new(o, "n_erased", json_integer(atoi(cmd->msg)));
+        r = send_json(c, 200, o);
+    }
+    free(cmd);
+    return r;
+}
+
+/* ---- dispatch ------------------------------------------------------------------------- */
+
+static enum MHD_Result on_request(void *cls, struct MHD_Connection *c, const char *url,
+                                  const char *method, const char *version, const char *upload,
+                                  size_t *upload_size, void **con_cls) {
+    (void)version;
+    struct srv *srv = cls;
+    struct conn *cs = *con_cls;
+    if (!cs) { /* first call: headers only */
+        cs = calloc(1, sizeof *cs);
+        *con_cls = cs;
+        if (srv->cfg.api_key && strcmp(url, "/health") && strcmp(method, "OPTIONS")) {
+            const char *auth = MHD_lookup_connection_value(c, MHD_HEADER_KIND, "Authorization");
+            if (!auth || strncmp(auth, "Bearer ", 7) || strcmp(auth + 7, srv->cfg.api_key)) {
+                cs->answered = true;
+                return send_err(c, 401, "authentication_error", NULL, "invalid_api_key",
+                                "missing or invalid API key (send 'Authorization: Bearer KEY')");
+            }
+        }
+        const char *cl = MHD_lookup_connection_value(c, MHD_HEADER_KIND, "Content-Length");
+        if (cl && strtoll(cl, NULL, 10) > srv->cfg.max_body) {
+            cs->answered = true;
+            return send_err(c, 413, "invalid_request_error", NULL, "request_too_large",
+                            "the request body has %s bytes, more than the server's --max-body of %lld",
+                            cl, (long long)srv->cfg.max_body);
+        }
+        return MHD_YES;
+    }
+    if (cs->answered) { /* discard the rest of a refused body */
+        *upload_size = 0;
+        return MHD_YES;
+    }
+    if (*upload_size) {
+        if (cs->len + *upload_size > (size_t)srv->cfg.max_body) cs->too_large = true;
+        else {
+            if (cs->len + *upload_size + 1 > cs->cap) {
+                cs->cap = (cs->len + *upload_size + 1) * 2;
+                cs->body = realloc(cs->body, cs->cap);
+            }
+            memcpy(cs->body + cs->len, upload, *upload_size);
+            cs->len += *upload_size;
+            cs->body[cs->len] = 0;
+        }
+        *upload_size = 0;
+        return MHD_YES;
+    }
+    cs->answered = true;
+    if (cs->too_large)
+        return send_err(c, 413, "invalid_request_error", NULL, "request_too_large",
+                        "the request body is larger than the server's --max-body of %lld bytes",
+                        (long long)srv->cfg.max_body);
+    bool get = !strcmp(method, "GET"), post = !strcmp(method, "POST");
+    if (!strcmp(method, "OPTIONS")) {
+        struct MHD_Response *r = MHD_create_response_from_buffer(0, (void *)"", MHD_RESPMEM_PERSISTENT);
+        MHD_add_response_header(r, "Access-Control-Allow-Origin", "*");
+        MHD_add_response_header(r, "Access-Control-Allow-Headers", "Authorization, Content-Type");
+        MHD_add_response_header(r, "Access-Control-Allow-Methods", "GET, POST, OPTIONS");
+        enum MHD_Result ret = MHD_queue_response(c, 204, r);
+        MHD_destroy_response(r);
+        return ret;
+    }
+    struct { const char *path; bool post; } routes[] = {
+        {"/health", false}, {"/v1/health", false}, {"/v1/models", false}, {"/models", false},
+        {"/metrics", false}, {"/slots", false}, {"/v1/chat/completions", true},
+        {"/chat/completions", true}, {"/v1/completions", true}, {"/completions", true},
+        {"/tokenize", true}, {"/detokenize", true}};
+    for (size_t i = 0; i < sizeof routes / sizeof routes[0]; i++) {
+        if (strcmp(url, routes[i].path)) continue;
+        if (routes[i].post ? !post : !get)
+            return send_err(c, 405, "invalid_request_error", NULL, "method_not_allowed",
+                            "%s needs %s", url, routes[i].post ? "POST" : "GET");
+        if (strstr(url, "health")) {
+            json_t *o = json_object();
+            json_object_set_new(o, "status", json_string("ok"));
+            return send_json(c, 200, o);
+        }
+        if (strstr(url, "models")) return handle_models(srv, c);
+        if (!strcmp(url, "/metrics")) return handle_metrics(srv, c);
+        if (!strcmp(url, "/slots")) return handle_slots(srv, c);
+        if (strstr(url, "chat/completions")) return handle_completion(srv, c, cs, SRV_CHAT);
+        if (strstr(url, "completions")) return handle_completion(srv, c, cs, SRV_COMPLETION);
+        if (!strcmp(url, "/tokenize")) return handle_tokenize(srv, c, cs);
+        return handle_detokenize(srv, c, cs);
+    }
+    if (!strncmp(url, "/slots/", 7)) {
+        if (!post)
+            return send_err(c, 405, "invalid_request_error", NULL, "method_not_allowed",
+                            "%s needs POST", url);
+        return handle_slot_action(srv, c, cs, url + 7);
+    }
+    return send_err(c, 404, "not_found_error", NULL, "not_found", "no endpoint %s %s", method, url);
+}
+
+static void on_completed(void *cls, struct MHD_Connection *c, void **con_cls,
+                         enum MHD_RequestTerminationCode toe) {
+    (void)cls;
+    (void)c;
+    (void)toe;
+    struct conn *cs = *con_cls;
+    if (cs) {
+        free(cs->body);
+        free(cs);
+    }
+    *con_cls = NULL;
+}
+
+/* ---- command line ----------------------------------------------------------------------- */
+
+static const char *SERVE_USAGE =
+    "usage: kvsieve serve [options]\n"
+    "\n"
+    "An OpenAI-compatible HTTP server (POST /v1/chat/completions, /v1/completions, streaming\n"
+    "or not; GET /health, /v1/models, /metrics, /slots; POST /tokenize, /detokenize,\n"
+    "/slots/{id}?action=save|erase) with continuous batching: one inference thread runs one\n"
+    "mixed batch per tick (the decode token of every running request, then prompt chunks),\n"
+    "each request under its own KV policy (request field \"kv\"). Endpoints: docs/SERVER.md.\n"
+    "\n"
+    "  --host ADDR           IPv4 address to listen on (default 127.0.0.1; 0.0.0.0 = all)\n"
+    "  --port N              TCP port (default 8080)\n"
+    "  -m, --model FILE      GGUF model (default " KVS_DEFAULT_MODEL ")\n"
+    "  -np, --parallel N     most requests running at once (default 4, at most 64)\n"
+    "  -c, --ctx-size N      context size per sequence (default: the model's, at most 4096);\n"
+    "                        a request whose policy bounds the cache generates past it\n"
+    "  -t, --threads N       worker threads of the inference thread (default: all cores)\n"
+    "  -b, --batch N         engine prefill chunk (default 512)\n"
+    "      --kv SPEC         default KV policy of a request (default full; `kvsieve --help kv`)\n"
+    "      --kv-mem BYTES    KV bytes the running requests may hold together (default 1G;\n"
+    "                        suffixes K, M, G). A request is admitted when its worst case\n"
+    "                        (kvs_kv_bytes_bound of its policy, prompt + max_tokens) fits in what\n"
+    "                        is left; one that can never fit is refused with a 400\n"
+    "      --prefix-mem BYTES  prefix cache size (default 256M; 0 = off): prompts are cached in\n"
+    "                        blocks of 64 tokens, shared read-only, evicted LRU when unused\n"
+    "      --prefix-kv SPEC  compress a cached prefix once under SPEC (e.g. snapkv:ratio=0.25)\n"
+    "                        and reuse that copy (request field \"prefix_kv\" overrides)\n"
+    "      --api-key KEY     require 'Authorization: Bearer KEY' (GET /health stays open)\n"
+    "      --metrics         accepted for llama-server compatibility: /metrics is always on\n"
+    "      --slot-save-path DIR  folder for POST /slots/{id}?action=save (plain file names)\n"
+    "      --timeout S       per-request limit in seconds (default 600, 0 = none): generation\n"
+    "                        stops there with finish_reason \"length\"\n"
+    "      --max-body BYTES  largest request body (default 1M; 413 above)\n"
+    "      --queue N         most requests waiting for admission (default 64; 503 when full)\n"
+    "      --batch-tokens N  tokens per tick: decode tokens + prompt chunks (default: the\n"
+    "                        engine's step size, max(-b, -np))\n"
+    "  -q, --quiet           no request log lines\n"
+    "\n"
+    "SIGINT or SIGTERM: running requests are cancelled (503 / an error event), everything is\n"
+    "freed, exit 0. Exit 2 on bad flags or an unloadable model.\n";
+
+static void serve_die(const char *fmt, ...) __attribute__((noreturn, format(printf, 1, 2)));
+static void serve_die(const char *fmt, ...) {
+    va_list ap;
+    va_start(ap, fmt);
+    fprintf(stderr, "kvsieve serve: ");
+    vfprintf(stderr, fmt, ap);
+    fprintf(stderr, "\n(kvsieve serve --help lists the options)\n");
+    va_end(ap);
+    exit(2);
+}
+
+static long long parse_ll(const char *flag, const char *v, long long lo, long long hi) {
+    char *end;
+    errno = 0;
+    long long x = strtoll(v, &end, 10);
+    if (!*v || *end || errno || x < lo || x > hi)
+        serve_die("%s expects an integer in [%lld, %lld], got '%s'", flag, lo, hi, v);
+    return x;
+}
+
+static int64_t parse_bytes(const char *flag, const char *v) {
+    char *end;
+    errno = 0;
+    double x = strtod(v, &end);
+    double mul = 1;
+    if (*end == 'K' || *end == 'k') mul = 1024.0, end++;
+    else if (*end == 'M' || *end == 'm') mul = 1024.0 * 1024, end++;
+    else if (*end == 'G' || *end == 'g') mul = 1024.0 * 1024 * 1024, end++;
+    if (*end == 'B' || *end == 'b' || (*end == 'i' && end[1] == 'B')) end += *end == 'i' ? 2 : 1;
+    if (end == v || *end || errno || !(x >= 0) || x * mul > 9e18)
+        serve_die("%s expects a size in bytes (suffixes K, M, G), got '%s'", flag, v);
+    return (int64_t)(x * mul);
+}
+
+static volatile sig_atomic_t g_log_quiet;
+
+int serve_main(int argc, char **argv) {
+    struct srv *srv = calloc(1, sizeof *srv);
+    struct srv_config *cfg = &srv->cfg;
+    cfg->host = "127.0.0.1";
+    cfg->port = 8080;
+    cfg->model_path = getenv("KVSIEVE_MODEL") ? getenv("KVSIEVE_MODEL") : KVS_DEFAULT_MODEL;
+    cfg->n_parallel = 4;
+    cfg->kv = "full";
+    cfg->kv_mem = 1LL << 30;
+    cfg->prefix_mem = 256LL << 20;
+    cfg->max_body = 1 << 20;
+    cfg->timeout_s = 600;
+    cfg->queue = 64;
+    cfg->n_batch = 512;
+    for (int i = 0; i < argc; i++) {
+        const char *a = argv[i];
+#define NEXT() (i + 1 < argc ? argv[++i] : (serve_die("%s needs a value", a), ""))
+        if (!strcmp(a, "-h") || !strcmp(a, "--help")) {
+            fputs(SERVE_USAGE, stdout);
+            exit(0);
+        } else if (!strcmp(a, "--host")) cfg->host = NEXT();
+        else if (!strcmp(a, "--port")) cfg->port = (int)parse_ll(a, NEXT(), 0, 65535);
+        else if (!strcmp(a, "-m") || !strcmp(a, "--model")) cfg->model_path = NEXT();
+        else if (!strcmp(a, "-np") || !strcmp(a, "--parallel")) cfg->n_parallel = (int)parse_ll(a, NEXT(), 1, 64);
+        else if (!strcmp(a, "-c") || !strcmp(a, "--ctx-size")) cfg->n_ctx = (int)parse_ll(a, NEXT(), 16, 1 << 20);
+        else if (!strcmp(a, "-t") || !strcmp(a, "--threads")) cfg->n_threads = (int)parse_ll(a, NEXT(), 0, 1024);
+        else if (!strcmp(a, "-b") || !strcmp(a, "--batch")) cfg->n_batch = (int)parse_ll(a, NEXT(), 1, 4096);
+        else if (!strcmp(a, "--kv")) cfg->kv = NEXT();
+        else if (!strcmp(a, "--kv-mem")) cfg->kv_mem = parse_bytes(a, NEXT());
+        else if (!strcmp(a, "--prefix-mem")) cfg->prefix_mem = parse_bytes(a, NEXT());
+        else if (!strcmp(a, "--prefix-kv")) cfg->prefix_kv = NEXT();
+        else if (!strcmp(a, "--api-key")) cfg->api_key = NEXT();
+        else if (!strcmp(a, "--metrics")) { /* always on */ }
+        else if (!strcmp(a, "--slot-save-path")) cfg->slot_save_path = NEXT();
+        else if (!strcmp(a, "--timeout")) cfg->timeout_s = (int)parse_ll(a, NEXT(), 0, 1 << 30);
+        else if (!strcmp(a, "--max-body")) cfg->max_body = parse_bytes(a, NEXT());
+        else if (!strcmp(a, "--queue")) cfg->queue = (int)parse_ll(a, NEXT(), 1, 1 << 20);
+        else if (!strcmp(a, "--batch-tokens")) cfg->batch_tokens = (int)parse_ll(a, NEXT(), 1, 1 << 20);
+        else if (!strcmp(a, "-q") || !strcmp(a, "--quiet")) g_log_quiet = 1;
+        else serve_die("unknown option '%s'", a);
+#undef NEXT
+    }
+    if (kvs_kv_spec_check(cfg->kv, NULL, 0) != KVS_OK) serve_die("--kv: %s", kvs_last_error());
+    if (cfg->prefix_kv && kvs_kv_spec_check(cfg->prefix_kv, NULL, 0) != KVS_OK)
+        serve_die("--prefix-kv: %s", kvs_last_error());
+    if (cfg->api_key && !*cfg->api_key) serve_die("--api-key needs a non-empty key");
+    if (cfg->max_body < 16) serve_die("--max-body must be at least 16 bytes");
+    struct sockaddr_in sin = {.sin_family = AF_INET, .sin_port = htons((uint16_t)cfg->port)};
+    if (inet_pton(AF_INET, cfg->host, &sin.sin_addr) != 1)
+        serve_die("--host expects an IPv4 address such as 127.0.0.1, got '%s'", cfg->host);
+    if (g_log_quiet) kvs_set_log_level(0);
+
+    struct kvs_model_params mp = kvs_model_params_default();
+    if (kvs_model_load(cfg->model_path, &mp, &srv->model) != KVS_OK) {
+        fprintf(stderr, "kvsieve serve: %s\n", kvs_last_error());
+        return 2;
+    }
+    kvs_model_get_info(srv->model, &srv->mi);
+    if (!cfg->n_ctx) cfg->n_ctx = srv->mi.n_ctx_train < 4096 ? srv->mi.n_ctx_train : 4096;
+    struct kvs_context_params cp = kvs_context_params_default();
+    cp.n_ctx = cfg->n_ctx;
+    cp.n_threads = cfg->n_threads;
+    cp.n_batch = cfg->n_batch;
+    cp.n_seq_max = cfg->n_parallel < 64 ? cfg->n_parallel + 1 : 64; /* +1: the probe */
+    cp.kv_spec = cfg->kv;
+    cp.keep_stats = true;
+    if (kvs_context_new(srv->model, &cp, &srv->ctx) != KVS_OK) {
+        fprintf(stderr, "kvsieve serve: %s\n", kvs_last_error());
+        kvs_model_free(srv->model);
+        return 2;
+    }
+    /* model id: the file name without .gguf */
+    const char *base = strrchr(cfg->model_path, '/');
+    base = base ? base + 1 : cfg->model_path;
+    snprintf(srv->model_id, sizeof srv->model_id, "%s", base);
+    size_t bl = strlen(srv->model_id);
+    if (bl > 5 && !strcmp(srv->model_id + bl - 5, ".gguf")) srv->model_id[bl - 5] = 0;
+    srv->started = (long long)time(NULL);
+    srv->slots = calloc((size_t)cfg->n_parallel, sizeof *srv->slots);
+    srv->lim = (struct srv_limits){.model_id = srv->model_id, .max_tokens_default = 512,
+                                   .n_vocab = srv->mi.n_vocab, .check_kv = check_kv_cb};
+    pthread_mutex_init(&srv->mu, NULL);
+    pthread_cond_init(&srv->cv_sched, NULL);
+    pthread_cond_init(&srv->cv_out, NULL);
+
+    /* signals go to sigwait below, not to the worker threads */
+    sigset_t ss;
+    sigemptyset(&ss);
+    sigaddset(&ss, SIGINT);
+    sigaddset(&ss, SIGTERM);
+    pthread_sigmask(SIG_BLOCK, &ss, NULL);
+    signal(SIGPIPE, SIG_IGN);
+
+    pthread_t sched;
+    if (pthread_create(&sched, NULL, sched_main, srv)) {
+        fprintf(stderr, "kvsieve serve: cannot start the inference thread\n");
+        return 1;
+    }
+    struct MHD_Daemon *d = MHD_start_daemon(
+        MHD_USE_THREAD_PER_CONNECTION | MHD_USE_INTERNAL_POLLING_THREAD | MHD_USE_POLL,
+        (uint16_t)cfg->port, NULL, NULL, on_request, srv, MHD_OPTION_SOCK_ADDR, &sin,
+        MHD_OPTION_NOTIFY_COMPLETED, on_completed, srv, MHD_OPTION_CONNECTION_TIMEOUT,
+        (unsigned)600, MHD_OPTION_CONNECTION_LIMIT, (unsigned)1024, MHD_OPTION_END);
+    int rc = 0;
+    if (!d) {
+        fprintf(stderr, "kvsieve serve: cannot listen on %s:%d (%s)\n", cfg->host, cfg->port,
+                strerror(errno));
+        rc = 1;
+    } else {
+        fprintf(stderr, "kvsieve: serving %s on http://%s:%d (-np %d, -c %d, --kv %s, --kv-mem "
+                "%lld, %d threads; Ctrl-C stops)\n", srv->model_id, cfg->host, cfg->port,
+                cfg->n_parallel, cfg->n_ctx, cfg->kv, (long long)cfg->kv_mem,
+                kvs_context_n_threads(srv->ctx));
+        int sig;
+        sigwait(&ss, &sig);
+        fprintf(stderr, "kvsieve serve: %s, shutting down\n", sig == SIGINT ? "SIGINT" : "SIGTERM");
+    }
+    pthread_mutex_lock(&srv->mu);
+    srv->stopping = true;
+    pthread_cond_signal(&srv->cv_sched);
+    pthread_cond_broadcast(&srv->cv_out);
+    pthread_mutex_unlock(&srv->mu);
+    pthread_join(sched, NULL);
+    pthread_mutex_lock(&srv->mu);
+    pthread_cond_broadcast(&srv->cv_out);
+    pthread_mutex_unlock(&srv->mu);
+    if (d) MHD_stop_daemon(d);
+    /* anything submitted after the inference thread stopped */
+    while (srv->submitted) {
+        struct job *j = srv->submitted;
+        srv->submitted = j->next;
+        job_release(j);
+    }
+    kvs_context_free(srv->ctx);
+    kvs_model_free(srv->model);
+    free(srv->slots);
+    pthread_mutex_destroy(&srv->mu);
+    pthread_cond_destroy(&srv->cv_sched);
+    pthread_cond_destroy(&srv->cv_out);
+    free(srv);
+    return rc;
+}
