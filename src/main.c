@@ -5,6 +5,7 @@
  * (usage, unreadable/malformed/unsupported model file, prompt longer than the context).
  */
 #include "kvsieve.h"
+#include "cli/batch_cli.h"
 #include "cli/eval_cli.h"
 #include "server/server.h"
 
@@ -1117,6 +1118,7 @@ static int cmd_info(const struct opts *o) {
 int main(int argc, char **argv) {
     if (argc >= 2 && !strcmp(argv[1], "eval")) return eval_main(argc - 2, argv + 2);
     if (argc >= 2 && !strcmp(argv[1], "serve")) return serve_main(argc - 2, argv + 2);
+    if (argc >= 2 && !strcmp(argv[1], "batch")) return batch_main(argc - 2, argv + 2);
     struct opts o;
     parse_args(argc, argv, &o);
     fix_bench_prompt(&o);

@@ -35,6 +35,7 @@ for t in "$build"/test_*; do
     run "$(basename "$t")" "$t"
 done
 run cli_test tests/cli_test.sh "$build"
+run batch_test tests/batch_test.sh "$build"
 if [ "${KVS_SLOW:-0}" = 1 ]; then
     # Qwen2.5-Coder-1.5B (make models-large): every-position logits (fp32 and 8-bit activations),
     # last-position logits and greedy tokens
