@@ -48,7 +48,8 @@ static const char *USAGE =
     "  -m, --model FILE      GGUF model (default models/SmolLM2-135M-Instruct.Q4_1.gguf)\n"
     "  -t, --threads N       worker threads (default: all cores)\n"
     "  -c, --ctx-size N      context per request (default: the model's, at most 4096)\n"
-    "  -np, --parallel N     most sequences at once, shared-prefix prefills included (default 8)\n"
+    "  -np, --parallel N     most sequences at once, shared-prefix prefills included (default 8;\n"
+    "                        1 runs requests one by one, without grouping)\n"
     "  -b, --batch N         tokens per step (default 512)\n"
     "      --kv SPEC         default KV policy (a request's `kv` overrides it)\n"
     "      --kv-mem BYTES    KV bytes the running work may hold (suffix K, M, G; default 1G)\n"
@@ -348,7 +349,7 @@ int batch_main(int argc, char **argv) {
             if (!parse_int_arg(v, 16, 1 << 20, &o.n_ctx)) return usage_error("bad -c '%s'", v);
         } else if (!strcmp(a, "-np") || !strcmp(a, "--parallel")) {
             NEED();
-            if (!parse_int_arg(v, 2, 64, &o.parallel)) return usage_error("bad --parallel '%s' (2..64)", v);
+            if (!parse_int_arg(v, 1, 64, &o.parallel)) return usage_error("bad --parallel '%s' (1..64)", v);
         } else if (!strcmp(a, "-b") || !strcmp(a, "--batch")) {
             NEED();
             if (!parse_int_arg(v, 1, 4096, &o.batch)) return usage_error("bad -b '%s' (1..4096)", v);
@@ -363,6 +364,7 @@ int batch_main(int argc, char **argv) {
 #undef NEED
     }
     if (!o.in || !o.out) return usage_error("%s", "-i REQUESTS.jsonl and -o RESULTS.jsonl are required");
+    if (o.parallel < 2) o.group = false; /* a group's common prefill needs a second sequence */
     FILE *in = fopen(o.in, "r");
     if (!in) {
         fprintf(stderr, "kvsieve batch: %s: cannot open: %s\n", o.in, strerror(errno));
