@@ -15,7 +15,7 @@ SIMD    := -mavx2 -mfma -mf16c
 LDLIBS  += -lm -pthread -lxxhash
 BUILD   ?= build
 
-LIB_SRC  := $(filter-out src/main.c, $(wildcard src/*.c src/kv/*.c src/eval/*.c src/batch/*.c))
+LIB_SRC  := $(filter-out src/main.c, $(wildcard src/*.c src/kv/*.c src/eval/*.c src/batch/*.c src/page/*.c))
 LIB_OBJ  := $(LIB_SRC:src/%.c=$(BUILD)/obj/%.o)
 TEST_SRC := $(wildcard tests/test_*.c)
 TEST_BIN := $(TEST_SRC:tests/%.c=$(BUILD)/%)
@@ -29,6 +29,11 @@ $(BUILD)/obj/%_avx2.o: src/%_avx2.c $(wildcard src/*.h src/kv/*.h src/eval/*.h s
 	$(CC) $(CFLAGS) $(SIMD) -c $< -o $@
 
 $(BUILD)/obj/%.o: src/%.c $(wildcard src/*.h src/kv/*.h src/eval/*.h src/batch/*.h include/*.h)
+	@mkdir -p $(dir $@)
+	$(CC) $(CFLAGS) -c $< -o $@
+
+# the paging library (src/page/) reads only base.h and its own headers
+$(BUILD)/obj/page/%.o: src/page/%.c $(wildcard src/page/*.h) src/base.h include/kvsieve.h
 	@mkdir -p $(dir $@)
 	$(CC) $(CFLAGS) -c $< -o $@
 
@@ -110,14 +115,15 @@ FUZZ_CC ?= clang
 FUZZ_FLAGS = -std=c11 -D_GNU_SOURCE -g -O1 $(SIMD) -Iinclude -Isrc -fsanitize=fuzzer,address,undefined \
              -fno-sanitize-recover=all
 # The parsers of untrusted input: GGUF files (FUZZ_SECONDS, default 60), result lines read by
-# `kvsieve eval report` and tasks files read by `eval sweep --tasks-file`, and --kv specs (a third
-# of that each, at least 10 s).
-fuzz: $(BUILD)/fuzz_gguf $(BUILD)/fuzz_jsonl $(BUILD)/fuzz_kvspec
-	mkdir -p $(BUILD)/fuzz-corpus $(BUILD)/fuzz-corpus-jsonl $(BUILD)/fuzz-corpus-kvspec
+# `kvsieve eval report` and tasks files read by `eval sweep --tasks-file`, --kv specs, and page
+# traces read by `kvsieve pagesim` (a third of that each, at least 10 s).
+fuzz: $(BUILD)/fuzz_gguf $(BUILD)/fuzz_jsonl $(BUILD)/fuzz_kvspec $(BUILD)/fuzz_trace
+	mkdir -p $(BUILD)/fuzz-corpus $(BUILD)/fuzz-corpus-jsonl $(BUILD)/fuzz-corpus-kvspec $(BUILD)/fuzz-corpus-trace
 	$(BUILD)/fuzz_gguf -max_total_time=$${FUZZ_SECONDS:-60} -max_len=65536 $(BUILD)/fuzz-corpus fuzz/corpus
 	t=$$(( $${FUZZ_SECONDS:-60} / 3 )); [ $$t -ge 10 ] || t=10; \
 	$(BUILD)/fuzz_jsonl -max_total_time=$$t -max_len=4096 $(BUILD)/fuzz-corpus-jsonl fuzz/corpus-jsonl && \
-	$(BUILD)/fuzz_kvspec -max_total_time=$$t -max_len=256 -dict=fuzz/kvspec.dict $(BUILD)/fuzz-corpus-kvspec fuzz/corpus-kvspec
+	$(BUILD)/fuzz_kvspec -max_total_time=$$t -max_len=256 -dict=fuzz/kvspec.dict $(BUILD)/fuzz-corpus-kvspec fuzz/corpus-kvspec && \
+	$(BUILD)/fuzz_trace -max_total_time=$$t -max_len=1024 $(BUILD)/fuzz-corpus-trace fuzz/corpus-trace
 
 $(BUILD)/fuzz_gguf: fuzz/fuzz_gguf.c src/gguf.c src/base.c src/quant.c src/quant_avx2.c
 	@mkdir -p $(BUILD)
@@ -128,6 +134,10 @@ $(BUILD)/fuzz_jsonl: fuzz/fuzz_jsonl.c src/eval/jsonl.c src/eval/prompt_file.c s
 	$(FUZZ_CC) $(FUZZ_FLAGS) -o $@ $^ -lm -pthread
 
 $(BUILD)/fuzz_kvspec: fuzz/fuzz_kvspec.c src/kv/kv_spec.c src/base.c
+	@mkdir -p $(BUILD)
+	$(FUZZ_CC) $(FUZZ_FLAGS) -o $@ $^ -lm -pthread
+
+$(BUILD)/fuzz_trace: fuzz/fuzz_trace.c $(wildcard src/page/*.c) src/base.c
 	@mkdir -p $(BUILD)
 	$(FUZZ_CC) $(FUZZ_FLAGS) -o $@ $^ -lm -pthread
 

@@ -78,6 +78,43 @@ check "apt unsandboxed warning" 0 "APT::Sandbox::User=root.*download" -- fake_ap
 check "no cycles" 0 "no two library files" -- tests/lib_cycles.sh "$build/obj"
 # 8. expected flags that need no model
 check "version" 0 "^kvsieve [0-9]+\.[0-9]+\.[0-9]+ \(git " -- "$bin" --version
+# pagesim (issue 15): the trace format's errors name file and line; perfect bits reach the optimum
+check "pagesim help" 0 "one request per line" -- "$bin" pagesim --help
+check "pagesim listed" 0 "pagesim" -- "$bin" --help
+check "pagesim no trace" 2 "give a trace file or --gen" -- "$bin" pagesim -k 8
+printf '1\n2\n\nabc\n' > "$tmp/bad.trace"
+check "pagesim bad line" 2 "bad.trace:4: expected a page id" -- "$bin" pagesim "$tmp/bad.trace"
+printf '1\n2 1\n' > "$tmp/mixed.trace"
+check "pagesim mixed bits" 2 "mixed.trace:2: has a predicted bit but line 1 has none" -- "$bin" pagesim "$tmp/mixed.trace"
+printf '5 2\n' > "$tmp/bit.trace"
+check "pagesim bad bit" 2 "bit.trace:1: the predicted bit must be 0 or 1" -- "$bin" pagesim "$tmp/bit.trace"
+check "pagesim missing" 2 "cannot read trace" -- "$bin" pagesim "$tmp/none.trace"
+check "pagesim bad k" 2 "-k expects cache sizes" -- "$bin" pagesim --gen loop -k 8,0
+check "pagesim bad flip" 2 "--flip expects fractions" -- "$bin" pagesim --gen loop --flip 1.5
+check "pagesim bad gen" 2 "unknown generator 'zipfian'" -- "$bin" pagesim --gen zipfian
+check "pagesim bad gen value" 2 "bad value '-1' for 'alpha'" -- "$bin" pagesim --gen zipf:alpha=-1
+check "pagesim table" 0 "^opt +none +[0-9]+ \(1\.000\)" -- "$bin" pagesim --gen phases:n=5000,pages=2000,ws=40,len=500 -k 16,32,64
+pagesim_json() { # every line JSON; perfect bits give the optimum's faults; ratios >= 1
+    "$bin" pagesim --gen zipf:n=4000,pages=400,seed=3 -k 8,32 --flip 0.2 --json | python3 -c '
+import json, sys
+rows = [json.loads(l) for l in sys.stdin]
+opt = {r["k"]: r["faults"] for r in rows if r["policy"] == "opt"}
+assert len(rows) == 2 * 14 and set(opt) == {8, 32}, len(rows)
+for r in rows:
+    assert r["faults"] >= opt[r["k"]] and r["ratio"] >= 1, r
+    if r["bits"] == "perfect": assert r["faults"] == opt[r["k"]], r
+print("pagesim json ok")'
+}
+check "pagesim json" 0 "^pagesim json ok" -- pagesim_json
+pagesim_file_bits() { # bits written for k=16 and read back: pred with the file's bits = opt at k=16
+    "$bin" pagesim --gen zipf:n=3000,pages=300,seed=5 --write "$tmp/z.trace" --write-bits 16 || return 1
+    "$bin" pagesim "$tmp/z.trace" -k 16 --json | python3 -c '
+import json, sys
+rows = {(r["policy"], r["bits"]): r["faults"] for r in map(json.loads, sys.stdin)}
+assert rows[("pred", "file")] == rows[("opt", "none")] == rows[("pred", "perfect")], rows
+print("pagesim file bits ok")'
+}
+check "pagesim file bits" 0 "^pagesim file bits ok" -- pagesim_file_bits
 check "run --help" 0 "reverse-prompt" -- sh -c "'$bin' run --help | grep -v -- --contexts"
 check "help exit codes" 0 "exit codes: 0 success; 1 runtime failure" -- "$bin" --help
 check "bench help fields" 0 "kv_bytes_per_token_theory: one entry" -- sh -c "'$bin' bench --help | tr '\n' ' ' | grep -o 'kv_bytes_per_token_theory: one entry.*logits_hash: FNV-1a of the logits of every timed decode step'"
