@@ -5,6 +5,7 @@
  * (usage, unreadable/malformed/unsupported model file, prompt longer than the context).
  */
 #include "kvsieve.h"
+#include "cli/batch_cli.h"
 #include "cli/eval_cli.h"
 #include "server/server.h"
 #include "cli/pagesim_cli.h"
@@ -72,6 +73,8 @@ static const char *USAGE_HEAD =
     "  eval    evaluation harness: sweep | ppl | tasks | report (`kvsieve eval --help`)\n"
     "  serve   OpenAI-compatible HTTP server with continuous batching and per-request KV\n"
     "          policies (`kvsieve serve --help`; docs/SERVER.md)\n"
+    "  batch   an offline OpenAI Batch API file with BatchLLM prefix sharing and scheduling\n"
+    "          (`kvsieve batch --help`)\n"
     "  pagesim paging policies on a page-request trace against Belady's optimum\n"
     "          (`kvsieve pagesim --help`)\n"
     "  help    this text; `kvsieve --help kv` explains the --kv spec; --version\n";
@@ -277,7 +280,7 @@ static void parse_args(int argc, char **argv, struct opts *o) {
     static const char *cmds[] = {"run", "chat", "ppl", "bench", "info"};
     bool known = false;
     for (size_t k = 0; k < sizeof cmds / sizeof cmds[0]; k++) known |= !strcmp(o->cmd, cmds[k]);
-    if (!known) die_usage("unknown command '%s' (commands: run, chat, ppl, bench, info, eval, pagesim, serve, help)", o->cmd);
+    if (!known) die_usage("unknown command '%s' (commands: run, chat, ppl, bench, info, eval, serve, batch, pagesim, help)", o->cmd);
     for (; i < argc; i++) {
         const char *a = argv[i];
 #define NEXT() (i + 1 < argc ? argv[++i] : (die_usage("%s needs a value", a), ""))
@@ -1120,6 +1123,7 @@ static int cmd_info(const struct opts *o) {
 int main(int argc, char **argv) {
     if (argc >= 2 && !strcmp(argv[1], "eval")) return eval_main(argc - 2, argv + 2);
     if (argc >= 2 && !strcmp(argv[1], "serve")) return serve_main(argc - 2, argv + 2);
+    if (argc >= 2 && !strcmp(argv[1], "batch")) return batch_main(argc - 2, argv + 2);
     if (argc >= 2 && !strcmp(argv[1], "pagesim")) return pagesim_main(argc - 2, argv + 2);
     struct opts o;
     parse_args(argc, argv, &o);

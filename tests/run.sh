@@ -42,6 +42,7 @@ PY=${PYTHON:-python3}
 for t in api errors consistency; do
     run server_$t "$PY" tests/server/test_$t.py "$build"
 done
+run batch_test tests/batch_test.sh "$build"
 if [ "${KVS_SLOW:-0}" = 1 ]; then
     # Qwen2.5-Coder-1.5B (make models-large): every-position logits (fp32 and 8-bit activations),
     # last-position logits and greedy tokens

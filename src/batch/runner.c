@@ -213,7 +213,8 @@ enum kvs_status brun_run(kvs_context *c, const kvs_model *m, const struct brun_r
     memset(st, 0, sizeof *st);
     struct run R = {.c = c, .m = m, .r = r, .o = o, .cb = cb, .st = st};
     R.n_slots = c->p.n_seq_max;
-    if (R.n_slots < 2) return kvs_fail(KVS_ERR_INVALID_ARG, "a batch needs a context of 2 or more sequences");
+    if (R.n_slots < (o->group ? 2 : 1))
+        return kvs_fail(KVS_ERR_INVALID_ARG, "a grouped batch needs a context of 2 or more sequences");
     int *idx = malloc(sizeof(int) * (size_t)(n ? n : 1));
     const int32_t **pt = malloc(sizeof *pt * (size_t)(n ? n : 1));
     int *pl = malloc(sizeof(int) * (size_t)(n ? n : 1));

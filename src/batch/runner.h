@@ -59,7 +59,8 @@ struct brun_stats {
                               * sequences plus the shared nodes' bytes) */
 };
 
-/* Run requests [0, n) in context c (which must allow at least 2 sequences). Requests that fail
+/* Run requests [0, n) in context c (which must allow at least 2 sequences when grouping: a
+ * group's common prefill runs beside its members). Requests that fail
  * (their KV can never fit, a bad spec) end with BRUN_ERROR and the batch goes on. Returns
  * KVS_OK unless the engine itself failed (out of memory: the message says so). */
 enum kvs_status brun_run(kvs_context *c, const kvs_model *m, const struct brun_req *r, int n,
