@@ -205,9 +205,18 @@ double kvs_kv_bytes_per_token(const kvs_model *m, const char *kv_spec);
 
 /* Give sequence s its own KV policy (NULL or "" = the context's again). Only while s is empty
  * (n_past 0, no prefix attached). The statistics the spec needs must be kept by the context: a
- * context created with keep_stats accepts every spec. Errors: KVS_ERR_INVALID_ARG (bad spec, with
- * the --kv parser's message; sequence not empty; statistics the context does not keep). */
+ * context created with keep_stats accepts every spec. s then keeps accumulated attention only if
+ * the spec needs it, even in a keep_stats context (keeping it changes the attention kernel's
+ * order of summation, so a `full` sequence with it differs in the last bits from one without).
+ * Errors: KVS_ERR_INVALID_ARG (bad spec, with the --kv parser's message; sequence not empty;
+ * statistics the context does not keep). */
 enum kvs_status kvs_seq_set_kv(kvs_context *c, kvs_sequence *s, const char *kv_spec);
+/* Keep (on) or stop keeping accumulated attention for the empty sequence s, so that
+ * kvs_seq_compress or kvs_prefix_compress can later apply a spec that needs it. A new sequence of
+ * a keep_stats context keeps it; kvs_seq_set_kv sets it to what the spec needs. Errors:
+ * KVS_ERR_INVALID_ARG (s not empty; off while its policy needs it; on in a context created
+ * without keep_stats). */
+enum kvs_status kvs_seq_keep_stats(kvs_context *c, kvs_sequence *s, bool on);
 const char *kvs_seq_kv(const kvs_context *c, const kvs_sequence *s); /* normalised spec s runs */
 /* Most tokens s may consume under its policy: n_ctx, or KVS_PAST_MAX when its policy bounds the
  * cache (see kvs_context_max_tokens). */

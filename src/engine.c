@@ -526,7 +526,14 @@ enum kvs_status kvs_seq_set_kv(kvs_context *c, kvs_sequence *s, const char *kv_s
     if (!strcmp(spec.text, c->base.spec.text)) pr = &c->base;
     for (int i = 0; i < KVS_MAX_PROFILES && !pr; i++)
         if (c->prof[i] && !strcmp(c->prof[i]->spec.text, spec.text)) pr = c->prof[i];
-    if (pr == s->prof) return KVS_OK;
+    if (pr == s->prof) { /* same profile: only the statistics follow the spec (see below) */
+        bool acc = kv_policy_needs(&spec) & KV_NEED_ACC;
+        if (s->kv->with_acc != acc) {
+            kv_seq_clear(s->kv);
+            kv_seq_set_acc(s->kv, acc);
+        }
+        return KVS_OK;
+    }
     if (!pr) {
         int slot = -1;
         for (int i = 0; i < KVS_MAX_PROFILES && slot < 0; i++)
@@ -560,6 +567,26 @@ enum kvs_status kvs_seq_set_kv(kvs_context *c, kvs_sequence *s, const char *kv_s
         profile_release(c, s->prof);
         if (pr != &c->base) pr->refs++;
         s->prof = pr;
+    }
+    return KVS_OK;
+}
+
+enum kvs_status kvs_seq_keep_stats(kvs_context *c, kvs_sequence *s, bool on) {
+    if (!c || !s || c->seqs[s->slot] != s)
+        return kvs_fail(KVS_ERR_INVALID_ARG, "kvs_seq_keep_stats: the sequence does not belong "
+                        "to this context");
+    if (s->n_past || s->prefix)
+        return kvs_fail(KVS_ERR_INVALID_ARG, "a sequence's statistics can only be chosen while it "
+                        "is empty (it holds %d tokens)", s->n_past);
+    if (!on && (kv_policy_needs(&s->prof->spec) & KV_NEED_ACC))
+        return kvs_fail(KVS_ERR_INVALID_ARG, "'%s' needs accumulated attention",
+                        s->prof->spec.text);
+    if (on && !c->p.keep_stats)
+        return kvs_fail(KVS_ERR_INVALID_ARG, "kvs_seq_keep_stats: the context was not created "
+                        "with keep_stats");
+    if (s->kv->with_acc != on) {
+        kv_seq_clear(s->kv);
+        kv_seq_set_acc(s->kv, on);
     }
     return KVS_OK;
 }

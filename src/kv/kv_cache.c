@@ -875,6 +875,7 @@ enum kvs_status kv_seq_append_range(struct kv_seq *dst, const struct kv_seq *src
             if (!head_resize4(dst, b, cap, hcap, b->rcap, b->bcap))
                 return kvs_fail(KVS_ERR_NOMEM, "out of memory for the KV cache");
         }
+        if (!n) continue; /* nothing from this head (memcpy of NULL, 0 is undefined) */
         int32_t r = b->n - b->nc, ra = lo - a->nc;
         memcpy(b->k + (size_t)r * hd, a->k + (size_t)ra * hd, (size_t)n * hd * 2);
         memcpy(b->v + (size_t)r * hd, a->v + (size_t)ra * hd, (size_t)n * hd * 2);

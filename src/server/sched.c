@@ -294,6 +294,9 @@ static bool admit(struct sched *S, struct job *j, int slot) {
     r->n_fed = 0;
     enum kvs_status st = kvs_seq_new(srv->ctx, &r->seq);
     if (st == KVS_OK) st = kvs_seq_set_kv(srv->ctx, r->seq, kv);
+    /* statistics for compressing its prefix under prefix_kv later; without one the sequence
+     * keeps only what its own policy needs, so greedy output equals `kvsieve run`'s */
+    if (st == KVS_OK && r->pkv) st = kvs_seq_keep_stats(srv->ctx, r->seq, true);
     if (st != KVS_OK) {
         fail(S, j, st == KVS_ERR_INVALID_ARG ? 400 : 500,
              st == KVS_ERR_INVALID_ARG ? "invalid_request_error" : "server_error",
