@@ -77,6 +77,7 @@ long=$(python3 -c 'print("word " * 5000)')
     echo '{"custom_id":"good-1","method":"POST","url":"/v1/completions","body":{"prompt":"again"}}'
     printf '{"custom_id":"long","method":"POST","url":"/v1/completions","body":{"prompt":"%s","max_tokens":2}}\n' "$long"
     echo '{"custom_id":"good-2","method":"POST","url":"/v1/chat/completions","body":{"messages":[{"role":"user","content":"Say hi."}],"max_tokens":3,"temperature":0}}'
+    printf '{"prom\\\325\251": 1}\n' # jansson's "near" quotes half of a UTF-8 character
 } > "$tmp/bad.jsonl"
 "$bin" batch -i "$tmp/bad.jsonl" -o "$tmp/bad_out.jsonl" -t 2 -c 1024 -q 2> "$tmp/bad_err.txt"
 python3 - "$tmp" <<'EOF' && ok "malformed lines: an error line each, the rest runs" || bad "malformed lines"
@@ -89,10 +90,11 @@ for o in outs:
 good = [o for o in outs if not o["error"]]
 assert sorted(o["custom_id"] for o in good) == ["good-1", "good-2"], good
 assert all(o["response"]["status_code"] == 200 for o in good)
-want = {2: "expected", 3: "custom_id", 4: "url", 5: "ratio", 6: "messages", 7: "duplicate", 8: "context"}
+want = {2: "expected", 3: "custom_id", 4: "url", 5: "ratio", 6: "messages", 7: "duplicate", 8: "context",
+        10: "escape"}
 for line, word in want.items():
     assert line in by_line and word in by_line[line], (line, by_line.get(line))
-assert len(outs) == 9, len(outs)
+assert len(outs) == 10, len(outs)
 EOF
 
 # 3. resume after SIGKILL: one line per request, identical to the uninterrupted run

@@ -162,6 +162,7 @@ static void write_error(struct batch *b, const char *custom_id, int line, const 
     snprintf(msg, sizeof msg, "line %d: ", line);
     size_t k = strlen(msg);
     snprintf(msg + k, sizeof msg - k, fmt, detail);
+    srv_utf8_scrub(msg); /* jansson's "near '...'" may cut a character of the line in two */
     char id[48];
     snprintf(id, sizeof id, "batch_req_line_%d", line);
     json_t *j = json_pack("{s:s, s:o, s:n, s:{s:s, s:s}}", "id", id, "custom_id",

@@ -9,6 +9,31 @@
 #include <stdlib.h>
 #include <string.h>
 
+/* Replace every byte that does not start a complete, well-formed UTF-8 sequence by '?', in place:
+ * error texts quote client input (jansson's "near '...'" may cut a character in two, snprintf may
+ * truncate one) and json_string refuses invalid UTF-8, which would leave the error without text. */
+void srv_utf8_scrub(char *s) {
+    unsigned char *p = (unsigned char *)s;
+    while (*p) {
+        int n = *p < 0x80 ? 1 : (*p & 0xE0) == 0xC0 ? 2 : (*p & 0xF0) == 0xE0 ? 3
+                : (*p & 0xF8) == 0xF0 ? 4 : 0;
+        bool ok = n > 0;
+        for (int i = 1; ok && i < n; i++) ok = (p[i] & 0xC0) == 0x80;
+        if (ok && n == 2) ok = *p >= 0xC2;                                   /* overlong */
+        if (ok && n == 3) {
+            unsigned cp = (p[0] & 0x0Fu) << 12 | (p[1] & 0x3Fu) << 6 | (p[2] & 0x3Fu);
+            ok = cp >= 0x800 && (cp < 0xD800 || cp > 0xDFFF);                /* surrogates */
+        }
+        if (ok && n == 4) {
+            unsigned cp = (p[0] & 0x07u) << 18 | (p[1] & 0x3Fu) << 12 | (p[2] & 0x3Fu) << 6 |
+                          (p[3] & 0x3Fu);
+            ok = cp >= 0x10000 && cp <= 0x10FFFF;
+        }
+        if (!ok) *p++ = '?';
+        else p += n;
+    }
+}
+
 void srv_error_set(struct srv_error *e, int status, const char *type, const char *param,
                    const char *code, const char *fmt, ...) {
     e->status = status;
@@ -19,6 +44,8 @@ void srv_error_set(struct srv_error *e, int status, const char *type, const char
     va_start(ap, fmt);
     vsnprintf(e->message, sizeof e->message, fmt, ap);
     va_end(ap);
+    srv_utf8_scrub(e->message);
+    srv_utf8_scrub(e->param);
 }
 
 char *srv_error_json(const struct srv_error *e) {

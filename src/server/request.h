@@ -59,6 +59,9 @@ struct srv_limits {
     bool (*check_kv)(const char *spec, char *msg, size_t size);
 };
 
+/* Replaces, in place, every byte that does not begin a well-formed UTF-8 sequence by '?', so that
+ * text quoting client input can go into a JSON string (jansson refuses invalid UTF-8). */
+void srv_utf8_scrub(char *s);
 void srv_error_set(struct srv_error *e, int status, const char *type, const char *param,
                    const char *code, const char *fmt, ...)
     __attribute__((format(printf, 6, 7)));
