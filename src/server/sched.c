@@ -313,6 +313,7 @@ static bool admit(struct sched *S, struct job *j, int slot) {
             j->n_cached = rs->n;
         } else kvs_seq_reset(srv->ctx, r->seq);
     }
+    kvs_seq_pin(srv->ctx, r->seq, j->n_pin); /* after a load or a reset, which unpin */
     if (j->n_prompt >= r->max_past) {
         char msg[300];
         snprintf(msg, sizeof msg, "the prompt has %d tokens, but the context holds %d",

@@ -229,6 +229,7 @@ static json_t *timings_json(const struct job *j) {
     json_object_set_new(t, "predicted_per_second",
                         json_real(j->predicted_ms > 0 ? j->n_gen / (j->predicted_ms / 1e3) : 0));
     json_object_set_new(t, "cache_n", json_integer(j->n_cached));
+    json_object_set_new(t, "pinned_n", json_integer(j->n_pin));
     return t;
 }
 
@@ -450,6 +451,21 @@ static enum MHD_Result handle_completion(struct srv *srv, struct MHD_Connection 
         kvs_chat_apply(srv->model, m, j->p.n_msgs, true, text, need + 1);
         j->toks = tokenize(srv, text, false, true, &j->n_prompt);
         free(text);
+        if (j->toks && j->n_prompt > 1 && !strcmp(m[0].role, "system")) {
+            /* pin the system message (template included): a budgeted cache that runs past the
+             * context never cuts inside it. Its tokens are those the prompt shares with the
+             * template applied to it alone. */
+            size_t ns = kvs_chat_apply(srv->model, m, 1, false, NULL, 0);
+            char *st = malloc(ns + 1);
+            kvs_chat_apply(srv->model, m, 1, false, st, ns + 1);
+            int n_sys = 0;
+            int32_t *sys = tokenize(srv, st, false, true, &n_sys);
+            int k = 0;
+            while (sys && k < n_sys && k < j->n_prompt - 1 && sys[k] == j->toks[k]) k++;
+            j->n_pin = k;
+            free(sys);
+            free(st);
+        }
         free(m);
     } else if (j->p.prompt) {
         j->toks = tokenize(srv, j->p.prompt, true, false, &j->n_prompt);

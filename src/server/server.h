@@ -42,6 +42,7 @@ struct job {
     struct srv_params p;
     int32_t *toks; /* the prompt's tokens */
     int n_prompt;
+    int n_pin;     /* chat with a system message: its tokens, pinned in the sequence's cache */
     char id[48];
     long long created;
     double t_arrive; /* ms */

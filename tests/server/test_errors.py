@@ -46,7 +46,7 @@ def cli_kv_error(spec):
 
 
 slot_dir = K.tmpdir()
-srv = K.Server(build, ["-np", "2", "-c", str(N_CTX), "--max-body", str(MAX_BODY), "--slot-save-path", slot_dir],
+srv = K.Server(build, ["-np", "2", "-c", str(N_CTX), "-b", "64", "--max-body", str(MAX_BODY), "--slot-save-path", slot_dir],
                name="server_errors")
 try:
     srv.start()
@@ -136,6 +136,33 @@ try:
     big = chat_with(messages=[{"role": "user", "content": "a" * (MAX_BODY + 1000)}])
     st, j, raw = srv.post("/v1/chat/completions", big)
     expect_error("body over --max-body", st, j, raw, 413)
+
+    # ------------------------------------------------------------------------ chats past the context
+    # a budgeted policy keeps generating past -c (budget + -b + 1 fits in it), its system message
+    # pinned (timings.pinned_n: the system message's tokens, the same under any user message);
+    # full ends with finish_reason "length" where the context does
+    system = {"role": "system", "content": "You are a careful literary assistant. Always answer in "
+              "English, in full sentences, and quote the text when you can."}
+    story = {"role": "user", "content": "Write a very long story about a dragon."}
+    past = {}
+    for kv, msgs in (("tova:budget=128", [system, story]), ("full", [system, story]),
+                     ("tova:budget=128", [story]),
+                     ("tova:budget=128", [system, {"role": "user", "content": "Tell me about ships."}])):
+        st, j, raw = srv.post("/v1/chat/completions", chat_with(messages=msgs, max_tokens=700, kv=kv))
+        ok = C.eq(f"past the context, {kv}, {len(msgs)} messages: status", st, 200)
+        past[(kv, len(msgs), msgs[-1]["content"][:5])] = j if ok else None
+    a, f, n, b = (past[k] for k in (("tova:budget=128", 2, "Write"), ("full", 2, "Write"),
+                                    ("tova:budget=128", 1, "Write"), ("tova:budget=128", 2, "Tell ")))
+    if a and f and n and b:
+        ua, uf = a["usage"], f["usage"]
+        C.ok("tova:budget=128 generates past -c: 700 tokens", ua["completion_tokens"] == 700 and
+             ua["total_tokens"] > N_CTX, ua)
+        C.ok("full stops at -c with finish_reason length", f["choices"][0]["finish_reason"] == "length"
+             and uf["total_tokens"] <= N_CTX + 1, (uf, f["choices"][0]["finish_reason"]))
+        pa, pn, pb = (x["timings"].get("pinned_n") for x in (a, n, b))
+        C.ok("system message pinned: 0 < pinned_n < prompt, same under another user message",
+             isinstance(pa, int) and 0 < pa < ua["prompt_tokens"] and pa == pb, (pa, pb, ua))
+        C.eq("no system message: nothing pinned", pn, 0)
 
     # ------------------------------------------------------------------------ endpoints, methods
     st, j, raw = srv.json("GET", "/v1/no-such-endpoint")
