@@ -47,6 +47,12 @@ typedef struct kvs_sequence kvs_sequence;
 
 struct kvs_model_params {
     bool prefault; /* touch all weight pages at load (MAP_POPULATE) */
+    /* Keep a second copy of the Q4_0/Q4_1/Q8_0 weight matrices in the fast kernels' tile layout
+     * (8 rows interleaved, about the size of the originals: packed_bytes in kvs_model_info), so
+     * that products over 4 or more tokens (prefill, batched decode) read tiles instead of
+     * rebuilding them: batched decode is faster for the memory. Results are bit-identical. The
+     * server and batch mode turn it on. Other types (K-quants) are not packed. */
+    bool pack;
 };
 struct kvs_model_params kvs_model_params_default(void);
 
@@ -63,6 +69,7 @@ struct kvs_model_info {
     int32_t bos_id, eos_id, eot_id; /* -1 if absent */
     uint64_t n_params;
     uint64_t weight_bytes;       /* bytes of tensor data */
+    uint64_t packed_bytes;       /* bytes of the packed copies (kvs_model_params.pack), else 0 */
     uint64_t kv_bytes_per_token; /* fp16 K+V over all layers and KV heads */
     int gguf_version;
     const char *file_type;       /* dominant weight type, e.g. "Q4_1" */

@@ -92,8 +92,8 @@ static void mm_worker(void *arg, int ith, int nth) {
                            (int)r1, m->x.p, (int64_t)(m->x.rb / sizeof(float)), j->T, m->y,
                            m->ldy, j->wrow + (size_t)ith * j->wrow_n);
         else if (r0 < r1)
-            quant_gemm(m->w->type, m->w->data, m->w->row_bytes, m->w->n_cols, (int)r0, (int)r1,
-                       m->x.p, m->x.rb, j->T, m->y, m->ldy);
+            quant_gemm_packed(m->w->type, m->w->data, m->w->packed, m->w->row_bytes,
+                              m->w->n_cols, (int)r0, (int)r1, m->x.p, m->x.rb, j->T, m->y, m->ldy);
         base += m->w->n_rows;
     }
 }

@@ -187,12 +187,36 @@ out:
 }
 
 struct kvs_model_params kvs_model_params_default(void) {
-    return (struct kvs_model_params){.prefault = false};
+    return (struct kvs_model_params){.prefault = false, .pack = false};
+}
+
+static struct weight *layer_weight(struct layer_weights *lw, int i) {
+    struct weight *w[] = {&lw->wq, &lw->wk, &lw->wv, &lw->wo, &lw->w_gate, &lw->w_up, &lw->w_down};
+    return w[i];
+}
+enum { N_LAYER_WEIGHTS = 7 };
+
+/* quant_pack copies of the layers' weights and the output matrix (not the embedding rows) */
+static enum kvs_status pack_weights(kvs_model *m) {
+    for (int il = -1; il < m->hp.n_layer; il++)
+        for (int i = 0; i < (il < 0 ? 1 : N_LAYER_WEIGHTS); i++) {
+            struct weight *w = il < 0 ? &m->output : layer_weight(&m->layers[il], i);
+            size_t n = quant_pack_bytes(w->type, w->n_rows, w->n_cols);
+            if (!n) continue;
+            w->packed = aligned_alloc(64, (n + 63) / 64 * 64);
+            if (!w->packed) return kvs_fail(KVS_ERR_NOMEM, "out of memory packing the weights");
+            quant_pack(w->type, w->data, w->row_bytes, w->n_rows, w->n_cols, w->packed);
+            m->packed_bytes += n;
+        }
+    return KVS_OK;
 }
 
 void kvs_model_free(kvs_model *m) {
     if (!m) return;
     if (m->tok) tokenizer_free(m->tok);
+    free(m->output.packed);
+    for (int il = 0; m->layers && il < m->hp.n_layer; il++)
+        for (int i = 0; i < N_LAYER_WEIGHTS; i++) free(layer_weight(&m->layers[il], i)->packed);
     free(m->layers);
     gguf_close(m->gguf);
     free(m);
@@ -279,6 +303,7 @@ enum kvs_status kvs_model_load(const char *path, const struct kvs_model_params *
     for (int t = 0; t < QT_COUNT; t++)
         if (by_type[t] > by_type[best]) best = t;
     snprintf(m->file_type, sizeof m->file_type, "%s", quant_get_traits(best)->name);
+    if (p->pack && (st = pack_weights(m)) != KVS_OK) goto fail;
     *out = m;
     return KVS_OK;
 fail:
@@ -294,7 +319,7 @@ void kvs_model_get_info(const kvs_model *m, struct kvs_model_info *info) {
         .n_ff = hp->n_ff, .n_vocab = hp->n_vocab, .n_ctx_train = hp->n_ctx_train,
         .rope_theta = hp->rope_theta, .norm_eps = hp->norm_eps, .tied_output = m->tied_output,
         .qkv_bias = m->arch->qkv_bias, .bos_id = m->bos_id, .eos_id = m->eos_id,
-        .eot_id = m->eot_id, .n_params = m->n_params, .weight_bytes = m->weight_bytes,
+        .eot_id = m->eot_id, .n_params = m->n_params, .weight_bytes = m->weight_bytes, .packed_bytes = m->packed_bytes,
         .kv_bytes_per_token = (uint64_t)hp->n_layer * hp->n_head_kv * hp->head_dim * 2 * 2,
         .gguf_version = m->gguf->version, .file_type = m->file_type,
     };

@@ -30,6 +30,7 @@ struct weight {
     int type;          /* ggml type id */
     int64_t n_rows, n_cols;
     size_t row_bytes;
+    void *packed;      /* quant_pack copy for batched products (kvs_model_params.pack), or NULL */
 };
 
 struct layer_weights {
@@ -60,6 +61,7 @@ struct kvs_model {
     char name[128];
     char file_type[16];
     uint64_t n_params, weight_bytes;
+    uint64_t packed_bytes; /* the weights' quant_pack copies (kvs_model_params.pack) */
 };
 
 #endif

@@ -878,6 +878,26 @@ void quant_gemm(int t, const void *W, size_t w_row_bytes, int64_t n_cols, int r0
     K()->gemm[t](t, W, w_row_bytes, n_cols, r0, r1, X, x_row_bytes, n_tok, Y, ldy);
 }
 
+size_t quant_pack_bytes(int t, int64_t n_rows, int64_t n_cols) {
+    const struct quant_kernels *k = K();
+    return k->pack_bytes && k->gemm_packed ? k->pack_bytes(t, n_rows, n_cols) : 0;
+}
+
+void quant_pack(int t, const void *W, size_t w_row_bytes, int64_t n_rows, int64_t n_cols, void *dst) {
+    KVS_ASSERT(quant_pack_bytes(t, n_rows, n_cols) > 0 && ((uintptr_t)dst & 31) == 0);
+    K()->pack(t, W, w_row_bytes, n_rows, n_cols, dst);
+}
+
+void quant_gemm_packed(int t, const void *W, const void *P, size_t w_row_bytes, int64_t n_cols,
+                       int r0, int r1, const void *X, size_t x_row_bytes, int n_tok, float *Y,
+                       int64_t ldy) {
+    const struct quant_kernels *k = K();
+    if (P && k->gemm_packed && r0 < r1 && n_tok > 0 && n_cols > 0 &&
+        k->gemm_packed(t, P, n_cols, r0, r1, X, x_row_bytes, n_tok, Y, ldy))
+        return;
+    quant_gemm(t, W, w_row_bytes, n_cols, r0, r1, X, x_row_bytes, n_tok, Y, ldy);
+}
+
 void quant_gemm_f32(int t, const void *W, size_t w_row_bytes, int64_t n_cols, int r0, int r1,
                     const float *X, int64_t ldx, int n_tok, float *Y, int64_t ldy, float *row) {
     check_type(t, true);

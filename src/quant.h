@@ -64,6 +64,17 @@ float quant_vec_dot_ref(int t, int64_t n, const void *w_row, const void *x_row);
 void quant_gemm(int t, const void *W, size_t w_row_bytes, int64_t n_cols, int r0, int r1,
                 const void *X, size_t x_row_bytes, int n_tok, float *Y, int64_t ldy);
 
+/* Pre-packed weights: the fast kernels' tiles (8 rows interleaved, scales beside them) made once
+ * instead of on every batched product. quant_pack_bytes is 0 where the active kernels have no
+ * packed layout for t (today: AVX2, Q4_0/Q4_1/Q8_0). quant_pack fills dst (32-byte aligned,
+ * quant_pack_bytes long) from W. quant_gemm_packed is quant_gemm reading P where it can (W is the
+ * same tensor, used otherwise), with bit-identical results. */
+size_t quant_pack_bytes(int t, int64_t n_rows, int64_t n_cols);
+void quant_pack(int t, const void *W, size_t w_row_bytes, int64_t n_rows, int64_t n_cols, void *dst);
+void quant_gemm_packed(int t, const void *W, const void *P, size_t w_row_bytes, int64_t n_cols,
+                       int r0, int r1, const void *X, size_t x_row_bytes, int n_tok, float *Y,
+                       int64_t ldy);
+
 /* The same product on float activations: X is n_tok rows of n_cols floats (row stride ldx
  * floats), never quantized. Each weight row ir in [r0, r1) is dequantized into `row`
  * (n_cols floats, the caller's scratch) and dotted in fp32 with every X row. Slower than

@@ -841,6 +841,179 @@ ALWAYS_INLINE void gemm32(int kind, const void *W, size_t wrb, int64_t n_cols, i
     }
 }
 
+/* ----- pre-packed legacy weights (quant_pack): the tiles of repack32, made once ----- */
+
+/* A packed tensor is a run of row tiles (8 rows; the last one padded with zero rows), each the
+ * n_cols/32 blocks of its rows in order; one block (pk_bs bytes, a multiple of 32) holds the
+ * transposed quants, then the 8 rows' d (fp16), then (Q4_1) the 8 rows' m (fp16):
+ *   Q4_0/Q4_1: 4 x 32 bytes, vector g' lane r = bytes 4g'..4g'+3 of row r's qs (low nibbles:
+ *              k-group g', high nibbles: k-group g'+4), 16 bytes d, 16 bytes m (zero for Q4_0)
+ *   Q8_0:      8 x 32 bytes, vector g lane r = qs bytes 4g..4g+3 of row r, 16 bytes d, 16 pad
+ * (160 bytes, as many as 8 Q4_1 blocks; Q4_0 1.11x; Q8_0 1.06x). The packed kernel computes what
+ * kern32x4 computes on repack32's tiles, in the same float order, so results are bit-identical
+ * with the unpacked path and the one-token kernels. */
+ALWAYS_INLINE int pk_kind(int t) {
+    return t == QT_Q4_0 ? L_Q4_0 : t == QT_Q4_1 ? L_Q4_1 : t == QT_Q8_0 ? L_Q8_0 : -1;
+}
+ALWAYS_INLINE size_t pk_qbytes(int kind) { return kind == L_Q8_0 ? 256 : 128; }
+ALWAYS_INLINE size_t pk_bs(int kind) { return pk_qbytes(kind) + 32; }
+
+static size_t pack_bytes(int t, int64_t n_rows, int64_t n_cols) {
+    const int kind = pk_kind(t);
+    if (kind < 0 || n_rows <= 0 || n_cols <= 0 || n_cols % QK32) return 0;
+    return (size_t)((n_rows + TR - 1) / TR) * (size_t)(n_cols / QK32) * pk_bs(kind);
+}
+
+static void pack(int t, const void *W, size_t wrb, int64_t n_rows, int64_t n_cols, void *dst) {
+    const int kind = pk_kind(t);
+    const size_t wbs = legacy_wbs(kind), bs = pk_bs(kind), qb = pk_qbytes(kind);
+    const size_t qso = kind == L_Q4_1 ? 4 : 2; /* qs offset in a block: after d (and m) */
+    const int64_t nb = n_cols / QK32, ng = (int64_t)qb / 32;
+    uint8_t *o = dst;
+    for (int64_t row = 0; row < n_rows; row += TR)
+        for (int64_t b = 0; b < nb; b++, o += bs) {
+            memset(o, 0, bs);
+            for (int r = 0; r < TR && row + r < n_rows; r++) {
+                const uint8_t *blk = (const uint8_t *)W + (size_t)(row + r) * wrb + (size_t)b * wbs;
+                for (int64_t g = 0; g < ng; g++) memcpy(o + 32 * g + 4 * r, blk + qso + 4 * g, 4);
+                memcpy(o + qb + 2 * r, blk, 2);                                   /* d */
+                if (kind == L_Q4_1) memcpy(o + qb + 16 + 2 * r, blk + 2, 2);      /* m */
+            }
+        }
+}
+
+/* kern32x4 on a packed run of nbk blocks (P: the first) */
+ALWAYS_INLINE void kern32px4(int kind, const uint8_t *P, int nbk, const uint8_t *x0,
+                             const uint8_t *x1, const uint8_t *x2, const uint8_t *x3,
+                             const float *xs, __m256 out[4]) {
+    const bool q81 = kind == L_Q4_1;
+    const size_t xbs = q81 ? sizeof(blk_q8_1) : sizeof(blk_q8_0);
+    const size_t xqo = q81 ? 4 : 2;
+    const size_t bs = pk_bs(kind), qb = pk_qbytes(kind);
+    const __m256i ones = _mm256_set1_epi16(1), m4 = _mm256_set1_epi8(0x0F);
+    const float *xb = xs + XS_ROWS * KB32;
+    __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+    for (int b = 0; b < nbk; b++, P += bs) {
+        const size_t xo = (size_t)b * xbs + xqo;
+        const uint8_t *y0 = x0 + xo, *y1 = x1 + xo, *y2 = x2 + xo, *y3 = x3 + xo;
+        __m256i s0, s1, s2, s3;
+        if (kind != L_Q8_0) {
+            /* 8 maddubs (each <= 2*15*127) fit an int16 sum, in any order */
+            __m256i p0 = _mm256_setzero_si256(), p1 = p0, p2 = p0, p3 = p0;
+#pragma GCC unroll 4
+            for (int g = 0; g < 4; g++) {
+                const __m256i v = _mm256_load_si256((const __m256i *)(P + 32 * g));
+                const __m256i wl = _mm256_and_si256(v, m4);
+                const __m256i wh = _mm256_and_si256(_mm256_srli_epi16(v, 4), m4);
+                p0 = _mm256_add_epi16(p0, _mm256_add_epi16(_mm256_maddubs_epi16(wl, bcast32(y0 + 4 * g)),
+                                                           _mm256_maddubs_epi16(wh, bcast32(y0 + 4 * g + 16))));
+                p1 = _mm256_add_epi16(p1, _mm256_add_epi16(_mm256_maddubs_epi16(wl, bcast32(y1 + 4 * g)),
+                                                           _mm256_maddubs_epi16(wh, bcast32(y1 + 4 * g + 16))));
+                p2 = _mm256_add_epi16(p2, _mm256_add_epi16(_mm256_maddubs_epi16(wl, bcast32(y2 + 4 * g)),
+                                                           _mm256_maddubs_epi16(wh, bcast32(y2 + 4 * g + 16))));
+                p3 = _mm256_add_epi16(p3, _mm256_add_epi16(_mm256_maddubs_epi16(wl, bcast32(y3 + 4 * g)),
+                                                           _mm256_maddubs_epi16(wh, bcast32(y3 + 4 * g + 16))));
+                BARRIER4(p0, p1, p2, p3);
+            }
+            s0 = _mm256_madd_epi16(p0, ones);
+            s1 = _mm256_madd_epi16(p1, ones);
+            s2 = _mm256_madd_epi16(p2, ones);
+            s3 = _mm256_madd_epi16(p3, ones);
+        } else {
+            s0 = s1 = s2 = s3 = _mm256_setzero_si256();
+#pragma GCC unroll 8
+            for (int g = 0; g < 8; g++) {
+                __m256i w = _mm256_load_si256((const __m256i *)(P + 32 * g));
+                __m256i aw = _mm256_sign_epi8(w, w);
+                s0 = _mm256_add_epi32(s0, _mm256_madd_epi16(_mm256_maddubs_epi16(aw, _mm256_sign_epi8(bcast32(y0 + 4 * g), w)), ones));
+                s1 = _mm256_add_epi32(s1, _mm256_madd_epi16(_mm256_maddubs_epi16(aw, _mm256_sign_epi8(bcast32(y1 + 4 * g), w)), ones));
+                s2 = _mm256_add_epi32(s2, _mm256_madd_epi16(_mm256_maddubs_epi16(aw, _mm256_sign_epi8(bcast32(y2 + 4 * g), w)), ones));
+                s3 = _mm256_add_epi32(s3, _mm256_madd_epi16(_mm256_maddubs_epi16(aw, _mm256_sign_epi8(bcast32(y3 + 4 * g), w)), ones));
+                BARRIER4(s0, s1, s2, s3);
+            }
+        }
+        const __m256 dw = _mm256_cvtph_ps(_mm_load_si128((const __m128i *)(P + qb)));
+        a0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s0), _mm256_mul_ps(dw, _mm256_broadcast_ss(xs + b)), a0);
+        a1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s1), _mm256_mul_ps(dw, _mm256_broadcast_ss(xs + KB32 + b)), a1);
+        a2 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s2), _mm256_mul_ps(dw, _mm256_broadcast_ss(xs + 2 * KB32 + b)), a2);
+        a3 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s3), _mm256_mul_ps(dw, _mm256_broadcast_ss(xs + 3 * KB32 + b)), a3);
+        if (kind != L_Q8_0) {
+            const __m256 mw = q81 ? _mm256_cvtph_ps(_mm_load_si128((const __m128i *)(P + qb + 16))) : dw;
+            a0 = _mm256_fmadd_ps(mw, _mm256_broadcast_ss(xb + b), a0);
+            a1 = _mm256_fmadd_ps(mw, _mm256_broadcast_ss(xb + KB32 + b), a1);
+            a2 = _mm256_fmadd_ps(mw, _mm256_broadcast_ss(xb + 2 * KB32 + b), a2);
+            a3 = _mm256_fmadd_ps(mw, _mm256_broadcast_ss(xb + 3 * KB32 + b), a3);
+        }
+    }
+    out[0] = a0; out[1] = a1; out[2] = a2; out[3] = a3;
+}
+
+/* gemm32 over a packed tensor (r0 a multiple of TR): the same loops, tiles read, not built */
+ALWAYS_INLINE void gemm32p(int kind, const uint8_t *Pk, int64_t n_cols, int r0, int r1,
+                           const void *X, size_t xrb, int n_tok, float *Y, int64_t ldy) {
+    const bool q81 = kind == L_Q4_1;
+    const size_t xbs = q81 ? sizeof(blk_q8_1) : sizeof(blk_q8_0);
+    const float off = kind == L_Q4_0 ? -8.0f : 0.0f;
+    const int nb = (int)(n_cols / QK32);
+    const size_t bs = pk_bs(kind);
+    xscale_t XS;
+    for (int kb0 = 0; kb0 < nb; kb0 += KB32) {
+        const int nbk = nb - kb0 < KB32 ? nb - kb0 : KB32;
+        const size_t xoff = (size_t)kb0 * xbs;
+        for (int t0 = 0; t0 < n_tok; t0 += TCH) {
+            const int nt = n_tok - t0 < TCH ? n_tok - t0 : TCH;
+            for (int t = 0; t < nt + TT - 1; t++) {
+                const int tt = t < nt ? t : nt - 1;
+                const uint8_t *xr = (const uint8_t *)X + (size_t)(t0 + tt) * xrb + xoff;
+                for (int b = 0; b < nbk; b++) {
+                    const uint8_t *blk = xr + (size_t)b * xbs;
+                    uint16_t h[2];
+                    memcpy(h, blk, 4);
+                    float d = h2f(h[0]), e = 0;
+                    if (q81) {
+                        e = h2f(h[1]);
+                    } else if (off != 0) {
+                        e = off * d * (float)q8_block_sum((const int8_t *)(blk + 2));
+                    }
+                    XS.v[0][t][b] = d;
+                    XS.v[1][t][b] = e;
+                }
+            }
+            for (int row = r0; row < r1; row += TR) {
+                const int nr = r1 - row < TR ? r1 - row : TR;
+                const uint8_t *P = Pk + ((size_t)(row / TR) * (size_t)nb + (size_t)kb0) * bs;
+                const bool accum = kb0 > 0;
+                for (int tt = 0; tt < nt; tt += TT) {
+                    const int nv = nt - tt < TT ? nt - tt : TT;
+                    const uint8_t *xp[TT];
+                    float *yp[TT];
+                    for (int t = 0; t < TT; t++) {
+                        int tk = t0 + tt + (t < nv ? t : nv - 1);
+                        xp[t] = (const uint8_t *)X + (size_t)tk * xrb + xoff;
+                        yp[t] = Y + (int64_t)tk * ldy + row;
+                        prefetch_rows(yp[t]);
+                    }
+                    __m256 acc[TT];
+                    kern32px4(kind, P, nbk, xp[0], xp[1], xp[2], xp[3], &XS.v[0][tt][0], acc);
+                    for (int t = 0; t < nv; t++) store_rows(yp[t], acc[t], nr, accum);
+                }
+            }
+        }
+    }
+}
+
+/* false: not for this call (few tokens take the one-token kernels, as gemm_tiled does) */
+static bool gemm_packed(int t, const void *P, int64_t n_cols, int r0, int r1, const void *X,
+                        size_t xrb, int n_tok, float *Y, int64_t ldy) {
+    if (n_tok < GEMV_MAX_TOK || r0 % TR) return false;
+    switch (pk_kind(t)) {
+    case L_Q4_0: gemm32p(L_Q4_0, P, n_cols, r0, r1, X, xrb, n_tok, Y, ldy); return true;
+    case L_Q4_1: gemm32p(L_Q4_1, P, n_cols, r0, r1, X, xrb, n_tok, Y, ldy); return true;
+    case L_Q8_0: gemm32p(L_Q8_0, P, n_cols, r0, r1, X, xrb, n_tok, Y, ldy); return true;
+    default: return false;
+    }
+}
+
 /* ----- decode GEMV (one token) for the legacy formats ----- */
 
 /* Eight rows at a time, weights transposed in registers per block (nothing stored): lanes hold
@@ -1269,6 +1442,10 @@ void quant_avx2_register(struct quant_kernels *k) {
     k->dot[QT_Q4_K] = dot_q4_K;
     k->dot[QT_Q5_K] = dot_q5_K;
     k->dot[QT_Q6_K] = dot_q6_K;
+
+    k->pack_bytes = pack_bytes;
+    k->pack = pack;
+    k->gemm_packed = gemm_packed;
 
     for (int t = 0; t < QT_COUNT; t++) {
         g_dot[t] = k->dot[t];

@@ -136,6 +136,12 @@ struct quant_kernels {
     qk_gemm_fn gemm[QT_COUNT];
     void (*f16_to_f32_row)(const uint16_t *src, float *dst, int64_t n);
     void (*f32_to_f16_row)(const float *src, uint16_t *dst, int64_t n);
+    /* pre-packed weights (quant_pack, quant.h): NULL where the table has none */
+    size_t (*pack_bytes)(int t, int64_t n_rows, int64_t n_cols);
+    void (*pack)(int t, const void *W, size_t w_row_bytes, int64_t n_rows, int64_t n_cols,
+                 void *dst);
+    bool (*gemm_packed)(int t, const void *P, int64_t n_cols, int r0, int r1, const void *X,
+                        size_t x_row_bytes, int n_tok, float *Y, int64_t ldy);
 };
 
 /* Generic gemm = loop over a table's dot (types without a tiled kernel). Inline here so that

@@ -353,6 +353,60 @@ static void test_gemm(int t) {
     }
 }
 
+/* (d2) pre-packed weights (quant_pack): quant_gemm_packed gives quant_gemm's bits exactly, for
+ * rows starting on a tile or not (then it falls back), partial last tiles, one and many K-chunks,
+ * and token counts on both sides of the one-token threshold and past one activation chunk */
+static void test_gemm_packed(int t) {
+    const struct quant_traits *tr = quant_get_traits(t);
+    const int vt = tr->vec_dot_type;
+    const bool expect = quant_has_avx2() && (t == QT_Q4_0 || t == QT_Q4_1 || t == QT_Q8_0);
+    const int rows = 37;
+    const int bs = tr->block_size == 1 ? 32 : tr->block_size;
+    const int64_t cols_list[] = {bs == 256 ? 256 : 64, bs == 256 ? 256 * 9 : 32 * 70};
+    for (size_t c = 0; c < 2; c++) {
+        const int64_t n_cols = cols_list[c];
+        size_t pb = quant_pack_bytes(t, rows, n_cols);
+        CHECKF((pb > 0) == expect, "%s: quant_pack_bytes %zu (packed layout expected: %d)", tr->name, pb, expect);
+        if (!pb) continue;
+        CHECKF(pb >= quant_row_bytes(t, n_cols) * rows, "%s: %zu packed bytes for %zu", tr->name, pb,
+               quant_row_bytes(t, n_cols) * rows);
+        size_t wrb = quant_row_bytes(t, n_cols), xrb = quant_row_bytes(vt, n_cols);
+        float *tmp = xmalloc((size_t)n_cols * 4);
+        uint8_t *W = xmalloc(wrb * rows);
+        void *P = aligned_alloc(64, (pb + 63) / 64 * 64);
+        for (int r = 0; r < rows; r++) {
+            fill_data(tmp, n_cols);
+            quant_quantize_row_ref(t, tmp, W + (size_t)r * wrb, n_cols);
+        }
+        quant_pack(t, W, wrb, rows, n_cols, P);
+        const int tok_list[] = {1, 3, 4, 5, 17, 131};
+        const int r_list[][2] = {{0, 37}, {8, 24}, {16, 37}, {3, 20}, {32, 37}};
+        for (size_t ti = 0; ti < sizeof tok_list / sizeof *tok_list; ti++) {
+            const int n_tok = tok_list[ti];
+            const int64_t ldy = rows + 3;
+            uint8_t *X = xmalloc(xrb * (size_t)n_tok);
+            float *Y = xmalloc((size_t)ldy * n_tok * 4), *Yp = xmalloc((size_t)ldy * n_tok * 4);
+            for (int k = 0; k < n_tok; k++) {
+                fill_data(tmp, n_cols);
+                quant_quantize_row(vt, tmp, X + (size_t)k * xrb, n_cols);
+            }
+            for (size_t ri = 0; ri < sizeof r_list / sizeof *r_list; ri++) {
+                const int r0 = r_list[ri][0], r1 = r_list[ri][1];
+                for (int64_t i = 0; i < ldy * n_tok; i++) Y[i] = Yp[i] = NAN;
+                quant_gemm(t, W, wrb, n_cols, r0, r1, X, xrb, n_tok, Y, ldy);
+                quant_gemm_packed(t, W, P, wrb, n_cols, r0, r1, X, xrb, n_tok, Yp, ldy);
+                int diff = 0;
+                for (int64_t i = 0; i < ldy * n_tok; i++)
+                    diff += memcmp(&Y[i], &Yp[i], sizeof(float)) != 0 && !(isnan(Y[i]) && isnan(Yp[i]));
+                CHECKF(diff == 0, "%s packed: cols=%ld rows=[%d,%d) tok=%d: %d elements differ from quant_gemm",
+                       tr->name, (long)n_cols, r0, r1, n_tok, diff);
+            }
+            free(X); free(Y); free(Yp);
+        }
+        free(tmp); free(W); free(P);
+    }
+}
+
 /* (e) quant_gemm_f32 (float activations, act_f32) against the reference dequantization and a
  * float64 dot, on awkward shapes; budget: |y - ref| <= 1e-6 * sum |w x| (fp32 summation). */
 static void test_gemm_f32(int t) {
@@ -448,6 +502,7 @@ int main(void) {
     for (int i = 0; i < NWT; i++) test_type(WTYPES[i]);
     for (int i = 0; i < NWT; i++) test_degenerate(WTYPES[i]);
     for (int i = 0; i < NWT; i++) test_gemm(WTYPES[i]);
+    for (int i = 0; i < NWT; i++) test_gemm_packed(WTYPES[i]);
     for (int i = 0; i < NWT; i++) test_gemm_f32(WTYPES[i]);
     test_act_ties();
     test_force_ref();

@@ -14,12 +14,13 @@
 
 #include <stdint.h>
 
-static kvs_model *model;
+static kvs_model *model;       /* with packed weights (kvs_model_params.pack), as the server */
+static kvs_model *model_plain; /* the same file without: "alone" runs on it */
 static int n_vocab, mi_layers, mi_heads_kv;
 
 enum { G = 6 /* greedy decode steps per sequence */, MAXS = 16 };
 
-static kvs_context *new_ctx(int n_seq, int batch) {
+static kvs_context *new_ctx_on(kvs_model *m, int n_seq, int batch) {
     struct kvs_context_params p = kvs_context_params_default();
     p.n_ctx = 512;
     p.n_threads = 2;
@@ -27,9 +28,10 @@ static kvs_context *new_ctx(int n_seq, int batch) {
     p.n_seq_max = n_seq;
     p.keep_stats = true;
     kvs_context *c = NULL;
-    CHECKF(kvs_context_new(model, &p, &c) == KVS_OK, "%s", kvs_last_error());
+    CHECKF(kvs_context_new(m, &p, &c) == KVS_OK, "%s", kvs_last_error());
     return c;
 }
+static kvs_context *new_ctx(int n_seq, int batch) { return new_ctx_on(model, n_seq, batch); }
 
 static int argmax(const float *l) {
     int b = 0;
@@ -121,11 +123,13 @@ static void test_batch_invariance(const int32_t *toks, int n) {
         batch[i] = alone[i];
         batch[i].logits = malloc(sizeof(float) * (G + 1) * n_vocab);
     }
-    kvs_context *c = new_ctx(MAXS, 128);
+    /* alone: plain weights (one-token kernels, tiles built per product); batched: packed tiles */
+    kvs_context *c = new_ctx(MAXS, 128), *ca = new_ctx_on(model_plain, MAXS, 128);
     for (int i = 0; i < ns; i++) {
-        run_jobs(c, &alone[i], 1);
-        kvs_seq_free(c, alone[i].s);
+        run_jobs(ca, &alone[i], 1);
+        kvs_seq_free(ca, alone[i].s);
     }
+    kvs_context_free(ca);
     run_jobs(c, batch, ns);
     int same = 0;
     for (int i = 0; i < ns; i++) {
@@ -150,8 +154,10 @@ static void test_batch_invariance(const int32_t *toks, int n) {
                     alone[i].chunk, (unsigned long long)batch[i].peak_bytes, (long long)bound,
                     (unsigned long long)batch[i].peak_after, (long long)dbound);
     }
-    fprintf(stderr, "%d sequences, 6 policies, mixed steps: %d of %d bit-identical to alone\n", ns,
-            same, ns);
+    struct kvs_model_info pmi;
+    kvs_model_get_info(model, &pmi);
+    fprintf(stderr, "%d sequences, 6 policies, mixed steps, batched on packed weights (%.1f MB): %d "
+            "of %d bit-identical to alone on plain weights\n", ns, pmi.packed_bytes / 1e6, same, ns);
     /* the policies really ran: a budgeted sequence holds fewer entries than the full one */
     CHECK(kvs_seq_entries_per_head(batch[1].s) < kvs_seq_entries_per_head(batch[0].s));
     CHECK(kvs_seq_entries_per_head(batch[1].s) <= 40 + 4 + 1);
@@ -351,7 +357,9 @@ int main(void) {
         tu_skip("test_serve_engine", "model %s not found: make models", tu_model_name());
         return 77;
     }
-    if (kvs_model_load(path, NULL, &model) != KVS_OK) {
+    struct kvs_model_params mp = kvs_model_params_default();
+    mp.pack = true;
+    if (kvs_model_load(path, &mp, &model) != KVS_OK || kvs_model_load(path, NULL, &model_plain) != KVS_OK) {
         fprintf(stderr, "%s\n", kvs_last_error());
         return 1;
     }
@@ -377,5 +385,6 @@ int main(void) {
     test_prefixes(toks, n);
     test_pin(toks, n);
     kvs_model_free(model);
+    kvs_model_free(model_plain);
     return tu_finish("test_serve_engine");
 }

@@ -55,6 +55,8 @@ static const char *USAGE =
     "      --kv-mem BYTES    KV bytes the running work may hold (suffix K, M, G; default 1G)\n"
     "      --no-group        no prefix sharing (each request computes its whole prompt)\n"
     "      --no-reorder      run groups and requests in input order\n"
+    "      --no-pack         do not keep the packed copy of the Q4_0/Q4_1/Q8_0 weights that\n"
+    "                        batched decode reads (faster; about the weights' size in RAM)\n"
     "      --json            print a JSON summary on stdout at the end\n"
     "  -q, --quiet           no progress line\n";
 
@@ -62,7 +64,7 @@ struct bopts {
     const char *in, *out, *model, *kv;
     int threads, n_ctx, parallel, batch;
     int64_t kv_mem;
-    bool group, reorder, json, quiet;
+    bool group, reorder, json, quiet, no_pack;
 };
 
 static int usage_error(const char *fmt, const char *a) {
@@ -359,6 +361,7 @@ int batch_main(int argc, char **argv) {
             if (!parse_bytes(v, &o.kv_mem)) return usage_error("bad --kv-mem '%s' (bytes, e.g. 512M)", v);
         } else if (!strcmp(a, "--no-group")) o.group = false;
         else if (!strcmp(a, "--no-reorder")) o.reorder = false;
+        else if (!strcmp(a, "--no-pack")) o.no_pack = true;
         else if (!strcmp(a, "--json")) o.json = true;
         else if (!strcmp(a, "-q") || !strcmp(a, "--quiet")) o.quiet = true;
         else return usage_error("unknown option '%s'", a);
@@ -386,7 +389,9 @@ int batch_main(int argc, char **argv) {
         fclose(in);
         return 1;
     }
-    if (kvs_model_load(o.model, NULL, &b.m) != KVS_OK) {
+    struct kvs_model_params mp = kvs_model_params_default();
+    mp.pack = !o.no_pack;
+    if (kvs_model_load(o.model, &mp, &b.m) != KVS_OK) {
         fprintf(stderr, "kvsieve batch: %s\n", kvs_last_error());
         fclose(in), fclose(b.out);
         return 2;

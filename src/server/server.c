@@ -977,6 +977,9 @@ static const char *SERVE_USAGE =
     "                        and reuse that copy (request field \"prefix_kv\" overrides)\n"
     "      --api-key KEY     require 'Authorization: Bearer KEY' (GET /health stays open)\n"
     "      --metrics         accepted for llama-server compatibility: /metrics is always on\n"
+    "      --no-pack         do not keep the packed copy of the Q4_0/Q4_1/Q8_0 weights that\n"
+    "                        batched decode reads (about 1.5x faster at 16 streams on SmolLM2;\n"
+    "                        costs about the weights' size again in RAM)\n"
     "      --slot-save-path DIR  folder for POST /slots/{id}?action=save|restore (plain file\n"
     "                        names): a saved cache is continued by a request with \"id_slot\"\n"
     "      --timeout S       per-request limit in seconds (default 600, 0 = none): generation\n"
@@ -1059,6 +1062,7 @@ int serve_main(int argc, char **argv) {
         else if (!strcmp(a, "--prefix-kv")) cfg->prefix_kv = NEXT();
         else if (!strcmp(a, "--api-key")) cfg->api_key = NEXT();
         else if (!strcmp(a, "--metrics")) { /* always on */ }
+        else if (!strcmp(a, "--no-pack")) cfg->no_pack = true;
         else if (!strcmp(a, "--slot-save-path")) cfg->slot_save_path = NEXT();
         else if (!strcmp(a, "--timeout")) cfg->timeout_s = (int)parse_ll(a, NEXT(), 0, 1 << 30);
         else if (!strcmp(a, "--max-body")) cfg->max_body = parse_bytes(a, NEXT());
@@ -1080,6 +1084,7 @@ int serve_main(int argc, char **argv) {
     if (g_log_quiet) kvs_set_log_level(0);
 
     struct kvs_model_params mp = kvs_model_params_default();
+    mp.pack = !cfg->no_pack;
     if (kvs_model_load(cfg->model_path, &mp, &srv->model) != KVS_OK) {
         fprintf(stderr, "kvsieve serve: %s\n", kvs_last_error());
         return 2;

@@ -19,6 +19,7 @@ struct srv_config {
     const char *kv, *prefix_kv, *api_key, *slot_save_path;
     int64_t kv_mem, prefix_mem, max_body;
     int timeout_s, queue, batch_tokens;
+    bool no_pack; /* --no-pack: no packed weight copy (kvs_model_params.pack) */
 };
 
 enum job_state { J_SUBMITTED, J_WAITING, J_RUNNING, J_DONE };
