@@ -3,7 +3,8 @@
 
 Prints one JSON line per measurement, then a table. Each part starts its own server (free port):
   throughput  aggregate decode tok/s of 16 concurrent streams against 1 stream, in one run of
-              one server (SmolLM2, -t 2): the ratio;
+              one server (SmolLM2, -t 2): the ratio; with --llama-server BIN the same load
+              against llama.cpp's llama-server (-np 16, 16 x 2048 context) and both ratios;
   memory      at a fixed --kv-mem (256M), R requests with 4096-token prompts (the novels) under
               full, snapkv:ratio=0.25 and snapkv:ratio=0.1+kivi:bits=4: most requests running at
               once (/metrics requests_running, /slots), total tokens/s, p50/p99 time to first token
@@ -14,7 +15,7 @@ Prints one JSON line per measurement, then a table. Each part starts its own ser
 Not part of `make test`. Needs the model (make models) and the novels (make data).
 
   tools/bench_serve.py [--build build] [--threads 2] [--parts throughput,memory,prefix]
-                       [--requests 16] [--model FILE]
+                       [--requests 16] [--model FILE] [--llama-server BIN]
 Inter-token latency is measured between streamed events (one per token, except where a UTF-8
 character spans tokens).
 """
@@ -129,10 +130,35 @@ def counting_prompt(i):
 
 
 # --------------------------------------------------------------------------------------- parts
+class LlamaServer(K.Server):
+    """llama.cpp's llama-server (tools/build_llamacpp.sh) on the same model, threads and slots:
+    -c is the total of its slots' contexts, so 16 x 2048; continuous batching is its default."""
+
+    def __init__(self, bin_path, n_parallel, ctx_per_slot, threads):
+        super().__init__(os.path.dirname(bin_path), name="bench_llama_server", threads=threads)
+        self.log_path = os.path.join(ROOT, "build", "bench_llama_server.log")
+        self.args = [bin_path, "-m", K.MODEL, "--host", self.host, "--port", str(self.port),
+                     "-t", str(threads), "-tb", str(threads), "-np", str(n_parallel),
+                     "-c", str(n_parallel * ctx_per_slot), "--no-warmup"]
+
+
 def part_throughput(a):
+    servers = [("kvsieve", lambda: K.Server(a.build, ["-np", "16", "-c", "2048"] + a.extra,
+                                            name="bench_serve_tp", threads=a.threads))]
+    if a.llama_server:
+        servers.append(("llama-server", lambda: LlamaServer(a.llama_server, 16, 2048, a.threads)))
+    tps = {}
+    for engine, make in servers:
+        tps[engine] = throughput_one(a, engine, make().start())
+    if len(tps) == 2 and all(tps.values()):
+        k, l = tps["kvsieve"], tps["llama-server"]
+        emit({"bench": "serve_throughput_vs_llama", "model": os.path.basename(K.MODEL),
+              "threads": a.threads, "kvsieve_1": k[1], "kvsieve_16": k[16], "llama_1": l[1],
+              "llama_16": l[16], "ratio_1": round(k[1] / l[1], 2), "ratio_16": round(k[16] / l[16], 2)})
+
+
+def throughput_one(a, engine, srv):
     n_gen = a.decode_tokens
-    srv = K.Server(a.build, ["-np", "16", "-c", "2048"] + a.extra, name="bench_serve_tp",
-                   threads=a.threads).start()
     try:
         mid = model_id(srv)
         body = lambda i: {"model": mid, "prompt": counting_prompt(i), "max_tokens": n_gen,  # noqa: E731
@@ -152,20 +178,21 @@ def part_throughput(a):
                 t.join()
             t1 = time.perf_counter()
             bad = [o for o in outs if o.get("status") != 200 or o.get("error")]
-            toks = sum((o["usage"] or {}).get("completion_tokens", 0) for o in outs)
+            toks = sum((o["usage"] or {}).get("completion_tokens") or len(o["token_times"]) for o in outs)
             first = min(o["token_times"][0] for o in outs if o["token_times"])
             last = max(o["token_times"][-1] for o in outs if o["token_times"])
             decode_tps = (toks - n) / (last - first) if last > first else None
             res[n] = decode_tps
-            emit({"bench": "serve_throughput", "streams": n, "threads": a.threads, "model": mid,
+            emit({"bench": "serve_throughput", "engine": engine, "streams": n, "threads": a.threads, "model": mid,
                   "tokens": toks, "wall_s": round(t1 - t0, 3),
                   "decode_tok_s": round(decode_tps, 1) if decode_tps else None,
                   "e2e_tok_s": round(toks / (t1 - t0), 1), "failed": len(bad)})
         if res.get(1) and res.get(16):
-            emit({"bench": "serve_throughput_ratio", "model": mid, "threads": a.threads,
+            emit({"bench": "serve_throughput_ratio", "engine": engine, "model": mid, "threads": a.threads,
                   "ratio_16_vs_1": round(res[16] / res[1], 2)})
     finally:
         srv.stop()
+    return res if res.get(1) and res.get(16) else None
 
 
 def part_memory(a):
@@ -266,10 +293,13 @@ def table():
     for r in ROWS:
         b = r["bench"]
         if b == "serve_throughput":
-            print(f"| throughput | {r['streams']} stream(s), -t {r['threads']} | decode {r['decode_tok_s']} tok/s "
+            print(f"| throughput | {r['engine']}, {r['streams']} stream(s), -t {r['threads']} | decode {r['decode_tok_s']} tok/s "
                   f"(end to end {r['e2e_tok_s']}), {r['tokens']} tokens, {r['failed']} failed |")
         elif b == "serve_throughput_ratio":
-            print(f"| throughput | 16 vs 1 stream | **{r['ratio_16_vs_1']}x** |")
+            print(f"| throughput | {r['engine']}, 16 vs 1 stream | **{r['ratio_16_vs_1']}x** |")
+        elif b == "serve_throughput_vs_llama":
+            print(f"| throughput | kvsieve / llama-server, same load | 1 stream {r['kvsieve_1']:.1f} / {r['llama_1']:.1f} = "
+                  f"**{r['ratio_1']}x**; 16 streams {r['kvsieve_16']:.1f} / {r['llama_16']:.1f} = **{r['ratio_16']}x** |")
         elif b == "serve_memory":
             print(f"| memory | `{r['kv']}`, --kv-mem {r['kv_mem']}, {r['requests']} x {r['prompt_tokens_mean']} tok | "
                   f"{r['max_running']} running at once, {r['total_tok_s']} tok/s total ({r['gen_tok_s']} generated), "
@@ -299,6 +329,9 @@ def main():
     ap.add_argument("--prefix-reps", type=int, default=3)
     ap.add_argument("--prefix-kv", default="snapkv:ratio=0.25")
     ap.add_argument("--extra", default="", help="more server flags")
+    ap.add_argument("--llama-server", default=None, metavar="BIN",
+                    help="throughput part: run the same load against llama.cpp's llama-server too "
+                         "(tools/build_llamacpp.sh builds it: .cache/llamacpp/build-*/bin/llama-server)")
     a = ap.parse_args()
     a.specs = a.specs.split(",")
     a.extra = a.extra.split()
