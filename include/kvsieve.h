@@ -47,11 +47,11 @@ typedef struct kvs_sequence kvs_sequence;
 
 struct kvs_model_params {
     bool prefault; /* touch all weight pages at load (MAP_POPULATE) */
-    /* Keep a second copy of the Q4_0/Q4_1/Q8_0 weight matrices in the fast kernels' tile layout
-     * (8 rows interleaved, about the size of the originals: packed_bytes in kvs_model_info), so
-     * that products over 4 or more tokens (prefill, batched decode) read tiles instead of
-     * rebuilding them: batched decode is faster for the memory. Results are bit-identical. The
-     * server and batch mode turn it on. Other types (K-quants) are not packed. */
+    /* Keep a second copy of the Q4_0/Q4_1/Q8_0/Q4_K/Q6_K weight matrices in the fast kernels'
+     * tile layout (8 rows interleaved, about the size of the originals: packed_bytes in
+     * kvs_model_info), so that products over 4 or more tokens (prefill, batched decode) read
+     * tiles instead of rebuilding them: batched decode is faster for the memory. Results are
+     * bit-identical. The server and batch mode turn it on. Other types are not packed. */
     bool pack;
 };
 struct kvs_model_params kvs_model_params_default(void);

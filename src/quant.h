@@ -66,7 +66,7 @@ void quant_gemm(int t, const void *W, size_t w_row_bytes, int64_t n_cols, int r0
 
 /* Pre-packed weights: the fast kernels' tiles (8 rows interleaved, scales beside them) made once
  * instead of on every batched product. quant_pack_bytes is 0 where the active kernels have no
- * packed layout for t (today: AVX2, Q4_0/Q4_1/Q8_0). quant_pack fills dst (32-byte aligned,
+ * packed layout for t (today: AVX2, Q4_0/Q4_1/Q8_0/Q4_K/Q6_K). quant_pack fills dst (32-byte aligned,
  * quant_pack_bytes long) from W. quant_gemm_packed is quant_gemm reading P where it can (W is the
  * same tensor, used otherwise), with bit-identical results. */
 size_t quant_pack_bytes(int t, int64_t n_rows, int64_t n_cols);

@@ -712,9 +712,45 @@ ALWAYS_INLINE void repack32(int kind, const uint8_t *W, size_t wrb, int nr, int 
     }
 }
 
+/* ----- pre-packed legacy weights (quant_pack): the tiles of repack32, made once ----- */
+
+/* A packed tensor is a run of row tiles (8 rows; the last one padded with zero rows), each the
+ * n_cols/32 blocks of its rows in order; one block (pk_bs bytes, a multiple of 32) holds the
+ * transposed quants, then the 8 rows' d (fp16), then (Q4_1) the 8 rows' m (fp16):
+ *   Q4_0/Q4_1: 4 x 32 bytes, vector g' lane r = bytes 4g'..4g'+3 of row r's qs (low nibbles:
+ *              k-group g', high nibbles: k-group g'+4), 16 bytes d, 16 bytes m (zero for Q4_0)
+ *   Q8_0:      8 x 32 bytes, vector g lane r = qs bytes 4g..4g+3 of row r, 16 bytes d, 16 pad
+ * (160 bytes, as many as 8 Q4_1 blocks; Q4_0 1.11x; Q8_0 1.06x). The packed kernel computes what
+ * kern32x4 computes on repack32's tiles, in the same float order, so results are bit-identical
+ * with the unpacked path and the one-token kernels. */
+ALWAYS_INLINE int pk_kind(int t) {
+    return t == QT_Q4_0 ? L_Q4_0 : t == QT_Q4_1 ? L_Q4_1 : t == QT_Q8_0 ? L_Q8_0 : -1;
+}
+ALWAYS_INLINE size_t pk_qbytes(int kind) { return kind == L_Q8_0 ? 256 : 128; }
+ALWAYS_INLINE size_t pk_bs(int kind) { return pk_qbytes(kind) + 32; }
+
+/* kern32x4's weight sources: repack32's tile S (packed = false) or a packed run P */
+ALWAYS_INLINE __m256i w32(int kind, bool packed, const tile32_t *S, const uint8_t *P, int b, int g) {
+    if (!packed) return _mm256_load_si256((const __m256i *)S->q[b][g]);
+    const uint8_t *blk = P + (size_t)b * pk_bs(kind);
+    if (kind == L_Q8_0) return _mm256_load_si256((const __m256i *)(blk + 32 * g));
+    const __m256i v = _mm256_load_si256((const __m256i *)(blk + 32 * (g & 3)));
+    const __m256i m4 = _mm256_set1_epi8(0x0F);
+    return g < 4 ? _mm256_and_si256(v, m4) : _mm256_and_si256(_mm256_srli_epi16(v, 4), m4);
+}
+ALWAYS_INLINE __m256 d32(int kind, bool packed, const tile32_t *S, const uint8_t *P, int b) {
+    if (!packed) return _mm256_load_ps(S->d[b]);
+    return _mm256_cvtph_ps(_mm_load_si128((const __m128i *)(P + (size_t)b * pk_bs(kind) + pk_qbytes(kind))));
+}
+ALWAYS_INLINE __m256 m32(int kind, bool packed, const tile32_t *S, const uint8_t *P, int b) {
+    if (!packed) return _mm256_load_ps(S->m[b]);
+    if (kind != L_Q4_1) return d32(kind, packed, S, P, b); /* Q4_0: the offset term scales by d */
+    return _mm256_cvtph_ps(_mm_load_si128((const __m128i *)(P + (size_t)b * pk_bs(kind) + pk_qbytes(kind) + 16)));
+}
+
 /* 4 tokens x 8 rows over nbk blocks. x0..x3: first activation block of the chunk of each token;
  * xs: the scale rows of token 0 (tokens 1..3 follow at +KB32). Results in out[0..3]. */
-ALWAYS_INLINE void kern32x4(int kind, const tile32_t *S, int nbk, const uint8_t *x0,
+ALWAYS_INLINE void kern32x4(int kind, bool packed, const tile32_t *S, const uint8_t *P, int nbk, const uint8_t *x0,
                             const uint8_t *x1, const uint8_t *x2, const uint8_t *x3,
                             const float *xs, __m256 out[4]) {
     const bool q81 = kind == L_Q4_1 || kind == L_Q5_1;
@@ -735,7 +771,7 @@ ALWAYS_INLINE void kern32x4(int kind, const tile32_t *S, int nbk, const uint8_t 
             s0 = s1 = s2 = s3 = p0;
 #pragma GCC unroll 8
             for (int g = 0; g < 8; g++) {
-                __m256i w = _mm256_load_si256((const __m256i *)S->q[b][g]);
+                __m256i w = w32(kind, packed, S, P, b, g);
                 __m256i m0 = _mm256_maddubs_epi16(w, bcast32(y0 + 4 * g));
                 __m256i m1 = _mm256_maddubs_epi16(w, bcast32(y1 + 4 * g));
                 __m256i m2 = _mm256_maddubs_epi16(w, bcast32(y2 + 4 * g));
@@ -759,7 +795,7 @@ ALWAYS_INLINE void kern32x4(int kind, const tile32_t *S, int nbk, const uint8_t 
             s0 = s1 = s2 = s3 = _mm256_setzero_si256();
 #pragma GCC unroll 8
             for (int g = 0; g < 8; g++) {
-                __m256i w = _mm256_load_si256((const __m256i *)S->q[b][g]);
+                __m256i w = w32(kind, packed, S, P, b, g);
                 __m256i aw = _mm256_sign_epi8(w, w);
                 s0 = _mm256_add_epi32(s0, _mm256_madd_epi16(_mm256_maddubs_epi16(aw, _mm256_sign_epi8(bcast32(y0 + 4 * g), w)), ones));
                 s1 = _mm256_add_epi32(s1, _mm256_madd_epi16(_mm256_maddubs_epi16(aw, _mm256_sign_epi8(bcast32(y1 + 4 * g), w)), ones));
@@ -768,13 +804,13 @@ ALWAYS_INLINE void kern32x4(int kind, const tile32_t *S, int nbk, const uint8_t 
                 BARRIER4(s0, s1, s2, s3);
             }
         }
-        __m256 dw = _mm256_load_ps(S->d[b]);
+        __m256 dw = d32(kind, packed, S, P, b);
         a0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s0), _mm256_mul_ps(dw, _mm256_broadcast_ss(xs + b)), a0);
         a1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s1), _mm256_mul_ps(dw, _mm256_broadcast_ss(xs + KB32 + b)), a1);
         a2 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s2), _mm256_mul_ps(dw, _mm256_broadcast_ss(xs + 2 * KB32 + b)), a2);
         a3 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s3), _mm256_mul_ps(dw, _mm256_broadcast_ss(xs + 3 * KB32 + b)), a3);
         if (has_m) {
-            __m256 mw = _mm256_load_ps(S->m[b]);
+            __m256 mw = m32(kind, packed, S, P, b);
             a0 = _mm256_fmadd_ps(mw, _mm256_broadcast_ss(xb + b), a0);
             a1 = _mm256_fmadd_ps(mw, _mm256_broadcast_ss(xb + KB32 + b), a1);
             a2 = _mm256_fmadd_ps(mw, _mm256_broadcast_ss(xb + 2 * KB32 + b), a2);
@@ -786,8 +822,10 @@ ALWAYS_INLINE void kern32x4(int kind, const tile32_t *S, int nbk, const uint8_t 
 
 ALWAYS_INLINE void prefetch_rows(const float *y) { _mm_prefetch((const char *)y, _MM_HINT_T0); }
 
-ALWAYS_INLINE void gemm32(int kind, const void *W, size_t wrb, int64_t n_cols, int r0, int r1,
-                          const void *X, size_t xrb, int n_tok, float *Y, int64_t ldy) {
+/* packed: Pk is quant_pack's copy of W (r0 a multiple of TR) and tiles are read, not built */
+ALWAYS_INLINE void gemm32(int kind, bool packed, const uint8_t *Pk, const void *W, size_t wrb,
+                          int64_t n_cols, int r0, int r1, const void *X, size_t xrb, int n_tok,
+                          float *Y, int64_t ldy) {
     const bool q81 = kind == L_Q4_1 || kind == L_Q5_1;
     const size_t xbs = q81 ? sizeof(blk_q8_1) : sizeof(blk_q8_0);
     const size_t wbs = legacy_wbs(kind);
@@ -820,7 +858,9 @@ ALWAYS_INLINE void gemm32(int kind, const void *W, size_t wrb, int64_t n_cols, i
             }
             for (int row = r0; row < r1; row += TR) {
                 const int nr = r1 - row < TR ? r1 - row : TR;
-                repack32(kind, (const uint8_t *)W + (size_t)row * wrb + (size_t)kb0 * wbs, wrb, nr, nbk, &S);
+                const uint8_t *P = NULL;
+                if (packed) P = Pk + ((size_t)(row / TR) * (size_t)nb + (size_t)kb0) * pk_bs(kind);
+                else repack32(kind, (const uint8_t *)W + (size_t)row * wrb + (size_t)kb0 * wbs, wrb, nr, nbk, &S);
                 const bool accum = kb0 > 0;
                 for (int tt = 0; tt < nt; tt += TT) {
                     const int nv = nt - tt < TT ? nt - tt : TT;
@@ -833,184 +873,11 @@ ALWAYS_INLINE void gemm32(int kind, const void *W, size_t wrb, int64_t n_cols, i
                         prefetch_rows(yp[t]);
                     }
                     __m256 acc[TT];
-                    kern32x4(kind, &S, nbk, xp[0], xp[1], xp[2], xp[3], &XS.v[0][tt][0], acc);
+                    kern32x4(kind, packed, &S, P, nbk, xp[0], xp[1], xp[2], xp[3], &XS.v[0][tt][0], acc);
                     for (int t = 0; t < nv; t++) store_rows(yp[t], acc[t], nr, accum);
                 }
             }
         }
-    }
-}
-
-/* ----- pre-packed legacy weights (quant_pack): the tiles of repack32, made once ----- */
-
-/* A packed tensor is a run of row tiles (8 rows; the last one padded with zero rows), each the
- * n_cols/32 blocks of its rows in order; one block (pk_bs bytes, a multiple of 32) holds the
- * transposed quants, then the 8 rows' d (fp16), then (Q4_1) the 8 rows' m (fp16):
- *   Q4_0/Q4_1: 4 x 32 bytes, vector g' lane r = bytes 4g'..4g'+3 of row r's qs (low nibbles:
- *              k-group g', high nibbles: k-group g'+4), 16 bytes d, 16 bytes m (zero for Q4_0)
- *   Q8_0:      8 x 32 bytes, vector g lane r = qs bytes 4g..4g+3 of row r, 16 bytes d, 16 pad
- * (160 bytes, as many as 8 Q4_1 blocks; Q4_0 1.11x; Q8_0 1.06x). The packed kernel computes what
- * kern32x4 computes on repack32's tiles, in the same float order, so results are bit-identical
- * with the unpacked path and the one-token kernels. */
-ALWAYS_INLINE int pk_kind(int t) {
-    return t == QT_Q4_0 ? L_Q4_0 : t == QT_Q4_1 ? L_Q4_1 : t == QT_Q8_0 ? L_Q8_0 : -1;
-}
-ALWAYS_INLINE size_t pk_qbytes(int kind) { return kind == L_Q8_0 ? 256 : 128; }
-ALWAYS_INLINE size_t pk_bs(int kind) { return pk_qbytes(kind) + 32; }
-
-static size_t pack_bytes(int t, int64_t n_rows, int64_t n_cols) {
-    const int kind = pk_kind(t);
-    if (kind < 0 || n_rows <= 0 || n_cols <= 0 || n_cols % QK32) return 0;
-    return (size_t)((n_rows + TR - 1) / TR) * (size_t)(n_cols / QK32) * pk_bs(kind);
-}
-
-static void pack(int t, const void *W, size_t wrb, int64_t n_rows, int64_t n_cols, void *dst) {
-    const int kind = pk_kind(t);
-    const size_t wbs = legacy_wbs(kind), bs = pk_bs(kind), qb = pk_qbytes(kind);
-    const size_t qso = kind == L_Q4_1 ? 4 : 2; /* qs offset in a block: after d (and m) */
-    const int64_t nb = n_cols / QK32, ng = (int64_t)qb / 32;
-    uint8_t *o = dst;
-    for (int64_t row = 0; row < n_rows; row += TR)
-        for (int64_t b = 0; b < nb; b++, o += bs) {
-            memset(o, 0, bs);
-            for (int r = 0; r < TR && row + r < n_rows; r++) {
-                const uint8_t *blk = (const uint8_t *)W + (size_t)(row + r) * wrb + (size_t)b * wbs;
-                for (int64_t g = 0; g < ng; g++) memcpy(o + 32 * g + 4 * r, blk + qso + 4 * g, 4);
-                memcpy(o + qb + 2 * r, blk, 2);                                   /* d */
-                if (kind == L_Q4_1) memcpy(o + qb + 16 + 2 * r, blk + 2, 2);      /* m */
-            }
-        }
-}
-
-/* kern32x4 on a packed run of nbk blocks (P: the first) */
-ALWAYS_INLINE void kern32px4(int kind, const uint8_t *P, int nbk, const uint8_t *x0,
-                             const uint8_t *x1, const uint8_t *x2, const uint8_t *x3,
-                             const float *xs, __m256 out[4]) {
-    const bool q81 = kind == L_Q4_1;
-    const size_t xbs = q81 ? sizeof(blk_q8_1) : sizeof(blk_q8_0);
-    const size_t xqo = q81 ? 4 : 2;
-    const size_t bs = pk_bs(kind), qb = pk_qbytes(kind);
-    const __m256i ones = _mm256_set1_epi16(1), m4 = _mm256_set1_epi8(0x0F);
-    const float *xb = xs + XS_ROWS * KB32;
-    __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
-    for (int b = 0; b < nbk; b++, P += bs) {
-        const size_t xo = (size_t)b * xbs + xqo;
-        const uint8_t *y0 = x0 + xo, *y1 = x1 + xo, *y2 = x2 + xo, *y3 = x3 + xo;
-        __m256i s0, s1, s2, s3;
-        if (kind != L_Q8_0) {
-            /* 8 maddubs (each <= 2*15*127) fit an int16 sum, in any order */
-            __m256i p0 = _mm256_setzero_si256(), p1 = p0, p2 = p0, p3 = p0;
-#pragma GCC unroll 4
-            for (int g = 0; g < 4; g++) {
-                const __m256i v = _mm256_load_si256((const __m256i *)(P + 32 * g));
-                const __m256i wl = _mm256_and_si256(v, m4);
-                const __m256i wh = _mm256_and_si256(_mm256_srli_epi16(v, 4), m4);
-                p0 = _mm256_add_epi16(p0, _mm256_add_epi16(_mm256_maddubs_epi16(wl, bcast32(y0 + 4 * g)),
-                                                           _mm256_maddubs_epi16(wh, bcast32(y0 + 4 * g + 16))));
-                p1 = _mm256_add_epi16(p1, _mm256_add_epi16(_mm256_maddubs_epi16(wl, bcast32(y1 + 4 * g)),
-                                                           _mm256_maddubs_epi16(wh, bcast32(y1 + 4 * g + 16))));
-                p2 = _mm256_add_epi16(p2, _mm256_add_epi16(_mm256_maddubs_epi16(wl, bcast32(y2 + 4 * g)),
-                                                           _mm256_maddubs_epi16(wh, bcast32(y2 + 4 * g + 16))));
-                p3 = _mm256_add_epi16(p3, _mm256_add_epi16(_mm256_maddubs_epi16(wl, bcast32(y3 + 4 * g)),
-                                                           _mm256_maddubs_epi16(wh, bcast32(y3 + 4 * g + 16))));
-                BARRIER4(p0, p1, p2, p3);
-            }
-            s0 = _mm256_madd_epi16(p0, ones);
-            s1 = _mm256_madd_epi16(p1, ones);
-            s2 = _mm256_madd_epi16(p2, ones);
-            s3 = _mm256_madd_epi16(p3, ones);
-        } else {
-            s0 = s1 = s2 = s3 = _mm256_setzero_si256();
-#pragma GCC unroll 8
-            for (int g = 0; g < 8; g++) {
-                __m256i w = _mm256_load_si256((const __m256i *)(P + 32 * g));
-                __m256i aw = _mm256_sign_epi8(w, w);
-                s0 = _mm256_add_epi32(s0, _mm256_madd_epi16(_mm256_maddubs_epi16(aw, _mm256_sign_epi8(bcast32(y0 + 4 * g), w)), ones));
-                s1 = _mm256_add_epi32(s1, _mm256_madd_epi16(_mm256_maddubs_epi16(aw, _mm256_sign_epi8(bcast32(y1 + 4 * g), w)), ones));
-                s2 = _mm256_add_epi32(s2, _mm256_madd_epi16(_mm256_maddubs_epi16(aw, _mm256_sign_epi8(bcast32(y2 + 4 * g), w)), ones));
-                s3 = _mm256_add_epi32(s3, _mm256_madd_epi16(_mm256_maddubs_epi16(aw, _mm256_sign_epi8(bcast32(y3 + 4 * g), w)), ones));
-                BARRIER4(s0, s1, s2, s3);
-            }
-        }
-        const __m256 dw = _mm256_cvtph_ps(_mm_load_si128((const __m128i *)(P + qb)));
-        a0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s0), _mm256_mul_ps(dw, _mm256_broadcast_ss(xs + b)), a0);
-        a1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s1), _mm256_mul_ps(dw, _mm256_broadcast_ss(xs + KB32 + b)), a1);
-        a2 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s2), _mm256_mul_ps(dw, _mm256_broadcast_ss(xs + 2 * KB32 + b)), a2);
-        a3 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s3), _mm256_mul_ps(dw, _mm256_broadcast_ss(xs + 3 * KB32 + b)), a3);
-        if (kind != L_Q8_0) {
-            const __m256 mw = q81 ? _mm256_cvtph_ps(_mm_load_si128((const __m128i *)(P + qb + 16))) : dw;
-            a0 = _mm256_fmadd_ps(mw, _mm256_broadcast_ss(xb + b), a0);
-            a1 = _mm256_fmadd_ps(mw, _mm256_broadcast_ss(xb + KB32 + b), a1);
-            a2 = _mm256_fmadd_ps(mw, _mm256_broadcast_ss(xb + 2 * KB32 + b), a2);
-            a3 = _mm256_fmadd_ps(mw, _mm256_broadcast_ss(xb + 3 * KB32 + b), a3);
-        }
-    }
-    out[0] = a0; out[1] = a1; out[2] = a2; out[3] = a3;
-}
-
-/* gemm32 over a packed tensor (r0 a multiple of TR): the same loops, tiles read, not built */
-ALWAYS_INLINE void gemm32p(int kind, const uint8_t *Pk, int64_t n_cols, int r0, int r1,
-                           const void *X, size_t xrb, int n_tok, float *Y, int64_t ldy) {
-    const bool q81 = kind == L_Q4_1;
-    const size_t xbs = q81 ? sizeof(blk_q8_1) : sizeof(blk_q8_0);
-    const float off = kind == L_Q4_0 ? -8.0f : 0.0f;
-    const int nb = (int)(n_cols / QK32);
-    const size_t bs = pk_bs(kind);
-    xscale_t XS;
-    for (int kb0 = 0; kb0 < nb; kb0 += KB32) {
-        const int nbk = nb - kb0 < KB32 ? nb - kb0 : KB32;
-        const size_t xoff = (size_t)kb0 * xbs;
-        for (int t0 = 0; t0 < n_tok; t0 += TCH) {
-            const int nt = n_tok - t0 < TCH ? n_tok - t0 : TCH;
-            for (int t = 0; t < nt + TT - 1; t++) {
-                const int tt = t < nt ? t : nt - 1;
-                const uint8_t *xr = (const uint8_t *)X + (size_t)(t0 + tt) * xrb + xoff;
-                for (int b = 0; b < nbk; b++) {
-                    const uint8_t *blk = xr + (size_t)b * xbs;
-                    uint16_t h[2];
-                    memcpy(h, blk, 4);
-                    float d = h2f(h[0]), e = 0;
-                    if (q81) {
-                        e = h2f(h[1]);
-                    } else if (off != 0) {
-                        e = off * d * (float)q8_block_sum((const int8_t *)(blk + 2));
-                    }
-                    XS.v[0][t][b] = d;
-                    XS.v[1][t][b] = e;
-                }
-            }
-            for (int row = r0; row < r1; row += TR) {
-                const int nr = r1 - row < TR ? r1 - row : TR;
-                const uint8_t *P = Pk + ((size_t)(row / TR) * (size_t)nb + (size_t)kb0) * bs;
-                const bool accum = kb0 > 0;
-                for (int tt = 0; tt < nt; tt += TT) {
-                    const int nv = nt - tt < TT ? nt - tt : TT;
-                    const uint8_t *xp[TT];
-                    float *yp[TT];
-                    for (int t = 0; t < TT; t++) {
-                        int tk = t0 + tt + (t < nv ? t : nv - 1);
-                        xp[t] = (const uint8_t *)X + (size_t)tk * xrb + xoff;
-                        yp[t] = Y + (int64_t)tk * ldy + row;
-                        prefetch_rows(yp[t]);
-                    }
-                    __m256 acc[TT];
-                    kern32px4(kind, P, nbk, xp[0], xp[1], xp[2], xp[3], &XS.v[0][tt][0], acc);
-                    for (int t = 0; t < nv; t++) store_rows(yp[t], acc[t], nr, accum);
-                }
-            }
-        }
-    }
-}
-
-/* false: not for this call (few tokens take the one-token kernels, as gemm_tiled does) */
-static bool gemm_packed(int t, const void *P, int64_t n_cols, int r0, int r1, const void *X,
-                        size_t xrb, int n_tok, float *Y, int64_t ldy) {
-    if (n_tok < GEMV_MAX_TOK || r0 % TR) return false;
-    switch (pk_kind(t)) {
-    case L_Q4_0: gemm32p(L_Q4_0, P, n_cols, r0, r1, X, xrb, n_tok, Y, ldy); return true;
-    case L_Q4_1: gemm32p(L_Q4_1, P, n_cols, r0, r1, X, xrb, n_tok, Y, ldy); return true;
-    case L_Q8_0: gemm32p(L_Q8_0, P, n_cols, r0, r1, X, xrb, n_tok, Y, ldy); return true;
-    default: return false;
     }
 }
 
@@ -1256,8 +1123,50 @@ ALWAYS_INLINE void repackK(int kind, const uint8_t *W, size_t wrb, int nr, int n
     }
 }
 
+/* Packed K-quants (quant_pack): per row tile and super-block, repackK's tile made compact:
+ *   Q4_K: 32 x 32 bytes of nibble pairs (vector 8j+g: low nibbles k-group 16j+g, high 16j+8+g),
+ *         the 8 scales and 8 mins of each row as bytes ([8][8] each), d and dmin as floats;
+ *   Q6_K: the 64 x 32 bytes of 6-bit values, the 16 scales of each row as int8 ([16][8]), d.
+ * 1216 bytes for 8 Q4_K super-blocks (1152), 2208 for 8 Q6_K (1680); Q5_K is not packed. */
+ALWAYS_INLINE size_t pkK_qbytes(int kind) { return kind == K_Q6 ? 2048 : 1024; }
+ALWAYS_INLINE size_t pkK_bs(int kind) { return kind == K_Q6 ? 2048 + 128 + 32 : 1024 + 128 + 64; }
+
+/* kernKx4's sources: repackK's tile S (packed = false) or a packed run P */
+ALWAYS_INLINE __m256i wK(int kind, bool packed, const tileK_t *S, const uint8_t *P, int sb, int kg) {
+    if (!packed) return _mm256_load_si256((const __m256i *)S->q[sb][kg]);
+    const uint8_t *blk = P + (size_t)sb * pkK_bs(kind);
+    if (kind == K_Q6) return _mm256_load_si256((const __m256i *)(blk + 32 * kg));
+    const int w = kg & 15;
+    const __m256i v = _mm256_load_si256((const __m256i *)(blk + 32 * ((kg >> 4) * 8 + (w & 7))));
+    const __m256i m4 = _mm256_set1_epi8(0x0F);
+    return w < 8 ? _mm256_and_si256(v, m4) : _mm256_and_si256(_mm256_srli_epi16(v, 4), m4);
+}
+/* 8 per-row bytes -> 16 int16 lanes, row r in lanes 2r and 2r+1 (signed for Q6_K) */
+ALWAYS_INLINE __m256i pairs16(int kind, __m128i x) {
+    x = _mm_unpacklo_epi8(x, x);
+    return kind == K_Q6 ? _mm256_cvtepi8_epi16(x) : _mm256_cvtepu8_epi16(x);
+}
+ALWAYS_INLINE __m256i scK(int kind, bool packed, const tileK_t *S, const uint8_t *P, int sb, int j) {
+    if (!packed) return _mm256_load_si256((const __m256i *)S->sc[sb][j]);
+    const uint8_t *sc = P + (size_t)sb * pkK_bs(kind) + pkK_qbytes(kind);
+    return pairs16(kind, _mm_loadl_epi64((const __m128i *)(sc + 8 * j)));
+}
+ALWAYS_INLINE __m256i mpK(int kind, bool packed, const tileK_t *S, const uint8_t *P, int sb, int j) {
+    if (!packed) return _mm256_load_si256((const __m256i *)S->mp[sb][j]);
+    const uint8_t *sc = P + (size_t)sb * pkK_bs(kind) + pkK_qbytes(kind);
+    if (kind != K_Q6) return pairs16(kind, _mm_loadl_epi64((const __m128i *)(sc + 64 + 8 * j)));
+    /* Q6_K: row r's scales 2j and 2j+1 in lanes 2r, 2r+1 */
+    return _mm256_cvtepi8_epi16(_mm_unpacklo_epi8(_mm_loadl_epi64((const __m128i *)(sc + 16 * j)),
+                                                  _mm_loadl_epi64((const __m128i *)(sc + 16 * j + 8))));
+}
+ALWAYS_INLINE __m256 dK(int kind, bool packed, const tileK_t *S, const uint8_t *P, int sb, bool min) {
+    if (!packed) return _mm256_load_ps(min ? S->dmin[sb] : S->d[sb]);
+    return _mm256_load_ps((const float *)(P + (size_t)sb * pkK_bs(kind) + pkK_qbytes(kind) +
+                                          (kind == K_Q6 ? 128 : 128 + 32 * min)));
+}
+
 /* 4 tokens x 8 rows over nsb super-blocks; x0..x3: the chunk's first Q8_K block per token */
-ALWAYS_INLINE void kernKx4(int kind, const tileK_t *S, int nsb, const blk_q8_K *x0,
+ALWAYS_INLINE void kernKx4(int kind, bool packed, const tileK_t *S, const uint8_t *P, int nsb, const blk_q8_K *x0,
                            const blk_q8_K *x1, const blk_q8_K *x2, const blk_q8_K *x3,
                            __m256 out[4]) {
     __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
@@ -1270,12 +1179,12 @@ ALWAYS_INLINE void kernKx4(int kind, const tileK_t *S, int nsb, const blk_q8_K *
         const int per = kind == K_Q4 ? 8 : kind == K_Q5 ? 4 : 2;
 #pragma GCC unroll 1
         for (int j = 0; j < ngroups; j++) {
-            __m256i scv = _mm256_load_si256((const __m256i *)S->sc[sb][j]);
+            __m256i scv = scK(kind, packed, S, P, sb, j);
             __m256i p0 = _mm256_setzero_si256(), p1 = p0, p2 = p0, p3 = p0;
 #pragma GCC unroll 8
             for (int g = 0; g < gk; g++) {
                 const int kg = gk * j + g;
-                __m256i w = _mm256_load_si256((const __m256i *)S->q[sb][kg]);
+                __m256i w = wK(kind, packed, S, P, sb, kg);
                 __m256i m0 = _mm256_maddubs_epi16(w, bcast32(q0 + 4 * kg));
                 __m256i m1 = _mm256_maddubs_epi16(w, bcast32(q1 + 4 * kg));
                 __m256i m2 = _mm256_maddubs_epi16(w, bcast32(q2 + 4 * kg));
@@ -1299,13 +1208,13 @@ ALWAYS_INLINE void kernKx4(int kind, const tileK_t *S, int nsb, const blk_q8_K *
         __m256i n0 = _mm256_setzero_si256(), n1 = n0, n2 = n0, n3 = n0;
 #pragma GCC unroll 8
         for (int j = 0; j < 8; j++) {
-            __m256i mv = _mm256_load_si256((const __m256i *)S->mp[sb][j]);
+            __m256i mv = mpK(kind, packed, S, P, sb, j);
             n0 = _mm256_add_epi32(n0, _mm256_madd_epi16(mv, bcast32(x0[sb].bsums + 2 * j)));
             n1 = _mm256_add_epi32(n1, _mm256_madd_epi16(mv, bcast32(x1[sb].bsums + 2 * j)));
             n2 = _mm256_add_epi32(n2, _mm256_madd_epi16(mv, bcast32(x2[sb].bsums + 2 * j)));
             n3 = _mm256_add_epi32(n3, _mm256_madd_epi16(mv, bcast32(x3[sb].bsums + 2 * j)));
         }
-        __m256 dv = _mm256_load_ps(S->d[sb]);
+        __m256 dv = dK(kind, packed, S, P, sb, false);
         __m256 e0 = _mm256_broadcast_ss(&x0[sb].d), e1 = _mm256_broadcast_ss(&x1[sb].d);
         __m256 e2 = _mm256_broadcast_ss(&x2[sb].d), e3 = _mm256_broadcast_ss(&x3[sb].d);
         if (kind == K_Q6) {
@@ -1318,7 +1227,7 @@ ALWAYS_INLINE void kernKx4(int kind, const tileK_t *S, int nsb, const blk_q8_K *
             a2 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(i2), _mm256_mul_ps(dv, e2), a2);
             a3 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(i3), _mm256_mul_ps(dv, e3), a3);
         } else {
-            __m256 mv = _mm256_load_ps(S->dmin[sb]);
+            __m256 mv = dK(kind, packed, S, P, sb, true);
             a0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(i0), _mm256_mul_ps(dv, e0), a0);
             a1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(i1), _mm256_mul_ps(dv, e1), a1);
             a2 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(i2), _mm256_mul_ps(dv, e2), a2);
@@ -1332,8 +1241,9 @@ ALWAYS_INLINE void kernKx4(int kind, const tileK_t *S, int nsb, const blk_q8_K *
     out[0] = a0; out[1] = a1; out[2] = a2; out[3] = a3;
 }
 
-ALWAYS_INLINE void gemmK(int kind, const void *W, size_t wrb, int64_t n_cols, int r0, int r1,
-                         const void *X, size_t xrb, int n_tok, float *Y, int64_t ldy) {
+ALWAYS_INLINE void gemmK(int kind, bool packed, const uint8_t *Pk, const void *W, size_t wrb,
+                         int64_t n_cols, int r0, int r1, const void *X, size_t xrb, int n_tok,
+                         float *Y, int64_t ldy) {
     const size_t wbs = kq_wbs(kind);
     const int nb = (int)(n_cols / QK_K);
     tileK_t S;
@@ -1342,7 +1252,9 @@ ALWAYS_INLINE void gemmK(int kind, const void *W, size_t wrb, int64_t n_cols, in
         const bool accum = sb0 > 0;
         for (int row = r0; row < r1; row += TR) {
             const int nr = r1 - row < TR ? r1 - row : TR;
-            repackK(kind, (const uint8_t *)W + (size_t)row * wrb + (size_t)sb0 * wbs, wrb, nr, nsb, &S);
+            const uint8_t *P = NULL;
+            if (packed) P = Pk + ((size_t)(row / TR) * (size_t)nb + (size_t)sb0) * pkK_bs(kind);
+            else repackK(kind, (const uint8_t *)W + (size_t)row * wrb + (size_t)sb0 * wbs, wrb, nr, nsb, &S);
             for (int tt = 0; tt < n_tok; tt += TT) {
                 const int nv = n_tok - tt < TT ? n_tok - tt : TT;
                 const blk_q8_K *xp[TT];
@@ -1354,10 +1266,95 @@ ALWAYS_INLINE void gemmK(int kind, const void *W, size_t wrb, int64_t n_cols, in
                     prefetch_rows(yp[t]);
                 }
                 __m256 acc[TT];
-                kernKx4(kind, &S, nsb, xp[0], xp[1], xp[2], xp[3], acc);
+                kernKx4(kind, packed, &S, P, nsb, xp[0], xp[1], xp[2], xp[3], acc);
                 for (int t = 0; t < nv; t++) store_rows(yp[t], acc[t], nr, accum);
             }
         }
+    }
+}
+
+static size_t pack32_bytes(int t, int64_t n_rows, int64_t n_cols) {
+    const int kind = pk_kind(t);
+    if (kind < 0 || n_rows <= 0 || n_cols <= 0 || n_cols % QK32) return 0;
+    return (size_t)((n_rows + TR - 1) / TR) * (size_t)(n_cols / QK32) * pk_bs(kind);
+}
+
+static void pack32(int t, const void *W, size_t wrb, int64_t n_rows, int64_t n_cols, void *dst) {
+    const int kind = pk_kind(t);
+    const size_t wbs = legacy_wbs(kind), bs = pk_bs(kind), qb = pk_qbytes(kind);
+    const size_t qso = kind == L_Q4_1 ? 4 : 2; /* qs offset in a block: after d (and m) */
+    const int64_t nb = n_cols / QK32, ng = (int64_t)qb / 32;
+    uint8_t *o = dst;
+    for (int64_t row = 0; row < n_rows; row += TR)
+        for (int64_t b = 0; b < nb; b++, o += bs) {
+            memset(o, 0, bs);
+            for (int r = 0; r < TR && row + r < n_rows; r++) {
+                const uint8_t *blk = (const uint8_t *)W + (size_t)(row + r) * wrb + (size_t)b * wbs;
+                for (int64_t g = 0; g < ng; g++) memcpy(o + 32 * g + 4 * r, blk + qso + 4 * g, 4);
+                memcpy(o + qb + 2 * r, blk, 2);                                   /* d */
+                if (kind == L_Q4_1) memcpy(o + qb + 16 + 2 * r, blk + 2, 2);      /* m */
+            }
+        }
+}
+
+ALWAYS_INLINE int pkK_kind(int t) { return t == QT_Q4_K ? K_Q4 : t == QT_Q6_K ? K_Q6 : -1; }
+
+static void packK(int t, const void *W, size_t wrb, int64_t n_rows, int64_t n_cols, void *dst) {
+    const int kind = pkK_kind(t);
+    const size_t wbs = kq_wbs(kind), bs = pkK_bs(kind), qb = pkK_qbytes(kind);
+    const int64_t nb = n_cols / QK_K;
+    static _Thread_local tileK_t S;
+    uint8_t *o = dst;
+    for (int64_t row = 0; row < n_rows; row += TR) {
+        const int nr = n_rows - row < TR ? (int)(n_rows - row) : TR;
+        for (int64_t sb = 0; sb < nb; sb++, o += bs) {
+            repackK(kind, (const uint8_t *)W + (size_t)row * wrb + (size_t)sb * wbs, wrb, nr, 1, &S);
+            memset(o, 0, bs);
+            if (kind == K_Q6) {
+                memcpy(o, S.q[0], 2048);
+                for (int j = 0; j < 16; j++)
+                    for (int r = 0; r < TR; r++) o[qb + 8 * j + r] = (uint8_t)(int8_t)S.sc[0][j][2 * r];
+                memcpy(o + qb + 128, S.d[0], 32);
+            } else {
+                for (int c = 0; c < 4; c++)
+                    for (int g = 0; g < 8; g++)
+                        for (int i = 0; i < 32; i++)
+                            o[32 * (8 * c + g) + i] = (uint8_t)(S.q[0][16 * c + g][i] | S.q[0][16 * c + 8 + g][i] << 4);
+                for (int j = 0; j < 8; j++)
+                    for (int r = 0; r < TR; r++) {
+                        o[qb + 8 * j + r] = (uint8_t)S.sc[0][j][2 * r];
+                        o[qb + 64 + 8 * j + r] = (uint8_t)S.mp[0][j][2 * r];
+                    }
+                memcpy(o + qb + 128, S.d[0], 32);
+                memcpy(o + qb + 160, S.dmin[0], 32);
+            }
+        }
+    }
+}
+
+static size_t pack_bytes(int t, int64_t n_rows, int64_t n_cols) {
+    const int kind = pkK_kind(t);
+    if (kind < 0) return pack32_bytes(t, n_rows, n_cols);
+    if (n_rows <= 0 || n_cols <= 0 || n_cols % QK_K) return 0;
+    return (size_t)((n_rows + TR - 1) / TR) * (size_t)(n_cols / QK_K) * pkK_bs(kind);
+}
+
+static void pack(int t, const void *W, size_t wrb, int64_t n_rows, int64_t n_cols, void *dst) {
+    if (pkK_kind(t) >= 0) packK(t, W, wrb, n_rows, n_cols, dst);
+    else pack32(t, W, wrb, n_rows, n_cols, dst);
+}
+
+/* false: not for this call (few tokens take the one-token kernels, as gemm_tiled does) */
+static bool gemm_packed(int t, const void *P, int64_t n_cols, int r0, int r1, const void *X,
+                        size_t xrb, int n_tok, float *Y, int64_t ldy) {
+    if (n_tok < GEMV_MAX_TOK || r0 % TR) return false;
+    switch (t) {
+    case QT_Q4_0: gemm32(L_Q4_0, true, P, NULL, 0, n_cols, r0, r1, X, xrb, n_tok, Y, ldy); return true;
+    case QT_Q4_1: gemm32(L_Q4_1, true, P, NULL, 0, n_cols, r0, r1, X, xrb, n_tok, Y, ldy); return true;
+    case QT_Q8_0: gemm32(L_Q8_0, true, P, NULL, 0, n_cols, r0, r1, X, xrb, n_tok, Y, ldy); return true;
+    case QT_Q4_K: gemmK(K_Q4, true, P, NULL, 0, n_cols, r0, r1, X, xrb, n_tok, Y, ldy); return true;
+    case QT_Q6_K: gemmK(K_Q6, true, P, NULL, 0, n_cols, r0, r1, X, xrb, n_tok, Y, ldy); return true;
+    default: return false;
     }
 }
 
@@ -1399,14 +1396,14 @@ static void gemm_tiled(int t, const void *W, size_t wrb, int64_t n_cols, int r0,
         return;
     }
     switch (t) {
-    case QT_Q4_0: gemm32(L_Q4_0, W, wrb, n_cols, r0, r1, X, xrb, n_tok, Y, ldy); break;
-    case QT_Q4_1: gemm32(L_Q4_1, W, wrb, n_cols, r0, r1, X, xrb, n_tok, Y, ldy); break;
-    case QT_Q5_0: gemm32(L_Q5_0, W, wrb, n_cols, r0, r1, X, xrb, n_tok, Y, ldy); break;
-    case QT_Q5_1: gemm32(L_Q5_1, W, wrb, n_cols, r0, r1, X, xrb, n_tok, Y, ldy); break;
-    case QT_Q8_0: gemm32(L_Q8_0, W, wrb, n_cols, r0, r1, X, xrb, n_tok, Y, ldy); break;
-    case QT_Q4_K: gemmK(K_Q4, W, wrb, n_cols, r0, r1, X, xrb, n_tok, Y, ldy); break;
-    case QT_Q5_K: gemmK(K_Q5, W, wrb, n_cols, r0, r1, X, xrb, n_tok, Y, ldy); break;
-    case QT_Q6_K: gemmK(K_Q6, W, wrb, n_cols, r0, r1, X, xrb, n_tok, Y, ldy); break;
+    case QT_Q4_0: gemm32(L_Q4_0, false, NULL, W, wrb, n_cols, r0, r1, X, xrb, n_tok, Y, ldy); break;
+    case QT_Q4_1: gemm32(L_Q4_1, false, NULL, W, wrb, n_cols, r0, r1, X, xrb, n_tok, Y, ldy); break;
+    case QT_Q5_0: gemm32(L_Q5_0, false, NULL, W, wrb, n_cols, r0, r1, X, xrb, n_tok, Y, ldy); break;
+    case QT_Q5_1: gemm32(L_Q5_1, false, NULL, W, wrb, n_cols, r0, r1, X, xrb, n_tok, Y, ldy); break;
+    case QT_Q8_0: gemm32(L_Q8_0, false, NULL, W, wrb, n_cols, r0, r1, X, xrb, n_tok, Y, ldy); break;
+    case QT_Q4_K: gemmK(K_Q4, false, NULL, W, wrb, n_cols, r0, r1, X, xrb, n_tok, Y, ldy); break;
+    case QT_Q5_K: gemmK(K_Q5, false, NULL, W, wrb, n_cols, r0, r1, X, xrb, n_tok, Y, ldy); break;
+    case QT_Q6_K: gemmK(K_Q6, false, NULL, W, wrb, n_cols, r0, r1, X, xrb, n_tok, Y, ldy); break;
     default: gemm_dots(t, W, wrb, n_cols, r0, r1, X, xrb, n_tok, Y, ldy); break;
     }
 }

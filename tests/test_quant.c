@@ -359,7 +359,7 @@ static void test_gemm(int t) {
 static void test_gemm_packed(int t) {
     const struct quant_traits *tr = quant_get_traits(t);
     const int vt = tr->vec_dot_type;
-    const bool expect = quant_has_avx2() && (t == QT_Q4_0 || t == QT_Q4_1 || t == QT_Q8_0);
+    const bool expect = quant_has_avx2() && (t == QT_Q4_0 || t == QT_Q4_1 || t == QT_Q8_0 || t == QT_Q4_K || t == QT_Q6_K);
     const int rows = 37;
     const int bs = tr->block_size == 1 ? 32 : tr->block_size;
     const int64_t cols_list[] = {bs == 256 ? 256 : 64, bs == 256 ? 256 * 9 : 32 * 70};

@@ -55,7 +55,7 @@ static const char *USAGE =
     "      --kv-mem BYTES    KV bytes the running work may hold (suffix K, M, G; default 1G)\n"
     "      --no-group        no prefix sharing (each request computes its whole prompt)\n"
     "      --no-reorder      run groups and requests in input order\n"
-    "      --no-pack         do not keep the packed copy of the Q4_0/Q4_1/Q8_0 weights that\n"
+    "      --no-pack         do not keep the packed copy of the Q4_0/Q4_1/Q8_0/Q4_K/Q6_K weights that\n"
     "                        batched decode reads (faster; about the weights' size in RAM)\n"
     "      --json            print a JSON summary on stdout at the end\n"
     "  -q, --quiet           no progress line\n";
