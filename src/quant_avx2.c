@@ -820,7 +820,50 @@ ALWAYS_INLINE void kern32x4(int kind, bool packed, const tile32_t *S, const uint
     out[0] = a0; out[1] = a1; out[2] = a2; out[3] = a3;
 }
 
+/* One token x 8 rows over a packed run: kern32x4's arithmetic for one token (the one-token
+ * product of a packed tensor, memory-bound: one contiguous stream instead of 8 rows) */
+ALWAYS_INLINE __m256 kern32px1(int kind, const uint8_t *P, int nbk, const uint8_t *x0, const float *xs) {
+    const bool q81 = kind == L_Q4_1;
+    const size_t xbs = q81 ? sizeof(blk_q8_1) : sizeof(blk_q8_0);
+    const size_t xqo = q81 ? 4 : 2;
+    const __m256i ones = _mm256_set1_epi16(1);
+    const float *xb = xs + XS_ROWS * KB32;
+    __m256 a0 = _mm256_setzero_ps();
+    for (int b = 0; b < nbk; b++) {
+        const uint8_t *y0 = x0 + (size_t)b * xbs + xqo;
+        __m256i s0 = _mm256_setzero_si256();
+        if (kind != L_Q8_0) {
+            __m256i p0 = s0;
+#pragma GCC unroll 8
+            for (int g = 0; g < 8; g++)
+                p0 = _mm256_add_epi16(p0, _mm256_maddubs_epi16(w32(kind, true, NULL, P, b, g), bcast32(y0 + 4 * g)));
+            s0 = _mm256_madd_epi16(p0, ones);
+        } else {
+#pragma GCC unroll 8
+            for (int g = 0; g < 8; g++) {
+                __m256i w = w32(kind, true, NULL, P, b, g);
+                s0 = _mm256_add_epi32(s0, _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_sign_epi8(w, w), _mm256_sign_epi8(bcast32(y0 + 4 * g), w)), ones));
+            }
+        }
+        a0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s0), _mm256_mul_ps(d32(kind, true, NULL, P, b), _mm256_broadcast_ss(xs + b)), a0);
+        if (kind != L_Q8_0) a0 = _mm256_fmadd_ps(m32(kind, true, NULL, P, b), _mm256_broadcast_ss(xb + b), a0);
+    }
+    return a0;
+}
+
 ALWAYS_INLINE void prefetch_rows(const float *y) { _mm_prefetch((const char *)y, _MM_HINT_T0); }
+
+/* Many tokens: a packed run expanded into repack32's tile once (cheaper than unpacking it for
+ * every 4 tokens); the same tile as repack32 builds from the original rows */
+#define EXPAND_TOK 16   /* K-quants */
+#define EXPAND32_TOK 32 /* legacy formats */
+ALWAYS_INLINE void expand32(int kind, const uint8_t *P, int nbk, tile32_t *S) {
+    for (int b = 0; b < nbk; b++) {
+        for (int g = 0; g < 8; g++) _mm256_store_si256((__m256i *)S->q[b][g], w32(kind, true, NULL, P, b, g));
+        _mm256_store_ps(S->d[b], d32(kind, true, NULL, P, b));
+        _mm256_store_ps(S->m[b], m32(kind, true, NULL, P, b));
+    }
+}
 
 /* packed: Pk is quant_pack's copy of W (r0 a multiple of TR) and tiles are read, not built */
 ALWAYS_INLINE void gemm32(int kind, bool packed, const uint8_t *Pk, const void *W, size_t wrb,
@@ -833,6 +876,7 @@ ALWAYS_INLINE void gemm32(int kind, bool packed, const uint8_t *Pk, const void *
     const int nb = (int)(n_cols / QK32);
     tile32_t S;
     xscale_t XS;
+    const bool expand = packed && n_tok >= EXPAND32_TOK;
     for (int kb0 = 0; kb0 < nb; kb0 += KB32) {
         const int nbk = nb - kb0 < KB32 ? nb - kb0 : KB32;
         const size_t xoff = (size_t)kb0 * xbs;
@@ -860,7 +904,8 @@ ALWAYS_INLINE void gemm32(int kind, bool packed, const uint8_t *Pk, const void *
                 const int nr = r1 - row < TR ? r1 - row : TR;
                 const uint8_t *P = NULL;
                 if (packed) P = Pk + ((size_t)(row / TR) * (size_t)nb + (size_t)kb0) * pk_bs(kind);
-                else repack32(kind, (const uint8_t *)W + (size_t)row * wrb + (size_t)kb0 * wbs, wrb, nr, nbk, &S);
+                if (packed && expand) expand32(kind, P, nbk, &S);
+                else if (!packed) repack32(kind, (const uint8_t *)W + (size_t)row * wrb + (size_t)kb0 * wbs, wrb, nr, nbk, &S);
                 const bool accum = kb0 > 0;
                 for (int tt = 0; tt < nt; tt += TT) {
                     const int nv = nt - tt < TT ? nt - tt : TT;
@@ -873,7 +918,9 @@ ALWAYS_INLINE void gemm32(int kind, bool packed, const uint8_t *Pk, const void *
                         prefetch_rows(yp[t]);
                     }
                     __m256 acc[TT];
-                    kern32x4(kind, packed, &S, P, nbk, xp[0], xp[1], xp[2], xp[3], &XS.v[0][tt][0], acc);
+                    if (packed && !expand && nv == 1) acc[0] = kern32px1(kind, P, nbk, xp[0], &XS.v[0][tt][0]);
+                    else if (packed && !expand) kern32x4(kind, true, &S, P, nbk, xp[0], xp[1], xp[2], xp[3], &XS.v[0][tt][0], acc);
+                    else kern32x4(kind, false, &S, NULL, nbk, xp[0], xp[1], xp[2], xp[3], &XS.v[0][tt][0], acc);
                     for (int t = 0; t < nv; t++) store_rows(yp[t], acc[t], nr, accum);
                 }
             }
@@ -1241,20 +1288,98 @@ ALWAYS_INLINE void kernKx4(int kind, bool packed, const tileK_t *S, const uint8_
     out[0] = a0; out[1] = a1; out[2] = a2; out[3] = a3;
 }
 
+ALWAYS_INLINE void expandK(int kind, const uint8_t *P, int nsb, tileK_t *S) {
+    for (int sb = 0; sb < nsb; sb++) {
+        for (int kg = 0; kg < 64; kg++) _mm256_store_si256((__m256i *)S->q[sb][kg], wK(kind, true, NULL, P, sb, kg));
+        for (int j = 0; j < (kind == K_Q6 ? 16 : 8); j++)
+            _mm256_store_si256((__m256i *)S->sc[sb][j], scK(kind, true, NULL, P, sb, j));
+        for (int j = 0; j < 8; j++) _mm256_store_si256((__m256i *)S->mp[sb][j], mpK(kind, true, NULL, P, sb, j));
+        _mm256_store_ps(S->d[sb], dK(kind, true, NULL, P, sb, false));
+        if (kind != K_Q6) _mm256_store_ps(S->dmin[sb], dK(kind, true, NULL, P, sb, true));
+        else _mm256_store_ps(S->dmin[sb], _mm256_setzero_ps());
+    }
+}
+
+/* kernKx4's arithmetic for one token over a packed run */
+ALWAYS_INLINE __m256 kernKpx1(int kind, const uint8_t *P, int nsb, const blk_q8_K *x0) {
+    __m256 a0 = _mm256_setzero_ps();
+    const __m256i m4 = _mm256_set1_epi8(0x0F);
+    for (int sb = 0; sb < nsb; sb++) {
+        const int8_t *q0 = x0[sb].qs;
+        __m256i i0 = _mm256_setzero_si256();
+        if (kind == K_Q4) {
+            /* vectors 8c..8c+7: low nibbles are scale group 2c, high nibbles group 2c+1 */
+            const uint8_t *blk = P + (size_t)sb * pkK_bs(kind);
+#pragma GCC unroll 1
+            for (int c = 0; c < 4; c++) {
+                __m256i pl = _mm256_setzero_si256(), ph = pl;
+#pragma GCC unroll 8
+                for (int g = 0; g < 8; g++) {
+                    const __m256i v = _mm256_load_si256((const __m256i *)(blk + 32 * (8 * c + g)));
+                    pl = _mm256_add_epi16(pl, _mm256_maddubs_epi16(_mm256_and_si256(v, m4), bcast32(q0 + 4 * (16 * c + g))));
+                    ph = _mm256_add_epi16(ph, _mm256_maddubs_epi16(_mm256_and_si256(_mm256_srli_epi16(v, 4), m4),
+                                                                   bcast32(q0 + 4 * (16 * c + 8 + g))));
+                }
+                i0 = _mm256_add_epi32(i0, _mm256_madd_epi16(pl, scK(kind, true, NULL, P, sb, 2 * c)));
+                i0 = _mm256_add_epi32(i0, _mm256_madd_epi16(ph, scK(kind, true, NULL, P, sb, 2 * c + 1)));
+            }
+        } else {
+        const int ngroups = kind == K_Q6 ? 16 : 8;
+        const int gk = kind == K_Q6 ? 4 : 8;
+        const int per = kind == K_Q4 ? 8 : 2;
+#pragma GCC unroll 1
+        for (int j = 0; j < ngroups; j++) {
+            const __m256i scv = scK(kind, true, NULL, P, sb, j);
+            __m256i p0 = _mm256_setzero_si256();
+#pragma GCC unroll 8
+            for (int g = 0; g < gk; g++) {
+                const int kg = gk * j + g;
+                const __m256i m0 = _mm256_maddubs_epi16(wK(kind, true, NULL, P, sb, kg), bcast32(q0 + 4 * kg));
+                p0 = g % per == 0 ? m0 : _mm256_add_epi16(p0, m0);
+                if (g % per == per - 1) i0 = _mm256_add_epi32(i0, _mm256_madd_epi16(p0, scv));
+            }
+        }
+        }
+        __m256i n0 = _mm256_setzero_si256();
+#pragma GCC unroll 8
+        for (int j = 0; j < 8; j++)
+            n0 = _mm256_add_epi32(n0, _mm256_madd_epi16(mpK(kind, true, NULL, P, sb, j), bcast32(x0[sb].bsums + 2 * j)));
+        const __m256 dv = dK(kind, true, NULL, P, sb, false), e0 = _mm256_broadcast_ss(&x0[sb].d);
+        if (kind == K_Q6) {
+            i0 = _mm256_sub_epi32(i0, _mm256_slli_epi32(n0, 5));
+            a0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(i0), _mm256_mul_ps(dv, e0), a0);
+        } else {
+            a0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(i0), _mm256_mul_ps(dv, e0), a0);
+            a0 = _mm256_fnmadd_ps(_mm256_cvtepi32_ps(n0), _mm256_mul_ps(dK(kind, true, NULL, P, sb, true), e0), a0);
+        }
+    }
+    return a0;
+}
+
 ALWAYS_INLINE void gemmK(int kind, bool packed, const uint8_t *Pk, const void *W, size_t wrb,
                          int64_t n_cols, int r0, int r1, const void *X, size_t xrb, int n_tok,
                          float *Y, int64_t ldy) {
     const size_t wbs = kq_wbs(kind);
     const int nb = (int)(n_cols / QK_K);
     tileK_t S;
-    for (int sb0 = 0; sb0 < nb; sb0 += KSB) {
+    const int n_rt = (r1 - r0 + TR - 1) / TR, n_kc = (nb + KSB - 1) / KSB;
+    /* few tokens (their activations stay in L2): a packed tile's chunks in turn */
+    const bool row_outer = packed && (size_t)n_tok * xrb <= ((size_t)256 << 10);
+    const bool expand = packed && n_tok >= EXPAND_TOK;
+    for (int u = 0; u < n_rt * n_kc; u++) {
+        /* row_outer: each row tile's K-chunks in turn (one contiguous stream per tile); else each
+         * K-chunk over every tile (a chunk's activations reused, its tile built once). Per output
+         * the chunks add up in the same order either way. */
+        const int ic = row_outer ? u % n_kc : u / n_rt, ir = row_outer ? u / n_kc : u % n_rt;
+        const int sb0 = ic * KSB, row = r0 + ir * TR;
         const int nsb = nb - sb0 < KSB ? nb - sb0 : KSB;
         const bool accum = sb0 > 0;
-        for (int row = r0; row < r1; row += TR) {
+        {
             const int nr = r1 - row < TR ? r1 - row : TR;
             const uint8_t *P = NULL;
             if (packed) P = Pk + ((size_t)(row / TR) * (size_t)nb + (size_t)sb0) * pkK_bs(kind);
-            else repackK(kind, (const uint8_t *)W + (size_t)row * wrb + (size_t)sb0 * wbs, wrb, nr, nsb, &S);
+            if (packed && expand) expandK(kind, P, nsb, &S);
+            else if (!packed) repackK(kind, (const uint8_t *)W + (size_t)row * wrb + (size_t)sb0 * wbs, wrb, nr, nsb, &S);
             for (int tt = 0; tt < n_tok; tt += TT) {
                 const int nv = n_tok - tt < TT ? n_tok - tt : TT;
                 const blk_q8_K *xp[TT];
@@ -1266,7 +1391,9 @@ ALWAYS_INLINE void gemmK(int kind, bool packed, const uint8_t *Pk, const void *W
                     prefetch_rows(yp[t]);
                 }
                 __m256 acc[TT];
-                kernKx4(kind, packed, &S, P, nsb, xp[0], xp[1], xp[2], xp[3], acc);
+                if (packed && !expand && nv == 1) acc[0] = kernKpx1(kind, P, nsb, xp[0]);
+                else if (packed && !expand) kernKx4(kind, true, &S, P, nsb, xp[0], xp[1], xp[2], xp[3], acc);
+                else kernKx4(kind, false, &S, NULL, nsb, xp[0], xp[1], xp[2], xp[3], acc);
                 for (int t = 0; t < nv; t++) store_rows(yp[t], acc[t], nr, accum);
             }
         }
@@ -1317,9 +1444,12 @@ static void packK(int t, const void *W, size_t wrb, int64_t n_rows, int64_t n_co
                 memcpy(o + qb + 128, S.d[0], 32);
             } else {
                 for (int c = 0; c < 4; c++)
-                    for (int g = 0; g < 8; g++)
-                        for (int i = 0; i < 32; i++)
-                            o[32 * (8 * c + g) + i] = (uint8_t)(S.q[0][16 * c + g][i] | S.q[0][16 * c + 8 + g][i] << 4);
+                    for (int g = 0; g < 8; g++) {
+                        const __m256i lo = _mm256_load_si256((const __m256i *)S.q[0][16 * c + g]);
+                        const __m256i hi = _mm256_load_si256((const __m256i *)S.q[0][16 * c + 8 + g]);
+                        _mm256_storeu_si256((__m256i *)(o + 32 * (8 * c + g)),
+                                            _mm256_or_si256(lo, _mm256_slli_epi16(hi, 4))); /* values < 16 */
+                    }
                 for (int j = 0; j < 8; j++)
                     for (int r = 0; r < TR; r++) {
                         o[qb + 8 * j + r] = (uint8_t)S.sc[0][j][2 * r];
@@ -1344,10 +1474,10 @@ static void pack(int t, const void *W, size_t wrb, int64_t n_rows, int64_t n_col
     else pack32(t, W, wrb, n_rows, n_cols, dst);
 }
 
-/* false: not for this call (few tokens take the one-token kernels, as gemm_tiled does) */
+/* false: not for this call (rows not starting on a tile): quant_gemm does it */
 static bool gemm_packed(int t, const void *P, int64_t n_cols, int r0, int r1, const void *X,
                         size_t xrb, int n_tok, float *Y, int64_t ldy) {
-    if (n_tok < GEMV_MAX_TOK || r0 % TR) return false;
+    if (r0 % TR) return false;
     switch (t) {
     case QT_Q4_0: gemm32(L_Q4_0, true, P, NULL, 0, n_cols, r0, r1, X, xrb, n_tok, Y, ldy); return true;
     case QT_Q4_1: gemm32(L_Q4_1, true, P, NULL, 0, n_cols, r0, r1, X, xrb, n_tok, Y, ldy); return true;
