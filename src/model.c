@@ -7,6 +7,8 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/mman.h>
+#include <unistd.h>
 
 static const struct arch_desc ARCHS[] = {
     {.name = "llama", .rope = ROPE_NORM, .qkv_bias = false, .chat_flavor = "smollm"},
@@ -187,7 +189,7 @@ out:
 }
 
 struct kvs_model_params kvs_model_params_default(void) {
-    return (struct kvs_model_params){.prefault = false, .pack = false};
+    return (struct kvs_model_params){.prefault = false, .pack = true};
 }
 
 static struct weight *layer_weight(struct layer_weights *lw, int i) {
@@ -207,6 +209,15 @@ static enum kvs_status pack_weights(kvs_model *m) {
             if (!w->packed) return kvs_fail(KVS_ERR_NOMEM, "out of memory packing the weights");
             quant_pack(w->type, w->data, w->row_bytes, w->n_rows, w->n_cols, w->packed);
             m->packed_bytes += n;
+            /* the packed copy serves every product from now on: give the original's pages back
+             * (read-only file mapping: whatever still reads them, such as embedding rows of a
+             * tied output, faults them in again), so that packing does not double the RSS */
+            if (m->gguf->owns_map) {
+                const uintptr_t pg = (uintptr_t)sysconf(_SC_PAGESIZE);
+                uintptr_t a = ((uintptr_t)w->data + pg - 1) & ~(pg - 1);
+                uintptr_t e = ((uintptr_t)w->data + (size_t)w->n_rows * w->row_bytes) & ~(pg - 1);
+                if (e > a) madvise((void *)a, e - a, MADV_DONTNEED);
+            }
         }
     return KVS_OK;
 }

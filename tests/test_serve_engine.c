@@ -359,7 +359,9 @@ int main(void) {
     }
     struct kvs_model_params mp = kvs_model_params_default();
     mp.pack = true;
-    if (kvs_model_load(path, &mp, &model) != KVS_OK || kvs_model_load(path, NULL, &model_plain) != KVS_OK) {
+    struct kvs_model_params mp_plain = kvs_model_params_default();
+    mp_plain.pack = false;
+    if (kvs_model_load(path, &mp, &model) != KVS_OK || kvs_model_load(path, &mp_plain, &model_plain) != KVS_OK) {
         fprintf(stderr, "%s\n", kvs_last_error());
         return 1;
     }
