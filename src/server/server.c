@@ -993,27 +993,31 @@ static const char *SERVE_USAGE =
     "SIGINT or SIGTERM: running requests are cancelled (503 / an error event), everything is\n"
     "freed, exit 0. Exit 2 on bad flags or an unloadable model.\n";
 
-static void serve_die(const char *fmt, ...) __attribute__((noreturn, format(printf, 1, 2)));
-static void serve_die(const char *fmt, ...) {
+/* A usage error: the message on stderr; returns 2, the exit status serve_main passes back. */
+static int serve_usage_error(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
+static int serve_usage_error(const char *fmt, ...) {
     va_list ap;
     va_start(ap, fmt);
     fprintf(stderr, "kvsieve serve: ");
     vfprintf(stderr, fmt, ap);
     fprintf(stderr, "\n(kvsieve serve --help lists the options)\n");
     va_end(ap);
-    exit(2);
+    return 2;
 }
 
-static long long parse_ll(const char *flag, const char *v, long long lo, long long hi) {
+static bool parse_ll(const char *flag, const char *v, long long lo, long long hi, long long *out) {
     char *end;
     errno = 0;
     long long x = strtoll(v, &end, 10);
-    if (!*v || *end || errno || x < lo || x > hi)
-        serve_die("%s expects an integer in [%lld, %lld], got '%s'", flag, lo, hi, v);
-    return x;
+    if (!*v || *end || errno || x < lo || x > hi) {
+        serve_usage_error("%s expects an integer in [%lld, %lld], got '%s'", flag, lo, hi, v);
+        return false;
+    }
+    *out = x;
+    return true;
 }
 
-static int64_t parse_bytes(const char *flag, const char *v) {
+static bool parse_bytes(const char *flag, const char *v, int64_t *out) {
     char *end;
     errno = 0;
     double x = strtod(v, &end);
@@ -1022,16 +1026,19 @@ static int64_t parse_bytes(const char *flag, const char *v) {
     else if (*end == 'M' || *end == 'm') mul = 1024.0 * 1024, end++;
     else if (*end == 'G' || *end == 'g') mul = 1024.0 * 1024 * 1024, end++;
     if (*end == 'B' || *end == 'b' || (*end == 'i' && end[1] == 'B')) end += *end == 'i' ? 2 : 1;
-    if (end == v || *end || errno || !(x >= 0) || x * mul > 9e18)
-        serve_die("%s expects a size in bytes (suffixes K, M, G), got '%s'", flag, v);
-    return (int64_t)(x * mul);
+    if (end == v || *end || errno || !(x >= 0) || x * mul > 9e18) {
+        serve_usage_error("%s expects a size in bytes (suffixes K, M, G), got '%s'", flag, v);
+        return false;
+    }
+    *out = (int64_t)(x * mul);
+    return true;
 }
 
 static volatile sig_atomic_t g_log_quiet;
 
-int serve_main(int argc, char **argv) {
-    struct srv *srv = calloc(1, sizeof *srv);
-    struct srv_config *cfg = &srv->cfg;
+/* Fills cfg from the command line. Returns -1 to go on serving, else the exit status (0 after
+ * --help, 2 after a usage error, already printed); the decision to exit stays with the caller. */
+static int serve_parse(int argc, char **argv, struct srv_config *cfg) {
     cfg->host = "127.0.0.1";
     cfg->port = 8080;
     cfg->model_path = getenv("KVSIEVE_MODEL") ? getenv("KVSIEVE_MODEL") : KVS_DEFAULT_MODEL;
@@ -1044,43 +1051,61 @@ int serve_main(int argc, char **argv) {
     cfg->queue = 64;
     cfg->n_batch = 512;
     for (int i = 0; i < argc; i++) {
-        const char *a = argv[i];
-#define NEXT() (i + 1 < argc ? argv[++i] : (serve_die("%s needs a value", a), ""))
+        const char *a = argv[i], *v = NULL;
+        long long x;
+#define NEXT() do { if (i + 1 >= argc) return serve_usage_error("%s needs a value", a); v = argv[++i]; } while (0)
+#define INT(field, lo, hi) do { NEXT(); if (!parse_ll(a, v, lo, hi, &x)) return 2; field = (int)x; } while (0)
+#define BYTES(field) do { NEXT(); if (!parse_bytes(a, v, &field)) return 2; } while (0)
         if (!strcmp(a, "-h") || !strcmp(a, "--help")) {
             fputs(SERVE_USAGE, stdout);
-            exit(0);
-        } else if (!strcmp(a, "--host")) cfg->host = NEXT();
-        else if (!strcmp(a, "--port")) cfg->port = (int)parse_ll(a, NEXT(), 0, 65535);
-        else if (!strcmp(a, "-m") || !strcmp(a, "--model")) cfg->model_path = NEXT();
-        else if (!strcmp(a, "-np") || !strcmp(a, "--parallel")) cfg->n_parallel = (int)parse_ll(a, NEXT(), 1, 64);
-        else if (!strcmp(a, "-c") || !strcmp(a, "--ctx-size")) cfg->n_ctx = (int)parse_ll(a, NEXT(), 16, 1 << 20);
-        else if (!strcmp(a, "-t") || !strcmp(a, "--threads")) cfg->n_threads = (int)parse_ll(a, NEXT(), 0, 1024);
-        else if (!strcmp(a, "-b") || !strcmp(a, "--batch")) cfg->n_batch = (int)parse_ll(a, NEXT(), 1, 4096);
-        else if (!strcmp(a, "--kv")) cfg->kv = NEXT();
-        else if (!strcmp(a, "--kv-mem")) cfg->kv_mem = parse_bytes(a, NEXT());
-        else if (!strcmp(a, "--prefix-mem")) cfg->prefix_mem = parse_bytes(a, NEXT());
-        else if (!strcmp(a, "--prefix-kv")) cfg->prefix_kv = NEXT();
-        else if (!strcmp(a, "--api-key")) cfg->api_key = NEXT();
+            return 0;
+        } else if (!strcmp(a, "--host")) { NEXT(); cfg->host = v; }
+        else if (!strcmp(a, "--port")) INT(cfg->port, 0, 65535);
+        else if (!strcmp(a, "-m") || !strcmp(a, "--model")) { NEXT(); cfg->model_path = v; }
+        else if (!strcmp(a, "-np") || !strcmp(a, "--parallel")) INT(cfg->n_parallel, 1, 64);
+        else if (!strcmp(a, "-c") || !strcmp(a, "--ctx-size")) INT(cfg->n_ctx, 16, 1 << 20);
+        else if (!strcmp(a, "-t") || !strcmp(a, "--threads")) INT(cfg->n_threads, 0, 1024);
+        else if (!strcmp(a, "-b") || !strcmp(a, "--batch")) INT(cfg->n_batch, 1, 4096);
+        else if (!strcmp(a, "--kv")) { NEXT(); cfg->kv = v; }
+        else if (!strcmp(a, "--kv-mem")) BYTES(cfg->kv_mem);
+        else if (!strcmp(a, "--prefix-mem")) BYTES(cfg->prefix_mem);
+        else if (!strcmp(a, "--prefix-kv")) { NEXT(); cfg->prefix_kv = v; }
+        else if (!strcmp(a, "--api-key")) { NEXT(); cfg->api_key = v; }
         else if (!strcmp(a, "--metrics")) { /* always on */ }
         else if (!strcmp(a, "--no-pack")) cfg->no_pack = true;
-        else if (!strcmp(a, "--slot-save-path")) cfg->slot_save_path = NEXT();
-        else if (!strcmp(a, "--timeout")) cfg->timeout_s = (int)parse_ll(a, NEXT(), 0, 1 << 30);
-        else if (!strcmp(a, "--max-body")) cfg->max_body = parse_bytes(a, NEXT());
-        else if (!strcmp(a, "--queue")) cfg->queue = (int)parse_ll(a, NEXT(), 1, 1 << 20);
-        else if (!strcmp(a, "--batch-tokens")) cfg->batch_tokens = (int)parse_ll(a, NEXT(), 1, 1 << 20);
+        else if (!strcmp(a, "--slot-save-path")) { NEXT(); cfg->slot_save_path = v; }
+        else if (!strcmp(a, "--timeout")) INT(cfg->timeout_s, 0, 1 << 30);
+        else if (!strcmp(a, "--max-body")) BYTES(cfg->max_body);
+        else if (!strcmp(a, "--queue")) INT(cfg->queue, 1, 1 << 20);
+        else if (!strcmp(a, "--batch-tokens")) INT(cfg->batch_tokens, 1, 1 << 20);
         else if (!strcmp(a, "-q") || !strcmp(a, "--quiet")) g_log_quiet = 1;
-        else serve_die("unknown option '%s'", a);
+        else return serve_usage_error("unknown option '%s'", a);
+#undef BYTES
+#undef INT
 #undef NEXT
     }
-    if (kvs_kv_spec_check(cfg->kv, NULL, 0) != KVS_OK) serve_die("--kv: %s", kvs_last_error());
+    if (kvs_kv_spec_check(cfg->kv, NULL, 0) != KVS_OK) return serve_usage_error("--kv: %s", kvs_last_error());
     if (cfg->prefix_kv && kvs_kv_spec_check(cfg->prefix_kv, NULL, 0) != KVS_OK)
-        serve_die("--prefix-kv: %s", kvs_last_error());
-    if (cfg->api_key && !*cfg->api_key) serve_die("--api-key needs a non-empty key");
-    if (cfg->max_body < 16) serve_die("--max-body must be at least 16 bytes");
-    struct sockaddr_in sin = {.sin_family = AF_INET, .sin_port = htons((uint16_t)cfg->port)};
+        return serve_usage_error("--prefix-kv: %s", kvs_last_error());
+    if (cfg->api_key && !*cfg->api_key) return serve_usage_error("--api-key needs a non-empty key");
+    if (cfg->max_body < 16) return serve_usage_error("--max-body must be at least 16 bytes");
     if (!strcmp(cfg->host, "localhost")) cfg->host = "127.0.0.1";
-    if (inet_pton(AF_INET, cfg->host, &sin.sin_addr) != 1)
-        serve_die("--host expects an IPv4 address such as 127.0.0.1, got '%s'", cfg->host);
+    struct in_addr ia;
+    if (inet_pton(AF_INET, cfg->host, &ia) != 1)
+        return serve_usage_error("--host expects an IPv4 address such as 127.0.0.1, got '%s'", cfg->host);
+    return -1;
+}
+
+int serve_main(int argc, char **argv) {
+    struct srv *srv = calloc(1, sizeof *srv);
+    struct srv_config *cfg = &srv->cfg;
+    int prc = serve_parse(argc, argv, cfg);
+    if (prc >= 0) {
+        free(srv);
+        return prc;
+    }
+    struct sockaddr_in sin = {.sin_family = AF_INET, .sin_port = htons((uint16_t)cfg->port)};
+    inet_pton(AF_INET, cfg->host, &sin.sin_addr); /* checked by serve_parse */
     if (g_log_quiet) kvs_set_log_level(0);
 
     struct kvs_model_params mp = kvs_model_params_default();
