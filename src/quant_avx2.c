@@ -1324,21 +1324,19 @@ ALWAYS_INLINE __m256 kernKpx1(int kind, const uint8_t *P, int nsb, const blk_q8_
                 i0 = _mm256_add_epi32(i0, _mm256_madd_epi16(ph, scK(kind, true, NULL, P, sb, 2 * c + 1)));
             }
         } else {
-        const int ngroups = kind == K_Q6 ? 16 : 8;
-        const int gk = kind == K_Q6 ? 4 : 8;
-        const int per = kind == K_Q4 ? 8 : 2;
+            /* Q6_K: 16 scale groups of 4 k-groups; 2 maddubs fit an int16 sum */
 #pragma GCC unroll 1
-        for (int j = 0; j < ngroups; j++) {
-            const __m256i scv = scK(kind, true, NULL, P, sb, j);
-            __m256i p0 = _mm256_setzero_si256();
-#pragma GCC unroll 8
-            for (int g = 0; g < gk; g++) {
-                const int kg = gk * j + g;
-                const __m256i m0 = _mm256_maddubs_epi16(wK(kind, true, NULL, P, sb, kg), bcast32(q0 + 4 * kg));
-                p0 = g % per == 0 ? m0 : _mm256_add_epi16(p0, m0);
-                if (g % per == per - 1) i0 = _mm256_add_epi32(i0, _mm256_madd_epi16(p0, scv));
+            for (int j = 0; j < 16; j++) {
+                const __m256i scv = scK(kind, true, NULL, P, sb, j);
+#pragma GCC unroll 2
+                for (int h = 0; h < 2; h++) {
+                    const int kg = 4 * j + 2 * h;
+                    const __m256i p0 = _mm256_add_epi16(
+                        _mm256_maddubs_epi16(wK(kind, true, NULL, P, sb, kg), bcast32(q0 + 4 * kg)),
+                        _mm256_maddubs_epi16(wK(kind, true, NULL, P, sb, kg + 1), bcast32(q0 + 4 * kg + 4)));
+                    i0 = _mm256_add_epi32(i0, _mm256_madd_epi16(p0, scv));
+                }
             }
-        }
         }
         __m256i n0 = _mm256_setzero_si256();
 #pragma GCC unroll 8
@@ -1400,12 +1398,6 @@ ALWAYS_INLINE void gemmK(int kind, bool packed, const uint8_t *Pk, const void *W
     }
 }
 
-static size_t pack32_bytes(int t, int64_t n_rows, int64_t n_cols) {
-    const int kind = pk_kind(t);
-    if (kind < 0 || n_rows <= 0 || n_cols <= 0 || n_cols % QK32) return 0;
-    return (size_t)((n_rows + TR - 1) / TR) * (size_t)(n_cols / QK32) * pk_bs(kind);
-}
-
 static void pack32(int t, const void *W, size_t wrb, int64_t n_rows, int64_t n_cols, void *dst) {
     const int kind = pk_kind(t);
     const size_t wbs = legacy_wbs(kind), bs = pk_bs(kind), qb = pk_qbytes(kind);
@@ -1430,7 +1422,7 @@ static void packK(int t, const void *W, size_t wrb, int64_t n_rows, int64_t n_co
     const int kind = pkK_kind(t);
     const size_t wbs = kq_wbs(kind), bs = pkK_bs(kind), qb = pkK_qbytes(kind);
     const int64_t nb = n_cols / QK_K;
-    static _Thread_local tileK_t S;
+    tileK_t S; /* one super-block of repackK's tile at a time */
     uint8_t *o = dst;
     for (int64_t row = 0; row < n_rows; row += TR) {
         const int nr = n_rows - row < TR ? (int)(n_rows - row) : TR;
@@ -1462,11 +1454,13 @@ static void packK(int t, const void *W, size_t wrb, int64_t n_rows, int64_t n_co
     }
 }
 
+/* row tiles x blocks x the packed block's bytes; 0 for a type without a packed layout */
 static size_t pack_bytes(int t, int64_t n_rows, int64_t n_cols) {
-    const int kind = pkK_kind(t);
-    if (kind < 0) return pack32_bytes(t, n_rows, n_cols);
-    if (n_rows <= 0 || n_cols <= 0 || n_cols % QK_K) return 0;
-    return (size_t)((n_rows + TR - 1) / TR) * (size_t)(n_cols / QK_K) * pkK_bs(kind);
+    const int kk = pkK_kind(t), kl = pk_kind(t);
+    const int64_t bw = kk >= 0 ? QK_K : QK32;
+    const size_t bs = kk >= 0 ? pkK_bs(kk) : kl >= 0 ? pk_bs(kl) : 0;
+    if (!bs || n_rows <= 0 || n_cols <= 0 || n_cols % bw) return 0;
+    return (size_t)((n_rows + TR - 1) / TR) * (size_t)(n_cols / bw) * bs;
 }
 
 static void pack(int t, const void *W, size_t wrb, int64_t n_rows, int64_t n_cols, void *dst) {
