@@ -48,7 +48,7 @@ $(BUILD)/libkvsieve.so: $(LIB_OBJ)
 # library does neither), and `kvsieve serve` under src/server/ (HTTP on libmicrohttpd, JSON on
 # jansson: linked into the program only, libkvsieve stays free of them)
 CLI_SRC  := src/main.c $(wildcard src/cli/*.c) $(wildcard src/server/*.c)
-SERVE_LIBS := -lmicrohttpd -ljansson -lxxhash
+SERVE_LIBS := -lmicrohttpd -ljansson -lxxhash -lhiredis
 GIT_COMMIT := $(shell git rev-parse --short HEAD 2>/dev/null || echo unknown)
 $(BUILD)/kvsieve: $(CLI_SRC) $(wildcard src/cli/*.h src/server/*.h) $(BUILD)/libkvsieve.a
 	$(CC) $(CFLAGS) -DKVS_GIT_COMMIT='"$(GIT_COMMIT)"' -o $@ $(CLI_SRC) $(BUILD)/libkvsieve.a $(SERVE_LIBS) $(LDLIBS)

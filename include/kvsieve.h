@@ -317,6 +317,29 @@ enum kvs_status kvs_seq_attach_prefix(kvs_context *c, kvs_sequence *s, kvs_prefi
  * .recompute item (all of them gives the bits of prefilling the chunk there). Errors:
  * KVS_ERR_INVALID_ARG (packed entries, another context), KVS_ERR_CONTEXT_FULL, KVS_ERR_NOMEM. */
 enum kvs_status kvs_seq_place_chunk(kvs_context *c, kvs_sequence *s, const kvs_prefix *chunk);
+/* A standalone chunk node (one reference, the caller's) holding a copy of s's own entries for
+ * the tokens [from, n_past): a chunk of text s was just fed (with .hold, so its entries are
+ * exact), at its original positions. It can be placed into other sequences
+ * (kvs_seq_place_chunk) and serialised, never attached as a prefix. Errors: KVS_ERR_INVALID_ARG
+ * (from outside s's own entries, entries not exact), KVS_ERR_NOMEM. */
+enum kvs_status kvs_chunk_publish(kvs_context *c, const kvs_sequence *s, int32_t from,
+                                  kvs_prefix **out);
+/* A node's own entries as bytes (malloc'ed into *out, *n bytes): "KVSNODE1", version, the
+ * model's fingerprint and shape, the token range, per layer and KV head the fp16 rows,
+ * positions and weights, and a CRC-64 of everything before it. Exact (unpacked) nodes only:
+ * KVS_ERR_UNSUPPORTED for a compressed one; KVS_ERR_NOMEM. */
+enum kvs_status kvs_prefix_serialize(const kvs_prefix *p, uint8_t **out, size_t *n);
+/* A standalone chunk node (one reference) from kvs_prefix_serialize's bytes, after checking
+ * every field: size, magic, version, checksum, the model's fingerprint and shape, positions
+ * ascending within the node's range, weights positive. KVS_ERR_FORMAT with the reason (a
+ * corrupt or foreign record is refused, never used), KVS_ERR_NOMEM. */
+enum kvs_status kvs_prefix_deserialize(kvs_context *c, const uint8_t *buf, size_t n,
+                                       kvs_prefix **out);
+/* First token of a node's own range (the chain before it covers [0, first)). */
+int kvs_prefix_first(const kvs_prefix *p);
+/* 64-bit fingerprint of the model's weights layout (tensor directory and the first 4 KiB of the
+ * token embeddings): records made by one model are refused by another. */
+uint64_t kvs_model_fingerprint(const kvs_model *m);
 /* Record where the attention of every token fed to s from now on goes: for each query and each
  * range of key positions [0, b_0), [b_0, b_1), ..., [b_{n-1}, inf) (n <= 15 ascending bounds),
  * the attention probability it pays there, averaged over query heads and layers (per KV head).

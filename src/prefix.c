@@ -12,6 +12,7 @@
  * context (the server's inference thread).
  */
 #include "engine.h"
+#include "kv/kv_file.h"
 
 #include <stdlib.h>
 #include <string.h>
@@ -27,6 +28,8 @@ struct kvs_prefix {
     struct kv_view *views; /* (n_layer) */
     int refs;
     uint64_t checksum;
+    bool chunk;         /* a standalone chunk ([n0, n1) without the chain before it): placed,
+                         * never attached */
 };
 
 static uint64_t node_checksum(const struct kv_seq *s) {
@@ -128,6 +131,8 @@ enum kvs_status kvs_prefix_publish(kvs_context *c, const kvs_sequence *s, kvs_pr
     if (parent && parent->c != c)
         return kvs_fail(KVS_ERR_INVALID_ARG, "kvs_prefix_publish: the parent belongs to another "
                         "context");
+    if (parent && parent->chunk)
+        return kvs_fail(KVS_ERR_INVALID_ARG, "kvs_prefix_publish: a chunk node cannot be a parent");
     /* parent must be s's chain end or a descendant of it (covering a prefix of s) */
     const struct kvs_prefix *q = parent;
     while (q && q != s->prefix && q->n1 > s->n_prefix) q = q->parent;
@@ -242,6 +247,9 @@ enum kvs_status kvs_seq_attach_prefix(kvs_context *c, kvs_sequence *s, kvs_prefi
                         "context");
     if (s->n_past || s->prefix)
         return kvs_fail(KVS_ERR_INVALID_ARG, "kvs_seq_attach_prefix: the sequence is not empty");
+    if (p->chunk)
+        return kvs_fail(KVS_ERR_INVALID_ARG, "kvs_seq_attach_prefix: a chunk node is placed "
+                        "(kvs_seq_place_chunk), not attached");
     const struct kv_spec *sp = &s->prof->spec;
     if (sp->method == KV_STREAMING && sp->reindex)
         return kvs_fail(KVS_ERR_INVALID_ARG, "'%s' moves positions (pos=cache), which a shared "
@@ -335,5 +343,161 @@ enum kvs_status kvs_seq_place_chunk(kvs_context *c, kvs_sequence *s, const kvs_p
         return st;
     }
     s->n_past += m;
+    return KVS_OK;
+}
+
+/* ---- chunk records ------------------------------------------------------------------------ */
+
+int kvs_prefix_first(const kvs_prefix *p) { return p ? p->n0 : 0; }
+
+uint64_t kvs_model_fingerprint(const kvs_model *m) { return m ? kv_file_model_hash(m) : 0; }
+
+enum kvs_status kvs_chunk_publish(kvs_context *c, const kvs_sequence *s, int32_t from,
+                                  kvs_prefix **out) {
+    *out = NULL;
+    if (!c || !s || c->seqs[s->slot] != s)
+        return kvs_fail(KVS_ERR_INVALID_ARG, "kvs_chunk_publish: the sequence does not belong to "
+                        "this context");
+    if (from < s->n_prefix || from >= s->n_past)
+        return kvs_fail(KVS_ERR_INVALID_ARG, "kvs_chunk_publish: tokens [%d, %d) are not the "
+                        "sequence's own (it holds [%d, %d))", from, s->n_past, s->n_prefix, s->n_past);
+    if (!seq_exact_from(s, from))
+        return kvs_fail(KVS_ERR_INVALID_ARG, "kvs_chunk_publish: the sequence's entries from "
+                        "token %d are not exact (feed the chunk with .hold)", from);
+    struct kvs_prefix *p;
+    enum kvs_status st = node_new(c, &p);
+    if (st != KVS_OK) return st;
+    for (int il = 0; il < c->m->hp.n_layer && st == KVS_OK; il++)
+        st = kv_seq_append_range(p->kv, s->kv, il, from, 0);
+    p->n0 = from;
+    p->n1 = s->n_past;
+    p->chunk = true;
+    if (st == KVS_OK) st = node_finish(c, p);
+    if (st != KVS_OK) {
+        node_free(p);
+        return st;
+    }
+    *out = p;
+    return KVS_OK;
+}
+
+#define NODE_MAGIC "KVSNODE1"
+enum { NODE_VERSION = 1, NODE_HEADER = 8 + 4 * 4 + 8 + 4 * 2 };
+
+static void put32(uint8_t **w, uint32_t x) { memcpy(*w, &x, 4), *w += 4; }
+static void put64(uint8_t **w, uint64_t x) { memcpy(*w, &x, 8), *w += 8; }
+
+enum kvs_status kvs_prefix_serialize(const kvs_prefix *p, uint8_t **out, size_t *n) {
+    *out = NULL, *n = 0;
+    const struct kv_cache *kc = p->kv->owner;
+    size_t hd = (size_t)kc->head_dim, size = NODE_HEADER + 8;
+    for (int i = 0; i < kc->n_layer * kc->n_head_kv; i++) {
+        const struct kv_head_store *h = &p->kv->h[i];
+        if (h->nc)
+            return kvs_fail(KVS_ERR_UNSUPPORTED, "a compressed (packed) node cannot be serialised");
+        size += 4 + (size_t)h->n * (8 + 4 * hd);
+    }
+    uint8_t *b = malloc(size), *w = b;
+    if (!b) return kvs_fail(KVS_ERR_NOMEM, "out of memory");
+    memcpy(w, NODE_MAGIC, 8), w += 8;
+    put32(&w, NODE_VERSION);
+    put32(&w, (uint32_t)kc->n_layer);
+    put32(&w, (uint32_t)kc->n_head_kv);
+    put32(&w, (uint32_t)kc->head_dim);
+    put64(&w, kv_file_model_hash(p->c->m));
+    put32(&w, (uint32_t)p->n0);
+    put32(&w, (uint32_t)p->n1);
+    for (int i = 0; i < kc->n_layer * kc->n_head_kv; i++) {
+        const struct kv_head_store *h = &p->kv->h[i];
+        put32(&w, (uint32_t)h->n);
+        memcpy(w, h->pos, (size_t)h->n * 4), w += (size_t)h->n * 4;
+        memcpy(w, h->w, (size_t)h->n * 4), w += (size_t)h->n * 4;
+        memcpy(w, h->k, (size_t)h->n * hd * 2), w += (size_t)h->n * hd * 2;
+        memcpy(w, h->v, (size_t)h->n * hd * 2), w += (size_t)h->n * hd * 2;
+    }
+    put64(&w, kv_file_crc64(0, b, size - 8));
+    *out = b, *n = size;
+    return KVS_OK;
+}
+
+static uint32_t get32(const uint8_t *r) {
+    uint32_t x;
+    memcpy(&x, r, 4);
+    return x;
+}
+static uint64_t get64(const uint8_t *r) {
+    uint64_t x;
+    memcpy(&x, r, 8);
+    return x;
+}
+
+enum kvs_status kvs_prefix_deserialize(kvs_context *c, const uint8_t *buf, size_t n,
+                                       kvs_prefix **out) {
+    *out = NULL;
+    const struct hparams *hp = &c->m->hp;
+    size_t hd = (size_t)hp->head_dim;
+    if (!buf || n < NODE_HEADER + 8 || memcmp(buf, NODE_MAGIC, 8))
+        return kvs_fail(KVS_ERR_FORMAT, "not a KV node record (bad magic or too short)");
+    if (get32(buf + 8) != NODE_VERSION)
+        return kvs_fail(KVS_ERR_FORMAT, "unsupported KV node version %u", get32(buf + 8));
+    if (kv_file_crc64(0, buf, n - 8) != get64(buf + n - 8))
+        return kvs_fail(KVS_ERR_FORMAT, "corrupted KV node record (checksum mismatch)");
+    if (get32(buf + 12) != (uint32_t)hp->n_layer || get32(buf + 16) != (uint32_t)hp->n_head_kv ||
+        get32(buf + 20) != (uint32_t)hp->head_dim || get64(buf + 24) != kv_file_model_hash(c->m))
+        return kvs_fail(KVS_ERR_FORMAT, "the KV node record was made by another model");
+    int32_t n0 = (int32_t)get32(buf + 32), n1 = (int32_t)get32(buf + 36);
+    if (n0 < 0 || n1 <= n0 || n1 - n0 > (1 << 24))
+        return kvs_fail(KVS_ERR_FORMAT, "KV node record: bad token range [%d, %d)", n0, n1);
+    struct kvs_prefix *p;
+    enum kvs_status st = node_new(c, &p);
+    if (st != KVS_OK) return st;
+    p->n0 = n0, p->n1 = n1, p->chunk = true;
+    const uint8_t *r = buf + NODE_HEADER, *end = buf + n - 8;
+    int32_t *pos = NULL;
+    float *w = NULL;
+    for (int il = 0; il < hp->n_layer && st == KVS_OK; il++)
+        for (int ih = 0; ih < hp->n_head_kv && st == KVS_OK; ih++) {
+            if (end - r < 4) {
+                st = kvs_fail(KVS_ERR_FORMAT, "truncated KV node record");
+                break;
+            }
+            uint32_t m = get32(r);
+            r += 4;
+            if (m > (uint32_t)(n1 - n0) || (size_t)(end - r) < (size_t)m * (8 + 4 * hd)) {
+                st = kvs_fail(KVS_ERR_FORMAT, "KV node record: layer %d head %d: bad entry count", il, ih);
+                break;
+            }
+            free(pos), free(w);
+            pos = malloc(4 * (size_t)(m ? m : 1)), w = malloc(4 * (size_t)(m ? m : 1));
+            uint16_t *k = malloc(2 * hd * (size_t)(m ? m : 1)), *v = malloc(2 * hd * (size_t)(m ? m : 1));
+            if (!pos || !w || !k || !v) st = kvs_fail(KVS_ERR_NOMEM, "out of memory");
+            if (st == KVS_OK) {
+                memcpy(pos, r, 4 * (size_t)m), r += 4 * (size_t)m;
+                memcpy(w, r, 4 * (size_t)m), r += 4 * (size_t)m;
+                memcpy(k, r, 2 * hd * m), r += 2 * hd * m;
+                memcpy(v, r, 2 * hd * m), r += 2 * hd * m;
+                for (uint32_t j = 0; j < m && st == KVS_OK; j++)
+                    if (pos[j] < n0 || pos[j] >= n1 || (j && pos[j] <= pos[j - 1]) || !(w[j] > 0) ||
+                        w[j] > 1e6f)
+                        st = kvs_fail(KVS_ERR_FORMAT, "KV node record: layer %d head %d: bad "
+                                      "position or weight", il, ih);
+                for (size_t q = 0; q < 2 * hd * m && st == KVS_OK; q++) {
+                    uint16_t x = q < hd * m ? k[q] : v[q - hd * m];
+                    if ((x & 0x7c00) == 0x7c00) /* inf or NaN halves */
+                        st = kvs_fail(KVS_ERR_FORMAT, "KV node record: layer %d head %d: a key or "
+                                      "value is not finite", il, ih);
+                }
+            }
+            if (st == KVS_OK) st = kv_seq_append_rows(p->kv, il, ih, (int32_t)m, pos, w, k, v);
+            free(k), free(v);
+        }
+    free(pos), free(w);
+    if (st == KVS_OK && r != end) st = kvs_fail(KVS_ERR_FORMAT, "KV node record: %zu bytes too many", (size_t)(end - r));
+    if (st == KVS_OK) st = node_finish(c, p);
+    if (st != KVS_OK) {
+        node_free(p);
+        return st;
+    }
+    *out = p;
     return KVS_OK;
 }

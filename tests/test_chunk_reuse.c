@@ -11,6 +11,7 @@
 #include "kvsieve.h"
 #include "engine.h"
 #include "ops.h"
+#include "kv/kv_file.h"
 #include "testutil.h"
 
 #include <math.h>
@@ -207,6 +208,58 @@ static void test_reuse(kvs_context *c, const int32_t *ctx_a, int na, const int32
     CHECK(kvs_step(c, &it, 1) == KVS_ERR_INVALID_ARG); /* no entry at that position */
     CHECK(kvs_seq_record_attention(c, y, &bound, 1) == KVS_ERR_INVALID_ARG); /* holds entries */
     kvs_seq_free(c, y);
+
+    /* a chunk record through bytes: kvs_chunk_publish (standalone, no parent), serialise,
+     * read back; placed and fully recomputed, the bits of the prefill again; any flipped byte,
+     * truncation or another model's fingerprint is refused */
+    kvs_prefix *solo = NULL, *back = NULL;
+    CHECK(kvs_seq_new(c, &y) == KVS_OK);
+    feed(c, y, ctx_a, na, NULL);
+    struct kvs_batch_item hi = {.seq = y, .tokens = chunk, .n = m, .hold = true};
+    CHECK(kvs_step(c, &hi, 1) == KVS_OK);
+    CHECKF(kvs_chunk_publish(c, y, na, &solo) == KVS_OK, "%s", kvs_last_error());
+    CHECK(kvs_prefix_first(solo) == na && kvs_prefix_n_tokens(solo) == na + m);
+    CHECK(kvs_chunk_publish(c, y, na + m, &back) == KVS_ERR_INVALID_ARG); /* nothing after it */
+    kvs_seq_free(c, y);
+    uint8_t *bytes = NULL;
+    size_t nbytes = 0;
+    CHECKF(kvs_prefix_serialize(solo, &bytes, &nbytes) == KVS_OK, "%s", kvs_last_error());
+    CHECKF(kvs_prefix_deserialize(c, bytes, nbytes, &back) == KVS_OK, "%s", kvs_last_error());
+    CHECK(kvs_prefix_checksum(back) == kvs_prefix_checksum(solo));
+    CHECK(kvs_prefix_checksum(solo) == kvs_prefix_checksum(node)); /* same entries as publish's */
+    CHECK(kvs_seq_new(c, &y) == KVS_OK);
+    CHECK(kvs_seq_attach_prefix(c, y, back) == KVS_ERR_INVALID_ARG); /* placed, never attached */
+    feed(c, y, ctx_b, nb, NULL);
+    CHECKF(kvs_seq_place_chunk(c, y, back) == KVS_OK, "%s", kvs_last_error());
+    for (int t = 0; t < m; t++) pos[t] = nb + t, toks[t] = chunk[t];
+    struct kvs_batch_item ri = {.seq = y, .tokens = toks, .n = m, .recompute = true, .pos = pos};
+    CHECK(kvs_step(c, &ri, 1) == KVS_OK);
+    feed(c, y, q, nq, got);
+    CHECKF(!memcmp(got, ref, sizeof(float) * n_vocab), "a record read back, 100%% recomputed vs "
+           "prefilled: max |diff| %.3g", tu_max_abs_diff(got, ref, n_vocab));
+    kvs_seq_free(c, y);
+    int refused = 0, tries = 0;
+    for (size_t off = 0; off < nbytes; off += 1 + nbytes / 97, tries++) { /* flipped bytes */
+        bytes[off] ^= 0x40;
+        kvs_prefix *bad = NULL;
+        enum kvs_status st = kvs_prefix_deserialize(c, bytes, nbytes, &bad);
+        refused += st == KVS_ERR_FORMAT && !bad;
+        if (bad) kvs_prefix_unref(bad);
+        bytes[off] ^= 0x40;
+    }
+    CHECKF(refused == tries, "flipped bytes refused: %d of %d", refused, tries);
+    kvs_prefix *badp = NULL;
+    CHECK(kvs_prefix_deserialize(c, bytes, nbytes - 9, &badp) == KVS_ERR_FORMAT && !badp);
+    bytes[24] ^= 1; /* another model's fingerprint, checksum made right again */
+    uint64_t crc = kv_file_crc64(0, bytes, nbytes - 8);
+    memcpy(bytes + nbytes - 8, &crc, 8);
+    CHECK(kvs_prefix_deserialize(c, bytes, nbytes, &badp) == KVS_ERR_FORMAT && !badp);
+    CHECK(strstr(kvs_last_error(), "another model") != NULL);
+    fprintf(stderr, "chunk record of %d tokens: %zu bytes; read back and recomputed = prefill bits; "
+            "%d flipped bytes, a truncation and a foreign fingerprint refused\n", m, nbytes, tries);
+    free(bytes);
+    kvs_prefix_unref(back);
+    kvs_prefix_unref(solo);
     kvs_prefix_unref(node);
     kvs_prefix_unref(pa);
     kvs_seq_free(c, x), kvs_seq_free(c, z);

@@ -892,6 +892,29 @@ enum kvs_status kv_seq_append_range(struct kv_seq *dst, const struct kv_seq *src
     return KVS_OK;
 }
 
+enum kvs_status kv_seq_append_rows(struct kv_seq *s, int il, int ih, int32_t n, const int32_t *pos,
+                                   const float *w, const uint16_t *k, const uint16_t *v) {
+    size_t hd = (size_t)s->owner->head_dim;
+    struct kv_head_store *h = kv_seq_head(s, il, ih);
+    if (n <= 0) return KVS_OK;
+    if (h->n && h->pos[h->n - 1] >= pos[0])
+        return kvs_fail(KVS_ERR_INVALID_ARG, "positions would not ascend");
+    if (h->n + n > h->cap || h->n - h->nc + n > h->hcap) {
+        int32_t cap = h->n + n > h->cap ? pad(h->n + n) : h->cap;
+        int32_t hcap = h->n - h->nc + n > h->hcap ? pad(h->n - h->nc + n) : h->hcap;
+        if (!head_resize4(s, h, cap, hcap, h->rcap, h->bcap))
+            return kvs_fail(KVS_ERR_NOMEM, "out of memory for the KV cache");
+    }
+    int32_t r = h->n - h->nc;
+    memcpy(h->k + (size_t)r * hd, k, (size_t)n * hd * 2);
+    memcpy(h->v + (size_t)r * hd, v, (size_t)n * hd * 2);
+    memcpy(h->pos + h->n, pos, (size_t)n * 4);
+    memcpy(h->w + h->n, w, (size_t)n * 4);
+    if (h->acc) memset(h->acc + h->n, 0, (size_t)n * 4);
+    h->n += n;
+    return KVS_OK;
+}
+
 bool kv_seq_overwrite(struct kv_seq *s, int il, int32_t pos, const float *k, const float *v) {
     int hd = s->owner->head_dim;
     for (int ih = 0; ih < s->owner->n_head_kv; ih++) {

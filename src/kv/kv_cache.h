@@ -123,6 +123,11 @@ void kv_seq_drop_queries(struct kv_seq *s);
  * packed (KVS_ERR_INVALID_ARG) or would not ascend after dst's; KVS_ERR_NOMEM. */
 enum kvs_status kv_seq_append_range(struct kv_seq *dst, const struct kv_seq *src, int il, int32_t from,
                                     int32_t delta);
+/* Append n exact fp16 rows to head ih of layer il (positions ascending after the head's last,
+ * weights, keys and values of head_dim halves each): a chunk record read back from a file.
+ * KVS_ERR_INVALID_ARG (positions), KVS_ERR_NOMEM. */
+enum kvs_status kv_seq_append_rows(struct kv_seq *s, int il, int ih, int32_t n, const int32_t *pos,
+                                   const float *w, const uint16_t *k, const uint16_t *v);
 /* Replace the key and value of the hot entry at position pos in every KV head of layer il (a
  * recomputed token); false when a head holds no hot entry there. */
 bool kv_seq_overwrite(struct kv_seq *s, int il, int32_t pos, const float *k, const float *v);

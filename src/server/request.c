@@ -72,6 +72,8 @@ void srv_params_free(struct srv_params *p) {
     for (int i = 0; i < p->n_stops; i++) free(p->stops[i]);
     free(p->kv);
     free(p->prefix_kv);
+    for (int i = 0; i < p->n_chunks; i++) free(p->chunks[i]);
+    free(p->chunks);
     memset(p, 0, sizeof *p);
 }
 
@@ -396,6 +398,39 @@ static bool parse_fields(json_t *root, enum srv_kind kind, const struct srv_limi
     if (!get_bool(root, "cache_prompt", &p->cache_prompt, e)) return false;
     if (!get_int(root, "id_slot", -1, 63, &v, &present, e)) return false;
     if (present) p->id_slot = (int)v;
+    /* chunk store: "chunks" (ids or texts), "chunk_reuse", "recompute_ratio" */
+    json_t *ch = json_object_get(root, "chunks");
+    if (ch && !json_is_null(ch)) {
+        if (!json_is_array(ch) || json_array_size(ch) > SRV_MAX_CHUNKS) {
+            srv_bad(e, "chunks", "'chunks' must be an array of at most %d strings (chunk ids or "
+                    "texts that occur in the prompt)", SRV_MAX_CHUNKS);
+            return false;
+        }
+        size_t n = json_array_size(ch);
+        p->chunks = calloc(n ? n : 1, sizeof *p->chunks);
+        for (size_t i = 0; i < n; i++) {
+            json_t *x = json_array_get(ch, i);
+            if (!json_is_string(x) || !json_string_length(x)) {
+                srv_bad(e, "chunks", "'chunks[%zu]' must be a non-empty string", i);
+                return false;
+            }
+            p->chunks[p->n_chunks++] = strdup(json_string_value(x));
+        }
+    }
+    json_t *cr = json_object_get(root, "chunk_reuse");
+    if (cr && !json_is_null(cr)) {
+        const char *names[] = {"cachecraft", "none", "all", "off"};
+        int k = -1;
+        for (int i = 0; i < 4 && json_is_string(cr); i++)
+            if (!strcmp(json_string_value(cr), names[i])) k = i;
+        if (k < 0) {
+            srv_bad(e, "chunk_reuse", "'chunk_reuse' must be \"cachecraft\", \"none\", \"all\" or "
+                    "\"off\"");
+            return false;
+        }
+        p->chunk_reuse = k;
+    }
+    if (!get_num(root, "recompute_ratio", 0, 1, &p->recompute_ratio, e)) return false;
     return true;
 }
 
@@ -409,6 +444,7 @@ bool srv_parse_request(const char *body, size_t len, enum srv_kind kind,
     out->repeat_penalty = 1.0f;
     out->cache_prompt = true;
     out->id_slot = -1;
+    out->recompute_ratio = -1;
     json_error_t je;
     json_t *root = json_loadb(body, len, JSON_REJECT_DUPLICATES, &je);
     if (!root) {

@@ -40,7 +40,14 @@ struct srv_params {
     char *prefix_kv; /* NULL: the server's --prefix-kv */
     bool cache_prompt;
     int id_slot;     /* -1: none */
+    /* chunk store (issue 15): chunk ids ("chunk-<hex>") or texts that occur in the prompt */
+    char **chunks;
+    int n_chunks;
+    int chunk_reuse;       /* enum srv_chunk_reuse */
+    float recompute_ratio; /* -1: Cache-Craft's decision */
 };
+enum srv_chunk_reuse { SRV_CR_CACHECRAFT, SRV_CR_NONE, SRV_CR_ALL, SRV_CR_OFF };
+#define SRV_MAX_CHUNKS 64
 
 struct srv_error {
     int status;        /* HTTP status */

@@ -109,6 +109,18 @@ static uint64_t spec_key(const char *spec, uint64_t chain) {
 
 /* ---- running requests ------------------------------------------------------------------ */
 
+enum { MAX_OCC = 7 }; /* chunks per request the store handles (15 recording bounds) */
+
+/* a chunk in a prompt: placed from a record (node), computed and cached (cache), or neither */
+struct occ {
+    int a, b;
+    uint64_t id;
+    kvs_prefix *node;  /* reuse: our reference to the record's KV */
+    int32_t *sel_pos, *sel_tok;
+    int n_sel;
+    bool cache;
+};
+
 struct run {
     kvs_sequence *seq;
     kvs_sampler *smp;
@@ -128,6 +140,12 @@ struct run {
     kvs_prefix *last;    /* our reference to the node ending at n_fed (or NULL) */
     const char *pkv;     /* compressed-prefix spec or NULL */
     bool recompute;      /* preempted: fed again from its tokens */
+    /* chunk store */
+    struct occ *occ;
+    int n_occ, i_occ;
+    int32_t bounds[2 * MAX_OCC];
+    int n_bounds;
+    int32_t *rc_pos, *rc_tok; /* one recompute item over adjacent placed chunks */
 };
 
 struct sched {
@@ -147,8 +165,23 @@ struct sched {
     } *restored; /* n_parallel */
 };
 
+static void occ_free(struct run *r) {
+    for (int i = 0; i < r->n_occ; i++) {
+        if (r->occ[i].node) kvs_prefix_unref(r->occ[i].node);
+        free(r->occ[i].sel_pos);
+        free(r->occ[i].sel_tok);
+    }
+    free(r->occ);
+    r->occ = NULL;
+    free(r->rc_pos);
+    free(r->rc_tok);
+    r->rc_pos = r->rc_tok = NULL;
+    r->n_occ = r->i_occ = r->n_bounds = 0;
+}
+
 static void run_free(struct sched *S, struct run *r) {
     if (!r) return;
+    occ_free(r);
     if (r->seq) kvs_seq_free(S->srv->ctx, r->seq);
     if (r->last) kvs_prefix_unref(r->last);
     kvs_sampler_free(r->smp);
@@ -244,7 +277,157 @@ static void push_tok(struct run *r, int32_t t) {
     r->toks[r->n_toks++] = t;
 }
 
+/* ---- chunk store ------------------------------------------------------------------------ */
+
+struct cand {
+    int a, b;
+    uint64_t id;
+};
+struct scan_arg {
+    struct cand *c;
+    int n, cap, lim, max;
+};
+static void on_found(void *arg, struct chunk_rec *rec, int at) {
+    struct scan_arg *sa = arg;
+    if (sa->n < sa->cap && at + rec->n <= sa->lim && rec->n <= sa->max)
+        sa->c[sa->n++] = (struct cand){at, at + rec->n, rec->id};
+}
+
+static int range_of(const struct run *r, int x) {
+    int k = 0;
+    while (k < r->n_bounds && r->bounds[k] <= x) k++;
+    return k;
+}
+
+/* the chunks of j's prompt (the texts it named, then registered chunks recognised by their
+ * tokens), and for each the decision: place its record and recompute a selection, or compute
+ * and cache it. Called at admission, before the prefix cache attaches anything. */
+static void plan_chunks(struct sched *S, struct job *j) {
+    struct srv *srv = S->srv;
+    struct run *r = j->run;
+    struct chunk_store *cs = srv->chunks;
+    occ_free(r);
+    if (!cs || j->p.chunk_reuse == SRV_CR_OFF || r->recompute || r->n_fed) return;
+    const struct chunk_cfg *cc = chunk_store_cfg(cs);
+    int lim = j->chunk_register ? j->n_prompt : j->n_prompt - 1; /* the last token is computed */
+    int maxn = cc->max_tokens < S->step_tokens ? cc->max_tokens : S->step_tokens;
+    struct cand c[SRV_MAX_CHUNKS + 2 * MAX_OCC];
+    int n = 0;
+    for (int k = 0; k < j->n_chunk_at; k++) {
+        int a = j->chunk_at[k][0], b = j->chunk_at[k][1];
+        if (b - a >= cc->min_tokens && b - a <= maxn && b <= lim)
+            c[n++] = (struct cand){a, b, chunk_id(j->toks + a, b - a)};
+    }
+    for (int x = 1; x < n; x++) /* by position */
+        for (int y = x; y > 0 && c[y].a < c[y - 1].a; y--) {
+            struct cand t = c[y];
+            c[y] = c[y - 1], c[y - 1] = t;
+        }
+    if (!j->chunk_register) { /* recognition in the gaps */
+        struct scan_arg sa = {c, n, (int)(sizeof c / sizeof c[0]), lim, maxn};
+        int from = 0, n_expl = n;
+        for (int k = 0; k <= n_expl; k++) {
+            int to = k < n_expl ? c[k].a : lim;
+            if (to > from) chunk_scan(cs, j->toks, from, to, on_found, &sa);
+            if (k < n_expl) from = c[k].b;
+        }
+        n = sa.n;
+        for (int x = 1; x < n; x++)
+            for (int y = x; y > 0 && c[y].a < c[y - 1].a; y--) {
+                struct cand t = c[y];
+                c[y] = c[y - 1], c[y - 1] = t;
+            }
+    }
+    if (n > MAX_OCC) n = MAX_OCC;
+    if (!n) return;
+    r->occ = calloc((size_t)n, sizeof *r->occ);
+    uint64_t parts[CHUNK_MAX_CTX];
+    int np = 0;
+    if (c[0].a > 0) parts[np++] = chunk_id(j->toks, c[0].a);
+    int32_t *sel = malloc(sizeof *sel * (size_t)maxn);
+    for (int k = 0; k < n; k++) {
+        struct occ *o = &r->occ[r->n_occ++];
+        o->a = c[k].a, o->b = c[k].b, o->id = c[k].id;
+        int m = o->b - o->a;
+        struct chunk_rec *rec = chunk_get(cs, o->id, j->toks + o->a, m);
+        if (rec && j->chunk_register) j->chunks_found++;
+        else if (rec) {
+            int ns = 0;
+            double cfo = 0;
+            if (j->p.chunk_reuse == SRV_CR_ALL) {
+                for (int t = 0; t < m; t++) sel[t] = t;
+                ns = m;
+            } else if (j->p.chunk_reuse == SRV_CR_CACHECRAFT)
+                ns = chunk_plan(cs, rec, parts, np, o->a, j->p.recompute_ratio, sel, &cfo);
+            if (ns >= 0) {
+                o->node = rec->node;
+                kvs_prefix_ref(o->node);
+                o->n_sel = ns;
+                o->sel_pos = malloc(sizeof *o->sel_pos * (size_t)(ns ? ns : 1));
+                o->sel_tok = malloc(sizeof *o->sel_tok * (size_t)(ns ? ns : 1));
+                for (int t = 0; t < ns; t++) {
+                    o->sel_pos[t] = o->a + sel[t];
+                    o->sel_tok[t] = j->toks[o->a + sel[t]];
+                }
+            }
+        } else o->cache = true;
+        if (np < CHUNK_MAX_CTX) parts[np++] = o->id;
+    }
+    free(sel);
+    for (int k = 0; k < r->n_occ; k++) { /* recording bounds: every chunk's edges */
+        int e[2] = {r->occ[k].a, r->occ[k].b};
+        for (int q = 0; q < 2; q++)
+            if (e[q] > 0 && (!r->n_bounds || r->bounds[r->n_bounds - 1] < e[q]))
+                r->bounds[r->n_bounds++] = e[q];
+    }
+}
+
+/* j's chunk o was just fed (with .hold, attention recorded): make its record */
+static void publish_chunk(struct sched *S, struct job *j, struct occ *o) {
+    struct srv *srv = S->srv;
+    struct run *r = j->run;
+    kvs_prefix *node;
+    if (kvs_chunk_publish(srv->ctx, r->seq, o->a, &node) != KVS_OK) {
+        fprintf(stderr, "kvsieve serve: chunk not cached: %s\n", kvs_last_error());
+        return;
+    }
+    int m = o->b - o->a, H = srv->mi.n_head_kv, nr = r->n_bounds + 1;
+    struct chunk_rec *rec = calloc(1, sizeof *rec);
+    float *sh = malloc(sizeof *sh * (size_t)m * (size_t)H * (size_t)nr);
+    double *per = calloc((size_t)nr, sizeof *per);
+    rec->toks = malloc(sizeof *rec->toks * (size_t)m);
+    rec->outside = calloc((size_t)m, sizeof *rec->outside);
+    rec->id = o->id, rec->n = m, rec->n0 = o->a, rec->node = node;
+    memcpy(rec->toks, j->toks + o->a, sizeof *rec->toks * (size_t)m);
+    int own = range_of(r, o->a);
+    if (kvs_seq_recorded_attention(r->seq, o->a, m, sh) == nr) {
+        for (int t = 0; t < m; t++) {
+            double in = 0;
+            for (int h = 0; h < H; h++)
+                for (int q = 0; q < nr; q++) {
+                    double x = sh[((size_t)t * H + h) * nr + q] / H;
+                    per[q] += x;
+                    if (q == own) in += x;
+                }
+            rec->outside[t] = (float)(1.0 - in);
+        }
+        rec->intra = (float)per[own];
+        /* the context it was cached in: the text before the first chunk, the earlier chunks */
+        if (r->occ[0].a > 0 && rec->n_ctx < CHUNK_MAX_CTX)
+            rec->ctx[rec->n_ctx++] = (struct chunk_part){chunk_id(j->toks, r->occ[0].a),
+                                                         r->occ[0].a, (float)per[0]};
+        for (struct occ *q = r->occ; q < o && rec->n_ctx < CHUNK_MAX_CTX; q++)
+            rec->ctx[rec->n_ctx++] = (struct chunk_part){q->id, q->b - q->a,
+                                                         (float)per[range_of(r, q->a)]};
+    } else rec->intra = (float)m;
+    free(sh);
+    free(per);
+    chunk_put(srv->chunks, rec);
+    j->chunks_cached++;
+}
+
 static void compress_prefix(struct sched *S, struct job *j);
+static void prefix_attach(struct sched *S, struct job *j, bool may_hold);
 
 /* try to admit waiting job j into a free slot (under mu); false when it does not fit now */
 static bool admit(struct sched *S, struct job *j, int slot) {
@@ -338,11 +521,34 @@ static bool admit(struct sched *S, struct job *j, int slot) {
     snprintf(srv->slots[slot].kv, sizeof srv->slots[slot].kv, "%s",
              kvs_seq_kv(srv->ctx, r->seq));
 
-    /* prefix cache: attach the longest cached chain of whole blocks (one prompt token at least
-     * is left to evaluate), then feed the following whole blocks with .hold and publish them */
-    if (r->recompute || r->n_fed || !j->p.cache_prompt || srv->cfg.prefix_mem <= 0) return true;
+    plan_chunks(S, j);
+    if (j->chunk_register && j->chunks_found) { /* POST /v1/chunks: the record exists */
+        job_finish(S, j, FIN_LENGTH, NULL);
+        return true;
+    }
+    prefix_attach(S, j, may_hold);
+    /* chunks to cache: record where their tokens' attention goes (Cache-Craft's metadata) */
+    bool rec_on = false;
+    for (int k = 0; k < r->n_occ; k++) {
+        if (r->occ[k].a < r->n_fed) r->occ[k].cache = false; /* covered by a prefix hit */
+        rec_on |= r->occ[k].cache;
+    }
+    while (r->i_occ < r->n_occ && r->occ[r->i_occ].a < r->n_fed) r->i_occ++;
+    if (rec_on && kvs_seq_record_attention(srv->ctx, r->seq, r->bounds, r->n_bounds) != KVS_OK)
+        for (int k = 0; k < r->n_occ; k++) r->occ[k].cache = false;
+    return true;
+}
+
+/* prefix cache: attach the longest cached chain of whole blocks (one prompt token at least is
+ * left to evaluate; none past the first chunk of the prompt), then feed the following whole
+ * blocks with .hold and publish them */
+static void prefix_attach(struct sched *S, struct job *j, bool may_hold) {
+    struct srv *srv = S->srv;
+    struct run *r = j->run;
+    if (r->recompute || r->n_fed || !j->p.cache_prompt || srv->cfg.prefix_mem <= 0) return;
     int nb = (j->n_prompt - 1) / BLOCK;
-    if (nb <= 0) return true;
+    if (r->n_occ && nb > r->occ[0].a / BLOCK) nb = r->occ[0].a / BLOCK;
+    if (nb <= 0) return;
     uint64_t key = 0, best_key = 0;
     int best = 0;
     struct pnode *bn = NULL, *cn = NULL;
@@ -369,10 +575,10 @@ static bool admit(struct sched *S, struct job *j, int slot) {
             srv->st.prefix_hits++;
             srv->st.prefix_tokens_reused += (uint64_t)r->n_fed;
         }
-        return true; /* nothing is published after a compressed prefix */
+        return; /* nothing is published after a compressed prefix */
     }
     if (bn) {
-        if (kvs_seq_attach_prefix(srv->ctx, r->seq, bn->p) != KVS_OK) return true;
+        if (kvs_seq_attach_prefix(srv->ctx, r->seq, bn->p) != KVS_OK) return;
         /* touch the chain */
         uint64_t k2 = 0;
         for (int b = 0; b < best; b++) {
@@ -390,7 +596,6 @@ static bool admit(struct sched *S, struct job *j, int slot) {
     }
     r->hold_end = may_hold ? nb * BLOCK : 0;
     if (may_hold && r->n_fed == r->hold_end) compress_prefix(S, j);
-    return true;
 }
 
 /* the sequence holds exactly the prompt's whole blocks (attached or fed with .hold): compress
@@ -519,7 +724,9 @@ static void on_logits(struct sched *S, struct job *j, const float *lg) {
         r->t_prompt_end = t;
         if (!r->recompute) {
             j->prompt_ms = t - r->t_start;
-            srv->st.prompt_tokens += (uint64_t)(j->n_prompt - j->n_cached);
+            j->prompt_computed = j->n_prompt - j->n_cached - j->chunk_tokens_reused +
+                                 j->chunk_tokens_recomputed;
+            srv->st.prompt_tokens += (uint64_t)j->prompt_computed;
             srv->st.prompt_ms += j->prompt_ms;
         }
         int64_t dec = kvs_kv_bytes_bound_decode(srv->ctx, job_kv(S, j), j->n_prompt,
@@ -579,6 +786,7 @@ static bool preempt_youngest(struct sched *S) {
     r->last = NULL;
     r->recompute = true;
     r->prompt_done = false;
+    occ_free(r);
     S->slots[y->slot] = NULL;
     srv->slots[y->slot].used = false;
     srv->st.running--;
@@ -629,6 +837,11 @@ static void snapshot(struct sched *S) {
     if (S->pc.bytes > (uint64_t)srv->cfg.prefix_mem)
         srv->st.prefix_evictions += pc_evict(&S->pc, (uint64_t)srv->cfg.prefix_mem);
     srv->st.prefix_bytes = S->pc.bytes;
+    if (srv->chunks) {
+        chunk_tick(srv->chunks);
+        chunk_stats(srv->chunks, &srv->st.chunks);
+        srv->st.chunks_on = true;
+    }
     srv->st.prefix_nodes = (uint64_t)S->pc.n;
     int w = 0;
     for (struct job *j = S->waiting; j; j = j->next) w++;
@@ -702,6 +915,8 @@ static void run_cmds(struct sched *S) {
                         (unsigned long long)n->checksum0);
             snprintf(o + len, cap - len, "]");
             c->out = o;
+        } else if (c->action == 4) { /* list the chunk store */
+            c->out = srv->chunks ? chunk_list_json(srv->chunks) : strdup("[]");
         } else if (c->action == 2) { /* erase */
             struct restored *rs = &S->restored[c->slot];
             int n = rs->path ? 1 : 0;
@@ -761,6 +976,8 @@ void *sched_main(void *arg) {
     if (np < 64 && kvs_seq_new(srv->ctx, &S->probe) != KVS_OK) S->probe = NULL;
     struct kvs_batch_item *items = calloc((size_t)np, sizeof *items);
     struct job **item_job = calloc((size_t)np, sizeof *item_job);
+    int *item_kind = calloc((size_t)np, sizeof *item_kind); /* 0 prompt/decode, 1 recompute, 2 chunk */
+    bool *skip = calloc((size_t)np, sizeof *skip);
 
     pthread_mutex_lock(&srv->mu);
     for (;;) {
@@ -846,14 +1063,16 @@ void *sched_main(void *arg) {
             struct run *r = j->run;
             items[n_items] = (struct kvs_batch_item){.seq = r->seq, .tokens = r->toks + r->n_fed,
                                                      .n = 1, .decode = true};
+            item_kind[n_items] = 0;
             item_job[n_items++] = j;
             left--;
         }
+        memset(skip, 0, sizeof *skip * (size_t)np);
         for (;;) {
             struct job *best = NULL;
             for (int i = 0; i < np; i++) {
                 struct job *j = S->slots[i];
-                bool queued = false;
+                bool queued = skip[i];
                 for (int k = 0; k < n_items; k++) queued |= item_job[k] == j;
                 if (j && !j->run->prompt_done && !queued &&
                     (!best || j->run->order < best->run->order))
@@ -861,17 +1080,65 @@ void *sched_main(void *arg) {
             }
             if (!best || left <= 0) break;
             struct run *r = best->run;
+            struct occ *o = r->i_occ < r->n_occ ? &r->occ[r->i_occ] : NULL;
+            while (o && !o->cache && !o->node && r->n_fed >= o->a) /* prefilled like the rest */
+                o = ++r->i_occ < r->n_occ ? &r->occ[r->i_occ] : NULL;
+            if (o && o->node && r->n_fed == o->a) {
+                /* cached chunks: place their records here (adjacent ones together), then
+                 * recompute the selected tokens of all of them in one item */
+                if (o->n_sel > left) {
+                    skip[best->slot] = true; /* next tick, with room for the recomputation */
+                    continue;
+                }
+                if (!r->rc_pos) {
+                    r->rc_pos = malloc(sizeof *r->rc_pos * (size_t)best->n_prompt);
+                    r->rc_tok = malloc(sizeof *r->rc_tok * (size_t)best->n_prompt);
+                }
+                int nsel = 0;
+                while (o && o->node && r->n_fed == o->a && nsel + o->n_sel <= left) {
+                    enum kvs_status pst = kvs_seq_place_chunk(srv->ctx, r->seq, o->node);
+                    kvs_prefix_unref(o->node);
+                    o->node = NULL;
+                    if (pst != KVS_OK) break; /* (context full) prefilled instead */
+                    int m = o->b - o->a;
+                    memcpy(r->rc_pos + nsel, o->sel_pos, sizeof *o->sel_pos * (size_t)o->n_sel);
+                    memcpy(r->rc_tok + nsel, o->sel_tok, sizeof *o->sel_tok * (size_t)o->n_sel);
+                    nsel += o->n_sel;
+                    r->n_fed = o->b;
+                    best->chunks_reused++;
+                    best->chunk_tokens_reused += m;
+                    best->chunk_tokens_recomputed += o->n_sel;
+                    chunk_note_reuse(srv->chunks, m, o->n_sel);
+                    o = ++r->i_occ < r->n_occ ? &r->occ[r->i_occ] : NULL;
+                }
+                if (nsel) {
+                    items[n_items] = (struct kvs_batch_item){.seq = r->seq, .tokens = r->rc_tok,
+                                                             .n = nsel, .recompute = true,
+                                                             .pos = r->rc_pos};
+                    item_kind[n_items] = 1;
+                    item_job[n_items++] = best;
+                    left -= nsel;
+                }
+                continue;
+            }
             int n = r->n_toks - r->n_fed;
             bool hold = false;
+            int kind = 0;
             if (r->n_fed < r->hold_end) {
                 int to_block = BLOCK - r->n_fed % BLOCK;
                 n = to_block;
                 hold = true;
             }
+            if (o && o->cache && r->n_fed >= o->a) { /* a chunk to cache: exact until published */
+                n = o->b - r->n_fed;
+                hold = true;
+                kind = 2;
+            } else if (o && r->n_fed < o->a && n > o->a - r->n_fed) n = o->a - r->n_fed;
             if (n > left) n = left;
             bool end = r->n_fed + n == r->n_toks;
             items[n_items] = (struct kvs_batch_item){.seq = r->seq, .tokens = r->toks + r->n_fed,
                                                      .n = n, .prompt_end = end, .hold = hold};
+            item_kind[n_items] = kind;
             item_job[n_items++] = best;
             left -= n;
         }
@@ -900,8 +1167,15 @@ void *sched_main(void *arg) {
             struct job *j = item_job[k];
             struct run *r = j->run;
             if (!r) continue;
+            if (item_kind[k] == 1) continue; /* recomputed chunk tokens: n_fed already past them */
             r->n_fed += items[k].n;
-            if (items[k].hold && r->n_fed % BLOCK == 0) publish_block(S, j);
+            if (item_kind[k] == 2) {
+                struct occ *o = &r->occ[r->i_occ];
+                if (r->n_fed == o->b) {
+                    publish_chunk(S, j, o);
+                    r->i_occ++;
+                }
+            } else if (items[k].hold && r->n_fed % BLOCK == 0) publish_block(S, j);
             if (items[k].logits) on_logits(S, j, items[k].logits);
         }
         snapshot(S);
@@ -913,6 +1187,8 @@ void *sched_main(void *arg) {
     if (S->probe) kvs_seq_free(srv->ctx, S->probe);
     free(items);
     free(item_job);
+    free(item_kind);
+    free(skip);
     free(S->logits);
     for (int i = 0; i < np; i++) {
         free(S->restored[i].path);

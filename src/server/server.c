@@ -35,6 +35,7 @@ void job_release(struct job *j) {
     if (--j->refs > 0) return;
     srv_params_free(&j->p);
     free(j->toks);
+    free(j->chunk_at);
     free(j->out);
     free(j->lps);
     free(j);
@@ -230,6 +231,14 @@ static json_t *timings_json(const struct job *j) {
                         json_real(j->predicted_ms > 0 ? j->n_gen / (j->predicted_ms / 1e3) : 0));
     json_object_set_new(t, "cache_n", json_integer(j->n_cached));
     json_object_set_new(t, "pinned_n", json_integer(j->n_pin));
+    json_object_set_new(t, "prompt_computed", json_integer(j->prompt_computed));
+    json_object_set_new(t, "chunks_reused", json_integer(j->chunks_reused));
+    json_object_set_new(t, "chunks_cached", json_integer(j->chunks_cached));
+    json_object_set_new(t, "chunk_tokens_reused", json_integer(j->chunk_tokens_reused));
+    json_object_set_new(t, "chunk_tokens_recomputed", json_integer(j->chunk_tokens_recomputed));
+    json_object_set_new(t, "recompute_fraction",
+                        json_real(j->chunk_tokens_reused ? (double)j->chunk_tokens_recomputed /
+                                                           j->chunk_tokens_reused : 0.0));
     return t;
 }
 
@@ -425,6 +434,62 @@ static int32_t *tokenize(const struct srv *srv, const char *text, bool bos, bool
     return t;
 }
 
+/* The text tokenized piecewise at the first occurrence of each chunk text of the request
+ * ("chunks" entries that are not ids), so that a chunk's tokens are those of the chunk alone
+ * wherever it appears; the chunks' token ranges go into j->chunk_at. Without chunk texts, the
+ * whole text at once. */
+static int32_t *tokenize_pieces(const struct srv *srv, struct job *j, const char *text, bool bos,
+                                bool special, int *n) {
+    struct occ { size_t at, len; } oc[SRV_MAX_CHUNKS];
+    int no = 0;
+    for (int i = 0; i < j->p.n_chunks; i++) {
+        uint64_t id;
+        if (chunk_id_parse(j->p.chunks[i], &id)) continue;
+        const char *f = strstr(text, j->p.chunks[i]);
+        if (!f) continue;
+        size_t at = (size_t)(f - text), len = strlen(j->p.chunks[i]);
+        bool clash = false;
+        for (int k = 0; k < no; k++) clash |= at < oc[k].at + oc[k].len && oc[k].at < at + len;
+        if (!clash) oc[no++] = (struct occ){at, len};
+    }
+    if (!no) return tokenize(srv, text, bos, special, n);
+    for (int a = 1; a < no; a++) /* by position */
+        for (int b = a; b > 0 && oc[b].at < oc[b - 1].at; b--) {
+            struct occ t = oc[b];
+            oc[b] = oc[b - 1], oc[b - 1] = t;
+        }
+    int32_t *all = NULL;
+    int cap = 0, len = 0;
+    j->chunk_at = calloc((size_t)no, sizeof *j->chunk_at);
+    size_t pos = 0;
+    for (int k = 0; k <= no; k++) {
+        for (int part = 0; part < 2; part++) { /* the text before the chunk, then the chunk */
+            if (k == no && part == 1) break;
+            size_t from = part ? oc[k].at : pos, to = part ? oc[k].at + oc[k].len : k < no ? oc[k].at : strlen(text);
+            if (to <= from && !(bos && len == 0)) continue;
+            char *piece = strndup(text + from, to - from);
+            int m = 0;
+            int32_t *t = tokenize(srv, piece, bos && len == 0, special, &m);
+            free(piece);
+            if (len + m > cap) {
+                cap = (len + m) * 2 + 16;
+                all = realloc(all, sizeof *all * (size_t)cap);
+            }
+            if (m) memcpy(all + len, t, sizeof *t * (size_t)m);
+            free(t);
+            if (part) {
+                j->chunk_at[j->n_chunk_at][0] = len;
+                j->chunk_at[j->n_chunk_at][1] = len + m;
+                j->n_chunk_at++;
+            }
+            len += m;
+        }
+        if (k < no) pos = oc[k].at + oc[k].len;
+    }
+    *n = len;
+    return all;
+}
+
 static enum MHD_Result handle_completion(struct srv *srv, struct MHD_Connection *c,
                                          struct conn *cs, enum srv_kind kind) {
     struct srv_error e;
@@ -449,7 +514,7 @@ static enum MHD_Result handle_completion(struct srv *srv, struct MHD_Connection 
         size_t need = kvs_chat_apply(srv->model, m, j->p.n_msgs, true, NULL, 0);
         char *text = malloc(need + 1);
         kvs_chat_apply(srv->model, m, j->p.n_msgs, true, text, need + 1);
-        j->toks = tokenize(srv, text, false, true, &j->n_prompt);
+        j->toks = tokenize_pieces(srv, j, text, false, true, &j->n_prompt);
         free(text);
         if (j->toks && j->n_prompt > 1 && !strcmp(m[0].role, "system")) {
             /* pin the system message (template included): a budgeted cache that runs past the
@@ -468,7 +533,7 @@ static enum MHD_Result handle_completion(struct srv *srv, struct MHD_Connection 
         }
         free(m);
     } else if (j->p.prompt) {
-        j->toks = tokenize(srv, j->p.prompt, true, false, &j->n_prompt);
+        j->toks = tokenize_pieces(srv, j, j->p.prompt, true, false, &j->n_prompt);
     } else {
         j->toks = malloc(sizeof *j->toks * (size_t)j->p.n_prompt_toks);
         memcpy(j->toks, j->p.prompt_toks, sizeof *j->toks * (size_t)j->p.n_prompt_toks);
@@ -674,6 +739,154 @@ static void prom(char **b, size_t *len, size_t *cap, const char *fmt, ...) {
     }
 }
 
+/* GET /v1/chunks: the known records (listed by the inference thread) */
+static enum MHD_Result handle_chunks_list(struct srv *srv, struct MHD_Connection *c) {
+    if (srv->cfg.chunk.mem <= 0)
+        return send_err(c, 501, "not_implemented_error", NULL, NULL,
+                        "the chunk store is off (--chunk-mem 0)");
+    struct slot_cmd *cmd = calloc(1, sizeof *cmd);
+    cmd->action = 4;
+    cmd->slot = -1;
+    pthread_mutex_lock(&srv->mu);
+    cmd->next = srv->cmds;
+    srv->cmds = cmd;
+    pthread_cond_signal(&srv->cv_sched);
+    while (!cmd->done && !srv->stopping) pthread_cond_wait(&srv->cv_out, &srv->mu);
+    pthread_mutex_unlock(&srv->mu);
+    json_error_t je;
+    json_t *arr = cmd->out ? json_loads(cmd->out, 0, &je) : NULL;
+    free(cmd->out);
+    free(cmd);
+    if (!arr) return send_err(c, 503, "unavailable_error", NULL, NULL, "the server is shutting down");
+    json_t *o = json_object();
+    json_object_set_new(o, "object", json_string("list"));
+    json_object_set_new(o, "data", arr);
+    return send_json(c, 200, o);
+}
+
+/* POST /v1/chunks {"text" | "tokens", "prefix"}: compute and store a chunk's record */
+static enum MHD_Result handle_chunks_post(struct srv *srv, struct MHD_Connection *c, struct conn *cs) {
+    if (srv->cfg.chunk.mem <= 0)
+        return send_err(c, 501, "not_implemented_error", NULL, NULL,
+                        "the chunk store is off (--chunk-mem 0)");
+    struct srv_error e;
+    json_t *o = parse_body_object(cs, &e);
+    if (!o) return send_error(c, &e);
+    json_t *text = json_object_get(o, "text"), *toks = json_object_get(o, "tokens"),
+           *prefix = json_object_get(o, "prefix");
+    if ((!text || json_is_null(text)) == (!toks || json_is_null(toks))) {
+        json_decref(o);
+        return send_err(c, 400, "invalid_request_error", "text", NULL,
+                        "give the chunk as \"text\" (a string) or \"tokens\" (token ids), one of them");
+    }
+    if ((text && !json_is_null(text) && (!json_is_string(text) || !json_string_length(text))) ||
+        (prefix && !json_is_null(prefix) && !json_is_string(prefix))) {
+        json_decref(o);
+        return send_err(c, 400, "invalid_request_error", text && !json_is_string(text) ? "text" : "prefix",
+                        NULL, "\"text\" must be a non-empty string and \"prefix\" a string");
+    }
+    struct job *j = calloc(1, sizeof *j);
+    j->p.kind = SRV_COMPLETION;
+    j->p.max_tokens = 0;
+    j->p.temperature = 0;
+    j->p.top_p = 1;
+    j->p.repeat_penalty = 1;
+    j->p.kv = strdup("full");
+    j->p.id_slot = -1;
+    j->p.recompute_ratio = -1;
+    j->chunk_register = true;
+    j->slot = -1;
+    j->t_arrive = now_ms();
+    j->created = (long long)time(NULL);
+    snprintf(j->id, sizeof j->id, "chunkreq-%llx", (unsigned long long)j->created);
+    int np = 0, nc = 0;
+    int32_t *pt = NULL, *ct = NULL;
+    const char *pre = prefix && json_is_string(prefix) ? json_string_value(prefix) : "";
+    if (*pre) pt = tokenize(srv, pre, true, false, &np);
+    const char *bad = NULL;
+    if (text && json_is_string(text)) {
+        if (!*pre) { /* the chunk first: the model's BOS (if any) goes before it, not in it */
+            int nb = 0;
+            pt = tokenize(srv, "", true, false, &nb);
+            np = nb;
+        }
+        ct = tokenize(srv, json_string_value(text), false, false, &nc);
+    } else if (!json_is_array(toks)) bad = "\"tokens\" must be an array of token ids";
+    else {
+        nc = (int)json_array_size(toks);
+        ct = malloc(sizeof *ct * (size_t)(nc ? nc : 1));
+        for (int i = 0; i < nc && !bad; i++) {
+            json_t *x = json_array_get(toks, (size_t)i);
+            if (!json_is_integer(x) || json_integer_value(x) < 0 || json_integer_value(x) >= srv->mi.n_vocab)
+                bad = "\"tokens\" must hold token ids of this model";
+            else ct[i] = (int32_t)json_integer_value(x);
+        }
+    }
+    json_decref(o);
+    const struct chunk_cfg *cc = &srv->cfg.chunk;
+    char msg[300];
+    if (!bad && (nc < cc->min_tokens || nc > cc->max_tokens)) {
+        snprintf(msg, sizeof msg, "the chunk has %d tokens; chunks have %d to %d (--chunk-min, "
+                 "--chunk-max)", nc, cc->min_tokens, cc->max_tokens);
+        bad = msg;
+    }
+    if (!bad && np + nc >= srv->cfg.n_ctx) bad = "the prefix and the chunk do not fit the context (-c)";
+    if (bad) {
+        free(pt), free(ct);
+        j->refs = 1;
+        pthread_mutex_lock(&srv->mu);
+        job_release(j);
+        pthread_mutex_unlock(&srv->mu);
+        return send_err(c, 400, "invalid_request_error", "text", NULL, "%s", bad);
+    }
+    j->n_prompt = np + nc;
+    j->toks = malloc(sizeof *j->toks * (size_t)j->n_prompt);
+    if (np) memcpy(j->toks, pt, sizeof *pt * (size_t)np);
+    memcpy(j->toks + np, ct, sizeof *ct * (size_t)nc);
+    free(pt), free(ct);
+    j->chunk_at = calloc(1, sizeof *j->chunk_at);
+    j->chunk_at[0][0] = np, j->chunk_at[0][1] = np + nc;
+    j->n_chunk_at = 1;
+    uint64_t cid = chunk_id(j->toks + np, nc);
+    pthread_mutex_lock(&srv->mu);
+    j->refs = 2;
+    j->state = J_SUBMITTED;
+    if (srv->submitted_tail) srv->submitted_tail->next = j;
+    else srv->submitted = j;
+    srv->submitted_tail = j;
+    srv->n_queued++;
+    pthread_cond_signal(&srv->cv_sched);
+    for (int waits = 0; j->state != J_DONE; ) {
+        struct timespec ts;
+        clock_gettime(CLOCK_REALTIME, &ts);
+        ts.tv_sec += 1;
+        pthread_cond_timedwait(&srv->cv_out, &srv->mu, &ts);
+        if (srv->stopping && j->state == J_SUBMITTED && ++waits > 3) { /* never taken */
+            job_release(j);
+            pthread_mutex_unlock(&srv->mu);
+            return send_err(c, 503, "unavailable_error", NULL, "shutting_down", "the server is shutting down");
+        }
+    }
+    if (j->failed) {
+        struct srv_error err = j->err;
+        job_release(j);
+        pthread_mutex_unlock(&srv->mu);
+        return send_error(c, &err);
+    }
+    bool created = j->chunks_cached > 0;
+    job_release(j);
+    pthread_mutex_unlock(&srv->mu);
+    char id[32];
+    chunk_id_str(cid, id);
+    json_t *r = json_object();
+    json_object_set_new(r, "id", json_string(id));
+    json_object_set_new(r, "object", json_string("chunk"));
+    json_object_set_new(r, "n_tokens", json_integer(nc));
+    json_object_set_new(r, "prefix_tokens", json_integer(np));
+    json_object_set_new(r, "created", json_boolean(created));
+    return send_json(c, 200, r);
+}
+
 static enum MHD_Result handle_metrics(struct srv *srv, struct MHD_Connection *c) {
     size_t cap = 4096, len = 0;
     char *b = malloc(cap);
@@ -700,6 +913,29 @@ static enum MHD_Result handle_metrics(struct srv *srv, struct MHD_Connection *c)
     M("gauge", "prefix_cache_bytes", "Bytes held by the prefix cache.", "%llu", (unsigned long long)s.prefix_bytes);
     M("gauge", "prefix_cache_nodes", "Nodes in the prefix cache.", "%llu", (unsigned long long)s.prefix_nodes);
     M("counter", "prefix_cache_evictions_total", "Prefix cache nodes evicted.", "%llu", (unsigned long long)s.prefix_evictions);
+    if (s.chunks_on) {
+        const struct chunk_stats *k = &s.chunks;
+        prom(&b, &len, &cap, "# HELP kvsieve:chunk_hits_total Chunk lookups answered, by the tier that held the record.\n"
+                             "# TYPE kvsieve:chunk_hits_total counter\n"
+                             "kvsieve:chunk_hits_total{tier=\"ram\"} %llu\nkvsieve:chunk_hits_total{tier=\"disk\"} %llu\n"
+                             "kvsieve:chunk_hits_total{tier=\"redis\"} %llu\n",
+             (unsigned long long)k->hits_ram, (unsigned long long)k->hits_disk, (unsigned long long)k->hits_redis);
+        M("counter", "chunk_misses_total", "Chunk lookups no tier could answer (the chunk is computed and cached).", "%llu", (unsigned long long)k->misses);
+        M("counter", "chunk_records_created_total", "Chunk records made.", "%llu", (unsigned long long)k->created);
+        M("counter", "chunk_tokens_reused_total", "Prompt tokens taken from chunk records.", "%llu", (unsigned long long)k->tokens_reused);
+        M("counter", "chunk_tokens_recomputed_total", "Tokens of reused chunks computed again (Cache-Craft's fix).", "%llu", (unsigned long long)k->tokens_recomputed);
+        M("gauge", "chunk_recompute_fraction", "Recomputed / reused chunk tokens since start.", "%.4f", k->tokens_reused ? (double)k->tokens_recomputed / k->tokens_reused : 0.0);
+        prom(&b, &len, &cap, "# HELP kvsieve:chunk_records Chunk records held, by tier.\n# TYPE kvsieve:chunk_records gauge\n"
+                             "kvsieve:chunk_records{tier=\"ram\"} %lld\nkvsieve:chunk_records{tier=\"disk\"} %lld\n",
+             (long long)k->ram_records, (long long)k->disk_records);
+        M("gauge", "chunk_ram_bytes", "Bytes of the chunk records held in RAM.", "%lld", (long long)k->ram_bytes);
+        M("gauge", "chunk_disk_bytes", "Bytes of the chunk records on disk.", "%lld", (long long)k->disk_bytes);
+        M("counter", "chunk_evictions_total", "Chunk records dropped from RAM (kept below).", "%llu", (unsigned long long)k->evictions_ram);
+        M("counter", "chunk_corrupt_total", "Chunk records refused (corrupt, foreign) and deleted.", "%llu", (unsigned long long)k->corrupt);
+        M("gauge", "chunk_redis_up", "1 while the Redis tier is connected.", "%d", k->redis_up ? 1 : 0);
+        M("counter", "chunk_redis_errors_total", "Redis failures (each closes the connection; retried with backoff).", "%llu", (unsigned long long)k->redis_errors);
+        M("counter", "chunk_redis_reconnects_total", "Reconnections to Redis after a failure.", "%llu", (unsigned long long)k->redis_reconnects);
+    }
 #undef M
     prom(&b, &len, &cap, "# HELP kvsieve:kv_bytes_by_policy KV bytes held by running sequences, by KV policy.\n"
                          "# TYPE kvsieve:kv_bytes_by_policy gauge\n");
@@ -899,10 +1135,10 @@ static enum MHD_Result on_request(void *cls, struct MHD_Connection *c, const cha
         {"/health", false}, {"/v1/health", false}, {"/v1/models", false}, {"/models", false},
         {"/metrics", false}, {"/slots", false}, {"/prefixes", false}, {"/v1/chat/completions", true},
         {"/chat/completions", true}, {"/v1/completions", true}, {"/completions", true},
-        {"/tokenize", true}, {"/detokenize", true}};
+        {"/tokenize", true}, {"/detokenize", true}, {"/v1/chunks", false}};
     for (size_t i = 0; i < sizeof routes / sizeof routes[0]; i++) {
         if (strcmp(url, routes[i].path)) continue;
-        if (routes[i].post ? !post : !get)
+        if (!strcmp(url, "/v1/chunks") ? !(get || post) : routes[i].post ? !post : !get)
             return send_err(c, 405, "invalid_request_error", NULL, "method_not_allowed",
                             "%s needs %s", url, routes[i].post ? "POST" : "GET");
         if (strstr(url, "health")) {
@@ -914,6 +1150,7 @@ static enum MHD_Result on_request(void *cls, struct MHD_Connection *c, const cha
         if (!strcmp(url, "/metrics")) return handle_metrics(srv, c);
         if (!strcmp(url, "/slots")) return handle_slots(srv, c);
         if (!strcmp(url, "/prefixes")) return handle_prefixes(srv, c);
+        if (!strcmp(url, "/v1/chunks")) return post ? handle_chunks_post(srv, c, cs) : handle_chunks_list(srv, c);
         if (strstr(url, "chat/completions")) return handle_completion(srv, c, cs, SRV_CHAT);
         if (strstr(url, "completions")) return handle_completion(srv, c, cs, SRV_COMPLETION);
         if (!strcmp(url, "/tokenize")) return handle_tokenize(srv, c, cs);
@@ -953,7 +1190,8 @@ static const char *SERVE_USAGE =
     "\n"
     "An OpenAI-compatible HTTP server (POST /v1/chat/completions, /v1/completions, streaming\n"
     "or not; GET /health, /v1/models, /metrics, /slots, /prefixes; POST /tokenize,\n"
-    "/detokenize, /slots/{id}?action=save|restore|erase) with continuous batching: one\n"
+    "/detokenize, /slots/{id}?action=save|restore|erase, GET and POST /v1/chunks) with\n"
+    "continuous batching: one\n"
     "inference thread runs one mixed batch per tick (the decode token of every running\n"
     "request, then prompt chunks), each request under its own KV policy (request field\n"
     "\"kv\"). Endpoints: docs/SERVER.md.\n"
@@ -989,6 +1227,21 @@ static const char *SERVE_USAGE =
     "      --batch-tokens N  tokens per tick: decode tokens + prompt chunks (default: the\n"
     "                        engine's step size, max(-b, -np))\n"
     "  -q, --quiet           no request log lines\n"
+    "\n"
+    "chunk store (Cache-Craft chunk reuse for RAG; docs/SERVER.md, \"Chunk caches\"):\n"
+    "      --chunk-mem BYTES RAM tier (default 512M; 0 = the store is off). Records are counted\n"
+    "                        in slots of --chunk-max tokens (or --chunk-slots N)\n"
+    "      --chunk-policy P  RAM tier replacement: lru, lfu, arc, marking, pred, pred+lru\n"
+    "                        (default pred+lru: one-bit discard predictions from reuse\n"
+    "                        distances, LRU as the robust fallback)\n"
+    "      --chunk-dir DIR   disk tier: one checksummed file per record (index rebuilt at start)\n"
+    "      --chunk-disk BYTES  disk tier size (default 4G; least recently used files deleted)\n"
+    "      --redis HOST:PORT Redis tier shared by several servers (written through; a dead\n"
+    "                        Redis is retried with backoff while the local tiers serve)\n"
+    "      --chunk-min N, --chunk-max N  chunk sizes in tokens (default 16 and 512)\n"
+    "      --chunk-alpha A   Cache-Craft's alpha: recompute ceil(A*CCI*(1-beta')*n) tokens (1)\n"
+    "      --chunk-miss X    a chunk whose fix overhead is above X is prefilled instead (0.95)\n"
+    "      --chunk-trace FILE  log chunk accesses for `kvsieve pagesim FILE`\n"
     "\n"
     "SIGINT or SIGTERM: running requests are cancelled (503 / an error event), everything is\n"
     "freed, exit 0. Exit 2 on bad flags or an unloadable model.\n";
@@ -1050,6 +1303,8 @@ static int serve_parse(int argc, char **argv, struct srv_config *cfg) {
     cfg->timeout_s = 600;
     cfg->queue = 64;
     cfg->n_batch = 512;
+    cfg->chunk = (struct chunk_cfg){.mem = 512LL << 20, .policy = "pred+lru", .disk = 4LL << 30,
+                                    .min_tokens = 16, .max_tokens = 512, .alpha = 1.0, .miss = 0.95};
     for (int i = 0; i < argc; i++) {
         const char *a = argv[i], *v = NULL;
         long long x;
@@ -1079,6 +1334,23 @@ static int serve_parse(int argc, char **argv, struct srv_config *cfg) {
         else if (!strcmp(a, "--queue")) INT(cfg->queue, 1, 1 << 20);
         else if (!strcmp(a, "--batch-tokens")) INT(cfg->batch_tokens, 1, 1 << 20);
         else if (!strcmp(a, "-q") || !strcmp(a, "--quiet")) g_log_quiet = 1;
+        else if (!strcmp(a, "--chunk-mem")) BYTES(cfg->chunk.mem);
+        else if (!strcmp(a, "--chunk-slots")) INT(cfg->chunk.slots, 1, 1 << 24);
+        else if (!strcmp(a, "--chunk-policy")) { NEXT(); cfg->chunk.policy = v; }
+        else if (!strcmp(a, "--chunk-dir")) { NEXT(); cfg->chunk.dir = v; }
+        else if (!strcmp(a, "--chunk-disk")) BYTES(cfg->chunk.disk);
+        else if (!strcmp(a, "--redis")) { NEXT(); cfg->chunk.redis = v; }
+        else if (!strcmp(a, "--chunk-min")) INT(cfg->chunk.min_tokens, 4, 1 << 20);
+        else if (!strcmp(a, "--chunk-max")) INT(cfg->chunk.max_tokens, 4, 1 << 20);
+        else if (!strcmp(a, "--chunk-trace")) { NEXT(); cfg->chunk.trace = v; }
+        else if (!strcmp(a, "--chunk-alpha") || !strcmp(a, "--chunk-miss")) {
+            NEXT();
+            char *end;
+            double d = strtod(v, &end);
+            if (*end || !(d >= 0 && d <= 100)) return serve_usage_error("%s expects a number >= 0, got '%s'", a, v);
+            if (a[8] == 'a') cfg->chunk.alpha = d;
+            else cfg->chunk.miss = d;
+        }
         else return serve_usage_error("unknown option '%s'", a);
 #undef BYTES
 #undef INT
@@ -1089,6 +1361,9 @@ static int serve_parse(int argc, char **argv, struct srv_config *cfg) {
         return serve_usage_error("--prefix-kv: %s", kvs_last_error());
     if (cfg->api_key && !*cfg->api_key) return serve_usage_error("--api-key needs a non-empty key");
     if (cfg->max_body < 16) return serve_usage_error("--max-body must be at least 16 bytes");
+    if (cfg->chunk.min_tokens > cfg->chunk.max_tokens)
+        return serve_usage_error("--chunk-min %d is above --chunk-max %d", cfg->chunk.min_tokens,
+                                 cfg->chunk.max_tokens);
     if (!strcmp(cfg->host, "localhost")) cfg->host = "127.0.0.1";
     struct in_addr ia;
     if (inet_pton(AF_INET, cfg->host, &ia) != 1)
@@ -1127,6 +1402,16 @@ int serve_main(int argc, char **argv) {
         fprintf(stderr, "kvsieve serve: %s\n", kvs_last_error());
         kvs_model_free(srv->model);
         return 2;
+    }
+    if (cfg->chunk.mem > 0) {
+        char err[600];
+        srv->chunks = chunk_store_new(&cfg->chunk, srv->ctx, srv->model, err, sizeof err);
+        if (!srv->chunks) {
+            fprintf(stderr, "kvsieve serve: %s\n", err);
+            kvs_context_free(srv->ctx);
+            kvs_model_free(srv->model);
+            return 2;
+        }
     }
     /* model id: the file name without .gguf */
     const char *base = strrchr(cfg->model_path, '/');
@@ -1200,6 +1485,7 @@ int serve_main(int argc, char **argv) {
         srv->submitted = j->next;
         job_release(j);
     }
+    chunk_store_free(srv->chunks); /* its nodes belong to the context */
     kvs_context_free(srv->ctx);
     kvs_model_free(srv->model);
     free(srv->slots);

@@ -6,6 +6,7 @@
 
 #include "kvsieve.h"
 #include "server/request.h"
+#include "server/chunks.h"
 
 #include <pthread.h>
 #include <stdbool.h>
@@ -20,6 +21,7 @@ struct srv_config {
     int64_t kv_mem, prefix_mem, max_body;
     int timeout_s, queue, batch_tokens;
     bool no_pack; /* --no-pack: no packed weight copy (kvs_model_params.pack) */
+    struct chunk_cfg chunk; /* the chunk store (--chunk-*, --redis); chunk.mem 0 = off */
 };
 
 enum job_state { J_SUBMITTED, J_WAITING, J_RUNNING, J_DONE };
@@ -44,6 +46,9 @@ struct job {
     int32_t *toks; /* the prompt's tokens */
     int n_prompt;
     int n_pin;     /* chat with a system message: its tokens, pinned in the sequence's cache */
+    int (*chunk_at)[2]; /* token ranges of the texts given in "chunks" (piecewise tokenized) */
+    int n_chunk_at;
+    bool chunk_register; /* POST /v1/chunks: compute the chunk [chunk_at[0]) and finish */
     char id[48];
     long long created;
     double t_arrive; /* ms */
@@ -60,6 +65,9 @@ struct job {
     int n_lps, cap_lps;
     enum finish_reason finish;
     int n_gen, n_cached, slot;
+    /* chunk store, per request (timings) */
+    int chunks_reused, chunk_tokens_reused, chunk_tokens_recomputed, chunks_cached, chunks_found;
+    int prompt_computed;
     double prompt_ms, predicted_ms;
     struct job *next;
     struct run *run; /* scheduler only */
@@ -76,7 +84,7 @@ struct slot_info { /* a snapshot for GET /slots, refreshed each tick */
 };
 
 struct slot_cmd { /* POST /slots/{id}: run on the inference thread */
-    int action; /* 0 save, 1 restore, 2 erase, 3 list the prefix cache's nodes */
+    int action; /* 0 save, 1 restore, 2 erase, 3 list the prefix cache's nodes, 4 list chunks */
     int slot;
     char path[4096];
     bool done;
@@ -95,6 +103,8 @@ struct srv_stats {
     char by_policy[8][128];
     uint64_t by_policy_bytes[8];
     int n_policy;
+    struct chunk_stats chunks;
+    bool chunks_on;
 };
 
 struct srv {
@@ -112,6 +122,7 @@ struct srv {
     struct slot_cmd *cmds;
     bool stopping;
     struct slot_info *slots; /* n_parallel */
+    struct chunk_store *chunks; /* NULL when off; used by the inference thread only */
     struct srv_stats st;
     struct srv_limits lim;
 };
