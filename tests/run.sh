@@ -39,7 +39,7 @@ run cli_test tests/cli_test.sh "$build"
 # `kvsieve serve` over real sockets (tests/server/): the OpenAI API with the openai client and curl,
 # bad requests, metamorphic checks against the CLI; SKIP lines when the model or openai is missing
 PY=${PYTHON:-python3}
-for t in api errors consistency; do
+for t in api errors consistency chunks; do
     run server_$t "$PY" tests/server/test_$t.py "$build"
 done
 run batch_test tests/batch_test.sh "$build"

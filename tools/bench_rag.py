@@ -747,7 +747,10 @@ def parse_args(argv):
     p.add_argument("--fact", default="The passcode of {obj} is {num}.",
                    help="fact sentence ({obj}, {Obj}, {num})")
     p.add_argument("--question", default="Question: What is the passcode of {obj}?\n"
-                   "Answer: The passcode is", help="question tail of the prompt ({obj})")
+                   "Answer: The passcode of {obj} is",
+                   help="question tail of the prompt ({obj}); the default repeats the object in "
+                   "the answer's start (SmolLM2-135M: 85%% right under full prefill on 40 questions, "
+                   "against 77.5%% with 'Answer: The passcode is')")
     p.add_argument("--sample", action="store_true", help="print the workload (a sample prompt, "
                    "word counts, document popularity) and exit")
     p.add_argument("-q", "--quiet", action="store_true", help="no per-request progress lines")
@@ -876,8 +879,7 @@ def main(argv=None):
             if mode == "full":
                 full_rows = rows
             out.extend(rows)
-            s = summarize(mode, rows, wall, full_rows if mode != "full" or True else None,
-                          redundant, m)
+            s = summarize(mode, rows, wall, full_rows, redundant, m)
             sums.append(s)
             out.append(s)
             progress(f"[{mode}] done in {fmt_s(wall)}: accuracy {f1(s['accuracy'], '%')}, "

@@ -743,6 +743,10 @@ int chunk_plan(const struct chunk_store *cs, const struct chunk_rec *r, const ui
             for (int y = x + 1; y < m; y++) disc += (oi[x] < oi[y]) != (ni[x] < ni[y]);
         double gamma = pairs ? (double)disc / pairs : 0;
         cfo = cs->cfg.alpha * cci * (1.0 - beta * (1.0 - gamma));
+        if (getenv("KVS_CHUNK_DEBUG"))
+            fprintf(stderr, "chunk-%016llx at %d: a %.4g b %.4g CCI %.3f beta %.3f gamma %.3f "
+                    "CFO %.3f (parts old %d new %d common %d)\n", (unsigned long long)r->id, at,
+                    a, b, cci, beta, gamma, cfo, r->n_ctx, n_new, m);
         if (cfo > cs->cfg.miss) {
             *cfo_out = cfo;
             return -1;
