@@ -326,7 +326,7 @@ enum kvs_status kvs_chunk_publish(kvs_context *c, const kvs_sequence *s, int32_t
                                   kvs_prefix **out);
 /* A node's own entries as bytes (malloc'ed into *out, *n bytes): "KVSNODE1", version, the
  * model's fingerprint and shape, the token range, per layer and KV head the fp16 rows,
- * positions and weights, and a CRC-64 of everything before it. Exact (unpacked) nodes only:
+ * positions and weights, and an xxh64 checksum of everything before it. Exact (unpacked) nodes only:
  * KVS_ERR_UNSUPPORTED for a compressed one; KVS_ERR_NOMEM. */
 enum kvs_status kvs_prefix_serialize(const kvs_prefix *p, uint8_t **out, size_t *n);
 /* A standalone chunk node (one reference) from kvs_prefix_serialize's bytes, after checking

@@ -403,7 +403,9 @@ enum kvs_status forward(struct kvs_context *c, const int32_t *tokens, const int3
         bool vacc = vseq[i]->kv->with_acc;
         if (vacc) {
             for (int h = 0; h < n_kv; h++) units[n_units++] = (struct att_unit_desc){AU_ACC, (int16_t)h, i, 0};
-        } else if (cnt[i] == 1) {
+        } else if (cnt[i] == 1 && vph[i] == FWD_DECODE) {
+            /* (a one-token prompt item, e.g. the text between two reused chunks, takes the
+             * block path like any prompt token, so it gets the bits of a prefill) */
             int t = 0;
             while (vidx_buf[t] != i) t++;
             int held = kv_seq_max_entries(vseq[i]->kv) + vseq[i]->nsh_max + 1;

@@ -12,7 +12,6 @@
  * context (the server's inference thread).
  */
 #include "engine.h"
-#include "kv/kv_file.h"
 
 #include <stdlib.h>
 #include <string.h>
@@ -350,7 +349,6 @@ enum kvs_status kvs_seq_place_chunk(kvs_context *c, kvs_sequence *s, const kvs_p
 
 int kvs_prefix_first(const kvs_prefix *p) { return p ? p->n0 : 0; }
 
-uint64_t kvs_model_fingerprint(const kvs_model *m) { return m ? kv_file_model_hash(m) : 0; }
 
 enum kvs_status kvs_chunk_publish(kvs_context *c, const kvs_sequence *s, int32_t from,
                                   kvs_prefix **out) {
@@ -404,7 +402,7 @@ enum kvs_status kvs_prefix_serialize(const kvs_prefix *p, uint8_t **out, size_t 
     put32(&w, (uint32_t)kc->n_layer);
     put32(&w, (uint32_t)kc->n_head_kv);
     put32(&w, (uint32_t)kc->head_dim);
-    put64(&w, kv_file_model_hash(p->c->m));
+    put64(&w, kvs_model_fingerprint(p->c->m));
     put32(&w, (uint32_t)p->n0);
     put32(&w, (uint32_t)p->n1);
     for (int i = 0; i < kc->n_layer * kc->n_head_kv; i++) {
@@ -415,7 +413,7 @@ enum kvs_status kvs_prefix_serialize(const kvs_prefix *p, uint8_t **out, size_t 
         memcpy(w, h->k, (size_t)h->n * hd * 2), w += (size_t)h->n * hd * 2;
         memcpy(w, h->v, (size_t)h->n * hd * 2), w += (size_t)h->n * hd * 2;
     }
-    put64(&w, kv_file_crc64(0, b, size - 8));
+    put64(&w, XXH64(b, size - 8, 0));
     *out = b, *n = size;
     return KVS_OK;
 }
@@ -440,10 +438,10 @@ enum kvs_status kvs_prefix_deserialize(kvs_context *c, const uint8_t *buf, size_
         return kvs_fail(KVS_ERR_FORMAT, "not a KV node record (bad magic or too short)");
     if (get32(buf + 8) != NODE_VERSION)
         return kvs_fail(KVS_ERR_FORMAT, "unsupported KV node version %u", get32(buf + 8));
-    if (kv_file_crc64(0, buf, n - 8) != get64(buf + n - 8))
+    if (XXH64(buf, n - 8, 0) != get64(buf + n - 8))
         return kvs_fail(KVS_ERR_FORMAT, "corrupted KV node record (checksum mismatch)");
     if (get32(buf + 12) != (uint32_t)hp->n_layer || get32(buf + 16) != (uint32_t)hp->n_head_kv ||
-        get32(buf + 20) != (uint32_t)hp->head_dim || get64(buf + 24) != kv_file_model_hash(c->m))
+        get32(buf + 20) != (uint32_t)hp->head_dim || get64(buf + 24) != kvs_model_fingerprint(c->m))
         return kvs_fail(KVS_ERR_FORMAT, "the KV node record was made by another model");
     int32_t n0 = (int32_t)get32(buf + 32), n1 = (int32_t)get32(buf + 36);
     if (n0 < 0 || n1 <= n0 || n1 - n0 > (1 << 24))

@@ -5,8 +5,12 @@ A seeded, reproducible RAG workload: D documents cut from the packaged novels (d
 with one inserted fact ("The passcode of the blue cabinet is 4821."), and Q questions, each asking
 for one document's fact with the top-k retrieved documents in its prompt (the answer document and
 k-1 others drawn with Zipf skew, so documents repeat across questions in other positions and
-orders). Every request (POST /v1/completions, greedy, 8 tokens) carries `"chunks"`: the k document
-texts exactly as they appear in its prompt.
+orders). The prompt: "Answer the question using the documents.\n\n", the k documents each
+followed by "\n\n", then "Question: What is the passcode of the blue cabinet?\nAnswer: The passcode
+of the blue cabinet is" (repeating the object lifts SmolLM2-135M's full-prefill accuracy from 77.5%
+to 85% on 40 questions; --question changes it). Every request (POST /v1/completions, greedy, 8
+tokens) carries `"chunks"`: the k document texts exactly as they appear in its prompt. A short
+warm-up request (not measured, no chunks) goes first on every server.
 
 The workload runs once per mode, each on a FRESH server (empty caches), one request at a time in
 the same order:
@@ -36,10 +40,14 @@ A markdown table goes to stdout, progress with an ETA to stderr, JSON lines to -
 Exits non-zero with the server's log tail when a server fails to start or a request fails.
 Standard library only.
 
+--logprobs: also compare the chosen tokens' log-probabilities with `full`'s (an exactness check:
+"all" is documented to give the same bits as "off").
+
 usage: tools/bench_rag.py [-m MODEL] [-t THREADS] [-n QUESTIONS] [-d DOCS] [-k RETRIEVED]
-                          [--doc-words W] [--seed S] [--modes LIST] [--ratios LIST]
+                          [--doc-words W] [--zipf A] [--seed S] [--modes LIST] [--ratios LIST]
                           [--json FILE] [--bin BIN] [--extra-args ARGS] [--trace]
-                          [--redis HOST:PORT | --redis-server] [--sample] [-q]
+                          [--redis HOST:PORT | --redis-server] [--logprobs] [--sample] [-q]
+e.g. tools/bench_rag.py --trace --redis-server --json rag.jsonl   (about 6-9 min on 2 cores)
 """
 import argparse
 import glob
@@ -444,10 +452,21 @@ def redundant_tokens(questions, doc_tok, instr_tok):
     return out
 
 
+def warmup(srv, a):
+    """One short request outside the workload (no chunks, no prefix cache), so that the first
+    measured request does not pay for the server's first touch of the weights."""
+    if a.no_warmup:
+        return
+    srv.post_json("/v1/completions", {"prompt": "The weather today is", "max_tokens": 4,
+                                      "temperature": 0, "cache_prompt": False})
+
+
 def run_requests(srv, a, mode, fields, questions, prog, label, send_chunks=True):
     rows = []
     for i, q in enumerate(questions):
         body = {"prompt": q["prompt"], "max_tokens": a.max_tokens, "temperature": 0}
+        if a.logprobs:
+            body["logprobs"] = 1
         if send_chunks:
             body["chunks"] = q["chunks"]
             body.update(fields)
@@ -487,6 +506,8 @@ def run_requests(srv, a, mode, fields, questions, prog, label, send_chunks=True)
                "chunk_tokens_recomputed": t.get("chunk_tokens_recomputed"),
                "recompute_fraction": t.get("recompute_fraction"),
                "chunks_cached": t.get("chunks_cached")}
+        if a.logprobs:
+            row["logprobs"] = ((j["choices"][0].get("logprobs") or {}).get("token_logprobs"))
         rows.append(row)
         pm = row["prompt_ms"]
         extra = (f"q{q['q']} {'ok ' if row['correct'] else 'bad'} ttft "
@@ -534,10 +555,23 @@ def summarize(mode, rows, wall_total, full_rows, redundant, server_metrics):
         byq = {r["q"]: r["text"] for r in full_rows}
         same = [r["text"] == byq[r["q"]] for r in rows if r["q"] in byq]
         s["agree_full"] = 100.0 * sum(same) / len(same) if same else None
+        lpq = {r["q"]: r.get("logprobs") for r in full_rows}
+        d = [max(abs(x - y) for x, y in zip(r["logprobs"], lpq[r["q"]]))
+             for r in rows if r.get("logprobs") and lpq.get(r["q"]) and r["text"] == byq.get(r["q"])]
+        if d:
+            s["logprob_maxdiff_vs_full"] = max(d)
+            s["logprob_identical_vs_full"] = 100.0 * sum(x == 0 for x in d) / len(rows)
         fms = mean(r["prompt_ms"] for r in full_rows)
         s["ttft_speedup_vs_full"] = fms / s["ttft_prompt_ms_mean"] \
             if fms and s["ttft_prompt_ms_mean"] else None
     return s
+
+
+def hits_cell(m):
+    if not m or "kvsieve:chunk_misses_total" not in m:
+        return "-"
+    hits, misses = tier_counts(m)
+    return f"{sum(hits.values())} / {misses}"
 
 
 def f1(x, unit=""):
@@ -551,15 +585,15 @@ def f2(x):
 def print_table(sums):
     print("| mode | TTFT prompt_ms mean | median | wall ms mean | median | speedup | "
           "computed / logical tokens | saved vs full | of redundant | recompute frac | "
-          "accuracy | agree w/ full | total s | req/s |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+          "chunk hits / misses | accuracy | agree w/ full | total s | req/s |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for s in sums:
         print(f"| {s['mode']} | {f1(s['ttft_prompt_ms_mean'])} | {f1(s['ttft_prompt_ms_median'])} | "
               f"{f1(s['wall_ms_mean'])} | {f1(s['wall_ms_median'])} | "
-              f"{f2(s.get('ttft_speedup_vs_full'))}x | "
+              f"{f2(s.get('ttft_speedup_vs_full'))}{'x' if s.get('ttft_speedup_vs_full') else ''} | "
               f"{s['prompt_computed']} / {s['prompt_tokens']} | {f1(s.get('saved_vs_full'), '%')} | "
               f"{f1(s.get('saved_of_redundant'), '%')} | {f2(s['recompute_fraction_mean'])} | "
-              f"{f1(s['accuracy'], '%')} | {f1(s.get('agree_full'), '%')} | {s['wall_s']:.1f} | "
+              f"{hits_cell(s['metrics'])} | {f1(s['accuracy'], '%')} | {f1(s.get('agree_full'), '%')} | {s['wall_s']:.1f} | "
               f"{f2(s['req_per_s'])} |")
 
 
@@ -658,8 +692,10 @@ def run_redis(a, questions, prog, out):
     res = {}
     for name in ("A", "B"):
         srv = Server(a, f"rag_redis_{name}", ["--prefix-mem", "1G", "--redis", a.redis])
+        progress(f"[redis {name}] starting `{shlex.join(srv.args)}`")
         srv.start()
         try:
+            warmup(srv, a)
             t0 = time.perf_counter()
             rows = run_requests(srv, a, "cachecraft", fields, half, prog, f"redis {name}")
             wall = time.perf_counter() - t0
@@ -751,6 +787,10 @@ def parse_args(argv):
                    help="question tail of the prompt ({obj}); the default repeats the object in "
                    "the answer's start (SmolLM2-135M: 85%% right under full prefill on 40 questions, "
                    "against 77.5%% with 'Answer: The passcode is')")
+    p.add_argument("--logprobs", action="store_true", help="ask for the chosen tokens' "
+                   "log-probabilities and compare them with full's (exactness check)")
+    p.add_argument("--no-warmup", action="store_true", help="no short warm-up request before "
+                   "each run (default: one, not measured)")
     p.add_argument("--sample", action="store_true", help="print the workload (a sample prompt, "
                    "word counts, document popularity) and exit")
     p.add_argument("-q", "--quiet", action="store_true", help="no per-request progress lines")
@@ -867,6 +907,7 @@ def main(argv=None):
                     out.append({"type": "tokens", "doc_tokens": doc_tok,
                                 "instruction_tokens": instr_tok,
                                 "redundant_tokens": sum(redundant)})
+                warmup(srv, a)
                 t0 = time.perf_counter()
                 rows = run_requests(srv, a, mode, fields, questions, prog, mode, chunky)
                 wall = time.perf_counter() - t0
@@ -896,6 +937,11 @@ def main(argv=None):
               f"{os.path.basename(a.model)}, -t {a.threads}, one request at a time, a fresh "
               f"server per mode.\n")
         print_table(sums)
+        if a.logprobs and full_rows is not None:
+            print("\nlogprobs of the chosen tokens against full (questions with the same text): " +
+                  "; ".join(f"{s['mode']}: identical on {f1(s.get('logprob_identical_vs_full'), '%')} "
+                            f"of questions, max |diff| {s.get('logprob_maxdiff_vs_full', 0):.2e}"
+                            for s in sums if s["mode"] != "full"))
         if full_rows is None:
             print("\n(no `full` mode: no savings or agreement columns)")
         if trace_path:

@@ -107,32 +107,7 @@ uint64_t kv_file_crc64(uint64_t crc, const void *data, size_t n) {
     return ~crc;
 }
 
-static uint64_t fnv1a(uint64_t h, const void *data, size_t n) {
-    const uint8_t *p = data;
-    for (size_t i = 0; i < n; i++) {
-        h ^= p[i];
-        h *= 0x100000001b3ull;
-    }
-    return h;
-}
-
-uint64_t kv_file_model_hash(const struct kvs_model *m) {
-    uint64_t h = 0xcbf29ce484222325ull;
-    const struct gguf_file *g = m->gguf;
-    for (uint64_t i = 0; i < g->n_tensors; i++) {
-        const struct gguf_tensor *t = &g->tensors[i];
-        uint32_t type = (uint32_t)t->type, nd = (uint32_t)t->n_dims;
-        h = fnv1a(h, t->name, strlen(t->name) + 1);
-        h = fnv1a(h, &type, 4);
-        h = fnv1a(h, &nd, 4);
-        for (int d = 0; d < t->n_dims; d++) {
-            int64_t e = t->ne[d];
-            h = fnv1a(h, &e, 8);
-        }
-    }
-    size_t nb = m->tok_embd.row_bytes * (size_t)m->tok_embd.n_rows;
-    return fnv1a(h, m->tok_embd.data, nb < 4096 ? nb : 4096);
-}
+uint64_t kv_file_model_hash(const struct kvs_model *m) { return kvs_model_fingerprint(m); }
 
 /* ---- shared helpers ------------------------------------------------------------------------ */
 

@@ -10,7 +10,7 @@
  *   48  n_ctx x {u64 part id, i32 part length, f32 inter}
  *       i32 tokens[n], f32 outside[n]
  *   M-8 u64 xxh64 of bytes [0, M-8)        (lets the disk index be rebuilt from headers alone)
- *   M   the KV: kvs_prefix_serialize's bytes (own magic, shape, fingerprint, CRC-64)
+ *   M   the KV: kvs_prefix_serialize's bytes (own magic, shape, fingerprint, xxh64)
  *   end-8 u64 xxh64 of every byte before it
  * Any mismatch (magic, version, sizes, fingerprint, checksums, id against the tokens, the KV's
  * own checks) refuses the record: it is counted as corrupt, deleted where it was found, and the
