@@ -293,6 +293,14 @@ static void on_found(void *arg, struct chunk_rec *rec, int at) {
         sa->c[sa->n++] = (struct cand){at, at + rec->n, rec->id};
 }
 
+static void sort_cands(struct cand *c, int n) { /* by position (insertion: n is small) */
+    for (int x = 1; x < n; x++)
+        for (int y = x; y > 0 && c[y].a < c[y - 1].a; y--) {
+            struct cand t = c[y];
+            c[y] = c[y - 1], c[y - 1] = t;
+        }
+}
+
 static int range_of(const struct run *r, int x) {
     int k = 0;
     while (k < r->n_bounds && r->bounds[k] <= x) k++;
@@ -318,11 +326,7 @@ static void plan_chunks(struct sched *S, struct job *j) {
         if (b - a >= cc->min_tokens && b - a <= maxn && b <= lim)
             c[n++] = (struct cand){a, b, chunk_id(j->toks + a, b - a)};
     }
-    for (int x = 1; x < n; x++) /* by position */
-        for (int y = x; y > 0 && c[y].a < c[y - 1].a; y--) {
-            struct cand t = c[y];
-            c[y] = c[y - 1], c[y - 1] = t;
-        }
+    sort_cands(c, n);
     if (!j->chunk_register) { /* recognition in the gaps */
         struct scan_arg sa = {c, n, (int)(sizeof c / sizeof c[0]), lim, maxn};
         int from = 0, n_expl = n;
@@ -332,11 +336,7 @@ static void plan_chunks(struct sched *S, struct job *j) {
             if (k < n_expl) from = c[k].b;
         }
         n = sa.n;
-        for (int x = 1; x < n; x++)
-            for (int y = x; y > 0 && c[y].a < c[y - 1].a; y--) {
-                struct cand t = c[y];
-                c[y] = c[y - 1], c[y - 1] = t;
-            }
+        sort_cands(c, n);
     }
     if (n > MAX_OCC) n = MAX_OCC;
     if (!n) return;

@@ -490,6 +490,16 @@ static int32_t *tokenize_pieces(const struct srv *srv, struct job *j, const char
     return all;
 }
 
+/* hand j to the inference thread (under mu): the HTTP side's and the scheduler's references */
+static void job_submit(struct srv *srv, struct job *j) {
+    j->refs = 2;
+    j->state = J_SUBMITTED;
+    if (srv->submitted_tail) srv->submitted_tail->next = j;
+    else srv->submitted = j;
+    srv->submitted_tail = j;
+    srv->n_queued++;
+}
+
 static enum MHD_Result handle_completion(struct srv *srv, struct MHD_Connection *c,
                                          struct conn *cs, enum srv_kind kind) {
     struct srv_error e;
@@ -563,12 +573,7 @@ static enum MHD_Result handle_completion(struct srv *srv, struct MHD_Connection 
                              : "the server is busy: %d requests are waiting (--queue); retry later",
                         srv->cfg.queue);
     }
-    j->refs = 2;
-    j->state = J_SUBMITTED;
-    if (srv->submitted_tail) srv->submitted_tail->next = j;
-    else srv->submitted = j;
-    srv->submitted_tail = j;
-    srv->n_queued++;
+    job_submit(srv, j);
     srv->st.requests++;
     pthread_cond_signal(&srv->cv_sched);
     /* wait until the inference thread has checked it against the context (or, not
@@ -849,12 +854,7 @@ static enum MHD_Result handle_chunks_post(struct srv *srv, struct MHD_Connection
     j->n_chunk_at = 1;
     uint64_t cid = chunk_id(j->toks + np, nc);
     pthread_mutex_lock(&srv->mu);
-    j->refs = 2;
-    j->state = J_SUBMITTED;
-    if (srv->submitted_tail) srv->submitted_tail->next = j;
-    else srv->submitted = j;
-    srv->submitted_tail = j;
-    srv->n_queued++;
+    job_submit(srv, j);
     pthread_cond_signal(&srv->cv_sched);
     for (int waits = 0; j->state != J_DONE; ) {
         struct timespec ts;

@@ -65,14 +65,6 @@ def start(name, extra):
     return K.Server(build, ARGS + extra, name=name).start()
 
 
-def free_port():
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    p = s.getsockname()[1]
-    s.close()
-    return p
-
-
 class Redis:
     def __init__(self, port):
         self.port = port
@@ -228,7 +220,7 @@ finally:
 if not REDIS:
     C.skip("redis tier", "no redis-server (apt install redis-server)")
 else:
-    port = free_port()
+    port = K.free_port()
     red = Redis(port).start()
     ra = ["--redis", f"127.0.0.1:{port}"]
     R1 = start("chunks_r1", ra)
