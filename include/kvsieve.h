@@ -315,19 +315,31 @@ enum kvs_status kvs_seq_attach_prefix(kvs_context *c, kvs_sequence *s, kvs_prefi
  * own entries (not its parent chain's) into s after its n_past tokens, moved to the new positions
  * (keys re-rotated); the caller then recomputes a selection of the chunk's tokens with a
  * .recompute item (all of them gives the bits of prefilling the chunk there). Errors:
- * KVS_ERR_INVALID_ARG (packed entries, another context), KVS_ERR_CONTEXT_FULL, KVS_ERR_NOMEM. */
+ * A compressed node's packed entries arrive dequantised (fp16 rows), its evicted ones absent.
+ * KVS_ERR_INVALID_ARG (another context), KVS_ERR_CONTEXT_FULL, KVS_ERR_NOMEM. */
 enum kvs_status kvs_seq_place_chunk(kvs_context *c, kvs_sequence *s, const kvs_prefix *chunk);
 /* A standalone chunk node (one reference, the caller's) holding a copy of s's own entries for
  * the tokens [from, n_past): a chunk of text s was just fed (with .hold, so its entries are
- * exact), at its original positions. It can be placed into other sequences
- * (kvs_seq_place_chunk) and serialised, never attached as a prefix. Errors: KVS_ERR_INVALID_ARG
- * (from outside s's own entries, entries not exact), KVS_ERR_NOMEM. */
+ * exact), at its original positions. With a kv_spec (NULL or "" = exact fp16) the copy is
+ * compressed under it, question-agnostically (scorers read s's last saved queries, the chunk's
+ * own): a storage part packs it (kivi, mikv, think), an eviction part keeps fewer entries.
+ * It can be placed into other sequences (kvs_seq_place_chunk: packed entries are dequantised,
+ * re-rotated and rounded to fp16 there) and serialised, never attached as a prefix. Errors:
+ * KVS_ERR_INVALID_ARG (from outside s's own entries, entries not exact, a bad spec or one that
+ * moves positions or needs statistics the context lacks), KVS_ERR_NOMEM. */
 enum kvs_status kvs_chunk_publish(kvs_context *c, const kvs_sequence *s, int32_t from,
-                                  kvs_prefix **out);
-/* A node's own entries as bytes (malloc'ed into *out, *n bytes): "KVSNODE1", version, the
- * model's fingerprint and shape, the token range, per layer and KV head the fp16 rows,
- * positions and weights, and an xxh64 checksum of everything before it. Exact (unpacked) nodes only:
- * KVS_ERR_UNSUPPORTED for a compressed one; KVS_ERR_NOMEM. */
+                                  const char *kv_spec, kvs_prefix **out);
+/* Whether kvs_chunk_publish can compress under kv_spec in context c: KVS_OK, or
+ * KVS_ERR_INVALID_ARG with the reason (bad spec, pos=cache, a scorer of accumulated attention,
+ * more saved queries than c keeps). */
+enum kvs_status kvs_chunk_spec_check(const kvs_context *c, const char *kv_spec);
+/* The spec a node was compressed under ("" = exact). */
+const char *kvs_prefix_spec(const kvs_prefix *p);
+/* A node's own entries as bytes (malloc'ed into *out, *n bytes): "KVSNODE1", version 2, the
+ * model's fingerprint and shape, the token range, the spec it was compressed under, per layer
+ * and KV head its entries (fp16 rows, and packed codes with their scales when compressed),
+ * positions and weights, and an xxh64 checksum of everything before it. KVS_ERR_UNSUPPORTED for
+ * a node with a parent (a chain's later node); KVS_ERR_NOMEM. */
 enum kvs_status kvs_prefix_serialize(const kvs_prefix *p, uint8_t **out, size_t *n);
 /* A standalone chunk node (one reference) from kvs_prefix_serialize's bytes, after checking
  * every field: size, magic, version, checksum, the model's fingerprint and shape, positions

@@ -369,10 +369,11 @@ enum kvs_status kvs_step(kvs_context *c, const struct kvs_batch_item *items, int
                                 "and is no decode step", i);
             for (int k = 0; k < it->n; k++)
                 if (it->pos[k] < 0 || it->pos[k] >= it->seq->n_past || (k && it->pos[k] <= it->pos[k - 1]) ||
-                    !kv_seq_has_hot(it->seq->kv, it->pos[k]))
+                    it->pos[k] < it->seq->n_prefix || kv_seq_packed_at(it->seq->kv, it->pos[k]))
                     return kvs_fail(KVS_ERR_INVALID_ARG, "kvs_step: recompute item %d: position %d "
-                                    "is not an exact entry of the sequence (ascending, below %d)",
-                                    i, it->pos[k], it->seq->n_past);
+                                    "is not one of the sequence's own fp16 entries (ascending, "
+                                    "from %d, below %d)", i, it->pos[k], it->seq->n_prefix,
+                                    it->seq->n_past);
         } else if (it->n > it->seq->prof->max_past - it->seq->n_past)
             return kvs_fail(KVS_ERR_CONTEXT_FULL, "kvs_step: item %d: %d tokens would exceed the "
                             "context of %d (%d already used)", i, it->n, it->seq->prof->max_past,

@@ -456,9 +456,9 @@ enum kvs_status forward(struct kvs_context *c, const int32_t *tokens, const int3
             const float *cs = c->rope_cs + (size_t)t * hd;
             ops_rope(q, hp->n_head, hd, cs, neox);
             ops_rope(k, hp->n_head_kv, hd, cs, neox);
-            if (phase[t] == FWD_RECOMPUTE) { /* the entry is there (a reused chunk): replace it */
-                bool ok = kv_seq_overwrite(seq[t]->kv, il, pos[t], k, v);
-                KVS_ASSERT(ok);
+            if (phase[t] == FWD_RECOMPUTE) { /* a reused chunk's token: replace its entries
+                                              * (where a compressed record still holds them) */
+                kv_seq_overwrite(seq[t]->kv, il, pos[t], k, v);
                 continue;
             }
             kv_seq_append(seq[t]->kv, il, pos[t], k, v);

@@ -13,6 +13,7 @@
  */
 #include "engine.h"
 
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <xxhash.h>
@@ -29,6 +30,7 @@ struct kvs_prefix {
     uint64_t checksum;
     bool chunk;         /* a standalone chunk ([n0, n1) without the chain before it): placed,
                          * never attached */
+    char spec[256];     /* the spec a chunk was compressed under ("" = exact) */
 };
 
 static uint64_t node_checksum(const struct kv_seq *s) {
@@ -211,6 +213,7 @@ enum kvs_status kvs_prefix_compress(kvs_context *c, const kvs_sequence *s, const
     p->kv = tmp.kv;
     p->n0 = 0;
     p->n1 = s->n_past;
+    snprintf(p->spec, sizeof p->spec, "%s", spec.text);
     st = node_finish(c, p);
     if (st != KVS_OK) {
         node_free(p);
@@ -351,7 +354,7 @@ int kvs_prefix_first(const kvs_prefix *p) { return p ? p->n0 : 0; }
 
 
 enum kvs_status kvs_chunk_publish(kvs_context *c, const kvs_sequence *s, int32_t from,
-                                  kvs_prefix **out) {
+                                  const char *kv_spec, kvs_prefix **out) {
     *out = NULL;
     if (!c || !s || c->seqs[s->slot] != s)
         return kvs_fail(KVS_ERR_INVALID_ARG, "kvs_chunk_publish: the sequence does not belong to "
@@ -362,14 +365,37 @@ enum kvs_status kvs_chunk_publish(kvs_context *c, const kvs_sequence *s, int32_t
     if (!seq_exact_from(s, from))
         return kvs_fail(KVS_ERR_INVALID_ARG, "kvs_chunk_publish: the sequence's entries from "
                         "token %d are not exact (feed the chunk with .hold)", from);
+    struct kv_spec spec;
+    enum kvs_status st = kvs_chunk_spec_check(c, kv_spec);
+    if (st != KVS_OK) return st;
+    kv_spec_parse(kv_spec ? kv_spec : "", &spec);
     struct kvs_prefix *p;
-    enum kvs_status st = node_new(c, &p);
+    st = node_new(c, &p);
     if (st != KVS_OK) return st;
     for (int il = 0; il < c->m->hp.n_layer && st == KVS_OK; il++)
         st = kv_seq_append_range(p->kv, s->kv, il, from, 0);
     p->n0 = from;
     p->n1 = s->n_past;
     p->chunk = true;
+    if (st == KVS_OK && kv_spec && *kv_spec) {
+        /* compressed under spec (question-agnostic: the chunk's own last queries score it) */
+        /* n_past: the chunk's tokens, so that a ratio budget is a share of the chunk */
+        kvs_sequence tmp = {.slot = -1, .prof = &c->base, .n_past = s->n_past - from};
+        st = kv_seq_new(&c->kv, &tmp.kv);
+        if (st == KVS_OK) {
+            kv_seq_set_acc(tmp.kv, false);
+            for (int il = 0; il < c->m->hp.n_layer && st == KVS_OK; il++)
+                st = kv_seq_append_range(tmp.kv, p->kv, il, from, 0);
+            kv_seq_copy_queries(tmp.kv, s->kv);
+            if (st == KVS_OK) st = kvs_seq_compress(c, &tmp, spec.text);
+            kv_seq_drop_queries(tmp.kv);
+            if (st == KVS_OK) {
+                kv_seq_free(p->kv);
+                p->kv = tmp.kv;
+                snprintf(p->spec, sizeof p->spec, "%s", spec.text);
+            } else kv_seq_free(tmp.kv);
+        }
+    }
     if (st == KVS_OK) st = node_finish(c, p);
     if (st != KVS_OK) {
         node_free(p);
@@ -379,8 +405,27 @@ enum kvs_status kvs_chunk_publish(kvs_context *c, const kvs_sequence *s, int32_t
     return KVS_OK;
 }
 
+enum kvs_status kvs_chunk_spec_check(const kvs_context *c, const char *kv_spec) {
+    struct kv_spec spec;
+    enum kvs_status st = kv_spec_parse(kv_spec ? kv_spec : "", &spec);
+    if (st != KVS_OK) return st;
+    if (spec.reindex)
+        return kvs_fail(KVS_ERR_INVALID_ARG, "'%s' moves positions (pos=cache); a chunk record "
+                        "keeps its own (use pos=abs)", spec.text);
+    if (kv_policy_needs(&spec) & KV_NEED_ACC)
+        return kvs_fail(KVS_ERR_INVALID_ARG, "'%s' scores by accumulated attention, which a chunk "
+                        "record does not carry: use a storage part (kivi, mikv, think) or a "
+                        "scorer of keys or recent queries (snapkv, tova, knorm, streaming)", spec.text);
+    if ((kv_policy_needs(&spec) & KV_NEED_QUERIES) && c->kv.qwin < kv_policy_qwin(&spec))
+        return kvs_fail(KVS_ERR_INVALID_ARG, "'%s' needs the last %d queries; this context keeps "
+                        "%d (create it with keep_stats)", spec.text, kv_policy_qwin(&spec), c->kv.qwin);
+    return KVS_OK;
+}
+
+const char *kvs_prefix_spec(const kvs_prefix *p) { return p ? p->spec : ""; }
+
 #define NODE_MAGIC "KVSNODE1"
-enum { NODE_VERSION = 1, NODE_HEADER = 8 + 4 * 4 + 8 + 4 * 2 };
+enum { NODE_VERSION = 2, NODE_HEADER = 8 + 4 * 4 + 8 + 4 * 3, NODE_SPEC_MAX = 255 };
 
 static void put32(uint8_t **w, uint32_t x) { memcpy(*w, &x, 4), *w += 4; }
 static void put64(uint8_t **w, uint64_t x) { memcpy(*w, &x, 8), *w += 8; }
@@ -388,13 +433,11 @@ static void put64(uint8_t **w, uint64_t x) { memcpy(*w, &x, 8), *w += 8; }
 enum kvs_status kvs_prefix_serialize(const kvs_prefix *p, uint8_t **out, size_t *n) {
     *out = NULL, *n = 0;
     const struct kv_cache *kc = p->kv->owner;
-    size_t hd = (size_t)kc->head_dim, size = NODE_HEADER + 8;
-    for (int i = 0; i < kc->n_layer * kc->n_head_kv; i++) {
-        const struct kv_head_store *h = &p->kv->h[i];
-        if (h->nc)
-            return kvs_fail(KVS_ERR_UNSUPPORTED, "a compressed (packed) node cannot be serialised");
-        size += 4 + (size_t)h->n * (8 + 4 * hd);
-    }
+    size_t ns = strlen(p->spec), size = NODE_HEADER + ns + 8;
+    if (p->parent)
+        return kvs_fail(KVS_ERR_UNSUPPORTED, "a node of a prefix chain cannot be serialised alone");
+    for (int il = 0; il < kc->n_layer; il++)
+        for (int ih = 0; ih < kc->n_head_kv; ih++) size += kv_head_wire_bytes(p->kv, il, ih);
     uint8_t *b = malloc(size), *w = b;
     if (!b) return kvs_fail(KVS_ERR_NOMEM, "out of memory");
     memcpy(w, NODE_MAGIC, 8), w += 8;
@@ -405,14 +448,13 @@ enum kvs_status kvs_prefix_serialize(const kvs_prefix *p, uint8_t **out, size_t 
     put64(&w, kvs_model_fingerprint(p->c->m));
     put32(&w, (uint32_t)p->n0);
     put32(&w, (uint32_t)p->n1);
-    for (int i = 0; i < kc->n_layer * kc->n_head_kv; i++) {
-        const struct kv_head_store *h = &p->kv->h[i];
-        put32(&w, (uint32_t)h->n);
-        memcpy(w, h->pos, (size_t)h->n * 4), w += (size_t)h->n * 4;
-        memcpy(w, h->w, (size_t)h->n * 4), w += (size_t)h->n * 4;
-        memcpy(w, h->k, (size_t)h->n * hd * 2), w += (size_t)h->n * hd * 2;
-        memcpy(w, h->v, (size_t)h->n * hd * 2), w += (size_t)h->n * hd * 2;
-    }
+    put32(&w, (uint32_t)ns);
+    memcpy(w, p->spec, ns), w += ns;
+    for (int il = 0; il < kc->n_layer; il++)
+        for (int ih = 0; ih < kc->n_head_kv; ih++) {
+            kv_head_wire_write(p->kv, il, ih, w);
+            w += kv_head_wire_bytes(p->kv, il, ih);
+        }
     put64(&w, XXH64(b, size - 8, 0));
     *out = b, *n = size;
     return KVS_OK;
@@ -433,11 +475,11 @@ enum kvs_status kvs_prefix_deserialize(kvs_context *c, const uint8_t *buf, size_
                                        kvs_prefix **out) {
     *out = NULL;
     const struct hparams *hp = &c->m->hp;
-    size_t hd = (size_t)hp->head_dim;
     if (!buf || n < NODE_HEADER + 8 || memcmp(buf, NODE_MAGIC, 8))
         return kvs_fail(KVS_ERR_FORMAT, "not a KV node record (bad magic or too short)");
     if (get32(buf + 8) != NODE_VERSION)
-        return kvs_fail(KVS_ERR_FORMAT, "unsupported KV node version %u", get32(buf + 8));
+        return kvs_fail(KVS_ERR_FORMAT, "unsupported KV node version %u (this build reads %d)",
+                        get32(buf + 8), NODE_VERSION);
     if (XXH64(buf, n - 8, 0) != get64(buf + n - 8))
         return kvs_fail(KVS_ERR_FORMAT, "corrupted KV node record (checksum mismatch)");
     if (get32(buf + 12) != (uint32_t)hp->n_layer || get32(buf + 16) != (uint32_t)hp->n_head_kv ||
@@ -446,50 +488,38 @@ enum kvs_status kvs_prefix_deserialize(kvs_context *c, const uint8_t *buf, size_
     int32_t n0 = (int32_t)get32(buf + 32), n1 = (int32_t)get32(buf + 36);
     if (n0 < 0 || n1 <= n0 || n1 - n0 > (1 << 24))
         return kvs_fail(KVS_ERR_FORMAT, "KV node record: bad token range [%d, %d)", n0, n1);
+    uint32_t ns = get32(buf + 40);
+    if (ns > NODE_SPEC_MAX || ns > n - NODE_HEADER - 8)
+        return kvs_fail(KVS_ERR_FORMAT, "KV node record: bad spec length %u", ns);
+    char text[NODE_SPEC_MAX + 1];
+    memcpy(text, buf + NODE_HEADER, ns);
+    text[ns] = 0;
+    if (memchr(text, 0, ns)) return kvs_fail(KVS_ERR_FORMAT, "KV node record: bad spec text");
+    struct kv_spec spec;
+    struct kv_pack_cfg pc;
+    if (kv_spec_parse(text, &spec) != KVS_OK)
+        return kvs_fail(KVS_ERR_FORMAT, "KV node record: bad spec '%s'", text);
+    kv_pack_cfg_from_spec(&spec, hp->head_dim, &pc);
+    if (pc.on && hp->head_dim > 256)
+        return kvs_fail(KVS_ERR_FORMAT, "KV node record: packed storage needs head_dim <= 256");
     struct kvs_prefix *p;
     enum kvs_status st = node_new(c, &p);
     if (st != KVS_OK) return st;
     p->n0 = n0, p->n1 = n1, p->chunk = true;
-    const uint8_t *r = buf + NODE_HEADER, *end = buf + n - 8;
-    int32_t *pos = NULL;
-    float *w = NULL;
+    snprintf(p->spec, sizeof p->spec, "%s", text);
+    if (pc.on) st = kv_seq_set_pack(p->kv, &pc);
+    const uint8_t *r = buf + NODE_HEADER + ns, *end = buf + n - 8;
     for (int il = 0; il < hp->n_layer && st == KVS_OK; il++)
         for (int ih = 0; ih < hp->n_head_kv && st == KVS_OK; ih++) {
-            if (end - r < 4) {
-                st = kvs_fail(KVS_ERR_FORMAT, "truncated KV node record");
-                break;
+            size_t used = 0;
+            st = kv_head_wire_read(p->kv, il, ih, r, (size_t)(end - r), n0, n1, &used);
+            if (st == KVS_ERR_FORMAT) {
+                char e[256];
+                snprintf(e, sizeof e, "%s", kvs_last_error());
+                kvs_fail(st, "KV node record: %s", e);
             }
-            uint32_t m = get32(r);
-            r += 4;
-            if (m > (uint32_t)(n1 - n0) || (size_t)(end - r) < (size_t)m * (8 + 4 * hd)) {
-                st = kvs_fail(KVS_ERR_FORMAT, "KV node record: layer %d head %d: bad entry count", il, ih);
-                break;
-            }
-            free(pos), free(w);
-            pos = malloc(4 * (size_t)(m ? m : 1)), w = malloc(4 * (size_t)(m ? m : 1));
-            uint16_t *k = malloc(2 * hd * (size_t)(m ? m : 1)), *v = malloc(2 * hd * (size_t)(m ? m : 1));
-            if (!pos || !w || !k || !v) st = kvs_fail(KVS_ERR_NOMEM, "out of memory");
-            if (st == KVS_OK) {
-                memcpy(pos, r, 4 * (size_t)m), r += 4 * (size_t)m;
-                memcpy(w, r, 4 * (size_t)m), r += 4 * (size_t)m;
-                memcpy(k, r, 2 * hd * m), r += 2 * hd * m;
-                memcpy(v, r, 2 * hd * m), r += 2 * hd * m;
-                for (uint32_t j = 0; j < m && st == KVS_OK; j++)
-                    if (pos[j] < n0 || pos[j] >= n1 || (j && pos[j] <= pos[j - 1]) || !(w[j] > 0) ||
-                        w[j] > 1e6f)
-                        st = kvs_fail(KVS_ERR_FORMAT, "KV node record: layer %d head %d: bad "
-                                      "position or weight", il, ih);
-                for (size_t q = 0; q < 2 * hd * m && st == KVS_OK; q++) {
-                    uint16_t x = q < hd * m ? k[q] : v[q - hd * m];
-                    if ((x & 0x7c00) == 0x7c00) /* inf or NaN halves */
-                        st = kvs_fail(KVS_ERR_FORMAT, "KV node record: layer %d head %d: a key or "
-                                      "value is not finite", il, ih);
-                }
-            }
-            if (st == KVS_OK) st = kv_seq_append_rows(p->kv, il, ih, (int32_t)m, pos, w, k, v);
-            free(k), free(v);
+            r += used;
         }
-    free(pos), free(w);
     if (st == KVS_OK && r != end) st = kvs_fail(KVS_ERR_FORMAT, "KV node record: %zu bytes too many", (size_t)(end - r));
     if (st == KVS_OK) st = node_finish(c, p);
     if (st != KVS_OK) {

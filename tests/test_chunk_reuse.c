@@ -6,7 +6,12 @@
  *     gives the bits of prefilling B + chunk + question (then the same greedy tokens);
  *   0% recomputed differs, and so does recomputing the 30% of tokens that attended most to the
  *     other passage when the chunk was cached (the recorded attention): KL to the prefill reported;
- *   recorded attention shares sum to 1 per query and head.
+ *   recorded attention shares sum to 1 per query and head;
+ *   compressed records (kvs_chunk_publish with a spec): KIVI-4 and SnapKV-evicted records round
+ *     trip through bytes, are smaller, and 100% recomputed a KIVI record gives the prefill's bits
+ *     again; the low-bit re-rotation (dequantise, rotate, round) keeps each key's quantisation
+ *     error (rotation is orthogonal), and that error is compared with quantising the keys at
+ *     the new position from scratch.
  */
 #include "kvsieve.h"
 #include "engine.h"
@@ -19,8 +24,9 @@
 static kvs_model *model;
 static int n_vocab;
 
-static kvs_context *new_ctx(void) {
+static kvs_context *new_ctx(bool keep_stats) {
     struct kvs_context_params p = kvs_context_params_default();
+    p.keep_stats = keep_stats; /* saved queries: a record compressed by SnapKV */
     p.n_ctx = 512;
     p.n_threads = 2;
     p.n_batch = 128;
@@ -217,9 +223,9 @@ static void test_reuse(kvs_context *c, const int32_t *ctx_a, int na, const int32
     feed(c, y, ctx_a, na, NULL);
     struct kvs_batch_item hi = {.seq = y, .tokens = chunk, .n = m, .hold = true};
     CHECK(kvs_step(c, &hi, 1) == KVS_OK);
-    CHECKF(kvs_chunk_publish(c, y, na, &solo) == KVS_OK, "%s", kvs_last_error());
+    CHECKF(kvs_chunk_publish(c, y, na, NULL, &solo) == KVS_OK, "%s", kvs_last_error());
     CHECK(kvs_prefix_first(solo) == na && kvs_prefix_n_tokens(solo) == na + m);
-    CHECK(kvs_chunk_publish(c, y, na + m, &back) == KVS_ERR_INVALID_ARG); /* nothing after it */
+    CHECK(kvs_chunk_publish(c, y, na + m, NULL, &back) == KVS_ERR_INVALID_ARG); /* nothing after it */
     kvs_seq_free(c, y);
     uint8_t *bytes = NULL;
     size_t nbytes = 0;
@@ -266,6 +272,169 @@ static void test_reuse(kvs_context *c, const int32_t *ctx_a, int na, const int32
     free(ref), free(got), free(shares), free(outside), free(pos), free(sel), free(toks);
 }
 
+static double norm_diff(const float *a, const float *b, int n) {
+    double e = 0;
+    for (int i = 0; i < n; i++) e += ((double)a[i] - b[i]) * ((double)a[i] - b[i]);
+    return sqrt(e);
+}
+
+/* s's own entries from position p0 on, layer by layer: the same positions in every head of a
+ * and b (both exact-shaped) */
+static void key_errors(const kvs_sequence *a, const kvs_sequence *b, int32_t p0, int m, double *err,
+                       double *keynorm, double *vdiff) {
+    const struct kv_cache *kc = a->kv->owner;
+    int hd = kc->head_dim, n = 0;
+    *vdiff = 0;
+    for (int il = 0; il < kc->n_layer; il++)
+        for (int ih = 0; ih < kc->n_head_kv; ih++) {
+            const struct kv_head_store *ha = kv_seq_head(a->kv, il, ih), *hb = kv_seq_head(b->kv, il, ih);
+            CHECK(ha->n == hb->n);
+            for (int32_t j = ha->n - m; j < ha->n; j++) {
+                CHECK(ha->pos[j] == hb->pos[j] && ha->pos[j] >= p0);
+                float ka[512], kb[512], va[512], vb[512];
+                kv_seq_key(a->kv, il, ih, j, ka), kv_seq_key(b->kv, il, ih, j, kb);
+                kv_seq_value(a->kv, il, ih, j, va), kv_seq_value(b->kv, il, ih, j, vb);
+                err[n] = norm_diff(ka, kb, hd);
+                double z = 0;
+                for (int d = 0; d < hd; d++) z += (double)kb[d] * kb[d];
+                keynorm[n++] = sqrt(z);
+                *vdiff = fmax(*vdiff, norm_diff(va, vb, hd));
+            }
+        }
+}
+
+/* Compressed chunk records: KIVI-4 (every 32 tokens packed) and SnapKV at half the entries. */
+static void test_compressed(kvs_context *c, const int32_t *ctx_a, int na, const int32_t *ctx_b,
+                            int nb, const int32_t *chunk, int m, const int32_t *q, int nq) {
+    float *ref = malloc(sizeof(float) * n_vocab), *got = malloc(sizeof(float) * n_vocab);
+    kvs_sequence *y, *z;
+    kvs_prefix *ex = NULL, *kq = NULL, *ev = NULL, *scratch = NULL;
+    const char *KIVI = "kivi:bits=4,group=16,resid=0", *SNAP = "snapkv:ratio=0.5,window=8";
+    CHECK(kvs_seq_new(c, &y) == KVS_OK);
+    feed(c, y, ctx_a, na, NULL);
+    struct kvs_batch_item hi = {.seq = y, .tokens = chunk, .n = m, .hold = true};
+    CHECK(kvs_step(c, &hi, 1) == KVS_OK);
+    CHECKF(kvs_chunk_publish(c, y, na, NULL, &ex) == KVS_OK, "%s", kvs_last_error());
+    CHECKF(kvs_chunk_publish(c, y, na, KIVI, &kq) == KVS_OK, "%s", kvs_last_error());
+    CHECKF(kvs_chunk_publish(c, y, na, SNAP, &ev) == KVS_OK, "%s", kvs_last_error());
+    kvs_prefix *no = NULL;
+    CHECK(kvs_chunk_publish(c, y, na, "h2o:ratio=0.5", &no) == KVS_ERR_INVALID_ARG && !no);
+    CHECK(kvs_chunk_publish(c, y, na, "streaming:budget=8,pos=cache", &no) == KVS_ERR_INVALID_ARG);
+    CHECK(kvs_chunk_publish(c, y, na, "kivi:bits=5", &no) == KVS_ERR_INVALID_ARG);
+    CHECK(!strcmp(kvs_prefix_spec(ex), "") && strstr(kvs_prefix_spec(kq), "kivi"));
+    kvs_seq_free(c, y);
+    /* through bytes */
+    kvs_prefix *recs[3] = {ex, kq, ev};
+    size_t sizes[3];
+    for (int r = 0; r < 3; r++) {
+        uint8_t *b = NULL;
+        size_t nbytes = 0;
+        kvs_prefix *back = NULL;
+        CHECKF(kvs_prefix_serialize(recs[r], &b, &nbytes) == KVS_OK, "%s", kvs_last_error());
+        CHECKF(kvs_prefix_deserialize(c, b, nbytes, &back) == KVS_OK, "%s", kvs_last_error());
+        CHECK(kvs_prefix_checksum(back) == kvs_prefix_checksum(recs[r]));
+        CHECK(!strcmp(kvs_prefix_spec(back), kvs_prefix_spec(recs[r])));
+        int refused = 0, tries = 0;
+        for (size_t off = 0; off < nbytes; off += 1 + nbytes / 61, tries++) {
+            b[off] ^= 0x10;
+            kvs_prefix *bad = NULL;
+            refused += kvs_prefix_deserialize(c, b, nbytes, &bad) == KVS_ERR_FORMAT && !bad;
+            if (bad) kvs_prefix_unref(bad);
+            b[off] ^= 0x10;
+        }
+        CHECKF(refused == tries, "record %d: flipped bytes refused %d of %d", r, refused, tries);
+        sizes[r] = nbytes;
+        kvs_prefix_unref(back);
+        free(b);
+    }
+    CHECKF(sizes[1] * 2 < sizes[0] && sizes[2] * 10 < sizes[0] * 6, "record bytes: exact %zu, "
+           "KIVI-4 %zu, SnapKV 0.5 %zu", sizes[0], sizes[1], sizes[2]);
+    fprintf(stderr, "compressed chunk records of %d tokens: exact %zu bytes, %s %zu (%.2fx), "
+            "%s %zu (%.2fx); each read back with the same checksum, flipped bytes refused\n", m,
+            sizes[0], KIVI, sizes[1], (double)sizes[0] / sizes[1], SNAP, sizes[2],
+            (double)sizes[0] / sizes[2]);
+
+    /* re-rotation of low-bit keys: kq and ex placed at their own positions (after A) and moved
+     * (after B); the quantisation error of each key keeps its norm when turned */
+    kvs_sequence *pa_x, *pa_q, *pb_x, *pb_q, *pb_s;
+    CHECK(kvs_seq_new(c, &pa_x) == KVS_OK && kvs_seq_new(c, &pa_q) == KVS_OK);
+    CHECK(kvs_seq_new(c, &pb_x) == KVS_OK && kvs_seq_new(c, &pb_q) == KVS_OK);
+    /* after B and A: moved by nb positions */
+    feed(c, pa_x, ctx_a, na, NULL), feed(c, pa_q, ctx_a, na, NULL);
+    feed(c, pb_x, ctx_b, nb, NULL), feed(c, pb_q, ctx_b, nb, NULL);
+    feed(c, pb_x, ctx_a + 1, na - 1, NULL), feed(c, pb_q, ctx_a + 1, na - 1, NULL);
+    CHECK(kvs_seq_place_chunk(c, pa_x, ex) == KVS_OK && kvs_seq_place_chunk(c, pa_q, kq) == KVS_OK);
+    CHECK(kvs_seq_place_chunk(c, pb_x, ex) == KVS_OK && kvs_seq_place_chunk(c, pb_q, kq) == KVS_OK);
+    /* from scratch: the exact keys moved after B, then quantised there */
+    int nm = nb + na - 1;
+    CHECKF(kvs_chunk_publish(c, pb_x, nm, KIVI, &scratch) == KVS_OK, "%s", kvs_last_error());
+    CHECK(kvs_seq_new(c, &pb_s) == KVS_OK);
+    feed(c, pb_s, ctx_b, nb, NULL), feed(c, pb_s, ctx_a + 1, na - 1, NULL);
+    CHECK(kvs_seq_place_chunk(c, pb_s, scratch) == KVS_OK);
+    const struct kv_cache *kc = &c->kv;
+    int ne = kc->n_layer * kc->n_head_kv * m;
+    double *e_here = malloc(sizeof(double) * ne), *e_moved = malloc(sizeof(double) * ne),
+           *e_scr = malloc(sizeof(double) * ne), *kn = malloc(sizeof(double) * ne);
+    double vd_here, vd_moved, vd_scr;
+    key_errors(pa_q, pa_x, na, m, e_here, kn, &vd_here);
+    key_errors(pb_q, pb_x, nm, m, e_moved, kn, &vd_moved);
+    key_errors(pb_s, pb_x, nm, m, e_scr, kn, &vd_scr);
+    double worst = 0, s_here = 0, s_moved = 0, s_scr = 0, s_norm = 0;
+    for (int i = 0; i < ne; i++) {
+        /* fp16 rounding of the turned row (2^-11 relative per component) on both sides */
+        worst = fmax(worst, fabs(e_moved[i] - e_here[i]) / kn[i]);
+        s_here += e_here[i], s_moved += e_moved[i], s_scr += e_scr[i], s_norm += kn[i];
+    }
+    CHECKF(worst < 3e-3, "low-bit keys: |error moved - error in place| up to %.3g of the key's norm", worst);
+    CHECKF(s_here > 0 && s_moved < 1.5 * s_scr && s_scr < 1.5 * s_moved,
+           "dequantise-rotate vs quantise from scratch: mean key error %.4g vs %.4g",
+           s_moved / ne, s_scr / ne);
+    CHECKF(vd_here > 0 && vd_moved == vd_here, "values (never turned): largest error %.3g in "
+           "place, %.3g moved", vd_here, vd_moved);
+    fprintf(stderr, "KIVI-4 keys moved by %d: quantisation error kept within %.2g of the key norm; "
+            "mean key error %.4g (relative %.4f) vs quantised at the new position from scratch "
+            "%.4g (%.4f)\n", nm - na, worst, s_moved / ne, s_moved / s_norm, s_scr / ne,
+            s_scr / s_norm);
+    free(e_here), free(e_moved), free(e_scr), free(kn);
+    kvs_seq_free(c, pa_x), kvs_seq_free(c, pa_q), kvs_seq_free(c, pb_x), kvs_seq_free(c, pb_q);
+    kvs_seq_free(c, pb_s);
+
+    /* quality: reference B + chunk + question prefilled; each record placed after B with 0% and
+     * 100% of its tokens recomputed */
+    CHECK(kvs_seq_new(c, &z) == KVS_OK);
+    feed(c, z, ctx_b, nb, NULL);
+    feed(c, z, chunk, m, NULL);
+    feed(c, z, q, nq, ref);
+    kvs_seq_free(c, z);
+    int32_t *pos = malloc(sizeof(int32_t) * (size_t)m);
+    const char *names[3] = {"exact", "KIVI-4", "SnapKV 0.5"};
+    for (int r = 0; r < 3; r++)
+        for (int all = 0; all < 2; all++) {
+            CHECK(kvs_seq_new(c, &y) == KVS_OK);
+            feed(c, y, ctx_b, nb, NULL);
+            CHECKF(kvs_seq_place_chunk(c, y, recs[r]) == KVS_OK, "%s", kvs_last_error());
+            CHECK(kvs_seq_n_past(y) == nb + m);
+            if (r == 2) CHECK(kvs_seq_entries_per_head(y) < nb + 0.75 * m);
+            if (all) {
+                for (int t = 0; t < m; t++) pos[t] = nb + t;
+                struct kvs_batch_item ri = {.seq = y, .tokens = chunk, .n = m, .recompute = true, .pos = pos};
+                CHECKF(kvs_step(c, &ri, 1) == KVS_OK, "%s", kvs_last_error());
+            }
+            feed(c, y, q, nq, got);
+            double d = kl(ref, got);
+            if (all && r < 2)
+                CHECKF(!memcmp(got, ref, sizeof(float) * n_vocab), "%s record, 100%% recomputed vs "
+                       "prefilled: max |diff| %.3g", names[r], tu_max_abs_diff(got, ref, n_vocab));
+            if (!all && r > 0) CHECK(d > 0);
+            fprintf(stderr, "%-10s record placed after B, %3d%% recomputed: KL to prefill %.4g\n",
+                    names[r], all ? 100 : 0, d);
+            kvs_seq_free(c, y);
+        }
+    free(pos);
+    kvs_prefix_unref(ex), kvs_prefix_unref(kq), kvs_prefix_unref(ev), kvs_prefix_unref(scratch);
+    free(ref), free(got);
+}
+
 int main(void) {
     const char *path = tu_model_path();
     if (!path) {
@@ -279,7 +448,7 @@ int main(void) {
     struct kvs_model_info mi;
     kvs_model_get_info(model, &mi);
     n_vocab = mi.n_vocab;
-    kvs_context *c = new_ctx();
+    kvs_context *c = new_ctx(false);
     test_rerotation(c);
     const char *a = "Passage one. The lighthouse keeper on the northern island kept a logbook of every "
                     "ship that passed, and in the winter of 1887 he counted forty-one vessels.";
@@ -295,6 +464,9 @@ int main(void) {
     int nq = kvs_tokenize(model, qq, strlen(qq), false, false, tq, 64);
     CHECK(na > 10 && nb > 10 && m > 20 && nq > 5 && na != nb);
     test_reuse(c, ta, na, tb, nb, tc, m, tq, nq);
+    kvs_context_free(c);
+    c = new_ctx(true);
+    test_compressed(c, ta, na, tb, nb, tc, m, tq, nq);
     kvs_context_free(c);
     kvs_model_free(model);
     return tu_finish("test_chunk_reuse");

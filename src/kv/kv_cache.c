@@ -333,10 +333,9 @@ enum kvs_status kv_seq_copy(struct kv_seq *dst, const struct kv_seq *src) {
 }
 
 /* rotate one fp16 key (head_dim) by `delta` positions */
-static void rerotate(const struct kv_cache *c, uint16_t *k, int32_t delta) {
+/* turn a post-RoPE key (float, head_dim) by delta positions */
+static void rotate_f32(const struct kv_cache *c, float *x, int32_t delta) {
     int hd = c->head_dim, half = hd / 2;
-    float x[512];
-    quant_f16_to_f32_row(k, x, hd);
     for (int i = 0; i < half; i++) {
         double a = (double)delta * c->rope_inv_freq[i];
         float cs = (float)cos(a), sn = (float)sin(a);
@@ -345,7 +344,13 @@ static void rerotate(const struct kv_cache *c, uint16_t *k, int32_t delta) {
         x[ia] = x0 * cs - x1 * sn;
         x[ib] = x0 * sn + x1 * cs;
     }
-    quant_f32_to_f16_row(x, k, hd);
+}
+
+static void rerotate(const struct kv_cache *c, uint16_t *k, int32_t delta) {
+    float x[512];
+    quant_f16_to_f32_row(k, x, c->head_dim);
+    rotate_f32(c, x, delta);
+    quant_f32_to_f16_row(x, k, c->head_dim);
 }
 
 /* ---- packed entries ------------------------------------------------------------------------ */
@@ -860,9 +865,6 @@ enum kvs_status kv_seq_append_range(struct kv_seq *dst, const struct kv_seq *src
             if (a->pos[mid] < from) lo = mid + 1;
             else hi = mid;
         }
-        if (lo < a->nc)
-            return kvs_fail(KVS_ERR_INVALID_ARG, "layer %d head %d: entries from position %d are "
-                            "packed, not exact", il, ih, from);
         int32_t n = a->n - lo;
         struct kv_head_store *b = kv_seq_head(dst, il, ih);
         if (b->n && n && b->pos[b->n - 1] >= a->pos[lo] + delta)
@@ -876,47 +878,189 @@ enum kvs_status kv_seq_append_range(struct kv_seq *dst, const struct kv_seq *src
                 return kvs_fail(KVS_ERR_NOMEM, "out of memory for the KV cache");
         }
         if (!n) continue; /* nothing from this head (memcpy of NULL, 0 is undefined) */
-        int32_t r = b->n - b->nc, ra = lo - a->nc;
-        memcpy(b->k + (size_t)r * hd, a->k + (size_t)ra * hd, (size_t)n * hd * 2);
-        memcpy(b->v + (size_t)r * hd, a->v + (size_t)ra * hd, (size_t)n * hd * 2);
+        int32_t r = b->n - b->nc;
+        /* packed entries: dequantised, turned by delta in float, rounded to fp16 once */
+        int32_t np = a->nc > lo ? a->nc - lo : 0;
+        for (int32_t j = 0; j < np; j++) {
+            float x[512];
+            kv_seq_key(src, il, ih, lo + j, x);
+            if (delta) rotate_f32(c, x, delta);
+            quant_f32_to_f16_row(x, b->k + (size_t)(r + j) * hd, (int)hd);
+            kv_seq_value(src, il, ih, lo + j, x);
+            quant_f32_to_f16_row(x, b->v + (size_t)(r + j) * hd, (int)hd);
+        }
+        int32_t ra = lo + np - a->nc, nh = n - np;
+        if (nh) {
+            memcpy(b->k + (size_t)(r + np) * hd, a->k + (size_t)ra * hd, (size_t)nh * hd * 2);
+            memcpy(b->v + (size_t)(r + np) * hd, a->v + (size_t)ra * hd, (size_t)nh * hd * 2);
+        }
         memcpy(b->pos + b->n, a->pos + lo, (size_t)n * 4);
         memcpy(b->w + b->n, a->w + lo, (size_t)n * 4);
-        if (delta) /* moved to other positions: RoPE keys turned by the shift */
-            for (int32_t j = 0; j < n; j++) {
-                b->pos[b->n + j] += delta;
-                rerotate(c, b->k + (size_t)(r + j) * hd, delta);
-            }
+        if (delta) { /* moved to other positions: RoPE keys turned by the shift */
+            for (int32_t j = 0; j < n; j++) b->pos[b->n + j] += delta;
+            for (int32_t j = np; j < n; j++) rerotate(c, b->k + (size_t)(r + j) * hd, delta);
+        }
         if (b->acc) memset(b->acc + b->n, 0, (size_t)n * 4);
         b->n += n;
     }
     return KVS_OK;
 }
 
-enum kvs_status kv_seq_append_rows(struct kv_seq *s, int il, int ih, int32_t n, const int32_t *pos,
-                                   const float *w, const uint16_t *k, const uint16_t *v) {
+/* ---- wire form of one head (chunk records, prefix.c) --------------------------------------- */
+
+enum { WIRE_CH = 1, WIRE_BAL = 2 };
+
+/* bytes of each packed array of a head holding nc packed entries in nblk blocks */
+struct wire_sizes { size_t ck, cks, blk, cv, cvs; };
+static struct wire_sizes wire_sizes(const struct kv_pack_cfg *pc, int hd, int32_t nc, int32_t nblk) {
+    const struct kv_packed_fmt *f = &pc->f;
+    struct wire_sizes z = {0};
+    if (!nc) return z;
+    if (f->kfmt == KV_K_F16) z.ck = (size_t)nc * f->kd * 2;
+    else if (f->kfmt == KV_K_TOK) z.ck = (size_t)nc * f->kstride, z.cks = (size_t)nc * 2;
+    else z.ck = (size_t)nblk * f->kd * f->kstride, z.cks = (size_t)nblk * f->kd * 2, z.blk = (size_t)nblk * 4;
+    if (f->vfmt == KV_V_F16) z.cv = (size_t)nc * hd * 2;
+    else z.cv = (size_t)nc * f->vstride, z.cvs = (size_t)nc * vgroups(pc, hd) * 2;
+    return z;
+}
+
+size_t kv_head_wire_bytes(const struct kv_seq *s, int il, int ih) {
+    const struct kv_head_store *h = kv_seq_head(s, il, ih);
     size_t hd = (size_t)s->owner->head_dim;
-    struct kv_head_store *h = kv_seq_head(s, il, ih);
-    if (n <= 0) return KVS_OK;
-    if (h->n && h->pos[h->n - 1] >= pos[0])
-        return kvs_fail(KVS_ERR_INVALID_ARG, "positions would not ascend");
-    if (h->n + n > h->cap || h->n - h->nc + n > h->hcap) {
-        int32_t cap = h->n + n > h->cap ? pad(h->n + n) : h->cap;
-        int32_t hcap = h->n - h->nc + n > h->hcap ? pad(h->n - h->nc + n) : h->hcap;
-        if (!head_resize4(s, h, cap, hcap, h->rcap, h->bcap))
-            return kvs_fail(KVS_ERR_NOMEM, "out of memory for the KV cache");
+    struct wire_sizes z = wire_sizes(&s->pack, (int)hd, h->nc, h->nblk);
+    return 16 + (size_t)h->n * 8 + (size_t)(h->n - h->nc) * hd * 4 + z.ck + 2 * z.cks + z.blk + z.cv +
+           2 * z.cvs + (h->ch ? (size_t)s->pack.f.kd : 0) + (h->bal ? 2 * hd * 4 : 0);
+}
+
+static void wput(uint8_t **w, const void *p, size_t n) {
+    if (n) memcpy(*w, p, n);
+    *w += n;
+}
+
+void kv_head_wire_write(const struct kv_seq *s, int il, int ih, uint8_t *w) {
+    const struct kv_head_store *h = kv_seq_head(s, il, ih);
+    size_t hd = (size_t)s->owner->head_dim;
+    struct wire_sizes z = wire_sizes(&s->pack, (int)hd, h->nc, h->nblk);
+    uint32_t hdr[4] = {(uint32_t)h->n, (uint32_t)h->nc, (uint32_t)h->nblk,
+                       (h->ch ? WIRE_CH : 0) | (h->bal ? WIRE_BAL : 0)};
+    wput(&w, hdr, 16);
+    wput(&w, h->pos, (size_t)h->n * 4);
+    wput(&w, h->w, (size_t)h->n * 4);
+    wput(&w, h->k, (size_t)(h->n - h->nc) * hd * 2);
+    wput(&w, h->v, (size_t)(h->n - h->nc) * hd * 2);
+    wput(&w, h->blk_n, z.blk);
+    wput(&w, h->ck, z.ck);
+    wput(&w, h->cks, z.cks);
+    wput(&w, h->ckm, z.cks);
+    wput(&w, h->cv, z.cv);
+    wput(&w, h->cvs, z.cvs);
+    wput(&w, h->cvm, z.cvs);
+    if (h->ch) wput(&w, h->ch, (size_t)s->pack.f.kd);
+    if (h->bal) wput(&w, h->bal, 2 * hd * 4);
+}
+
+static bool halves_finite(const uint8_t *p, size_t bytes) {
+    for (size_t i = 0; i + 1 < bytes; i += 2) {
+        uint16_t x;
+        memcpy(&x, p + i, 2);
+        if ((x & 0x7c00) == 0x7c00) return false;
     }
-    int32_t r = h->n - h->nc;
-    memcpy(h->k + (size_t)r * hd, k, (size_t)n * hd * 2);
-    memcpy(h->v + (size_t)r * hd, v, (size_t)n * hd * 2);
-    memcpy(h->pos + h->n, pos, (size_t)n * 4);
-    memcpy(h->w + h->n, w, (size_t)n * 4);
-    if (h->acc) memset(h->acc + h->n, 0, (size_t)n * 4);
-    h->n += n;
+    return true;
+}
+
+enum kvs_status kv_head_wire_read(struct kv_seq *s, int il, int ih, const uint8_t *r, size_t avail,
+                                  int32_t lo, int32_t hi, size_t *used) {
+    struct kv_head_store *h = kv_seq_head(s, il, ih);
+    const struct kv_pack_cfg *pc = &s->pack;
+    const struct kv_packed_fmt *f = &pc->f;
+    size_t hd = (size_t)s->owner->head_dim;
+    KVS_ASSERT(h->n == 0 && !h->ch && !h->bal);
+    uint32_t hdr[4];
+    if (avail < 16) return kvs_fail(KVS_ERR_FORMAT, "layer %d head %d: truncated", il, ih);
+    memcpy(hdr, r, 16);
+    int32_t n = (int32_t)hdr[0], nc = (int32_t)hdr[1], nblk = (int32_t)hdr[2];
+    uint32_t flags = hdr[3];
+    if (hdr[0] > (uint32_t)(hi - lo) || hdr[1] > hdr[0] || hdr[2] > hdr[1] ||
+        (flags & ~(uint32_t)(WIRE_CH | WIRE_BAL)) || (nc && !pc->on) ||
+        ((flags & WIRE_CH) && !pc->think) || ((flags & WIRE_BAL) && !pc->mikv) ||
+        (nc && pc->think && !(flags & WIRE_CH)) || (nc && pc->mikv && !(flags & WIRE_BAL)) ||
+        (f->kfmt == KV_K_BLK ? (nc > 0) != (nblk > 0) : nblk != 0))
+        return kvs_fail(KVS_ERR_FORMAT, "layer %d head %d: bad entry counts or storage flags", il, ih);
+    struct wire_sizes z = wire_sizes(pc, (int)hd, nc, nblk);
+    size_t nch = (flags & WIRE_CH) ? (size_t)f->kd : 0, nbal = (flags & WIRE_BAL) ? 2 * hd * 4 : 0;
+    size_t need = 16 + (size_t)n * 8 + (size_t)(n - nc) * hd * 4 + z.ck + 2 * z.cks + z.blk + z.cv +
+                  2 * z.cvs + nch + nbal;
+    if (avail < need) return kvs_fail(KVS_ERR_FORMAT, "layer %d head %d: truncated", il, ih);
+    const uint8_t *p = r + 16;
+    const uint8_t *pos = p, *w = pos + (size_t)n * 4, *k = w + (size_t)n * 4,
+                  *v = k + (size_t)(n - nc) * hd * 2, *blk = v + (size_t)(n - nc) * hd * 2,
+                  *ck = blk + z.blk, *cks = ck + z.ck, *ckm = cks + z.cks, *cv = ckm + z.cks,
+                  *cvs = cv + z.cv, *cvm = cvs + z.cvs, *ch = cvm + z.cvs, *bal = ch + nch;
+    for (int32_t j = 0; j < n; j++) {
+        int32_t pj, pp;
+        float wj;
+        memcpy(&pj, pos + (size_t)j * 4, 4);
+        memcpy(&wj, w + (size_t)j * 4, 4);
+        if (j) memcpy(&pp, pos + (size_t)(j - 1) * 4, 4);
+        if (pj < lo || pj >= hi || (j && pj <= pp) || !(wj > 0) || wj > 1e6f)
+            return kvs_fail(KVS_ERR_FORMAT, "layer %d head %d: bad position or weight", il, ih);
+    }
+    if (!halves_finite(k, (size_t)(n - nc) * hd * 4) || !halves_finite(cks, 2 * z.cks) ||
+        !halves_finite(cvs, 2 * z.cvs) || (f->kfmt == KV_K_F16 && !halves_finite(ck, z.ck)) ||
+        (f->vfmt == KV_V_F16 && !halves_finite(cv, z.cv)))
+        return kvs_fail(KVS_ERR_FORMAT, "layer %d head %d: a key, value or scale is not finite", il, ih);
+    int64_t tot = 0;
+    for (int32_t b = 0; b < nblk; b++) {
+        int32_t x;
+        memcpy(&x, blk + (size_t)b * 4, 4);
+        if (x < 1 || x > f->G) return kvs_fail(KVS_ERR_FORMAT, "layer %d head %d: bad block", il, ih);
+        tot += x;
+    }
+    if (f->kfmt == KV_K_BLK && tot != nc)
+        return kvs_fail(KVS_ERR_FORMAT, "layer %d head %d: blocks hold %lld entries, not %d", il,
+                        ih, (long long)tot, nc);
+    for (size_t c = 1; c < nch; c++)
+        if (ch[c] <= ch[c - 1]) return kvs_fail(KVS_ERR_FORMAT, "layer %d head %d: bad channels", il, ih);
+    if (nch && ch[nch - 1] >= hd) return kvs_fail(KVS_ERR_FORMAT, "layer %d head %d: bad channels", il, ih);
+    for (size_t c = 0; c < nbal / 4; c++) {
+        float x;
+        memcpy(&x, bal + c * 4, 4);
+        if (!isfinite(x) || (c < hd && !(x >= 1e-3f && x <= 1e3f)))
+            return kvs_fail(KVS_ERR_FORMAT, "layer %d head %d: bad key transform", il, ih);
+    }
+    /* valid: fill the head (capacity through head_resize4, so the accounting stays exact) */
+    if (!head_resize4(s, h, n ? pad(n) : 0, n - nc ? pad(n - nc) : 0, pc->on && nc ? pad(nc) : 0,
+                      f->kfmt == KV_K_BLK && nblk ? pad_blk(nblk) : 0))
+        return kvs_fail(KVS_ERR_NOMEM, "out of memory for the KV cache");
+    if (nch) kv_seq_set_channels(s, il, ih, ch);
+    if (nbal) {
+        float b2[1024];
+        memcpy(b2, bal, nbal);
+        kv_seq_set_balance(s, il, ih, b2, b2 + hd);
+    }
+    if (n) {
+        memcpy(h->pos, pos, (size_t)n * 4);
+        memcpy(h->w, w, (size_t)n * 4);
+    }
+    if (n - nc) {
+        memcpy(h->k, k, (size_t)(n - nc) * hd * 2);
+        memcpy(h->v, v, (size_t)(n - nc) * hd * 2);
+    }
+    if (h->acc && n) memset(h->acc, 0, (size_t)n * 4);
+    if (nc) {
+        memcpy(h->ck, ck, z.ck);
+        memcpy(h->cv, cv, z.cv);
+        if (z.cks) memcpy(h->cks, cks, z.cks), memcpy(h->ckm, ckm, z.cks);
+        if (z.cvs) memcpy(h->cvs, cvs, z.cvs), memcpy(h->cvm, cvm, z.cvs);
+        if (z.blk) memcpy(h->blk_n, blk, z.blk);
+    }
+    h->n = n, h->nc = nc, h->nblk = nblk;
+    *used = need;
     return KVS_OK;
 }
 
-bool kv_seq_overwrite(struct kv_seq *s, int il, int32_t pos, const float *k, const float *v) {
-    int hd = s->owner->head_dim;
+int kv_seq_overwrite(struct kv_seq *s, int il, int32_t pos, const float *k, const float *v) {
+    int hd = s->owner->head_dim, done = 0;
     for (int ih = 0; ih < s->owner->n_head_kv; ih++) {
         struct kv_head_store *h = kv_seq_head(s, il, ih);
         int32_t lo = h->nc, hi = h->n;
@@ -925,25 +1069,26 @@ bool kv_seq_overwrite(struct kv_seq *s, int il, int32_t pos, const float *k, con
             if (h->pos[mid] < pos) lo = mid + 1;
             else hi = mid;
         }
-        if (lo == h->n || h->pos[lo] != pos) return false;
+        if (lo == h->n || h->pos[lo] != pos) continue; /* evicted from this head */
         int32_t r = lo - h->nc;
         quant_f32_to_f16_row(k + (size_t)ih * hd, h->k + (size_t)r * hd, hd);
         quant_f32_to_f16_row(v + (size_t)ih * hd, h->v + (size_t)r * hd, hd);
+        done++;
     }
-    return true;
+    return done;
 }
 
-bool kv_seq_has_hot(const struct kv_seq *s, int32_t pos) {
+bool kv_seq_packed_at(const struct kv_seq *s, int32_t pos) {
     const struct kv_cache *c = s->owner;
     for (int i = 0; i < c->n_layer * c->n_head_kv; i++) {
         const struct kv_head_store *h = &s->h[i];
-        int32_t lo = h->nc, hi = h->n;
+        int32_t lo = 0, hi = h->nc;
         while (lo < hi) {
             int32_t mid = (lo + hi) / 2;
             if (h->pos[mid] < pos) lo = mid + 1;
             else hi = mid;
         }
-        if (lo == h->n || h->pos[lo] != pos) return false;
+        if (lo < h->nc && h->pos[lo] == pos) return true;
     }
-    return true;
+    return false;
 }

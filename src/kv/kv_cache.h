@@ -119,20 +119,28 @@ void kv_seq_copy_queries(struct kv_seq *dst, const struct kv_seq *src);
 void kv_seq_drop_queries(struct kv_seq *s);
 /* Append to dst, after its entries, src's entries of layer il (every KV head) with positions >=
  * from: fp16 rows, positions and weights (accumulated attention starts at 0), moved by delta
- * positions (keys re-rotated by delta: a chunk reused elsewhere). Fails when one of them is
- * packed (KVS_ERR_INVALID_ARG) or would not ascend after dst's; KVS_ERR_NOMEM. */
+ * positions (keys re-rotated by delta: a chunk reused elsewhere). Packed entries of src are
+ * dequantised, turned in float and rounded to fp16 hot rows (dst's own storage part packs them
+ * again later: dequantise, rotate, requantise). Fails when they would not ascend after dst's
+ * (KVS_ERR_INVALID_ARG); KVS_ERR_NOMEM. */
 enum kvs_status kv_seq_append_range(struct kv_seq *dst, const struct kv_seq *src, int il, int32_t from,
                                     int32_t delta);
-/* Append n exact fp16 rows to head ih of layer il (positions ascending after the head's last,
- * weights, keys and values of head_dim halves each): a chunk record read back from a file.
- * KVS_ERR_INVALID_ARG (positions), KVS_ERR_NOMEM. */
-enum kvs_status kv_seq_append_rows(struct kv_seq *s, int il, int ih, int32_t n, const int32_t *pos,
-                                   const float *w, const uint16_t *k, const uint16_t *v);
-/* Replace the key and value of the hot entry at position pos in every KV head of layer il (a
- * recomputed token); false when a head holds no hot entry there. */
-bool kv_seq_overwrite(struct kv_seq *s, int il, int32_t pos, const float *k, const float *v);
-/* Every head of every layer holds a hot entry at position pos. */
-bool kv_seq_has_hot(const struct kv_seq *s, int32_t pos);
+/* One head's entries as bytes (chunk records): u32 n, nc, nblk, flags (1 kept channels, 2 key
+ * transform); i32 pos[n]; f32 w[n]; fp16 hot keys and values ((n - nc) x head_dim each); then
+ * the packed arrays in the sequence's kv_packed_fmt (BLK block sizes, key codes, key scales and
+ * minima, value codes, value scales and minima), the kept channels and the key transform.
+ * kv_head_wire_read fills an empty head of s (whose storage part, kv_seq_set_pack, must be the
+ * writer's) after checking every count against avail, positions ascending in [lo, hi), weights
+ * positive, halves finite, blocks, channels and transform: KVS_ERR_FORMAT; KVS_ERR_NOMEM. */
+size_t kv_head_wire_bytes(const struct kv_seq *s, int il, int ih);
+void kv_head_wire_write(const struct kv_seq *s, int il, int ih, uint8_t *w);
+enum kvs_status kv_head_wire_read(struct kv_seq *s, int il, int ih, const uint8_t *r, size_t avail,
+                                  int32_t lo, int32_t hi, size_t *used);
+/* Replace the key and value of the hot entry at position pos in each KV head of layer il that
+ * holds one (a recomputed token; a head that evicted it is left alone); returns how many. */
+int kv_seq_overwrite(struct kv_seq *s, int il, int32_t pos, const float *k, const float *v);
+/* Some head of some layer holds position pos packed (a recompute could not replace it). */
+bool kv_seq_packed_at(const struct kv_seq *s, int32_t pos);
 
 /* A plan for one layer, per KV head: the ascending indices of the entries to keep; optionally
  * merges (mt[j] = the kept index entry j folds into, -1 = evicted; mc[j] its coefficient, and

@@ -526,6 +526,8 @@ struct chunk_store *chunk_store_new(const struct chunk_cfg *cfg, kvs_context *ct
     int64_t k = cfg->slots;
     if (k <= 0) {
         double rec = (double)mi.n_layer * mi.n_head_kv * (8.0 + 4.0 * mi.head_dim) * cfg->max_tokens;
+        int64_t b = cfg->kv ? kvs_kv_bytes_bound_decode(ctx, cfg->kv, cfg->max_tokens, 0) : -1;
+        if (b > 0) rec = (double)b; /* a compressed record of --chunk-max tokens */
         k = (int64_t)((double)cfg->mem / rec);
         if (k < 1) k = 1;
     }

@@ -50,6 +50,7 @@ struct chunk_cfg {
     int min_tokens, max_tokens;
     double alpha, miss;   /* Cache-Craft's alpha; CFO above miss = treated as a miss */
     const char *trace;    /* access log for pagesim (NULL: none) */
+    const char *kv;       /* records compressed under this spec (NULL: exact) */
 };
 
 struct chunk_stats {

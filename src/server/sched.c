@@ -387,7 +387,7 @@ static void publish_chunk(struct sched *S, struct job *j, struct occ *o) {
     struct srv *srv = S->srv;
     struct run *r = j->run;
     kvs_prefix *node;
-    if (kvs_chunk_publish(srv->ctx, r->seq, o->a, &node) != KVS_OK) {
+    if (kvs_chunk_publish(srv->ctx, r->seq, o->a, srv->cfg.chunk_kv, &node) != KVS_OK) {
         fprintf(stderr, "kvsieve serve: chunk not cached: %s\n", kvs_last_error());
         return;
     }

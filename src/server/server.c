@@ -1242,6 +1242,10 @@ static const char *SERVE_USAGE =
     "      --chunk-alpha A   Cache-Craft's alpha: recompute ceil(A*CCI*(1-beta')*n) tokens (1)\n"
     "      --chunk-miss X    a chunk whose fix overhead is above X is prefilled instead (0.95)\n"
     "      --chunk-trace FILE  log chunk accesses for `kvsieve pagesim FILE`\n"
+    "      --chunk-kv SPEC   store chunk records compressed under SPEC (default: exact fp16),\n"
+    "                        e.g. kivi:bits=4 (4-bit keys per channel, values per token) or\n"
+    "                        snapkv:ratio=0.5 (half the entries, scored by the chunk's own last\n"
+    "                        queries); a placed record is dequantised and re-rotated\n"
     "\n"
     "SIGINT or SIGTERM: running requests are cancelled (503 / an error event), everything is\n"
     "freed, exit 0. Exit 2 on bad flags or an unloadable model.\n";
@@ -1343,6 +1347,7 @@ static int serve_parse(int argc, char **argv, struct srv_config *cfg) {
         else if (!strcmp(a, "--chunk-min")) INT(cfg->chunk.min_tokens, 4, 1 << 20);
         else if (!strcmp(a, "--chunk-max")) INT(cfg->chunk.max_tokens, 4, 1 << 20);
         else if (!strcmp(a, "--chunk-trace")) { NEXT(); cfg->chunk.trace = v; }
+        else if (!strcmp(a, "--chunk-kv")) { NEXT(); cfg->chunk_kv = cfg->chunk.kv = *v ? v : NULL; }
         else if (!strcmp(a, "--chunk-alpha") || !strcmp(a, "--chunk-miss")) {
             NEXT();
             char *end;
@@ -1400,6 +1405,12 @@ int serve_main(int argc, char **argv) {
     cp.keep_stats = true;
     if (kvs_context_new(srv->model, &cp, &srv->ctx) != KVS_OK) {
         fprintf(stderr, "kvsieve serve: %s\n", kvs_last_error());
+        kvs_model_free(srv->model);
+        return 2;
+    }
+    if (cfg->chunk.mem > 0 && cfg->chunk_kv && kvs_chunk_spec_check(srv->ctx, cfg->chunk_kv) != KVS_OK) {
+        fprintf(stderr, "kvsieve serve: --chunk-kv: %s\n", kvs_last_error());
+        kvs_context_free(srv->ctx);
         kvs_model_free(srv->model);
         return 2;
     }

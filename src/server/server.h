@@ -17,7 +17,7 @@ struct srv_config {
     int port;
     const char *model_path;
     int n_parallel, n_ctx, n_threads, n_batch;
-    const char *kv, *prefix_kv, *api_key, *slot_save_path;
+    const char *kv, *prefix_kv, *chunk_kv, *api_key, *slot_save_path;
     int64_t kv_mem, prefix_mem, max_body;
     int timeout_s, queue, batch_tokens;
     bool no_pack; /* --no-pack: no packed weight copy (kvs_model_params.pack) */
