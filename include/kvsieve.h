@@ -318,6 +318,14 @@ enum kvs_status kvs_seq_attach_prefix(kvs_context *c, kvs_sequence *s, kvs_prefi
  * A compressed node's packed entries arrive dequantised (fp16 rows), its evicted ones absent.
  * KVS_ERR_INVALID_ARG (another context), KVS_ERR_CONTEXT_FULL, KVS_ERR_NOMEM. */
 enum kvs_status kvs_seq_place_chunk(kvs_context *c, kvs_sequence *s, const kvs_prefix *chunk);
+/* CacheBlend's check (arXiv 2405.16444): recompute the tokens of a placed chunk (tokens[i] at
+ * positions pos[i], ascending, the sequence's own fp16 entries) through layers 0..check_layer
+ * only, replacing their entries there, and write into dev[i] how far each token's recomputed
+ * values at check_layer are from the placed ones (sum of squares over KV heads and channels).
+ * The caller then recomputes the tokens that deviate most with a .recompute item (all layers).
+ * Errors: those of a recompute item of kvs_step, KVS_ERR_INVALID_ARG for a bad layer. */
+enum kvs_status kvs_seq_chunk_deviation(kvs_context *c, kvs_sequence *s, const int32_t *tokens,
+                                        const int32_t *pos, int n, int check_layer, float *dev);
 /* A standalone chunk node (one reference, the caller's) holding a copy of s's own entries for
  * the tokens [from, n_past): a chunk of text s was just fed (with .hold, so its entries are
  * exact), at its original positions. With a kv_spec (NULL or "" = exact fp16) the copy is

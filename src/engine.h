@@ -82,6 +82,10 @@ struct kvs_context {
     float *att_x;    /* (n_threads, kv_attn_scratch_floats(ATT_TB * group, hd)) */
     float *att_qo;   /* (n_threads, 2, ATT_TB * group, hd) gathered queries and outputs */
     float *att_part; /* (t_max * n_head_kv * MAX_SPLIT, group, hd + 2) partial results */
+    /* kvs_seq_chunk_deviation: forward() of recompute tokens adds each token's value deviation
+     * at layer probe_layer to probe_dev[t] and stops after that layer (NULL = off) */
+    float *probe_dev;
+    int probe_layer;
     struct att_unit_desc *att_units; /* (t_max * n_head_kv * MAX_SPLIT) attention work units */
     float *wrow;     /* act_f32 only: (n_threads, wrow_n) one dequantized weight row per thread */
     size_t wrow_n;   /* floats per thread in wrow: the widest matmul input */

@@ -458,6 +458,8 @@ enum kvs_status forward(struct kvs_context *c, const int32_t *tokens, const int3
             ops_rope(k, hp->n_head_kv, hd, cs, neox);
             if (phase[t] == FWD_RECOMPUTE) { /* a reused chunk's token: replace its entries
                                               * (where a compressed record still holds them) */
+                if (c->probe_dev && il == c->probe_layer)
+                    c->probe_dev[t] += (float)kv_seq_value_dev(seq[t]->kv, il, pos[t], v);
                 kv_seq_overwrite(seq[t]->kv, il, pos[t], k, v);
                 continue;
             }
@@ -465,6 +467,7 @@ enum kvs_status forward(struct kvs_context *c, const int32_t *tokens, const int3
             /* the ring keeps the last qwin queries: older ones of a chunk would be overwritten */
             if (phase[t] != FWD_RECOMPUTE && --later[vidx_buf[t]] < c->kv.qwin) kv_seq_save_query(seq[t]->kv, il, pos[t], q);
         }
+        if (c->probe_dev && il == c->probe_layer) return KVS_OK; /* deviations measured */
 
         for (int i = 0; i < n_views; i++) {
             kv_seq_view(vseq[i]->kv, il, &views[i]);

@@ -206,6 +206,53 @@ static void test_reuse(kvs_context *c, const int32_t *ctx_a, int na, const int32
     CHECK(kls[0] == 0.0);
     CHECK(kls[1] > 0.0 && kls[2] > 0.0); /* the partial ones are approximations: reported */
 
+    /* CacheBlend: values at the check layer recomputed for every token, the ones that deviate
+     * most recomputed through all layers. Layer 0's values depend on the token alone: no
+     * deviation there. With every token selected: the prefill's bits. */
+    float *dev = malloc(sizeof(float) * (size_t)m);
+    for (int t = 0; t < m; t++) pos[t] = nb + t;
+    CHECK(kvs_seq_new(c, &y) == KVS_OK);
+    feed(c, y, ctx_b, nb, NULL);
+    CHECK(kvs_seq_place_chunk(c, y, node) == KVS_OK);
+    CHECKF(kvs_seq_chunk_deviation(c, y, chunk, pos, m, 0, dev) == KVS_OK, "%s", kvs_last_error());
+    double d0 = 0;
+    for (int t = 0; t < m; t++) d0 = fmax(d0, dev[t]);
+    CHECKF(d0 == 0.0, "layer 0 value deviation %.3g", d0);
+    CHECK(kvs_seq_chunk_deviation(c, y, chunk, pos, m, c->m->hp.n_layer, dev) == KVS_ERR_INVALID_ARG);
+    kvs_seq_free(c, y);
+    for (int frac = 15; frac <= 100; frac += 85) {
+        CHECK(kvs_seq_new(c, &y) == KVS_OK);
+        feed(c, y, ctx_b, nb, NULL);
+        CHECK(kvs_seq_place_chunk(c, y, node) == KVS_OK);
+        for (int t = 0; t < m; t++) pos[t] = nb + t;
+        CHECKF(kvs_seq_chunk_deviation(c, y, chunk, pos, m, 1, dev) == KVS_OK, "%s", kvs_last_error());
+        double dsum = 0;
+        for (int t = 0; t < m; t++) dsum += dev[t];
+        CHECK(dsum > 0);
+        int want = (frac * m + 99) / 100, k = 0;
+        bool *taken = calloc((size_t)m, 1);
+        for (int i = 0; i < want; i++) {
+            int best = -1;
+            for (int t = 0; t < m; t++)
+                if (!taken[t] && (best < 0 || dev[t] > dev[best])) best = t;
+            taken[best] = true;
+        }
+        for (int t = 0; t < m; t++)
+            if (taken[t]) pos[k] = nb + t, toks[k++] = chunk[t];
+        free(taken);
+        struct kvs_batch_item it = {.seq = y, .tokens = toks, .n = k, .recompute = true, .pos = pos};
+        CHECKF(kvs_step(c, &it, 1) == KVS_OK, "%s", kvs_last_error());
+        feed(c, y, q, nq, got);
+        double d = kl(ref, got);
+        if (frac == 100)
+            CHECKF(!memcmp(got, ref, sizeof(float) * n_vocab), "CacheBlend, every token: max |diff| %.3g",
+                   tu_max_abs_diff(got, ref, n_vocab));
+        fprintf(stderr, "chunk of %d placed after %d other tokens, CacheBlend top %3d%% by layer-1 "
+                "value deviation recomputed: KL to prefill %.3g\n", m, nb, frac, d);
+        kvs_seq_free(c, y);
+    }
+    free(dev);
+
     /* errors */
     CHECK(kvs_seq_new(c, &y) == KVS_OK);
     feed(c, y, ctx_b, nb, NULL);

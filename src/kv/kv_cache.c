@@ -1078,6 +1078,29 @@ int kv_seq_overwrite(struct kv_seq *s, int il, int32_t pos, const float *k, cons
     return done;
 }
 
+double kv_seq_value_dev(const struct kv_seq *s, int il, int32_t pos, const float *v) {
+    int hd = s->owner->head_dim;
+    double d = 0;
+    for (int ih = 0; ih < s->owner->n_head_kv; ih++) {
+        const struct kv_head_store *h = kv_seq_head(s, il, ih);
+        int32_t lo = h->nc, hi = h->n;
+        while (lo < hi) {
+            int32_t mid = (lo + hi) / 2;
+            if (h->pos[mid] < pos) lo = mid + 1;
+            else hi = mid;
+        }
+        if (lo == h->n || h->pos[lo] != pos) continue;
+        const uint16_t *old = h->v + (size_t)(lo - h->nc) * hd;
+        for (int i = 0; i < hd; i++) {
+            /* against the value as it would be stored (fp16) */
+            double e = (double)quant_f16_to_f32(quant_f32_to_f16(v[(size_t)ih * hd + i])) -
+                       quant_f16_to_f32(old[i]);
+            d += e * e;
+        }
+    }
+    return d;
+}
+
 bool kv_seq_packed_at(const struct kv_seq *s, int32_t pos) {
     const struct kv_cache *c = s->owner;
     for (int i = 0; i < c->n_layer * c->n_head_kv; i++) {

@@ -139,6 +139,9 @@ enum kvs_status kv_head_wire_read(struct kv_seq *s, int il, int ih, const uint8_
 /* Replace the key and value of the hot entry at position pos in each KV head of layer il that
  * holds one (a recomputed token; a head that evicted it is left alone); returns how many. */
 int kv_seq_overwrite(struct kv_seq *s, int il, int32_t pos, const float *k, const float *v);
+/* Sum over the KV heads of layer il holding a hot entry at pos of |v - stored value|^2, v being
+ * (n_head_kv, head_dim) floats rounded to fp16: CacheBlend's deviation of a recomputed token. */
+double kv_seq_value_dev(const struct kv_seq *s, int il, int32_t pos, const float *v);
 /* Some head of some layer holds position pos packed (a recompute could not replace it). */
 bool kv_seq_packed_at(const struct kv_seq *s, int32_t pos);
 

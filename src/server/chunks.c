@@ -782,6 +782,8 @@ void chunk_note_reuse(struct chunk_store *cs, int reused, int recomputed) {
     cs->st.tokens_recomputed += (uint64_t)recomputed;
 }
 
+void chunk_note_checked(struct chunk_store *cs, int tokens) { cs->st.tokens_checked += (uint64_t)tokens; }
+
 void chunk_stats(const struct chunk_store *cs, struct chunk_stats *out) { *out = cs->st; }
 
 char *chunk_list_json(const struct chunk_store *cs) {

@@ -55,7 +55,7 @@ struct chunk_cfg {
 
 struct chunk_stats {
     uint64_t hits_ram, hits_disk, hits_redis, misses, created, corrupt;
-    uint64_t tokens_reused, tokens_recomputed, evictions_ram, evictions_disk;
+    uint64_t tokens_reused, tokens_recomputed, tokens_checked, evictions_ram, evictions_disk;
     uint64_t redis_errors, redis_reconnects;
     int64_t ram_records, ram_bytes, disk_records, disk_bytes;
     bool redis_up;
@@ -92,6 +92,7 @@ void chunk_scan(struct chunk_store *cs, const int32_t *toks, int from, int to,
 int chunk_plan(const struct chunk_store *cs, const struct chunk_rec *rec, const uint64_t *new_ids,
                int n_new, int at, double ratio, int32_t *sel, double *cfo);
 void chunk_note_reuse(struct chunk_store *cs, int reused, int recomputed);
+void chunk_note_checked(struct chunk_store *cs, int tokens); /* CacheBlend's check layers */
 void chunk_stats(const struct chunk_store *cs, struct chunk_stats *out);
 /* A JSON array of the known records (malloc'ed) */
 char *chunk_list_json(const struct chunk_store *cs);

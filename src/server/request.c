@@ -419,13 +419,13 @@ static bool parse_fields(json_t *root, enum srv_kind kind, const struct srv_limi
     }
     json_t *cr = json_object_get(root, "chunk_reuse");
     if (cr && !json_is_null(cr)) {
-        const char *names[] = {"cachecraft", "none", "all", "off"};
+        const char *names[] = {"cachecraft", "none", "all", "off", "cacheblend"};
         int k = -1;
-        for (int i = 0; i < 4 && json_is_string(cr); i++)
+        for (int i = 0; i < 5 && json_is_string(cr); i++)
             if (!strcmp(json_string_value(cr), names[i])) k = i;
         if (k < 0) {
-            srv_bad(e, "chunk_reuse", "'chunk_reuse' must be \"cachecraft\", \"none\", \"all\" or "
-                    "\"off\"");
+            srv_bad(e, "chunk_reuse", "'chunk_reuse' must be \"cachecraft\", \"cacheblend\", "
+                    "\"none\", \"all\" or \"off\"");
             return false;
         }
         p->chunk_reuse = k;

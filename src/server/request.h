@@ -44,9 +44,9 @@ struct srv_params {
     char **chunks;
     int n_chunks;
     int chunk_reuse;       /* enum srv_chunk_reuse */
-    float recompute_ratio; /* -1: Cache-Craft's decision */
+    float recompute_ratio; /* -1: Cache-Craft's decision, CacheBlend's 0.15 */
 };
-enum srv_chunk_reuse { SRV_CR_CACHECRAFT, SRV_CR_NONE, SRV_CR_ALL, SRV_CR_OFF };
+enum srv_chunk_reuse { SRV_CR_CACHECRAFT, SRV_CR_NONE, SRV_CR_ALL, SRV_CR_OFF, SRV_CR_CACHEBLEND };
 #define SRV_MAX_CHUNKS 64
 
 struct srv_error {

@@ -119,6 +119,14 @@ struct occ {
     int32_t *sel_pos, *sel_tok;
     int n_sel;
     bool cache;
+    bool blend;        /* CacheBlend: the n_sel tokens are chosen after placement, by deviation */
+};
+
+/* placed chunks whose tokens CacheBlend picks before this tick's step: the tokens [a, b) of a
+ * run, whose selections go to rc_pos/rc_tok from offset off, chunk by chunk */
+struct blend_job {
+    struct job *j;
+    int a, b, off, k0, k1; /* occ indices [k0, k1) */
 };
 
 struct run {
@@ -357,8 +365,14 @@ static void plan_chunks(struct sched *S, struct job *j) {
             if (j->p.chunk_reuse == SRV_CR_ALL) {
                 for (int t = 0; t < m; t++) sel[t] = t;
                 ns = m;
-            } else if (j->p.chunk_reuse == SRV_CR_CACHECRAFT)
+            } else if (j->p.chunk_reuse == SRV_CR_CACHECRAFT) {
                 ns = chunk_plan(cs, rec, parts, np, o->a, j->p.recompute_ratio, sel, &cfo);
+            } else if (j->p.chunk_reuse == SRV_CR_CACHEBLEND) {
+                double ratio = j->p.recompute_ratio >= 0 ? j->p.recompute_ratio : 0.15;
+                ns = (int)ceil(ratio * m - 1e-9);
+                for (int t = 0; t < ns; t++) sel[t] = t; /* chosen after placement */
+                o->blend = ns > 0;
+            }
             if (ns >= 0) {
                 o->node = rec->node;
                 kvs_prefix_ref(o->node);
@@ -960,6 +974,50 @@ static void run_cmds(struct sched *S) {
     pthread_cond_broadcast(&srv->cv_out);
 }
 
+/* CacheBlend (arXiv 2405.16444): the placed chunks' tokens run through layers 0..check layer
+ * (their entries there replaced), and each chunk's n_sel tokens whose values deviate most at
+ * the check layer from the placed ones are recomputed through every layer by this tick's
+ * recompute item. Runs outside the lock, before the step, on the inference thread. */
+static void blend_select(struct sched *S, const struct blend_job *bj) {
+    struct srv *srv = S->srv;
+    struct job *j = bj->j;
+    struct run *r = j->run;
+    int n = bj->b - bj->a;
+    float *dev = malloc(sizeof *dev * (size_t)n);
+    int32_t *pos = malloc(sizeof *pos * (size_t)n);
+    bool ok = dev && pos;
+    for (int t = 0; ok && t < n; t++) pos[t] = bj->a + t;
+    if (ok && kvs_seq_chunk_deviation(srv->ctx, r->seq, j->toks + bj->a, pos, n,
+                                      srv->cfg.chunk_check_layer, dev) != KVS_OK) {
+        fprintf(stderr, "kvsieve serve: CacheBlend check failed (%s); recomputing the chunks' "
+                "first tokens instead\n", kvs_last_error());
+        ok = false;
+    }
+    int off = 0; /* the recompute item lists the chunks' selections in order */
+    for (int k = bj->k0; k < bj->k1; k++) {
+        struct occ *o = &r->occ[k];
+        int m = o->b - o->a, ns = o->n_sel;
+        if (ok) { /* the ns largest deviations of the chunk, in position order */
+            const float *d = dev + (o->a - bj->a);
+            bool *take = calloc((size_t)m, 1);
+            for (int i = 0; take && i < ns; i++) {
+                int best = -1;
+                for (int t = 0; t < m; t++)
+                    if (!take[t] && (best < 0 || d[t] > d[best])) best = t;
+                take[best] = true;
+            }
+            for (int t = 0, q = 0; take && t < m; t++)
+                if (take[t]) r->rc_pos[off + q] = o->a + t, r->rc_tok[off + q++] = j->toks[o->a + t];
+            free(take);
+        }
+        if (getenv("KVS_CHUNK_DEBUG"))
+            fprintf(stderr, "chunk %016llx at %d: CacheBlend recomputes %d of %d tokens (check "
+                    "layer %d)\n", (unsigned long long)o->id, o->a, ns, m, srv->cfg.chunk_check_layer);
+        off += ns;
+    }
+    free(dev), free(pos);
+}
+
 void *sched_main(void *arg) {
     struct srv *srv = arg;
     struct sched S0 = {0}, *S = &S0;
@@ -978,6 +1036,8 @@ void *sched_main(void *arg) {
     struct job **item_job = calloc((size_t)np, sizeof *item_job);
     int *item_kind = calloc((size_t)np, sizeof *item_kind); /* 0 prompt/decode, 1 recompute, 2 chunk */
     bool *skip = calloc((size_t)np, sizeof *skip);
+    struct blend_job *blend = calloc((size_t)np, sizeof *blend);
+    int n_blend = 0;
 
     pthread_mutex_lock(&srv->mu);
     for (;;) {
@@ -1094,7 +1154,7 @@ void *sched_main(void *arg) {
                     r->rc_pos = malloc(sizeof *r->rc_pos * (size_t)best->n_prompt);
                     r->rc_tok = malloc(sizeof *r->rc_tok * (size_t)best->n_prompt);
                 }
-                int nsel = 0;
+                int nsel = 0, k0 = r->i_occ, a0 = r->n_fed;
                 while (o && o->node && r->n_fed == o->a && nsel + o->n_sel <= left) {
                     enum kvs_status pst = kvs_seq_place_chunk(srv->ctx, r->seq, o->node);
                     kvs_prefix_unref(o->node);
@@ -1110,6 +1170,11 @@ void *sched_main(void *arg) {
                     best->chunk_tokens_recomputed += o->n_sel;
                     chunk_note_reuse(srv->chunks, m, o->n_sel);
                     o = ++r->i_occ < r->n_occ ? &r->occ[r->i_occ] : NULL;
+                }
+                if (r->i_occ > k0 && r->occ[k0].blend && n_blend < np) {
+                    blend[n_blend++] = (struct blend_job){best, a0, r->n_fed, 0, k0, r->i_occ};
+                    best->chunk_tokens_checked += r->n_fed - a0;
+                    chunk_note_checked(srv->chunks, r->n_fed - a0);
                 }
                 if (nsel) {
                     items[n_items] = (struct kvs_batch_item){.seq = r->seq, .tokens = r->rc_tok,
@@ -1152,6 +1217,8 @@ void *sched_main(void *arg) {
             if (items[k].decode || items[k].prompt_end)
                 items[k].logits = S->logits + (size_t)(n_out++) * (size_t)S->n_vocab;
         pthread_mutex_unlock(&srv->mu);
+        for (int b = 0; b < n_blend; b++) blend_select(S, &blend[b]);
+        n_blend = 0;
         enum kvs_status st = kvs_step(srv->ctx, items, n_items);
         pthread_mutex_lock(&srv->mu);
         if (st == KVS_ERR_NOMEM && preempt_youngest(S)) continue;
@@ -1189,6 +1256,7 @@ void *sched_main(void *arg) {
     free(item_job);
     free(item_kind);
     free(skip);
+    free(blend);
     free(S->logits);
     for (int i = 0; i < np; i++) {
         free(S->restored[i].path);

@@ -236,6 +236,7 @@ static json_t *timings_json(const struct job *j) {
     json_object_set_new(t, "chunks_cached", json_integer(j->chunks_cached));
     json_object_set_new(t, "chunk_tokens_reused", json_integer(j->chunk_tokens_reused));
     json_object_set_new(t, "chunk_tokens_recomputed", json_integer(j->chunk_tokens_recomputed));
+    json_object_set_new(t, "chunk_tokens_checked", json_integer(j->chunk_tokens_checked));
     json_object_set_new(t, "recompute_fraction",
                         json_real(j->chunk_tokens_reused ? (double)j->chunk_tokens_recomputed /
                                                            j->chunk_tokens_reused : 0.0));
@@ -924,6 +925,7 @@ static enum MHD_Result handle_metrics(struct srv *srv, struct MHD_Connection *c)
         M("counter", "chunk_records_created_total", "Chunk records made.", "%llu", (unsigned long long)k->created);
         M("counter", "chunk_tokens_reused_total", "Prompt tokens taken from chunk records.", "%llu", (unsigned long long)k->tokens_reused);
         M("counter", "chunk_tokens_recomputed_total", "Tokens of reused chunks computed again (Cache-Craft's fix).", "%llu", (unsigned long long)k->tokens_recomputed);
+        M("counter", "chunk_tokens_checked_total", "Tokens of reused chunks run through CacheBlend's check layers.", "%llu", (unsigned long long)k->tokens_checked);
         M("gauge", "chunk_recompute_fraction", "Recomputed / reused chunk tokens since start.", "%.4f", k->tokens_reused ? (double)k->tokens_recomputed / k->tokens_reused : 0.0);
         prom(&b, &len, &cap, "# HELP kvsieve:chunk_records Chunk records held, by tier.\n# TYPE kvsieve:chunk_records gauge\n"
                              "kvsieve:chunk_records{tier=\"ram\"} %lld\nkvsieve:chunk_records{tier=\"disk\"} %lld\n",
@@ -1242,6 +1244,10 @@ static const char *SERVE_USAGE =
     "      --chunk-alpha A   Cache-Craft's alpha: recompute ceil(A*CCI*(1-beta')*n) tokens (1)\n"
     "      --chunk-miss X    a chunk whose fix overhead is above X is prefilled instead (0.95)\n"
     "      --chunk-trace FILE  log chunk accesses for `kvsieve pagesim FILE`\n"
+    "      --chunk-check-layer N  CacheBlend's check layer (default 1): requests with\n"
+    "                        \"chunk_reuse\": \"cacheblend\" run a placed chunk's tokens through\n"
+    "                        layers 0..N and recompute the recompute_ratio (0.15) of them whose\n"
+    "                        values deviate most there\n"
     "      --chunk-kv SPEC   store chunk records compressed under SPEC (default: exact fp16),\n"
     "                        e.g. kivi:bits=4 (4-bit keys per channel, values per token) or\n"
     "                        snapkv:ratio=0.5 (half the entries, scored by the chunk's own last\n"
@@ -1306,6 +1312,7 @@ static int serve_parse(int argc, char **argv, struct srv_config *cfg) {
     cfg->max_body = 1 << 20;
     cfg->timeout_s = 600;
     cfg->queue = 64;
+    cfg->chunk_check_layer = 1;
     cfg->n_batch = 512;
     cfg->chunk = (struct chunk_cfg){.mem = 512LL << 20, .policy = "pred+lru", .disk = 4LL << 30,
                                     .min_tokens = 16, .max_tokens = 512, .alpha = 1.0, .miss = 0.95};
@@ -1347,6 +1354,7 @@ static int serve_parse(int argc, char **argv, struct srv_config *cfg) {
         else if (!strcmp(a, "--chunk-min")) INT(cfg->chunk.min_tokens, 4, 1 << 20);
         else if (!strcmp(a, "--chunk-max")) INT(cfg->chunk.max_tokens, 4, 1 << 20);
         else if (!strcmp(a, "--chunk-trace")) { NEXT(); cfg->chunk.trace = v; }
+        else if (!strcmp(a, "--chunk-check-layer")) INT(cfg->chunk_check_layer, 0, 1 << 10);
         else if (!strcmp(a, "--chunk-kv")) { NEXT(); cfg->chunk_kv = cfg->chunk.kv = *v ? v : NULL; }
         else if (!strcmp(a, "--chunk-alpha") || !strcmp(a, "--chunk-miss")) {
             NEXT();
@@ -1405,6 +1413,13 @@ int serve_main(int argc, char **argv) {
     cp.keep_stats = true;
     if (kvs_context_new(srv->model, &cp, &srv->ctx) != KVS_OK) {
         fprintf(stderr, "kvsieve serve: %s\n", kvs_last_error());
+        kvs_model_free(srv->model);
+        return 2;
+    }
+    if (cfg->chunk_check_layer >= srv->mi.n_layer) {
+        fprintf(stderr, "kvsieve serve: --chunk-check-layer %d: the model has %d layers (0..%d)\n",
+                cfg->chunk_check_layer, srv->mi.n_layer, srv->mi.n_layer - 1);
+        kvs_context_free(srv->ctx);
         kvs_model_free(srv->model);
         return 2;
     }

@@ -20,6 +20,7 @@ struct srv_config {
     const char *kv, *prefix_kv, *chunk_kv, *api_key, *slot_save_path;
     int64_t kv_mem, prefix_mem, max_body;
     int timeout_s, queue, batch_tokens;
+    int chunk_check_layer; /* CacheBlend's check layer (--chunk-check-layer, default 1) */
     bool no_pack; /* --no-pack: no packed weight copy (kvs_model_params.pack) */
     struct chunk_cfg chunk; /* the chunk store (--chunk-*, --redis); chunk.mem 0 = off */
 };
@@ -67,6 +68,7 @@ struct job {
     int n_gen, n_cached, slot;
     /* chunk store, per request (timings) */
     int chunks_reused, chunk_tokens_reused, chunk_tokens_recomputed, chunks_cached, chunks_found;
+    int chunk_tokens_checked; /* CacheBlend: tokens run through the check layers */
     int prompt_computed;
     double prompt_ms, predicted_ms;
     struct job *next;

@@ -156,7 +156,16 @@ try:
     r15 = ask(A, order2, "cachecraft", ratio=0.15)
     C.ok("recompute_ratio 0.15: about 15% of the chunk tokens", r15 and
          0.14 <= r15["t"]["recompute_fraction"] <= 0.2, K.short(r15))
-    for name, x in [("none", none), ("cachecraft", cc), ("ratio 0.15", r15)]:
+    cb = ask(A, order2, "cacheblend")
+    C.ok("cacheblend: every reused token checked, 15-20% recomputed (ceil per chunk)", cb and
+         cb["t"]["chunk_tokens_checked"] == cb["t"]["chunk_tokens_reused"] > 0 and
+         0.15 <= cb["t"]["recompute_fraction"] <= 0.2, K.short(cb and cb["t"]))
+    cb1 = ask(A, order2, "cacheblend", ratio=1.0)
+    C.ok("cacheblend with recompute_ratio 1 = off, bit for bit", cb1 and ref and cb1["lp"] == ref["lp"]
+         and cb1["text"] == ref["text"], f"{K.short(cb1)} vs {K.short(ref)}")
+    st, lst_a, _ = A.json("GET", "/v1/chunks")
+    bytes_exact = sum(r["bytes"] for r in (lst_a or {}).get("data", []))
+    for name, x in [("none", none), ("cachecraft", cc), ("ratio 0.15", r15), ("cacheblend", cb)]:
         if x and ref:
             C.note(f"{name}: text {x['text']!r} vs prefill {ref['text']!r}; first-token logprob "
                    f"{x['lp'][0]:.4f} vs {ref['lp'][0]:.4f}; recomputed {x['t']['recompute_fraction']:.3f}")
@@ -170,6 +179,33 @@ try:
          rec_ and rec_["t"]["chunks_reused"] == 3, K.short(rec_ and rec_["t"]))
 finally:
     C.ok("server A stops cleanly", A.stop() == 0, A.log_tail())
+
+# ---- compressed records (--chunk-kv) ---------------------------------------------------------
+p = subprocess.run([os.path.join(build, "kvsieve"), "serve", "-m", K.MODEL, "--chunk-kv",
+                    "h2o:ratio=0.5", "--port", str(K.free_port())], capture_output=True, text=True, timeout=60)
+C.ok("--chunk-kv with a scorer a record cannot carry: exit 2 with the reason", p.returncode == 2 and
+     "accumulated attention" in p.stderr, p.stderr[-300:])
+Q = start("chunks_kivi", ["--chunk-kv", "kivi:bits=4,group=16,resid=0"])
+try:
+    w = ask(Q, order1, "cachecraft")
+    C.ok("KIVI-4 records: three documents cached", w and w["t"]["chunks_cached"] == 3, K.short(w and w["t"]))
+    st, lst_q, _ = Q.json("GET", "/v1/chunks")
+    bytes_q = sum(r["bytes"] for r in (lst_q or {}).get("data", []))
+    # per entry and KV head (head_dim 64): exact 2 x 64 fp16 + position + weight = 264 bytes;
+    # KIVI-4, group 16: 4-bit codes + an fp16 scale and minimum per 16 (per channel over 16
+    # tokens for keys, per 16 channels for values) = 2 x 48 + 8 = 104 bytes: 39.4%
+    C.ok("KIVI-4 records: under 41% of the exact records' bytes", 0 < bytes_q < 0.41 * bytes_exact,
+         f"{bytes_q} vs {bytes_exact}")
+    qa = ask(Q, order2, "all")
+    C.ok("KIVI-4 records, every token recomputed = off, bit for bit", qa and ref and qa["lp"] == ref["lp"],
+         f"{K.short(qa)} vs {K.short(ref)}")
+    qn = ask(Q, order2, "none")
+    if qn and ref and none:
+        C.note(f"KIVI-4 records {bytes_q} B vs exact {bytes_exact} B ({bytes_exact / max(bytes_q, 1):.2f}x); "
+               f"none: text {qn['text']!r}, first-token logprob {qn['lp'][0]:.4f} (exact records "
+               f"{none['lp'][0]:.4f}, prefill {ref['lp'][0]:.4f})")
+finally:
+    C.ok("the KIVI server stops cleanly", Q.stop() == 0, Q.log_tail())
 
 files = sorted(f for f in os.listdir(cdir) if f.endswith(".kvchunk"))
 C.ok("three record files on disk", len(files) == 3, files)
