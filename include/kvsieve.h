@@ -368,6 +368,10 @@ uint64_t kvs_model_fingerprint(const kvs_model *m);
  * accumulated-attention slot). Shared prefix entries count in the first range. */
 enum kvs_status kvs_seq_record_attention(kvs_context *c, kvs_sequence *s, const int32_t *bounds,
                                          int n_bounds);
+/* Stop recording s's attention (what was recorded is dropped). Unless keep_stats, or s's policy
+ * needs it, s also stops keeping accumulated attention: later tokens take the faster attention
+ * paths (key splits for a lone decode token). */
+void kvs_seq_record_stop(kvs_context *c, kvs_sequence *s, bool keep_stats);
 /* Recorded shares for the n_tok tokens from position first: out[(t * n_head_kv + h) * (n_bounds
  * + 1) + j] for token first + t, KV head h, range j. Returns the number of ranges (n_bounds + 1),
  * or -1 when nothing was recorded for those positions. */

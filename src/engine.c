@@ -326,6 +326,14 @@ enum kvs_status kvs_seq_record_attention(kvs_context *c, kvs_sequence *s, const 
     return KVS_OK;
 }
 
+void kvs_seq_record_stop(kvs_context *c, kvs_sequence *s, bool keep_stats) {
+    if (!c || !s || !s->rec) return;
+    free(s->rec->mass);
+    free(s->rec);
+    s->rec = NULL;
+    if (!keep_stats && !(kv_policy_needs(&s->prof->spec) & KV_NEED_ACC)) kv_seq_drop_acc(s->kv);
+}
+
 int kvs_seq_recorded_attention(const kvs_sequence *s, int32_t first, int n_tok, float *out) {
     const struct att_rec *r = s->rec;
     if (!r || first < r->from || n_tok < 0 || first + n_tok > s->n_past || first + n_tok - r->from > r->cap)

@@ -135,6 +135,23 @@ static void test_reuse(kvs_context *c, const int32_t *ctx_a, int na, const int32
         }
     CHECKF(worst_sum < 1e-3, "recorded shares sum to 1 within %.3g", worst_sum);
     CHECK(kvs_seq_recorded_attention(x, na - 1 + 2 * m, 2, shares) == -1);
+    {   /* recording stopped: nothing recorded any more, the accumulated-attention slot freed */
+        kvs_sequence *w;
+        CHECK(kvs_seq_new(c, &w) == KVS_OK);
+        CHECK(kvs_seq_record_attention(c, w, bounds, 2) == KVS_OK);
+        feed(c, w, ctx_a, na, NULL);
+        uint64_t before = c->kv.bytes;
+        CHECK(w->kv->with_acc && kvs_seq_recorded_attention(w, 0, 1, shares) == 3);
+        kvs_seq_record_stop(c, w, false);
+        CHECK(!w->kv->with_acc && kvs_seq_recorded_attention(w, 0, 1, shares) == -1);
+        CHECKF(c->kv.bytes < before, "store bytes %llu -> %llu", (unsigned long long)before,
+               (unsigned long long)c->kv.bytes);
+        float *lg = malloc(sizeof(float) * n_vocab);
+        feed(c, w, chunk, m, lg); /* continues on the faster paths */
+        CHECK(kvs_seq_n_past(w) == na + m && isfinite(lg[0]));
+        free(lg);
+        kvs_seq_free(c, w);
+    }
 
     /* reference: B + chunk + question, prefilled */
     feed(c, z, ctx_b, nb, NULL);

@@ -90,6 +90,18 @@ bool kv_seq_set_acc(struct kv_seq *s, bool on) {
     return true;
 }
 
+void kv_seq_drop_acc(struct kv_seq *s) {
+    for (int i = 0; i < s->owner->n_layer * s->owner->n_head_kv; i++) {
+        struct kv_head_store *h = &s->h[i];
+        if (!h->acc) continue;
+        uint64_t before = head_bytes(s, h, true);
+        free(h->acc);
+        h->acc = NULL;
+        account(s->owner, (int64_t)head_bytes(s, h, true) - (int64_t)before);
+    }
+    s->with_acc = false;
+}
+
 void kv_seq_free(struct kv_seq *s) {
     if (!s) return;
     if (s->h) kv_seq_clear(s);

@@ -89,6 +89,8 @@ enum kvs_status kv_seq_new(struct kv_cache *c, struct kv_seq **out);
  * (false otherwise). kv_seq_new starts from the cache's with_acc. */
 bool kv_seq_set_acc(struct kv_seq *s, bool on);
 void kv_seq_free(struct kv_seq *s);
+/* Free the accumulated-attention slot of every entry (s keeps its entries); s no longer keeps it. */
+void kv_seq_drop_acc(struct kv_seq *s);
 void kv_seq_clear(struct kv_seq *s); /* drop every entry and free its memory */
 
 static inline struct kv_head_store *kv_seq_head(const struct kv_seq *s, int il, int ih) {

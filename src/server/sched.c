@@ -1241,6 +1241,9 @@ void *sched_main(void *arg) {
                 if (r->n_fed == o->b) {
                     publish_chunk(S, j, o);
                     r->i_occ++;
+                    bool more = false; /* another chunk of this prompt to cache */
+                    for (int q = r->i_occ; q < r->n_occ; q++) more |= r->occ[q].cache;
+                    if (!more) kvs_seq_record_stop(srv->ctx, r->seq, r->pkv != NULL);
                 }
             } else if (items[k].hold && r->n_fed % BLOCK == 0) publish_block(S, j);
             if (items[k].logits) on_logits(S, j, items[k].logits);
