@@ -20,6 +20,9 @@ the same order:
   none        "cache_prompt": true,  "chunk_reuse": "none"  cached chunks placed, 0% recomputed
   all         "cache_prompt": true,  "chunk_reuse": "all"   placed, then every token recomputed
   ratio=R     "cache_prompt": true,  "recompute_ratio": R   R of each reused chunk recomputed
+  cacheblend  "chunk_reuse": "cacheblend"                   CacheBlend: 15% chosen by value deviation
+                                                            at the check layer (1)
+  blend=R     "chunk_reuse": "cacheblend", "recompute_ratio": R
   ratio       one ratio=R row per --ratios value
 Per mode: time to first token (timings.prompt_ms, and the request's wall time), prompt tokens
 computed against the logical prompt tokens, computation saved against `full` (of all its prompt
@@ -402,14 +405,20 @@ def mode_spec(mode):
         return {"cache_prompt": True, "chunk_reuse": "off"}, False
     if mode == "cachecraft":
         return {"cache_prompt": True}, True
-    if mode in ("none", "all"):
+    if mode in ("none", "all", "cacheblend"):
         return {"cache_prompt": True, "chunk_reuse": mode}, True
+    if mode.startswith("blend="):
+        r = float(mode.split("=", 1)[1])
+        if not 0 <= r <= 1:
+            raise BenchError(f"mode {mode}: the ratio must be in 0..1")
+        return {"cache_prompt": True, "chunk_reuse": "cacheblend", "recompute_ratio": r}, True
     if mode.startswith("ratio="):
         r = float(mode.split("=", 1)[1])
         if not 0 <= r <= 1:
             raise BenchError(f"mode {mode}: the ratio must be in 0..1")
         return {"cache_prompt": True, "recompute_ratio": r}, True
-    raise BenchError(f"unknown mode {mode!r} (full, prefix, cachecraft, none, all, ratio=R, ratio)")
+    raise BenchError(f"unknown mode {mode!r} (full, prefix, cachecraft, cacheblend, blend=R, none, "
+                     "all, ratio=R, ratio)")
 
 
 class Progress:
@@ -504,6 +513,7 @@ def run_requests(srv, a, mode, fields, questions, prog, label, send_chunks=True)
                "chunks_reused": t.get("chunks_reused"),
                "chunk_tokens_reused": t.get("chunk_tokens_reused"),
                "chunk_tokens_recomputed": t.get("chunk_tokens_recomputed"),
+               "chunk_tokens_checked": t.get("chunk_tokens_checked"),
                "recompute_fraction": t.get("recompute_fraction"),
                "chunks_cached": t.get("chunks_cached")}
         if a.logprobs:
@@ -543,6 +553,7 @@ def summarize(mode, rows, wall_total, full_rows, redundant, server_metrics):
          "chunks_reused": sum(r["chunks_reused"] or 0 for r in rows),
          "chunk_tokens_reused": sum(r["chunk_tokens_reused"] or 0 for r in rows),
          "chunk_tokens_recomputed": sum(r["chunk_tokens_recomputed"] or 0 for r in rows),
+         "chunk_tokens_checked": sum(r.get("chunk_tokens_checked") or 0 for r in rows),
          "accuracy": 100.0 * sum(r["correct"] for r in rows) / n if n else None,
          "wall_s": wall_total, "req_per_s": n / wall_total if wall_total > 0 else None,
          "metrics": server_metrics}
@@ -591,7 +602,9 @@ def print_table(sums):
         print(f"| {s['mode']} | {f1(s['ttft_prompt_ms_mean'])} | {f1(s['ttft_prompt_ms_median'])} | "
               f"{f1(s['wall_ms_mean'])} | {f1(s['wall_ms_median'])} | "
               f"{f2(s.get('ttft_speedup_vs_full'))}{'x' if s.get('ttft_speedup_vs_full') else ''} | "
-              f"{s['prompt_computed']} / {s['prompt_tokens']} | {f1(s.get('saved_vs_full'), '%')} | "
+              f"{s['prompt_computed']} / {s['prompt_tokens']}"
+              f"{' (+' + str(s['chunk_tokens_checked']) + ' checked)' if s.get('chunk_tokens_checked') else ''} | "
+              f"{f1(s.get('saved_vs_full'), '%')} | "
               f"{f1(s.get('saved_of_redundant'), '%')} | {f2(s['recompute_fraction_mean'])} | "
               f"{hits_cell(s['metrics'])} | {f1(s['accuracy'], '%')} | {f1(s.get('agree_full'), '%')} | {s['wall_s']:.1f} | "
               f"{f2(s['req_per_s'])} |")
@@ -763,7 +776,7 @@ def parse_args(argv):
                    "documents (Zipf exponent, default 1.0)")
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--modes", default="full,prefix,cachecraft,none,ratio",
-                   help="full,prefix,cachecraft,none,all,ratio=R,ratio (default "
+                   help="full,prefix,cachecraft,cacheblend,blend=R,none,all,ratio=R,ratio (default "
                         "full,prefix,cachecraft,none,ratio)")
     p.add_argument("--ratios", default="0.15", help="R list of the `ratio` mode (default 0.15)")
     p.add_argument("--json", metavar="FILE", help="write JSON lines (requests, summaries, pagesim, "

@@ -865,18 +865,23 @@ void kv_seq_drop_queries(struct kv_seq *s) {
     s->q = NULL, s->q_pos = NULL, s->q_n = NULL, s->q_head = NULL;
 }
 
+/* first index in [lo, hi) of head h whose position is >= pos (hi if none) */
+static int32_t lower_pos(const struct kv_head_store *h, int32_t lo, int32_t hi, int32_t pos) {
+    while (lo < hi) {
+        int32_t mid = (lo + hi) / 2;
+        if (h->pos[mid] < pos) lo = mid + 1;
+        else hi = mid;
+    }
+    return lo;
+}
+
 enum kvs_status kv_seq_append_range(struct kv_seq *dst, const struct kv_seq *src, int il, int32_t from,
                                     int32_t delta) {
     const struct kv_cache *c = src->owner;
     size_t hd = (size_t)c->head_dim;
     for (int ih = 0; ih < c->n_head_kv; ih++) {
         const struct kv_head_store *a = kv_seq_head(src, il, ih);
-        int32_t lo = 0, hi = a->n; /* first entry with pos >= from */
-        while (lo < hi) {
-            int32_t mid = (lo + hi) / 2;
-            if (a->pos[mid] < from) lo = mid + 1;
-            else hi = mid;
-        }
+        int32_t lo = lower_pos(a, 0, a->n, from);
         int32_t n = a->n - lo;
         struct kv_head_store *b = kv_seq_head(dst, il, ih);
         if (b->n && n && b->pos[b->n - 1] >= a->pos[lo] + delta)
@@ -1075,12 +1080,7 @@ int kv_seq_overwrite(struct kv_seq *s, int il, int32_t pos, const float *k, cons
     int hd = s->owner->head_dim, done = 0;
     for (int ih = 0; ih < s->owner->n_head_kv; ih++) {
         struct kv_head_store *h = kv_seq_head(s, il, ih);
-        int32_t lo = h->nc, hi = h->n;
-        while (lo < hi) {
-            int32_t mid = (lo + hi) / 2;
-            if (h->pos[mid] < pos) lo = mid + 1;
-            else hi = mid;
-        }
+        int32_t lo = lower_pos(h, h->nc, h->n, pos);
         if (lo == h->n || h->pos[lo] != pos) continue; /* evicted from this head */
         int32_t r = lo - h->nc;
         quant_f32_to_f16_row(k + (size_t)ih * hd, h->k + (size_t)r * hd, hd);
@@ -1095,12 +1095,7 @@ double kv_seq_value_dev(const struct kv_seq *s, int il, int32_t pos, const float
     double d = 0;
     for (int ih = 0; ih < s->owner->n_head_kv; ih++) {
         const struct kv_head_store *h = kv_seq_head(s, il, ih);
-        int32_t lo = h->nc, hi = h->n;
-        while (lo < hi) {
-            int32_t mid = (lo + hi) / 2;
-            if (h->pos[mid] < pos) lo = mid + 1;
-            else hi = mid;
-        }
+        int32_t lo = lower_pos(h, h->nc, h->n, pos);
         if (lo == h->n || h->pos[lo] != pos) continue;
         const uint16_t *old = h->v + (size_t)(lo - h->nc) * hd;
         for (int i = 0; i < hd; i++) {
@@ -1117,12 +1112,7 @@ bool kv_seq_packed_at(const struct kv_seq *s, int32_t pos) {
     const struct kv_cache *c = s->owner;
     for (int i = 0; i < c->n_layer * c->n_head_kv; i++) {
         const struct kv_head_store *h = &s->h[i];
-        int32_t lo = 0, hi = h->nc;
-        while (lo < hi) {
-            int32_t mid = (lo + hi) / 2;
-            if (h->pos[mid] < pos) lo = mid + 1;
-            else hi = mid;
-        }
+        int32_t lo = lower_pos(h, 0, h->nc, pos);
         if (lo < h->nc && h->pos[lo] == pos) return true;
     }
     return false;
