@@ -348,26 +348,6 @@ enum kvs_status kvs_seq_place_chunk(kvs_context *c, kvs_sequence *s, const kvs_p
     return KVS_OK;
 }
 
-enum kvs_status kvs_seq_chunk_deviation(kvs_context *c, kvs_sequence *s, const int32_t *tokens,
-                                        const int32_t *pos, int n, int check_layer, float *dev) {
-    if (!c || !s || !tokens || !pos || !dev || n < 1)
-        return kvs_fail(KVS_ERR_INVALID_ARG, "kvs_seq_chunk_deviation: missing arguments");
-    if (check_layer < 0 || check_layer >= c->m->hp.n_layer)
-        return kvs_fail(KVS_ERR_INVALID_ARG, "kvs_seq_chunk_deviation: check layer %d outside "
-                        "[0, %d)", check_layer, c->m->hp.n_layer);
-    memset(dev, 0, sizeof(float) * (size_t)n);
-    enum kvs_status st = KVS_OK;
-    for (int i = 0; i < n && st == KVS_OK; i += c->t_max) {
-        int k = n - i < c->t_max ? n - i : c->t_max;
-        struct kvs_batch_item it = {.seq = s, .tokens = tokens + i, .n = k, .recompute = true,
-                                    .pos = pos + i};
-        c->probe_dev = dev + i, c->probe_layer = check_layer;
-        st = kvs_step(c, &it, 1);
-        c->probe_dev = NULL;
-    }
-    return st;
-}
-
 /* ---- chunk records ------------------------------------------------------------------------ */
 
 int kvs_prefix_first(const kvs_prefix *p) { return p ? p->n0 : 0; }
