@@ -1384,8 +1384,20 @@ static int serve_parse(int argc, char **argv, struct srv_config *cfg) {
     return -1;
 }
 
+/* what serve_main built before it failed to start, freed (nothing else is running yet) */
+static int startup_fail(struct srv *srv, int rc) {
+    if (srv->ctx) kvs_context_free(srv->ctx);
+    if (srv->model) kvs_model_free(srv->model);
+    free(srv);
+    return rc;
+}
+
 int serve_main(int argc, char **argv) {
     struct srv *srv = calloc(1, sizeof *srv);
+    if (!srv) {
+        fprintf(stderr, "kvsieve serve: out of memory\n");
+        return 1;
+    }
     struct srv_config *cfg = &srv->cfg;
     int prc = serve_parse(argc, argv, cfg);
     if (prc >= 0) {
@@ -1400,7 +1412,7 @@ int serve_main(int argc, char **argv) {
     mp.pack = !cfg->no_pack;
     if (kvs_model_load(cfg->model_path, &mp, &srv->model) != KVS_OK) {
         fprintf(stderr, "kvsieve serve: %s\n", kvs_last_error());
-        return 2;
+        return startup_fail(srv, 2);
     }
     kvs_model_get_info(srv->model, &srv->mi);
     if (!cfg->n_ctx) cfg->n_ctx = srv->mi.n_ctx_train < 4096 ? srv->mi.n_ctx_train : 4096;
@@ -1413,30 +1425,23 @@ int serve_main(int argc, char **argv) {
     cp.keep_stats = true;
     if (kvs_context_new(srv->model, &cp, &srv->ctx) != KVS_OK) {
         fprintf(stderr, "kvsieve serve: %s\n", kvs_last_error());
-        kvs_model_free(srv->model);
-        return 2;
+        return startup_fail(srv, 2);
     }
     if (cfg->chunk_check_layer >= srv->mi.n_layer) {
         fprintf(stderr, "kvsieve serve: --chunk-check-layer %d: the model has %d layers (0..%d)\n",
                 cfg->chunk_check_layer, srv->mi.n_layer, srv->mi.n_layer - 1);
-        kvs_context_free(srv->ctx);
-        kvs_model_free(srv->model);
-        return 2;
+        return startup_fail(srv, 2);
     }
     if (cfg->chunk.mem > 0 && cfg->chunk_kv && kvs_chunk_spec_check(srv->ctx, cfg->chunk_kv) != KVS_OK) {
         fprintf(stderr, "kvsieve serve: --chunk-kv: %s\n", kvs_last_error());
-        kvs_context_free(srv->ctx);
-        kvs_model_free(srv->model);
-        return 2;
+        return startup_fail(srv, 2);
     }
     if (cfg->chunk.mem > 0) {
         char err[600];
         srv->chunks = chunk_store_new(&cfg->chunk, srv->ctx, srv->model, err, sizeof err);
         if (!srv->chunks) {
             fprintf(stderr, "kvsieve serve: %s\n", err);
-            kvs_context_free(srv->ctx);
-            kvs_model_free(srv->model);
-            return 2;
+            return startup_fail(srv, 2);
         }
     }
     /* model id: the file name without .gguf */
