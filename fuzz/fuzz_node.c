@@ -12,7 +12,8 @@
  *   then 5-byte patches: u32 offset (modulo the length), a byte XORed in.
  * Oracle: the parser never crashes, leaks or reads out of bounds (ASan/UBSan); a record it accepts
  * is placed into an empty sequence and serialised again to exactly the bytes it was given (every
- * field it accepts is canonical), and a rejection is KVS_ERR_FORMAT with no node. Without the
+ * field it accepts is canonical), and a rejection is KVS_ERR_FORMAT (or KVS_ERR_NOMEM for a
+ * size no allocation can meet) with no node. Without the
  * model the target says so and accepts every input (nothing to fuzz). */
 #include "kvsieve.h"
 
@@ -31,7 +32,8 @@ static uint8_t *base[3];
 static size_t base_n[3];
 
 static void make_records(void) {
-    /* 2 tokens of context, then 16 held: one KIVI block of 16 */
+    /* 2 tokens of context, then 16 held: one KIVI block of 16 for the packed record; the exact
+     * record takes only the last 4 (fp16 heads are the largest, and every run checksums them) */
     int32_t toks[18];
     for (int i = 0; i < 18; i++) toks[i] = 100 + 37 * i;
     kvs_sequence *s;

@@ -1400,10 +1400,7 @@ int serve_main(int argc, char **argv) {
     }
     struct srv_config *cfg = &srv->cfg;
     int prc = serve_parse(argc, argv, cfg);
-    if (prc >= 0) {
-        free(srv);
-        return prc;
-    }
+    if (prc >= 0) return startup_fail(srv, prc);
     struct sockaddr_in sin = {.sin_family = AF_INET, .sin_port = htons((uint16_t)cfg->port)};
     inet_pton(AF_INET, cfg->host, &sin.sin_addr); /* checked by serve_parse */
     if (g_log_quiet) kvs_set_log_level(0);
