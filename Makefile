@@ -125,15 +125,16 @@ FUZZ_FLAGS = -std=c11 -D_GNU_SOURCE -g -O1 $(SIMD) -Iinclude -Isrc -fsanitize=fu
 # `kvsieve eval report` and tasks files read by `eval sweep --tasks-file`, --kv specs, page traces
 # read by `kvsieve pagesim`, request bodies of `kvsieve serve` and the KV of chunk records (patches of
 # valid records made from the test model) (a third of that each, at least 10 s).
-fuzz: $(BUILD)/fuzz_gguf $(BUILD)/fuzz_jsonl $(BUILD)/fuzz_kvspec $(BUILD)/fuzz_trace $(BUILD)/fuzz_request $(BUILD)/fuzz_node
-	mkdir -p $(BUILD)/fuzz-corpus $(BUILD)/fuzz-corpus-jsonl $(BUILD)/fuzz-corpus-kvspec $(BUILD)/fuzz-corpus-trace $(BUILD)/fuzz-corpus-request $(BUILD)/fuzz-corpus-node
+fuzz: $(BUILD)/fuzz_gguf $(BUILD)/fuzz_jsonl $(BUILD)/fuzz_kvspec $(BUILD)/fuzz_trace $(BUILD)/fuzz_request $(BUILD)/fuzz_node $(BUILD)/fuzz_lrn
+	mkdir -p $(BUILD)/fuzz-corpus $(BUILD)/fuzz-corpus-jsonl $(BUILD)/fuzz-corpus-kvspec $(BUILD)/fuzz-corpus-trace $(BUILD)/fuzz-corpus-request $(BUILD)/fuzz-corpus-node $(BUILD)/fuzz-corpus-lrn
 	$(BUILD)/fuzz_gguf -max_total_time=$${FUZZ_SECONDS:-60} -max_len=65536 $(BUILD)/fuzz-corpus fuzz/corpus
 	t=$$(( $${FUZZ_SECONDS:-60} / 3 )); [ $$t -ge 10 ] || t=10; \
 	$(BUILD)/fuzz_jsonl -max_total_time=$$t -max_len=4096 $(BUILD)/fuzz-corpus-jsonl fuzz/corpus-jsonl && \
 	$(BUILD)/fuzz_kvspec -max_total_time=$$t -max_len=256 -dict=fuzz/kvspec.dict $(BUILD)/fuzz-corpus-kvspec fuzz/corpus-kvspec && \
 	$(BUILD)/fuzz_trace -max_total_time=$$t -max_len=1024 $(BUILD)/fuzz-corpus-trace fuzz/corpus-trace && \
 	$(BUILD)/fuzz_request -max_total_time=$$t -max_len=4096 $(BUILD)/fuzz-corpus-request fuzz/corpus-request && \
-	$(BUILD)/fuzz_node -max_total_time=$$t -max_len=256 $(BUILD)/fuzz-corpus-node fuzz/corpus-node
+	$(BUILD)/fuzz_node -max_total_time=$$t -max_len=256 $(BUILD)/fuzz-corpus-node fuzz/corpus-node && \
+	$(BUILD)/fuzz_lrn -max_total_time=$$t -max_len=128 $(BUILD)/fuzz-corpus-lrn
 
 $(BUILD)/fuzz_gguf: fuzz/fuzz_gguf.c src/gguf.c src/base.c src/quant.c src/quant_avx2.c
 	@mkdir -p $(BUILD)
@@ -152,6 +153,11 @@ $(BUILD)/fuzz_request: fuzz/fuzz_request.c src/server/request.c src/kv/kv_spec.c
 $(BUILD)/fuzz_node: fuzz/fuzz_node.c $(LIB_SRC) $(wildcard src/*.h src/kv/*.h include/*.h)
 	@mkdir -p $(BUILD)
 	$(FUZZ_CC) $(FUZZ_FLAGS) -o $@ fuzz/fuzz_node.c $(LIB_SRC) -lxxhash -lm -pthread
+
+# learned-eviction weight files (kv_learned_parse); no model
+$(BUILD)/fuzz_lrn: fuzz/fuzz_lrn.c src/kv/learned.c src/ops.c src/ops_avx2.c src/ops_qattn_avx2.c src/quant.c src/quant_avx2.c src/base.c
+	@mkdir -p $(BUILD)
+	$(FUZZ_CC) $(FUZZ_FLAGS) -o $@ $^ -lxxhash -lm -pthread
 
 $(BUILD)/fuzz_kvspec: fuzz/fuzz_kvspec.c src/kv/kv_spec.c src/base.c
 	@mkdir -p $(BUILD)

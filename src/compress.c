@@ -15,6 +15,10 @@ enum kvs_status kvs_seq_compress(kvs_context *c, kvs_sequence *s, const char *kv
     if ((needs & KV_NEED_ACC) && !s->kv->with_acc)
         return kvs_fail(KVS_ERR_INVALID_ARG, "'%s' needs accumulated attention, which this "
                         "context does not keep (create it with keep_stats)", spec.text);
+    if ((needs & KV_NEED_LEARNED) && !s->kv->acc_learned)
+        return kvs_fail(KVS_ERR_INVALID_ARG, "'%s' scores each token when it is computed; this "
+                        "sequence was not run under locret (give its context or sequence a locret "
+                        "spec, e.g. locret:ratio=1 to score without evicting)", spec.text);
     if ((needs & KV_NEED_QUERIES) && c->kv.qwin < kv_policy_qwin(&spec))
         return kvs_fail(KVS_ERR_INVALID_ARG, "'%s' needs the last %d queries; this context keeps "
                         "%d (create it with keep_stats)", spec.text, kv_policy_qwin(&spec),

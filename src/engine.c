@@ -5,6 +5,7 @@
 #include "engine.h"
 #include "ops.h"
 #include "quant.h"
+#include "kv/learned.h"
 
 #include <math.h>
 #include <stdio.h>
@@ -49,6 +50,10 @@ void kvs_context_free(kvs_context *c) {
     for (size_t i = 0; i < sizeof bufs / sizeof bufs[0]; i++) kvs_aligned_free(bufs[i]);
     for (int i = 0; i < N_ACT_SLOTS; i++) kvs_aligned_free(c->act[i]);
     kvs_aligned_free(c->att_units);
+    kv_learned_free(c->learned);
+    free(c->lrn_x);
+    free(c->lrn_h);
+    free(c->lrn_s);
     free(c->step_logits);
     free(c);
 }
@@ -70,6 +75,55 @@ static int32_t bounded_entries(const struct kv_policy *p, int t_max) {
         b = bl > b ? bl : b;
     }
     return b + (sp->every > t_max ? sp->every : t_max) + 1;
+}
+
+/* The locret weights a spec asks for: its file=, else the first file made for this model in the
+ * model's folder, $KVSIEVE_WEIGHTS, or ./weights. One file per context: the first one loaded
+ * serves every locret profile of the context (a different file= is refused). */
+static enum kvs_status ensure_learned(kvs_context *c, const struct kv_spec *spec) {
+    if (spec->method != KV_LOCRET) return KVS_OK;
+    const struct hparams *hp = &c->m->hp;
+    uint64_t fp = kvs_model_fingerprint(c->m);
+    if (c->learned) {
+        if (spec->file[0] && strcmp(spec->file, c->learned->path))
+            return kvs_fail(KVS_ERR_INVALID_ARG, "this context already runs locret with '%s'; one "
+                            "weight file per context (asked '%s')", c->learned->path, spec->file);
+        return KVS_OK;
+    }
+    char path[1024] = "";
+    if (spec->file[0]) snprintf(path, sizeof path, "%s", spec->file);
+    else {
+        char dirs[3][1024] = {"", "", "weights"};
+        const char *mp = c->m->gguf->path, *sl = strrchr(mp, '/');
+        if (sl) snprintf(dirs[0], sizeof dirs[0], "%.*s", (int)(sl - mp), mp);
+        else snprintf(dirs[0], sizeof dirs[0], ".");
+        const char *env = getenv("KVSIEVE_WEIGHTS");
+        if (env && *env) snprintf(dirs[1], sizeof dirs[1], "%s", env);
+        for (int i = 0; i < 3 && !path[0]; i++)
+            if (dirs[i][0] && kv_learned_find(dirs[i], fp, path, sizeof path) != KVS_OK) path[0] = 0;
+        if (!path[0])
+            return kvs_fail(KVS_ERR_INVALID_ARG, "locret needs trained weights for this model "
+                            "(fingerprint 0x%016llx): none found in '%s', $KVSIEVE_WEIGHTS (%s) or "
+                            "./weights; give locret:file=PATH.lrn (tools/train/README.md makes one)",
+                            (unsigned long long)fp, dirs[0], dirs[1][0] ? dirs[1] : "unset");
+    }
+    struct kv_learned *l;
+    enum kvs_status st = kv_learned_load(path, fp, hp->n_layer, hp->n_head, hp->n_head_kv, hp->head_dim, &l);
+    if (st != KVS_OK) return st;
+    size_t T = (size_t)c->t_max;
+    c->lrn_x = malloc(sizeof(float) * T * (size_t)l->d_in);
+    c->lrn_h = malloc(sizeof(float) * T * (size_t)l->hidden);
+    c->lrn_s = malloc(sizeof(float) * T * (size_t)l->n_head_kv);
+    if (!c->lrn_x || !c->lrn_h || !c->lrn_s) {
+        kv_learned_free(l);
+        free(c->lrn_x), free(c->lrn_h), free(c->lrn_s);
+        c->lrn_x = c->lrn_h = c->lrn_s = NULL;
+        return kvs_fail(KVS_ERR_NOMEM, "out of memory for the locret scratch");
+    }
+    c->learned = l;
+    kvs_log(2, "locret: %s (%s, %s labels, hidden %d)", path, l->name,
+            l->labels == 1 ? "question+answer" : "context-repeat", l->hidden);
+    return KVS_OK;
 }
 
 enum kvs_status kvs_context_new(kvs_model *m, const struct kvs_context_params *pp,
@@ -118,13 +172,15 @@ enum kvs_status kvs_context_new(kvs_model *m, const struct kvs_context_params *p
     int qwin = kv_policy_qwin(&spec);
     if (p.keep_stats && qwin < KVS_STATS_QWIN) qwin = KVS_STATS_QWIN;
     kv_cache_init(&c->kv, hp->n_layer, hp->n_head_kv, hp->n_head, hp->head_dim,
-                  (needs & KV_NEED_ACC) || p.keep_stats, qwin);
+                  (needs & KV_NEED_SLOT) || p.keep_stats, qwin);
     st = kv_policy_new(&spec, hp->n_layer, hp->n_head, hp->n_head_kv, hp->head_dim,
                        c->n_ctx + c->t_max + KV_CAP_STEP, kv_spec_entry_bytes(hp, &spec), &c->base.policy);
+    if (st == KVS_OK) st = ensure_learned(c, &spec);
     if (st != KVS_OK) {
         kvs_context_free(c);
         return st;
     }
+    if (c->base.policy) c->base.policy->learned = c->learned;
     /* a bounded cache: -c is its size, and sequences run past it (StreamingLLM's point) */
     c->base.max_past = c->n_ctx;
     int32_t held = c->base.policy ? bounded_entries(c->base.policy, c->t_max) : 0;
@@ -201,6 +257,7 @@ enum kvs_status kvs_seq_new(kvs_context *c, kvs_sequence **out) {
         return st;
     }
     kv_seq_set_pack(s->kv, &c->base.pack); /* a fresh sequence holds nothing: cannot fail */
+    s->kv->acc_learned = kv_policy_needs(&c->base.spec) & KV_NEED_LEARNED;
     s->prof = &c->base;
     s->slot = slot;
     c->seqs[slot] = s;
@@ -312,6 +369,9 @@ enum kvs_status kvs_seq_record_attention(kvs_context *c, kvs_sequence *s, const 
     for (int i = 1; i < n_bounds; i++)
         if (bounds[i] <= bounds[i - 1])
             return kvs_fail(KVS_ERR_INVALID_ARG, "kvs_seq_record_attention: bounds must ascend");
+    if (s->kv->acc_learned)
+        return kvs_fail(KVS_ERR_INVALID_ARG, "kvs_seq_record_attention: the sequence's statistic "
+                        "slot holds learned scores (locret)");
     if (!kv_seq_set_acc(s->kv, true))
         return kvs_fail(KVS_ERR_INVALID_ARG, "kvs_seq_record_attention: the sequence already holds "
                         "entries of its own");
@@ -331,7 +391,7 @@ void kvs_seq_record_stop(kvs_context *c, kvs_sequence *s, bool keep_stats) {
     free(s->rec->mass);
     free(s->rec);
     s->rec = NULL;
-    if (!keep_stats && !(kv_policy_needs(&s->prof->spec) & KV_NEED_ACC)) kv_seq_drop_acc(s->kv);
+    if (!keep_stats && !(kv_policy_needs(&s->prof->spec) & KV_NEED_SLOT)) kv_seq_drop_acc(s->kv);
 }
 
 int kvs_seq_recorded_attention(const kvs_sequence *s, int32_t first, int n_tok, float *out) {
@@ -507,7 +567,9 @@ static enum kvs_status profile_init(kvs_context *c, const struct kv_spec *spec, 
     enum kvs_status st = kv_policy_new(spec, hp->n_layer, hp->n_head, hp->n_head_kv, hp->head_dim,
                                        c->n_ctx + c->t_max + KV_CAP_STEP,
                                        kv_spec_entry_bytes(hp, spec), &pr->policy);
+    if (st == KVS_OK) st = ensure_learned(c, spec);
     if (st != KVS_OK) return st;
+    if (pr->policy) pr->policy->learned = c->learned;
     pr->max_past = c->n_ctx;
     int32_t held = pr->policy ? bounded_entries(pr->policy, c->t_max) : 0;
     if (held > 0 && held <= c->n_ctx) pr->max_past = KVS_PAST_MAX, pr->held = held;
@@ -536,10 +598,11 @@ enum kvs_status kvs_seq_set_kv(kvs_context *c, kvs_sequence *s, const char *kv_s
     for (int i = 0; i < KVS_MAX_PROFILES && !pr; i++)
         if (c->prof[i] && !strcmp(c->prof[i]->spec.text, spec.text)) pr = c->prof[i];
     if (pr == s->prof) { /* same profile: only the statistics follow the spec (see below) */
-        bool acc = kv_policy_needs(&spec) & KV_NEED_ACC;
-        if (s->kv->with_acc != acc) {
+        bool acc = kv_policy_needs(&spec) & KV_NEED_SLOT, lrn = kv_policy_needs(&spec) & KV_NEED_LEARNED;
+        if (s->kv->with_acc != acc || s->kv->acc_learned != lrn) {
             kv_seq_clear(s->kv);
             kv_seq_set_acc(s->kv, acc);
+            s->kv->acc_learned = lrn;
         }
         return KVS_OK;
     }
@@ -571,7 +634,8 @@ enum kvs_status kvs_seq_set_kv(kvs_context *c, kvs_sequence *s, const char *kv_s
     /* empty (no capacity once cleared): these cannot fail */
     kv_seq_clear(s->kv);
     kv_seq_set_pack(s->kv, &pr->pack);
-    kv_seq_set_acc(s->kv, kv_policy_needs(&spec) & KV_NEED_ACC);
+    kv_seq_set_acc(s->kv, kv_policy_needs(&spec) & KV_NEED_SLOT);
+    s->kv->acc_learned = kv_policy_needs(&spec) & KV_NEED_LEARNED;
     if (pr != s->prof) {
         profile_release(c, s->prof);
         if (pr != &c->base) pr->refs++;
@@ -587,7 +651,7 @@ enum kvs_status kvs_seq_keep_stats(kvs_context *c, kvs_sequence *s, bool on) {
     if (s->n_past || s->prefix)
         return kvs_fail(KVS_ERR_INVALID_ARG, "a sequence's statistics can only be chosen while it "
                         "is empty (it holds %d tokens)", s->n_past);
-    if (!on && (kv_policy_needs(&s->prof->spec) & KV_NEED_ACC))
+    if (!on && (kv_policy_needs(&s->prof->spec) & KV_NEED_SLOT))
         return kvs_fail(KVS_ERR_INVALID_ARG, "'%s' needs accumulated attention",
                         s->prof->spec.text);
     if (on && !c->p.keep_stats)

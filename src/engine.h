@@ -90,6 +90,8 @@ struct kvs_context {
     float *wrow;     /* act_f32 only: (n_threads, wrow_n) one dequantized weight row per thread */
     size_t wrow_n;   /* floats per thread in wrow: the widest matmul input */
     size_t scratch_bytes;
+    struct kv_learned *learned; /* locret weights (one file per context), NULL until a spec asks */
+    float *lrn_x, *lrn_h, *lrn_s; /* (t_max, d_in), (t_max, hidden), (t_max, n_head_kv) */
     float *step_logits;  /* kvs_step: logits rows before they are copied to the items */
     size_t step_logits_n;
 };
@@ -110,7 +112,7 @@ enum fwd_phase { FWD_PREFILL, FWD_PREFILL_LAST, FWD_DECODE, FWD_HOLD,
 static inline uint64_t kv_spec_entry_bytes(const struct hparams *hp, const struct kv_spec *spec) {
     /* an fp16 entry; kv_policy_budget prices KIVI's packed entries itself */
     return kv_entry_payload_bytes(hp->head_dim) +
-           ((kv_policy_needs(spec) & KV_NEED_ACC) ? sizeof(float) : 0);
+           ((kv_policy_needs(spec) & KV_NEED_SLOT) ? sizeof(float) : 0);
 }
 
 /* Release the shared prefix s started from (if any): s then holds only its own entries. */

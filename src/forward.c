@@ -18,6 +18,7 @@
 #include "engine.h"
 #include "ops.h"
 #include "quant.h"
+#include "kv/learned.h"
 
 #include <math.h>
 #include <stdatomic.h>
@@ -344,6 +345,18 @@ static void run_rows(struct kvs_context *c, threadpool_fn fn, void *arg, int T) 
     else fn(arg, 0, 1);
 }
 
+/* Locret: the layer's retaining head on rows of c->lrn_x, scores into c->lrn_s */
+struct lrn_job { struct kvs_context *c; int il, n; };
+static void lrn_worker(void *arg, int ith, int nth) {
+    struct lrn_job *j = arg;
+    const struct kv_learned *l = j->c->learned;
+    int lo, hi;
+    threadpool_split(j->n, ith, nth, &lo, &hi);
+    if (hi > lo)
+        kv_learned_score(l, j->il, j->c->lrn_x + (size_t)lo * l->d_in, l->d_in, hi - lo,
+                         j->c->lrn_s + (size_t)lo * l->n_head_kv, j->c->lrn_h + (size_t)lo * l->hidden);
+}
+
 enum kvs_status forward(struct kvs_context *c, const int32_t *tokens, const int32_t *pos,
                         kvs_sequence *const *seq, int T, const int *out_rows, int n_out,
                         float *logits, const uint8_t *phase) {
@@ -400,7 +413,7 @@ enum kvs_status forward(struct kvs_context *c, const int32_t *tokens, const int3
     int n_units = 0, n_kv = hp->n_head_kv;
     for (int t = 0; t < T; t++) tsplit[t] = 1;
     for (int i = 0; i < n_views; i++) {
-        bool vacc = vseq[i]->kv->with_acc;
+        bool vacc = vseq[i]->kv->with_acc && !vseq[i]->kv->acc_learned;
         if (vacc) {
             for (int h = 0; h < n_kv; h++) units[n_units++] = (struct att_unit_desc){AU_ACC, (int16_t)h, i, 0};
         } else if (cnt[i] == 1 && vph[i] == FWD_DECODE) {
@@ -447,12 +460,29 @@ enum kvs_status forward(struct kvs_context *c, const int32_t *tokens, const int3
         }
         int later[64]; /* tokens of each sequence still to come in this batch */
         memcpy(later, cnt, sizeof(int) * (size_t)n_views);
+        int n_lrn = 0, lrn_row[KVS_T_MAX];
         for (int t = 0; t < T; t++) {
             float *q = c->q + (size_t)t * nq, *k = c->k + (size_t)t * nkv, *v = c->v + (size_t)t * nkv;
             if (lw->bq) {
                 for (int i = 0; i < nq; i++) q[i] += lw->bq[i];
                 for (int i = 0; i < nkv; i++) k[i] += lw->bk[i], v[i] += lw->bv[i];
             }
+            lrn_row[t] = -1;
+            if (seq[t]->kv->acc_learned && phase[t] != FWD_RECOMPUTE) { /* Locret's input: q, k, v before RoPE */
+                KVS_ASSERT(c->learned);
+                float *x = c->lrn_x + (size_t)n_lrn * c->learned->d_in;
+                memcpy(x, q, sizeof(float) * (size_t)nq);
+                memcpy(x + nq, k, sizeof(float) * (size_t)nkv);
+                memcpy(x + nq + nkv, v, sizeof(float) * (size_t)nkv);
+                lrn_row[t] = n_lrn++;
+            }
+        }
+        if (n_lrn) {
+            struct lrn_job lj = {c, il, n_lrn};
+            run_rows(c, lrn_worker, &lj, n_lrn);
+        }
+        for (int t = 0; t < T; t++) {
+            float *q = c->q + (size_t)t * nq, *k = c->k + (size_t)t * nkv, *v = c->v + (size_t)t * nkv;
             const float *cs = c->rope_cs + (size_t)t * hd;
             ops_rope(q, hp->n_head, hd, cs, neox);
             ops_rope(k, hp->n_head_kv, hd, cs, neox);
@@ -464,6 +494,8 @@ enum kvs_status forward(struct kvs_context *c, const int32_t *tokens, const int3
                 continue;
             }
             kv_seq_append(seq[t]->kv, il, pos[t], k, v);
+            if (lrn_row[t] >= 0)
+                kv_seq_set_learned_last(seq[t]->kv, il, c->lrn_s + (size_t)lrn_row[t] * hp->n_head_kv);
             /* the ring keeps the last qwin queries: older ones of a chunk would be overwritten */
             if (phase[t] != FWD_RECOMPUTE && --later[vidx_buf[t]] < c->kv.qwin) kv_seq_save_query(seq[t]->kv, il, pos[t], q);
         }

@@ -1119,6 +1119,8 @@ static int cmd_info(const struct opts *o) {
         printf("KV per token    %llu bytes (fp16 K+V, all layers) = %.1f KiB; %.1f MiB at %d tokens\n",
                (unsigned long long)mi.kv_bytes_per_token, mi.kv_bytes_per_token / 1024.0,
                mi.kv_bytes_per_token * (double)mi.n_ctx_train / 1048576.0, mi.n_ctx_train);
+        printf("fingerprint     0x%016llx (cache files, chunk records and learned-eviction weights are tied to it)\n",
+               (unsigned long long)kvs_model_fingerprint(m));
         printf("tensors         %d:", nt);
         for (int k = 0; k < ntypes; k++) printf(" %s x%d (%.1f MiB)", tnames[k], tcount[k], tbytes[k] / 1048576.0);
         printf("\n");

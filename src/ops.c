@@ -22,6 +22,9 @@ void (*ops_qattn_tok_scores)(const float *, int, int, const uint8_t *, size_t, c
 void (*ops_qattn_tok_accum)(const float *, int, int, int, const uint8_t *, size_t, const uint16_t *,
                             const uint16_t *, int, int, int, float *) = ops_qattn_tok_accum_ref;
 
+void (*ops_linear_f32)(float *, int, const float *, int, int, const float *, const float *, int,
+                       int) = ops_linear_f32_ref;
+
 static bool forced_ref;
 
 void ops_init(void) {
@@ -33,6 +36,7 @@ void ops_init(void) {
     ops_qattn_blk_scores = fast ? ops_qattn_blk_scores_avx2 : ops_qattn_blk_scores_ref;
     ops_qattn_tok_scores = fast ? ops_qattn_tok_scores_avx2 : ops_qattn_tok_scores_ref;
     ops_qattn_tok_accum = fast ? ops_qattn_tok_accum_avx2 : ops_qattn_tok_accum_ref;
+    ops_linear_f32 = fast ? ops_linear_f32_avx2 : ops_linear_f32_ref;
 }
 
 void ops_force_ref(bool on) {
@@ -59,6 +63,17 @@ void ops_rope(float *x, int n_heads, int hd, const float *cs, bool neox) {
             v[b] = x0 * s + x1 * c;
         }
     }
+}
+
+void ops_linear_f32_ref(float *Y, int ldy, const float *X, int ldx, int T, const float *W,
+                        const float *b, int rows, int cols) {
+    for (int t = 0; t < T; t++)
+        for (int r = 0; r < rows; r++) {
+            const float *x = X + (size_t)t * ldx, *w = W + (size_t)r * cols;
+            double s = b ? b[r] : 0.0;
+            for (int c = 0; c < cols; c++) s += (double)x[c] * w[c];
+            Y[(size_t)t * ldy + r] = (float)s;
+        }
 }
 
 void ops_swiglu(float *g, const float *u, int n) {

@@ -23,6 +23,15 @@ void ops_rope(float *x, int n_heads, int head_dim, const float *cs, bool neox);
 /* g[i] = silu(g[i]) * u[i] */
 void ops_swiglu(float *g, const float *u, int n);
 
+/* Y (T, rows) = X (T, cols) W^T + b: a small float32 linear layer (the learned scorers' heads).
+ * W is (rows, cols) row-major, b may be NULL; ldx and ldy are the row strides of X and Y. */
+extern void (*ops_linear_f32)(float *Y, int ldy, const float *X, int ldx, int T, const float *W,
+                              const float *b, int rows, int cols);
+void ops_linear_f32_ref(float *Y, int ldy, const float *X, int ldx, int T, const float *W,
+                        const float *b, int rows, int cols);
+void ops_linear_f32_avx2(float *Y, int ldy, const float *X, int ldx, int T, const float *W,
+                         const float *b, int rows, int cols);
+
 /* Attention inner loops for one KV head and a group of `g` query heads sharing it (GQA).
  * scores: S[qi * lds + j] = scale * dot(Q[qi], K[j]) for j in [0, n); Q is (g, hd) float,
  *         K is (n, hd) fp16.

@@ -174,3 +174,43 @@ void ops_attn_accum_add_avx2(const float *P, int g, int n, int lds, const uint16
                              float *O) {
     accum(P, g, n, lds, V, hd, O, true);
 }
+
+/* Four tokens share each pass over a weight row (the row stays in L1); cols must be a multiple of
+ * 8, else the reference runs. Summation order differs from the reference (8 lanes, then a
+ * horizontal sum), so results agree to rounding. */
+void ops_linear_f32_avx2(float *Y, int ldy, const float *X, int ldx, int T, const float *W,
+                         const float *b, int rows, int cols) {
+    if (cols % 8) {
+        ops_linear_f32_ref(Y, ldy, X, ldx, T, W, b, rows, cols);
+        return;
+    }
+    int t = 0;
+    for (; t + 4 <= T; t += 4) {
+        const float *x0 = X + (size_t)t * ldx, *x1 = x0 + ldx, *x2 = x1 + ldx, *x3 = x2 + ldx;
+        for (int r = 0; r < rows; r++) {
+            const float *w = W + (size_t)r * cols;
+            __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+            for (int c = 0; c < cols; c += 8) {
+                __m256 wv = _mm256_loadu_ps(w + c);
+                a0 = _mm256_fmadd_ps(wv, _mm256_loadu_ps(x0 + c), a0);
+                a1 = _mm256_fmadd_ps(wv, _mm256_loadu_ps(x1 + c), a1);
+                a2 = _mm256_fmadd_ps(wv, _mm256_loadu_ps(x2 + c), a2);
+                a3 = _mm256_fmadd_ps(wv, _mm256_loadu_ps(x3 + c), a3);
+            }
+            float bb = b ? b[r] : 0.0f;
+            Y[(size_t)t * ldy + r] = hsum8(a0) + bb;
+            Y[(size_t)(t + 1) * ldy + r] = hsum8(a1) + bb;
+            Y[(size_t)(t + 2) * ldy + r] = hsum8(a2) + bb;
+            Y[(size_t)(t + 3) * ldy + r] = hsum8(a3) + bb;
+        }
+    }
+    for (; t < T; t++) {
+        const float *x = X + (size_t)t * ldx;
+        for (int r = 0; r < rows; r++) {
+            const float *w = W + (size_t)r * cols;
+            __m256 a = _mm256_setzero_ps();
+            for (int c = 0; c < cols; c += 8) a = _mm256_fmadd_ps(_mm256_loadu_ps(w + c), _mm256_loadu_ps(x + c), a);
+            Y[(size_t)t * ldy + r] = hsum8(a) + (b ? b[r] : 0.0f);
+        }
+    }
+}

@@ -412,8 +412,8 @@ enum kvs_status kvs_chunk_spec_check(const kvs_context *c, const char *kv_spec) 
     if (spec.reindex)
         return kvs_fail(KVS_ERR_INVALID_ARG, "'%s' moves positions (pos=cache); a chunk record "
                         "keeps its own (use pos=abs)", spec.text);
-    if (kv_policy_needs(&spec) & KV_NEED_ACC)
-        return kvs_fail(KVS_ERR_INVALID_ARG, "'%s' scores by accumulated attention, which a chunk "
+    if (kv_policy_needs(&spec) & KV_NEED_SLOT)
+        return kvs_fail(KVS_ERR_INVALID_ARG, "'%s' scores by accumulated attention or learned scores, which a chunk "
                         "record does not carry: use a storage part (kivi, mikv, think) or a "
                         "scorer of keys or recent queries (snapkv, tova, knorm, streaming)", spec.text);
     if ((kv_policy_needs(&spec) & KV_NEED_QUERIES) && c->kv.qwin < kv_policy_qwin(&spec))

@@ -619,7 +619,9 @@ static int run_tasks(struct sweep *sw, int n_threads) {
                 snprintf(r->spec, sizeof r->spec, "%s", r->method);
             } else {
                 r->ratio = cfg->ratios[b];
-                r->direct = strstr(r->method, "when=") || strstr(r->method, "every=");
+                /* locret scores tokens as they are computed: it always prefills on its own */
+                r->direct = strstr(r->method, "when=") || strstr(r->method, "every=") ||
+                            !strncmp(r->method, "locret", 6);
                 snprintf(r->spec, sizeof r->spec, r->direct ? "%s+ratio=%g" :
                          "%s+ratio=%g+when=prefill+every=0", r->method, r->ratio);
             }

@@ -100,6 +100,7 @@ void kv_seq_drop_acc(struct kv_seq *s) {
         account(s->owner, (int64_t)head_bytes(s, h, true) - (int64_t)before);
     }
     s->with_acc = false;
+    s->acc_learned = false;
 }
 
 void kv_seq_free(struct kv_seq *s) {
@@ -748,7 +749,7 @@ void kv_seq_view(const struct kv_seq *s, int il, struct kv_view *out) {
         const struct kv_head_store *h = kv_seq_head(s, il, ih);
         out->h[ih] = (struct kv_view_head){
             .n = h->n, .nc = h->nc, .k = h->k, .v = h->v, .pos = h->pos,
-            .w = s->owner->weighted ? h->w : NULL, .acc = h->acc, .fmt = &s->pack.f,
+            .w = s->owner->weighted ? h->w : NULL, .acc = s->acc_learned ? NULL : h->acc, .fmt = &s->pack.f,
             .ck = h->ck, .cks = h->cks, .ckm = h->ckm, .blk_n = h->blk_n, .nblk = h->nblk,
             .cv = h->cv, .cvs = h->cvs, .cvm = h->cvm, .ch = h->ch, .bal = h->bal,
             .mu = h->bal ? h->bal + s->owner->head_dim : NULL};
@@ -1116,4 +1117,13 @@ bool kv_seq_packed_at(const struct kv_seq *s, int32_t pos) {
         if (lo < h->nc && h->pos[lo] == pos) return true;
     }
     return false;
+}
+
+void kv_seq_set_learned_last(struct kv_seq *s, int il, const float *score) {
+    KVS_ASSERT(s->acc_learned);
+    for (int ih = 0; ih < s->owner->n_head_kv; ih++) {
+        struct kv_head_store *h = kv_seq_head(s, il, ih);
+        KVS_ASSERT(h->acc && h->n > 0);
+        h->acc[h->n - 1] = score[ih];
+    }
 }

@@ -65,6 +65,8 @@ struct kv_cache {
 struct kv_seq {
     struct kv_cache *owner;
     bool with_acc;           /* its entries carry the accumulated-attention slot (set while empty) */
+    bool acc_learned;        /* the slot holds a learned score forward() writes once per entry
+                              * (Locret), not attention: views hand attention no slot */
     int32_t pin;             /* entries at positions below it outrank every other in plans */
     struct kv_head_store *h; /* (n_layer, n_head_kv) */
     float *q;                /* (n_layer, qwin, n_head, head_dim) ring of recent queries */
@@ -106,6 +108,10 @@ void kv_seq_fit(struct kv_seq *s, int il);
 /* Append one token's keys and values for all KV heads of layer il: k, v are (n_head_kv,
  * head_dim) float; converted to fp16. Capacity must have been reserved. */
 void kv_seq_append(struct kv_seq *s, int il, int32_t pos, const float *k, const float *v);
+
+/* Write the learned score of the entry just appended to every KV head of layer il (score has
+ * n_head_kv floats); only for a sequence whose slot holds learned scores (acc_learned). */
+void kv_seq_set_learned_last(struct kv_seq *s, int il, const float *score);
 
 /* Remember the query of a token for plan-time scoring: q is (n_head, head_dim). */
 void kv_seq_save_query(struct kv_seq *s, int il, int32_t pos, const float *q);

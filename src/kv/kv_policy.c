@@ -32,6 +32,7 @@ static const struct kv_scorer_i *scorer_for(enum kv_method m) {
     case KV_EMS: return &kv_scorer_ems;
     case KV_KVMERGER: return &kv_scorer_kvmerger;
     case KV_ELASTIC: return &kv_scorer_elastic;
+    case KV_LOCRET: return &kv_scorer_locret;
     default: return NULL;
     }
 }

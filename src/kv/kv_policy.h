@@ -25,7 +25,12 @@
 /* statistics a scorer needs (the attention kernel and forward() produce them) */
 enum { KV_NEED_ACC = 1,     /* accumulated attention probabilities per entry (H2O) */
        KV_NEED_QUERIES = 2, /* the post-RoPE queries of the last `qwin` tokens (TOVA, SnapKV) */
-       KV_NEED_LAYERWISE = 4 /* one score shared by all KV heads of a layer (TOVA) */ };
+       KV_NEED_LAYERWISE = 4, /* one score shared by all KV heads of a layer (TOVA) */
+       KV_NEED_LEARNED = 8 /* a learned score per entry, written by forward() into the
+                            * statistic slot when the entry is made (Locret) */ };
+
+/* the statistic slot per entry: accumulated attention or a learned score */
+#define KV_NEED_SLOT (KV_NEED_ACC | KV_NEED_LEARNED)
 
 struct kv_policy;
 
@@ -49,8 +54,11 @@ struct kv_scorer_i {
     int32_t (*protect)(const struct kv_policy *p, int32_t budget);
 };
 
+struct kv_learned;
+
 struct kv_policy {
     struct kv_spec spec;
+    const struct kv_learned *learned; /* locret: the context's weights (forward() runs them) */
     const struct kv_scorer_i *scorer;
     int n_layer, n_head, n_head_kv, head_dim;
     uint64_t entry_bytes;
@@ -109,7 +117,7 @@ double kv_d2o_layer_factor(const struct kv_policy *p, const struct kv_seq *s, in
 /* scorers, one per file under src/kv/ */
 extern const struct kv_scorer_i kv_scorer_streaming, kv_scorer_h2o, kv_scorer_tova,
     kv_scorer_snapkv, kv_scorer_knorm, kv_scorer_random, kv_scorer_d2o, kv_scorer_ems,
-    kv_scorer_kvmerger, kv_scorer_elastic;
+    kv_scorer_kvmerger, kv_scorer_elastic, kv_scorer_locret;
 
 /* kv_score.c, helper for scorers: attention probabilities of the saved queries of layer il against KV head
  * ih, summed over the queries and aggregated over the head's query group (mean or max per

@@ -10,13 +10,13 @@
 
 static const char *METHOD_NAMES[KV_METHOD_COUNT] = {
     "full", "streaming", "h2o", "tova", "snapkv", "knorm", "random", "d2o", "ems", "kvmerger",
-    "elastic"};
-#define METHOD_LIST "full, streaming, h2o, tova, snapkv, knorm, random, d2o, ems, kvmerger, elastic"
+    "elastic", "locret"};
+#define METHOD_LIST "full, streaming, h2o, tova, snapkv, knorm, random, d2o, ems, kvmerger, elastic, locret"
 
 /* keys each method accepts beyond the shared ones */
 static const char *METHOD_KEYS[KV_METHOD_COUNT] = {
     "", "sinks, window, pos", "recent", "", "window, kernel, pool", "", "seed",
-    "recent, sinks, alpha, beta_ema", "window, sinks", "recent, sinks", "sinks, distance"};
+    "recent, sinks, alpha, beta_ema", "window, sinks", "recent, sinks", "sinks, distance", "window, file"};
 static const char *SHARED_KEYS =
     "budget, ratio, mem, alloc, beta, floor, agg, when, every, merge, thr, wattn, skip";
 
@@ -43,6 +43,7 @@ const char *kv_spec_help(void) {
            "          d2o:ratio=0.2      kvmerger:budget=512      snapkv:ratio=0.25+merge=kvmerger\n"
            "          snapkv:ratio=0.25+think:prune=0.4+kivi:bits=4\n"
            "          h2o:ratio=0.2+mikv:low=2      full+kivi:bits=2\n"
+           "          locret:ratio=0.1      locret:budget=1024,window=128+kivi:bits=4\n"
            "\n"
            "methods (scorers; entries that lose are evicted and their memory freed):\n"
            "  full       keep everything (default; bit-identical to no policy)\n"
@@ -57,6 +58,16 @@ const char *kv_spec_help(void) {
            "             `kernel` (7) neighbouring entries with `pool`=max|avg; the window is kept\n"
            "  knorm      keys with the smallest L2 norm are kept (kvpress Knorm)\n"
            "  random     uniform random scores (baseline); seed=N\n"
+           "learned scorers (trained weights, one small file per model; tools/train/README.md):\n"
+           "  locret     Locret retaining heads: a small MLP per layer reads each token's q, k, v\n"
+           "             (before RoPE) as the layer computes them and predicts, per KV head, how\n"
+           "             much later tokens will attend to it; the score is fixed at that moment,\n"
+           "             so it needs no question and no attention statistics. The newest\n"
+           "             `window` entries are kept (stabilisers; default a quarter of the\n"
+           "             budget). file=PATH picks the weights; by default the first *.lrn made\n"
+           "             for this model (by fingerprint) in the model's folder, $KVSIEVE_WEIGHTS,\n"
+           "             ./weights or the weights/ folder of the kvsieve checkout; a file made\n"
+           "             for another model is refused\n"
            "merging methods (entries that lose are folded into kept ones; an entry's weight counts\n"
            "the tokens it stands for):\n"
            "  d2o        D2O: H2O scores + sinks, layer budgets from attention variance (alloc=d2o;\n"
@@ -189,6 +200,7 @@ static const char *key_range(int mod, enum kv_method m, const char *key) {
         {MOD_NONE, "sinks", "an integer, 0 <= sinks <= 1048576"},
         {MOD_NONE, "recent", "0 <= recent <= 1, a fraction of the budget"},
         {MOD_NONE, "seed", "an integer, 0 <= seed <= 18446744073709551615"},
+        {MOD_NONE, "file", "a path of at most 191 characters with no ',' or '+'"},
     };
     if (mod == MOD_NONE && !strcmp(key, "window"))
         return m == KV_STREAMING ? "an integer, 1 <= window <= 1048576"
@@ -324,6 +336,9 @@ static enum kvs_status set_key(const char *spec, struct kv_spec *s, int mod, con
         if (!strcmp(val, "cache")) s->reindex = true;
         else if (!strcmp(val, "abs")) s->reindex = false;
         else return bad(spec, "pos must be cache or abs (got '%s')%s", val, "");
+    } else if (!strcmp(key, "file") && s->method == KV_LOCRET) {
+        ok = strlen(val) < sizeof s->file;
+        if (ok) snprintf(s->file, sizeof s->file, "%s", val);
     } else if (!strcmp(key, "seed")) {
         char *end;
         errno = 0;
@@ -477,7 +492,7 @@ enum kvs_status kv_spec_parse(const char *spec, struct kv_spec *s) {
                          "e.g. streaming:sinks=4,window=1020)" : "", "");
     if (s->method == KV_STREAMING && s->window > 0 && s->budget > 0 && s->window + s->sinks != s->budget)
         return bad(spec, "streaming: sinks + window must equal budget%s%s", "", "");
-    if (s->obs_window < 0) s->obs_window = s->method == KV_SNAPKV ? 32 : 0;
+    if (s->obs_window < 0 && s->method != KV_LOCRET) s->obs_window = s->method == KV_SNAPKV ? 32 : 0;
     if (s->method == KV_TOVA && s->obs_window == 0) s->obs_window = 1;
     if (isnan(s->thr))
         s->thr = s->merge == KV_MERGE_KVMERGER ? 0.75f : s->merge == KV_MERGE_EMS ? 0.5f : NAN;
