@@ -317,10 +317,15 @@ static void test_refusals(const char *good_file, const int32_t *toks) {
     fix_crc(b, n);
     refused("count beyond the body", b, n, KVS_ERR_INVALID_ARG, "more than the context size");
     memcpy(b, good, n);
-    v = 3;
+    v = 5; /* bit 2 is not defined */
     memcpy(b + KV_FILE_OFF_FLAGS, &v, 4);
     fix_crc(b, n);
     refused("unknown flags", b, n, KVS_ERR_FORMAT, "unknown flags");
+    memcpy(b, good, n);
+    v = 2; /* learned scores without the slot */
+    memcpy(b + KV_FILE_OFF_FLAGS, &v, 4);
+    fix_crc(b, n);
+    refused("learned flag without slot", b, n, KVS_ERR_FORMAT, "unknown flags");
 
     /* a context too small for the cache */
     kvs_context *small = mkctx("full", 64, 1);

@@ -184,6 +184,38 @@ static void test_model(const int32_t *toks, int n) {
         }
     CHECKF(same, "locret scores differ between chunks of 64 and of 7");
     CHECK(finite && varied);
+    /* a cache file keeps the scores (flag bit 1); a file without them is refused by locret, and
+     * a locret file loaded under h2o starts its attention slots at 0 */
+    CHECK(kvs_seq_save(c1, s1, "/tmp/kvs_test_locret.kvc") == KVS_OK);
+    kvs_sequence *s4;
+    CHECK(kvs_seq_new(c2, &s4) == KVS_OK);
+    CHECKF(kvs_seq_load(c2, s4, "/tmp/kvs_test_locret.kvc") == KVS_OK, "load: %s", kvs_last_error());
+    bool kept = s4->kv->acc_learned;
+    for (int il = 0; il < MI.n_layer && kept; il++)
+        for (int ih = 0; ih < MI.n_head_kv; ih++) {
+            const struct kv_head_store *a = kv_seq_head(s1->kv, il, ih), *b2 = kv_seq_head(s4->kv, il, ih);
+            kept = kept && a->n == b2->n && !memcmp(a->acc, b2->acc, sizeof(float) * a->n);
+        }
+    CHECKF(kept, "scores lost through a cache file");
+    {
+        kvs_context *cf = ctx("full", 64), *ch = ctx("h2o:ratio=0.5", 64);
+        kvs_sequence *sf, *sh;
+        kvs_seq_new(cf, &sf);
+        kvs_seq_new(ch, &sh);
+        CHECK(kvs_eval(cf, sf, toks, 32, false, NULL, NULL, NULL) == KVS_OK);
+        CHECK(kvs_seq_save(cf, sf, "/tmp/kvs_test_full.kvc") == KVS_OK);
+        kvs_sequence *s5;
+        CHECK(kvs_seq_new(c2, &s5) == KVS_OK);
+        CHECK(kvs_seq_load(c2, s5, "/tmp/kvs_test_full.kvc") == KVS_ERR_INVALID_ARG);
+        CHECKF(strstr(kvs_last_error(), "has none"), "message: %s", kvs_last_error());
+        CHECKF(kvs_seq_load(ch, sh, "/tmp/kvs_test_locret.kvc") == KVS_OK, "h2o load: %s", kvs_last_error());
+        const struct kv_head_store *hh = kv_seq_head(sh->kv, 0, 0);
+        bool zero = !sh->kv->acc_learned && hh->acc && hh->n == n;
+        for (int j = 0; zero && j < hh->n; j++) zero = hh->acc[j] == 0.0f;
+        CHECKF(zero, "a locret file under h2o: attention slots must start at 0");
+        kvs_context_free(cf);
+        kvs_context_free(ch);
+    }
     /* a plan keeps the window + the best-scoring others, per head (one chunk: one plan) */
     enum { BUD = 48 };
     snprintf(spec, sizeof spec, "locret:budget=%d,window=8,%s", BUD, F);

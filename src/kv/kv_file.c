@@ -27,7 +27,8 @@
  *       88    4  i32 n_past        (next absolute position; > every stored position)
  *       92    4  i32 pos_shift     (0 <= pos_shift <= n_past)
  *       96    8  u64 rng           (per-sequence state of the random scorer)
- *      104    4  u32 flags         (bit 0: accumulated attention stored per entry)
+ *      104    4  u32 flags         (bit 0: the statistic slot stored per entry; bit 1: it
+ *                                   holds learned scores (locret) rather than attention)
  *      108    4  u32 qwin          (capacity of the saved-queries ring; 0 = no queries saved)
  *      112  256  KV spec text the cache was produced under, NUL-terminated (informational)
  *      368       body:
@@ -205,7 +206,7 @@ enum kvs_status kvs_seq_save(kvs_context *c, const kvs_sequence *s, const char *
     wr_u32(hdr + KV_FILE_OFF_N_PAST, (uint32_t)s->n_past);
     wr_u32(hdr + KV_FILE_OFF_POS_SHIFT, (uint32_t)s->pos_shift);
     wr_u64(hdr + KV_FILE_OFF_RNG, ks->rng);
-    wr_u32(hdr + KV_FILE_OFF_FLAGS, acc ? KV_FILE_FLAG_ACC : 0);
+    wr_u32(hdr + KV_FILE_OFF_FLAGS, (acc ? KV_FILE_FLAG_ACC : 0) | (acc && ks->acc_learned ? KV_FILE_FLAG_LEARNED : 0));
     wr_u32(hdr + KV_FILE_OFF_QWIN, (uint32_t)qwin);
     memcpy(hdr + KV_FILE_OFF_SPEC, s->prof->spec.text, strnlen(s->prof->spec.text, 255));
 
@@ -294,6 +295,7 @@ static void file_name(char *out, const uint8_t *p, size_t n) {
 static enum kvs_status validate(const kvs_context *c, const struct kv_profile *prof, const char *path, const uint8_t *map,
                                 size_t size) {
     static const size_t min_size = KV_FILE_HEADER_BYTES + 8;
+    const bool s_learned = kv_policy_needs(&prof->spec) & KV_NEED_LEARNED;
     if (size == 0) return BAD("%s: truncated cache file (empty)", path);
     if (memcmp(map, KV_FILE_MAGIC, size < 8 ? size : 8) != 0)
         return BAD("%s: not a kvsieve cache file (bad magic)", path);
@@ -339,8 +341,13 @@ static enum kvs_status validate(const kvs_context *c, const struct kv_profile *p
     int32_t n_past = rd_i32(map + KV_FILE_OFF_N_PAST);
     int32_t pos_shift = rd_i32(map + KV_FILE_OFF_POS_SHIFT);
     uint32_t flags = rd_u32(map + KV_FILE_OFF_FLAGS), qwin = rd_u32(map + KV_FILE_OFF_QWIN);
-    if (flags & ~(uint32_t)KV_FILE_FLAG_ACC)
+    if ((flags & ~(uint32_t)(KV_FILE_FLAG_ACC | KV_FILE_FLAG_LEARNED)) ||
+        ((flags & KV_FILE_FLAG_LEARNED) && !(flags & KV_FILE_FLAG_ACC)))
         return BAD("%s: invalid cache file (unknown flags 0x%x)", path, flags);
+    if (s_learned && !(flags & KV_FILE_FLAG_LEARNED))
+        return kvs_fail(KVS_ERR_INVALID_ARG, "%s: this sequence runs locret, whose scores are made "
+                        "when tokens are computed, and the file has none (save it from a locret run; "
+                        "locret:ratio=1 keeps every entry)", path);
     if (n_past < 0 || pos_shift < 0 || pos_shift > n_past)
         return BAD("%s: invalid cache file (n_past %d, pos_shift %d)", path, n_past, pos_shift);
     if (n_past > c->n_ctx)
@@ -417,7 +424,7 @@ static enum kvs_status validate(const kvs_context *c, const struct kv_profile *p
 }
 
 /* Build a new store from a validated file; NULL (and the last error) when out of memory. */
-static struct kv_seq *build(kvs_context *c, const char *path, const uint8_t *map, bool acc) {
+static struct kv_seq *build(kvs_context *c, const char *path, const uint8_t *map, bool acc, bool learned) {
     struct kv_cache *kc = &c->kv;
     struct kv_seq *ns;
     if (kv_seq_new(kc, &ns) != KVS_OK) {
@@ -425,8 +432,12 @@ static struct kv_seq *build(kvs_context *c, const char *path, const uint8_t *map
         return NULL;
     }
     kv_seq_set_acc(ns, acc);
+    ns->acc_learned = acc && learned;
     const int H = kc->n_head_kv, hd = kc->head_dim;
-    const bool facc = rd_u32(map + KV_FILE_OFF_FLAGS) & KV_FILE_FLAG_ACC;
+    const uint32_t fl = rd_u32(map + KV_FILE_OFF_FLAGS);
+    const bool facc = fl & KV_FILE_FLAG_ACC;
+    /* a slot of the other kind (attention vs learned score) is not carried over */
+    const bool same_kind = !(fl & KV_FILE_FLAG_LEARNED) == !ns->acc_learned;
     const size_t ent = entry_file_bytes(hd, facc), qsz = (size_t)kc->n_head * hd;
     size_t off = KV_FILE_HEADER_BYTES;
     for (int il = 0; il < kc->n_layer; il++) {
@@ -452,7 +463,8 @@ static struct kv_seq *build(kvs_context *c, const char *path, const uint8_t *map
             memcpy(h->pos, p, n * 4), p += n * 4;
             memcpy(h->w, p, n * 4), p += n * 4;
             if (facc) {
-                if (h->acc) memcpy(h->acc, p, n * 4);
+                if (h->acc && same_kind) memcpy(h->acc, p, n * 4);
+                else if (h->acc) memset(h->acc, 0, n * 4);
                 p += n * 4;
             } else if (h->acc) {
                 memset(h->acc, 0, n * 4);
@@ -513,7 +525,7 @@ enum kvs_status kvs_seq_load(kvs_context *c, kvs_sequence *s, const char *path) 
     close(fd);
 
     enum kvs_status st = validate(c, s->prof, path, map, size);
-    struct kv_seq *ns = st == KVS_OK ? build(c, path, map, s->kv->with_acc) : NULL;
+    struct kv_seq *ns = st == KVS_OK ? build(c, path, map, s->kv->with_acc, s->kv->acc_learned) : NULL;
     if (st == KVS_OK && !ns) st = KVS_ERR_NOMEM;
     if (ns) {
         const char *spec = (const char *)map + KV_FILE_OFF_SPEC;

@@ -24,11 +24,13 @@ enum {
     KV_FILE_OFF_N_PAST = 88,     /* i32 */
     KV_FILE_OFF_POS_SHIFT = 92,  /* i32 */
     KV_FILE_OFF_RNG = 96,        /* u64 per-sequence scorer state */
-    KV_FILE_OFF_FLAGS = 104,     /* u32: bit 0 = accumulated attention present */
+    KV_FILE_OFF_FLAGS = 104,     /* u32: bit 0 = statistic slot present; bit 1 = it holds learned
+                                  * scores (locret), not accumulated attention */
     KV_FILE_OFF_QWIN = 108,      /* u32 saved-queries ring capacity (0 = none saved) */
     KV_FILE_OFF_SPEC = 112,      /* char[256] NUL-terminated KV spec text (informational) */
     KV_FILE_HEADER_BYTES = 368,  /* the body starts here */
     KV_FILE_FLAG_ACC = 1,
+    KV_FILE_FLAG_LEARNED = 2,
 };
 
 /* CRC-64/XZ (ECMA-182 polynomial, reflected, init and xorout all ones); incremental:
