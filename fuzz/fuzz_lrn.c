@@ -36,8 +36,10 @@ int LLVMFuzzerInitialize(int *argc, char ***argv) {
     put32(base + 24, L), put32(base + 28, H), put32(base + 32, KV), put32(base + 36, HD);
     put32(base + 40, HID), put32(base + 44, 1), put32(base + 48, 1), put32(base + 52, 7);
     memcpy(base + 56, "fuzz", 4);
-    uint16_t *w = (uint16_t *)(base + 128);
-    for (size_t i = 0; i < (sizeof base - 136) / 2; i++) w[i] = quant_f32_to_f16((float)((i * 2654435761u) % 1000) / 1000.0f - 0.5f);
+    for (size_t i = 0; i < (sizeof base - 136) / 2; i++) {
+        uint16_t h = quant_f32_to_f16((float)((i * 2654435761u) % 1000) / 1000.0f - 0.5f);
+        base[128 + 2 * i] = (uint8_t)h, base[128 + 2 * i + 1] = (uint8_t)(h >> 8);
+    }
     put64(base + sizeof base - 8, XXH64(base, sizeof base - 8, 0));
     return 0;
 }

@@ -12,7 +12,7 @@ enum kvs_status kvs_seq_compress(kvs_context *c, kvs_sequence *s, const char *kv
     kv_pack_cfg_from_spec(&spec, hp->head_dim, &pc);
     if (spec.method == KV_FULL && !pc.on) return KVS_OK;
     unsigned needs = kv_policy_needs(&spec);
-    if ((needs & KV_NEED_ACC) && !s->kv->with_acc)
+    if ((needs & KV_NEED_ACC) && (!s->kv->with_acc || s->kv->acc_learned))
         return kvs_fail(KVS_ERR_INVALID_ARG, "'%s' needs accumulated attention, which this "
                         "context does not keep (create it with keep_stats)", spec.text);
     if ((needs & KV_NEED_LEARNED) && !s->kv->acc_learned)

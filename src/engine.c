@@ -100,7 +100,9 @@ static enum kvs_status ensure_learned(kvs_context *c, const struct kv_spec *spec
         const char *env = getenv("KVSIEVE_WEIGHTS");
         if (env && *env) snprintf(dirs[1], sizeof dirs[1], "%s", env);
         for (int i = 0; i < 3 && !path[0]; i++)
-            if (dirs[i][0] && kv_learned_find(dirs[i], fp, path, sizeof path) != KVS_OK) path[0] = 0;
+            if (dirs[i][0] && kv_learned_find(dirs[i], fp, hp->n_layer, hp->n_head, hp->n_head_kv,
+                                              hp->head_dim, path, sizeof path) != KVS_OK)
+                path[0] = 0;
         if (!path[0])
             return kvs_fail(KVS_ERR_INVALID_ARG, "locret needs trained weights for this model "
                             "(fingerprint 0x%016llx): none found in '%s', $KVSIEVE_WEIGHTS (%s) or "
@@ -121,6 +123,7 @@ static enum kvs_status ensure_learned(kvs_context *c, const struct kv_spec *spec
         return kvs_fail(KVS_ERR_NOMEM, "out of memory for the locret scratch");
     }
     c->learned = l;
+    c->scratch_bytes += sizeof(float) * T * (size_t)(l->d_in + l->hidden + l->n_head_kv);
     kvs_log(2, "locret: %s (%s, %s labels, hidden %d)", path, l->name,
             l->labels == 1 ? "question+answer" : "context-repeat", l->hidden);
     return KVS_OK;
@@ -531,6 +534,10 @@ enum kvs_status kvs_seq_copy(kvs_context *cd, kvs_sequence *dst, const kvs_conte
         return kvs_fail(KVS_ERR_INVALID_ARG, "the sequence holds %d tokens, more than the "
                         "target context of %d", src->n_past, dst->prof->max_past);
     if (dst == src) return KVS_OK;
+    if (dst->kv->acc_learned && !src->kv->acc_learned && src->n_past > 0)
+        return kvs_fail(KVS_ERR_INVALID_ARG, "the target sequence runs locret, whose scores are made "
+                        "when tokens are computed, and the source has none (run the source under "
+                        "locret; locret:ratio=1 keeps every entry)");
     if (src->prefix && cd != cs)
         return kvs_fail(KVS_ERR_INVALID_ARG, "cannot copy a sequence that starts from a shared "
                         "prefix to another context");
@@ -652,7 +659,8 @@ enum kvs_status kvs_seq_keep_stats(kvs_context *c, kvs_sequence *s, bool on) {
         return kvs_fail(KVS_ERR_INVALID_ARG, "a sequence's statistics can only be chosen while it "
                         "is empty (it holds %d tokens)", s->n_past);
     if (!on && (kv_policy_needs(&s->prof->spec) & KV_NEED_SLOT))
-        return kvs_fail(KVS_ERR_INVALID_ARG, "'%s' needs accumulated attention",
+        return kvs_fail(KVS_ERR_INVALID_ARG, "'%s' needs its per-entry statistic (accumulated "
+                        "attention or learned scores)",
                         s->prof->spec.text);
     if (on && !c->p.keep_stats)
         return kvs_fail(KVS_ERR_INVALID_ARG, "kvs_seq_keep_stats: the context was not created "

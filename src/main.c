@@ -20,6 +20,7 @@
 #include <string.h>
 #include <sys/resource.h>
 #include <time.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 #ifndef KVS_DEFAULT_MODEL
@@ -1129,7 +1130,31 @@ static int cmd_info(const struct opts *o) {
     return 0;
 }
 
+/* The learned scorers' shipped weights: the weights/ folder of the checkout this binary was built
+ * in (build/kvsieve -> ../weights; up to three folders up), unless $KVSIEVE_WEIGHTS names another
+ * (the library also looks next to the model and in ./weights). */
+static void default_weights_dir(void) {
+    if (getenv("KVSIEVE_WEIGHTS")) return;
+    char exe[4096];
+    ssize_t n = readlink("/proc/self/exe", exe, sizeof exe - 64);
+    if (n <= 0) return;
+    exe[n] = 0;
+    for (int up = 0; up < 3; up++) {
+        char *sl = strrchr(exe, '/');
+        if (!sl) return;
+        *sl = 0;
+        char cand[4096 + 16];
+        snprintf(cand, sizeof cand, "%s/weights", exe);
+        struct stat st;
+        if (stat(cand, &st) == 0 && S_ISDIR(st.st_mode)) {
+            setenv("KVSIEVE_WEIGHTS", cand, 0);
+            return;
+        }
+    }
+}
+
 int main(int argc, char **argv) {
+    default_weights_dir();
     if (argc >= 2 && !strcmp(argv[1], "eval")) return eval_main(argc - 2, argv + 2);
     if (argc >= 2 && !strcmp(argv[1], "serve")) return serve_main(argc - 2, argv + 2);
     if (argc >= 2 && !strcmp(argv[1], "batch")) return batch_main(argc - 2, argv + 2);

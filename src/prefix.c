@@ -319,6 +319,9 @@ enum kvs_status kvs_seq_place_chunk(kvs_context *c, kvs_sequence *s, const kvs_p
     if (s->pos_shift)
         return kvs_fail(KVS_ERR_INVALID_ARG, "kvs_seq_place_chunk: the sequence's positions were "
                         "moved (pos=cache)");
+    if (s->kv->acc_learned)
+        return kvs_fail(KVS_ERR_INVALID_ARG, "kvs_seq_place_chunk: the sequence runs locret, which "
+                        "scores tokens as they are computed; a placed chunk has no scores");
     enum kvs_status st = KVS_OK;
     for (int il = 0; il < c->m->hp.n_layer && st == KVS_OK; il++) {
         st = kv_seq_reserve(s->kv, il, m);

@@ -120,9 +120,10 @@ static void test_files(void) {
     write_file("/tmp/kvs_lrn_dir/a-other.lrn", o, no);
     write_file("/tmp/kvs_lrn_dir/b-mine.lrn", b, n);
     char path[1024];
-    CHECK(kv_learned_find("/tmp/kvs_lrn_dir", fp, path, sizeof path) == KVS_OK);
+    CHECK(kv_learned_find("/tmp/kvs_lrn_dir", fp, 2, 4, 2, 8, path, sizeof path) == KVS_OK);
     CHECKF(strstr(path, "b-mine.lrn"), "found %s", path);
-    CHECK(kv_learned_find("/tmp/kvs_lrn_dir", fp ^ 2, path, sizeof path) != KVS_OK);
+    CHECK(kv_learned_find("/tmp/kvs_lrn_dir", fp ^ 2, 2, 4, 2, 8, path, sizeof path) != KVS_OK);
+    CHECK(kv_learned_find("/tmp/kvs_lrn_dir", fp, 3, 4, 2, 8, path, sizeof path) != KVS_OK);
     free(o);
     free(b);
 }
@@ -208,6 +209,14 @@ static void test_model(const int32_t *toks, int n) {
         CHECK(kvs_seq_new(c2, &s5) == KVS_OK);
         CHECK(kvs_seq_load(c2, s5, "/tmp/kvs_test_full.kvc") == KVS_ERR_INVALID_ARG);
         CHECKF(strstr(kvs_last_error(), "has none"), "message: %s", kvs_last_error());
+        /* copies and compressions never mix the two kinds of slot */
+        kvs_sequence *s6;
+        CHECK(kvs_seq_new(c2, &s6) == KVS_OK);
+        CHECK(kvs_seq_copy(c2, s6, cf, sf) == KVS_ERR_INVALID_ARG);
+        CHECK(kvs_seq_copy(c2, s6, c1, s1) == KVS_OK);
+        CHECKF(kvs_seq_compress(c2, s6, "h2o:ratio=0.5") == KVS_ERR_INVALID_ARG, "h2o on learned slots");
+        CHECKF(kvs_seq_compress(c2, s6, "locret:ratio=0.5") == KVS_OK, "locret compress: %s", kvs_last_error());
+        CHECK(kv_seq_head(s6->kv, 0, 0)->n == n / 2 || kv_seq_head(s6->kv, 0, 0)->n == (n + 1) / 2);
         CHECKF(kvs_seq_load(ch, sh, "/tmp/kvs_test_locret.kvc") == KVS_OK, "h2o load: %s", kvs_last_error());
         const struct kv_head_store *hh = kv_seq_head(sh->kv, 0, 0);
         bool zero = !sh->kv->acc_learned && hh->acc && hh->n == n;

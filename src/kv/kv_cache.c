@@ -316,8 +316,8 @@ enum kvs_status kv_seq_copy(struct kv_seq *dst, const struct kv_seq *src) {
         memcpy(b->v, a->v, (size_t)nh * hd * 2);
         memcpy(b->pos, a->pos, (size_t)a->n * sizeof *b->pos);
         memcpy(b->w, a->w, (size_t)a->n * sizeof *b->w);
-        if (b->acc) {
-            if (a->acc) memcpy(b->acc, a->acc, (size_t)a->n * sizeof *b->acc);
+        if (b->acc) { /* a slot of the other kind (attention vs learned score) is not carried */
+            if (a->acc && src->acc_learned == dst->acc_learned) memcpy(b->acc, a->acc, (size_t)a->n * sizeof *b->acc);
             else memset(b->acc, 0, (size_t)a->n * sizeof *b->acc);
         }
         if (pc->on && a->nc) {

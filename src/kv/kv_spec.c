@@ -492,6 +492,9 @@ enum kvs_status kv_spec_parse(const char *spec, struct kv_spec *s) {
                          "e.g. streaming:sinks=4,window=1020)" : "", "");
     if (s->method == KV_STREAMING && s->window > 0 && s->budget > 0 && s->window + s->sinks != s->budget)
         return bad(spec, "streaming: sinks + window must equal budget%s%s", "", "");
+    if (s->method == KV_LOCRET && (s->merge != KV_MERGE_NONE || s->alloc == KV_ALLOC_D2O))
+        return bad(spec, "locret's scores are learned logits, not attention: they cannot be merged "
+                   "or drive alloc=d2o (give merge=none and another alloc)%s%s", "", "");
     if (s->obs_window < 0 && s->method != KV_LOCRET) s->obs_window = s->method == KV_SNAPKV ? 32 : 0;
     if (s->method == KV_TOVA && s->obs_window == 0) s->obs_window = 1;
     if (isnan(s->thr))

@@ -127,12 +127,13 @@ void kv_learned_free(struct kv_learned *l) {
 
 static int cmp_str(const void *a, const void *b) { return strcmp(*(char *const *)a, *(char *const *)b); }
 
-enum kvs_status kv_learned_find(const char *dir, uint64_t fp, char *out, size_t n) {
+enum kvs_status kv_learned_find(const char *dir, uint64_t fp, int n_layer, int n_head, int n_kv,
+                                int hd, char *out, size_t n) {
     DIR *d = opendir(dir);
     if (!d) return kvs_fail(KVS_ERR_IO, "no folder '%s'", dir);
-    char *names[256];
+    char *names[1024];
     int nn = 0;
-    for (struct dirent *e; (e = readdir(d)) && nn < 256;) {
+    for (struct dirent *e; (e = readdir(d)) && nn < 1024;) {
         size_t len = strlen(e->d_name);
         if (len > 4 && !strcmp(e->d_name + len - 4, ".lrn") && (names[nn] = strdup(e->d_name))) nn++;
     }
@@ -146,7 +147,9 @@ enum kvs_status kv_learned_find(const char *dir, uint64_t fp, char *out, size_t 
         FILE *f = fopen(path, "rb");
         bool ok = f && fread(hdr, 1, sizeof hdr, f) == sizeof hdr;
         if (f) fclose(f);
-        if (st != KVS_OK && ok && !memcmp(hdr, "KVSLRN01", 8) && rd64(hdr + 16) == fp) {
+        if (st != KVS_OK && ok && !memcmp(hdr, "KVSLRN01", 8) && rd64(hdr + 16) == fp &&
+            rd32(hdr + 24) == (uint32_t)n_layer && rd32(hdr + 28) == (uint32_t)n_head &&
+            rd32(hdr + 32) == (uint32_t)n_kv && rd32(hdr + 36) == (uint32_t)hd) {
             snprintf(out, n, "%s", path);
             st = KVS_OK;
         }

@@ -24,7 +24,7 @@ struct kv_learned {
     uint32_t labels, n_train;
     uint64_t fingerprint;
     char name[64];
-    char path[512];
+    char path[1024];
     float *w1, *b1, *w2; /* per layer: (hidden, d_in), (hidden), (n_head_kv, hidden), float32 */
 };
 
@@ -37,9 +37,11 @@ enum kvs_status kv_learned_parse(const char *path, const uint8_t *b, size_t n, u
                                  struct kv_learned **out);
 void kv_learned_free(struct kv_learned *l);
 
-/* The first *.lrn file made for this model (same fingerprint and shapes) in dir, by name order;
- * writes its path to out. KVS_ERR_IO when none is there. */
-enum kvs_status kv_learned_find(const char *dir, uint64_t fingerprint, char *out, size_t n);
+/* The first *.lrn file made for this model (same fingerprint and shapes, read from its header) in
+ * dir, by name order (at most the first 1024 names); writes its path to out. KVS_ERR_IO when none
+ * is there. */
+enum kvs_status kv_learned_find(const char *dir, uint64_t fingerprint, int n_layer, int n_head,
+                                int n_head_kv, int head_dim, char *out, size_t n);
 
 /* Scores of T tokens of layer il: X is (T, d_in) with row stride ldx (q, k, v before RoPE),
  * out (T, n_head_kv); scratch holds T * hidden floats. */
