@@ -46,14 +46,11 @@ void kvs_context_free(kvs_context *c) {
             free(c->prof[i]);
         }
     float *bufs[] = {c->x, c->xn, c->q, c->k, c->v, c->gate, c->up, c->rope_cs, c->inv_freq,
-                     c->att_s, c->att_qo, c->att_x, c->att_part, c->wrow};
+                     c->att_s, c->att_qo, c->att_x, c->att_part, c->wrow, c->lrn_x, c->lrn_h, c->lrn_s};
     for (size_t i = 0; i < sizeof bufs / sizeof bufs[0]; i++) kvs_aligned_free(bufs[i]);
     for (int i = 0; i < N_ACT_SLOTS; i++) kvs_aligned_free(c->act[i]);
     kvs_aligned_free(c->att_units);
     kv_learned_free(c->learned);
-    free(c->lrn_x);
-    free(c->lrn_h);
-    free(c->lrn_s);
     free(c->step_logits);
     free(c);
 }
@@ -112,18 +109,18 @@ static enum kvs_status ensure_learned(kvs_context *c, const struct kv_spec *spec
     struct kv_learned *l;
     enum kvs_status st = kv_learned_load(path, fp, hp->n_layer, hp->n_head, hp->n_head_kv, hp->head_dim, &l);
     if (st != KVS_OK) return st;
-    size_t T = (size_t)c->t_max;
-    c->lrn_x = malloc(sizeof(float) * T * (size_t)l->d_in);
-    c->lrn_h = malloc(sizeof(float) * T * (size_t)l->hidden);
-    c->lrn_s = malloc(sizeof(float) * T * (size_t)l->n_head_kv);
+    size_t T = (size_t)c->t_max, before = c->scratch_bytes;
+    c->lrn_x = scratch(c, sizeof(float) * T * (size_t)l->d_in);
+    c->lrn_h = scratch(c, sizeof(float) * T * (size_t)l->hidden);
+    c->lrn_s = scratch(c, sizeof(float) * T * (size_t)l->n_head_kv);
     if (!c->lrn_x || !c->lrn_h || !c->lrn_s) {
         kv_learned_free(l);
-        free(c->lrn_x), free(c->lrn_h), free(c->lrn_s);
+        kvs_aligned_free(c->lrn_x), kvs_aligned_free(c->lrn_h), kvs_aligned_free(c->lrn_s);
         c->lrn_x = c->lrn_h = c->lrn_s = NULL;
+        c->scratch_bytes = before;
         return kvs_fail(KVS_ERR_NOMEM, "out of memory for the locret scratch");
     }
     c->learned = l;
-    c->scratch_bytes += sizeof(float) * T * (size_t)(l->d_in + l->hidden + l->n_head_kv);
     kvs_log(2, "locret: %s (%s, %s labels, hidden %d)", path, l->name,
             l->labels == 1 ? "question+answer" : "context-repeat", l->hidden);
     return KVS_OK;
@@ -266,6 +263,14 @@ enum kvs_status kvs_seq_new(kvs_context *c, kvs_sequence **out) {
     c->seqs[slot] = s;
     *out = s;
     return KVS_OK;
+}
+
+/* The statistic slot a spec's scorer needs: none, accumulated attention, or learned scores (the
+ * sequence must hold no capacity, as after kv_seq_clear). */
+static void seq_set_slot(kvs_sequence *s, const struct kv_spec *spec) {
+    unsigned needs = kv_policy_needs(spec);
+    kv_seq_set_acc(s->kv, needs & KV_NEED_SLOT);
+    s->kv->acc_learned = needs & KV_NEED_LEARNED;
 }
 
 static void profile_release(kvs_context *c, struct kv_profile *pr) {
@@ -605,11 +610,10 @@ enum kvs_status kvs_seq_set_kv(kvs_context *c, kvs_sequence *s, const char *kv_s
     for (int i = 0; i < KVS_MAX_PROFILES && !pr; i++)
         if (c->prof[i] && !strcmp(c->prof[i]->spec.text, spec.text)) pr = c->prof[i];
     if (pr == s->prof) { /* same profile: only the statistics follow the spec (see below) */
-        bool acc = kv_policy_needs(&spec) & KV_NEED_SLOT, lrn = kv_policy_needs(&spec) & KV_NEED_LEARNED;
-        if (s->kv->with_acc != acc || s->kv->acc_learned != lrn) {
+        unsigned needs = kv_policy_needs(&spec);
+        if (s->kv->with_acc != !!(needs & KV_NEED_SLOT) || s->kv->acc_learned != !!(needs & KV_NEED_LEARNED)) {
             kv_seq_clear(s->kv);
-            kv_seq_set_acc(s->kv, acc);
-            s->kv->acc_learned = lrn;
+            seq_set_slot(s, &spec);
         }
         return KVS_OK;
     }
@@ -641,8 +645,7 @@ enum kvs_status kvs_seq_set_kv(kvs_context *c, kvs_sequence *s, const char *kv_s
     /* empty (no capacity once cleared): these cannot fail */
     kv_seq_clear(s->kv);
     kv_seq_set_pack(s->kv, &pr->pack);
-    kv_seq_set_acc(s->kv, kv_policy_needs(&spec) & KV_NEED_SLOT);
-    s->kv->acc_learned = kv_policy_needs(&spec) & KV_NEED_LEARNED;
+    seq_set_slot(s, &spec);
     if (pr != s->prof) {
         profile_release(c, s->prof);
         if (pr != &c->base) pr->refs++;
