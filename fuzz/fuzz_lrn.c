@@ -61,10 +61,17 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
         uint32_t off = (uint32_t)data[i] | (uint32_t)data[i + 1] << 8 | (uint32_t)data[i + 2] << 16 | (uint32_t)data[i + 3] << 24;
         b[off % span] ^= data[i + 4];
     }
+    /* flag 8: read it as an Attention-Gate file (method 2, sigmoid), header fields as mutated */
+    uint32_t method = (flags & 8) ? 2 : 1;
+    if (method == 2 && n > 48) b[12] = 2, b[13] = b[14] = b[15] = 0, b[44] = 2, b[45] = b[46] = b[47] = 0;
     if (!(flags & 1) && n >= 8) put64(b + n - 8, XXH64(b, n - 8, 0));
     struct kv_learned *l = NULL;
-    enum kvs_status st = kv_learned_parse("fuzz.lrn", b, n, FP, L, H, KV, HD, &l);
-    if (st == KVS_OK) {
+    enum kvs_status st = kv_learned_parse("fuzz.lrn", b, n, method, FP, L, H, KV, HD, &l);
+    if (st == KVS_OK && method == 2) {
+        if (!l || l->gw < 1 || l->gw > 4096 || l->d_in != H * HD) abort();
+        for (size_t k = 0; k < (size_t)L * 3 * l->gw * l->d_in; k++)
+            if (!isfinite(l->gqkv[k])) abort();
+    } else if (st == KVS_OK) {
         if (!l || l->n_layer != L || l->n_head != H || l->n_head_kv != KV || l->head_dim != HD || l->d_in != DIN) abort();
         for (size_t k = 0; k < (size_t)L * l->hidden * DIN; k++)
             if (!isfinite(l->w1[k])) abort();

@@ -19,6 +19,12 @@ enum kvs_status kvs_seq_compress(kvs_context *c, kvs_sequence *s, const char *kv
         return kvs_fail(KVS_ERR_INVALID_ARG, "'%s' scores each token when it is computed; this "
                         "sequence was not run under locret (give its context or sequence a locret "
                         "spec, e.g. locret:ratio=1 to score without evicting)", spec.text);
+    if (spec.method == KV_AGATE && !s->kv->gate_w)
+        return kvs_fail(KVS_ERR_INVALID_ARG, "'%s' needs the gate's scores of each token, made when "
+                        "it is computed; run the sequence under agate (agate:tau=0 keeps every entry)",
+                        spec.text);
+    if (spec.method != KV_AGATE && s->kv->gate_w && s->n_past > 0)
+        return kvs_fail(KVS_ERR_INVALID_ARG, "the sequence runs agate: compress it with an agate spec%s", "");
     if ((needs & KV_NEED_QUERIES) && c->kv.qwin < kv_policy_qwin(&spec))
         return kvs_fail(KVS_ERR_INVALID_ARG, "'%s' needs the last %d queries; this context keeps "
                         "%d (create it with keep_stats)", spec.text, kv_policy_qwin(&spec),

@@ -46,11 +46,13 @@ void kvs_context_free(kvs_context *c) {
             free(c->prof[i]);
         }
     float *bufs[] = {c->x, c->xn, c->q, c->k, c->v, c->gate, c->up, c->rope_cs, c->inv_freq,
-                     c->att_s, c->att_qo, c->att_x, c->att_part, c->wrow, c->lrn_x, c->lrn_h, c->lrn_s};
+                     c->att_s, c->att_qo, c->att_x, c->att_part, c->wrow, c->lrn_x, c->lrn_h, c->lrn_s,
+                     c->ag_qkv, c->ag_s, c->ag_kv, c->ag_sc};
     for (size_t i = 0; i < sizeof bufs / sizeof bufs[0]; i++) kvs_aligned_free(bufs[i]);
     for (int i = 0; i < N_ACT_SLOTS; i++) kvs_aligned_free(c->act[i]);
     kvs_aligned_free(c->att_units);
     kv_learned_free(c->learned);
+    kv_learned_free(c->agate);
     free(c->step_logits);
     free(c);
 }
@@ -74,17 +76,21 @@ static int32_t bounded_entries(const struct kv_policy *p, int t_max) {
     return b + (sp->every > t_max ? sp->every : t_max) + 1;
 }
 
-/* The locret weights a spec asks for: its file=, else the first file made for this model in the
- * model's folder, $KVSIEVE_WEIGHTS, or ./weights. One file per context: the first one loaded
- * serves every locret profile of the context (a different file= is refused). */
+/* The learned weights a spec asks for (locret, agate): its file=, else the first file of the
+ * method made for this model in the model's folder, $KVSIEVE_WEIGHTS, or ./weights. One file per
+ * method and context: the first one loaded serves every profile of the context (a different
+ * file= is refused). */
 static enum kvs_status ensure_learned(kvs_context *c, const struct kv_spec *spec) {
-    if (spec->method != KV_LOCRET) return KVS_OK;
+    if (spec->method != KV_LOCRET && spec->method != KV_AGATE) return KVS_OK;
+    bool gate = spec->method == KV_AGATE;
+    const char *name = gate ? "agate" : "locret";
+    struct kv_learned **slot = gate ? &c->agate : &c->learned;
     const struct hparams *hp = &c->m->hp;
     uint64_t fp = kvs_model_fingerprint(c->m);
-    if (c->learned) {
-        if (spec->file[0] && strcmp(spec->file, c->learned->path))
-            return kvs_fail(KVS_ERR_INVALID_ARG, "this context already runs locret with '%s'; one "
-                            "weight file per context (asked '%s')", c->learned->path, spec->file);
+    if (*slot) {
+        if (spec->file[0] && strcmp(spec->file, (*slot)->path))
+            return kvs_fail(KVS_ERR_INVALID_ARG, "this context already runs %s with '%s'; one "
+                            "weight file per context (asked '%s')", name, (*slot)->path, spec->file);
         return KVS_OK;
     }
     char path[1024] = "";
@@ -97,32 +103,61 @@ static enum kvs_status ensure_learned(kvs_context *c, const struct kv_spec *spec
         const char *env = getenv("KVSIEVE_WEIGHTS");
         if (env && *env) snprintf(dirs[1], sizeof dirs[1], "%s", env);
         for (int i = 0; i < 3 && !path[0]; i++)
-            if (dirs[i][0] && kv_learned_find(dirs[i], fp, hp->n_layer, hp->n_head, hp->n_head_kv,
+            if (dirs[i][0] && kv_learned_find(dirs[i], gate ? 2 : 1, fp, hp->n_layer, hp->n_head, hp->n_head_kv,
                                               hp->head_dim, path, sizeof path) != KVS_OK)
                 path[0] = 0;
         if (!path[0])
-            return kvs_fail(KVS_ERR_INVALID_ARG, "locret needs trained weights for this model "
+            return kvs_fail(KVS_ERR_INVALID_ARG, "%s needs trained weights for this model "
                             "(fingerprint 0x%016llx): none found in '%s', $KVSIEVE_WEIGHTS (%s) or "
-                            "./weights; give locret:file=PATH.lrn (tools/train/README.md makes one)",
-                            (unsigned long long)fp, dirs[0], dirs[1][0] ? dirs[1] : "unset");
+                            "./weights; give %s:file=PATH.lrn (tools/train/README.md makes one)", name,
+                            (unsigned long long)fp, dirs[0], dirs[1][0] ? dirs[1] : "unset", name);
     }
     struct kv_learned *l;
-    enum kvs_status st = kv_learned_load(path, fp, hp->n_layer, hp->n_head, hp->n_head_kv, hp->head_dim, &l);
+    enum kvs_status st = kv_learned_load(path, gate ? 2 : 1, fp, hp->n_layer, hp->n_head, hp->n_head_kv,
+                                         hp->head_dim, &l);
     if (st != KVS_OK) return st;
-    size_t T = (size_t)c->t_max, before = c->scratch_bytes;
-    c->lrn_x = scratch(c, sizeof(float) * T * (size_t)l->d_in);
-    c->lrn_h = scratch(c, sizeof(float) * T * (size_t)l->hidden);
-    c->lrn_s = scratch(c, sizeof(float) * T * (size_t)l->n_head_kv);
-    if (!c->lrn_x || !c->lrn_h || !c->lrn_s) {
+    if (gate && l->d_in != hp->n_embd) {
         kv_learned_free(l);
-        kvs_aligned_free(c->lrn_x), kvs_aligned_free(c->lrn_h), kvs_aligned_free(c->lrn_s);
-        c->lrn_x = c->lrn_h = c->lrn_s = NULL;
-        c->scratch_bytes = before;
-        return kvs_fail(KVS_ERR_NOMEM, "out of memory for the locret scratch");
+        return kvs_fail(KVS_ERR_UNSUPPORTED, "'%s': the gate reads %d channels, the model's width is %d",
+                        path, l->d_in, hp->n_embd);
     }
-    c->learned = l;
-    kvs_log(2, "locret: %s (%s, %s labels, hidden %d)", path, l->name,
-            l->labels == 1 ? "question+answer" : "context-repeat", l->hidden);
+    size_t T = (size_t)c->t_max, before = c->scratch_bytes;
+    size_t N = (size_t)c->n_ctx + T + KV_CAP_STEP;
+    bool ok;
+    if (gate) {
+        /* (the pool may not exist yet: kvs_context_new makes it with p.n_threads, at least 1) */
+        int nth = c->tp ? threadpool_n_threads(c->tp) : c->p.n_threads > 1 ? c->p.n_threads : 1;
+        c->ag_qkv = scratch(c, sizeof(float) * T * 3 * (size_t)l->gw);
+        c->ag_s = scratch(c, sizeof(float) * T * (size_t)l->n_head_kv);
+        c->ag_kv = scratch(c, sizeof(float) * N * 2 * (size_t)l->gw);
+        c->ag_sc = scratch(c, sizeof(float) * N * (size_t)nth);
+        ok = c->ag_qkv && c->ag_s && c->ag_kv && c->ag_sc;
+        c->ag_cap = (int32_t)N;
+        if (!ok) {
+            kvs_aligned_free(c->ag_qkv), kvs_aligned_free(c->ag_s), kvs_aligned_free(c->ag_kv), kvs_aligned_free(c->ag_sc);
+            c->ag_qkv = c->ag_s = c->ag_kv = c->ag_sc = NULL;
+        }
+    } else {
+        c->lrn_x = scratch(c, sizeof(float) * T * (size_t)l->d_in);
+        c->lrn_h = scratch(c, sizeof(float) * T * (size_t)l->hidden);
+        c->lrn_s = scratch(c, sizeof(float) * T * (size_t)l->n_head_kv);
+        ok = c->lrn_x && c->lrn_h && c->lrn_s;
+        if (!ok) {
+            kvs_aligned_free(c->lrn_x), kvs_aligned_free(c->lrn_h), kvs_aligned_free(c->lrn_s);
+            c->lrn_x = c->lrn_h = c->lrn_s = NULL;
+        }
+    }
+    if (!ok) {
+        kv_learned_free(l);
+        c->scratch_bytes = before;
+        return kvs_fail(KVS_ERR_NOMEM, "out of memory for the %s scratch", name);
+    }
+    *slot = l;
+    if (gate)
+        kvs_log(2, "agate: %s (%s, %d heads x %d, window %d)", path, l->name, l->hidden, l->gd, l->window);
+    else
+        kvs_log(2, "locret: %s (%s, %s labels, hidden %d)", path, l->name,
+                l->labels == 1 ? "question+answer" : "context-repeat", l->hidden);
     return KVS_OK;
 }
 
@@ -258,6 +293,11 @@ enum kvs_status kvs_seq_new(kvs_context *c, kvs_sequence **out) {
     }
     kv_seq_set_pack(s->kv, &c->base.pack); /* a fresh sequence holds nothing: cannot fail */
     s->kv->acc_learned = kv_policy_needs(&c->base.spec) & KV_NEED_LEARNED;
+    if (c->base.spec.method == KV_AGATE && !kv_seq_set_gate(s->kv, c->agate->gw, c->base.spec.gate_tau, c->agate->window)) {
+        kv_seq_free(s->kv);
+        free(s);
+        return kvs_fail(KVS_ERR_NOMEM, "out of memory");
+    }
     s->prof = &c->base;
     s->slot = slot;
     c->seqs[slot] = s;
@@ -267,10 +307,14 @@ enum kvs_status kvs_seq_new(kvs_context *c, kvs_sequence **out) {
 
 /* The statistic slot a spec's scorer needs: none, accumulated attention, or learned scores (the
  * sequence must hold no capacity, as after kv_seq_clear). */
-static void seq_set_slot(kvs_sequence *s, const struct kv_spec *spec) {
+static void seq_set_slot(kvs_context *c, kvs_sequence *s, const struct kv_spec *spec) {
     unsigned needs = kv_policy_needs(spec);
     kv_seq_set_acc(s->kv, needs & KV_NEED_SLOT);
     s->kv->acc_learned = needs & KV_NEED_LEARNED;
+    bool gate = spec->method == KV_AGATE;
+    /* (empty: only the gate's small table can fail to allocate; the sequence then has no gate
+     * and forward() refuses it) */
+    (void)kv_seq_set_gate(s->kv, gate ? c->agate->gw : 0, spec->gate_tau, gate ? c->agate->window : 0);
 }
 
 static void profile_release(kvs_context *c, struct kv_profile *pr) {
@@ -543,6 +587,10 @@ enum kvs_status kvs_seq_copy(kvs_context *cd, kvs_sequence *dst, const kvs_conte
         return kvs_fail(KVS_ERR_INVALID_ARG, "the target sequence runs locret, whose scores are made "
                         "when tokens are computed, and the source has none (run the source under "
                         "locret; locret:ratio=1 keeps every entry)");
+    if (dst->kv->gate_w != src->kv->gate_w && src->n_past > 0)
+        return kvs_fail(KVS_ERR_INVALID_ARG, "the %s sequence runs agate and the %s does not: the "
+                        "gate's own cache cannot be made afterwards", dst->kv->gate_w ? "target" : "source",
+                        dst->kv->gate_w ? "source" : "target");
     if (src->prefix && cd != cs)
         return kvs_fail(KVS_ERR_INVALID_ARG, "cannot copy a sequence that starts from a shared "
                         "prefix to another context");
@@ -613,7 +661,7 @@ enum kvs_status kvs_seq_set_kv(kvs_context *c, kvs_sequence *s, const char *kv_s
         unsigned needs = kv_policy_needs(&spec);
         if (s->kv->with_acc != !!(needs & KV_NEED_SLOT) || s->kv->acc_learned != !!(needs & KV_NEED_LEARNED)) {
             kv_seq_clear(s->kv);
-            seq_set_slot(s, &spec);
+            seq_set_slot(c, s, &spec);
         }
         return KVS_OK;
     }
@@ -645,7 +693,7 @@ enum kvs_status kvs_seq_set_kv(kvs_context *c, kvs_sequence *s, const char *kv_s
     /* empty (no capacity once cleared): these cannot fail */
     kv_seq_clear(s->kv);
     kv_seq_set_pack(s->kv, &pr->pack);
-    seq_set_slot(s, &spec);
+    seq_set_slot(c, s, &spec);
     if (pr != s->prof) {
         profile_release(c, s->prof);
         if (pr != &c->base) pr->refs++;

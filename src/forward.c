@@ -134,6 +134,21 @@ static int n_visible(const struct kv_view_head *h, int32_t pos) {
     return h->nsh + lo; /* shared prefix entries are all visible */
 }
 
+/* Attention-Gate's visibility rule (kv_view.h) on one row of scores over keys [k0, k0 + n): an
+ * own hot entry scoring below tau is hidden from a query at position p once p is `win` or more
+ * positions past it (flagged entries are evicted as soon as no later query sees them, so only
+ * the last few of a head are ever hidden; the scan is cheap beside the dot products). */
+static void gate_hide(const struct kv_view *v, const struct kv_view_head *vh, int32_t p, float *row,
+                      int k0, int n) {
+    int lo = k0 > vh->nsh ? k0 : vh->nsh;
+    for (int k = k0 + n - 1; k >= lo; k--) {
+        int j = k - vh->nsh;
+        if (j < vh->nc) break;
+        int32_t d = p - vh->pos[j];
+        if (d >= v->gate_win && vh->gate[j] < v->gate_tau) row[k - k0] = -INFINITY;
+    }
+}
+
 /* Attention of token t's query heads of KV head h over key split s of its visible entries;
  * writes the unnormalised partial (o, m, l) for att_combine. With acc, also adds each entry's
  * probability (mean over the group) to its acc slot; then n_split is 1 and probabilities are
@@ -154,6 +169,8 @@ static void att_unit(struct att_job *j, int t, int h, int s, float *S, float *X)
     float *part = c->att_part + (size_t)u * g * (hd + 2);
     if (n > 0) {
         kv_attn_scores(vh, hd, Q, g, k0, k1, scale, S, c->n_ctx, X);
+        if (vh->gate)
+            for (int qi = 0; qi < g; qi++) gate_hide(&j->views[j->vi[t]], vh, j->pos[t], S + (size_t)qi * c->n_ctx, k0, n);
         int i0 = vh->nsh > k0 ? vh->nsh - k0 : 0; /* first own entry of the range */
         if (vh->w)
             for (int qi = 0; qi < g; qi++)
@@ -215,6 +232,7 @@ static void att_block(struct att_job *j, int t0, int nt, int h, float *S, float 
     for (int r = 0; r < R; r++) {
         int nv = nvis[r / g];
         float *row = S + (size_t)r * c->n_ctx;
+        if (vh->gate && nv > 0) gate_hide(&j->views[j->vi[t0]], vh, j->pos[t0 + r / g], row, 0, nv);
         if (nv > 0) ops_softmax_partial(row, 1, nv, c->n_ctx, &m[r], &l[r]);
         else m[r] = -INFINITY, l[r] = 0.0f;
         for (int k = nv; k < n_max; k++) row[k] = 0.0f;
@@ -293,13 +311,15 @@ static void compress_layer(struct kvs_context *c, kvs_sequence *s, int il, enum 
     if (phase == FWD_HOLD || phase == FWD_RECOMPUTE) return; /* a held chunk stays exact */
     const struct kv_profile *pr = s->prof;
     const struct kv_spec *sp = &pr->spec;
-    bool prompt = phase == FWD_PREFILL_LAST || (phase == FWD_PREFILL && (sp->when & KV_WHEN_CHUNK));
+    /* Attention-Gate evicts in context: after every chunk and every step */
+    bool gate = sp->method == KV_AGATE && s->kv->gate_w;
+    bool prompt = phase == FWD_PREFILL_LAST || (phase == FWD_PREFILL && ((sp->when & KV_WHEN_CHUNK) || gate));
     if (s->kv->pack.on && (prompt || phase == FWD_DECODE)) kv_pack_prepare(s->kv, il);
     int32_t slack = -1;
     /* a MiKV policy's demotions need its storage: a sequence given another one (by
      * kvs_seq_compress) is not planned by this policy */
     if (!pr->policy || (sp->mikv_low && !s->kv->pack.mikv)) slack = -1;
-    else if (phase == FWD_DECODE) slack = sp->every > 0 ? sp->every : -1;
+    else if (phase == FWD_DECODE) slack = sp->every > 0 ? sp->every : gate ? INT32_MAX / 2 : -1;
     else if (prompt) slack = 0;
     if (slack >= 0) {
         int64_t n_seen = 0;
@@ -355,6 +375,55 @@ static void lrn_worker(void *arg, int ith, int nth) {
     if (hi > lo)
         kv_learned_score(l, j->il, j->c->lrn_x + (size_t)lo * l->d_in, l->d_in, hi - lo,
                          j->c->lrn_s + (size_t)lo * l->n_head_kv, j->c->lrn_h + (size_t)lo * l->hidden);
+}
+
+/* ---- Attention-Gate ----------------------------------------------------------------------- */
+
+struct gate_job { struct kvs_context *c; int il, n; const int *tok, *nrows; };
+static void gate_worker(void *arg, int ith, int nth) {
+    struct gate_job *j = arg;
+    struct kvs_context *c = j->c;
+    const struct kv_learned *l = c->agate;
+    int lo, hi, W = l->gw;
+    threadpool_split(j->n, ith, nth, &lo, &hi);
+    float *sc = c->ag_sc + (size_t)ith * (size_t)c->ag_cap;
+    for (int i = lo; i < hi; i++) {
+        int t = j->tok[i];
+        kv_agate_score(l, j->il, c->ag_qkv + (size_t)t * 3 * W, c->ag_kv, c->ag_kv + W, 2 * W,
+                       j->nrows[i], c->ag_s + (size_t)t * l->n_head_kv, sc);
+    }
+}
+
+/* The gate of layer il (its input is c->xn): every gated sequence's new tokens append their k',
+ * v' to the gate's cache and get their keep scores in c->ag_s (position 0, the sink, scores 1). */
+static enum kvs_status gate_layer(struct kvs_context *c, int il, const int32_t *pos, const uint8_t *phase,
+                                  int T, kvs_sequence *const *vseq, int n_views, const int *vi) {
+    const struct kv_learned *l = c->agate;
+    int W = l->gw, d = c->m->hp.n_embd, nkv = l->n_head_kv;
+    kv_agate_project(l, il, c->xn, d, T, c->ag_qkv);
+    int tok[KVS_T_MAX], nr[KVS_T_MAX];
+    for (int i = 0; i < n_views; i++) {
+        struct kv_seq *ks = vseq[i]->kv;
+        if (!ks->gate_w || !ks->acc_learned) continue;
+        int m = 0;
+        for (int t = 0; t < T; t++) {
+            if (vi[t] != i || phase[t] == FWD_RECOMPUTE) continue;
+            if (ks->gate_n[il] >= c->ag_cap)
+                return kvs_fail(KVS_ERR_CONTEXT_FULL, "agate: the gate keeps every token the sequence "
+                                "has seen, and it has seen %d (the context's limit)", ks->gate_n[il]);
+            enum kvs_status st = kv_seq_gate_append(ks, il, c->ag_qkv + (size_t)t * 3 * W + W);
+            if (st != KVS_OK) return st;
+            tok[m] = t, nr[m++] = ks->gate_n[il];
+        }
+        if (!m) continue;
+        quant_f16_to_f32_row(ks->gate_kv[il], c->ag_kv, (int64_t)ks->gate_n[il] * 2 * W);
+        struct gate_job gj = {c, il, m, tok, nr};
+        run_rows(c, gate_worker, &gj, m);
+        for (int k = 0; k < m; k++)
+            if (pos[tok[k]] == 0)
+                for (int h = 0; h < nkv; h++) c->ag_s[(size_t)tok[k] * nkv + h] = 1.0f;
+    }
+    return KVS_OK;
 }
 
 enum kvs_status forward(struct kvs_context *c, const int32_t *tokens, const int32_t *pos,
@@ -458,6 +527,13 @@ enum kvs_status forward(struct kvs_context *c, const int32_t *tokens, const int3
             enum kvs_status st = kv_seq_reserve(vseq[i]->kv, il, cnt[i]);
             if (st != KVS_OK) return st;
         }
+        for (int i = 0; i < n_views; i++)
+            if (vseq[i]->kv->gate_w && vseq[i]->kv->acc_learned) {
+                KVS_ASSERT(c->agate);
+                enum kvs_status st = gate_layer(c, il, pos, phase, T, vseq, n_views, vidx_buf);
+                if (st != KVS_OK) return st;
+                break;
+            }
         int later[64]; /* tokens of each sequence still to come in this batch */
         memcpy(later, cnt, sizeof(int) * (size_t)n_views);
         int n_lrn = 0, lrn_row[KVS_T_MAX];
@@ -468,7 +544,7 @@ enum kvs_status forward(struct kvs_context *c, const int32_t *tokens, const int3
                 for (int i = 0; i < nkv; i++) k[i] += lw->bk[i], v[i] += lw->bv[i];
             }
             lrn_row[t] = -1;
-            if (seq[t]->kv->acc_learned && phase[t] != FWD_RECOMPUTE) { /* Locret's input: q, k, v before RoPE */
+            if (seq[t]->kv->acc_learned && !seq[t]->kv->gate_w && phase[t] != FWD_RECOMPUTE) { /* Locret's input: q, k, v before RoPE */
                 KVS_ASSERT(c->learned);
                 float *x = c->lrn_x + (size_t)n_lrn * c->learned->d_in;
                 memcpy(x, q, sizeof(float) * (size_t)nq);
@@ -496,6 +572,8 @@ enum kvs_status forward(struct kvs_context *c, const int32_t *tokens, const int3
             kv_seq_append(seq[t]->kv, il, pos[t], k, v);
             if (lrn_row[t] >= 0)
                 kv_seq_set_learned_last(seq[t]->kv, il, c->lrn_s + (size_t)lrn_row[t] * hp->n_head_kv);
+            else if (seq[t]->kv->gate_w && seq[t]->kv->acc_learned)
+                kv_seq_set_learned_last(seq[t]->kv, il, c->ag_s + (size_t)t * hp->n_head_kv);
             /* the ring keeps the last qwin queries: older ones of a chunk would be overwritten */
             if (phase[t] != FWD_RECOMPUTE && --later[vidx_buf[t]] < c->kv.qwin) kv_seq_save_query(seq[t]->kv, il, pos[t], q);
         }

@@ -132,6 +132,9 @@ enum kvs_status kvs_prefix_publish(kvs_context *c, const kvs_sequence *s, kvs_pr
     if (parent && parent->c != c)
         return kvs_fail(KVS_ERR_INVALID_ARG, "kvs_prefix_publish: the parent belongs to another "
                         "context");
+    if (s->kv->gate_w)
+        return kvs_fail(KVS_ERR_UNSUPPORTED, "kvs_prefix_publish: shared prefixes do not carry "
+                        "Attention-Gate's own cache yet (the sequence runs agate)");
     if (parent && parent->chunk)
         return kvs_fail(KVS_ERR_INVALID_ARG, "kvs_prefix_publish: a chunk node cannot be a parent");
     /* parent must be s's chain end or a descendant of it (covering a prefix of s) */
@@ -253,6 +256,9 @@ enum kvs_status kvs_seq_attach_prefix(kvs_context *c, kvs_sequence *s, kvs_prefi
         return kvs_fail(KVS_ERR_INVALID_ARG, "kvs_seq_attach_prefix: a chunk node is placed "
                         "(kvs_seq_place_chunk), not attached");
     const struct kv_spec *sp = &s->prof->spec;
+    if (s->kv->gate_w)
+        return kvs_fail(KVS_ERR_UNSUPPORTED, "kvs_seq_attach_prefix: shared prefixes do not carry "
+                        "Attention-Gate's own cache yet (the sequence runs agate)");
     if (sp->method == KV_STREAMING && sp->reindex)
         return kvs_fail(KVS_ERR_INVALID_ARG, "'%s' moves positions (pos=cache), which a shared "
                         "prefix cannot follow; use pos=abs", sp->text);
@@ -362,6 +368,9 @@ enum kvs_status kvs_chunk_publish(kvs_context *c, const kvs_sequence *s, int32_t
     if (!c || !s || c->seqs[s->slot] != s)
         return kvs_fail(KVS_ERR_INVALID_ARG, "kvs_chunk_publish: the sequence does not belong to "
                         "this context");
+    if (s->kv->gate_w)
+        return kvs_fail(KVS_ERR_UNSUPPORTED, "kvs_chunk_publish: chunk records do not carry "
+                        "Attention-Gate's own cache yet (the sequence runs agate)");
     if (from < s->n_prefix || from >= s->n_past)
         return kvs_fail(KVS_ERR_INVALID_ARG, "kvs_chunk_publish: tokens [%d, %d) are not the "
                         "sequence's own (it holds [%d, %d))", from, s->n_past, s->n_prefix, s->n_past);

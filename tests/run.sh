@@ -54,8 +54,10 @@ if [ "${KVS_SLOW:-0}" = 1 ]; then
     run test_serve_engine_qwen2 env KVS_TEST_MODEL=$QWEN KVS_SERVE_SEQS=6 "$build/test_serve_engine"
     # the Locret scorer on Qwen2.5: identities, plans, and the shipped weights against PyTorch
     run test_locret_qwen2 env KVS_TEST_MODEL=$QWEN "$build/test_locret"
+    # Attention-Gate on Qwen2.5: the shipped gate against PyTorch, chunkings, copies, budgets
+    run test_agate_qwen2 env KVS_TEST_MODEL=$QWEN "$build/test_agate"
 else
-    for t in test_golden_qwen2 test_kv_compress_qwen2 test_serve_engine_qwen2 test_locret_qwen2; do
+    for t in test_golden_qwen2 test_kv_compress_qwen2 test_serve_engine_qwen2 test_locret_qwen2 test_agate_qwen2; do
         skip=$((skip+1))
         printf 'SKIP  %-24s %6s\n      %s\n' $t - \
             "SKIP $t (slow: KVS_SLOW=1, make test-slow or .ci/run runs it)"

@@ -75,7 +75,7 @@ static void test_kernel(void) {
 
 static enum kvs_status load_bytes(const uint8_t *b, size_t n, uint64_t fp, struct kv_learned **l) {
     write_file("/tmp/kvs_test_locret.lrn", b, n);
-    return kv_learned_load("/tmp/kvs_test_locret.lrn", fp, 2, 4, 2, 8, l);
+    return kv_learned_load("/tmp/kvs_test_locret.lrn", 1, fp, 2, 4, 2, 8, l);
 }
 
 static void test_files(void) {
@@ -112,7 +112,7 @@ static void test_files(void) {
                kvs_last_error(), bad[i].msg);
         free(c);
     }
-    CHECK(kv_learned_load("/nonexistent/x.lrn", fp, 2, 4, 2, 8, &l) == KVS_ERR_IO);
+    CHECK(kv_learned_load("/nonexistent/x.lrn", 1, fp, 2, 4, 2, 8, &l) == KVS_ERR_IO);
     /* find: a folder with another model's file and this one's */
     CHECK(system("rm -rf /tmp/kvs_lrn_dir && mkdir -p /tmp/kvs_lrn_dir") == 0);
     uint8_t *o;
@@ -120,10 +120,10 @@ static void test_files(void) {
     write_file("/tmp/kvs_lrn_dir/a-other.lrn", o, no);
     write_file("/tmp/kvs_lrn_dir/b-mine.lrn", b, n);
     char path[1024];
-    CHECK(kv_learned_find("/tmp/kvs_lrn_dir", fp, 2, 4, 2, 8, path, sizeof path) == KVS_OK);
+    CHECK(kv_learned_find("/tmp/kvs_lrn_dir", 1, fp, 2, 4, 2, 8, path, sizeof path) == KVS_OK);
     CHECKF(strstr(path, "b-mine.lrn"), "found %s", path);
-    CHECK(kv_learned_find("/tmp/kvs_lrn_dir", fp ^ 2, 2, 4, 2, 8, path, sizeof path) != KVS_OK);
-    CHECK(kv_learned_find("/tmp/kvs_lrn_dir", fp, 3, 4, 2, 8, path, sizeof path) != KVS_OK);
+    CHECK(kv_learned_find("/tmp/kvs_lrn_dir", 1, fp ^ 2, 2, 4, 2, 8, path, sizeof path) != KVS_OK);
+    CHECK(kv_learned_find("/tmp/kvs_lrn_dir", 1, fp, 3, 4, 2, 8, path, sizeof path) != KVS_OK);
     free(o);
     free(b);
 }

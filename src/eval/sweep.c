@@ -619,9 +619,10 @@ static int run_tasks(struct sweep *sw, int n_threads) {
                 snprintf(r->spec, sizeof r->spec, "%s", r->method);
             } else {
                 r->ratio = cfg->ratios[b];
-                /* locret scores tokens as they are computed: it always prefills on its own */
+                /* locret and agate score tokens as they are computed: they always prefill on
+                 * their own */
                 r->direct = strstr(r->method, "when=") || strstr(r->method, "every=") ||
-                            !strncmp(r->method, "locret", 6);
+                            !strncmp(r->method, "locret", 6) || !strncmp(r->method, "agate", 5);
                 snprintf(r->spec, sizeof r->spec, r->direct ? "%s+ratio=%g" :
                          "%s+ratio=%g+when=prefill+every=0", r->method, r->ratio);
             }

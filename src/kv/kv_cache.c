@@ -71,9 +71,69 @@ static void head_free(struct kv_seq *s, struct kv_head_store *h) {
     memset(h, 0, sizeof *h);
 }
 
+static uint64_t gate_row_bytes(const struct kv_seq *s) { return 4 * (uint64_t)s->gate_w; }
+
+uint64_t kv_seq_gate_bytes(const struct kv_seq *s) {
+    uint64_t b = 0;
+    if (s->gate_cap)
+        for (int il = 0; il < s->owner->n_layer; il++) b += (uint64_t)s->gate_cap[il] * gate_row_bytes(s);
+    return b;
+}
+
+static void gate_free(struct kv_seq *s) {
+    if (!s->gate_kv) return;
+    account(s->owner, -(int64_t)kv_seq_gate_bytes(s));
+    for (int il = 0; il < s->owner->n_layer; il++) free(s->gate_kv[il]), s->gate_kv[il] = NULL;
+    memset(s->gate_n, 0, sizeof(int32_t) * (size_t)s->owner->n_layer);
+    memset(s->gate_cap, 0, sizeof(int32_t) * (size_t)s->owner->n_layer);
+}
+
+bool kv_seq_set_gate(struct kv_seq *s, int gw, float tau, int32_t win) {
+    int L = s->owner->n_layer;
+    if (gw == s->gate_w) {
+        s->gate_tau = tau, s->gate_win = win;
+        return true;
+    }
+    for (int i = 0; i < L * s->owner->n_head_kv; i++)
+        if (s->h[i].cap) return false;
+    if (s->gate_kv)
+        for (int il = 0; il < L; il++)
+            if (s->gate_cap[il]) return false;
+    if (gw > 0 && !s->gate_kv) {
+        s->gate_kv = calloc((size_t)L, sizeof *s->gate_kv);
+        s->gate_n = calloc((size_t)L, sizeof(int32_t));
+        s->gate_cap = calloc((size_t)L, sizeof(int32_t));
+        if (!s->gate_kv || !s->gate_n || !s->gate_cap) {
+            free(s->gate_kv), free(s->gate_n), free(s->gate_cap);
+            s->gate_kv = NULL, s->gate_n = s->gate_cap = NULL;
+            return false;
+        }
+    }
+    s->gate_w = gw, s->gate_tau = tau, s->gate_win = win;
+    return true;
+}
+
+enum kvs_status kv_seq_gate_append(struct kv_seq *s, int il, const float *kv) {
+    KVS_ASSERT(s->gate_w > 0);
+    size_t rw = 2 * (size_t)s->gate_w;
+    if (s->gate_n[il] == s->gate_cap[il]) {
+        int32_t nc = s->gate_cap[il] + KV_CAP_STEP;
+        uint16_t *p = realloc(s->gate_kv[il], (size_t)nc * rw * 2);
+        if (!p) return kvs_fail(KVS_ERR_NOMEM, "out of memory for the gate's cache");
+        s->gate_kv[il] = p;
+        account(s->owner, (int64_t)((uint64_t)KV_CAP_STEP * gate_row_bytes(s)));
+        s->gate_cap[il] = nc;
+    }
+    uint16_t *row = s->gate_kv[il] + (size_t)s->gate_n[il] * rw;
+    for (size_t i = 0; i < rw; i++) row[i] = quant_f32_to_f16(kv[i]);
+    s->gate_n[il]++;
+    return KVS_OK;
+}
+
 void kv_seq_clear(struct kv_seq *s) {
     struct kv_cache *c = s->owner;
     for (int i = 0; i < c->n_layer * c->n_head_kv; i++) head_free(s, &s->h[i]);
+    gate_free(s);
     if (c->qwin && s->q_n) {
         memset(s->q_n, 0, sizeof(int32_t) * c->n_layer);
         memset(s->q_head, 0, sizeof(int32_t) * c->n_layer);
@@ -113,6 +173,9 @@ void kv_seq_free(struct kv_seq *s) {
     free(s->q_pos);
     free(s->q_n);
     free(s->q_head);
+    free(s->gate_kv);
+    free(s->gate_n);
+    free(s->gate_cap);
     free(s);
 }
 
@@ -338,6 +401,19 @@ enum kvs_status kv_seq_copy(struct kv_seq *dst, const struct kv_seq *src) {
         }
         b->n = a->n, b->nc = a->nc, b->nblk = a->nblk;
     }
+    if (dst->gate_w && dst->gate_w == src->gate_w) /* the gate's cache goes with the entries */
+        for (int il = 0; il < dc->n_layer; il++) {
+            size_t rw = 2 * (size_t)src->gate_w, n = (size_t)src->gate_cap[il];
+            if (!n) continue;
+            uint16_t *p = malloc(n * rw * 2);
+            if (!p) {
+                kv_seq_clear(dst);
+                return kvs_fail(KVS_ERR_NOMEM, "out of memory for the gate's cache");
+            }
+            memcpy(p, src->gate_kv[il], (size_t)src->gate_n[il] * rw * 2);
+            dst->gate_kv[il] = p, dst->gate_cap[il] = (int32_t)n, dst->gate_n[il] = src->gate_n[il];
+            account(dc, (int64_t)(n * rw * 2));
+        }
     kv_seq_copy_queries(dst, src);
     memcpy(dst->pstate, src->pstate, sizeof(float) * dc->n_layer * KV_PSTATE);
     dst->rng = src->rng;
@@ -745,6 +821,8 @@ void kv_seq_view(const struct kv_seq *s, int il, struct kv_view *out) {
     KVS_ASSERT(s->owner->n_head_kv <= KV_VIEW_MAX_HEADS);
     out->n_head_kv = s->owner->n_head_kv;
     out->head_dim = s->owner->head_dim;
+    out->gate_tau = s->gate_tau;
+    out->gate_win = s->gate_win;
     for (int ih = 0; ih < s->owner->n_head_kv; ih++) {
         const struct kv_head_store *h = kv_seq_head(s, il, ih);
         out->h[ih] = (struct kv_view_head){
@@ -752,13 +830,14 @@ void kv_seq_view(const struct kv_seq *s, int il, struct kv_view *out) {
             .w = s->owner->weighted ? h->w : NULL, .acc = s->acc_learned ? NULL : h->acc, .fmt = &s->pack.f,
             .ck = h->ck, .cks = h->cks, .ckm = h->ckm, .blk_n = h->blk_n, .nblk = h->nblk,
             .cv = h->cv, .cvs = h->cvs, .cvm = h->cvm, .ch = h->ch, .bal = h->bal,
-            .mu = h->bal ? h->bal + s->owner->head_dim : NULL};
+            .mu = h->bal ? h->bal + s->owner->head_dim : NULL,
+            .gate = s->gate_w && s->acc_learned ? h->acc : NULL};
     }
 }
 
 uint64_t kv_seq_bytes(const struct kv_seq *s) {
     const struct kv_cache *c = s->owner;
-    uint64_t b = qwin_bytes(c);
+    uint64_t b = qwin_bytes(c) + kv_seq_gate_bytes(s);
     for (int i = 0; i < c->n_layer * c->n_head_kv; i++) b += head_bytes(s, &s->h[i], true);
     return b;
 }

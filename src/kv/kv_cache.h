@@ -77,6 +77,15 @@ struct kv_seq {
     struct kv_pack_cfg pack; /* storage of older entries */
     float *pstate;           /* (n_layer, KV_PSTATE) policy state: D2O's EMA threshold, Elastic's
                                 compressed-prompt length */
+    /* Attention-Gate (gate_w > 0): the gate's own k', v' of every token the sequence has seen,
+     * per layer (gate_n rows of 2 gate_w fp16, never evicted), and the visibility rule the
+     * views hand attention: an entry whose learned slot (its keep score) is below gate_tau is
+     * seen only by queries fewer than gate_win positions after it */
+    int gate_w;
+    float gate_tau;
+    int32_t gate_win;
+    int32_t *gate_n, *gate_cap; /* (n_layer) */
+    uint16_t **gate_kv;         /* (n_layer) */
 };
 enum { KV_PSTATE = 4 };
 
@@ -112,6 +121,14 @@ void kv_seq_append(struct kv_seq *s, int il, int32_t pos, const float *k, const 
 /* Write the learned score of the entry just appended to every KV head of layer il (score has
  * n_head_kv floats); only for a sequence whose slot holds learned scores (acc_learned). */
 void kv_seq_set_learned_last(struct kv_seq *s, int il, const float *score);
+
+/* Attention-Gate: give s a gate cache of rows of 2 gw halves (gw 0: none) and its visibility
+ * rule; only while s holds nothing (false otherwise, unless unchanged). */
+bool kv_seq_set_gate(struct kv_seq *s, int gw, float tau, int32_t win);
+/* Append one token's gate k' and v' (2 gate_w floats, stored fp16) to layer il. */
+enum kvs_status kv_seq_gate_append(struct kv_seq *s, int il, const float *kv);
+/* Bytes of the gate caches (included in kv_seq_bytes). */
+uint64_t kv_seq_gate_bytes(const struct kv_seq *s);
 
 /* Remember the query of a token for plan-time scoring: q is (n_head, head_dim). */
 void kv_seq_save_query(struct kv_seq *s, int il, int32_t pos, const float *q);

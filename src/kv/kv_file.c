@@ -178,6 +178,9 @@ enum kvs_status kvs_seq_save(kvs_context *c, const kvs_sequence *s, const char *
     if (!seq_of(c, s))
         return kvs_fail(KVS_ERR_INVALID_ARG, "%s: the sequence does not belong to this context",
                         path);
+    if (s->kv->gate_w)
+        return kvs_fail(KVS_ERR_UNSUPPORTED, "%s: cache files do not hold Attention-Gate's own cache "
+                        "yet; an agate sequence cannot be saved", path);
     const struct kv_cache *kc = &c->kv;
     const struct kv_seq *ks = s->kv;
     const int L = kc->n_layer, H = kc->n_head_kv, hd = kc->head_dim, qwin = kc->qwin;
@@ -499,6 +502,9 @@ enum kvs_status kvs_seq_load(kvs_context *c, kvs_sequence *s, const char *path) 
     if (!seq_of(c, s))
         return kvs_fail(KVS_ERR_INVALID_ARG, "%s: the sequence does not belong to this context",
                         path);
+    if (s->kv->gate_w)
+        return kvs_fail(KVS_ERR_UNSUPPORTED, "%s: cache files do not hold Attention-Gate's own cache "
+                        "yet; a sequence running agate cannot load one", path);
     int fd = open(path, O_RDONLY | O_CLOEXEC);
     if (fd < 0) return kvs_fail(KVS_ERR_IO, "%s: cannot open: %s", path, strerror(errno));
     struct stat sb;

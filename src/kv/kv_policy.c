@@ -33,6 +33,7 @@ static const struct kv_scorer_i *scorer_for(enum kv_method m) {
     case KV_KVMERGER: return &kv_scorer_kvmerger;
     case KV_ELASTIC: return &kv_scorer_elastic;
     case KV_LOCRET: return &kv_scorer_locret;
+    case KV_AGATE: return &kv_scorer_agate;
     default: return NULL;
     }
 }
@@ -240,10 +241,51 @@ bool kv_policy_plan_layer(struct kv_policy *p, struct kv_seq *s, int il, int64_t
     return planned;
 }
 
+/* Attention-Gate: per head, entries whose keep score is below tau and that the next query
+ * (position newest + 1) can no longer see are evicted (pinned positions stay); the rest compete
+ * for the budget by score, the newest `window` of them kept. */
+static bool plan_gate(struct kv_policy *p, struct kv_seq *s, int il, int32_t budget, int32_t slack,
+                      struct kv_plan *plan) {
+    bool any = p->plan_always;
+    float tau = s->gate_tau;
+    int32_t win = s->gate_win, m[KV_VIEW_MAX_HEADS];
+    for (int ih = 0; ih < p->n_head_kv; ih++) {
+        const struct kv_head_store *h = kv_seq_head(s, il, ih);
+        size_t o = (size_t)ih * p->cap_max;
+        int32_t *idx = p->mt + o, n = h->n;
+        float *sc = p->score + o;
+        int32_t next = n ? h->pos[n - 1] + 1 : 0;
+        m[ih] = 0;
+        for (int32_t j = 0; j < n; j++) {
+            bool pinned = h->pos[j] < s->pin;
+            if (!pinned && h->acc[j] < tau && next - h->pos[j] >= win) continue;
+            idx[m[ih]] = j;
+            sc[m[ih]++] = pinned ? INFINITY : h->acc[j];
+        }
+        if (m[ih] < n || m[ih] > budget + slack) any = true;
+    }
+    if (!any) return false;
+    for (int ih = 0; ih < p->n_head_kv; ih++) {
+        size_t o = (size_t)ih * p->cap_max;
+        int32_t *idx = p->mt + o, *keep = p->keep + o, nk;
+        int32_t prot = win < budget ? win : budget;
+        nk = select_head(p->score + o, m[ih], budget, prot, p->order, keep);
+        for (int32_t i = 0; i < nk; i++) keep[i] = idx[keep[i]]; /* ascending: both lists are */
+        plan->keep[ih] = keep;
+        plan->n_keep[ih] = nk;
+    }
+    return true;
+}
+
 static bool plan_layer(struct kv_policy *p, struct kv_seq *s, int il, int64_t n_seen,
                        int32_t slack, bool decode, struct kv_plan *plan) {
     int32_t budget = layer_budget(p, s, il, n_seen, decode);
     p->planned = budget;
+    if (p->spec.method == KV_AGATE) {
+        for (int ih = 0; ih < KV_VIEW_MAX_HEADS; ih++) plan->mt[ih] = NULL, plan->mc[ih] = NULL, plan->dem[ih] = NULL;
+        plan->renorm = false;
+        return plan_gate(p, s, il, budget, slack, plan);
+    }
     /* Elastic's decode slot is relative to the prompt as compressed: its length so far */
     if (!decode) s->pstate[(size_t)il * KV_PSTATE + 1] = (float)kv_seq_head(s, il, 0)->n;
     bool over = false;

@@ -117,7 +117,7 @@ double kv_d2o_layer_factor(const struct kv_policy *p, const struct kv_seq *s, in
 /* scorers, one per file under src/kv/ */
 extern const struct kv_scorer_i kv_scorer_streaming, kv_scorer_h2o, kv_scorer_tova,
     kv_scorer_snapkv, kv_scorer_knorm, kv_scorer_random, kv_scorer_d2o, kv_scorer_ems,
-    kv_scorer_kvmerger, kv_scorer_elastic, kv_scorer_locret;
+    kv_scorer_kvmerger, kv_scorer_elastic, kv_scorer_locret, kv_scorer_agate;
 
 /* kv_score.c, helper for scorers: attention probabilities of the saved queries of layer il against KV head
  * ih, summed over the queries and aggregated over the head's query group (mean or max per

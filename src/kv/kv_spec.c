@@ -10,13 +10,13 @@
 
 static const char *METHOD_NAMES[KV_METHOD_COUNT] = {
     "full", "streaming", "h2o", "tova", "snapkv", "knorm", "random", "d2o", "ems", "kvmerger",
-    "elastic", "locret"};
-#define METHOD_LIST "full, streaming, h2o, tova, snapkv, knorm, random, d2o, ems, kvmerger, elastic, locret"
+    "elastic", "locret", "agate"};
+#define METHOD_LIST "full, streaming, h2o, tova, snapkv, knorm, random, d2o, ems, kvmerger, elastic, locret, agate"
 
 /* keys each method accepts beyond the shared ones */
 static const char *METHOD_KEYS[KV_METHOD_COUNT] = {
     "", "sinks, window, pos", "recent", "", "window, kernel, pool", "", "seed",
-    "recent, sinks, alpha, beta_ema", "window, sinks", "recent, sinks", "sinks, distance", "window, file"};
+    "recent, sinks, alpha, beta_ema", "window, sinks", "recent, sinks", "sinks, distance", "window, file", "tau, file"};
 static const char *SHARED_KEYS =
     "budget, ratio, mem, alloc, beta, floor, agg, when, every, merge, thr, wattn, skip";
 
@@ -44,6 +44,7 @@ const char *kv_spec_help(void) {
            "          snapkv:ratio=0.25+think:prune=0.4+kivi:bits=4\n"
            "          h2o:ratio=0.2+mikv:low=2      full+kivi:bits=2\n"
            "          locret:ratio=0.1      locret:budget=1024,window=128+kivi:bits=4\n"
+           "          agate      agate:ratio=0.1      agate:tau=0.7\n"
            "\n"
            "methods (scorers; entries that lose are evicted and their memory freed):\n"
            "  full       keep everything (default; bit-identical to no policy)\n"
@@ -68,6 +69,14 @@ const char *kv_spec_help(void) {
            "             for this model (by fingerprint) in the model's folder, $KVSIEVE_WEIGHTS,\n"
            "             ./weights or the weights/ folder of the kvsieve checkout; a file made\n"
            "             for another model is refused\n"
+           "  agate      Attention-Gate: a small causal attention per layer (its own few-channel\n"
+           "             cache of every token, never evicted) reads the layer's input and gives\n"
+           "             each token a keep score per KV head when it is computed; a token scoring\n"
+           "             below tau (0.5) is seen only by the next `window` tokens (trained into\n"
+           "             the file) and then evicted, in the prompt and while decoding, so the\n"
+           "             cache shrinks by the rate the gate was trained for (no budget needed).\n"
+           "             budget=, ratio= or mem= also cap it: the lowest-scoring kept tokens go\n"
+           "             first. tau=0 keeps every token. Weights are found as for locret (file=)\n"
            "merging methods (entries that lose are folded into kept ones; an entry's weight counts\n"
            "the tokens it stands for):\n"
            "  d2o        D2O: H2O scores + sinks, layer budgets from attention variance (alloc=d2o;\n"
@@ -336,7 +345,10 @@ static enum kvs_status set_key(const char *spec, struct kv_spec *s, int mod, con
         if (!strcmp(val, "cache")) s->reindex = true;
         else if (!strcmp(val, "abs")) s->reindex = false;
         else return bad(spec, "pos must be cache or abs (got '%s')%s", val, "");
-    } else if (!strcmp(key, "file") && s->method == KV_LOCRET) {
+    } else if (!strcmp(key, "tau")) {
+        ok = parse_num(val, 0.0, 1.0, &x);
+        s->gate_tau = (float)x;
+    } else if (!strcmp(key, "file") && (s->method == KV_LOCRET || s->method == KV_AGATE)) {
         ok = strlen(val) < sizeof s->file;
         if (ok) snprintf(s->file, sizeof s->file, "%s", val);
     } else if (!strcmp(key, "seed")) {
@@ -390,6 +402,7 @@ enum kvs_status kv_spec_parse(const char *spec, struct kv_spec *s) {
     s->kivi_group = 32;
     s->kivi_resid = 128;
     s->mikv_balance = false;
+    s->gate_tau = 0.5f;
     if (!spec || !*spec) spec = "full";
     char buf[512];
     if (strlen(spec) >= sizeof s->text)
@@ -481,6 +494,12 @@ enum kvs_status kv_spec_parse(const char *spec, struct kv_spec *s) {
         return KVS_OK;
     }
     int n_budget = (s->budget > 0) + (s->ratio > 0) + (s->mem_bytes > 0);
+    if (s->method == KV_AGATE) {
+        if (storage || s->merge != KV_MERGE_NONE || (s->alloc != KV_ALLOC_UNIFORM && s->alloc != KV_ALLOC_PYRAMID))
+            return bad(spec, "agate evicts by its gate's flags: it takes no storage parts, merge= or "
+                       "alloc=adakv|d2o yet%s%s", "", "");
+        if (n_budget == 0) s->ratio = 1.0f, n_budget = 1; /* the flags alone */
+    }
     if (s->method == KV_STREAMING && n_budget == 0 && s->window > 0) {
         s->budget = s->sinks + s->window;
         n_budget = 1;
@@ -495,7 +514,7 @@ enum kvs_status kv_spec_parse(const char *spec, struct kv_spec *s) {
     if (s->method == KV_LOCRET && (s->merge != KV_MERGE_NONE || s->alloc == KV_ALLOC_D2O))
         return bad(spec, "locret's scores are learned logits, not attention: they cannot be merged "
                    "or drive alloc=d2o (give merge=none and another alloc)%s%s", "", "");
-    if (s->obs_window < 0 && s->method != KV_LOCRET) s->obs_window = s->method == KV_SNAPKV ? 32 : 0;
+    if (s->obs_window < 0 && s->method != KV_LOCRET && s->method != KV_AGATE) s->obs_window = s->method == KV_SNAPKV ? 32 : 0;
     if (s->method == KV_TOVA && s->obs_window == 0) s->obs_window = 1;
     if (isnan(s->thr))
         s->thr = s->merge == KV_MERGE_KVMERGER ? 0.75f : s->merge == KV_MERGE_EMS ? 0.5f : NAN;

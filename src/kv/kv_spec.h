@@ -16,7 +16,7 @@
 #include "base.h"
 
 enum kv_method { KV_FULL, KV_STREAMING, KV_H2O, KV_TOVA, KV_SNAPKV, KV_KNORM, KV_RANDOM,
-                 KV_D2O, KV_EMS, KV_KVMERGER, KV_ELASTIC, KV_LOCRET, KV_METHOD_COUNT };
+                 KV_D2O, KV_EMS, KV_KVMERGER, KV_ELASTIC, KV_LOCRET, KV_AGATE, KV_METHOD_COUNT };
 /* what happens to entries that lose (the action): evicted, or folded into a kept entry */
 enum kv_merge { KV_MERGE_NONE, KV_MERGE_D2O, KV_MERGE_EMS, KV_MERGE_KVMERGER, KV_MERGE_ELASTIC };
 enum kv_alloc { KV_ALLOC_UNIFORM, KV_ALLOC_PYRAMID, KV_ALLOC_ADAKV, KV_ALLOC_D2O };
@@ -54,7 +54,8 @@ struct kv_spec {
     float d2o_alpha, d2o_beta; /* d2o: EMA of the threshold, tau <- alpha tau + beta mean(u) */
     bool skip_layers;        /* d2o: layers 0, 1 and L-1 are never compressed (paper) */
     int32_t distance;        /* elastic: decode eviction slot relative to the compressed prompt */
-    char file[192];          /* locret: weight file (empty = found next to the model, see learned.h) */
+    char file[192];          /* locret, agate: weight file (empty = found next to the model, see learned.h) */
+    float gate_tau;          /* agate: keep threshold of the gate's score (0.5) */
     bool has_opts;           /* a shared or method option was given (parser use) */
     bool wattn;              /* attention adds log(weight) to a merged entry's logit */
     /* storage of older entries (DESIGN.md §2: precisions and channel masks) */

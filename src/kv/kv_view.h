@@ -47,6 +47,7 @@ struct kv_view_head {
     const int32_t *pos;   /* (n) absolute positions; the hot ones ascending */
     const float *w;       /* (n) weights; NULL when attention ignores them */
     float *acc;           /* (n) accumulated attention the kernel adds to (H2O); NULL if unused */
+    const float *gate;    /* (n) Attention-Gate keep scores (kv_view.gate_tau); NULL: all visible */
     /* packed entries (nc > 0) */
     const struct kv_packed_fmt *fmt;
     const uint8_t *ck;    /* keys: F16 (nc, kd) fp16; TOK (nc, kstride) codes; BLK (nblk, kd, kstride) */
@@ -62,6 +63,10 @@ struct kv_view_head {
 
 struct kv_view {
     int n_head_kv, head_dim;
+    /* Attention-Gate: own hot entry j with gate[j] < gate_tau is hidden from a query at position
+     * p when p - pos[j] >= gate_win (a token always sees itself) */
+    float gate_tau;
+    int32_t gate_win;
     struct kv_view_head h[KV_VIEW_MAX_HEADS];
 };
 

@@ -41,19 +41,27 @@ static enum kvs_status read_all(const char *path, uint8_t **buf, size_t *n) {
 }
 
 /* Header checks shared by load and find; sets the shapes. */
-static enum kvs_status check_header(const char *path, const uint8_t *b, size_t n, uint64_t fp,
-                                    int n_layer, int n_head, int n_kv, int hd, struct kv_learned *l) {
+static enum kvs_status check_header(const char *path, const uint8_t *b, size_t n, uint32_t method,
+                                    uint64_t fp, int n_layer, int n_head, int n_kv, int hd,
+                                    struct kv_learned *l) {
+    static const char *names[3] = {"?", "Locret (1)", "Attention-Gate (2)"};
     if (n < LRN_HEADER + 8 || memcmp(b, "KVSLRN01", 8))
         return kvs_fail(KVS_ERR_FORMAT, "'%s' is not a kvsieve learned-eviction file (magic KVSLRN01)", path);
     if (rd32(b + 8) != 1) return kvs_fail(KVS_ERR_FORMAT, "'%s': version %u, this kvsieve reads version 1", path, rd32(b + 8));
-    if (rd32(b + 12) != 1) return kvs_fail(KVS_ERR_FORMAT, "'%s': method %u, not Locret (1)", path, rd32(b + 12));
+    l->method = rd32(b + 12);
+    if (l->method != method)
+        return kvs_fail(l->method == 1 || l->method == 2 ? KVS_ERR_INVALID_ARG : KVS_ERR_FORMAT,
+                        "'%s': method %u, not %s", path, l->method, names[method < 3 ? method : 0]);
     l->fingerprint = rd64(b + 16);
     l->n_layer = (int)rd32(b + 24), l->n_head = (int)rd32(b + 28), l->n_head_kv = (int)rd32(b + 32);
     l->head_dim = (int)rd32(b + 36), l->hidden = (int)rd32(b + 40);
     l->labels = rd32(b + 48), l->n_train = rd32(b + 52);
     memcpy(l->name, b + 56, 63);
     l->name[63] = 0;
-    if (rd32(b + 44) != 1) return kvs_fail(KVS_ERR_FORMAT, "'%s': activation %u, only SiLU (1) is known", path, rd32(b + 44));
+    uint32_t act = method == 1 ? 1 : 2;
+    if (rd32(b + 44) != act)
+        return kvs_fail(KVS_ERR_FORMAT, "'%s': activation %u, %s", path, rd32(b + 44),
+                        method == 1 ? "only SiLU (1) is known" : "the gate is a sigmoid (2)");
     if (l->fingerprint != fp || l->n_layer != n_layer || l->n_head != n_head || l->n_head_kv != n_kv || l->head_dim != hd)
         return kvs_fail(KVS_ERR_INVALID_ARG,
                         "'%s' was trained for another model (%s: fingerprint 0x%016llx, %d layers, %d/%d "
@@ -63,8 +71,19 @@ static enum kvs_status check_header(const char *path, const uint8_t *b, size_t n
                         (unsigned long long)fp, n_layer, n_head, n_kv, hd);
     if (l->hidden < 1 || l->hidden > 65536)
         return kvs_fail(KVS_ERR_FORMAT, "'%s': hidden width %d out of range", path, l->hidden);
-    l->d_in = (n_head + 2 * n_kv) * hd;
-    uint64_t per = (uint64_t)l->hidden * (uint64_t)l->d_in + (uint64_t)l->hidden + (uint64_t)n_kv * (uint64_t)l->hidden;
+    uint64_t per;
+    if (method == 1) {
+        l->d_in = (n_head + 2 * n_kv) * hd;
+        per = (uint64_t)l->hidden * (uint64_t)l->d_in + (uint64_t)l->hidden + (uint64_t)n_kv * (uint64_t)l->hidden;
+    } else {
+        uint32_t gd = rd32(b + 120), win = rd32(b + 124);
+        if (gd < 1 || gd > 256 || (uint64_t)gd * (uint64_t)l->hidden > 4096 || win > (1u << 20))
+            return kvs_fail(KVS_ERR_FORMAT, "'%s': gate of %d heads x %u channels, window %u: out of range",
+                            path, l->hidden, gd, win);
+        l->gd = (int)gd, l->gw = (int)gd * l->hidden, l->window = (int)win;
+        l->d_in = n_head * hd;
+        per = 3 * ((uint64_t)l->gw * (uint64_t)l->d_in + (uint64_t)l->gw) + (uint64_t)n_kv * ((uint64_t)l->gw + 1);
+    }
     uint64_t want = LRN_HEADER + (uint64_t)n_layer * per * 2 + 8;
     if (n != want)
         return kvs_fail(KVS_ERR_FORMAT, "'%s': %zu bytes, the header's shapes need %llu (truncated or damaged)",
@@ -75,44 +94,68 @@ static enum kvs_status check_header(const char *path, const uint8_t *b, size_t n
     return KVS_OK;
 }
 
-enum kvs_status kv_learned_load(const char *path, uint64_t fp, int n_layer, int n_head, int n_kv,
-                                int hd, struct kv_learned **out) {
+/* n halves at p into dst (checked finite); advances p */
+static bool read_halves(const uint8_t **p, float *dst, size_t n) {
+    const uint8_t *q = *p;
+    for (size_t i = 0; i < n; i++) {
+        float x = quant_f16_to_f32((uint16_t)(q[2 * i] | q[2 * i + 1] << 8));
+        if (!isfinite(x)) return false;
+        dst[i] = x;
+    }
+    *p = q + 2 * n;
+    return true;
+}
+
+enum kvs_status kv_learned_load(const char *path, uint32_t method, uint64_t fp, int n_layer, int n_head,
+                                int n_kv, int hd, struct kv_learned **out) {
     *out = NULL;
     uint8_t *b = NULL;
     size_t n = 0;
     enum kvs_status st = read_all(path, &b, &n);
     if (st != KVS_OK) return st;
-    st = kv_learned_parse(path, b, n, fp, n_layer, n_head, n_kv, hd, out);
+    st = kv_learned_parse(path, b, n, method, fp, n_layer, n_head, n_kv, hd, out);
     free(b);
     return st;
 }
 
-enum kvs_status kv_learned_parse(const char *path, const uint8_t *b, size_t n, uint64_t fp, int n_layer,
-                                 int n_head, int n_kv, int hd, struct kv_learned **out) {
+enum kvs_status kv_learned_parse(const char *path, const uint8_t *b, size_t n, uint32_t method, uint64_t fp,
+                                 int n_layer, int n_head, int n_kv, int hd, struct kv_learned **out) {
     *out = NULL;
     struct kv_learned *l = calloc(1, sizeof *l);
     if (!l) return kvs_fail(KVS_ERR_NOMEM, "out of memory");
-    enum kvs_status st = check_header(path, b, n, fp, n_layer, n_head, n_kv, hd, l);
+    enum kvs_status st = check_header(path, b, n, method, fp, n_layer, n_head, n_kv, hd, l);
     if (st != KVS_OK) { free(l); return st; }
     snprintf(l->path, sizeof l->path, "%s", path);
     size_t H = (size_t)l->hidden, D = (size_t)l->d_in, K = (size_t)n_kv, L = (size_t)n_layer;
-    l->w1 = malloc(sizeof(float) * L * H * D);
-    l->b1 = malloc(sizeof(float) * L * H);
-    l->w2 = malloc(sizeof(float) * L * K * H);
-    if (!l->w1 || !l->b1 || !l->w2) { kv_learned_free(l); return kvs_fail(KVS_ERR_NOMEM, "out of memory"); }
+    size_t W = (size_t)l->gw;
+    if (method == 1) {
+        l->w1 = malloc(sizeof(float) * L * H * D);
+        l->b1 = malloc(sizeof(float) * L * H);
+        l->w2 = malloc(sizeof(float) * L * K * H);
+    } else {
+        l->gqkv = malloc(sizeof(float) * L * 3 * W * D);
+        l->gb = malloc(sizeof(float) * L * 3 * W);
+        l->gg = malloc(sizeof(float) * L * K * W);
+        l->gbg = malloc(sizeof(float) * L * K);
+    }
+    if (method == 1 ? (!l->w1 || !l->b1 || !l->w2) : (!l->gqkv || !l->gb || !l->gg || !l->gbg)) {
+        kv_learned_free(l);
+        return kvs_fail(KVS_ERR_NOMEM, "out of memory");
+    }
     const uint8_t *p = b + LRN_HEADER;
-    for (size_t il = 0; il < L; il++) {
-        float *dst[3] = {l->w1 + il * H * D, l->b1 + il * H, l->w2 + il * K * H};
-        size_t cnt[3] = {H * D, H, K * H};
-        for (int a = 0; a < 3; a++) {
-            for (size_t i = 0; i < cnt[a]; i++) {
-                float x = quant_f16_to_f32((uint16_t)(p[2 * i] | p[2 * i + 1] << 8));
-                if (!isfinite(x)) { kv_learned_free(l); return kvs_fail(KVS_ERR_FORMAT, "'%s': a weight is not finite", path); }
-                dst[a][i] = x;
-            }
-            p += 2 * cnt[a];
+    bool ok = true;
+    for (size_t il = 0; il < L && ok; il++) {
+        if (method == 1) {
+            ok = read_halves(&p, l->w1 + il * H * D, H * D) && read_halves(&p, l->b1 + il * H, H) &&
+                 read_halves(&p, l->w2 + il * K * H, K * H);
+        } else {
+            for (size_t m = 0; m < 3 && ok; m++) /* q', k', v': weight rows then bias */
+                ok = read_halves(&p, l->gqkv + (il * 3 + m) * W * D, W * D) &&
+                     read_halves(&p, l->gb + (il * 3 + m) * W, W);
+            ok = ok && read_halves(&p, l->gg + il * K * W, K * W) && read_halves(&p, l->gbg + il * K, K);
         }
     }
+    if (!ok) { kv_learned_free(l); return kvs_fail(KVS_ERR_FORMAT, "'%s': a weight is not finite", path); }
     *out = l;
     return KVS_OK;
 }
@@ -122,12 +165,16 @@ void kv_learned_free(struct kv_learned *l) {
     free(l->w1);
     free(l->b1);
     free(l->w2);
+    free(l->gqkv);
+    free(l->gb);
+    free(l->gg);
+    free(l->gbg);
     free(l);
 }
 
 static int cmp_str(const void *a, const void *b) { return strcmp(*(char *const *)a, *(char *const *)b); }
 
-enum kvs_status kv_learned_find(const char *dir, uint64_t fp, int n_layer, int n_head, int n_kv,
+enum kvs_status kv_learned_find(const char *dir, uint32_t method, uint64_t fp, int n_layer, int n_head, int n_kv,
                                 int hd, char *out, size_t n) {
     DIR *d = opendir(dir);
     if (!d) return kvs_fail(KVS_ERR_IO, "no folder '%s'", dir);
@@ -147,7 +194,7 @@ enum kvs_status kv_learned_find(const char *dir, uint64_t fp, int n_layer, int n
         FILE *f = fopen(path, "rb");
         bool ok = f && fread(hdr, 1, sizeof hdr, f) == sizeof hdr;
         if (f) fclose(f);
-        if (st != KVS_OK && ok && !memcmp(hdr, "KVSLRN01", 8) && rd64(hdr + 16) == fp &&
+        if (st != KVS_OK && ok && !memcmp(hdr, "KVSLRN01", 8) && rd32(hdr + 12) == method && rd64(hdr + 16) == fp &&
             rd32(hdr + 24) == (uint32_t)n_layer && rd32(hdr + 28) == (uint32_t)n_head &&
             rd32(hdr + 32) == (uint32_t)n_kv && rd32(hdr + 36) == (uint32_t)hd) {
             snprintf(out, n, "%s", path);
@@ -167,4 +214,42 @@ void kv_learned_score(const struct kv_learned *l, int il, const float *X, int ld
         scratch[i] = x / (1.0f + expf(-x));
     }
     ops_linear_f32(out, (int)K, scratch, (int)H, T, l->w2 + (size_t)il * K * H, NULL, (int)K, (int)H);
+}
+
+void kv_agate_project(const struct kv_learned *l, int il, const float *X, int ldx, int T, float *out) {
+    size_t W3 = 3 * (size_t)l->gw, D = (size_t)l->d_in;
+    ops_linear_f32(out, (int)W3, X, ldx, T, l->gqkv + (size_t)il * W3 * D, l->gb + (size_t)il * W3, (int)W3, (int)D);
+}
+
+void kv_agate_score(const struct kv_learned *l, int il, const float *q, const float *K,
+                    const float *V, int64_t ld, int n, float *out, float *scratch) {
+    int gd = l->gd, W = l->gw, nkv = l->n_head_kv;
+    float o[4096];
+    float scale = 1.0f / sqrtf((float)gd);
+    for (int h = 0; h < l->hidden; h++) {
+        const float *qh = q + (size_t)h * gd;
+        float m = -INFINITY;
+        for (int j = 0; j < n; j++) {
+            const float *k = K + (size_t)j * (size_t)ld + (size_t)h * gd;
+            float d = 0.0f;
+            for (int c = 0; c < gd; c++) d += qh[c] * k[c];
+            scratch[j] = d * scale;
+            if (scratch[j] > m) m = scratch[j];
+        }
+        float sum = 0.0f, *oh = o + (size_t)h * gd;
+        for (int c = 0; c < gd; c++) oh[c] = 0.0f;
+        for (int j = 0; j < n; j++) {
+            float e = expf(scratch[j] - m);
+            sum += e;
+            const float *v = V + (size_t)j * (size_t)ld + (size_t)h * gd;
+            for (int c = 0; c < gd; c++) oh[c] += e * v[c];
+        }
+        for (int c = 0; c < gd; c++) oh[c] /= sum;
+    }
+    const float *G = l->gg + (size_t)il * nkv * W, *bg = l->gbg + (size_t)il * nkv;
+    for (int k = 0; k < nkv; k++) {
+        float z = bg[k];
+        for (int c = 0; c < W; c++) z += G[(size_t)k * W + c] * o[c];
+        out[k] = 1.0f / (1.0f + expf(-z));
+    }
 }
