@@ -89,9 +89,9 @@ BENCH_KV ?= full+kivi:bits=8 full+kivi:bits=4 full+kivi:bits=2 full+think:prune=
 bench: all models
 	$(BUILD)/kvsieve bench --json
 	@for kv in $(BENCH_KV); do $(BUILD)/kvsieve bench --json -q --contexts 8000 --kv $$kv || exit 1; done
-	@# the Locret scorer's cost: prefill of 4096 tokens, full against locret:ratio=1 (scores every
-	@# token, evicts nothing), same run
-	@for kv in full locret:ratio=1; do $(BUILD)/kvsieve bench --json -q --prompt 4096 --contexts 4096 --decode 8 --kv $$kv || exit 1; done
+	@# the learned scorers' cost: prefill of 4096 tokens, full against locret:ratio=1 and
+	@# agate:tau=0 (score every token, evict nothing), same run
+	@for kv in full locret:ratio=1 agate:tau=0; do $(BUILD)/kvsieve bench --json -q --prompt 4096 --contexts 4096 --decode 8 --kv $$kv || exit 1; done
 
 # kvsieve serve on loopback (tools/bench_serve.py, JSON lines then a table): aggregate decode
 # throughput of 16 streams against 1; at --kv-mem 256M, 4096-token prompts under full,

@@ -47,7 +47,7 @@ void kvs_context_free(kvs_context *c) {
         }
     float *bufs[] = {c->x, c->xn, c->q, c->k, c->v, c->gate, c->up, c->rope_cs, c->inv_freq,
                      c->att_s, c->att_qo, c->att_x, c->att_part, c->wrow, c->lrn_x, c->lrn_h, c->lrn_s,
-                     c->ag_qkv, c->ag_s, c->ag_kv, c->ag_sc};
+                     c->ag_qkv, c->ag_s, c->ag_sc};
     for (size_t i = 0; i < sizeof bufs / sizeof bufs[0]; i++) kvs_aligned_free(bufs[i]);
     for (int i = 0; i < N_ACT_SLOTS; i++) kvs_aligned_free(c->act[i]);
     kvs_aligned_free(c->att_units);
@@ -62,10 +62,11 @@ void kvs_context_free(kvs_context *c) {
  * pyramid allocation) with compression after every prefill chunk and while decoding bounds it:
  * the budget, plus the entries that arrive between two compressions (a chunk while
  * prefilling, `every` steps while decoding), plus the token being attended. Ratios grow with
- * the text; AdaKV and D2O move budget between heads and layers; MiKV keeps every token. */
+ * the text; AdaKV, D2O and Attention-Gate move budget between heads and layers (and the gate
+ * keeps its own cache of every token); MiKV keeps every token. */
 static int32_t bounded_entries(const struct kv_policy *p, int t_max) {
     const struct kv_spec *sp = &p->spec;
-    if (sp->ratio > 0 || sp->mikv_low || sp->every <= 0 || !(sp->when & KV_WHEN_CHUNK) ||
+    if (sp->ratio > 0 || sp->mikv_low || sp->every <= 0 || !(sp->when & KV_WHEN_CHUNK) || sp->method == KV_AGATE ||
         (sp->alloc != KV_ALLOC_UNIFORM && sp->alloc != KV_ALLOC_PYRAMID))
         return 0;
     int32_t b = 0;
@@ -129,13 +130,13 @@ static enum kvs_status ensure_learned(kvs_context *c, const struct kv_spec *spec
         int nth = c->tp ? threadpool_n_threads(c->tp) : c->p.n_threads > 1 ? c->p.n_threads : 1;
         c->ag_qkv = scratch(c, sizeof(float) * T * 3 * (size_t)l->gw);
         c->ag_s = scratch(c, sizeof(float) * T * (size_t)l->n_head_kv);
-        c->ag_kv = scratch(c, sizeof(float) * N * 2 * (size_t)l->gw);
-        c->ag_sc = scratch(c, sizeof(float) * N * (size_t)nth);
-        ok = c->ag_qkv && c->ag_s && c->ag_kv && c->ag_sc;
         c->ag_cap = (int32_t)N;
+        c->ag_sc_n = 8 * N + 8 * (size_t)l->gw + 16 * (size_t)l->gd + 64;
+        c->ag_sc = scratch(c, sizeof(float) * c->ag_sc_n * (size_t)nth);
+        ok = c->ag_qkv && c->ag_s && c->ag_sc;
         if (!ok) {
-            kvs_aligned_free(c->ag_qkv), kvs_aligned_free(c->ag_s), kvs_aligned_free(c->ag_kv), kvs_aligned_free(c->ag_sc);
-            c->ag_qkv = c->ag_s = c->ag_kv = c->ag_sc = NULL;
+            kvs_aligned_free(c->ag_qkv), kvs_aligned_free(c->ag_s), kvs_aligned_free(c->ag_sc);
+            c->ag_qkv = c->ag_s = c->ag_sc = NULL;
         }
     } else {
         c->lrn_x = scratch(c, sizeof(float) * T * (size_t)l->d_in);
@@ -293,7 +294,8 @@ enum kvs_status kvs_seq_new(kvs_context *c, kvs_sequence **out) {
     }
     kv_seq_set_pack(s->kv, &c->base.pack); /* a fresh sequence holds nothing: cannot fail */
     s->kv->acc_learned = kv_policy_needs(&c->base.spec) & KV_NEED_LEARNED;
-    if (c->base.spec.method == KV_AGATE && !kv_seq_set_gate(s->kv, c->agate->gw, c->base.spec.gate_tau, c->agate->window)) {
+    if (c->base.spec.method == KV_AGATE &&
+        !kv_seq_set_gate(s->kv, c->agate->hidden, c->agate->gd, c->base.spec.gate_tau, c->agate->window)) {
         kv_seq_free(s->kv);
         free(s);
         return kvs_fail(KVS_ERR_NOMEM, "out of memory");
@@ -314,7 +316,8 @@ static void seq_set_slot(kvs_context *c, kvs_sequence *s, const struct kv_spec *
     bool gate = spec->method == KV_AGATE;
     /* (empty: only the gate's small table can fail to allocate; the sequence then has no gate
      * and forward() refuses it) */
-    (void)kv_seq_set_gate(s->kv, gate ? c->agate->gw : 0, spec->gate_tau, gate ? c->agate->window : 0);
+    (void)kv_seq_set_gate(s->kv, gate ? c->agate->hidden : 0, gate ? c->agate->gd : 0, spec->gate_tau,
+                          gate ? c->agate->window : 0);
 }
 
 static void profile_release(kvs_context *c, struct kv_profile *pr) {

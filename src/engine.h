@@ -94,8 +94,8 @@ struct kvs_context {
     float *lrn_x, *lrn_h, *lrn_s; /* (t_max, d_in), (t_max, hidden), (t_max, n_head_kv) */
     struct kv_learned *agate;   /* Attention-Gate weights (one file per context), NULL until asked */
     float *ag_qkv, *ag_s;       /* (t_max, 3 gw) the gate's q', k', v'; (t_max, n_head_kv) scores */
-    float *ag_kv;               /* (n_ctx + t_max, 2 gw) one sequence's gate cache in float */
-    float *ag_sc;               /* (n_threads, ag_cap) the gate's attention rows */
+    float *ag_sc;               /* (n_threads, ag_sc_n) the gate's attention rows of 8 tokens */
+    size_t ag_sc_n;
     int32_t ag_cap;             /* most tokens a gated sequence can have seen (n_ctx + t_max + step) */
     float *step_logits;  /* kvs_step: logits rows before they are copied to the items */
     size_t step_logits_n;

@@ -379,18 +379,22 @@ static void lrn_worker(void *arg, int ith, int nth) {
 
 /* ---- Attention-Gate ----------------------------------------------------------------------- */
 
-struct gate_job { struct kvs_context *c; int il, n; const int *tok, *nrows; };
+/* units: runs of up to 8 tokens of one gated sequence in consecutive rows of the batch */
+struct gate_job { struct kvs_context *c; struct kv_seq *ks; int il, n_units; const int *tok, *nrows, *u0; _Atomic int next; };
 static void gate_worker(void *arg, int ith, int nth) {
+    (void)nth;
     struct gate_job *j = arg;
     struct kvs_context *c = j->c;
     const struct kv_learned *l = c->agate;
-    int lo, hi, W = l->gw;
-    threadpool_split(j->n, ith, nth, &lo, &hi);
-    float *sc = c->ag_sc + (size_t)ith * (size_t)c->ag_cap;
-    for (int i = lo; i < hi; i++) {
-        int t = j->tok[i];
-        kv_agate_score(l, j->il, c->ag_qkv + (size_t)t * 3 * W, c->ag_kv, c->ag_kv + W, 2 * W,
-                       j->nrows[i], c->ag_s + (size_t)t * l->n_head_kv, sc);
+    int W = l->gw;
+    float *S = c->ag_sc + (size_t)ith * c->ag_sc_n, *O = S + (size_t)8 * c->ag_cap;
+    uint16_t *const *pl = kv_seq_gate_planes(j->ks, j->il);
+    for (;;) {
+        int ui = atomic_fetch_add_explicit(&j->next, 1, memory_order_relaxed);
+        if (ui >= j->n_units) break;
+        int u = j->u0[ui], nt = j->u0[ui + 1] - u, t = j->tok[u];
+        kv_agate_score(l, j->il, c->ag_qkv + (size_t)t * 3 * W, 3 * W, nt, (const uint16_t *const *)pl,
+                       (const uint16_t *const *)(pl + l->hidden), j->nrows[u + nt - 1], c->ag_s + (size_t)t * l->n_head_kv, S, O);
     }
 }
 
@@ -401,7 +405,7 @@ static enum kvs_status gate_layer(struct kvs_context *c, int il, const int32_t *
     const struct kv_learned *l = c->agate;
     int W = l->gw, d = c->m->hp.n_embd, nkv = l->n_head_kv;
     kv_agate_project(l, il, c->xn, d, T, c->ag_qkv);
-    int tok[KVS_T_MAX], nr[KVS_T_MAX];
+    int tok[KVS_T_MAX], nr[KVS_T_MAX], u0[KVS_T_MAX + 1];
     for (int i = 0; i < n_views; i++) {
         struct kv_seq *ks = vseq[i]->kv;
         if (!ks->gate_w || !ks->acc_learned) continue;
@@ -416,9 +420,14 @@ static enum kvs_status gate_layer(struct kvs_context *c, int il, const int32_t *
             tok[m] = t, nr[m++] = ks->gate_n[il];
         }
         if (!m) continue;
-        quant_f16_to_f32_row(ks->gate_kv[il], c->ag_kv, (int64_t)ks->gate_n[il] * 2 * W);
-        struct gate_job gj = {c, il, m, tok, nr};
-        run_rows(c, gate_worker, &gj, m);
+        int nu = 0; /* the kernel reads a unit's rows t..t+nt-1 of ag_qkv and writes those of ag_s */
+        for (int k = 0; k < m; k++)
+            if (k == 0 || k - u0[nu - 1] == 8 || tok[k] != tok[k - 1] + 1) u0[nu++] = k;
+        u0[nu] = m;
+        struct gate_job gj = {.c = c, .ks = ks, .il = il, .n_units = nu, .tok = tok, .nrows = nr, .u0 = u0};
+        atomic_init(&gj.next, 0);
+        if (nu > 1 && c->tp) threadpool_run(c->tp, gate_worker, &gj);
+        else gate_worker(&gj, 0, 1);
         for (int k = 0; k < m; k++)
             if (pos[tok[k]] == 0)
                 for (int h = 0; h < nkv; h++) c->ag_s[(size_t)tok[k] * nkv + h] = 1.0f;

@@ -83,14 +83,14 @@ uint64_t kv_seq_gate_bytes(const struct kv_seq *s) {
 static void gate_free(struct kv_seq *s) {
     if (!s->gate_kv) return;
     account(s->owner, -(int64_t)kv_seq_gate_bytes(s));
-    for (int il = 0; il < s->owner->n_layer; il++) free(s->gate_kv[il]), s->gate_kv[il] = NULL;
+    for (size_t i = 0; i < (size_t)s->owner->n_layer * 2 * (size_t)s->gate_gh; i++) free(s->gate_kv[i]), s->gate_kv[i] = NULL;
     memset(s->gate_n, 0, sizeof(int32_t) * (size_t)s->owner->n_layer);
     memset(s->gate_cap, 0, sizeof(int32_t) * (size_t)s->owner->n_layer);
 }
 
-bool kv_seq_set_gate(struct kv_seq *s, int gw, float tau, int32_t win) {
+bool kv_seq_set_gate(struct kv_seq *s, int gh, int gd, float tau, int32_t win) {
     int L = s->owner->n_layer;
-    if (gw == s->gate_w) {
+    if (gh == s->gate_gh && gd == s->gate_gd) {
         s->gate_tau = tau, s->gate_win = win;
         return true;
     }
@@ -99,8 +99,11 @@ bool kv_seq_set_gate(struct kv_seq *s, int gw, float tau, int32_t win) {
     if (s->gate_kv)
         for (int il = 0; il < L; il++)
             if (s->gate_cap[il]) return false;
-    if (gw > 0 && !s->gate_kv) {
-        s->gate_kv = calloc((size_t)L, sizeof *s->gate_kv);
+    free(s->gate_kv), free(s->gate_n), free(s->gate_cap);
+    s->gate_kv = NULL, s->gate_n = s->gate_cap = NULL;
+    s->gate_w = s->gate_gh = s->gate_gd = 0;
+    if (gh > 0) {
+        s->gate_kv = calloc((size_t)L * 2 * (size_t)gh, sizeof *s->gate_kv);
         s->gate_n = calloc((size_t)L, sizeof(int32_t));
         s->gate_cap = calloc((size_t)L, sizeof(int32_t));
         if (!s->gate_kv || !s->gate_n || !s->gate_cap) {
@@ -108,24 +111,30 @@ bool kv_seq_set_gate(struct kv_seq *s, int gw, float tau, int32_t win) {
             s->gate_kv = NULL, s->gate_n = s->gate_cap = NULL;
             return false;
         }
+        s->gate_w = gh * gd, s->gate_gh = gh, s->gate_gd = gd;
     }
-    s->gate_w = gw, s->gate_tau = tau, s->gate_win = win;
+    s->gate_tau = tau, s->gate_win = win;
     return true;
 }
 
 enum kvs_status kv_seq_gate_append(struct kv_seq *s, int il, const float *kv) {
     KVS_ASSERT(s->gate_w > 0);
-    size_t rw = 2 * (size_t)s->gate_w;
+    int np = 2 * s->gate_gh;
+    size_t gd = (size_t)s->gate_gd;
+    uint16_t **pl = s->gate_kv + (size_t)il * np;
     if (s->gate_n[il] == s->gate_cap[il]) {
         int32_t nc = s->gate_cap[il] + KV_CAP_STEP;
-        uint16_t *p = realloc(s->gate_kv[il], (size_t)nc * rw * 2);
-        if (!p) return kvs_fail(KVS_ERR_NOMEM, "out of memory for the gate's cache");
-        s->gate_kv[il] = p;
+        for (int p = 0; p < np; p++) {
+            uint16_t *q = realloc(pl[p], (size_t)nc * gd * 2);
+            if (!q) { /* the planes grown so far keep their rows: capacity is the smallest */
+                return kvs_fail(KVS_ERR_NOMEM, "out of memory for the gate's cache");
+            }
+            pl[p] = q;
+        }
         account(s->owner, (int64_t)((uint64_t)KV_CAP_STEP * gate_row_bytes(s)));
         s->gate_cap[il] = nc;
     }
-    uint16_t *row = s->gate_kv[il] + (size_t)s->gate_n[il] * rw;
-    for (size_t i = 0; i < rw; i++) row[i] = quant_f32_to_f16(kv[i]);
+    for (int p = 0; p < np; p++) quant_f32_to_f16_row(kv + (size_t)p * gd, pl[p] + (size_t)s->gate_n[il] * gd, (int64_t)gd);
     s->gate_n[il]++;
     return KVS_OK;
 }
@@ -401,18 +410,22 @@ enum kvs_status kv_seq_copy(struct kv_seq *dst, const struct kv_seq *src) {
         }
         b->n = a->n, b->nc = a->nc, b->nblk = a->nblk;
     }
-    if (dst->gate_w && dst->gate_w == src->gate_w) /* the gate's cache goes with the entries */
+    if (dst->gate_w && dst->gate_gh == src->gate_gh && dst->gate_gd == src->gate_gd) /* the gate's cache goes along */
         for (int il = 0; il < dc->n_layer; il++) {
-            size_t rw = 2 * (size_t)src->gate_w, n = (size_t)src->gate_cap[il];
+            int np = 2 * src->gate_gh;
+            size_t n = (size_t)src->gate_cap[il], gd = (size_t)src->gate_gd;
             if (!n) continue;
-            uint16_t *p = malloc(n * rw * 2);
-            if (!p) {
-                kv_seq_clear(dst);
-                return kvs_fail(KVS_ERR_NOMEM, "out of memory for the gate's cache");
+            for (int p = 0; p < np; p++) {
+                uint16_t *q = malloc(n * gd * 2);
+                if (!q) {
+                    kv_seq_clear(dst);
+                    return kvs_fail(KVS_ERR_NOMEM, "out of memory for the gate's cache");
+                }
+                memcpy(q, kv_seq_gate_planes(src, il)[p], (size_t)src->gate_n[il] * gd * 2);
+                dst->gate_kv[(size_t)il * np + p] = q;
             }
-            memcpy(p, src->gate_kv[il], (size_t)src->gate_n[il] * rw * 2);
-            dst->gate_kv[il] = p, dst->gate_cap[il] = (int32_t)n, dst->gate_n[il] = src->gate_n[il];
-            account(dc, (int64_t)(n * rw * 2));
+            dst->gate_cap[il] = (int32_t)n, dst->gate_n[il] = src->gate_n[il];
+            account(dc, (int64_t)(n * gd * 2 * np));
         }
     kv_seq_copy_queries(dst, src);
     memcpy(dst->pstate, src->pstate, sizeof(float) * dc->n_layer * KV_PSTATE);

@@ -78,14 +78,15 @@ struct kv_seq {
     float *pstate;           /* (n_layer, KV_PSTATE) policy state: D2O's EMA threshold, Elastic's
                                 compressed-prompt length */
     /* Attention-Gate (gate_w > 0): the gate's own k', v' of every token the sequence has seen,
-     * per layer (gate_n rows of 2 gate_w fp16, never evicted), and the visibility rule the
-     * views hand attention: an entry whose learned slot (its keep score) is below gate_tau is
-     * seen only by queries fewer than gate_win positions after it */
-    int gate_w;
+     * per layer (gate_n rows, never evicted) in 2 gate_gh planes of (gate_cap, gate_gd) fp16:
+     * the keys of gate head h in plane h, its values in plane gate_gh + h; and the visibility
+     * rule the views hand attention: an entry whose learned slot (its keep score) is below
+     * gate_tau is seen only by queries fewer than gate_win positions after it */
+    int gate_w, gate_gh, gate_gd;
     float gate_tau;
     int32_t gate_win;
     int32_t *gate_n, *gate_cap; /* (n_layer) */
-    uint16_t **gate_kv;         /* (n_layer) */
+    uint16_t **gate_kv;         /* (n_layer, 2 gate_gh) planes */
 };
 enum { KV_PSTATE = 4 };
 
@@ -122,10 +123,14 @@ void kv_seq_append(struct kv_seq *s, int il, int32_t pos, const float *k, const 
  * n_head_kv floats); only for a sequence whose slot holds learned scores (acc_learned). */
 void kv_seq_set_learned_last(struct kv_seq *s, int il, const float *score);
 
-/* Attention-Gate: give s a gate cache of rows of 2 gw halves (gw 0: none) and its visibility
- * rule; only while s holds nothing (false otherwise, unless unchanged). */
-bool kv_seq_set_gate(struct kv_seq *s, int gw, float tau, int32_t win);
-/* Append one token's gate k' and v' (2 gate_w floats, stored fp16) to layer il. */
+/* Attention-Gate: give s a gate cache of gh heads of gd channels (gh 0: none) and its visibility
+ * rule; only while s holds nothing (false otherwise, unless the shape is unchanged). */
+bool kv_seq_set_gate(struct kv_seq *s, int gh, int gd, float tau, int32_t win);
+/* The planes of layer il (2 gate_gh pointers: keys of each head, then values). */
+static inline uint16_t *const *kv_seq_gate_planes(const struct kv_seq *s, int il) {
+    return s->gate_kv + (size_t)il * 2 * (size_t)s->gate_gh;
+}
+/* Append one token's gate k' then v' (2 gate_w floats, head after head; stored fp16) to layer il. */
 enum kvs_status kv_seq_gate_append(struct kv_seq *s, int il, const float *kv);
 /* Bytes of the gate caches (included in kv_seq_bytes). */
 uint64_t kv_seq_gate_bytes(const struct kv_seq *s);

@@ -19,6 +19,7 @@
 #include <string.h>
 
 struct ent { float s; int32_t ih, j; }; /* an AdaKV pool candidate */
+static int cmp_ent(const void *a, const void *b);
 
 static const struct kv_scorer_i *scorer_for(enum kv_method m) {
     switch (m) {
@@ -201,10 +202,11 @@ static int32_t counted(const struct kv_policy *p, const struct kv_head_store *h)
 bool kv_policy_check_budget(const struct kv_policy *p, const struct kv_seq *s, int il, int64_t n_seen) {
     /* D2O's layer factor moves with the statistics the apply just changed: check the planned one */
     int32_t budget = p->spec.alloc == KV_ALLOC_D2O ? p->planned : layer_budget(p, (struct kv_seq *)s, il, n_seen, true), sum = 0;
+    bool pooled = p->spec.alloc == KV_ALLOC_ADAKV || p->spec.method == KV_AGATE; /* the layer's sum */
     for (int ih = 0; ih < p->n_head_kv; ih++) {
         int32_t n = counted(p, kv_seq_head(s, il, ih));
         sum += n;
-        if (p->spec.alloc != KV_ALLOC_ADAKV && n > budget) return false;
+        if (!pooled && n > budget) return false;
     }
     return sum <= budget * p->n_head_kv;
 }
@@ -242,13 +244,16 @@ bool kv_policy_plan_layer(struct kv_policy *p, struct kv_seq *s, int il, int64_t
 }
 
 /* Attention-Gate: per head, entries whose keep score is below tau and that the next query
- * (position newest + 1) can no longer see are evicted (pinned positions stay); the rest compete
- * for the budget by score, the newest `window` of them kept. */
+ * (position newest + 1) can no longer see are evicted (pinned positions stay). Under a budget the
+ * layer's n_head_kv x budget slots are pooled over its heads (the gate keeps very different
+ * numbers in different heads): each head keeps its newest `window`, the rest go to the best
+ * scores of any head (scores are keep probabilities, comparable across heads; ties to the later
+ * entry). */
 static bool plan_gate(struct kv_policy *p, struct kv_seq *s, int il, int32_t budget, int32_t slack,
                       struct kv_plan *plan) {
     bool any = p->plan_always;
     float tau = s->gate_tau;
-    int32_t win = s->gate_win, m[KV_VIEW_MAX_HEADS];
+    int32_t win = s->gate_win, m[KV_VIEW_MAX_HEADS], total = 0, cap = budget * p->n_head_kv;
     for (int ih = 0; ih < p->n_head_kv; ih++) {
         const struct kv_head_store *h = kv_seq_head(s, il, ih);
         size_t o = (size_t)ih * p->cap_max;
@@ -262,17 +267,44 @@ static bool plan_gate(struct kv_policy *p, struct kv_seq *s, int il, int32_t bud
             idx[m[ih]] = j;
             sc[m[ih]++] = pinned ? INFINITY : h->acc[j];
         }
-        if (m[ih] < n || m[ih] > budget + slack) any = true;
+        any = any || m[ih] < n;
+        total += m[ih];
     }
-    if (!any) return false;
+    bool over = total > cap + slack * p->n_head_kv;
+    if (!any && !over) return false;
+    int32_t nk[KV_VIEW_MAX_HEADS];
+    if (total <= cap) {
+        for (int ih = 0; ih < p->n_head_kv; ih++) nk[ih] = m[ih];
+    } else {
+        struct ent *pool = p->pool;
+        int32_t n_pool = 0, remaining = cap;
+        for (int ih = 0; ih < p->n_head_kv; ih++) {
+            int32_t prot = win < m[ih] ? win : m[ih];
+            nk[ih] = 0;
+            remaining -= prot;
+            const float *sc = p->score + (size_t)ih * p->cap_max;
+            for (int32_t i = 0; i < m[ih] - prot; i++) pool[n_pool++] = (struct ent){sc[i], ih, i};
+        }
+        qsort(pool, (size_t)n_pool, sizeof *pool, cmp_ent);
+        uint8_t *take = p->dem; /* (n_head_kv, cap_max) flags: which candidates stay */
+        for (int ih = 0; ih < p->n_head_kv; ih++) memset(take + (size_t)ih * p->cap_max, 0, (size_t)m[ih]);
+        for (int32_t i = 0; i < remaining && i < n_pool; i++) take[(size_t)pool[i].ih * p->cap_max + pool[i].j] = 1;
+        for (int ih = 0; ih < p->n_head_kv; ih++) {
+            uint8_t *t = take + (size_t)ih * p->cap_max;
+            int32_t prot = win < m[ih] ? win : m[ih];
+            for (int32_t i = m[ih] - prot; i < m[ih]; i++) t[i] = 1;
+            int32_t *idx = p->mt + (size_t)ih * p->cap_max, k = 0;
+            for (int32_t i = 0; i < m[ih]; i++)
+                if (t[i]) idx[k++] = idx[i]; /* in place: k <= i */
+            nk[ih] = k;
+        }
+    }
     for (int ih = 0; ih < p->n_head_kv; ih++) {
         size_t o = (size_t)ih * p->cap_max;
-        int32_t *idx = p->mt + o, *keep = p->keep + o, nk;
-        int32_t prot = win < budget ? win : budget;
-        nk = select_head(p->score + o, m[ih], budget, prot, p->order, keep);
-        for (int32_t i = 0; i < nk; i++) keep[i] = idx[keep[i]]; /* ascending: both lists are */
+        int32_t *keep = p->keep + o;
+        memcpy(keep, p->mt + o, sizeof(int32_t) * (size_t)nk[ih]);
         plan->keep[ih] = keep;
-        plan->n_keep[ih] = nk;
+        plan->n_keep[ih] = nk[ih];
     }
     return true;
 }

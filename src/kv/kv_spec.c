@@ -75,8 +75,11 @@ const char *kv_spec_help(void) {
            "             below tau (0.5) is seen only by the next `window` tokens (trained into\n"
            "             the file) and then evicted, in the prompt and while decoding, so the\n"
            "             cache shrinks by the rate the gate was trained for (no budget needed).\n"
-           "             budget=, ratio= or mem= also cap it: the lowest-scoring kept tokens go\n"
-           "             first. tau=0 keeps every token. Weights are found as for locret (file=)\n"
+           "             budget=, ratio= or mem= also cap it, pooled over a layer's KV heads\n"
+           "             (the gate keeps very different numbers per head): beyond each head's\n"
+           "             newest `window`, the best scores of any head stay. tau=0 keeps every\n"
+           "             token. `gate` is another name for it. Weights are found as for locret\n"
+           "             (file=; agate-*.lrn files)\n"
            "merging methods (entries that lose are folded into kept ones; an entry's weight counts\n"
            "the tokens it stands for):\n"
            "  d2o        D2O: H2O scores + sinks, layer budgets from attention variance (alloc=d2o;\n"
@@ -429,6 +432,7 @@ enum kvs_status kv_spec_parse(const char *spec, struct kv_spec *s) {
             mod = find_name(part, MOD_NAMES, MOD_COUNT);
             if (first && mod < 0) {
                 int m = find_name(part, METHOD_NAMES, KV_METHOD_COUNT);
+                if (m < 0 && !strcmp(part, "gate")) m = KV_AGATE; /* the name for it */
                 if (m < 0) return bad(spec, "unknown method '%s' (accepted: %s, or a storage part "
                                       "think, kivi, mikv)", part, METHOD_LIST);
                 s->method = (enum kv_method)m;

@@ -221,35 +221,31 @@ void kv_agate_project(const struct kv_learned *l, int il, const float *X, int ld
     ops_linear_f32(out, (int)W3, X, ldx, T, l->gqkv + (size_t)il * W3 * D, l->gb + (size_t)il * W3, (int)W3, (int)D);
 }
 
-void kv_agate_score(const struct kv_learned *l, int il, const float *q, const float *K,
-                    const float *V, int64_t ld, int n, float *out, float *scratch) {
+void kv_agate_score(const struct kv_learned *l, int il, const float *Q, int ldq, int nt,
+                    const uint16_t *const *K, const uint16_t *const *V, int n, float *out, float *S,
+                    float *O) {
     int gd = l->gd, W = l->gw, nkv = l->n_head_kv;
-    float o[4096];
-    float scale = 1.0f / sqrtf((float)gd);
+    KVS_ASSERT(nt >= 1 && nt <= 8 && n >= nt);
+    float scale = 1.0f / sqrtf((float)gd), m, sum[8];
+    float *Qh = O + (size_t)nt * W, *Oh = Qh + (size_t)nt * gd;
     for (int h = 0; h < l->hidden; h++) {
-        const float *qh = q + (size_t)h * gd;
-        float m = -INFINITY;
-        for (int j = 0; j < n; j++) {
-            const float *k = K + (size_t)j * (size_t)ld + (size_t)h * gd;
-            float d = 0.0f;
-            for (int c = 0; c < gd; c++) d += qh[c] * k[c];
-            scratch[j] = d * scale;
-            if (scratch[j] > m) m = scratch[j];
+        for (int i = 0; i < nt; i++) memcpy(Qh + (size_t)i * gd, Q + (size_t)i * ldq + (size_t)h * gd, sizeof(float) * (size_t)gd);
+        ops_attn_scores(Qh, nt, K[h], n, gd, scale, S, n);
+        for (int i = 0; i < nt; i++) { /* token i sees n - nt + 1 + i rows; the rest add 0 */
+            int nv = n - nt + 1 + i;
+            float *row = S + (size_t)i * n;
+            ops_softmax_partial(row, 1, nv, n, &m, &sum[i]);
+            for (int j = nv; j < n; j++) row[j] = 0.0f;
         }
-        float sum = 0.0f, *oh = o + (size_t)h * gd;
-        for (int c = 0; c < gd; c++) oh[c] = 0.0f;
-        for (int j = 0; j < n; j++) {
-            float e = expf(scratch[j] - m);
-            sum += e;
-            const float *v = V + (size_t)j * (size_t)ld + (size_t)h * gd;
-            for (int c = 0; c < gd; c++) oh[c] += e * v[c];
-        }
-        for (int c = 0; c < gd; c++) oh[c] /= sum;
+        ops_attn_accum(S, nt, n, n, V[h], gd, Oh);
+        for (int i = 0; i < nt; i++)
+            for (int c = 0; c < gd; c++) O[(size_t)i * W + (size_t)h * gd + c] = Oh[(size_t)i * gd + c] / sum[i];
     }
     const float *G = l->gg + (size_t)il * nkv * W, *bg = l->gbg + (size_t)il * nkv;
-    for (int k = 0; k < nkv; k++) {
-        float z = bg[k];
-        for (int c = 0; c < W; c++) z += G[(size_t)k * W + c] * o[c];
-        out[k] = 1.0f / (1.0f + expf(-z));
-    }
+    for (int i = 0; i < nt; i++)
+        for (int k = 0; k < nkv; k++) {
+            float z = bg[k];
+            for (int c = 0; c < W; c++) z += G[(size_t)k * W + c] * O[(size_t)i * W + c];
+            out[(size_t)i * nkv + k] = 1.0f / (1.0f + expf(-z));
+        }
 }

@@ -61,10 +61,12 @@ void kv_learned_score(const struct kv_learned *l, int il, const float *X, int ld
 /* Attention-Gate, layer il: the gate's q', k', v' of T rows of the layer's normed input X (T,
  * d_in; row stride ldx) into out (T, 3 gw): q' then k' then v'. */
 void kv_agate_project(const struct kv_learned *l, int il, const float *X, int ldx, int T, float *out);
-/* The keep score of one token, per KV head (out: n_head_kv floats in (0, 1)): its q' against the
- * gate's own cache of the n tokens up to and including itself, K' and V' (n, gw) rows with
- * stride ld (floats; the store holds them in fp16); scratch holds n floats. */
-void kv_agate_score(const struct kv_learned *l, int il, const float *q, const float *K,
-                    const float *V, int64_t ld, int n, float *out, float *scratch);
+/* Keep scores (out: nt rows of n_head_kv floats in (0, 1)) of nt <= 8 consecutive tokens: token
+ * i's q' (row i of Q, stride ldq floats) attends, per gate head h, to the first n - nt + 1 + i rows
+ * of the gate's cache, K[h] and V[h] ((rows, gd) fp16 planes: the store's layout). S is scratch of
+ * nt * n floats, O of 2 * nt * gw. A token's score does not depend on its block's other tokens. */
+void kv_agate_score(const struct kv_learned *l, int il, const float *Q, int ldq, int nt,
+                    const uint16_t *const *K, const uint16_t *const *V, int n, float *out, float *S,
+                    float *O);
 
 #endif

@@ -217,7 +217,7 @@ try:
     # ---------------------------------------------------------------------------- kv per request
     # a long streamed answer under each policy while /slots and /metrics are polled
     doc = K.austen_text(2400, 5000)
-    for spec in ("snapkv:ratio=0.5", "full+kivi:bits=4", "locret:ratio=0.25"):
+    for spec in ("snapkv:ratio=0.5", "full+kivi:bits=4", "locret:ratio=0.25", "agate:ratio=0.25"):
         seen = {"slots": False, "metrics": False}
         res = {}
 
