@@ -198,8 +198,9 @@ struct kvs_mem_stats {
 };
 void kvs_context_mem(const kvs_context *c, struct kvs_mem_stats *ms);
 /* Bytes of K/V payload and per-entry metadata (positions, weights) that one sequence holds now,
- * capacity rounding included; statistic slots and saved queries are not counted (they depend on
- * the context's policy, not on what the sequence keeps). */
+ * capacity rounding included, plus Attention-Gate's own cache under agate; statistic slots and
+ * saved queries are not counted (they depend on the context's policy, not on what the sequence
+ * keeps). */
 uint64_t kvs_seq_kv_bytes(const kvs_sequence *s);
 /* Entries a sequence holds now, averaged over its (layer, KV head) pairs: the tokens seen under
  * `full` or pure storage parts, fewer under eviction or merging (MiKV keeps every token). */

@@ -751,6 +751,12 @@ static double head_bytes_bound(const struct kv_pack_cfg *pc, int hd, int64_t e, 
     return b + KV_CAP_STEP * f16 + (pc->on ? 2.0 * hd * sizeof(float) + hd + 64 : 0);
 }
 
+/* Attention-Gate's own cache for n tokens (every token, every layer), rounded up a step */
+static int64_t gate_bytes_bound(const kvs_context *c, const struct kv_spec *spec, int64_t n) {
+    if (spec->method != KV_AGATE || !c->agate) return 0;
+    return (n + KV_CAP_STEP) * c->m->hp.n_layer * 4 * (int64_t)c->agate->gw;
+}
+
 int64_t kvs_kv_bytes_bound(const kvs_context *c, const char *kv_spec, int n_tokens) {
     struct kv_spec spec;
     if (!kv_spec || !*kv_spec) spec = c->base.spec;
@@ -773,10 +779,10 @@ int64_t kvs_kv_bytes_bound(const kvs_context *c, const char *kv_spec, int n_toke
     if (pr.pack.kivi && !spec.mikv_low) hot = pr.pack.resid + pr.pack.f.G + c->t_max;
     double per_head = head_bytes_bound(&pr.pack, hp->head_dim, e, hot);
     kv_policy_free(pr.policy);
-    return (int64_t)(per_head * hp->n_layer * hp->n_head_kv);
+    return (int64_t)(per_head * hp->n_layer * hp->n_head_kv) + gate_bytes_bound(c, &spec, n);
 }
 
-uint64_t kvs_seq_kv_bytes(const kvs_sequence *s) { return kv_seq_payload_bytes(s->kv); }
+uint64_t kvs_seq_kv_bytes(const kvs_sequence *s) { return kv_seq_payload_bytes(s->kv) + kv_seq_gate_bytes(s->kv); }
 
 double kvs_seq_entries_per_head(const kvs_sequence *s) {
     const struct kv_cache *c = s->kv->owner;
@@ -825,5 +831,5 @@ int64_t kvs_kv_bytes_bound_decode(const kvs_context *c, const char *kv_spec, int
     if (pr.pack.kivi && !spec.mikv_low) hot = pr.pack.resid + pr.pack.f.G + 1;
     double per_head = head_bytes_bound(&pr.pack, hp->head_dim, e, hot);
     kv_policy_free(pr.policy);
-    return (int64_t)(per_head * hp->n_layer * hp->n_head_kv);
+    return (int64_t)(per_head * hp->n_layer * hp->n_head_kv) + gate_bytes_bound(c, &spec, n);
 }

@@ -108,7 +108,8 @@ static void run_jobs(kvs_context *c, struct job *jobs, int n_jobs) {
 
 static void test_batch_invariance(const int32_t *toks, int n) {
     static const char *specs[] = {"full", "h2o:budget=40,every=4", "snapkv:ratio=0.5",
-                                  "full+kivi:bits=4", "streaming:budget=48", "tova:budget=40"};
+                                  "full+kivi:bits=4", "streaming:budget=48", "tova:budget=40",
+                                  "agate"};
     const int n_specs = (int)(sizeof specs / sizeof specs[0]);
     struct job alone[MAXS], batch[MAXS];
     /* KVS_SERVE_SEQS (6..16, default 16): fewer sequences for the 1.5B model in CI */
@@ -156,8 +157,8 @@ static void test_batch_invariance(const int32_t *toks, int n) {
     }
     struct kvs_model_info pmi;
     kvs_model_get_info(model, &pmi);
-    fprintf(stderr, "%d sequences, 6 policies, mixed steps, batched on packed weights (%.1f MB): %d "
-            "of %d bit-identical to alone on plain weights\n", ns, pmi.packed_bytes / 1e6, same, ns);
+    fprintf(stderr, "%d sequences, %d policies, mixed steps, batched on packed weights (%.1f MB): %d "
+            "of %d bit-identical to alone on plain weights\n", ns, ns < n_specs ? ns : n_specs, pmi.packed_bytes / 1e6, same, ns);
     /* the policies really ran: a budgeted sequence holds fewer entries than the full one */
     CHECK(kvs_seq_entries_per_head(batch[1].s) < kvs_seq_entries_per_head(batch[0].s));
     CHECK(kvs_seq_entries_per_head(batch[1].s) <= 40 + 4 + 1);
