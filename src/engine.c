@@ -277,6 +277,11 @@ enum kvs_status kvs_context_new(kvs_model *m, const struct kvs_context_params *p
 
 int kvs_context_n_threads(const kvs_context *c) { return threadpool_n_threads(c->tp); }
 
+/* Attention-Gate's visibility window: the spec's window=, else the one trained into the file */
+static int32_t gate_window(const kvs_context *c, const struct kv_spec *spec) {
+    return spec->obs_window > 0 ? spec->obs_window : c->agate->window;
+}
+
 enum kvs_status kvs_seq_new(kvs_context *c, kvs_sequence **out) {
     *out = NULL;
     int slot = -1;
@@ -295,7 +300,7 @@ enum kvs_status kvs_seq_new(kvs_context *c, kvs_sequence **out) {
     kv_seq_set_pack(s->kv, &c->base.pack); /* a fresh sequence holds nothing: cannot fail */
     s->kv->acc_learned = kv_policy_needs(&c->base.spec) & KV_NEED_LEARNED;
     if (c->base.spec.method == KV_AGATE &&
-        !kv_seq_set_gate(s->kv, c->agate->hidden, c->agate->gd, c->base.spec.gate_tau, c->agate->window)) {
+        !kv_seq_set_gate(s->kv, c->agate->hidden, c->agate->gd, c->base.spec.gate_tau, gate_window(c, &c->base.spec))) {
         kv_seq_free(s->kv);
         free(s);
         return kvs_fail(KVS_ERR_NOMEM, "out of memory");
@@ -317,7 +322,7 @@ static void seq_set_slot(kvs_context *c, kvs_sequence *s, const struct kv_spec *
     /* (empty: only the gate's small table can fail to allocate; the sequence then has no gate
      * and forward() refuses it) */
     (void)kv_seq_set_gate(s->kv, gate ? c->agate->hidden : 0, gate ? c->agate->gd : 0, spec->gate_tau,
-                          gate ? c->agate->window : 0);
+                          gate ? gate_window(c, spec) : 0);
 }
 
 static void profile_release(kvs_context *c, struct kv_profile *pr) {

@@ -365,6 +365,12 @@ static void test_model(const char *lrn, const char *refpath) {
     }
     CHECKF(worst <= 40 * KV, "agate:budget=40 holds %d in a layer of %d heads", worst, KV);
     CHECK(uneven);
+    CHECK(s5->kv->gate_win == 32);
+    kvs_sequence *s6;
+    CHECK(kvs_seq_new(c5, &s6) == KVS_OK);
+    snprintf(spec, sizeof spec, "agate:window=100,file=%s", lrn);
+    CHECKF(kvs_seq_set_kv(c5, s6, spec) == KVS_OK, "window=: %s", kvs_last_error());
+    CHECK(s6->kv->gate_win == 100 && s6->kv->gate_w > 0);
     kvs_context_free(c5);
 
     free(d1), free(d3), free(g64), free(all), free(full), free(ids), free(ref);

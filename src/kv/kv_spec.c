@@ -16,7 +16,7 @@ static const char *METHOD_NAMES[KV_METHOD_COUNT] = {
 /* keys each method accepts beyond the shared ones */
 static const char *METHOD_KEYS[KV_METHOD_COUNT] = {
     "", "sinks, window, pos", "recent", "", "window, kernel, pool", "", "seed",
-    "recent, sinks, alpha, beta_ema", "window, sinks", "recent, sinks", "sinks, distance", "window, file", "tau, file"};
+    "recent, sinks, alpha, beta_ema", "window, sinks", "recent, sinks", "sinks, distance", "window, file", "tau, window, file"};
 static const char *SHARED_KEYS =
     "budget, ratio, mem, alloc, beta, floor, agg, when, every, merge, thr, wattn, skip";
 
@@ -73,8 +73,9 @@ const char *kv_spec_help(void) {
            "             cache of every token, never evicted) reads the layer's input and gives\n"
            "             each token a keep score per KV head when it is computed; a token scoring\n"
            "             below tau (0.5) is seen only by the next `window` tokens (trained into\n"
-           "             the file) and then evicted, in the prompt and while decoding, so the\n"
-           "             cache shrinks by the rate the gate was trained for (no budget needed).\n"
+           "             the file: 32; window=N widens it) and then evicted, in the prompt and\n"
+           "             while decoding, so the cache shrinks by the rate the gate was trained\n"
+           "             for (no budget needed).\n"
            "             budget=, ratio= or mem= also cap it, pooled over a layer's KV heads\n"
            "             (the gate keeps very different numbers per head): beyond each head's\n"
            "             newest `window`, the best scores of any head stay. tau=0 keeps every\n"
