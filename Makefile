@@ -106,7 +106,7 @@ bench-compare: all models
 	tools/bench_compare.py --json $(BUILD)/bench_compare.jsonl
 
 # The evaluation harness's default grid on SmolLM2 (results/sweep: results.jsonl, report.md,
-# plots/); rerunning resumes. eval-medium / eval-large: the Qwen2.5-1.5B grids (1 h / 7 h).
+# plots/); rerunning resumes. eval-medium / eval-large: the Qwen2.5-1.5B grids (1 h / about a day).
 eval: all models data
 	$(BUILD)/kvsieve eval sweep
 

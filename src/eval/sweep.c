@@ -59,6 +59,11 @@ void eval_config_large(struct eval_config *c) {
     eval_config_default(c);
     c->model_path = "models/qwen2.5-coder-1.5b-instruct-q4_k_m.gguf";
     c->out_dir = "results/sweep-large";
+    /* the learned scorers and the attention scorers' bounded-memory (chunked) form beside the
+     * default methods: the comparison of issue 14 at every length */
+    static const char *const M[] = {"locret", "agate", "snapkv+when=chunk", "tova+when=chunk",
+                                    "h2o+when=chunk", "streaming+when=chunk"};
+    for (int i = 0; i < 6; i++) c->methods[c->n_methods++] = M[i];
     c->lengths[0] = 4096, c->lengths[1] = 8192, c->lengths[2] = 16384, c->n_lengths = 3;
     c->samples = 2;
     c->ppl_tokens = 8192;
