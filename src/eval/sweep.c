@@ -11,6 +11,7 @@
 
 #include <ctype.h>
 #include <errno.h>
+#include <assert.h>
 #include <math.h>
 #include <stdarg.h>
 #include <stdio.h>
@@ -32,6 +33,15 @@ static void fmt_dur(double s, char *out, size_t n) {
     else snprintf(out, n, "%dh%02dm", (int)s / 3600, ((int)s % 3600) / 60);
 }
 
+/* Appends a profile's list (methods or tasks) to the config's; the lists are far below
+ * EVAL_MAX_LIST, which the assert keeps true as profiles grow. */
+#define ADD_LIST(dst, n, src)                                                              \
+    do {                                                                                   \
+        _Static_assert(sizeof(src) / sizeof(src)[0] <= EVAL_MAX_LIST, "profile list too long"); \
+        for (size_t i_ = 0; i_ < sizeof(src) / sizeof(src)[0] && (n) < EVAL_MAX_LIST; i_++)  \
+            (dst)[(n)++] = (src)[i_];                                                      \
+    } while (0)
+
 void eval_config_default(struct eval_config *c) {
     memset(c, 0, sizeof *c);
     c->model_path = "models/SmolLM2-135M-Instruct.Q4_1.gguf";
@@ -39,7 +49,7 @@ void eval_config_default(struct eval_config *c) {
     c->data_dir = "data/austen";
     static const char *const M[] = {"full", "streaming", "h2o", "tova", "snapkv", "knorm",
                                     "random"};
-    for (int i = 0; i < 7; i++) c->methods[c->n_methods++] = M[i];
+    ADD_LIST(c->methods, c->n_methods, M);
     c->ratios[0] = 0.5, c->ratios[1] = 0.25, c->ratios[2] = 0.1, c->n_ratios = 3;
     c->budgets[0] = 256, c->budgets[1] = 512, c->budgets[2] = 1024, c->n_budgets = 3;
     for (int i = 0; eval_task_names[i]; i++) c->tasks[c->n_tasks++] = eval_task_names[i];
@@ -63,7 +73,7 @@ void eval_config_large(struct eval_config *c) {
      * default methods: the comparison of issue 14 at every length */
     static const char *const M[] = {"locret", "agate", "snapkv+when=chunk", "tova+when=chunk",
                                     "h2o+when=chunk", "streaming+when=chunk"};
-    for (int i = 0; i < 6; i++) c->methods[c->n_methods++] = M[i];
+    ADD_LIST(c->methods, c->n_methods, M);
     c->lengths[0] = 4096, c->lengths[1] = 8192, c->lengths[2] = 16384, c->n_lengths = 3;
     c->samples = 2;
     c->ppl_tokens = 8192;
@@ -81,11 +91,11 @@ void eval_config_medium(struct eval_config *c) {
                                     "full+kivi:bits=4", "full+kivi:bits=2", "h2o+mikv:low=4",
                                     "h2o+mikv:low=2", "snapkv+think:prune=0.4"};
     c->n_methods = 0;
-    for (int i = 0; i < 10; i++) c->methods[c->n_methods++] = M[i];
+    ADD_LIST(c->methods, c->n_methods, M);
     static const char *const T[] = {"niah_single_2", "niah_multikey_1", "niah_multivalue",
                                     "niah_multiquery", "vt", "cwe", "fwe", "qa"};
     c->n_tasks = 0;
-    for (int i = 0; i < 8; i++) c->tasks[c->n_tasks++] = T[i];
+    ADD_LIST(c->tasks, c->n_tasks, T);
     c->lengths[0] = 4096, c->n_lengths = 1;
     c->samples = 2;
     c->ppl_tokens = 2048;
