@@ -77,6 +77,20 @@ ALWAYS_INLINE void prefetch_at(const void *base, size_t off) {
     _mm_prefetch((const char *)((uintptr_t)base + off), _MM_HINT_T0);
 }
 
+/* The one-token kernels over packed weights read one contiguous stream; the hardware prefetcher
+ * alone leaves it at half the machine's streaming rate (Qwen2.5's Q4_K matrices, one core:
+ * 6.8 GB/s, 9.3 with this). Each block asks for the lines of the block PF_PACKED bytes ahead
+ * (integer arithmetic, past the end is harmless). */
+#ifndef PF_PACKED
+#define PF_PACKED 4096
+#endif
+#ifndef PF_PACKED32
+#define PF_PACKED32 1024
+#endif
+ALWAYS_INLINE void prefetch_block(const void *base, size_t off, size_t len, size_t dist) {
+    for (size_t o = 0; o < len; o += 64) prefetch_at(base, off + dist + o);
+}
+
 /* 16 bytes of packed nibbles -> 32 bytes: [low nibbles (elements 0..15) | high (16..31)] */
 ALWAYS_INLINE __m256i unpack_nib32(const uint8_t *qs) {
     __m256i v = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)qs));
@@ -832,6 +846,7 @@ ALWAYS_INLINE __m256 kern32px1(int kind, const uint8_t *P, int nbk, const uint8_
     for (int b = 0; b < nbk; b++) {
         const uint8_t *y0 = x0 + (size_t)b * xbs + xqo;
         __m256i s0 = _mm256_setzero_si256();
+        if (PF_PACKED32) prefetch_block(P, (size_t)b * pk_bs(kind), pk_bs(kind), PF_PACKED32);
         if (kind != L_Q8_0) {
             __m256i p0 = s0;
 #pragma GCC unroll 8
@@ -1307,6 +1322,7 @@ ALWAYS_INLINE __m256 kernKpx1(int kind, const uint8_t *P, int nsb, const blk_q8_
     for (int sb = 0; sb < nsb; sb++) {
         const int8_t *q0 = x0[sb].qs;
         __m256i i0 = _mm256_setzero_si256();
+        prefetch_block(P, (size_t)sb * pkK_bs(kind), pkK_bs(kind), PF_PACKED);
         if (kind == K_Q4) {
             /* vectors 8c..8c+7: low nibbles are scale group 2c, high nibbles group 2c+1 */
             const uint8_t *blk = P + (size_t)sb * pkK_bs(kind);
