@@ -51,8 +51,8 @@ static inline __m256 reduce8(__m256 a0, __m256 a1, __m256 a2, __m256 a3, __m256 
 /* Scores of g query heads against n fp16 keys. Keys are converted to fp32 8 at a time into an L1
  * block (each key converted once, whatever g), and 8 dot products are reduced together, which
  * keeps long-context decode close to memory speed. */
-void ops_attn_scores_avx2(const float *Q, int g, const uint16_t *K, int n, int hd, float scale,
-                          float *S, int lds) {
+static void scores_blk8(const float *Q, int g, const uint16_t *K, int n, int hd, float scale,
+                        float *S, int lds) {
     if (hd % 8 != 0 || hd > 256) {
         ops_attn_scores_ref(Q, g, K, n, hd, scale, S, lds);
         return;
@@ -122,8 +122,8 @@ void ops_softmax_partial_avx2(float *S, int g, int n, int lds, float *m, float *
 
 /* O[qi] = sum_j P[qi][j] V[j]: values converted 8 rows at a time into an L1 block, then each
  * output chunk of 8 floats is loaded once, takes 8 FMAs (one per row) and is stored once. */
-static void accum(const float *P, int g, int n, int lds, const uint16_t *V, int hd, float *O,
-                  bool add) {
+static void accum_blk8(const float *P, int g, int n, int lds, const uint16_t *V, int hd, float *O,
+                       bool add) {
     if (hd % 8 != 0 || hd > 256) {
         (add ? ops_attn_accum_add_ref : ops_attn_accum_ref)(P, g, n, lds, V, hd, O);
         return;
@@ -162,6 +162,125 @@ static void accum(const float *P, int g, int n, int lds, const uint16_t *V, int 
             for (int d = 0; d < hd; d += 8)
                 _mm256_storeu_ps(o + d, _mm256_fmadd_ps(p, load_f16x8(v + d), _mm256_loadu_ps(o + d)));
         }
+    }
+}
+
+/* ---- register-blocked decode/prefill kernels (head_dim a multiple of 32) -----------------
+ * The kernels above stage 8 converted rows in an L1 block and reload them for every query head;
+ * on machines that split 256-bit operations that costs more than the FMAs. These keep up to 3
+ * heads x 4 keys (scores) or 3 heads x 32 output channels (accum) in registers and convert each
+ * fp16 row straight from the cache. Every score and every output channel goes through the same
+ * float operations in the same order as scores_blk8/accum_blk8 (8-lane FMA chains over d, the
+ * same hadd tree; FMA chains over j in order), so results are bit-identical with them. */
+#define AI static inline __attribute__((always_inline))
+
+/* scores of GH heads against 4 keys (rows of hd halves at K), stored for the first nb keys */
+AI void score_4keys(int GH, const float *Q, const uint16_t *K, int hd, __m128 vs, float *S,
+                    int lds, int nb) {
+    __m256 a[3][4];
+    #pragma GCC unroll 4
+    for (int h = 0; h < GH; h++)
+        #pragma GCC unroll 4
+        for (int k = 0; k < 4; k++) a[h][k] = _mm256_setzero_ps();
+    for (int d = 0; d < hd; d += 8) {
+        const __m256 k0 = load_f16x8(K + d), k1 = load_f16x8(K + hd + d),
+                     k2 = load_f16x8(K + 2 * hd + d), k3 = load_f16x8(K + 3 * hd + d);
+        #pragma GCC unroll 4
+        for (int h = 0; h < GH; h++) {
+            const __m256 qv = _mm256_loadu_ps(Q + (size_t)h * hd + d);
+            a[h][0] = _mm256_fmadd_ps(qv, k0, a[h][0]);
+            a[h][1] = _mm256_fmadd_ps(qv, k1, a[h][1]);
+            a[h][2] = _mm256_fmadd_ps(qv, k2, a[h][2]);
+            a[h][3] = _mm256_fmadd_ps(qv, k3, a[h][3]);
+        }
+    }
+    #pragma GCC unroll 4
+    for (int h = 0; h < GH; h++) {
+        /* reduce8's tree restricted to 4 keys: the same additions in the same order */
+        const __m256 t = _mm256_hadd_ps(_mm256_hadd_ps(a[h][0], a[h][1]), _mm256_hadd_ps(a[h][2], a[h][3]));
+        const __m128 r = _mm_mul_ps(_mm_add_ps(_mm256_castps256_ps128(t), _mm256_extractf128_ps(t, 1)), vs);
+        float *o = S + (size_t)h * lds;
+        if (nb == 4) {
+            _mm_storeu_ps(o, r);
+        } else {
+            float tmp[4];
+            _mm_storeu_ps(tmp, r);
+            memcpy(o, tmp, sizeof(float) * (size_t)nb);
+        }
+    }
+}
+
+AI void scores_heads(int GH, const float *Q, const uint16_t *K, int n, int hd, __m128 vs, float *S,
+                     int lds) {
+    int j = 0;
+    for (; j + 4 <= n; j += 4) score_4keys(GH, Q, K + (size_t)j * hd, hd, vs, S + j, lds, 4);
+    if (j < n) { /* the last keys zero-padded, as scores_blk8 pads its last block */
+        uint16_t kt[4 * 256] __attribute__((aligned(32)));
+        memset(kt, 0, sizeof kt);
+        memcpy(kt, K + (size_t)j * hd, sizeof(uint16_t) * (size_t)(n - j) * (size_t)hd);
+        score_4keys(GH, Q, kt, hd, vs, S + j, lds, n - j);
+    }
+}
+
+void ops_attn_scores_avx2(const float *Q, int g, const uint16_t *K, int n, int hd, float scale,
+                          float *S, int lds) {
+    if (hd % 32 != 0 || hd > 256) {
+        scores_blk8(Q, g, K, n, hd, scale, S, lds);
+        return;
+    }
+    const __m128 vs = _mm_set1_ps(scale);
+    int h = 0;
+    for (; h + 3 <= g; h += 3) scores_heads(3, Q + (size_t)h * hd, K, n, hd, vs, S + (size_t)h * lds, lds);
+    if (g - h == 2) scores_heads(2, Q + (size_t)h * hd, K, n, hd, vs, S + (size_t)h * lds, lds);
+    else if (g - h == 1) scores_heads(1, Q + (size_t)h * hd, K, n, hd, vs, S + (size_t)h * lds, lds);
+}
+
+/* O[h][d0..d0+32) += sum_j P[h][j] V[j][d0..d0+32) for GH heads over rows [j0, j1) */
+AI void accum_32ch(int GH, const float *P, int lds, const uint16_t *V, int hd, int d0, int j0,
+                   int j1, float *O) {
+    __m256 a[3][4];
+    #pragma GCC unroll 4
+    for (int h = 0; h < GH; h++)
+        #pragma GCC unroll 4
+        for (int c = 0; c < 4; c++) a[h][c] = _mm256_loadu_ps(O + (size_t)h * hd + d0 + 8 * c);
+    for (int j = j0; j < j1; j++) {
+        const uint16_t *v = V + (size_t)j * hd + d0;
+        const __m256 v0 = load_f16x8(v), v1 = load_f16x8(v + 8), v2 = load_f16x8(v + 16),
+                     v3 = load_f16x8(v + 24);
+        #pragma GCC unroll 4
+        for (int h = 0; h < GH; h++) {
+            const __m256 p = _mm256_broadcast_ss(P + (size_t)h * lds + j);
+            a[h][0] = _mm256_fmadd_ps(p, v0, a[h][0]);
+            a[h][1] = _mm256_fmadd_ps(p, v1, a[h][1]);
+            a[h][2] = _mm256_fmadd_ps(p, v2, a[h][2]);
+            a[h][3] = _mm256_fmadd_ps(p, v3, a[h][3]);
+        }
+    }
+    #pragma GCC unroll 4
+    for (int h = 0; h < GH; h++)
+        #pragma GCC unroll 4
+        for (int c = 0; c < 4; c++) _mm256_storeu_ps(O + (size_t)h * hd + d0 + 8 * c, a[h][c]);
+}
+
+enum { ACC_JB = 64 }; /* rows per block: every (head group, channel group) pass reads them from L1 */
+
+AI void accum_heads(int GH, const float *P, int lds, const uint16_t *V, int hd, int j0, int j1, float *O) {
+    for (int d0 = 0; d0 < hd; d0 += 32) accum_32ch(GH, P, lds, V, hd, d0, j0, j1, O);
+}
+
+static void accum(const float *P, int g, int n, int lds, const uint16_t *V, int hd, float *O,
+                  bool add) {
+    if (hd % 32 != 0 || hd > 256) {
+        accum_blk8(P, g, n, lds, V, hd, O, add);
+        return;
+    }
+    if (!add) memset(O, 0, sizeof(float) * (size_t)g * hd);
+    for (int j0 = 0; j0 < n; j0 += ACC_JB) {
+        const int j1 = n - j0 < ACC_JB ? n : j0 + ACC_JB;
+        int h = 0;
+        for (; h + 3 <= g; h += 3) accum_heads(3, P + (size_t)h * lds, lds, V, hd, j0, j1, O + (size_t)h * hd);
+        if (g - h == 2) accum_heads(2, P + (size_t)h * lds, lds, V, hd, j0, j1, O + (size_t)h * hd);
+        else if (g - h == 1) accum_heads(1, P + (size_t)h * lds, lds, V, hd, j0, j1, O + (size_t)h * hd);
     }
 }
 
