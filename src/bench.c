@@ -29,7 +29,10 @@ double kvs_measure_read_bandwidth(int n_threads, size_t bytes) {
     uint64_t *buf = kvs_aligned_alloc(n * 8);
     if (!buf) return 0;
     for (size_t i = 0; i < n; i++) buf[i] = i; /* fault every page in before timing */
-    double best = 0;
+    /* the median of 5 passes, not the best: the best of several runs sat 10-20% above a plain
+     * sequential read by another program (sysbench memory) on the same machine */
+    double gb[5];
+    int ok = 0;
     for (int rep = 0; rep < 5; rep++) {
         pthread_t th[64];
         struct bw_arg args[64];
@@ -45,8 +48,14 @@ double kvs_measure_read_bandwidth(int n_threads, size_t bytes) {
         }
         double ms = kvs_time_ms() - t0;
         double gbs = (double)(n / n_threads * n_threads * 8) / (ms * 1e6);
-        if (sum != 0 && gbs > best) best = gbs; /* sum keeps the reads alive */
+        if (sum != 0) gb[ok++] = gbs; /* sum keeps the reads alive */
     }
     kvs_aligned_free(buf);
-    return best;
+    for (int i = 1; i < ok; i++) /* insertion sort of at most 5 */
+        for (int k = i; k > 0 && gb[k] < gb[k - 1]; k--) {
+            double t = gb[k];
+            gb[k] = gb[k - 1];
+            gb[k - 1] = t;
+        }
+    return ok ? gb[ok / 2] : 0;
 }

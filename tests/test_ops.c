@@ -87,7 +87,7 @@ int main(void) {
     ops_init();
     int ns[] = {1, 3, 7, 8, 9, 16, 33, 127, 300};
     int hds[] = {64, 128, 8};
-    int gs[] = {1, 3, 6};
+    int gs[] = {1, 2, 3, 4, 6}; /* every head-group remainder of the register-blocked kernels */
     enum { LDS = 320 };
     static float Q[6 * 128], S1[6 * LDS], S2[6 * LDS], O1[6 * 128], O2[6 * 128];
     static uint16_t K[300 * 128], V[300 * 128];
@@ -111,6 +111,14 @@ int main(void) {
                         mx = fabs(S1[qi * LDS + j]) > mx ? fabs(S1[qi * LDS + j]) : mx;
                     }
                 CHECKF(md <= 1e-5 * (mx + 1), "scores hd %d g %d n %d: max diff %g", hd, g, n, md);
+                if (n > 1) { /* a key's score does not depend on how many keys follow it */
+                    static float S3[6 * LDS];
+                    ops_attn_scores_avx2(Q, g, K, n - 1, hd, 0.125f, S3, LDS);
+                    int same = 1;
+                    for (int qi = 0; qi < g; qi++)
+                        same &= memcmp(S2 + qi * LDS, S3 + qi * LDS, sizeof(float) * (size_t)(n - 1)) == 0;
+                    CHECKF(same, "scores hd %d g %d: keys [0,%d) differ when key %d follows", hd, g, n - 1, n - 1);
+                }
                 float m1[8], l1[8], m2[8], l2[8];
                 memcpy(S2, S1, sizeof S1);
                 ops_softmax_partial_ref(S1, g, n, LDS, m1, l1);
@@ -126,6 +134,14 @@ int main(void) {
                 ops_attn_accum_avx2(S1, g, n, LDS, V, hd, O2);
                 double e = tu_max_abs_diff(O1, O2, (long)g * hd);
                 CHECKF(e <= 1e-5 * (n + 1), "accum hd %d g %d n %d: max diff %g", hd, g, n, e);
+                { /* rows [0,k) then the rest added on: the same chain of FMAs, bit for bit */
+                    static float O3[6 * 128];
+                    int k = n / 3;
+                    ops_attn_accum_avx2(S1, g, k, LDS, V, hd, O3);
+                    ops_attn_accum_add_avx2(S1 + k, g, n - k, LDS, V + (size_t)k * hd, hd, O3);
+                    CHECKF(memcmp(O2, O3, sizeof(float) * (size_t)g * hd) == 0,
+                           "accum hd %d g %d n %d: split at %d differs", hd, g, n, k);
+                }
             }
     /* rmsnorm of a constant row is the weight; rope at position 0 is the identity */
     float x[64], w[64], out[64], cs[64];
