@@ -102,8 +102,10 @@ bench-serve: all models data
 
 # kvsieve against llama.cpp's llama-bench (built once from llama-cpp-python's sdist under
 # .cache/llamacpp by tools/build_llamacpp.sh): medians of interleaved runs, one table of ratios
+# the depth rows (each refills the cache in both engines) once, the others 3 times
+BENCH_COMPARE_ARGS ?= --depth-reps 1
 bench-compare: all models
-	tools/bench_compare.py --json $(BUILD)/bench_compare.jsonl
+	tools/bench_compare.py --json $(BUILD)/bench_compare.jsonl $(BENCH_COMPARE_ARGS)
 
 # The evaluation harness's default grid on SmolLM2 (results/sweep: results.jsonl, report.md,
 # plots/); rerunning resumes. eval-medium / eval-large: the Qwen2.5-1.5B grids (1 h / about a day).
