@@ -174,6 +174,14 @@ static void accum_blk8(const float *P, int g, int n, int lds, const uint16_t *V,
  * same hadd tree; FMA chains over j in order), so results are bit-identical with them. */
 #define AI static inline __attribute__((always_inline))
 
+/* a[c] += x * y_c (x first, as the 8-row kernels multiply) */
+AI void fma4(__m256 a[4], __m256 x, __m256 y0, __m256 y1, __m256 y2, __m256 y3) {
+    a[0] = _mm256_fmadd_ps(x, y0, a[0]);
+    a[1] = _mm256_fmadd_ps(x, y1, a[1]);
+    a[2] = _mm256_fmadd_ps(x, y2, a[2]);
+    a[3] = _mm256_fmadd_ps(x, y3, a[3]);
+}
+
 /* scores of GH heads against 4 keys (rows of hd halves at K), stored for the first nb keys */
 AI void score_4keys(int GH, const float *Q, const uint16_t *K, int hd, __m128 vs, float *S,
                     int lds, int nb) {
@@ -186,13 +194,7 @@ AI void score_4keys(int GH, const float *Q, const uint16_t *K, int hd, __m128 vs
         const __m256 k0 = load_f16x8(K + d), k1 = load_f16x8(K + hd + d),
                      k2 = load_f16x8(K + 2 * hd + d), k3 = load_f16x8(K + 3 * hd + d);
         #pragma GCC unroll 4
-        for (int h = 0; h < GH; h++) {
-            const __m256 qv = _mm256_loadu_ps(Q + (size_t)h * hd + d);
-            a[h][0] = _mm256_fmadd_ps(qv, k0, a[h][0]);
-            a[h][1] = _mm256_fmadd_ps(qv, k1, a[h][1]);
-            a[h][2] = _mm256_fmadd_ps(qv, k2, a[h][2]);
-            a[h][3] = _mm256_fmadd_ps(qv, k3, a[h][3]);
-        }
+        for (int h = 0; h < GH; h++) fma4(a[h], _mm256_loadu_ps(Q + (size_t)h * hd + d), k0, k1, k2, k3);
     }
     #pragma GCC unroll 4
     for (int h = 0; h < GH; h++) {
@@ -248,13 +250,7 @@ AI void accum_32ch(int GH, const float *P, int lds, const uint16_t *V, int hd, i
         const __m256 v0 = load_f16x8(v), v1 = load_f16x8(v + 8), v2 = load_f16x8(v + 16),
                      v3 = load_f16x8(v + 24);
         #pragma GCC unroll 4
-        for (int h = 0; h < GH; h++) {
-            const __m256 p = _mm256_broadcast_ss(P + (size_t)h * lds + j);
-            a[h][0] = _mm256_fmadd_ps(p, v0, a[h][0]);
-            a[h][1] = _mm256_fmadd_ps(p, v1, a[h][1]);
-            a[h][2] = _mm256_fmadd_ps(p, v2, a[h][2]);
-            a[h][3] = _mm256_fmadd_ps(p, v3, a[h][3]);
-        }
+        for (int h = 0; h < GH; h++) fma4(a[h], _mm256_broadcast_ss(P + (size_t)h * lds + j), v0, v1, v2, v3);
     }
     #pragma GCC unroll 4
     for (int h = 0; h < GH; h++)
