@@ -160,7 +160,7 @@ $(BUILD)/fuzz_node: fuzz/fuzz_node.c $(LIB_SRC) $(wildcard src/*.h src/kv/*.h in
 	$(FUZZ_CC) $(FUZZ_FLAGS) -o $@ fuzz/fuzz_node.c $(LIB_SRC) -lxxhash -lm -pthread
 
 # learned-eviction weight files (kv_learned_parse); no model
-$(BUILD)/fuzz_lrn: fuzz/fuzz_lrn.c src/kv/learned.c src/ops.c src/ops_avx2.c src/ops_qattn_avx2.c src/quant.c src/quant_avx2.c src/base.c
+$(BUILD)/fuzz_lrn: fuzz/fuzz_lrn.c src/kv/learned.c src/ops.c src/ops_avx2.c src/ops_qattn_avx2.c src/ops_qattn8_avx2.c src/quant.c src/quant_avx2.c src/base.c
 	@mkdir -p $(BUILD)
 	$(FUZZ_CC) $(FUZZ_FLAGS) -o $@ $^ -lxxhash -lm -pthread
 

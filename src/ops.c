@@ -33,9 +33,9 @@ void ops_init(void) {
     ops_softmax_partial = fast ? ops_softmax_partial_avx2 : ops_softmax_partial_ref;
     ops_attn_accum = fast ? ops_attn_accum_avx2 : ops_attn_accum_ref;
     ops_attn_accum_add = fast ? ops_attn_accum_add_avx2 : ops_attn_accum_add_ref;
-    ops_qattn_blk_scores = fast ? ops_qattn_blk_scores_avx2 : ops_qattn_blk_scores_ref;
+    ops_qattn_blk_scores = fast ? ops_qattn_blk_scores_q8_avx2 : ops_qattn_blk_scores_ref;
     ops_qattn_tok_scores = fast ? ops_qattn_tok_scores_avx2 : ops_qattn_tok_scores_ref;
-    ops_qattn_tok_accum = fast ? ops_qattn_tok_accum_avx2 : ops_qattn_tok_accum_ref;
+    ops_qattn_tok_accum = fast ? ops_qattn_tok_accum_q8_avx2 : ops_qattn_tok_accum_ref;
     ops_linear_f32 = fast ? ops_linear_f32_avx2 : ops_linear_f32_ref;
 }
 
@@ -174,6 +174,85 @@ void ops_qattn_tok_accum_ref(const float *P, int g, int n, int lds, const uint8_
                 for (int c = 0; c < gs; c++) o[c] += ps * (float)ops_qcode(row, bits, k * gs + c);
             }
             for (int c = 0; c < gs; c++) o[c] += bias;
+        }
+    }
+}
+
+/* q8 of n floats (see ops.h): the int8 copy in r, the factor returned */
+static float q8_quantize(const float *v, int n, float qmax, int8_t *r) {
+    float amax = 0.0f;
+    for (int i = 0; i < n; i++) amax = fmaxf(amax, fabsf(v[i]));
+    if (!(amax > 0.0f)) {
+        memset(r, 0, (size_t)n);
+        return 0.0f;
+    }
+    float id = qmax / amax;
+    long lim = (long)qmax;
+    for (int i = 0; i < n; i++) {
+        long x = lrintf(v[i] * id);
+        r[i] = (int8_t)(x > lim ? lim : x < -lim ? -lim : x);
+    }
+    return amax / qmax;
+}
+
+void ops_qattn_blk_scores_q8_ref(const float *Q, int g, int kd, const uint8_t *codes,
+                                 size_t cstride, const uint16_t *scale, const uint16_t *min, int nt,
+                                 int bits, float sc, float *S, int lds) {
+    if (!ops_qattn_q8_bits(bits) || kd > 256) {
+        ops_qattn_blk_scores_ref(Q, g, kd, codes, cstride, scale, min, nt, bits, sc, S, lds);
+        return;
+    }
+    float qs[256];
+    int8_t r[256];
+    for (int qi = 0; qi < g; qi++) {
+        const float *q = Q + (size_t)qi * kd;
+        float bias = 0.0f;
+        for (int c = 0; c < kd; c++) {
+            qs[c] = q[c] * quant_f16_to_f32(scale[c]);
+            bias += q[c] * quant_f16_to_f32(min[c]);
+        }
+        float d = q8_quantize(qs, kd, 127.0f, r);
+        for (int t = 0; t < nt; t++) {
+            int32_t s = 0;
+            for (int c = 0; c < kd; c++) s += r[c] * ops_qcode(codes + (size_t)c * cstride, bits, t);
+            S[(size_t)qi * lds + t] = sc * fmaf(d, (float)s, bias);
+        }
+    }
+}
+
+void ops_qattn_tok_accum_q8_ref(const float *P, int g, int n, int lds, const uint8_t *codes,
+                                size_t rstride, const uint16_t *scale, const uint16_t *min, int hd,
+                                int gs, int bits, float *O) {
+    if (!ops_qattn_q8_bits(bits) || gs <= 0 || gs % 32 != 0 || hd % gs != 0 || hd > 256) {
+        ops_qattn_tok_accum_ref(P, g, n, lds, codes, rstride, scale, min, hd, gs, bits, O);
+        return;
+    }
+    if (n <= 0) return;
+    const int ng = hd / gs;
+    float acc[256], w[OPS_Q8_ROWS];
+    int8_t r[OPS_Q8_ROWS];
+    for (int qi = 0; qi < g; qi++) {
+        const float *p = P + (size_t)qi * lds;
+        for (int k = 0; k < ng; k++) {
+            float bias = 0.0f;
+            memset(acc, 0, sizeof(float) * (size_t)gs);
+            for (int j0 = 0; j0 < n; j0 += OPS_Q8_ROWS) {
+                int nr = n - j0 < OPS_Q8_ROWS ? n - j0 : OPS_Q8_ROWS;
+                for (int t = 0; t < nr; t++) {
+                    size_t e = (size_t)(j0 + t) * ng + k;
+                    w[t] = p[j0 + t] * quant_f16_to_f32(scale[e]);
+                    bias += p[j0 + t] * quant_f16_to_f32(min[e]);
+                }
+                float d = q8_quantize(w, nr, 127.0f, r);
+                for (int c = 0; c < gs; c++) {
+                    int32_t s = 0;
+                    for (int t = 0; t < nr; t++)
+                        s += r[t] * ops_qcode(codes + (size_t)(j0 + t) * rstride, bits, k * gs + c);
+                    acc[c] = fmaf(d, (float)s, acc[c]);
+                }
+            }
+            float *o = O + (size_t)qi * hd + (size_t)k * gs;
+            for (int c = 0; c < gs; c++) o[c] += acc[c] + bias;
         }
     }
 }

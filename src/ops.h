@@ -107,6 +107,40 @@ void ops_qattn_tok_scores_avx2(const float *Q, int g, int kd, const uint8_t *cod
 void ops_qattn_tok_accum_avx2(const float *P, int g, int n, int lds, const uint8_t *codes,
                               size_t rstride, const uint16_t *scale, const uint16_t *min, int hd,
                               int gs, int bits, float *O);
+/* The int8 forms of qattn_blk_scores and qattn_tok_accum: what the fast path runs for 2- and
+ * 4-bit codes (ops_init points ops_qattn_blk_scores / ops_qattn_tok_accum at the _q8_avx2
+ * versions). The codes are multiplied as integers against an 8-bit copy of the other operand
+ * (as llama.cpp's quantized-KV dot products do with q8 activations), so the sums are exact
+ * integers and the one approximation is that copy:
+ *   q8(v[0..n), M): d = max|v| / M, r_i = round-half-even(v_i * (M / max|v|)) in [-M, M]
+ *   (all zero, d = 0, when max|v| = 0); v_i ~ d r_i, |v_i - d r_i| <= d / 2.
+ * blk_scores_q8: per query, v = q_c * scale_c over the kd channels of the block (kd <= 256),
+ *     M = 127: S[qi * lds + t] = sc * fma(d, (float)sum_c r_c code(c, t), bias), bias =
+ *     sum_c q_c min_c.
+ * tok_accum_q8 (gs a multiple of 32, hd <= 256): per query, value group k and OPS_Q8_ROWS rows
+ *     from the first row of the call, v = p_t * scale[t, k] over the block's rows, M = 127;
+ *     per block acc_c = fma(d, (float)sum_t r_t code(t, c), acc_c) in block order; at the end
+ *     O[c] += acc_c + sum_t p_t min[t, k].
+ * Other bit widths and group sizes take the float kernels above (same results as theirs).
+ * Against the exact forms, a score moves by at most sc * (d / 2) * sum_c code(c, t) and an
+ * output by at most sum over blocks of (d / 2) * sum_t code(t, c) (tests/test_qattn.c checks
+ * both bounds, and the AVX2 versions against the _q8_ref ones to 1e-5 of the summed terms). */
+enum { OPS_Q8_ROWS = 32 };
+void ops_qattn_blk_scores_q8_ref(const float *Q, int g, int kd, const uint8_t *codes,
+                                 size_t cstride, const uint16_t *scale, const uint16_t *min, int nt,
+                                 int bits, float sc, float *S, int lds);
+void ops_qattn_tok_accum_q8_ref(const float *P, int g, int n, int lds, const uint8_t *codes,
+                                size_t rstride, const uint16_t *scale, const uint16_t *min, int hd,
+                                int gs, int bits, float *O);
+void ops_qattn_blk_scores_q8_avx2(const float *Q, int g, int kd, const uint8_t *codes,
+                                  size_t cstride, const uint16_t *scale, const uint16_t *min,
+                                  int nt, int bits, float sc, float *S, int lds);
+void ops_qattn_tok_accum_q8_avx2(const float *P, int g, int n, int lds, const uint8_t *codes,
+                                 size_t rstride, const uint16_t *scale, const uint16_t *min, int hd,
+                                 int gs, int bits, float *O);
+/* whether the _q8 forms quantize for these codes (else they are the float kernels) */
+static inline bool ops_qattn_q8_bits(int bits) { return bits == 2 || bits == 4; }
+
 /* code i of a b-bit code stream (the layout of the kernels above) */
 static inline int ops_qcode(const uint8_t *codes, int bits, int i) {
     size_t bit = (size_t)i * (size_t)bits;

@@ -8,12 +8,11 @@
  * copied to a zero-padded scratch first), and only S[qi * lds + t] for t < n is written.
  * Results match the references to float rounding (FMA, summation order), not bit for bit. */
 #include "ops.h"
+#include "ops_simd.h"
 
 #include <immintrin.h>
 #include <string.h>
 
-#define ALWAYS_INLINE static inline __attribute__((always_inline))
-#define UNROLL _Pragma("GCC unroll 16")
 
 enum {
     QA_MAXD = 256, /* kd, hd at most this (and multiples of 8), else the reference runs */
@@ -27,12 +26,6 @@ enum {
 static inline int bits_ok(int bits) { return bits == 2 || bits == 4 || bits == 8; }
 static inline int tok_bits_ok(int bits) { return bits_ok(bits) || bits == 3; }
 
-static inline float hsum8(__m256 v) {
-    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
-    return _mm_cvtss_f32(s);
-}
 
 /* Unpacking without per-lane shifts. A code stays at its bit position inside its byte (or its
  * 16-bit word), is masked out and converted, so lane i holds code * 2^k_i: the lane scale
@@ -50,16 +43,6 @@ ALWAYS_INLINE __m256 lane_inv(int bits) {
         return _mm256_setr_ps(1.0f, 0x1p-2f, 0x1p-4f, 0x1p-6f, 0x1p-8f, 0x1p-10f, 0x1p-12f, 0x1p-14f);
     if (bits == 4) return _mm256_setr_ps(1.0f, 0x1p-4f, 1.0f, 0x1p-4f, 1.0f, 0x1p-4f, 1.0f, 0x1p-4f);
     return _mm256_set1_ps(1.0f);
-}
-/* 8 fp16 scales or minima (the store keeps them in half precision) as floats */
-ALWAYS_INLINE __m256 cvt8h(const uint16_t *p) {
-    return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)p));
-}
-/* n fp16 values as floats */
-ALWAYS_INLINE void widen(const uint16_t *p, int n, float *out) {
-    int i = 0;
-    for (; i + 8 <= n; i += 8) _mm256_storeu_ps(out + i, cvt8h(p + i));
-    for (; i < n; i++) out[i] = _cvtsh_ss(p[i]);
 }
 
 ALWAYS_INLINE __m256 lane_scale(int bits) {
@@ -374,51 +357,6 @@ void ops_qattn_tok_scores_avx2(const float *Q, int g, int kd, const uint8_t *cod
  * chunk's group). The accumulator is in the lane-scaled domain of the codes; at the end it is
  * unscaled (exact) and added to O together with the min sums of its group. Queries [0, g) of
  * one chunk (g <= TOK_QC); `one`: gs == hd (a single group per row), as a constant. */
-
-/* 8 rows of ng floats (row-major) -> ng vectors, vector k holding column k of rows 0..7.
- * Reads exactly the 8 * ng floats. */
-ALWAYS_INLINE void cols8(const float *v, int ng, __m256 *t) {
-    if (ng == 2) {
-        __m256 a = _mm256_loadu_ps(v), b = _mm256_loadu_ps(v + 8);
-        /* even (odd) lanes: [a0 a2 b0 b2 | a4 a6 b4 b6], then 64-bit lanes in the order 0 2 1 3 */
-        __m256d e = _mm256_castps_pd(_mm256_shuffle_ps(a, b, 0x88));
-        __m256d o = _mm256_castps_pd(_mm256_shuffle_ps(a, b, 0xDD));
-        t[0] = _mm256_castpd_ps(_mm256_permute4x64_pd(e, 0xD8));
-        t[1] = _mm256_castpd_ps(_mm256_permute4x64_pd(o, 0xD8));
-    } else if (ng == 4) {
-        __m256 v0 = _mm256_loadu_ps(v), v1 = _mm256_loadu_ps(v + 8), v2 = _mm256_loadu_ps(v + 16),
-               v3 = _mm256_loadu_ps(v + 24);
-        __m256 t0 = _mm256_unpacklo_ps(v0, v1), t1 = _mm256_unpackhi_ps(v0, v1);
-        __m256 t2 = _mm256_unpacklo_ps(v2, v3), t3 = _mm256_unpackhi_ps(v2, v3);
-        /* rows in the order 0 2 4 6 1 3 5 7 */
-        const __m256i ord = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
-        t[0] = _mm256_permutevar8x32_ps(_mm256_shuffle_ps(t0, t2, 0x44), ord);
-        t[1] = _mm256_permutevar8x32_ps(_mm256_shuffle_ps(t0, t2, 0xEE), ord);
-        t[2] = _mm256_permutevar8x32_ps(_mm256_shuffle_ps(t1, t3, 0x44), ord);
-        t[3] = _mm256_permutevar8x32_ps(_mm256_shuffle_ps(t1, t3, 0xEE), ord);
-    } else if (ng % 8 == 0) {
-        for (int k = 0; k < ng; k += 8) { /* 8x8 transposes */
-            __m256 r[8], u[8];
-            UNROLL for (int i = 0; i < 8; i++) r[i] = _mm256_loadu_ps(v + i * ng + k);
-            UNROLL for (int i = 0; i < 8; i += 2)
-                u[i] = _mm256_unpacklo_ps(r[i], r[i + 1]),
-                u[i + 1] = _mm256_unpackhi_ps(r[i], r[i + 1]);
-            UNROLL for (int i = 0; i < 8; i += 4) {
-                r[i] = _mm256_shuffle_ps(u[i], u[i + 2], 0x44);
-                r[i + 1] = _mm256_shuffle_ps(u[i], u[i + 2], 0xEE);
-                r[i + 2] = _mm256_shuffle_ps(u[i + 1], u[i + 3], 0x44);
-                r[i + 3] = _mm256_shuffle_ps(u[i + 1], u[i + 3], 0xEE);
-            }
-            UNROLL for (int i = 0; i < 4; i++) {
-                t[k + i] = _mm256_permute2f128_ps(r[i], r[i + 4], 0x20);
-                t[k + i + 4] = _mm256_permute2f128_ps(r[i], r[i + 4], 0x31);
-            }
-        }
-    } else {
-        const __m256i ix = _mm256_setr_epi32(0, ng, 2 * ng, 3 * ng, 4 * ng, 5 * ng, 6 * ng, 7 * ng);
-        for (int k = 0; k < ng; k++) t[k] = _mm256_i32gather_ps(v + k, ix, 4);
-    }
-}
 
 ALWAYS_INLINE void tok_accum_impl(const float *P, int g, int n, int lds, const uint8_t *codes,
                                   size_t rstride, const uint16_t *scale, const uint16_t *min, int hd,

@@ -244,13 +244,15 @@ static void test_storage_quality(const float *ref) {
         /* storage parts */
         {"full+think:prune=0.4", {0.018, 0.018}, {1.02, 1.02}}, /* 0.00882 0.00869; x0.985 x0.998 */
         {"full+kivi:bits=8,resid=32", {0.0042, 0.0057}, {1.02, 1.03}}, /* 0.00209 0.00285; x1.003 x1.012 */
-        {"full+kivi:bits=4,resid=32", {0.011, 0.009}, {1.02, 1.02}}, /* 0.00503 0.00447; x0.999 x0.988 */
-        {"full+kivi:bits=2,resid=32", {0.15, 0.088}, {1.2, 1.15}}, /* 0.0715 0.0438; x1.098 x1.074 */
-        {"full+think:prune=0.4+kivi:bits=4,resid=32", {0.022, 0.018}, {1.02, 1.02}}, /* 0.0108 0.00896; x0.989 x1.000 */
+        /* 2- and 4-bit KIVI and MiKV rows: attention through the int8 kernels (ops.h _q8;
+         * with the float kernels KIVI-4 measured 0.00503 0.00447, within Qwen's noise floor) */
+        {"full+kivi:bits=4,resid=32", {0.011, 0.014}, {1.02, 1.02}}, /* 0.00516 0.00685; x0.999 x0.995 */
+        {"full+kivi:bits=2,resid=32", {0.15, 0.088}, {1.21, 1.15}}, /* 0.0657 0.0437; x1.103 x1.065 */
+        {"full+think:prune=0.4+kivi:bits=4,resid=32", {0.022, 0.022}, {1.02, 1.04}}, /* 0.0108 0.0107; x0.992 x1.018 */
         {"h2o:budget=48+mikv:low=8", {0.0046, 0.0063}, {1.02, 1.02}}, /* 0.00228 0.00311; x1.001 x0.998 */
-        {"h2o:budget=48+mikv:low=4", {0.0045, 0.0078}, {1.03, 1.02}}, /* 0.00225 0.00388; x1.014 x1.009 */
+        {"h2o:budget=48+mikv:low=4", {0.0051, 0.008}, {1.02, 1.02}}, /* 0.00252 0.00397; x1.008 x1.009 */
         {"h2o:budget=48+mikv:low=3", {0.0097, 0.012}, {1.02, 1.02}}, /* 0.00485 0.00551; x0.997 x1.002 */
-        {"h2o:budget=48+mikv:low=2", {0.059, 0.09}, {1.05, 1.11}}, /* 0.0293 0.045; x1.020 x1.054 */
+        {"h2o:budget=48+mikv:low=2", {0.059, 0.093}, {1.05, 1.15}}, /* 0.0295 0.0465; x1.006 x1.071 */
     };
     enum { NC = sizeof cases / sizeof *cases };
     int mi = is_qwen ? 1 : 0;

@@ -23,9 +23,13 @@ static const int VGS[] = {8, 32, 0}; /* value group sizes tried where they divid
 #define COUNT(a) ((int)(sizeof(a) / sizeof((a)[0])))
 
 static const double TOL = 1e-5;
-static double worst_ref, worst_avx2; /* largest error / budget scale seen */
+static double worst_ref, worst_avx2, worst_q8; /* largest error / budget scale seen */
 
 static int rand_int(int n) { return (int)(tu_rand_u64() % (unsigned long long)n); }
+
+/* the worst case of the int8 forms' 16-bit sums: every code at its maximum, every query, scale
+ * and weight equal, so every int8 factor is 127 and every pair sum is at its largest */
+static bool extreme;
 
 /* codes for `rows` rows of `row_bytes` bytes each, `stride` apart, starting at a random odd
  * offset inside the allocation; the allocation ends exactly at the last byte of the last row */
@@ -39,7 +43,7 @@ static Codes make_codes(int rows, size_t row_bytes, size_t stride) {
     Codes c;
     c.base = malloc(off + bytes);
     c.codes = c.base + off;
-    for (size_t i = 0; i < off + bytes; i++) c.base[i] = (uint8_t)tu_rand_u64();
+    for (size_t i = 0; i < off + bytes; i++) c.base[i] = extreme ? 0xFF : (uint8_t)tu_rand_u64();
     return c;
 }
 
@@ -47,7 +51,7 @@ static Codes make_codes(int rows, size_t row_bytes, size_t stride) {
  * kernels read them as fp16 (hs, hm), the expected values use the same numbers widened */
 static void make_scales(float *scale, float *min, uint16_t *hs, uint16_t *hm, int n) {
     for (int i = 0; i < n; i++) {
-        hs[i] = quant_f32_to_f16(rand_int(5) == 0 ? 0.0f : 0.25f * (tu_randf() + 1.0f));
+        hs[i] = quant_f32_to_f16(extreme ? 0.25f : rand_int(5) == 0 ? 0.0f : 0.25f * (tu_randf() + 1.0f));
         hm[i] = quant_f32_to_f16(tu_randf());
         scale[i] = quant_f16_to_f32(hs[i]), min[i] = quant_f16_to_f32(hm[i]);
     }
@@ -91,13 +95,14 @@ static void test_blk_scores(int bits, int g, int kd, int nt, bool avx2) {
     Codes cd = make_codes(kd, rb, cstride);
     float *Q = falloc(g * kd), *scale = falloc(kd), *min = falloc(kd);
     uint16_t *hs = halloc(kd), *hm = halloc(kd);
-    for (int i = 0; i < g * kd; i++) Q[i] = 2.0f * tu_randf();
+    for (int i = 0; i < g * kd; i++) Q[i] = extreme ? 1.5f : 2.0f * tu_randf();
     make_scales(scale, min, hs, hm, kd);
     int lds = nt + 1 + rand_int(9);
     float sc = 0.125f;
     float *S = falloc(g * lds);
     double *want = malloc(sizeof(double) * (size_t)(g * nt + 1));
     double *mag = malloc(sizeof(double) * (size_t)(g * nt + 1));
+    double *qmag = calloc((size_t)(g * nt + 1), sizeof(double));
     /* independent: dequantize each channel, then dot in double */
     float *xh = falloc(kd * nt);
     for (int c = 0; c < kd; c++)
@@ -128,6 +133,37 @@ static void test_blk_scores(int bits, int g, int kd, int nt, bool avx2) {
         snprintf(what, sizeof what, "blk_scores_avx2 b%d g%d kd%d nt%d", bits, g, kd, nt);
         CHECKF(check_scores(what, S, want, mag, g, nt, lds, &worst_avx2) == 0, "%s", what);
     }
+    /* the int8 form: the reference within the bound of ops.h from the exact scores (recomputed
+     * here in double), the AVX2 version within TOL of the int8 reference */
+    for (int qi = 0; qi < g; qi++) {
+        double amax = 0;
+        for (int c = 0; c < kd; c++) amax = fmax(amax, fabs((double)(Q[qi * kd + c] * scale[c])));
+        double half = amax / 127.0 / 2.0;
+        for (int t = 0; t < nt; t++) {
+            double w = 0, codes = 0;
+            for (int c = 0; c < kd; c++) {
+                w += (double)Q[qi * kd + c] * xh[c * nt + t];
+                codes += kvq_code(cd.codes + (size_t)c * cstride, bits, t);
+            }
+            want[qi * nt + t] = sc * w;
+            /* the bound plus the float budget; 2-bit and 4-bit only quantize */
+            qmag[qi * nt + t] = ops_qattn_q8_bits(bits) ? sc * half * codes * (1 + 1e-6) / TOL + mag[qi * nt + t]
+                                                        : mag[qi * nt + t];
+        }
+    }
+    snprintf(what, sizeof what, "blk_scores_q8_ref b%d g%d kd%d nt%d", bits, g, kd, nt);
+    fill_nan(S, (size_t)g * lds);
+    ops_qattn_blk_scores_q8_ref(Q, g, kd, cd.codes, cstride, hs, hm, nt, bits, sc, S, lds);
+    CHECKF(check_scores(what, S, want, qmag, g, nt, lds, &worst_q8) == 0, "%s", what);
+    if (avx2) {
+        for (int qi = 0; qi < g; qi++)
+            for (int t = 0; t < nt; t++) want[qi * nt + t] = S[qi * lds + t];
+        fill_nan(S, (size_t)g * lds);
+        ops_qattn_blk_scores_q8_avx2(Q, g, kd, cd.codes, cstride, hs, hm, nt, bits, sc, S, lds);
+        snprintf(what, sizeof what, "blk_scores_q8_avx2 b%d g%d kd%d nt%d", bits, g, kd, nt);
+        CHECKF(check_scores(what, S, want, mag, g, nt, lds, &worst_avx2) == 0, "%s", what);
+    }
+    free(qmag);
     free(cd.base), free(Q), free(scale), free(min), free(hs), free(hm), free(S), free(want), free(mag), free(xh);
 }
 
@@ -203,7 +239,7 @@ static void test_tok_accum(int bits, int g, int hd, int vgs, int n, bool avx2) {
     float *P = falloc(g * lds);
     fill_nan(P, (size_t)g * lds);
     for (int qi = 0; qi < g; qi++)
-        for (int t = 0; t < n; t++) P[qi * lds + t] = 0.5f * (tu_randf() + 1.0f);
+        for (int t = 0; t < n; t++) P[qi * lds + t] = extreme ? 0.75f : 0.5f * (tu_randf() + 1.0f);
     /* O starts non-zero: the kernels add to it */
     float *O0 = falloc(g * hd), *O = falloc(g * hd), *xh = falloc(hd);
     for (int i = 0; i < g * hd; i++) O0[i] = 4.0f * tu_randf();
@@ -239,6 +275,43 @@ static void test_tok_accum(int bits, int g, int hd, int vgs, int n, bool avx2) {
         CHECKF(check_accum(what, O, want, mag, g * hd, &worst_avx2) == 0, "%s", what);
         if (n == 0) CHECK(memcmp(O, O0, sizeof(float) * (size_t)(g * hd)) == 0);
     }
+    /* the int8 form (ops.h): per block of OPS_Q8_ROWS rows the weights p * scale move by at
+     * most half their step; exact values again from the double sums */
+    bool q8 = ops_qattn_q8_bits(bits) && vgs % 32 == 0;
+    double *qmag = malloc(sizeof(double) * (size_t)(g * hd));
+    for (int i = 0; i < g * hd; i++) want[i] = O0[i], qmag[i] = 0;
+    for (int qi = 0; qi < g; qi++)
+        for (int j0 = 0; j0 < n; j0 += OPS_Q8_ROWS) {
+            int j1 = j0 + OPS_Q8_ROWS < n ? j0 + OPS_Q8_ROWS : n;
+            double amax[256] = {0}; /* per value group */
+            for (int t = j0; t < j1; t++)
+                for (int k = 0; k < ng; k++)
+                    amax[k] = fmax(amax[k], fabs((double)(P[qi * lds + t] * scale[t * ng + k])));
+            for (int t = j0; t < j1; t++) {
+                const uint8_t *row = cd.codes + (size_t)t * rstride;
+                double p = P[qi * lds + t];
+                for (int c = 0; c < hd; c++) {
+                    int k = t * ng + c / vgs, code = kvq_code(row, bits, c);
+                    want[qi * hd + c] += p * ((double)code * scale[k] + min[k]);
+                    qmag[qi * hd + c] += amax[c / vgs] / 127.0 / 2.0 * code;
+                }
+            }
+        }
+    for (int i = 0; i < g * hd; i++) qmag[i] = q8 ? qmag[i] * (1 + 1e-6) / TOL + mag[i] : mag[i];
+    memcpy(O, O0, sizeof(float) * (size_t)(g * hd));
+    ops_qattn_tok_accum_q8_ref(P, g, n, lds, cd.codes, rstride, hs, hm, hd, vgs, bits, O);
+    snprintf(what, sizeof what, "tok_accum_q8_ref b%d g%d hd%d gs%d n%d", bits, g, hd, vgs, n);
+    CHECKF(check_accum(what, O, want, qmag, g * hd, &worst_q8) == 0, "%s", what);
+    if (n == 0) CHECK(memcmp(O, O0, sizeof(float) * (size_t)(g * hd)) == 0);
+    if (avx2) {
+        for (int i = 0; i < g * hd; i++) want[i] = O[i];
+        memcpy(O, O0, sizeof(float) * (size_t)(g * hd));
+        ops_qattn_tok_accum_q8_avx2(P, g, n, lds, cd.codes, rstride, hs, hm, hd, vgs, bits, O);
+        snprintf(what, sizeof what, "tok_accum_q8_avx2 b%d g%d hd%d gs%d n%d", bits, g, hd, vgs, n);
+        CHECKF(check_accum(what, O, want, mag, g * hd, &worst_avx2) == 0, "%s", what);
+        if (n == 0) CHECK(memcmp(O, O0, sizeof(float) * (size_t)(g * hd)) == 0);
+    }
+    free(qmag);
     free(cd.base), free(scale), free(min), free(hs), free(hm), free(P), free(O0), free(O), free(xh), free(want),
         free(mag);
 }
@@ -259,9 +332,9 @@ int main(void) {
     ops_init();
     bool avx2 = kvs_cpu_has_avx2();
     if (avx2) {
-        CHECK(ops_qattn_blk_scores == ops_qattn_blk_scores_avx2);
+        CHECK(ops_qattn_blk_scores == ops_qattn_blk_scores_q8_avx2);
         CHECK(ops_qattn_tok_scores == ops_qattn_tok_scores_avx2);
-        CHECK(ops_qattn_tok_accum == ops_qattn_tok_accum_avx2);
+        CHECK(ops_qattn_tok_accum == ops_qattn_tok_accum_q8_avx2);
     } else {
         fprintf(stderr, "test_qattn: no AVX2, checking the references only\n");
     }
@@ -292,7 +365,16 @@ int main(void) {
         test_tok_accum(BITS[b], 64, 128, 128, 301, avx2);
         test_tok_accum(BITS[b], 64, 128, 32, 301, avx2);
     }
-    fprintf(stderr, "test_qattn: worst error / budget scale: ref %.3g, avx2 %.3g (limit %g)%s\n",
-            worst_ref, worst_avx2, TOL, avx2 ? "" : " (avx2 skipped)");
+    /* the int8 forms' widest sums: 256 channels, 301 rows, all at their maximum */
+    extreme = true;
+    for (int b = 0; b < COUNT(BITS); b++) {
+        test_blk_scores(BITS[b], 5, 256, 257, avx2);
+        test_tok_accum(BITS[b], 5, 256, 256, 301, avx2);
+        test_tok_accum(BITS[b], 5, 256, 32, 301, avx2);
+    }
+    extreme = false;
+    fprintf(stderr, "test_qattn: worst error / budget scale: ref %.3g, avx2 %.3g (limit %g)%s; "
+            "int8 forms against the exact sums %.3g of their bound\n",
+            worst_ref, worst_avx2, TOL, avx2 ? "" : " (avx2 skipped)", worst_q8 / TOL);
     return tu_finish("test_qattn");
 }

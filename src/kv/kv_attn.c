@@ -84,10 +84,20 @@ static void own_accum(const struct kv_view_head *vh, int hd, const float *P, int
         ops_attn_accum(P, g, end - from, lds, (const uint16_t *)vh->cv + (size_t)from * hd, hd, O);
     else
         memset(O, 0, sizeof(float) * (size_t)g * hd);
-    if (from < nc && f->vfmt == KV_V_TOK)
-        ops_qattn_tok_accum(P, g, end - from, lds, vh->cv + (size_t)from * f->vstride,
-                            f->vstride, vh->cvs + (size_t)from * (hd / f->vgs),
-                            vh->cvm + (size_t)from * (hd / f->vgs), hd, f->vgs, f->vbits, O);
+    if (from < nc && f->vfmt == KV_V_TOK) {
+        /* the int8 kernels quantize the weights per OPS_Q8_ROWS rows from the first row they
+         * are given: start those blocks at multiples of OPS_Q8_ROWS of the run, so that the
+         * result does not depend on where the keys were split between threads */
+        int32_t a = from;
+        while (a < end) {
+            int32_t b = (a / OPS_Q8_ROWS + 1) * OPS_Q8_ROWS;
+            if (a % OPS_Q8_ROWS == 0 || b > end) b = end;
+            ops_qattn_tok_accum(P + (a - from), g, b - a, lds, vh->cv + (size_t)a * f->vstride,
+                                f->vstride, vh->cvs + (size_t)a * (hd / f->vgs),
+                                vh->cvm + (size_t)a * (hd / f->vgs), hd, f->vgs, f->vbits, O);
+            a = b;
+        }
+    }
     if (to > nc) {
         int32_t lo = from > nc ? from : nc;
         ops_attn_accum_add(P + (lo - from), g, to - lo, lds, vh->v + (size_t)(lo - nc) * hd, hd, O);
