@@ -266,6 +266,10 @@ enum kvs_status kvs_context_new(kvs_model *m, const struct kvs_context_params *p
         kvs_context_free(c);
         return kvs_fail(KVS_ERR_NOMEM, "out of memory for the context scratch buffers");
     }
+    if ((st = kv_policy_set_threads(c->base.policy, c->tp)) != KVS_OK) {
+        kvs_context_free(c);
+        return st;
+    }
     for (size_t i = 0; i < hd / 2; i++)
         c->inv_freq[i] = (float)pow((double)hp->rope_theta, -2.0 * (double)i / (double)hd);
     c->kv.rope_inv_freq = c->inv_freq;
@@ -636,6 +640,7 @@ static enum kvs_status profile_init(kvs_context *c, const struct kv_spec *spec, 
                                        c->n_ctx + c->t_max + KV_CAP_STEP,
                                        kv_spec_entry_bytes(hp, spec), &pr->policy);
     if (st == KVS_OK) st = ensure_learned(c, spec);
+    if (st == KVS_OK) st = kv_policy_set_threads(pr->policy, c->tp);
     if (st != KVS_OK) return st;
     if (pr->policy) pr->policy->learned = c->learned;
     pr->max_past = c->n_ctx;

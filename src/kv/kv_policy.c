@@ -13,6 +13,7 @@
  */
 #include "kv_policy.h"
 #include "kv_attn.h"
+#include "threadpool.h"
 
 #include <math.h>
 #include <stdlib.h>
@@ -74,6 +75,7 @@ enum kvs_status kv_policy_new(const struct kv_spec *spec, int n_layer, int n_hea
     p->cap_max = cap_max;
     size_t g = (size_t)(n_head / n_head_kv);
     p->score = malloc(sizeof(float) * n_head_kv * (size_t)cap_max);
+    p->n_par = 1;
     p->scratch = malloc(sizeof(float) * (g + 1) * (size_t)cap_max);
     p->order = malloc(sizeof(int32_t) * n_head_kv * (size_t)cap_max);
     p->keep = malloc(sizeof(int32_t) * n_head_kv * (size_t)cap_max);
@@ -88,6 +90,23 @@ enum kvs_status kv_policy_new(const struct kv_spec *spec, int n_layer, int n_hea
         return kvs_fail(KVS_ERR_NOMEM, "out of memory for the KV policy");
     }
     *out = p;
+    return KVS_OK;
+}
+
+enum kvs_status kv_policy_set_threads(struct kv_policy *p, struct threadpool *tp) {
+    if (!p || !tp || !(p->scorer->needs & KV_PAR_HEADS)) return KVS_OK;
+    int n = threadpool_n_threads(tp);
+    if (n > p->n_head_kv) n = p->n_head_kv;
+    if (n <= 1) return KVS_OK;
+    size_t g = (size_t)(p->n_head / p->n_head_kv);
+    float *sc = malloc(sizeof(float) * (g + 1) * (size_t)p->cap_max * (size_t)n);
+    float *as = malloc(sizeof(float) * kv_attn_scratch_floats((int)g, p->head_dim) * (size_t)n);
+    if (!sc || !as) {
+        free(sc), free(as);
+        return kvs_fail(KVS_ERR_NOMEM, "out of memory for the KV policy's scoring threads");
+    }
+    free(p->scratch), free(p->ascratch);
+    p->scratch = sc, p->ascratch = as, p->tp = tp, p->n_par = n;
     return KVS_OK;
 }
 
@@ -309,6 +328,24 @@ static bool plan_gate(struct kv_policy *p, struct kv_seq *s, int il, int32_t bud
     return true;
 }
 
+/* the KV heads of a layer scored on the policy's workers (kv_policy_set_threads): worker ith
+ * takes heads ith, ith + nth, ... with its own scratch; each head's arithmetic is unchanged */
+struct score_job {
+    struct kv_policy *p;
+    struct kv_score_args a;
+};
+static void score_worker(void *arg, int ith, int nth) {
+    struct score_job *j = arg;
+    struct kv_policy *p = j->p;
+    if (ith >= p->n_par) return;
+    if (nth > p->n_par) nth = p->n_par;
+    size_t g = (size_t)(p->n_head / p->n_head_kv);
+    struct kv_score_args a = j->a;
+    a.scratch = p->scratch + (size_t)ith * (g + 1) * (size_t)p->cap_max;
+    a.ascratch = p->ascratch + (size_t)ith * kv_attn_scratch_floats((int)g, p->head_dim);
+    for (int ih = ith; ih < p->n_head_kv; ih += nth) p->scorer->score(&a, ih, p->score + (size_t)ih * p->cap_max);
+}
+
 static bool plan_layer(struct kv_policy *p, struct kv_seq *s, int il, int64_t n_seen,
                        int32_t slack, bool decode, struct kv_plan *plan) {
     int32_t budget = layer_budget(p, s, il, n_seen, decode);
@@ -331,10 +368,16 @@ static bool plan_layer(struct kv_policy *p, struct kv_seq *s, int il, int64_t n_
     /* (with MiKV the losers are demoted, whatever the method's eviction rule) */
     if (decode && p->spec.merge == KV_MERGE_ELASTIC && !p->spec.mikv_low)
         return plan_elastic_decode(p, s, il, budget, plan);
-    struct kv_score_args a = {.p = p, .s = s, .il = il, .n_seen = n_seen, .scratch = p->scratch};
+    struct kv_score_args a = {.p = p, .s = s, .il = il, .n_seen = n_seen, .scratch = p->scratch,
+                              .ascratch = p->ascratch};
     int32_t prot = p->scorer->protect ? p->scorer->protect(p, budget) : 0;
     bool layerwise = p->scorer->needs & KV_NEED_LAYERWISE;
-    for (int ih = 0; ih < p->n_head_kv; ih++) p->scorer->score(&a, ih, p->score + (size_t)ih * p->cap_max);
+    if (p->n_par > 1) {
+        struct score_job j = {.p = p, .a = a};
+        threadpool_run(p->tp, score_worker, &j);
+    } else {
+        for (int ih = 0; ih < p->n_head_kv; ih++) p->scorer->score(&a, ih, p->score + (size_t)ih * p->cap_max);
+    }
     if (layerwise) {
         /* one score per layer (TOVA): the heads hold the same positions; sum their scores */
         int32_t n = kv_seq_head(s, il, 0)->n;

@@ -26,8 +26,10 @@
 enum { KV_NEED_ACC = 1,     /* accumulated attention probabilities per entry (H2O) */
        KV_NEED_QUERIES = 2, /* the post-RoPE queries of the last `qwin` tokens (TOVA, SnapKV) */
        KV_NEED_LAYERWISE = 4, /* one score shared by all KV heads of a layer (TOVA) */
-       KV_NEED_LEARNED = 8 /* a learned score per entry, written by forward() into the
-                            * statistic slot when the entry is made (Locret) */ };
+       KV_NEED_LEARNED = 8, /* a learned score per entry, written by forward() into the
+                             * statistic slot when the entry is made (Locret) */
+       KV_PAR_HEADS = 16 /* not a statistic: score() may run for different KV heads at once
+                          * (it reads the sequence and writes only out and the args' scratch) */ };
 
 /* the statistic slot per entry: accumulated attention or a learned score */
 #define KV_NEED_SLOT (KV_NEED_ACC | KV_NEED_LEARNED)
@@ -41,6 +43,7 @@ struct kv_score_args {
     int il;
     int64_t n_seen;          /* tokens the sequence has seen */
     float *scratch;          /* (n_head/n_head_kv + 1, max entries) floats for recomputed rows */
+    float *ascratch;         /* kv_attn scratch for the query rows of one KV head */
 };
 
 struct kv_scorer_i {
@@ -75,6 +78,10 @@ struct kv_policy {
                               * everything, and applying it must change nothing) */
     struct kv_pack_cfg pack; /* the spec's storage (prices KIVI entries in mem= budgets) */
     float *ascratch;         /* kv_attn scratch for g query rows */
+    /* optional (kv_policy_set_threads): scorers flagged KV_PAR_HEADS score the KV heads of a
+     * layer on these workers, each with its own copy of scratch and ascratch (n_par copies) */
+    struct threadpool *tp;
+    int n_par;
     /* merge plans: (n_head_kv, cap_max) targets, coefficients; demotions (MiKV) */
     int32_t *mt;
     float *mc;
@@ -86,6 +93,10 @@ enum kvs_status kv_policy_new(const struct kv_spec *spec, int n_layer, int n_hea
                               int head_dim, int32_t cap_max, uint64_t entry_bytes,
                               struct kv_policy **out);
 void kv_policy_free(struct kv_policy *p);
+/* Let the planner score KV heads on tp's workers (the caller's pool; plan_layer must then be
+ * called from outside its workers, as forward() does). Same scores, bit for bit. */
+struct threadpool;
+enum kvs_status kv_policy_set_threads(struct kv_policy *p, struct threadpool *tp);
 unsigned kv_policy_needs(const struct kv_spec *spec);
 int kv_policy_qwin(const struct kv_spec *spec);
 

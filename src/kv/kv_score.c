@@ -42,7 +42,7 @@ void kv_score_query_attention(const struct kv_score_args *a, int ih, bool last_o
         if (vis == 0) continue;
         float m[64], l[64];
         if (h->nc) {
-            kv_attn_scores(&view.h[ih], hd, Q, g, 0, nv, scale, S, p->cap_max, p->ascratch);
+            kv_attn_scores(&view.h[ih], hd, Q, g, 0, nv, scale, S, p->cap_max, a->ascratch);
             for (int32_t j = 0; j < h->nc; j++)
                 if (h->pos[j] > qpos)
                     for (int gi = 0; gi < g; gi++) S[(size_t)gi * p->cap_max + j] = -INFINITY;

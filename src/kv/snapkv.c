@@ -36,6 +36,6 @@ static int32_t protect(const struct kv_policy *p, int32_t budget) {
 }
 
 const struct kv_scorer_i kv_scorer_snapkv = {
-    .api_version = KV_POLICY_API_VERSION, .method = KV_SNAPKV, .needs = KV_NEED_QUERIES,
+    .api_version = KV_POLICY_API_VERSION, .method = KV_SNAPKV, .needs = KV_NEED_QUERIES | KV_PAR_HEADS,
     .score = score, .protect = protect,
 };

@@ -10,5 +10,5 @@ static void score(const struct kv_score_args *a, int ih, float *out) {
 
 const struct kv_scorer_i kv_scorer_tova = {
     .api_version = KV_POLICY_API_VERSION, .method = KV_TOVA,
-    .needs = KV_NEED_QUERIES | KV_NEED_LAYERWISE, .score = score, .protect = NULL,
+    .needs = KV_NEED_QUERIES | KV_NEED_LAYERWISE | KV_PAR_HEADS, .score = score, .protect = NULL,
 };
