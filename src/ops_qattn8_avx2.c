@@ -138,25 +138,28 @@ ALWAYS_INLINE void unperm32(const __m256 f[4], const int bits, __m256 out[4]) {
     }
 }
 
-/* ---- keys: one tile of 32 tokens x QB queries over all kd channels ---- */
-ALWAYS_INLINE void key_tile(const uint8_t *p, size_t cs, int kd, const int8_t *qr, const float *dq,
-                            const float *bias, const int QB, const int bits, float sc, float *S,
-                            int lds, int nb) {
-    const int flush = bits == 4 ? 16 : 64; /* channels between widenings */
-    __m256i s32[Q8_QB][4];
+/* The integer core of both kernels: n code streams (stream j at p + j * stride: a key channel
+ * or a value row), taken in pairs, against QB rows of int8 factors (row i at w + i * wstride,
+ * factor j for stream j), summed into s32[i][0..3] (in widen16's order). The 16-bit sums are
+ * widened every `flush` streams, before they can overflow. A missing last stream of an odd n
+ * reads as zeros. */
+ALWAYS_INLINE void dot_streams(const uint8_t *p, size_t stride, int n, const int8_t *w,
+                               size_t wstride, const int QB, const int bits, __m256i s32[][4]) {
+    const int flush = bits == 4 ? 16 : 64;
     UNROLL for (int i = 0; i < QB; i++) UNROLL for (int k = 0; k < 4; k++) s32[i][k] = _mm256_setzero_si256();
-    for (int c0 = 0; c0 < kd; c0 += flush) {
-        int c1 = c0 + flush < kd ? c0 + flush : kd;
+    for (int j0 = 0; j0 < n; j0 += flush) {
+        int j1 = j0 + flush < n ? j0 + flush : n;
         __m256i a[Q8_QB][2];
         UNROLL for (int i = 0; i < QB; i++) a[i][0] = a[i][1] = _mm256_setzero_si256();
-        for (int c = c0; c < c1; c += 2) {
-            const uint8_t *x = p + (size_t)c * cs;
+        for (int j = j0; j < j1; j += 2) {
+            const uint8_t *x = p + (size_t)j * stride;
+            __m128i vy = j + 1 < n ? load_codes(x + stride, bits) : _mm_setzero_si128();
             __m256i lo, hi;
-            place(load_codes(x, bits), load_codes(x + cs, bits), bits, &lo, &hi);
+            place(load_codes(x, bits), vy, bits, &lo, &hi);
             UNROLL for (int i = 0; i < QB; i++) {
-                __m256i w = pair16(qr + (size_t)i * Q8_MAXD + c);
-                a[i][0] = _mm256_add_epi16(a[i][0], _mm256_maddubs_epi16(lo, w));
-                a[i][1] = _mm256_add_epi16(a[i][1], _mm256_maddubs_epi16(hi, w));
+                __m256i f = pair16(w + (size_t)i * wstride + j);
+                a[i][0] = _mm256_add_epi16(a[i][0], _mm256_maddubs_epi16(lo, f));
+                a[i][1] = _mm256_add_epi16(a[i][1], _mm256_maddubs_epi16(hi, f));
             }
         }
         UNROLL for (int i = 0; i < QB; i++) {
@@ -165,6 +168,14 @@ ALWAYS_INLINE void key_tile(const uint8_t *p, size_t cs, int kd, const int8_t *q
             UNROLL for (int k = 0; k < 4; k++) s32[i][k] = _mm256_add_epi32(s32[i][k], f[k]);
         }
     }
+}
+
+/* ---- keys: one tile of 32 tokens x QB queries over all kd channels ---- */
+ALWAYS_INLINE void key_tile(const uint8_t *p, size_t cs, int kd, const int8_t *qr, const float *dq,
+                            const float *bias, const int QB, const int bits, float sc, float *S,
+                            int lds, int nb) {
+    __m256i s32[Q8_QB][4];
+    dot_streams(p, cs, kd, qr, Q8_MAXD, QB, bits, s32);
     const __m256 vsc = _mm256_set1_ps(sc);
     UNROLL for (int i = 0; i < QB; i++) {
         __m256 f[4], o[4];
@@ -258,31 +269,8 @@ void ops_qattn_blk_scores_q8_avx2(const float *Q, int g, int kd, const uint8_t *
  * acc (per query Q8_MAXD floats, each 32-channel tile in widen16's order) += d * sums */
 ALWAYS_INLINE void val_tile(const uint8_t *rows, size_t rstride, int nr, const int8_t *wr,
                             const float *dw, const int QB, const int bits, float *acc) {
-    /* 4-bit: 16-bit sums of 8 row pairs at most, widened into s32 between the halves */
-    const int half = bits == 4 ? OPS_Q8_ROWS / 2 : OPS_Q8_ROWS;
     __m256i s32[Q8_QB][4];
-    UNROLL for (int i = 0; i < QB; i++) UNROLL for (int k = 0; k < 4; k++) s32[i][k] = _mm256_setzero_si256();
-    for (int k0 = 0; k0 < nr; k0 += half) {
-        int k1 = k0 + half < nr ? k0 + half : nr;
-        __m256i a[Q8_QB][2];
-        UNROLL for (int i = 0; i < QB; i++) a[i][0] = a[i][1] = _mm256_setzero_si256();
-        for (int k = k0; k < k1; k += 2) {
-            const uint8_t *x = rows + (size_t)k * rstride;
-            __m128i vy = k + 1 < nr ? load_codes(x + rstride, bits) : _mm_setzero_si128();
-            __m256i lo, hi;
-            place(load_codes(x, bits), vy, bits, &lo, &hi);
-            UNROLL for (int i = 0; i < QB; i++) {
-                __m256i w = pair16(wr + i * OPS_Q8_ROWS + k);
-                a[i][0] = _mm256_add_epi16(a[i][0], _mm256_maddubs_epi16(lo, w));
-                a[i][1] = _mm256_add_epi16(a[i][1], _mm256_maddubs_epi16(hi, w));
-            }
-        }
-        UNROLL for (int i = 0; i < QB; i++) {
-            __m256i f[4];
-            widen16(a[i][0], a[i][1], f);
-            UNROLL for (int k = 0; k < 4; k++) s32[i][k] = _mm256_add_epi32(s32[i][k], f[k]);
-        }
-    }
+    dot_streams(rows, rstride, nr, wr, OPS_Q8_ROWS, QB, bits, s32);
     UNROLL for (int i = 0; i < QB; i++) {
         const __m256 d = _mm256_set1_ps(dw[i]);
         float *o = acc + (size_t)i * Q8_MAXD;
