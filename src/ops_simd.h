@@ -30,7 +30,9 @@ ALWAYS_INLINE void widen(const uint16_t *p, int n, float *out) {
 /* 8 rows of ng floats (row-major) -> ng vectors, vector k holding column k of rows 0..7.
  * Reads exactly the 8 * ng floats. */
 ALWAYS_INLINE void cols8(const float *v, int ng, __m256 *t) {
-    if (ng == 2) {
+    if (ng == 1) {
+        t[0] = _mm256_loadu_ps(v);
+    } else if (ng == 2) {
         __m256 a = _mm256_loadu_ps(v), b = _mm256_loadu_ps(v + 8);
         /* even (odd) lanes: [a0 a2 b0 b2 | a4 a6 b4 b6], then 64-bit lanes in the order 0 2 1 3 */
         __m256d e = _mm256_castps_pd(_mm256_shuffle_ps(a, b, 0x88));
