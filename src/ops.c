@@ -179,20 +179,19 @@ void ops_qattn_tok_accum_ref(const float *P, int g, int n, int lds, const uint8_
 }
 
 /* q8 of n floats (see ops.h): the int8 copy in r, the factor returned */
-static float q8_quantize(const float *v, int n, float qmax, int8_t *r) {
+static float q8_quantize(const float *v, int n, int8_t *r) {
     float amax = 0.0f;
     for (int i = 0; i < n; i++) amax = fmaxf(amax, fabsf(v[i]));
     if (!(amax > 0.0f)) {
         memset(r, 0, (size_t)n);
         return 0.0f;
     }
-    float id = qmax / amax;
-    long lim = (long)qmax;
+    float id = 127.0f / amax;
     for (int i = 0; i < n; i++) {
         long x = lrintf(v[i] * id);
-        r[i] = (int8_t)(x > lim ? lim : x < -lim ? -lim : x);
+        r[i] = (int8_t)(x > 127 ? 127 : x < -127 ? -127 : x);
     }
-    return amax / qmax;
+    return amax / 127.0f;
 }
 
 void ops_qattn_blk_scores_q8_ref(const float *Q, int g, int kd, const uint8_t *codes,
@@ -211,7 +210,7 @@ void ops_qattn_blk_scores_q8_ref(const float *Q, int g, int kd, const uint8_t *c
             qs[c] = q[c] * quant_f16_to_f32(scale[c]);
             bias += q[c] * quant_f16_to_f32(min[c]);
         }
-        float d = q8_quantize(qs, kd, 127.0f, r);
+        float d = q8_quantize(qs, kd, r);
         for (int t = 0; t < nt; t++) {
             int32_t s = 0;
             for (int c = 0; c < kd; c++) s += r[c] * ops_qcode(codes + (size_t)c * cstride, bits, t);
@@ -243,7 +242,7 @@ void ops_qattn_tok_accum_q8_ref(const float *P, int g, int n, int lds, const uin
                     w[t] = p[j0 + t] * quant_f16_to_f32(scale[e]);
                     bias += p[j0 + t] * quant_f16_to_f32(min[e]);
                 }
-                float d = q8_quantize(w, nr, 127.0f, r);
+                float d = q8_quantize(w, nr, r);
                 for (int c = 0; c < gs; c++) {
                     int32_t s = 0;
                     for (int t = 0; t < nr; t++)

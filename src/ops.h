@@ -112,13 +112,13 @@ void ops_qattn_tok_accum_avx2(const float *P, int g, int n, int lds, const uint8
  * versions). The codes are multiplied as integers against an 8-bit copy of the other operand
  * (as llama.cpp's quantized-KV dot products do with q8 activations), so the sums are exact
  * integers and the one approximation is that copy:
- *   q8(v[0..n), M): d = max|v| / M, r_i = round-half-even(v_i * (M / max|v|)) in [-M, M]
+ *   q8(v[0..n)): d = max|v| / 127, r_i = round-half-even(v_i * (127 / max|v|)) in [-127, 127]
  *   (all zero, d = 0, when max|v| = 0); v_i ~ d r_i, |v_i - d r_i| <= d / 2.
  * blk_scores_q8: per query, v = q_c * scale_c over the kd channels of the block (kd <= 256),
- *     M = 127: S[qi * lds + t] = sc * fma(d, (float)sum_c r_c code(c, t), bias), bias =
+ *     S[qi * lds + t] = sc * fma(d, (float)sum_c r_c code(c, t), bias), bias =
  *     sum_c q_c min_c.
  * tok_accum_q8 (gs a multiple of 32, hd <= 256): per query, value group k and OPS_Q8_ROWS rows
- *     from the first row of the call, v = p_t * scale[t, k] over the block's rows, M = 127;
+ *     from the first row of the call, v = p_t * scale[t, k] over the block's rows;
  *     per block acc_c = fma(d, (float)sum_t r_t code(t, c), acc_c) in block order; at the end
  *     O[c] += acc_c + sum_t p_t min[t, k].
  * Other bit widths and group sizes take the float kernels above (same results as theirs).

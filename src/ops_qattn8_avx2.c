@@ -59,9 +59,9 @@ ALWAYS_INLINE float q8_row(const float *v, int n, int8_t *r) {
     return amax / 127.0f;
 }
 
-/* the weights' int8 copy of OPS_Q8_ROWS floats (w[0..3], 8 each) into r, at most qmax in
- * magnitude: the same arithmetic as the reference (ops.c q8_quantize) */
-ALWAYS_INLINE float q8_rows(const __m256 w[4], float qmax, int8_t *r) {
+/* the weights' int8 copy of OPS_Q8_ROWS floats (w[0..3], 8 each) into r: q8_row's arithmetic
+ * on values already in registers */
+ALWAYS_INLINE float q8_rows(const __m256 w[4], int8_t *r) {
     const __m256 absm = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
     __m256 mx = _mm256_max_ps(_mm256_max_ps(_mm256_and_ps(w[0], absm), _mm256_and_ps(w[1], absm)),
                               _mm256_max_ps(_mm256_and_ps(w[2], absm), _mm256_and_ps(w[3], absm)));
@@ -70,7 +70,7 @@ ALWAYS_INLINE float q8_rows(const __m256 w[4], float qmax, int8_t *r) {
         memset(r, 0, 32);
         return 0.0f;
     }
-    const __m256 id = _mm256_set1_ps(qmax / amax);
+    const __m256 id = _mm256_set1_ps(127.0f / amax);
     __m256i x[4];
     UNROLL for (int k = 0; k < 4; k++) x[k] = _mm256_cvtps_epi32(_mm256_mul_ps(w[k], id));
     /* packs works within 128-bit halves: [a 0-3, b 0-3 | a 4-7, b 4-7], so the int16 vectors
@@ -79,7 +79,7 @@ ALWAYS_INLINE float q8_rows(const __m256 w[4], float qmax, int8_t *r) {
     __m256i b = _mm256_packs_epi16(_mm256_packs_epi32(x[0], x[1]), _mm256_packs_epi32(x[2], x[3]));
     b = _mm256_permutevar8x32_epi32(b, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
     _mm256_storeu_si256((__m256i *)r, b);
-    return amax / qmax;
+    return amax / 127.0f;
 }
 
 /* the int16 pair (r[i], r[i + 1]) in every 16-bit lane */
@@ -220,34 +220,19 @@ void ops_qattn_blk_scores_q8_avx2(const float *Q, int g, int kd, const uint8_t *
         return;
     }
     float sf[Q8_MAXD], mf[Q8_MAXD], qs[Q8_MAXD];
-    for (int c = 0; c < kd; c += 8) {
-        _mm256_storeu_ps(sf + c, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(scale + c))));
-        _mm256_storeu_ps(mf + c, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(min + c))));
-    }
+    widen(scale, kd, sf);
+    widen(min, kd, mf);
     /* a partial last tile reads a zero-padded copy of its bytes (never past the codes) */
     const size_t tb = (size_t)Q8_T * bits / 8;
     uint8_t tail[Q8_MAXD * Q8_T / 2];
     int full = nt / Q8_T * Q8_T;
-    if (full < nt) {
-        size_t off = (size_t)full * bits / 8, nbytes = ((size_t)nt * bits + 7) / 8 - off;
-        for (int c = 0; c < kd; c++) {
-            memcpy(tail + (size_t)c * tb, codes + (size_t)c * cstride + off, nbytes);
-            memset(tail + (size_t)c * tb + nbytes, 0, tb - nbytes);
-        }
-    }
+    tail_tile(codes, cstride, kd, full, nt, bits, tb, tail);
     int8_t qr[Q8_QC * Q8_MAXD];
     float dq[Q8_QC], bias[Q8_QC];
     for (int q0 = 0; q0 < g; q0 += Q8_QC) {
         int qn = g - q0 < Q8_QC ? g - q0 : Q8_QC;
         for (int j = 0; j < qn; j++) {
-            const float *q = Q + (size_t)(q0 + j) * kd;
-            __m256 b = _mm256_setzero_ps();
-            for (int c = 0; c < kd; c += 8) {
-                __m256 qv = _mm256_loadu_ps(q + c);
-                _mm256_storeu_ps(qs + c, _mm256_mul_ps(qv, _mm256_loadu_ps(sf + c)));
-                b = _mm256_fmadd_ps(qv, _mm256_loadu_ps(mf + c), b);
-            }
-            bias[j] = hsum8(b);
+            bias[j] = fold_query(Q + (size_t)(q0 + j) * kd, sf, mf, kd, qs);
             dq[j] = q8_row(qs, kd, qr + (size_t)j * Q8_MAXD);
         }
         int nblk = (qn + Q8_QB - 1) / Q8_QB;
@@ -256,7 +241,7 @@ void ops_qattn_blk_scores_q8_avx2(const float *Q, int g, int kd, const uint8_t *
             const uint8_t *p = nb == Q8_T ? codes + (size_t)t0 * bits / 8 : tail;
             size_t cs = nb == Q8_T ? cstride : tb;
             for (int i0 = 0, k = 0; k < nblk; k++) {
-                int qb = (qn - i0 + (nblk - k) - 1) / (nblk - k);
+                int qb = reg_block(qn, i0, nblk, k);
                 key_tile_any(p, cs, kd, qr + (size_t)i0 * Q8_MAXD, dq + i0, bias + i0, qb, bits, sc,
                              S + (size_t)(q0 + i0) * lds + t0, lds, nb);
                 i0 += qb;
@@ -352,14 +337,14 @@ void ops_qattn_tok_accum_q8_avx2(const float *P, int g, int n, int lds, const ui
                         w[r] = _mm256_mul_ps(pv[r], sv[r][k]);
                     }
                     bv[k * qn + i] = b;
-                    dw[k * qn + i] = q8_rows(w, 127.0f, wr + (k * qn + i) * R);
+                    dw[k * qn + i] = q8_rows(w, wr + (k * qn + i) * R);
                 }
             }
             const uint8_t *rows = codes + (size_t)j0 * rstride;
             for (int h = 0; h < hd; h += Q8_T) {
                 int k = h / gs;
                 for (int i0 = 0, b = 0; b < nblk; b++) {
-                    int qb = (qn - i0 + (nblk - b) - 1) / (nblk - b);
+                    int qb = reg_block(qn, i0, nblk, b);
                     val_tile_any(rows + (size_t)h / Q8_T * tb, rstride, nr, wr + (k * qn + i0) * R,
                                  dw + k * qn + i0, qb, bits, acc + (size_t)i0 * Q8_MAXD + h);
                     i0 += qb;

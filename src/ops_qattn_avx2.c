@@ -212,34 +212,16 @@ void ops_qattn_blk_scores_avx2(const float *Q, int g, int kd, const uint8_t *cod
     float qs[QA_MAXD * BLK_QS] __attribute__((aligned(32)));
     float bias[BLK_QS];
     float sf[QA_MAXD], mf[QA_MAXD]; /* the block's fp16 scales and minima, widened once */
-    for (int c = 0; c < kd; c += 8) {
-        _mm256_storeu_ps(sf + c, cvt8h(scale + c));
-        _mm256_storeu_ps(mf + c, cvt8h(min + c));
-    }
+    widen(scale, kd, sf);
+    widen(min, kd, mf);
     /* the last partial tile reads a zero-padded copy of its bytes (never past the row's end) */
     uint8_t tail[QA_MAXD * 2 * 8];
     const size_t tstride = 2 * 8; /* bytes of 16 codes at 8 bits, the most a tile reads */
     int full = nt / BLK_T * BLK_T;
-    if (full < nt) {
-        size_t off = (size_t)full * bits / 8;
-        size_t nbytes = ((size_t)nt * bits + 7) / 8 - off;
-        for (int c = 0; c < kd; c++) {
-            memcpy(tail + (size_t)c * tstride, codes + (size_t)c * cstride + off, nbytes);
-            memset(tail + (size_t)c * tstride + nbytes, 0, tstride - nbytes);
-        }
-    }
+    tail_tile(codes, cstride, kd, full, nt, bits, tstride, tail);
     for (int q0 = 0; q0 < g; q0 += BLK_QS) {
         int qn = g - q0 < BLK_QS ? g - q0 : BLK_QS;
-        for (int j = 0; j < qn; j++) {
-            const float *q = Q + (size_t)(q0 + j) * kd;
-            __m256 b = _mm256_setzero_ps();
-            for (int c = 0; c < kd; c += 8) {
-                __m256 qv = _mm256_loadu_ps(q + c);
-                _mm256_store_ps(qs + j * kd + c, _mm256_mul_ps(qv, _mm256_loadu_ps(sf + c)));
-                b = _mm256_fmadd_ps(qv, _mm256_loadu_ps(mf + c), b);
-            }
-            bias[j] = hsum8(b);
-        }
+        for (int j = 0; j < qn; j++) bias[j] = fold_query(Q + (size_t)(q0 + j) * kd, sf, mf, kd, qs + j * kd);
         for (int t0 = 0; t0 < nt; t0 += BLK_T) {
             int nb = nt - t0 < BLK_T ? nt - t0 : BLK_T;
             const uint8_t *p = nb == BLK_T ? codes + (size_t)t0 * bits / 8 : tail;
@@ -247,7 +229,7 @@ void ops_qattn_blk_scores_avx2(const float *Q, int g, int kd, const uint8_t *cod
             /* split the qn queries into register blocks of near-equal size (<= BLK_QB) */
             int nblk = (qn + BLK_QB - 1) / BLK_QB;
             for (int i0 = 0, k = 0; k < nblk; k++) {
-                int qb = (qn - i0 + (nblk - k) - 1) / (nblk - k);
+                int qb = reg_block(qn, i0, nblk, k);
                 blk_tile_any(p, cs, kd, qs + i0 * kd, kd, bias + i0, qb, bits, sc,
                              S + (size_t)(q0 + i0) * lds + t0, lds, nb);
                 i0 += qb;

@@ -4,7 +4,9 @@
 #define KVS_OPS_SIMD_H
 
 #include <immintrin.h>
+#include <stddef.h>
 #include <stdint.h>
+#include <string.h>
 
 #define ALWAYS_INLINE static inline __attribute__((always_inline))
 #define UNROLL _Pragma("GCC unroll 16")
@@ -72,6 +74,37 @@ ALWAYS_INLINE void cols8(const float *v, int ng, __m256 *t) {
         const __m256i ix = _mm256_setr_epi32(0, ng, 2 * ng, 3 * ng, 4 * ng, 5 * ng, 6 * ng, 7 * ng);
         for (int k = 0; k < ng; k++) t[k] = _mm256_i32gather_ps(v + k, ix, 4);
     }
+}
+
+/* A key block's query folded with its channel scales: qs[c] = q[c] * sf[c] for c < kd (a
+ * multiple of 8); returns the bias sum_c q[c] * mf[c] (8 lanes, then hsum8). */
+ALWAYS_INLINE float fold_query(const float *q, const float *sf, const float *mf, int kd, float *qs) {
+    __m256 b = _mm256_setzero_ps();
+    for (int c = 0; c < kd; c += 8) {
+        __m256 qv = _mm256_loadu_ps(q + c);
+        _mm256_storeu_ps(qs + c, _mm256_mul_ps(qv, _mm256_loadu_ps(sf + c)));
+        b = _mm256_fmadd_ps(qv, _mm256_loadu_ps(mf + c), b);
+    }
+    return hsum8(b);
+}
+
+/* The partial last tile of a channel-major key block (tokens full..nt-1 of each of the kd
+ * channels, `bits` per code) copied to tail, channel c at tail + c * tstride, zero-padded to
+ * tstride bytes, so that a tile kernel never reads past the codes. Nothing when nt == full. */
+ALWAYS_INLINE void tail_tile(const uint8_t *codes, size_t cstride, int kd, int full, int nt,
+                             int bits, size_t tstride, uint8_t *tail) {
+    if (full >= nt) return;
+    size_t off = (size_t)full * bits / 8, nbytes = ((size_t)nt * bits + 7) / 8 - off;
+    for (int c = 0; c < kd; c++) {
+        memcpy(tail + (size_t)c * tstride, codes + (size_t)c * cstride + off, nbytes);
+        memset(tail + (size_t)c * tstride + nbytes, 0, tstride - nbytes);
+    }
+}
+
+/* Register blocks of near-equal size: the size of block k of nblk over the qn - i0 queries
+ * still left (blocks k..nblk-1 share them). */
+static inline int reg_block(int qn, int i0, int nblk, int k) {
+    return (qn - i0 + (nblk - k) - 1) / (nblk - k);
 }
 
 #endif

@@ -119,50 +119,48 @@ static void test_blk_scores(int bits, int g, int kd, int nt, bool avx2) {
             want[qi * nt + t] = sc * w;
             mag[qi * nt + t] = sc * m;
         }
-    char what[96];
-    snprintf(what, sizeof what, "blk_scores_ref b%d g%d kd%d nt%d", bits, g, kd, nt);
-    fill_nan(S, (size_t)g * lds);
-    ops_qattn_blk_scores_ref(Q, g, kd, cd.codes, cstride, hs, hm, nt, bits, sc, S, lds);
-    CHECKF(check_scores(what, S, want, mag, g, nt, lds, &worst_ref) == 0, "%s", what);
-    if (avx2) {
-        /* the reference's own output is the target now */
-        for (int qi = 0; qi < g; qi++)
-            for (int t = 0; t < nt; t++) want[qi * nt + t] = S[qi * lds + t];
-        fill_nan(S, (size_t)g * lds);
-        ops_qattn_blk_scores_avx2(Q, g, kd, cd.codes, cstride, hs, hm, nt, bits, sc, S, lds);
-        snprintf(what, sizeof what, "blk_scores_avx2 b%d g%d kd%d nt%d", bits, g, kd, nt);
-        CHECKF(check_scores(what, S, want, mag, g, nt, lds, &worst_avx2) == 0, "%s", what);
-    }
-    /* the int8 form: the reference within the bound of ops.h from the exact scores (recomputed
-     * here in double), the AVX2 version within TOL of the int8 reference */
+    /* the int8 form's budget: the bound of ops.h (d / 2 per code) on top of the float budget;
+     * only 2-bit and 4-bit codes are quantized */
     for (int qi = 0; qi < g; qi++) {
         double amax = 0;
         for (int c = 0; c < kd; c++) amax = fmax(amax, fabs((double)(Q[qi * kd + c] * scale[c])));
         double half = amax / 127.0 / 2.0;
         for (int t = 0; t < nt; t++) {
-            double w = 0, codes = 0;
-            for (int c = 0; c < kd; c++) {
-                w += (double)Q[qi * kd + c] * xh[c * nt + t];
-                codes += kvq_code(cd.codes + (size_t)c * cstride, bits, t);
-            }
-            want[qi * nt + t] = sc * w;
-            /* the bound plus the float budget; 2-bit and 4-bit only quantize */
+            double codes = 0;
+            for (int c = 0; c < kd; c++) codes += kvq_code(cd.codes + (size_t)c * cstride, bits, t);
             qmag[qi * nt + t] = ops_qattn_q8_bits(bits) ? sc * half * codes * (1 + 1e-6) / TOL + mag[qi * nt + t]
                                                         : mag[qi * nt + t];
         }
     }
-    snprintf(what, sizeof what, "blk_scores_q8_ref b%d g%d kd%d nt%d", bits, g, kd, nt);
-    fill_nan(S, (size_t)g * lds);
-    ops_qattn_blk_scores_q8_ref(Q, g, kd, cd.codes, cstride, hs, hm, nt, bits, sc, S, lds);
-    CHECKF(check_scores(what, S, want, qmag, g, nt, lds, &worst_q8) == 0, "%s", what);
-    if (avx2) {
+    /* each form: its reference against the exact sums, then its AVX2 version against the
+     * reference's own output (within the float budget) */
+    typedef void (*blk_fn)(const float *, int, int, const uint8_t *, size_t, const uint16_t *,
+                           const uint16_t *, int, int, float, float *, int);
+    const struct {
+        const char *name;
+        blk_fn ref, fast;
+        const double *budget;
+        double *worst;
+    } form[2] = {{"blk_scores", ops_qattn_blk_scores_ref, ops_qattn_blk_scores_avx2, mag, &worst_ref},
+                 {"blk_scores_q8", ops_qattn_blk_scores_q8_ref, ops_qattn_blk_scores_q8_avx2, qmag, &worst_q8}};
+    double *exact = malloc(sizeof(double) * (size_t)(g * nt + 1));
+    memcpy(exact, want, sizeof(double) * (size_t)(g * nt));
+    for (int f = 0; f < 2; f++) {
+        char what[96];
+        memcpy(want, exact, sizeof(double) * (size_t)(g * nt));
+        snprintf(what, sizeof what, "%s_ref b%d g%d kd%d nt%d", form[f].name, bits, g, kd, nt);
+        fill_nan(S, (size_t)g * lds);
+        form[f].ref(Q, g, kd, cd.codes, cstride, hs, hm, nt, bits, sc, S, lds);
+        CHECKF(check_scores(what, S, want, form[f].budget, g, nt, lds, form[f].worst) == 0, "%s", what);
+        if (!avx2) continue;
         for (int qi = 0; qi < g; qi++)
             for (int t = 0; t < nt; t++) want[qi * nt + t] = S[qi * lds + t];
         fill_nan(S, (size_t)g * lds);
-        ops_qattn_blk_scores_q8_avx2(Q, g, kd, cd.codes, cstride, hs, hm, nt, bits, sc, S, lds);
-        snprintf(what, sizeof what, "blk_scores_q8_avx2 b%d g%d kd%d nt%d", bits, g, kd, nt);
+        form[f].fast(Q, g, kd, cd.codes, cstride, hs, hm, nt, bits, sc, S, lds);
+        snprintf(what, sizeof what, "%s_avx2 b%d g%d kd%d nt%d", form[f].name, bits, g, kd, nt);
         CHECKF(check_scores(what, S, want, mag, g, nt, lds, &worst_avx2) == 0, "%s", what);
     }
+    free(exact);
     free(qmag);
     free(cd.base), free(Q), free(scale), free(min), free(hs), free(hm), free(S), free(want), free(mag), free(xh);
 }
@@ -261,25 +259,10 @@ static void test_tok_accum(int bits, int g, int hd, int vgs, int n, bool avx2) {
             }
         }
     }
-    char what[96];
-    snprintf(what, sizeof what, "tok_accum_ref b%d g%d hd%d gs%d n%d", bits, g, hd, vgs, n);
-    memcpy(O, O0, sizeof(float) * (size_t)(g * hd));
-    ops_qattn_tok_accum_ref(P, g, n, lds, cd.codes, rstride, hs, hm, hd, vgs, bits, O);
-    CHECKF(check_accum(what, O, want, mag, g * hd, &worst_ref) == 0, "%s", what);
-    if (n == 0) CHECK(memcmp(O, O0, sizeof(float) * (size_t)(g * hd)) == 0);
-    if (avx2) {
-        for (int i = 0; i < g * hd; i++) want[i] = O[i];
-        memcpy(O, O0, sizeof(float) * (size_t)(g * hd));
-        ops_qattn_tok_accum_avx2(P, g, n, lds, cd.codes, rstride, hs, hm, hd, vgs, bits, O);
-        snprintf(what, sizeof what, "tok_accum_avx2 b%d g%d hd%d gs%d n%d", bits, g, hd, vgs, n);
-        CHECKF(check_accum(what, O, want, mag, g * hd, &worst_avx2) == 0, "%s", what);
-        if (n == 0) CHECK(memcmp(O, O0, sizeof(float) * (size_t)(g * hd)) == 0);
-    }
-    /* the int8 form (ops.h): per block of OPS_Q8_ROWS rows the weights p * scale move by at
-     * most half their step; exact values again from the double sums */
+    /* the int8 form's budget (ops.h): per block of OPS_Q8_ROWS rows the weights p * scale move
+     * by at most half their step, on top of the float budget */
     bool q8 = ops_qattn_q8_bits(bits) && vgs % 32 == 0;
-    double *qmag = malloc(sizeof(double) * (size_t)(g * hd));
-    for (int i = 0; i < g * hd; i++) want[i] = O0[i], qmag[i] = 0;
+    double *qmag = calloc((size_t)(g * hd), sizeof(double));
     for (int qi = 0; qi < g; qi++)
         for (int j0 = 0; j0 < n; j0 += OPS_Q8_ROWS) {
             int j1 = j0 + OPS_Q8_ROWS < n ? j0 + OPS_Q8_ROWS : n;
@@ -287,30 +270,41 @@ static void test_tok_accum(int bits, int g, int hd, int vgs, int n, bool avx2) {
             for (int t = j0; t < j1; t++)
                 for (int k = 0; k < ng; k++)
                     amax[k] = fmax(amax[k], fabs((double)(P[qi * lds + t] * scale[t * ng + k])));
-            for (int t = j0; t < j1; t++) {
-                const uint8_t *row = cd.codes + (size_t)t * rstride;
-                double p = P[qi * lds + t];
-                for (int c = 0; c < hd; c++) {
-                    int k = t * ng + c / vgs, code = kvq_code(row, bits, c);
-                    want[qi * hd + c] += p * ((double)code * scale[k] + min[k]);
-                    qmag[qi * hd + c] += amax[c / vgs] / 127.0 / 2.0 * code;
-                }
-            }
+            for (int t = j0; t < j1; t++)
+                for (int c = 0; c < hd; c++)
+                    qmag[qi * hd + c] += amax[c / vgs] / 127.0 / 2.0 * kvq_code(cd.codes + (size_t)t * rstride, bits, c);
         }
     for (int i = 0; i < g * hd; i++) qmag[i] = q8 ? qmag[i] * (1 + 1e-6) / TOL + mag[i] : mag[i];
-    memcpy(O, O0, sizeof(float) * (size_t)(g * hd));
-    ops_qattn_tok_accum_q8_ref(P, g, n, lds, cd.codes, rstride, hs, hm, hd, vgs, bits, O);
-    snprintf(what, sizeof what, "tok_accum_q8_ref b%d g%d hd%d gs%d n%d", bits, g, hd, vgs, n);
-    CHECKF(check_accum(what, O, want, qmag, g * hd, &worst_q8) == 0, "%s", what);
-    if (n == 0) CHECK(memcmp(O, O0, sizeof(float) * (size_t)(g * hd)) == 0);
-    if (avx2) {
+    /* each form: its reference against the exact sums, then its AVX2 version against the
+     * reference's own output (within the float budget); n == 0 must leave O as it was */
+    typedef void (*acc_fn)(const float *, int, int, int, const uint8_t *, size_t, const uint16_t *,
+                           const uint16_t *, int, int, int, float *);
+    const struct {
+        const char *name;
+        acc_fn ref, fast;
+        const double *budget;
+        double *worst;
+    } form[2] = {{"tok_accum", ops_qattn_tok_accum_ref, ops_qattn_tok_accum_avx2, mag, &worst_ref},
+                 {"tok_accum_q8", ops_qattn_tok_accum_q8_ref, ops_qattn_tok_accum_q8_avx2, qmag, &worst_q8}};
+    double *exact = malloc(sizeof(double) * (size_t)(g * hd));
+    memcpy(exact, want, sizeof(double) * (size_t)(g * hd));
+    for (int f = 0; f < 2; f++) {
+        char what[96];
+        memcpy(want, exact, sizeof(double) * (size_t)(g * hd));
+        snprintf(what, sizeof what, "%s_ref b%d g%d hd%d gs%d n%d", form[f].name, bits, g, hd, vgs, n);
+        memcpy(O, O0, sizeof(float) * (size_t)(g * hd));
+        form[f].ref(P, g, n, lds, cd.codes, rstride, hs, hm, hd, vgs, bits, O);
+        CHECKF(check_accum(what, O, want, form[f].budget, g * hd, form[f].worst) == 0, "%s", what);
+        if (n == 0) CHECK(memcmp(O, O0, sizeof(float) * (size_t)(g * hd)) == 0);
+        if (!avx2) continue;
         for (int i = 0; i < g * hd; i++) want[i] = O[i];
         memcpy(O, O0, sizeof(float) * (size_t)(g * hd));
-        ops_qattn_tok_accum_q8_avx2(P, g, n, lds, cd.codes, rstride, hs, hm, hd, vgs, bits, O);
-        snprintf(what, sizeof what, "tok_accum_q8_avx2 b%d g%d hd%d gs%d n%d", bits, g, hd, vgs, n);
+        form[f].fast(P, g, n, lds, cd.codes, rstride, hs, hm, hd, vgs, bits, O);
+        snprintf(what, sizeof what, "%s_avx2 b%d g%d hd%d gs%d n%d", form[f].name, bits, g, hd, vgs, n);
         CHECKF(check_accum(what, O, want, mag, g * hd, &worst_avx2) == 0, "%s", what);
         if (n == 0) CHECK(memcmp(O, O0, sizeof(float) * (size_t)(g * hd)) == 0);
     }
+    free(exact);
     free(qmag);
     free(cd.base), free(scale), free(min), free(hs), free(hm), free(P), free(O0), free(O), free(xh), free(want),
         free(mag);
