@@ -15,23 +15,45 @@ SIMD    := -mavx2 -mfma -mf16c
 LDLIBS  += -lm -pthread -lxxhash
 BUILD   ?= build
 
-LIB_SRC  := $(filter-out src/main.c, $(wildcard src/*.c src/kv/*.c src/eval/*.c src/batch/*.c src/page/*.c))
-LIB_OBJ  := $(LIB_SRC:src/%.c=$(BUILD)/obj/%.o)
+LIB_SRC  := $(filter-out src/main.c, $(wildcard src/*.c src/kv/*.c src/eval/*.c src/batch/*.c src/page/*.c src/cuda/*.c))
+HDRS     := $(wildcard src/*.h src/kv/*.h src/eval/*.h src/batch/*.h src/cuda/*.h include/*.h)
+# `make cuda` (CUDA=1, BUILD=build/cuda): the GPU backend src/cuda/cuda.cu replaces the stub
+# cuda_none.c; nvcc builds sm_90 machine code (H100/H200) plus PTX that newer GPUs compile at start
+NVCC      ?= $(shell command -v nvcc 2>/dev/null || echo /usr/local/cuda/bin/nvcc)
+CUDA_HOME ?= $(patsubst %/bin/nvcc,%,$(NVCC))
+CUDA_ARCH ?= -gencode arch=compute_90,code=sm_90 -gencode arch=compute_90,code=compute_90
+ifeq ($(CUDA),1)
+LIB_SRC  := $(filter-out src/cuda/cuda_none.c, $(LIB_SRC))
+LDLIBS   += -L$(CUDA_HOME)/lib64 -lcudart_static -ldl -lrt -lstdc++
+endif
+LIB_OBJ  := $(LIB_SRC:src/%.c=$(BUILD)/obj/%.o) $(if $(filter 1,$(CUDA)),$(BUILD)/obj/cuda/cuda.o)
 TEST_SRC := $(wildcard tests/test_*.c)
 TEST_BIN := $(TEST_SRC:tests/%.c=$(BUILD)/%)
 MODEL    := models/SmolLM2-135M-Instruct.Q4_1.gguf
 
-.PHONY: all test test-slow check bench bench-serve bench-compare demo eval eval-medium eval-large models models-large data fuzz clean
+.PHONY: all cuda test-cuda test test-slow check bench bench-serve bench-compare demo eval eval-medium eval-large models models-large data fuzz clean
 all: $(BUILD)/kvsieve $(BUILD)/libkvsieve.a $(BUILD)/libkvsieve.so $(TEST_BIN)
 
-$(BUILD)/obj/%_avx2.o: src/%_avx2.c $(wildcard src/*.h src/kv/*.h src/eval/*.h src/batch/*.h include/*.h)
+$(BUILD)/obj/%_avx2.o: src/%_avx2.c $(HDRS)
 	@mkdir -p $(dir $@)
 	$(CC) $(CFLAGS) $(SIMD) -c $< -o $@
 
-$(BUILD)/obj/%.o: src/%.c $(wildcard src/*.h src/kv/*.h src/eval/*.h src/batch/*.h include/*.h)
+$(BUILD)/obj/%.o: src/%.c $(HDRS)
 	@mkdir -p $(dir $@)
 	$(CC) $(CFLAGS) -c $< -o $@
 
+$(BUILD)/obj/cuda/cuda.o: src/cuda/cuda.cu src/cuda/cuda.h include/kvsieve.h
+	@mkdir -p $(dir $@)
+	$(NVCC) $(CUDA_ARCH) -O3 -std=c++17 -lineinfo -Xcompiler -fPIC,-Wall,-Wextra,-Werror -Iinclude -c $< -o $@
+
+# the same program, libraries and tests with the CUDA backend, in build/cuda (`--device cuda`)
+cuda:
+	$(MAKE) BUILD=build/cuda CUDA=1 all
+
+# on a machine with a GPU: every kernel against the CPU references, and the whole model on the
+# GPU against the CPU path (tests/test_cuda.c; KVS_REQUIRE_GPU makes a missing GPU a failure)
+test-cuda: cuda models
+	KVS_REQUIRE_GPU=1 build/cuda/test_cuda
 # the paging library (src/page/) reads only base.h and its own headers
 $(BUILD)/obj/page/%.o: src/page/%.c $(wildcard src/page/*.h) src/base.h include/kvsieve.h
 	@mkdir -p $(dir $@)

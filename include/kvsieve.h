@@ -117,7 +117,11 @@ struct kvs_context_params {
     bool act_f32;       /* weight matmuls on fp32 activations (each weight row dequantized and
                          * dotted in fp32) instead of activations quantized to 8 bits; several
                          * times slower; for comparing the engine with a float reference */
+    int device;         /* KVS_DEVICE_CPU (default) or KVS_DEVICE_CUDA: the whole forward pass
+                         * and the KV cache on the first GPU (a `make cuda` build; full cache
+                         * only so far: any other kv_spec, keep_stats or act_f32 is refused) */
 };
+enum kvs_device { KVS_DEVICE_CPU = 0, KVS_DEVICE_CUDA = 1 };
 #define KVS_STATS_QWIN 64
 struct kvs_context_params kvs_context_params_default(void);
 /* The --kv grammar, methods and options, as printed by `kvsieve --help kv`. */
@@ -131,6 +135,11 @@ enum kvs_status kvs_context_new(kvs_model *m, const struct kvs_context_params *p
                                 kvs_context **out);
 void kvs_context_free(kvs_context *c);
 int kvs_context_n_threads(const kvs_context *c);
+/* "cpu", or the GPU a --device cuda context runs on ("NVIDIA H200 (sm_90, 139.8 GiB)"). */
+const char *kvs_context_device_name(const kvs_context *c);
+/* A GPU context's memory bandwidth in GB/s (device-to-device copies, bytes read plus written);
+ * -1 on the CPU (kvs_measure_read_bandwidth measures that). */
+double kvs_context_device_bandwidth(kvs_context *c);
 /* Most tokens one sequence may consume: n_ctx, or KVS_PAST_MAX when the KV policy bounds the
  * cache (a fixed budget=N, mem=B or streaming window, compressed after every prefill chunk and
  * while decoding): n_ctx is then the cache's size and generation runs past it (StreamingLLM). */

@@ -10,6 +10,8 @@
 
 enum kvs_status kvs_seq_chunk_deviation(kvs_context *c, kvs_sequence *s, const int32_t *tokens,
                                         const int32_t *pos, int n, int check_layer, float *dev) {
+    enum kvs_status gst_ = kvs_gpu_refuse(c, "measuring chunk deviations (Cache-Craft)");
+    if (gst_ != KVS_OK) return gst_;
     if (!c || !s || !tokens || !pos || !dev || n < 1)
         return kvs_fail(KVS_ERR_INVALID_ARG, "kvs_seq_chunk_deviation: missing arguments");
     if (check_layer < 0 || check_layer >= c->m->hp.n_layer)

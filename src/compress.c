@@ -4,6 +4,8 @@
 #include "engine.h"
 
 enum kvs_status kvs_seq_compress(kvs_context *c, kvs_sequence *s, const char *kv_spec) {
+    enum kvs_status gst_ = kvs_gpu_refuse(c, "compressing a sequence (kvs_seq_compress)");
+    if (gst_ != KVS_OK) return gst_;
     struct kv_spec spec;
     enum kvs_status st = kv_spec_parse(kv_spec ? kv_spec : "", &spec);
     if (st != KVS_OK) return st;

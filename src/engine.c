@@ -27,6 +27,40 @@ enum kvs_status kvs_kv_spec_check(const char *kv_spec, char *norm, size_t size) 
 }
 
 
+double kvs_context_device_bandwidth(kvs_context *c) { return c->gpu ? cuda_bandwidth_gb_s(c->gpu) : -1; }
+
+const char *kvs_context_device_name(const kvs_context *c) { return c->gpu ? cuda_device_name(c->gpu) : "cpu"; }
+
+/* The model as the GPU backend reads it (cuda.h), then the GPU context. */
+static enum kvs_status gpu_init(kvs_context *c) {
+    const kvs_model *m = c->m;
+    const struct hparams *hp = &m->hp;
+    const struct kv_spec *sp = &c->base.spec;
+    if (c->base.policy || sp->think || sp->kivi_bits || sp->mikv_low || c->p.keep_stats || c->p.act_f32)
+        return kvs_fail(KVS_ERR_UNSUPPORTED, "--device cuda runs the full KV cache only so far ('%s'%s "
+                        "asked); KV policies on the GPU are not built yet, use the CPU for them",
+                        sp->text, c->p.keep_stats ? " with statistics" : c->p.act_f32 ? " with fp32 activations" : "");
+    struct cuda_layer_desc *L = calloc((size_t)hp->n_layer, sizeof *L);
+    if (!L) return kvs_fail(KVS_ERR_NOMEM, "out of memory");
+#define CW(w) ((struct cuda_w){(w).data, (w).type, (w).n_rows, (w).n_cols, (w).row_bytes})
+    for (int il = 0; il < hp->n_layer; il++) {
+        const struct layer_weights *lw = &m->layers[il];
+        L[il] = (struct cuda_layer_desc){lw->attn_norm, lw->ffn_norm, lw->bq, lw->bk, lw->bv,
+                                         CW(lw->wq), CW(lw->wk), CW(lw->wv), CW(lw->wo),
+                                         CW(lw->w_gate), CW(lw->w_up), CW(lw->w_down)};
+    }
+    struct cuda_model_desc d = {
+        .n_layer = hp->n_layer, .n_embd = hp->n_embd, .n_head = hp->n_head, .n_head_kv = hp->n_head_kv,
+        .head_dim = hp->head_dim, .n_ff = hp->n_ff, .n_vocab = hp->n_vocab, .norm_eps = hp->norm_eps,
+        .neox = m->arch->rope == ROPE_NEOX, .inv_freq = c->inv_freq, .tok_embd = CW(m->tok_embd),
+        .output = CW(m->output), .output_norm = m->output_norm, .layers = L};
+#undef CW
+    enum kvs_status st = cuda_ctx_new(&d, c->n_ctx, c->t_max, c->p.n_seq_max, &c->gpu);
+    free(L);
+    if (st == KVS_OK) kvs_log(2, "cuda: %s", cuda_device_name(c->gpu));
+    return st;
+}
+
 static void *scratch(struct kvs_context *c, size_t bytes) {
     c->scratch_bytes += bytes;
     return kvs_aligned_alloc(bytes);
@@ -37,6 +71,7 @@ void kvs_context_free(kvs_context *c) {
     if (c->seqs)
         for (int i = 0; i < c->p.n_seq_max; i++)
             if (c->seqs[i]) kvs_seq_free(c, c->seqs[i]);
+    cuda_ctx_free(c->gpu);
     free(c->seqs);
     if (c->tp) threadpool_free(c->tp);
     kv_policy_free(c->base.policy);
@@ -275,6 +310,14 @@ enum kvs_status kvs_context_new(kvs_model *m, const struct kvs_context_params *p
     c->kv.rope_inv_freq = c->inv_freq;
     c->kv.weighted = spec.wattn;
     c->kv.rope_neox = m->arch->rope == ROPE_NEOX;
+    if (p.device == KVS_DEVICE_CUDA && (st = gpu_init(c)) != KVS_OK) {
+        kvs_context_free(c);
+        return st;
+    }
+    if (p.device != KVS_DEVICE_CPU && p.device != KVS_DEVICE_CUDA) {
+        kvs_context_free(c);
+        return kvs_fail(KVS_ERR_INVALID_ARG, "unknown device %d", p.device);
+    }
     *out = c;
     return KVS_OK;
 }
@@ -311,6 +354,7 @@ enum kvs_status kvs_seq_new(kvs_context *c, kvs_sequence **out) {
     }
     s->prof = &c->base;
     s->slot = slot;
+    s->gpu = c->gpu;
     c->seqs[slot] = s;
     *out = s;
     return KVS_OK;
@@ -345,6 +389,7 @@ void kvs_seq_free(kvs_context *c, kvs_sequence *s) {
     if (s->rec) free(s->rec->mass);
     free(s->rec);
     profile_release(c, s->prof);
+    if (c->gpu) cuda_seq_clear(c->gpu, s->slot);
     c->seqs[s->slot] = NULL;
     kv_seq_free(s->kv);
     free(s);
@@ -355,7 +400,7 @@ int kvs_seq_n_past(const kvs_sequence *s) { return s->n_past; }
 int kvs_context_max_tokens(const kvs_context *c) { return c->base.max_past; }
 
 void kvs_seq_reset(kvs_context *c, kvs_sequence *s) {
-    (void)c;
+    if (c->gpu) cuda_seq_clear(c->gpu, s->slot);
     kvs_seq_drop_prefix(s);
     if (s->rec) free(s->rec->mass);
     free(s->rec);
@@ -425,6 +470,8 @@ static enum kvs_status rec_reserve(kvs_context *c, kvs_sequence *s, int32_t end)
 
 enum kvs_status kvs_seq_record_attention(kvs_context *c, kvs_sequence *s, const int32_t *bounds,
                                          int n_bounds) {
+    enum kvs_status gst_ = kvs_gpu_refuse(c, "recording attention");
+    if (gst_ != KVS_OK) return gst_;
     if (!c || !s || c->seqs[s->slot] != s)
         return kvs_fail(KVS_ERR_INVALID_ARG, "kvs_seq_record_attention: the sequence does not "
                         "belong to this context");
@@ -581,6 +628,12 @@ enum kvs_status kvs_eval_batch(kvs_context *c, kvs_sequence *const *seqs, const 
 }
 
 void kvs_context_mem(const kvs_context *c, struct kvs_mem_stats *ms) {
+    if (c->gpu) { /* device memory: the caches and the GPU's scratch beside the host's */
+        uint64_t sc;
+        cuda_mem(c->gpu, NULL, &ms->kv_bytes, &ms->kv_bytes_peak, &sc);
+        ms->scratch_bytes = c->scratch_bytes + sc;
+        return;
+    }
     ms->kv_bytes = c->kv.bytes;
     ms->kv_bytes_peak = c->kv.bytes_peak;
     ms->scratch_bytes = c->scratch_bytes;
@@ -588,6 +641,14 @@ void kvs_context_mem(const kvs_context *c, struct kvs_mem_stats *ms) {
 
 enum kvs_status kvs_seq_copy(kvs_context *cd, kvs_sequence *dst, const kvs_context *cs,
                              const kvs_sequence *src) {
+    if (cd->gpu || cs->gpu) { /* within one GPU context: a device copy of the cache */
+        if (cd != cs) return kvs_gpu_refuse(cd->gpu ? cd : cs, "copying a sequence between contexts");
+        if (src->prefix) return kvs_gpu_refuse(cd, "copying a sequence with a shared prefix");
+        enum kvs_status st = cuda_seq_copy(cd->gpu, dst->slot, src->slot);
+        if (st != KVS_OK) return st;
+        dst->n_past = src->n_past;
+        return KVS_OK;
+    }
     if (cd->m != cs->m)
         return kvs_fail(KVS_ERR_INVALID_ARG, "cannot copy a sequence between contexts of "
                         "different models");
@@ -662,6 +723,8 @@ enum kvs_status kvs_seq_set_kv(kvs_context *c, kvs_sequence *s, const char *kv_s
         enum kvs_status st = kv_spec_parse(kv_spec, &spec);
         if (st != KVS_OK) return st;
     }
+    if (c->gpu && (spec.method != KV_FULL || spec.think || spec.kivi_bits || spec.mikv_low))
+        return kvs_gpu_refuse(c, "a KV policy other than full");
     int qwin = kv_policy_qwin(&spec);
     if ((kv_policy_needs(&spec) & KV_NEED_QUERIES) && c->kv.qwin < qwin)
         return kvs_fail(KVS_ERR_INVALID_ARG, "'%s' needs the last %d queries; this context keeps "
@@ -716,6 +779,8 @@ enum kvs_status kvs_seq_set_kv(kvs_context *c, kvs_sequence *s, const char *kv_s
 }
 
 enum kvs_status kvs_seq_keep_stats(kvs_context *c, kvs_sequence *s, bool on) {
+    enum kvs_status gst_ = on ? kvs_gpu_refuse(c, "keeping KV statistics") : KVS_OK;
+    if (gst_ != KVS_OK) return gst_;
     if (!c || !s || c->seqs[s->slot] != s)
         return kvs_fail(KVS_ERR_INVALID_ARG, "kvs_seq_keep_stats: the sequence does not belong "
                         "to this context");
@@ -792,9 +857,13 @@ int64_t kvs_kv_bytes_bound(const kvs_context *c, const char *kv_spec, int n_toke
     return (int64_t)(per_head * hp->n_layer * hp->n_head_kv) + gate_bytes_bound(c, &spec, n);
 }
 
-uint64_t kvs_seq_kv_bytes(const kvs_sequence *s) { return kv_seq_payload_bytes(s->kv) + kv_seq_gate_bytes(s->kv); }
+uint64_t kvs_seq_kv_bytes(const kvs_sequence *s) {
+    if (s->gpu) return cuda_seq_kv_bytes(s->gpu, s->slot);
+    return kv_seq_payload_bytes(s->kv) + kv_seq_gate_bytes(s->kv);
+}
 
 double kvs_seq_entries_per_head(const kvs_sequence *s) {
+    if (s->gpu) return s->n_past; /* the full cache */
     const struct kv_cache *c = s->kv->owner;
     int64_t n = 0;
     for (int il = 0; il < c->n_layer; il++)

@@ -9,6 +9,7 @@
 #include "kv/kv_cache.h"
 #include "kv/kv_policy.h"
 #include "kv/kv_attn.h"
+#include "cuda/cuda.h"
 
 /* A KV policy as sequences run it: the context's own (kvs_context.base) or one a sequence was
  * given by kvs_seq_set_kv. Sequences with the same spec share one profile (its policy's planning
@@ -40,7 +41,8 @@ struct att_rec {
 };
 
 struct kvs_sequence {
-    int slot;        /* index in ctx->seqs */
+    int slot;        /* index in ctx->seqs (and the GPU context's cache slot) */
+    struct cuda_ctx *gpu; /* the context's GPU side, NULL on the CPU */
     struct kv_profile *prof; /* the policy it runs */
     struct kvs_prefix *prefix; /* the shared chain it started from (NULL = none) */
     int32_t n_prefix;          /* tokens of that chain */
@@ -59,6 +61,8 @@ enum { N_ACT_SLOTS = 4 }; /* activation encodings: F32, Q8_0, Q8_1, Q8_K */
 
 struct kvs_context {
     kvs_model *m;
+    struct cuda_ctx *gpu;      /* --device cuda: weights, K/V caches and the forward pass on the
+                                * GPU (the CPU store's sequences then stay empty); NULL on the CPU */
     struct kvs_context_params p;
     int n_ctx, n_batch, t_max; /* t_max: most tokens one forward() takes; n_ctx: most entries
                                 * a head holds at once (the attention rows' stride) */
@@ -118,6 +122,14 @@ static inline uint64_t kv_spec_entry_bytes(const struct hparams *hp, const struc
     /* an fp16 entry; kv_policy_budget prices KIVI's packed entries itself */
     return kv_entry_payload_bytes(hp->head_dim) +
            ((kv_policy_needs(spec) & KV_NEED_SLOT) ? sizeof(float) : 0);
+}
+
+/* KVS_OK on the CPU; on a GPU context, KVS_ERR_UNSUPPORTED naming `what` (an operation that
+ * reads or writes the CPU store, which a GPU context does not fill). */
+static inline enum kvs_status kvs_gpu_refuse(const struct kvs_context *c, const char *what) {
+    if (!c->gpu) return KVS_OK;
+    return kvs_fail(KVS_ERR_UNSUPPORTED, "%s is not available with --device cuda yet (the GPU "
+                    "backend runs the full cache only; the CPU runs every operation)", what);
 }
 
 /* Release the shared prefix s started from (if any): s then holds only its own entries. */

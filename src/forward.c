@@ -435,9 +435,22 @@ static enum kvs_status gate_layer(struct kvs_context *c, int il, const int32_t *
     return KVS_OK;
 }
 
+/* --device cuda: the whole pass on the GPU (src/cuda/), each sequence's cache in its slot there */
+static enum kvs_status forward_gpu(struct kvs_context *c, const int32_t *tokens, const int32_t *pos,
+                                   kvs_sequence *const *seq, int T, const int *out_rows, int n_out,
+                                   float *logits, const uint8_t *phase) {
+    int slot[KVS_T_MAX];
+    for (int t = 0; t < T; t++) {
+        if (phase[t] == FWD_RECOMPUTE) return kvs_gpu_refuse(c, "recomputing reused chunk tokens");
+        slot[t] = seq[t]->slot;
+    }
+    return cuda_forward(c->gpu, tokens, pos, slot, T, out_rows, n_out, logits);
+}
+
 enum kvs_status forward(struct kvs_context *c, const int32_t *tokens, const int32_t *pos,
                         kvs_sequence *const *seq, int T, const int *out_rows, int n_out,
                         float *logits, const uint8_t *phase) {
+    if (c->gpu) return forward_gpu(c, tokens, pos, seq, T, out_rows, n_out, logits, phase);
     const kvs_model *m = c->m;
     const struct hparams *hp = &m->hp;
     const int d = hp->n_embd, hd = hp->head_dim, nq = hp->n_head * hd,

@@ -33,7 +33,7 @@ struct opts {
     const char *cmd;
     const char *model, *prompt, *file, *kv, *system;
     const char *save_cache, *load_cache; /* run: KV cache files */
-    int n_predict, n_ctx, n_threads, n_batch;
+    int n_predict, n_ctx, n_threads, n_batch, device;
     bool json, chat, quiet, ignore_eos, no_bos_given, progress_forced;
     bool escape, no_display_prompt, seed_given, no_pack;
     const char *stops[8]; /* -r/--reverse-prompt, --stop: generation ends after any of them */
@@ -92,6 +92,10 @@ static const char *USAGE_COMMON =
     "                        generation runs past it, as in StreamingLLM\n"
     "  -b, --batch N         prefill chunk size in tokens (default 512); alias --chunk\n"
     "      --kv SPEC         KV-cache policy (default full); see `kvsieve --help kv`\n"
+    "      --device DEV      cpu (default) or cuda: weights, KV cache and the whole forward\n"
+    "                        pass on the first GPU (a `make cuda` build, build/cuda/kvsieve;\n"
+    "                        full cache only so far). -ngl N (N > 0) is the same as cuda:\n"
+    "                        every layer is offloaded, partial offload is not supported\n"
     "      --json            print one JSON object on stdout (run, ppl, bench, info)\n"
     "  -q, --quiet           no progress, seed or timing lines on stderr\n"
     "      --no-pack         read the weights from the GGUF file's layout instead of packing\n"
@@ -295,6 +299,14 @@ static void parse_args(int argc, char **argv, struct opts *o) {
         else if (!strcmp(a, "-n") || !strcmp(a, "--n-predict")) o->n_predict = parse_int(a, NEXT(), 0, 1 << 24);
         else if (!strcmp(a, "-c") || !strcmp(a, "--ctx-size")) o->n_ctx = parse_int(a, NEXT(), 1, 1 << 24);
         else if (!strcmp(a, "-t") || !strcmp(a, "--threads")) o->n_threads = parse_int(a, NEXT(), 1, 256);
+        else if (!strcmp(a, "--device") || !strcmp(a, "-ngl") || !strcmp(a, "--n-gpu-layers")) {
+            const char *v = NEXT();
+            if (!strcmp(a, "--device") && !strcmp(v, "cpu")) o->device = KVS_DEVICE_CPU;
+            else if (!strcmp(a, "--device") ? !strcmp(v, "cuda") : parse_int(a, v, 0, 1 << 20) > 0)
+                o->device = KVS_DEVICE_CUDA;
+            else if (strcmp(a, "--device")) o->device = KVS_DEVICE_CPU; /* -ngl 0 */
+            else die_usage("--device is cpu or cuda (got '%s')", v);
+        }
         else if (!strcmp(a, "-b") || !strcmp(a, "--batch") || !strcmp(a, "--chunk")) o->n_batch = parse_int(a, NEXT(), 1, 4096);
         else if (!strcmp(a, "--kv")) {
             o->kv = NEXT();
@@ -460,6 +472,7 @@ static kvs_context *new_context(kvs_model *m, const struct opts *o, int n_seq) {
     if (o->n_batch) cp.n_batch = o->n_batch;
     cp.kv_spec = o->kv;
     cp.n_seq_max = n_seq;
+    cp.device = o->device;
     kvs_context *c = NULL;
     enum kvs_status st = kvs_context_new(m, &cp, &c);
     if (st != KVS_OK) {
@@ -1005,7 +1018,10 @@ static int cmd_bench(const struct opts *o) {
     if (!o->quiet) fprintf(stderr, "bench: measuring memory bandwidth...\n");
     /* the probe's best of 5 passes, --reps times: the median of those */
     double bws[100];
-    for (int rep = 0; rep < R; rep++) bws[rep] = kvs_measure_read_bandwidth(nth, (size_t)256 << 20);
+    /* on a GPU: the device's copy bandwidth (kvs_context_device_bandwidth), the same way */
+    for (int rep = 0; rep < R; rep++)
+        bws[rep] = o->device == KVS_DEVICE_CUDA ? kvs_context_device_bandwidth(c)
+                                                : kvs_measure_read_bandwidth(nth, (size_t)256 << 20);
     struct med bwm = median_of(bws, R);
     double bw = bwm.med;
     for (int i = 0; i < n_ctxs; i++)
@@ -1021,6 +1037,8 @@ static int cmd_bench(const struct opts *o) {
         jstr(mi.file_type);
         printf(",\"kv\":");
         jstr(o->kv);
+        printf(",\"device\":");
+        jstr(kvs_context_device_name(c));
         printf(",\"threads\":%d,\"reps\":%d,\"weight_bytes\":%llu,\"kv_bytes_per_token\":%llu,"
                "\"bandwidth_gb_s\":%.2f,\"bandwidth_gb_s_min\":%.2f,\"bandwidth_gb_s_max\":%.2f,"
                "\"prefill\":{\"tokens\":%d,\"ms\":%.1f,\"tok_s\":%.1f,\"tok_s_min\":%.1f,"
@@ -1043,8 +1061,12 @@ static int cmd_bench(const struct opts *o) {
                (unsigned long long)mem.scratch_bytes, rss,
                (unsigned long long)logit_hash);
     } else {
-        printf("model %s (%s %s), %d threads, read bandwidth %.1f GB/s (%.1f-%.1f), medians of %d runs\n",
-               mi.name, mi.arch, mi.file_type, nth, bw, bwm.min, bwm.max, R);
+        if (o->device == KVS_DEVICE_CUDA)
+            printf("model %s (%s %s), on %s, copy bandwidth %.0f GB/s (%.0f-%.0f), medians of %d runs\n",
+                   mi.name, mi.arch, mi.file_type, kvs_context_device_name(c), bw, bwm.min, bwm.max, R);
+        else
+            printf("model %s (%s %s), %d threads, read bandwidth %.1f GB/s (%.1f-%.1f), medians of %d runs\n",
+                   mi.name, mi.arch, mi.file_type, nth, bw, bwm.min, bwm.max, R);
         printf("prefill %d tokens: %.1f tok/s (%.1f-%.1f; %.0f ms)\n", o->bench_prompt, pf.med, pf.min,
                pf.max, pf_ms);
         for (int i = 0; i < n_ctxs; i++)

@@ -125,6 +125,8 @@ static bool seq_exact_from(const kvs_sequence *s, int32_t from) {
 
 enum kvs_status kvs_prefix_publish(kvs_context *c, const kvs_sequence *s, kvs_prefix *parent,
                                    kvs_prefix **out) {
+    enum kvs_status gst_ = kvs_gpu_refuse(c, "sharing a prefix");
+    if (gst_ != KVS_OK) return gst_;
     *out = NULL;
     if (!c || !s || c->seqs[s->slot] != s)
         return kvs_fail(KVS_ERR_INVALID_ARG, "kvs_prefix_publish: the sequence does not belong to "
@@ -172,6 +174,8 @@ enum kvs_status kvs_prefix_publish(kvs_context *c, const kvs_sequence *s, kvs_pr
 
 enum kvs_status kvs_prefix_compress(kvs_context *c, const kvs_sequence *s, const char *kv_spec,
                                     kvs_prefix **out) {
+    enum kvs_status gst_ = kvs_gpu_refuse(c, "compressing a shared prefix");
+    if (gst_ != KVS_OK) return gst_;
     *out = NULL;
     if (!c || !s || c->seqs[s->slot] != s)
         return kvs_fail(KVS_ERR_INVALID_ARG, "kvs_prefix_compress: the sequence does not belong "
@@ -244,6 +248,8 @@ int kvs_prefix_refcount(const kvs_prefix *p) { return p ? p->refs : 0; }
 uint64_t kvs_prefix_checksum(const kvs_prefix *p) { return p ? node_checksum(p->kv) : 0; }
 
 enum kvs_status kvs_seq_attach_prefix(kvs_context *c, kvs_sequence *s, kvs_prefix *p) {
+    enum kvs_status gst_ = kvs_gpu_refuse(c, "attaching a shared prefix");
+    if (gst_ != KVS_OK) return gst_;
     if (!c || !s || !p || c->seqs[s->slot] != s)
         return kvs_fail(KVS_ERR_INVALID_ARG, "kvs_seq_attach_prefix: missing prefix, or the "
                         "sequence does not belong to this context");
@@ -313,6 +319,8 @@ void prefix_view(const kvs_sequence *s, int il, struct kv_view *v) {
 }
 
 enum kvs_status kvs_seq_place_chunk(kvs_context *c, kvs_sequence *s, const kvs_prefix *chunk) {
+    enum kvs_status gst_ = kvs_gpu_refuse(c, "placing a reused chunk");
+    if (gst_ != KVS_OK) return gst_;
     if (!c || !s || !chunk || c->seqs[s->slot] != s)
         return kvs_fail(KVS_ERR_INVALID_ARG, "kvs_seq_place_chunk: missing chunk, or the sequence "
                         "does not belong to this context");
@@ -364,6 +372,8 @@ int kvs_prefix_first(const kvs_prefix *p) { return p ? p->n0 : 0; }
 
 enum kvs_status kvs_chunk_publish(kvs_context *c, const kvs_sequence *s, int32_t from,
                                   const char *kv_spec, kvs_prefix **out) {
+    enum kvs_status gst_ = kvs_gpu_refuse(c, "publishing a chunk");
+    if (gst_ != KVS_OK) return gst_;
     *out = NULL;
     if (!c || !s || c->seqs[s->slot] != s)
         return kvs_fail(KVS_ERR_INVALID_ARG, "kvs_chunk_publish: the sequence does not belong to "
@@ -485,6 +495,8 @@ static uint64_t get64(const uint8_t *r) {
 
 enum kvs_status kvs_prefix_deserialize(kvs_context *c, const uint8_t *buf, size_t n,
                                        kvs_prefix **out) {
+    enum kvs_status gst_ = kvs_gpu_refuse(c, "loading a chunk record");
+    if (gst_ != KVS_OK) return gst_;
     *out = NULL;
     const struct hparams *hp = &c->m->hp;
     if (!buf || n < NODE_HEADER + 8 || memcmp(buf, NODE_MAGIC, 8))

@@ -173,6 +173,8 @@ static void w_put(struct writer *w, const void *data, size_t n) {
 static void w_u32(struct writer *w, uint32_t x) { w_put(w, &x, 4); }
 
 enum kvs_status kvs_seq_save(kvs_context *c, const kvs_sequence *s, const char *path) {
+    enum kvs_status gst_ = kvs_gpu_refuse(c, "saving a KV cache file");
+    if (gst_ != KVS_OK) return gst_;
     if (!c || !s || !path || !*path)
         return kvs_fail(KVS_ERR_INVALID_ARG, "kvs_seq_save: missing context, sequence or path");
     if (!seq_of(c, s))
@@ -497,6 +499,8 @@ static struct kv_seq *build(kvs_context *c, const char *path, const uint8_t *map
 }
 
 enum kvs_status kvs_seq_load(kvs_context *c, kvs_sequence *s, const char *path) {
+    enum kvs_status gst_ = kvs_gpu_refuse(c, "loading a KV cache file");
+    if (gst_ != KVS_OK) return gst_;
     if (!c || !s || !path || !*path)
         return kvs_fail(KVS_ERR_INVALID_ARG, "kvs_seq_load: missing context, sequence or path");
     if (!seq_of(c, s))

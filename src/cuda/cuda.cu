@@ -1,0 +1,823 @@
+/* cuda.cu — the CUDA backend (contract in cuda.h): weights in GGUF blocks on the device, a
+ * device fp16 K/V cache per sequence slot, and the forward pass as a chain of kernels on one
+ * stream.
+ *
+ *   embed      dequantize tok_embd rows                            one block per token
+ *   rmsnorm    one block per row
+ *   matmul     T <= 8: one warp per weight row, each lane dequantizing 32-element units and
+ *              dotting them with every token's row (the decode case: weights read once);
+ *              T > 8: 64 rows x 64 tokens per block, 32-element units dequantized into shared
+ *              memory, 4 x 4 outputs per thread (fp32 FMA)
+ *   qkv_post   biases, RoPE at each token's position (angles in double from the CPU's inv_freq
+ *              table, as forward.c does), K/V appended as fp16 (round to nearest even, like F16C)
+ *   attention  one block per (token, KV head, key split): the group's query heads share each
+ *              pass over the keys; 128-key tiles with an online softmax; splits merged by
+ *              log-sum-exp (flash-decoding), the split count chosen so a lone decode token
+ *              still fills the GPU
+ *   swiglu, residual adds, the final norm of the requested rows, logits copied back.
+ *
+ * Arithmetic differs from the CPU path in the order of sums and in the activations (fp32 here,
+ * 8-bit quantized there): tests/test_cuda.c bounds it per kernel and over the whole model.
+ */
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+#include <math.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "cuda.h"
+
+extern "C" enum kvs_status kvs_fail(enum kvs_status st, const char *fmt, ...);
+
+/* GGUF type ids (quant.h's enum qtype) */
+enum { T_F32 = 0, T_F16 = 1, T_Q4_0 = 2, T_Q4_1 = 3, T_Q5_0 = 6, T_Q5_1 = 7, T_Q8_0 = 8,
+       T_Q4_K = 12, T_Q6_K = 14, T_BF16 = 30 };
+
+#define CK(call, what)                                                                          \
+    do {                                                                                        \
+        cudaError_t e_ = (call);                                                                \
+        if (e_ != cudaSuccess) return cuda_error(e_, what);                                     \
+    } while (0)
+
+static enum kvs_status cuda_error(cudaError_t e, const char *what) {
+    if (e == cudaErrorMemoryAllocation)
+        return kvs_fail(KVS_ERR_NOMEM, "cuda: out of GPU memory (%s)", what);
+    return kvs_fail(KVS_ERR_INTERNAL, "cuda: %s: %s", what, cudaGetErrorString(e));
+}
+
+extern "C" bool cuda_built(void) { return true; }
+
+extern "C" bool cuda_type_supported(int t) {
+    switch (t) {
+    case T_F32: case T_F16: case T_BF16: case T_Q4_0: case T_Q4_1: case T_Q5_0: case T_Q5_1:
+    case T_Q8_0: case T_Q4_K: case T_Q6_K: return true;
+    default: return false;
+    }
+}
+
+/* ---- dequantization of 32-element units ------------------------------------------------------
+ * Every supported type is read in units of 32 consecutive elements of a row (a block of the
+ * 32-element formats, a group of Q4_K, two groups of Q6_K). deq<TYPE, N>(row, u, j0, w) writes
+ * elements j0 .. j0+N-1 of unit u, with the same formulas as quant.c's references. */
+
+__device__ __forceinline__ float ld_f16(const uint8_t *p) {
+    return __half2float(__ushort_as_half((unsigned short)(p[0] | (p[1] << 8))));
+}
+
+template <int TYPE, int N>
+__device__ __forceinline__ void deq(const uint8_t *row, int u, int j0, float *w) {
+    if (TYPE == T_F32) {
+        const float *r = (const float *)row + (size_t)u * 32 + j0;
+#pragma unroll
+        for (int i = 0; i < N; i++) w[i] = r[i];
+    } else if (TYPE == T_F16) {
+        const __half *r = (const __half *)row + (size_t)u * 32 + j0;
+#pragma unroll
+        for (int i = 0; i < N; i++) w[i] = __half2float(r[i]);
+    } else if (TYPE == T_BF16) {
+        const unsigned short *r = (const unsigned short *)row + (size_t)u * 32 + j0;
+#pragma unroll
+        for (int i = 0; i < N; i++) w[i] = __uint_as_float((unsigned)r[i] << 16);
+    } else if (TYPE == T_Q4_0) {
+        const uint8_t *b = row + (size_t)u * 18;
+        float d = ld_f16(b);
+#pragma unroll
+        for (int i = 0; i < N; i++) {
+            int l = j0 + i;
+            int q = l < 16 ? (b[2 + l] & 15) : (b[2 + l - 16] >> 4);
+            w[i] = (float)(q - 8) * d;
+        }
+    } else if (TYPE == T_Q4_1) {
+        const uint8_t *b = row + (size_t)u * 20;
+        float d = ld_f16(b), m = ld_f16(b + 2);
+#pragma unroll
+        for (int i = 0; i < N; i++) {
+            int l = j0 + i;
+            int q = l < 16 ? (b[4 + l] & 15) : (b[4 + l - 16] >> 4);
+            w[i] = (float)q * d + m;
+        }
+    } else if (TYPE == T_Q5_0 || TYPE == T_Q5_1) {
+        const uint8_t *b = row + (size_t)u * (TYPE == T_Q5_0 ? 22 : 24);
+        float d = ld_f16(b), m = TYPE == T_Q5_1 ? ld_f16(b + 2) : 0.0f;
+        const uint8_t *qh4 = b + (TYPE == T_Q5_0 ? 2 : 4), *qs = qh4 + 4;
+        uint32_t qh = qh4[0] | (qh4[1] << 8) | (qh4[2] << 16) | ((uint32_t)qh4[3] << 24);
+#pragma unroll
+        for (int i = 0; i < N; i++) {
+            int l = j0 + i;
+            int q = (l < 16 ? (qs[l] & 15) : (qs[l - 16] >> 4)) | (int)(((qh >> l) & 1u) << 4);
+            w[i] = TYPE == T_Q5_0 ? (float)(q - 16) * d : (float)q * d + m;
+        }
+    } else if (TYPE == T_Q8_0) {
+        const uint8_t *b = row + (size_t)u * 34;
+        float d = ld_f16(b);
+        const int8_t *qs = (const int8_t *)(b + 2);
+#pragma unroll
+        for (int i = 0; i < N; i++) w[i] = (float)qs[j0 + i] * d;
+    } else if (TYPE == T_Q4_K) {
+        const uint8_t *b = row + (size_t)(u >> 3) * 144;
+        int g = u & 7, c = g >> 1;
+        const uint8_t *s = b + 4, *qs = b + 16 + 32 * c;
+        int sc, mn;
+        if (g < 4) sc = s[g] & 63, mn = s[g + 4] & 63;
+        else sc = (s[g + 4] & 15) | ((s[g - 4] >> 6) << 4), mn = (s[g + 4] >> 4) | ((s[g] >> 6) << 4);
+        float dl = ld_f16(b) * (float)sc, ml = ld_f16(b + 2) * (float)mn;
+#pragma unroll
+        for (int i = 0; i < N; i++) {
+            int l = j0 + i;
+            int q = (g & 1) ? (qs[l] >> 4) : (qs[l] & 15);
+            w[i] = dl * (float)q - ml;
+        }
+    } else if (TYPE == T_Q6_K) {
+        const uint8_t *b = row + (size_t)(u >> 3) * 210;
+        int e0 = (u & 7) * 32, n = e0 >> 7, k = (e0 & 127) >> 5;
+        const uint8_t *ql = b + 64 * n + ((k & 1) ? 32 : 0), *qh = b + 128 + 32 * n;
+        const int8_t *sc = (const int8_t *)(b + 192) + (u & 7) * 2;
+        float d = ld_f16(b + 208);
+#pragma unroll
+        for (int i = 0; i < N; i++) {
+            int l = j0 + i;
+            int lo = (k & 2) ? (ql[l] >> 4) : (ql[l] & 15);
+            int hi = (qh[l] >> (2 * k)) & 3;
+            w[i] = d * (float)sc[l >> 4] * (float)((lo | (hi << 4)) - 32);
+        }
+    }
+}
+
+/* ---- small kernels ----------------------------------------------------------------------- */
+
+template <int TYPE>
+__global__ void k_embed(const uint8_t *E, size_t rb, int d, const int32_t *tok, float *x) {
+    int t = blockIdx.x;
+    const uint8_t *row = E + (size_t)tok[t] * rb;
+    for (int u = threadIdx.x; u < d / 32; u += blockDim.x) {
+        float w[32];
+        deq<TYPE, 32>(row, u, 0, w);
+#pragma unroll
+        for (int i = 0; i < 32; i++) x[(size_t)t * d + u * 32 + i] = w[i];
+    }
+}
+
+__device__ __forceinline__ float warp_sum(float v) {
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    return v;
+}
+__device__ __forceinline__ float warp_max(float v) {
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+    return v;
+}
+
+/* out[r] = x[rows ? rows[r] : r] * rsqrt(mean square + eps) * w; blockDim 256 */
+__global__ void k_rmsnorm(const float *x, const int *rows, const float *w, float *out, int n, float eps) {
+    __shared__ float red[8];
+    int r = blockIdx.x;
+    const float *xr = x + (size_t)(rows ? rows[r] : r) * n;
+    float ss = 0.0f;
+    for (int i = threadIdx.x; i < n; i += blockDim.x) ss += xr[i] * xr[i];
+    ss = warp_sum(ss);
+    if ((threadIdx.x & 31) == 0) red[threadIdx.x >> 5] = ss;
+    __syncthreads();
+    if (threadIdx.x < 32) {
+        float v = threadIdx.x < blockDim.x / 32 ? red[threadIdx.x] : 0.0f;
+        v = warp_sum(v);
+        if (threadIdx.x == 0) red[0] = v;
+    }
+    __syncthreads();
+    float s = 1.0f / sqrtf(red[0] / (float)n + eps);
+    for (int i = threadIdx.x; i < n; i += blockDim.x) out[(size_t)r * n + i] = xr[i] * s * w[i];
+}
+
+__global__ void k_add(float *x, const float *y, size_t n) {
+    size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < n) x[i] += y[i];
+}
+
+__global__ void k_swiglu(float *g, const float *u, size_t n) {
+    size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < n) g[i] = g[i] / (1.0f + expf(-g[i])) * u[i];
+}
+
+/* ---- matmul ---------------------------------------------------------------------------------- */
+
+/* y[t][r] = sum_c W[r][c] x[t][c] for NT tokens: one warp per row */
+template <int TYPE, int NT>
+__global__ void k_gemv(const uint8_t *W, size_t rb, int rows, int cols, const float *x, int ldx,
+                       float *y, int ldy) {
+    int r = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5), lane = threadIdx.x & 31;
+    if (r >= rows) return;
+    const uint8_t *row = W + (size_t)r * rb;
+    float acc[NT];
+#pragma unroll
+    for (int t = 0; t < NT; t++) acc[t] = 0.0f;
+    for (int u = lane; u < cols / 32; u += 32) {
+        float w[32];
+        deq<TYPE, 32>(row, u, 0, w);
+#pragma unroll
+        for (int t = 0; t < NT; t++) {
+            const float4 *xp = (const float4 *)(x + (size_t)t * ldx + (size_t)u * 32);
+            float a = 0.0f;
+#pragma unroll
+            for (int i = 0; i < 8; i++) {
+                float4 v = xp[i];
+                a += w[4 * i] * v.x + w[4 * i + 1] * v.y + w[4 * i + 2] * v.z + w[4 * i + 3] * v.w;
+            }
+            acc[t] += a;
+        }
+    }
+#pragma unroll
+    for (int t = 0; t < NT; t++) {
+        float s = warp_sum(acc[t]);
+        if (lane == 0) y[(size_t)t * ldy + r] = s;
+    }
+}
+
+enum { GT = 64 /* rows and tokens per GEMM tile */ };
+
+/* the same product for many tokens: 64 x 64 outputs per block of 256 threads */
+template <int TYPE>
+__global__ void __launch_bounds__(256) k_gemm(const uint8_t *W, size_t rb, int rows, int cols,
+                                              const float *x, int ldx, int T, float *y, int ldy) {
+    __shared__ float Ws[GT][33], Xs[GT][33];
+    int r0 = blockIdx.x * GT, t0 = blockIdx.y * GT, tid = threadIdx.x;
+    int tx = tid & 15, ty = tid >> 4, lr = tid >> 2, part = tid & 3;
+    float acc[4][4] = {};
+    for (int u = 0; u < cols / 32; u++) {
+        float w8[8];
+        if (r0 + lr < rows) deq<TYPE, 8>(W + (size_t)(r0 + lr) * rb, u, part * 8, w8);
+        else
+            for (int i = 0; i < 8; i++) w8[i] = 0.0f;
+#pragma unroll
+        for (int i = 0; i < 8; i++) Ws[lr][part * 8 + i] = w8[i];
+        if (t0 + lr < T) {
+            const float4 *xp = (const float4 *)(x + (size_t)(t0 + lr) * ldx + (size_t)u * 32 + part * 8);
+            float4 a = xp[0], b = xp[1];
+            Xs[lr][part * 8 + 0] = a.x, Xs[lr][part * 8 + 1] = a.y, Xs[lr][part * 8 + 2] = a.z, Xs[lr][part * 8 + 3] = a.w;
+            Xs[lr][part * 8 + 4] = b.x, Xs[lr][part * 8 + 5] = b.y, Xs[lr][part * 8 + 6] = b.z, Xs[lr][part * 8 + 7] = b.w;
+        } else {
+#pragma unroll
+            for (int i = 0; i < 8; i++) Xs[lr][part * 8 + i] = 0.0f;
+        }
+        __syncthreads();
+#pragma unroll 8
+        for (int k = 0; k < 32; k++) {
+            float a[4], b[4];
+#pragma unroll
+            for (int i = 0; i < 4; i++) a[i] = Ws[ty * 4 + i][k], b[i] = Xs[tx * 4 + i][k];
+#pragma unroll
+            for (int i = 0; i < 4; i++)
+#pragma unroll
+                for (int j = 0; j < 4; j++) acc[i][j] += a[i] * b[j];
+        }
+        __syncthreads();
+    }
+#pragma unroll
+    for (int i = 0; i < 4; i++)
+#pragma unroll
+        for (int j = 0; j < 4; j++) {
+            int r = r0 + ty * 4 + i, t = t0 + tx * 4 + j;
+            if (r < rows && t < T) y[(size_t)t * ldy + r] = acc[i][j];
+        }
+}
+
+struct dweight { const uint8_t *d; int type; int rows, cols; size_t rb; };
+
+template <int TYPE>
+static void launch_mm(const dweight *w, const float *x, int ldx, int T, float *y, int ldy, cudaStream_t st) {
+    if (T <= 8) {
+        int warps = 8, blocks = (w->rows + warps - 1) / warps;
+        switch (T) {
+#define GV(n) case n: k_gemv<TYPE, n><<<blocks, warps * 32, 0, st>>>(w->d, w->rb, w->rows, w->cols, x, ldx, y, ldy); break;
+        GV(1) GV(2) GV(3) GV(4) GV(5) GV(6) GV(7) GV(8)
+#undef GV
+        }
+    } else {
+        dim3 grid((w->rows + GT - 1) / GT, (T + GT - 1) / GT);
+        k_gemm<TYPE><<<grid, 256, 0, st>>>(w->d, w->rb, w->rows, w->cols, x, ldx, T, y, ldy);
+    }
+}
+
+static void matmul(const dweight *w, const float *x, int ldx, int T, float *y, int ldy, cudaStream_t st) {
+    switch (w->type) {
+    case T_F32: launch_mm<T_F32>(w, x, ldx, T, y, ldy, st); break;
+    case T_F16: launch_mm<T_F16>(w, x, ldx, T, y, ldy, st); break;
+    case T_BF16: launch_mm<T_BF16>(w, x, ldx, T, y, ldy, st); break;
+    case T_Q4_0: launch_mm<T_Q4_0>(w, x, ldx, T, y, ldy, st); break;
+    case T_Q4_1: launch_mm<T_Q4_1>(w, x, ldx, T, y, ldy, st); break;
+    case T_Q5_0: launch_mm<T_Q5_0>(w, x, ldx, T, y, ldy, st); break;
+    case T_Q5_1: launch_mm<T_Q5_1>(w, x, ldx, T, y, ldy, st); break;
+    case T_Q8_0: launch_mm<T_Q8_0>(w, x, ldx, T, y, ldy, st); break;
+    case T_Q4_K: launch_mm<T_Q4_K>(w, x, ldx, T, y, ldy, st); break;
+    case T_Q6_K: launch_mm<T_Q6_K>(w, x, ldx, T, y, ldy, st); break;
+    }
+}
+
+static void embed(const dweight *w, const int32_t *tok, int T, float *x, cudaStream_t st) {
+    switch (w->type) {
+#define EM(t) case t: k_embed<t><<<T, 64, 0, st>>>(w->d, w->rb, w->cols, tok, x); break;
+    EM(T_F32) EM(T_F16) EM(T_BF16) EM(T_Q4_0) EM(T_Q4_1) EM(T_Q5_0) EM(T_Q5_1) EM(T_Q8_0) EM(T_Q4_K) EM(T_Q6_K)
+#undef EM
+    }
+}
+
+/* ---- K/V cache and attention ------------------------------------------------------------------ */
+
+/* a slot's cache: K and V each (n_layer, n_head_kv, cap, hd) fp16 */
+struct dseq { __half *k, *v; int cap, n; };
+
+/* biases, RoPE, and K/V appended at each token's position; one block per token */
+__global__ void k_qkv_post(float *q, float *k, float *v, const float *bq, const float *bk, const float *bv,
+                           const int32_t *pos, const int *slot, const dseq *seqs, int layer, int nh,
+                           int nkv, int hd, const float *inv_freq, int neox) {
+    int t = blockIdx.x, nq = nh * hd, nk = nkv * hd;
+    float *qt = q + (size_t)t * nq, *kt = k + (size_t)t * nk, *vt = v + (size_t)t * nk;
+    if (bq) {
+        for (int i = threadIdx.x; i < nq; i += blockDim.x) qt[i] += bq[i];
+        for (int i = threadIdx.x; i < nk; i += blockDim.x) kt[i] += bk[i], vt[i] += bv[i];
+    }
+    __syncthreads();
+    int half = hd / 2;
+    for (int idx = threadIdx.x; idx < (nh + nkv) * half; idx += blockDim.x) {
+        int h = idx / half, i = idx % half;
+        float *x = h < nh ? qt + (size_t)h * hd : kt + (size_t)(h - nh) * hd;
+        double a = (double)pos[t] * (double)inv_freq[i];
+        float c = (float)cos(a), s = (float)sin(a);
+        int ia = neox ? i : 2 * i, ib = neox ? i + half : 2 * i + 1;
+        float x0 = x[ia], x1 = x[ib];
+        x[ia] = x0 * c - x1 * s;
+        x[ib] = x0 * s + x1 * c;
+    }
+    __syncthreads();
+    dseq sq = seqs[slot[t]];
+    for (int i = threadIdx.x; i < nk; i += blockDim.x) {
+        int h = i / hd, d = i % hd;
+        size_t o = (((size_t)layer * nkv + h) * sq.cap + pos[t]) * hd + d;
+        sq.k[o] = __float2half_rn(kt[i]);
+        sq.v[o] = __float2half_rn(vt[i]);
+    }
+}
+
+enum { AT = 128 /* keys per tile = threads per block */, MAXG = 16, MAXO = 16 /* outputs per thread */,
+       SPLIT_KEYS = 64, MAX_SPLIT = 128 /* a lone decode token's keys: splits of 64 or more, 128 at most */ };
+
+/* partial attention of token t's query heads of KV head h over key split s of its visible keys
+ * (positions 0 .. pos[t]): unnormalised o, running max m and sum l, for k_att_combine */
+__global__ void __launch_bounds__(AT) k_attn(const float *q, const int32_t *pos, const int *slot,
+                                             const int *nsp, const int *poff, const dseq *seqs, int layer,
+                                             int nh, int nkv, int hd, float scale, float *part) {
+    extern __shared__ float sm[];
+    int t = blockIdx.x, h = blockIdx.y, s = blockIdx.z, tid = threadIdx.x, nsplit = nsp[t];
+    if (s >= nsplit) return;
+    int g = nh / nkv, lane = tid & 31, warp = tid >> 5;
+    float *qs = sm, *S = qs + g * hd, *mst = S + g * AT, *lst = mst + g, *alpha = lst + g;
+    dseq sq = seqs[slot[t]];
+    int nvis = pos[t] + 1;
+    int k0 = (int)((long long)nvis * s / nsplit), k1 = (int)((long long)nvis * (s + 1) / nsplit);
+    const __half *K = sq.k + ((size_t)layer * nkv + h) * sq.cap * hd;
+    const __half *V = sq.v + ((size_t)layer * nkv + h) * sq.cap * hd;
+    const float *qt = q + (size_t)t * nh * hd + (size_t)h * g * hd;
+    for (int i = tid; i < g * hd; i += AT) qs[i] = qt[i];
+    if (tid < g) mst[tid] = -INFINITY, lst[tid] = 0.0f;
+    float o[MAXO];
+#pragma unroll
+    for (int i = 0; i < MAXO; i++) o[i] = 0.0f;
+    __syncthreads();
+    for (int kb = k0; kb < k1; kb += AT) {
+        int kk = kb + tid;
+        float sc[MAXG];
+#pragma unroll
+        for (int qi = 0; qi < MAXG; qi++) sc[qi] = 0.0f;
+        if (kk < k1) {
+            const __half2 *kr = (const __half2 *)(K + (size_t)kk * hd);
+            for (int d2 = 0; d2 < hd / 2; d2++) {
+                float2 kf = __half22float2(kr[d2]);
+#pragma unroll
+                for (int qi = 0; qi < MAXG; qi++)
+                    if (qi < g) sc[qi] += qs[qi * hd + 2 * d2] * kf.x + qs[qi * hd + 2 * d2 + 1] * kf.y;
+            }
+        }
+#pragma unroll
+        for (int qi = 0; qi < MAXG; qi++)
+            if (qi < g) S[qi * AT + tid] = kk < k1 ? sc[qi] * scale : -INFINITY;
+        __syncthreads();
+        for (int qi = warp; qi < g; qi += AT / 32) {
+            float mx = -INFINITY;
+            for (int j = lane; j < AT; j += 32) mx = fmaxf(mx, S[qi * AT + j]);
+            mx = warp_max(mx);
+            float mold = mst[qi], mnew = fmaxf(mold, mx), sum = 0.0f;
+            for (int j = lane; j < AT; j += 32) {
+                float p = __expf(S[qi * AT + j] - mnew);
+                S[qi * AT + j] = p;
+                sum += p;
+            }
+            sum = warp_sum(sum);
+            if (lane == 0) {
+                float a = __expf(mold - mnew);
+                mst[qi] = mnew, lst[qi] = lst[qi] * a + sum, alpha[qi] = a;
+            }
+        }
+        __syncthreads();
+        int n = k1 - kb < AT ? k1 - kb : AT;
+#pragma unroll
+        for (int i = 0; i < MAXO; i++) {
+            int idx = tid + AT * i;
+            if (idx < g * hd) {
+                int qi = idx / hd, d = idx % hd;
+                float a = o[i] * alpha[qi];
+                const float *p = S + qi * AT;
+                for (int j = 0; j < n; j++) a += p[j] * __half2float(V[(size_t)(kb + j) * hd + d]);
+                o[i] = a;
+            }
+        }
+        __syncthreads();
+    }
+    float *pt = part + (((size_t)(poff[t] + s) * nkv + h) * g) * (hd + 2);
+#pragma unroll
+    for (int i = 0; i < MAXO; i++) {
+        int idx = tid + AT * i;
+        if (idx < g * hd) pt[idx] = o[i];
+    }
+    if (tid < g) pt[g * hd + 2 * tid] = mst[tid], pt[g * hd + 2 * tid + 1] = lst[tid];
+}
+
+/* out (T, nh*hd) = sum_s e^{m_s - M} o_s / sum_s e^{m_s - M} l_s; one block per (token, query head) */
+__global__ void k_att_combine(const float *part, const int *nsp, const int *poff, int nh, int nkv, int hd,
+                              float *out) {
+    int t = blockIdx.x, qh = blockIdx.y, g = nh / nkv, h = qh / g, qi = qh % g, nsplit = nsp[t];
+    const float *p0 = part + ((size_t)poff[t] * nkv + h) * g * (hd + 2);
+    size_t sstride = (size_t)nkv * g * (hd + 2); /* one split further */
+    float M = -INFINITY;
+    for (int s = 0; s < nsplit; s++) {
+        const float *ml = p0 + s * sstride + g * hd;
+        if (ml[2 * qi + 1] > 0.0f) M = fmaxf(M, ml[2 * qi]);
+    }
+    for (int d = threadIdx.x; d < hd; d += blockDim.x) {
+        float L = 0.0f, o = 0.0f;
+        for (int s = 0; s < nsplit; s++) {
+            const float *ps = p0 + s * sstride, *ml = ps + g * hd;
+            if (ml[2 * qi + 1] == 0.0f) continue;
+            float f = __expf(ml[2 * qi] - M);
+            L += f * ml[2 * qi + 1];
+            o += f * ps[qi * hd + d];
+        }
+        out[(size_t)t * nh * hd + (size_t)qh * hd + d] = L > 0.0f ? o / L : 0.0f;
+    }
+}
+
+/* ---- the context ------------------------------------------------------------------------------ */
+
+struct dlayer {
+    float *attn_norm, *ffn_norm, *bq, *bk, *bv;
+    dweight wq, wk, wv, wo, wg, wu, wd;
+};
+
+enum { LOGIT_ROWS = 64 /* logits rows computed per pass */ };
+
+struct cuda_ctx {
+    int dev;
+    char name[320];
+    cudaStream_t st;
+    int n_layer, d, nh, nkv, hd, ff, nv, n_ctx, t_max, n_seq;
+    float eps;
+    bool neox;
+    dweight tok_embd, output;
+    float *out_norm, *inv_freq;
+    dlayer *L;                 /* host array of device pointers */
+    void **allocs;             /* every weight allocation, for free */
+    int n_allocs;
+    uint64_t weight_bytes, scratch_bytes, kv_bytes, kv_peak;
+    /* scratch */
+    float *x, *xn, *q, *k, *v, *gate, *up, *part, *logits;
+    int part_rows;             /* (token, split) rows att_part holds */
+    int32_t *d_meta;           /* tok, pos, slot, rows, splits, first partial row: 6 * t_max int32 */
+    int32_t *h_meta;           /* pinned staging of the same */
+    dseq *h_seqs, *d_seqs;     /* slot table, host copy and device copy */
+};
+
+static enum kvs_status up_weight(cuda_ctx *g, const cuda_w *w, dweight *dw, const char *name) {
+    if (!cuda_type_supported(w->type))
+        return kvs_fail(KVS_ERR_UNSUPPORTED, "cuda: %s has GGUF type %d, which the GPU kernels do not "
+                        "read yet (F32, F16, BF16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q6_K)", name, w->type);
+    if (w->n_cols % (w->type == T_Q4_K || w->type == T_Q6_K ? 256 : 32))
+        return kvs_fail(KVS_ERR_UNSUPPORTED, "cuda: %s has %lld columns, not a multiple of the kernels' unit",
+                        name, (long long)w->n_cols);
+    size_t bytes = (size_t)w->n_rows * w->row_bytes;
+    void *p;
+    CK(cudaMalloc(&p, bytes), name);
+    g->allocs[g->n_allocs++] = p;
+    CK(cudaMemcpy(p, w->data, bytes, cudaMemcpyHostToDevice), name);
+    g->weight_bytes += bytes;
+    *dw = (dweight){(const uint8_t *)p, w->type, (int)w->n_rows, (int)w->n_cols, w->row_bytes};
+    return KVS_OK;
+}
+
+static enum kvs_status up_floats(cuda_ctx *g, const float *h, size_t n, float **out, const char *name) {
+    *out = NULL;
+    if (!h) return KVS_OK;
+    void *p;
+    CK(cudaMalloc(&p, n * 4), name);
+    g->allocs[g->n_allocs++] = p;
+    CK(cudaMemcpy(p, h, n * 4, cudaMemcpyHostToDevice), name);
+    g->weight_bytes += n * 4;
+    *out = (float *)p;
+    return KVS_OK;
+}
+
+static enum kvs_status dev_alloc(cuda_ctx *g, void *pp, size_t bytes, const char *what) {
+    CK(cudaMalloc((void **)pp, bytes ? bytes : 4), what);
+    g->scratch_bytes += bytes;
+    return KVS_OK;
+}
+
+extern "C" enum kvs_status cuda_ctx_new(const struct cuda_model_desc *m, int n_ctx, int t_max, int n_seq,
+                                        struct cuda_ctx **out) {
+    *out = NULL;
+    int n_dev = 0;
+    cudaError_t e = cudaGetDeviceCount(&n_dev);
+    if (e != cudaSuccess || n_dev == 0)
+        return kvs_fail(KVS_ERR_UNSUPPORTED, "--device cuda: no usable GPU (%s)",
+                        e != cudaSuccess ? cudaGetErrorString(e) : "the driver reports no device");
+    if (m->head_dim % 2 || m->head_dim > 256 || m->n_head / m->n_head_kv > MAXG ||
+        (m->n_head / m->n_head_kv) * m->head_dim > AT * MAXO || m->n_embd % 32 || m->n_head % m->n_head_kv)
+        return kvs_fail(KVS_ERR_UNSUPPORTED, "cuda: attention shape (%d heads of %d, %d KV heads) is "
+                        "outside the kernels' limits", m->n_head, m->head_dim, m->n_head_kv);
+    cuda_ctx *g = (cuda_ctx *)calloc(1, sizeof *g);
+    if (!g) return kvs_fail(KVS_ERR_NOMEM, "out of memory");
+    g->n_layer = m->n_layer, g->d = m->n_embd, g->nh = m->n_head, g->nkv = m->n_head_kv;
+    g->hd = m->head_dim, g->ff = m->n_ff, g->nv = m->n_vocab, g->eps = m->norm_eps, g->neox = m->neox;
+    g->n_ctx = n_ctx, g->t_max = t_max, g->n_seq = n_seq;
+    g->L = (dlayer *)calloc((size_t)m->n_layer, sizeof *g->L);
+    g->allocs = (void **)calloc((size_t)m->n_layer * 16 + 16, sizeof(void *));
+    g->h_seqs = (dseq *)calloc((size_t)n_seq, sizeof *g->h_seqs);
+    *out = g;
+    if (!g->L || !g->allocs || !g->h_seqs) return kvs_fail(KVS_ERR_NOMEM, "out of memory");
+    cudaDeviceProp pr;
+    CK(cudaGetDevice(&g->dev), "cudaGetDevice");
+    CK(cudaGetDeviceProperties(&pr, g->dev), "cudaGetDeviceProperties");
+    snprintf(g->name, sizeof g->name, "%s (sm_%d%d, %.1f GiB)", pr.name, pr.major, pr.minor,
+             (double)pr.totalGlobalMem / (1u << 30));
+    CK(cudaStreamCreateWithFlags(&g->st, cudaStreamNonBlocking), "cudaStreamCreate");
+    enum kvs_status st;
+    char nm[64];
+    if ((st = up_weight(g, &m->tok_embd, &g->tok_embd, "token_embd")) != KVS_OK) return st;
+    g->output = g->tok_embd;
+    if (m->output.data != m->tok_embd.data && (st = up_weight(g, &m->output, &g->output, "output")) != KVS_OK) return st;
+    if ((st = up_floats(g, m->output_norm, (size_t)g->d, &g->out_norm, "output_norm")) != KVS_OK) return st;
+    if ((st = up_floats(g, m->inv_freq, (size_t)g->hd / 2, &g->inv_freq, "rope table")) != KVS_OK) return st;
+    for (int il = 0; il < g->n_layer; il++) {
+        const cuda_layer_desc *s = &m->layers[il];
+        dlayer *l = &g->L[il];
+        size_t nq = (size_t)g->nh * g->hd, nk = (size_t)g->nkv * g->hd;
+        struct { const cuda_w *src; dweight *dst; const char *n; } ws[] = {
+            {&s->wq, &l->wq, "attn_q"}, {&s->wk, &l->wk, "attn_k"}, {&s->wv, &l->wv, "attn_v"},
+            {&s->wo, &l->wo, "attn_output"}, {&s->w_gate, &l->wg, "ffn_gate"}, {&s->w_up, &l->wu, "ffn_up"},
+            {&s->w_down, &l->wd, "ffn_down"}};
+        for (size_t i = 0; i < sizeof ws / sizeof *ws; i++) {
+            snprintf(nm, sizeof nm, "blk.%d.%s", il, ws[i].n);
+            if ((st = up_weight(g, ws[i].src, ws[i].dst, nm)) != KVS_OK) return st;
+        }
+        if ((st = up_floats(g, s->attn_norm, (size_t)g->d, &l->attn_norm, "attn_norm")) != KVS_OK ||
+            (st = up_floats(g, s->ffn_norm, (size_t)g->d, &l->ffn_norm, "ffn_norm")) != KVS_OK ||
+            (st = up_floats(g, s->bq, nq, &l->bq, "attn_q.bias")) != KVS_OK ||
+            (st = up_floats(g, s->bk, nk, &l->bk, "attn_k.bias")) != KVS_OK ||
+            (st = up_floats(g, s->bv, nk, &l->bv, "attn_v.bias")) != KVS_OK)
+            return st;
+    }
+    size_t T = (size_t)t_max, nq = (size_t)g->nh * g->hd, nk = (size_t)g->nkv * g->hd;
+    size_t wide = nq > (size_t)g->d ? nq : (size_t)g->d;
+    g->part_rows = t_max + n_seq * MAX_SPLIT;
+    size_t grp = (size_t)(g->nh / g->nkv);
+    if ((st = dev_alloc(g, &g->x, T * g->d * 4, "scratch")) != KVS_OK ||
+        (st = dev_alloc(g, &g->xn, T * wide * 4, "scratch")) != KVS_OK ||
+        (st = dev_alloc(g, &g->q, T * wide * 4, "scratch")) != KVS_OK ||
+        (st = dev_alloc(g, &g->k, T * nk * 4, "scratch")) != KVS_OK ||
+        (st = dev_alloc(g, &g->v, T * nk * 4, "scratch")) != KVS_OK ||
+        (st = dev_alloc(g, &g->gate, T * g->ff * 4, "scratch")) != KVS_OK ||
+        (st = dev_alloc(g, &g->up, T * g->ff * 4, "scratch")) != KVS_OK ||
+        (st = dev_alloc(g, &g->part, (size_t)g->part_rows * g->nkv * grp * (g->hd + 2) * 4, "scratch")) != KVS_OK ||
+        (st = dev_alloc(g, &g->logits, (size_t)LOGIT_ROWS * g->nv * 4, "scratch")) != KVS_OK ||
+        (st = dev_alloc(g, &g->d_meta, T * 6 * 4, "scratch")) != KVS_OK ||
+        (st = dev_alloc(g, &g->d_seqs, (size_t)n_seq * sizeof(dseq), "scratch")) != KVS_OK)
+        return st;
+    CK(cudaMallocHost((void **)&g->h_meta, T * 6 * 4), "cudaMallocHost");
+    CK(cudaMemset(g->d_seqs, 0, (size_t)n_seq * sizeof(dseq)), "cudaMemset");
+    CK(cudaStreamSynchronize(g->st), "upload");
+    return KVS_OK;
+}
+
+extern "C" void cuda_ctx_free(struct cuda_ctx *g) {
+    if (!g) return;
+    for (int i = 0; i < g->n_seq && g->h_seqs; i++) cuda_seq_clear(g, i);
+    for (int i = 0; i < g->n_allocs; i++) cudaFree(g->allocs[i]);
+    float *bufs[] = {g->x, g->xn, g->q, g->k, g->v, g->gate, g->up, g->part, g->logits};
+    for (size_t i = 0; i < sizeof bufs / sizeof *bufs; i++) cudaFree(bufs[i]);
+    cudaFree(g->d_meta);
+    cudaFree(g->d_seqs);
+    if (g->h_meta) cudaFreeHost(g->h_meta);
+    if (g->st) cudaStreamDestroy(g->st);
+    free(g->L);
+    free(g->allocs);
+    free(g->h_seqs);
+    free(g);
+}
+
+extern "C" const char *cuda_device_name(const struct cuda_ctx *g) { return g->name; }
+
+static uint64_t seq_bytes(const cuda_ctx *g, const dseq *s) {
+    return 2ull * g->n_layer * g->nkv * (uint64_t)s->cap * g->hd * sizeof(__half);
+}
+
+extern "C" void cuda_seq_clear(struct cuda_ctx *g, int slot) {
+    dseq *s = &g->h_seqs[slot];
+    g->kv_bytes -= seq_bytes(g, s);
+    cudaFree(s->k);
+    cudaFree(s->v);
+    *s = (dseq){};
+    cudaMemcpy(g->d_seqs + slot, s, sizeof *s, cudaMemcpyHostToDevice);
+}
+
+extern "C" uint64_t cuda_seq_kv_bytes(const struct cuda_ctx *g, int slot) { return seq_bytes(g, &g->h_seqs[slot]); }
+
+extern "C" void cuda_mem(const struct cuda_ctx *g, uint64_t *weights, uint64_t *kv, uint64_t *kv_peak,
+                         uint64_t *scratch) {
+    if (weights) *weights = g->weight_bytes;
+    if (kv) *kv = g->kv_bytes;
+    if (kv_peak) *kv_peak = g->kv_peak;
+    if (scratch) *scratch = g->scratch_bytes;
+}
+
+/* make slot's cache hold at least `need` positions: capacity grows in steps of 256 (doubling
+ * past 4096), entries moved with one 2-D copy per K and V */
+static enum kvs_status seq_reserve(cuda_ctx *g, int slot, int need) {
+    dseq *s = &g->h_seqs[slot];
+    if (need <= s->cap) return KVS_OK;
+    int cap = s->cap > 4096 ? 2 * s->cap : 0;
+    if (cap < need) cap = (need + 255) / 256 * 256;
+    if (cap > g->n_ctx + g->t_max) cap = g->n_ctx + g->t_max;
+    if (cap < need) return kvs_fail(KVS_ERR_CONTEXT_FULL, "cuda: %d positions exceed the context", need);
+    size_t rows = (size_t)g->n_layer * g->nkv, hb = (size_t)g->hd * sizeof(__half);
+    __half *nk, *nv;
+    CK(cudaMalloc(&nk, rows * cap * hb), "K/V cache");
+    if (cudaMalloc(&nv, rows * cap * hb) != cudaSuccess) {
+        cudaFree(nk);
+        return kvs_fail(KVS_ERR_NOMEM, "cuda: out of GPU memory for a K/V cache of %d tokens", cap);
+    }
+    if (s->n > 0) {
+        CK(cudaMemcpy2DAsync(nk, cap * hb, s->k, s->cap * hb, s->n * hb, rows, cudaMemcpyDeviceToDevice, g->st), "K/V grow");
+        CK(cudaMemcpy2DAsync(nv, cap * hb, s->v, s->cap * hb, s->n * hb, rows, cudaMemcpyDeviceToDevice, g->st), "K/V grow");
+        CK(cudaStreamSynchronize(g->st), "K/V grow");
+    }
+    cudaFree(s->k);
+    cudaFree(s->v);
+    g->kv_bytes -= seq_bytes(g, s);
+    s->k = nk, s->v = nv, s->cap = cap;
+    g->kv_bytes += seq_bytes(g, s);
+    if (g->kv_bytes > g->kv_peak) g->kv_peak = g->kv_bytes;
+    CK(cudaMemcpy(g->d_seqs + slot, s, sizeof *s, cudaMemcpyHostToDevice), "slot table");
+    return KVS_OK;
+}
+
+extern "C" enum kvs_status cuda_forward(struct cuda_ctx *g, const int32_t *tokens, const int32_t *pos,
+                                        const int *slot, int T, const int *out_rows, int n_out, float *logits) {
+    if (T < 1 || T > g->t_max) return kvs_fail(KVS_ERR_INVALID_ARG, "cuda: %d tokens in one pass", T);
+    for (int t = 0; t < T; t++) {
+        if (tokens[t] < 0 || tokens[t] >= g->nv)
+            return kvs_fail(KVS_ERR_INVALID_ARG, "token id %d out of range [0, %d)", tokens[t], g->nv);
+        if (slot[t] < 0 || slot[t] >= g->n_seq) return kvs_fail(KVS_ERR_INVALID_ARG, "cuda: bad slot %d", slot[t]);
+    }
+    for (int t = 0; t < T; t++) {
+        enum kvs_status st = seq_reserve(g, slot[t], pos[t] + 1);
+        if (st != KVS_OK) return st;
+    }
+    int32_t *hm = g->h_meta;
+    memcpy(hm, tokens, (size_t)T * 4);
+    memcpy(hm + g->t_max, pos, (size_t)T * 4);
+    memcpy(hm + 2 * g->t_max, slot, (size_t)T * 4);
+    for (int r = 0; r < n_out; r++) hm[3 * g->t_max + r] = out_rows[r];
+    /* key splits, chosen per token from its own sequence alone (so a sequence's results do not
+     * depend on its batch): a sequence's lone token splits its keys (flash-decoding, to fill the
+     * GPU at batch 1), prompt tokens take one pass each */
+    int ns_max = 1, *nsp = hm + 4 * g->t_max, *poff = hm + 5 * g->t_max;
+    for (int t = 0, o = 0; t < T; t++) {
+        int alone = 1;
+        for (int u = 0; u < T && alone; u++) alone = u == t || slot[u] != slot[t];
+        int ns = alone ? (pos[t] + SPLIT_KEYS) / SPLIT_KEYS : 1;
+        nsp[t] = ns > MAX_SPLIT ? MAX_SPLIT : ns;
+        poff[t] = o, o += nsp[t];
+        if (nsp[t] > ns_max) ns_max = nsp[t];
+    }
+    cudaStream_t st = g->st;
+    CK(cudaMemcpyAsync(g->d_meta, hm, (size_t)g->t_max * 6 * 4, cudaMemcpyHostToDevice, st), "metadata");
+    const int32_t *d_tok = g->d_meta, *d_pos = g->d_meta + g->t_max, *d_slot = g->d_meta + 2 * g->t_max,
+                  *d_rows = g->d_meta + 3 * g->t_max, *d_nsp = g->d_meta + 4 * g->t_max,
+                  *d_poff = g->d_meta + 5 * g->t_max;
+    int d = g->d, nq = g->nh * g->hd, nk = g->nkv * g->hd, ff = g->ff, grp = g->nh / g->nkv;
+    size_t smem = ((size_t)grp * g->hd + (size_t)grp * AT + 3 * (size_t)grp) * sizeof(float);
+    float scale = 1.0f / sqrtf((float)g->hd);
+    embed(&g->tok_embd, d_tok, T, g->x, st);
+    for (int il = 0; il < g->n_layer; il++) {
+        const dlayer *l = &g->L[il];
+        k_rmsnorm<<<T, 256, 0, st>>>(g->x, NULL, l->attn_norm, g->xn, d, g->eps);
+        matmul(&l->wq, g->xn, d, T, g->q, nq, st);
+        matmul(&l->wk, g->xn, d, T, g->k, nk, st);
+        matmul(&l->wv, g->xn, d, T, g->v, nk, st);
+        k_qkv_post<<<T, 128, 0, st>>>(g->q, g->k, g->v, l->bq, l->bk, l->bv, d_pos, d_slot, g->d_seqs, il,
+                                      g->nh, g->nkv, g->hd, g->inv_freq, g->neox);
+        k_attn<<<dim3(T, g->nkv, ns_max), AT, smem, st>>>(g->q, d_pos, d_slot, d_nsp, d_poff, g->d_seqs, il,
+                                                           g->nh, g->nkv, g->hd, scale, g->part);
+        k_att_combine<<<dim3(T, g->nh), g->hd < 128 ? g->hd : 128, 0, st>>>(g->part, d_nsp, d_poff, g->nh,
+                                                                             g->nkv, g->hd, g->xn);
+        matmul(&l->wo, g->xn, nq, T, g->q, d, st);
+        size_t n = (size_t)T * d;
+        k_add<<<(unsigned)((n + 255) / 256), 256, 0, st>>>(g->x, g->q, n);
+        k_rmsnorm<<<T, 256, 0, st>>>(g->x, NULL, l->ffn_norm, g->xn, d, g->eps);
+        matmul(&l->wg, g->xn, d, T, g->gate, ff, st);
+        matmul(&l->wu, g->xn, d, T, g->up, ff, st);
+        size_t nf = (size_t)T * ff;
+        k_swiglu<<<(unsigned)((nf + 255) / 256), 256, 0, st>>>(g->gate, g->up, nf);
+        matmul(&l->wd, g->gate, ff, T, g->q, d, st);
+        k_add<<<(unsigned)((n + 255) / 256), 256, 0, st>>>(g->x, g->q, n);
+    }
+    CK(cudaGetLastError(), "kernel launch");
+    for (int r0 = 0; r0 < n_out; r0 += LOGIT_ROWS) {
+        int nr = n_out - r0 < LOGIT_ROWS ? n_out - r0 : LOGIT_ROWS;
+        k_rmsnorm<<<nr, 256, 0, st>>>(g->x, d_rows + r0, g->out_norm, g->xn, d, g->eps);
+        matmul(&g->output, g->xn, d, nr, g->logits, g->nv, st);
+        CK(cudaMemcpyAsync(logits + (size_t)r0 * g->nv, g->logits, (size_t)nr * g->nv * 4,
+                           cudaMemcpyDeviceToHost, st), "logits");
+    }
+    CK(cudaStreamSynchronize(st), "forward");
+    for (int t = 0; t < T; t++)
+        if (pos[t] + 1 > g->h_seqs[slot[t]].n) g->h_seqs[slot[t]].n = pos[t] + 1;
+    return KVS_OK;
+}
+
+extern "C" enum kvs_status cuda_seq_copy(struct cuda_ctx *g, int dst, int src) {
+    if (dst == src) return KVS_OK;
+    cuda_seq_clear(g, dst);
+    const dseq *s = &g->h_seqs[src];
+    if (s->cap == 0) return KVS_OK;
+    enum kvs_status st = seq_reserve(g, dst, s->cap);
+    if (st != KVS_OK) return st;
+    dseq *d = &g->h_seqs[dst];
+    size_t rows = (size_t)g->n_layer * g->nkv, hb = (size_t)g->hd * sizeof(__half);
+    CK(cudaMemcpy2DAsync(d->k, d->cap * hb, s->k, s->cap * hb, s->n * hb, rows, cudaMemcpyDeviceToDevice, g->st), "K/V copy");
+    CK(cudaMemcpy2DAsync(d->v, d->cap * hb, s->v, s->cap * hb, s->n * hb, rows, cudaMemcpyDeviceToDevice, g->st), "K/V copy");
+    CK(cudaStreamSynchronize(g->st), "K/V copy");
+    d->n = s->n;
+    return KVS_OK;
+}
+
+extern "C" double cuda_bandwidth_gb_s(struct cuda_ctx *g) {
+    size_t bytes = (size_t)1 << 30;
+    void *a = NULL, *b = NULL;
+    if (cudaMalloc(&a, bytes) != cudaSuccess || cudaMalloc(&b, bytes) != cudaSuccess) {
+        cudaFree(a);
+        return -1;
+    }
+    cudaEvent_t e0, e1;
+    cudaEventCreate(&e0);
+    cudaEventCreate(&e1);
+    float best = 1e30f;
+    cudaMemsetAsync(a, 1, bytes, g->st);
+    for (int i = 0; i < 6; i++) {
+        cudaEventRecord(e0, g->st);
+        cudaMemcpyAsync(b, a, bytes, cudaMemcpyDeviceToDevice, g->st);
+        cudaEventRecord(e1, g->st);
+        cudaEventSynchronize(e1);
+        float ms;
+        cudaEventElapsedTime(&ms, e0, e1);
+        if (i > 0 && ms < best) best = ms;
+    }
+    cudaEventDestroy(e0);
+    cudaEventDestroy(e1);
+    cudaFree(a);
+    cudaFree(b);
+    return 2.0 * (double)bytes / (best * 1e-3) / 1e9; /* each byte read once and written once */
+}
+
+extern "C" enum kvs_status cuda_test_matmul(int type, const void *W, size_t row_bytes, int64_t n_rows,
+                                            int64_t n_cols, const float *x, int T, float *y) {
+    cuda_w w = {W, type, n_rows, n_cols, row_bytes};
+    cuda_ctx g = {};
+    void *allocs[1] = {NULL};
+    g.allocs = allocs;
+    dweight dw;
+    enum kvs_status s = up_weight(&g, &w, &dw, "test weight");
+    if (s != KVS_OK) return s;
+    float *dx = NULL, *dy = NULL;
+    cudaError_t e = cudaMalloc(&dx, (size_t)T * n_cols * 4);
+    if (e == cudaSuccess) e = cudaMalloc(&dy, (size_t)T * n_rows * 4);
+    if (e == cudaSuccess) e = cudaMemcpy(dx, x, (size_t)T * n_cols * 4, cudaMemcpyHostToDevice);
+    if (e == cudaSuccess) {
+        matmul(&dw, dx, (int)n_cols, T, dy, (int)n_rows, 0);
+        e = cudaGetLastError();
+    }
+    if (e == cudaSuccess) e = cudaMemcpy(y, dy, (size_t)T * n_rows * 4, cudaMemcpyDeviceToHost);
+    cudaFree(dx);
+    cudaFree(dy);
+    cudaFree(allocs[0]);
+    return e == cudaSuccess ? KVS_OK : cuda_error(e, "test matmul");
+}

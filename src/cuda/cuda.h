@@ -1,0 +1,89 @@
+/* cuda.h — the CUDA backend as the engine sees it: a model's weights in GPU memory, a device KV
+ * cache per sequence, and one forward pass over a batch of tokens, all on one GPU.
+ *
+ * Does: upload the GGUF weight blocks as they are (no requantization) and run the transformer
+ * with fused dequantising kernels (decode GEMV, prefill tiles), RMSNorm, RoPE, SwiGLU and
+ * flash-decoding attention over fp16 K/V on the device; copy only the requested logits back.
+ * Does not: run KV policies yet (a context on the GPU holds the full cache: the engine refuses
+ * any other spec), sample on the device, or print. Built by `make cuda` (src/cuda/cuda.cu, nvcc);
+ * the default CPU build links src/cuda/cuda_none.c, whose entry points fail with a clear error.
+ *
+ * This header is C and C++ (the .cu includes it), so it needs neither base.h nor model.h: the
+ * engine describes the model in the plain structs below.
+ */
+#ifndef KVS_CUDA_H
+#define KVS_CUDA_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+#include "../../include/kvsieve.h"
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+/* A weight matrix as GGUF stores it on the host: n_rows rows of n_cols elements, row_bytes each. */
+struct cuda_w { const void *data; int type; int64_t n_rows, n_cols; size_t row_bytes; };
+
+struct cuda_layer_desc {
+    const float *attn_norm, *ffn_norm, *bq, *bk, *bv; /* biases NULL when absent */
+    struct cuda_w wq, wk, wv, wo, w_gate, w_up, w_down;
+};
+
+struct cuda_model_desc {
+    int n_layer, n_embd, n_head, n_head_kv, head_dim, n_ff, n_vocab;
+    float norm_eps;
+    bool neox;                /* RoPE pairs (i, i + hd/2) instead of (2i, 2i + 1) */
+    const float *inv_freq;    /* (head_dim / 2): the CPU path's table, so angles agree */
+    struct cuda_w tok_embd, output;
+    const float *output_norm;
+    const struct cuda_layer_desc *layers;
+};
+
+struct cuda_ctx;
+
+/* True when this binary has the CUDA backend compiled in. */
+bool cuda_built(void);
+/* Weight types the device kernels read (F32, F16, BF16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q6_K). */
+bool cuda_type_supported(int type);
+
+/* Upload the model and allocate the scratch for forward passes of up to t_max tokens, caches of
+ * up to n_ctx tokens for n_seq sequence slots. KVS_ERR_UNSUPPORTED without a usable GPU (the
+ * message says why: no driver, no device, a build without CUDA), or for a weight type the
+ * kernels do not read; KVS_ERR_NOMEM when the GPU's memory is too small. */
+enum kvs_status cuda_ctx_new(const struct cuda_model_desc *m, int n_ctx, int t_max, int n_seq,
+                             struct cuda_ctx **out);
+void cuda_ctx_free(struct cuda_ctx *g);
+/* "NVIDIA H200 (sm_90, 139.8 GiB)" */
+const char *cuda_device_name(const struct cuda_ctx *g);
+
+/* Forget slot's cached tokens and give its device memory back. */
+void cuda_seq_clear(struct cuda_ctx *g, int slot);
+/* Device bytes of slot's K/V cache as allocated now (capacity included). */
+uint64_t cuda_seq_kv_bytes(const struct cuda_ctx *g, int slot);
+/* Device bytes: weights, all K/V caches now and at their peak, scratch (NULL: not wanted). */
+void cuda_mem(const struct cuda_ctx *g, uint64_t *weights, uint64_t *kv, uint64_t *kv_peak,
+              uint64_t *scratch);
+
+/* Make slot dst a copy of slot src (its entries; dst's old content is dropped). */
+enum kvs_status cuda_seq_copy(struct cuda_ctx *g, int dst, int src);
+/* The device's memory bandwidth in GB/s: the best of 5 device-to-device copies of 1 GiB,
+ * counting each byte read and written (-1 when the buffers do not fit). */
+double cuda_bandwidth_gb_s(struct cuda_ctx *g);
+
+/* The transformer on T tokens: tokens[i] at position pos[i] of the sequence in slot[i]; positions
+ * of one slot consecutive and starting at its cached length. K/V are appended to the slots'
+ * caches. Logits of the n_out rows out_rows[] (indices into 0..T-1) go to logits (host). */
+enum kvs_status cuda_forward(struct cuda_ctx *g, const int32_t *tokens, const int32_t *pos,
+                             const int *slot, int T, const int *out_rows, int n_out, float *logits);
+
+/* For tests: y (T, n_rows) = x (T, n_cols) W^T with the kernel forward() uses for T tokens
+ * (GEMV up to 8, tiles beyond); W in GGUF blocks on the host. */
+enum kvs_status cuda_test_matmul(int type, const void *W, size_t row_bytes, int64_t n_rows,
+                                 int64_t n_cols, const float *x, int T, float *y);
+
+#ifdef __cplusplus
+}
+#endif
+#endif
