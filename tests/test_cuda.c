@@ -17,6 +17,7 @@
  */
 #include "testutil.h"
 #include "../src/cuda/cuda.h"
+#include "../src/engine.h"
 #include "../src/quant.h"
 #include "../include/kvsieve.h"
 
@@ -123,7 +124,7 @@ static void test_model(void) {
     int n = kvs_tokenize(model, text, strlen(text), true, false, tok, 4096);
     CHECK(n > 600);
     if (n > 700) n = 700;
-    kvs_context *cc = ctx(KVS_DEVICE_CPU, 1), *gc = ctx(KVS_DEVICE_CUDA, 4);
+    kvs_context *cc = ctx(KVS_DEVICE_CPU, 1), *gc = ctx(KVS_DEVICE_CUDA, 5);
     kvs_sequence *cs, *gs;
     CHECK(kvs_seq_new(cc, &cs) == KVS_OK && kvs_seq_new(gc, &gs) == KVS_OK);
     float *lc = malloc(sizeof(float) * (size_t)n * n_vocab), *lg = malloc(sizeof(float) * (size_t)n * n_vocab);
@@ -165,6 +166,24 @@ static void test_model(void) {
     if (first_div < 0) printf("greedy: %d tokens identical on CPU and GPU\n", ND);
     else printf("greedy: first divergence at token %d, CPU's logit margin there %.4f\n", first_div, margin);
     CHECKF(first_div < 0 || margin < 0.05, "divergence at %d with margin %.4f (not a near tie)", first_div, margin);
+
+    /* a decode step replayed as a CUDA graph equals the same step launched kernel by kernel
+     * (the graph's attention grid is wider; the splits it adds do nothing) */
+    {
+        kvs_sequence *cp;
+        CHECK(kvs_seq_new(gc, &cp) == KVS_OK);
+        CHECK(kvs_seq_copy(gc, cp, gc, gs) == KVS_OK && kvs_seq_n_past(cp) == kvs_seq_n_past(gs));
+        int32_t nx = tg[ND - 1];
+        cuda_use_graphs(gc->gpu, true);
+        CHECK(kvs_eval(gc, gs, &nx, 1, false, rg, NULL, NULL) == KVS_OK);
+        cuda_use_graphs(gc->gpu, false);
+        CHECK(kvs_eval(gc, cp, &nx, 1, false, rc, NULL, NULL) == KVS_OK);
+        cuda_use_graphs(gc->gpu, true);
+        CHECKF(memcmp(rg, rc, sizeof(float) * n_vocab) == 0, "graph and eager decode differ (max %g)",
+               tu_max_abs_diff(rg, rc, n_vocab));
+        printf("decode step as a CUDA graph: bit-identical to eager launches (after a device copy of the cache)\n");
+        kvs_seq_free(gc, cp);
+    }
 
     /* chunked prefill against token by token, on the device */
     kvs_sequence *g2;
@@ -211,6 +230,23 @@ static void test_model(void) {
     CHECK(ms.kv_bytes == sum && ms.kv_bytes_peak >= sum);
     printf("device KV bytes %llu (peak %llu) = the sum over sequences\n", (unsigned long long)ms.kv_bytes,
            (unsigned long long)ms.kv_bytes_peak);
+
+    /* the device's own count: a new sequence of 1024 tokens takes what the accounting says,
+     * up to the allocator's 2 MiB pages (one K and one V allocation) */
+    {
+        kvs_sequence *ns;
+        CHECK(kvs_seq_new(gc, &ns) == KVS_OK);
+        uint64_t free0 = cuda_device_free_bytes();
+        int32_t many[1024];
+        for (int i = 0; i < 1024; i++) many[i] = tok[i % n];
+        CHECK(kvs_eval(gc, ns, many, 1024, false, NULL, NULL, NULL) == KVS_OK);
+        uint64_t used = free0 - cuda_device_free_bytes(), acc = kvs_seq_kv_bytes(ns);
+        printf("a 1024-token sequence: %llu device bytes accounted, cudaMemGetInfo saw %llu\n",
+               (unsigned long long)acc, (unsigned long long)used);
+        CHECKF(acc > 0 && used >= acc && used <= acc + (4u << 20), "accounted %llu, used %llu",
+               (unsigned long long)acc, (unsigned long long)used);
+        kvs_seq_free(gc, ns);
+    }
 
     /* what the GPU does not run yet fails clearly */
     CHECK(kvs_seq_compress(gc, gs, "h2o:budget=64") == KVS_ERR_UNSUPPORTED);

@@ -473,7 +473,7 @@ struct dlayer {
     dweight wq, wk, wv, wo, wg, wu, wd;
 };
 
-enum { LOGIT_ROWS = 64 /* logits rows computed per pass */ };
+enum { LOGIT_ROWS = 64 /* logits rows computed per pass */, GRAPH_T = 8 /* most tokens of a graph */ };
 
 struct cuda_ctx {
     int dev;
@@ -494,6 +494,9 @@ struct cuda_ctx {
     int32_t *d_meta;           /* tok, pos, slot, rows, splits, first partial row: 6 * t_max int32 */
     int32_t *h_meta;           /* pinned staging of the same */
     dseq *h_seqs, *d_seqs;     /* slot table, host copy and device copy */
+    bool graphs;               /* replay decode steps as CUDA graphs (KVS_CUDA_GRAPHS=0: off) */
+    cudaGraphExec_t gexec[GRAPH_T + 1][GRAPH_T + 1]; /* by (T, n_out), captured on first use */
+    float *h_logits;           /* pinned (GRAPH_T, n_vocab): the graphs' logits */
 };
 
 static enum kvs_status up_weight(cuda_ctx *g, const cuda_w *w, dweight *dw, const char *name) {
@@ -602,6 +605,9 @@ extern "C" enum kvs_status cuda_ctx_new(const struct cuda_model_desc *m, int n_c
         (st = dev_alloc(g, &g->d_seqs, (size_t)n_seq * sizeof(dseq), "scratch")) != KVS_OK)
         return st;
     CK(cudaMallocHost((void **)&g->h_meta, T * 6 * 4), "cudaMallocHost");
+    CK(cudaMallocHost((void **)&g->h_logits, (size_t)GRAPH_T * g->nv * 4), "cudaMallocHost");
+    const char *ge = getenv("KVS_CUDA_GRAPHS");
+    g->graphs = !(ge && !strcmp(ge, "0"));
     CK(cudaMemset(g->d_seqs, 0, (size_t)n_seq * sizeof(dseq)), "cudaMemset");
     CK(cudaStreamSynchronize(g->st), "upload");
     return KVS_OK;
@@ -616,6 +622,10 @@ extern "C" void cuda_ctx_free(struct cuda_ctx *g) {
     cudaFree(g->d_meta);
     cudaFree(g->d_seqs);
     if (g->h_meta) cudaFreeHost(g->h_meta);
+    if (g->h_logits) cudaFreeHost(g->h_logits);
+    for (int i = 0; i <= GRAPH_T; i++)
+        for (int j = 0; j <= GRAPH_T; j++)
+            if (g->gexec[i][j]) cudaGraphExecDestroy(g->gexec[i][j]);
     if (g->st) cudaStreamDestroy(g->st);
     free(g->L);
     free(g->allocs);
@@ -679,6 +689,50 @@ static enum kvs_status seq_reserve(cuda_ctx *g, int slot, int need) {
     return KVS_OK;
 }
 
+/* every launch of one forward pass on g->st, from the metadata in g->h_meta (copied first);
+ * logits rows go to logits_dst on the host. Launch parameters depend on T, n_out and ns_grid only. */
+static void enqueue(cuda_ctx *g, int T, int n_out, int ns_grid, float *logits_dst) {
+    cudaStream_t st = g->st;
+    cudaMemcpyAsync(g->d_meta, g->h_meta, (size_t)g->t_max * 6 * 4, cudaMemcpyHostToDevice, st);
+    const int32_t *d_tok = g->d_meta, *d_pos = g->d_meta + g->t_max, *d_slot = g->d_meta + 2 * g->t_max,
+                  *d_rows = g->d_meta + 3 * g->t_max, *d_nsp = g->d_meta + 4 * g->t_max,
+                  *d_poff = g->d_meta + 5 * g->t_max;
+    int d = g->d, nq = g->nh * g->hd, nk = g->nkv * g->hd, ff = g->ff, grp = g->nh / g->nkv;
+    size_t smem = ((size_t)grp * g->hd + (size_t)grp * AT + 3 * (size_t)grp) * sizeof(float);
+    float scale = 1.0f / sqrtf((float)g->hd);
+    embed(&g->tok_embd, d_tok, T, g->x, st);
+    for (int il = 0; il < g->n_layer; il++) {
+        const dlayer *l = &g->L[il];
+        k_rmsnorm<<<T, 256, 0, st>>>(g->x, NULL, l->attn_norm, g->xn, d, g->eps);
+        matmul(&l->wq, g->xn, d, T, g->q, nq, st);
+        matmul(&l->wk, g->xn, d, T, g->k, nk, st);
+        matmul(&l->wv, g->xn, d, T, g->v, nk, st);
+        k_qkv_post<<<T, 128, 0, st>>>(g->q, g->k, g->v, l->bq, l->bk, l->bv, d_pos, d_slot, g->d_seqs, il,
+                                      g->nh, g->nkv, g->hd, g->inv_freq, g->neox);
+        k_attn<<<dim3(T, g->nkv, ns_grid), AT, smem, st>>>(g->q, d_pos, d_slot, d_nsp, d_poff, g->d_seqs, il,
+                                                            g->nh, g->nkv, g->hd, scale, g->part);
+        k_att_combine<<<dim3(T, g->nh), g->hd < 128 ? g->hd : 128, 0, st>>>(g->part, d_nsp, d_poff, g->nh,
+                                                                             g->nkv, g->hd, g->xn);
+        matmul(&l->wo, g->xn, nq, T, g->q, d, st);
+        size_t n = (size_t)T * d;
+        k_add<<<(unsigned)((n + 255) / 256), 256, 0, st>>>(g->x, g->q, n);
+        k_rmsnorm<<<T, 256, 0, st>>>(g->x, NULL, l->ffn_norm, g->xn, d, g->eps);
+        matmul(&l->wg, g->xn, d, T, g->gate, ff, st);
+        matmul(&l->wu, g->xn, d, T, g->up, ff, st);
+        size_t nf = (size_t)T * ff;
+        k_swiglu<<<(unsigned)((nf + 255) / 256), 256, 0, st>>>(g->gate, g->up, nf);
+        matmul(&l->wd, g->gate, ff, T, g->q, d, st);
+        k_add<<<(unsigned)((n + 255) / 256), 256, 0, st>>>(g->x, g->q, n);
+    }
+    for (int r0 = 0; r0 < n_out; r0 += LOGIT_ROWS) {
+        int nr = n_out - r0 < LOGIT_ROWS ? n_out - r0 : LOGIT_ROWS;
+        k_rmsnorm<<<nr, 256, 0, st>>>(g->x, d_rows + r0, g->out_norm, g->xn, d, g->eps);
+        matmul(&g->output, g->xn, d, nr, g->logits, g->nv, st);
+        cudaMemcpyAsync(logits_dst + (size_t)r0 * g->nv, g->logits, (size_t)nr * g->nv * 4,
+                        cudaMemcpyDeviceToHost, st);
+    }
+}
+
 extern "C" enum kvs_status cuda_forward(struct cuda_ctx *g, const int32_t *tokens, const int32_t *pos,
                                         const int *slot, int T, const int *out_rows, int n_out, float *logits) {
     if (T < 1 || T > g->t_max) return kvs_fail(KVS_ERR_INVALID_ARG, "cuda: %d tokens in one pass", T);
@@ -708,51 +762,45 @@ extern "C" enum kvs_status cuda_forward(struct cuda_ctx *g, const int32_t *token
         poff[t] = o, o += nsp[t];
         if (nsp[t] > ns_max) ns_max = nsp[t];
     }
+    /* decode steps of up to GRAPH_T tokens replay a CUDA graph captured once per (T, n_out):
+     * launch parameters depend on those alone (the attention grid spans MAX_SPLIT splits, the
+     * ones a token does not use return at once), the rest is read from device memory */
     cudaStream_t st = g->st;
-    CK(cudaMemcpyAsync(g->d_meta, hm, (size_t)g->t_max * 6 * 4, cudaMemcpyHostToDevice, st), "metadata");
-    const int32_t *d_tok = g->d_meta, *d_pos = g->d_meta + g->t_max, *d_slot = g->d_meta + 2 * g->t_max,
-                  *d_rows = g->d_meta + 3 * g->t_max, *d_nsp = g->d_meta + 4 * g->t_max,
-                  *d_poff = g->d_meta + 5 * g->t_max;
-    int d = g->d, nq = g->nh * g->hd, nk = g->nkv * g->hd, ff = g->ff, grp = g->nh / g->nkv;
-    size_t smem = ((size_t)grp * g->hd + (size_t)grp * AT + 3 * (size_t)grp) * sizeof(float);
-    float scale = 1.0f / sqrtf((float)g->hd);
-    embed(&g->tok_embd, d_tok, T, g->x, st);
-    for (int il = 0; il < g->n_layer; il++) {
-        const dlayer *l = &g->L[il];
-        k_rmsnorm<<<T, 256, 0, st>>>(g->x, NULL, l->attn_norm, g->xn, d, g->eps);
-        matmul(&l->wq, g->xn, d, T, g->q, nq, st);
-        matmul(&l->wk, g->xn, d, T, g->k, nk, st);
-        matmul(&l->wv, g->xn, d, T, g->v, nk, st);
-        k_qkv_post<<<T, 128, 0, st>>>(g->q, g->k, g->v, l->bq, l->bk, l->bv, d_pos, d_slot, g->d_seqs, il,
-                                      g->nh, g->nkv, g->hd, g->inv_freq, g->neox);
-        k_attn<<<dim3(T, g->nkv, ns_max), AT, smem, st>>>(g->q, d_pos, d_slot, d_nsp, d_poff, g->d_seqs, il,
-                                                           g->nh, g->nkv, g->hd, scale, g->part);
-        k_att_combine<<<dim3(T, g->nh), g->hd < 128 ? g->hd : 128, 0, st>>>(g->part, d_nsp, d_poff, g->nh,
-                                                                             g->nkv, g->hd, g->xn);
-        matmul(&l->wo, g->xn, nq, T, g->q, d, st);
-        size_t n = (size_t)T * d;
-        k_add<<<(unsigned)((n + 255) / 256), 256, 0, st>>>(g->x, g->q, n);
-        k_rmsnorm<<<T, 256, 0, st>>>(g->x, NULL, l->ffn_norm, g->xn, d, g->eps);
-        matmul(&l->wg, g->xn, d, T, g->gate, ff, st);
-        matmul(&l->wu, g->xn, d, T, g->up, ff, st);
-        size_t nf = (size_t)T * ff;
-        k_swiglu<<<(unsigned)((nf + 255) / 256), 256, 0, st>>>(g->gate, g->up, nf);
-        matmul(&l->wd, g->gate, ff, T, g->q, d, st);
-        k_add<<<(unsigned)((n + 255) / 256), 256, 0, st>>>(g->x, g->q, n);
+    if (g->graphs && T <= GRAPH_T && n_out <= T) {
+        cudaGraphExec_t *ex = &g->gexec[T][n_out];
+        if (!*ex) {
+            cudaGraph_t gr = NULL;
+            cudaError_t e = cudaStreamBeginCapture(st, cudaStreamCaptureModeThreadLocal);
+            if (e == cudaSuccess) {
+                enqueue(g, T, n_out, MAX_SPLIT, g->h_logits);
+                e = cudaStreamEndCapture(st, &gr);
+            }
+            if (e == cudaSuccess) e = cudaGraphInstantiate(ex, gr, 0);
+            if (gr) cudaGraphDestroy(gr);
+            if (e != cudaSuccess) {
+                *ex = NULL;
+                return cuda_error(e, "capturing the decode graph");
+            }
+        }
+        CK(cudaGraphLaunch(*ex, st), "graph launch");
+        CK(cudaStreamSynchronize(st), "forward");
+        memcpy(logits, g->h_logits, (size_t)n_out * g->nv * 4);
+    } else {
+        enqueue(g, T, n_out, ns_max, logits);
+        CK(cudaGetLastError(), "kernel launch");
+        CK(cudaStreamSynchronize(st), "forward");
     }
-    CK(cudaGetLastError(), "kernel launch");
-    for (int r0 = 0; r0 < n_out; r0 += LOGIT_ROWS) {
-        int nr = n_out - r0 < LOGIT_ROWS ? n_out - r0 : LOGIT_ROWS;
-        k_rmsnorm<<<nr, 256, 0, st>>>(g->x, d_rows + r0, g->out_norm, g->xn, d, g->eps);
-        matmul(&g->output, g->xn, d, nr, g->logits, g->nv, st);
-        CK(cudaMemcpyAsync(logits + (size_t)r0 * g->nv, g->logits, (size_t)nr * g->nv * 4,
-                           cudaMemcpyDeviceToHost, st), "logits");
-    }
-    CK(cudaStreamSynchronize(st), "forward");
     for (int t = 0; t < T; t++)
         if (pos[t] + 1 > g->h_seqs[slot[t]].n) g->h_seqs[slot[t]].n = pos[t] + 1;
     return KVS_OK;
 }
+
+extern "C" uint64_t cuda_device_free_bytes(void) {
+    size_t fr = 0, tot = 0;
+    return cudaMemGetInfo(&fr, &tot) == cudaSuccess ? fr : 0;
+}
+
+extern "C" void cuda_use_graphs(struct cuda_ctx *g, bool on) { g->graphs = on; }
 
 extern "C" enum kvs_status cuda_seq_copy(struct cuda_ctx *g, int dst, int src) {
     if (dst == src) return KVS_OK;

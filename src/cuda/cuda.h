@@ -66,6 +66,11 @@ uint64_t cuda_seq_kv_bytes(const struct cuda_ctx *g, int slot);
 void cuda_mem(const struct cuda_ctx *g, uint64_t *weights, uint64_t *kv, uint64_t *kv_peak,
               uint64_t *scratch);
 
+/* Free device memory now (cudaMemGetInfo), for tests of the byte accounting; 0 on error. */
+uint64_t cuda_device_free_bytes(void);
+/* Decode steps of up to 8 tokens replay a CUDA graph (on by default; KVS_CUDA_GRAPHS=0 in the
+ * environment turns it off): same kernels and results, fewer launch costs. */
+void cuda_use_graphs(struct cuda_ctx *g, bool on);
 /* Make slot dst a copy of slot src (its entries; dst's old content is dropped). */
 enum kvs_status cuda_seq_copy(struct cuda_ctx *g, int dst, int src);
 /* The device's memory bandwidth in GB/s: the best of 5 device-to-device copies of 1 GiB,
