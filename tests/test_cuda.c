@@ -7,7 +7,8 @@
  *     the rigorous fp32 summation bound (n + 2) * 2^-24 * sum |w x| of a double-precision
  *     product of the CPU reference dequantization;
  *  2. the whole model (SmolLM2 by default, KVS_TEST_MODEL): a 700-token prompt in chunks of 256,
- *     every position's logits against the CPU context: mean and max KL, top-1 agreement;
+ *     every position's logits against a CPU context with fp32 activations (act_f32, as the GPU
+ *     keeps them): mean and max KL, top-1 agreement;
  *  3. greedy decoding of 48 tokens on both: identical, or the first divergence at a near tie of
  *     the CPU's two best logits;
  *  4. metamorphic: budget-free identities on the device itself — chunked prefill against token by
@@ -81,6 +82,10 @@ static kvs_context *ctx(int device, int n_seq) {
     p.n_batch = 256;
     p.n_seq_max = n_seq;
     p.device = device;
+    /* the CPU oracle keeps activations in fp32, as the GPU does (its default quantizes them to
+     * 8 bits: on Qwen2.5's first position, whose activations are huge, that alone moves the
+     * logits by a KL of 5.5 while the fp32 paths agree to 1e-6) */
+    p.act_f32 = device == KVS_DEVICE_CPU;
     kvs_context *c = NULL;
     if (kvs_context_new(model, &p, &c) != KVS_OK) {
         fprintf(stderr, "context: %s\n", kvs_last_error());
@@ -136,14 +141,15 @@ static void test_model(void) {
     for (int t = 0; t < n; t++) {
         double kl = kl_rows(lc + (size_t)t * n_vocab, lg + (size_t)t * n_vocab, n_vocab);
         kl_sum += kl, kl_max = fmax(kl_max, kl);
+        if (kl > 0.05) printf("  position %d (token %d): KL %.3g\n", t, tok[t], kl);
         agree += argmax(lc + (size_t)t * n_vocab, n_vocab) == argmax(lg + (size_t)t * n_vocab, n_vocab);
     }
-    printf("prompt of %d tokens (chunks of 256): KL(cpu||gpu) mean %.2e max %.2e, top-1 agreement %d/%d\n",
+    printf("prompt of %d tokens (chunks of 256): KL(cpu fp32||gpu) mean %.2e max %.2e, top-1 agreement %d/%d\n",
            n, kl_sum / n, kl_max, agree, n);
-    /* the CPU path quantizes activations to 8 bits and the GPU keeps them in fp32: the budget is
-     * the CPU's own distance from an fp32 reference (test_golden: KL <= 2e-3 per position) */
-    CHECKF(kl_sum / n < 2e-3 && kl_max < 2e-2, "mean %g max %g", kl_sum / n, kl_max);
-    CHECK(agree >= n * 97 / 100);
+    /* measured on an H100: SmolLM2 mean 6.2e-8 max 2.3e-6, Qwen2.5 1.3e-8 / 1.3e-6 (700/700
+     * top-1 each); the budgets leave 16x and 40x (the sums differ only in order) */
+    CHECKF(kl_sum / n < 1e-6 && kl_max < 1e-4, "mean %g max %g", kl_sum / n, kl_max);
+    CHECK(agree >= n * 99 / 100);
 
     /* greedy decoding on both */
     enum { ND = 48 };

@@ -494,7 +494,7 @@ struct cuda_ctx {
     int32_t *d_meta;           /* tok, pos, slot, rows, splits, first partial row: 6 * t_max int32 */
     int32_t *h_meta;           /* pinned staging of the same */
     dseq *h_seqs, *d_seqs;     /* slot table, host copy and device copy */
-    bool graphs;               /* replay decode steps as CUDA graphs (KVS_CUDA_GRAPHS=1: on) */
+    bool graphs;               /* replay decode steps as CUDA graphs (KVS_CUDA_GRAPHS=0: off) */
     cudaGraphExec_t gexec[GRAPH_T + 1][GRAPH_T + 1]; /* by (T, n_out), captured on first use */
     float *h_logits;           /* pinned (GRAPH_T, n_vocab): the graphs' logits */
 };
@@ -607,7 +607,7 @@ extern "C" enum kvs_status cuda_ctx_new(const struct cuda_model_desc *m, int n_c
     CK(cudaMallocHost((void **)&g->h_meta, T * 6 * 4), "cudaMallocHost");
     CK(cudaMallocHost((void **)&g->h_logits, (size_t)GRAPH_T * g->nv * 4), "cudaMallocHost");
     const char *ge = getenv("KVS_CUDA_GRAPHS");
-    g->graphs = ge && !strcmp(ge, "1");
+    g->graphs = !(ge && !strcmp(ge, "0"));
     CK(cudaMemset(g->d_seqs, 0, (size_t)n_seq * sizeof(dseq)), "cudaMemset");
     CK(cudaStreamSynchronize(g->st), "upload");
     return KVS_OK;

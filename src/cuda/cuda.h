@@ -68,8 +68,8 @@ void cuda_mem(const struct cuda_ctx *g, uint64_t *weights, uint64_t *kv, uint64_
 
 /* Free device memory now (cudaMemGetInfo), for tests of the byte accounting; 0 on error. */
 uint64_t cuda_device_free_bytes(void);
-/* Decode steps of up to 8 tokens replay a CUDA graph (off by default until measured on a GPU;
- * KVS_CUDA_GRAPHS=1 in the environment turns it on): same kernels and results, fewer launches. */
+/* Decode steps of up to 8 tokens replay a CUDA graph (on by default; KVS_CUDA_GRAPHS=0 in the
+ * environment turns it off): the same kernels and bit-identical results, fewer launch costs. */
 void cuda_use_graphs(struct cuda_ctx *g, bool on);
 /* Make slot dst a copy of slot src (its entries; dst's old content is dropped). */
 enum kvs_status cuda_seq_copy(struct cuda_ctx *g, int dst, int src);
