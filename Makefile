@@ -54,6 +54,7 @@ cuda:
 # GPU against the CPU path (tests/test_cuda.c; KVS_REQUIRE_GPU makes a missing GPU a failure)
 test-cuda: cuda models
 	KVS_REQUIRE_GPU=1 build/cuda/test_cuda
+	python3 tests/server/test_cuda_serve.py build/cuda
 # the paging library (src/page/) reads only base.h and its own headers
 $(BUILD)/obj/page/%.o: src/page/%.c $(wildcard src/page/*.h) src/base.h include/kvsieve.h
 	@mkdir -p $(dir $@)

@@ -44,7 +44,7 @@ struct opts {
     /* ppl */
     int ppl_tokens;
     /* bench */
-    int bench_prompt, bench_decode, bench_reps;
+    int bench_prompt, bench_decode, bench_reps, bench_parallel;
     int bench_ctx[8], n_bench_ctx;
 };
 
@@ -143,6 +143,10 @@ static const char *USAGE_BENCH =
     "       --contexts A,B,C decode speed measured at these context lengths\n"
     "                        (default 128,2048,8000, capped at the context size)\n"
     "       --decode N       decode steps timed at each context (default 32)\n"
+    "       --parallel N     also decode N copies of each filled context together, one batched\n"
+    "                        step for all (kvs_eval_batch; alias -np): tok/s summed over the N\n"
+    "                        sequences beside the bound N x bandwidth / (weights + N x KV bytes);\n"
+    "                        --json: decode_parallel[]\n"
     "       --reps N         repetitions of each timing (default 3): the median is reported,\n"
     "                        with the slowest and fastest beside it (*_min, *_max in --json);\n"
     "                        every decode repetition starts from a copy of the same filled cache\n"
@@ -346,6 +350,7 @@ static void parse_args(int argc, char **argv, struct opts *o) {
         else if (!strcmp(a, "--prompt-tokens")) o->bench_prompt = parse_int(a, NEXT(), 1, 1 << 20);
         else if (!strcmp(a, "--decode")) o->bench_decode = parse_int(a, NEXT(), 1, 1 << 16);
         else if (!strcmp(a, "--reps")) o->bench_reps = parse_int(a, NEXT(), 1, 100);
+        else if (!strcmp(a, "--parallel") || !strcmp(a, "-np")) o->bench_parallel = parse_int(a, NEXT(), 1, 256);
         else if (!strcmp(a, "--contexts")) {
             char *list = NEXT(), *save = NULL, *tmp = strdup(list);
             o->n_bench_ctx = 0;
@@ -932,10 +937,12 @@ static int cmd_bench(const struct opts *o) {
     }
     int max_ctx = o->bench_prompt;
     for (int i = 0; i < n_ctxs; i++) max_ctx = ctxs[i] > max_ctx ? ctxs[i] : max_ctx;
-    int n_ctx = o->n_ctx ? o->n_ctx : max_ctx + o->bench_decode + 1;
+    /* the batched copies (--parallel) decode on from where the single sequence stopped */
+    int n_ctx = o->n_ctx ? o->n_ctx : max_ctx + o->bench_decode * (o->bench_parallel > 1 ? 2 : 1) + 1;
     struct opts oc = *o;
     oc.n_ctx = n_ctx;
-    kvs_context *c = new_context(m, &oc, 2);
+    const int NP = o->bench_parallel > 1 ? o->bench_parallel : 0; /* batched decode: NP copies */
+    kvs_context *c = new_context(m, &oc, 2 + NP);
     int nth = kvs_context_n_threads(c);
 
     /* deterministic pseudo-text: token ids from a fixed LCG over the lower vocabulary */
@@ -975,6 +982,17 @@ static int cmd_bench(const struct opts *o) {
     uint64_t dec_kv[8], dec_payload[8];
     int dec_seen[8];
     double dec_held[8];
+    /* --parallel N: N copies of the filled cache decode together, one kvs_eval_batch a step */
+    kvs_sequence *par[256];
+    float *plogits = NULL;
+    int32_t ptok[256];
+    struct med par_med[8];
+    for (int j = 0; j < NP; j++)
+        if ((st = kvs_seq_new(c, &par[j])) != KVS_OK) fail_status(st);
+    if (NP && !(plogits = malloc(sizeof(float) * (size_t)mi.n_vocab * (size_t)NP))) {
+        fprintf(stderr, "kvsieve: out of memory\n");
+        return 1;
+    }
     for (int i = 0; i < n_ctxs; i++) {
         int at = kvs_seq_n_past(s);
         if (ctxs[i] > at) {
@@ -999,8 +1017,33 @@ static int cmd_bench(const struct opts *o) {
             }
             tps[rep] = o->bench_decode / ((now_ms() - t0) / 1e3);
         }
+        double tps0[100];
+        memcpy(tps0, tps, sizeof(double) * (size_t)R);
         kvs_seq_reset(c, s2);
-        dec_med[i] = median_of(tps, R);
+        for (int rep = 0; NP && rep < R; rep++) {
+            for (int j = 0; j < NP; j++) {
+                if ((st = kvs_seq_copy(c, par[j], c, s)) != KVS_OK) fail_status(st);
+                ptok[j] = toks[(kvs_seq_n_past(s) + j) % n_all];
+            }
+            double t0 = now_ms();
+            for (int k = 0; k < o->bench_decode; k++) {
+                if ((st = kvs_eval_batch(c, par, ptok, NP, plogits)) != KVS_OK) fail_status(st);
+                for (int j = 0; j < NP; j++) {
+                    const float *lg = plogits + (size_t)j * mi.n_vocab;
+                    int best = 0;
+                    for (int v = 1; v < mi.n_vocab; v++) best = lg[v] > lg[best] ? v : best;
+                    ptok[j] = best;
+                }
+            }
+            tps[rep] = (double)NP * o->bench_decode / ((now_ms() - t0) / 1e3);
+            for (int j = 0; j < NP; j++) kvs_seq_reset(c, par[j]);
+        }
+        if (NP) {
+            par_med[i] = median_of(tps, R);
+            if (!o->quiet)
+                fprintf(stderr, "bench: decode at %d, %d sequences: %.1f tok/s\n", ctxs[i], NP, par_med[i].med);
+        }
+        dec_med[i] = median_of(tps0, R);
         dec_tps[i] = dec_med[i].med;
         /* bytes one decode step must read: every weight once (the embedding table too when it
          * is the tied output matrix) plus the KV entries the cache holds at this context
@@ -1055,6 +1098,13 @@ static int cmd_bench(const struct opts *o) {
                    (unsigned long long)(mi.weight_bytes + dec_kv[i]),
                    dec_bound[i], dec_tps[i] / dec_bound[i], (unsigned long long)dec_payload[i],
                    dec_held[i], (double)dec_payload[i] / dec_seen[i], (double)dec_payload[i] / dec_held[i]);
+        for (int i = 0; NP && i < n_ctxs; i++) {
+            double pb = NP * bw * 1e9 / (double)(mi.weight_bytes + (uint64_t)NP * dec_kv[i]);
+            printf("%s{\"context\":%d,\"sequences\":%d,\"steps\":%d,\"tok_s\":%.2f,\"tok_s_min\":%.2f,"
+                   "\"tok_s_max\":%.2f,\"bound_tok_s\":%.2f,\"fraction_of_bound\":%.3f}",
+                   i ? "," : "],\"decode_parallel\":[", ctxs[i], NP, o->bench_decode, par_med[i].med,
+                   par_med[i].min, par_med[i].max, pb, par_med[i].med / pb);
+        }
         printf("],\"kv_bytes_per_token_theory\":%.1f,\"kv_bytes\":%llu,\"kv_bytes_peak\":%llu,\"scratch_bytes\":%llu,"
                "\"peak_rss_bytes\":%ld,\"logits_hash\":\"%016llx\"}\n",
                kvs_kv_bytes_per_token(m, o->kv), (unsigned long long)mem.kv_bytes, (unsigned long long)mem.kv_bytes_peak,
@@ -1074,12 +1124,18 @@ static int cmd_bench(const struct opts *o) {
                    "seen, %.0f B/entry held (%.0f entries per head)\n",
                    ctxs[i], dec_tps[i], dec_med[i].min, dec_med[i].max, dec_bound[i], 100 * dec_tps[i] / dec_bound[i],
                    (double)dec_payload[i] / dec_seen[i], (double)dec_payload[i] / dec_held[i], dec_held[i]);
+        for (int i = 0; NP && i < n_ctxs; i++) {
+            double pb = NP * bw * 1e9 / (double)(mi.weight_bytes + (uint64_t)NP * dec_kv[i]);
+            printf("decode at %5d, %d sequences: %8.1f tok/s in all (%.1f-%.1f)   bound %8.1f tok/s (%.0f%%)\n",
+                   ctxs[i], NP, par_med[i].med, par_med[i].min, par_med[i].max, pb, 100 * par_med[i].med / pb);
+        }
         printf("KV bytes per packed entry in this storage (theory): %.0f\n", kvs_kv_bytes_per_token(m, o->kv));
         printf("KV peak %.1f MiB, scratch %.1f MiB, peak RSS %.1f MiB, decode logits hash %016llx\n",
                mem.kv_bytes_peak / 1048576.0, mem.scratch_bytes / 1048576.0,
                rss / 1048576.0, (unsigned long long)logit_hash);
     }
     free(logits);
+    free(plogits);
     free(toks);
     kvs_context_free(c);
     kvs_model_free(m);

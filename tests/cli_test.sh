@@ -204,6 +204,8 @@ if [ -f "$model" ]; then
         python3 -c 'import json,sys; a,b=json.loads(sys.argv[1])["text"],json.loads(sys.argv[2])["text"]; assert a!=b, a; print("differ")' "$a" "$b"; }
     check "penalties" 0 "^differ" -- penalties
     check "-p and -f" 0 "warning: both -p and -f given" -- "$bin" run -m "$model" -n 1 -p hi -f "$tmp/text.txt"
+    # bench --parallel: N copies decode together; summed tok/s beside N x bandwidth / (weights + N x KV)
+    check "bench parallel json" 0 "" -- bash -o pipefail -c "'$bin' bench --json -q -m '$model' --prompt 32 --contexts 64,128 --decode 4 --reps 1 -np 3 | python3 -c 'import json,sys; d=json.load(sys.stdin); q=d[\"decode_parallel\"]; assert len(q)==2 and all(r[\"sequences\"]==3 and r[\"tok_s\"]>0 and 0<r[\"fraction_of_bound\"]<1.5 for r in q) and [r[\"context\"] for r in q]==[64,128], d'"
     # 10. bench's hash follows the decode logits: different methods, different hashes
     bench_hash() { "$bin" bench --json -q -m "$model" --prompt 64 --contexts 300 --decode 4 --kv "$1" | python3 -c 'import json,sys; print(json.load(sys.stdin)["logits_hash"])'; }
     hashes() { local a b c; a=$(bench_hash full) && b=$(bench_hash h2o:budget=32) && c=$(bench_hash full) &&

@@ -1206,6 +1206,10 @@ static const char *SERVE_USAGE =
     "                        a request whose policy bounds the cache generates past it\n"
     "  -t, --threads N       worker threads of the inference thread (default: all cores)\n"
     "  -b, --batch N         engine prefill chunk (default 512)\n"
+    "      --device DEV      cpu (default) or cuda (a `make cuda` build; -ngl N > 0 is the same):\n"
+    "                        weights, KV caches and every batch on the GPU. Full cache only so\n"
+    "                        far: requests with another \"kv\" get a 400, and the prefix cache,\n"
+    "                        chunk store and --prefix-kv are off (asking for them is an error)\n"
     "      --kv SPEC         default KV policy of a request (default full; `kvsieve --help kv`)\n"
     "      --kv-mem BYTES    KV bytes the running requests may hold together (default 1G;\n"
     "                        suffixes K, M, G). A request is admitted when its worst case\n"
@@ -1334,7 +1338,17 @@ static int serve_parse(int argc, char **argv, struct srv_config *cfg) {
         else if (!strcmp(a, "-b") || !strcmp(a, "--batch")) INT(cfg->n_batch, 1, 4096);
         else if (!strcmp(a, "--kv")) { NEXT(); cfg->kv = v; }
         else if (!strcmp(a, "--kv-mem")) BYTES(cfg->kv_mem);
-        else if (!strcmp(a, "--prefix-mem")) BYTES(cfg->prefix_mem);
+        else if (!strcmp(a, "--prefix-mem")) { BYTES(cfg->prefix_mem); cfg->prefix_mem_given = true; }
+        else if (!strcmp(a, "--device")) {
+            NEXT();
+            if (!strcmp(v, "cpu")) cfg->device = KVS_DEVICE_CPU;
+            else if (!strcmp(v, "cuda")) cfg->device = KVS_DEVICE_CUDA;
+            else return serve_usage_error("--device is cpu or cuda (got '%s')", v);
+        } else if (!strcmp(a, "-ngl") || !strcmp(a, "--n-gpu-layers")) {
+            int ngl = 0;
+            INT(ngl, 0, 1 << 20);
+            cfg->device = ngl > 0 ? KVS_DEVICE_CUDA : KVS_DEVICE_CPU;
+        }
         else if (!strcmp(a, "--prefix-kv")) { NEXT(); cfg->prefix_kv = v; }
         else if (!strcmp(a, "--api-key")) { NEXT(); cfg->api_key = v; }
         else if (!strcmp(a, "--metrics")) { /* always on */ }
@@ -1345,7 +1359,7 @@ static int serve_parse(int argc, char **argv, struct srv_config *cfg) {
         else if (!strcmp(a, "--queue")) INT(cfg->queue, 1, 1 << 20);
         else if (!strcmp(a, "--batch-tokens")) INT(cfg->batch_tokens, 1, 1 << 20);
         else if (!strcmp(a, "-q") || !strcmp(a, "--quiet")) g_log_quiet = 1;
-        else if (!strcmp(a, "--chunk-mem")) BYTES(cfg->chunk.mem);
+        else if (!strcmp(a, "--chunk-mem")) { BYTES(cfg->chunk.mem); cfg->chunk_mem_given = true; }
         else if (!strcmp(a, "--chunk-slots")) INT(cfg->chunk.slots, 1, 1 << 24);
         else if (!strcmp(a, "--chunk-policy")) { NEXT(); cfg->chunk.policy = v; }
         else if (!strcmp(a, "--chunk-dir")) { NEXT(); cfg->chunk.dir = v; }
@@ -1377,6 +1391,21 @@ static int serve_parse(int argc, char **argv, struct srv_config *cfg) {
     if (cfg->chunk.min_tokens > cfg->chunk.max_tokens)
         return serve_usage_error("--chunk-min %d is above --chunk-max %d", cfg->chunk.min_tokens,
                                  cfg->chunk.max_tokens);
+    /* on the GPU: the full cache only, so no prefix cache, chunk store or prefix compression
+     * (each needs the CPU store); off by default there, refused when asked for */
+    if (cfg->device == KVS_DEVICE_CUDA) {
+        if (cfg->prefix_mem_given && cfg->prefix_mem > 0)
+            return serve_usage_error("--prefix-mem: the prefix cache does not run on the GPU yet "
+                                     "(--device cuda); leave it out or give --prefix-mem 0");
+        if (cfg->chunk_mem_given && cfg->chunk.mem > 0)
+            return serve_usage_error("--chunk-mem: the chunk store does not run on the GPU yet "
+                                     "(--device cuda); leave it out or give --chunk-mem 0");
+        if (cfg->prefix_kv)
+            return serve_usage_error("--prefix-kv: compressing prefixes does not run on the GPU yet "
+                                     "(--device cuda)");
+        cfg->prefix_mem = 0;
+        cfg->chunk.mem = 0;
+    }
     if (!strcmp(cfg->host, "localhost")) cfg->host = "127.0.0.1";
     struct in_addr ia;
     if (inet_pton(AF_INET, cfg->host, &ia) != 1)
@@ -1419,7 +1448,8 @@ int serve_main(int argc, char **argv) {
     cp.n_batch = cfg->n_batch;
     cp.n_seq_max = cfg->n_parallel < 64 ? cfg->n_parallel + 1 : 64; /* +1: the probe */
     cp.kv_spec = cfg->kv;
-    cp.keep_stats = true;
+    cp.keep_stats = cfg->device != KVS_DEVICE_CUDA; /* for --prefix-kv, which the GPU refuses */
+    cp.device = (enum kvs_device)cfg->device;
     if (kvs_context_new(srv->model, &cp, &srv->ctx) != KVS_OK) {
         fprintf(stderr, "kvsieve serve: %s\n", kvs_last_error());
         return startup_fail(srv, 2);
@@ -1479,10 +1509,13 @@ int serve_main(int argc, char **argv) {
                 strerror(errno));
         rc = 1;
     } else {
+        char dev[300];
+        if (cfg->device == KVS_DEVICE_CUDA) snprintf(dev, sizeof dev, "on %s", kvs_context_device_name(srv->ctx));
+        else snprintf(dev, sizeof dev, "%d", kvs_context_n_threads(srv->ctx));
         fprintf(stderr, "kvsieve: serving %s on http://%s:%d (-np %d, -c %d, --kv %s, --kv-mem "
-                "%lld, %d threads; Ctrl-C stops)\n", srv->model_id, cfg->host, cfg->port,
-                cfg->n_parallel, cfg->n_ctx, cfg->kv, (long long)cfg->kv_mem,
-                kvs_context_n_threads(srv->ctx));
+                "%lld, %s%s; Ctrl-C stops)\n", srv->model_id, cfg->host, cfg->port,
+                cfg->n_parallel, cfg->n_ctx, cfg->kv, (long long)cfg->kv_mem, dev,
+                cfg->device == KVS_DEVICE_CUDA ? "" : " threads");
         int sig;
         sigwait(&ss, &sig);
         fprintf(stderr, "kvsieve serve: %s, shutting down\n", sig == SIGINT ? "SIGINT" : "SIGTERM");

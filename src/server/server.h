@@ -22,6 +22,8 @@ struct srv_config {
     int timeout_s, queue, batch_tokens;
     int chunk_check_layer; /* CacheBlend's check layer (--chunk-check-layer, default 1) */
     bool no_pack; /* --no-pack: no packed weight copy (kvs_model_params.pack) */
+    int device;   /* --device / -ngl: enum kvs_device (KVS_DEVICE_CPU by default) */
+    bool prefix_mem_given, chunk_mem_given; /* set on the command line (checked against --device) */
     struct chunk_cfg chunk; /* the chunk store (--chunk-*, --redis); chunk.mem 0 = off */
 };
 
