@@ -36,8 +36,9 @@ static float frand(void) { return (float)((double)(tu_rand_u64() >> 11) / 900719
 
 static void test_matmul(void) {
     const int types[] = {QT_F32, QT_F16, QT_BF16, QT_Q4_0, QT_Q4_1, QT_Q5_0, QT_Q5_1, QT_Q8_0, QT_Q4_K, QT_Q6_K};
-    const int Ts[] = {1, 3, 8, 9, 70};
-    const int rows = 200, cols = 512;
+    /* T tokens, the first n_lone through the GEMV (8 a launch), the rest through the tiles */
+    const int Ts[] = {1, 3, 8, 9, 70, 1, 3, 8, 9, 70}, lone[] = {1, 3, 8, 9, 20, 0, 0, 0, 0, 70};
+    const int rows = 203, cols = 512;
     float *wf = malloc(sizeof(float) * rows * cols), *wd = malloc(sizeof(float) * rows * cols);
     float *x = malloc(sizeof(float) * 70 * cols), *y = malloc(sizeof(float) * 70 * rows);
     for (int i = 0; i < 70 * cols; i++) x[i] = frand();
@@ -52,7 +53,7 @@ static void test_matmul(void) {
         }
         for (size_t k = 0; k < sizeof Ts / sizeof *Ts; k++) {
             int T = Ts[k];
-            enum kvs_status st = cuda_test_matmul(type, W, rb, rows, cols, x, T, y);
+            enum kvs_status st = cuda_test_matmul(type, W, rb, rows, cols, x, T, lone[k], y);
             CHECKF(st == KVS_OK, "%s", kvs_last_error());
             int bad = 0;
             double worst = 0;
@@ -67,13 +68,53 @@ static void test_matmul(void) {
                     if (err / bound > worst) worst = err / bound;
                     if (!(err <= bound)) bad++;
                 }
-            CHECKF(bad == 0, "%s T=%d: %d outputs beyond the fp32 bound (worst %.2f of it)",
-                   quant_get_traits(type)->name, T, bad, worst);
-            printf("matmul %-5s T=%-3d worst error %.3f of the bound\n", quant_get_traits(type)->name, T, worst);
+            CHECKF(bad == 0, "%s T=%d (%d by GEMV): %d outputs beyond the fp32 bound (worst %.2f of it)",
+                   quant_get_traits(type)->name, T, lone[k], bad, worst);
+            printf("matmul %-5s T=%-3d (%2d by GEMV) worst error %.3f of the bound\n", quant_get_traits(type)->name,
+                   T, lone[k], worst);
         }
         free(W);
     }
     free(wf), free(wd), free(x), free(y);
+}
+
+/* the GEMV's dequantisation of 8 elements, run on the host (no GPU needed, so CI runs it too):
+ * every type, every unit and quarter of random rows, against quant.c's reference dequantiser */
+static void test_deq8_host(void) {
+    const int types[] = {QT_F32, QT_F16, QT_BF16, QT_Q4_0, QT_Q4_1, QT_Q5_0, QT_Q5_1, QT_Q8_0, QT_Q4_K, QT_Q6_K};
+    const int rows = 3, cols = 512;
+    float *wf = malloc(sizeof(float) * rows * cols), *wd = malloc(sizeof(float) * rows * cols);
+    for (size_t ti = 0; ti < sizeof types / sizeof *types; ti++) {
+        int type = types[ti], bad = 0;
+        size_t rb = quant_row_bytes(type, cols);
+        uint8_t *W = malloc(rb * rows);
+        for (int i = 0; i < rows * cols; i++) wf[i] = frand() * (1.0f + (float)(i % 7)) + (i % 5 == 0 ? 0.7f : 0.0f);
+        double worst = 0;
+        for (int r = 0; r < rows; r++) {
+            quant_quantize_row_ref(type, wf + (size_t)r * cols, W + r * rb, cols);
+            quant_dequantize_row_ref(type, W + r * rb, wd + (size_t)r * cols, cols);
+            for (int u = 0; u < cols / 32; u++)
+                for (int p = 0; p < 4; p++) {
+                    float o[8];
+                    if (cuda_host_deq8(type, W + r * rb, u, p, o) != KVS_OK) {
+                        bad++;
+                        continue;
+                    }
+                    for (int i = 0; i < 8; i++) {
+                        double want = wd[(size_t)r * cols + u * 32 + p * 8 + i];
+                        double e = fabs(o[i] - want) / (fabs(want) + 1e-30);
+                        if (e > worst) worst = e;
+                        if (!(fabs(o[i] - want) <= 4e-7 * fabs(want))) bad++;
+                    }
+                }
+        }
+        CHECKF(bad == 0, "deq8 %s: %d elements differ from the reference (worst relative %.2e)",
+               quant_get_traits(type)->name, bad, worst);
+        free(W);
+    }
+    printf("GEMV dequantisation on the host: %zu types, every unit and quarter equal to the reference\n",
+           sizeof types / sizeof *types);
+    free(wf), free(wd);
 }
 
 static kvs_context *ctx(int device, int n_seq) {
@@ -254,6 +295,48 @@ static void test_model(void) {
         kvs_seq_free(gc, ns);
     }
 
+    /* a mixed pass (kvs_step, as the server runs it): 11 decode tokens of 11 sequences (two GEMV
+     * launches) with a 40-token prompt chunk of a 12th placed among them; every item's logits
+     * bit-identical to the same item alone (kvsieve.h promises it: the matmul and the attention
+     * split follow from whether a token is its sequence's only one in the pass, nothing else) */
+    {
+        enum { NS = 12 };
+        kvs_context *mc = ctx(KVS_DEVICE_CUDA, NS);
+        kvs_sequence *sq[NS];
+        int32_t dt[NS];
+        float *lm = malloc(sizeof(float) * NS * n_vocab);
+        struct kvs_batch_item it[NS];
+        for (int i = 0; i < NS; i++) CHECK(kvs_seq_new(mc, &sq[i]) == KVS_OK);
+        for (int i = 0; i < NS - 1; i++) {
+            CHECK(kvs_eval(mc, sq[i], tok + 7 * i, 20 + 9 * i, false, NULL, NULL, NULL) == KVS_OK);
+            dt[i] = tok[300 + i];
+        }
+        for (int i = 0, k = 0; i < NS; i++) {
+            int s_ = i < 5 ? i : i == 5 ? NS - 1 : i - 1; /* decode 0..4, the prompt, decode 5..10 */
+            it[k++] = s_ == NS - 1 ? (struct kvs_batch_item){.seq = sq[s_], .tokens = tok + 400, .n = 40,
+                                                            .prompt_end = true, .logits = lm + (size_t)s_ * n_vocab}
+                                  : (struct kvs_batch_item){.seq = sq[s_], .tokens = &dt[s_], .n = 1,
+                                                            .decode = true, .logits = lm + (size_t)s_ * n_vocab};
+        }
+        CHECK(kvs_step(mc, it, NS) == KVS_OK);
+        int same = 0;
+        for (int i = 0; i < NS; i++) {
+            kvs_seq_reset(mc, sq[i]);
+            if (i < NS - 1) {
+                CHECK(kvs_eval(mc, sq[i], tok + 7 * i, 20 + 9 * i, false, NULL, NULL, NULL) == KVS_OK);
+                CHECK(kvs_eval(mc, sq[i], &dt[i], 1, false, la, NULL, NULL) == KVS_OK);
+            } else CHECK(kvs_eval(mc, sq[i], tok + 400, 40, false, la, NULL, NULL) == KVS_OK);
+            bool eq = memcmp(la, lm + (size_t)i * n_vocab, sizeof(float) * n_vocab) == 0;
+            CHECKF(eq, "mixed pass, item %d (%s): differs from alone (max diff %g)", i,
+                   i < NS - 1 ? "decode" : "prompt", tu_max_abs_diff(la, lm + (size_t)i * n_vocab, n_vocab));
+            same += eq;
+        }
+        printf("mixed pass of 11 decode tokens and a 40-token prompt chunk: %d of %d items bit-identical "
+               "to alone\n", same, NS);
+        free(lm);
+        kvs_context_free(mc);
+    }
+
     /* what the GPU does not run yet fails clearly */
     CHECK(kvs_seq_compress(gc, gs, "h2o:budget=64") == KVS_ERR_UNSUPPORTED);
     CHECK(strstr(kvs_last_error(), "--device cuda") != NULL);
@@ -281,19 +364,21 @@ int main(void) {
             printf("without CUDA: '%s'\n", kvs_last_error());
             kvs_model_free(model);
         }
-        CHECK(cuda_test_matmul(QT_F32, NULL, 0, 0, 0, NULL, 1, NULL) == KVS_ERR_UNSUPPORTED);
+        CHECK(cuda_test_matmul(QT_F32, NULL, 0, 0, 0, NULL, 1, 1, NULL) == KVS_ERR_UNSUPPORTED);
         printf("SKIP test_cuda GPU parts (this build has no CUDA backend: make cuda, then make test-cuda on a GPU machine)\n");
         printf("%d checks, %d failed\n", tu_checks, tu_failures);
         return tu_failures ? 1 : 0;
     }
+    test_deq8_host();
     float w32[32], y = 0.0f;
     for (int i = 0; i < 32; i++) w32[i] = 1.0f;
-    if (cuda_test_matmul(QT_F32, w32, sizeof w32, 1, 32, w32, 1, &y) != KVS_OK) {
+    if (cuda_test_matmul(QT_F32, w32, sizeof w32, 1, 32, w32, 1, 1, &y) != KVS_OK) {
         printf("%s\n", kvs_last_error());
         if (getenv("KVS_REQUIRE_GPU")) return 1;
         printf("SKIP test_cuda GPU parts (no usable GPU here)\n");
+        printf("%d checks, %d failed\n", tu_checks, tu_failures);
         kvs_model_free(model);
-        return 77;
+        return tu_failures ? 1 : 77;
     }
     CHECK(y == 32.0f);
     test_matmul();

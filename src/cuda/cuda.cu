@@ -4,14 +4,16 @@
  *
  *   embed      dequantize tok_embd rows                            one block per token
  *   rmsnorm    one block per row
- *   matmul     T <= 8: one warp per weight row, each lane dequantizing 32-element units and
- *              dotting them with every token's row (the decode case: weights read once);
+ *   matmul     T <= 8: a warp per two weight rows, each lane dequantizing 8 elements of a
+ *              32-element unit with vector loads and dotting them with every token's row, the
+ *              warp's x loads contiguous (the decode case: weights read once);
  *              T > 8: 64 rows x 64 tokens per block, 32-element units dequantized into shared
  *              memory, 4 x 4 outputs per thread (fp32 FMA)
  *   qkv_post   biases, RoPE at each token's position (angles in double from the CPU's inv_freq
  *              table, as forward.c does), K/V appended as fp16 (round to nearest even, like F16C)
  *   attention  one block per (token, KV head, key split): the group's query heads share each
- *              pass over the keys; 128-key tiles with an online softmax; splits merged by
+ *              pass over the keys; 128-key tiles (keys staged in shared memory by coalesced
+ *              loads) with an online softmax; splits merged by
  *              log-sum-exp (flash-decoding), the split count chosen so a lone decode token
  *              still fills the GPU
  *   swiglu, residual adds, the final norm of the requested rows, logits copied back.
@@ -62,7 +64,14 @@ extern "C" bool cuda_type_supported(int t) {
  * 32-element formats, a group of Q4_K, two groups of Q6_K). deq<TYPE, N>(row, u, j0, w) writes
  * elements j0 .. j0+N-1 of unit u, with the same formulas as quant.c's references. */
 
-__device__ __forceinline__ float ld_f16(const uint8_t *p) {
+#define HD __host__ __device__ __forceinline__ /* also run on the host: cuda_host_deq8 */
+#ifdef __CUDA_ARCH__
+#define UNROLL _Pragma("unroll")
+#else
+#define UNROLL
+#endif
+
+HD float ld_f16(const uint8_t *p) {
     return __half2float(__ushort_as_half((unsigned short)(p[0] | (p[1] << 8))));
 }
 
@@ -145,6 +154,112 @@ __device__ __forceinline__ void deq(const uint8_t *row, int u, int j0, float *w)
     }
 }
 
+/* deq8<TYPE>(row, u, p, w): elements 8p .. 8p+7 of unit u (p in 0..3) as w[i] * (the returned
+ * factor), with the formulas of deq above; the bytes are read in 16-, 64- or 128-bit loads (every
+ * block format here keeps these 8 elements' bytes 2-byte aligned, and the device rows start on
+ * 256-byte boundaries). Formats without a minimum return their block scale as the factor, so
+ * the dot product multiplies by it once per 8 elements. */
+HD uint2 ld8_a2(const uint8_t *p) {
+    const unsigned short *s = (const unsigned short *)p;
+    return make_uint2(s[0] | ((unsigned)s[1] << 16), s[2] | ((unsigned)s[3] << 16));
+}
+HD int byte_of(uint2 v, int i) {
+    return (int)(((i < 4 ? v.x : v.y) >> (8 * (i & 3))) & 255u);
+}
+
+HD float bits_f32(unsigned u) {
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
+
+template <int TYPE>
+HD float deq8(const uint8_t *row, int u, int p, float *w) {
+    if (TYPE == T_F32) {
+        const float4 *r = (const float4 *)(row + (size_t)u * 128 + p * 32);
+        float4 a = r[0], b = r[1];
+        w[0] = a.x, w[1] = a.y, w[2] = a.z, w[3] = a.w, w[4] = b.x, w[5] = b.y, w[6] = b.z, w[7] = b.w;
+        return 1.0f;
+    } else if (TYPE == T_F16 || TYPE == T_BF16) {
+        uint4 v = *(const uint4 *)(row + (size_t)u * 64 + p * 16);
+        unsigned h[4] = {v.x, v.y, v.z, v.w};
+UNROLL
+        for (int i = 0; i < 4; i++) {
+            if (TYPE == T_F16) {
+                w[2 * i] = __half2float(__ushort_as_half((unsigned short)(h[i] & 0xffffu)));
+                w[2 * i + 1] = __half2float(__ushort_as_half((unsigned short)(h[i] >> 16)));
+            } else {
+                w[2 * i] = bits_f32(h[i] << 16);
+                w[2 * i + 1] = bits_f32(h[i] & 0xffff0000u);
+            }
+        }
+        return 1.0f;
+    } else if (TYPE == T_Q4_0 || TYPE == T_Q4_1) {
+        const uint8_t *b = row + (size_t)u * (TYPE == T_Q4_0 ? 18 : 20);
+        uint2 q = ld8_a2(b + (TYPE == T_Q4_0 ? 2 : 4) + 8 * (p & 1));
+        int sh = (p >> 1) * 4;
+        float d = ld_f16(b);
+        if (TYPE == T_Q4_0) {
+UNROLL
+            for (int i = 0; i < 8; i++) w[i] = (float)(((byte_of(q, i) >> sh) & 15) - 8);
+            return d;
+        }
+        float m = ld_f16(b + 2);
+UNROLL
+        for (int i = 0; i < 8; i++) w[i] = (float)((byte_of(q, i) >> sh) & 15) * d + m;
+        return 1.0f;
+    } else if (TYPE == T_Q5_0 || TYPE == T_Q5_1) {
+        const uint8_t *b = row + (size_t)u * (TYPE == T_Q5_0 ? 22 : 24);
+        const uint8_t *qh4 = b + (TYPE == T_Q5_0 ? 2 : 4);
+        const unsigned short *h2 = (const unsigned short *)qh4;
+        uint32_t qh = (h2[0] | ((uint32_t)h2[1] << 16)) >> (8 * p);
+        uint2 q = ld8_a2(qh4 + 4 + 8 * (p & 1));
+        int sh = (p >> 1) * 4;
+        float d = ld_f16(b);
+        if (TYPE == T_Q5_0) {
+UNROLL
+            for (int i = 0; i < 8; i++)
+                w[i] = (float)((((byte_of(q, i) >> sh) & 15) | (int)(((qh >> i) & 1u) << 4)) - 16);
+            return d;
+        }
+        float m = ld_f16(b + 2);
+UNROLL
+        for (int i = 0; i < 8; i++)
+            w[i] = (float)(((byte_of(q, i) >> sh) & 15) | (int)(((qh >> i) & 1u) << 4)) * d + m;
+        return 1.0f;
+    } else if (TYPE == T_Q8_0) {
+        const uint8_t *b = row + (size_t)u * 34;
+        uint2 q = ld8_a2(b + 2 + 8 * p);
+UNROLL
+        for (int i = 0; i < 8; i++) w[i] = (float)(int)(signed char)byte_of(q, i);
+        return ld_f16(b);
+    } else if (TYPE == T_Q4_K) {
+        const uint8_t *b = row + (size_t)(u >> 3) * 144;
+        int g = u & 7, c = g >> 1;
+        const uint8_t *s = b + 4;
+        uint2 q = *(const uint2 *)(b + 16 + 32 * c + 8 * p);
+        int sc, mn;
+        if (g < 4) sc = s[g] & 63, mn = s[g + 4] & 63;
+        else sc = (s[g + 4] & 15) | ((s[g - 4] >> 6) << 4), mn = (s[g + 4] >> 4) | ((s[g] >> 6) << 4);
+        float dl = ld_f16(b) * (float)sc, ml = ld_f16(b + 2) * (float)mn;
+        int sh = (g & 1) * 4;
+UNROLL
+        for (int i = 0; i < 8; i++) w[i] = dl * (float)((byte_of(q, i) >> sh) & 15) - ml;
+        return 1.0f;
+    } else { /* T_Q6_K */
+        const uint8_t *b = row + (size_t)(u >> 3) * 210;
+        int e0 = (u & 7) * 32, n = e0 >> 7, k = (e0 & 127) >> 5;
+        uint2 lo = ld8_a2(b + 64 * n + ((k & 1) ? 32 : 0) + 8 * p);
+        uint2 hi = ld8_a2(b + 128 + 32 * n + 8 * p);
+        int shl = (k & 2) ? 4 : 0, shh = 2 * k;
+UNROLL
+        for (int i = 0; i < 8; i++)
+            w[i] = (float)((((byte_of(lo, i) >> shl) & 15) | (((byte_of(hi, i) >> shh) & 3) << 4)) - 32);
+        const int8_t *sc = (const int8_t *)(b + 192) + (u & 7) * 2;
+        return ld_f16(b + 208) * (float)sc[p >> 1];
+    }
+}
+
 /* ---- small kernels ----------------------------------------------------------------------- */
 
 template <int TYPE>
@@ -202,36 +317,52 @@ __global__ void k_swiglu(float *g, const float *u, size_t n) {
 
 /* ---- matmul ---------------------------------------------------------------------------------- */
 
-/* y[t][r] = sum_c W[r][c] x[t][c] for NT tokens: one warp per row */
+/* y[t][r] = sum_c W[r][c] x[t][c] for NT tokens. A warp takes GR rows; lane l reads elements
+ * 8(l & 3) .. 8(l & 3) + 7 of units l/4, l/4 + 8, ..., so each load of x by the warp is one
+ * contiguous kilobyte, every x value loaded serves GR rows, and a row's blocks are read by 8
+ * neighbouring lanes at once. */
+enum { GV_WARPS = 4, GR = 2 };
 template <int TYPE, int NT>
-__global__ void k_gemv(const uint8_t *W, size_t rb, int rows, int cols, const float *x, int ldx,
-                       float *y, int ldy) {
-    int r = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5), lane = threadIdx.x & 31;
-    if (r >= rows) return;
-    const uint8_t *row = W + (size_t)r * rb;
-    float acc[NT];
+__global__ void __launch_bounds__(GV_WARPS * 32) k_gemv(const uint8_t *W, size_t rb, int rows, int cols,
+                                                       const float *x, int ldx, const int *tix, float *y,
+                                                       int ldy) {
+    int r0 = (blockIdx.x * GV_WARPS + (threadIdx.x >> 5)) * GR, lane = threadIdx.x & 31, p = lane & 3;
+    if (r0 >= rows) return;
+    int ng = rows - r0 < GR ? rows - r0 : GR;
+    float acc[NT][GR];
 #pragma unroll
-    for (int t = 0; t < NT; t++) acc[t] = 0.0f;
-    for (int u = lane; u < cols / 32; u += 32) {
-        float w[32];
-        deq<TYPE, 32>(row, u, 0, w);
+    for (int t = 0; t < NT; t++)
+#pragma unroll
+        for (int g = 0; g < GR; g++) acc[t][g] = 0.0f;
+    for (int u = lane >> 2; u < cols / 32; u += 8) {
+        float4 xa[NT], xb[NT];
 #pragma unroll
         for (int t = 0; t < NT; t++) {
-            const float4 *xp = (const float4 *)(x + (size_t)t * ldx + (size_t)u * 32);
-            float a = 0.0f;
+            const float4 *xp = (const float4 *)(x + (size_t)tix[t] * ldx + (size_t)u * 32 + p * 8);
+            xa[t] = xp[0], xb[t] = xp[1];
+        }
 #pragma unroll
-            for (int i = 0; i < 8; i++) {
-                float4 v = xp[i];
-                a += w[4 * i] * v.x + w[4 * i + 1] * v.y + w[4 * i + 2] * v.z + w[4 * i + 3] * v.w;
+        for (int g = 0; g < GR; g++) {
+            if (g >= ng) break;
+            float w[8];
+            float f = deq8<TYPE>(W + (size_t)(r0 + g) * rb, u, p, w);
+#pragma unroll
+            for (int t = 0; t < NT; t++) {
+                float a = w[0] * xa[t].x;
+                a = fmaf(w[1], xa[t].y, a), a = fmaf(w[2], xa[t].z, a), a = fmaf(w[3], xa[t].w, a);
+                a = fmaf(w[4], xb[t].x, a), a = fmaf(w[5], xb[t].y, a), a = fmaf(w[6], xb[t].z, a);
+                a = fmaf(w[7], xb[t].w, a);
+                acc[t][g] = fmaf(f, a, acc[t][g]);
             }
-            acc[t] += a;
         }
     }
 #pragma unroll
-    for (int t = 0; t < NT; t++) {
-        float s = warp_sum(acc[t]);
-        if (lane == 0) y[(size_t)t * ldy + r] = s;
-    }
+    for (int t = 0; t < NT; t++)
+#pragma unroll
+        for (int g = 0; g < GR; g++) {
+            float s = warp_sum(acc[t][g]);
+            if (lane == 0 && g < ng) y[(size_t)tix[t] * ldy + r0 + g] = s;
+        }
 }
 
 enum { GT = 64 /* rows and tokens per GEMM tile */ };
@@ -239,7 +370,8 @@ enum { GT = 64 /* rows and tokens per GEMM tile */ };
 /* the same product for many tokens: 64 x 64 outputs per block of 256 threads */
 template <int TYPE>
 __global__ void __launch_bounds__(256) k_gemm(const uint8_t *W, size_t rb, int rows, int cols,
-                                              const float *x, int ldx, int T, float *y, int ldy) {
+                                              const float *x, int ldx, const int *tix, int T, float *y,
+                                              int ldy) {
     __shared__ float Ws[GT][33], Xs[GT][33];
     int r0 = blockIdx.x * GT, t0 = blockIdx.y * GT, tid = threadIdx.x;
     int tx = tid & 15, ty = tid >> 4, lr = tid >> 2, part = tid & 3;
@@ -252,7 +384,7 @@ __global__ void __launch_bounds__(256) k_gemm(const uint8_t *W, size_t rb, int r
 #pragma unroll
         for (int i = 0; i < 8; i++) Ws[lr][part * 8 + i] = w8[i];
         if (t0 + lr < T) {
-            const float4 *xp = (const float4 *)(x + (size_t)(t0 + lr) * ldx + (size_t)u * 32 + part * 8);
+            const float4 *xp = (const float4 *)(x + (size_t)tix[t0 + lr] * ldx + (size_t)u * 32 + part * 8);
             float4 a = xp[0], b = xp[1];
             Xs[lr][part * 8 + 0] = a.x, Xs[lr][part * 8 + 1] = a.y, Xs[lr][part * 8 + 2] = a.z, Xs[lr][part * 8 + 3] = a.w;
             Xs[lr][part * 8 + 4] = b.x, Xs[lr][part * 8 + 5] = b.y, Xs[lr][part * 8 + 6] = b.z, Xs[lr][part * 8 + 7] = b.w;
@@ -278,39 +410,39 @@ __global__ void __launch_bounds__(256) k_gemm(const uint8_t *W, size_t rb, int r
 #pragma unroll
         for (int j = 0; j < 4; j++) {
             int r = r0 + ty * 4 + i, t = t0 + tx * 4 + j;
-            if (r < rows && t < T) y[(size_t)t * ldy + r] = acc[i][j];
+            if (r < rows && t < T) y[(size_t)tix[t] * ldy + r] = acc[i][j];
         }
 }
 
 struct dweight { const uint8_t *d; int type; int rows, cols; size_t rb; };
 
+/* y rows tix[0..n_lone) through the GEMV (8 tokens a launch), tix[n_lone..n) through the tiles.
+ * Which one a token takes depends on its own sequence alone (a sequence's lone token in the
+ * pass: a decode step), so a sequence's results never depend on what else is in the batch. */
 template <int TYPE>
-static void launch_mm(const dweight *w, const float *x, int ldx, int T, float *y, int ldy, cudaStream_t st) {
-    if (T <= 8) {
-        int warps = 8, blocks = (w->rows + warps - 1) / warps;
-        switch (T) {
-#define GV(n) case n: k_gemv<TYPE, n><<<blocks, warps * 32, 0, st>>>(w->d, w->rb, w->rows, w->cols, x, ldx, y, ldy); break;
+static void launch_mm(const dweight *w, const float *x, int ldx, const int *tix, int n_lone, int n, float *y,
+                      int ldy, cudaStream_t st) {
+    int per = GV_WARPS * GR, blocks = (w->rows + per - 1) / per;
+    for (int t0 = 0; t0 < n_lone; t0 += 8) {
+        const int *ti = tix + t0;
+        switch (n_lone - t0 < 8 ? n_lone - t0 : 8) {
+#define GV(k) case k: k_gemv<TYPE, k><<<blocks, GV_WARPS * 32, 0, st>>>(w->d, w->rb, w->rows, w->cols, x, ldx, ti, y, ldy); break;
         GV(1) GV(2) GV(3) GV(4) GV(5) GV(6) GV(7) GV(8)
 #undef GV
         }
-    } else {
-        dim3 grid((w->rows + GT - 1) / GT, (T + GT - 1) / GT);
-        k_gemm<TYPE><<<grid, 256, 0, st>>>(w->d, w->rb, w->rows, w->cols, x, ldx, T, y, ldy);
+    }
+    if (n > n_lone) {
+        dim3 grid((w->rows + GT - 1) / GT, (n - n_lone + GT - 1) / GT);
+        k_gemm<TYPE><<<grid, 256, 0, st>>>(w->d, w->rb, w->rows, w->cols, x, ldx, tix + n_lone, n - n_lone, y, ldy);
     }
 }
 
-static void matmul(const dweight *w, const float *x, int ldx, int T, float *y, int ldy, cudaStream_t st) {
+static void matmul(const dweight *w, const float *x, int ldx, const int *tix, int n_lone, int n, float *y,
+                   int ldy, cudaStream_t st) {
     switch (w->type) {
-    case T_F32: launch_mm<T_F32>(w, x, ldx, T, y, ldy, st); break;
-    case T_F16: launch_mm<T_F16>(w, x, ldx, T, y, ldy, st); break;
-    case T_BF16: launch_mm<T_BF16>(w, x, ldx, T, y, ldy, st); break;
-    case T_Q4_0: launch_mm<T_Q4_0>(w, x, ldx, T, y, ldy, st); break;
-    case T_Q4_1: launch_mm<T_Q4_1>(w, x, ldx, T, y, ldy, st); break;
-    case T_Q5_0: launch_mm<T_Q5_0>(w, x, ldx, T, y, ldy, st); break;
-    case T_Q5_1: launch_mm<T_Q5_1>(w, x, ldx, T, y, ldy, st); break;
-    case T_Q8_0: launch_mm<T_Q8_0>(w, x, ldx, T, y, ldy, st); break;
-    case T_Q4_K: launch_mm<T_Q4_K>(w, x, ldx, T, y, ldy, st); break;
-    case T_Q6_K: launch_mm<T_Q6_K>(w, x, ldx, T, y, ldy, st); break;
+#define MM(t) case t: launch_mm<t>(w, x, ldx, tix, n_lone, n, y, ldy, st); break;
+    MM(T_F32) MM(T_F16) MM(T_BF16) MM(T_Q4_0) MM(T_Q4_1) MM(T_Q5_0) MM(T_Q5_1) MM(T_Q8_0) MM(T_Q4_K) MM(T_Q6_K)
+#undef MM
     }
 }
 
@@ -372,6 +504,10 @@ __global__ void __launch_bounds__(AT) k_attn(const float *q, const int32_t *pos,
     if (s >= nsplit) return;
     int g = nh / nkv, lane = tid & 31, warp = tid >> 5;
     float *qs = sm, *S = qs + g * hd, *mst = S + g * AT, *lst = mst + g, *alpha = lst + g;
+    /* the tile's keys, staged by coalesced 16-byte loads: a row of hd/2 + 1 words each, so the
+     * threads reading their own rows word by word hit distinct banks */
+    uint32_t *Ks = (uint32_t *)(alpha + g);
+    const int kw = hd / 2 + 1, wpr = hd / 8;
     dseq sq = seqs[slot[t]];
     int nvis = pos[t] + 1;
     int k0 = (int)((long long)nvis * s / nsplit), k1 = (int)((long long)nvis * (s + 1) / nsplit);
@@ -385,12 +521,19 @@ __global__ void __launch_bounds__(AT) k_attn(const float *q, const int32_t *pos,
     for (int i = 0; i < MAXO; i++) o[i] = 0.0f;
     __syncthreads();
     for (int kb = k0; kb < k1; kb += AT) {
-        int kk = kb + tid;
+        int kk = kb + tid, n = k1 - kb < AT ? k1 - kb : AT;
+        const uint4 *Kg = (const uint4 *)(K + (size_t)kb * hd);
+        for (int i = tid; i < n * wpr; i += AT) {
+            uint4 v = Kg[i];
+            uint32_t *dst = Ks + (i / wpr) * kw + (i % wpr) * 4;
+            dst[0] = v.x, dst[1] = v.y, dst[2] = v.z, dst[3] = v.w;
+        }
+        __syncthreads();
         float sc[MAXG];
 #pragma unroll
         for (int qi = 0; qi < MAXG; qi++) sc[qi] = 0.0f;
         if (kk < k1) {
-            const __half2 *kr = (const __half2 *)(K + (size_t)kk * hd);
+            const __half2 *kr = (const __half2 *)(Ks + tid * kw);
             for (int d2 = 0; d2 < hd / 2; d2++) {
                 float2 kf = __half22float2(kr[d2]);
 #pragma unroll
@@ -419,7 +562,6 @@ __global__ void __launch_bounds__(AT) k_attn(const float *q, const int32_t *pos,
             }
         }
         __syncthreads();
-        int n = k1 - kb < AT ? k1 - kb : AT;
 #pragma unroll
         for (int i = 0; i < MAXO; i++) {
             int idx = tid + AT * i;
@@ -440,6 +582,12 @@ __global__ void __launch_bounds__(AT) k_attn(const float *q, const int32_t *pos,
         if (idx < g * hd) pt[idx] = o[i];
     }
     if (tid < g) pt[g * hd + 2 * tid] = mst[tid], pt[g * hd + 2 * tid + 1] = lst[tid];
+}
+
+/* k_attn's shared memory: the group's queries, scores, m/l/alpha, and the staged key tile */
+static size_t attn_smem(int grp, int hd) {
+    return ((size_t)grp * hd + (size_t)grp * AT + 3 * (size_t)grp) * sizeof(float) +
+           (size_t)AT * (hd / 2 + 1) * sizeof(uint32_t);
 }
 
 /* out (T, nh*hd) = sum_s e^{m_s - M} o_s / sum_s e^{m_s - M} l_s; one block per (token, query head) */
@@ -473,7 +621,8 @@ struct dlayer {
     dweight wq, wk, wv, wo, wg, wu, wd;
 };
 
-enum { LOGIT_ROWS = 64 /* logits rows computed per pass */, GRAPH_T = 8 /* most tokens of a graph */ };
+enum { LOGIT_ROWS = 64 /* logits rows computed per pass */, GRAPH_T = 8 /* most tokens of a graph */,
+       META = 8 /* int32 arrays of t_max in d_meta */ };
 
 struct cuda_ctx {
     int dev;
@@ -491,7 +640,12 @@ struct cuda_ctx {
     /* scratch */
     float *x, *xn, *q, *k, *v, *gate, *up, *part, *logits;
     int part_rows;             /* (token, split) rows att_part holds */
-    int32_t *d_meta;           /* tok, pos, slot, rows, splits, first partial row: 6 * t_max int32 */
+    int32_t *d_meta;           /* tok, pos, slot, rows, splits, first partial row, token order
+                                * (lone tokens first), logits-row order per chunk: 8 * t_max int32 */
+    int n_lone;                /* tokens of this pass that are their sequence's only one */
+    int *h_olone;              /* per LOGIT_ROWS chunk of logits rows: how many are lone tokens' */
+    unsigned char *h_lone;     /* (t_max) this pass's token is its sequence's only one */
+    int *h_count;              /* (n_seq) tokens per slot in this pass */
     int32_t *h_meta;           /* pinned staging of the same */
     dseq *h_seqs, *d_seqs;     /* slot table, host copy and device copy */
     bool graphs;               /* replay decode steps as CUDA graphs (KVS_CUDA_GRAPHS=0: off) */
@@ -542,7 +696,7 @@ extern "C" enum kvs_status cuda_ctx_new(const struct cuda_model_desc *m, int n_c
     if (e != cudaSuccess || n_dev == 0)
         return kvs_fail(KVS_ERR_UNSUPPORTED, "--device cuda: no usable GPU (%s)",
                         e != cudaSuccess ? cudaGetErrorString(e) : "the driver reports no device");
-    if (m->head_dim % 2 || m->head_dim > 256 || m->n_head / m->n_head_kv > MAXG ||
+    if (m->head_dim % 8 || m->head_dim > 256 || m->n_head / m->n_head_kv > MAXG ||
         (m->n_head / m->n_head_kv) * m->head_dim > AT * MAXO || m->n_embd % 32 || m->n_head % m->n_head_kv)
         return kvs_fail(KVS_ERR_UNSUPPORTED, "cuda: attention shape (%d heads of %d, %d KV heads) is "
                         "outside the kernels' limits", m->n_head, m->head_dim, m->n_head_kv);
@@ -562,6 +716,8 @@ extern "C" enum kvs_status cuda_ctx_new(const struct cuda_model_desc *m, int n_c
     snprintf(g->name, sizeof g->name, "%s (sm_%d%d, %.1f GiB)", pr.name, pr.major, pr.minor,
              (double)pr.totalGlobalMem / (1u << 30));
     CK(cudaStreamCreateWithFlags(&g->st, cudaStreamNonBlocking), "cudaStreamCreate");
+    CK(cudaFuncSetAttribute(k_attn, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                            (int)attn_smem(m->n_head / m->n_head_kv, m->head_dim)), "k_attn shared memory");
     enum kvs_status st;
     char nm[64];
     if ((st = up_weight(g, &m->tok_embd, &g->tok_embd, "token_embd")) != KVS_OK) return st;
@@ -601,10 +757,13 @@ extern "C" enum kvs_status cuda_ctx_new(const struct cuda_model_desc *m, int n_c
         (st = dev_alloc(g, &g->up, T * g->ff * 4, "scratch")) != KVS_OK ||
         (st = dev_alloc(g, &g->part, (size_t)g->part_rows * g->nkv * grp * (g->hd + 2) * 4, "scratch")) != KVS_OK ||
         (st = dev_alloc(g, &g->logits, (size_t)LOGIT_ROWS * g->nv * 4, "scratch")) != KVS_OK ||
-        (st = dev_alloc(g, &g->d_meta, T * 6 * 4, "scratch")) != KVS_OK ||
+        (st = dev_alloc(g, &g->d_meta, T * META * 4, "scratch")) != KVS_OK ||
         (st = dev_alloc(g, &g->d_seqs, (size_t)n_seq * sizeof(dseq), "scratch")) != KVS_OK)
         return st;
-    CK(cudaMallocHost((void **)&g->h_meta, T * 6 * 4), "cudaMallocHost");
+    CK(cudaMallocHost((void **)&g->h_meta, T * META * 4), "cudaMallocHost");
+    if (!(g->h_olone = (int *)calloc((size_t)(T / LOGIT_ROWS + 1), sizeof(int))) ||
+        !(g->h_lone = (unsigned char *)calloc((size_t)T, 1)) || !(g->h_count = (int *)calloc((size_t)g->n_seq, sizeof(int))))
+        return kvs_fail(KVS_ERR_NOMEM, "out of memory");
     CK(cudaMallocHost((void **)&g->h_logits, (size_t)GRAPH_T * g->nv * 4), "cudaMallocHost");
     const char *ge = getenv("KVS_CUDA_GRAPHS");
     g->graphs = !(ge && !strcmp(ge, "0"));
@@ -622,6 +781,9 @@ extern "C" void cuda_ctx_free(struct cuda_ctx *g) {
     cudaFree(g->d_meta);
     cudaFree(g->d_seqs);
     if (g->h_meta) cudaFreeHost(g->h_meta);
+    free(g->h_olone);
+    free(g->h_lone);
+    free(g->h_count);
     if (g->h_logits) cudaFreeHost(g->h_logits);
     for (int i = 0; i <= GRAPH_T; i++)
         for (int j = 0; j <= GRAPH_T; j++)
@@ -693,41 +855,43 @@ static enum kvs_status seq_reserve(cuda_ctx *g, int slot, int need) {
  * logits rows go to logits_dst on the host. Launch parameters depend on T, n_out and ns_grid only. */
 static void enqueue(cuda_ctx *g, int T, int n_out, int ns_grid, float *logits_dst) {
     cudaStream_t st = g->st;
-    cudaMemcpyAsync(g->d_meta, g->h_meta, (size_t)g->t_max * 6 * 4, cudaMemcpyHostToDevice, st);
+    cudaMemcpyAsync(g->d_meta, g->h_meta, (size_t)g->t_max * META * 4, cudaMemcpyHostToDevice, st);
     const int32_t *d_tok = g->d_meta, *d_pos = g->d_meta + g->t_max, *d_slot = g->d_meta + 2 * g->t_max,
                   *d_rows = g->d_meta + 3 * g->t_max, *d_nsp = g->d_meta + 4 * g->t_max,
-                  *d_poff = g->d_meta + 5 * g->t_max;
+                  *d_poff = g->d_meta + 5 * g->t_max, *d_tix = g->d_meta + 6 * g->t_max,
+                  *d_oix = g->d_meta + 7 * g->t_max;
+    const int nl = g->n_lone;
     int d = g->d, nq = g->nh * g->hd, nk = g->nkv * g->hd, ff = g->ff, grp = g->nh / g->nkv;
-    size_t smem = ((size_t)grp * g->hd + (size_t)grp * AT + 3 * (size_t)grp) * sizeof(float);
+    size_t smem = attn_smem(grp, g->hd);
     float scale = 1.0f / sqrtf((float)g->hd);
     embed(&g->tok_embd, d_tok, T, g->x, st);
     for (int il = 0; il < g->n_layer; il++) {
         const dlayer *l = &g->L[il];
         k_rmsnorm<<<T, 256, 0, st>>>(g->x, NULL, l->attn_norm, g->xn, d, g->eps);
-        matmul(&l->wq, g->xn, d, T, g->q, nq, st);
-        matmul(&l->wk, g->xn, d, T, g->k, nk, st);
-        matmul(&l->wv, g->xn, d, T, g->v, nk, st);
+        matmul(&l->wq, g->xn, d, d_tix, nl, T, g->q, nq, st);
+        matmul(&l->wk, g->xn, d, d_tix, nl, T, g->k, nk, st);
+        matmul(&l->wv, g->xn, d, d_tix, nl, T, g->v, nk, st);
         k_qkv_post<<<T, 128, 0, st>>>(g->q, g->k, g->v, l->bq, l->bk, l->bv, d_pos, d_slot, g->d_seqs, il,
                                       g->nh, g->nkv, g->hd, g->inv_freq, g->neox);
         k_attn<<<dim3(T, g->nkv, ns_grid), AT, smem, st>>>(g->q, d_pos, d_slot, d_nsp, d_poff, g->d_seqs, il,
                                                             g->nh, g->nkv, g->hd, scale, g->part);
         k_att_combine<<<dim3(T, g->nh), g->hd < 128 ? g->hd : 128, 0, st>>>(g->part, d_nsp, d_poff, g->nh,
                                                                              g->nkv, g->hd, g->xn);
-        matmul(&l->wo, g->xn, nq, T, g->q, d, st);
+        matmul(&l->wo, g->xn, nq, d_tix, nl, T, g->q, d, st);
         size_t n = (size_t)T * d;
         k_add<<<(unsigned)((n + 255) / 256), 256, 0, st>>>(g->x, g->q, n);
         k_rmsnorm<<<T, 256, 0, st>>>(g->x, NULL, l->ffn_norm, g->xn, d, g->eps);
-        matmul(&l->wg, g->xn, d, T, g->gate, ff, st);
-        matmul(&l->wu, g->xn, d, T, g->up, ff, st);
+        matmul(&l->wg, g->xn, d, d_tix, nl, T, g->gate, ff, st);
+        matmul(&l->wu, g->xn, d, d_tix, nl, T, g->up, ff, st);
         size_t nf = (size_t)T * ff;
         k_swiglu<<<(unsigned)((nf + 255) / 256), 256, 0, st>>>(g->gate, g->up, nf);
-        matmul(&l->wd, g->gate, ff, T, g->q, d, st);
+        matmul(&l->wd, g->gate, ff, d_tix, nl, T, g->q, d, st);
         k_add<<<(unsigned)((n + 255) / 256), 256, 0, st>>>(g->x, g->q, n);
     }
     for (int r0 = 0; r0 < n_out; r0 += LOGIT_ROWS) {
         int nr = n_out - r0 < LOGIT_ROWS ? n_out - r0 : LOGIT_ROWS;
         k_rmsnorm<<<nr, 256, 0, st>>>(g->x, d_rows + r0, g->out_norm, g->xn, d, g->eps);
-        matmul(&g->output, g->xn, d, nr, g->logits, g->nv, st);
+        matmul(&g->output, g->xn, d, d_oix + r0, g->h_olone[r0 / LOGIT_ROWS], nr, g->logits, g->nv, st);
         cudaMemcpyAsync(logits_dst + (size_t)r0 * g->nv, g->logits, (size_t)nr * g->nv * 4,
                         cudaMemcpyDeviceToHost, st);
     }
@@ -753,20 +917,39 @@ extern "C" enum kvs_status cuda_forward(struct cuda_ctx *g, const int32_t *token
     /* key splits, chosen per token from its own sequence alone (so a sequence's results do not
      * depend on its batch): a sequence's lone token splits its keys (flash-decoding, to fill the
      * GPU at batch 1), prompt tokens take one pass each */
-    int ns_max = 1, *nsp = hm + 4 * g->t_max, *poff = hm + 5 * g->t_max;
+    int ns_max = 1, *nsp = hm + 4 * g->t_max, *poff = hm + 5 * g->t_max, *tix = hm + 6 * g->t_max,
+        *oix = hm + 7 * g->t_max, n_lone = 0;
+    unsigned char *lone = g->h_lone;
+    for (int t = 0; t < T; t++) g->h_count[slot[t]] = 0;
+    for (int t = 0; t < T; t++) g->h_count[slot[t]]++;
     for (int t = 0, o = 0; t < T; t++) {
-        int alone = 1;
-        for (int u = 0; u < T && alone; u++) alone = u == t || slot[u] != slot[t];
-        int ns = alone ? (pos[t] + SPLIT_KEYS) / SPLIT_KEYS : 1;
+        lone[t] = g->h_count[slot[t]] == 1;
+        int ns = lone[t] ? (pos[t] + SPLIT_KEYS) / SPLIT_KEYS : 1;
         nsp[t] = ns > MAX_SPLIT ? MAX_SPLIT : ns;
         poff[t] = o, o += nsp[t];
         if (nsp[t] > ns_max) ns_max = nsp[t];
+    }
+    /* the matmuls follow the same rule: lone tokens by GEMV, the others by tiles (token order
+     * tix: the lone ones first) */
+    for (int t = 0; t < T; t++)
+        if (lone[t]) tix[n_lone++] = t;
+    for (int t = 0, k = n_lone; t < T; t++)
+        if (!lone[t]) tix[k++] = t;
+    g->n_lone = n_lone;
+    /* logits rows, per chunk of LOGIT_ROWS: lone tokens' rows first (indices within the chunk) */
+    for (int r0 = 0; r0 < n_out; r0 += LOGIT_ROWS) {
+        int nr = n_out - r0 < LOGIT_ROWS ? n_out - r0 : LOGIT_ROWS, k = 0;
+        for (int pass = 0; pass < 2; pass++)
+            for (int r = 0; r < nr; r++) {
+                if (lone[out_rows[r0 + r]] == (pass == 0)) oix[r0 + k++] = r;
+                if (pass == 0 && r == nr - 1) g->h_olone[r0 / LOGIT_ROWS] = k;
+            }
     }
     /* decode steps of up to GRAPH_T tokens replay a CUDA graph captured once per (T, n_out):
      * launch parameters depend on those alone (the attention grid spans MAX_SPLIT splits, the
      * ones a token does not use return at once), the rest is read from device memory */
     cudaStream_t st = g->st;
-    if (g->graphs && T <= GRAPH_T && n_out <= T) {
+    if (g->graphs && T <= GRAPH_T && n_out <= T && n_lone == T) {
         cudaGraphExec_t *ex = &g->gexec[T][n_out];
         if (!*ex) {
             cudaGraph_t gr = NULL;
@@ -846,8 +1029,22 @@ extern "C" double cuda_bandwidth_gb_s(struct cuda_ctx *g) {
     return 2.0 * (double)bytes / (best * 1e-3) / 1e9; /* each byte read once and written once */
 }
 
+/* deq8 run on the host (no GPU needed): elements 8p .. 8p+7 of unit u of a row, factor applied */
+extern "C" enum kvs_status cuda_host_deq8(int type, const void *row, int u, int p, float *out) {
+    const uint8_t *r = (const uint8_t *)row;
+    float w[8], f;
+    switch (type) {
+#define D8(t) case t: f = deq8<t>(r, u, p, w); break;
+    D8(T_F32) D8(T_F16) D8(T_BF16) D8(T_Q4_0) D8(T_Q4_1) D8(T_Q5_0) D8(T_Q5_1) D8(T_Q8_0) D8(T_Q4_K) D8(T_Q6_K)
+#undef D8
+    default: return kvs_fail(KVS_ERR_UNSUPPORTED, "cuda: type %d", type);
+    }
+    for (int i = 0; i < 8; i++) out[i] = f * w[i];
+    return KVS_OK;
+}
+
 extern "C" enum kvs_status cuda_test_matmul(int type, const void *W, size_t row_bytes, int64_t n_rows,
-                                            int64_t n_cols, const float *x, int T, float *y) {
+                                            int64_t n_cols, const float *x, int T, int n_lone, float *y) {
     cuda_w w = {W, type, n_rows, n_cols, row_bytes};
     cuda_ctx g = {};
     void *allocs[1] = {NULL};
@@ -856,16 +1053,23 @@ extern "C" enum kvs_status cuda_test_matmul(int type, const void *W, size_t row_
     enum kvs_status s = up_weight(&g, &w, &dw, "test weight");
     if (s != KVS_OK) return s;
     float *dx = NULL, *dy = NULL;
+    int *dt = NULL, *ht = (int *)malloc(sizeof(int) * (size_t)T);
+    if (!ht) return kvs_fail(KVS_ERR_NOMEM, "out of memory");
+    for (int t = 0; t < T; t++) ht[t] = t;
     cudaError_t e = cudaMalloc(&dx, (size_t)T * n_cols * 4);
     if (e == cudaSuccess) e = cudaMalloc(&dy, (size_t)T * n_rows * 4);
+    if (e == cudaSuccess) e = cudaMalloc(&dt, (size_t)T * sizeof(int));
+    if (e == cudaSuccess) e = cudaMemcpy(dt, ht, (size_t)T * sizeof(int), cudaMemcpyHostToDevice);
     if (e == cudaSuccess) e = cudaMemcpy(dx, x, (size_t)T * n_cols * 4, cudaMemcpyHostToDevice);
     if (e == cudaSuccess) {
-        matmul(&dw, dx, (int)n_cols, T, dy, (int)n_rows, 0);
+        matmul(&dw, dx, (int)n_cols, dt, n_lone, T, dy, (int)n_rows, 0);
         e = cudaGetLastError();
     }
     if (e == cudaSuccess) e = cudaMemcpy(y, dy, (size_t)T * n_rows * 4, cudaMemcpyDeviceToHost);
     cudaFree(dx);
     cudaFree(dy);
+    cudaFree(dt);
+    free(ht);
     cudaFree(allocs[0]);
     return e == cudaSuccess ? KVS_OK : cuda_error(e, "test matmul");
 }

@@ -83,10 +83,15 @@ double cuda_bandwidth_gb_s(struct cuda_ctx *g);
 enum kvs_status cuda_forward(struct cuda_ctx *g, const int32_t *tokens, const int32_t *pos,
                              const int *slot, int T, const int *out_rows, int n_out, float *logits);
 
-/* For tests: y (T, n_rows) = x (T, n_cols) W^T with the kernel forward() uses for T tokens
- * (GEMV up to 8, tiles beyond); W in GGUF blocks on the host. */
+/* For tests, on the host (no GPU needed): the GEMV's dequantisation of elements 8p .. 8p+7 of
+ * 32-element unit u of a row in GGUF blocks, its factor applied. */
+enum kvs_status cuda_host_deq8(int type, const void *row, int u, int p, float *out);
+
+/* For tests: y (T, n_rows) = x (T, n_cols) W^T with forward()'s kernels: the first n_lone
+ * token rows through the GEMV (as a pass's decode tokens), the rest through the tiles (prompt
+ * tokens); W in GGUF blocks on the host. */
 enum kvs_status cuda_test_matmul(int type, const void *W, size_t row_bytes, int64_t n_rows,
-                                 int64_t n_cols, const float *x, int T, float *y);
+                                 int64_t n_cols, const float *x, int T, int n_lone, float *y);
 
 #ifdef __cplusplus
 }
