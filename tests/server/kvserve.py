@@ -16,6 +16,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
@@ -202,6 +203,21 @@ class Server:
     def post(self, path, body, **kw):
         return self.json("POST", path, body, **kw)
 
+    def model_id(self):
+        """the id GET /v1/models lists first ("x" if it answers none)"""
+        st, j, raw = self.json("GET", "/v1/models")
+        return j["data"][0]["id"] if st == 200 and isinstance(j, dict) and j.get("data") else "x"
+
+    def complete(self, model, prompt, n, **kw):
+        """greedy POST /v1/completions (fields in kw override): (text, usage, None), or
+        (None, None, what went wrong)"""
+        body = {"model": model, "prompt": prompt, "max_tokens": n, "temperature": 0}
+        body.update(kw)
+        st, j, raw = self.post("/v1/completions", body)
+        if st != 200:
+            return None, None, f"status {st}: {raw[:300]!r}"
+        return j["choices"][0]["text"], j.get("usage") or {}, None
+
     def stream(self, path, body, timeout=300, auth=True):
         """POST with stream=true; returns (status, list of parsed `data:` events, saw [DONE],
         raw text). Events that are not JSON are kept as strings."""
@@ -268,6 +284,55 @@ def parse_prometheus(text):
         else:
             out[name] = v
     return out
+
+
+def start_checked(srv, checks, what="server starts and answers /health"):
+    """srv.start(); if it does not come up, the failed check ends the test"""
+    try:
+        srv.start()
+    except RuntimeError as e:
+        checks.ok(what, False, str(e))
+        checks.finish()
+    return srv
+
+
+def running_slots(sl):
+    """the slots of running requests in GET /slots (a list, or {"slots": [...]})"""
+    if isinstance(sl, dict):
+        sl = sl.get("slots", sl.get("data", []))
+    out = []
+    for s in sl or []:
+        if not isinstance(s, dict):
+            continue
+        if s.get("state") in ("idle", "free") or s.get("is_processing") is False:
+            continue
+        out.append(s)
+    return out
+
+
+def run_concurrently(srv, worker, n, interval=0.05):
+    """worker(0) .. worker(n - 1) on n threads at once; returns the most running slots that
+    GET /slots showed meanwhile"""
+    ths = [threading.Thread(target=worker, args=(i,)) for i in range(n)]
+    most = [0]
+    stop = threading.Event()
+
+    def poll():
+        while not stop.is_set():
+            try:
+                most[0] = max(most[0], len(running_slots(srv.slots())))
+            except (RuntimeError, OSError, ValueError):
+                pass
+            time.sleep(interval)
+    pt = threading.Thread(target=poll)
+    for t in ths:
+        t.start()
+    pt.start()
+    for t in ths:
+        t.join()
+    stop.set()
+    pt.join()
+    return most[0]
 
 
 def metric(m, *names):

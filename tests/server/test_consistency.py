@@ -48,38 +48,17 @@ def kv_bytes_prefix(m):
     return K.metric(m, "kvsieve:prefix_cache_bytes")
 
 
-def running_slots(sl):
-    """the slots of running requests in GET /slots (a list, or {"slots": [...]})"""
-    if isinstance(sl, dict):
-        sl = sl.get("slots", sl.get("data", []))
-    out = []
-    for s in sl or []:
-        if not isinstance(s, dict):
-            continue
-        if s.get("state") in ("idle", "free") or s.get("is_processing") is False:
-            continue
-        out.append(s)
-    return out
+running_slots = K.running_slots
 
 
 srv = K.Server(build, ["-np", "16", "-c", "4096"], name="server_consistency")
-try:
-    srv.start()
-except RuntimeError as e:
-    C.ok("server starts and answers /health", False, str(e))
-    C.finish()
+K.start_checked(srv, C)
 
 try:
-    st, j, raw = srv.json("GET", "/v1/models")
-    model_id = j["data"][0]["id"] if st == 200 and isinstance(j, dict) and j.get("data") else "x"
+    model_id = srv.model_id()
 
     def complete(prompt, n=N_GEN, **kw):
-        body = {"model": model_id, "prompt": prompt, "max_tokens": n, "temperature": 0}
-        body.update(kw)
-        st, j, raw = srv.post("/v1/completions", body)
-        if st != 200:
-            return None, None, f"status {st}: {raw[:300]!r}"
-        return j["choices"][0]["text"], j.get("usage") or {}, None
+        return srv.complete(model_id, prompt, n, **kw)
 
     # ------------------------------------------------------------------------ alone = CLI
     target = "The weather in London in November is usually"
@@ -137,25 +116,7 @@ try:
         else:
             st, j, raw = srv.post("/v1/completions", b)
             results[i] = (st, True)
-    ths = [threading.Thread(target=worker, args=(i,)) for i in range(16)]
-    max_running = [0]
-    stop_poll = threading.Event()
-
-    def poll():
-        while not stop_poll.is_set():
-            try:
-                max_running[0] = max(max_running[0], len(running_slots(srv.slots())))
-            except (RuntimeError, OSError, ValueError):
-                pass
-            time.sleep(0.05)
-    pt = threading.Thread(target=poll)
-    for t in ths:
-        t.start()
-    pt.start()
-    for t in ths:
-        t.join()
-    stop_poll.set()
-    pt.join()
+    max_running = [K.run_concurrently(srv, worker, 16)]
     C.ok("batch: the 14 others answered", all(r and r[0] == 200 and r[1] for r in results[:14]),
          K.short(results[:14]))
     C.eq("greedy batched with 15 others = alone (short prompt)", results[14][0], alone)

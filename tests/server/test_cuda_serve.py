@@ -55,25 +55,15 @@ C.ok("--device cuda --prefix-mem 1M is refused at start (exit 2, names the prefi
      p.returncode == 2 and b"prefix cache" in p.stderr, f"exit {p.returncode}: {p.stderr[-300:]!r}")
 
 srv = K.Server(build, ["-np", "8", "-c", "4096", "--device", "cuda"], name="server_cuda")
-try:
-    srv.start()
-except RuntimeError as e:
-    C.ok("server --device cuda starts and answers /health", False, str(e))
-    C.finish()
+K.start_checked(srv, C, "server --device cuda starts and answers /health")
 
 try:
-    st, j, raw = srv.json("GET", "/v1/models")
-    model_id = j["data"][0]["id"] if st == 200 and isinstance(j, dict) and j.get("data") else "x"
+    model_id = srv.model_id()
     C.ok("the server log names the GPU", "on NVIDIA" in srv.log_tail() or "(sm_" in srv.log_tail(),
          srv.log_tail(5))
 
     def complete(prompt, n=N_GEN, **kw):
-        body = {"model": model_id, "prompt": prompt, "max_tokens": n, "temperature": 0}
-        body.update(kw)
-        st, j, raw = srv.post("/v1/completions", body)
-        if st != 200:
-            return None, None, f"status {st}: {raw[:300]!r}"
-        return j["choices"][0]["text"], j.get("usage") or {}, None
+        return srv.complete(model_id, prompt, n, **kw)
 
     # ------------------------------------------------------------------------ alone = CLI
     target = "The weather in London in November is usually"
@@ -114,29 +104,7 @@ try:
         else:
             st, j, raw = srv.post("/v1/completions", body)
             results[i] = (st, j["choices"][0]["text"] if st == 200 else raw[:200])
-    ths = [threading.Thread(target=worker, args=(i,)) for i in range(12)]
-    max_running = [0]
-    stop_poll = threading.Event()
-
-    def poll():
-        while not stop_poll.is_set():
-            try:
-                sl = srv.slots()
-                sl = sl.get("slots", sl.get("data", [])) if isinstance(sl, dict) else sl
-                n = sum(1 for s in sl or [] if isinstance(s, dict) and s.get("state") not in ("idle", "free")
-                        and s.get("is_processing") is not False)
-                max_running[0] = max(max_running[0], n)
-            except (RuntimeError, OSError, ValueError):
-                pass
-            time.sleep(0.02)
-    pt = threading.Thread(target=poll)
-    for t in ths:
-        t.start()
-    pt.start()
-    for t in ths:
-        t.join()
-    stop_poll.set()
-    pt.join()
+    max_running = [K.run_concurrently(srv, worker, 12, interval=0.02)]
     C.ok("12 at once: all answered 200", all(r and r[0] == 200 for r in results), K.short(results))
     same = [i for i in range(12) if i not in (3, 7) and results[i] and results[i][1] == alone_txt[i]]
     C.eq("12 at once: each greedy text = its text alone (10 of 10)", len(same), 10)
