@@ -925,6 +925,13 @@ static struct med median_of(double *v, int n) { /* sorts v */
     return (struct med){m, v[0], v[n - 1]};
 }
 
+/* greedy: the index of the largest logit (the first of equal ones) */
+static int argmax(const float *x, int n) {
+    int best = 0;
+    for (int v = 1; v < n; v++) best = x[v] > x[best] ? v : best;
+    return best;
+}
+
 static int cmd_bench(const struct opts *o) {
     kvs_model *m = load_model(o);
     struct kvs_model_info mi;
@@ -987,6 +994,7 @@ static int cmd_bench(const struct opts *o) {
     float *plogits = NULL;
     int32_t ptok[256];
     struct med par_med[8];
+    double par_bound[8];
     for (int j = 0; j < NP; j++)
         if ((st = kvs_seq_new(c, &par[j])) != KVS_OK) fail_status(st);
     if (NP && !(plogits = malloc(sizeof(float) * (size_t)mi.n_vocab * (size_t)NP))) {
@@ -1011,15 +1019,12 @@ static int cmd_bench(const struct opts *o) {
             for (int k = 0; k < o->bench_decode; k++) {
                 if ((st = kvs_eval(c, d, &tok, 1, false, logits, NULL, NULL)) != KVS_OK) fail_status(st);
                 if (rep == 0) logit_hash = fnv1a(logit_hash, logits, (size_t)mi.n_vocab);
-                int best = 0;
-                for (int v = 1; v < mi.n_vocab; v++) best = logits[v] > logits[best] ? v : best;
-                tok = best;
+                tok = argmax(logits, mi.n_vocab);
             }
             tps[rep] = o->bench_decode / ((now_ms() - t0) / 1e3);
         }
-        double tps0[100];
-        memcpy(tps0, tps, sizeof(double) * (size_t)R);
         kvs_seq_reset(c, s2);
+        double ptps[100];
         for (int rep = 0; NP && rep < R; rep++) {
             for (int j = 0; j < NP; j++) {
                 if ((st = kvs_seq_copy(c, par[j], c, s)) != KVS_OK) fail_status(st);
@@ -1028,22 +1033,17 @@ static int cmd_bench(const struct opts *o) {
             double t0 = now_ms();
             for (int k = 0; k < o->bench_decode; k++) {
                 if ((st = kvs_eval_batch(c, par, ptok, NP, plogits)) != KVS_OK) fail_status(st);
-                for (int j = 0; j < NP; j++) {
-                    const float *lg = plogits + (size_t)j * mi.n_vocab;
-                    int best = 0;
-                    for (int v = 1; v < mi.n_vocab; v++) best = lg[v] > lg[best] ? v : best;
-                    ptok[j] = best;
-                }
+                for (int j = 0; j < NP; j++) ptok[j] = argmax(plogits + (size_t)j * mi.n_vocab, mi.n_vocab);
             }
-            tps[rep] = (double)NP * o->bench_decode / ((now_ms() - t0) / 1e3);
+            ptps[rep] = (double)NP * o->bench_decode / ((now_ms() - t0) / 1e3);
             for (int j = 0; j < NP; j++) kvs_seq_reset(c, par[j]);
         }
         if (NP) {
-            par_med[i] = median_of(tps, R);
+            par_med[i] = median_of(ptps, R);
             if (!o->quiet)
                 fprintf(stderr, "bench: decode at %d, %d sequences: %.1f tok/s\n", ctxs[i], NP, par_med[i].med);
         }
-        dec_med[i] = median_of(tps0, R);
+        dec_med[i] = median_of(tps, R);
         dec_tps[i] = dec_med[i].med;
         /* bytes one decode step must read: every weight once (the embedding table too when it
          * is the tied output matrix) plus the KV entries the cache holds at this context
@@ -1067,8 +1067,10 @@ static int cmd_bench(const struct opts *o) {
                                                 : kvs_measure_read_bandwidth(nth, (size_t)256 << 20);
     struct med bwm = median_of(bws, R);
     double bw = bwm.med;
-    for (int i = 0; i < n_ctxs; i++)
+    for (int i = 0; i < n_ctxs; i++) {
         dec_bound[i] = bw * 1e9 / (double)(mi.weight_bytes + dec_kv[i]);
+        par_bound[i] = NP * bw * 1e9 / (double)(mi.weight_bytes + (uint64_t)NP * dec_kv[i]);
+    }
     struct kvs_mem_stats mem;
     kvs_context_mem(c, &mem);
     if (o->json) {
@@ -1098,13 +1100,11 @@ static int cmd_bench(const struct opts *o) {
                    (unsigned long long)(mi.weight_bytes + dec_kv[i]),
                    dec_bound[i], dec_tps[i] / dec_bound[i], (unsigned long long)dec_payload[i],
                    dec_held[i], (double)dec_payload[i] / dec_seen[i], (double)dec_payload[i] / dec_held[i]);
-        for (int i = 0; NP && i < n_ctxs; i++) {
-            double pb = NP * bw * 1e9 / (double)(mi.weight_bytes + (uint64_t)NP * dec_kv[i]);
+        for (int i = 0; NP && i < n_ctxs; i++)
             printf("%s{\"context\":%d,\"sequences\":%d,\"steps\":%d,\"tok_s\":%.2f,\"tok_s_min\":%.2f,"
                    "\"tok_s_max\":%.2f,\"bound_tok_s\":%.2f,\"fraction_of_bound\":%.3f}",
                    i ? "," : "],\"decode_parallel\":[", ctxs[i], NP, o->bench_decode, par_med[i].med,
-                   par_med[i].min, par_med[i].max, pb, par_med[i].med / pb);
-        }
+                   par_med[i].min, par_med[i].max, par_bound[i], par_med[i].med / par_bound[i]);
         printf("],\"kv_bytes_per_token_theory\":%.1f,\"kv_bytes\":%llu,\"kv_bytes_peak\":%llu,\"scratch_bytes\":%llu,"
                "\"peak_rss_bytes\":%ld,\"logits_hash\":\"%016llx\"}\n",
                kvs_kv_bytes_per_token(m, o->kv), (unsigned long long)mem.kv_bytes, (unsigned long long)mem.kv_bytes_peak,
@@ -1124,11 +1124,10 @@ static int cmd_bench(const struct opts *o) {
                    "seen, %.0f B/entry held (%.0f entries per head)\n",
                    ctxs[i], dec_tps[i], dec_med[i].min, dec_med[i].max, dec_bound[i], 100 * dec_tps[i] / dec_bound[i],
                    (double)dec_payload[i] / dec_seen[i], (double)dec_payload[i] / dec_held[i], dec_held[i]);
-        for (int i = 0; NP && i < n_ctxs; i++) {
-            double pb = NP * bw * 1e9 / (double)(mi.weight_bytes + (uint64_t)NP * dec_kv[i]);
+        for (int i = 0; NP && i < n_ctxs; i++)
             printf("decode at %5d, %d sequences: %8.1f tok/s in all (%.1f-%.1f)   bound %8.1f tok/s (%.0f%%)\n",
-                   ctxs[i], NP, par_med[i].med, par_med[i].min, par_med[i].max, pb, 100 * par_med[i].med / pb);
-        }
+                   ctxs[i], NP, par_med[i].med, par_med[i].min, par_med[i].max, par_bound[i],
+                   100 * par_med[i].med / par_bound[i]);
         printf("KV bytes per packed entry in this storage (theory): %.0f\n", kvs_kv_bytes_per_token(m, o->kv));
         printf("KV peak %.1f MiB, scratch %.1f MiB, peak RSS %.1f MiB, decode logits hash %016llx\n",
                mem.kv_bytes_peak / 1048576.0, mem.scratch_bytes / 1048576.0,

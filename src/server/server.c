@@ -1509,13 +1509,12 @@ int serve_main(int argc, char **argv) {
                 strerror(errno));
         rc = 1;
     } else {
-        char dev[300];
+        char dev[300]; /* where the batches run */
         if (cfg->device == KVS_DEVICE_CUDA) snprintf(dev, sizeof dev, "on %s", kvs_context_device_name(srv->ctx));
-        else snprintf(dev, sizeof dev, "%d", kvs_context_n_threads(srv->ctx));
+        else snprintf(dev, sizeof dev, "%d threads", kvs_context_n_threads(srv->ctx));
         fprintf(stderr, "kvsieve: serving %s on http://%s:%d (-np %d, -c %d, --kv %s, --kv-mem "
-                "%lld, %s%s; Ctrl-C stops)\n", srv->model_id, cfg->host, cfg->port,
-                cfg->n_parallel, cfg->n_ctx, cfg->kv, (long long)cfg->kv_mem, dev,
-                cfg->device == KVS_DEVICE_CUDA ? "" : " threads");
+                "%lld, %s; Ctrl-C stops)\n", srv->model_id, cfg->host, cfg->port,
+                cfg->n_parallel, cfg->n_ctx, cfg->kv, (long long)cfg->kv_mem, dev);
         int sig;
         sigwait(&ss, &sig);
         fprintf(stderr, "kvsieve serve: %s, shutting down\n", sig == SIGINT ? "SIGINT" : "SIGTERM");
