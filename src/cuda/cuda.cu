@@ -4,11 +4,12 @@
  *
  *   embed      dequantize tok_embd rows                            one block per token
  *   rmsnorm    one block per row
- *   matmul     T <= 8: a warp per two weight rows, each lane dequantizing 8 elements of a
- *              32-element unit with vector loads and dotting them with every token's row, the
- *              warp's x loads contiguous (the decode case: weights read once);
- *              T > 8: 64 rows x 64 tokens per block, 32-element units dequantized into shared
- *              memory, 4 x 4 outputs per thread (fp32 FMA)
+ *   matmul     lone tokens (a sequence's only token in the pass: decode), 8 a launch: a warp
+ *              per two weight rows, each lane dequantizing 8 elements of a 32-element unit with
+ *              vector loads and dotting them with every token's row, the warp's x loads
+ *              contiguous (weights read once per 8 tokens); the other tokens (prompt chunks):
+ *              64 rows x 64 tokens per block, 32-element units dequantized into shared memory,
+ *              4 x 4 outputs per thread (fp32 FMA)
  *   qkv_post   biases, RoPE at each token's position (angles in double from the CPU's inv_freq
  *              table, as forward.c does), K/V appended as fp16 (round to nearest even, like F16C)
  *   attention  one block per (token, KV head, key split): the group's query heads share each
@@ -61,8 +62,8 @@ extern "C" bool cuda_type_supported(int t) {
 
 /* ---- dequantization of 32-element units ------------------------------------------------------
  * Every supported type is read in units of 32 consecutive elements of a row (a block of the
- * 32-element formats, a group of Q4_K, two groups of Q6_K). deq<TYPE, N>(row, u, j0, w) writes
- * elements j0 .. j0+N-1 of unit u, with the same formulas as quant.c's references. */
+ * 32-element formats, a group of Q4_K, two groups of Q6_K), 8 elements at a time (deq8 below,
+ * with the same formulas as quant.c's references). */
 
 #define HD __host__ __device__ __forceinline__ /* also run on the host: cuda_host_deq8 */
 #ifdef __CUDA_ARCH__
@@ -73,85 +74,6 @@ extern "C" bool cuda_type_supported(int t) {
 
 HD float ld_f16(const uint8_t *p) {
     return __half2float(__ushort_as_half((unsigned short)(p[0] | (p[1] << 8))));
-}
-
-template <int TYPE, int N>
-__device__ __forceinline__ void deq(const uint8_t *row, int u, int j0, float *w) {
-    if (TYPE == T_F32) {
-        const float *r = (const float *)row + (size_t)u * 32 + j0;
-#pragma unroll
-        for (int i = 0; i < N; i++) w[i] = r[i];
-    } else if (TYPE == T_F16) {
-        const __half *r = (const __half *)row + (size_t)u * 32 + j0;
-#pragma unroll
-        for (int i = 0; i < N; i++) w[i] = __half2float(r[i]);
-    } else if (TYPE == T_BF16) {
-        const unsigned short *r = (const unsigned short *)row + (size_t)u * 32 + j0;
-#pragma unroll
-        for (int i = 0; i < N; i++) w[i] = __uint_as_float((unsigned)r[i] << 16);
-    } else if (TYPE == T_Q4_0) {
-        const uint8_t *b = row + (size_t)u * 18;
-        float d = ld_f16(b);
-#pragma unroll
-        for (int i = 0; i < N; i++) {
-            int l = j0 + i;
-            int q = l < 16 ? (b[2 + l] & 15) : (b[2 + l - 16] >> 4);
-            w[i] = (float)(q - 8) * d;
-        }
-    } else if (TYPE == T_Q4_1) {
-        const uint8_t *b = row + (size_t)u * 20;
-        float d = ld_f16(b), m = ld_f16(b + 2);
-#pragma unroll
-        for (int i = 0; i < N; i++) {
-            int l = j0 + i;
-            int q = l < 16 ? (b[4 + l] & 15) : (b[4 + l - 16] >> 4);
-            w[i] = (float)q * d + m;
-        }
-    } else if (TYPE == T_Q5_0 || TYPE == T_Q5_1) {
-        const uint8_t *b = row + (size_t)u * (TYPE == T_Q5_0 ? 22 : 24);
-        float d = ld_f16(b), m = TYPE == T_Q5_1 ? ld_f16(b + 2) : 0.0f;
-        const uint8_t *qh4 = b + (TYPE == T_Q5_0 ? 2 : 4), *qs = qh4 + 4;
-        uint32_t qh = qh4[0] | (qh4[1] << 8) | (qh4[2] << 16) | ((uint32_t)qh4[3] << 24);
-#pragma unroll
-        for (int i = 0; i < N; i++) {
-            int l = j0 + i;
-            int q = (l < 16 ? (qs[l] & 15) : (qs[l - 16] >> 4)) | (int)(((qh >> l) & 1u) << 4);
-            w[i] = TYPE == T_Q5_0 ? (float)(q - 16) * d : (float)q * d + m;
-        }
-    } else if (TYPE == T_Q8_0) {
-        const uint8_t *b = row + (size_t)u * 34;
-        float d = ld_f16(b);
-        const int8_t *qs = (const int8_t *)(b + 2);
-#pragma unroll
-        for (int i = 0; i < N; i++) w[i] = (float)qs[j0 + i] * d;
-    } else if (TYPE == T_Q4_K) {
-        const uint8_t *b = row + (size_t)(u >> 3) * 144;
-        int g = u & 7, c = g >> 1;
-        const uint8_t *s = b + 4, *qs = b + 16 + 32 * c;
-        int sc, mn;
-        if (g < 4) sc = s[g] & 63, mn = s[g + 4] & 63;
-        else sc = (s[g + 4] & 15) | ((s[g - 4] >> 6) << 4), mn = (s[g + 4] >> 4) | ((s[g] >> 6) << 4);
-        float dl = ld_f16(b) * (float)sc, ml = ld_f16(b + 2) * (float)mn;
-#pragma unroll
-        for (int i = 0; i < N; i++) {
-            int l = j0 + i;
-            int q = (g & 1) ? (qs[l] >> 4) : (qs[l] & 15);
-            w[i] = dl * (float)q - ml;
-        }
-    } else if (TYPE == T_Q6_K) {
-        const uint8_t *b = row + (size_t)(u >> 3) * 210;
-        int e0 = (u & 7) * 32, n = e0 >> 7, k = (e0 & 127) >> 5;
-        const uint8_t *ql = b + 64 * n + ((k & 1) ? 32 : 0), *qh = b + 128 + 32 * n;
-        const int8_t *sc = (const int8_t *)(b + 192) + (u & 7) * 2;
-        float d = ld_f16(b + 208);
-#pragma unroll
-        for (int i = 0; i < N; i++) {
-            int l = j0 + i;
-            int lo = (k & 2) ? (ql[l] >> 4) : (ql[l] & 15);
-            int hi = (qh[l] >> (2 * k)) & 3;
-            w[i] = d * (float)sc[l >> 4] * (float)((lo | (hi << 4)) - 32);
-        }
-    }
 }
 
 /* deq8<TYPE>(row, u, p, w): elements 8p .. 8p+7 of unit u (p in 0..3) as w[i] * (the returned
@@ -260,18 +182,29 @@ UNROLL
     }
 }
 
+/* the same 8 elements with the factor applied (the tiles and the embedding; for the formats with
+ * a minimum the factor is 1, for the others one rounding, as in the reference) */
+template <int TYPE>
+HD void deq8_scaled(const uint8_t *row, int u, int p, float *w) {
+    float f = deq8<TYPE>(row, u, p, w);
+    UNROLL
+    for (int i = 0; i < 8; i++) w[i] *= f;
+}
+
 /* ---- small kernels ----------------------------------------------------------------------- */
 
 template <int TYPE>
 __global__ void k_embed(const uint8_t *E, size_t rb, int d, const int32_t *tok, float *x) {
     int t = blockIdx.x;
     const uint8_t *row = E + (size_t)tok[t] * rb;
-    for (int u = threadIdx.x; u < d / 32; u += blockDim.x) {
-        float w[32];
-        deq<TYPE, 32>(row, u, 0, w);
+    for (int u = threadIdx.x; u < d / 32; u += blockDim.x)
 #pragma unroll
-        for (int i = 0; i < 32; i++) x[(size_t)t * d + u * 32 + i] = w[i];
-    }
+        for (int p = 0; p < 4; p++) {
+            float w[8];
+            deq8_scaled<TYPE>(row, u, p, w);
+#pragma unroll
+            for (int i = 0; i < 8; i++) x[(size_t)t * d + u * 32 + p * 8 + i] = w[i];
+        }
 }
 
 __device__ __forceinline__ float warp_sum(float v) {
@@ -378,7 +311,7 @@ __global__ void __launch_bounds__(256) k_gemm(const uint8_t *W, size_t rb, int r
     float acc[4][4] = {};
     for (int u = 0; u < cols / 32; u++) {
         float w8[8];
-        if (r0 + lr < rows) deq<TYPE, 8>(W + (size_t)(r0 + lr) * rb, u, part * 8, w8);
+        if (r0 + lr < rows) deq8_scaled<TYPE>(W + (size_t)(r0 + lr) * rb, u, part, w8);
         else
             for (int i = 0; i < 8; i++) w8[i] = 0.0f;
 #pragma unroll
@@ -1032,14 +965,12 @@ extern "C" double cuda_bandwidth_gb_s(struct cuda_ctx *g) {
 /* deq8 run on the host (no GPU needed): elements 8p .. 8p+7 of unit u of a row, factor applied */
 extern "C" enum kvs_status cuda_host_deq8(int type, const void *row, int u, int p, float *out) {
     const uint8_t *r = (const uint8_t *)row;
-    float w[8], f;
     switch (type) {
-#define D8(t) case t: f = deq8<t>(r, u, p, w); break;
+#define D8(t) case t: deq8_scaled<t>(r, u, p, out); break;
     D8(T_F32) D8(T_F16) D8(T_BF16) D8(T_Q4_0) D8(T_Q4_1) D8(T_Q5_0) D8(T_Q5_1) D8(T_Q8_0) D8(T_Q4_K) D8(T_Q6_K)
 #undef D8
     default: return kvs_fail(KVS_ERR_UNSUPPORTED, "cuda: type %d", type);
     }
-    for (int i = 0; i < 8; i++) out[i] = f * w[i];
     return KVS_OK;
 }
 
