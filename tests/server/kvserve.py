@@ -218,6 +218,13 @@ class Server:
             return None, None, f"status {st}: {raw[:300]!r}"
         return j["choices"][0]["text"], j.get("usage") or {}, None
 
+    def chat_greedy(self, model, content, n):
+        """one user message, greedy, through POST /v1/chat/completions: the reply's text, or
+        the start of the raw answer when the status is not 200"""
+        st, j, raw = self.post("/v1/chat/completions", {"model": model, "max_tokens": n, "temperature": 0,
+                                                        "messages": [{"role": "user", "content": content}]})
+        return j["choices"][0]["message"]["content"] if st == 200 else raw[:200]
+
     def stream(self, path, body, timeout=300, auth=True):
         """POST with stream=true; returns (status, list of parsed `data:` events, saw [DONE],
         raw text). Events that are not JSON are kept as strings."""

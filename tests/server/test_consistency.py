@@ -74,10 +74,7 @@ try:
     # the same, chat-templated
     q = "Give me three words that rhyme with cat."
     ref_c = cli_run(q, N_GEN, chat=True)
-    st, j, raw = srv.post("/v1/chat/completions", {"model": model_id, "max_tokens": N_GEN, "temperature": 0,
-                                                   "messages": [{"role": "user", "content": q}]})
-    C.eq("chat greedy = `kvsieve run --chat --temp 0`",
-         j["choices"][0]["message"]["content"] if st == 200 else raw[:200], ref_c["text"])
+    C.eq("chat greedy = `kvsieve run --chat --temp 0`", srv.chat_greedy(model_id, q, N_GEN), ref_c["text"])
 
     # a long prompt (several prefill chunks), outside the prefix cache
     long_t = K.austen_text(2400, 120000) + "\n\nA week later,"
