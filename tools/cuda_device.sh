@@ -1,0 +1,123 @@
+#!/usr/bin/env bash
+# Steps of issue 17's GPU checks and figures that run ON the GPU machine (the `device` tool's
+# `run`), from the repository root of the device copy.  A call carries at most 64 MiB, so the
+# binaries (built here with `make cuda`: nvcc, sm_90) and the models travel in pieces that this
+# script keeps outside the repository copy, which is re-synced on every call:
+#
+#   tools/cuda_device.sh stage                    HERE: .cache/dev/bin (kvsieve, kvsieve_old, test_cuda),
+#                                                 .cache/dev/lib (the shared libraries they need that a
+#                                                 CUDA image lacks) and .cache/dev/parts/NAME.pNN (each model
+#                                                 in pieces of PART_MB)
+#   tools/cuda_device.sh setup                    THERE: copy .cache/dev/bin and lib to /tmp/k
+#   tools/cuda_device.sh part NAME NN             THERE: keep .cache/dev/parts/NAME.pNN as /tmp/m/NAME/pNN
+#   tools/cuda_device.sh assemble NAME SHA256     THERE: concatenate /tmp/m/NAME/p* to /tmp/m/NAME.gguf, check it
+#   tools/cuda_device.sh check NAME               THERE: make test-cuda's two parts on /tmp/m/NAME.gguf
+#   tools/cuda_device.sh bench NAME CONTEXTS      THERE: decode of the previous kernels (kvsieve_old) against
+#                                                 these (kvsieve), interleaved twice, then batches of 8 and 32
+#   tools/cuda_device.sh sanitize NAME            THERE: test_cuda under compute-sanitizer memcheck
+#
+# Logs go to /tmp/res (and are tarred into $OUT/res.tgz by `bench` and `check`); each step prints
+# a short summary, so the tool's output tail holds the figures.
+set -uo pipefail
+K=/tmp/k M=/tmp/m R=/tmp/res
+PART_MB=${PART_MB:-56}
+mkdir -p "$M" "$R"
+export LD_LIBRARY_PATH=$K/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
+
+pack_out() { [ -n "${OUT:-}" ] && tar -C "$R" -czf "$OUT/res.tgz" . 2>/dev/null; true; }
+
+# summary of one bench --json file: single-sequence decode and batched decode per context
+summ() {
+    python3 - "$@" <<'EOF'
+import json, sys
+for f in sys.argv[1:]:
+    try:
+        j = json.load(open(f))
+    except Exception as e:
+        print(f"{f}: unreadable ({e})"); continue
+    p = j.get("prefill", {})
+    print(f"{f.split('/')[-1]}: bw {j.get('bandwidth_gb_s')} GB/s, prefill {p.get('tokens')} tok "
+          f"{p.get('tok_s')} tok/s, hash {j.get('logits_hash')}")
+    for d in j.get("decode", []):
+        print(f"  ctx {d['context']:6}: {d['tok_s']:9.1f} tok/s [{d['tok_s_min']}-{d['tok_s_max']}] "
+              f"bound {d['bound_tok_s']:9.1f} = {d['fraction_of_bound']:.3f}")
+    for d in j.get("decode_parallel", []):
+        print(f"  ctx {d['context']:6} x{d['sequences']:3}: {d['tok_s']:9.1f} tok/s "
+              f"[{d['tok_s_min']}-{d['tok_s_max']}] bound {d['bound_tok_s']:9.1f} = {d['fraction_of_bound']:.3f}")
+EOF
+}
+
+case "${1:-}" in
+stage)
+    mkdir -p .cache/dev/bin .cache/dev/lib .cache/dev/parts
+    cp build/cuda/kvsieve build/cuda/test_cuda .cache/dev/bin/
+    [ -n "${OLD_BIN:-}" ] && cp "$OLD_BIN" .cache/dev/bin/kvsieve_old
+    strip .cache/dev/bin/*
+    for l in $(ldd build/cuda/kvsieve | awk '/=> \//{print $3}'); do
+        case "$(basename "$l")" in libc.so*|libm.so*|libstdc++*|libgcc_s*|libdl*|librt*|libpthread*) ;;
+            *) cp -L "$l" .cache/dev/lib/ ;; esac
+    done
+    shift
+    for spec in "$@"; do            # NAME=FILE
+        name=${spec%%=*} file=${spec#*=}
+        rm -f ".cache/dev/parts/$name".p*
+        split -b "${PART_MB}M" -d -a 2 "$file" ".cache/dev/parts/$name.p"
+        echo "$name: $(ls .cache/dev/parts/"$name".p* | wc -l) parts, sha256 $(sha256sum "$file" | cut -d' ' -f1)"
+    done
+    du -sh .cache/dev/bin .cache/dev/lib
+    ;;
+setup)
+    mkdir -p $K && cp -r .cache/dev/bin .cache/dev/lib $K/ && chmod +x $K/bin/*
+    nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm,clocks.max.mem --format=csv,noheader
+    $K/bin/kvsieve --version 2>&1 | head -1
+    ;;
+part)
+    mkdir -p "$M/$2"
+    cp ".cache/dev/parts/$2.p$3" "$M/$2/p$3.tmp" && mv "$M/$2/p$3.tmp" "$M/$2/p$3"
+    echo "$2 part $3: have $(ls "$M/$2" | grep -c '^p[0-9]*$') parts"
+    ;;
+assemble)
+    cat "$M/$2"/p[0-9][0-9] > "$M/$2.gguf"
+    got=$(sha256sum "$M/$2.gguf" | cut -d' ' -f1)
+    echo "$2.gguf $(stat -c %s "$M/$2.gguf") bytes sha256 $got"
+    [ "$got" = "$3" ] || { echo "SHA256 MISMATCH (want $3)"; rm -f "$M/$2.gguf"; exit 3; }
+    rm -rf "${M:?}/$2"
+    ;;
+check)
+    m=$M/$2.gguf rc=0
+    KVS_REQUIRE_GPU=1 KVS_TEST_MODEL=$m timeout 400 $K/bin/test_cuda > "$R/$2_test_cuda.log" 2>&1 || rc=$?
+    echo "== test_cuda $2: exit $rc"; grep -E "FAIL|checks|KL|bit|SKIP|budget" "$R/$2_test_cuda.log" | tail -40
+    rc2=0
+    KVS_TEST_MODEL=$m PYTHONUNBUFFERED=1 timeout 300 python3 tests/server/test_cuda_serve.py $K/bin \
+        > "$R/$2_serve.log" 2>&1 || rc2=$?
+    echo "== test_cuda_serve $2: exit $rc2"; tail -25 "$R/$2_serve.log"
+    pack_out
+    [ $rc = 0 ] && [ $rc2 = 0 ]
+    ;;
+bench)
+    m=$M/$2.gguf ctx=$3 c=$(( ${3##*,} + 600 ))
+    common=(bench --device cuda -m "$m" -c "$c" --contexts "$ctx" --prompt 512 --decode 64 --reps 3 --json -q)
+    for i in 1 2; do
+        for b in kvsieve_old kvsieve; do
+            timeout 200 $K/bin/$b "${common[@]}" > "$R/$2_${b}_$i.json" 2> "$R/$2_${b}_$i.err" ||
+                { echo "$b run $i failed:"; tail -5 "$R/$2_${b}_$i.err"; }
+        done
+    done
+    for n in 8 32; do
+        timeout 300 $K/bin/kvsieve "${common[@]}" --reps 2 -np $n > "$R/$2_np$n.json" 2> "$R/$2_np$n.err" ||
+            { echo "-np $n failed:"; tail -5 "$R/$2_np$n.err"; }
+    done
+    summ "$R/$2"_*.json
+    pack_out
+    ;;
+sanitize)
+    KVS_REQUIRE_GPU=1 KVS_TEST_MODEL=$M/$2.gguf timeout "${3:-300}" compute-sanitizer --tool memcheck \
+        --leak-check no --error-exitcode 9 $K/bin/test_cuda > "$R/$2_sanitize.log" 2>&1
+    echo "== compute-sanitizer memcheck test_cuda $2: exit $?"; grep -E "ERROR SUMMARY|Invalid|checks" "$R/$2_sanitize.log" | head -20
+    pack_out
+    ;;
+*)
+    echo "usage: $0 stage [NAME=FILE...] | setup | part NAME NN | assemble NAME SHA256 | check NAME |" \
+         "bench NAME CONTEXTS | sanitize NAME [SECONDS]"; exit 2
+    ;;
+esac
