@@ -14,6 +14,7 @@
 #   tools/cuda_device.sh check NAME               THERE: make test-cuda's two parts on /tmp/m/NAME.gguf
 #   tools/cuda_device.sh bench NAME CONTEXTS      THERE: decode of the previous kernels (kvsieve_old) against
 #                                                 these (kvsieve), interleaved twice, then batches of 8 and 32
+#   tools/cuda_device.sh profile NAME [NSKIP]     THERE: ncu per-kernel time and DRAM bytes of 460 decode launches
 #   tools/cuda_device.sh sanitize NAME            THERE: test_cuda under compute-sanitizer memcheck
 #
 # Logs go to /tmp/res (and are tarred into $OUT/res.tgz by `bench` and `check`); each step prints
@@ -110,6 +111,34 @@ bench)
     summ "$R/$2"_*.json
     pack_out
     ;;
+profile)
+    # ncu over NSKIP..NSKIP+460 kernel launches of a greedy run (graphs off, so each launch is
+    # one kernel): time, DRAM bytes read and launch shape, summed per kernel
+    KVS_CUDA_GRAPHS=0 timeout 250 ncu --launch-skip "${3:-2000}" --launch-count 460 --csv \
+        --metrics gpu__time_duration.sum,dram__bytes_read.sum,launch__grid_size,launch__block_size \
+        $K/bin/kvsieve run --device cuda -m "$M/$2.gguf" -p "Hello there, tell me a story" -n 60 --temp 0 \
+        > "$R/$2_ncu.csv" 2> "$R/$2_ncu.err" || tail -3 "$R/$2_ncu.err"
+    python3 - "$R/$2_ncu.csv" <<'EOF'
+import collections, csv, sys
+rows = [r for r in csv.reader(open(sys.argv[1])) if len(r) > 10]
+h = rows[0]
+ki, mi, vi, ii = h.index("Kernel Name"), h.index("Metric Name"), h.index("Metric Value"), h.index("ID")
+per = collections.defaultdict(dict)
+for r in rows[1:]:
+    per[(r[ii], r[ki][:70])][r[mi]] = r[vi].replace(",", "")
+agg = collections.defaultdict(lambda: [0, 0.0, 0.0, set()])
+for (i, k), m in per.items():
+    a = agg[k]
+    a[0] += 1; a[1] += float(m.get("gpu__time_duration.sum", 0)); a[2] += float(m.get("dram__bytes_read.sum", 0))
+    a[3].add(m.get("launch__grid_size", "") + "x" + m.get("launch__block_size", ""))
+tot = sum(a[1] for a in agg.values())
+for k, a in sorted(agg.items(), key=lambda x: -x[1][1]):
+    print(f"{a[1]/1e3:9.1f} us {100*a[1]/tot:5.1f}% n={a[0]:4} avg {a[1]/a[0]/1e3:7.2f} us "
+          f"{a[2]/max(a[1],1):7.1f} GB/s {','.join(sorted(a[3]))[:40]:>40} {k}")
+print(f"total {tot/1e3:.1f} us over {len(per)} launches")
+EOF
+    pack_out
+    ;;
 sanitize)
     KVS_REQUIRE_GPU=1 KVS_TEST_MODEL=$M/$2.gguf timeout "${3:-300}" compute-sanitizer --tool memcheck \
         --leak-check no --error-exitcode 9 $K/bin/test_cuda > "$R/$2_sanitize.log" 2>&1
@@ -118,6 +147,6 @@ sanitize)
     ;;
 *)
     echo "usage: $0 stage [NAME=FILE...] | setup | part NAME NN | assemble NAME SHA256 | check NAME |" \
-         "bench NAME CONTEXTS | sanitize NAME [SECONDS]"; exit 2
+         "bench NAME CONTEXTS | profile NAME [NSKIP] | sanitize NAME [SECONDS]"; exit 2
     ;;
 esac
