@@ -13,7 +13,8 @@
 #   tools/cuda_device.sh assemble NAME SHA256     THERE: concatenate /tmp/m/NAME/p* to /tmp/m/NAME.gguf, check it
 #   tools/cuda_device.sh check NAME               THERE: make test-cuda's two parts on /tmp/m/NAME.gguf
 #   tools/cuda_device.sh bench NAME CONTEXTS      THERE: decode of the previous kernels (kvsieve_old) against
-#                                                 these (kvsieve), interleaved twice, then batches of 8 and 32
+#                                                 these (kvsieve), interleaved ROUNDS times (2), then batches of
+#                                                 NP sequences ("8 32")
 #   tools/cuda_device.sh profile NAME [NSKIP]     THERE: ncu per-kernel time and DRAM bytes of 460 decode launches
 #   tools/cuda_device.sh sanitize NAME            THERE: test_cuda under compute-sanitizer memcheck
 #
@@ -98,13 +99,13 @@ check)
 bench)
     m=$M/$2.gguf ctx=$3 c=$(( ${3##*,} + 600 ))
     common=(bench --device cuda -m "$m" -c "$c" --contexts "$ctx" --prompt 512 --decode 64 --reps 3 --json -q)
-    for i in 1 2; do
+    for i in $(seq "${ROUNDS:-2}"); do
         for b in kvsieve_old kvsieve; do
             timeout 200 $K/bin/$b "${common[@]}" > "$R/$2_${b}_$i.json" 2> "$R/$2_${b}_$i.err" ||
                 { echo "$b run $i failed:"; tail -5 "$R/$2_${b}_$i.err"; }
         done
     done
-    for n in 8 32; do
+    for n in ${NP-8 32}; do
         timeout 300 $K/bin/kvsieve "${common[@]}" --reps 2 -np $n > "$R/$2_np$n.json" 2> "$R/$2_np$n.err" ||
             { echo "-np $n failed:"; tail -5 "$R/$2_np$n.err"; }
     done

@@ -238,54 +238,66 @@ __global__ void k_rmsnorm(const float *x, const int *rows, const float *w, float
     for (int i = threadIdx.x; i < n; i += blockDim.x) out[(size_t)r * n + i] = xr[i] * s * w[i];
 }
 
-__global__ void k_add(float *x, const float *y, size_t n) {
+/* g = silu(g) * u on rows tix[0 ..) of ld columns (n elements in all) */
+__global__ void k_swiglu(float *g, const float *u, int ld, const int *tix, size_t n) {
     size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
-    if (i < n) x[i] += y[i];
-}
-
-__global__ void k_swiglu(float *g, const float *u, size_t n) {
-    size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
-    if (i < n) g[i] = g[i] / (1.0f + expf(-g[i])) * u[i];
+    if (i >= n) return;
+    size_t o = (size_t)tix[i / ld] * ld + i % ld;
+    g[o] = g[o] / (1.0f + expf(-g[o])) * u[o];
 }
 
 /* ---- matmul ---------------------------------------------------------------------------------- */
 
-/* y[t][r] = sum_c W[r][c] x[t][c] for NT tokens. A warp takes GR rows; lane l reads elements
- * 8(l & 3) .. 8(l & 3) + 7 of units l/4, l/4 + 8, ..., so each load of x by the warp is one
- * contiguous kilobyte, every x value loaded serves GR rows, and a row's blocks are read by 8
- * neighbouring lanes at once. */
-enum { GV_WARPS = 4, GR = 2 };
+/* y[t][r] = sum_c W[r][c] x[t][c] (+ y[t][r] when add: the residual stream) for NT tokens. KS warps of a block share GR rows, and the
+ * block's GV_WARPS / KS groups of warps take consecutive row pairs. Lane l of a warp reads
+ * elements 8(l & 3) .. 8(l & 3) + 7 of the 8 units (l / 4) + 8 k, so each load of x by the warp is
+ * one contiguous kilobyte and every x value loaded serves GR rows; warp k of a group takes the
+ * sweeps of 8 units k, k + KS, k + 2 KS, ... (split K: a long row is read by KS warps at once),
+ * and its loop is unrolled so that several sweeps' loads are in flight. The KS partial sums meet in
+ * shared memory in a fixed order, so the result depends on the matrix's shape alone.
+ * With W2 (the FFN's up matrix beside W, its gate, of the same type and shape), a warp's two rows
+ * are row r of W and row r of W2, and y[t][r] = silu(gate) * up: the same sums as two separate
+ * products, and the SwiGLU of k_swiglu, in one launch. */
+enum { GV_WARPS = 8, GR = 2 };
 template <int TYPE, int NT>
-__global__ void __launch_bounds__(GV_WARPS * 32) k_gemv(const uint8_t *W, size_t rb, int rows, int cols,
-                                                       const float *x, int ldx, const int *tix, float *y,
-                                                       int ldy) {
-    int r0 = (blockIdx.x * GV_WARPS + (threadIdx.x >> 5)) * GR, lane = threadIdx.x & 31, p = lane & 3;
-    if (r0 >= rows) return;
-    int ng = rows - r0 < GR ? rows - r0 : GR;
+__global__ void __launch_bounds__(GV_WARPS * 32) k_gemv(const uint8_t *__restrict__ W,
+                                                       const uint8_t *__restrict__ W2, size_t rb, int rows,
+                                                       int cols, int ks, const float *__restrict__ x, int ldx,
+                                                       const int *__restrict__ tix, float *__restrict__ y,
+                                                       int ldy, int add) {
+    __shared__ float red[GV_WARPS][NT][GR];
+    constexpr int UN = NT <= 2 ? 4 : NT <= 4 ? 2 : 1;
+    int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, p = lane & 3, groups = GV_WARPS / ks;
+    int pair = W2 != NULL, rg = blockIdx.x * groups + warp / ks, kw = warp % ks, r0 = pair ? rg : rg * GR;
+    int ng = pair ? (r0 < rows ? GR : 0) : rows - r0 < GR ? rows - r0 : GR, nu = cols / 32;
     float acc[NT][GR];
 #pragma unroll
     for (int t = 0; t < NT; t++)
 #pragma unroll
         for (int g = 0; g < GR; g++) acc[t][g] = 0.0f;
-    for (int u = lane >> 2; u < cols / 32; u += 8) {
-        float4 xa[NT], xb[NT];
-#pragma unroll
-        for (int t = 0; t < NT; t++) {
-            const float4 *xp = (const float4 *)(x + (size_t)tix[t] * ldx + (size_t)u * 32 + p * 8);
-            xa[t] = xp[0], xb[t] = xp[1];
-        }
-#pragma unroll
-        for (int g = 0; g < GR; g++) {
-            if (g >= ng) break;
-            float w[8];
-            float f = deq8<TYPE>(W + (size_t)(r0 + g) * rb, u, p, w);
+    if (ng > 0) {
+#pragma unroll UN
+        for (int u = (lane >> 2) + 8 * kw; u < nu; u += 8 * ks) {
+            float4 xa[NT], xb[NT];
 #pragma unroll
             for (int t = 0; t < NT; t++) {
-                float a = w[0] * xa[t].x;
-                a = fmaf(w[1], xa[t].y, a), a = fmaf(w[2], xa[t].z, a), a = fmaf(w[3], xa[t].w, a);
-                a = fmaf(w[4], xb[t].x, a), a = fmaf(w[5], xb[t].y, a), a = fmaf(w[6], xb[t].z, a);
-                a = fmaf(w[7], xb[t].w, a);
-                acc[t][g] = fmaf(f, a, acc[t][g]);
+                const float4 *xp = (const float4 *)(x + (size_t)tix[t] * ldx + (size_t)u * 32 + p * 8);
+                xa[t] = xp[0], xb[t] = xp[1];
+            }
+#pragma unroll
+            for (int g = 0; g < GR; g++) {
+                /* an odd last row pair reads its one row twice (no branch between the loads) */
+                float w[8];
+                const uint8_t *row = pair ? (g ? W2 : W) + (size_t)r0 * rb : W + (size_t)(r0 + (g < ng ? g : ng - 1)) * rb;
+                float f = deq8<TYPE>(row, u, p, w);
+#pragma unroll
+                for (int t = 0; t < NT; t++) {
+                    float a = w[0] * xa[t].x;
+                    a = fmaf(w[1], xa[t].y, a), a = fmaf(w[2], xa[t].z, a), a = fmaf(w[3], xa[t].w, a);
+                    a = fmaf(w[4], xb[t].x, a), a = fmaf(w[5], xb[t].y, a), a = fmaf(w[6], xb[t].z, a);
+                    a = fmaf(w[7], xb[t].w, a);
+                    acc[t][g] = fmaf(f, a, acc[t][g]);
+                }
             }
         }
     }
@@ -294,8 +306,34 @@ __global__ void __launch_bounds__(GV_WARPS * 32) k_gemv(const uint8_t *W, size_t
 #pragma unroll
         for (int g = 0; g < GR; g++) {
             float s = warp_sum(acc[t][g]);
-            if (lane == 0 && g < ng) y[(size_t)tix[t] * ldy + r0 + g] = s;
+            if (lane == 0) red[warp][t][g] = s;
         }
+    __syncthreads();
+    int i = threadIdx.x;
+    if (pair) {
+        int grp = i / NT, t = i % NT, r = blockIdx.x * groups + grp;
+        if (i < groups * NT && r < rows) {
+            float gs = red[grp * ks][t][0], us = red[grp * ks][t][1];
+            for (int k = 1; k < ks; k++) gs += red[grp * ks + k][t][0], us += red[grp * ks + k][t][1];
+            y[(size_t)tix[t] * ldy + r] = gs / (1.0f + expf(-gs)) * us;
+        }
+    } else if (i < groups * NT * GR) {
+        int grp = i / (NT * GR), t = i / GR % NT, g = i % GR, r = (blockIdx.x * groups + grp) * GR + g;
+        if (r < rows) {
+            float s = red[grp * ks][t][g];
+            for (int k = 1; k < ks; k++) s += red[grp * ks + k][t][g];
+            float *yo = y + (size_t)tix[t] * ldy + r;
+            *yo = add ? *yo + s : s;
+        }
+    }
+}
+
+/* warps of k_gemv that share a row pair: enough sweeps of 8 units each to pipeline (two or more),
+ * as many warps as that allows, at most a block's */
+static int gemv_split(int cols) {
+    int sweeps = (cols / 32 + 7) / 8, ks = 1;
+    while (ks < GV_WARPS && sweeps / (2 * ks) >= 2) ks *= 2;
+    return ks;
 }
 
 enum { GT = 64 /* rows and tokens per GEMM tile */ };
@@ -304,7 +342,7 @@ enum { GT = 64 /* rows and tokens per GEMM tile */ };
 template <int TYPE>
 __global__ void __launch_bounds__(256) k_gemm(const uint8_t *W, size_t rb, int rows, int cols,
                                               const float *x, int ldx, const int *tix, int T, float *y,
-                                              int ldy) {
+                                              int ldy, int add) {
     __shared__ float Ws[GT][33], Xs[GT][33];
     int r0 = blockIdx.x * GT, t0 = blockIdx.y * GT, tid = threadIdx.x;
     int tx = tid & 15, ty = tid >> 4, lr = tid >> 2, part = tid & 3;
@@ -343,7 +381,10 @@ __global__ void __launch_bounds__(256) k_gemm(const uint8_t *W, size_t rb, int r
 #pragma unroll
         for (int j = 0; j < 4; j++) {
             int r = r0 + ty * 4 + i, t = t0 + tx * 4 + j;
-            if (r < rows && t < T) y[(size_t)tix[t] * ldy + r] = acc[i][j];
+            if (r < rows && t < T) {
+                float *yo = y + (size_t)tix[t] * ldy + r;
+                *yo = add ? *yo + acc[i][j] : acc[i][j];
+            }
         }
 }
 
@@ -351,32 +392,46 @@ struct dweight { const uint8_t *d; int type; int rows, cols; size_t rb; };
 
 /* y rows tix[0..n_lone) through the GEMV (8 tokens a launch), tix[n_lone..n) through the tiles.
  * Which one a token takes depends on its own sequence alone (a sequence's lone token in the
- * pass: a decode step), so a sequence's results never depend on what else is in the batch. */
+ * pass: a decode step), so a sequence's results never depend on what else is in the batch.
+ * With w2 (gate w and up w2 of one type and shape): y = silu(x w^T) * (x w2^T), the tiled
+ * tokens' up products going through y2 (rows as y's) first. */
 template <int TYPE>
-static void launch_mm(const dweight *w, const float *x, int ldx, const int *tix, int n_lone, int n, float *y,
-                      int ldy, cudaStream_t st) {
-    int per = GV_WARPS * GR, blocks = (w->rows + per - 1) / per;
+static void launch_mm(const dweight *w, const dweight *w2, const float *x, int ldx, const int *tix, int n_lone,
+                      int n, float *y, int ldy, int add, float *y2, cudaStream_t st) {
+    int ks = gemv_split(w->cols), per = GV_WARPS / ks * (w2 ? 1 : GR), blocks = (w->rows + per - 1) / per;
+    const uint8_t *d2 = w2 ? w2->d : NULL;
     for (int t0 = 0; t0 < n_lone; t0 += 8) {
         const int *ti = tix + t0;
         switch (n_lone - t0 < 8 ? n_lone - t0 : 8) {
-#define GV(k) case k: k_gemv<TYPE, k><<<blocks, GV_WARPS * 32, 0, st>>>(w->d, w->rb, w->rows, w->cols, x, ldx, ti, y, ldy); break;
+#define GV(k) case k: k_gemv<TYPE, k><<<blocks, GV_WARPS * 32, 0, st>>>(w->d, d2, w->rb, w->rows, w->cols, ks, x, ldx, ti, y, ldy, add); break;
         GV(1) GV(2) GV(3) GV(4) GV(5) GV(6) GV(7) GV(8)
 #undef GV
         }
     }
     if (n > n_lone) {
-        dim3 grid((w->rows + GT - 1) / GT, (n - n_lone + GT - 1) / GT);
-        k_gemm<TYPE><<<grid, 256, 0, st>>>(w->d, w->rb, w->rows, w->cols, x, ldx, tix + n_lone, n - n_lone, y, ldy);
+        int nt = n - n_lone;
+        dim3 grid((w->rows + GT - 1) / GT, (nt + GT - 1) / GT);
+        k_gemm<TYPE><<<grid, 256, 0, st>>>(w->d, w->rb, w->rows, w->cols, x, ldx, tix + n_lone, nt, y, ldy, add);
+        if (w2) {
+            k_gemm<TYPE><<<grid, 256, 0, st>>>(w2->d, w2->rb, w2->rows, w2->cols, x, ldx, tix + n_lone, nt, y2, ldy, 0);
+            size_t ne = (size_t)nt * w->rows;
+            k_swiglu<<<(unsigned)((ne + 255) / 256), 256, 0, st>>>(y, y2, w->rows, tix + n_lone, ne);
+        }
+    }
+}
+
+static void matmul2(const dweight *w, const dweight *w2, const float *x, int ldx, const int *tix, int n_lone,
+                    int n, float *y, int ldy, int add, float *y2, cudaStream_t st) {
+    switch (w->type) {
+#define MM(t) case t: launch_mm<t>(w, w2, x, ldx, tix, n_lone, n, y, ldy, add, y2, st); break;
+    MM(T_F32) MM(T_F16) MM(T_BF16) MM(T_Q4_0) MM(T_Q4_1) MM(T_Q5_0) MM(T_Q5_1) MM(T_Q8_0) MM(T_Q4_K) MM(T_Q6_K)
+#undef MM
     }
 }
 
 static void matmul(const dweight *w, const float *x, int ldx, const int *tix, int n_lone, int n, float *y,
-                   int ldy, cudaStream_t st) {
-    switch (w->type) {
-#define MM(t) case t: launch_mm<t>(w, x, ldx, tix, n_lone, n, y, ldy, st); break;
-    MM(T_F32) MM(T_F16) MM(T_BF16) MM(T_Q4_0) MM(T_Q4_1) MM(T_Q5_0) MM(T_Q5_1) MM(T_Q8_0) MM(T_Q4_K) MM(T_Q6_K)
-#undef MM
-    }
+                   int ldy, cudaStream_t st, int add = 0) {
+    matmul2(w, NULL, x, ldx, tix, n_lone, n, y, ldy, add, NULL, st);
 }
 
 static void embed(const dweight *w, const int32_t *tok, int T, float *x, cudaStream_t st) {
@@ -392,35 +447,31 @@ static void embed(const dweight *w, const int32_t *tok, int T, float *x, cudaStr
 /* a slot's cache: K and V each (n_layer, n_head_kv, cap, hd) fp16 */
 struct dseq { __half *k, *v; int cap, n; };
 
-/* biases, RoPE, and K/V appended at each token's position; one block per token */
-__global__ void k_qkv_post(float *q, float *k, float *v, const float *bq, const float *bk, const float *bv,
-                           const int32_t *pos, const int *slot, const dseq *seqs, int layer, int nh,
-                           int nkv, int hd, const float *inv_freq, int neox) {
-    int t = blockIdx.x, nq = nh * hd, nk = nkv * hd;
-    float *qt = q + (size_t)t * nq, *kt = k + (size_t)t * nk, *vt = v + (size_t)t * nk;
-    if (bq) {
-        for (int i = threadIdx.x; i < nq; i += blockDim.x) qt[i] += bq[i];
-        for (int i = threadIdx.x; i < nk; i += blockDim.x) kt[i] += bk[i], vt[i] += bv[i];
-    }
-    __syncthreads();
-    int half = hd / 2;
-    for (int idx = threadIdx.x; idx < (nh + nkv) * half; idx += blockDim.x) {
-        int h = idx / half, i = idx % half;
-        float *x = h < nh ? qt + (size_t)h * hd : kt + (size_t)(h - nh) * hd;
+/* biases, RoPE, and K/V appended at each token's position; one block per (token, head): query
+ * heads 0 .. nh - 1, then the KV heads, whose blocks also append K and V to the cache */
+__global__ void k_qkv_post(float *q, float *k, const float *v, const float *bq, const float *bk,
+                           const float *bv, const int32_t *pos, const int *slot, const dseq *seqs, int layer,
+                           int nh, int nkv, int hd, const float *inv_freq, int neox) {
+    int t = blockIdx.x, h = blockIdx.y, kh = h - nh, half = hd / 2;
+    float *x = kh < 0 ? q + ((size_t)t * nh + h) * hd : k + ((size_t)t * nkv + kh) * hd;
+    const float *b = !bq ? NULL : kh < 0 ? bq + (size_t)h * hd : bk + (size_t)kh * hd;
+    for (int i = threadIdx.x; i < half; i += blockDim.x) {
         double a = (double)pos[t] * (double)inv_freq[i];
         float c = (float)cos(a), s = (float)sin(a);
         int ia = neox ? i : 2 * i, ib = neox ? i + half : 2 * i + 1;
         float x0 = x[ia], x1 = x[ib];
+        if (b) x0 += b[ia], x1 += b[ib];
         x[ia] = x0 * c - x1 * s;
         x[ib] = x0 * s + x1 * c;
     }
+    if (kh < 0) return;
     __syncthreads();
     dseq sq = seqs[slot[t]];
-    for (int i = threadIdx.x; i < nk; i += blockDim.x) {
-        int h = i / hd, d = i % hd;
-        size_t o = (((size_t)layer * nkv + h) * sq.cap + pos[t]) * hd + d;
-        sq.k[o] = __float2half_rn(kt[i]);
-        sq.v[o] = __float2half_rn(vt[i]);
+    const float *vt = v + ((size_t)t * nkv + kh) * hd, *bvh = bv ? bv + (size_t)kh * hd : NULL;
+    size_t o = (((size_t)layer * nkv + kh) * sq.cap + pos[t]) * hd;
+    for (int d = threadIdx.x; d < hd; d += blockDim.x) {
+        sq.k[o + d] = __float2half_rn(x[d]);
+        sq.v[o + d] = __float2half_rn(bvh ? vt[d] + bvh[d] : vt[d]);
     }
 }
 
@@ -439,7 +490,7 @@ __global__ void __launch_bounds__(AT) k_attn(const float *q, const int32_t *pos,
     float *qs = sm, *S = qs + g * hd, *mst = S + g * AT, *lst = mst + g, *alpha = lst + g;
     /* the tile's keys, staged by coalesced 16-byte loads: a row of hd/2 + 1 words each, so the
      * threads reading their own rows word by word hit distinct banks */
-    uint32_t *Ks = (uint32_t *)(alpha + g);
+    uint32_t *Ks = (uint32_t *)(alpha + g), *Vs = Ks + AT * (hd / 2 + 1); /* V's tile: rows of hd halves */
     const int kw = hd / 2 + 1, wpr = hd / 8;
     dseq sq = seqs[slot[t]];
     int nvis = pos[t] + 1;
@@ -455,11 +506,12 @@ __global__ void __launch_bounds__(AT) k_attn(const float *q, const int32_t *pos,
     __syncthreads();
     for (int kb = k0; kb < k1; kb += AT) {
         int kk = kb + tid, n = k1 - kb < AT ? k1 - kb : AT;
-        const uint4 *Kg = (const uint4 *)(K + (size_t)kb * hd);
+        const uint4 *Kg = (const uint4 *)(K + (size_t)kb * hd), *Vg = (const uint4 *)(V + (size_t)kb * hd);
         for (int i = tid; i < n * wpr; i += AT) {
-            uint4 v = Kg[i];
-            uint32_t *dst = Ks + (i / wpr) * kw + (i % wpr) * 4;
-            dst[0] = v.x, dst[1] = v.y, dst[2] = v.z, dst[3] = v.w;
+            uint4 a = Kg[i], b = Vg[i];
+            uint32_t *dk = Ks + (i / wpr) * kw + (i % wpr) * 4, *dv = Vs + (size_t)i * 4;
+            dk[0] = a.x, dk[1] = a.y, dk[2] = a.z, dk[3] = a.w;
+            dv[0] = b.x, dv[1] = b.y, dv[2] = b.z, dv[3] = b.w;
         }
         __syncthreads();
         float sc[MAXG];
@@ -502,7 +554,8 @@ __global__ void __launch_bounds__(AT) k_attn(const float *q, const int32_t *pos,
                 int qi = idx / hd, d = idx % hd;
                 float a = o[i] * alpha[qi];
                 const float *p = S + qi * AT;
-                for (int j = 0; j < n; j++) a += p[j] * __half2float(V[(size_t)(kb + j) * hd + d]);
+                const __half *vc = (const __half *)Vs + d;
+                for (int j = 0; j < n; j++) a += p[j] * __half2float(vc[(size_t)j * hd]);
                 o[i] = a;
             }
         }
@@ -517,10 +570,10 @@ __global__ void __launch_bounds__(AT) k_attn(const float *q, const int32_t *pos,
     if (tid < g) pt[g * hd + 2 * tid] = mst[tid], pt[g * hd + 2 * tid + 1] = lst[tid];
 }
 
-/* k_attn's shared memory: the group's queries, scores, m/l/alpha, and the staged key tile */
+/* k_attn's shared memory: the group's queries, scores, m/l/alpha, and the staged key and value tiles */
 static size_t attn_smem(int grp, int hd) {
     return ((size_t)grp * hd + (size_t)grp * AT + 3 * (size_t)grp) * sizeof(float) +
-           (size_t)AT * (hd / 2 + 1) * sizeof(uint32_t);
+           (size_t)AT * (hd / 2 + 1) * sizeof(uint32_t) + (size_t)AT * hd * sizeof(__half);
 }
 
 /* out (T, nh*hd) = sum_s e^{m_s - M} o_s / sum_s e^{m_s - M} l_s; one block per (token, query head) */
@@ -804,22 +857,23 @@ static void enqueue(cuda_ctx *g, int T, int n_out, int ns_grid, float *logits_ds
         matmul(&l->wq, g->xn, d, d_tix, nl, T, g->q, nq, st);
         matmul(&l->wk, g->xn, d, d_tix, nl, T, g->k, nk, st);
         matmul(&l->wv, g->xn, d, d_tix, nl, T, g->v, nk, st);
-        k_qkv_post<<<T, 128, 0, st>>>(g->q, g->k, g->v, l->bq, l->bk, l->bv, d_pos, d_slot, g->d_seqs, il,
+        k_qkv_post<<<dim3(T, g->nh + g->nkv), 64, 0, st>>>(g->q, g->k, g->v, l->bq, l->bk, l->bv, d_pos, d_slot, g->d_seqs, il,
                                       g->nh, g->nkv, g->hd, g->inv_freq, g->neox);
         k_attn<<<dim3(T, g->nkv, ns_grid), AT, smem, st>>>(g->q, d_pos, d_slot, d_nsp, d_poff, g->d_seqs, il,
                                                             g->nh, g->nkv, g->hd, scale, g->part);
         k_att_combine<<<dim3(T, g->nh), g->hd < 128 ? g->hd : 128, 0, st>>>(g->part, d_nsp, d_poff, g->nh,
                                                                              g->nkv, g->hd, g->xn);
-        matmul(&l->wo, g->xn, nq, d_tix, nl, T, g->q, d, st);
-        size_t n = (size_t)T * d;
-        k_add<<<(unsigned)((n + 255) / 256), 256, 0, st>>>(g->x, g->q, n);
+        matmul(&l->wo, g->xn, nq, d_tix, nl, T, g->x, d, st, 1); /* the residual added by the product */
         k_rmsnorm<<<T, 256, 0, st>>>(g->x, NULL, l->ffn_norm, g->xn, d, g->eps);
-        matmul(&l->wg, g->xn, d, d_tix, nl, T, g->gate, ff, st);
-        matmul(&l->wu, g->xn, d, d_tix, nl, T, g->up, ff, st);
-        size_t nf = (size_t)T * ff;
-        k_swiglu<<<(unsigned)((nf + 255) / 256), 256, 0, st>>>(g->gate, g->up, nf);
-        matmul(&l->wd, g->gate, ff, d_tix, nl, T, g->q, d, st);
-        k_add<<<(unsigned)((n + 255) / 256), 256, 0, st>>>(g->x, g->q, n);
+        if (l->wg.type == l->wu.type && l->wg.rows == l->wu.rows && l->wg.rb == l->wu.rb) {
+            matmul2(&l->wg, &l->wu, g->xn, d, d_tix, nl, T, g->gate, ff, 0, g->up, st); /* + SwiGLU */
+        } else {
+            matmul(&l->wg, g->xn, d, d_tix, nl, T, g->gate, ff, st);
+            matmul(&l->wu, g->xn, d, d_tix, nl, T, g->up, ff, st);
+            size_t nf = (size_t)T * ff;
+            k_swiglu<<<(unsigned)((nf + 255) / 256), 256, 0, st>>>(g->gate, g->up, ff, d_tix, nf);
+        }
+        matmul(&l->wd, g->gate, ff, d_tix, nl, T, g->x, d, st, 1);
     }
     for (int r0 = 0; r0 < n_out; r0 += LOGIT_ROWS) {
         int nr = n_out - r0 < LOGIT_ROWS ? n_out - r0 : LOGIT_ROWS;
