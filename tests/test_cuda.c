@@ -78,14 +78,15 @@ static void test_matmul(void) {
     free(wf), free(wd), free(x), free(y);
 }
 
-/* the GEMV's dequantisation of 8 elements, run on the host (no GPU needed, so CI runs it too):
- * every type, every unit and quarter of random rows, against quant.c's reference dequantiser */
+/* the kernels' dequantisation of 8 elements, run on the host (no GPU needed, so CI runs it too):
+ * every type, every unit and quarter of random rows put in the upload's planes layout, against
+ * quant.c's reference dequantiser, with no load misaligned */
 static void test_deq8_host(void) {
     const int types[] = {QT_F32, QT_F16, QT_BF16, QT_Q4_0, QT_Q4_1, QT_Q5_0, QT_Q5_1, QT_Q8_0, QT_Q4_K, QT_Q6_K};
-    const int rows = 3, cols = 512;
+    const int rows = 3, cols = 768; /* an odd number of 256-element superblocks */
     float *wf = malloc(sizeof(float) * rows * cols), *wd = malloc(sizeof(float) * rows * cols);
     for (size_t ti = 0; ti < sizeof types / sizeof *types; ti++) {
-        int type = types[ti], bad = 0;
+        int type = types[ti], bad = 0, errs = 0;
         size_t rb = quant_row_bytes(type, cols);
         uint8_t *W = malloc(rb * rows);
         for (int i = 0; i < rows * cols; i++) wf[i] = frand() * (1.0f + (float)(i % 7)) + (i % 5 == 0 ? 0.7f : 0.0f);
@@ -96,8 +97,8 @@ static void test_deq8_host(void) {
             for (int u = 0; u < cols / 32; u++)
                 for (int p = 0; p < 4; p++) {
                     float o[8];
-                    if (cuda_host_deq8(type, W + r * rb, u, p, o) != KVS_OK) {
-                        bad++;
+                    if (cuda_host_deq8(type, W + r * rb, rb, cols, u, p, o) != KVS_OK) {
+                        if (!errs++) fprintf(stderr, "deq8 %s: %s\n", quant_get_traits(type)->name, kvs_last_error());
                         continue;
                     }
                     for (int i = 0; i < 8; i++) {
@@ -108,8 +109,8 @@ static void test_deq8_host(void) {
                     }
                 }
         }
-        CHECKF(bad == 0, "deq8 %s: %d elements differ from the reference (worst relative %.2e)",
-               quant_get_traits(type)->name, bad, worst);
+        CHECKF(bad == 0 && errs == 0, "deq8 %s: %d elements differ from the reference (worst relative %.2e), "
+               "%d calls failed", quant_get_traits(type)->name, bad, worst, errs);
         free(W);
     }
     printf("GEMV dequantisation on the host: %zu types, every unit and quarter equal to the reference\n",

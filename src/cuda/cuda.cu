@@ -72,21 +72,71 @@ extern "C" bool cuda_type_supported(int t) {
 #define UNROLL
 #endif
 
-HD float ld_f16(const uint8_t *p) {
-    return __half2float(__ushort_as_half((unsigned short)(p[0] | (p[1] << 8))));
+/* The device layout of a row of a block format ("planes"): the quant bytes of all its blocks first
+ * (QB bytes a block), then the rest of each block (scales, minimums, high bits: MB = B - QB bytes a
+ * block, in the block's own order), so that every 8 bytes of quants a lane reads are 8-byte
+ * aligned and a Q4_K block's scales are one 16-byte load. Rows start on 16-byte boundaries
+ * (device row stride: the GGUF row size rounded up to 16). F32/F16/BF16 rows are copied as they are. */
+struct planes { int B, QO, QB, EPB; }; /* block bytes, the quants' offset in it, their bytes, elements */
+HD constexpr planes planes_of(int type) {
+    return type == T_Q4_0 ? planes{18, 2, 16, 32} : type == T_Q4_1 ? planes{20, 4, 16, 32}
+         : type == T_Q5_0 ? planes{22, 6, 16, 32} : type == T_Q5_1 ? planes{24, 8, 16, 32}
+         : type == T_Q8_0 ? planes{34, 2, 32, 32} : type == T_Q4_K ? planes{144, 16, 128, 256}
+         : type == T_Q6_K ? planes{210, 0, 192, 256} : planes{0, 0, 0, 0};
 }
 
-/* deq8<TYPE>(row, u, p, w): elements 8p .. 8p+7 of unit u (p in 0..3) as w[i] * (the returned
- * factor), with the formulas of deq above; the bytes are read in 16-, 64- or 128-bit loads (every
- * block format here keeps these 8 elements' bytes 2-byte aligned, and the device rows start on
- * 256-byte boundaries). Formats without a minimum return their block scale as the factor, so
- * the dot product multiplies by it once per 8 elements. */
-HD uint2 ld8_a2(const uint8_t *p) {
-    const unsigned short *s = (const unsigned short *)p;
-    return make_uint2(s[0] | ((unsigned)s[1] << 16), s[2] | ((unsigned)s[3] << 16));
+/* a GGUF row (row_bytes) in the planes layout (dst: round_up(row_bytes, 16) bytes) */
+static void planes_row(int type, const uint8_t *src, size_t row_bytes, int64_t cols, uint8_t *dst) {
+    planes f = planes_of(type);
+    size_t rbd = (row_bytes + 15) / 16 * 16;
+    memset(dst + row_bytes, 0, rbd - row_bytes);
+    if (!f.B) {
+        memcpy(dst, src, row_bytes);
+        return;
+    }
+    int64_t nb = cols / f.EPB;
+    int mb = f.B - f.QB;
+    for (int64_t b = 0; b < nb; b++) {
+        const uint8_t *s = src + b * f.B;
+        uint8_t *m = dst + nb * f.QB + b * mb;
+        memcpy(dst + b * f.QB, s + f.QO, (size_t)f.QB);
+        memcpy(m, s, (size_t)f.QO);
+        memcpy(m + f.QO, s + f.QO + f.QB, (size_t)(f.B - f.QO - f.QB));
+    }
+}
+
+/* aligned loads; on the host (cuda_host_deq8, from a 16-byte aligned row) a misaligned one is
+ * counted, so the host check catches what would fault on the GPU */
+static int host_misaligned;
+#ifndef __CUDA_ARCH__
+#define ALIGNED(p, n) (host_misaligned += ((uintptr_t)(p) % (n)) != 0)
+#else
+#define ALIGNED(p, n) ((void)0)
+#endif
+HD unsigned ld_u16(const uint8_t *p) {
+    ALIGNED(p, 2);
+    return *(const unsigned short *)p;
+}
+HD unsigned ld_u32(const uint8_t *p) {
+    ALIGNED(p, 4);
+    return *(const unsigned *)p;
+}
+HD uint2 ld_u64(const uint8_t *p) {
+    ALIGNED(p, 8);
+    return *(const uint2 *)p;
+}
+HD uint4 ld_u128(const uint8_t *p) {
+    ALIGNED(p, 16);
+    return *(const uint4 *)p;
+}
+HD float f16_bits(unsigned h) {
+    return __half2float(__ushort_as_half((unsigned short)(h & 0xffffu)));
 }
 HD int byte_of(uint2 v, int i) {
     return (int)(((i < 4 ? v.x : v.y) >> (8 * (i & 3))) & 255u);
+}
+HD int byte_at(unsigned v, int i) {
+    return (int)((v >> (8 * i)) & 255u);
 }
 
 HD float bits_f32(unsigned u) {
@@ -95,21 +145,27 @@ HD float bits_f32(unsigned u) {
     return f;
 }
 
+/* deq8<TYPE>(row, cols, u, p, w): elements 8p .. 8p+7 of unit u (p in 0..3) of a row in the planes
+ * layout as w[i] * (the returned factor), with the formulas of quant.c's references. Formats
+ * without a minimum return their block scale as the factor, so the dot product multiplies by it
+ * once per 8 elements. */
 template <int TYPE>
-HD float deq8(const uint8_t *row, int u, int p, float *w) {
+HD float deq8(const uint8_t *row, int cols, int u, int p, float *w) {
+    constexpr planes f = planes_of(TYPE);
+    const uint8_t *meta = row + (size_t)(cols / (f.EPB ? f.EPB : 1)) * f.QB; /* the second plane */
     if (TYPE == T_F32) {
-        const float4 *r = (const float4 *)(row + (size_t)u * 128 + p * 32);
-        float4 a = r[0], b = r[1];
-        w[0] = a.x, w[1] = a.y, w[2] = a.z, w[3] = a.w, w[4] = b.x, w[5] = b.y, w[6] = b.z, w[7] = b.w;
+        uint4 a = ld_u128(row + (size_t)u * 128 + p * 32), b = ld_u128(row + (size_t)u * 128 + p * 32 + 16);
+        w[0] = bits_f32(a.x), w[1] = bits_f32(a.y), w[2] = bits_f32(a.z), w[3] = bits_f32(a.w);
+        w[4] = bits_f32(b.x), w[5] = bits_f32(b.y), w[6] = bits_f32(b.z), w[7] = bits_f32(b.w);
         return 1.0f;
     } else if (TYPE == T_F16 || TYPE == T_BF16) {
-        uint4 v = *(const uint4 *)(row + (size_t)u * 64 + p * 16);
+        uint4 v = ld_u128(row + (size_t)u * 64 + p * 16);
         unsigned h[4] = {v.x, v.y, v.z, v.w};
 UNROLL
         for (int i = 0; i < 4; i++) {
             if (TYPE == T_F16) {
-                w[2 * i] = __half2float(__ushort_as_half((unsigned short)(h[i] & 0xffffu)));
-                w[2 * i + 1] = __half2float(__ushort_as_half((unsigned short)(h[i] >> 16)));
+                w[2 * i] = f16_bits(h[i]);
+                w[2 * i + 1] = f16_bits(h[i] >> 16);
             } else {
                 w[2 * i] = bits_f32(h[i] << 16);
                 w[2 * i + 1] = bits_f32(h[i] & 0xffff0000u);
@@ -117,76 +173,84 @@ UNROLL
         }
         return 1.0f;
     } else if (TYPE == T_Q4_0 || TYPE == T_Q4_1) {
-        const uint8_t *b = row + (size_t)u * (TYPE == T_Q4_0 ? 18 : 20);
-        uint2 q = ld8_a2(b + (TYPE == T_Q4_0 ? 2 : 4) + 8 * (p & 1));
+        uint2 q = ld_u64(row + (size_t)u * 16 + 8 * (p & 1));
         int sh = (p >> 1) * 4;
-        float d = ld_f16(b);
         if (TYPE == T_Q4_0) {
+            float d = f16_bits(ld_u16(meta + (size_t)u * 2));
 UNROLL
             for (int i = 0; i < 8; i++) w[i] = (float)(((byte_of(q, i) >> sh) & 15) - 8);
             return d;
-        }
-        float m = ld_f16(b + 2);
+        } else {
+            unsigned dm = ld_u32(meta + (size_t)u * 4);
+            float d = f16_bits(dm), m = f16_bits(dm >> 16);
 UNROLL
-        for (int i = 0; i < 8; i++) w[i] = (float)((byte_of(q, i) >> sh) & 15) * d + m;
-        return 1.0f;
+            for (int i = 0; i < 8; i++) w[i] = (float)((byte_of(q, i) >> sh) & 15) * d + m;
+            return 1.0f;
+        }
     } else if (TYPE == T_Q5_0 || TYPE == T_Q5_1) {
-        const uint8_t *b = row + (size_t)u * (TYPE == T_Q5_0 ? 22 : 24);
-        const uint8_t *qh4 = b + (TYPE == T_Q5_0 ? 2 : 4);
-        const unsigned short *h2 = (const unsigned short *)qh4;
-        uint32_t qh = (h2[0] | ((uint32_t)h2[1] << 16)) >> (8 * p);
-        uint2 q = ld8_a2(qh4 + 4 + 8 * (p & 1));
+        uint2 q = ld_u64(row + (size_t)u * 16 + 8 * (p & 1));
         int sh = (p >> 1) * 4;
-        float d = ld_f16(b);
+        uint32_t qh;
+        float d, m = 0.0f;
+        if (TYPE == T_Q5_0) { /* d, qh: 6 bytes */
+            const uint8_t *mb = meta + (size_t)u * 6;
+            d = f16_bits(ld_u16(mb));
+            qh = ld_u16(mb + 2) | (ld_u16(mb + 4) << 16);
+        } else { /* d, m, qh: 8 bytes */
+            const uint8_t *mb = meta + (size_t)u * 8;
+            unsigned dm = ld_u32(mb);
+            d = f16_bits(dm), m = f16_bits(dm >> 16);
+            qh = ld_u32(mb + 4);
+        }
+        qh >>= 8 * p;
         if (TYPE == T_Q5_0) {
 UNROLL
             for (int i = 0; i < 8; i++)
                 w[i] = (float)((((byte_of(q, i) >> sh) & 15) | (int)(((qh >> i) & 1u) << 4)) - 16);
-            return d;
-        }
-        float m = ld_f16(b + 2);
+        } else {
 UNROLL
-        for (int i = 0; i < 8; i++)
-            w[i] = (float)(((byte_of(q, i) >> sh) & 15) | (int)(((qh >> i) & 1u) << 4)) * d + m;
-        return 1.0f;
+            for (int i = 0; i < 8; i++)
+                w[i] = (float)(((byte_of(q, i) >> sh) & 15) | (int)(((qh >> i) & 1u) << 4)) * d + m;
+        }
+        return TYPE == T_Q5_0 ? d : 1.0f;
     } else if (TYPE == T_Q8_0) {
-        const uint8_t *b = row + (size_t)u * 34;
-        uint2 q = ld8_a2(b + 2 + 8 * p);
+        uint2 q = ld_u64(row + (size_t)u * 32 + 8 * p);
 UNROLL
         for (int i = 0; i < 8; i++) w[i] = (float)(int)(signed char)byte_of(q, i);
-        return ld_f16(b);
+        return f16_bits(ld_u16(meta + (size_t)u * 2));
     } else if (TYPE == T_Q4_K) {
-        const uint8_t *b = row + (size_t)(u >> 3) * 144;
-        int g = u & 7, c = g >> 1;
-        const uint8_t *s = b + 4;
-        uint2 q = *(const uint2 *)(b + 16 + 32 * c + 8 * p);
+        int g = u & 7, c = g >> 1, j = g & 3;
+        uint2 q = ld_u64(row + (size_t)(u >> 3) * 128 + 32 * c + 8 * p);
+        uint4 h = ld_u128(meta + (size_t)(u >> 3) * 16); /* d, dmin, then the 12 scale bytes in y, z, w */
         int sc, mn;
-        if (g < 4) sc = s[g] & 63, mn = s[g + 4] & 63;
-        else sc = (s[g + 4] & 15) | ((s[g - 4] >> 6) << 4), mn = (s[g + 4] >> 4) | ((s[g] >> 6) << 4);
-        float dl = ld_f16(b) * (float)sc, ml = ld_f16(b + 2) * (float)mn;
+        if (g < 4) sc = byte_at(h.y, j) & 63, mn = byte_at(h.z, j) & 63;
+        else
+            sc = (byte_at(h.w, j) & 15) | ((byte_at(h.y, j) >> 6) << 4),
+            mn = (byte_at(h.w, j) >> 4) | ((byte_at(h.z, j) >> 6) << 4);
+        float dl = f16_bits(h.x) * (float)sc, ml = f16_bits(h.x >> 16) * (float)mn;
         int sh = (g & 1) * 4;
 UNROLL
         for (int i = 0; i < 8; i++) w[i] = dl * (float)((byte_of(q, i) >> sh) & 15) - ml;
         return 1.0f;
-    } else { /* T_Q6_K */
-        const uint8_t *b = row + (size_t)(u >> 3) * 210;
+    } else { /* T_Q6_K: ql (128), qh (64) in the quant plane; scales (16), d in the second */
+        const uint8_t *b = row + (size_t)(u >> 3) * 192, *mb = meta + (size_t)(u >> 3) * 18;
         int e0 = (u & 7) * 32, n = e0 >> 7, k = (e0 & 127) >> 5;
-        uint2 lo = ld8_a2(b + 64 * n + ((k & 1) ? 32 : 0) + 8 * p);
-        uint2 hi = ld8_a2(b + 128 + 32 * n + 8 * p);
+        uint2 lo = ld_u64(b + 64 * n + ((k & 1) ? 32 : 0) + 8 * p);
+        uint2 hi = ld_u64(b + 128 + 32 * n + 8 * p);
         int shl = (k & 2) ? 4 : 0, shh = 2 * k;
 UNROLL
         for (int i = 0; i < 8; i++)
             w[i] = (float)((((byte_of(lo, i) >> shl) & 15) | (((byte_of(hi, i) >> shh) & 3) << 4)) - 32);
-        const int8_t *sc = (const int8_t *)(b + 192) + (u & 7) * 2;
-        return ld_f16(b + 208) * (float)sc[p >> 1];
+        const int8_t *sc = (const int8_t *)mb + (u & 7) * 2;
+        return f16_bits(ld_u16(mb + 16)) * (float)sc[p >> 1];
     }
 }
 
 /* the same 8 elements with the factor applied (the tiles and the embedding; for the formats with
  * a minimum the factor is 1, for the others one rounding, as in the reference) */
 template <int TYPE>
-HD void deq8_scaled(const uint8_t *row, int u, int p, float *w) {
-    float f = deq8<TYPE>(row, u, p, w);
+HD void deq8_scaled(const uint8_t *row, int cols, int u, int p, float *w) {
+    float f = deq8<TYPE>(row, cols, u, p, w);
     UNROLL
     for (int i = 0; i < 8; i++) w[i] *= f;
 }
@@ -201,7 +265,7 @@ __global__ void k_embed(const uint8_t *E, size_t rb, int d, const int32_t *tok, 
 #pragma unroll
         for (int p = 0; p < 4; p++) {
             float w[8];
-            deq8_scaled<TYPE>(row, u, p, w);
+            deq8_scaled<TYPE>(row, d, u, p, w);
 #pragma unroll
             for (int i = 0; i < 8; i++) x[(size_t)t * d + u * 32 + p * 8 + i] = w[i];
         }
@@ -289,7 +353,7 @@ __global__ void __launch_bounds__(GV_WARPS * 32) k_gemv(const uint8_t *__restric
                 /* an odd last row pair reads its one row twice (no branch between the loads) */
                 float w[8];
                 const uint8_t *row = pair ? (g ? W2 : W) + (size_t)r0 * rb : W + (size_t)(r0 + (g < ng ? g : ng - 1)) * rb;
-                float f = deq8<TYPE>(row, u, p, w);
+                float f = deq8<TYPE>(row, cols, u, p, w);
 #pragma unroll
                 for (int t = 0; t < NT; t++) {
                     float a = w[0] * xa[t].x;
@@ -349,7 +413,7 @@ __global__ void __launch_bounds__(256) k_gemm(const uint8_t *W, size_t rb, int r
     float acc[4][4] = {};
     for (int u = 0; u < cols / 32; u++) {
         float w8[8];
-        if (r0 + lr < rows) deq8_scaled<TYPE>(W + (size_t)(r0 + lr) * rb, u, part, w8);
+        if (r0 + lr < rows) deq8_scaled<TYPE>(W + (size_t)(r0 + lr) * rb, cols, u, part, w8);
         else
             for (int i = 0; i < 8; i++) w8[i] = 0.0f;
 #pragma unroll
@@ -646,13 +710,28 @@ static enum kvs_status up_weight(cuda_ctx *g, const cuda_w *w, dweight *dw, cons
     if (w->n_cols % (w->type == T_Q4_K || w->type == T_Q6_K ? 256 : 32))
         return kvs_fail(KVS_ERR_UNSUPPORTED, "cuda: %s has %lld columns, not a multiple of the kernels' unit",
                         name, (long long)w->n_cols);
-    size_t bytes = (size_t)w->n_rows * w->row_bytes;
+    /* rows in the planes layout (see planes_of), 16-byte aligned, put together on the host a
+     * slice of rows at a time */
+    size_t rbd = (w->row_bytes + 15) / 16 * 16, bytes = (size_t)w->n_rows * rbd;
     void *p;
     CK(cudaMalloc(&p, bytes), name);
     g->allocs[g->n_allocs++] = p;
-    CK(cudaMemcpy(p, w->data, bytes, cudaMemcpyHostToDevice), name);
+    int64_t slice = (int64_t)((16u << 20) / rbd) + 1;
+    if (slice > w->n_rows) slice = w->n_rows;
+    uint8_t *h = (uint8_t *)malloc((size_t)slice * rbd);
+    if (!h) return kvs_fail(KVS_ERR_NOMEM, "out of memory staging %s", name);
+    cudaError_t e = cudaSuccess;
+    for (int64_t r0 = 0; r0 < w->n_rows && e == cudaSuccess; r0 += slice) {
+        int64_t n = w->n_rows - r0 < slice ? w->n_rows - r0 : slice;
+        for (int64_t r = 0; r < n; r++)
+            planes_row(w->type, (const uint8_t *)w->data + (size_t)(r0 + r) * w->row_bytes, w->row_bytes, w->n_cols,
+                       h + (size_t)r * rbd);
+        e = cudaMemcpy((uint8_t *)p + (size_t)r0 * rbd, h, (size_t)n * rbd, cudaMemcpyHostToDevice);
+    }
+    free(h);
+    if (e != cudaSuccess) return cuda_error(e, name);
     g->weight_bytes += bytes;
-    *dw = (dweight){(const uint8_t *)p, w->type, (int)w->n_rows, (int)w->n_cols, w->row_bytes};
+    *dw = (dweight){(const uint8_t *)p, w->type, (int)w->n_rows, (int)w->n_cols, rbd};
     return KVS_OK;
 }
 
@@ -1016,15 +1095,24 @@ extern "C" double cuda_bandwidth_gb_s(struct cuda_ctx *g) {
     return 2.0 * (double)bytes / (best * 1e-3) / 1e9; /* each byte read once and written once */
 }
 
-/* deq8 run on the host (no GPU needed): elements 8p .. 8p+7 of unit u of a row, factor applied */
-extern "C" enum kvs_status cuda_host_deq8(int type, const void *row, int u, int p, float *out) {
-    const uint8_t *r = (const uint8_t *)row;
+/* deq8 run on the host (no GPU needed): a GGUF row of `cols` elements put in the planes layout
+ * as the upload does, then elements 8p .. 8p+7 of its unit u, factor applied; a load that would
+ * be misaligned on the GPU is an error */
+extern "C" enum kvs_status cuda_host_deq8(int type, const void *row, size_t row_bytes, int64_t cols, int u, int p,
+                                          float *out) {
+    if (!cuda_type_supported(type)) return kvs_fail(KVS_ERR_UNSUPPORTED, "cuda: type %d", type);
+    uint8_t *r = (uint8_t *)aligned_alloc(16, (row_bytes + 15) / 16 * 16);
+    if (!r) return kvs_fail(KVS_ERR_NOMEM, "out of memory");
+    planes_row(type, (const uint8_t *)row, row_bytes, cols, r);
+    host_misaligned = 0;
     switch (type) {
-#define D8(t) case t: deq8_scaled<t>(r, u, p, out); break;
+#define D8(t) case t: deq8_scaled<t>(r, (int)cols, u, p, out); break;
     D8(T_F32) D8(T_F16) D8(T_BF16) D8(T_Q4_0) D8(T_Q4_1) D8(T_Q5_0) D8(T_Q5_1) D8(T_Q8_0) D8(T_Q4_K) D8(T_Q6_K)
 #undef D8
-    default: return kvs_fail(KVS_ERR_UNSUPPORTED, "cuda: type %d", type);
     }
+    free(r);
+    if (host_misaligned)
+        return kvs_fail(KVS_ERR_INTERNAL, "cuda: deq8 of type %d made %d misaligned loads", type, host_misaligned);
     return KVS_OK;
 }
 

@@ -83,9 +83,12 @@ double cuda_bandwidth_gb_s(struct cuda_ctx *g);
 enum kvs_status cuda_forward(struct cuda_ctx *g, const int32_t *tokens, const int32_t *pos,
                              const int *slot, int T, const int *out_rows, int n_out, float *logits);
 
-/* For tests, on the host (no GPU needed): the GEMV's dequantisation of elements 8p .. 8p+7 of
- * 32-element unit u of a row in GGUF blocks, its factor applied. */
-enum kvs_status cuda_host_deq8(int type, const void *row, int u, int p, float *out);
+/* For tests, on the host (no GPU needed): the kernels' dequantisation of elements 8p .. 8p+7 of
+ * 32-element unit u of a row in GGUF blocks (row_bytes, cols elements), after the rearrangement
+ * the upload makes (the planes layout), its factor applied; a load that the GPU would make
+ * misaligned is an error (KVS_ERR_INTERNAL). */
+enum kvs_status cuda_host_deq8(int type, const void *row, size_t row_bytes, int64_t cols, int u, int p,
+                               float *out);
 
 /* For tests: y (T, n_rows) = x (T, n_cols) W^T with forward()'s kernels: the first n_lone
  * token rows through the GEMV (as a pass's decode tokens), the rest through the tiles (prompt

@@ -42,8 +42,9 @@ enum kvs_status cuda_seq_copy(struct cuda_ctx *g, int dst, int src) {
 uint64_t cuda_device_free_bytes(void) { return 0; }
 void cuda_use_graphs(struct cuda_ctx *g, bool on) { (void)g, (void)on; }
 double cuda_bandwidth_gb_s(struct cuda_ctx *g) { (void)g; return -1; }
-enum kvs_status cuda_host_deq8(int type, const void *row, int u, int p, float *out) {
-    (void)type, (void)row, (void)u, (void)p, (void)out;
+enum kvs_status cuda_host_deq8(int type, const void *row, size_t row_bytes, int64_t cols, int u, int p,
+                               float *out) {
+    (void)type, (void)row, (void)row_bytes, (void)cols, (void)u, (void)p, (void)out;
     return no_cuda();
 }
 enum kvs_status cuda_test_matmul(int type, const void *W, size_t row_bytes, int64_t n_rows,
