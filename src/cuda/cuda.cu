@@ -330,7 +330,7 @@ __global__ void __launch_bounds__(GV_WARPS * 32) k_gemv(const uint8_t *__restric
                                                        const int *__restrict__ tix, float *__restrict__ y,
                                                        int ldy, int add) {
     __shared__ float red[GV_WARPS][NT][GR];
-    constexpr int UN = NT <= 2 ? 4 : NT <= 4 ? 2 : 1;
+    constexpr int UN = NT <= 2 ? 4 : NT <= 4 ? 2 : 1; /* sweeps unrolled: fewer as the tokens' sums take registers */
     int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, p = lane & 3, groups = GV_WARPS / ks;
     int pair = W2 != NULL, rg = blockIdx.x * groups + warp / ks, kw = warp % ks, r0 = pair ? rg : rg * GR;
     int ng = pair ? (r0 < rows ? GR : 0) : rows - r0 < GR ? rows - r0 : GR, nu = cols / 32;
@@ -342,25 +342,27 @@ __global__ void __launch_bounds__(GV_WARPS * 32) k_gemv(const uint8_t *__restric
     if (ng > 0) {
 #pragma unroll UN
         for (int u = (lane >> 2) + 8 * kw; u < nu; u += 8 * ks) {
-            float4 xa[NT], xb[NT];
-#pragma unroll
-            for (int t = 0; t < NT; t++) {
-                const float4 *xp = (const float4 *)(x + (size_t)tix[t] * ldx + (size_t)u * 32 + p * 8);
-                xa[t] = xp[0], xb[t] = xp[1];
-            }
+            /* the rows' 8 weights first, then each token's 8 activations: a launch reads the
+             * weights once for all its tokens (up to 32), and a token's sums are the same
+             * whatever NT is */
+            float w[GR][8], f[GR];
 #pragma unroll
             for (int g = 0; g < GR; g++) {
                 /* an odd last row pair reads its one row twice (no branch between the loads) */
-                float w[8];
                 const uint8_t *row = pair ? (g ? W2 : W) + (size_t)r0 * rb : W + (size_t)(r0 + (g < ng ? g : ng - 1)) * rb;
-                float f = deq8<TYPE>(row, cols, u, p, w);
+                f[g] = deq8<TYPE>(row, cols, u, p, w[g]);
+            }
 #pragma unroll
-                for (int t = 0; t < NT; t++) {
-                    float a = w[0] * xa[t].x;
-                    a = fmaf(w[1], xa[t].y, a), a = fmaf(w[2], xa[t].z, a), a = fmaf(w[3], xa[t].w, a);
-                    a = fmaf(w[4], xb[t].x, a), a = fmaf(w[5], xb[t].y, a), a = fmaf(w[6], xb[t].z, a);
-                    a = fmaf(w[7], xb[t].w, a);
-                    acc[t][g] = fmaf(f, a, acc[t][g]);
+            for (int t = 0; t < NT; t++) {
+                const float4 *xp = (const float4 *)(x + (size_t)tix[t] * ldx + (size_t)u * 32 + p * 8);
+                float4 xa = xp[0], xb = xp[1];
+#pragma unroll
+                for (int g = 0; g < GR; g++) {
+                    float a = w[g][0] * xa.x;
+                    a = fmaf(w[g][1], xa.y, a), a = fmaf(w[g][2], xa.z, a), a = fmaf(w[g][3], xa.w, a);
+                    a = fmaf(w[g][4], xb.x, a), a = fmaf(w[g][5], xb.y, a), a = fmaf(w[g][6], xb.z, a);
+                    a = fmaf(w[g][7], xb.w, a);
+                    acc[t][g] = fmaf(f[g], a, acc[t][g]);
                 }
             }
         }
@@ -373,15 +375,15 @@ __global__ void __launch_bounds__(GV_WARPS * 32) k_gemv(const uint8_t *__restric
             if (lane == 0) red[warp][t][g] = s;
         }
     __syncthreads();
-    int i = threadIdx.x;
     if (pair) {
-        int grp = i / NT, t = i % NT, r = blockIdx.x * groups + grp;
-        if (i < groups * NT && r < rows) {
+        for (int i = threadIdx.x; i < groups * NT; i += blockDim.x) {
+            int grp = i / NT, t = i % NT, r = blockIdx.x * groups + grp;
+            if (r >= rows) continue;
             float gs = red[grp * ks][t][0], us = red[grp * ks][t][1];
             for (int k = 1; k < ks; k++) gs += red[grp * ks + k][t][0], us += red[grp * ks + k][t][1];
             y[(size_t)tix[t] * ldy + r] = gs / (1.0f + expf(-gs)) * us;
         }
-    } else if (i < groups * NT * GR) {
+    } else for (int i = threadIdx.x; i < groups * NT * GR; i += blockDim.x) {
         int grp = i / (NT * GR), t = i / GR % NT, g = i % GR, r = (blockIdx.x * groups + grp) * GR + g;
         if (r < rows) {
             float s = red[grp * ks][t][g];
@@ -454,7 +456,7 @@ __global__ void __launch_bounds__(256) k_gemm(const uint8_t *W, size_t rb, int r
 
 struct dweight { const uint8_t *d; int type; int rows, cols; size_t rb; };
 
-/* y rows tix[0..n_lone) through the GEMV (8 tokens a launch), tix[n_lone..n) through the tiles.
+/* y rows tix[0..n_lone) through the GEMV (up to 32 tokens a launch), tix[n_lone..n) through the tiles.
  * Which one a token takes depends on its own sequence alone (a sequence's lone token in the
  * pass: a decode step), so a sequence's results never depend on what else is in the batch.
  * With w2 (gate w and up w2 of one type and shape): y = silu(x w^T) * (x w2^T), the tiled
@@ -464,11 +466,13 @@ static void launch_mm(const dweight *w, const dweight *w2, const float *x, int l
                       int n, float *y, int ldy, int add, float *y2, cudaStream_t st) {
     int ks = gemv_split(w->cols), per = GV_WARPS / ks * (w2 ? 1 : GR), blocks = (w->rows + per - 1) / per;
     const uint8_t *d2 = w2 ? w2->d : NULL;
-    for (int t0 = 0; t0 < n_lone; t0 += 8) {
+    for (int t0 = 0, k; t0 < n_lone; t0 += k) {
         const int *ti = tix + t0;
-        switch (n_lone - t0 < 8 ? n_lone - t0 : 8) {
+        int rem = n_lone - t0;
+        k = rem >= 32 ? 32 : rem >= 16 ? 16 : rem >= 8 ? 8 : rem; /* tokens of this launch */
+        switch (k) {
 #define GV(k) case k: k_gemv<TYPE, k><<<blocks, GV_WARPS * 32, 0, st>>>(w->d, d2, w->rb, w->rows, w->cols, ks, x, ldx, ti, y, ldy, add); break;
-        GV(1) GV(2) GV(3) GV(4) GV(5) GV(6) GV(7) GV(8)
+        GV(1) GV(2) GV(3) GV(4) GV(5) GV(6) GV(7) GV(8) GV(16) GV(32)
 #undef GV
         }
     }
