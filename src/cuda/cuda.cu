@@ -543,11 +543,12 @@ __global__ void k_qkv_post(float *q, float *k, const float *v, const float *bq, 
     }
 }
 
-enum { AT = 128 /* keys per tile = threads per block */, MAXG = 16, MAXO = 16 /* outputs per thread */,
+enum { AT = 128 /* keys per tile = threads per block */, MAXG = 16 /* query heads per KV head */,
        SPLIT_KEYS = 64, MAX_SPLIT = 128 /* a lone decode token's keys: splits of 64 or more, 128 at most */ };
 
 /* partial attention of token t's query heads of KV head h over key split s of its visible keys
  * (positions 0 .. pos[t]): unnormalised o, running max m and sum l, for k_att_combine */
+template <int DPL /* head dimensions per lane: hd / 32 */>
 __global__ void __launch_bounds__(AT) k_attn(const float *q, const int32_t *pos, const int *slot,
                                              const int *nsp, const int *poff, const dseq *seqs, int layer,
                                              int nh, int nkv, int hd, float scale, float *part) {
@@ -568,9 +569,13 @@ __global__ void __launch_bounds__(AT) k_attn(const float *q, const int32_t *pos,
     const float *qt = q + (size_t)t * nh * hd + (size_t)h * g * hd;
     for (int i = tid; i < g * hd; i += AT) qs[i] = qt[i];
     if (tid < g) mst[tid] = -INFINITY, lst[tid] = 0.0f;
-    float o[MAXO];
+    /* the output: warp w sums the values of keys w, w + 4, ... of each tile, lane l dimensions
+     * DPL l .. DPL l + DPL - 1 of every query head of the group; the 4 warps' sums meet at the end */
+    float o[MAXG][DPL];
 #pragma unroll
-    for (int i = 0; i < MAXO; i++) o[i] = 0.0f;
+    for (int qi = 0; qi < MAXG; qi++)
+#pragma unroll
+        for (int e = 0; e < DPL; e++) o[qi][e] = 0.0f;
     __syncthreads();
     for (int kb = k0; kb < k1; kb += AT) {
         int kk = kb + tid, n = k1 - kb < AT ? k1 - kb : AT;
@@ -616,26 +621,66 @@ __global__ void __launch_bounds__(AT) k_attn(const float *q, const int32_t *pos,
         }
         __syncthreads();
 #pragma unroll
-        for (int i = 0; i < MAXO; i++) {
-            int idx = tid + AT * i;
-            if (idx < g * hd) {
-                int qi = idx / hd, d = idx % hd;
-                float a = o[i] * alpha[qi];
-                const float *p = S + qi * AT;
-                const __half *vc = (const __half *)Vs + d;
-                for (int j = 0; j < n; j++) a += p[j] * __half2float(vc[(size_t)j * hd]);
-                o[i] = a;
+        for (int qi = 0; qi < MAXG; qi++)
+            if (qi < g) {
+                float a = alpha[qi];
+#pragma unroll
+                for (int e = 0; e < DPL; e++) o[qi][e] *= a;
             }
+        for (int j = warp; j < n; j += AT / 32) {
+            const __half *vr = (const __half *)Vs + (size_t)j * hd + lane * DPL;
+            float v[DPL];
+            if (DPL % 2 == 0) {
+#pragma unroll
+                for (int e = 0; e < DPL; e += 2) {
+                    float2 f2 = __half22float2(*(const __half2 *)(vr + e));
+                    v[e] = f2.x, v[e + 1 < DPL ? e + 1 : e] = f2.y;
+                }
+            } else {
+#pragma unroll
+                for (int e = 0; e < DPL; e++) v[e] = __half2float(vr[e]);
+            }
+#pragma unroll
+            for (int qi = 0; qi < MAXG; qi++)
+                if (qi < g) {
+                    float pj = S[qi * AT + j];
+#pragma unroll
+                    for (int e = 0; e < DPL; e++) o[qi][e] = fmaf(pj, v[e], o[qi][e]);
+                }
         }
         __syncthreads();
     }
-    float *pt = part + (((size_t)(poff[t] + s) * nkv + h) * g) * (hd + 2);
+    /* the warps' sums, added in warp order through shared memory (the key tile's space) */
+    float *red = (float *)Ks;
 #pragma unroll
-    for (int i = 0; i < MAXO; i++) {
-        int idx = tid + AT * i;
-        if (idx < g * hd) pt[idx] = o[i];
+    for (int qi = 0; qi < MAXG; qi++)
+        if (qi < g)
+#pragma unroll
+            for (int e = 0; e < DPL; e++) red[(warp * g + qi) * hd + lane * DPL + e] = o[qi][e];
+    __syncthreads();
+    float *pt = part + (((size_t)(poff[t] + s) * nkv + h) * g) * (hd + 2);
+    for (int i = tid; i < g * hd; i += AT) {
+        float a = red[i];
+        for (int w = 1; w < AT / 32; w++) a += red[w * g * hd + i];
+        pt[i] = a;
     }
     if (tid < g) pt[g * hd + 2 * tid] = mst[tid], pt[g * hd + 2 * tid + 1] = lst[tid];
+}
+
+typedef void (*attn_fn)(const float *, const int32_t *, const int *, const int *, const int *, const dseq *, int,
+                        int, int, int, float, float *);
+/* k_attn for a head size (a multiple of 32, at most 256) */
+static attn_fn attn_kernel(int hd) {
+    switch (hd / 32) {
+    case 1: return k_attn<1>;
+    case 2: return k_attn<2>;
+    case 3: return k_attn<3>;
+    case 4: return k_attn<4>;
+    case 5: return k_attn<5>;
+    case 6: return k_attn<6>;
+    case 7: return k_attn<7>;
+    default: return k_attn<8>;
+    }
 }
 
 /* k_attn's shared memory: the group's queries, scores, m/l/alpha, and the staged key and value tiles */
@@ -688,6 +733,7 @@ struct cuda_ctx {
     dweight tok_embd, output;
     float *out_norm, *inv_freq;
     dlayer *L;                 /* host array of device pointers */
+    attn_fn attn;              /* k_attn for the head size */
     void **allocs;             /* every weight allocation, for free */
     int n_allocs;
     uint64_t weight_bytes, scratch_bytes, kv_bytes, kv_peak;
@@ -765,8 +811,8 @@ extern "C" enum kvs_status cuda_ctx_new(const struct cuda_model_desc *m, int n_c
     if (e != cudaSuccess || n_dev == 0)
         return kvs_fail(KVS_ERR_UNSUPPORTED, "--device cuda: no usable GPU (%s)",
                         e != cudaSuccess ? cudaGetErrorString(e) : "the driver reports no device");
-    if (m->head_dim % 8 || m->head_dim > 256 || m->n_head / m->n_head_kv > MAXG ||
-        (m->n_head / m->n_head_kv) * m->head_dim > AT * MAXO || m->n_embd % 32 || m->n_head % m->n_head_kv)
+    if (m->head_dim % 32 || m->head_dim > 256 || m->n_head / m->n_head_kv > MAXG ||
+        (m->n_head / m->n_head_kv) * (m->head_dim / 32) > 64 || m->n_embd % 32 || m->n_head % m->n_head_kv)
         return kvs_fail(KVS_ERR_UNSUPPORTED, "cuda: attention shape (%d heads of %d, %d KV heads) is "
                         "outside the kernels' limits", m->n_head, m->head_dim, m->n_head_kv);
     cuda_ctx *g = (cuda_ctx *)calloc(1, sizeof *g);
@@ -785,7 +831,8 @@ extern "C" enum kvs_status cuda_ctx_new(const struct cuda_model_desc *m, int n_c
     snprintf(g->name, sizeof g->name, "%s (sm_%d%d, %.1f GiB)", pr.name, pr.major, pr.minor,
              (double)pr.totalGlobalMem / (1u << 30));
     CK(cudaStreamCreateWithFlags(&g->st, cudaStreamNonBlocking), "cudaStreamCreate");
-    CK(cudaFuncSetAttribute(k_attn, cudaFuncAttributeMaxDynamicSharedMemorySize,
+    g->attn = attn_kernel(m->head_dim);
+    CK(cudaFuncSetAttribute(g->attn, cudaFuncAttributeMaxDynamicSharedMemorySize,
                             (int)attn_smem(m->n_head / m->n_head_kv, m->head_dim)), "k_attn shared memory");
     enum kvs_status st;
     char nm[64];
@@ -942,7 +989,7 @@ static void enqueue(cuda_ctx *g, int T, int n_out, int ns_grid, float *logits_ds
         matmul(&l->wv, g->xn, d, d_tix, nl, T, g->v, nk, st);
         k_qkv_post<<<dim3(T, g->nh + g->nkv), 64, 0, st>>>(g->q, g->k, g->v, l->bq, l->bk, l->bv, d_pos, d_slot, g->d_seqs, il,
                                       g->nh, g->nkv, g->hd, g->inv_freq, g->neox);
-        k_attn<<<dim3(T, g->nkv, ns_grid), AT, smem, st>>>(g->q, d_pos, d_slot, d_nsp, d_poff, g->d_seqs, il,
+        g->attn<<<dim3(T, g->nkv, ns_grid), AT, smem, st>>>(g->q, d_pos, d_slot, d_nsp, d_poff, g->d_seqs, il,
                                                             g->nh, g->nkv, g->hd, scale, g->part);
         k_att_combine<<<dim3(T, g->nh), g->hd < 128 ? g->hd : 128, 0, st>>>(g->part, d_nsp, d_poff, g->nh,
                                                                              g->nkv, g->hd, g->xn);
