@@ -4,7 +4,8 @@
 # binaries (built here with `make cuda`: nvcc, sm_90) and the models travel in pieces that this
 # script keeps outside the repository copy, which is re-synced on every call:
 #
-#   tools/cuda_device.sh stage                    HERE: .cache/dev/bin (kvsieve, kvsieve_old, test_cuda),
+#   tools/cuda_device.sh stage [NAME=FILE...]     HERE: .cache/dev/bin (kvsieve, test_cuda; OLD_BIN=path adds
+#                                                 kvsieve_old, EXTRA_BINS="name=path ..." others),
 #                                                 .cache/dev/lib (the shared libraries they need that a
 #                                                 CUDA image lacks) and .cache/dev/parts/NAME.pNN (each model
 #                                                 in pieces of PART_MB)
@@ -14,7 +15,7 @@
 #   tools/cuda_device.sh check NAME               THERE: make test-cuda's two parts on /tmp/m/NAME.gguf
 #   tools/cuda_device.sh bench NAME CONTEXTS      THERE: decode of the previous kernels (kvsieve_old) against
 #                                                 these (kvsieve), interleaved ROUNDS times (2), then batches of
-#                                                 NP sequences ("8 32")
+#                                                 NP sequences ("8 32"); BINS="a b c" names the binaries compared
 #   tools/cuda_device.sh profile NAME [NSKIP]     THERE: ncu per-kernel time and DRAM bytes of 460 decode launches
 #   tools/cuda_device.sh sanitize NAME            THERE: test_cuda under compute-sanitizer memcheck
 #
@@ -54,6 +55,7 @@ stage)
     mkdir -p .cache/dev/bin .cache/dev/lib .cache/dev/parts
     cp build/cuda/kvsieve build/cuda/test_cuda .cache/dev/bin/
     [ -n "${OLD_BIN:-}" ] && cp "$OLD_BIN" .cache/dev/bin/kvsieve_old
+    for nb in ${EXTRA_BINS:-}; do cp "${nb#*=}" ".cache/dev/bin/${nb%%=*}"; done   # NAME=PATH ...
     strip .cache/dev/bin/*
     for l in $(ldd build/cuda/kvsieve | awk '/=> \//{print $3}'); do
         case "$(basename "$l")" in libc.so*|libm.so*|libstdc++*|libgcc_s*|libdl*|librt*|libpthread*) ;;
@@ -100,7 +102,7 @@ bench)
     m=$M/$2.gguf ctx=$3 c=$(( ${3##*,} + 600 ))
     common=(bench --device cuda -m "$m" -c "$c" --contexts "$ctx" --prompt 512 --decode 64 --reps 3 --json -q)
     for i in $(seq "${ROUNDS:-2}"); do
-        for b in kvsieve_old kvsieve; do
+        for b in ${BINS:-kvsieve_old kvsieve}; do
             timeout 200 $K/bin/$b "${common[@]}" > "$R/$2_${b}_$i.json" 2> "$R/$2_${b}_$i.err" ||
                 { echo "$b run $i failed:"; tail -5 "$R/$2_${b}_$i.err"; }
         done
