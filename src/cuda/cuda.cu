@@ -466,11 +466,11 @@ static void launch_mm(const dweight *w, const dweight *w2, const float *x, int l
                       int n, float *y, int ldy, int add, float *y2, cudaStream_t st) {
     int ks = gemv_split(w->cols), per = GV_WARPS / ks * (w2 ? 1 : GR), blocks = (w->rows + per - 1) / per;
     const uint8_t *d2 = w2 ? w2->d : NULL;
-    for (int t0 = 0, k; t0 < n_lone; t0 += k) {
+    for (int t0 = 0, nt; t0 < n_lone; t0 += nt) {
         const int *ti = tix + t0;
         int rem = n_lone - t0;
-        k = rem >= 32 ? 32 : rem >= 16 ? 16 : rem >= 8 ? 8 : rem; /* tokens of this launch */
-        switch (k) {
+        nt = rem >= 32 ? 32 : rem >= 16 ? 16 : rem >= 8 ? 8 : rem; /* tokens of this launch */
+        switch (nt) {
 #define GV(k) case k: k_gemv<TYPE, k><<<blocks, GV_WARPS * 32, 0, st>>>(w->d, d2, w->rb, w->rows, w->cols, ks, x, ldx, ti, y, ldy, add); break;
         GV(1) GV(2) GV(3) GV(4) GV(5) GV(6) GV(7) GV(8) GV(16) GV(32)
 #undef GV
