@@ -21,6 +21,19 @@
 #
 # Logs go to /tmp/res (and are tarred into $OUT/res.tgz by `bench` and `check`); each step prints
 # a short summary, so the tool's output tail holds the figures.
+#
+# A session, as run on 2026-12-07 (docs/results/cuda-h100.md):
+#   here:  make cuda models models-large
+#          git worktree add /tmp/old REV && make -C /tmp/old BUILD=build/cuda CUDA=1 build/cuda/kvsieve
+#          OLD_BIN=/tmp/old/build/cuda/kvsieve PART_MB=57 tools/cuda_device.sh stage \
+#              smol=models/SmolLM2-135M-Instruct.Q4_1.gguf qwen=models/qwen2.5-coder-1.5b-instruct-q4_k_m.gguf
+#          then a local branch without weights/ and tests/golden/ (so a call's tree is ~2.5 MB and a
+#          piece of 57 MiB fits the 64 MiB a call carries)
+#   there: one run carrying .cache/dev/bin and .cache/dev/lib: `setup` (this starts the machine;
+#          send the rest only once it has answered, back to back: it goes back after 30 s idle);
+#          one run per piece carrying .cache/dev/parts/NAME.pNN: `part NAME NN`, the last one also
+#          `assemble NAME SHA256 && check NAME`; then `bench smol 1024,8000`, `bench qwen 1024,16384`,
+#          `profile qwen`. SmolLM2 is 2 pieces, Qwen2.5-1.5B 19.
 set -uo pipefail
 K=/tmp/k M=/tmp/m R=/tmp/res
 PART_MB=${PART_MB:-56}
