@@ -312,8 +312,9 @@ __global__ void k_swiglu(float *g, const float *u, int ld, const int *tix, size_
 
 /* ---- matmul ---------------------------------------------------------------------------------- */
 
-/* y[t][r] = sum_c W[r][c] x[t][c] (+ y[t][r] when add: the residual stream) for NT tokens. KS warps of a block share GR rows, and the
- * block's GV_WARPS / KS groups of warps take consecutive row pairs. Lane l of a warp reads
+/* y[t][r] = sum_c W[r][c] x[t][c] (+ y[t][r] when add: the residual stream) for NT tokens.
+ * KS warps of a block share GR rows, and the block's GV_WARPS / KS groups of warps take
+ * consecutive row pairs. Lane l of a warp reads
  * elements 8(l & 3) .. 8(l & 3) + 7 of the 8 units (l / 4) + 8 k, so each load of x by the warp is
  * one contiguous kilobyte and every x value loaded serves GR rows; warp k of a group takes the
  * sweeps of 8 units k, k + KS, k + 2 KS, ... (split K: a long row is read by KS warps at once),
@@ -349,7 +350,8 @@ __global__ void __launch_bounds__(GV_WARPS * 32) k_gemv(const uint8_t *__restric
 #pragma unroll
             for (int g = 0; g < GR; g++) {
                 /* an odd last row pair reads its one row twice (no branch between the loads) */
-                const uint8_t *row = pair ? (g ? W2 : W) + (size_t)r0 * rb : W + (size_t)(r0 + (g < ng ? g : ng - 1)) * rb;
+                const uint8_t *row = pair ? (g ? W2 : W) + (size_t)r0 * rb
+                                          : W + (size_t)(r0 + (g < ng ? g : ng - 1)) * rb;
                 f[g] = deq8<TYPE>(row, cols, u, p, w[g]);
             }
 #pragma unroll
@@ -481,7 +483,8 @@ static void launch_mm(const dweight *w, const dweight *w2, const float *x, int l
         dim3 grid((w->rows + GT - 1) / GT, (nt + GT - 1) / GT);
         k_gemm<TYPE><<<grid, 256, 0, st>>>(w->d, w->rb, w->rows, w->cols, x, ldx, tix + n_lone, nt, y, ldy, add);
         if (w2) {
-            k_gemm<TYPE><<<grid, 256, 0, st>>>(w2->d, w2->rb, w2->rows, w2->cols, x, ldx, tix + n_lone, nt, y2, ldy, 0);
+            k_gemm<TYPE><<<grid, 256, 0, st>>>(w2->d, w2->rb, w2->rows, w2->cols, x, ldx, tix + n_lone, nt, y2,
+                                               ldy, 0);
             size_t ne = (size_t)nt * w->rows;
             k_swiglu<<<(unsigned)((ne + 255) / 256), 256, 0, st>>>(y, y2, w->rows, tix + n_lone, ne);
         }
@@ -987,8 +990,8 @@ static void enqueue(cuda_ctx *g, int T, int n_out, int ns_grid, float *logits_ds
         matmul(&l->wq, g->xn, d, d_tix, nl, T, g->q, nq, st);
         matmul(&l->wk, g->xn, d, d_tix, nl, T, g->k, nk, st);
         matmul(&l->wv, g->xn, d, d_tix, nl, T, g->v, nk, st);
-        k_qkv_post<<<dim3(T, g->nh + g->nkv), 64, 0, st>>>(g->q, g->k, g->v, l->bq, l->bk, l->bv, d_pos, d_slot, g->d_seqs, il,
-                                      g->nh, g->nkv, g->hd, g->inv_freq, g->neox);
+        k_qkv_post<<<dim3(T, g->nh + g->nkv), 64, 0, st>>>(g->q, g->k, g->v, l->bq, l->bk, l->bv, d_pos, d_slot,
+                                                           g->d_seqs, il, g->nh, g->nkv, g->hd, g->inv_freq, g->neox);
         g->attn<<<dim3(T, g->nkv, ns_grid), AT, smem, st>>>(g->q, d_pos, d_slot, d_nsp, d_poff, g->d_seqs, il,
                                                             g->nh, g->nkv, g->hd, scale, g->part);
         k_att_combine<<<dim3(T, g->nh), g->hd < 128 ? g->hd : 128, 0, st>>>(g->part, d_nsp, d_poff, g->nh,
