@@ -1,23 +1,26 @@
-/* cuda.cu — the CUDA backend (contract in cuda.h): weights in GGUF blocks on the device, a
- * device fp16 K/V cache per sequence slot, and the forward pass as a chain of kernels on one
- * stream.
+/* cuda.cu — the CUDA backend (contract in cuda.h): weights in GGUF blocks on the device
+ * (rearranged into aligned planes, see planes_of), a device fp16 K/V cache per sequence slot,
+ * and the forward pass as a chain of kernels on one stream.
  *
  *   embed      dequantize tok_embd rows                            one block per token
  *   rmsnorm    one block per row
- *   matmul     lone tokens (a sequence's only token in the pass: decode), 8 a launch: a warp
- *              per two weight rows, each lane dequantizing 8 elements of a 32-element unit with
- *              vector loads and dotting them with every token's row, the warp's x loads
- *              contiguous (weights read once per 8 tokens); the other tokens (prompt chunks):
- *              64 rows x 64 tokens per block, 32-element units dequantized into shared memory,
- *              4 x 4 outputs per thread (fp32 FMA)
- *   qkv_post   biases, RoPE at each token's position (angles in double from the CPU's inv_freq
- *              table, as forward.c does), K/V appended as fp16 (round to nearest even, like F16C)
+ *   matmul     lone tokens (a sequence's only token in the pass: decode), up to 32 a launch: a
+ *              warp per two weight rows (long rows split over up to 8 warps), each lane
+ *              dequantizing 8 elements of a 32-element unit with vector loads and dotting them
+ *              with every token's row (weights read once per launch); the output and down
+ *              projections add into the residual as they store, gate and up share a launch that
+ *              stores their SwiGLU; the other tokens (prompt chunks): 64 rows x 64 tokens per
+ *              block, 32-element units dequantized into shared memory, 4 x 4 outputs per thread
+ *   qkv_post   one block per (token, head): biases, RoPE at the token's position (angles in
+ *              double from the CPU's inv_freq table, as forward.c does), K/V appended as fp16
+ *              (round to nearest even, like F16C)
  *   attention  one block per (token, KV head, key split): the group's query heads share each
- *              pass over the keys; 128-key tiles (keys staged in shared memory by coalesced
- *              loads) with an online softmax; splits merged by
- *              log-sum-exp (flash-decoding), the split count chosen so a lone decode token
- *              still fills the GPU
- *   swiglu, residual adds, the final norm of the requested rows, logits copied back.
+ *              pass over the keys; 128-key tiles of keys and values staged in shared memory by
+ *              coalesced loads, an online softmax, value sums split over the block's warps;
+ *              splits merged by log-sum-exp (flash-decoding), the split count chosen so a lone
+ *              decode token still fills the GPU
+ *   swiglu (prompt chunks, or gate and up of different types), the final norm of the requested
+ *   rows, logits copied back.
  *
  * Arithmetic differs from the CPU path in the order of sums and in the activations (fp32 here,
  * 8-bit quantized there): tests/test_cuda.c bounds it per kernel and over the whole model.
@@ -107,7 +110,7 @@ static void planes_row(int type, const uint8_t *src, size_t row_bytes, int64_t c
 
 /* aligned loads; on the host (cuda_host_deq8, from a 16-byte aligned row) a misaligned one is
  * counted, so the host check catches what would fault on the GPU */
-static int host_misaligned;
+static thread_local int host_misaligned;
 #ifndef __CUDA_ARCH__
 #define ALIGNED(p, n) (host_misaligned += ((uintptr_t)(p) % (n)) != 0)
 #else
@@ -302,12 +305,18 @@ __global__ void k_rmsnorm(const float *x, const int *rows, const float *w, float
     for (int i = threadIdx.x; i < n; i += blockDim.x) out[(size_t)r * n + i] = xr[i] * s * w[i];
 }
 
+/* SwiGLU of one element: the one formula of k_swiglu and the fused gate/up GEMV, so that both
+ * paths give the same bits */
+__device__ __forceinline__ float silu_mul(float g, float u) {
+    return g / (1.0f + expf(-g)) * u;
+}
+
 /* g = silu(g) * u on rows tix[0 ..) of ld columns (n elements in all) */
 __global__ void k_swiglu(float *g, const float *u, int ld, const int *tix, size_t n) {
     size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
     if (i >= n) return;
     size_t o = (size_t)tix[i / ld] * ld + i % ld;
-    g[o] = g[o] / (1.0f + expf(-g[o])) * u[o];
+    g[o] = silu_mul(g[o], u[o]);
 }
 
 /* ---- matmul ---------------------------------------------------------------------------------- */
@@ -377,20 +386,20 @@ __global__ void __launch_bounds__(GV_WARPS * 32) k_gemv(const uint8_t *__restric
             if (lane == 0) red[warp][t][g] = s;
         }
     __syncthreads();
+    auto ksum = [&](int grp, int t, int g) { /* the group's KS warps' sums, in warp order */
+        float s = red[grp * ks][t][g];
+        for (int k = 1; k < ks; k++) s += red[grp * ks + k][t][g];
+        return s;
+    };
     if (pair) {
         for (int i = threadIdx.x; i < groups * NT; i += blockDim.x) {
             int grp = i / NT, t = i % NT, r = blockIdx.x * groups + grp;
-            if (r >= rows) continue;
-            float gs = red[grp * ks][t][0], us = red[grp * ks][t][1];
-            for (int k = 1; k < ks; k++) gs += red[grp * ks + k][t][0], us += red[grp * ks + k][t][1];
-            y[(size_t)tix[t] * ldy + r] = gs / (1.0f + expf(-gs)) * us;
+            if (r < rows) y[(size_t)tix[t] * ldy + r] = silu_mul(ksum(grp, t, 0), ksum(grp, t, 1));
         }
     } else for (int i = threadIdx.x; i < groups * NT * GR; i += blockDim.x) {
         int grp = i / (NT * GR), t = i / GR % NT, g = i % GR, r = (blockIdx.x * groups + grp) * GR + g;
         if (r < rows) {
-            float s = red[grp * ks][t][g];
-            for (int k = 1; k < ks; k++) s += red[grp * ks + k][t][g];
-            float *yo = y + (size_t)tix[t] * ldy + r;
+            float s = ksum(grp, t, g), *yo = y + (size_t)tix[t] * ldy + r;
             *yo = add ? *yo + s : s;
         }
     }
