@@ -32,13 +32,24 @@ double kvs_context_device_bandwidth(kvs_context *c) { return c->gpu ? cuda_bandw
 const char *kvs_context_device_name(const kvs_context *c) { return c->gpu ? cuda_device_name(c->gpu) : "cpu"; }
 
 /* The model as the GPU backend reads it (cuda.h), then the GPU context. */
+/* the policies the GPU runs: the full cache, and those scored there (SnapKV) */
+static bool gpu_runs(const struct kv_spec *sp) {
+    return (sp->method == KV_FULL && !sp->think && !sp->kivi_bits && !sp->mikv_low) || kv_policy_scored_elsewhere(sp);
+}
+
+/* the slot's query window on the GPU, as its policy needs */
+static enum kvs_status gpu_slot_policy(kvs_context *c, kvs_sequence *s, const struct kv_spec *sp) {
+    if (!c->gpu) return KVS_OK;
+    return cuda_seq_set_qwin(c->gpu, s->slot, (kv_policy_needs(sp) & KV_NEED_QUERIES) ? kv_policy_qwin(sp) : 0);
+}
+
 static enum kvs_status gpu_init(kvs_context *c) {
     const kvs_model *m = c->m;
     const struct hparams *hp = &m->hp;
     const struct kv_spec *sp = &c->base.spec;
-    if (c->base.policy || sp->think || sp->kivi_bits || sp->mikv_low || c->p.keep_stats || c->p.act_f32)
-        return kvs_fail(KVS_ERR_UNSUPPORTED, "--device cuda runs the full KV cache only so far ('%s'%s "
-                        "asked); KV policies on the GPU are not built yet, use the CPU for them",
+    if (!gpu_runs(sp) || c->p.keep_stats || c->p.act_f32)
+        return kvs_fail(KVS_ERR_UNSUPPORTED, "--device cuda runs the full KV cache and snapkv (without "
+                        "merging or packed storage) so far ('%s'%s asked); use the CPU for the others",
                         sp->text, c->p.keep_stats ? " with statistics" : c->p.act_f32 ? " with fp32 activations" : "");
     struct cuda_layer_desc *L = calloc((size_t)hp->n_layer, sizeof *L);
     if (!L) return kvs_fail(KVS_ERR_NOMEM, "out of memory");
@@ -355,6 +366,11 @@ enum kvs_status kvs_seq_new(kvs_context *c, kvs_sequence **out) {
     s->prof = &c->base;
     s->slot = slot;
     s->gpu = c->gpu;
+    if ((st = gpu_slot_policy(c, s, &c->base.spec)) != KVS_OK) {
+        kv_seq_free(s->kv);
+        free(s);
+        return st;
+    }
     c->seqs[slot] = s;
     *out = s;
     return KVS_OK;
@@ -723,10 +739,10 @@ enum kvs_status kvs_seq_set_kv(kvs_context *c, kvs_sequence *s, const char *kv_s
         enum kvs_status st = kv_spec_parse(kv_spec, &spec);
         if (st != KVS_OK) return st;
     }
-    if (c->gpu && (spec.method != KV_FULL || spec.think || spec.kivi_bits || spec.mikv_low))
-        return kvs_gpu_refuse(c, "a KV policy other than full");
+    if (c->gpu && !gpu_runs(&spec))
+        return kvs_gpu_refuse(c, "a KV policy other than full or snapkv (without merging or packed storage)");
     int qwin = kv_policy_qwin(&spec);
-    if ((kv_policy_needs(&spec) & KV_NEED_QUERIES) && c->kv.qwin < qwin)
+    if (!c->gpu && (kv_policy_needs(&spec) & KV_NEED_QUERIES) && c->kv.qwin < qwin)
         return kvs_fail(KVS_ERR_INVALID_ARG, "'%s' needs the last %d queries; this context keeps "
                         "%d (create it with keep_stats)", spec.text, qwin, c->kv.qwin);
     struct kv_profile *pr = NULL;
@@ -766,6 +782,8 @@ enum kvs_status kvs_seq_set_kv(kvs_context *c, kvs_sequence *s, const char *kv_s
         }
         c->prof[slot] = pr;
     }
+    enum kvs_status gst = gpu_slot_policy(c, s, &spec); /* (the slot is empty: only memory can fail) */
+    if (gst != KVS_OK) return gst;
     /* empty (no capacity once cleared): these cannot fail */
     kv_seq_clear(s->kv);
     kv_seq_set_pack(s->kv, &pr->pack);
@@ -863,7 +881,12 @@ uint64_t kvs_seq_kv_bytes(const kvs_sequence *s) {
 }
 
 double kvs_seq_entries_per_head(const kvs_sequence *s) {
-    if (s->gpu) return s->n_past; /* the full cache */
+    if (s->gpu) {
+        double n = 0;
+        int nl = s->kv->owner->n_layer;
+        for (int il = 0; il < nl; il++) n += cuda_seq_layer_entries(s->gpu, s->slot, il);
+        return n / nl;
+    }
     const struct kv_cache *c = s->kv->owner;
     int64_t n = 0;
     for (int il = 0; il < c->n_layer; il++)

@@ -129,7 +129,7 @@ static inline uint64_t kv_spec_entry_bytes(const struct hparams *hp, const struc
 static inline enum kvs_status kvs_gpu_refuse(const struct kvs_context *c, const char *what) {
     if (!c->gpu) return KVS_OK;
     return kvs_fail(KVS_ERR_UNSUPPORTED, "%s is not available with --device cuda yet (the GPU "
-                    "backend runs the full cache only; the CPU runs every operation)", what);
+                    "backend runs the full cache and snapkv; the CPU runs every operation)", what);
 }
 
 /* Release the shared prefix s started from (if any): s then holds only its own entries. */

@@ -22,6 +22,7 @@
 
 #include <math.h>
 #include <stdatomic.h>
+#include <stdlib.h>
 #include <string.h>
 
 /* ---- activation quantization ---------------------------------------------------------- */
@@ -435,16 +436,89 @@ static enum kvs_status gate_layer(struct kvs_context *c, int il, const int32_t *
     return KVS_OK;
 }
 
+/* --device cuda: a policy on the GPU (kv_policy_scored_elsewhere: SnapKV) after a pass in
+ * which sequence s took tokens of `phase` and has seen n_seen. When compress_layer() would plan
+ * a layer, its window scores come from the device (cuda_seq_score_window: the saved queries,
+ * each masked to the entries at or before its position), are pooled and planned by the CPU
+ * policy's code, and the kept entries of every planned layer are gathered on the device in one
+ * move. A layer is planned after its attention in both paths, and only its own attention reads
+ * it, so planning after the whole pass is the same as the CPU's planning inside it. */
+static enum kvs_status gpu_compress(struct kvs_context *c, kvs_sequence *s, enum fwd_phase phase, int64_t n_seen) {
+    const struct kv_profile *pr = s->prof;
+    const struct kv_spec *sp = &pr->spec;
+    struct kv_policy *p = pr->policy;
+    if (!p || phase == FWD_HOLD || phase == FWD_RECOMPUTE) return KVS_OK;
+    bool prompt = phase == FWD_PREFILL_LAST || (phase == FWD_PREFILL && (sp->when & KV_WHEN_CHUNK));
+    int32_t slack = phase == FWD_DECODE ? (sp->every > 0 ? sp->every : -1) : prompt ? 0 : -1;
+    if (slack < 0) return KVS_OK;
+    const struct hparams *hp = &c->m->hp;
+    int nl = hp->n_layer, nkv = hp->n_head_kv;
+    bool any = false;
+    for (int il = 0; il < nl && !any; il++)
+        any = kv_policy_over(p, il, n_seen, slack, cuda_seq_layer_entries(c->gpu, s->slot, il));
+    if (!any) return KVS_OK;
+    int32_t *keep_l[1024] = {0}, n_keep[1024];
+    int32_t *store = malloc(sizeof(int32_t) * (size_t)nl * nkv * p->cap_max);
+    int32_t *vis = malloc(sizeof(int32_t) * (size_t)nkv * (p->qwin + 1)), *qpos = malloc(sizeof(int32_t) * (p->qwin + 1));
+    float *tmp = malloc(sizeof(float) * (size_t)p->cap_max);
+    enum kvs_status st = store && vis && qpos && tmp ? KVS_OK : kvs_fail(KVS_ERR_NOMEM, "out of memory for a GPU plan");
+    /* the newest qwin saved queries, as the CPU scorer takes */
+    int nq = st == KVS_OK ? cuda_seq_queries(c->gpu, s->slot, qpos, p->qwin) : 0;
+    for (int il = 0; il < nl && st == KVS_OK; il++) {
+        int32_t n = cuda_seq_layer_entries(c->gpu, s->slot, il), nh[KV_VIEW_MAX_HEADS];
+        const int32_t *pos[KV_VIEW_MAX_HEADS];
+        n_keep[il] = n;
+        if (!kv_policy_over(p, il, n_seen, slack, n)) continue;
+        for (int ih = 0; ih < nkv; ih++) {
+            pos[ih] = cuda_seq_positions(c->gpu, s->slot, il, ih);
+            nh[ih] = n;
+            /* causal: query w sees the entries at positions up to its own (a prefix: entries are
+             * in position order) */
+            for (int w = 0; w < nq; w++) {
+                int32_t lo = 0, hi = n;
+                while (lo < hi) {
+                    int32_t mid = (lo + hi) / 2;
+                    if (pos[ih][mid] <= qpos[w]) lo = mid + 1;
+                    else hi = mid;
+                }
+                vis[ih * nq + w] = lo;
+            }
+        }
+        st = cuda_seq_score_window(c->gpu, s->slot, il, vis, nq, sp->agg == KV_AGG_MAX, p->score, (size_t)p->cap_max);
+        if (st != KVS_OK) break;
+        for (int ih = 0; ih < nkv; ih++) kv_snapkv_pool(p, p->score + (size_t)ih * p->cap_max, n, tmp);
+        if (!kv_policy_plan_scored(p, il, n_seen, slack, nh, pos, s->kv->pin, &c->plan)) continue;
+        keep_l[il] = store + (size_t)il * nkv * p->cap_max;
+        for (int ih = 0; ih < nkv; ih++) {
+            KVS_ASSERT(c->plan.n_keep[ih] == c->plan.n_keep[0]); /* same n and budget in every head */
+            memcpy(keep_l[il] + (size_t)ih * p->cap_max, c->plan.keep[ih], sizeof(int32_t) * c->plan.n_keep[ih]);
+        }
+        n_keep[il] = c->plan.n_keep[0];
+        /* the store's bound: no head above its budget */
+        KVS_ASSERT(n_keep[il] <= kv_policy_budget(p, il, n_seen) || n_keep[il] == n);
+    }
+    if (st == KVS_OK) st = cuda_seq_compact(c->gpu, s->slot, (const int32_t *const *)keep_l, n_keep, p->cap_max);
+    free(store), free(vis), free(qpos), free(tmp);
+    return st;
+}
+
 /* --device cuda: the whole pass on the GPU (src/cuda/), each sequence's cache in its slot there */
 static enum kvs_status forward_gpu(struct kvs_context *c, const int32_t *tokens, const int32_t *pos,
                                    kvs_sequence *const *seq, int T, const int *out_rows, int n_out,
                                    float *logits, const uint8_t *phase) {
-    int slot[KVS_T_MAX];
+    int slot[KVS_T_MAX] = {0};
     for (int t = 0; t < T; t++) {
         if (phase[t] == FWD_RECOMPUTE) return kvs_gpu_refuse(c, "recomputing reused chunk tokens");
         slot[t] = seq[t]->slot;
     }
-    return cuda_forward(c->gpu, tokens, pos, slot, T, out_rows, n_out, logits);
+    enum kvs_status st = cuda_forward(c->gpu, tokens, pos, slot, T, out_rows, n_out, logits);
+    /* each sequence's policy, at its last token of the pass */
+    for (int t = 0; t < T && st == KVS_OK; t++) {
+        bool last = true;
+        for (int u = t + 1; u < T && last; u++) last = seq[u] != seq[t];
+        if (last) st = gpu_compress(c, seq[t], (enum fwd_phase)phase[t], (int64_t)pos[t] + 1);
+    }
+    return st;
 }
 
 enum kvs_status forward(struct kvs_context *c, const int32_t *tokens, const int32_t *pos,

@@ -94,7 +94,7 @@ static const char *USAGE_COMMON =
     "      --kv SPEC         KV-cache policy (default full); see `kvsieve --help kv`\n"
     "      --device DEV      cpu (default) or cuda: weights, KV cache and the whole forward\n"
     "                        pass on the first GPU (a `make cuda` build, build/cuda/kvsieve;\n"
-    "                        full cache only so far). -ngl N (N > 0) is the same as cuda:\n"
+    "                        the full cache and snapkv so far). -ngl N (N > 0) is the same as cuda:\n"
     "                        every layer is offloaded, partial offload is not supported\n"
     "      --json            print one JSON object on stdout (run, ppl, bench, info)\n"
     "  -q, --quiet           no progress, seed or timing lines on stderr\n"

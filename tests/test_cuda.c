@@ -118,8 +118,9 @@ static void test_deq8_host(void) {
     free(wf), free(wd);
 }
 
-static kvs_context *ctx(int device, int n_seq) {
+static kvs_context *ctx_kv(int device, int n_seq, const char *kv) {
     struct kvs_context_params p = kvs_context_params_default();
+    p.kv_spec = kv;
     p.n_ctx = 2048;
     p.n_batch = 256;
     p.n_seq_max = n_seq;
@@ -135,6 +136,7 @@ static kvs_context *ctx(int device, int n_seq) {
     }
     return c;
 }
+static kvs_context *ctx(int device, int n_seq) { return ctx_kv(device, n_seq, NULL); }
 
 /* KL(p || q) of the softmaxes of two logit rows */
 static double kl_rows(const float *a, const float *b, int n) {
@@ -155,7 +157,8 @@ static int argmax(const float *a, int n) {
     return b;
 }
 
-static void test_model(void) {
+/* the test prompt: a 700-token text of repeated facts */
+static int prompt_tokens(int32_t *tok, int cap) {
     char text[20000] = "";
     const char *para = "The history of the lighthouse keeper's family began in 1852, when Thomas Avery "
                        "took the post on the northern rock. He kept a log of every ship, every storm and "
@@ -167,10 +170,14 @@ static void test_model(void) {
         snprintf(num, sizeof num, "In year %d the log counted %d ships. ", 1852 + 7 * i, 31 * i + 5);
         strcat(text, num);
     }
-    int32_t tok[4096];
-    int n = kvs_tokenize(model, text, strlen(text), true, false, tok, 4096);
+    int n = kvs_tokenize(model, text, strlen(text), true, false, tok, cap);
     CHECK(n > 600);
-    if (n > 700) n = 700;
+    return n > 700 ? 700 : n;
+}
+
+static void test_model(void) {
+    int32_t tok[4096];
+    int n = prompt_tokens(tok, 4096);
     kvs_context *cc = ctx(KVS_DEVICE_CPU, 1), *gc = ctx(KVS_DEVICE_CUDA, 5);
     kvs_sequence *cs, *gs;
     CHECK(kvs_seq_new(cc, &cs) == KVS_OK && kvs_seq_new(gc, &gs) == KVS_OK);
@@ -346,6 +353,214 @@ static void test_model(void) {
     kvs_context_free(gc);
 }
 
+/* On the host (CI too): planning a SnapKV layer from scores computed elsewhere
+ * (kv_policy_plan_scored, as the GPU path does) keeps what kv_policy_plan_layer keeps from the
+ * same store, pinned positions included. */
+static void test_plan_scored(void) {
+    int32_t tok[4096];
+    CHECK(prompt_tokens(tok, 4096) >= 300);
+    kvs_context *c = ctx_kv(KVS_DEVICE_CPU, 1, "snapkv:budget=100000");
+    kvs_sequence *s;
+    CHECK(kvs_seq_new(c, &s) == KVS_OK);
+    s->kv->pin = 5;
+    CHECK(kvs_eval(c, s, tok, 300, false, NULL, NULL, NULL) == KVS_OK);
+    const struct hparams *hp = &c->m->hp;
+    struct kv_spec spec;
+    CHECK(kv_spec_parse("snapkv:budget=64,kernel=5", &spec) == KVS_OK);
+    struct kv_policy *p = NULL;
+    CHECK(kv_policy_new(&spec, hp->n_layer, hp->n_head, hp->n_head_kv, hp->head_dim, c->n_ctx + c->t_max + KV_CAP_STEP,
+                        kv_spec_entry_bytes(hp, &spec), &p) == KVS_OK && kv_policy_scored_elsewhere(&spec));
+    int32_t *ka = malloc(sizeof(int32_t) * KV_VIEW_MAX_HEADS * p->cap_max), na[KV_VIEW_MAX_HEADS];
+    float *tmp = malloc(sizeof(float) * p->cap_max);
+    int same = 0, layers = 0;
+    for (int il = 0; il < hp->n_layer; il++) {
+        struct kv_plan a, b;
+        CHECK(kv_policy_plan_layer(p, s->kv, il, 300, 0, false, &a));
+        for (int ih = 0; ih < hp->n_head_kv; ih++) {
+            na[ih] = a.n_keep[ih];
+            memcpy(ka + (size_t)ih * p->cap_max, a.keep[ih], sizeof(int32_t) * na[ih]);
+        }
+        struct kv_score_args sa = {.p = p, .s = s->kv, .il = il, .n_seen = 300, .scratch = p->scratch,
+                                   .ascratch = p->ascratch};
+        int32_t nh[KV_VIEW_MAX_HEADS];
+        const int32_t *pos[KV_VIEW_MAX_HEADS];
+        for (int ih = 0; ih < hp->n_head_kv; ih++) {
+            const struct kv_head_store *h = kv_seq_head(s->kv, il, ih);
+            nh[ih] = h->n, pos[ih] = h->pos;
+            kv_score_query_attention(&sa, ih, false, p->score + (size_t)ih * p->cap_max);
+            kv_snapkv_pool(p, p->score + (size_t)ih * p->cap_max, h->n, tmp);
+        }
+        CHECK(!kv_policy_over(p, il, 300, 300, 300) && kv_policy_over(p, il, 300, 0, 300));
+        CHECK(kv_policy_plan_scored(p, il, 300, 0, nh, pos, s->kv->pin, &b));
+        bool eq = true;
+        for (int ih = 0; ih < hp->n_head_kv; ih++) {
+            eq = eq && b.n_keep[ih] == na[ih] && b.n_keep[ih] == 64 &&
+                 !memcmp(b.keep[ih], ka + (size_t)ih * p->cap_max, sizeof(int32_t) * na[ih]);
+            for (int j = 0; j < 5; j++) eq = eq && b.keep[ih][j] == j; /* the pinned positions */
+        }
+        same += eq, layers++;
+    }
+    CHECKF(same == layers, "%d of %d layers", same, layers);
+    printf("SnapKV planned from outside scores: %d of %d layers keep what the CPU planner keeps\n", same, layers);
+    free(ka), free(tmp);
+    kv_policy_free(p);
+    kvs_context_free(c);
+}
+
+/* the entries every (layer, head) of a GPU sequence keeps, against a CPU sequence's */
+static double kept_overlap(kvs_sequence *gs, kvs_sequence *cs, int *most) {
+    const struct kv_cache *kc = cs->kv->owner;
+    int64_t common = 0, total = 0;
+    *most = 0;
+    for (int il = 0; il < kc->n_layer; il++) {
+        int ng = cuda_seq_layer_entries(gs->gpu, gs->slot, il);
+        *most = ng > *most ? ng : *most;
+        for (int ih = 0; ih < kc->n_head_kv; ih++) {
+            const struct kv_head_store *h = kv_seq_head(cs->kv, il, ih);
+            const int32_t *gp = cuda_seq_positions(gs->gpu, gs->slot, il, ih);
+            for (int i = 0, j = 0; i < ng && j < h->n;) {
+                if (gp[i] == h->pos[j]) common++, i++, j++;
+                else if (gp[i] < h->pos[j]) i++;
+                else j++;
+            }
+            total += h->n > ng ? h->n : ng;
+        }
+    }
+    return total ? (double)common / (double)total : 1.0;
+}
+
+/* SnapKV on the device: the identities, the CPU store as the oracle of what is kept, and the
+ * memory that really shrinks */
+static void test_policy(void) {
+    int32_t tok[4096];
+    int n = prompt_tokens(tok, 4096);
+    enum { ND = 24 };
+    float *la = malloc(sizeof(float) * n_vocab), *lb = malloc(sizeof(float) * n_vocab);
+
+    /* 1. budget >= length is the full cache: every logit bit-identical, prompt and decoding */
+    {
+        kvs_context *fc = ctx(KVS_DEVICE_CUDA, 1), *bc = ctx_kv(KVS_DEVICE_CUDA, 1, "snapkv:budget=4096");
+        kvs_sequence *fs, *bs;
+        CHECK(kvs_seq_new(fc, &fs) == KVS_OK && kvs_seq_new(bc, &bs) == KVS_OK);
+        CHECK(kvs_eval(fc, fs, tok, n, false, la, NULL, NULL) == KVS_OK);
+        enum kvs_status st = kvs_eval(bc, bs, tok, n, false, lb, NULL, NULL);
+        CHECKF(st == KVS_OK, "%s", kvs_last_error());
+        int same = !memcmp(la, lb, sizeof(float) * n_vocab);
+        for (int i = 0; i < ND; i++) {
+            int32_t t = argmax(la, n_vocab);
+            CHECK(kvs_eval(fc, fs, &t, 1, false, la, NULL, NULL) == KVS_OK);
+            CHECK(kvs_eval(bc, bs, &t, 1, false, lb, NULL, NULL) == KVS_OK);
+            same += !memcmp(la, lb, sizeof(float) * n_vocab);
+        }
+        CHECKF(same == ND + 1, "%d of %d", same, ND + 1);
+        printf("snapkv:budget=4096 on a %d-token prompt + %d steps: %d of %d logit rows bit-identical to full\n", n, ND,
+               same, ND + 1);
+        kvs_context_free(fc);
+        kvs_context_free(bc);
+    }
+
+    /* 2. the CPU store as the oracle: the same spec keeps (nearly) the same entries, compressing
+     * after every 256-token chunk and every 16 decode steps; logits close */
+    {
+        const char *spec = "snapkv:budget=128";
+        kvs_context *cc = ctx_kv(KVS_DEVICE_CPU, 1, spec), *gc = ctx_kv(KVS_DEVICE_CUDA, 1, spec);
+        kvs_sequence *cs, *gs;
+        CHECK(kvs_seq_new(cc, &cs) == KVS_OK && kvs_seq_new(gc, &gs) == KVS_OK);
+        CHECK(kvs_eval(cc, cs, tok, n, false, la, NULL, NULL) == KVS_OK);
+        enum kvs_status st = kvs_eval(gc, gs, tok, n, false, lb, NULL, NULL);
+        CHECKF(st == KVS_OK, "%s", kvs_last_error());
+        int most;
+        double ov = kept_overlap(gs, cs, &most);
+        double kl = kl_rows(la, lb, n_vocab);
+        printf("%s after a %d-token prompt: GPU keeps %d entries a head (budget 128), %.4f of the CPU's "
+               "kept positions; last row KL(cpu||gpu) %.2e, top-1 %s\n", spec, n, most, ov, kl,
+               argmax(la, n_vocab) == argmax(lb, n_vocab) ? "equal" : "differs");
+        CHECK(most == 128);
+        CHECKF(ov >= 0.95, "overlap %.4f", ov);
+        CHECKF(kl < 0.05, "KL %g", kl);
+        int agree = 0, over = 0;
+        for (int i = 0; i < 40; i++) {
+            int32_t t = argmax(la, n_vocab);
+            agree += t == argmax(lb, n_vocab);
+            CHECK(kvs_eval(cc, cs, &t, 1, false, la, NULL, NULL) == KVS_OK);
+            CHECK(kvs_eval(gc, gs, &t, 1, false, lb, NULL, NULL) == KVS_OK);
+            for (int il = 0; il < gc->m->hp.n_layer; il++) over += cuda_seq_layer_entries(gc->gpu, gs->slot, il) > 128 + 16;
+        }
+        ov = kept_overlap(gs, cs, &most);
+        printf("  40 decode steps (the CPU's tokens fed to both): top-1 agreement %d/40, no layer over budget + every "
+               "(%d over), kept positions in common %.4f\n", agree, over, ov);
+        CHECK(over == 0 && agree >= 36 && ov >= 0.9);
+        /* memory: the compressed sequence's device bytes, against a full one's */
+        kvs_context *fc = ctx(KVS_DEVICE_CUDA, 1);
+        kvs_sequence *fs;
+        CHECK(kvs_seq_new(fc, &fs) == KVS_OK && kvs_eval(fc, fs, tok, n, false, NULL, NULL, NULL) == KVS_OK);
+        printf("  device KV bytes: %llu under %s (query window included), %llu full\n",
+               (unsigned long long)kvs_seq_kv_bytes(gs), spec, (unsigned long long)kvs_seq_kv_bytes(fs));
+        CHECK(kvs_seq_kv_bytes(gs) < kvs_seq_kv_bytes(fs));
+        kvs_context_free(fc);
+        kvs_context_free(cc);
+        kvs_context_free(gc);
+    }
+
+    /* 3. batched = alone, and a copy = the original, under compression */
+    {
+        const char *spec = "snapkv:budget=96,every=4";
+        kvs_context *gc = ctx_kv(KVS_DEVICE_CUDA, 4, spec);
+        kvs_sequence *b[2], *cp;
+        CHECK(kvs_seq_new(gc, &b[0]) == KVS_OK && kvs_seq_new(gc, &b[1]) == KVS_OK && kvs_seq_new(gc, &cp) == KVS_OK);
+        float *lbat = malloc(sizeof(float) * 2 * n_vocab), *lone = malloc(sizeof(float) * 2 * ND * n_vocab);
+        int32_t tb[2][ND + 1];
+        int lens[2] = {n, 333};
+        for (int i = 0; i < 2; i++) { /* alone: prompt, then ND greedy steps */
+            CHECK(kvs_eval(gc, b[i], tok + i * 50, lens[i] - i * 50, false, la, NULL, NULL) == KVS_OK);
+            tb[i][0] = argmax(la, n_vocab);
+            for (int k = 0; k < ND; k++) {
+                CHECK(kvs_eval(gc, b[i], &tb[i][k], 1, false, lone + ((size_t)k * 2 + i) * n_vocab, NULL, NULL) == KVS_OK);
+                tb[i][k + 1] = argmax(lone + ((size_t)k * 2 + i) * n_vocab, n_vocab);
+            }
+            kvs_seq_reset(gc, b[i]);
+        }
+        for (int i = 0; i < 2; i++) CHECK(kvs_eval(gc, b[i], tok + i * 50, lens[i] - i * 50, false, NULL, NULL, NULL) == KVS_OK);
+        CHECK(kvs_seq_copy(gc, cp, gc, b[1]) == KVS_OK);
+        int same = 0, csame = 0;
+        for (int k = 0; k < ND; k++) {
+            int32_t t2[2] = {tb[0][k], tb[1][k]};
+            CHECK(kvs_eval_batch(gc, b, t2, 2, lbat) == KVS_OK);
+            same += !memcmp(lbat, lone + (size_t)k * 2 * n_vocab, sizeof(float) * 2 * n_vocab);
+            CHECK(kvs_eval(gc, cp, &tb[1][k], 1, false, la, NULL, NULL) == KVS_OK);
+            csame += !memcmp(la, lone + ((size_t)k * 2 + 1) * n_vocab, sizeof(float) * n_vocab);
+        }
+        CHECKF(same == ND && csame == ND, "batched %d, copy %d of %d", same, csame, ND);
+        printf("%s: %d of %d batched steps of 2 sequences bit-identical to each alone; a copy made after the "
+               "prompt: %d of %d\n", spec, same, ND, csame, ND);
+        free(lbat), free(lone);
+        kvs_context_free(gc);
+    }
+
+    /* 4. the device's own count of a compressed sequence: what the accounting says */
+    {
+        kvs_context *gc = ctx_kv(KVS_DEVICE_CUDA, 1, "snapkv:ratio=0.1");
+        kvs_sequence *ns;
+        CHECK(kvs_seq_new(gc, &ns) == KVS_OK);
+        int32_t many[2000];
+        for (int i = 0; i < 2000; i++) many[i] = tok[i % n];
+        /* once first, so the context's planning scratch exists before the count starts */
+        CHECK(kvs_eval(gc, ns, many, 2000, false, NULL, NULL, NULL) == KVS_OK);
+        kvs_seq_reset(gc, ns);
+        uint64_t free0 = cuda_device_free_bytes();
+        CHECK(kvs_eval(gc, ns, many, 2000, false, NULL, NULL, NULL) == KVS_OK);
+        uint64_t used = free0 - cuda_device_free_bytes(), acc = kvs_seq_kv_bytes(ns);
+        double held = kvs_seq_entries_per_head(ns);
+        printf("snapkv:ratio=0.1 over 2000 tokens: %.0f entries a head, %llu device bytes accounted, cudaMemGetInfo "
+               "saw %llu\n", held, (unsigned long long)acc, (unsigned long long)used);
+        CHECK(held == 200);
+        CHECKF(acc > 0 && used >= acc && used <= acc + (8u << 20), "accounted %llu, used %llu",
+               (unsigned long long)acc, (unsigned long long)used);
+        kvs_context_free(gc);
+    }
+    free(la), free(lb);
+}
+
 int main(void) {
     quant_init();
     const char *path = tu_model_path_or_default();
@@ -354,6 +569,12 @@ int main(void) {
     if (f && kvs_model_load(path, NULL, &model) != KVS_OK) {
         fprintf(stderr, "%s\n", kvs_last_error());
         return 1;
+    }
+    if (model) {
+        struct kvs_model_info mi;
+        kvs_model_get_info(model, &mi);
+        n_vocab = mi.n_vocab;
+        test_plan_scored();
     }
     if (!cuda_built()) {
         if (model) {
@@ -390,13 +611,14 @@ int main(void) {
         struct kvs_model_info mi;
         kvs_model_get_info(model, &mi);
         n_vocab = mi.n_vocab;
-        /* a policy other than full is refused at creation, with the reason */
+        /* a policy the GPU does not run is refused at creation, with the reason */
         struct kvs_context_params p = kvs_context_params_default();
         p.device = KVS_DEVICE_CUDA;
-        p.kv_spec = "snapkv:ratio=0.1";
+        p.kv_spec = "h2o:ratio=0.1";
         kvs_context *c = NULL;
-        CHECK(kvs_context_new(model, &p, &c) == KVS_ERR_UNSUPPORTED && strstr(kvs_last_error(), "full KV cache only"));
+        CHECK(kvs_context_new(model, &p, &c) == KVS_ERR_UNSUPPORTED && strstr(kvs_last_error(), "full KV cache and snapkv"));
         test_model();
+        test_policy();
         kvs_model_free(model);
     }
     printf("%d checks, %d failed\n", tu_checks, tu_failures);

@@ -16,6 +16,7 @@
 #   tools/cuda_device.sh bench NAME CONTEXTS      THERE: decode of the previous kernels (kvsieve_old) against
 #                                                 these (kvsieve), interleaved ROUNDS times (2), then batches of
 #                                                 NP sequences ("8 32"); BINS="a b c" names the binaries compared
+#   tools/cuda_device.sh kvbench NAME CTX NP SPEC...   THERE: bench per KV spec, NP sequences at context CTX
 #   tools/cuda_device.sh profile NAME [NSKIP]     THERE: ncu per-kernel time and DRAM bytes of 460 decode launches
 #   tools/cuda_device.sh sanitize NAME            THERE: test_cuda under compute-sanitizer memcheck
 #
@@ -56,7 +57,8 @@ for f in sys.argv[1:]:
           f"{p.get('tok_s')} tok/s, hash {j.get('logits_hash')}")
     for d in j.get("decode", []):
         print(f"  ctx {d['context']:6}: {d['tok_s']:9.1f} tok/s [{d['tok_s_min']}-{d['tok_s_max']}] "
-              f"bound {d['bound_tok_s']:9.1f} = {d['fraction_of_bound']:.3f}")
+              f"bound {d['bound_tok_s']:9.1f} = {d['fraction_of_bound']:.3f}; "
+              f"KV {d.get('kv_payload_bytes')} B a sequence, {d.get('kv_entries_per_head')} entries a head")
     for d in j.get("decode_parallel", []):
         print(f"  ctx {d['context']:6} x{d['sequences']:3}: {d['tok_s']:9.1f} tok/s "
               f"[{d['tok_s_min']}-{d['tok_s_max']}] bound {d['bound_tok_s']:9.1f} = {d['fraction_of_bound']:.3f}")
@@ -125,6 +127,20 @@ bench)
             { echo "-np $n failed:"; tail -5 "$R/$2_np$n.err"; }
     done
     summ "$R/$2"_*.json
+    pack_out
+    ;;
+kvbench)
+    # one bench per KV spec at one context, NP sequences decoding together (the spec's cache,
+    # copied NP times after one fill): kvbench NAME CONTEXT NP SPEC...
+    m=$M/$2.gguf ctx=$3 np=$4 c=$(( $3 + 600 )) name=$2
+    shift 4
+    for spec in "$@"; do
+        f="$R/${name}_kv_$(printf %s "$spec" | tr -c 'a-zA-Z0-9.=' _).json"
+        timeout 280 $K/bin/kvsieve bench --device cuda -m "$m" -c "$c" --contexts "$ctx" --prompt 512 --decode 64 \
+            --reps 2 -np "$np" --kv "$spec" --json -q > "$f" 2> "${f%.json}.err" ||
+            { echo "$spec failed:"; tail -5 "${f%.json}.err"; }
+        echo "== $spec"; summ "$f"
+    done
     pack_out
     ;;
 profile)

@@ -22,6 +22,10 @@
  *   swiglu (prompt chunks, or gate and up of different types), the final norm of the requested
  *   rows, logits copied back.
  *
+ * KV policies (SnapKV): a slot's entries are in order of arrival, each layer's count in a table
+ * the pass reads (a token's entry: that count plus its rank in the pass); window scores from the
+ * saved queries (win_ml, win_score), planned on the host, then kv_gather into smaller buffers.
+ *
  * Arithmetic differs from the CPU path in the order of sums and in the activations (fp32 here,
  * 8-bit quantized there): tests/test_cuda.c bounds it per kernel and over the whole model.
  */
@@ -524,13 +528,18 @@ static void embed(const dweight *w, const int32_t *tok, int T, float *x, cudaStr
 
 /* ---- K/V cache and attention ------------------------------------------------------------------ */
 
-/* a slot's cache: K and V each (n_layer, n_head_kv, cap, hd) fp16 */
-struct dseq { __half *k, *v; int cap, n; };
+/* a slot's cache: K and V each (n_layer, n_head_kv, cap, hd) fp16, entries in order of arrival
+ * (every KV head of a layer holds as many: lens[layer] of d_lens); qr: the post-RoPE queries of
+ * the newest tokens, (n_layer, qwin, n_head, hd) fp32, kept for policies that score with them
+ * (NULL: none kept); n: the most entries of any layer */
+struct dseq { __half *k, *v; float *qr; int cap, n, qwin; };
 
-/* biases, RoPE, and K/V appended at each token's position; one block per (token, head): query
- * heads 0 .. nh - 1, then the KV heads, whose blocks also append K and V to the cache */
+/* biases, RoPE, and K/V appended as entry lens[slot][layer] + rank[t] of the token's layer;
+ * one block per (token, head): query heads 0 .. nh - 1 (copied into the slot's query ring at
+ * qix[t] when >= 0), then the KV heads, whose blocks also append K and V to the cache */
 __global__ void k_qkv_post(float *q, float *k, const float *v, const float *bq, const float *bk,
-                           const float *bv, const int32_t *pos, const int *slot, const dseq *seqs, int layer,
+                           const float *bv, const int32_t *pos, const int *slot, const int *rank,
+                           const int *qix, const int *lens, const dseq *seqs, int layer, int n_layer,
                            int nh, int nkv, int hd, const float *inv_freq, int neox) {
     int t = blockIdx.x, h = blockIdx.y, kh = h - nh, half = hd / 2;
     float *x = kh < 0 ? q + ((size_t)t * nh + h) * hd : k + ((size_t)t * nkv + kh) * hd;
@@ -544,11 +553,17 @@ __global__ void k_qkv_post(float *q, float *k, const float *v, const float *bq, 
         x[ia] = x0 * c - x1 * s;
         x[ib] = x0 * s + x1 * c;
     }
-    if (kh < 0) return;
     __syncthreads();
     dseq sq = seqs[slot[t]];
+    if (kh < 0) {
+        if (qix[t] < 0 || !sq.qr) return;
+        float *dst = sq.qr + (((size_t)layer * sq.qwin + qix[t]) * nh + h) * hd;
+        for (int d = threadIdx.x; d < hd; d += blockDim.x) dst[d] = x[d];
+        return;
+    }
     const float *vt = v + ((size_t)t * nkv + kh) * hd, *bvh = bv ? bv + (size_t)kh * hd : NULL;
-    size_t o = (((size_t)layer * nkv + kh) * sq.cap + pos[t]) * hd;
+    int at = lens[slot[t] * n_layer + layer] + rank[t];
+    size_t o = (((size_t)layer * nkv + kh) * sq.cap + at) * hd;
     for (int d = threadIdx.x; d < hd; d += blockDim.x) {
         sq.k[o + d] = __float2half_rn(x[d]);
         sq.v[o + d] = __float2half_rn(bvh ? vt[d] + bvh[d] : vt[d]);
@@ -559,11 +574,11 @@ enum { AT = 128 /* keys per tile = threads per block */, MAXG = 16 /* query head
        SPLIT_KEYS = 64, MAX_SPLIT = 128 /* a lone decode token's keys: splits of 64 or more, 128 at most */ };
 
 /* partial attention of token t's query heads of KV head h over key split s of its visible keys
- * (positions 0 .. pos[t]): unnormalised o, running max m and sum l, for k_att_combine */
+ * (entries 0 .. lens[slot][layer] + rank[t]: those before the pass and the pass's own up to t): unnormalised o, running max m and sum l, for k_att_combine */
 template <int DPL /* head dimensions per lane: hd / 32 */>
-__global__ void __launch_bounds__(AT) k_attn(const float *q, const int32_t *pos, const int *slot,
+__global__ void __launch_bounds__(AT) k_attn(const float *q, const int *rank, const int *lens, const int *slot,
                                              const int *nsp, const int *poff, const dseq *seqs, int layer,
-                                             int nh, int nkv, int hd, float scale, float *part) {
+                                             int n_layer, int nh, int nkv, int hd, float scale, float *part) {
     extern __shared__ float sm[];
     int t = blockIdx.x, h = blockIdx.y, s = blockIdx.z, tid = threadIdx.x, nsplit = nsp[t];
     if (s >= nsplit) return;
@@ -574,7 +589,7 @@ __global__ void __launch_bounds__(AT) k_attn(const float *q, const int32_t *pos,
     uint32_t *Ks = (uint32_t *)(alpha + g), *Vs = Ks + AT * (hd / 2 + 1); /* V's tile: rows of hd halves */
     const int kw = hd / 2 + 1, wpr = hd / 8;
     dseq sq = seqs[slot[t]];
-    int nvis = pos[t] + 1;
+    int nvis = lens[slot[t] * n_layer + layer] + rank[t] + 1; /* its own entry and those before */
     int k0 = (int)((long long)nvis * s / nsplit), k1 = (int)((long long)nvis * (s + 1) / nsplit);
     const __half *K = sq.k + ((size_t)layer * nkv + h) * sq.cap * hd;
     const __half *V = sq.v + ((size_t)layer * nkv + h) * sq.cap * hd;
@@ -679,8 +694,8 @@ __global__ void __launch_bounds__(AT) k_attn(const float *q, const int32_t *pos,
     if (tid < g) pt[g * hd + 2 * tid] = mst[tid], pt[g * hd + 2 * tid + 1] = lst[tid];
 }
 
-typedef void (*attn_fn)(const float *, const int32_t *, const int *, const int *, const int *, const dseq *, int,
-                        int, int, int, float, float *);
+typedef void (*attn_fn)(const float *, const int *, const int *, const int *, const int *, const int *,
+                        const dseq *, int, int, int, int, int, float, float *);
 /* k_attn for a head size (a multiple of 32, at most 256) */
 static attn_fn attn_kernel(int hd) {
     switch (hd / 32) {
@@ -733,7 +748,16 @@ struct dlayer {
 };
 
 enum { LOGIT_ROWS = 64 /* logits rows computed per pass */, GRAPH_T = 8 /* most tokens of a graph */,
-       META = 8 /* int32 arrays of t_max in d_meta */ };
+       META = 10 /* int32 arrays of t_max in d_meta, before the slots' layer lengths */ };
+
+/* a slot's host-side bookkeeping: entries per layer, and for slots under a policy the positions
+ * of every head's entries and of the queries in the ring */
+struct hseq {
+    int32_t *pos;              /* (n_layer, nkv, pcap) entries' positions; NULL: not tracked */
+    int pcap;
+    int q_n, q_next;           /* queries in the ring (at most qwin), the ring index written next */
+    int32_t *q_pos;            /* (qwin) position of the query at each ring index */
+};
 
 struct cuda_ctx {
     int dev;
@@ -753,13 +777,22 @@ struct cuda_ctx {
     float *x, *xn, *q, *k, *v, *gate, *up, *part, *logits;
     int part_rows;             /* (token, split) rows att_part holds */
     int32_t *d_meta;           /* tok, pos, slot, rows, splits, first partial row, token order
-                                * (lone tokens first), logits-row order per chunk: 8 * t_max int32 */
+                                * (lone tokens first), logits-row order per chunk, rank among its
+                                * slot's tokens, query-ring index: META * t_max int32; then the
+                                * slots' entries per layer (n_seq, n_layer) */
     int n_lone;                /* tokens of this pass that are their sequence's only one */
     int *h_olone;              /* per LOGIT_ROWS chunk of logits rows: how many are lone tokens' */
     unsigned char *h_lone;     /* (t_max) this pass's token is its sequence's only one */
     int *h_count;              /* (n_seq) tokens per slot in this pass */
     int32_t *h_meta;           /* pinned staging of the same */
+    int32_t *h_lens;           /* = h_meta + META * t_max: (n_seq, n_layer) entries per layer */
     dseq *h_seqs, *d_seqs;     /* slot table, host copy and device copy */
+    hseq *hs;                  /* (n_seq) host bookkeeping */
+    int32_t *d_keep;           /* compaction's kept indices, (n_layer, nkv, keep_cap) */
+    size_t keep_cap;
+    float *d_wscore, *d_wml;   /* window scores (nkv, score_cap) and softmax (m, l) per query */
+    int32_t *d_wvis;           /* (nkv, qwin) entries each saved query sees */
+    size_t score_cap;
     bool graphs;               /* replay decode steps as CUDA graphs (KVS_CUDA_GRAPHS=0: off) */
     cudaGraphExec_t gexec[GRAPH_T + 1][GRAPH_T + 1]; /* by (T, n_out), captured on first use */
     float *h_logits;           /* pinned (GRAPH_T, n_vocab): the graphs' logits */
@@ -815,6 +848,9 @@ static enum kvs_status dev_alloc(cuda_ctx *g, void *pp, size_t bytes, const char
     return KVS_OK;
 }
 
+/* d_meta / h_meta: META arrays of t_max, then (n_seq, n_layer) lengths */
+static size_t meta_bytes(const cuda_ctx *g) { return ((size_t)g->t_max * META + (size_t)g->n_seq * g->n_layer) * 4; }
+
 extern "C" enum kvs_status cuda_ctx_new(const struct cuda_model_desc *m, int n_ctx, int t_max, int n_seq,
                                         struct cuda_ctx **out) {
     *out = NULL;
@@ -824,7 +860,8 @@ extern "C" enum kvs_status cuda_ctx_new(const struct cuda_model_desc *m, int n_c
         return kvs_fail(KVS_ERR_UNSUPPORTED, "--device cuda: no usable GPU (%s)",
                         e != cudaSuccess ? cudaGetErrorString(e) : "the driver reports no device");
     if (m->head_dim % 32 || m->head_dim > 256 || m->n_head / m->n_head_kv > MAXG ||
-        (m->n_head / m->n_head_kv) * (m->head_dim / 32) > 64 || m->n_embd % 32 || m->n_head % m->n_head_kv)
+        (m->n_head / m->n_head_kv) * (m->head_dim / 32) > 64 || m->n_embd % 32 || m->n_head % m->n_head_kv ||
+        m->n_layer > 1024)
         return kvs_fail(KVS_ERR_UNSUPPORTED, "cuda: attention shape (%d heads of %d, %d KV heads) is "
                         "outside the kernels' limits", m->n_head, m->head_dim, m->n_head_kv);
     cuda_ctx *g = (cuda_ctx *)calloc(1, sizeof *g);
@@ -885,10 +922,13 @@ extern "C" enum kvs_status cuda_ctx_new(const struct cuda_model_desc *m, int n_c
         (st = dev_alloc(g, &g->up, T * g->ff * 4, "scratch")) != KVS_OK ||
         (st = dev_alloc(g, &g->part, (size_t)g->part_rows * g->nkv * grp * (g->hd + 2) * 4, "scratch")) != KVS_OK ||
         (st = dev_alloc(g, &g->logits, (size_t)LOGIT_ROWS * g->nv * 4, "scratch")) != KVS_OK ||
-        (st = dev_alloc(g, &g->d_meta, T * META * 4, "scratch")) != KVS_OK ||
+        (st = dev_alloc(g, &g->d_meta, meta_bytes(g), "scratch")) != KVS_OK ||
         (st = dev_alloc(g, &g->d_seqs, (size_t)n_seq * sizeof(dseq), "scratch")) != KVS_OK)
         return st;
-    CK(cudaMallocHost((void **)&g->h_meta, T * META * 4), "cudaMallocHost");
+    CK(cudaMallocHost((void **)&g->h_meta, meta_bytes(g)), "cudaMallocHost");
+    memset(g->h_meta, 0, meta_bytes(g));
+    g->h_lens = g->h_meta + META * T;
+    if (!(g->hs = (hseq *)calloc((size_t)n_seq, sizeof *g->hs))) return kvs_fail(KVS_ERR_NOMEM, "out of memory");
     if (!(g->h_olone = (int *)calloc((size_t)(T / LOGIT_ROWS + 1), sizeof(int))) ||
         !(g->h_lone = (unsigned char *)calloc((size_t)T, 1)) || !(g->h_count = (int *)calloc((size_t)g->n_seq, sizeof(int))))
         return kvs_fail(KVS_ERR_NOMEM, "out of memory");
@@ -908,6 +948,12 @@ extern "C" void cuda_ctx_free(struct cuda_ctx *g) {
     for (size_t i = 0; i < sizeof bufs / sizeof *bufs; i++) cudaFree(bufs[i]);
     cudaFree(g->d_meta);
     cudaFree(g->d_seqs);
+    cudaFree(g->d_keep);
+    cudaFree(g->d_wscore);
+    cudaFree(g->d_wml);
+    cudaFree(g->d_wvis);
+    for (int i = 0; i < g->n_seq && g->hs; i++) free(g->hs[i].pos), free(g->hs[i].q_pos);
+    free(g->hs);
     if (g->h_meta) cudaFreeHost(g->h_meta);
     free(g->h_olone);
     free(g->h_lone);
@@ -925,17 +971,50 @@ extern "C" void cuda_ctx_free(struct cuda_ctx *g) {
 
 extern "C" const char *cuda_device_name(const struct cuda_ctx *g) { return g->name; }
 
-static uint64_t seq_bytes(const cuda_ctx *g, const dseq *s) {
-    return 2ull * g->n_layer * g->nkv * (uint64_t)s->cap * g->hd * sizeof(__half);
+static uint64_t ring_bytes(const cuda_ctx *g, const dseq *s) {
+    return s->qr ? (uint64_t)g->n_layer * s->qwin * g->nh * g->hd * sizeof(float) : 0;
 }
+/* K and V as allocated (capacity included) and the query ring */
+static uint64_t seq_bytes(const cuda_ctx *g, const dseq *s) {
+    return 2ull * g->n_layer * g->nkv * (uint64_t)s->cap * g->hd * sizeof(__half) + ring_bytes(g, s);
+}
+
+static int32_t *lens_of(cuda_ctx *g, int slot) { return g->h_lens + (size_t)slot * g->n_layer; }
 
 extern "C" void cuda_seq_clear(struct cuda_ctx *g, int slot) {
     dseq *s = &g->h_seqs[slot];
     g->kv_bytes -= seq_bytes(g, s);
     cudaFree(s->k);
     cudaFree(s->v);
+    cudaFree(s->qr);
+    int qwin = s->qwin;
     *s = (dseq){};
+    s->qwin = qwin;
+    hseq *h = &g->hs[slot];
+    h->q_n = h->q_next = 0;
+    memset(lens_of(g, slot), 0, sizeof(int32_t) * g->n_layer);
     cudaMemcpy(g->d_seqs + slot, s, sizeof *s, cudaMemcpyHostToDevice);
+}
+
+extern "C" enum kvs_status cuda_seq_set_qwin(struct cuda_ctx *g, int slot, int qwin) {
+    cuda_seq_clear(g, slot);
+    dseq *s = &g->h_seqs[slot];
+    hseq *h = &g->hs[slot];
+    if (qwin < 0 || qwin > g->t_max + 4096) return kvs_fail(KVS_ERR_INVALID_ARG, "cuda: query window %d", qwin);
+    free(h->pos), free(h->q_pos);
+    *h = (hseq){};
+    s->qwin = qwin;
+    if (qwin > 0) {
+        h->pcap = g->n_ctx + g->t_max;
+        h->pos = (int32_t *)malloc(sizeof(int32_t) * g->n_layer * g->nkv * (size_t)h->pcap);
+        h->q_pos = (int32_t *)calloc((size_t)qwin, sizeof(int32_t));
+        if (!h->pos || !h->q_pos) {
+            free(h->pos), free(h->q_pos);
+            *h = (hseq){}, s->qwin = 0;
+            return kvs_fail(KVS_ERR_NOMEM, "out of memory for a slot's entry positions");
+        }
+    }
+    return KVS_OK;
 }
 
 extern "C" uint64_t cuda_seq_kv_bytes(const struct cuda_ctx *g, int slot) { return seq_bytes(g, &g->h_seqs[slot]); }
@@ -948,46 +1027,111 @@ extern "C" void cuda_mem(const struct cuda_ctx *g, uint64_t *weights, uint64_t *
     if (scratch) *scratch = g->scratch_bytes;
 }
 
-/* make slot's cache hold at least `need` positions: capacity grows in steps of 256 (doubling
- * past 4096), entries moved with one 2-D copy per K and V */
-static enum kvs_status seq_reserve(cuda_ctx *g, int slot, int need) {
+extern "C" int cuda_seq_layer_entries(const struct cuda_ctx *g, int slot, int layer) {
+    return g->h_lens[(size_t)slot * g->n_layer + layer];
+}
+
+extern "C" const int32_t *cuda_seq_positions(const struct cuda_ctx *g, int slot, int layer, int head) {
+    const hseq *h = &g->hs[slot];
+    return h->pos ? h->pos + ((size_t)layer * g->nkv + head) * h->pcap : NULL;
+}
+
+/* new K/V buffers of cap entries for slot; entries of layer l, head h: row (l, h) of the old
+ * ones at keep[(l * nkv + h) * kstride + i] (keep NULL: i) for i < n_new[l] */
+__global__ void k_kv_gather(const __half *ok, const __half *ov, int ocap, __half *nk, __half *nv, int ncap,
+                            const int32_t *keep, int kstride, const int *n_new, int nkv, int hd) {
+    int row = blockIdx.x, l = row / nkv, n = n_new[l], w = hd / 8; /* 16-byte words per entry */
+    const uint4 *K = (const uint4 *)(ok + (size_t)row * ocap * hd), *V = (const uint4 *)(ov + (size_t)row * ocap * hd);
+    uint4 *NK = (uint4 *)(nk + (size_t)row * ncap * hd), *NV = (uint4 *)(nv + (size_t)row * ncap * hd);
+    const int32_t *kp = keep ? keep + (size_t)row * kstride : NULL;
+    for (int i = blockIdx.y * blockDim.y + threadIdx.y; i < n; i += gridDim.y * blockDim.y) {
+        int j = kp ? kp[i] : i;
+        for (int x = threadIdx.x; x < w; x += blockDim.x) NK[(size_t)i * w + x] = K[(size_t)j * w + x], NV[(size_t)i * w + x] = V[(size_t)j * w + x];
+    }
+}
+
+/* move slot's entries into new buffers of cap entries, keeping per (layer, head) the entries
+ * keep lists (NULL: the first n_new[l] as they are) */
+static enum kvs_status seq_move(cuda_ctx *g, int slot, int cap, const int32_t *d_keep, int kstride,
+                                const int32_t *n_new) {
     dseq *s = &g->h_seqs[slot];
-    if (need <= s->cap) return KVS_OK;
-    int cap = s->cap > 4096 ? 2 * s->cap : 0;
-    if (cap < need) cap = (need + 255) / 256 * 256;
-    if (cap > g->n_ctx + g->t_max) cap = g->n_ctx + g->t_max;
-    if (cap < need) return kvs_fail(KVS_ERR_CONTEXT_FULL, "cuda: %d positions exceed the context", need);
     size_t rows = (size_t)g->n_layer * g->nkv, hb = (size_t)g->hd * sizeof(__half);
     __half *nk, *nv;
-    CK(cudaMalloc(&nk, rows * cap * hb), "K/V cache");
+    if (cudaMalloc(&nk, rows * cap * hb) != cudaSuccess)
+        return kvs_fail(KVS_ERR_NOMEM, "cuda: out of GPU memory for a K/V cache of %d tokens", cap);
     if (cudaMalloc(&nv, rows * cap * hb) != cudaSuccess) {
         cudaFree(nk);
         return kvs_fail(KVS_ERR_NOMEM, "cuda: out of GPU memory for a K/V cache of %d tokens", cap);
     }
-    if (s->n > 0) {
-        CK(cudaMemcpy2DAsync(nk, cap * hb, s->k, s->cap * hb, s->n * hb, rows, cudaMemcpyDeviceToDevice, g->st), "K/V grow");
-        CK(cudaMemcpy2DAsync(nv, cap * hb, s->v, s->cap * hb, s->n * hb, rows, cudaMemcpyDeviceToDevice, g->st), "K/V grow");
-        CK(cudaStreamSynchronize(g->st), "K/V grow");
+    int nmax = 0;
+    for (int l = 0; l < g->n_layer; l++) nmax = n_new[l] > nmax ? n_new[l] : nmax;
+    if (nmax > 0) {
+        /* the new lengths travel in the d_keep scratch's tail when keep lists are given, else in
+         * the metadata's length table (not in use between passes) */
+        int *d_n = (int *)g->d_meta + (size_t)g->t_max * META + (size_t)slot * g->n_layer;
+        CK(cudaMemcpyAsync(d_n, n_new, sizeof(int) * g->n_layer, cudaMemcpyHostToDevice, g->st), "K/V move");
+        int gy = (nmax + 31) / 32;
+        k_kv_gather<<<dim3((unsigned)rows, gy > 64 ? 64 : gy), dim3(g->hd / 8 < 32 ? g->hd / 8 : 32, 8), 0, g->st>>>(
+            s->k, s->v, s->cap, nk, nv, cap, d_keep, kstride, d_n, g->nkv, g->hd);
+        CK(cudaGetLastError(), "K/V gather");
+        CK(cudaStreamSynchronize(g->st), "K/V move");
     }
     cudaFree(s->k);
     cudaFree(s->v);
     g->kv_bytes -= seq_bytes(g, s);
-    s->k = nk, s->v = nv, s->cap = cap;
+    s->k = nk, s->v = nv, s->cap = cap, s->n = nmax;
     g->kv_bytes += seq_bytes(g, s);
     if (g->kv_bytes > g->kv_peak) g->kv_peak = g->kv_bytes;
     CK(cudaMemcpy(g->d_seqs + slot, s, sizeof *s, cudaMemcpyHostToDevice), "slot table");
     return KVS_OK;
 }
 
+/* make slot's cache hold at least `need` entries in every layer: capacity grows in steps of 256
+ * (doubling past 4096), entries moved by one gather */
+static enum kvs_status seq_reserve(cuda_ctx *g, int slot, int need) {
+    dseq *s = &g->h_seqs[slot];
+    if (need <= s->cap) return KVS_OK;
+    int cap = s->cap > 4096 ? 2 * s->cap : 0;
+    if (cap < need) cap = (need + 255) / 256 * 256;
+    if (cap > g->n_ctx + g->t_max) cap = g->n_ctx + g->t_max;
+    if (cap < need) return kvs_fail(KVS_ERR_CONTEXT_FULL, "cuda: %d entries exceed the context", need);
+    int32_t lens[1024];
+    memcpy(lens, lens_of(g, slot), sizeof(int32_t) * g->n_layer);
+    return seq_move(g, slot, cap, NULL, 0, lens);
+}
+
+/* the query ring of a slot whose policy scores with queries, allocated at its first pass */
+static enum kvs_status seq_ring(cuda_ctx *g, int slot) {
+    dseq *s = &g->h_seqs[slot];
+    if (!s->qwin || s->qr) return KVS_OK;
+    size_t b = (size_t)g->n_layer * s->qwin * g->nh * g->hd * sizeof(float);
+    if (cudaMalloc(&s->qr, b) != cudaSuccess) {
+        s->qr = NULL;
+        return kvs_fail(KVS_ERR_NOMEM, "cuda: out of GPU memory for a query window");
+    }
+    g->kv_bytes += b;
+    if (g->kv_bytes > g->kv_peak) g->kv_peak = g->kv_bytes;
+    CK(cudaMemcpy(g->d_seqs + slot, s, sizeof *s, cudaMemcpyHostToDevice), "slot table");
+    return KVS_OK;
+}
+
+extern "C" int cuda_seq_queries(const struct cuda_ctx *g, int slot, int32_t *qpos, int max) {
+    const hseq *h = &g->hs[slot];
+    int qwin = g->h_seqs[slot].qwin, n = h->q_n < max ? h->q_n : max;
+    for (int i = 0; i < n; i++) qpos[i] = h->q_pos[((h->q_next - n + i) % qwin + qwin) % qwin];
+    return n;
+}
+
 /* every launch of one forward pass on g->st, from the metadata in g->h_meta (copied first);
  * logits rows go to logits_dst on the host. Launch parameters depend on T, n_out and ns_grid only. */
 static void enqueue(cuda_ctx *g, int T, int n_out, int ns_grid, float *logits_dst) {
     cudaStream_t st = g->st;
-    cudaMemcpyAsync(g->d_meta, g->h_meta, (size_t)g->t_max * META * 4, cudaMemcpyHostToDevice, st);
+    cudaMemcpyAsync(g->d_meta, g->h_meta, meta_bytes(g), cudaMemcpyHostToDevice, st);
     const int32_t *d_tok = g->d_meta, *d_pos = g->d_meta + g->t_max, *d_slot = g->d_meta + 2 * g->t_max,
                   *d_rows = g->d_meta + 3 * g->t_max, *d_nsp = g->d_meta + 4 * g->t_max,
                   *d_poff = g->d_meta + 5 * g->t_max, *d_tix = g->d_meta + 6 * g->t_max,
-                  *d_oix = g->d_meta + 7 * g->t_max;
+                  *d_oix = g->d_meta + 7 * g->t_max, *d_rank = g->d_meta + 8 * g->t_max,
+                  *d_qix = g->d_meta + 9 * g->t_max, *d_lens = g->d_meta + META * g->t_max;
     const int nl = g->n_lone;
     int d = g->d, nq = g->nh * g->hd, nk = g->nkv * g->hd, ff = g->ff, grp = g->nh / g->nkv;
     size_t smem = attn_smem(grp, g->hd);
@@ -1000,9 +1144,10 @@ static void enqueue(cuda_ctx *g, int T, int n_out, int ns_grid, float *logits_ds
         matmul(&l->wk, g->xn, d, d_tix, nl, T, g->k, nk, st);
         matmul(&l->wv, g->xn, d, d_tix, nl, T, g->v, nk, st);
         k_qkv_post<<<dim3(T, g->nh + g->nkv), 64, 0, st>>>(g->q, g->k, g->v, l->bq, l->bk, l->bv, d_pos, d_slot,
-                                                           g->d_seqs, il, g->nh, g->nkv, g->hd, g->inv_freq, g->neox);
-        g->attn<<<dim3(T, g->nkv, ns_grid), AT, smem, st>>>(g->q, d_pos, d_slot, d_nsp, d_poff, g->d_seqs, il,
-                                                            g->nh, g->nkv, g->hd, scale, g->part);
+                                                           d_rank, d_qix, d_lens, g->d_seqs, il, g->n_layer,
+                                                           g->nh, g->nkv, g->hd, g->inv_freq, g->neox);
+        g->attn<<<dim3(T, g->nkv, ns_grid), AT, smem, st>>>(g->q, d_rank, d_lens, d_slot, d_nsp, d_poff, g->d_seqs,
+                                                            il, g->n_layer, g->nh, g->nkv, g->hd, scale, g->part);
         k_att_combine<<<dim3(T, g->nh), g->hd < 128 ? g->hd : 128, 0, st>>>(g->part, d_nsp, d_poff, g->nh,
                                                                              g->nkv, g->hd, g->xn);
         matmul(&l->wo, g->xn, nq, d_tix, nl, T, g->x, d, st, 1); /* the residual added by the product */
@@ -1034,11 +1179,28 @@ extern "C" enum kvs_status cuda_forward(struct cuda_ctx *g, const int32_t *token
             return kvs_fail(KVS_ERR_INVALID_ARG, "token id %d out of range [0, %d)", tokens[t], g->nv);
         if (slot[t] < 0 || slot[t] >= g->n_seq) return kvs_fail(KVS_ERR_INVALID_ARG, "cuda: bad slot %d", slot[t]);
     }
+    int32_t *hm = g->h_meta;
+    /* each token's rank among its slot's tokens in this pass: its entry goes to lens[layer] + rank */
+    int *rank = hm + 8 * g->t_max, *qix = hm + 9 * g->t_max;
+    for (int t = 0; t < T; t++) g->h_count[slot[t]] = 0;
+    for (int t = 0; t < T; t++) rank[t] = g->h_count[slot[t]]++;
     for (int t = 0; t < T; t++) {
-        enum kvs_status st = seq_reserve(g, slot[t], pos[t] + 1);
+        const int32_t *ln = lens_of(g, slot[t]);
+        int most = 0;
+        for (int l = 0; l < g->n_layer; l++) most = ln[l] > most ? ln[l] : most;
+        enum kvs_status st = seq_reserve(g, slot[t], most + g->h_count[slot[t]]);
+        if (st == KVS_OK) st = seq_ring(g, slot[t]);
         if (st != KVS_OK) return st;
     }
-    int32_t *hm = g->h_meta;
+    /* the newest qwin tokens of a slot with a query ring are saved there */
+    for (int t = 0; t < T; t++) {
+        const dseq *sq = &g->h_seqs[slot[t]];
+        hseq *h = &g->hs[slot[t]];
+        int c = g->h_count[slot[t]];
+        qix[t] = -1;
+        if (!sq->qwin || rank[t] < c - sq->qwin) continue;
+        qix[t] = (h->q_next + rank[t] - (c > sq->qwin ? c - sq->qwin : 0)) % sq->qwin;
+    }
     memcpy(hm, tokens, (size_t)T * 4);
     memcpy(hm + g->t_max, pos, (size_t)T * 4);
     memcpy(hm + 2 * g->t_max, slot, (size_t)T * 4);
@@ -1049,11 +1211,14 @@ extern "C" enum kvs_status cuda_forward(struct cuda_ctx *g, const int32_t *token
     int ns_max = 1, *nsp = hm + 4 * g->t_max, *poff = hm + 5 * g->t_max, *tix = hm + 6 * g->t_max,
         *oix = hm + 7 * g->t_max, n_lone = 0;
     unsigned char *lone = g->h_lone;
-    for (int t = 0; t < T; t++) g->h_count[slot[t]] = 0;
-    for (int t = 0; t < T; t++) g->h_count[slot[t]]++;
     for (int t = 0, o = 0; t < T; t++) {
         lone[t] = g->h_count[slot[t]] == 1;
-        int ns = lone[t] ? (pos[t] + SPLIT_KEYS) / SPLIT_KEYS : 1;
+        /* (the full cache: entry index = position; under a policy, the most of any layer) */
+        const int32_t *ln = lens_of(g, slot[t]);
+        int at = 0;
+        for (int l = 0; l < g->n_layer; l++) at = ln[l] > at ? ln[l] : at;
+        at += rank[t];
+        int ns = lone[t] ? (at + SPLIT_KEYS) / SPLIT_KEYS : 1;
         nsp[t] = ns > MAX_SPLIT ? MAX_SPLIT : ns;
         poff[t] = o, o += nsp[t];
         if (nsp[t] > ns_max) ns_max = nsp[t];
@@ -1102,8 +1267,29 @@ extern "C" enum kvs_status cuda_forward(struct cuda_ctx *g, const int32_t *token
         CK(cudaGetLastError(), "kernel launch");
         CK(cudaStreamSynchronize(st), "forward");
     }
-    for (int t = 0; t < T; t++)
-        if (pos[t] + 1 > g->h_seqs[slot[t]].n) g->h_seqs[slot[t]].n = pos[t] + 1;
+    /* the bookkeeping: entries' positions (slots under a policy), queries kept, lengths */
+    for (int t = 0; t < T; t++) {
+        hseq *h = &g->hs[slot[t]];
+        int32_t *ln = lens_of(g, slot[t]);
+        if (h->pos)
+            for (int l = 0; l < g->n_layer; l++)
+                for (int kh = 0; kh < g->nkv; kh++) h->pos[((size_t)l * g->nkv + kh) * h->pcap + ln[l] + rank[t]] = pos[t];
+        if (qix[t] >= 0) h->q_pos[qix[t]] = pos[t];
+    }
+    for (int t = 0; t < T; t++) {
+        int c = g->h_count[slot[t]];
+        if (rank[t] != c - 1) continue; /* once per slot, at its last token */
+        hseq *h = &g->hs[slot[t]];
+        dseq *sq = &g->h_seqs[slot[t]];
+        int32_t *ln = lens_of(g, slot[t]);
+        for (int l = 0; l < g->n_layer; l++) ln[l] += c;
+        for (int l = 0; l < g->n_layer; l++) sq->n = ln[l] > sq->n ? ln[l] : sq->n;
+        if (sq->qwin) {
+            int saved = c < sq->qwin ? c : sq->qwin;
+            h->q_next = (h->q_next + saved) % sq->qwin;
+            h->q_n = h->q_n + saved > sq->qwin ? sq->qwin : h->q_n + saved;
+        }
+    }
     return KVS_OK;
 }
 
@@ -1118,16 +1304,230 @@ extern "C" enum kvs_status cuda_seq_copy(struct cuda_ctx *g, int dst, int src) {
     if (dst == src) return KVS_OK;
     cuda_seq_clear(g, dst);
     const dseq *s = &g->h_seqs[src];
+    const hseq *hs = &g->hs[src];
     if (s->cap == 0) return KVS_OK;
-    enum kvs_status st = seq_reserve(g, dst, s->cap);
+    enum kvs_status st = seq_reserve(g, dst, s->cap); /* (dst is empty: nothing moved) */
+    if (st == KVS_OK) st = seq_ring(g, dst);
     if (st != KVS_OK) return st;
     dseq *d = &g->h_seqs[dst];
+    hseq *hd_ = &g->hs[dst];
     size_t rows = (size_t)g->n_layer * g->nkv, hb = (size_t)g->hd * sizeof(__half);
     CK(cudaMemcpy2DAsync(d->k, d->cap * hb, s->k, s->cap * hb, s->n * hb, rows, cudaMemcpyDeviceToDevice, g->st), "K/V copy");
     CK(cudaMemcpy2DAsync(d->v, d->cap * hb, s->v, s->cap * hb, s->n * hb, rows, cudaMemcpyDeviceToDevice, g->st), "K/V copy");
+    if (d->qr && s->qr && d->qwin == s->qwin) {
+        CK(cudaMemcpyAsync(d->qr, s->qr, ring_bytes(g, s), cudaMemcpyDeviceToDevice, g->st), "query copy");
+        memcpy(hd_->q_pos, hs->q_pos, sizeof(int32_t) * s->qwin);
+        hd_->q_n = hs->q_n, hd_->q_next = hs->q_next;
+    }
     CK(cudaStreamSynchronize(g->st), "K/V copy");
+    memcpy(lens_of(g, dst), lens_of(g, src), sizeof(int32_t) * g->n_layer);
+    const int32_t *ln = lens_of(g, src);
+    if (hd_->pos) /* a source without positions holds the full cache: entry i is position i */
+        for (size_t r = 0; r < rows; r++) {
+            int32_t *o = hd_->pos + r * hd_->pcap, n = ln[r / g->nkv];
+            if (hs->pos) memcpy(o, hs->pos + r * hs->pcap, sizeof(int32_t) * n);
+            else for (int32_t i = 0; i < n; i++) o[i] = i;
+        }
     d->n = s->n;
     return KVS_OK;
+}
+
+enum { SCORE_T = 128 /* entries per block of k_win_score */ };
+
+/* SnapKV's window statistics: one block per (KV head, saved query w); for each query head of
+ * the group, the largest scaled score m over the vis[h][w] entries the query sees and the sum
+ * l of exp(score - m) */
+__global__ void __launch_bounds__(256) k_win_ml(const dseq *seqs, int slot, int layer, int nh, int nkv, int hd,
+                                                int q0, int nq, const int32_t *vis, float scale, float *ml) {
+    extern __shared__ float qs[]; /* (g, hd) then the warps' (m, l) */
+    int h = blockIdx.x, w = blockIdx.y, g = nh / nkv, tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+    dseq sq = seqs[slot];
+    int ri = (q0 + w) % sq.qwin, n = vis[h * nq + w];
+    const float *Q = sq.qr + (((size_t)layer * sq.qwin + ri) * nh + (size_t)h * g) * hd;
+    for (int i = tid; i < g * hd; i += blockDim.x) qs[i] = Q[i];
+    __syncthreads();
+    const __half *K = sq.k + ((size_t)layer * nkv + h) * sq.cap * hd;
+    float m[MAXG], l[MAXG];
+#pragma unroll
+    for (int qi = 0; qi < MAXG; qi++) m[qi] = -INFINITY, l[qi] = 0.0f;
+    for (int j = tid; j < n; j += blockDim.x) {
+        const __half2 *kr = (const __half2 *)(K + (size_t)j * hd);
+        float sc[MAXG];
+#pragma unroll
+        for (int qi = 0; qi < MAXG; qi++) sc[qi] = 0.0f;
+        for (int d2 = 0; d2 < hd / 2; d2++) {
+            float2 kf = __half22float2(kr[d2]);
+#pragma unroll
+            for (int qi = 0; qi < MAXG; qi++)
+                if (qi < g) sc[qi] += qs[qi * hd + 2 * d2] * kf.x + qs[qi * hd + 2 * d2 + 1] * kf.y;
+        }
+#pragma unroll
+        for (int qi = 0; qi < MAXG; qi++)
+            if (qi < g) {
+                float x = sc[qi] * scale, mn = fmaxf(m[qi], x);
+                l[qi] = l[qi] * __expf(m[qi] - mn) + __expf(x - mn), m[qi] = mn;
+            }
+    }
+    float *red = qs + g * hd; /* (8 warps, g, 2) */
+#pragma unroll
+    for (int qi = 0; qi < MAXG; qi++)
+        if (qi < g) {
+            float M = warp_max(m[qi]);
+            float L = M == -INFINITY ? 0.0f : warp_sum(m[qi] == -INFINITY ? 0.0f : l[qi] * __expf(m[qi] - M));
+            if (lane == 0) red[(warp * g + qi) * 2] = M, red[(warp * g + qi) * 2 + 1] = L;
+        }
+    __syncthreads();
+    if (tid < g) {
+        float M = -INFINITY, L = 0.0f;
+        for (int wi = 0; wi < (int)blockDim.x / 32; wi++) M = fmaxf(M, red[(wi * g + tid) * 2]);
+        for (int wi = 0; wi < (int)blockDim.x / 32; wi++) {
+            float mw = red[(wi * g + tid) * 2];
+            if (mw != -INFINITY) L += red[(wi * g + tid) * 2 + 1] * __expf(mw - M);
+        }
+        ml[((size_t)(h * nq + w) * g + tid) * 2] = M, ml[((size_t)(h * nq + w) * g + tid) * 2 + 1] = L;
+    }
+}
+
+/* SnapKV's window scores: one block per (KV head, SCORE_T entries), a thread per entry; out[h][j]
+ * = sum over the saved queries w that see entry j of the group's probabilities for it,
+ * aggregated over the query heads (mean, or max with agg_max) */
+__global__ void __launch_bounds__(SCORE_T) k_win_score(const dseq *seqs, int slot, int layer, int nh, int nkv,
+                                                       int hd, int q0, int nq, const int32_t *vis, const float *ml,
+                                                       float scale, int agg_max, int n, float *out, int stride) {
+    extern __shared__ float qs[]; /* (g, hd) queries, then the tile's keys as in k_attn */
+    int h = blockIdx.x, tid = threadIdx.x, g = nh / nkv, j = blockIdx.y * SCORE_T + tid;
+    const int kw = hd / 2 + 1, wpr = hd / 8;
+    uint32_t *Ks = (uint32_t *)(qs + g * hd);
+    dseq sq = seqs[slot];
+    const __half *K = sq.k + ((size_t)layer * nkv + h) * sq.cap * hd;
+    int kb = blockIdx.y * SCORE_T, nt = n - kb < SCORE_T ? n - kb : SCORE_T;
+    const uint4 *Kg = (const uint4 *)(K + (size_t)kb * hd);
+    for (int i = tid; i < nt * wpr; i += SCORE_T) {
+        uint4 a = Kg[i];
+        uint32_t *dk = Ks + (i / wpr) * kw + (i % wpr) * 4;
+        dk[0] = a.x, dk[1] = a.y, dk[2] = a.z, dk[3] = a.w;
+    }
+    float acc = 0.0f;
+    for (int w = 0; w < nq; w++) {
+        __syncthreads();
+        int ri = (q0 + w) % sq.qwin;
+        const float *Q = sq.qr + (((size_t)layer * sq.qwin + ri) * nh + (size_t)h * g) * hd;
+        for (int i = tid; i < g * hd; i += SCORE_T) qs[i] = Q[i];
+        __syncthreads();
+        if (j >= vis[h * nq + w]) continue;
+        const __half2 *kr = (const __half2 *)(Ks + tid * kw);
+        float sc[MAXG];
+#pragma unroll
+        for (int qi = 0; qi < MAXG; qi++) sc[qi] = 0.0f;
+        for (int d2 = 0; d2 < hd / 2; d2++) {
+            float2 kf = __half22float2(kr[d2]);
+#pragma unroll
+            for (int qi = 0; qi < MAXG; qi++)
+                if (qi < g) sc[qi] += qs[qi * hd + 2 * d2] * kf.x + qs[qi * hd + 2 * d2 + 1] * kf.y;
+        }
+        float agg = 0.0f;
+        const float *mlw = ml + (size_t)(h * nq + w) * g * 2;
+#pragma unroll
+        for (int qi = 0; qi < MAXG; qi++)
+            if (qi < g) {
+                float p = __expf(sc[qi] * scale - mlw[2 * qi]) / mlw[2 * qi + 1];
+                agg = agg_max ? fmaxf(agg, p) : agg + p / (float)g;
+            }
+        acc += agg;
+    }
+    if (j < n) out[(size_t)h * stride + j] = acc;
+}
+
+extern "C" enum kvs_status cuda_seq_score_window(struct cuda_ctx *g, int slot, int layer, const int32_t *vis, int nq,
+                                                 bool agg_max, float *out, size_t stride) {
+    const dseq *sq = &g->h_seqs[slot];
+    const hseq *h = &g->hs[slot];
+    int n = lens_of(g, slot)[layer], grp = g->nh / g->nkv;
+    if (!sq->qr || nq > h->q_n || nq < 0)
+        return kvs_fail(KVS_ERR_INTERNAL, "cuda: slot %d keeps %d queries, %d asked", slot, h->q_n, nq);
+    for (int i = 0; i < g->nkv * nq; i++)
+        if (vis[i] < 0 || vis[i] > n) return kvs_fail(KVS_ERR_INTERNAL, "cuda: a query sees %d of %d entries", vis[i], n);
+    if (n == 0) return KVS_OK;
+    if ((size_t)n > g->score_cap || !g->d_wml) {
+        size_t cap = (size_t)(g->n_ctx + g->t_max);
+        cudaFree(g->d_wscore), cudaFree(g->d_wml), cudaFree(g->d_wvis);
+        g->d_wscore = g->d_wml = NULL, g->d_wvis = NULL, g->score_cap = 0;
+        CK(cudaMalloc(&g->d_wscore, (size_t)g->nkv * cap * sizeof(float)), "window scores");
+        CK(cudaMalloc(&g->d_wml, (size_t)g->nkv * 4096 * grp * 2 * sizeof(float)), "window scores");
+        CK(cudaMalloc(&g->d_wvis, (size_t)g->nkv * 4096 * sizeof(int32_t)), "window scores");
+        g->score_cap = cap;
+        size_t most = (size_t)MAXG * 256 * sizeof(float) + (size_t)SCORE_T * (256 / 2 + 1) * sizeof(uint32_t);
+        CK(cudaFuncSetAttribute(k_win_score, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)most), "window scores");
+    }
+    if (nq > 4096) return kvs_fail(KVS_ERR_INTERNAL, "cuda: %d window queries", nq);
+    if (nq == 0) {
+        for (int ih = 0; ih < g->nkv; ih++) memset(out + ih * stride, 0, sizeof(float) * n);
+        return KVS_OK;
+    }
+    int q0 = ((h->q_next - nq) % sq->qwin + sq->qwin) % sq->qwin; /* the oldest of the newest nq */
+    float scale = 1.0f / sqrtf((float)g->hd);
+    CK(cudaMemcpyAsync(g->d_wvis, vis, sizeof(int32_t) * g->nkv * nq, cudaMemcpyHostToDevice, g->st), "window scores");
+    size_t sm1 = ((size_t)grp * g->hd + 8 * grp * 2) * sizeof(float);
+    k_win_ml<<<dim3(g->nkv, nq), 256, sm1, g->st>>>(g->d_seqs, slot, layer, g->nh, g->nkv, g->hd, q0, nq, g->d_wvis,
+                                                    scale, g->d_wml);
+    size_t sm2 = (size_t)grp * g->hd * sizeof(float) + (size_t)SCORE_T * (g->hd / 2 + 1) * sizeof(uint32_t);
+    k_win_score<<<dim3(g->nkv, (n + SCORE_T - 1) / SCORE_T), SCORE_T, sm2, g->st>>>(
+        g->d_seqs, slot, layer, g->nh, g->nkv, g->hd, q0, nq, g->d_wvis, g->d_wml, scale, agg_max, n, g->d_wscore,
+        (int)g->score_cap);
+    CK(cudaGetLastError(), "window scores");
+    CK(cudaMemcpy2DAsync(out, stride * sizeof(float), g->d_wscore, g->score_cap * sizeof(float), n * sizeof(float),
+                         g->nkv, cudaMemcpyDeviceToHost, g->st), "window scores");
+    CK(cudaStreamSynchronize(g->st), "window scores");
+    return KVS_OK;
+}
+
+extern "C" enum kvs_status cuda_seq_compact(struct cuda_ctx *g, int slot, const int32_t *const *keep,
+                                            const int32_t *n_keep, int kstride) {
+    hseq *h = &g->hs[slot];
+    int32_t *ln = lens_of(g, slot), nmax = 0;
+    for (int l = 0; l < g->n_layer; l++) {
+        if (n_keep[l] < 0 || n_keep[l] > ln[l] || n_keep[l] > kstride || (!keep[l] && n_keep[l] != ln[l]))
+            return kvs_fail(KVS_ERR_INTERNAL, "cuda: layer %d keeps %d of %d entries", l, n_keep[l], ln[l]);
+        for (int kh = 0; keep[l] && kh < g->nkv; kh++)
+            for (int i = 0; i < n_keep[l]; i++) {
+                int32_t j = keep[l][(size_t)kh * kstride + i];
+                if (j < 0 || j >= ln[l] || (i && j <= keep[l][(size_t)kh * kstride + i - 1]))
+                    return kvs_fail(KVS_ERR_INTERNAL, "cuda: layer %d head %d: kept indices not ascending", l, kh);
+            }
+        nmax = n_keep[l] > nmax ? n_keep[l] : nmax;
+    }
+    size_t rows = (size_t)g->n_layer * g->nkv, need = rows * (size_t)(nmax ? nmax : 1);
+    if (need > g->keep_cap) {
+        cudaFree(g->d_keep);
+        g->d_keep = NULL, g->keep_cap = 0;
+        CK(cudaMalloc(&g->d_keep, need * sizeof(int32_t)), "compaction");
+        g->keep_cap = need;
+    }
+    int32_t *hk = (int32_t *)malloc(need * sizeof(int32_t));
+    if (!hk) return kvs_fail(KVS_ERR_NOMEM, "out of memory");
+    for (size_t r = 0; r < rows; r++) {
+        int l = (int)(r / g->nkv), kh = (int)(r % g->nkv);
+        for (int i = 0; i < n_keep[l]; i++) hk[r * nmax + i] = keep[l] ? keep[l][(size_t)kh * kstride + i] : i;
+    }
+    cudaError_t e = cudaMemcpy(g->d_keep, hk, need * sizeof(int32_t), cudaMemcpyHostToDevice);
+    if (e != cudaSuccess) {
+        free(hk);
+        return cuda_error(e, "compaction");
+    }
+    /* the new capacity: what is kept plus room for 256 more (the cache shrinks with it) */
+    int cap = (nmax + 256 + 255) / 256 * 256;
+    if (cap > g->n_ctx + g->t_max) cap = g->n_ctx + g->t_max;
+    enum kvs_status st = seq_move(g, slot, cap, g->d_keep, nmax, n_keep);
+    if (st == KVS_OK) {
+        if (h->pos)
+            for (size_t r = 0; r < rows; r++) {
+                int32_t *p = h->pos + r * h->pcap;
+                for (int i = 0; i < n_keep[r / g->nkv]; i++) p[i] = p[hk[r * nmax + i]];
+            }
+        memcpy(ln, n_keep, sizeof(int32_t) * g->n_layer);
+    }
+    free(hk);
+    return st;
 }
 
 extern "C" double cuda_bandwidth_gb_s(struct cuda_ctx *g) {

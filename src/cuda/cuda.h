@@ -4,8 +4,8 @@
  * Does: upload the GGUF weight blocks as they are (no requantization) and run the transformer
  * with fused dequantising kernels (decode GEMV, prefill tiles), RMSNorm, RoPE, SwiGLU and
  * flash-decoding attention over fp16 K/V on the device; copy only the requested logits back.
- * Does not: run KV policies yet (a context on the GPU holds the full cache: the engine refuses
- * any other spec), sample on the device, or print. Built by `make cuda` (src/cuda/cuda.cu, nvcc);
+ * Runs KV policies as the engine plans them: scores from saved queries (SnapKV), compaction by
+ * a gather into smaller buffers (below). Does not: sample on the device, pack entries, or print. Built by `make cuda` (src/cuda/cuda.cu, nvcc);
  * the default CPU build links src/cuda/cuda_none.c, whose entry points fail with a clear error.
  *
  * This header is C and C++ (the .cu includes it), so it needs neither base.h nor model.h: the
@@ -60,11 +60,37 @@ const char *cuda_device_name(const struct cuda_ctx *g);
 
 /* Forget slot's cached tokens and give its device memory back. */
 void cuda_seq_clear(struct cuda_ctx *g, int slot);
-/* Device bytes of slot's K/V cache as allocated now (capacity included). */
+/* Device bytes of slot's K/V cache as allocated now (capacity included), its query window included. */
 uint64_t cuda_seq_kv_bytes(const struct cuda_ctx *g, int slot);
 /* Device bytes: weights, all K/V caches now and at their peak, scratch (NULL: not wanted). */
 void cuda_mem(const struct cuda_ctx *g, uint64_t *weights, uint64_t *kv, uint64_t *kv_peak,
               uint64_t *scratch);
+
+/* ---- KV policies on the device (the engine plans with the CPU policy's code, src/forward.c) ----
+ * A slot holds, per layer, entries in order of arrival (every KV head of a layer as many);
+ * compaction keeps a subset per (layer, head). Positions of entries are tracked on the host for
+ * slots with a query window. */
+
+/* Empty slot, then keep the post-RoPE queries of its newest qwin tokens (0: none) and track its
+ * entries' positions. */
+enum kvs_status cuda_seq_set_qwin(struct cuda_ctx *g, int slot, int qwin);
+/* Entries of a layer of slot (every KV head holds as many). */
+int cuda_seq_layer_entries(const struct cuda_ctx *g, int slot, int layer);
+/* Positions of the entries of (layer, head) of a slot with a query window (NULL without). */
+const int32_t *cuda_seq_positions(const struct cuda_ctx *g, int slot, int layer, int head);
+/* The positions of the newest saved queries (at most max), oldest first, into qpos; returns how many. */
+int cuda_seq_queries(const struct cuda_ctx *g, int slot, int32_t *qpos, int max);
+/* SnapKV's window scores of layer's entries: for each KV head h and entry j, the sum over the
+ * newest nq saved queries w (that see entry j: j < vis[h * nq + w]) of the query-head
+ * probabilities of j, averaged over the group's query heads (their max when agg_max). Written to
+ * out[h * stride + j] on the host. */
+enum kvs_status cuda_seq_score_window(struct cuda_ctx *g, int slot, int layer, const int32_t *vis, int nq,
+                                      bool agg_max, float *out, size_t stride);
+/* Keep, in each layer l, n_keep[l] entries of every head: those at ascending indices
+ * keep[l][h * kstride + i] (keep[l] NULL: the layer as it is). The entries move to new buffers
+ * sized to what is kept (plus room for 256), so device memory shrinks with the cache. */
+enum kvs_status cuda_seq_compact(struct cuda_ctx *g, int slot, const int32_t *const *keep, const int32_t *n_keep,
+                                 int kstride);
 
 /* Free device memory now (cudaMemGetInfo), for tests of the byte accounting; 0 on error. */
 uint64_t cuda_device_free_bytes(void);

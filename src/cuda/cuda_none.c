@@ -52,3 +52,26 @@ enum kvs_status cuda_test_matmul(int type, const void *W, size_t row_bytes, int6
     (void)type, (void)W, (void)row_bytes, (void)n_rows, (void)n_cols, (void)x, (void)T, (void)n_lone, (void)y;
     return no_cuda();
 }
+enum kvs_status cuda_seq_set_qwin(struct cuda_ctx *g, int slot, int qwin) {
+    (void)g, (void)slot, (void)qwin;
+    return no_cuda();
+}
+int cuda_seq_layer_entries(const struct cuda_ctx *g, int slot, int layer) { (void)g, (void)slot, (void)layer; return 0; }
+const int32_t *cuda_seq_positions(const struct cuda_ctx *g, int slot, int layer, int head) {
+    (void)g, (void)slot, (void)layer, (void)head;
+    return NULL;
+}
+int cuda_seq_queries(const struct cuda_ctx *g, int slot, int32_t *qpos, int max) {
+    (void)g, (void)slot, (void)qpos, (void)max;
+    return 0;
+}
+enum kvs_status cuda_seq_score_window(struct cuda_ctx *g, int slot, int layer, const int32_t *vis, int nq,
+                                      bool agg_max, float *out, size_t stride) {
+    (void)g, (void)slot, (void)layer, (void)vis, (void)nq, (void)agg_max, (void)out, (void)stride;
+    return no_cuda();
+}
+enum kvs_status cuda_seq_compact(struct cuda_ctx *g, int slot, const int32_t *const *keep, const int32_t *n_keep,
+                                 int kstride) {
+    (void)g, (void)slot, (void)keep, (void)n_keep, (void)kstride;
+    return no_cuda();
+}

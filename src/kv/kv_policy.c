@@ -434,6 +434,37 @@ static bool plan_layer(struct kv_policy *p, struct kv_seq *s, int il, int64_t n_
     return true;
 }
 
+bool kv_policy_over(const struct kv_policy *p, int il, int64_t n_seen, int32_t slack, int32_t n) {
+    return p->plan_always || n > kv_policy_budget(p, il, n_seen) + slack;
+}
+
+bool kv_policy_plan_scored(struct kv_policy *p, int il, int64_t n_seen, int32_t slack, const int32_t *n,
+                           const int32_t *const *pos, int32_t pin, struct kv_plan *plan) {
+    KVS_ASSERT(kv_policy_scored_elsewhere(&p->spec));
+    int32_t budget = kv_policy_budget(p, il, n_seen);
+    p->planned = budget;
+    bool over = p->plan_always;
+    for (int ih = 0; ih < p->n_head_kv; ih++) over = over || n[ih] > budget + slack;
+    for (int ih = 0; ih < KV_VIEW_MAX_HEADS; ih++) plan->mt[ih] = NULL, plan->mc[ih] = NULL, plan->dem[ih] = NULL;
+    plan->renorm = false;
+    if (!over) return false;
+    int32_t prot = p->scorer->protect ? p->scorer->protect(p, budget) : 0;
+    for (int ih = 0; ih < p->n_head_kv; ih++) {
+        float *sc = p->score + (size_t)ih * p->cap_max;
+        for (int32_t j = 0; j < n[ih] && pin > 0 && pos[ih][j] < pin; j++) sc[j] = INFINITY;
+        int32_t *keep = p->keep + (size_t)ih * p->cap_max;
+        plan->n_keep[ih] = select_head(sc, n[ih], budget, prot, p->order, keep);
+        plan->keep[ih] = keep;
+    }
+    p->n_plans++;
+    return true;
+}
+
+bool kv_policy_scored_elsewhere(const struct kv_spec *sp) {
+    return sp->method == KV_SNAPKV && sp->merge == KV_MERGE_NONE && !sp->mikv_low && !sp->think &&
+           !sp->kivi_bits && !sp->wattn && (sp->alloc == KV_ALLOC_UNIFORM || sp->alloc == KV_ALLOC_PYRAMID);
+}
+
 /* AdaKV: each head keeps its protected tail and floor x budget of its best entries; the rest of
  * the layer's n_head_kv x budget slots go to the best remaining entries of any head. */
 static int cmp_ent(const void *a, const void *b) {

@@ -104,6 +104,20 @@ int kv_policy_qwin(const struct kv_spec *spec);
  * head-adaptive reallocation. */
 int32_t kv_policy_budget(const struct kv_policy *p, int il, int64_t n_seen);
 
+/* Policies whose scores can come from elsewhere (the GPU computes SnapKV's window scores):
+ * SnapKV with a uniform or pyramid budget, without merging or packed storage. For them the
+ * engine may plan a layer from scores it wrote into p->score (row ih at ih * cap_max; SnapKV's
+ * pooling applied by kv_snapkv_pool): kv_policy_over() says whether a layer whose heads hold n
+ * entries needs a plan (n over budget + slack), kv_policy_plan_scored() makes it as
+ * kv_policy_plan_layer() would from those scores (n[ih] entries per head at positions pos[ih];
+ * entries below pin always stay). */
+bool kv_policy_scored_elsewhere(const struct kv_spec *sp);
+bool kv_policy_over(const struct kv_policy *p, int il, int64_t n_seen, int32_t slack, int32_t n);
+bool kv_policy_plan_scored(struct kv_policy *p, int il, int64_t n_seen, int32_t slack, const int32_t *n,
+                           const int32_t *const *pos, int32_t pin, struct kv_plan *plan);
+/* SnapKV's pooling of a row of n window scores in place (tmp: n floats). */
+void kv_snapkv_pool(const struct kv_policy *p, float *row, int32_t n, float *tmp);
+
 /* Plan layer il of sequence s down to its budget. slack: entries a head may exceed its budget by
  * before anything is planned (0 after a prefill chunk, spec.every during decode). Returns false
  * when nothing needs to change (plan untouched), unless plan_always; counts plans in n_plans. */

@@ -10,25 +10,26 @@
 
 #include <math.h>
 
-static void score(const struct kv_score_args *a, int ih, float *out) {
-    const struct kv_policy *p = a->p;
-    const struct kv_head_store *h = kv_seq_head(a->s, a->il, ih);
-    int32_t n = h->n;
-    kv_score_query_attention(a, ih, false, out);
+void kv_snapkv_pool(const struct kv_policy *p, float *row, int32_t n, float *tmp) {
     int k = p->spec.kernel, r = k / 2;
     if (p->spec.pool == KV_POOL_NONE || k <= 1) return;
-    /* pool in place through a copy in scratch (row 0 is free again after the attention) */
-    float *src = a->scratch;
-    for (int32_t j = 0; j < n; j++) src[j] = out[j];
+    for (int32_t j = 0; j < n; j++) tmp[j] = row[j];
     for (int32_t j = 0; j < n; j++) {
         float acc = p->spec.pool == KV_POOL_MAX ? -INFINITY : 0.0f;
         for (int32_t t = j - r; t <= j + r; t++) {
-            float v = (t >= 0 && t < n) ? src[t] : 0.0f; /* zero padding */
+            float v = (t >= 0 && t < n) ? tmp[t] : 0.0f; /* zero padding */
             if (p->spec.pool == KV_POOL_MAX) acc = v > acc ? v : acc;
             else acc += v;
         }
-        out[j] = p->spec.pool == KV_POOL_MAX ? acc : acc / (float)k;
+        row[j] = p->spec.pool == KV_POOL_MAX ? acc : acc / (float)k;
     }
+}
+
+static void score(const struct kv_score_args *a, int ih, float *out) {
+    const struct kv_head_store *h = kv_seq_head(a->s, a->il, ih);
+    kv_score_query_attention(a, ih, false, out);
+    /* pool in place through a copy in scratch (row 0 is free again after the attention) */
+    kv_snapkv_pool(a->p, out, h->n, a->scratch);
 }
 
 static int32_t protect(const struct kv_policy *p, int32_t budget) {

@@ -1391,7 +1391,7 @@ static int serve_parse(int argc, char **argv, struct srv_config *cfg) {
     if (cfg->chunk.min_tokens > cfg->chunk.max_tokens)
         return serve_usage_error("--chunk-min %d is above --chunk-max %d", cfg->chunk.min_tokens,
                                  cfg->chunk.max_tokens);
-    /* on the GPU: the full cache only, so no prefix cache, chunk store or prefix compression
+    /* on the GPU: the CPU store stays empty, so no prefix cache, chunk store or prefix compression
      * (each needs the CPU store); off by default there, refused when asked for */
     if (cfg->device == KVS_DEVICE_CUDA) {
         if (cfg->prefix_mem_given && cfg->prefix_mem > 0)

@@ -7,6 +7,8 @@
   prefill chunks mix with decode tokens): every greedy one = its text alone, since a sequence's
   GPU logits do not depend on its batch (test_cuda checks that bit for bit);
 - the requests did run concurrently (/slots), and the KV bytes of /metrics are back to 0 after;
+- a request with "kv": "snapkv:budget=48" (a prompt of ~150 tokens: compressed on the GPU) =
+  `kvsieve run --device cuda --kv snapkv:budget=48 --temp 0`;
 - a request asking for a KV policy the GPU does not run gets a 400 naming it, and the server
   keeps serving; `--prefix-mem 1M --device cuda` is refused at start (exit 2).
 
@@ -30,9 +32,9 @@ N_GEN = 40
 BIN = os.path.join(build, "kvsieve")
 
 
-def cli_run(prompt, n, chat=False):
+def cli_run(prompt, n, chat=False, kv=None):
     args = [BIN, "run", "-m", K.MODEL, "--device", "cuda", "--temp", "0", "-n", str(n), "-q", "--json",
-            "-c", "4096", "-p", prompt]
+            "-c", "4096", "-p", prompt] + (["--kv", kv] if kv else [])
     if chat:
         args.append("--chat")
     p = subprocess.run(args, capture_output=True, timeout=600, cwd=K.ROOT)
@@ -110,8 +112,15 @@ try:
     C.note(f"at most {max_running[0]} slots running at once")
 
     # ------------------------------------------------------------------------ refusals, accounting
+    long_p = "The old harbour town kept its lanterns lit through every winter storm. " * 12 + "The harbour master said"
+    ref_kv = cli_run(long_p, N_GEN, kv="snapkv:budget=48")
+    got, u, err = complete(long_p, kv="snapkv:budget=48")
+    C.eq("\"kv\": \"snapkv:budget=48\" on the GPU = `kvsieve run --device cuda --kv snapkv:budget=48`", got,
+         ref_kv["text"])
+    C.ok("... and the prompt was longer than the budget (it was compressed)", (u or {}).get("prompt_tokens", 0) > 96,
+         K.short(u))
     st, j, raw = srv.post("/v1/completions", {"model": model_id, "prompt": target, "max_tokens": 4,
-                                               "kv": "snapkv:ratio=0.5"})
+                                               "kv": "h2o:ratio=0.5"})
     C.ok("a KV policy the GPU does not run: 400 naming it", st == 400 and b"cuda" in raw.lower(),
          f"{st} {raw[:300]!r}")
     again, _, err = complete(target)
