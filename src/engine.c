@@ -663,6 +663,7 @@ enum kvs_status kvs_seq_copy(kvs_context *cd, kvs_sequence *dst, const kvs_conte
         enum kvs_status st = cuda_seq_copy(cd->gpu, dst->slot, src->slot);
         if (st != KVS_OK) return st;
         dst->n_past = src->n_past;
+        dst->kv->pin = src->kv->pin; /* (the pinned positions, as kv_seq_copy keeps them) */
         return KVS_OK;
     }
     if (cd->m != cs->m)

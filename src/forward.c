@@ -512,11 +512,18 @@ static enum kvs_status forward_gpu(struct kvs_context *c, const int32_t *tokens,
         slot[t] = seq[t]->slot;
     }
     enum kvs_status st = cuda_forward(c->gpu, tokens, pos, slot, T, out_rows, n_out, logits);
-    /* each sequence's policy, at its last token of the pass */
+    /* each sequence's policy, at its last token of the pass. The pass's entries are in by now:
+     * a compression that runs out of memory leaves that cache whole (over budget, planned again
+     * after the next pass) rather than failing a pass whose tokens are already stored */
     for (int t = 0; t < T && st == KVS_OK; t++) {
         bool last = true;
         for (int u = t + 1; u < T && last; u++) last = seq[u] != seq[t];
-        if (last) st = gpu_compress(c, seq[t], (enum fwd_phase)phase[t], (int64_t)pos[t] + 1);
+        if (!last) continue;
+        st = gpu_compress(c, seq[t], (enum fwd_phase)phase[t], (int64_t)pos[t] + 1);
+        if (st == KVS_ERR_NOMEM) {
+            kvs_log(1, "cuda: compressing a sequence's cache: %s (left as it is for now)", kvs_last_error());
+            st = KVS_OK;
+        }
     }
     return st;
 }

@@ -359,8 +359,8 @@ __global__ void __launch_bounds__(GV_WARPS * 32) k_gemv(const uint8_t *__restric
                                                        const uint8_t *__restrict__ W2, size_t rb, int rows,
                                                        int cols, int ks, const float *__restrict__ x, int ldx,
                                                        const int *__restrict__ tix, float *__restrict__ y,
-                                                       int ldy, int add, const float *__restrict__ nw,
-                                                       float *__restrict__ nout, float eps, unsigned *ticket) {
+                                                       int ldy, int add, const float *nw, float *nout, float eps,
+                                                       unsigned *ticket) {
     __shared__ float red[GV_WARPS][NT][GR];
     constexpr int UN = NT <= 2 ? 4 : NT <= 4 ? 2 : 1; /* sweeps unrolled: fewer as the tokens' sums take registers */
     int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, p = lane & 3, groups = GV_WARPS / ks;
@@ -1009,6 +1009,8 @@ extern "C" void cuda_ctx_free(struct cuda_ctx *g) {
 
 extern "C" const char *cuda_device_name(const struct cuda_ctx *g) { return g->name; }
 
+enum { QWIN_MAX = 4096 /* most saved queries a slot keeps */ };
+
 static uint64_t ring_bytes(const cuda_ctx *g, const dseq *s) {
     return s->qr ? (uint64_t)g->n_layer * s->qwin * g->nh * g->hd * sizeof(float) : 0;
 }
@@ -1020,6 +1022,7 @@ static uint64_t seq_bytes(const cuda_ctx *g, const dseq *s) {
 static int32_t *lens_of(cuda_ctx *g, int slot) { return g->h_lens + (size_t)slot * g->n_layer; }
 
 extern "C" void cuda_seq_clear(struct cuda_ctx *g, int slot) {
+    if (!g->hs || !g->h_lens) return; /* (a context whose creation failed early) */
     dseq *s = &g->h_seqs[slot];
     g->kv_bytes -= seq_bytes(g, s);
     cudaFree(s->k);
@@ -1031,14 +1034,17 @@ extern "C" void cuda_seq_clear(struct cuda_ctx *g, int slot) {
     hseq *h = &g->hs[slot];
     h->q_n = h->q_next = 0;
     memset(lens_of(g, slot), 0, sizeof(int32_t) * g->n_layer);
-    cudaMemcpy(g->d_seqs + slot, s, sizeof *s, cudaMemcpyHostToDevice);
+    cudaMemcpyAsync(g->d_seqs + slot, s, sizeof *s, cudaMemcpyHostToDevice, g->st);
+    cudaStreamSynchronize(g->st);
 }
 
 extern "C" enum kvs_status cuda_seq_set_qwin(struct cuda_ctx *g, int slot, int qwin) {
     cuda_seq_clear(g, slot);
     dseq *s = &g->h_seqs[slot];
     hseq *h = &g->hs[slot];
-    if (qwin < 0 || qwin > g->t_max + 4096) return kvs_fail(KVS_ERR_INVALID_ARG, "cuda: query window %d", qwin);
+    if (qwin < 0 || qwin > QWIN_MAX)
+        return kvs_fail(KVS_ERR_INVALID_ARG, "cuda: a query window of %d tokens (the GPU keeps at most %d)", qwin,
+                        QWIN_MAX);
     free(h->pos), free(h->q_pos);
     *h = (hseq){};
     s->qwin = qwin;
@@ -1101,18 +1107,26 @@ static enum kvs_status seq_move(cuda_ctx *g, int slot, int cap, const int32_t *d
         cudaFree(nk);
         return kvs_fail(KVS_ERR_NOMEM, "cuda: out of GPU memory for a K/V cache of %d tokens", cap);
     }
+    /* (the old and the new buffers are both held until the move is done) */
+    uint64_t during = g->kv_bytes + 2ull * rows * cap * hb;
+    if (during > g->kv_peak) g->kv_peak = during;
     int nmax = 0;
     for (int l = 0; l < g->n_layer; l++) nmax = n_new[l] > nmax ? n_new[l] : nmax;
+    cudaError_t e = cudaSuccess;
     if (nmax > 0) {
-        /* the new lengths travel in the d_keep scratch's tail when keep lists are given, else in
-         * the metadata's length table (not in use between passes) */
+        /* the new lengths travel in the metadata's length table (not in use between passes) */
         int *d_n = (int *)g->d_meta + (size_t)g->t_max * META + (size_t)slot * g->n_layer;
-        CK(cudaMemcpyAsync(d_n, n_new, sizeof(int) * g->n_layer, cudaMemcpyHostToDevice, g->st), "K/V move");
+        e = cudaMemcpyAsync(d_n, n_new, sizeof(int) * g->n_layer, cudaMemcpyHostToDevice, g->st);
         int gy = (nmax + 31) / 32;
-        k_kv_gather<<<dim3((unsigned)rows, gy > 64 ? 64 : gy), dim3(g->hd / 8 < 32 ? g->hd / 8 : 32, 8), 0, g->st>>>(
-            s->k, s->v, s->cap, nk, nv, cap, d_keep, kstride, d_n, g->nkv, g->hd);
-        CK(cudaGetLastError(), "K/V gather");
-        CK(cudaStreamSynchronize(g->st), "K/V move");
+        if (e == cudaSuccess)
+            k_kv_gather<<<dim3((unsigned)rows, gy > 64 ? 64 : gy), dim3(g->hd / 8 < 32 ? g->hd / 8 : 32, 8), 0,
+                          g->st>>>(s->k, s->v, s->cap, nk, nv, cap, d_keep, kstride, d_n, g->nkv, g->hd);
+        if (e == cudaSuccess) e = cudaGetLastError();
+        if (e == cudaSuccess) e = cudaStreamSynchronize(g->st);
+    }
+    if (e != cudaSuccess) {
+        cudaFree(nk), cudaFree(nv);
+        return cuda_error(e, "moving a K/V cache");
     }
     cudaFree(s->k);
     cudaFree(s->v);
@@ -1120,7 +1134,8 @@ static enum kvs_status seq_move(cuda_ctx *g, int slot, int cap, const int32_t *d
     s->k = nk, s->v = nv, s->cap = cap, s->n = nmax;
     g->kv_bytes += seq_bytes(g, s);
     if (g->kv_bytes > g->kv_peak) g->kv_peak = g->kv_bytes;
-    CK(cudaMemcpy(g->d_seqs + slot, s, sizeof *s, cudaMemcpyHostToDevice), "slot table");
+    CK(cudaMemcpyAsync(g->d_seqs + slot, s, sizeof *s, cudaMemcpyHostToDevice, g->st), "slot table");
+    CK(cudaStreamSynchronize(g->st), "slot table");
     return KVS_OK;
 }
 
@@ -1149,7 +1164,8 @@ static enum kvs_status seq_ring(cuda_ctx *g, int slot) {
     }
     g->kv_bytes += b;
     if (g->kv_bytes > g->kv_peak) g->kv_peak = g->kv_bytes;
-    CK(cudaMemcpy(g->d_seqs + slot, s, sizeof *s, cudaMemcpyHostToDevice), "slot table");
+    CK(cudaMemcpyAsync(g->d_seqs + slot, s, sizeof *s, cudaMemcpyHostToDevice, g->st), "slot table");
+    CK(cudaStreamSynchronize(g->st), "slot table");
     return KVS_OK;
 }
 
@@ -1493,13 +1509,13 @@ extern "C" enum kvs_status cuda_seq_score_window(struct cuda_ctx *g, int slot, i
         cudaFree(g->d_wscore), cudaFree(g->d_wml), cudaFree(g->d_wvis);
         g->d_wscore = g->d_wml = NULL, g->d_wvis = NULL, g->score_cap = 0;
         CK(cudaMalloc(&g->d_wscore, (size_t)g->nkv * cap * sizeof(float)), "window scores");
-        CK(cudaMalloc(&g->d_wml, (size_t)g->nkv * 4096 * grp * 2 * sizeof(float)), "window scores");
-        CK(cudaMalloc(&g->d_wvis, (size_t)g->nkv * 4096 * sizeof(int32_t)), "window scores");
+        CK(cudaMalloc(&g->d_wml, (size_t)g->nkv * QWIN_MAX * grp * 2 * sizeof(float)), "window scores");
+        CK(cudaMalloc(&g->d_wvis, (size_t)g->nkv * QWIN_MAX * sizeof(int32_t)), "window scores");
         g->score_cap = cap;
         size_t most = (size_t)MAXG * 256 * sizeof(float) + (size_t)SCORE_T * (256 / 2 + 1) * sizeof(uint32_t);
         CK(cudaFuncSetAttribute(k_win_score, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)most), "window scores");
     }
-    if (nq > 4096) return kvs_fail(KVS_ERR_INTERNAL, "cuda: %d window queries", nq);
+    if (nq > QWIN_MAX) return kvs_fail(KVS_ERR_INTERNAL, "cuda: %d window queries", nq);
     if (nq == 0) {
         for (int ih = 0; ih < g->nkv; ih++) memset(out + ih * stride, 0, sizeof(float) * n);
         return KVS_OK;
@@ -1549,7 +1565,8 @@ extern "C" enum kvs_status cuda_seq_compact(struct cuda_ctx *g, int slot, const 
         int l = (int)(r / g->nkv), kh = (int)(r % g->nkv);
         for (int i = 0; i < n_keep[l]; i++) hk[r * nmax + i] = keep[l] ? keep[l][(size_t)kh * kstride + i] : i;
     }
-    cudaError_t e = cudaMemcpy(g->d_keep, hk, need * sizeof(int32_t), cudaMemcpyHostToDevice);
+    cudaError_t e = cudaMemcpyAsync(g->d_keep, hk, need * sizeof(int32_t), cudaMemcpyHostToDevice, g->st);
+    if (e == cudaSuccess) e = cudaStreamSynchronize(g->st);
     if (e != cudaSuccess) {
         free(hk);
         return cuda_error(e, "compaction");
