@@ -1390,6 +1390,19 @@ extern "C" enum kvs_status cuda_seq_copy(struct cuda_ctx *g, int dst, int src) {
 
 enum { SCORE_T = 128 /* entries per block of k_win_score */ };
 
+/* sc[qi] = q_qi . k for the g query heads of a group (queries (g, hd) in shared memory, k one
+ * fp16 key row), as k_attn computes its scores */
+__device__ __forceinline__ void group_dots(const __half2 *kr, const float *qs, int g, int hd, float sc[MAXG]) {
+#pragma unroll
+    for (int qi = 0; qi < MAXG; qi++) sc[qi] = 0.0f;
+    for (int d2 = 0; d2 < hd / 2; d2++) {
+        float2 kf = __half22float2(kr[d2]);
+#pragma unroll
+        for (int qi = 0; qi < MAXG; qi++)
+            if (qi < g) sc[qi] += qs[qi * hd + 2 * d2] * kf.x + qs[qi * hd + 2 * d2 + 1] * kf.y;
+    }
+}
+
 /* SnapKV's window statistics: one block per (KV head, saved query w); for each query head of
  * the group, the largest scaled score m over the vis[h][w] entries the query sees and the sum
  * l of exp(score - m) */
@@ -1407,16 +1420,8 @@ __global__ void __launch_bounds__(256) k_win_ml(const dseq *seqs, int slot, int 
 #pragma unroll
     for (int qi = 0; qi < MAXG; qi++) m[qi] = -INFINITY, l[qi] = 0.0f;
     for (int j = tid; j < n; j += blockDim.x) {
-        const __half2 *kr = (const __half2 *)(K + (size_t)j * hd);
         float sc[MAXG];
-#pragma unroll
-        for (int qi = 0; qi < MAXG; qi++) sc[qi] = 0.0f;
-        for (int d2 = 0; d2 < hd / 2; d2++) {
-            float2 kf = __half22float2(kr[d2]);
-#pragma unroll
-            for (int qi = 0; qi < MAXG; qi++)
-                if (qi < g) sc[qi] += qs[qi * hd + 2 * d2] * kf.x + qs[qi * hd + 2 * d2 + 1] * kf.y;
-        }
+        group_dots((const __half2 *)(K + (size_t)j * hd), qs, g, hd, sc);
 #pragma unroll
         for (int qi = 0; qi < MAXG; qi++)
             if (qi < g) {
@@ -1471,16 +1476,8 @@ __global__ void __launch_bounds__(SCORE_T) k_win_score(const dseq *seqs, int slo
         for (int i = tid; i < g * hd; i += SCORE_T) qs[i] = Q[i];
         __syncthreads();
         if (j >= vis[h * nq + w]) continue;
-        const __half2 *kr = (const __half2 *)(Ks + tid * kw);
         float sc[MAXG];
-#pragma unroll
-        for (int qi = 0; qi < MAXG; qi++) sc[qi] = 0.0f;
-        for (int d2 = 0; d2 < hd / 2; d2++) {
-            float2 kf = __half22float2(kr[d2]);
-#pragma unroll
-            for (int qi = 0; qi < MAXG; qi++)
-                if (qi < g) sc[qi] += qs[qi * hd + 2 * d2] * kf.x + qs[qi * hd + 2 * d2 + 1] * kf.y;
-        }
+        group_dots((const __half2 *)(Ks + tid * kw), qs, g, hd, sc);
         float agg = 0.0f;
         const float *mlw = ml + (size_t)(h * nq + w) * g * 2;
 #pragma unroll
