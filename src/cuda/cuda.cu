@@ -289,17 +289,13 @@ __device__ __forceinline__ float warp_max(float v) {
     return v;
 }
 
-/* out = xr * rsqrt(mean square + eps) * w, by a block of 256 threads (red: 8 floats of shared
- * memory): the one RMSNorm of k_rmsnorm and of the GEMV that ends with one, so both give the
- * same bits. CG: read xr past L1 (rows other blocks of the same launch wrote) */
-template <bool CG>
-__device__ __forceinline__ void rmsnorm_row(const float *xr, const float *w, float *out, int n, float eps, float *red) {
-    auto ld = [&](int i) { return CG ? __ldcg(xr + i) : xr[i]; };
+/* out[r] = x[rows ? rows[r] : r] * rsqrt(mean square + eps) * w; blockDim 256 */
+__global__ void k_rmsnorm(const float *x, const int *rows, const float *w, float *out, int n, float eps) {
+    __shared__ float red[8];
+    int r = blockIdx.x;
+    const float *xr = x + (size_t)(rows ? rows[r] : r) * n;
     float ss = 0.0f;
-    for (int i = threadIdx.x; i < n; i += blockDim.x) {
-        float v = ld(i);
-        ss += v * v;
-    }
+    for (int i = threadIdx.x; i < n; i += blockDim.x) ss += xr[i] * xr[i];
     ss = warp_sum(ss);
     if ((threadIdx.x & 31) == 0) red[threadIdx.x >> 5] = ss;
     __syncthreads();
@@ -310,17 +306,7 @@ __device__ __forceinline__ void rmsnorm_row(const float *xr, const float *w, flo
     }
     __syncthreads();
     float s = 1.0f / sqrtf(red[0] / (float)n + eps);
-    for (int i = threadIdx.x; i < n; i += blockDim.x) out[i] = ld(i) * s * w[i];
-    __syncthreads(); /* red is free again */
-}
-
-/* out[orow] = x[rows ? rows[r] : r] * rsqrt(mean square + eps) * w, orow = r, or rows[r] with
- * scatter; blockDim 256 */
-__global__ void k_rmsnorm(const float *x, const int *rows, const float *w, float *out, int n, float eps,
-                          int scatter = 0) {
-    __shared__ float red[8];
-    int r = blockIdx.x, xrow = rows ? rows[r] : r;
-    rmsnorm_row<false>(x + (size_t)xrow * n, w, out + (size_t)(scatter ? xrow : r) * n, n, eps, red);
+    for (int i = threadIdx.x; i < n; i += blockDim.x) out[(size_t)r * n + i] = xr[i] * s * w[i];
 }
 
 /* SwiGLU of one element: the one formula of k_swiglu and the fused gate/up GEMV, so that both
@@ -349,18 +335,14 @@ __global__ void k_swiglu(float *g, const float *u, int ld, const int *tix, size_
  * shared memory in a fixed order, so the result depends on the matrix's shape alone.
  * With W2 (the FFN's up matrix beside W, its gate, of the same type and shape), a warp's two rows
  * are row r of W and row r of W2, and y[t][r] = silu(gate) * up: the same sums as two separate
- * products, and the SwiGLU of k_swiglu, in one launch.
- * With nw (a residual product: y is the residual stream, ldy its width = rows), the launch's last
- * block to finish (a ticket counter, reset by it) also writes RMSNorm(y) * nw of the launch's
- * tokens to nout, by rmsnorm_row as k_rmsnorm does: one launch fewer, the same bits. */
+ * products, and the SwiGLU of k_swiglu, in one launch. */
 enum { GV_WARPS = 8, GR = 2 };
 template <int TYPE, int NT>
 __global__ void __launch_bounds__(GV_WARPS * 32) k_gemv(const uint8_t *__restrict__ W,
                                                        const uint8_t *__restrict__ W2, size_t rb, int rows,
                                                        int cols, int ks, const float *__restrict__ x, int ldx,
                                                        const int *__restrict__ tix, float *__restrict__ y,
-                                                       int ldy, int add, const float *nw, float *nout, float eps,
-                                                       unsigned *ticket) {
+                                                       int ldy, int add) {
     __shared__ float red[GV_WARPS][NT][GR];
     constexpr int UN = NT <= 2 ? 4 : NT <= 4 ? 2 : 1; /* sweeps unrolled: fewer as the tokens' sums take registers */
     int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, p = lane & 3, groups = GV_WARPS / ks;
@@ -425,17 +407,6 @@ __global__ void __launch_bounds__(GV_WARPS * 32) k_gemv(const uint8_t *__restric
             *yo = add ? *yo + s : s;
         }
     }
-    if (!nw) return;
-    __shared__ unsigned last;
-    __threadfence(); /* this block's rows, visible before its ticket */
-    __syncthreads();
-    if (threadIdx.x == 0) last = atomicAdd(ticket, 1u) == gridDim.x - 1;
-    __syncthreads();
-    if (!last) return;
-    __threadfence();
-    for (int t = 0; t < NT; t++)
-        rmsnorm_row<true>(y + (size_t)tix[t] * ldy, nw, nout + (size_t)tix[t] * ldy, rows, eps, &red[0][0][0]);
-    if (threadIdx.x == 0) *ticket = 0;
 }
 
 /* warps of k_gemv that share a row pair: enough sweeps of 8 units each to pipeline (two or more),
@@ -505,12 +476,9 @@ struct dweight { const uint8_t *d; int type; int rows, cols; size_t rb; };
  * pass: a decode step), so a sequence's results never depend on what else is in the batch.
  * With w2 (gate w and up w2 of one type and shape): y = silu(x w^T) * (x w2^T), the tiled
  * tokens' up products going through y2 (rows as y's) first. */
-/* the RMSNorm a residual product ends with: of y's rows into out, weights w (w NULL: none) */
-struct fnorm { const float *w; float *out; float eps; unsigned *ticket; };
-
 template <int TYPE>
 static void launch_mm(const dweight *w, const dweight *w2, const float *x, int ldx, const int *tix, int n_lone,
-                      int n, float *y, int ldy, int add, float *y2, cudaStream_t st, fnorm nm) {
+                      int n, float *y, int ldy, int add, float *y2, cudaStream_t st) {
     int ks = gemv_split(w->cols), per = GV_WARPS / ks * (w2 ? 1 : GR), blocks = (w->rows + per - 1) / per;
     const uint8_t *d2 = w2 ? w2->d : NULL;
     for (int t0 = 0, nt; t0 < n_lone; t0 += nt) {
@@ -518,7 +486,7 @@ static void launch_mm(const dweight *w, const dweight *w2, const float *x, int l
         int rem = n_lone - t0;
         nt = rem >= 32 ? 32 : rem >= 16 ? 16 : rem >= 8 ? 8 : rem; /* tokens of this launch */
         switch (nt) {
-#define GV(k) case k: k_gemv<TYPE, k><<<blocks, GV_WARPS * 32, 0, st>>>(w->d, d2, w->rb, w->rows, w->cols, ks, x, ldx, ti, y, ldy, add, nm.w, nm.out, nm.eps, nm.ticket); break;
+#define GV(k) case k: k_gemv<TYPE, k><<<blocks, GV_WARPS * 32, 0, st>>>(w->d, d2, w->rb, w->rows, w->cols, ks, x, ldx, ti, y, ldy, add); break;
         GV(1) GV(2) GV(3) GV(4) GV(5) GV(6) GV(7) GV(8) GV(16) GV(32)
 #undef GV
         }
@@ -527,8 +495,6 @@ static void launch_mm(const dweight *w, const dweight *w2, const float *x, int l
         int nt = n - n_lone;
         dim3 grid((w->rows + GT - 1) / GT, (nt + GT - 1) / GT);
         k_gemm<TYPE><<<grid, 256, 0, st>>>(w->d, w->rb, w->rows, w->cols, x, ldx, tix + n_lone, nt, y, ldy, add);
-        if (nm.w) /* the tiled tokens' norm: their rows, in place */
-            k_rmsnorm<<<nt, 256, 0, st>>>(y, tix + n_lone, nm.w, nm.out, ldy, nm.eps, 1);
         if (w2) {
             k_gemm<TYPE><<<grid, 256, 0, st>>>(w2->d, w2->rb, w2->rows, w2->cols, x, ldx, tix + n_lone, nt, y2,
                                                ldy, 0);
@@ -539,17 +505,17 @@ static void launch_mm(const dweight *w, const dweight *w2, const float *x, int l
 }
 
 static void matmul2(const dweight *w, const dweight *w2, const float *x, int ldx, const int *tix, int n_lone,
-                    int n, float *y, int ldy, int add, float *y2, cudaStream_t st, fnorm nm = fnorm{}) {
+                    int n, float *y, int ldy, int add, float *y2, cudaStream_t st) {
     switch (w->type) {
-#define MM(t) case t: launch_mm<t>(w, w2, x, ldx, tix, n_lone, n, y, ldy, add, y2, st, nm); break;
+#define MM(t) case t: launch_mm<t>(w, w2, x, ldx, tix, n_lone, n, y, ldy, add, y2, st); break;
     MM(T_F32) MM(T_F16) MM(T_BF16) MM(T_Q4_0) MM(T_Q4_1) MM(T_Q5_0) MM(T_Q5_1) MM(T_Q8_0) MM(T_Q4_K) MM(T_Q6_K)
 #undef MM
     }
 }
 
 static void matmul(const dweight *w, const float *x, int ldx, const int *tix, int n_lone, int n, float *y,
-                   int ldy, cudaStream_t st, int add = 0, fnorm nm = fnorm{}) {
-    matmul2(w, NULL, x, ldx, tix, n_lone, n, y, ldy, add, NULL, st, nm);
+                   int ldy, cudaStream_t st, int add = 0) {
+    matmul2(w, NULL, x, ldx, tix, n_lone, n, y, ldy, add, NULL, st);
 }
 
 static void embed(const dweight *w, const int32_t *tok, int T, float *x, cudaStream_t st) {
@@ -809,7 +775,6 @@ struct cuda_ctx {
     uint64_t weight_bytes, scratch_bytes, kv_bytes, kv_peak;
     /* scratch */
     float *x, *xn, *q, *k, *v, *gate, *up, *part, *logits;
-    unsigned *d_ticket;        /* the fused RMSNorm's block counter (0 between launches) */
     int part_rows;             /* (token, split) rows att_part holds */
     int32_t *d_meta;           /* tok, pos, slot, rows, splits, first partial row, token order
                                 * (lone tokens first), logits-row order per chunk, rank among its
@@ -958,10 +923,8 @@ extern "C" enum kvs_status cuda_ctx_new(const struct cuda_model_desc *m, int n_c
         (st = dev_alloc(g, &g->part, (size_t)g->part_rows * g->nkv * grp * (g->hd + 2) * 4, "scratch")) != KVS_OK ||
         (st = dev_alloc(g, &g->logits, (size_t)LOGIT_ROWS * g->nv * 4, "scratch")) != KVS_OK ||
         (st = dev_alloc(g, &g->d_meta, meta_bytes(g), "scratch")) != KVS_OK ||
-        (st = dev_alloc(g, &g->d_seqs, (size_t)n_seq * sizeof(dseq), "scratch")) != KVS_OK ||
-        (st = dev_alloc(g, &g->d_ticket, sizeof(unsigned), "scratch")) != KVS_OK)
+        (st = dev_alloc(g, &g->d_seqs, (size_t)n_seq * sizeof(dseq), "scratch")) != KVS_OK)
         return st;
-    CK(cudaMemset(g->d_ticket, 0, sizeof(unsigned)), "cudaMemset");
     CK(cudaMallocHost((void **)&g->h_meta, meta_bytes(g)), "cudaMallocHost");
     memset(g->h_meta, 0, meta_bytes(g));
     g->h_lens = g->h_meta + META * T;
@@ -985,7 +948,6 @@ extern "C" void cuda_ctx_free(struct cuda_ctx *g) {
     for (size_t i = 0; i < sizeof bufs / sizeof *bufs; i++) cudaFree(bufs[i]);
     cudaFree(g->d_meta);
     cudaFree(g->d_seqs);
-    cudaFree(g->d_ticket);
     cudaFree(g->d_keep);
     cudaFree(g->d_wscore);
     cudaFree(g->d_wml);
@@ -1191,10 +1153,9 @@ static void enqueue(cuda_ctx *g, int T, int n_out, int ns_grid, float *logits_ds
     size_t smem = attn_smem(grp, g->hd);
     float scale = 1.0f / sqrtf((float)g->hd);
     embed(&g->tok_embd, d_tok, T, g->x, st);
-    k_rmsnorm<<<T, 256, 0, st>>>(g->x, NULL, g->L[0].attn_norm, g->xn, d, g->eps);
     for (int il = 0; il < g->n_layer; il++) {
         const dlayer *l = &g->L[il];
-        /* (each RMSNorm after the first is done by the residual product before it) */
+        k_rmsnorm<<<T, 256, 0, st>>>(g->x, NULL, l->attn_norm, g->xn, d, g->eps);
         matmul(&l->wq, g->xn, d, d_tix, nl, T, g->q, nq, st);
         matmul(&l->wk, g->xn, d, d_tix, nl, T, g->k, nk, st);
         matmul(&l->wv, g->xn, d, d_tix, nl, T, g->v, nk, st);
@@ -1205,8 +1166,8 @@ static void enqueue(cuda_ctx *g, int T, int n_out, int ns_grid, float *logits_ds
                                                             il, g->n_layer, g->nh, g->nkv, g->hd, scale, g->part);
         k_att_combine<<<dim3(T, g->nh), g->hd < 128 ? g->hd : 128, 0, st>>>(g->part, d_nsp, d_poff, g->nh,
                                                                              g->nkv, g->hd, g->xn);
-        /* the residual added by the product, then the FFN's norm */
-        matmul(&l->wo, g->xn, nq, d_tix, nl, T, g->x, d, st, 1, fnorm{l->ffn_norm, g->xn, g->eps, g->d_ticket});
+        matmul(&l->wo, g->xn, nq, d_tix, nl, T, g->x, d, st, 1); /* the residual added by the product */
+        k_rmsnorm<<<T, 256, 0, st>>>(g->x, NULL, l->ffn_norm, g->xn, d, g->eps);
         if (l->wg.type == l->wu.type && l->wg.rows == l->wu.rows && l->wg.rb == l->wu.rb) {
             matmul2(&l->wg, &l->wu, g->xn, d, d_tix, nl, T, g->gate, ff, 0, g->up, st); /* + SwiGLU */
         } else {
@@ -1215,8 +1176,7 @@ static void enqueue(cuda_ctx *g, int T, int n_out, int ns_grid, float *logits_ds
             size_t nf = (size_t)T * ff;
             k_swiglu<<<(unsigned)((nf + 255) / 256), 256, 0, st>>>(g->gate, g->up, ff, d_tix, nf);
         }
-        matmul(&l->wd, g->gate, ff, d_tix, nl, T, g->x, d, st, 1,
-               il + 1 < g->n_layer ? fnorm{g->L[il + 1].attn_norm, g->xn, g->eps, g->d_ticket} : fnorm{});
+        matmul(&l->wd, g->gate, ff, d_tix, nl, T, g->x, d, st, 1);
     }
     for (int r0 = 0; r0 < n_out; r0 += LOGIT_ROWS) {
         int nr = n_out - r0 < LOGIT_ROWS ? n_out - r0 : LOGIT_ROWS;
