@@ -452,43 +452,49 @@ static enum kvs_status gpu_compress(struct kvs_context *c, kvs_sequence *s, enum
     int32_t slack = phase == FWD_DECODE ? (sp->every > 0 ? sp->every : -1) : prompt ? 0 : -1;
     if (slack < 0) return KVS_OK;
     const struct hparams *hp = &c->m->hp;
-    int nl = hp->n_layer, nkv = hp->n_head_kv;
-    bool any = false;
-    for (int il = 0; il < nl && !any; il++)
-        any = kv_policy_over(p, il, n_seen, slack, cuda_seq_layer_entries(c->gpu, s->slot, il));
-    if (!any) return KVS_OK;
+    int nl = hp->n_layer, nkv = hp->n_head_kv, lay[1024], n_lay = 0;
+    for (int il = 0; il < nl; il++)
+        if (kv_policy_over(p, il, n_seen, slack, cuda_seq_layer_entries(c->gpu, s->slot, il))) lay[n_lay++] = il;
+    if (!n_lay) return KVS_OK;
     int32_t *keep_l[1024] = {0}, n_keep[1024];
-    int32_t *store = malloc(sizeof(int32_t) * (size_t)nl * nkv * p->cap_max);
-    int32_t *vis = malloc(sizeof(int32_t) * (size_t)nkv * (p->qwin + 1)), *qpos = malloc(sizeof(int32_t) * (p->qwin + 1));
-    float *tmp = malloc(sizeof(float) * (size_t)p->cap_max);
-    enum kvs_status st = store && vis && qpos && tmp ? KVS_OK : kvs_fail(KVS_ERR_NOMEM, "out of memory for a GPU plan");
+    int32_t *store = malloc(sizeof(int32_t) * (size_t)n_lay * nkv * p->cap_max);
+    float *sc = malloc(sizeof(float) * (size_t)n_lay * nkv * p->cap_max), *tmp = malloc(sizeof(float) * (size_t)p->cap_max);
+    int32_t *vis = malloc(sizeof(int32_t) * (size_t)n_lay * nkv * (p->qwin + 1)), *qpos = malloc(sizeof(int32_t) * (p->qwin + 1));
+    enum kvs_status st = store && sc && tmp && vis && qpos ? KVS_OK : kvs_fail(KVS_ERR_NOMEM, "out of memory for a GPU plan");
     /* the newest qwin saved queries, as the CPU scorer takes */
     int nq = st == KVS_OK ? cuda_seq_queries(c->gpu, s->slot, qpos, p->qwin) : 0;
-    for (int il = 0; il < nl && st == KVS_OK; il++) {
-        int32_t n = cuda_seq_layer_entries(c->gpu, s->slot, il), nh[KV_VIEW_MAX_HEADS];
-        const int32_t *pos[KV_VIEW_MAX_HEADS];
-        n_keep[il] = n;
-        if (!kv_policy_over(p, il, n_seen, slack, n)) continue;
+    /* causal: query w sees the entries at positions up to its own (a prefix: entries are in
+     * position order) */
+    for (int i = 0; i < n_lay && st == KVS_OK; i++)
         for (int ih = 0; ih < nkv; ih++) {
-            pos[ih] = cuda_seq_positions(c->gpu, s->slot, il, ih);
-            nh[ih] = n;
-            /* causal: query w sees the entries at positions up to its own (a prefix: entries are
-             * in position order) */
+            const int32_t *pos = cuda_seq_positions(c->gpu, s->slot, lay[i], ih);
+            int32_t n = cuda_seq_layer_entries(c->gpu, s->slot, lay[i]);
             for (int w = 0; w < nq; w++) {
                 int32_t lo = 0, hi = n;
                 while (lo < hi) {
                     int32_t mid = (lo + hi) / 2;
-                    if (pos[ih][mid] <= qpos[w]) lo = mid + 1;
+                    if (pos[mid] <= qpos[w]) lo = mid + 1;
                     else hi = mid;
                 }
-                vis[ih * nq + w] = lo;
+                vis[((size_t)i * nkv + ih) * nq + w] = lo;
             }
         }
-        st = cuda_seq_score_window(c->gpu, s->slot, il, vis, nq, sp->agg == KV_AGG_MAX, p->score, (size_t)p->cap_max);
-        if (st != KVS_OK) break;
-        for (int ih = 0; ih < nkv; ih++) kv_snapkv_pool(p, p->score + (size_t)ih * p->cap_max, n, tmp);
+    if (st == KVS_OK)
+        st = cuda_seq_score_window(c->gpu, s->slot, n_lay, lay, vis, nq, sp->agg == KV_AGG_MAX, sc, (size_t)p->cap_max);
+    for (int il = 0; il < nl; il++) n_keep[il] = cuda_seq_layer_entries(c->gpu, s->slot, il);
+    for (int i = 0; i < n_lay && st == KVS_OK; i++) {
+        int il = lay[i];
+        int32_t n = n_keep[il], nh[KV_VIEW_MAX_HEADS];
+        const int32_t *pos[KV_VIEW_MAX_HEADS];
+        for (int ih = 0; ih < nkv; ih++) {
+            pos[ih] = cuda_seq_positions(c->gpu, s->slot, il, ih);
+            nh[ih] = n;
+            float *row = p->score + (size_t)ih * p->cap_max;
+            memcpy(row, sc + ((size_t)i * nkv + ih) * p->cap_max, sizeof(float) * n);
+            kv_snapkv_pool(p, row, n, tmp);
+        }
         if (!kv_policy_plan_scored(p, il, n_seen, slack, nh, pos, s->kv->pin, &c->plan)) continue;
-        keep_l[il] = store + (size_t)il * nkv * p->cap_max;
+        keep_l[il] = store + (size_t)i * nkv * p->cap_max;
         for (int ih = 0; ih < nkv; ih++) {
             KVS_ASSERT(c->plan.n_keep[ih] == c->plan.n_keep[0]); /* same n and budget in every head */
             memcpy(keep_l[il] + (size_t)ih * p->cap_max, c->plan.keep[ih], sizeof(int32_t) * c->plan.n_keep[ih]);
@@ -498,7 +504,7 @@ static enum kvs_status gpu_compress(struct kvs_context *c, kvs_sequence *s, enum
         KVS_ASSERT(n_keep[il] <= kv_policy_budget(p, il, n_seen) || n_keep[il] == n);
     }
     if (st == KVS_OK) st = cuda_seq_compact(c->gpu, s->slot, (const int32_t *const *)keep_l, n_keep, p->cap_max);
-    free(store), free(vis), free(qpos), free(tmp);
+    free(store), free(sc), free(tmp), free(vis), free(qpos);
     return st;
 }
 

@@ -131,12 +131,12 @@ bench)
     ;;
 kvbench)
     # one bench per KV spec at one context, NP sequences decoding together (the spec's cache,
-    # copied NP times after one fill): kvbench NAME CONTEXT NP SPEC...
+    # copied NP times after one fill): kvbench NAME CONTEXT NP SPEC...; BIN= another binary
     m=$M/$2.gguf ctx=$3 np=$4 c=$(( $3 + 600 )) name=$2
     shift 4
     for spec in "$@"; do
-        f="$R/${name}_kv_$(printf %s "$spec" | tr -c 'a-zA-Z0-9.=' _).json"
-        timeout 280 $K/bin/kvsieve bench --device cuda -m "$m" -c "$c" --contexts "$ctx" --prompt 512 --decode 64 \
+        f="$R/${name}_${BIN:-kvsieve}_np${np}_$(printf %s "$spec" | tr -c 'a-zA-Z0-9.=' _).json"
+        timeout 280 $K/bin/${BIN:-kvsieve} bench --device cuda -m "$m" -c "$c" --contexts "$ctx" --prompt 512 --decode 64 \
             --reps 2 -np "$np" --kv "$spec" --json -q > "$f" 2> "${f%.json}.err" ||
             { echo "$spec failed:"; tail -5 "${f%.json}.err"; }
         echo "== $spec"; summ "$f"

@@ -790,9 +790,9 @@ struct cuda_ctx {
     hseq *hs;                  /* (n_seq) host bookkeeping */
     int32_t *d_keep;           /* compaction's kept indices, (n_layer, nkv, keep_cap) */
     size_t keep_cap;
-    float *d_wscore, *d_wml;   /* window scores (nkv, score_cap) and softmax (m, l) per query */
-    int32_t *d_wvis;           /* (nkv, qwin) entries each saved query sees */
-    size_t score_cap;
+    float *d_wscore, *d_wml;   /* window scores (n_layer, nkv, n_ctx + t_max) and softmax (m, l) per query
+                                * (n_layer, nkv, QWIN_MAX, group), allocated at the first scoring */
+    int32_t *d_wvis;           /* (n_layer, nkv, QWIN_MAX) entries each saved query sees */
     bool graphs;               /* replay decode steps as CUDA graphs (KVS_CUDA_GRAPHS=0: off) */
     cudaGraphExec_t gexec[GRAPH_T + 1][GRAPH_T + 1]; /* by (T, n_out), captured on first use */
     float *h_logits;           /* pinned (GRAPH_T, n_vocab): the graphs' logits */
@@ -1451,45 +1451,63 @@ __global__ void __launch_bounds__(SCORE_T) k_win_score(const dseq *seqs, int slo
     if (j < n) out[(size_t)h * stride + j] = acc;
 }
 
-extern "C" enum kvs_status cuda_seq_score_window(struct cuda_ctx *g, int slot, int layer, const int32_t *vis, int nq,
-                                                 bool agg_max, float *out, size_t stride) {
+extern "C" enum kvs_status cuda_seq_score_window(struct cuda_ctx *g, int slot, int n_layers, const int *layers,
+                                                 const int32_t *vis, int nq, bool agg_max, float *out, size_t stride) {
     const dseq *sq = &g->h_seqs[slot];
     const hseq *h = &g->hs[slot];
-    int n = lens_of(g, slot)[layer], grp = g->nh / g->nkv;
-    if (!sq->qr || nq > h->q_n || nq < 0)
+    int grp = g->nh / g->nkv, nmax = 0;
+    if (!sq->qr || nq > h->q_n || nq < 0 || nq > QWIN_MAX || n_layers < 0 || n_layers > g->n_layer)
         return kvs_fail(KVS_ERR_INTERNAL, "cuda: slot %d keeps %d queries, %d asked", slot, h->q_n, nq);
-    for (int i = 0; i < g->nkv * nq; i++)
-        if (vis[i] < 0 || vis[i] > n) return kvs_fail(KVS_ERR_INTERNAL, "cuda: a query sees %d of %d entries", vis[i], n);
-    if (n == 0) return KVS_OK;
-    if ((size_t)n > g->score_cap || !g->d_wml) {
-        size_t cap = (size_t)(g->n_ctx + g->t_max);
-        cudaFree(g->d_wscore), cudaFree(g->d_wml), cudaFree(g->d_wvis);
-        g->d_wscore = g->d_wml = NULL, g->d_wvis = NULL, g->score_cap = 0;
-        CK(cudaMalloc(&g->d_wscore, (size_t)g->nkv * cap * sizeof(float)), "window scores");
-        CK(cudaMalloc(&g->d_wml, (size_t)g->nkv * QWIN_MAX * grp * 2 * sizeof(float)), "window scores");
-        CK(cudaMalloc(&g->d_wvis, (size_t)g->nkv * QWIN_MAX * sizeof(int32_t)), "window scores");
-        g->score_cap = cap;
+    for (int i = 0; i < n_layers; i++) {
+        if (layers[i] < 0 || layers[i] >= g->n_layer) return kvs_fail(KVS_ERR_INTERNAL, "cuda: layer %d", layers[i]);
+        int n = lens_of(g, slot)[layers[i]];
+        if ((size_t)n > stride) return kvs_fail(KVS_ERR_INTERNAL, "cuda: %d entries, rows of %zu", n, stride);
+        nmax = n > nmax ? n : nmax;
+        for (int j = 0; j < g->nkv * nq; j++) {
+            int v = vis[((size_t)i * g->nkv) * nq + j];
+            if (v < 0 || v > n) return kvs_fail(KVS_ERR_INTERNAL, "cuda: a query sees %d of %d entries", v, n);
+        }
+    }
+    if (nmax == 0 || n_layers == 0) return KVS_OK;
+    if (nq == 0) {
+        for (size_t r = 0; r < (size_t)n_layers * g->nkv; r++) memset(out + r * stride, 0, sizeof(float) * nmax);
+        return KVS_OK;
+    }
+    /* scratch for every layer at once: scores (layer, head, entry), softmax (m, l) per query */
+    size_t cap = (size_t)(g->n_ctx + g->t_max);
+    if (!g->d_wscore) {
+        size_t rows = (size_t)g->n_layer * g->nkv;
+        if (cudaMalloc(&g->d_wscore, rows * cap * sizeof(float)) != cudaSuccess ||
+            cudaMalloc(&g->d_wml, rows * QWIN_MAX * grp * 2 * sizeof(float)) != cudaSuccess ||
+            cudaMalloc(&g->d_wvis, rows * QWIN_MAX * sizeof(int32_t)) != cudaSuccess) {
+            cudaFree(g->d_wscore), cudaFree(g->d_wml), cudaFree(g->d_wvis);
+            g->d_wscore = g->d_wml = NULL, g->d_wvis = NULL;
+            cudaGetLastError();
+            return kvs_fail(KVS_ERR_NOMEM, "cuda: out of GPU memory for the window scores");
+        }
+        g->scratch_bytes += rows * (cap + QWIN_MAX * (grp * 2 + 1)) * sizeof(float);
         size_t most = (size_t)MAXG * 256 * sizeof(float) + (size_t)SCORE_T * (256 / 2 + 1) * sizeof(uint32_t);
         CK(cudaFuncSetAttribute(k_win_score, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)most), "window scores");
     }
-    if (nq > QWIN_MAX) return kvs_fail(KVS_ERR_INTERNAL, "cuda: %d window queries", nq);
-    if (nq == 0) {
-        for (int ih = 0; ih < g->nkv; ih++) memset(out + ih * stride, 0, sizeof(float) * n);
-        return KVS_OK;
-    }
     int q0 = ((h->q_next - nq) % sq->qwin + sq->qwin) % sq->qwin; /* the oldest of the newest nq */
     float scale = 1.0f / sqrtf((float)g->hd);
-    CK(cudaMemcpyAsync(g->d_wvis, vis, sizeof(int32_t) * g->nkv * nq, cudaMemcpyHostToDevice, g->st), "window scores");
+    CK(cudaMemcpyAsync(g->d_wvis, vis, sizeof(int32_t) * n_layers * g->nkv * nq, cudaMemcpyHostToDevice, g->st),
+       "window scores");
     size_t sm1 = ((size_t)grp * g->hd + 8 * grp * 2) * sizeof(float);
-    k_win_ml<<<dim3(g->nkv, nq), 256, sm1, g->st>>>(g->d_seqs, slot, layer, g->nh, g->nkv, g->hd, q0, nq, g->d_wvis,
-                                                    scale, g->d_wml);
     size_t sm2 = (size_t)grp * g->hd * sizeof(float) + (size_t)SCORE_T * (g->hd / 2 + 1) * sizeof(uint32_t);
-    k_win_score<<<dim3(g->nkv, (n + SCORE_T - 1) / SCORE_T), SCORE_T, sm2, g->st>>>(
-        g->d_seqs, slot, layer, g->nh, g->nkv, g->hd, q0, nq, g->d_wvis, g->d_wml, scale, agg_max, n, g->d_wscore,
-        (int)g->score_cap);
+    for (int i = 0; i < n_layers; i++) { /* the layers' launches back to back, one copy and one wait */
+        int n = lens_of(g, slot)[layers[i]];
+        if (n == 0) continue;
+        const int32_t *vi = g->d_wvis + (size_t)i * g->nkv * nq;
+        float *ml = g->d_wml + (size_t)i * g->nkv * nq * grp * 2, *sc = g->d_wscore + (size_t)i * g->nkv * cap;
+        k_win_ml<<<dim3(g->nkv, nq), 256, sm1, g->st>>>(g->d_seqs, slot, layers[i], g->nh, g->nkv, g->hd, q0, nq, vi,
+                                                        scale, ml);
+        k_win_score<<<dim3(g->nkv, (n + SCORE_T - 1) / SCORE_T), SCORE_T, sm2, g->st>>>(
+            g->d_seqs, slot, layers[i], g->nh, g->nkv, g->hd, q0, nq, vi, ml, scale, agg_max, n, sc, (int)cap);
+    }
     CK(cudaGetLastError(), "window scores");
-    CK(cudaMemcpy2DAsync(out, stride * sizeof(float), g->d_wscore, g->score_cap * sizeof(float), n * sizeof(float),
-                         g->nkv, cudaMemcpyDeviceToHost, g->st), "window scores");
+    CK(cudaMemcpy2DAsync(out, stride * sizeof(float), g->d_wscore, cap * sizeof(float), nmax * sizeof(float),
+                         (size_t)n_layers * g->nkv, cudaMemcpyDeviceToHost, g->st), "window scores");
     CK(cudaStreamSynchronize(g->st), "window scores");
     return KVS_OK;
 }

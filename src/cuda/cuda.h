@@ -80,12 +80,13 @@ int cuda_seq_layer_entries(const struct cuda_ctx *g, int slot, int layer);
 const int32_t *cuda_seq_positions(const struct cuda_ctx *g, int slot, int layer, int head);
 /* The positions of the newest saved queries (at most max), oldest first, into qpos; returns how many. */
 int cuda_seq_queries(const struct cuda_ctx *g, int slot, int32_t *qpos, int max);
-/* SnapKV's window scores of layer's entries: for each KV head h and entry j, the sum over the
- * newest nq saved queries w (that see entry j: j < vis[h * nq + w]) of the query-head
- * probabilities of j, averaged over the group's query heads (their max when agg_max). Written to
- * out[h * stride + j] on the host. */
-enum kvs_status cuda_seq_score_window(struct cuda_ctx *g, int slot, int layer, const int32_t *vis, int nq,
-                                      bool agg_max, float *out, size_t stride);
+/* SnapKV's window scores of the entries of layers[0 .. n_layers) (one launch pair per layer, one
+ * copy back): for layer i, KV head h and entry j, the sum over the newest nq saved queries w that
+ * see entry j (j < vis[(i * nkv + h) * nq + w]) of the query-head probabilities of j, averaged
+ * over the group's query heads (their max when agg_max), written to out[(i * nkv + h) * stride
+ * + j] on the host (entries past a layer's count: undefined). */
+enum kvs_status cuda_seq_score_window(struct cuda_ctx *g, int slot, int n_layers, const int *layers,
+                                      const int32_t *vis, int nq, bool agg_max, float *out, size_t stride);
 /* Keep, in each layer l, n_keep[l] entries of every head: those at ascending indices
  * keep[l][h * kstride + i] (keep[l] NULL: the layer as it is). The entries move to new buffers
  * sized to what is kept (plus room for 256), so device memory shrinks with the cache. */

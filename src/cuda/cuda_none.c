@@ -65,9 +65,9 @@ int cuda_seq_queries(const struct cuda_ctx *g, int slot, int32_t *qpos, int max)
     (void)g, (void)slot, (void)qpos, (void)max;
     return 0;
 }
-enum kvs_status cuda_seq_score_window(struct cuda_ctx *g, int slot, int layer, const int32_t *vis, int nq,
-                                      bool agg_max, float *out, size_t stride) {
-    (void)g, (void)slot, (void)layer, (void)vis, (void)nq, (void)agg_max, (void)out, (void)stride;
+enum kvs_status cuda_seq_score_window(struct cuda_ctx *g, int slot, int n_layers, const int *layers,
+                                      const int32_t *vis, int nq, bool agg_max, float *out, size_t stride) {
+    (void)g, (void)slot, (void)n_layers, (void)layers, (void)vis, (void)nq, (void)agg_max, (void)out, (void)stride;
     return no_cuda();
 }
 enum kvs_status cuda_seq_compact(struct cuda_ctx *g, int slot, const int32_t *const *keep, const int32_t *n_keep,

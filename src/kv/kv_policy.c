@@ -168,11 +168,37 @@ static int cmp_i32(const void *a, const void *b) {
     return (i > j) - (i < j);
 }
 
-/* Keep for one head: the last `prot` entries plus the best (budget - prot) of the others. */
 static bool plan_adakv(struct kv_policy *p, const struct kv_seq *s, int il, int32_t budget,
                        int32_t prot, struct kv_plan *plan);
 static bool d2o_skipped(const struct kv_policy *p, int il);
 
+/* a ranks before b: the higher score, ties to the larger index (cmp_desc's order) */
+static inline bool ranks_before(const float *sc, int32_t a, int32_t b) {
+    return sc[a] > sc[b] || (sc[a] == sc[b] && a > b);
+}
+
+/* Reorder v[0..n) so that its first k are the k best by ranks_before (in no order): the set a
+ * sort by cmp_desc would put first, found in O(n) expected time (quickselect, median of three). */
+static void select_best(const float *sc, int32_t *v, int32_t n, int32_t k) {
+    int32_t lo = 0, hi = n - 1;
+    while (lo < hi && k > lo && k <= hi) {
+        int32_t mid = lo + (hi - lo) / 2, t;
+        /* median of three into v[hi] as the pivot */
+        if (ranks_before(sc, v[mid], v[lo])) t = v[mid], v[mid] = v[lo], v[lo] = t;
+        if (ranks_before(sc, v[hi], v[lo])) t = v[hi], v[hi] = v[lo], v[lo] = t;
+        if (ranks_before(sc, v[mid], v[hi])) t = v[mid], v[mid] = v[hi], v[hi] = t;
+        int32_t piv = v[hi], i = lo;
+        for (int32_t j = lo; j < hi; j++)
+            if (ranks_before(sc, v[j], piv)) t = v[i], v[i] = v[j], v[j] = t, i++;
+        t = v[i], v[i] = v[hi], v[hi] = t; /* v[lo..i) rank before the pivot, now at i */
+        if (i == k || i + 1 == k) return;
+        if (i > k) hi = i - 1;
+        else lo = i + 1;
+    }
+}
+
+/* Keep for one head: the last `prot` entries plus the best (budget - prot) of the others, in
+ * ascending order */
 static int32_t select_head(const float *score, int32_t n, int32_t budget, int32_t prot,
                            int32_t *order, int32_t *keep) {
     if (n <= budget) {
@@ -182,10 +208,12 @@ static int32_t select_head(const float *score, int32_t n, int32_t budget, int32_
     if (prot > budget) prot = budget;
     int32_t cand = n - prot, take = budget - prot, nk = 0;
     for (int32_t j = 0; j < cand; j++) order[j] = j;
-    g_sort_score = score;
-    qsort(order, (size_t)cand, sizeof *order, cmp_desc);
-    for (int32_t j = 0; j < take; j++) keep[nk++] = order[j];
-    qsort(keep, (size_t)nk, sizeof *keep, cmp_i32);
+    select_best(score, order, cand, take);
+    /* the chosen ones in ascending order: flags in keep, then compacted in place (nk <= j) */
+    for (int32_t j = 0; j < cand; j++) keep[j] = 0;
+    for (int32_t i = 0; i < take; i++) keep[order[i]] = 1;
+    for (int32_t j = 0; j < cand; j++)
+        if (keep[j]) keep[nk++] = j;
     for (int32_t j = cand; j < n; j++) keep[nk++] = j;
     return nk;
 }
