@@ -1056,6 +1056,29 @@ __global__ void k_kv_gather(const __half *ok, const __half *ov, int ocap, __half
     }
 }
 
+/* in place: row (l, h)'s entries at keep[(l * nkv + h) * kstride + i] (ascending) move to i for
+ * i < n_new[l], blockDim.y entries at a time, every read of a chunk before its writes: a chunk
+ * writes below its end, and later chunks read at or above it, so nothing is overwritten before
+ * it is read (head sizes up to 256: one 16-byte word per lane) */
+__global__ void k_kv_compact(__half *k, __half *v, int cap, const int32_t *keep, int kstride, const int *n_new,
+                             int nkv, int hd) {
+    int row = blockIdx.x, n = n_new[row / nkv], w = hd / 8, x = threadIdx.x;
+    uint4 *K = (uint4 *)(k + (size_t)row * cap * hd), *V = (uint4 *)(v + (size_t)row * cap * hd);
+    const int32_t *kp = keep + (size_t)row * kstride;
+    for (int c = 0; c < n; c += blockDim.y) {
+        int i = c + threadIdx.y;
+        bool on = i < n && x < w;
+        uint4 a = {}, b = {};
+        if (on) {
+            size_t j = (size_t)kp[i] * w + x;
+            a = K[j], b = V[j];
+        }
+        __syncthreads();
+        if (on) K[(size_t)i * w + x] = a, V[(size_t)i * w + x] = b;
+        __syncthreads();
+    }
+}
+
 /* move slot's entries into new buffers of cap entries, keeping per (layer, head) the entries
  * keep lists (NULL: the first n_new[l] as they are) */
 static enum kvs_status seq_move(cuda_ctx *g, int slot, int cap, const int32_t *d_keep, int kstride,
@@ -1546,10 +1569,25 @@ extern "C" enum kvs_status cuda_seq_compact(struct cuda_ctx *g, int slot, const 
         free(hk);
         return cuda_error(e, "compaction");
     }
-    /* the new capacity: what is kept plus room for 256 more (the cache shrinks with it) */
+    /* the new capacity: what is kept plus room for 256 more; a cache that would shrink moves to
+     * new buffers (device memory shrinks with it), else it is compacted where it is */
     int cap = (nmax + 256 + 255) / 256 * 256;
     if (cap > g->n_ctx + g->t_max) cap = g->n_ctx + g->t_max;
-    enum kvs_status st = seq_move(g, slot, cap, g->d_keep, nmax, n_keep);
+    enum kvs_status st = KVS_OK;
+    dseq *s = &g->h_seqs[slot];
+    if (cap < s->cap) {
+        st = seq_move(g, slot, cap, g->d_keep, nmax, n_keep);
+    } else if (nmax > 0) {
+        int *d_n = (int *)g->d_meta + (size_t)g->t_max * META + (size_t)slot * g->n_layer;
+        e = cudaMemcpyAsync(d_n, n_keep, sizeof(int) * g->n_layer, cudaMemcpyHostToDevice, g->st);
+        if (e == cudaSuccess)
+            k_kv_compact<<<(unsigned)rows, dim3(32, 16), 0, g->st>>>(s->k, s->v, s->cap, g->d_keep, nmax, d_n, g->nkv,
+                                                                  g->hd);
+        if (e == cudaSuccess) e = cudaGetLastError();
+        if (e == cudaSuccess) e = cudaStreamSynchronize(g->st);
+        if (e != cudaSuccess) st = cuda_error(e, "compacting a K/V cache");
+    }
+    if (st == KVS_OK) s->n = nmax;
     if (st == KVS_OK) {
         if (h->pos)
             for (size_t r = 0; r < rows; r++) {
