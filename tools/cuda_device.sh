@@ -34,7 +34,9 @@
 #          send the rest only once it has answered, back to back: it goes back after 30 s idle);
 #          one run per piece carrying .cache/dev/parts/NAME.pNN: `part NAME NN`, the last one also
 #          `assemble NAME SHA256 && check NAME`; then `bench smol 1024,8000`, `bench qwen 1024,16384`,
-#          `profile qwen`. SmolLM2 is 2 pieces, Qwen2.5-1.5B 19.
+#          `kvbench qwen 32768 16 full snapkv:ratio=0.1` (BIN=kvsieve_old for the previous build),
+#          `profile qwen`. SmolLM2 is 2 pieces, Qwen2.5-1.5B 19. Starts are often refused: a
+#          refusal costs 15-90 s of the session's device time, so stage everything before the first call.
 set -uo pipefail
 K=/tmp/k M=/tmp/m R=/tmp/res
 PART_MB=${PART_MB:-56}
