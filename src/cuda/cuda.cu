@@ -791,8 +791,10 @@ struct cuda_ctx {
     int32_t *d_keep;           /* compaction's kept indices, (n_layer, nkv, keep_cap) */
     size_t keep_cap;
     float *d_wscore, *d_wml;   /* window scores (n_layer, nkv, n_ctx + t_max) and softmax (m, l) per query
-                                * (n_layer, nkv, QWIN_MAX, group), allocated at the first scoring */
-    int32_t *d_wvis;           /* (n_layer, nkv, QWIN_MAX) entries each saved query sees */
+                                * (n_layer, nkv, wq_cap, group), allocated at the first scoring */
+    int32_t *d_wvis;           /* (n_layer, nkv, wq_cap) entries each saved query sees */
+    int wq_cap;                /* queries the window scratch holds */
+    uint64_t wscratch_bytes;   /* its bytes (in scratch_bytes) */
     bool graphs;               /* replay decode steps as CUDA graphs (KVS_CUDA_GRAPHS=0: off) */
     cudaGraphExec_t gexec[GRAPH_T + 1][GRAPH_T + 1]; /* by (T, n_out), captured on first use */
     float *h_logits;           /* pinned (GRAPH_T, n_vocab): the graphs' logits */
@@ -1062,10 +1064,21 @@ __global__ void k_kv_gather(const __half *ok, const __half *ov, int ocap, __half
  * it is read (head sizes up to 256: one 16-byte word per lane) */
 __global__ void k_kv_compact(__half *k, __half *v, int cap, const int32_t *keep, int kstride, const int *n_new,
                              int nkv, int hd) {
+    __shared__ int first;
     int row = blockIdx.x, n = n_new[row / nkv], w = hd / 8, x = threadIdx.x;
     uint4 *K = (uint4 *)(k + (size_t)row * cap * hd), *V = (uint4 *)(v + (size_t)row * cap * hd);
     const int32_t *kp = keep + (size_t)row * kstride;
-    for (int c = 0; c < n; c += blockDim.y) {
+    if (threadIdx.x == 0 && threadIdx.y == 0) { /* entries before the first dropped one stay where they are */
+        int lo = 0, hi = n; /* kp[i] - i never decreases: the first i with kp[i] > i */
+        while (lo < hi) {
+            int mid = (lo + hi) / 2;
+            if (kp[mid] > mid) hi = mid;
+            else lo = mid + 1;
+        }
+        first = lo;
+    }
+    __syncthreads();
+    for (int c = first; c < n; c += blockDim.y) {
         int i = c + threadIdx.y;
         bool on = i < n && x < w;
         uint4 a = {}, b = {};
@@ -1498,17 +1511,22 @@ extern "C" enum kvs_status cuda_seq_score_window(struct cuda_ctx *g, int slot, i
     }
     /* scratch for every layer at once: scores (layer, head, entry), softmax (m, l) per query */
     size_t cap = (size_t)(g->n_ctx + g->t_max);
-    if (!g->d_wscore) {
-        size_t rows = (size_t)g->n_layer * g->nkv;
+    if (!g->d_wscore || nq > g->wq_cap) { /* sized for the most queries asked so far */
+        size_t rows = (size_t)g->n_layer * g->nkv, qc = nq > 32 ? (size_t)nq : 32;
+        cudaFree(g->d_wscore), cudaFree(g->d_wml), cudaFree(g->d_wvis);
+        g->scratch_bytes -= g->wscratch_bytes;
+        g->d_wscore = g->d_wml = NULL, g->d_wvis = NULL, g->wq_cap = 0, g->wscratch_bytes = 0;
         if (cudaMalloc(&g->d_wscore, rows * cap * sizeof(float)) != cudaSuccess ||
-            cudaMalloc(&g->d_wml, rows * QWIN_MAX * grp * 2 * sizeof(float)) != cudaSuccess ||
-            cudaMalloc(&g->d_wvis, rows * QWIN_MAX * sizeof(int32_t)) != cudaSuccess) {
+            cudaMalloc(&g->d_wml, rows * qc * grp * 2 * sizeof(float)) != cudaSuccess ||
+            cudaMalloc(&g->d_wvis, rows * qc * sizeof(int32_t)) != cudaSuccess) {
             cudaFree(g->d_wscore), cudaFree(g->d_wml), cudaFree(g->d_wvis);
             g->d_wscore = g->d_wml = NULL, g->d_wvis = NULL;
             cudaGetLastError();
             return kvs_fail(KVS_ERR_NOMEM, "cuda: out of GPU memory for the window scores");
         }
-        g->scratch_bytes += rows * (cap + QWIN_MAX * (grp * 2 + 1)) * sizeof(float);
+        g->wq_cap = (int)qc;
+        g->wscratch_bytes = rows * (cap + qc * (grp * 2 + 1)) * sizeof(float);
+        g->scratch_bytes += g->wscratch_bytes;
         size_t most = (size_t)MAXG * 256 * sizeof(float) + (size_t)SCORE_T * (256 / 2 + 1) * sizeof(uint32_t);
         CK(cudaFuncSetAttribute(k_win_score, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)most), "window scores");
     }

@@ -88,8 +88,9 @@ int cuda_seq_queries(const struct cuda_ctx *g, int slot, int32_t *qpos, int max)
 enum kvs_status cuda_seq_score_window(struct cuda_ctx *g, int slot, int n_layers, const int *layers,
                                       const int32_t *vis, int nq, bool agg_max, float *out, size_t stride);
 /* Keep, in each layer l, n_keep[l] entries of every head: those at ascending indices
- * keep[l][h * kstride + i] (keep[l] NULL: the layer as it is). The entries move to new buffers
- * sized to what is kept (plus room for 256), so device memory shrinks with the cache. */
+ * keep[l][h * kstride + i] (keep[l] NULL: the layer as it is). When what is kept plus room for
+ * 256 needs less capacity than the slot has, the entries move to new buffers of that size (device
+ * memory shrinks with the cache); else they are compacted in place. */
 enum kvs_status cuda_seq_compact(struct cuda_ctx *g, int slot, const int32_t *const *keep, const int32_t *n_keep,
                                  int kstride);
 
