@@ -206,6 +206,10 @@ struct kvs_mem_stats {
     uint64_t scratch_bytes; /* activations and other per-context buffers */
 };
 void kvs_context_mem(const kvs_context *c, struct kvs_mem_stats *ms);
+/* Time the context's KV policies have spent planning and applying plans since it was created
+ * (seconds; on the CPU, scoring included; with --device cuda, the device's scoring, the host's
+ * planning and the device's compaction), and how many (sequence, layer) plans that was. */
+void kvs_context_plan_stats(const kvs_context *c, double *seconds, uint64_t *layers);
 /* Bytes of K/V payload and per-entry metadata (positions, weights) that one sequence holds now,
  * capacity rounding included, plus Attention-Gate's own cache under agate; statistic slots and
  * saved queries are not counted (they depend on the context's policy, not on what the sequence

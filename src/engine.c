@@ -643,6 +643,11 @@ enum kvs_status kvs_eval_batch(kvs_context *c, kvs_sequence *const *seqs, const 
     return KVS_OK;
 }
 
+void kvs_context_plan_stats(const kvs_context *c, double *seconds, uint64_t *layers) {
+    if (seconds) *seconds = c->plan_s;
+    if (layers) *layers = c->plan_layers;
+}
+
 void kvs_context_mem(const kvs_context *c, struct kvs_mem_stats *ms) {
     if (c->gpu) { /* device memory: the caches and the GPU's scratch beside the host's */
         uint64_t sc;

@@ -71,6 +71,8 @@ struct kvs_context {
     struct kv_profile base;    /* the context's policy (kv_spec) */
     struct kv_profile *prof[KVS_MAX_PROFILES]; /* policies given to sequences, NULL where free */
     struct kv_plan plan;       /* filled by the policy, applied by the store */
+    double plan_s;             /* time spent planning and applying plans (kvs_context_plan_stats) */
+    uint64_t plan_layers;      /* (sequence, layer) plans made */
     kvs_sequence **seqs;       /* (n_seq_max), NULL where free */
 
     /* scratch, allocated once at context creation; shapes for t_max tokens */

@@ -327,7 +327,9 @@ static void compress_layer(struct kvs_context *c, kvs_sequence *s, int il, enum 
         for (int t = 0; t < T; t++)
             if (vi[t] == v && pos[t] + 1 > n_seen) n_seen = pos[t] + 1;
         int32_t before = kv_seq_head(s->kv, il, 0)->n;
-        if (kv_policy_plan_layer(pr->policy, s->kv, il, n_seen, slack, phase == FWD_DECODE, &c->plan)) {
+        double t0 = kvs_time_ms();
+        bool planned = kv_policy_plan_layer(pr->policy, s->kv, il, n_seen, slack, phase == FWD_DECODE, &c->plan);
+        if (planned) {
             kv_seq_apply_plan(s->kv, il, &c->plan, sp->reindex);
             /* the store's bound: no head above its budget (AdaKV: the layer's) */
             KVS_ASSERT(kv_policy_check_budget(pr->policy, s->kv, il, n_seen));
@@ -335,7 +337,9 @@ static void compress_layer(struct kvs_context *c, kvs_sequence *s, int il, enum 
              * is the same for all; it takes effect from the next forward() */
             if (sp->reindex && il == c->m->hp.n_layer - 1)
                 s->pos_shift += before - kv_seq_head(s->kv, il, 0)->n;
+            c->plan_layers++;
         }
+        c->plan_s += (kvs_time_ms() - t0) / 1e3;
     }
     if (s->kv->pack.on && (prompt || phase == FWD_DECODE)) {
         enum kvs_status st = kv_seq_pack_layer(s->kv, il, prompt);
@@ -456,6 +460,7 @@ static enum kvs_status gpu_compress(struct kvs_context *c, kvs_sequence *s, enum
     for (int il = 0; il < nl; il++)
         if (kv_policy_over(p, il, n_seen, slack, cuda_seq_layer_entries(c->gpu, s->slot, il))) lay[n_lay++] = il;
     if (!n_lay) return KVS_OK;
+    double t0 = kvs_time_ms();
     int32_t *keep_l[1024] = {0}, n_keep[1024];
     int32_t *store = malloc(sizeof(int32_t) * (size_t)n_lay * nkv * p->cap_max);
     float *sc = malloc(sizeof(float) * (size_t)n_lay * nkv * p->cap_max), *tmp = malloc(sizeof(float) * (size_t)p->cap_max);
@@ -504,7 +509,9 @@ static enum kvs_status gpu_compress(struct kvs_context *c, kvs_sequence *s, enum
         KVS_ASSERT(n_keep[il] <= kv_policy_budget(p, il, n_seen) || n_keep[il] == n);
     }
     if (st == KVS_OK) st = cuda_seq_compact(c->gpu, s->slot, (const int32_t *const *)keep_l, n_keep, p->cap_max);
+    for (int il = 0; il < nl && st == KVS_OK; il++) c->plan_layers += keep_l[il] != NULL;
     free(store), free(sc), free(tmp), free(vis), free(qpos);
+    c->plan_s += (kvs_time_ms() - t0) / 1e3;
     return st;
 }
 

@@ -157,6 +157,8 @@ static const char *USAGE_BENCH =
     "       bytes held)); kv_payload_bytes the sequence holds, over the tokens seen\n"
     "       (kv_bytes_per_token_seen: falls with eviction) and over the entries held per\n"
     "       layer and KV head (kv_bytes_per_cached_token: compare with the theory);\n"
+    "       plan_s_per_step (decode[], decode_parallel[]): seconds a timed step spent planning\n"
+    "       and applying the policy's plans (kvs_context_plan_stats; 0 for full);\n"
     "       logits_hash: FNV-1a of the logits of every timed decode step (greedy), so runs\n"
     "       whose outputs differ have different hashes\n";
 
@@ -994,7 +996,7 @@ static int cmd_bench(const struct opts *o) {
     float *plogits = NULL;
     int32_t ptok[256];
     struct med par_med[8];
-    double par_bound[8];
+    double par_bound[8], par_plan[8], dec_plan[8];
     for (int j = 0; j < NP; j++)
         if ((st = kvs_seq_new(c, &par[j])) != KVS_OK) fail_status(st);
     if (NP && !(plogits = malloc(sizeof(float) * (size_t)mi.n_vocab * (size_t)NP))) {
@@ -1010,7 +1012,8 @@ static int cmd_bench(const struct opts *o) {
                 fail_status(st);
         }
         /* each repetition decodes from a copy of the filled cache; the last one continues in s */
-        double tps[100];
+        double tps[100], pl0, pl1;
+        kvs_context_plan_stats(c, &pl0, NULL);
         for (int rep = 0; rep < R; rep++) {
             kvs_sequence *d = rep + 1 < R ? s2 : s;
             if (d == s2 && (st = kvs_seq_copy(c, s2, c, s)) != KVS_OK) fail_status(st);
@@ -1023,8 +1026,11 @@ static int cmd_bench(const struct opts *o) {
             }
             tps[rep] = o->bench_decode / ((now_ms() - t0) / 1e3);
         }
+        kvs_context_plan_stats(c, &pl1, NULL);
+        dec_plan[i] = (pl1 - pl0) / ((double)R * o->bench_decode);
         kvs_seq_reset(c, s2);
         double ptps[100];
+        kvs_context_plan_stats(c, &pl0, NULL);
         for (int rep = 0; NP && rep < R; rep++) {
             for (int j = 0; j < NP; j++) {
                 if ((st = kvs_seq_copy(c, par[j], c, s)) != KVS_OK) fail_status(st);
@@ -1038,6 +1044,8 @@ static int cmd_bench(const struct opts *o) {
             ptps[rep] = (double)NP * o->bench_decode / ((now_ms() - t0) / 1e3);
             for (int j = 0; j < NP; j++) kvs_seq_reset(c, par[j]);
         }
+        kvs_context_plan_stats(c, &pl1, NULL);
+        par_plan[i] = NP ? (pl1 - pl0) / ((double)R * o->bench_decode) : 0;
         if (NP) {
             par_med[i] = median_of(ptps, R);
             if (!o->quiet)
@@ -1095,16 +1103,17 @@ static int cmd_bench(const struct opts *o) {
                    "\"kv_bytes\":%llu,\"bytes_per_token\":%llu,"
                    "\"bound_tok_s\":%.2f,\"fraction_of_bound\":%.3f,\"kv_payload_bytes\":%llu,"
                    "\"kv_entries_per_head\":%.1f,\"kv_bytes_per_token_seen\":%.1f,"
-                   "\"kv_bytes_per_cached_token\":%.1f}", i ? "," : "", ctxs[i],
+                   "\"kv_bytes_per_cached_token\":%.1f,\"plan_s_per_step\":%.6f}", i ? "," : "", ctxs[i],
                    o->bench_decode, dec_tps[i], dec_med[i].min, dec_med[i].max, (unsigned long long)dec_kv[i],
                    (unsigned long long)(mi.weight_bytes + dec_kv[i]),
                    dec_bound[i], dec_tps[i] / dec_bound[i], (unsigned long long)dec_payload[i],
-                   dec_held[i], (double)dec_payload[i] / dec_seen[i], (double)dec_payload[i] / dec_held[i]);
+                   dec_held[i], (double)dec_payload[i] / dec_seen[i], (double)dec_payload[i] / dec_held[i],
+                   dec_plan[i]);
         for (int i = 0; NP && i < n_ctxs; i++)
             printf("%s{\"context\":%d,\"sequences\":%d,\"steps\":%d,\"tok_s\":%.2f,\"tok_s_min\":%.2f,"
-                   "\"tok_s_max\":%.2f,\"bound_tok_s\":%.2f,\"fraction_of_bound\":%.3f}",
+                   "\"tok_s_max\":%.2f,\"bound_tok_s\":%.2f,\"fraction_of_bound\":%.3f,\"plan_s_per_step\":%.6f}",
                    i ? "," : "],\"decode_parallel\":[", ctxs[i], NP, o->bench_decode, par_med[i].med,
-                   par_med[i].min, par_med[i].max, par_bound[i], par_med[i].med / par_bound[i]);
+                   par_med[i].min, par_med[i].max, par_bound[i], par_med[i].med / par_bound[i], par_plan[i]);
         printf("],\"kv_bytes_per_token_theory\":%.1f,\"kv_bytes\":%llu,\"kv_bytes_peak\":%llu,\"scratch_bytes\":%llu,"
                "\"peak_rss_bytes\":%ld,\"logits_hash\":\"%016llx\"}\n",
                kvs_kv_bytes_per_token(m, o->kv), (unsigned long long)mem.kv_bytes, (unsigned long long)mem.kv_bytes_peak,
@@ -1121,13 +1130,14 @@ static int cmd_bench(const struct opts *o) {
                pf.max, pf_ms);
         for (int i = 0; i < n_ctxs; i++)
             printf("decode at %5d: %7.1f tok/s (%.1f-%.1f)   bound %7.1f tok/s (%.0f%%)   KV %.0f B/token "
-                   "seen, %.0f B/entry held (%.0f entries per head)\n",
+                   "seen, %.0f B/entry held (%.0f entries per head), planning %.2f ms/step\n",
                    ctxs[i], dec_tps[i], dec_med[i].min, dec_med[i].max, dec_bound[i], 100 * dec_tps[i] / dec_bound[i],
-                   (double)dec_payload[i] / dec_seen[i], (double)dec_payload[i] / dec_held[i], dec_held[i]);
+                   (double)dec_payload[i] / dec_seen[i], (double)dec_payload[i] / dec_held[i], dec_held[i],
+                   dec_plan[i] * 1e3);
         for (int i = 0; NP && i < n_ctxs; i++)
-            printf("decode at %5d, %d sequences: %8.1f tok/s in all (%.1f-%.1f)   bound %8.1f tok/s (%.0f%%)\n",
-                   ctxs[i], NP, par_med[i].med, par_med[i].min, par_med[i].max, par_bound[i],
-                   100 * par_med[i].med / par_bound[i]);
+            printf("decode at %5d, %d sequences: %8.1f tok/s in all (%.1f-%.1f)   bound %8.1f tok/s (%.0f%%), "
+                   "planning %.2f ms/step\n", ctxs[i], NP, par_med[i].med, par_med[i].min, par_med[i].max,
+                   par_bound[i], 100 * par_med[i].med / par_bound[i], par_plan[i] * 1e3);
         printf("KV bytes per packed entry in this storage (theory): %.0f\n", kvs_kv_bytes_per_token(m, o->kv));
         printf("KV peak %.1f MiB, scratch %.1f MiB, peak RSS %.1f MiB, decode logits hash %016llx\n",
                mem.kv_bytes_peak / 1048576.0, mem.scratch_bytes / 1048576.0,

@@ -151,13 +151,15 @@ if [ -f "$model" ]; then
     check "kivi and mikv" 2 "give one" -- "$bin" run -m "$model" --kv h2o:budget=8+kivi:bits=4+mikv:low=2 -p hi -n 1
     check "run composed" 0 "Rayleigh|scatter" -- "$bin" run -m "$model" --kv snapkv:budget=96+think:prune=0.4+kivi:bits=4,resid=32 -c 512 --chat --temp 0 -n 24 -q -p "Explain in two sentences why the sky is blue."
     check "ppl merging" 0 "perplexity [0-9.]+ over 511 predicted tokens" -- "$bin" ppl -m "$model" -f data/austen/emma.txt --tokens 512 --chunk 128 --kv d2o:budget=64
+    # the time policies spend planning, per timed step: above 0 under snapkv, 0 for the full cache
+    check "bench plan time" 0 "" -- bash -o pipefail -c "'$bin' bench --json -q -m '$model' --kv snapkv:budget=48,every=2 --prompt 64 --contexts 200 --decode 8 --reps 1 -np 2 | python3 -c 'import json,sys; d=json.load(sys.stdin); a=d[\"decode\"][0][\"plan_s_per_step\"]; b=d[\"decode_parallel\"][0][\"plan_s_per_step\"]; assert 0 < a < 1 and 0 < b < 1, d'"
     check "bench kivi json" 0 "" -- bash -o pipefail -c "'$bin' bench --json -q -m '$model' --kv full+kivi:bits=2,resid=32 --prompt 64 --contexts 300 --decode 4 | python3 -c 'import json,sys; d=json.load(sys.stdin); r=d[\"decode\"][0]; assert 0 < r[\"kv_bytes_per_cached_token\"] < 15000 and 5000 < d[\"kv_bytes_per_token_theory\"] < 7000, d'"
     check "save packed refused" 1 "packed entries" -- "$bin" run -m "$model" --kv full+kivi:bits=4,resid=32 -n 0 -c 256 -p "$(printf 'word %.0s' $(seq 1 120))" --save-cache "$tmp/packed.kvc"
     check "run json" 0 "" -- bash -o pipefail -c "'$bin' run --json -m '$model' --temp 0 -n 8 -p 'Once upon a time' | python3 -c 'import json,sys; d=json.load(sys.stdin); assert d[\"generated_tokens\"]==8 and d[\"kv_bytes\"]>0, d'"
     printf 'It is a truth universally acknowledged, that a single man in possession of a good fortune, must be in want of a wife.\n' > "$tmp/text.txt"
     check "ppl json" 0 "" -- bash -o pipefail -c "'$bin' ppl --json -m '$model' -f '$tmp/text.txt' --chunk 7 | python3 -c 'import json,sys; d=json.load(sys.stdin); assert 1 < d[\"ppl\"] < 100, d'"
     check "chat stdin" 0 "." -- bash -o pipefail -c "printf 'Say hello.\n' | '$bin' chat -m '$model' --temp 0 -n 16 -q"
-    check "bench json" 0 "" -- bash -o pipefail -c "'$bin' bench --json -q -m '$model' --prompt 64 --contexts 32,128 --decode 4 | python3 -c 'import json,sys; d=json.load(sys.stdin); p=d[\"prefill\"]; r=d[\"decode\"][1]; assert p[\"tok_s\"]>0 and len(d[\"decode\"])==2 and d[\"reps\"]==3 and p[\"tok_s_min\"]<=p[\"tok_s\"]<=p[\"tok_s_max\"] and r[\"tok_s_min\"]<=r[\"tok_s\"]<=r[\"tok_s_max\"] and d[\"bandwidth_gb_s_min\"]<=d[\"bandwidth_gb_s\"], d'"
+    check "bench json" 0 "" -- bash -o pipefail -c "'$bin' bench --json -q -m '$model' --prompt 64 --contexts 32,128 --decode 4 | python3 -c 'import json,sys; d=json.load(sys.stdin); p=d[\"prefill\"]; r=d[\"decode\"][1]; assert p[\"tok_s\"]>0 and len(d[\"decode\"])==2 and d[\"reps\"]==3 and p[\"tok_s_min\"]<=p[\"tok_s\"]<=p[\"tok_s_max\"] and r[\"tok_s_min\"]<=r[\"tok_s\"]<=r[\"tok_s_max\"] and d[\"bandwidth_gb_s_min\"]<=d[\"bandwidth_gb_s\"] and r[\"plan_s_per_step\"]==0, d'"
     # KV cache files: prefill a document once (-n 0) and save it, then continue from the file
     doc="The capital of France is Paris. The capital of Germany is Berlin."
     q=" The capital of Italy is"

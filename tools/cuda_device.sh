@@ -60,10 +60,12 @@ for f in sys.argv[1:]:
     for d in j.get("decode", []):
         print(f"  ctx {d['context']:6}: {d['tok_s']:9.1f} tok/s [{d['tok_s_min']}-{d['tok_s_max']}] "
               f"bound {d['bound_tok_s']:9.1f} = {d['fraction_of_bound']:.3f}; "
-              f"KV {d.get('kv_payload_bytes')} B a sequence, {d.get('kv_entries_per_head')} entries a head")
+              f"KV {d.get('kv_payload_bytes')} B a sequence, {d.get('kv_entries_per_head')} entries a head, "
+              f"planning {1e3 * d.get('plan_s_per_step', 0):.2f} ms a step")
     for d in j.get("decode_parallel", []):
         print(f"  ctx {d['context']:6} x{d['sequences']:3}: {d['tok_s']:9.1f} tok/s "
-              f"[{d['tok_s_min']}-{d['tok_s_max']}] bound {d['bound_tok_s']:9.1f} = {d['fraction_of_bound']:.3f}")
+              f"[{d['tok_s_min']}-{d['tok_s_max']}] bound {d['bound_tok_s']:9.1f} = {d['fraction_of_bound']:.3f}, "
+              f"planning {1e3 * d.get('plan_s_per_step', 0):.2f} ms a step")
 EOF
 }
 
