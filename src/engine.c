@@ -31,7 +31,6 @@ double kvs_context_device_bandwidth(kvs_context *c) { return c->gpu ? cuda_bandw
 
 const char *kvs_context_device_name(const kvs_context *c) { return c->gpu ? cuda_device_name(c->gpu) : "cpu"; }
 
-/* The model as the GPU backend reads it (cuda.h), then the GPU context. */
 /* the policies the GPU runs: the full cache, and those scored there (SnapKV) */
 static bool gpu_runs(const struct kv_spec *sp) {
     return (sp->method == KV_FULL && !sp->think && !sp->kivi_bits && !sp->mikv_low) || kv_policy_scored_elsewhere(sp);
@@ -43,6 +42,7 @@ static enum kvs_status gpu_slot_policy(kvs_context *c, kvs_sequence *s, const st
     return cuda_seq_set_qwin(c->gpu, s->slot, (kv_policy_needs(sp) & KV_NEED_QUERIES) ? kv_policy_qwin(sp) : 0);
 }
 
+/* The model as the GPU backend reads it (cuda.h), then the GPU context. */
 static enum kvs_status gpu_init(kvs_context *c) {
     const kvs_model *m = c->m;
     const struct hparams *hp = &m->hp;

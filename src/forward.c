@@ -468,12 +468,13 @@ static enum kvs_status gpu_compress(struct kvs_context *c, kvs_sequence *s, enum
     enum kvs_status st = store && sc && tmp && vis && qpos ? KVS_OK : kvs_fail(KVS_ERR_NOMEM, "out of memory for a GPU plan");
     /* the newest qwin saved queries, as the CPU scorer takes */
     int nq = st == KVS_OK ? cuda_seq_queries(c->gpu, s->slot, qpos, p->qwin) : 0;
+    for (int il = 0; il < nl; il++) n_keep[il] = cuda_seq_layer_entries(c->gpu, s->slot, il); /* (as they are) */
     /* causal: query w sees the entries at positions up to its own (a prefix: entries are in
      * position order) */
     for (int i = 0; i < n_lay && st == KVS_OK; i++)
         for (int ih = 0; ih < nkv; ih++) {
             const int32_t *pos = cuda_seq_positions(c->gpu, s->slot, lay[i], ih);
-            int32_t n = cuda_seq_layer_entries(c->gpu, s->slot, lay[i]);
+            int32_t n = n_keep[lay[i]];
             for (int w = 0; w < nq; w++) {
                 int32_t lo = 0, hi = n;
                 while (lo < hi) {
@@ -486,7 +487,6 @@ static enum kvs_status gpu_compress(struct kvs_context *c, kvs_sequence *s, enum
         }
     if (st == KVS_OK)
         st = cuda_seq_score_window(c->gpu, s->slot, n_lay, lay, vis, nq, sp->agg == KV_AGG_MAX, sc, (size_t)p->cap_max);
-    for (int il = 0; il < nl; il++) n_keep[il] = cuda_seq_layer_entries(c->gpu, s->slot, il);
     for (int i = 0; i < n_lay && st == KVS_OK; i++) {
         int il = lay[i];
         int32_t n = n_keep[il], nh[KV_VIEW_MAX_HEADS];

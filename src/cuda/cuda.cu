@@ -985,6 +985,19 @@ static uint64_t seq_bytes(const cuda_ctx *g, const dseq *s) {
 
 static int32_t *lens_of(cuda_ctx *g, int slot) { return g->h_lens + (size_t)slot * g->n_layer; }
 
+/* the device's copy of slot's table entry, brought up to date */
+static cudaError_t put_slot(cuda_ctx *g, int slot) {
+    cudaError_t e = cudaMemcpyAsync(g->d_seqs + slot, &g->h_seqs[slot], sizeof(dseq), cudaMemcpyHostToDevice, g->st);
+    return e == cudaSuccess ? cudaStreamSynchronize(g->st) : e;
+}
+
+/* per-layer entry counts n for a kernel, through slot's row of the metadata's length table
+ * (not in use between passes; every pass uploads it whole) */
+static cudaError_t put_lens(cuda_ctx *g, int slot, const int32_t *n, int **d_n) {
+    *d_n = (int *)g->d_meta + (size_t)g->t_max * META + (size_t)slot * g->n_layer;
+    return cudaMemcpyAsync(*d_n, n, sizeof(int) * g->n_layer, cudaMemcpyHostToDevice, g->st);
+}
+
 extern "C" void cuda_seq_clear(struct cuda_ctx *g, int slot) {
     if (!g->hs || !g->h_lens) return; /* (a context whose creation failed early) */
     dseq *s = &g->h_seqs[slot];
@@ -998,8 +1011,7 @@ extern "C" void cuda_seq_clear(struct cuda_ctx *g, int slot) {
     hseq *h = &g->hs[slot];
     h->q_n = h->q_next = 0;
     memset(lens_of(g, slot), 0, sizeof(int32_t) * g->n_layer);
-    cudaMemcpyAsync(g->d_seqs + slot, s, sizeof *s, cudaMemcpyHostToDevice, g->st);
-    cudaStreamSynchronize(g->st);
+    put_slot(g, slot);
 }
 
 extern "C" enum kvs_status cuda_seq_set_qwin(struct cuda_ctx *g, int slot, int qwin) {
@@ -1112,9 +1124,8 @@ static enum kvs_status seq_move(cuda_ctx *g, int slot, int cap, const int32_t *d
     for (int l = 0; l < g->n_layer; l++) nmax = n_new[l] > nmax ? n_new[l] : nmax;
     cudaError_t e = cudaSuccess;
     if (nmax > 0) {
-        /* the new lengths travel in the metadata's length table (not in use between passes) */
-        int *d_n = (int *)g->d_meta + (size_t)g->t_max * META + (size_t)slot * g->n_layer;
-        e = cudaMemcpyAsync(d_n, n_new, sizeof(int) * g->n_layer, cudaMemcpyHostToDevice, g->st);
+        int *d_n;
+        e = put_lens(g, slot, n_new, &d_n);
         int gy = (nmax + 31) / 32;
         if (e == cudaSuccess)
             k_kv_gather<<<dim3((unsigned)rows, gy > 64 ? 64 : gy), dim3(g->hd / 8 < 32 ? g->hd / 8 : 32, 8), 0,
@@ -1132,8 +1143,7 @@ static enum kvs_status seq_move(cuda_ctx *g, int slot, int cap, const int32_t *d
     s->k = nk, s->v = nv, s->cap = cap, s->n = nmax;
     g->kv_bytes += seq_bytes(g, s);
     if (g->kv_bytes > g->kv_peak) g->kv_peak = g->kv_bytes;
-    CK(cudaMemcpyAsync(g->d_seqs + slot, s, sizeof *s, cudaMemcpyHostToDevice, g->st), "slot table");
-    CK(cudaStreamSynchronize(g->st), "slot table");
+    CK(put_slot(g, slot), "slot table");
     return KVS_OK;
 }
 
@@ -1146,9 +1156,7 @@ static enum kvs_status seq_reserve(cuda_ctx *g, int slot, int need) {
     if (cap < need) cap = (need + 255) / 256 * 256;
     if (cap > g->n_ctx + g->t_max) cap = g->n_ctx + g->t_max;
     if (cap < need) return kvs_fail(KVS_ERR_CONTEXT_FULL, "cuda: %d entries exceed the context", need);
-    int32_t lens[1024];
-    memcpy(lens, lens_of(g, slot), sizeof(int32_t) * g->n_layer);
-    return seq_move(g, slot, cap, NULL, 0, lens);
+    return seq_move(g, slot, cap, NULL, 0, lens_of(g, slot));
 }
 
 /* the query ring of a slot whose policy scores with queries, allocated at its first pass */
@@ -1162,8 +1170,7 @@ static enum kvs_status seq_ring(cuda_ctx *g, int slot) {
     }
     g->kv_bytes += b;
     if (g->kv_bytes > g->kv_peak) g->kv_peak = g->kv_bytes;
-    CK(cudaMemcpyAsync(g->d_seqs + slot, s, sizeof *s, cudaMemcpyHostToDevice, g->st), "slot table");
-    CK(cudaStreamSynchronize(g->st), "slot table");
+    CK(put_slot(g, slot), "slot table");
     return KVS_OK;
 }
 
@@ -1236,11 +1243,8 @@ extern "C" enum kvs_status cuda_forward(struct cuda_ctx *g, const int32_t *token
     int *rank = hm + 8 * g->t_max, *qix = hm + 9 * g->t_max;
     for (int t = 0; t < T; t++) g->h_count[slot[t]] = 0;
     for (int t = 0; t < T; t++) rank[t] = g->h_count[slot[t]]++;
-    for (int t = 0; t < T; t++) {
-        const int32_t *ln = lens_of(g, slot[t]);
-        int most = 0;
-        for (int l = 0; l < g->n_layer; l++) most = ln[l] > most ? ln[l] : most;
-        enum kvs_status st = seq_reserve(g, slot[t], most + g->h_count[slot[t]]);
+    for (int t = 0; t < T; t++) { /* (a slot's n: the most entries of any layer) */
+        enum kvs_status st = seq_reserve(g, slot[t], g->h_seqs[slot[t]].n + g->h_count[slot[t]]);
         if (st == KVS_OK) st = seq_ring(g, slot[t]);
         if (st != KVS_OK) return st;
     }
@@ -1266,10 +1270,7 @@ extern "C" enum kvs_status cuda_forward(struct cuda_ctx *g, const int32_t *token
     for (int t = 0, o = 0; t < T; t++) {
         lone[t] = g->h_count[slot[t]] == 1;
         /* (the full cache: entry index = position; under a policy, the most of any layer) */
-        const int32_t *ln = lens_of(g, slot[t]);
-        int at = 0;
-        for (int l = 0; l < g->n_layer; l++) at = ln[l] > at ? ln[l] : at;
-        at += rank[t];
+        int at = g->h_seqs[slot[t]].n + rank[t];
         int ns = lone[t] ? (at + SPLIT_KEYS) / SPLIT_KEYS : 1;
         nsp[t] = ns > MAX_SPLIT ? MAX_SPLIT : ns;
         poff[t] = o, o += nsp[t];
@@ -1596,8 +1597,8 @@ extern "C" enum kvs_status cuda_seq_compact(struct cuda_ctx *g, int slot, const 
     if (cap < s->cap) {
         st = seq_move(g, slot, cap, g->d_keep, nmax, n_keep);
     } else if (nmax > 0) {
-        int *d_n = (int *)g->d_meta + (size_t)g->t_max * META + (size_t)slot * g->n_layer;
-        e = cudaMemcpyAsync(d_n, n_keep, sizeof(int) * g->n_layer, cudaMemcpyHostToDevice, g->st);
+        int *d_n;
+        e = put_lens(g, slot, n_keep, &d_n);
         if (e == cudaSuccess)
             k_kv_compact<<<(unsigned)rows, dim3(32, 16), 0, g->st>>>(s->k, s->v, s->cap, g->d_keep, nmax, d_n, g->nkv,
                                                                   g->hd);
@@ -1605,8 +1606,8 @@ extern "C" enum kvs_status cuda_seq_compact(struct cuda_ctx *g, int slot, const 
         if (e == cudaSuccess) e = cudaStreamSynchronize(g->st);
         if (e != cudaSuccess) st = cuda_error(e, "compacting a K/V cache");
     }
-    if (st == KVS_OK) s->n = nmax;
     if (st == KVS_OK) {
+        s->n = nmax;
         if (h->pos)
             for (size_t r = 0; r < rows; r++) {
                 int32_t *p = h->pos + r * h->pcap;

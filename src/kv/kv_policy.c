@@ -374,13 +374,18 @@ static void score_worker(void *arg, int ith, int nth) {
     for (int ih = ith; ih < p->n_head_kv; ih += nth) p->scorer->score(&a, ih, p->score + (size_t)ih * p->cap_max);
 }
 
+/* a plan of evictions alone, so far: no merges, demotions or reweighting */
+static void plan_evict_only(struct kv_plan *plan) {
+    for (int ih = 0; ih < KV_VIEW_MAX_HEADS; ih++) plan->mt[ih] = NULL, plan->mc[ih] = NULL, plan->dem[ih] = NULL;
+    plan->renorm = false;
+}
+
 static bool plan_layer(struct kv_policy *p, struct kv_seq *s, int il, int64_t n_seen,
                        int32_t slack, bool decode, struct kv_plan *plan) {
     int32_t budget = layer_budget(p, s, il, n_seen, decode);
     p->planned = budget;
     if (p->spec.method == KV_AGATE) {
-        for (int ih = 0; ih < KV_VIEW_MAX_HEADS; ih++) plan->mt[ih] = NULL, plan->mc[ih] = NULL, plan->dem[ih] = NULL;
-        plan->renorm = false;
+        plan_evict_only(plan);
         return plan_gate(p, s, il, budget, slack, plan);
     }
     /* Elastic's decode slot is relative to the prompt as compressed: its length so far */
@@ -390,8 +395,7 @@ static bool plan_layer(struct kv_policy *p, struct kv_seq *s, int il, int64_t n_
         int32_t n = counted(p, kv_seq_head(s, il, ih));
         if (n > budget + slack) over = true;
     }
-    for (int ih = 0; ih < KV_VIEW_MAX_HEADS; ih++) plan->mt[ih] = NULL, plan->mc[ih] = NULL, plan->dem[ih] = NULL;
-    plan->renorm = false;
+    plan_evict_only(plan);
     if (!over && !p->plan_always) return false;
     /* (with MiKV the losers are demoted, whatever the method's eviction rule) */
     if (decode && p->spec.merge == KV_MERGE_ELASTIC && !p->spec.mikv_low)
@@ -473,8 +477,7 @@ bool kv_policy_plan_scored(struct kv_policy *p, int il, int64_t n_seen, int32_t 
     p->planned = budget;
     bool over = p->plan_always;
     for (int ih = 0; ih < p->n_head_kv; ih++) over = over || n[ih] > budget + slack;
-    for (int ih = 0; ih < KV_VIEW_MAX_HEADS; ih++) plan->mt[ih] = NULL, plan->mc[ih] = NULL, plan->dem[ih] = NULL;
-    plan->renorm = false;
+    plan_evict_only(plan);
     if (!over) return false;
     int32_t prot = p->scorer->protect ? p->scorer->protect(p, budget) : 0;
     for (int ih = 0; ih < p->n_head_kv; ih++) {
