@@ -210,6 +210,11 @@ void kvs_context_mem(const kvs_context *c, struct kvs_mem_stats *ms);
  * (seconds; on the CPU, scoring included; with --device cuda, the device's scoring, the host's
  * planning and the device's compaction), and how many (sequence, layer) plans that was. */
 void kvs_context_plan_stats(const kvs_context *c, double *seconds, uint64_t *layers);
+/* With --device cuda and KVS_CUDA_PROFILE=1 in the environment when the context was created: the
+ * device time the forward passes have spent so far in each group of kernels (matmuls, attention,
+ * norms, ...; measured by events between the groups, with CUDA graphs off), up to max groups:
+ * their names and seconds. Returns how many groups (0 on the CPU or without the variable). */
+int kvs_context_gpu_time_split(const kvs_context *c, const char **names, double *seconds, int max);
 /* Bytes of K/V payload and per-entry metadata (positions, weights) that one sequence holds now,
  * capacity rounding included, plus Attention-Gate's own cache under agate; statistic slots and
  * saved queries are not counted (they depend on the context's policy, not on what the sequence

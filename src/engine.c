@@ -648,6 +648,10 @@ void kvs_context_plan_stats(const kvs_context *c, double *seconds, uint64_t *lay
     if (layers) *layers = c->plan_layers;
 }
 
+int kvs_context_gpu_time_split(const kvs_context *c, const char **names, double *seconds, int max) {
+    return c->gpu ? cuda_prof_read(c->gpu, names, seconds, max) : 0;
+}
+
 void kvs_context_mem(const kvs_context *c, struct kvs_mem_stats *ms) {
     if (c->gpu) { /* device memory: the caches and the GPU's scratch beside the host's */
         uint64_t sc;

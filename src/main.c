@@ -159,6 +159,9 @@ static const char *USAGE_BENCH =
     "       layer and KV head (kv_bytes_per_cached_token: compare with the theory);\n"
     "       plan_s_per_step (decode[], decode_parallel[]): seconds a timed step spent planning\n"
     "       and applying the policy's plans (kvs_context_plan_stats; 0 for full);\n"
+    "       gpu_split_s_per_step (--device cuda with KVS_CUDA_PROFILE=1 in the environment):\n"
+    "       device seconds a timed step spent in each group of kernels (matmuls, attention,\n"
+    "       norms...), timed by events between the groups with CUDA graphs off;\n"
     "       logits_hash: FNV-1a of the logits of every timed decode step (greedy), so runs\n"
     "       whose outputs differ have different hashes\n";
 
@@ -934,6 +937,31 @@ static int argmax(const float *x, int n) {
     return best;
 }
 
+/* ,"gpu_split_s_per_step":{...}} closing a decode entry (just the brace without a split) */
+static void json_split(const char *const *names, const double *v, int n) {
+    for (int k = 0; k < n; k++) {
+        printf("%s", k ? "," : ",\"gpu_split_s_per_step\":{");
+        jstr(names[k]);
+        printf(":%.7f", v[k]);
+    }
+    printf("%s}", n ? "}" : "");
+}
+
+/* one line of the device time per kernel group of a step, largest share first */
+static void text_split(const char *what, int ctx, const char *const *names, const double *v, int n) {
+    double tot = 0;
+    int ord[16];
+    for (int k = 0; k < n; k++) tot += v[k], ord[k] = k;
+    for (int a = 1; a < n; a++)
+        for (int b = a; b > 0 && v[ord[b]] > v[ord[b - 1]]; b--) {
+            int t = ord[b];
+            ord[b] = ord[b - 1], ord[b - 1] = t;
+        }
+    printf("device time a step at %d, %s: %.3f ms =", ctx, what, tot * 1e3);
+    for (int k = 0; k < n; k++) printf(" %s %.3f (%.0f%%)", names[ord[k]], v[ord[k]] * 1e3, tot > 0 ? 100 * v[ord[k]] / tot : 0);
+    printf("\n");
+}
+
 static int cmd_bench(const struct opts *o) {
     kvs_model *m = load_model(o);
     struct kvs_model_info mi;
@@ -997,6 +1025,11 @@ static int cmd_bench(const struct opts *o) {
     int32_t ptok[256];
     struct med par_med[8];
     double par_bound[8], par_plan[8], dec_plan[8];
+    /* KVS_CUDA_PROFILE=1: the device time per kernel group, per timed step */
+    enum { NSPLIT = 16 };
+    const char *split_name[NSPLIT];
+    double dec_split[8][NSPLIT], par_split[8][NSPLIT], sp0[NSPLIT], sp1[NSPLIT];
+    int n_split = 0;
     for (int j = 0; j < NP; j++)
         if ((st = kvs_seq_new(c, &par[j])) != KVS_OK) fail_status(st);
     if (NP && !(plogits = malloc(sizeof(float) * (size_t)mi.n_vocab * (size_t)NP))) {
@@ -1014,6 +1047,7 @@ static int cmd_bench(const struct opts *o) {
         /* each repetition decodes from a copy of the filled cache; the last one continues in s */
         double tps[100], pl0, pl1;
         kvs_context_plan_stats(c, &pl0, NULL);
+        n_split = kvs_context_gpu_time_split(c, split_name, sp0, NSPLIT);
         for (int rep = 0; rep < R; rep++) {
             kvs_sequence *d = rep + 1 < R ? s2 : s;
             if (d == s2 && (st = kvs_seq_copy(c, s2, c, s)) != KVS_OK) fail_status(st);
@@ -1028,9 +1062,12 @@ static int cmd_bench(const struct opts *o) {
         }
         kvs_context_plan_stats(c, &pl1, NULL);
         dec_plan[i] = (pl1 - pl0) / ((double)R * o->bench_decode);
+        kvs_context_gpu_time_split(c, split_name, sp1, NSPLIT);
+        for (int k = 0; k < n_split; k++) dec_split[i][k] = (sp1[k] - sp0[k]) / ((double)R * o->bench_decode);
         kvs_seq_reset(c, s2);
         double ptps[100];
         kvs_context_plan_stats(c, &pl0, NULL);
+        kvs_context_gpu_time_split(c, split_name, sp0, NSPLIT);
         for (int rep = 0; NP && rep < R; rep++) {
             for (int j = 0; j < NP; j++) {
                 if ((st = kvs_seq_copy(c, par[j], c, s)) != KVS_OK) fail_status(st);
@@ -1046,6 +1083,8 @@ static int cmd_bench(const struct opts *o) {
         }
         kvs_context_plan_stats(c, &pl1, NULL);
         par_plan[i] = NP ? (pl1 - pl0) / ((double)R * o->bench_decode) : 0;
+        kvs_context_gpu_time_split(c, split_name, sp1, NSPLIT);
+        for (int k = 0; k < n_split; k++) par_split[i][k] = NP ? (sp1[k] - sp0[k]) / ((double)R * o->bench_decode) : 0;
         if (NP) {
             par_med[i] = median_of(ptps, R);
             if (!o->quiet)
@@ -1098,22 +1137,26 @@ static int cmd_bench(const struct opts *o) {
                "\"tok_s_max\":%.1f},\"decode\":[", nth, R, (unsigned long long)mi.weight_bytes,
                (unsigned long long)mi.kv_bytes_per_token, bw, bwm.min, bwm.max, o->bench_prompt, pf_ms,
                pf.med, pf.min, pf.max);
-        for (int i = 0; i < n_ctxs; i++)
+        for (int i = 0; i < n_ctxs; i++) {
             printf("%s{\"context\":%d,\"steps\":%d,\"tok_s\":%.2f,\"tok_s_min\":%.2f,\"tok_s_max\":%.2f,"
                    "\"kv_bytes\":%llu,\"bytes_per_token\":%llu,"
                    "\"bound_tok_s\":%.2f,\"fraction_of_bound\":%.3f,\"kv_payload_bytes\":%llu,"
                    "\"kv_entries_per_head\":%.1f,\"kv_bytes_per_token_seen\":%.1f,"
-                   "\"kv_bytes_per_cached_token\":%.1f,\"plan_s_per_step\":%.6f}", i ? "," : "", ctxs[i],
+                   "\"kv_bytes_per_cached_token\":%.1f,\"plan_s_per_step\":%.6f", i ? "," : "", ctxs[i],
                    o->bench_decode, dec_tps[i], dec_med[i].min, dec_med[i].max, (unsigned long long)dec_kv[i],
                    (unsigned long long)(mi.weight_bytes + dec_kv[i]),
                    dec_bound[i], dec_tps[i] / dec_bound[i], (unsigned long long)dec_payload[i],
                    dec_held[i], (double)dec_payload[i] / dec_seen[i], (double)dec_payload[i] / dec_held[i],
                    dec_plan[i]);
-        for (int i = 0; NP && i < n_ctxs; i++)
+            json_split(split_name, dec_split[i], n_split);
+        }
+        for (int i = 0; NP && i < n_ctxs; i++) {
             printf("%s{\"context\":%d,\"sequences\":%d,\"steps\":%d,\"tok_s\":%.2f,\"tok_s_min\":%.2f,"
-                   "\"tok_s_max\":%.2f,\"bound_tok_s\":%.2f,\"fraction_of_bound\":%.3f,\"plan_s_per_step\":%.6f}",
+                   "\"tok_s_max\":%.2f,\"bound_tok_s\":%.2f,\"fraction_of_bound\":%.3f,\"plan_s_per_step\":%.6f",
                    i ? "," : "],\"decode_parallel\":[", ctxs[i], NP, o->bench_decode, par_med[i].med,
                    par_med[i].min, par_med[i].max, par_bound[i], par_med[i].med / par_bound[i], par_plan[i]);
+            json_split(split_name, par_split[i], n_split);
+        }
         printf("],\"kv_bytes_per_token_theory\":%.1f,\"kv_bytes\":%llu,\"kv_bytes_peak\":%llu,\"scratch_bytes\":%llu,"
                "\"peak_rss_bytes\":%ld,\"logits_hash\":\"%016llx\"}\n",
                kvs_kv_bytes_per_token(m, o->kv), (unsigned long long)mem.kv_bytes, (unsigned long long)mem.kv_bytes_peak,
@@ -1138,6 +1181,10 @@ static int cmd_bench(const struct opts *o) {
             printf("decode at %5d, %d sequences: %8.1f tok/s in all (%.1f-%.1f)   bound %8.1f tok/s (%.0f%%), "
                    "planning %.2f ms/step\n", ctxs[i], NP, par_med[i].med, par_med[i].min, par_med[i].max,
                    par_bound[i], 100 * par_med[i].med / par_bound[i], par_plan[i] * 1e3);
+        for (int i = 0; n_split && i < n_ctxs; i++) {
+            text_split("one sequence", ctxs[i], split_name, dec_split[i], n_split);
+            if (NP) text_split("all sequences", ctxs[i], split_name, par_split[i], n_split);
+        }
         printf("KV bytes per packed entry in this storage (theory): %.0f\n", kvs_kv_bytes_per_token(m, o->kv));
         printf("KV peak %.1f MiB, scratch %.1f MiB, peak RSS %.1f MiB, decode logits hash %016llx\n",
                mem.kv_bytes_peak / 1048576.0, mem.scratch_bytes / 1048576.0,

@@ -17,6 +17,7 @@
 #                                                 these (kvsieve), interleaved ROUNDS times (2), then batches of
 #                                                 NP sequences ("8 32"); BINS="a b c" names the binaries compared
 #   tools/cuda_device.sh kvbench NAME CTX NP SPEC...   THERE: bench per KV spec, NP sequences at context CTX
+#   tools/cuda_device.sh variants NAME CTXS NP LABEL=BIN[:VAR=V,...]...   THERE: bench per binary and environment
 #   tools/cuda_device.sh profile NAME [NSKIP]     THERE: ncu per-kernel time and DRAM bytes of 460 decode launches
 #   tools/cuda_device.sh sanitize NAME            THERE: test_cuda under compute-sanitizer memcheck
 #
@@ -49,6 +50,12 @@ pack_out() { [ -n "${OUT:-}" ] && tar -C "$R" -czf "$OUT/res.tgz" . 2>/dev/null;
 summ() {
     python3 - "$@" <<'EOF'
 import json, sys
+def split(d):   # KVS_CUDA_PROFILE=1: device ms a step per kernel group
+    sp = d.get("gpu_split_s_per_step")
+    if sp:
+        tot = sum(sp.values())
+        print(f"      device {1e3 * tot:.3f} ms a step: " + ", ".join(
+            f"{k} {1e3 * v:.3f}" for k, v in sorted(sp.items(), key=lambda x: -x[1])))
 for f in sys.argv[1:]:
     try:
         j = json.load(open(f))
@@ -62,10 +69,12 @@ for f in sys.argv[1:]:
               f"bound {d['bound_tok_s']:9.1f} = {d['fraction_of_bound']:.3f}; "
               f"KV {d.get('kv_payload_bytes')} B a sequence, {d.get('kv_entries_per_head')} entries a head, "
               f"planning {1e3 * d.get('plan_s_per_step', 0):.2f} ms a step")
+        split(d)
     for d in j.get("decode_parallel", []):
         print(f"  ctx {d['context']:6} x{d['sequences']:3}: {d['tok_s']:9.1f} tok/s "
               f"[{d['tok_s_min']}-{d['tok_s_max']}] bound {d['bound_tok_s']:9.1f} = {d['fraction_of_bound']:.3f}, "
               f"planning {1e3 * d.get('plan_s_per_step', 0):.2f} ms a step")
+        split(d)
 EOF
 }
 
@@ -144,6 +153,26 @@ kvbench)
             --reps 2 -np "$np" --kv "$spec" --json -q > "$f" 2> "${f%.json}.err" ||
             { echo "$spec failed:"; tail -5 "${f%.json}.err"; }
         echo "== $spec"; summ "$f"
+    done
+    pack_out
+    ;;
+variants)
+    # variants NAME CONTEXTS NP LABEL=BIN[:VAR=VALUE,...] ...: one bench per variant (a binary and
+    # environment variables, e.g. new=kvsieve:KVS_CUDA_STAGE=0), ROUNDS times interleaved; NP 0:
+    # no batch; KV= the --kv spec (full)
+    m=$M/$2.gguf ctx=$3 np=$4 c=$(( ${3##*,} + 600 )) name=$2
+    shift 4
+    for i in $(seq "${ROUNDS:-1}"); do
+        for v in "$@"; do
+            label=${v%%=*} rest=${v#*=} bin=${v#*=} envs=
+            bin=${bin%%:*}; [ "$rest" != "$bin" ] && envs=${rest#*:}
+            f="$R/${name}_${label}_$i.json"
+            npa=(); [ "$np" != 0 ] && npa=(-np "$np")
+            env ${envs//,/ } timeout 280 $K/bin/$bin bench --device cuda -m "$m" -c "$c" --contexts "$ctx" --prompt 512 \
+                --decode 64 --reps 2 "${npa[@]}" --kv "${KV:-full}" --json -q > "$f" 2> "${f%.json}.err" ||
+                { echo "$label failed:"; tail -5 "${f%.json}.err"; }
+            echo "== $label ($bin ${envs})"; summ "$f"
+        done
     done
     pack_out
     ;;

@@ -337,15 +337,36 @@ __global__ void k_swiglu(float *g, const float *u, int ld, const int *tix, size_
  * are row r of W and row r of W2, and y[t][r] = silu(gate) * up: the same sums as two separate
  * products, and the SwiGLU of k_swiglu, in one launch. */
 enum { GV_WARPS = 8, GR = 2 };
-template <int TYPE, int NT>
-__global__ void __launch_bounds__(GV_WARPS * 32) k_gemv(const uint8_t *__restrict__ W,
-                                                       const uint8_t *__restrict__ W2, size_t rb, int rows,
-                                                       int cols, int ks, const float *__restrict__ x, int ldx,
-                                                       const int *__restrict__ tix, float *__restrict__ y,
-                                                       int ldy, int add) {
-    __shared__ float red[GV_WARPS][NT][GR];
+
+/* one unit's 8 weights of each row times a token's 8 activations, into the token's sums: the one
+ * order of operations of every GEMV variant, so that their results are the same bits */
+__device__ __forceinline__ void gemv_fma(const float (&w)[GR][8], const float (&f)[GR], float4 xa, float4 xb,
+                                         float (&acc)[GR]) {
+#pragma unroll
+    for (int g = 0; g < GR; g++) {
+        float a = w[g][0] * xa.x;
+        a = fmaf(w[g][1], xa.y, a), a = fmaf(w[g][2], xa.z, a), a = fmaf(w[g][3], xa.w, a);
+        a = fmaf(w[g][4], xb.x, a), a = fmaf(w[g][5], xb.y, a), a = fmaf(w[g][6], xb.z, a);
+        a = fmaf(w[g][7], xb.w, a);
+        acc[g] = fmaf(f[g], a, acc[g]);
+    }
+}
+
+/* NW warps a block. STAGE (batched decode, NT >= 8): the activations of each sweep (8 ks units,
+ * 256 ks columns) are staged in shared memory, GX_TC tokens at a time, and read from there by
+ * every row group of the block: the block reads each activation from L2 once instead of once per
+ * warp, and holds more row groups (NW / ks) than GV_WARPS would. Each lane still takes the units
+ * (lane >> 2) + 8 kw + 8 ks i, and sums in the same order: the same bits as NT = 1. */
+enum { GX_TC = 4 /* tokens staged at a time: 4 * 256 ks floats, at most 32 KiB */,
+       GX_WARPS = 16 /* warps a staged block (their sums take up to 128 registers a thread) */ };
+template <int TYPE, int NT, int NW, bool STAGE>
+__device__ __forceinline__ void gemv_body(const uint8_t *__restrict__ W, const uint8_t *__restrict__ W2, size_t rb,
+                                          int rows, int cols, int ks, const float *__restrict__ x, int ldx,
+                                          const int *__restrict__ tix, float *__restrict__ y, int ldy, int add) {
+    __shared__ float red[NW][NT][GR];
+    extern __shared__ float4 xs[]; /* STAGE: (GX_TC, 64 ks) float4 */
     constexpr int UN = NT <= 2 ? 4 : NT <= 4 ? 2 : 1; /* sweeps unrolled: fewer as the tokens' sums take registers */
-    int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, p = lane & 3, groups = GV_WARPS / ks;
+    int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, p = lane & 3, groups = NW / ks;
     int pair = W2 != NULL, rg = blockIdx.x * groups + warp / ks, kw = warp % ks, r0 = pair ? rg : rg * GR;
     int ng = pair ? (r0 < rows ? GR : 0) : rows - r0 < GR ? rows - r0 : GR, nu = cols / 32;
     float acc[NT][GR];
@@ -353,32 +374,50 @@ __global__ void __launch_bounds__(GV_WARPS * 32) k_gemv(const uint8_t *__restric
     for (int t = 0; t < NT; t++)
 #pragma unroll
         for (int g = 0; g < GR; g++) acc[t][g] = 0.0f;
-    if (ng > 0) {
+    /* the rows' 8 weights of unit u first (an odd last row pair reads its one row twice: no
+     * branch between the loads), then each token's 8 activations: a launch reads the weights
+     * once for all its tokens, and a token's sums are the same whatever NT is */
+    auto deq_rows = [&](int u, float (&w)[GR][8], float (&f)[GR]) {
+#pragma unroll
+        for (int g = 0; g < GR; g++) {
+            const uint8_t *row = pair ? (g ? W2 : W) + (size_t)r0 * rb
+                                      : W + (size_t)(r0 + (g < ng ? g : ng - 1)) * rb;
+            f[g] = deq8<TYPE>(row, cols, u, p, w[g]);
+        }
+    };
+    if (!STAGE && ng > 0) {
 #pragma unroll UN
         for (int u = (lane >> 2) + 8 * kw; u < nu; u += 8 * ks) {
-            /* the rows' 8 weights first, then each token's 8 activations: a launch reads the
-             * weights once for all its tokens (up to 32), and a token's sums are the same
-             * whatever NT is */
             float w[GR][8], f[GR];
-#pragma unroll
-            for (int g = 0; g < GR; g++) {
-                /* an odd last row pair reads its one row twice (no branch between the loads) */
-                const uint8_t *row = pair ? (g ? W2 : W) + (size_t)r0 * rb
-                                          : W + (size_t)(r0 + (g < ng ? g : ng - 1)) * rb;
-                f[g] = deq8<TYPE>(row, cols, u, p, w[g]);
-            }
+            deq_rows(u, w, f);
 #pragma unroll
             for (int t = 0; t < NT; t++) {
                 const float4 *xp = (const float4 *)(x + (size_t)tix[t] * ldx + (size_t)u * 32 + p * 8);
-                float4 xa = xp[0], xb = xp[1];
+                gemv_fma(w, f, xp[0], xp[1], acc[t]);
+            }
+        }
+    }
+    if (STAGE) {
+        const int span = 8 * ks; /* units of a sweep */
+        for (int u0 = 0; u0 < nu; u0 += span) {
+            int u = u0 + (lane >> 2) + 8 * kw, nc4 = ((nu - u0 < span ? nu - u0 : span) * 32) / 4;
+            bool mine = ng > 0 && u < nu;
+            float w[GR][8], f[GR];
+            if (mine) deq_rows(u, w, f);
 #pragma unroll
-                for (int g = 0; g < GR; g++) {
-                    float a = w[g][0] * xa.x;
-                    a = fmaf(w[g][1], xa.y, a), a = fmaf(w[g][2], xa.z, a), a = fmaf(w[g][3], xa.w, a);
-                    a = fmaf(w[g][4], xb.x, a), a = fmaf(w[g][5], xb.y, a), a = fmaf(w[g][6], xb.z, a);
-                    a = fmaf(w[g][7], xb.w, a);
-                    acc[t][g] = fmaf(f[g], a, acc[t][g]);
+            for (int t0 = 0; t0 < NT; t0 += GX_TC) {
+                __syncthreads(); /* the previous tokens' activations are read */
+                for (int i = threadIdx.x; i < GX_TC * nc4; i += NW * 32) {
+                    int tt = i / nc4, c = i % nc4;
+                    xs[tt * (span * 8) + c] = ((const float4 *)(x + (size_t)tix[t0 + tt] * ldx + (size_t)u0 * 32))[c];
                 }
+                __syncthreads();
+                if (mine)
+#pragma unroll
+                    for (int tt = 0; tt < GX_TC; tt++) {
+                        const float4 *xp = xs + tt * (span * 8) + (u - u0) * 8 + p * 2;
+                        gemv_fma(w, f, xp[0], xp[1], acc[t0 + tt]);
+                    }
             }
         }
     }
@@ -407,6 +446,24 @@ __global__ void __launch_bounds__(GV_WARPS * 32) k_gemv(const uint8_t *__restric
             *yo = add ? *yo + s : s;
         }
     }
+}
+
+template <int TYPE, int NT>
+__global__ void __launch_bounds__(GV_WARPS * 32) k_gemv(const uint8_t *__restrict__ W, const uint8_t *__restrict__ W2,
+                                                       size_t rb, int rows, int cols, int ks, const float *__restrict__ x,
+                                                       int ldx, const int *__restrict__ tix, float *__restrict__ y,
+                                                       int ldy, int add) {
+    gemv_body<TYPE, NT, GV_WARPS, false>(W, W2, rb, rows, cols, ks, x, ldx, tix, y, ldy, add);
+}
+
+/* (min 1 block an SM: room for the sums' registers) */
+template <int TYPE, int NT>
+__global__ void __launch_bounds__(GX_WARPS * 32, 1) k_gemv_x(const uint8_t *__restrict__ W,
+                                                            const uint8_t *__restrict__ W2, size_t rb, int rows,
+                                                            int cols, int ks, const float *__restrict__ x, int ldx,
+                                                            const int *__restrict__ tix, float *__restrict__ y,
+                                                            int ldy, int add) {
+    gemv_body<TYPE, NT, GX_WARPS, true>(W, W2, rb, rows, cols, ks, x, ldx, tix, y, ldy, add);
 }
 
 /* warps of k_gemv that share a row pair: enough sweeps of 8 units each to pipeline (two or more),
@@ -476,6 +533,10 @@ struct dweight { const uint8_t *d; int type; int rows, cols; size_t rb; };
  * pass: a decode step), so a sequence's results never depend on what else is in the batch.
  * With w2 (gate w and up w2 of one type and shape): y = silu(x w^T) * (x w2^T), the tiled
  * tokens' up products going through y2 (rows as y's) first. */
+/* KVS_CUDA_STAGE=0 in the environment: batched decode GEMVs without the staged activations
+ * (the same bits either way; for comparing their speed) */
+static bool gemv_stage = true;
+
 template <int TYPE>
 static void launch_mm(const dweight *w, const dweight *w2, const float *x, int ldx, const int *tix, int n_lone,
                       int n, float *y, int ldy, int add, float *y2, cudaStream_t st) {
@@ -485,6 +546,16 @@ static void launch_mm(const dweight *w, const dweight *w2, const float *x, int l
         const int *ti = tix + t0;
         int rem = n_lone - t0;
         nt = rem >= 32 ? 32 : rem >= 16 ? 16 : rem >= 8 ? 8 : rem; /* tokens of this launch */
+        if (nt >= 8 && gemv_stage) {
+            int pb = GX_WARPS / ks * (w2 ? 1 : GR), bl = (w->rows + pb - 1) / pb;
+            size_t sm = (size_t)GX_TC * 256 * ks * sizeof(float);
+            switch (nt) {
+#define GS(k) case k: k_gemv_x<TYPE, k><<<bl, GX_WARPS * 32, sm, st>>>(w->d, d2, w->rb, w->rows, w->cols, ks, x, ldx, ti, y, ldy, add); break;
+            GS(8) GS(16) GS(32)
+#undef GS
+            }
+            continue;
+        }
         switch (nt) {
 #define GV(k) case k: k_gemv<TYPE, k><<<blocks, GV_WARPS * 32, 0, st>>>(w->d, d2, w->rb, w->rows, w->cols, ks, x, ldx, ti, y, ldy, add); break;
         GV(1) GV(2) GV(3) GV(4) GV(5) GV(6) GV(7) GV(8) GV(16) GV(32)
@@ -575,19 +646,19 @@ enum { AT = 128 /* keys per tile = threads per block */, MAXG = 16 /* query head
 
 /* partial attention of token t's query heads of KV head h over key split s of its visible keys
  * (entries 0 .. lens[slot][layer] + rank[t]: those before the pass and the pass's own up to t): unnormalised o, running max m and sum l, for k_att_combine */
-template <int DPL /* head dimensions per lane: hd / 32 */>
+template <int DPL /* head dimensions per lane: hd / 32 */, int G /* query heads per KV head; MAXG: any up to it */>
 __global__ void __launch_bounds__(AT) k_attn(const float *q, const int *rank, const int *lens, const int *slot,
                                              const int *nsp, const int *poff, const dseq *seqs, int layer,
                                              int n_layer, int nh, int nkv, int hd, float scale, float *part) {
     extern __shared__ float sm[];
     int t = blockIdx.x, h = blockIdx.y, s = blockIdx.z, tid = threadIdx.x, nsplit = nsp[t];
     if (s >= nsplit) return;
-    int g = nh / nkv, lane = tid & 31, warp = tid >> 5;
+    int g = G < MAXG ? G : nh / nkv, lane = tid & 31, warp = tid >> 5;
     float *qs = sm, *S = qs + g * hd, *mst = S + g * AT, *lst = mst + g, *alpha = lst + g;
-    /* the tile's keys, staged by coalesced 16-byte loads: a row of hd/2 + 1 words each, so the
-     * threads reading their own rows word by word hit distinct banks */
-    uint32_t *Ks = (uint32_t *)(alpha + g), *Vs = Ks + AT * (hd / 2 + 1); /* V's tile: rows of hd halves */
-    const int kw = hd / 2 + 1, wpr = hd / 8;
+    /* the tile's keys, staged by coalesced 16-byte loads: a row of hd/2 + 4 words each (16-byte
+     * aligned), so the threads reading their own rows 16 bytes at a time hit distinct banks */
+    uint32_t *Ks = (uint32_t *)(sm + ((g * hd + g * AT + 3 * g + 3) & ~3)), *Vs = Ks + AT * (hd / 2 + 4);
+    const int kw = hd / 2 + 4, wpr = hd / 8; /* (V's tile: rows of hd halves) */
     dseq sq = seqs[slot[t]];
     int nvis = lens[slot[t] * n_layer + layer] + rank[t] + 1; /* its own entry and those before */
     int k0 = (int)((long long)nvis * s / nsplit), k1 = (int)((long long)nvis * (s + 1) / nsplit);
@@ -598,36 +669,54 @@ __global__ void __launch_bounds__(AT) k_attn(const float *q, const int *rank, co
     if (tid < g) mst[tid] = -INFINITY, lst[tid] = 0.0f;
     /* the output: warp w sums the values of keys w, w + 4, ... of each tile, lane l dimensions
      * DPL l .. DPL l + DPL - 1 of every query head of the group; the 4 warps' sums meet at the end */
-    float o[MAXG][DPL];
+    float o[G][DPL];
 #pragma unroll
-    for (int qi = 0; qi < MAXG; qi++)
+    for (int qi = 0; qi < G; qi++)
 #pragma unroll
         for (int e = 0; e < DPL; e++) o[qi][e] = 0.0f;
     __syncthreads();
     for (int kb = k0; kb < k1; kb += AT) {
         int kk = kb + tid, n = k1 - kb < AT ? k1 - kb : AT;
         const uint4 *Kg = (const uint4 *)(K + (size_t)kb * hd), *Vg = (const uint4 *)(V + (size_t)kb * hd);
-        for (int i = tid; i < n * wpr; i += AT) {
-            uint4 a = Kg[i], b = Vg[i];
-            uint32_t *dk = Ks + (i / wpr) * kw + (i % wpr) * 4, *dv = Vs + (size_t)i * 4;
-            dk[0] = a.x, dk[1] = a.y, dk[2] = a.z, dk[3] = a.w;
-            dv[0] = b.x, dv[1] = b.y, dv[2] = b.z, dv[3] = b.w;
-        }
+        auto put = [&](int i, uint4 a, uint4 b) {
+            *(uint4 *)(Ks + (i / wpr) * kw + (i % wpr) * 4) = a;
+            *(uint4 *)(Vs + (size_t)i * 4) = b;
+        };
+        if (n == AT) { /* a whole tile: 4 DPL loads of K and of V a thread, 4 of each in flight */
+#pragma unroll
+            for (int j0 = 0; j0 < 4 * DPL; j0 += 4) {
+                uint4 a[4], b[4];
+#pragma unroll
+                for (int u = 0; u < 4; u++) a[u] = Kg[tid + (j0 + u) * AT], b[u] = Vg[tid + (j0 + u) * AT];
+#pragma unroll
+                for (int u = 0; u < 4; u++) put(tid + (j0 + u) * AT, a[u], b[u]);
+            }
+        } else
+            for (int i = tid; i < n * wpr; i += AT) put(i, Kg[i], Vg[i]);
         __syncthreads();
-        float sc[MAXG];
+        float sc[G];
 #pragma unroll
-        for (int qi = 0; qi < MAXG; qi++) sc[qi] = 0.0f;
-        if (kk < k1) {
-            const __half2 *kr = (const __half2 *)(Ks + tid * kw);
-            for (int d2 = 0; d2 < hd / 2; d2++) {
-                float2 kf = __half22float2(kr[d2]);
+        for (int qi = 0; qi < G; qi++) sc[qi] = 0.0f;
+        if (kk < k1) { /* 8 dimensions at a time: one 16-byte read of the key, two of each query */
+            const uint4 *kr = (const uint4 *)(Ks + tid * kw);
+            for (int c = 0; c < hd / 8; c++) {
+                uint4 k4 = kr[c];
+                float2 f0 = __half22float2(*(const __half2 *)&k4.x), f1 = __half22float2(*(const __half2 *)&k4.y),
+                       f2 = __half22float2(*(const __half2 *)&k4.z), f3 = __half22float2(*(const __half2 *)&k4.w);
 #pragma unroll
-                for (int qi = 0; qi < MAXG; qi++)
-                    if (qi < g) sc[qi] += qs[qi * hd + 2 * d2] * kf.x + qs[qi * hd + 2 * d2 + 1] * kf.y;
+                for (int qi = 0; qi < G; qi++)
+                    if (qi < g) {
+                        const float4 *qp = (const float4 *)(qs + qi * hd + 8 * c);
+                        float4 qa = qp[0], qb = qp[1];
+                        sc[qi] += qa.x * f0.x + qa.y * f0.y;
+                        sc[qi] += qa.z * f1.x + qa.w * f1.y;
+                        sc[qi] += qb.x * f2.x + qb.y * f2.y;
+                        sc[qi] += qb.z * f3.x + qb.w * f3.y;
+                    }
             }
         }
 #pragma unroll
-        for (int qi = 0; qi < MAXG; qi++)
+        for (int qi = 0; qi < G; qi++)
             if (qi < g) S[qi * AT + tid] = kk < k1 ? sc[qi] * scale : -INFINITY;
         __syncthreads();
         for (int qi = warp; qi < g; qi += AT / 32) {
@@ -648,7 +737,7 @@ __global__ void __launch_bounds__(AT) k_attn(const float *q, const int *rank, co
         }
         __syncthreads();
 #pragma unroll
-        for (int qi = 0; qi < MAXG; qi++)
+        for (int qi = 0; qi < G; qi++)
             if (qi < g) {
                 float a = alpha[qi];
 #pragma unroll
@@ -668,7 +757,7 @@ __global__ void __launch_bounds__(AT) k_attn(const float *q, const int *rank, co
                 for (int e = 0; e < DPL; e++) v[e] = __half2float(vr[e]);
             }
 #pragma unroll
-            for (int qi = 0; qi < MAXG; qi++)
+            for (int qi = 0; qi < G; qi++)
                 if (qi < g) {
                     float pj = S[qi * AT + j];
 #pragma unroll
@@ -680,7 +769,7 @@ __global__ void __launch_bounds__(AT) k_attn(const float *q, const int *rank, co
     /* the warps' sums, added in warp order through shared memory (the key tile's space) */
     float *red = (float *)Ks;
 #pragma unroll
-    for (int qi = 0; qi < MAXG; qi++)
+    for (int qi = 0; qi < G; qi++)
         if (qi < g)
 #pragma unroll
             for (int e = 0; e < DPL; e++) red[(warp * g + qi) * hd + lane * DPL + e] = o[qi][e];
@@ -696,24 +785,34 @@ __global__ void __launch_bounds__(AT) k_attn(const float *q, const int *rank, co
 
 typedef void (*attn_fn)(const float *, const int *, const int *, const int *, const int *, const int *,
                         const dseq *, int, int, int, int, int, float, float *);
-/* k_attn for a head size (a multiple of 32, at most 256) */
-static attn_fn attn_kernel(int hd) {
+/* k_attn for a head size (a multiple of 32, at most 256) and group size: the two models' head
+ * sizes (64, 128) with groups of up to 8 query heads get kernels made for their group (no
+ * predicated loops over unused heads; the same sums, so the same bits), the rest the generic one */
+static attn_fn attn_kernel(int hd, int grp) {
+    const char *ge = getenv("KVS_CUDA_GENERIC_ATTN"); /* =1: the generic kernel, to compare */
+    if ((hd == 64 || hd == 128) && !(ge && !strcmp(ge, "1"))) {
+        switch (grp * 1000 + hd) {
+#define AK(gr) case gr * 1000 + 64: return k_attn<2, gr>; case gr * 1000 + 128: return k_attn<4, gr>;
+        AK(1) AK(2) AK(3) AK(4) AK(5) AK(6) AK(7) AK(8)
+#undef AK
+        }
+    }
     switch (hd / 32) {
-    case 1: return k_attn<1>;
-    case 2: return k_attn<2>;
-    case 3: return k_attn<3>;
-    case 4: return k_attn<4>;
-    case 5: return k_attn<5>;
-    case 6: return k_attn<6>;
-    case 7: return k_attn<7>;
-    default: return k_attn<8>;
+    case 1: return k_attn<1, MAXG>;
+    case 2: return k_attn<2, MAXG>;
+    case 3: return k_attn<3, MAXG>;
+    case 4: return k_attn<4, MAXG>;
+    case 5: return k_attn<5, MAXG>;
+    case 6: return k_attn<6, MAXG>;
+    case 7: return k_attn<7, MAXG>;
+    default: return k_attn<8, MAXG>;
     }
 }
 
 /* k_attn's shared memory: the group's queries, scores, m/l/alpha, and the staged key and value tiles */
 static size_t attn_smem(int grp, int hd) {
-    return ((size_t)grp * hd + (size_t)grp * AT + 3 * (size_t)grp) * sizeof(float) +
-           (size_t)AT * (hd / 2 + 1) * sizeof(uint32_t) + (size_t)AT * hd * sizeof(__half);
+    return (((size_t)grp * hd + (size_t)grp * AT + 3 * (size_t)grp + 3) & ~(size_t)3) * sizeof(float) +
+           (size_t)AT * (hd / 2 + 4) * sizeof(uint32_t) + (size_t)AT * hd * sizeof(__half);
 }
 
 /* out (T, nh*hd) = sum_s e^{m_s - M} o_s / sum_s e^{m_s - M} l_s; one block per (token, query head) */
@@ -747,7 +846,7 @@ struct dlayer {
     dweight wq, wk, wv, wo, wg, wu, wd;
 };
 
-enum { LOGIT_ROWS = 64 /* logits rows computed per pass */, GRAPH_T = 8 /* most tokens of a graph */,
+enum { LOGIT_ROWS = 64 /* logits rows computed per pass */, GRAPH_T = 32 /* most tokens of a graph */,
        META = 10 /* int32 arrays of t_max in d_meta, before the slots' layer lengths */ };
 
 /* a slot's host-side bookkeeping: entries per layer, and for slots under a policy the positions
@@ -798,6 +897,12 @@ struct cuda_ctx {
     bool graphs;               /* replay decode steps as CUDA graphs (KVS_CUDA_GRAPHS=0: off) */
     cudaGraphExec_t gexec[GRAPH_T + 1][GRAPH_T + 1]; /* by (T, n_out), captured on first use */
     float *h_logits;           /* pinned (GRAPH_T, n_vocab): the graphs' logits */
+    /* KVS_CUDA_PROFILE=1: an event after each group of launches of a pass (graphs off), and the
+     * seconds between consecutive events summed per group (cuda_prof_read) */
+    cudaEvent_t *pev;
+    unsigned char *pcat;       /* the group of the launches that end at each event */
+    int npev, pev_cap;
+    double prof_s[16];
 };
 
 static enum kvs_status up_weight(cuda_ctx *g, const cuda_w *w, dweight *dw, const char *name) {
@@ -882,7 +987,7 @@ extern "C" enum kvs_status cuda_ctx_new(const struct cuda_model_desc *m, int n_c
     snprintf(g->name, sizeof g->name, "%s (sm_%d%d, %.1f GiB)", pr.name, pr.major, pr.minor,
              (double)pr.totalGlobalMem / (1u << 30));
     CK(cudaStreamCreateWithFlags(&g->st, cudaStreamNonBlocking), "cudaStreamCreate");
-    g->attn = attn_kernel(m->head_dim);
+    g->attn = attn_kernel(m->head_dim, m->n_head / m->n_head_kv);
     CK(cudaFuncSetAttribute(g->attn, cudaFuncAttributeMaxDynamicSharedMemorySize,
                             (int)attn_smem(m->n_head / m->n_head_kv, m->head_dim)), "k_attn shared memory");
     enum kvs_status st;
@@ -935,8 +1040,18 @@ extern "C" enum kvs_status cuda_ctx_new(const struct cuda_model_desc *m, int n_c
         !(g->h_lone = (unsigned char *)calloc((size_t)T, 1)) || !(g->h_count = (int *)calloc((size_t)g->n_seq, sizeof(int))))
         return kvs_fail(KVS_ERR_NOMEM, "out of memory");
     CK(cudaMallocHost((void **)&g->h_logits, (size_t)GRAPH_T * g->nv * 4), "cudaMallocHost");
-    const char *ge = getenv("KVS_CUDA_GRAPHS");
+    const char *ge = getenv("KVS_CUDA_GRAPHS"), *pe = getenv("KVS_CUDA_PROFILE");
     g->graphs = !(ge && !strcmp(ge, "0"));
+    const char *se = getenv("KVS_CUDA_STAGE");
+    gemv_stage = !(se && !strcmp(se, "0"));
+    if (pe && strcmp(pe, "0") && *pe) { /* events between the launch groups; graphs off */
+        g->graphs = false;
+        g->pev_cap = 8 + g->n_layer * 10 + t_max / LOGIT_ROWS + 2;
+        if (!(g->pev = (cudaEvent_t *)calloc((size_t)g->pev_cap, sizeof *g->pev)) ||
+            !(g->pcat = (unsigned char *)calloc((size_t)g->pev_cap, 1)))
+            return kvs_fail(KVS_ERR_NOMEM, "out of memory");
+        for (int i = 0; i < g->pev_cap; i++) CK(cudaEventCreate(&g->pev[i]), "cudaEventCreate");
+    }
     CK(cudaMemset(g->d_seqs, 0, (size_t)n_seq * sizeof(dseq)), "cudaMemset");
     CK(cudaStreamSynchronize(g->st), "upload");
     return KVS_OK;
@@ -961,6 +1076,10 @@ extern "C" void cuda_ctx_free(struct cuda_ctx *g) {
     free(g->h_lone);
     free(g->h_count);
     if (g->h_logits) cudaFreeHost(g->h_logits);
+    for (int i = 0; g->pev && i < g->pev_cap; i++)
+        if (g->pev[i]) cudaEventDestroy(g->pev[i]);
+    free(g->pev);
+    free(g->pcat);
     for (int i = 0; i <= GRAPH_T; i++)
         for (int j = 0; j <= GRAPH_T; j++)
             if (g->gexec[i][j]) cudaGraphExecDestroy(g->gexec[i][j]);
@@ -1183,6 +1302,27 @@ extern "C" int cuda_seq_queries(const struct cuda_ctx *g, int slot, int32_t *qpo
 
 /* every launch of one forward pass on g->st, from the metadata in g->h_meta (copied first);
  * logits rows go to logits_dst on the host. Launch parameters depend on T, n_out and ns_grid only. */
+enum { PR_EMBED, PR_NORM, PR_MM_QKV, PR_ROPE, PR_ATTN, PR_COMBINE, PR_MM_O, PR_MM_UP, PR_MM_DOWN, PR_LOGITS, PR_N };
+static const char *const prof_names[PR_N] = {"embed", "rmsnorm", "matmul_qkv", "rope_kv_store", "attention",
+                                             "attention_combine", "matmul_o", "matmul_gate_up", "matmul_down",
+                                             "logits"};
+
+/* the launches enqueued since the last mark belong to group cat (profiling only) */
+static void mark(cuda_ctx *g, int cat) {
+    if (!g->pev || g->npev >= g->pev_cap) return;
+    cudaEventRecord(g->pev[g->npev], g->st);
+    g->pcat[g->npev++] = (unsigned char)cat;
+}
+
+/* after the pass's synchronisation: the time between consecutive marks, added to their groups */
+static void prof_collect(cuda_ctx *g) {
+    for (int i = 1; i < g->npev; i++) {
+        float ms = 0.0f;
+        if (cudaEventElapsedTime(&ms, g->pev[i - 1], g->pev[i]) == cudaSuccess) g->prof_s[g->pcat[i]] += ms / 1e3;
+    }
+    g->npev = 0;
+}
+
 static void enqueue(cuda_ctx *g, int T, int n_out, int ns_grid, float *logits_dst) {
     cudaStream_t st = g->st;
     cudaMemcpyAsync(g->d_meta, g->h_meta, meta_bytes(g), cudaMemcpyHostToDevice, st);
@@ -1195,22 +1335,31 @@ static void enqueue(cuda_ctx *g, int T, int n_out, int ns_grid, float *logits_ds
     int d = g->d, nq = g->nh * g->hd, nk = g->nkv * g->hd, ff = g->ff, grp = g->nh / g->nkv;
     size_t smem = attn_smem(grp, g->hd);
     float scale = 1.0f / sqrtf((float)g->hd);
+    mark(g, PR_EMBED); /* (the start: the metadata upload counts as the embedding's) */
     embed(&g->tok_embd, d_tok, T, g->x, st);
+    mark(g, PR_EMBED);
     for (int il = 0; il < g->n_layer; il++) {
         const dlayer *l = &g->L[il];
         k_rmsnorm<<<T, 256, 0, st>>>(g->x, NULL, l->attn_norm, g->xn, d, g->eps);
+        mark(g, PR_NORM);
         matmul(&l->wq, g->xn, d, d_tix, nl, T, g->q, nq, st);
         matmul(&l->wk, g->xn, d, d_tix, nl, T, g->k, nk, st);
         matmul(&l->wv, g->xn, d, d_tix, nl, T, g->v, nk, st);
+        mark(g, PR_MM_QKV);
         k_qkv_post<<<dim3(T, g->nh + g->nkv), 64, 0, st>>>(g->q, g->k, g->v, l->bq, l->bk, l->bv, d_pos, d_slot,
                                                            d_rank, d_qix, d_lens, g->d_seqs, il, g->n_layer,
                                                            g->nh, g->nkv, g->hd, g->inv_freq, g->neox);
+        mark(g, PR_ROPE);
         g->attn<<<dim3(T, g->nkv, ns_grid), AT, smem, st>>>(g->q, d_rank, d_lens, d_slot, d_nsp, d_poff, g->d_seqs,
                                                             il, g->n_layer, g->nh, g->nkv, g->hd, scale, g->part);
+        mark(g, PR_ATTN);
         k_att_combine<<<dim3(T, g->nh), g->hd < 128 ? g->hd : 128, 0, st>>>(g->part, d_nsp, d_poff, g->nh,
                                                                              g->nkv, g->hd, g->xn);
+        mark(g, PR_COMBINE);
         matmul(&l->wo, g->xn, nq, d_tix, nl, T, g->x, d, st, 1); /* the residual added by the product */
+        mark(g, PR_MM_O);
         k_rmsnorm<<<T, 256, 0, st>>>(g->x, NULL, l->ffn_norm, g->xn, d, g->eps);
+        mark(g, PR_NORM);
         if (l->wg.type == l->wu.type && l->wg.rows == l->wu.rows && l->wg.rb == l->wu.rb) {
             matmul2(&l->wg, &l->wu, g->xn, d, d_tix, nl, T, g->gate, ff, 0, g->up, st); /* + SwiGLU */
         } else {
@@ -1219,7 +1368,9 @@ static void enqueue(cuda_ctx *g, int T, int n_out, int ns_grid, float *logits_ds
             size_t nf = (size_t)T * ff;
             k_swiglu<<<(unsigned)((nf + 255) / 256), 256, 0, st>>>(g->gate, g->up, ff, d_tix, nf);
         }
+        mark(g, PR_MM_UP);
         matmul(&l->wd, g->gate, ff, d_tix, nl, T, g->x, d, st, 1);
+        mark(g, PR_MM_DOWN);
     }
     for (int r0 = 0; r0 < n_out; r0 += LOGIT_ROWS) {
         int nr = n_out - r0 < LOGIT_ROWS ? n_out - r0 : LOGIT_ROWS;
@@ -1228,6 +1379,7 @@ static void enqueue(cuda_ctx *g, int T, int n_out, int ns_grid, float *logits_ds
         cudaMemcpyAsync(logits_dst + (size_t)r0 * g->nv, g->logits, (size_t)nr * g->nv * 4,
                         cudaMemcpyDeviceToHost, st);
     }
+    mark(g, PR_LOGITS);
 }
 
 extern "C" enum kvs_status cuda_forward(struct cuda_ctx *g, const int32_t *tokens, const int32_t *pos,
@@ -1319,6 +1471,7 @@ extern "C" enum kvs_status cuda_forward(struct cuda_ctx *g, const int32_t *token
         enqueue(g, T, n_out, ns_max, logits);
         CK(cudaGetLastError(), "kernel launch");
         CK(cudaStreamSynchronize(st), "forward");
+        prof_collect(g);
     }
     /* the bookkeeping: entries' positions (slots under a policy), queries kept, lengths */
     for (int t = 0; t < T; t++) {
@@ -1351,7 +1504,13 @@ extern "C" uint64_t cuda_device_free_bytes(void) {
     return cudaMemGetInfo(&fr, &tot) == cudaSuccess ? fr : 0;
 }
 
-extern "C" void cuda_use_graphs(struct cuda_ctx *g, bool on) { g->graphs = on; }
+extern "C" void cuda_use_graphs(struct cuda_ctx *g, bool on) { g->graphs = on && !g->pev; }
+
+extern "C" int cuda_prof_read(const struct cuda_ctx *g, const char **names, double *secs, int max) {
+    if (!g->pev) return 0;
+    for (int i = 0; i < PR_N && i < max; i++) names[i] = prof_names[i], secs[i] = g->prof_s[i];
+    return PR_N < max ? PR_N : max;
+}
 
 extern "C" enum kvs_status cuda_seq_copy(struct cuda_ctx *g, int dst, int src) {
     if (dst == src) return KVS_OK;

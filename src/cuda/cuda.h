@@ -96,9 +96,13 @@ enum kvs_status cuda_seq_compact(struct cuda_ctx *g, int slot, const int32_t *co
 
 /* Free device memory now (cudaMemGetInfo), for tests of the byte accounting; 0 on error. */
 uint64_t cuda_device_free_bytes(void);
-/* Decode steps of up to 8 tokens replay a CUDA graph (on by default; KVS_CUDA_GRAPHS=0 in the
+/* Decode steps of up to 32 tokens replay a CUDA graph (on by default; KVS_CUDA_GRAPHS=0 in the
  * environment turns it off): the same kernels and bit-identical results, fewer launch costs. */
 void cuda_use_graphs(struct cuda_ctx *g, bool on);
+/* KVS_CUDA_PROFILE=1 in the environment at context creation: the forward pass's kernels timed by
+ * events between groups of launches (graphs off); the seconds each group has taken so far, up to
+ * max groups, their names beside; returns how many (0: profiling off). */
+int cuda_prof_read(const struct cuda_ctx *g, const char **names, double *secs, int max);
 /* Make slot dst a copy of slot src (its entries; dst's old content is dropped). */
 enum kvs_status cuda_seq_copy(struct cuda_ctx *g, int dst, int src);
 /* The device's memory bandwidth in GB/s: the best of 5 device-to-device copies of 1 GiB,
