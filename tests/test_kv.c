@@ -152,6 +152,35 @@ static void test_snapkv_pooling(void) {
     kv_seq_free(s);
 }
 
+/* kv_snapkv_pool (8 entries at a time away from the edges) against the definition, one entry
+ * at a time: every value bit-identical, max and average, kernels 1..15, rows 0..600 long */
+static void test_snapkv_pool_reference(void) {
+    struct kv_cache c;
+    struct kv_seq *s = make_seq(&c, 1, 1, 16, false, 1);
+    struct kv_policy *p = make_policy("snapkv:budget=4,kernel=3,pool=max", &c);
+    enum { N = 600 };
+    float row[N], ref[N], tmp[N];
+    int differ = 0, cases = 0;
+    for (int it = 0; it < 3000; it++) {
+        int n = (int)(tu_rand_u64() % (N + 1)), k = 1 + (int)(tu_rand_u64() % 15), r = k / 2;
+        p->spec.kernel = k, p->spec.pool = tu_rand_u64() % 2 ? KV_POOL_MAX : KV_POOL_AVG;
+        for (int j = 0; j < n; j++) row[j] = (float)(tu_rand_u64() % 1000000) * (tu_rand_u64() % 2 ? 1e-9f : 1e-6f);
+        for (int j = 0; j < n; j++) {
+            float acc = p->spec.pool == KV_POOL_MAX ? -INFINITY : 0.0f;
+            for (int t = j - r; t <= j + r; t++) {
+                float v = t >= 0 && t < n ? row[t] : 0.0f;
+                acc = p->spec.pool == KV_POOL_MAX ? (v > acc ? v : acc) : acc + v;
+            }
+            ref[j] = k <= 1 ? row[j] : p->spec.pool == KV_POOL_MAX ? acc : acc / (float)k;
+        }
+        kv_snapkv_pool(p, row, n, tmp);
+        differ += memcmp(row, ref, sizeof(float) * n) != 0, cases++;
+    }
+    CHECKF(differ == 0, "%d of %d rows differ from the one-at-a-time pooling", differ, cases);
+    kv_policy_free(p);
+    kv_seq_free(s);
+}
+
 static void test_tova_layerwise(void) {
     struct kv_cache c;
     struct kv_seq *s = make_seq(&c, 4, 2, 16, false, 1);
@@ -447,6 +476,7 @@ int main(void) {
     test_h2o();
     test_streaming();
     test_snapkv_pooling();
+    test_snapkv_pool_reference();
     test_tova_layerwise();
     test_adakv_floor();
     test_random_plans();
