@@ -536,6 +536,7 @@ struct dweight { const uint8_t *d; int type; int rows, cols; size_t rb; };
 /* KVS_CUDA_STAGE=0 in the environment: batched decode GEMVs without the staged activations
  * (the same bits either way; for comparing their speed) */
 static bool gemv_stage = true;
+static int gemv_sms = 132; /* the device's SMs (set with the context) */
 
 template <int TYPE>
 static void launch_mm(const dweight *w, const dweight *w2, const float *x, int ldx, const int *tix, int n_lone,
@@ -546,8 +547,9 @@ static void launch_mm(const dweight *w, const dweight *w2, const float *x, int l
         const int *ti = tix + t0;
         int rem = n_lone - t0;
         nt = rem >= 32 ? 32 : rem >= 16 ? 16 : rem >= 8 ? 8 : rem; /* tokens of this launch */
-        if (nt >= 8 && gemv_stage) {
-            int pb = GX_WARPS / ks * (w2 ? 1 : GR), bl = (w->rows + pb - 1) / pb;
+        int pb = GX_WARPS / ks * (w2 ? 1 : GR), bl = (w->rows + pb - 1) / pb;
+        /* staged only where its larger blocks still fill the device (not the small K/V matrices) */
+        if (nt >= 8 && gemv_stage && bl >= gemv_sms) {
             size_t sm = (size_t)GX_TC * 256 * ks * sizeof(float);
             switch (nt) {
 #define GS(k) case k: k_gemv_x<TYPE, k><<<bl, GX_WARPS * 32, sm, st>>>(w->d, d2, w->rb, w->rows, w->cols, ks, x, ldx, ti, y, ldy, add); break;
@@ -1044,6 +1046,7 @@ extern "C" enum kvs_status cuda_ctx_new(const struct cuda_model_desc *m, int n_c
     g->graphs = !(ge && !strcmp(ge, "0"));
     const char *se = getenv("KVS_CUDA_STAGE");
     gemv_stage = !(se && !strcmp(se, "0"));
+    gemv_sms = pr.multiProcessorCount > 0 ? pr.multiProcessorCount : gemv_sms;
     if (pe && strcmp(pe, "0") && *pe) { /* events between the launch groups; graphs off */
         g->graphs = false;
         g->pev_cap = 8 + g->n_layer * 10 + t_max / LOGIT_ROWS + 2;
@@ -1325,6 +1328,8 @@ static void prof_collect(cuda_ctx *g) {
 
 static void enqueue(cuda_ctx *g, int T, int n_out, int ns_grid, float *logits_dst) {
     cudaStream_t st = g->st;
+    g->npev = 0; /* (a pass that failed left its events uncollected) */
+    mark(g, PR_EMBED); /* the start: the metadata upload counts as the embedding's */
     cudaMemcpyAsync(g->d_meta, g->h_meta, meta_bytes(g), cudaMemcpyHostToDevice, st);
     const int32_t *d_tok = g->d_meta, *d_pos = g->d_meta + g->t_max, *d_slot = g->d_meta + 2 * g->t_max,
                   *d_rows = g->d_meta + 3 * g->t_max, *d_nsp = g->d_meta + 4 * g->t_max,
@@ -1335,7 +1340,6 @@ static void enqueue(cuda_ctx *g, int T, int n_out, int ns_grid, float *logits_ds
     int d = g->d, nq = g->nh * g->hd, nk = g->nkv * g->hd, ff = g->ff, grp = g->nh / g->nkv;
     size_t smem = attn_smem(grp, g->hd);
     float scale = 1.0f / sqrtf((float)g->hd);
-    mark(g, PR_EMBED); /* (the start: the metadata upload counts as the embedding's) */
     embed(&g->tok_embd, d_tok, T, g->x, st);
     mark(g, PR_EMBED);
     for (int il = 0; il < g->n_layer; il++) {
