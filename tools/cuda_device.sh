@@ -38,6 +38,10 @@
 #          `kvbench qwen 32768 16 full snapkv:ratio=0.1` (BIN=kvsieve_old for the previous build),
 #          `profile qwen`. SmolLM2 is 2 pieces, Qwen2.5-1.5B 19. Starts are often refused: a
 #          refusal costs 15-90 s of the session's device time, so stage everything before the first call.
+# To compare kernels within one binary (same bits, different speed): `variants qwen 32768 16
+#          new=kvsieve nostage=kvsieve:KVS_CUDA_STAGE=0 generic=kvsieve:KVS_CUDA_GENERIC_ATTN=1
+#          prof=kvsieve:KVS_CUDA_PROFILE=1` (KV=snapkv:ratio=0.1 for the compressed cache); prof's
+#          summary line splits a step's device time by kernel group.
 set -uo pipefail
 K=/tmp/k M=/tmp/m R=/tmp/res
 PART_MB=${PART_MB:-56}
