@@ -32,6 +32,8 @@ double kvs_context_device_bandwidth(kvs_context *c) { return c->gpu ? cuda_bandw
 const char *kvs_context_device_name(const kvs_context *c) { return c->gpu ? cuda_device_name(c->gpu) : "cpu"; }
 
 /* the policies the GPU runs: the full cache, and those scored there (SnapKV) */
+/* what --device cuda runs (kv_policy_score_src) */
+#define GPU_POLICIES "full, snapkv, tova, streaming, knorm and random (uniform or pyramid budgets, without merging or packed storage)"
 static bool gpu_runs(const struct kv_spec *sp) {
     return (sp->method == KV_FULL && !sp->think && !sp->kivi_bits && !sp->mikv_low) || kv_policy_scored_elsewhere(sp);
 }
@@ -39,7 +41,9 @@ static bool gpu_runs(const struct kv_spec *sp) {
 /* the slot's query window on the GPU, as its policy needs */
 static enum kvs_status gpu_slot_policy(kvs_context *c, kvs_sequence *s, const struct kv_spec *sp) {
     if (!c->gpu) return KVS_OK;
-    return cuda_seq_set_qwin(c->gpu, s->slot, (kv_policy_needs(sp) & KV_NEED_QUERIES) ? kv_policy_qwin(sp) : 0);
+    int qwin = (kv_policy_needs(sp) & KV_NEED_QUERIES) ? kv_policy_qwin(sp) : 0;
+    if (kv_policy_score_src(sp) == KV_SRC_LAST) qwin = 1; /* (TOVA reads the newest query alone) */
+    return cuda_seq_set_policy(c->gpu, s->slot, qwin, sp->method != KV_FULL);
 }
 
 /* The model as the GPU backend reads it (cuda.h), then the GPU context. */
@@ -48,8 +52,8 @@ static enum kvs_status gpu_init(kvs_context *c) {
     const struct hparams *hp = &m->hp;
     const struct kv_spec *sp = &c->base.spec;
     if (!gpu_runs(sp) || c->p.keep_stats || c->p.act_f32)
-        return kvs_fail(KVS_ERR_UNSUPPORTED, "--device cuda runs the full KV cache and snapkv (without "
-                        "merging or packed storage) so far ('%s'%s asked); use the CPU for the others",
+        return kvs_fail(KVS_ERR_UNSUPPORTED, "--device cuda runs the KV policies " GPU_POLICIES " so far ('%s'%s "
+                        "asked); use the CPU for the others",
                         sp->text, c->p.keep_stats ? " with statistics" : c->p.act_f32 ? " with fp32 activations" : "");
     struct cuda_layer_desc *L = calloc((size_t)hp->n_layer, sizeof *L);
     if (!L) return kvs_fail(KVS_ERR_NOMEM, "out of memory");
@@ -750,7 +754,7 @@ enum kvs_status kvs_seq_set_kv(kvs_context *c, kvs_sequence *s, const char *kv_s
         if (st != KVS_OK) return st;
     }
     if (c->gpu && !gpu_runs(&spec))
-        return kvs_gpu_refuse(c, "a KV policy other than full or snapkv (without merging or packed storage)");
+        return kvs_gpu_refuse(c, "a KV policy other than " GPU_POLICIES);
     int qwin = kv_policy_qwin(&spec);
     if (!c->gpu && (kv_policy_needs(&spec) & KV_NEED_QUERIES) && c->kv.qwin < qwin)
         return kvs_fail(KVS_ERR_INVALID_ARG, "'%s' needs the last %d queries; this context keeps "

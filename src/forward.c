@@ -440,13 +440,15 @@ static enum kvs_status gate_layer(struct kvs_context *c, int il, const int32_t *
     return KVS_OK;
 }
 
-/* --device cuda: a policy on the GPU (kv_policy_scored_elsewhere: SnapKV) after a pass in
- * which sequence s took tokens of `phase` and has seen n_seen. When compress_layer() would plan
- * a layer, its window scores come from the device (cuda_seq_score_window: the saved queries,
- * each masked to the entries at or before its position), are pooled and planned by the CPU
- * policy's code, and the kept entries of every planned layer are gathered on the device in one
- * move. A layer is planned after its attention in both paths, and only its own attention reads
- * it, so planning after the whole pass is the same as the CPU's planning inside it. */
+/* --device cuda: a policy on the GPU (kv_policy_score_src: SnapKV, TOVA, StreamingLLM, random,
+ * key norm) after a pass in which sequence s took tokens of `phase` and has seen n_seen. When
+ * compress_layer() would plan a layer, its scores come from the device (cuda_seq_score_window:
+ * the saved queries, each masked to the entries at or before its position; cuda_seq_key_sq: the
+ * keys' squares) or from the entries' positions on the host, are finished (SnapKV's pooling, the
+ * norm's root) and planned by the CPU policy's code, and the kept entries of every planned layer
+ * are gathered on the device in one move. A layer is planned after its attention in both paths,
+ * and only its own attention reads it, so planning after the whole pass is the same as the CPU's
+ * planning inside it. */
 static enum kvs_status gpu_compress(struct kvs_context *c, kvs_sequence *s, enum fwd_phase phase, int64_t n_seen) {
     const struct kv_profile *pr = s->prof;
     const struct kv_spec *sp = &pr->spec;
@@ -460,18 +462,21 @@ static enum kvs_status gpu_compress(struct kvs_context *c, kvs_sequence *s, enum
     for (int il = 0; il < nl; il++)
         if (kv_policy_over(p, il, n_seen, slack, cuda_seq_layer_entries(c->gpu, s->slot, il))) lay[n_lay++] = il;
     if (!n_lay) return KVS_OK;
+    enum kv_score_src src = kv_policy_score_src(sp);
+    bool attn = src == KV_SRC_WINDOW || src == KV_SRC_LAST;
     double t0 = kvs_time_ms();
     int32_t *keep_l[1024] = {0}, n_keep[1024];
     int32_t *store = malloc(sizeof(int32_t) * (size_t)n_lay * nkv * p->cap_max);
     float *sc = malloc(sizeof(float) * (size_t)n_lay * nkv * p->cap_max), *tmp = malloc(sizeof(float) * (size_t)p->cap_max);
     int32_t *vis = malloc(sizeof(int32_t) * (size_t)n_lay * nkv * (p->qwin + 1)), *qpos = malloc(sizeof(int32_t) * (p->qwin + 1));
     enum kvs_status st = store && sc && tmp && vis && qpos ? KVS_OK : kvs_fail(KVS_ERR_NOMEM, "out of memory for a GPU plan");
-    /* the newest qwin saved queries, as the CPU scorer takes */
-    int nq = st == KVS_OK ? cuda_seq_queries(c->gpu, s->slot, qpos, p->qwin) : 0;
+    /* the newest qwin saved queries, as the CPU scorer takes (TOVA: the newest alone) */
+    int nq = st == KVS_OK && attn ? cuda_seq_queries(c->gpu, s->slot, qpos, src == KV_SRC_LAST ? 1 : p->qwin) : 0;
     for (int il = 0; il < nl; il++) n_keep[il] = cuda_seq_layer_entries(c->gpu, s->slot, il); /* (as they are) */
+    int32_t before = n_keep[nl - 1];
     /* causal: query w sees the entries at positions up to its own (a prefix: entries are in
      * position order) */
-    for (int i = 0; i < n_lay && st == KVS_OK; i++)
+    for (int i = 0; i < n_lay && st == KVS_OK && attn; i++)
         for (int ih = 0; ih < nkv; ih++) {
             const int32_t *pos = cuda_seq_positions(c->gpu, s->slot, lay[i], ih);
             int32_t n = n_keep[lay[i]];
@@ -485,8 +490,9 @@ static enum kvs_status gpu_compress(struct kvs_context *c, kvs_sequence *s, enum
                 vis[((size_t)i * nkv + ih) * nq + w] = lo;
             }
         }
-    if (st == KVS_OK)
+    if (st == KVS_OK && attn)
         st = cuda_seq_score_window(c->gpu, s->slot, n_lay, lay, vis, nq, sp->agg == KV_AGG_MAX, sc, (size_t)p->cap_max);
+    if (st == KVS_OK && src == KV_SRC_KNORM) st = cuda_seq_key_sq(c->gpu, s->slot, n_lay, lay, sc, (size_t)p->cap_max);
     for (int i = 0; i < n_lay && st == KVS_OK; i++) {
         int il = lay[i];
         int32_t n = n_keep[il], nh[KV_VIEW_MAX_HEADS];
@@ -495,8 +501,11 @@ static enum kvs_status gpu_compress(struct kvs_context *c, kvs_sequence *s, enum
             pos[ih] = cuda_seq_positions(c->gpu, s->slot, il, ih);
             nh[ih] = n;
             float *row = p->score + (size_t)ih * p->cap_max;
-            memcpy(row, sc + ((size_t)i * nkv + ih) * p->cap_max, sizeof(float) * n);
-            kv_snapkv_pool(p, row, n, tmp);
+            const float *got = sc + ((size_t)i * nkv + ih) * p->cap_max;
+            if (src == KV_SRC_POS) kv_policy_score_pos(p, il, ih, pos[ih], n, row);
+            else if (src == KV_SRC_KNORM) for (int32_t j = 0; j < n; j++) row[j] = -sqrtf(got[j]);
+            else memcpy(row, got, sizeof(float) * n);
+            if (src == KV_SRC_WINDOW) kv_snapkv_pool(p, row, n, tmp);
         }
         if (!kv_policy_plan_scored(p, il, n_seen, slack, nh, pos, s->kv->pin, &c->plan)) continue;
         keep_l[il] = store + (size_t)i * nkv * p->cap_max;
@@ -508,7 +517,11 @@ static enum kvs_status gpu_compress(struct kvs_context *c, kvs_sequence *s, enum
         /* the store's bound: no head above its budget */
         KVS_ASSERT(n_keep[il] <= kv_policy_budget(p, il, n_seen) || n_keep[il] == n);
     }
-    if (st == KVS_OK) st = cuda_seq_compact(c->gpu, s->slot, (const int32_t *const *)keep_l, n_keep, p->cap_max);
+    if (st == KVS_OK)
+        st = cuda_seq_compact(c->gpu, s->slot, (const int32_t *const *)keep_l, n_keep, p->cap_max, sp->reindex);
+    /* in-cache positions (streaming pos=cache), as the CPU path counts them: the last layer's
+     * evictions, from the next pass on */
+    if (st == KVS_OK && sp->reindex && keep_l[nl - 1]) s->pos_shift += before - n_keep[nl - 1];
     for (int il = 0; il < nl && st == KVS_OK; il++) c->plan_layers += keep_l[il] != NULL;
     free(store), free(sc), free(tmp), free(vis), free(qpos);
     c->plan_s += (kvs_time_ms() - t0) / 1e3;
@@ -524,6 +537,7 @@ static enum kvs_status forward_gpu(struct kvs_context *c, const int32_t *tokens,
         if (phase[t] == FWD_RECOMPUTE) return kvs_gpu_refuse(c, "recomputing reused chunk tokens");
         slot[t] = seq[t]->slot;
     }
+    for (int t = 0; t < T; t++) cuda_seq_set_rope_shift(c->gpu, slot[t], seq[t]->pos_shift);
     enum kvs_status st = cuda_forward(c->gpu, tokens, pos, slot, T, out_rows, n_out, logits);
     /* each sequence's policy, at its last token of the pass. The pass's entries are in by now:
      * a compression that runs out of memory leaves that cache whole (over budget, planned again

@@ -857,6 +857,7 @@ struct hseq {
     int32_t *pos;              /* (n_layer, nkv, pcap) entries' positions; NULL: not tracked */
     int pcap;
     int q_n, q_next;           /* queries in the ring (at most qwin), the ring index written next */
+    int32_t shift;             /* RoPE position = position - shift (streaming pos=cache) */
     int32_t *q_pos;            /* (qwin) position of the query at each ring index */
 };
 
@@ -1131,12 +1132,12 @@ extern "C" void cuda_seq_clear(struct cuda_ctx *g, int slot) {
     *s = (dseq){};
     s->qwin = qwin;
     hseq *h = &g->hs[slot];
-    h->q_n = h->q_next = 0;
+    h->q_n = h->q_next = 0, h->shift = 0;
     memset(lens_of(g, slot), 0, sizeof(int32_t) * g->n_layer);
     put_slot(g, slot);
 }
 
-extern "C" enum kvs_status cuda_seq_set_qwin(struct cuda_ctx *g, int slot, int qwin) {
+extern "C" enum kvs_status cuda_seq_set_policy(struct cuda_ctx *g, int slot, int qwin, bool positions) {
     cuda_seq_clear(g, slot);
     dseq *s = &g->h_seqs[slot];
     hseq *h = &g->hs[slot];
@@ -1146,10 +1147,10 @@ extern "C" enum kvs_status cuda_seq_set_qwin(struct cuda_ctx *g, int slot, int q
     free(h->pos), free(h->q_pos);
     *h = (hseq){};
     s->qwin = qwin;
-    if (qwin > 0) {
+    if (qwin > 0 || positions) {
         h->pcap = g->n_ctx + g->t_max;
         h->pos = (int32_t *)malloc(sizeof(int32_t) * g->n_layer * g->nkv * (size_t)h->pcap);
-        h->q_pos = (int32_t *)calloc((size_t)qwin, sizeof(int32_t));
+        h->q_pos = (int32_t *)calloc((size_t)(qwin > 0 ? qwin : 1), sizeof(int32_t));
         if (!h->pos || !h->q_pos) {
             free(h->pos), free(h->q_pos);
             *h = (hseq){}, s->qwin = 0;
@@ -1177,6 +1178,8 @@ extern "C" const int32_t *cuda_seq_positions(const struct cuda_ctx *g, int slot,
     const hseq *h = &g->hs[slot];
     return h->pos ? h->pos + ((size_t)layer * g->nkv + head) * h->pcap : NULL;
 }
+
+extern "C" void cuda_seq_set_rope_shift(struct cuda_ctx *g, int slot, int32_t shift) { g->hs[slot].shift = shift; }
 
 /* new K/V buffers of cap entries for slot; entries of layer l, head h: row (l, h) of the old
  * ones at keep[(l * nkv + h) * kstride + i] (keep NULL: i) for i < n_new[l] */
@@ -1414,7 +1417,7 @@ extern "C" enum kvs_status cuda_forward(struct cuda_ctx *g, const int32_t *token
         qix[t] = (h->q_next + rank[t] - (c > sq->qwin ? c - sq->qwin : 0)) % sq->qwin;
     }
     memcpy(hm, tokens, (size_t)T * 4);
-    memcpy(hm + g->t_max, pos, (size_t)T * 4);
+    for (int t = 0; t < T; t++) hm[g->t_max + t] = pos[t] - g->hs[slot[t]].shift; /* (RoPE's positions) */
     memcpy(hm + 2 * g->t_max, slot, (size_t)T * 4);
     for (int r = 0; r < n_out; r++) hm[3 * g->t_max + r] = out_rows[r];
     /* key splits, chosen per token from its own sequence alone (so a sequence's results do not
@@ -1535,6 +1538,7 @@ extern "C" enum kvs_status cuda_seq_copy(struct cuda_ctx *g, int dst, int src) {
         memcpy(hd_->q_pos, hs->q_pos, sizeof(int32_t) * s->qwin);
         hd_->q_n = hs->q_n, hd_->q_next = hs->q_next;
     }
+    hd_->shift = hs->shift;
     CK(cudaStreamSynchronize(g->st), "K/V copy");
     memcpy(lens_of(g, dst), lens_of(g, src), sizeof(int32_t) * g->n_layer);
     const int32_t *ln = lens_of(g, src);
@@ -1651,6 +1655,33 @@ __global__ void __launch_bounds__(SCORE_T) k_win_score(const dseq *seqs, int slo
     if (j < n) out[(size_t)h * stride + j] = acc;
 }
 
+/* scratch of the planning kernels, for every layer at once: scores (layer, head, entry), softmax
+ * (m, l) per window query, the queries' visible counts */
+static enum kvs_status score_scratch(cuda_ctx *g, int nq) {
+    size_t cap = (size_t)(g->n_ctx + g->t_max);
+    if (!g->d_wscore || nq > g->wq_cap) { /* sized for the most queries asked so far */
+        int grp = g->nh / g->nkv;
+        size_t rows = (size_t)g->n_layer * g->nkv, qc = nq > 32 ? (size_t)nq : 32;
+        cudaFree(g->d_wscore), cudaFree(g->d_wml), cudaFree(g->d_wvis);
+        g->scratch_bytes -= g->wscratch_bytes;
+        g->d_wscore = g->d_wml = NULL, g->d_wvis = NULL, g->wq_cap = 0, g->wscratch_bytes = 0;
+        if (cudaMalloc(&g->d_wscore, rows * cap * sizeof(float)) != cudaSuccess ||
+            cudaMalloc(&g->d_wml, rows * qc * grp * 2 * sizeof(float)) != cudaSuccess ||
+            cudaMalloc(&g->d_wvis, rows * qc * sizeof(int32_t)) != cudaSuccess) {
+            cudaFree(g->d_wscore), cudaFree(g->d_wml), cudaFree(g->d_wvis);
+            g->d_wscore = g->d_wml = NULL, g->d_wvis = NULL;
+            cudaGetLastError();
+            return kvs_fail(KVS_ERR_NOMEM, "cuda: out of GPU memory for the window scores");
+        }
+        g->wq_cap = (int)qc;
+        g->wscratch_bytes = rows * (cap + qc * (grp * 2 + 1)) * sizeof(float);
+        g->scratch_bytes += g->wscratch_bytes;
+        size_t most = (size_t)MAXG * 256 * sizeof(float) + (size_t)SCORE_T * (256 / 2 + 1) * sizeof(uint32_t);
+        CK(cudaFuncSetAttribute(k_win_score, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)most), "window scores");
+    }
+    return KVS_OK;
+}
+
 extern "C" enum kvs_status cuda_seq_score_window(struct cuda_ctx *g, int slot, int n_layers, const int *layers,
                                                  const int32_t *vis, int nq, bool agg_max, float *out, size_t stride) {
     const dseq *sq = &g->h_seqs[slot];
@@ -1673,27 +1704,9 @@ extern "C" enum kvs_status cuda_seq_score_window(struct cuda_ctx *g, int slot, i
         for (size_t r = 0; r < (size_t)n_layers * g->nkv; r++) memset(out + r * stride, 0, sizeof(float) * nmax);
         return KVS_OK;
     }
-    /* scratch for every layer at once: scores (layer, head, entry), softmax (m, l) per query */
+    enum kvs_status st = score_scratch(g, nq);
+    if (st != KVS_OK) return st;
     size_t cap = (size_t)(g->n_ctx + g->t_max);
-    if (!g->d_wscore || nq > g->wq_cap) { /* sized for the most queries asked so far */
-        size_t rows = (size_t)g->n_layer * g->nkv, qc = nq > 32 ? (size_t)nq : 32;
-        cudaFree(g->d_wscore), cudaFree(g->d_wml), cudaFree(g->d_wvis);
-        g->scratch_bytes -= g->wscratch_bytes;
-        g->d_wscore = g->d_wml = NULL, g->d_wvis = NULL, g->wq_cap = 0, g->wscratch_bytes = 0;
-        if (cudaMalloc(&g->d_wscore, rows * cap * sizeof(float)) != cudaSuccess ||
-            cudaMalloc(&g->d_wml, rows * qc * grp * 2 * sizeof(float)) != cudaSuccess ||
-            cudaMalloc(&g->d_wvis, rows * qc * sizeof(int32_t)) != cudaSuccess) {
-            cudaFree(g->d_wscore), cudaFree(g->d_wml), cudaFree(g->d_wvis);
-            g->d_wscore = g->d_wml = NULL, g->d_wvis = NULL;
-            cudaGetLastError();
-            return kvs_fail(KVS_ERR_NOMEM, "cuda: out of GPU memory for the window scores");
-        }
-        g->wq_cap = (int)qc;
-        g->wscratch_bytes = rows * (cap + qc * (grp * 2 + 1)) * sizeof(float);
-        g->scratch_bytes += g->wscratch_bytes;
-        size_t most = (size_t)MAXG * 256 * sizeof(float) + (size_t)SCORE_T * (256 / 2 + 1) * sizeof(uint32_t);
-        CK(cudaFuncSetAttribute(k_win_score, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)most), "window scores");
-    }
     int q0 = ((h->q_next - nq) % sq->qwin + sq->qwin) % sq->qwin; /* the oldest of the newest nq */
     float scale = 1.0f / sqrtf((float)g->hd);
     CK(cudaMemcpyAsync(g->d_wvis, vis, sizeof(int32_t) * n_layers * g->nkv * nq, cudaMemcpyHostToDevice, g->st),
@@ -1717,8 +1730,81 @@ extern "C" enum kvs_status cuda_seq_score_window(struct cuda_ctx *g, int slot, i
     return KVS_OK;
 }
 
+/* key norm: the sum of squares of each stored key of row (layer, h) of the slot's K, one thread an
+ * entry summing d = 0 .. hd - 1 in order, each square rounded then added (as knorm.c does on the
+ * CPU: the same sum of the same fp16 key), into out[(i * nkv + h) * stride + j] */
+__global__ void k_key_sq(const dseq *seqs, int slot, const int *layers, const int *lens, int nkv, int hd,
+                         float *out, int stride) {
+    int i = blockIdx.y, h = blockIdx.z, l = layers[i], n = lens[l];
+    int j = blockIdx.x * blockDim.x + threadIdx.x;
+    if (j >= n) return;
+    dseq sq = seqs[slot];
+    const uint4 *K = (const uint4 *)(sq.k + (((size_t)l * nkv + h) * sq.cap + j) * hd);
+    float ss = 0.0f;
+    for (int w = 0; w < hd / 8; w++) {
+        uint4 u = K[w];
+        const __half *x = (const __half *)&u;
+#pragma unroll
+        for (int e = 0; e < 8; e++) {
+            float y = __half2float(x[e]);
+            ss = __fadd_rn(ss, __fmul_rn(y, y));
+        }
+    }
+    out[((size_t)i * nkv + h) * stride + j] = ss;
+}
+
+extern "C" enum kvs_status cuda_seq_key_sq(struct cuda_ctx *g, int slot, int n_layers, const int *layers, float *out,
+                                           size_t stride) {
+    int nmax = 0;
+    if (n_layers < 0 || n_layers > g->n_layer) return kvs_fail(KVS_ERR_INTERNAL, "cuda: %d layers", n_layers);
+    for (int i = 0; i < n_layers; i++) {
+        if (layers[i] < 0 || layers[i] >= g->n_layer) return kvs_fail(KVS_ERR_INTERNAL, "cuda: layer %d", layers[i]);
+        int n = lens_of(g, slot)[layers[i]];
+        if ((size_t)n > stride) return kvs_fail(KVS_ERR_INTERNAL, "cuda: %d entries, rows of %zu", n, stride);
+        nmax = n > nmax ? n : nmax;
+    }
+    if (nmax == 0 || n_layers == 0) return KVS_OK;
+    enum kvs_status st = score_scratch(g, 0);
+    if (st != KVS_OK) return st;
+    size_t cap = (size_t)(g->n_ctx + g->t_max);
+    /* the layer list and the slot's lengths through the metadata (not in use between passes) */
+    int *d_lens, *d_layers = (int *)g->d_wvis;
+    CK(put_lens(g, slot, lens_of(g, slot), &d_lens), "key norms");
+    CK(cudaMemcpyAsync(d_layers, layers, sizeof(int) * n_layers, cudaMemcpyHostToDevice, g->st), "key norms");
+    k_key_sq<<<dim3((unsigned)((nmax + 127) / 128), (unsigned)n_layers, (unsigned)g->nkv), 128, 0, g->st>>>(
+        g->d_seqs, slot, d_layers, d_lens, g->nkv, g->hd, g->d_wscore, (int)cap);
+    CK(cudaGetLastError(), "key norms");
+    CK(cudaMemcpy2DAsync(out, stride * sizeof(float), g->d_wscore, cap * sizeof(float), nmax * sizeof(float),
+                         (size_t)n_layers * g->nkv, cudaMemcpyDeviceToHost, g->st), "key norms");
+    CK(cudaStreamSynchronize(g->st), "key norms");
+    return KVS_OK;
+}
+
+/* streaming pos=cache: after a compaction, the key now at entry i of row (l, h), which was entry
+ * j = keep[row * kstride + i], is turned by i - j positions, as the CPU store's rerotate() does
+ * (angle in double, products and sums rounded as there, no FMA: the same fp16 key) */
+__global__ void k_kv_rerotate(__half *k, int cap, const int32_t *keep, int kstride, const int *n_new, int nkv, int hd,
+                              const float *inv_freq, int neox) {
+    int row = blockIdx.x, n = n_new[row / nkv], half = hd / 2;
+    __half *K = k + (size_t)row * cap * hd;
+    const int32_t *kp = keep + (size_t)row * kstride;
+    for (int i = blockIdx.y * blockDim.y + threadIdx.y; i < n; i += gridDim.y * blockDim.y) {
+        int delta = i - kp[i];
+        if (delta == 0) continue;
+        __half *x = K + (size_t)i * hd;
+        for (int p = threadIdx.x; p < half; p += blockDim.x) {
+            double a = (double)delta * (double)inv_freq[p];
+            float cs = (float)cos(a), sn = (float)sin(a);
+            int ia = neox ? p : 2 * p, ib = neox ? p + half : 2 * p + 1;
+            float x0 = __half2float(x[ia]), x1 = __half2float(x[ib]);
+            x[ia] = __float2half_rn(__fsub_rn(__fmul_rn(x0, cs), __fmul_rn(x1, sn)));
+            x[ib] = __float2half_rn(__fadd_rn(__fmul_rn(x0, sn), __fmul_rn(x1, cs)));
+        }
+    }
+}
+
 extern "C" enum kvs_status cuda_seq_compact(struct cuda_ctx *g, int slot, const int32_t *const *keep,
-                                            const int32_t *n_keep, int kstride) {
+                                            const int32_t *n_keep, int kstride, bool reindex) {
     hseq *h = &g->hs[slot];
     int32_t *ln = lens_of(g, slot), nmax = 0;
     for (int l = 0; l < g->n_layer; l++) {
@@ -1768,6 +1854,17 @@ extern "C" enum kvs_status cuda_seq_compact(struct cuda_ctx *g, int slot, const 
         if (e == cudaSuccess) e = cudaGetLastError();
         if (e == cudaSuccess) e = cudaStreamSynchronize(g->st);
         if (e != cudaSuccess) st = cuda_error(e, "compacting a K/V cache");
+    }
+    if (st == KVS_OK && reindex && nmax > 0) {
+        int *d_n;
+        e = put_lens(g, slot, n_keep, &d_n);
+        int gy = (nmax + 7) / 8;
+        if (e == cudaSuccess)
+            k_kv_rerotate<<<dim3((unsigned)rows, gy > 64 ? 64 : gy), dim3(32, 8), 0, g->st>>>(
+                s->k, s->cap, g->d_keep, nmax, d_n, g->nkv, g->hd, g->inv_freq, g->neox);
+        if (e == cudaSuccess) e = cudaGetLastError();
+        if (e == cudaSuccess) e = cudaStreamSynchronize(g->st);
+        if (e != cudaSuccess) st = cuda_error(e, "re-rotating a K/V cache's keys");
     }
     if (st == KVS_OK) {
         s->n = nmax;

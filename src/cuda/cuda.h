@@ -4,8 +4,9 @@
  * Does: upload the GGUF weight blocks as they are (no requantization) and run the transformer
  * with fused dequantising kernels (decode GEMV, prefill tiles), RMSNorm, RoPE, SwiGLU and
  * flash-decoding attention over fp16 K/V on the device; copy only the requested logits back.
- * Runs KV policies as the engine plans them: scores from saved queries (SnapKV), compaction by
- * a gather into smaller buffers (below). Does not: sample on the device, pack entries, or print. Built by `make cuda` (src/cuda/cuda.cu, nvcc);
+ * Runs KV policies as the engine plans them: scores from saved queries (SnapKV, TOVA) or key
+ * norms, positions on the host (StreamingLLM, random), compaction by a gather into smaller
+ * buffers (below). Does not: sample on the device, pack entries, or print. Built by `make cuda` (src/cuda/cuda.cu, nvcc);
  * the default CPU build links src/cuda/cuda_none.c, whose entry points fail with a clear error.
  *
  * This header is C and C++ (the .cu includes it), so it needs neither base.h nor model.h: the
@@ -71,9 +72,12 @@ void cuda_mem(const struct cuda_ctx *g, uint64_t *weights, uint64_t *kv, uint64_
  * compaction keeps a subset per (layer, head). Positions of entries are tracked on the host for
  * slots with a query window. */
 
-/* Empty slot, then keep the post-RoPE queries of its newest qwin tokens (0: none) and track its
- * entries' positions. */
-enum kvs_status cuda_seq_set_qwin(struct cuda_ctx *g, int slot, int qwin);
+/* Empty slot, then keep the post-RoPE queries of its newest qwin tokens (0: none) and, when
+ * qwin > 0 or positions, track its entries' positions. */
+enum kvs_status cuda_seq_set_policy(struct cuda_ctx *g, int slot, int qwin, bool positions);
+/* Streaming pos=cache: keys of slot's tokens from the next pass on are rotated to their position
+ * minus shift (the entries evicted so far); the tracked positions stay the tokens' own. */
+void cuda_seq_set_rope_shift(struct cuda_ctx *g, int slot, int32_t shift);
 /* Entries of a layer of slot (every KV head holds as many). */
 int cuda_seq_layer_entries(const struct cuda_ctx *g, int slot, int layer);
 /* Positions of the entries of (layer, head) of a slot with a query window (NULL without). */
@@ -87,12 +91,18 @@ int cuda_seq_queries(const struct cuda_ctx *g, int slot, int32_t *qpos, int max)
  * + j] on the host (entries past a layer's count: undefined). */
 enum kvs_status cuda_seq_score_window(struct cuda_ctx *g, int slot, int n_layers, const int *layers,
                                       const int32_t *vis, int nq, bool agg_max, float *out, size_t stride);
+/* Key norm: for layer layers[i], KV head h and entry j, the sum over d of k_d^2 (the stored fp16
+ * key, squares rounded then added in order of d, as the CPU scorer sums), written to
+ * out[(i * nkv + h) * stride + j] on the host. */
+enum kvs_status cuda_seq_key_sq(struct cuda_ctx *g, int slot, int n_layers, const int *layers, float *out,
+                                size_t stride);
 /* Keep, in each layer l, n_keep[l] entries of every head: those at ascending indices
  * keep[l][h * kstride + i] (keep[l] NULL: the layer as it is). When what is kept plus room for
  * 256 needs less capacity than the slot has, the entries move to new buffers of that size (device
- * memory shrinks with the cache); else they are compacted in place. */
+ * memory shrinks with the cache); else they are compacted in place. reindex (streaming
+ * pos=cache): a key moving from entry j to i is re-rotated by i - j, as the CPU store does. */
 enum kvs_status cuda_seq_compact(struct cuda_ctx *g, int slot, const int32_t *const *keep, const int32_t *n_keep,
-                                 int kstride);
+                                 int kstride, bool reindex);
 
 /* Free device memory now (cudaMemGetInfo), for tests of the byte accounting; 0 on error. */
 uint64_t cuda_device_free_bytes(void);

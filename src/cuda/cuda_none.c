@@ -56,8 +56,14 @@ enum kvs_status cuda_test_matmul(int type, const void *W, size_t row_bytes, int6
     (void)type, (void)W, (void)row_bytes, (void)n_rows, (void)n_cols, (void)x, (void)T, (void)n_lone, (void)y;
     return no_cuda();
 }
-enum kvs_status cuda_seq_set_qwin(struct cuda_ctx *g, int slot, int qwin) {
-    (void)g, (void)slot, (void)qwin;
+enum kvs_status cuda_seq_set_policy(struct cuda_ctx *g, int slot, int qwin, bool positions) {
+    (void)g, (void)slot, (void)qwin, (void)positions;
+    return no_cuda();
+}
+void cuda_seq_set_rope_shift(struct cuda_ctx *g, int slot, int32_t shift) { (void)g, (void)slot, (void)shift; }
+enum kvs_status cuda_seq_key_sq(struct cuda_ctx *g, int slot, int n_layers, const int *layers, float *out,
+                                size_t stride) {
+    (void)g, (void)slot, (void)n_layers, (void)layers, (void)out, (void)stride;
     return no_cuda();
 }
 int cuda_seq_layer_entries(const struct cuda_ctx *g, int slot, int layer) { (void)g, (void)slot, (void)layer; return 0; }
@@ -75,7 +81,7 @@ enum kvs_status cuda_seq_score_window(struct cuda_ctx *g, int slot, int n_layers
     return no_cuda();
 }
 enum kvs_status cuda_seq_compact(struct cuda_ctx *g, int slot, const int32_t *const *keep, const int32_t *n_keep,
-                                 int kstride) {
-    (void)g, (void)slot, (void)keep, (void)n_keep, (void)kstride;
+                                 int kstride, bool reindex) {
+    (void)g, (void)slot, (void)keep, (void)n_keep, (void)kstride, (void)reindex;
     return no_cuda();
 }

@@ -374,6 +374,16 @@ static void score_worker(void *arg, int ith, int nth) {
     for (int ih = ith; ih < p->n_head_kv; ih += nth) p->scorer->score(&a, ih, p->score + (size_t)ih * p->cap_max);
 }
 
+/* one score per layer (TOVA): the heads hold the same positions; their scores summed, the sum
+ * given to every head */
+static void layer_scores(struct kv_policy *p, int32_t n) {
+    for (int ih = 1; ih < p->n_head_kv; ih++) {
+        const float *r = p->score + (size_t)ih * p->cap_max;
+        for (int32_t j = 0; j < n; j++) p->score[j] += r[j];
+    }
+    for (int ih = 1; ih < p->n_head_kv; ih++) memcpy(p->score + (size_t)ih * p->cap_max, p->score, sizeof(float) * n);
+}
+
 /* a plan of evictions alone, so far: no merges, demotions or reweighting */
 static void plan_evict_only(struct kv_plan *plan) {
     for (int ih = 0; ih < KV_VIEW_MAX_HEADS; ih++) plan->mt[ih] = NULL, plan->mc[ih] = NULL, plan->dem[ih] = NULL;
@@ -411,15 +421,9 @@ static bool plan_layer(struct kv_policy *p, struct kv_seq *s, int il, int64_t n_
         for (int ih = 0; ih < p->n_head_kv; ih++) p->scorer->score(&a, ih, p->score + (size_t)ih * p->cap_max);
     }
     if (layerwise) {
-        /* one score per layer (TOVA): the heads hold the same positions; sum their scores */
         int32_t n = kv_seq_head(s, il, 0)->n;
-        for (int ih = 1; ih < p->n_head_kv; ih++) {
-            KVS_ASSERT(kv_seq_head(s, il, ih)->n == n);
-            const float *r = p->score + (size_t)ih * p->cap_max;
-            for (int32_t j = 0; j < n; j++) p->score[j] += r[j];
-        }
-        for (int ih = 1; ih < p->n_head_kv; ih++)
-            memcpy(p->score + (size_t)ih * p->cap_max, p->score, sizeof(float) * n);
+        for (int ih = 1; ih < p->n_head_kv; ih++) KVS_ASSERT(kv_seq_head(s, il, ih)->n == n);
+        layer_scores(p, n);
     }
     if (s->pin > 0) /* pinned positions (a system prompt) always win their head's ranking */
         for (int ih = 0; ih < p->n_head_kv; ih++) {
@@ -480,6 +484,10 @@ bool kv_policy_plan_scored(struct kv_policy *p, int il, int64_t n_seen, int32_t 
     plan_evict_only(plan);
     if (!over) return false;
     int32_t prot = p->scorer->protect ? p->scorer->protect(p, budget) : 0;
+    if (p->scorer->needs & KV_NEED_LAYERWISE) {
+        for (int ih = 1; ih < p->n_head_kv; ih++) KVS_ASSERT(n[ih] == n[0]);
+        layer_scores(p, n[0]);
+    }
     for (int ih = 0; ih < p->n_head_kv; ih++) {
         float *sc = p->score + (size_t)ih * p->cap_max;
         for (int32_t j = 0; j < n[ih] && pin > 0 && pos[ih][j] < pin; j++) sc[j] = INFINITY;
@@ -491,9 +499,25 @@ bool kv_policy_plan_scored(struct kv_policy *p, int il, int64_t n_seen, int32_t 
     return true;
 }
 
-bool kv_policy_scored_elsewhere(const struct kv_spec *sp) {
-    return sp->method == KV_SNAPKV && sp->merge == KV_MERGE_NONE && !sp->mikv_low && !sp->think &&
-           !sp->kivi_bits && !sp->wattn && (sp->alloc == KV_ALLOC_UNIFORM || sp->alloc == KV_ALLOC_PYRAMID);
+enum kv_score_src kv_policy_score_src(const struct kv_spec *sp) {
+    if (sp->merge != KV_MERGE_NONE || sp->mikv_low || sp->think || sp->kivi_bits || sp->wattn ||
+        (sp->alloc != KV_ALLOC_UNIFORM && sp->alloc != KV_ALLOC_PYRAMID))
+        return KV_SRC_NONE;
+    switch (sp->method) {
+    case KV_SNAPKV: return KV_SRC_WINDOW;
+    case KV_TOVA: return KV_SRC_LAST;
+    case KV_STREAMING:
+    case KV_RANDOM: return KV_SRC_POS;
+    case KV_KNORM: return KV_SRC_KNORM;
+    default: return KV_SRC_NONE;
+    }
+}
+
+bool kv_policy_scored_elsewhere(const struct kv_spec *sp) { return kv_policy_score_src(sp) != KV_SRC_NONE; }
+
+void kv_policy_score_pos(const struct kv_policy *p, int il, int ih, const int32_t *pos, int32_t n, float *out) {
+    KVS_ASSERT(p->scorer->score_pos);
+    p->scorer->score_pos(p, il, ih, pos, n, out);
 }
 
 /* AdaKV: each head keeps its protected tail and floor x budget of its best entries; the rest of

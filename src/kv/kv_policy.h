@@ -55,6 +55,10 @@ struct kv_scorer_i {
     void (*score)(const struct kv_score_args *a, int ih, float *out);
     /* Entries at the end of a head that are always kept (recent window), given its budget. */
     int32_t (*protect)(const struct kv_policy *p, int32_t budget);
+    /* Optional: the same scores as score() from the entries' positions alone (n of them, of KV
+     * head ih of layer il), for a store that is not a kv_seq (the GPU's); NULL when the scorer
+     * reads more than positions. */
+    void (*score_pos)(const struct kv_policy *p, int il, int ih, const int32_t *pos, int32_t n, float *out);
 };
 
 struct kv_learned;
@@ -104,17 +108,28 @@ int kv_policy_qwin(const struct kv_spec *spec);
  * head-adaptive reallocation. */
 int32_t kv_policy_budget(const struct kv_policy *p, int il, int64_t n_seen);
 
-/* Policies whose scores can come from elsewhere (the GPU computes SnapKV's window scores):
- * SnapKV with a uniform or pyramid budget, without merging or packed storage. For them the
- * engine may plan a layer from scores it wrote into p->score (row ih at ih * cap_max; SnapKV's
- * pooling applied by kv_snapkv_pool): kv_policy_over() says whether a layer whose heads hold n
- * entries needs a plan (n over budget + slack), kv_policy_plan_scored() makes it as
- * kv_policy_plan_layer() would from those scores (n[ih] entries per head at positions pos[ih];
- * entries below pin always stay). */
-bool kv_policy_scored_elsewhere(const struct kv_spec *sp);
+/* Policies whose scores can come from elsewhere (the GPU backend, whose store is not a kv_seq),
+ * and where from: a uniform or pyramid budget, without merging or packed storage, and a scorer
+ * whose input the GPU has:
+ *   KV_SRC_WINDOW  SnapKV: the window queries' attention summed per entry (averaged, or the max,
+ *                  over the group's query heads), then pooled (kv_snapkv_pool);
+ *   KV_SRC_LAST    TOVA: the newest query's attention, the same sum over one query; layer-wise
+ *                  (kv_policy_plan_scored sums the KV heads' rows);
+ *   KV_SRC_POS     StreamingLLM, random: from positions alone (kv_policy_score_pos);
+ *   KV_SRC_KNORM   key norm: minus the L2 norm of each stored key.
+ * For them the engine may plan a layer from scores it wrote into p->score (row ih at
+ * ih * cap_max): kv_policy_over() says whether a layer whose heads hold n entries needs a plan
+ * (n over budget + slack), kv_policy_plan_scored() makes it as kv_policy_plan_layer() would
+ * from those scores (n[ih] entries per head at positions pos[ih]; entries below pin always
+ * stay). */
+enum kv_score_src { KV_SRC_NONE, KV_SRC_WINDOW, KV_SRC_LAST, KV_SRC_POS, KV_SRC_KNORM };
+enum kv_score_src kv_policy_score_src(const struct kv_spec *sp);
+bool kv_policy_scored_elsewhere(const struct kv_spec *sp); /* kv_policy_score_src() != KV_SRC_NONE */
 bool kv_policy_over(const struct kv_policy *p, int il, int64_t n_seen, int32_t slack, int32_t n);
 bool kv_policy_plan_scored(struct kv_policy *p, int il, int64_t n_seen, int32_t slack, const int32_t *n,
                            const int32_t *const *pos, int32_t pin, struct kv_plan *plan);
+/* KV_SRC_POS: head ih of layer il's scores from its entries' positions, into out (n floats). */
+void kv_policy_score_pos(const struct kv_policy *p, int il, int ih, const int32_t *pos, int32_t n, float *out);
 /* SnapKV's pooling of a row of n window scores in place (tmp: n floats). */
 void kv_snapkv_pool(const struct kv_policy *p, float *row, int32_t n, float *tmp);
 

@@ -9,14 +9,17 @@ static uint64_t mix(uint64_t z) {
     return z ^ (z >> 31);
 }
 
+static void score_pos(const struct kv_policy *p, int il, int ih, const int32_t *pos, int32_t n, float *out) {
+    uint64_t base = mix(p->spec.seed ^ ((uint64_t)il << 40) ^ ((uint64_t)ih << 32));
+    for (int32_t j = 0; j < n; j++) out[j] = (float)(mix(base ^ (uint64_t)(uint32_t)pos[j]) >> 40) / (float)(1 << 24);
+}
+
 static void score(const struct kv_score_args *a, int ih, float *out) {
     const struct kv_head_store *h = kv_seq_head(a->s, a->il, ih);
-    uint64_t base = mix(a->p->spec.seed ^ ((uint64_t)a->il << 40) ^ ((uint64_t)ih << 32));
-    for (int32_t j = 0; j < h->n; j++)
-        out[j] = (float)(mix(base ^ (uint64_t)(uint32_t)h->pos[j]) >> 40) / (float)(1 << 24);
+    score_pos(a->p, a->il, ih, h->pos, h->n, out);
 }
 
 const struct kv_scorer_i kv_scorer_random = {
     .api_version = KV_POLICY_API_VERSION, .method = KV_RANDOM, .needs = 0, .score = score,
-    .protect = NULL,
+    .protect = NULL, .score_pos = score_pos,
 };

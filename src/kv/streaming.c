@@ -10,14 +10,18 @@
 
 #include <math.h>
 
+static void score_pos(const struct kv_policy *p, int il, int ih, const int32_t *pos, int32_t n, float *out) {
+    (void)il, (void)ih;
+    int32_t sinks = p->spec.sinks;
+    for (int32_t j = 0; j < n; j++) out[j] = pos[j] < sinks ? INFINITY : (float)pos[j];
+}
+
 static void score(const struct kv_score_args *a, int ih, float *out) {
     const struct kv_head_store *h = kv_seq_head(a->s, a->il, ih);
-    int32_t sinks = a->p->spec.sinks;
-    for (int32_t j = 0; j < h->n; j++)
-        out[j] = h->pos[j] < sinks ? INFINITY : (float)h->pos[j];
+    score_pos(a->p, a->il, ih, h->pos, h->n, out);
 }
 
 const struct kv_scorer_i kv_scorer_streaming = {
     .api_version = KV_POLICY_API_VERSION, .method = KV_STREAMING, .needs = 0, .score = score,
-    .protect = NULL,
+    .protect = NULL, .score_pos = score_pos,
 };
