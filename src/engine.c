@@ -33,7 +33,7 @@ const char *kvs_context_device_name(const kvs_context *c) { return c->gpu ? cuda
 
 /* the policies the GPU runs: the full cache, and those scored there (SnapKV) */
 /* what --device cuda runs (kv_policy_score_src) */
-#define GPU_POLICIES "full, snapkv, tova, streaming, knorm and random (uniform or pyramid budgets, without merging or packed storage)"
+#define GPU_POLICIES "full, snapkv, h2o, tova, streaming, knorm and random (uniform or pyramid budgets, without merging or packed storage)"
 static bool gpu_runs(const struct kv_spec *sp) {
     return (sp->method == KV_FULL && !sp->think && !sp->kivi_bits && !sp->mikv_low) || kv_policy_scored_elsewhere(sp);
 }
@@ -43,7 +43,7 @@ static enum kvs_status gpu_slot_policy(kvs_context *c, kvs_sequence *s, const st
     if (!c->gpu) return KVS_OK;
     int qwin = (kv_policy_needs(sp) & KV_NEED_QUERIES) ? kv_policy_qwin(sp) : 0;
     if (kv_policy_score_src(sp) == KV_SRC_LAST) qwin = 1; /* (TOVA reads the newest query alone) */
-    return cuda_seq_set_policy(c->gpu, s->slot, qwin, sp->method != KV_FULL);
+    return cuda_seq_set_policy(c->gpu, s->slot, qwin, sp->method != KV_FULL, kv_policy_score_src(sp) == KV_SRC_ACC);
 }
 
 /* The model as the GPU backend reads it (cuda.h), then the GPU context. */
@@ -676,6 +676,7 @@ enum kvs_status kvs_seq_copy(kvs_context *cd, kvs_sequence *dst, const kvs_conte
         enum kvs_status st = cuda_seq_copy(cd->gpu, dst->slot, src->slot);
         if (st != KVS_OK) return st;
         dst->n_past = src->n_past;
+        dst->pos_shift = src->pos_shift; /* (streaming pos=cache: the RoPE shift the entries have) */
         dst->kv->pin = src->kv->pin; /* (the pinned positions, as kv_seq_copy keeps them) */
         return KVS_OK;
     }

@@ -440,11 +440,11 @@ static enum kvs_status gate_layer(struct kvs_context *c, int il, const int32_t *
     return KVS_OK;
 }
 
-/* --device cuda: a policy on the GPU (kv_policy_score_src: SnapKV, TOVA, StreamingLLM, random,
- * key norm) after a pass in which sequence s took tokens of `phase` and has seen n_seen. When
- * compress_layer() would plan a layer, its scores come from the device (cuda_seq_score_window:
- * the saved queries, each masked to the entries at or before its position; cuda_seq_key_sq: the
- * keys' squares) or from the entries' positions on the host, are finished (SnapKV's pooling, the
+/* --device cuda: a policy on the GPU (kv_policy_score_src: SnapKV, TOVA, H2O, StreamingLLM,
+ * random, key norm) after a pass in which sequence s took tokens of `phase` and has seen n_seen.
+ * When compress_layer() would plan a layer, its scores come from the device (cuda_seq_score_window:
+ * the saved queries, each masked to the entries at or before its position; cuda_seq_acc: the
+ * attention the entries accumulated; cuda_seq_key_sq: the keys' squares) or from the entries' positions on the host, are finished (SnapKV's pooling, the
  * norm's root) and planned by the CPU policy's code, and the kept entries of every planned layer
  * are gathered on the device in one move. A layer is planned after its attention in both paths,
  * and only its own attention reads it, so planning after the whole pass is the same as the CPU's
@@ -493,6 +493,7 @@ static enum kvs_status gpu_compress(struct kvs_context *c, kvs_sequence *s, enum
     if (st == KVS_OK && attn)
         st = cuda_seq_score_window(c->gpu, s->slot, n_lay, lay, vis, nq, sp->agg == KV_AGG_MAX, sc, (size_t)p->cap_max);
     if (st == KVS_OK && src == KV_SRC_KNORM) st = cuda_seq_key_sq(c->gpu, s->slot, n_lay, lay, sc, (size_t)p->cap_max);
+    if (st == KVS_OK && src == KV_SRC_ACC) st = cuda_seq_acc(c->gpu, s->slot, n_lay, lay, sc, (size_t)p->cap_max);
     for (int i = 0; i < n_lay && st == KVS_OK; i++) {
         int il = lay[i];
         int32_t n = n_keep[il], nh[KV_VIEW_MAX_HEADS];

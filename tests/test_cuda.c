@@ -388,13 +388,17 @@ static void test_model(void) {
 static void test_plan_scored(void) {
     int32_t tok[4096];
     CHECK(prompt_tokens(tok, 4096) >= 300);
-    kvs_context *c = ctx_kv(KVS_DEVICE_CPU, 1, "snapkv:budget=100000");
+    /* (a context keeping every statistic: saved queries and accumulated attention) */
+    struct kvs_context_params cp = kvs_context_params_default();
+    cp.n_ctx = 2048, cp.n_batch = 256, cp.keep_stats = true, cp.act_f32 = true;
+    kvs_context *c = NULL;
+    CHECK(kvs_context_new(model, &cp, &c) == KVS_OK);
     kvs_sequence *s;
     CHECK(kvs_seq_new(c, &s) == KVS_OK);
     s->kv->pin = 5;
     CHECK(kvs_eval(c, s, tok, 300, false, NULL, NULL, NULL) == KVS_OK);
     const struct hparams *hp = &c->m->hp;
-    const char *specs[] = {"snapkv:budget=64,kernel=5", "snapkv:budget=64+alloc=pyramid", "tova:budget=64",
+    const char *specs[] = {"snapkv:budget=64,kernel=5", "snapkv:budget=64+alloc=pyramid", "tova:budget=64", "h2o:budget=64",
                            "streaming:budget=64", "streaming:budget=64,sinks=8,pos=abs", "random:budget=64,seed=3",
                            "knorm:budget=64"};
     for (size_t si = 0; si < sizeof specs / sizeof *specs; si++) {
@@ -429,6 +433,7 @@ static void test_plan_scored(void) {
                     kv_snapkv_pool(p, row, h->n, tmp);
                     break;
                 case KV_SRC_LAST: kv_score_query_attention(&sa, ih, true, row); break;
+                case KV_SRC_ACC: memcpy(row, h->acc, sizeof(float) * h->n); break; /* (cuda_seq_acc's copy) */
                 case KV_SRC_POS: kv_policy_score_pos(p, il, ih, h->pos, h->n, row); break;
                 case KV_SRC_KNORM: /* k_key_sq's sum: squares rounded, added in order; the root on the host */
                     for (int32_t j = 0; j < h->n; j++) {
@@ -449,7 +454,7 @@ static void test_plan_scored(void) {
             for (int ih = 0; ih < hp->n_head_kv; ih++) {
                 eq = eq && b.n_keep[ih] == na[ih] && b.n_keep[ih] == budget &&
                      !memcmp(b.keep[ih], ka + (size_t)ih * p->cap_max, sizeof(int32_t) * na[ih]);
-                /* the pinned positions (where the budget has room for them beside SnapKV's window) */
+                /* the pinned positions (where the budget has room for them beside the protected window) */
                 for (int j = 0; j < 5 && budget >= 64; j++) eq = eq && b.keep[ih][j] == j;
             }
             same += eq, layers++;
@@ -558,6 +563,49 @@ static void oracle(const char *spec, int budget, double min_ov, double max_kl, c
     kvs_context_free(gc);
 }
 
+/* H2O's statistic on the device: with nothing evicted, every (layer, head)'s accumulated
+ * attention sums to the number of queries (each query's probabilities, averaged over its group,
+ * sum to 1), and each entry's equals the CPU store's within 1e-3 of the largest */
+static void test_acc(const int32_t *tok, int n) {
+    const char *spec = "h2o:budget=4096";
+    kvs_context *cc = ctx_kv(KVS_DEVICE_CPU, 1, spec), *gc = ctx_kv(KVS_DEVICE_CUDA, 1, spec);
+    kvs_sequence *cs, *gs;
+    CHECK(kvs_seq_new(cc, &cs) == KVS_OK && kvs_seq_new(gc, &gs) == KVS_OK);
+    CHECK(kvs_eval(cc, cs, tok, n, false, NULL, NULL, NULL) == KVS_OK);
+    CHECK(kvs_eval(gc, gs, tok, n, false, NULL, NULL, NULL) == KVS_OK);
+    int32_t t = 42;
+    CHECK(kvs_eval(cc, cs, &t, 1, false, NULL, NULL, NULL) == KVS_OK); /* and one decode step */
+    CHECK(kvs_eval(gc, gs, &t, 1, false, NULL, NULL, NULL) == KVS_OK);
+    const struct hparams *hp = &gc->m->hp;
+    int nkv = hp->n_head_kv, m = n + 1;
+    float *a = malloc(sizeof(float) * nkv * m);
+    double worst_sum = 0, worst = 0;
+    for (int il = 0; il < hp->n_layer; il++) {
+        CHECK(cuda_seq_layer_entries(gc->gpu, gs->slot, il) == m);
+        enum kvs_status st = cuda_seq_acc(gc->gpu, gs->slot, 1, &il, a, (size_t)m);
+        CHECKF(st == KVS_OK, "%s", kvs_last_error());
+        for (int ih = 0; ih < nkv; ih++) {
+            const struct kv_head_store *h = kv_seq_head(cs->kv, il, ih);
+            CHECK(h->n == m);
+            double sum = 0, big = 0, diff = 0;
+            for (int j = 0; j < m; j++) {
+                sum += a[(size_t)ih * m + j];
+                big = fmax(big, fabs(h->acc[j]));
+                diff = fmax(diff, fabs(a[(size_t)ih * m + j] - h->acc[j]));
+            }
+            worst_sum = fmax(worst_sum, fabs(sum - m) / m);
+            worst = fmax(worst, diff / big);
+        }
+    }
+    printf("%s: accumulated attention of %d queries, the sum of each (layer, head) within %.2e of %d (relative); "
+           "entries against the CPU store's: worst %.2e of the head's largest\n", spec, m, worst_sum, m, worst);
+    CHECKF(worst_sum < 1e-4, "sum off by %g", worst_sum);
+    CHECKF(worst < 1e-3, "acc off by %g", worst);
+    free(a);
+    kvs_context_free(cc);
+    kvs_context_free(gc);
+}
+
 /* The policies on the device: the identities, the CPU store as the oracle of what is kept, and
  * the memory that really shrinks */
 static void test_policy(void) {
@@ -567,13 +615,15 @@ static void test_policy(void) {
     float *la = malloc(sizeof(float) * n_vocab), *lb = malloc(sizeof(float) * n_vocab);
 
     /* 1. budget >= length is the full cache */
-    const char *big[] = {"snapkv:budget=4096", "tova:budget=4096", "streaming:budget=4096", "knorm:budget=4096",
-                         "random:budget=4096"};
+    const char *big[] = {"snapkv:budget=4096", "h2o:budget=4096", "tova:budget=4096", "streaming:budget=4096",
+                         "knorm:budget=4096", "random:budget=4096"};
     for (size_t i = 0; i < sizeof big / sizeof *big; i++) identity_full(big[i], tok, n, ND, la, lb);
 
     /* 2. the CPU store as the oracle (positions-only scorers: the very same entries) */
     oracle("snapkv:budget=128", 128, 0.95, 0.05, tok, n, la, lb);
     oracle("tova:budget=128", 128, 0.95, 0.05, tok, n, la, lb);
+    oracle("h2o:budget=128", 128, 0.95, 0.05, tok, n, la, lb);
+    test_acc(tok, n);
     oracle("knorm:budget=128", 128, 0.95, 0.05, tok, n, la, lb);
     oracle("streaming:budget=128", 128, 1.0, 1e-3, tok, n, la, lb);
     oracle("streaming:budget=128,pos=abs", 128, 1.0, 1e-3, tok, n, la, lb);
@@ -581,7 +631,7 @@ static void test_policy(void) {
 
     /* 3. batched = alone, and a copy = the original, under compression (streaming: two
      * sequences whose RoPE shifts differ in one pass) */
-    const char *small[] = {"snapkv:budget=96,every=4", "streaming:budget=96,every=4"};
+    const char *small[] = {"snapkv:budget=96,every=4", "streaming:budget=96,every=4", "h2o:budget=96,every=4"};
     for (size_t si = 0; si < sizeof small / sizeof *small; si++) {
         const char *spec = small[si];
         kvs_context *gc = ctx_kv(KVS_DEVICE_CUDA, 4, spec);
@@ -695,7 +745,7 @@ int main(void) {
         /* a policy the GPU does not run is refused at creation, with the reason */
         struct kvs_context_params p = kvs_context_params_default();
         p.device = KVS_DEVICE_CUDA;
-        p.kv_spec = "h2o:ratio=0.1";
+        p.kv_spec = "d2o:ratio=0.1";
         kvs_context *c = NULL;
         CHECK(kvs_context_new(model, &p, &c) == KVS_ERR_UNSUPPORTED && strstr(kvs_last_error(), "runs the KV policies full, snapkv"));
         test_model();

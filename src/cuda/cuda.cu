@@ -31,6 +31,7 @@
  */
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
+#include <climits>
 #include <math.h>
 #include <stdarg.h>
 #include <stdio.h>
@@ -533,14 +534,12 @@ struct dweight { const uint8_t *d; int type; int rows, cols; size_t rb; };
  * pass: a decode step), so a sequence's results never depend on what else is in the batch.
  * With w2 (gate w and up w2 of one type and shape): y = silu(x w^T) * (x w2^T), the tiled
  * tokens' up products going through y2 (rows as y's) first. */
-/* KVS_CUDA_STAGE=0 in the environment: batched decode GEMVs without the staged activations
- * (the same bits either way; for comparing their speed) */
-static bool gemv_stage = true;
-static int gemv_sms = 132; /* the device's SMs (set with the context) */
-
+/* stage: the fewest blocks a staged GEMV launch must have to be used (the device's SM count, so
+ * that its larger blocks still fill the device; INT_MAX: never, KVS_CUDA_STAGE=0 in the
+ * environment, the same bits either way, for comparing their speed) */
 template <int TYPE>
 static void launch_mm(const dweight *w, const dweight *w2, const float *x, int ldx, const int *tix, int n_lone,
-                      int n, float *y, int ldy, int add, float *y2, cudaStream_t st) {
+                      int n, float *y, int ldy, int add, float *y2, cudaStream_t st, int stage) {
     int ks = gemv_split(w->cols), per = GV_WARPS / ks * (w2 ? 1 : GR), blocks = (w->rows + per - 1) / per;
     const uint8_t *d2 = w2 ? w2->d : NULL;
     for (int t0 = 0, nt; t0 < n_lone; t0 += nt) {
@@ -549,7 +548,7 @@ static void launch_mm(const dweight *w, const dweight *w2, const float *x, int l
         nt = rem >= 32 ? 32 : rem >= 16 ? 16 : rem >= 8 ? 8 : rem; /* tokens of this launch */
         int pb = GX_WARPS / ks * (w2 ? 1 : GR), bl = (w->rows + pb - 1) / pb;
         /* staged only where its larger blocks still fill the device (not the small K/V matrices) */
-        if (nt >= 8 && gemv_stage && bl >= gemv_sms) {
+        if (nt >= 8 && bl >= stage) {
             size_t sm = (size_t)GX_TC * 256 * ks * sizeof(float);
             switch (nt) {
 #define GS(k) case k: k_gemv_x<TYPE, k><<<bl, GX_WARPS * 32, sm, st>>>(w->d, d2, w->rb, w->rows, w->cols, ks, x, ldx, ti, y, ldy, add); break;
@@ -578,17 +577,17 @@ static void launch_mm(const dweight *w, const dweight *w2, const float *x, int l
 }
 
 static void matmul2(const dweight *w, const dweight *w2, const float *x, int ldx, const int *tix, int n_lone,
-                    int n, float *y, int ldy, int add, float *y2, cudaStream_t st) {
+                    int n, float *y, int ldy, int add, float *y2, cudaStream_t st, int stage) {
     switch (w->type) {
-#define MM(t) case t: launch_mm<t>(w, w2, x, ldx, tix, n_lone, n, y, ldy, add, y2, st); break;
+#define MM(t) case t: launch_mm<t>(w, w2, x, ldx, tix, n_lone, n, y, ldy, add, y2, st, stage); break;
     MM(T_F32) MM(T_F16) MM(T_BF16) MM(T_Q4_0) MM(T_Q4_1) MM(T_Q5_0) MM(T_Q5_1) MM(T_Q8_0) MM(T_Q4_K) MM(T_Q6_K)
 #undef MM
     }
 }
 
 static void matmul(const dweight *w, const float *x, int ldx, const int *tix, int n_lone, int n, float *y,
-                   int ldy, cudaStream_t st, int add = 0) {
-    matmul2(w, NULL, x, ldx, tix, n_lone, n, y, ldy, add, NULL, st);
+                   int ldy, cudaStream_t st, int stage, int add = 0) {
+    matmul2(w, NULL, x, ldx, tix, n_lone, n, y, ldy, add, NULL, st, stage);
 }
 
 static void embed(const dweight *w, const int32_t *tok, int T, float *x, cudaStream_t st) {
@@ -604,8 +603,10 @@ static void embed(const dweight *w, const int32_t *tok, int T, float *x, cudaStr
 /* a slot's cache: K and V each (n_layer, n_head_kv, cap, hd) fp16, entries in order of arrival
  * (every KV head of a layer holds as many: lens[layer] of d_lens); qr: the post-RoPE queries of
  * the newest tokens, (n_layer, qwin, n_head, hd) fp32, kept for policies that score with them
- * (NULL: none kept); n: the most entries of any layer */
-struct dseq { __half *k, *v; float *qr; int cap, n, qwin; };
+ * (NULL: none kept); acc (slots with acc_on, H2O): (n_layer, nkv, cap) fp32, the attention each
+ * entry has received, averaged over its group's query heads, summed over the queries that saw it;
+ * n: the most entries of any layer */
+struct dseq { __half *k, *v; float *qr, *acc; int cap, n, qwin, acc_on; };
 
 /* biases, RoPE, and K/V appended as entry lens[slot][layer] + rank[t] of the token's layer;
  * one block per (token, head): query heads 0 .. nh - 1 (copied into the slot's query ring at
@@ -637,6 +638,7 @@ __global__ void k_qkv_post(float *q, float *k, const float *v, const float *bq, 
     const float *vt = v + ((size_t)t * nkv + kh) * hd, *bvh = bv ? bv + (size_t)kh * hd : NULL;
     int at = lens[slot[t] * n_layer + layer] + rank[t];
     size_t o = (((size_t)layer * nkv + kh) * sq.cap + at) * hd;
+    if (sq.acc && threadIdx.x == 0) sq.acc[((size_t)layer * nkv + kh) * sq.cap + at] = 0.0f;
     for (int d = threadIdx.x; d < hd; d += blockDim.x) {
         sq.k[o + d] = __float2half_rn(x[d]);
         sq.v[o + d] = __float2half_rn(bvh ? vt[d] + bvh[d] : vt[d]);
@@ -817,9 +819,10 @@ static size_t attn_smem(int grp, int hd) {
            (size_t)AT * (hd / 2 + 4) * sizeof(uint32_t) + (size_t)AT * hd * sizeof(__half);
 }
 
-/* out (T, nh*hd) = sum_s e^{m_s - M} o_s / sum_s e^{m_s - M} l_s; one block per (token, query head) */
+/* out (T, nh*hd) = sum_s e^{m_s - M} o_s / sum_s e^{m_s - M} l_s; one block per (token, query
+ * head); (M, L) to ml (T, nh, 2) when asked (for k_acc: a probability is e^{s - M} / L) */
 __global__ void k_att_combine(const float *part, const int *nsp, const int *poff, int nh, int nkv, int hd,
-                              float *out) {
+                              float *out, float *ml_out) {
     int t = blockIdx.x, qh = blockIdx.y, g = nh / nkv, h = qh / g, qi = qh % g, nsplit = nsp[t];
     const float *p0 = part + ((size_t)poff[t] * nkv + h) * g * (hd + 2);
     size_t sstride = (size_t)nkv * g * (hd + 2); /* one split further */
@@ -838,6 +841,68 @@ __global__ void k_att_combine(const float *part, const int *nsp, const int *poff
             o += f * ps[qi * hd + d];
         }
         out[(size_t)t * nh * hd + (size_t)qh * hd + d] = L > 0.0f ? o / L : 0.0f;
+        if (ml_out && d == 0) ml_out[((size_t)t * nh + qh) * 2] = M, ml_out[((size_t)t * nh + qh) * 2 + 1] = L;
+    }
+}
+
+/* H2O's accumulated attention: for run r of the pass (a slot's tokens, in rank order: run_tok
+ * from run_first[r], run_len[r] of them; 0: no run) whose slot keeps acc, KV head h, and entry
+ * j, adds each token's probability of j (e^{s - M} / L with the combine's M and L, s its scaled
+ * score as k_attn computes it), divided by the group size, for every query head of the group in
+ * order and every token of the run that sees j (j < lens + rank + 1), in rank order: a
+ * thread an entry, its sum in a register from acc[j] on, so the result depends on the slot's own
+ * tokens alone (not on its batch) and each token adds as the CPU's unit does */
+__global__ void k_acc(const float *q, const float *ml, const int *run_first, const int *run_len, const int *run_tok,
+                      const int *lens, const int *slot, const dseq *seqs, int layer, int n_layer, int nh, int nkv,
+                      int hd, float scale) {
+    extern __shared__ float qa[]; /* (g, hd) the token's queries, then (g, 2) its M and L */
+    int r = blockIdx.x, h = blockIdx.y, nr = run_len[r];
+    if (nr == 0) return;
+    const int *toks = run_tok + run_first[r];
+    int sl = slot[toks[0]];
+    dseq sq = seqs[sl];
+    if (!sq.acc) return;
+    int g = nh / nkv, base = lens[sl * n_layer + layer], nmax = base + nr;
+    const __half *K = sq.k + ((size_t)layer * nkv + h) * sq.cap * hd;
+    float *A = sq.acc + ((size_t)layer * nkv + h) * sq.cap;
+    float inv_g = 1.0f / (float)g;
+    for (int c0 = blockIdx.z * blockDim.x; c0 < nmax; c0 += gridDim.z * blockDim.x) {
+        int j = c0 + threadIdx.x;
+        float a = j < nmax ? A[j] : 0.0f;
+        for (int k = 0; k < nr; k++) {
+            int t = toks[k];
+            __syncthreads();
+            for (int i = threadIdx.x; i < g * hd; i += blockDim.x) qa[i] = q[(size_t)t * nh * hd + (size_t)h * g * hd + i];
+            for (int i = threadIdx.x; i < 2 * g; i += blockDim.x) qa[g * hd + i] = ml[((size_t)t * nh + (size_t)h * g) * 2 + i];
+            __syncthreads();
+            if (j >= base + k + 1) continue; /* not seen by this token */
+            float sc[MAXG];
+#pragma unroll
+            for (int qi = 0; qi < MAXG; qi++) sc[qi] = 0.0f;
+            const uint4 *kr = (const uint4 *)(K + (size_t)j * hd);
+            for (int c = 0; c < hd / 8; c++) { /* k_attn's sums, in its order */
+                uint4 k4 = kr[c];
+                float2 f0 = __half22float2(*(const __half2 *)&k4.x), f1 = __half22float2(*(const __half2 *)&k4.y),
+                       f2 = __half22float2(*(const __half2 *)&k4.z), f3 = __half22float2(*(const __half2 *)&k4.w);
+#pragma unroll
+                for (int qi = 0; qi < MAXG; qi++)
+                    if (qi < g) {
+                        const float4 *qp = (const float4 *)(qa + qi * hd + 8 * c);
+                        float4 x = qp[0], y = qp[1];
+                        sc[qi] += x.x * f0.x + x.y * f0.y;
+                        sc[qi] += x.z * f1.x + x.w * f1.y;
+                        sc[qi] += y.x * f2.x + y.y * f2.y;
+                        sc[qi] += y.z * f3.x + y.w * f3.y;
+                    }
+            }
+#pragma unroll
+            for (int qi = 0; qi < MAXG; qi++)
+                if (qi < g) {
+                    float M = qa[g * hd + 2 * qi], L = qa[g * hd + 2 * qi + 1];
+                    if (L > 0.0f) a = __fadd_rn(a, __fdiv_rn(__expf(sc[qi] * scale - M), L) * inv_g);
+                }
+        }
+        if (j < nmax) A[j] = a;
     }
 }
 
@@ -849,7 +914,7 @@ struct dlayer {
 };
 
 enum { LOGIT_ROWS = 64 /* logits rows computed per pass */, GRAPH_T = 32 /* most tokens of a graph */,
-       META = 10 /* int32 arrays of t_max in d_meta, before the slots' layer lengths */ };
+       META = 13 /* int32 arrays of t_max in d_meta, before the slots' layer lengths */ };
 
 /* a slot's host-side bookkeeping: entries per layer, and for slots under a policy the positions
  * of every head's entries and of the queries in the ring */
@@ -878,6 +943,9 @@ struct cuda_ctx {
     /* scratch */
     float *x, *xn, *q, *k, *v, *gate, *up, *part, *logits;
     int part_rows;             /* (token, split) rows att_part holds */
+    float *ml;                 /* (t_max, nh, 2) the combine's M and L, for k_acc */
+    int stage;                 /* launch_mm's: fewest blocks of a staged GEMV (the SM count) */
+    int *h_run;                /* (n_seq) a slot's run index in this pass (-1: none) */
     int32_t *d_meta;           /* tok, pos, slot, rows, splits, first partial row, token order
                                 * (lone tokens first), logits-row order per chunk, rank among its
                                 * slot's tokens, query-ring index: META * t_max int32; then the
@@ -898,7 +966,7 @@ struct cuda_ctx {
     int wq_cap;                /* queries the window scratch holds */
     uint64_t wscratch_bytes;   /* its bytes (in scratch_bytes) */
     bool graphs;               /* replay decode steps as CUDA graphs (KVS_CUDA_GRAPHS=0: off) */
-    cudaGraphExec_t gexec[GRAPH_T + 1][GRAPH_T + 1]; /* by (T, n_out), captured on first use */
+    cudaGraphExec_t gexec[2][GRAPH_T + 1][GRAPH_T + 1]; /* by (H2O's k_acc, T, n_out), captured on first use */
     float *h_logits;           /* pinned (GRAPH_T, n_vocab): the graphs' logits */
     /* KVS_CUDA_PROFILE=1: an event after each group of launches of a pass (graphs off), and the
      * seconds between consecutive events summed per group (cuda_prof_read) */
@@ -1032,6 +1100,7 @@ extern "C" enum kvs_status cuda_ctx_new(const struct cuda_model_desc *m, int n_c
         (st = dev_alloc(g, &g->up, T * g->ff * 4, "scratch")) != KVS_OK ||
         (st = dev_alloc(g, &g->part, (size_t)g->part_rows * g->nkv * grp * (g->hd + 2) * 4, "scratch")) != KVS_OK ||
         (st = dev_alloc(g, &g->logits, (size_t)LOGIT_ROWS * g->nv * 4, "scratch")) != KVS_OK ||
+        (st = dev_alloc(g, &g->ml, T * g->nh * 2 * 4, "scratch")) != KVS_OK ||
         (st = dev_alloc(g, &g->d_meta, meta_bytes(g), "scratch")) != KVS_OK ||
         (st = dev_alloc(g, &g->d_seqs, (size_t)n_seq * sizeof(dseq), "scratch")) != KVS_OK)
         return st;
@@ -1040,17 +1109,17 @@ extern "C" enum kvs_status cuda_ctx_new(const struct cuda_model_desc *m, int n_c
     g->h_lens = g->h_meta + META * T;
     if (!(g->hs = (hseq *)calloc((size_t)n_seq, sizeof *g->hs))) return kvs_fail(KVS_ERR_NOMEM, "out of memory");
     if (!(g->h_olone = (int *)calloc((size_t)(T / LOGIT_ROWS + 1), sizeof(int))) ||
-        !(g->h_lone = (unsigned char *)calloc((size_t)T, 1)) || !(g->h_count = (int *)calloc((size_t)g->n_seq, sizeof(int))))
+        !(g->h_lone = (unsigned char *)calloc((size_t)T, 1)) || !(g->h_count = (int *)calloc((size_t)g->n_seq, sizeof(int))) ||
+        !(g->h_run = (int *)calloc((size_t)g->n_seq, sizeof(int))))
         return kvs_fail(KVS_ERR_NOMEM, "out of memory");
     CK(cudaMallocHost((void **)&g->h_logits, (size_t)GRAPH_T * g->nv * 4), "cudaMallocHost");
     const char *ge = getenv("KVS_CUDA_GRAPHS"), *pe = getenv("KVS_CUDA_PROFILE");
     g->graphs = !(ge && !strcmp(ge, "0"));
     const char *se = getenv("KVS_CUDA_STAGE");
-    gemv_stage = !(se && !strcmp(se, "0"));
-    gemv_sms = pr.multiProcessorCount > 0 ? pr.multiProcessorCount : gemv_sms;
+    g->stage = se && !strcmp(se, "0") ? INT_MAX : pr.multiProcessorCount > 0 ? pr.multiProcessorCount : 132;
     if (pe && strcmp(pe, "0") && *pe) { /* events between the launch groups; graphs off */
         g->graphs = false;
-        g->pev_cap = 8 + g->n_layer * 10 + t_max / LOGIT_ROWS + 2;
+        g->pev_cap = 8 + g->n_layer * 11 + t_max / LOGIT_ROWS + 2;
         if (!(g->pev = (cudaEvent_t *)calloc((size_t)g->pev_cap, sizeof *g->pev)) ||
             !(g->pcat = (unsigned char *)calloc((size_t)g->pev_cap, 1)))
             return kvs_fail(KVS_ERR_NOMEM, "out of memory");
@@ -1079,6 +1148,7 @@ extern "C" void cuda_ctx_free(struct cuda_ctx *g) {
     free(g->h_olone);
     free(g->h_lone);
     free(g->h_count);
+    free(g->h_run);
     if (g->h_logits) cudaFreeHost(g->h_logits);
     for (int i = 0; g->pev && i < g->pev_cap; i++)
         if (g->pev[i]) cudaEventDestroy(g->pev[i]);
@@ -1086,7 +1156,8 @@ extern "C" void cuda_ctx_free(struct cuda_ctx *g) {
     free(g->pcat);
     for (int i = 0; i <= GRAPH_T; i++)
         for (int j = 0; j <= GRAPH_T; j++)
-            if (g->gexec[i][j]) cudaGraphExecDestroy(g->gexec[i][j]);
+            for (int a = 0; a < 2; a++)
+                if (g->gexec[a][i][j]) cudaGraphExecDestroy(g->gexec[a][i][j]);
     if (g->st) cudaStreamDestroy(g->st);
     free(g->L);
     free(g->allocs);
@@ -1101,9 +1172,12 @@ enum { QWIN_MAX = 4096 /* most saved queries a slot keeps */ };
 static uint64_t ring_bytes(const cuda_ctx *g, const dseq *s) {
     return s->qr ? (uint64_t)g->n_layer * s->qwin * g->nh * g->hd * sizeof(float) : 0;
 }
-/* K and V as allocated (capacity included) and the query ring */
+static uint64_t acc_bytes(const cuda_ctx *g, const dseq *s) {
+    return s->acc ? (uint64_t)g->n_layer * g->nkv * s->cap * sizeof(float) : 0;
+}
+/* K and V as allocated (capacity included), the query ring and the accumulated attention */
 static uint64_t seq_bytes(const cuda_ctx *g, const dseq *s) {
-    return 2ull * g->n_layer * g->nkv * (uint64_t)s->cap * g->hd * sizeof(__half) + ring_bytes(g, s);
+    return 2ull * g->n_layer * g->nkv * (uint64_t)s->cap * g->hd * sizeof(__half) + ring_bytes(g, s) + acc_bytes(g, s);
 }
 
 static int32_t *lens_of(cuda_ctx *g, int slot) { return g->h_lens + (size_t)slot * g->n_layer; }
@@ -1128,16 +1202,17 @@ extern "C" void cuda_seq_clear(struct cuda_ctx *g, int slot) {
     cudaFree(s->k);
     cudaFree(s->v);
     cudaFree(s->qr);
-    int qwin = s->qwin;
+    cudaFree(s->acc);
+    int qwin = s->qwin, acc_on = s->acc_on;
     *s = (dseq){};
-    s->qwin = qwin;
+    s->qwin = qwin, s->acc_on = acc_on;
     hseq *h = &g->hs[slot];
     h->q_n = h->q_next = 0, h->shift = 0;
     memset(lens_of(g, slot), 0, sizeof(int32_t) * g->n_layer);
     put_slot(g, slot);
 }
 
-extern "C" enum kvs_status cuda_seq_set_policy(struct cuda_ctx *g, int slot, int qwin, bool positions) {
+extern "C" enum kvs_status cuda_seq_set_policy(struct cuda_ctx *g, int slot, int qwin, bool positions, bool acc) {
     cuda_seq_clear(g, slot);
     dseq *s = &g->h_seqs[slot];
     hseq *h = &g->hs[slot];
@@ -1146,14 +1221,14 @@ extern "C" enum kvs_status cuda_seq_set_policy(struct cuda_ctx *g, int slot, int
                         QWIN_MAX);
     free(h->pos), free(h->q_pos);
     *h = (hseq){};
-    s->qwin = qwin;
+    s->qwin = qwin, s->acc_on = acc;
     if (qwin > 0 || positions) {
         h->pcap = g->n_ctx + g->t_max;
         h->pos = (int32_t *)malloc(sizeof(int32_t) * g->n_layer * g->nkv * (size_t)h->pcap);
         h->q_pos = (int32_t *)calloc((size_t)(qwin > 0 ? qwin : 1), sizeof(int32_t));
         if (!h->pos || !h->q_pos) {
             free(h->pos), free(h->q_pos);
-            *h = (hseq){}, s->qwin = 0;
+            *h = (hseq){}, s->qwin = 0, s->acc_on = 0;
             return kvs_fail(KVS_ERR_NOMEM, "out of memory for a slot's entry positions");
         }
     }
@@ -1182,9 +1257,10 @@ extern "C" const int32_t *cuda_seq_positions(const struct cuda_ctx *g, int slot,
 extern "C" void cuda_seq_set_rope_shift(struct cuda_ctx *g, int slot, int32_t shift) { g->hs[slot].shift = shift; }
 
 /* new K/V buffers of cap entries for slot; entries of layer l, head h: row (l, h) of the old
- * ones at keep[(l * nkv + h) * kstride + i] (keep NULL: i) for i < n_new[l] */
-__global__ void k_kv_gather(const __half *ok, const __half *ov, int ocap, __half *nk, __half *nv, int ncap,
-                            const int32_t *keep, int kstride, const int *n_new, int nkv, int hd) {
+ * ones at keep[(l * nkv + h) * kstride + i] (keep NULL: i) for i < n_new[l]; the accumulated
+ * attention with them (oa NULL: none) */
+__global__ void k_kv_gather(const __half *ok, const __half *ov, const float *oa, int ocap, __half *nk, __half *nv,
+                            float *na, int ncap, const int32_t *keep, int kstride, const int *n_new, int nkv, int hd) {
     int row = blockIdx.x, l = row / nkv, n = n_new[l], w = hd / 8; /* 16-byte words per entry */
     const uint4 *K = (const uint4 *)(ok + (size_t)row * ocap * hd), *V = (const uint4 *)(ov + (size_t)row * ocap * hd);
     uint4 *NK = (uint4 *)(nk + (size_t)row * ncap * hd), *NV = (uint4 *)(nv + (size_t)row * ncap * hd);
@@ -1192,6 +1268,7 @@ __global__ void k_kv_gather(const __half *ok, const __half *ov, int ocap, __half
     for (int i = blockIdx.y * blockDim.y + threadIdx.y; i < n; i += gridDim.y * blockDim.y) {
         int j = kp ? kp[i] : i;
         for (int x = threadIdx.x; x < w; x += blockDim.x) NK[(size_t)i * w + x] = K[(size_t)j * w + x], NV[(size_t)i * w + x] = V[(size_t)j * w + x];
+        if (oa && threadIdx.x == 0) na[(size_t)row * ncap + i] = oa[(size_t)row * ocap + j];
     }
 }
 
@@ -1199,8 +1276,8 @@ __global__ void k_kv_gather(const __half *ok, const __half *ov, int ocap, __half
  * i < n_new[l], blockDim.y entries at a time, every read of a chunk before its writes: a chunk
  * writes below its end, and later chunks read at or above it, so nothing is overwritten before
  * it is read (head sizes up to 256: one 16-byte word per lane) */
-__global__ void k_kv_compact(__half *k, __half *v, int cap, const int32_t *keep, int kstride, const int *n_new,
-                             int nkv, int hd) {
+__global__ void k_kv_compact(__half *k, __half *v, float *acc, int cap, const int32_t *keep, int kstride,
+                             const int *n_new, int nkv, int hd) {
     __shared__ int first;
     int row = blockIdx.x, n = n_new[row / nkv], w = hd / 8, x = threadIdx.x;
     uint4 *K = (uint4 *)(k + (size_t)row * cap * hd), *V = (uint4 *)(v + (size_t)row * cap * hd);
@@ -1217,14 +1294,17 @@ __global__ void k_kv_compact(__half *k, __half *v, int cap, const int32_t *keep,
     __syncthreads();
     for (int c = first; c < n; c += blockDim.y) {
         int i = c + threadIdx.y;
-        bool on = i < n && x < w;
+        bool on = i < n && x < w, on_acc = acc && i < n && x == 0;
         uint4 a = {}, b = {};
+        float ac = 0.0f;
         if (on) {
             size_t j = (size_t)kp[i] * w + x;
             a = K[j], b = V[j];
         }
+        if (on_acc) ac = acc[(size_t)row * cap + kp[i]];
         __syncthreads();
         if (on) K[(size_t)i * w + x] = a, V[(size_t)i * w + x] = b;
+        if (on_acc) acc[(size_t)row * cap + i] = ac;
         __syncthreads();
     }
 }
@@ -1236,14 +1316,17 @@ static enum kvs_status seq_move(cuda_ctx *g, int slot, int cap, const int32_t *d
     dseq *s = &g->h_seqs[slot];
     size_t rows = (size_t)g->n_layer * g->nkv, hb = (size_t)g->hd * sizeof(__half);
     __half *nk, *nv;
+    float *na = NULL;
     if (cudaMalloc(&nk, rows * cap * hb) != cudaSuccess)
         return kvs_fail(KVS_ERR_NOMEM, "cuda: out of GPU memory for a K/V cache of %d tokens", cap);
-    if (cudaMalloc(&nv, rows * cap * hb) != cudaSuccess) {
-        cudaFree(nk);
+    if (cudaMalloc(&nv, rows * cap * hb) != cudaSuccess ||
+        (s->acc_on && cudaMalloc(&na, rows * cap * sizeof(float)) != cudaSuccess)) {
+        cudaFree(nk), cudaFree(nv);
+        cudaGetLastError();
         return kvs_fail(KVS_ERR_NOMEM, "cuda: out of GPU memory for a K/V cache of %d tokens", cap);
     }
     /* (the old and the new buffers are both held until the move is done) */
-    uint64_t during = g->kv_bytes + 2ull * rows * cap * hb;
+    uint64_t during = g->kv_bytes + 2ull * rows * cap * hb + (na ? rows * cap * sizeof(float) : 0);
     if (during > g->kv_peak) g->kv_peak = during;
     int nmax = 0;
     for (int l = 0; l < g->n_layer; l++) nmax = n_new[l] > nmax ? n_new[l] : nmax;
@@ -1254,18 +1337,19 @@ static enum kvs_status seq_move(cuda_ctx *g, int slot, int cap, const int32_t *d
         int gy = (nmax + 31) / 32;
         if (e == cudaSuccess)
             k_kv_gather<<<dim3((unsigned)rows, gy > 64 ? 64 : gy), dim3(g->hd / 8 < 32 ? g->hd / 8 : 32, 8), 0,
-                          g->st>>>(s->k, s->v, s->cap, nk, nv, cap, d_keep, kstride, d_n, g->nkv, g->hd);
+                          g->st>>>(s->k, s->v, s->acc, s->cap, nk, nv, na, cap, d_keep, kstride, d_n, g->nkv, g->hd);
         if (e == cudaSuccess) e = cudaGetLastError();
         if (e == cudaSuccess) e = cudaStreamSynchronize(g->st);
     }
     if (e != cudaSuccess) {
-        cudaFree(nk), cudaFree(nv);
+        cudaFree(nk), cudaFree(nv), cudaFree(na);
         return cuda_error(e, "moving a K/V cache");
     }
     cudaFree(s->k);
     cudaFree(s->v);
+    cudaFree(s->acc);
     g->kv_bytes -= seq_bytes(g, s);
-    s->k = nk, s->v = nv, s->cap = cap, s->n = nmax;
+    s->k = nk, s->v = nv, s->acc = na, s->cap = cap, s->n = nmax;
     g->kv_bytes += seq_bytes(g, s);
     if (g->kv_bytes > g->kv_peak) g->kv_peak = g->kv_bytes;
     CK(put_slot(g, slot), "slot table");
@@ -1308,9 +1392,10 @@ extern "C" int cuda_seq_queries(const struct cuda_ctx *g, int slot, int32_t *qpo
 
 /* every launch of one forward pass on g->st, from the metadata in g->h_meta (copied first);
  * logits rows go to logits_dst on the host. Launch parameters depend on T, n_out and ns_grid only. */
-enum { PR_EMBED, PR_NORM, PR_MM_QKV, PR_ROPE, PR_ATTN, PR_COMBINE, PR_MM_O, PR_MM_UP, PR_MM_DOWN, PR_LOGITS, PR_N };
+enum { PR_EMBED, PR_NORM, PR_MM_QKV, PR_ROPE, PR_ATTN, PR_COMBINE, PR_ACC, PR_MM_O, PR_MM_UP, PR_MM_DOWN, PR_LOGITS,
+       PR_N };
 static const char *const prof_names[PR_N] = {"embed", "rmsnorm", "matmul_qkv", "rope_kv_store", "attention",
-                                             "attention_combine", "matmul_o", "matmul_gate_up", "matmul_down",
+                                             "attention_combine", "h2o_acc", "matmul_o", "matmul_gate_up", "matmul_down",
                                              "logits"};
 
 /* the launches enqueued since the last mark belong to group cat (profiling only) */
@@ -1329,7 +1414,7 @@ static void prof_collect(cuda_ctx *g) {
     g->npev = 0;
 }
 
-static void enqueue(cuda_ctx *g, int T, int n_out, int ns_grid, float *logits_dst) {
+static void enqueue(cuda_ctx *g, int T, int n_out, int ns_grid, bool acc, float *logits_dst) {
     cudaStream_t st = g->st;
     g->npev = 0; /* (a pass that failed left its events uncollected) */
     mark(g, PR_EMBED); /* the start: the metadata upload counts as the embedding's */
@@ -1338,7 +1423,9 @@ static void enqueue(cuda_ctx *g, int T, int n_out, int ns_grid, float *logits_ds
                   *d_rows = g->d_meta + 3 * g->t_max, *d_nsp = g->d_meta + 4 * g->t_max,
                   *d_poff = g->d_meta + 5 * g->t_max, *d_tix = g->d_meta + 6 * g->t_max,
                   *d_oix = g->d_meta + 7 * g->t_max, *d_rank = g->d_meta + 8 * g->t_max,
-                  *d_qix = g->d_meta + 9 * g->t_max, *d_lens = g->d_meta + META * g->t_max;
+                  *d_qix = g->d_meta + 9 * g->t_max, *d_run_first = g->d_meta + 10 * g->t_max,
+                  *d_run_len = g->d_meta + 11 * g->t_max, *d_run_tok = g->d_meta + 12 * g->t_max,
+                  *d_lens = g->d_meta + META * g->t_max;
     const int nl = g->n_lone;
     int d = g->d, nq = g->nh * g->hd, nk = g->nkv * g->hd, ff = g->ff, grp = g->nh / g->nkv;
     size_t smem = attn_smem(grp, g->hd);
@@ -1349,9 +1436,9 @@ static void enqueue(cuda_ctx *g, int T, int n_out, int ns_grid, float *logits_ds
         const dlayer *l = &g->L[il];
         k_rmsnorm<<<T, 256, 0, st>>>(g->x, NULL, l->attn_norm, g->xn, d, g->eps);
         mark(g, PR_NORM);
-        matmul(&l->wq, g->xn, d, d_tix, nl, T, g->q, nq, st);
-        matmul(&l->wk, g->xn, d, d_tix, nl, T, g->k, nk, st);
-        matmul(&l->wv, g->xn, d, d_tix, nl, T, g->v, nk, st);
+        matmul(&l->wq, g->xn, d, d_tix, nl, T, g->q, nq, st, g->stage);
+        matmul(&l->wk, g->xn, d, d_tix, nl, T, g->k, nk, st, g->stage);
+        matmul(&l->wv, g->xn, d, d_tix, nl, T, g->v, nk, st, g->stage);
         mark(g, PR_MM_QKV);
         k_qkv_post<<<dim3(T, g->nh + g->nkv), 64, 0, st>>>(g->q, g->k, g->v, l->bq, l->bk, l->bv, d_pos, d_slot,
                                                            d_rank, d_qix, d_lens, g->d_seqs, il, g->n_layer,
@@ -1361,28 +1448,34 @@ static void enqueue(cuda_ctx *g, int T, int n_out, int ns_grid, float *logits_ds
                                                             il, g->n_layer, g->nh, g->nkv, g->hd, scale, g->part);
         mark(g, PR_ATTN);
         k_att_combine<<<dim3(T, g->nh), g->hd < 128 ? g->hd : 128, 0, st>>>(g->part, d_nsp, d_poff, g->nh,
-                                                                             g->nkv, g->hd, g->xn);
+                                                                             g->nkv, g->hd, g->xn, acc ? g->ml : NULL);
         mark(g, PR_COMBINE);
-        matmul(&l->wo, g->xn, nq, d_tix, nl, T, g->x, d, st, 1); /* the residual added by the product */
+        if (acc) { /* H2O's statistic, for the runs of slots that keep it (entries strided over the grid) */
+            k_acc<<<dim3(T, g->nkv, MAX_SPLIT), 128, ((size_t)grp * g->hd + 2 * grp) * sizeof(float), st>>>(
+                g->q, g->ml, d_run_first, d_run_len, d_run_tok, d_lens, d_slot, g->d_seqs, il, g->n_layer, g->nh,
+                g->nkv, g->hd, scale);
+            mark(g, PR_ACC);
+        }
+        matmul(&l->wo, g->xn, nq, d_tix, nl, T, g->x, d, st, g->stage, 1); /* the residual added by the product */
         mark(g, PR_MM_O);
         k_rmsnorm<<<T, 256, 0, st>>>(g->x, NULL, l->ffn_norm, g->xn, d, g->eps);
         mark(g, PR_NORM);
         if (l->wg.type == l->wu.type && l->wg.rows == l->wu.rows && l->wg.rb == l->wu.rb) {
-            matmul2(&l->wg, &l->wu, g->xn, d, d_tix, nl, T, g->gate, ff, 0, g->up, st); /* + SwiGLU */
+            matmul2(&l->wg, &l->wu, g->xn, d, d_tix, nl, T, g->gate, ff, 0, g->up, st, g->stage); /* + SwiGLU */
         } else {
-            matmul(&l->wg, g->xn, d, d_tix, nl, T, g->gate, ff, st);
-            matmul(&l->wu, g->xn, d, d_tix, nl, T, g->up, ff, st);
+            matmul(&l->wg, g->xn, d, d_tix, nl, T, g->gate, ff, st, g->stage);
+            matmul(&l->wu, g->xn, d, d_tix, nl, T, g->up, ff, st, g->stage);
             size_t nf = (size_t)T * ff;
             k_swiglu<<<(unsigned)((nf + 255) / 256), 256, 0, st>>>(g->gate, g->up, ff, d_tix, nf);
         }
         mark(g, PR_MM_UP);
-        matmul(&l->wd, g->gate, ff, d_tix, nl, T, g->x, d, st, 1);
+        matmul(&l->wd, g->gate, ff, d_tix, nl, T, g->x, d, st, g->stage, 1);
         mark(g, PR_MM_DOWN);
     }
     for (int r0 = 0; r0 < n_out; r0 += LOGIT_ROWS) {
         int nr = n_out - r0 < LOGIT_ROWS ? n_out - r0 : LOGIT_ROWS;
         k_rmsnorm<<<nr, 256, 0, st>>>(g->x, d_rows + r0, g->out_norm, g->xn, d, g->eps);
-        matmul(&g->output, g->xn, d, d_oix + r0, g->h_olone[r0 / LOGIT_ROWS], nr, g->logits, g->nv, st);
+        matmul(&g->output, g->xn, d, d_oix + r0, g->h_olone[r0 / LOGIT_ROWS], nr, g->logits, g->nv, st, g->stage);
         cudaMemcpyAsync(logits_dst + (size_t)r0 * g->nv, g->logits, (size_t)nr * g->nv * 4,
                         cudaMemcpyDeviceToHost, st);
     }
@@ -1416,6 +1509,23 @@ extern "C" enum kvs_status cuda_forward(struct cuda_ctx *g, const int32_t *token
         if (!sq->qwin || rank[t] < c - sq->qwin) continue;
         qix[t] = (h->q_next + rank[t] - (c > sq->qwin ? c - sq->qwin : 0)) % sq->qwin;
     }
+    /* runs (k_acc): each slot's tokens of the pass in rank order, slots in order of first token;
+     * acc: some slot of the pass keeps accumulated attention */
+    int *run_first = hm + 10 * g->t_max, *run_len = hm + 11 * g->t_max, *run_tok = hm + 12 * g->t_max, n_runs = 0;
+    bool acc = false;
+    for (int t = 0; t < T; t++) g->h_run[slot[t]] = -1;
+    for (int t = 0; t < T; t++) {
+        if (g->h_run[slot[t]] < 0) {
+            g->h_run[slot[t]] = n_runs;
+            run_len[n_runs++] = g->h_count[slot[t]];
+        }
+        acc = acc || g->h_seqs[slot[t]].acc_on;
+    }
+    for (int r = 0, o = 0; r < T; r++) {
+        if (r >= n_runs) run_len[r] = 0;
+        run_first[r] = o, o += run_len[r];
+    }
+    for (int t = 0; t < T; t++) run_tok[run_first[g->h_run[slot[t]]] + rank[t]] = t;
     memcpy(hm, tokens, (size_t)T * 4);
     for (int t = 0; t < T; t++) hm[g->t_max + t] = pos[t] - g->hs[slot[t]].shift; /* (RoPE's positions) */
     memcpy(hm + 2 * g->t_max, slot, (size_t)T * 4);
@@ -1456,12 +1566,12 @@ extern "C" enum kvs_status cuda_forward(struct cuda_ctx *g, const int32_t *token
      * ones a token does not use return at once), the rest is read from device memory */
     cudaStream_t st = g->st;
     if (g->graphs && T <= GRAPH_T && n_out <= T && n_lone == T) {
-        cudaGraphExec_t *ex = &g->gexec[T][n_out];
+        cudaGraphExec_t *ex = &g->gexec[acc][T][n_out];
         if (!*ex) {
             cudaGraph_t gr = NULL;
             cudaError_t e = cudaStreamBeginCapture(st, cudaStreamCaptureModeThreadLocal);
             if (e == cudaSuccess) {
-                enqueue(g, T, n_out, MAX_SPLIT, g->h_logits);
+                enqueue(g, T, n_out, MAX_SPLIT, acc, g->h_logits);
                 e = cudaStreamEndCapture(st, &gr);
             }
             if (e == cudaSuccess) e = cudaGraphInstantiate(ex, gr, 0);
@@ -1475,7 +1585,7 @@ extern "C" enum kvs_status cuda_forward(struct cuda_ctx *g, const int32_t *token
         CK(cudaStreamSynchronize(st), "forward");
         memcpy(logits, g->h_logits, (size_t)n_out * g->nv * 4);
     } else {
-        enqueue(g, T, n_out, ns_max, logits);
+        enqueue(g, T, n_out, ns_max, acc, logits);
         CK(cudaGetLastError(), "kernel launch");
         CK(cudaStreamSynchronize(st), "forward");
         prof_collect(g);
@@ -1533,6 +1643,11 @@ extern "C" enum kvs_status cuda_seq_copy(struct cuda_ctx *g, int dst, int src) {
     size_t rows = (size_t)g->n_layer * g->nkv, hb = (size_t)g->hd * sizeof(__half);
     CK(cudaMemcpy2DAsync(d->k, d->cap * hb, s->k, s->cap * hb, s->n * hb, rows, cudaMemcpyDeviceToDevice, g->st), "K/V copy");
     CK(cudaMemcpy2DAsync(d->v, d->cap * hb, s->v, s->cap * hb, s->n * hb, rows, cudaMemcpyDeviceToDevice, g->st), "K/V copy");
+    if (d->acc && s->acc)
+        CK(cudaMemcpy2DAsync(d->acc, d->cap * sizeof(float), s->acc, s->cap * sizeof(float), s->n * sizeof(float), rows,
+                             cudaMemcpyDeviceToDevice, g->st), "accumulated attention copy");
+    else if (d->acc) /* a source that kept none: every entry starts at nothing received */
+        CK(cudaMemsetAsync(d->acc, 0, acc_bytes(g, d), g->st), "accumulated attention copy");
     if (d->qr && s->qr && d->qwin == s->qwin) {
         CK(cudaMemcpyAsync(d->qr, s->qr, ring_bytes(g, s), cudaMemcpyDeviceToDevice, g->st), "query copy");
         memcpy(hd_->q_pos, hs->q_pos, sizeof(int32_t) * s->qwin);
@@ -1780,6 +1895,26 @@ extern "C" enum kvs_status cuda_seq_key_sq(struct cuda_ctx *g, int slot, int n_l
     return KVS_OK;
 }
 
+extern "C" enum kvs_status cuda_seq_acc(struct cuda_ctx *g, int slot, int n_layers, const int *layers, float *out,
+                                        size_t stride) {
+    const dseq *sq = &g->h_seqs[slot];
+    if (!sq->acc_on) return kvs_fail(KVS_ERR_INTERNAL, "cuda: slot %d keeps no accumulated attention", slot);
+    if (n_layers < 0 || n_layers > g->n_layer) return kvs_fail(KVS_ERR_INTERNAL, "cuda: %d layers", n_layers);
+    for (int i = 0; i < n_layers; i++) {
+        if (layers[i] < 0 || layers[i] >= g->n_layer) return kvs_fail(KVS_ERR_INTERNAL, "cuda: layer %d", layers[i]);
+        int n = lens_of(g, slot)[layers[i]];
+        if ((size_t)n > stride) return kvs_fail(KVS_ERR_INTERNAL, "cuda: %d entries, rows of %zu", n, stride);
+        if (n == 0) continue;
+        if (!sq->acc) return kvs_fail(KVS_ERR_INTERNAL, "cuda: slot %d has entries and no accumulated attention", slot);
+        CK(cudaMemcpy2DAsync(out + (size_t)i * g->nkv * stride, stride * sizeof(float),
+                             sq->acc + (size_t)layers[i] * g->nkv * sq->cap, (size_t)sq->cap * sizeof(float),
+                             (size_t)n * sizeof(float), (size_t)g->nkv, cudaMemcpyDeviceToHost, g->st),
+           "accumulated attention");
+    }
+    CK(cudaStreamSynchronize(g->st), "accumulated attention");
+    return KVS_OK;
+}
+
 /* streaming pos=cache: after a compaction, the key now at entry i of row (l, h), which was entry
  * j = keep[row * kstride + i], is turned by i - j positions, as the CPU store's rerotate() does
  * (angle in double, products and sums rounded as there, no FMA: the same fp16 key) */
@@ -1849,8 +1984,8 @@ extern "C" enum kvs_status cuda_seq_compact(struct cuda_ctx *g, int slot, const 
         int *d_n;
         e = put_lens(g, slot, n_keep, &d_n);
         if (e == cudaSuccess)
-            k_kv_compact<<<(unsigned)rows, dim3(32, 16), 0, g->st>>>(s->k, s->v, s->cap, g->d_keep, nmax, d_n, g->nkv,
-                                                                  g->hd);
+            k_kv_compact<<<(unsigned)rows, dim3(32, 16), 0, g->st>>>(s->k, s->v, s->acc, s->cap, g->d_keep, nmax, d_n,
+                                                                  g->nkv, g->hd);
         if (e == cudaSuccess) e = cudaGetLastError();
         if (e == cudaSuccess) e = cudaStreamSynchronize(g->st);
         if (e != cudaSuccess) st = cuda_error(e, "compacting a K/V cache");
@@ -1947,7 +2082,7 @@ extern "C" enum kvs_status cuda_test_matmul(int type, const void *W, size_t row_
     if (e == cudaSuccess) e = cudaMemcpy(dt, ht, (size_t)T * sizeof(int), cudaMemcpyHostToDevice);
     if (e == cudaSuccess) e = cudaMemcpy(dx, x, (size_t)T * n_cols * 4, cudaMemcpyHostToDevice);
     if (e == cudaSuccess) {
-        matmul(&dw, dx, (int)n_cols, dt, n_lone, T, dy, (int)n_rows, 0);
+        matmul(&dw, dx, (int)n_cols, dt, n_lone, T, dy, (int)n_rows, 0, 1); /* (8 lone tokens or more: staged) */
         e = cudaGetLastError();
     }
     if (e == cudaSuccess) e = cudaMemcpy(y, dy, (size_t)T * n_rows * 4, cudaMemcpyDeviceToHost);

@@ -4,8 +4,8 @@
  * Does: upload the GGUF weight blocks as they are (no requantization) and run the transformer
  * with fused dequantising kernels (decode GEMV, prefill tiles), RMSNorm, RoPE, SwiGLU and
  * flash-decoding attention over fp16 K/V on the device; copy only the requested logits back.
- * Runs KV policies as the engine plans them: scores from saved queries (SnapKV, TOVA) or key
- * norms, positions on the host (StreamingLLM, random), compaction by a gather into smaller
+ * Runs KV policies as the engine plans them: scores from saved queries (SnapKV, TOVA), the
+ * attention each entry accumulated (H2O), key norms, positions on the host (StreamingLLM, random), compaction by a gather into smaller
  * buffers (below). Does not: sample on the device, pack entries, or print. Built by `make cuda` (src/cuda/cuda.cu, nvcc);
  * the default CPU build links src/cuda/cuda_none.c, whose entry points fail with a clear error.
  *
@@ -72,9 +72,14 @@ void cuda_mem(const struct cuda_ctx *g, uint64_t *weights, uint64_t *kv, uint64_
  * compaction keeps a subset per (layer, head). Positions of entries are tracked on the host for
  * slots with a query window. */
 
-/* Empty slot, then keep the post-RoPE queries of its newest qwin tokens (0: none) and, when
- * qwin > 0 or positions, track its entries' positions. */
-enum kvs_status cuda_seq_set_policy(struct cuda_ctx *g, int slot, int qwin, bool positions);
+/* Empty slot, then keep the post-RoPE queries of its newest qwin tokens (0: none), when qwin > 0
+ * or positions track its entries' positions, and with acc keep each entry's accumulated
+ * attention (H2O: the probability each query gave it, averaged over the query heads of its KV
+ * head, summed over the queries since it entered; the attention pass adds it). */
+enum kvs_status cuda_seq_set_policy(struct cuda_ctx *g, int slot, int qwin, bool positions, bool acc);
+/* The accumulated attention of layers[0 .. n_layers) of a slot with acc: entry j of KV head h of
+ * layer layers[i] to out[(i * nkv + h) * stride + j] on the host. */
+enum kvs_status cuda_seq_acc(struct cuda_ctx *g, int slot, int n_layers, const int *layers, float *out, size_t stride);
 /* Streaming pos=cache: keys of slot's tokens from the next pass on are rotated to their position
  * minus shift (the entries evicted so far); the tracked positions stay the tokens' own. */
 void cuda_seq_set_rope_shift(struct cuda_ctx *g, int slot, int32_t shift);
@@ -133,8 +138,9 @@ enum kvs_status cuda_host_deq8(int type, const void *row, size_t row_bytes, int6
                                float *out);
 
 /* For tests: y (T, n_rows) = x (T, n_cols) W^T with forward()'s kernels: the first n_lone
- * token rows through the GEMV (as a pass's decode tokens), the rest through the tiles (prompt
- * tokens); W in GGUF blocks on the host. */
+ * token rows through the GEMV (as a pass's decode tokens; launches of 8 tokens or more through
+ * the staged GEMV, whatever the matrix's size), the rest through the tiles (prompt tokens); W in
+ * GGUF blocks on the host. */
 enum kvs_status cuda_test_matmul(int type, const void *W, size_t row_bytes, int64_t n_rows,
                                  int64_t n_cols, const float *x, int T, int n_lone, float *y);
 

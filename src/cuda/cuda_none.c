@@ -56,8 +56,12 @@ enum kvs_status cuda_test_matmul(int type, const void *W, size_t row_bytes, int6
     (void)type, (void)W, (void)row_bytes, (void)n_rows, (void)n_cols, (void)x, (void)T, (void)n_lone, (void)y;
     return no_cuda();
 }
-enum kvs_status cuda_seq_set_policy(struct cuda_ctx *g, int slot, int qwin, bool positions) {
-    (void)g, (void)slot, (void)qwin, (void)positions;
+enum kvs_status cuda_seq_set_policy(struct cuda_ctx *g, int slot, int qwin, bool positions, bool acc) {
+    (void)g, (void)slot, (void)qwin, (void)positions, (void)acc;
+    return no_cuda();
+}
+enum kvs_status cuda_seq_acc(struct cuda_ctx *g, int slot, int n_layers, const int *layers, float *out, size_t stride) {
+    (void)g, (void)slot, (void)n_layers, (void)layers, (void)out, (void)stride;
     return no_cuda();
 }
 void cuda_seq_set_rope_shift(struct cuda_ctx *g, int slot, int32_t shift) { (void)g, (void)slot, (void)shift; }

@@ -506,6 +506,7 @@ enum kv_score_src kv_policy_score_src(const struct kv_spec *sp) {
     switch (sp->method) {
     case KV_SNAPKV: return KV_SRC_WINDOW;
     case KV_TOVA: return KV_SRC_LAST;
+    case KV_H2O: return KV_SRC_ACC;
     case KV_STREAMING:
     case KV_RANDOM: return KV_SRC_POS;
     case KV_KNORM: return KV_SRC_KNORM;

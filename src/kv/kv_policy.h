@@ -115,6 +115,7 @@ int32_t kv_policy_budget(const struct kv_policy *p, int il, int64_t n_seen);
  *                  over the group's query heads), then pooled (kv_snapkv_pool);
  *   KV_SRC_LAST    TOVA: the newest query's attention, the same sum over one query; layer-wise
  *                  (kv_policy_plan_scored sums the KV heads' rows);
+ *   KV_SRC_ACC     H2O: the attention each entry has accumulated (the store's acc);
  *   KV_SRC_POS     StreamingLLM, random: from positions alone (kv_policy_score_pos);
  *   KV_SRC_KNORM   key norm: minus the L2 norm of each stored key.
  * For them the engine may plan a layer from scores it wrote into p->score (row ih at
@@ -122,7 +123,7 @@ int32_t kv_policy_budget(const struct kv_policy *p, int il, int64_t n_seen);
  * (n over budget + slack), kv_policy_plan_scored() makes it as kv_policy_plan_layer() would
  * from those scores (n[ih] entries per head at positions pos[ih]; entries below pin always
  * stay). */
-enum kv_score_src { KV_SRC_NONE, KV_SRC_WINDOW, KV_SRC_LAST, KV_SRC_POS, KV_SRC_KNORM };
+enum kv_score_src { KV_SRC_NONE, KV_SRC_WINDOW, KV_SRC_LAST, KV_SRC_ACC, KV_SRC_POS, KV_SRC_KNORM };
 enum kv_score_src kv_policy_score_src(const struct kv_spec *sp);
 bool kv_policy_scored_elsewhere(const struct kv_spec *sp); /* kv_policy_score_src() != KV_SRC_NONE */
 bool kv_policy_over(const struct kv_policy *p, int il, int64_t n_seen, int32_t slack, int32_t n);

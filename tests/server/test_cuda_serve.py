@@ -8,8 +8,8 @@
   GPU logits do not depend on its batch (test_cuda checks that bit for bit);
 - the requests did run concurrently (/slots), and the KV bytes of /metrics are back to 0 after;
 - a request with "kv": "snapkv:budget=48" (a prompt of ~150 tokens: compressed on the GPU) =
-  `kvsieve run --device cuda --kv snapkv:budget=48 --temp 0`, and so does "streaming:budget=48"
-  (keys re-rotated on the device, RoPE positions shifted after);
+  `kvsieve run --device cuda --kv snapkv:budget=48 --temp 0`, and so do "streaming:budget=48"
+  (keys re-rotated on the device, RoPE positions shifted after) and "h2o:budget=48";
 - a request asking for a KV policy the GPU does not run gets a 400 naming it, and the server
   keeps serving; `--prefix-mem 1M --device cuda` is refused at start (exit 2).
 
@@ -120,13 +120,14 @@ try:
          ref_kv["text"])
     C.ok("... and the prompt was longer than the budget (it was compressed)", (u or {}).get("prompt_tokens", 0) > 96,
          K.short(u))
-    # streaming with in-cache positions: keys re-rotated on the device, RoPE shifted from then on
-    ref_st = cli_run(long_p, N_GEN, kv="streaming:budget=48")
-    got, u, err = complete(long_p, kv="streaming:budget=48")
-    C.eq("\"kv\": \"streaming:budget=48\" on the GPU = `kvsieve run --device cuda --kv streaming:budget=48`", got,
-         ref_st["text"])
+    # streaming with in-cache positions (keys re-rotated on the device, RoPE shifted from then
+    # on) and H2O (attention accumulated on the device)
+    for kv in ("streaming:budget=48", "h2o:budget=48"):
+        ref_st = cli_run(long_p, N_GEN, kv=kv)
+        got, u, err = complete(long_p, kv=kv)
+        C.eq(f"\"kv\": \"{kv}\" on the GPU = `kvsieve run --device cuda --kv {kv}`", got, ref_st["text"])
     st, j, raw = srv.post("/v1/completions", {"model": model_id, "prompt": target, "max_tokens": 4,
-                                               "kv": "h2o:ratio=0.5"})
+                                               "kv": "d2o:ratio=0.5"})
     C.ok("a KV policy the GPU does not run: 400 naming it", st == 400 and b"cuda" in raw.lower(),
          f"{st} {raw[:300]!r}")
     again, _, err = complete(target)
