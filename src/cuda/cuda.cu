@@ -648,6 +648,24 @@ __global__ void k_qkv_post(float *q, float *k, const float *v, const float *bq, 
 enum { AT = 128 /* keys per tile = threads per block */, MAXG = 16 /* query heads per KV head */,
        SPLIT_KEYS = 64, MAX_SPLIT = 128 /* a lone decode token's keys: splits of 64 or more, 128 at most */ };
 
+/* sc[qi] += q_qi . k over dimensions 8c .. 8c + 7 for the g (< G) query heads of a group (queries
+ * (g, hd) in shared memory, k4 those 8 dimensions of a key in fp16), in k_attn's order of sums */
+template <int G>
+__device__ __forceinline__ void qk8(uint4 k4, const float *qs, int hd, int c, int g, float *sc) {
+    float2 f0 = __half22float2(*(const __half2 *)&k4.x), f1 = __half22float2(*(const __half2 *)&k4.y),
+           f2 = __half22float2(*(const __half2 *)&k4.z), f3 = __half22float2(*(const __half2 *)&k4.w);
+#pragma unroll
+    for (int qi = 0; qi < G; qi++)
+        if (qi < g) {
+            const float4 *qp = (const float4 *)(qs + qi * hd + 8 * c);
+            float4 qa = qp[0], qb = qp[1];
+            sc[qi] += qa.x * f0.x + qa.y * f0.y;
+            sc[qi] += qa.z * f1.x + qa.w * f1.y;
+            sc[qi] += qb.x * f2.x + qb.y * f2.y;
+            sc[qi] += qb.z * f3.x + qb.w * f3.y;
+        }
+}
+
 /* partial attention of token t's query heads of KV head h over key split s of its visible keys
  * (entries 0 .. lens[slot][layer] + rank[t]: those before the pass and the pass's own up to t): unnormalised o, running max m and sum l, for k_att_combine */
 template <int DPL /* head dimensions per lane: hd / 32 */, int G /* query heads per KV head; MAXG: any up to it */>
@@ -703,21 +721,7 @@ __global__ void __launch_bounds__(AT) k_attn(const float *q, const int *rank, co
         for (int qi = 0; qi < G; qi++) sc[qi] = 0.0f;
         if (kk < k1) { /* 8 dimensions at a time: one 16-byte read of the key, two of each query */
             const uint4 *kr = (const uint4 *)(Ks + tid * kw);
-            for (int c = 0; c < hd / 8; c++) {
-                uint4 k4 = kr[c];
-                float2 f0 = __half22float2(*(const __half2 *)&k4.x), f1 = __half22float2(*(const __half2 *)&k4.y),
-                       f2 = __half22float2(*(const __half2 *)&k4.z), f3 = __half22float2(*(const __half2 *)&k4.w);
-#pragma unroll
-                for (int qi = 0; qi < G; qi++)
-                    if (qi < g) {
-                        const float4 *qp = (const float4 *)(qs + qi * hd + 8 * c);
-                        float4 qa = qp[0], qb = qp[1];
-                        sc[qi] += qa.x * f0.x + qa.y * f0.y;
-                        sc[qi] += qa.z * f1.x + qa.w * f1.y;
-                        sc[qi] += qb.x * f2.x + qb.y * f2.y;
-                        sc[qi] += qb.z * f3.x + qb.w * f3.y;
-                    }
-            }
+            for (int c = 0; c < hd / 8; c++) qk8<G>(kr[c], qs, hd, c, g, sc);
         }
 #pragma unroll
         for (int qi = 0; qi < G; qi++)
@@ -880,21 +884,7 @@ __global__ void k_acc(const float *q, const float *ml, const int *run_first, con
 #pragma unroll
             for (int qi = 0; qi < MAXG; qi++) sc[qi] = 0.0f;
             const uint4 *kr = (const uint4 *)(K + (size_t)j * hd);
-            for (int c = 0; c < hd / 8; c++) { /* k_attn's sums, in its order */
-                uint4 k4 = kr[c];
-                float2 f0 = __half22float2(*(const __half2 *)&k4.x), f1 = __half22float2(*(const __half2 *)&k4.y),
-                       f2 = __half22float2(*(const __half2 *)&k4.z), f3 = __half22float2(*(const __half2 *)&k4.w);
-#pragma unroll
-                for (int qi = 0; qi < MAXG; qi++)
-                    if (qi < g) {
-                        const float4 *qp = (const float4 *)(qa + qi * hd + 8 * c);
-                        float4 x = qp[0], y = qp[1];
-                        sc[qi] += x.x * f0.x + x.y * f0.y;
-                        sc[qi] += x.z * f1.x + x.w * f1.y;
-                        sc[qi] += y.x * f2.x + y.y * f2.y;
-                        sc[qi] += y.z * f3.x + y.w * f3.y;
-                    }
-            }
+            for (int c = 0; c < hd / 8; c++) qk8<MAXG>(kr[c], qa, hd, c, g, sc); /* k_attn's sums */
 #pragma unroll
             for (int qi = 0; qi < MAXG; qi++)
                 if (qi < g) {
