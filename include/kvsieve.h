@@ -118,8 +118,8 @@ struct kvs_context_params {
                          * dotted in fp32) instead of activations quantized to 8 bits; several
                          * times slower; for comparing the engine with a float reference */
     int device;         /* KVS_DEVICE_CPU (default) or KVS_DEVICE_CUDA: the whole forward pass
-                         * and the KV cache on the first GPU (a `make cuda` build; full cache
-                         * only so far: any other kv_spec, keep_stats or act_f32 is refused) */
+                         * and the KV cache on the first GPU (a `make cuda` build; the full cache
+                         * and the policies kvs_kv_runs_on accepts; act_f32 is refused) */
 };
 enum kvs_device { KVS_DEVICE_CPU = 0, KVS_DEVICE_CUDA = 1 };
 #define KVS_STATS_QWIN 64
@@ -137,6 +137,10 @@ void kvs_context_free(kvs_context *c);
 int kvs_context_n_threads(const kvs_context *c);
 /* "cpu", or the GPU a --device cuda context runs on ("NVIDIA H200 (sm_90, 139.8 GiB)"). */
 const char *kvs_context_device_name(const kvs_context *c);
+/* Whether a context on device (KVS_DEVICE_*) runs kv_spec: every valid spec on the CPU; on the
+ * GPU the full cache and the policies scored there (`kvsieve --help kv` lists them); false for
+ * a spec that does not parse. */
+bool kvs_kv_runs_on(const char *kv_spec, int device);
 /* A GPU context's memory bandwidth in GB/s (device-to-device copies, bytes read plus written);
  * -1 on the CPU (kvs_measure_read_bandwidth measures that). */
 double kvs_context_device_bandwidth(kvs_context *c);
@@ -172,16 +176,19 @@ enum kvs_status kvs_seq_load(kvs_context *c, kvs_sequence *s, const char *path);
 /* Make dst (of context cd) a copy of src (of context cs): entries, statistics, saved queries and
  * position; dst's old content is dropped. Both contexts must run the same model; they may run
  * different policies (statistics dst keeps but src lacks start at 0). A fork: one prefill, then
- * many continuations. Errors: KVS_ERR_INVALID_ARG (other model, src longer than cd's context),
- * KVS_ERR_NOMEM (dst is then empty). */
+ * many continuations. GPU contexts copy between themselves on the device (not to or from a CPU
+ * context). Errors: KVS_ERR_INVALID_ARG (other model, src longer than cd's context),
+ * KVS_ERR_NOMEM (dst is then empty), KVS_ERR_UNSUPPORTED (a CPU and a GPU context). */
 enum kvs_status kvs_seq_copy(kvs_context *cd, kvs_sequence *dst, const kvs_context *cs,
                              const kvs_sequence *src);
 
 /* Compress s now under kv_spec, exactly as that spec compresses at the end of a prefill (budget
  * from the tokens seen, kv_spec's scorer and allocator, the statistics s holds), whatever the
  * context's own policy. Lets one full prefill serve many methods (kvpress style): copy, then
- * compress each copy. "full" changes nothing. Errors: KVS_ERR_INVALID_ARG for a bad spec or when
- * the spec needs statistics the context does not keep (create it with keep_stats). */
+ * compress each copy. "full" changes nothing. On a GPU context, the specs kvs_kv_runs_on accepts
+ * (scored and gathered on the device). Errors: KVS_ERR_INVALID_ARG for a bad spec or when the
+ * spec needs statistics the context does not keep (create it with keep_stats);
+ * KVS_ERR_UNSUPPORTED for a spec the GPU does not run. */
 enum kvs_status kvs_seq_compress(kvs_context *c, kvs_sequence *s, const char *kv_spec);
 
 /* Progress callback for long prefill: called after every chunk with tokens done / total. Return

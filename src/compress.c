@@ -3,12 +3,36 @@
  * prefix.c for compressed prefix nodes; depends on the store and the policies only. */
 #include "engine.h"
 
+/* On the GPU: a policy scored there, planned as at the end of a prompt on the device; the slot
+ * must keep what the spec reads (a keep_stats context's do: accumulated attention, the last
+ * KVS_STATS_QWIN queries). */
+static enum kvs_status gpu_compress_now(kvs_context *c, kvs_sequence *s, const struct kv_spec *spec) {
+    const struct hparams *hp = &c->m->hp;
+    if (spec->method == KV_FULL && !spec->think && !spec->kivi_bits && !spec->mikv_low) return KVS_OK;
+    if (!kv_policy_scored_elsewhere(spec))
+        return kvs_fail(KVS_ERR_UNSUPPORTED, "compressing a sequence with '%s' is not available with --device cuda "
+                        "(see kvs_kv_runs_on)", spec->text);
+    unsigned needs = kv_policy_needs(spec);
+    if ((needs & KV_NEED_ACC) && !s->kv->with_acc)
+        return kvs_fail(KVS_ERR_INVALID_ARG, "'%s' needs accumulated attention, which this sequence does not keep "
+                        "(create its context with keep_stats)", spec->text);
+    int qwin = kv_policy_score_src(spec) == KV_SRC_LAST ? 1 : kv_policy_qwin(spec);
+    if ((needs & KV_NEED_QUERIES) && kvs_gpu_slot_qwin(c, &s->prof->spec) < qwin)
+        return kvs_fail(KVS_ERR_INVALID_ARG, "'%s' needs the last %d queries; this sequence keeps %d (create its "
+                        "context with keep_stats)", spec->text, qwin, kvs_gpu_slot_qwin(c, &s->prof->spec));
+    struct kv_policy *pol = NULL;
+    enum kvs_status st = kv_policy_new(spec, hp->n_layer, hp->n_head, hp->n_head_kv, hp->head_dim,
+                                       c->n_ctx + c->t_max + KV_CAP_STEP, kv_spec_entry_bytes(hp, spec), &pol);
+    if (st == KVS_OK) st = kvs_gpu_plan(c, s, pol, spec, 0, s->n_past);
+    kv_policy_free(pol);
+    return st;
+}
+
 enum kvs_status kvs_seq_compress(kvs_context *c, kvs_sequence *s, const char *kv_spec) {
-    enum kvs_status gst_ = kvs_gpu_refuse(c, "compressing a sequence (kvs_seq_compress)");
-    if (gst_ != KVS_OK) return gst_;
     struct kv_spec spec;
     enum kvs_status st = kv_spec_parse(kv_spec ? kv_spec : "", &spec);
     if (st != KVS_OK) return st;
+    if (c->gpu) return gpu_compress_now(c, s, &spec);
     const struct hparams *hp = &c->m->hp;
     struct kv_pack_cfg pc;
     kv_pack_cfg_from_spec(&spec, hp->head_dim, &pc);

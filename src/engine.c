@@ -31,19 +31,34 @@ double kvs_context_device_bandwidth(kvs_context *c) { return c->gpu ? cuda_bandw
 
 const char *kvs_context_device_name(const kvs_context *c) { return c->gpu ? cuda_device_name(c->gpu) : "cpu"; }
 
-/* the policies the GPU runs: the full cache, and those scored there (SnapKV) */
-/* what --device cuda runs (kv_policy_score_src) */
+/* what --device cuda runs: the full cache, and the policies scored there (kv_policy_score_src) */
 #define GPU_POLICIES "full, snapkv, h2o, tova, streaming, knorm and random (uniform or pyramid budgets, without merging or packed storage)"
 static bool gpu_runs(const struct kv_spec *sp) {
     return (sp->method == KV_FULL && !sp->think && !sp->kivi_bits && !sp->mikv_low) || kv_policy_scored_elsewhere(sp);
 }
 
-/* the slot's query window on the GPU, as its policy needs */
-static enum kvs_status gpu_slot_policy(kvs_context *c, kvs_sequence *s, const struct kv_spec *sp) {
-    if (!c->gpu) return KVS_OK;
+bool kvs_kv_runs_on(const char *kv_spec, int device) {
+    struct kv_spec sp;
+    if (kv_spec_parse(kv_spec ? kv_spec : "", &sp) != KVS_OK) return false;
+    return device == KVS_DEVICE_CPU || (device == KVS_DEVICE_CUDA && gpu_runs(&sp));
+}
+
+/* the queries a GPU slot under sp keeps: the policy's window (TOVA: the newest alone), and in a
+ * keep_stats context at least KVS_STATS_QWIN, as the CPU store keeps */
+int kvs_gpu_slot_qwin(const kvs_context *c, const struct kv_spec *sp) {
     int qwin = (kv_policy_needs(sp) & KV_NEED_QUERIES) ? kv_policy_qwin(sp) : 0;
-    if (kv_policy_score_src(sp) == KV_SRC_LAST) qwin = 1; /* (TOVA reads the newest query alone) */
-    return cuda_seq_set_policy(c->gpu, s->slot, qwin, sp->method != KV_FULL, kv_policy_score_src(sp) == KV_SRC_ACC);
+    if (kv_policy_score_src(sp) == KV_SRC_LAST) qwin = 1;
+    if (c->p.keep_stats && qwin < KVS_STATS_QWIN) qwin = KVS_STATS_QWIN;
+    return qwin;
+}
+
+/* the slot on the GPU as its policy needs: its query window, its entries' positions (under a
+ * policy or with statistics), accumulated attention (acc: H2O, or kept for a later
+ * kvs_seq_compress) */
+static enum kvs_status gpu_slot_policy(kvs_context *c, kvs_sequence *s, const struct kv_spec *sp, bool acc) {
+    if (!c->gpu) return KVS_OK;
+    return cuda_seq_set_policy(c->gpu, s->slot, kvs_gpu_slot_qwin(c, sp), sp->method != KV_FULL || c->p.keep_stats,
+                               acc || kv_policy_score_src(sp) == KV_SRC_ACC);
 }
 
 /* The model as the GPU backend reads it (cuda.h), then the GPU context. */
@@ -51,10 +66,9 @@ static enum kvs_status gpu_init(kvs_context *c) {
     const kvs_model *m = c->m;
     const struct hparams *hp = &m->hp;
     const struct kv_spec *sp = &c->base.spec;
-    if (!gpu_runs(sp) || c->p.keep_stats || c->p.act_f32)
+    if (!gpu_runs(sp) || c->p.act_f32)
         return kvs_fail(KVS_ERR_UNSUPPORTED, "--device cuda runs the KV policies " GPU_POLICIES " so far ('%s'%s "
-                        "asked); use the CPU for the others",
-                        sp->text, c->p.keep_stats ? " with statistics" : c->p.act_f32 ? " with fp32 activations" : "");
+                        "asked); use the CPU for the others", sp->text, c->p.act_f32 ? " with fp32 activations" : "");
     struct cuda_layer_desc *L = calloc((size_t)hp->n_layer, sizeof *L);
     if (!L) return kvs_fail(KVS_ERR_NOMEM, "out of memory");
 #define CW(w) ((struct cuda_w){(w).data, (w).type, (w).n_rows, (w).n_cols, (w).row_bytes})
@@ -370,7 +384,7 @@ enum kvs_status kvs_seq_new(kvs_context *c, kvs_sequence **out) {
     s->prof = &c->base;
     s->slot = slot;
     s->gpu = c->gpu;
-    if ((st = gpu_slot_policy(c, s, &c->base.spec)) != KVS_OK) {
+    if ((st = gpu_slot_policy(c, s, &c->base.spec, s->kv->with_acc)) != KVS_OK) {
         kv_seq_free(s->kv);
         free(s);
         return st;
@@ -670,10 +684,15 @@ void kvs_context_mem(const kvs_context *c, struct kvs_mem_stats *ms) {
 
 enum kvs_status kvs_seq_copy(kvs_context *cd, kvs_sequence *dst, const kvs_context *cs,
                              const kvs_sequence *src) {
-    if (cd->gpu || cs->gpu) { /* within one GPU context: a device copy of the cache */
-        if (cd != cs) return kvs_gpu_refuse(cd->gpu ? cd : cs, "copying a sequence between contexts");
+    if (cd->gpu || cs->gpu) { /* GPU contexts of one model: a device copy of the cache */
+        if (!cd->gpu || !cs->gpu) return kvs_gpu_refuse(cd->gpu ? cd : cs, "copying a sequence between the CPU and the GPU");
+        if (cd->m != cs->m)
+            return kvs_fail(KVS_ERR_INVALID_ARG, "cannot copy a sequence between contexts of different models");
+        if (src->n_past > dst->prof->max_past)
+            return kvs_fail(KVS_ERR_INVALID_ARG, "the sequence holds %d tokens, more than the target context of %d",
+                            src->n_past, dst->prof->max_past);
         if (src->prefix) return kvs_gpu_refuse(cd, "copying a sequence with a shared prefix");
-        enum kvs_status st = cuda_seq_copy(cd->gpu, dst->slot, src->slot);
+        enum kvs_status st = cuda_seq_copy(cd->gpu, dst->slot, cs->gpu, src->slot);
         if (st != KVS_OK) return st;
         dst->n_past = src->n_past;
         dst->pos_shift = src->pos_shift; /* (streaming pos=cache: the RoPE shift the entries have) */
@@ -797,7 +816,7 @@ enum kvs_status kvs_seq_set_kv(kvs_context *c, kvs_sequence *s, const char *kv_s
         }
         c->prof[slot] = pr;
     }
-    enum kvs_status gst = gpu_slot_policy(c, s, &spec); /* (the slot is empty: only memory can fail) */
+    enum kvs_status gst = gpu_slot_policy(c, s, &spec, false); /* (the slot is empty: only memory can fail) */
     if (gst != KVS_OK) return gst;
     /* empty (no capacity once cleared): these cannot fail */
     kv_seq_clear(s->kv);
@@ -812,8 +831,6 @@ enum kvs_status kvs_seq_set_kv(kvs_context *c, kvs_sequence *s, const char *kv_s
 }
 
 enum kvs_status kvs_seq_keep_stats(kvs_context *c, kvs_sequence *s, bool on) {
-    enum kvs_status gst_ = on ? kvs_gpu_refuse(c, "keeping KV statistics") : KVS_OK;
-    if (gst_ != KVS_OK) return gst_;
     if (!c || !s || c->seqs[s->slot] != s)
         return kvs_fail(KVS_ERR_INVALID_ARG, "kvs_seq_keep_stats: the sequence does not belong "
                         "to this context");
@@ -830,6 +847,8 @@ enum kvs_status kvs_seq_keep_stats(kvs_context *c, kvs_sequence *s, bool on) {
     if (s->kv->with_acc != on) {
         kv_seq_clear(s->kv);
         kv_seq_set_acc(s->kv, on);
+        enum kvs_status st = gpu_slot_policy(c, s, &s->prof->spec, on);
+        if (st != KVS_OK) return st;
     }
     return KVS_OK;
 }
@@ -893,6 +912,19 @@ int64_t kvs_kv_bytes_bound(const kvs_context *c, const char *kv_spec, int n_toke
 uint64_t kvs_seq_kv_bytes(const kvs_sequence *s) {
     if (s->gpu) return cuda_seq_kv_bytes(s->gpu, s->slot);
     return kv_seq_payload_bytes(s->kv) + kv_seq_gate_bytes(s->kv);
+}
+
+uint64_t kvs_seq_payload_bytes(const kvs_sequence *s) {
+    if (!s->gpu) return kvs_seq_kv_bytes(s);
+    const struct kv_cache *kc = s->kv->owner;
+    uint64_t n = 0;
+    for (int il = 0; il < kc->n_layer; il++) n += (uint64_t)cuda_seq_layer_entries(s->gpu, s->slot, il);
+    return n * (uint64_t)kc->n_head_kv * kv_entry_payload_bytes(kc->head_dim);
+}
+
+void kvs_context_kv_peak_reset(kvs_context *c) {
+    if (c->gpu) cuda_kv_peak_reset(c->gpu);
+    else c->kv.bytes_peak = c->kv.bytes;
 }
 
 double kvs_seq_entries_per_head(const kvs_sequence *s) {

@@ -131,8 +131,22 @@ static inline uint64_t kv_spec_entry_bytes(const struct hparams *hp, const struc
 static inline enum kvs_status kvs_gpu_refuse(const struct kvs_context *c, const char *what) {
     if (!c->gpu) return KVS_OK;
     return kvs_fail(KVS_ERR_UNSUPPORTED, "%s is not available with --device cuda yet (the GPU "
-                    "backend runs the full cache and snapkv; the CPU runs every operation)", what);
+                    "backend runs the forward pass and the KV policies scored there; the CPU runs every "
+                    "operation)", what);
 }
+
+/* --device cuda (forward.c): plan the layers of GPU sequence s over budget + slack under policy
+ * p (spec sp; kv_policy_scored_elsewhere) as a sequence that has seen n_seen tokens, scoring on
+ * the device, and gather what is kept there (kvs_seq_compress: slack 0, s->n_past). */
+enum kvs_status kvs_gpu_plan(struct kvs_context *c, kvs_sequence *s, struct kv_policy *p, const struct kv_spec *sp,
+                             int32_t slack, int64_t n_seen);
+/* The bytes of s's entries as fp16 K/V (what the CPU store's kvs_seq_kv_bytes counts; on the
+ * GPU its entries, not the capacity or statistics the device allocates), for comparing methods
+ * across devices; and a context's high-water mark of KV bytes, reset to what it holds now. */
+uint64_t kvs_seq_payload_bytes(const kvs_sequence *s);
+void kvs_context_kv_peak_reset(struct kvs_context *c);
+/* The queries a GPU slot under sp keeps (engine.c). */
+int kvs_gpu_slot_qwin(const struct kvs_context *c, const struct kv_spec *sp);
 
 /* Release the shared prefix s started from (if any): s then holds only its own entries. */
 void kvs_seq_drop_prefix(kvs_sequence *s);

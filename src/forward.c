@@ -452,11 +452,15 @@ static enum kvs_status gate_layer(struct kvs_context *c, int il, const int32_t *
 static enum kvs_status gpu_compress(struct kvs_context *c, kvs_sequence *s, enum fwd_phase phase, int64_t n_seen) {
     const struct kv_profile *pr = s->prof;
     const struct kv_spec *sp = &pr->spec;
-    struct kv_policy *p = pr->policy;
-    if (!p || phase == FWD_HOLD || phase == FWD_RECOMPUTE) return KVS_OK;
+    if (!pr->policy || phase == FWD_HOLD || phase == FWD_RECOMPUTE) return KVS_OK;
     bool prompt = phase == FWD_PREFILL_LAST || (phase == FWD_PREFILL && (sp->when & KV_WHEN_CHUNK));
     int32_t slack = phase == FWD_DECODE ? (sp->every > 0 ? sp->every : -1) : prompt ? 0 : -1;
     if (slack < 0) return KVS_OK;
+    return kvs_gpu_plan(c, s, pr->policy, sp, slack, n_seen);
+}
+
+enum kvs_status kvs_gpu_plan(struct kvs_context *c, kvs_sequence *s, struct kv_policy *p, const struct kv_spec *sp,
+                             int32_t slack, int64_t n_seen) {
     const struct hparams *hp = &c->m->hp;
     int nl = hp->n_layer, nkv = hp->n_head_kv, lay[1024], n_lay = 0;
     for (int il = 0; il < nl; il++)

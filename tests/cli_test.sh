@@ -219,6 +219,12 @@ if [ -f "$model" ]; then
     check "eval unknown task" 2 "unknown task 'nope'" -- "$bin" eval sweep --tasks nope
     check "eval bad ratio" 2 "--ratios" -- "$bin" eval sweep --ratios 0,2
     check "eval bad method" 2 "unknown method 'bogus'" -- "$bin" eval sweep --methods full,bogus
+    check "eval bad device" 2 "--device is cpu or cuda, not 'gpu'" -- "$bin" eval sweep --device gpu
+    if grep -q "built without CUDA" <<<"$("$bin" run -m "$model" --device cuda -p hi -n 1 2>&1)"; then
+        # a method the GPU does not run is named and skipped; then the build's own refusal
+        check "eval device skip" 1 "skipping 'd2o' on --device cuda" -- "$bin" eval sweep -m "$model" --device cuda --out "$tmp/evc" --methods full,d2o --tasks none --ppl-tokens 256 --budgets 128 --no-report
+        check "eval device no cuda" 1 "built without CUDA; build it with .make cuda." -- "$bin" eval sweep -m "$model" --device cuda --out "$tmp/evc" --methods full --tasks none --ppl-tokens 256 --budgets 128 --no-report
+    fi
     check "eval too short" 2 "too short for task niah_multiquery" -- "$bin" eval sweep -m "$model" --out "$tmp/ev0" --tasks niah_multiquery --lengths 300 --ppl-tokens 0
     check "eval export" 0 "" -- bash -o pipefail -c "'$bin' eval tasks -m '$model' --tasks niah_single_1,vt --lengths 1024 --samples 2 --out - | python3 -c 'import json,sys; r=[json.loads(l) for l in sys.stdin]; assert len(r)==4 and all(x[\"outputs\"] and x[\"prompt_context\"] for x in r), r'"
     ev=(eval sweep -q -m "$model" --out "$tmp/ev" --methods full,snapkv,streaming+pos=abs+kivi:bits=4,resid=32 --ratios 0.5,0.25 --budgets 128 --ppl-tokens 256 --tasks niah_single_1,vt --lengths 1024 --samples 1 --speed-tokens 2)

@@ -20,6 +20,10 @@
 #   tools/cuda_device.sh variants NAME CTXS NP LABEL=BIN[:VAR=V,...]...   THERE: bench per binary and environment
 #   tools/cuda_device.sh profile NAME [NSKIP]     THERE: ncu per-kernel time and DRAM bytes of 460 decode launches
 #   tools/cuda_device.sh sanitize NAME            THERE: test_cuda under compute-sanitizer memcheck
+#   tools/cuda_device.sh sweep NAME [ARGS...]     THERE: `kvsieve eval sweep --device cuda` on /tmp/m/NAME.gguf
+#                                                 (ARGS: e.g. --profile large), data/austen carried with the
+#                                                 call (`carry: ["data/austen"]`: the machine reaches no
+#                                                 network); results, report and plots in $OUT/res.tgz
 #
 # Logs go to /tmp/res (and are tarred into $OUT/res.tgz by `bench` and `check`); each step prints
 # a short summary, so the tool's output tail holds the figures.
@@ -206,6 +210,20 @@ for k, a in sorted(agg.items(), key=lambda x: -x[1][1]):
           f"{a[2]/max(a[1],1):7.1f} GB/s {','.join(sorted(a[3]))[:40]:>40} {k}")
 print(f"total {tot/1e3:.1f} us over {len(per)} launches")
 EOF
+    pack_out
+    ;;
+sweep)
+    # sweep NAME [ARGS...]: the evaluation harness on the GPU, its wall time, report and results
+    m=$M/$2.gguf name=$2
+    shift 2
+    [ -d data/austen ] || echo "sweep: data/austen missing (carry it): the tasks that read the novels will fail"
+    t0=$(date +%s)
+    timeout "${SWEEP_S:-560}" $K/bin/kvsieve eval sweep --device cuda -m "$m" --data data/austen \
+        --out "$R/sweep-$name" "$@" > "$R/sweep-$name.log" 2>&1
+    rc=$?
+    echo "sweep $name: exit $rc after $(( $(date +%s) - t0 )) s"
+    tail -25 "$R/sweep-$name.log"
+    [ -f "$R/sweep-$name/report.md" ] && sed -n 1,60p "$R/sweep-$name/report.md"
     pack_out
     ;;
 sanitize)

@@ -69,6 +69,10 @@ static const char *EVAL_USAGE =
     "  --ppl-doc NAME   novel for perplexity (prideprejudice)\n"
     "  --speed-tokens N decode steps timed per method and length (16; 0 = skip)\n"
     "  -t, --threads N  worker threads (all cores)\n"
+    "  --device cpu|cuda where the model and the caches run (cpu). cuda (a `make cuda`\n"
+    "                   build, build/cuda/kvsieve): every context of the sweep on the GPU, the\n"
+    "                   methods it does not run skipped with a note; results go to DIR-cuda\n"
+    "                   unless --out is given, their runs keyed apart from the CPU's\n"
     "  --peer FILE      report: also read this results file (repeatable)\n"
     "  --no-report      sweep: skip the report at the end\n"
     "  -q, --quiet      no progress lines\n";
@@ -178,6 +182,11 @@ int eval_main(int argc, char **argv) {
         else if (!strcmp(a, "-m") || !strcmp(a, "--model")) cfg.model_path = v;
         else if (!strcmp(a, "--out")) { cfg.out_dir = v; out_file = v; }
         else if (!strcmp(a, "--data")) cfg.data_dir = v;
+        else if (!strcmp(a, "--device")) {
+            if (!strcmp(v, "cpu")) cfg.device = KVS_DEVICE_CPU;
+            else if (!strcmp(v, "cuda")) cfg.device = KVS_DEVICE_CUDA;
+            else return usage_err("--device is cpu or cuda, not '%s'", v);
+        }
         else if (!strcmp(a, "--ppl-doc")) cfg.ppl_doc = v;
         else if (!strcmp(a, "--peer")) {
             if (n_peers == 16) return usage_err("at most 16 %s files", "--peer");
@@ -265,6 +274,11 @@ int eval_main(int argc, char **argv) {
         return eval_export(&cfg, out_file);
     }
     if (is_ppl) cfg.n_tasks = 0;
+    static char out_cuda[1100];
+    if (cfg.device == KVS_DEVICE_CUDA && !out_file) { /* (the CPU's results stay apart) */
+        snprintf(out_cuda, sizeof out_cuda, "%s-cuda", cfg.out_dir);
+        cfg.out_dir = out_cuda;
+    }
     char git[128];
     git_rev(git, sizeof git);
     cfg.git = git;

@@ -1606,6 +1606,8 @@ extern "C" enum kvs_status cuda_forward(struct cuda_ctx *g, const int32_t *token
     return KVS_OK;
 }
 
+extern "C" void cuda_kv_peak_reset(struct cuda_ctx *g) { g->kv_peak = g->kv_bytes; }
+
 extern "C" uint64_t cuda_device_free_bytes(void) {
     size_t fr = 0, tot = 0;
     return cudaMemGetInfo(&fr, &tot) == cudaSuccess ? fr : 0;
@@ -1619,13 +1621,15 @@ extern "C" int cuda_prof_read(const struct cuda_ctx *g, const char **names, doub
     return PR_N < max ? PR_N : max;
 }
 
-extern "C" enum kvs_status cuda_seq_copy(struct cuda_ctx *g, int dst, int src) {
-    if (dst == src) return KVS_OK;
+extern "C" enum kvs_status cuda_seq_copy(struct cuda_ctx *g, int dst, const struct cuda_ctx *gs, int src) {
+    if (g == gs && dst == src) return KVS_OK;
+    if (g->dev != gs->dev || g->n_layer != gs->n_layer || g->nkv != gs->nkv || g->hd != gs->hd || g->nh != gs->nh)
+        return kvs_fail(KVS_ERR_INVALID_ARG, "cuda: a copy between contexts of different models or devices");
     cuda_seq_clear(g, dst);
-    const dseq *s = &g->h_seqs[src];
-    const hseq *hs = &g->hs[src];
+    const dseq *s = &gs->h_seqs[src];
+    const hseq *hs = &gs->hs[src];
     if (s->cap == 0) return KVS_OK;
-    enum kvs_status st = seq_reserve(g, dst, s->cap); /* (dst is empty: nothing moved) */
+    enum kvs_status st = seq_reserve(g, dst, s->n); /* (dst is empty: nothing moved) */
     if (st == KVS_OK) st = seq_ring(g, dst);
     if (st != KVS_OK) return st;
     dseq *d = &g->h_seqs[dst];
@@ -1645,8 +1649,8 @@ extern "C" enum kvs_status cuda_seq_copy(struct cuda_ctx *g, int dst, int src) {
     }
     hd_->shift = hs->shift;
     CK(cudaStreamSynchronize(g->st), "K/V copy");
-    memcpy(lens_of(g, dst), lens_of(g, src), sizeof(int32_t) * g->n_layer);
-    const int32_t *ln = lens_of(g, src);
+    const int32_t *ln = gs->h_lens + (size_t)src * gs->n_layer;
+    memcpy(lens_of(g, dst), ln, sizeof(int32_t) * g->n_layer);
     if (hd_->pos) /* a source without positions holds the full cache: entry i is position i */
         for (size_t r = 0; r < rows; r++) {
             int32_t *o = hd_->pos + r * hd_->pcap, n = ln[r / g->nkv];

@@ -109,6 +109,8 @@ enum kvs_status cuda_seq_key_sq(struct cuda_ctx *g, int slot, int n_layers, cons
 enum kvs_status cuda_seq_compact(struct cuda_ctx *g, int slot, const int32_t *const *keep, const int32_t *n_keep,
                                  int kstride, bool reindex);
 
+/* The KV caches' high-water mark back to what they hold now. */
+void cuda_kv_peak_reset(struct cuda_ctx *g);
 /* Free device memory now (cudaMemGetInfo), for tests of the byte accounting; 0 on error. */
 uint64_t cuda_device_free_bytes(void);
 /* Decode steps of up to 32 tokens replay a CUDA graph (on by default; KVS_CUDA_GRAPHS=0 in the
@@ -118,8 +120,11 @@ void cuda_use_graphs(struct cuda_ctx *g, bool on);
  * events between groups of launches (graphs off); the seconds each group has taken so far, up to
  * max groups, their names beside; returns how many (0: profiling off). */
 int cuda_prof_read(const struct cuda_ctx *g, const char **names, double *secs, int max);
-/* Make slot dst a copy of slot src (its entries; dst's old content is dropped). */
-enum kvs_status cuda_seq_copy(struct cuda_ctx *g, int dst, int src);
+/* Make slot dst of g a copy of slot src of gs (g itself, or a context of the same model on the
+ * same device): its entries, positions, RoPE shift, and the query window and accumulated
+ * attention where dst keeps them as src does (acc that src lacks starts at 0); dst's old content
+ * is dropped. */
+enum kvs_status cuda_seq_copy(struct cuda_ctx *g, int dst, const struct cuda_ctx *gs, int src);
 /* The device's memory bandwidth in GB/s: the best of 5 device-to-device copies of 1 GiB,
  * counting each byte read and written (-1 when the buffers do not fit). */
 double cuda_bandwidth_gb_s(struct cuda_ctx *g);

@@ -35,11 +35,12 @@ enum kvs_status cuda_forward(struct cuda_ctx *g, const int32_t *tokens, const in
     (void)g, (void)tokens, (void)pos, (void)slot, (void)T, (void)out_rows, (void)n_out, (void)logits;
     return no_cuda();
 }
-enum kvs_status cuda_seq_copy(struct cuda_ctx *g, int dst, int src) {
-    (void)g, (void)dst, (void)src;
+enum kvs_status cuda_seq_copy(struct cuda_ctx *g, int dst, const struct cuda_ctx *gs, int src) {
+    (void)g, (void)dst, (void)gs, (void)src;
     return no_cuda();
 }
 uint64_t cuda_device_free_bytes(void) { return 0; }
+void cuda_kv_peak_reset(struct cuda_ctx *g) { (void)g; }
 void cuda_use_graphs(struct cuda_ctx *g, bool on) { (void)g, (void)on; }
 int cuda_prof_read(const struct cuda_ctx *g, const char **names, double *secs, int max) {
     (void)g, (void)names, (void)secs, (void)max;

@@ -186,7 +186,7 @@ static void keyset_free(struct keyset *ks) {
 /* run keys hold no quote or backslash: JSON-safe as they are */
 static void make_key(char *out, size_t n, const char *sha, const char *kind, const char *task,
                      int length, uint64_t seed, int sample, const char *spec, const char *mode) {
-    snprintf(out, n, "%.12s|%s|%s|%d|%llu|%d|%s|%s", sha, kind, task, length,
+    snprintf(out, n, "%s|%s|%s|%d|%llu|%d|%s|%s", sha, kind, task, length,
              (unsigned long long)seed, sample, spec, mode);
     for (char *p = out; *p; p++)
         if (*p == '"' || *p == '\\' || (unsigned char)*p < 0x20) *p = '_';
@@ -224,7 +224,9 @@ struct sweep {
     kvs_model *m;
     struct kvs_model_info info;
     char sha[80];
+    char key_sha[32];     /* runs' keys: sha's first 12 characters, "@cuda" after on the GPU */
     char model_name[256]; /* the file's base name without .gguf */
+    char device[128];     /* "cpu", or the GPU's name */
     FILE *out;
     struct keyset done;
     struct eval_prompt *fp; /* --tasks-file: its prompts (n_fp), in file order */
@@ -281,6 +283,8 @@ static void write_rec(struct sweep *sw, const struct rec *r) {
             (unsigned long long)r->kv_bytes_full);
     put_num(f, "prefill_tok_s", r->prefill_tok_s);
     put_num(f, "decode_tok_s", r->decode_tok_s);
+    fputs(",\"device\":", f);
+    eval_json_str(f, sw->device);
     fputs(",\"git\":", f);
     eval_json_str(f, sw->cfg->git ? sw->cfg->git : "unknown");
     fprintf(f, ",\"threads\":%d,\"time\":\"%s\"}\n", sw->n_threads, tbuf);
@@ -391,12 +395,13 @@ static int run_ppl(struct sweep *sw, int n_threads) {
             else snprintf(r->spec, sizeof r->spec, "%s", r->method);
             int e = check_spec(r->spec, false);
             if (e) { free(toks); return e; }
-            make_key(key, sizeof key, sw->sha, "ppl", cfg->ppl_doc, n_tok, 0, 0, r->spec, chunk_mode);
+            make_key(key, sizeof key, sw->key_sha, "ppl", cfg->ppl_doc, n_tok, 0, 0, r->spec, chunk_mode);
             if (!keyset_has(&sw->done, key)) n_runs++;
         }
     if (n_runs == 0) { free(toks); return 0; }
     int n_vocab = sw->info.n_vocab, nb = cfg->n_batch;
     struct kvs_context_params cp = kvs_context_params_default();
+    cp.device = sw->cfg->device;
     cp.n_ctx = n_tok + 8;
     cp.n_threads = n_threads;
     cp.n_batch = nb;
@@ -411,6 +416,7 @@ static int run_ppl(struct sweep *sw, int n_threads) {
         rc = fail("context");
         goto out;
     }
+    snprintf(sw->device, sizeof sw->device, "%s", kvs_context_device_name(cfull));
     for (int i = 0; i < n_runs; i++) {
         struct spec_run *r = &runs[i];
         cp.kv_spec = r->spec;
@@ -466,13 +472,13 @@ static int run_ppl(struct sweep *sw, int n_threads) {
         struct spec_run *r = &runs[i];
         struct kvs_mem_stats ms;
         kvs_context_mem(r->ctx, &ms);
-        make_key(key, sizeof key, sw->sha, "ppl", cfg->ppl_doc, n_tok, 0, 0, r->spec, chunk_mode);
+        make_key(key, sizeof key, sw->key_sha, "ppl", cfg->ppl_doc, n_tok, 0, 0, r->spec, chunk_mode);
         struct rec rr = {.key = key, .kind = "ppl", .method = r->method, .spec = r->spec,
                          .mode = "chunk", .task = "ppl", .family = "ppl",
                          .ratio = NAN, .budget = r->budget, .length = n_tok, .score = NAN,
                          .ppl = exp(r->nll / (double)r->n_scored),
                          .kl = r->kl / (double)r->n_scored, .n_tokens = r->n_scored,
-                         .kv_bytes = kvs_seq_kv_bytes(r->seq), .kv_bytes_peak = ms.kv_bytes_peak,
+                         .kv_bytes = kvs_seq_payload_bytes(r->seq), .kv_bytes_peak = ms.kv_bytes_peak,
                          .kv_bytes_full = msf.kv_bytes_peak,
                          .prefill_tok_s = n_tok / r->t_eval, .decode_tok_s = NAN};
         write_rec(sw, &rr);
@@ -603,8 +609,8 @@ static int tasks_corpus(const struct eval_config *cfg, struct eval_corpus *corpu
 /* the run key of one prompt (generated or from the tasks file) */
 static void prompt_key(const struct sweep *sw, const struct eval_prompt *p, const char *spec,
                        const char *mode, char *out, size_t n) {
-    if (sw->fp) make_file_key(out, n, sw->sha, p, spec, mode);
-    else make_key(out, n, sw->sha, "task", p->task, p->length, p->seed, p->sample, spec, mode);
+    if (sw->fp) make_file_key(out, n, sw->key_sha, p, spec, mode);
+    else make_key(out, n, sw->key_sha, "task", p->task, p->length, p->seed, p->sample, spec, mode);
 }
 
 /* tokens a tasks-file prompt may take, answer included; its length when larger */
@@ -703,7 +709,7 @@ static int run_tasks(struct sweep *sw, int n_threads) {
         int si = pi % cfg->samples;
         for (int r = 0; r < n_runs && !todo[pi]; r++)
             for (int md = 0; md < nm && !todo[pi]; md++) {
-                make_key(key, sizeof key, sw->sha, "task", cfg->tasks[ti], cfg->lengths[li], cfg->seed,
+                make_key(key, sizeof key, sw->key_sha, "task", cfg->tasks[ti], cfg->lengths[li], cfg->seed,
                          si, runs[r].spec, MODE_NAME[modes[md]]);
                 if (!keyset_has(&sw->done, key)) todo[pi] = true;
             }
@@ -716,6 +722,7 @@ static int run_tasks(struct sweep *sw, int n_threads) {
 
     int n_vocab = sw->info.n_vocab;
     struct kvs_context_params cp = kvs_context_params_default();
+    cp.device = sw->cfg->device;
     cp.n_ctx = max_len + 256;
     cp.n_threads = n_threads;
     cp.n_batch = cfg->n_batch;
@@ -728,7 +735,9 @@ static int run_tasks(struct sweep *sw, int n_threads) {
     float *logits = malloc((size_t)64 * n_vocab * sizeof(float));
     float *logits_b = malloc((size_t)n_vocab * sizeof(float));
     if (!logits || !logits_b || !forks) { rc = fail("out of memory"); goto out; }
-    if (kvs_context_new(sw->m, &cp, &ctx) != KVS_OK || kvs_seq_new(ctx, &A) != KVS_OK ||
+    if (kvs_context_new(sw->m, &cp, &ctx) == KVS_OK)
+        snprintf(sw->device, sizeof sw->device, "%s", kvs_context_device_name(ctx));
+    if (!ctx || kvs_seq_new(ctx, &A) != KVS_OK ||
         kvs_seq_new(ctx, &B) != KVS_OK) { rc = fail("context"); goto out; }
     struct kvs_context_params pp = cp;
     pp.n_seq_max = 1;
@@ -786,7 +795,7 @@ static int run_tasks(struct sweep *sw, int n_threads) {
             }
         }
         double t_q = now_s() - t;
-        uint64_t full_bytes = kvs_seq_kv_bytes(B);
+        uint64_t full_bytes = kvs_seq_payload_bytes(B);
         /* 2. forks */
         int nf = 0;
         for (int r = 0; r < n_runs && rc == 0; r++)
@@ -805,7 +814,7 @@ static int run_tasks(struct sweep *sw, int n_threads) {
                     f->ctx = runs[r].ctx;
                     f->s = runs[r].seq;
                     kvs_seq_reset(f->ctx, f->s);
-                    f->ctx->kv.bytes_peak = f->ctx->kv.bytes; /* this run's own high-water mark */
+                    kvs_context_kv_peak_reset(f->ctx); /* this run's own high-water mark */
                     int n_all = p.n_tok_context + p.n_tok_question;
                     int32_t *all = malloc((size_t)n_all * sizeof *all);
                     if (!all) { rc = fail("out of memory"); break; }
@@ -819,7 +828,7 @@ static int run_tasks(struct sweep *sw, int n_threads) {
                     }
                     free(all);
                     if (st != KVS_OK) { rc = fail(runs[r].spec); break; }
-                    f->kv_bytes = kvs_seq_kv_bytes(f->s);
+                    f->kv_bytes = kvs_seq_payload_bytes(f->s);
                     f->t_prefill = now_s() - t;
                     fork_accept(sw->m, &p, f, argmax(logits, n_vocab));
                     /* decode now, alone (its sequence is reused by the next mode); its speed is
@@ -829,7 +838,9 @@ static int run_tasks(struct sweep *sw, int n_threads) {
                     if (!f->done && decode_batch(sw, f->ctx, &p, f, 1, logits)) { rc = 1; break; }
                     t_dec = now_s() - t_dec;
                     f->decode_tok_s = f->n_gen > g0 ? (f->n_gen - g0) / t_dec : NAN;
-                    f->kv_peak = f->ctx->kv.bytes_peak; /* everything it allocated, statistics too */
+                    struct kvs_mem_stats fm;
+                    kvs_context_mem(f->ctx, &fm);
+                    f->kv_peak = fm.kv_bytes_peak; /* everything it allocated, statistics too */
                     continue;
                 }
                 f->ctx = ctx;
@@ -838,7 +849,7 @@ static int run_tasks(struct sweep *sw, int n_threads) {
                 if (kvs_seq_copy(ctx, f->s, ctx, src) != KVS_OK ||
                     kvs_seq_compress(ctx, f->s, runs[r].spec) != KVS_OK) { rc = fail(runs[r].spec); break; }
                 if (f->mode == MODE_AWARE) {
-                    f->kv_bytes = kvs_seq_kv_bytes(f->s);
+                    f->kv_bytes = kvs_seq_payload_bytes(f->s);
                     f->t_prefill = t_ctx + t_q + (now_s() - t);
                     if (cfg->speed_tokens > 0 && runs[r].speed_len != len && md == nm - 1) {
                         /* aware only: probe here (with both modes the agnostic fork does) */
@@ -852,7 +863,7 @@ static int run_tasks(struct sweep *sw, int n_threads) {
                         rc = fail(runs[r].spec);
                         break;
                     }
-                    f->kv_bytes = kvs_seq_kv_bytes(f->s);
+                    f->kv_bytes = kvs_seq_payload_bytes(f->s);
                     f->t_prefill = t_ctx + (now_s() - t);
                     /* decode speed of this method at this length, alone in a plain context */
                     if (cfg->speed_tokens > 0 && runs[r].speed_len != len) {
@@ -1003,7 +1014,26 @@ int eval_export(const struct eval_config *cfg, const char *path) {
     return rc;
 }
 
-int eval_sweep(const struct eval_config *cfg) {
+/* On the GPU, the methods it runs (kvs_kv_runs_on); each other one skipped with a note. */
+static void device_methods(const struct eval_config *cfg, struct eval_config *out) {
+    *out = *cfg;
+    if (cfg->device == KVS_DEVICE_CPU) return;
+    out->n_methods = 0;
+    for (int i = 0; i < cfg->n_methods; i++) {
+        char spec[300];
+        snprintf(spec, sizeof spec, is_full(cfg->methods[i]) ? "%s" : "%s+ratio=0.5", cfg->methods[i]);
+        if (kvs_kv_runs_on(spec, cfg->device)) out->methods[out->n_methods++] = cfg->methods[i];
+        else
+            fprintf(stderr, "eval: skipping '%s' on --device cuda (the GPU runs the full cache, snapkv, h2o, tova, "
+                    "streaming, knorm and random, uniform or pyramid budgets, without merging or packed storage)\n",
+                    cfg->methods[i]);
+    }
+}
+
+int eval_sweep(const struct eval_config *cfg_in) {
+    struct eval_config dcfg;
+    device_methods(cfg_in, &dcfg);
+    const struct eval_config *cfg = &dcfg;
     struct sweep sw;
     struct eval_prompt *fp;
     int n_fp;
@@ -1023,6 +1053,8 @@ int eval_sweep(const struct eval_config *cfg) {
     }
     if (cfg->progress) fprintf(stderr, "eval: sha256 of %s ...\n", cfg->model_path);
     model_id(&sw, cfg->model_path, sw.sha, sizeof sw.sha);
+    snprintf(sw.key_sha, sizeof sw.key_sha, "%.12s%s", sw.sha, cfg->device == KVS_DEVICE_CUDA ? "@cuda" : "");
+    snprintf(sw.device, sizeof sw.device, "%s", cfg->device == KVS_DEVICE_CUDA ? "cuda" : "cpu");
     char path[1200];
     snprintf(path, sizeof path, "%s/results.jsonl", cfg->out_dir);
     keyset_load(&sw.done, path);

@@ -43,6 +43,8 @@ struct eval_config {
     int ppl_tokens;           /* 0 = no perplexity runs */
     const char *ppl_doc;      /* novel name, e.g. prideprejudice */
     int n_threads, n_batch;
+    int device;               /* KVS_DEVICE_CPU or KVS_DEVICE_CUDA (methods the GPU does not run are
+                               * skipped, with a note) */
     int speed_tokens;         /* decode steps timed per method at each length (0 = none) */
     bool progress;            /* progress lines with ETA on stderr */
     bool report;              /* write report.md, CSV and plots at the end */
