@@ -849,47 +849,61 @@ __global__ void k_att_combine(const float *part, const int *nsp, const int *poff
     }
 }
 
+enum { ACC_T = 128 /* entries a block of k_acc holds at a time = its threads */ };
+
+/* k_acc's shared memory: the token's queries and (M, L), then the block's keys (rows of hd/2 + 4
+ * words, as k_attn stages them) */
+static size_t acc_smem(int grp, int hd) {
+    return (((size_t)grp * hd + 2 * (size_t)grp + 3) & ~(size_t)3) * sizeof(float) + (size_t)ACC_T * (hd / 2 + 4) * 4;
+}
+
 /* H2O's accumulated attention: for run r of the pass (a slot's tokens, in rank order: run_tok
  * from run_first[r], run_len[r] of them; 0: no run) whose slot keeps acc, KV head h, and entry
  * j, adds each token's probability of j (e^{s - M} / L with the combine's M and L, s its scaled
  * score as k_attn computes it), divided by the group size, for every query head of the group in
- * order and every token of the run that sees j (j < lens + rank + 1), in rank order: a
- * thread an entry, its sum in a register from acc[j] on, so the result depends on the slot's own
- * tokens alone (not on its batch) and each token adds as the CPU's unit does */
-__global__ void k_acc(const float *q, const float *ml, const int *run_first, const int *run_len, const int *run_tok,
-                      const int *lens, const int *slot, const dseq *seqs, int layer, int n_layer, int nh, int nkv,
-                      int hd, float scale) {
-    extern __shared__ float qa[]; /* (g, hd) the token's queries, then (g, 2) its M and L */
-    int r = blockIdx.x, h = blockIdx.y, nr = run_len[r];
+ * order and every token of the run that sees j (j < lens + rank + 1), in rank order: a thread an
+ * entry (the block's keys staged in shared memory once for all the run's tokens), its sum in a
+ * register from acc[j] on, so the result depends on the slot's own tokens alone (not on its
+ * batch) and each token adds as the CPU's unit does */
+__global__ void __launch_bounds__(ACC_T) k_acc(const float *q, const float *ml, const int *run_first, const int *run_len,
+                                               const int *run_tok, const int *lens, const int *slot, const dseq *seqs,
+                                               int layer, int n_layer, int nh, int nkv, int hd, float scale) {
+    extern __shared__ float qa[]; /* (g, hd) the token's queries, then (g, 2) its M and L; then the keys */
+    int r = blockIdx.x, h = blockIdx.y, nr = run_len[r], tid = threadIdx.x;
     if (nr == 0) return;
     const int *toks = run_tok + run_first[r];
     int sl = slot[toks[0]];
     dseq sq = seqs[sl];
     if (!sq.acc) return;
     int g = nh / nkv, base = lens[sl * n_layer + layer], nmax = base + nr;
+    const int kw = hd / 2 + 4, wpr = hd / 8;
+    uint32_t *Ks = (uint32_t *)(qa + ((g * hd + 2 * g + 3) & ~3));
     const __half *K = sq.k + ((size_t)layer * nkv + h) * sq.cap * hd;
     float *A = sq.acc + ((size_t)layer * nkv + h) * sq.cap;
     float inv_g = 1.0f / (float)g;
-    for (int c0 = blockIdx.z * blockDim.x; c0 < nmax; c0 += gridDim.z * blockDim.x) {
-        int j = c0 + threadIdx.x;
+    for (int c0 = blockIdx.z * ACC_T; c0 < nmax; c0 += gridDim.z * ACC_T) {
+        int j = c0 + tid, n = nmax - c0 < ACC_T ? nmax - c0 : ACC_T;
         float a = j < nmax ? A[j] : 0.0f;
+        __syncthreads(); /* (the previous chunk's keys are read) */
+        const uint4 *Kg = (const uint4 *)(K + (size_t)c0 * hd);
+        for (int i = tid; i < n * wpr; i += ACC_T) *(uint4 *)(Ks + (i / wpr) * kw + (i % wpr) * 4) = Kg[i];
         for (int k = 0; k < nr; k++) {
             int t = toks[k];
             __syncthreads();
-            for (int i = threadIdx.x; i < g * hd; i += blockDim.x) qa[i] = q[(size_t)t * nh * hd + (size_t)h * g * hd + i];
-            for (int i = threadIdx.x; i < 2 * g; i += blockDim.x) qa[g * hd + i] = ml[((size_t)t * nh + (size_t)h * g) * 2 + i];
+            for (int i = tid; i < g * hd; i += ACC_T) qa[i] = q[(size_t)t * nh * hd + (size_t)h * g * hd + i];
+            for (int i = tid; i < 2 * g; i += ACC_T) qa[g * hd + i] = ml[((size_t)t * nh + (size_t)h * g) * 2 + i];
             __syncthreads();
             if (j >= base + k + 1) continue; /* not seen by this token */
             float sc[MAXG];
 #pragma unroll
             for (int qi = 0; qi < MAXG; qi++) sc[qi] = 0.0f;
-            const uint4 *kr = (const uint4 *)(K + (size_t)j * hd);
+            const uint4 *kr = (const uint4 *)(Ks + tid * kw);
             for (int c = 0; c < hd / 8; c++) qk8<MAXG>(kr[c], qa, hd, c, g, sc); /* k_attn's sums */
 #pragma unroll
             for (int qi = 0; qi < MAXG; qi++)
                 if (qi < g) {
                     float M = qa[g * hd + 2 * qi], L = qa[g * hd + 2 * qi + 1];
-                    if (L > 0.0f) a = __fadd_rn(a, __fdiv_rn(__expf(sc[qi] * scale - M), L) * inv_g);
+                    if (L > 0.0f) a = __fadd_rn(a, __fdiv_rn(__expf(__fsub_rn(__fmul_rn(sc[qi], scale), M)), L) * inv_g);
                 }
         }
         if (j < nmax) A[j] = a;
@@ -1051,6 +1065,8 @@ extern "C" enum kvs_status cuda_ctx_new(const struct cuda_model_desc *m, int n_c
     g->attn = attn_kernel(m->head_dim, m->n_head / m->n_head_kv);
     CK(cudaFuncSetAttribute(g->attn, cudaFuncAttributeMaxDynamicSharedMemorySize,
                             (int)attn_smem(m->n_head / m->n_head_kv, m->head_dim)), "k_attn shared memory");
+    CK(cudaFuncSetAttribute(k_acc, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                            (int)acc_smem(m->n_head / m->n_head_kv, m->head_dim)), "k_acc shared memory");
     enum kvs_status st;
     char nm[64];
     if ((st = up_weight(g, &m->tok_embd, &g->tok_embd, "token_embd")) != KVS_OK) return st;
@@ -1124,7 +1140,7 @@ extern "C" void cuda_ctx_free(struct cuda_ctx *g) {
     if (!g) return;
     for (int i = 0; i < g->n_seq && g->h_seqs; i++) cuda_seq_clear(g, i);
     for (int i = 0; i < g->n_allocs; i++) cudaFree(g->allocs[i]);
-    float *bufs[] = {g->x, g->xn, g->q, g->k, g->v, g->gate, g->up, g->part, g->logits};
+    float *bufs[] = {g->x, g->xn, g->q, g->k, g->v, g->gate, g->up, g->part, g->logits, g->ml};
     for (size_t i = 0; i < sizeof bufs / sizeof *bufs; i++) cudaFree(bufs[i]);
     cudaFree(g->d_meta);
     cudaFree(g->d_seqs);
@@ -1203,12 +1219,12 @@ extern "C" void cuda_seq_clear(struct cuda_ctx *g, int slot) {
 }
 
 extern "C" enum kvs_status cuda_seq_set_policy(struct cuda_ctx *g, int slot, int qwin, bool positions, bool acc) {
-    cuda_seq_clear(g, slot);
-    dseq *s = &g->h_seqs[slot];
-    hseq *h = &g->hs[slot];
     if (qwin < 0 || qwin > QWIN_MAX)
         return kvs_fail(KVS_ERR_INVALID_ARG, "cuda: a query window of %d tokens (the GPU keeps at most %d)", qwin,
                         QWIN_MAX);
+    cuda_seq_clear(g, slot);
+    dseq *s = &g->h_seqs[slot];
+    hseq *h = &g->hs[slot];
     free(h->pos), free(h->q_pos);
     *h = (hseq){};
     s->qwin = qwin, s->acc_on = acc;
@@ -1305,7 +1321,7 @@ static enum kvs_status seq_move(cuda_ctx *g, int slot, int cap, const int32_t *d
                                 const int32_t *n_new) {
     dseq *s = &g->h_seqs[slot];
     size_t rows = (size_t)g->n_layer * g->nkv, hb = (size_t)g->hd * sizeof(__half);
-    __half *nk, *nv;
+    __half *nk = NULL, *nv = NULL;
     float *na = NULL;
     if (cudaMalloc(&nk, rows * cap * hb) != cudaSuccess)
         return kvs_fail(KVS_ERR_NOMEM, "cuda: out of GPU memory for a K/V cache of %d tokens", cap);
@@ -1331,6 +1347,8 @@ static enum kvs_status seq_move(cuda_ctx *g, int slot, int cap, const int32_t *d
         if (e == cudaSuccess) e = cudaGetLastError();
         if (e == cudaSuccess) e = cudaStreamSynchronize(g->st);
     }
+    if (e == cudaSuccess && na && !s->acc) /* (entries without a statistic yet: nothing received) */
+        e = cudaMemsetAsync(na, 0, rows * cap * sizeof(float), g->st);
     if (e != cudaSuccess) {
         cudaFree(nk), cudaFree(nv), cudaFree(na);
         return cuda_error(e, "moving a K/V cache");
@@ -1404,7 +1422,7 @@ static void prof_collect(cuda_ctx *g) {
     g->npev = 0;
 }
 
-static void enqueue(cuda_ctx *g, int T, int n_out, int ns_grid, bool acc, float *logits_dst) {
+static void enqueue(cuda_ctx *g, int T, int n_out, int ns_grid, int acc_x, int acc_z, float *logits_dst) {
     cudaStream_t st = g->st;
     g->npev = 0; /* (a pass that failed left its events uncollected) */
     mark(g, PR_EMBED); /* the start: the metadata upload counts as the embedding's */
@@ -1438,10 +1456,10 @@ static void enqueue(cuda_ctx *g, int T, int n_out, int ns_grid, bool acc, float 
                                                             il, g->n_layer, g->nh, g->nkv, g->hd, scale, g->part);
         mark(g, PR_ATTN);
         k_att_combine<<<dim3(T, g->nh), g->hd < 128 ? g->hd : 128, 0, st>>>(g->part, d_nsp, d_poff, g->nh,
-                                                                             g->nkv, g->hd, g->xn, acc ? g->ml : NULL);
+                                                                             g->nkv, g->hd, g->xn, acc_x ? g->ml : NULL);
         mark(g, PR_COMBINE);
-        if (acc) { /* H2O's statistic, for the runs of slots that keep it (entries strided over the grid) */
-            k_acc<<<dim3(T, g->nkv, MAX_SPLIT), 128, ((size_t)grp * g->hd + 2 * grp) * sizeof(float), st>>>(
+        if (acc_x) { /* H2O's statistic, for the runs of slots that keep it (entries strided over the grid) */
+            k_acc<<<dim3(acc_x, g->nkv, acc_z), ACC_T, acc_smem(grp, g->hd), st>>>(
                 g->q, g->ml, d_run_first, d_run_len, d_run_tok, d_lens, d_slot, g->d_seqs, il, g->n_layer, g->nh,
                 g->nkv, g->hd, scale);
             mark(g, PR_ACC);
@@ -1516,6 +1534,11 @@ extern "C" enum kvs_status cuda_forward(struct cuda_ctx *g, const int32_t *token
         run_first[r] = o, o += run_len[r];
     }
     for (int t = 0; t < T; t++) run_tok[run_first[g->h_run[slot[t]]] + rank[t]] = t;
+    int acc_z = 1; /* k_acc's blocks a (run, head) outside graphs: enough for the longest run's entries */
+    for (int t = 0; t < T; t++) {
+        int z = (g->h_seqs[slot[t]].n + g->h_count[slot[t]] + ACC_T - 1) / ACC_T;
+        if (g->h_seqs[slot[t]].acc_on && z > acc_z) acc_z = z > MAX_SPLIT ? MAX_SPLIT : z;
+    }
     memcpy(hm, tokens, (size_t)T * 4);
     for (int t = 0; t < T; t++) hm[g->t_max + t] = pos[t] - g->hs[slot[t]].shift; /* (RoPE's positions) */
     memcpy(hm + 2 * g->t_max, slot, (size_t)T * 4);
@@ -1561,7 +1584,7 @@ extern "C" enum kvs_status cuda_forward(struct cuda_ctx *g, const int32_t *token
             cudaGraph_t gr = NULL;
             cudaError_t e = cudaStreamBeginCapture(st, cudaStreamCaptureModeThreadLocal);
             if (e == cudaSuccess) {
-                enqueue(g, T, n_out, MAX_SPLIT, acc, g->h_logits);
+                enqueue(g, T, n_out, MAX_SPLIT, acc ? T : 0, MAX_SPLIT, g->h_logits); /* (any T runs, any length) */
                 e = cudaStreamEndCapture(st, &gr);
             }
             if (e == cudaSuccess) e = cudaGraphInstantiate(ex, gr, 0);
@@ -1575,7 +1598,7 @@ extern "C" enum kvs_status cuda_forward(struct cuda_ctx *g, const int32_t *token
         CK(cudaStreamSynchronize(st), "forward");
         memcpy(logits, g->h_logits, (size_t)n_out * g->nv * 4);
     } else {
-        enqueue(g, T, n_out, ns_max, acc, logits);
+        enqueue(g, T, n_out, ns_max, acc ? n_runs : 0, acc_z, logits);
         CK(cudaGetLastError(), "kernel launch");
         CK(cudaStreamSynchronize(st), "forward");
         prof_collect(g);
