@@ -31,7 +31,9 @@
  */
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
+#include <cublas_v2.h> /* (types only: the library is opened at run time, when asked for) */
 #include <climits>
+#include <dlfcn.h>
 #include <math.h>
 #include <stdarg.h>
 #include <stdio.h>
@@ -534,12 +536,93 @@ struct dweight { const uint8_t *d; int type; int rows, cols; size_t rb; };
  * pass: a decode step), so a sequence's results never depend on what else is in the batch.
  * With w2 (gate w and up w2 of one type and shape): y = silu(x w^T) * (x w2^T), the tiled
  * tokens' up products going through y2 (rows as y's) first. */
-/* stage: the fewest blocks a staged GEMV launch must have to be used (the device's SM count, so
- * that its larger blocks still fill the device; INT_MAX: never, KVS_CUDA_STAGE=0 in the
- * environment, the same bits either way, for comparing their speed) */
+/* cuBLAS for prompt chunks (KVS_CUDA_PREFILL=sgemm: fp32 products; tf32: tensor cores on
+ * TF32-rounded inputs; tiles, the default: k_gemm), opened at run time so that the binary needs
+ * no cuBLAS unless asked. A weight matrix is dequantised to fp32 rows, the chunk's activation rows
+ * gathered, one GEMM (two for gate and up), the result scattered back (added for the residual
+ * products, SwiGLU for gate and up). The GEMM's order of sums depends on the chunk's size, so
+ * unlike the tiles a prompt token's bits then depend on the other prompt tokens of its pass. */
+struct blas {
+    void *lib;
+    cublasHandle_t h;
+    cublasComputeType_t compute;
+    cublasStatus_t (*gemm)(cublasHandle_t, cublasOperation_t, cublasOperation_t, int, int, int, const void *,
+                           const void *, cudaDataType, int, const void *, cudaDataType, int, const void *, void *,
+                           cudaDataType, int, cublasComputeType_t, cublasGemmAlgo_t);
+    cublasStatus_t (*destroy)(cublasHandle_t);
+};
+
+/* how launch_mm runs a product: stage, the fewest blocks a staged GEMV launch must have to be
+ * used (the device's SM count, so that its larger blocks still fill the device; INT_MAX: never,
+ * KVS_CUDA_STAGE=0 in the environment, the same bits either way, for comparing their speed);
+ * b (NULL: the tiles) and its scratch: wf (wf_cap floats) a dequantised matrix, xg, yg, yg2
+ * (t_max rows of mm_cols / mm_rows floats) */
+struct mm_cfg {
+    int stage;
+    const blas *b;
+    float *wf, *xg, *yg, *yg2;
+    size_t wf_cap;
+};
+
+/* rows of W (GGUF blocks, the planes layout) as fp32, a block a row */
+template <int TYPE>
+__global__ void k_deq_rows(const uint8_t *W, size_t rb, int cols, float *out) {
+    const uint8_t *row = W + (size_t)blockIdx.x * rb;
+    for (int u = threadIdx.x; u < cols / 32; u += blockDim.x)
+#pragma unroll
+        for (int p = 0; p < 4; p++) {
+            float w[8];
+            deq8_scaled<TYPE>(row, cols, u, p, w);
+#pragma unroll
+            for (int i = 0; i < 8; i++) out[(size_t)blockIdx.x * cols + u * 32 + p * 8 + i] = w[i];
+        }
+}
+
+/* xg (T, cols) = rows tix[0..T) of x */
+__global__ void k_gather_rows(const float *x, int ldx, const int *tix, int cols, float *xg) {
+    const float *src = x + (size_t)tix[blockIdx.x] * ldx;
+    for (int c = threadIdx.x; c < cols; c += blockDim.x) xg[(size_t)blockIdx.x * cols + c] = src[c];
+}
+
+/* rows tix[0..T) of y (ldy) from yg (T, rows): set, added (add), or silu(yg) * yg2 (yg2) */
+__global__ void k_scatter_rows(float *y, int ldy, const int *tix, int rows, const float *yg, const float *yg2,
+                               int add) {
+    float *dst = y + (size_t)tix[blockIdx.x] * ldy;
+    const float *a = yg + (size_t)blockIdx.x * rows, *b = yg2 ? yg2 + (size_t)blockIdx.x * rows : NULL;
+    for (int r = threadIdx.x; r < rows; r += blockDim.x) {
+        float v = b ? silu_mul(a[r], b[r]) : a[r];
+        dst[r] = add ? dst[r] + v : v;
+    }
+}
+
+/* the tiled tokens' product through cuBLAS: false (nothing done) when it does not apply */
+template <int TYPE>
+static bool blas_mm(const dweight *w, const dweight *w2, const float *x, int ldx, const int *tix, int nt, float *y,
+                    int ldy, int add, cudaStream_t st, const mm_cfg *mc) {
+    const blas *b = mc->b;
+    if (!b || nt < 16 || (size_t)w->rows * w->cols > mc->wf_cap) return false;
+    const float one = 1.0f, zero = 0.0f;
+    k_gather_rows<<<nt, 256, 0, st>>>(x, ldx, tix, w->cols, mc->xg);
+    k_deq_rows<TYPE><<<w->rows, 64, 0, st>>>(w->d, w->rb, w->cols, mc->wf);
+    /* column-major: yg^T (rows, nt) = W^T' (W's rows as columns, transposed) . xg^T (cols, nt) */
+    bool ok = b->gemm(b->h, CUBLAS_OP_T, CUBLAS_OP_N, w->rows, nt, w->cols, &one, mc->wf, CUDA_R_32F, w->cols, mc->xg,
+                      CUDA_R_32F, w->cols, &zero, mc->yg, CUDA_R_32F, w->rows, b->compute, CUBLAS_GEMM_DEFAULT) ==
+              CUBLAS_STATUS_SUCCESS;
+    if (ok && w2) {
+        k_deq_rows<TYPE><<<w2->rows, 64, 0, st>>>(w2->d, w2->rb, w2->cols, mc->wf);
+        ok = b->gemm(b->h, CUBLAS_OP_T, CUBLAS_OP_N, w2->rows, nt, w2->cols, &one, mc->wf, CUDA_R_32F, w2->cols, mc->xg,
+                     CUDA_R_32F, w2->cols, &zero, mc->yg2, CUDA_R_32F, w2->rows, b->compute, CUBLAS_GEMM_DEFAULT) ==
+             CUBLAS_STATUS_SUCCESS;
+    }
+    if (!ok) return false; /* (the tiles then compute it: the same product) */
+    k_scatter_rows<<<nt, 256, 0, st>>>(y, ldy, tix, w->rows, mc->yg, w2 ? mc->yg2 : NULL, add);
+    return true;
+}
+
 template <int TYPE>
 static void launch_mm(const dweight *w, const dweight *w2, const float *x, int ldx, const int *tix, int n_lone,
-                      int n, float *y, int ldy, int add, float *y2, cudaStream_t st, int stage) {
+                      int n, float *y, int ldy, int add, float *y2, cudaStream_t st, const mm_cfg *mc) {
+    int stage = mc->stage;
     int ks = gemv_split(w->cols), per = GV_WARPS / ks * (w2 ? 1 : GR), blocks = (w->rows + per - 1) / per;
     const uint8_t *d2 = w2 ? w2->d : NULL;
     for (int t0 = 0, nt; t0 < n_lone; t0 += nt) {
@@ -563,7 +646,7 @@ static void launch_mm(const dweight *w, const dweight *w2, const float *x, int l
 #undef GV
         }
     }
-    if (n > n_lone) {
+    if (n > n_lone && !blas_mm<TYPE>(w, w2, x, ldx, tix + n_lone, n - n_lone, y, ldy, add, st, mc)) {
         int nt = n - n_lone;
         dim3 grid((w->rows + GT - 1) / GT, (nt + GT - 1) / GT);
         k_gemm<TYPE><<<grid, 256, 0, st>>>(w->d, w->rb, w->rows, w->cols, x, ldx, tix + n_lone, nt, y, ldy, add);
@@ -577,17 +660,17 @@ static void launch_mm(const dweight *w, const dweight *w2, const float *x, int l
 }
 
 static void matmul2(const dweight *w, const dweight *w2, const float *x, int ldx, const int *tix, int n_lone,
-                    int n, float *y, int ldy, int add, float *y2, cudaStream_t st, int stage) {
+                    int n, float *y, int ldy, int add, float *y2, cudaStream_t st, const mm_cfg *mc) {
     switch (w->type) {
-#define MM(t) case t: launch_mm<t>(w, w2, x, ldx, tix, n_lone, n, y, ldy, add, y2, st, stage); break;
+#define MM(t) case t: launch_mm<t>(w, w2, x, ldx, tix, n_lone, n, y, ldy, add, y2, st, mc); break;
     MM(T_F32) MM(T_F16) MM(T_BF16) MM(T_Q4_0) MM(T_Q4_1) MM(T_Q5_0) MM(T_Q5_1) MM(T_Q8_0) MM(T_Q4_K) MM(T_Q6_K)
 #undef MM
     }
 }
 
 static void matmul(const dweight *w, const float *x, int ldx, const int *tix, int n_lone, int n, float *y,
-                   int ldy, cudaStream_t st, int stage, int add = 0) {
-    matmul2(w, NULL, x, ldx, tix, n_lone, n, y, ldy, add, NULL, st, stage);
+                   int ldy, cudaStream_t st, const mm_cfg *mc, int add = 0) {
+    matmul2(w, NULL, x, ldx, tix, n_lone, n, y, ldy, add, NULL, st, mc);
 }
 
 static void embed(const dweight *w, const int32_t *tok, int T, float *x, cudaStream_t st) {
@@ -948,7 +1031,8 @@ struct cuda_ctx {
     float *x, *xn, *q, *k, *v, *gate, *up, *part, *logits;
     int part_rows;             /* (token, split) rows att_part holds */
     float *ml;                 /* (t_max, nh, 2) the combine's M and L, for k_acc */
-    int stage;                 /* launch_mm's: fewest blocks of a staged GEMV (the SM count) */
+    mm_cfg mm;                 /* how launch_mm runs products (staged GEMV, cuBLAS for prompts) */
+    blas bl;                   /* cuBLAS when KVS_CUDA_PREFILL asks for it (bl.lib NULL: not) */
     int *h_run;                /* (n_seq) a slot's run index in this pass (-1: none) */
     int32_t *d_meta;           /* tok, pos, slot, rows, splits, first partial row, token order
                                 * (lone tokens first), logits-row order per chunk, rank among its
@@ -1032,6 +1116,71 @@ static enum kvs_status dev_alloc(cuda_ctx *g, void *pp, size_t bytes, const char
 
 /* d_meta / h_meta: META arrays of t_max, then (n_seq, n_layer) lengths */
 static size_t meta_bytes(const cuda_ctx *g) { return ((size_t)g->t_max * META + (size_t)g->n_seq * g->n_layer) * 4; }
+
+/* cuBLAS opened from KVS_CUBLAS (a path), else libcublas.so.13 as the loader finds it, else in
+ * the CUDA toolkit's lib64; a handle on stream st */
+static enum kvs_status blas_load(blas *b, bool tf32, cudaStream_t st) {
+    const char *env = getenv("KVS_CUBLAS"), *tries[] = {env, "libcublas.so.13", "/usr/local/cuda/lib64/libcublas.so.13",
+                                                        "libcublas.so"};
+    char why[256] = "";
+    for (size_t i = 0; i < sizeof tries / sizeof *tries && !b->lib; i++)
+        if (tries[i] && *tries[i] && !(b->lib = dlopen(tries[i], RTLD_NOW | RTLD_LOCAL)))
+            snprintf(why, sizeof why, "%s", dlerror());
+    if (!b->lib)
+        return kvs_fail(KVS_ERR_UNSUPPORTED, "KVS_CUDA_PREFILL: cannot open cuBLAS (%s; KVS_CUBLAS=PATH names the "
+                        "library)", why);
+    typedef cublasStatus_t (*create_fn)(cublasHandle_t *);
+    typedef cublasStatus_t (*stream_fn)(cublasHandle_t, cudaStream_t);
+    create_fn create = (create_fn)dlsym(b->lib, "cublasCreate_v2");
+    stream_fn set_stream = (stream_fn)dlsym(b->lib, "cublasSetStream_v2");
+    b->gemm = (decltype(b->gemm))dlsym(b->lib, "cublasGemmEx");
+    b->destroy = (decltype(b->destroy))dlsym(b->lib, "cublasDestroy_v2");
+    if (!create || !set_stream || !b->gemm || !b->destroy)
+        return kvs_fail(KVS_ERR_UNSUPPORTED, "KVS_CUDA_PREFILL: the cuBLAS library lacks cublasGemmEx");
+    if (create(&b->h) != CUBLAS_STATUS_SUCCESS) {
+        b->h = NULL;
+        return kvs_fail(KVS_ERR_UNSUPPORTED, "KVS_CUDA_PREFILL: cublasCreate failed");
+    }
+    if (set_stream(b->h, st) != CUBLAS_STATUS_SUCCESS)
+        return kvs_fail(KVS_ERR_UNSUPPORTED, "KVS_CUDA_PREFILL: cublasSetStream failed");
+    b->compute = tf32 ? CUBLAS_COMPUTE_32F_FAST_TF32 : CUBLAS_COMPUTE_32F;
+    return KVS_OK;
+}
+
+static void blas_close(blas *b) {
+    if (b->h && b->destroy) b->destroy(b->h);
+    if (b->lib) dlclose(b->lib);
+    *b = (blas){};
+}
+
+/* KVS_CUDA_PREFILL=sgemm|tf32: cuBLAS and its scratch for prompt chunks of up to t_max tokens */
+static enum kvs_status blas_open(cuda_ctx *g, const cuda_model_desc *m, int t_max) {
+    const char *pe = getenv("KVS_CUDA_PREFILL");
+    if (!pe || !*pe || !strcmp(pe, "tiles")) return KVS_OK;
+    bool tf32 = !strcmp(pe, "tf32");
+    if (!tf32 && strcmp(pe, "sgemm"))
+        return kvs_fail(KVS_ERR_INVALID_ARG, "KVS_CUDA_PREFILL is tiles, sgemm or tf32, not '%s'", pe);
+    enum kvs_status st = blas_load(&g->bl, tf32, g->st);
+    if (st != KVS_OK) return st;
+    size_t wmax = 0, cmax = 0, rmax = 0; /* the layers' matrices (the output matrix keeps the tiles) */
+    for (int il = 0; il < m->n_layer; il++) {
+        const cuda_layer_desc *L = &m->layers[il];
+        const cuda_w *ws[] = {&L->wq, &L->wk, &L->wv, &L->wo, &L->w_gate, &L->w_up, &L->w_down};
+        for (size_t i = 0; i < sizeof ws / sizeof *ws; i++) {
+            size_t r = (size_t)ws[i]->n_rows, c = (size_t)ws[i]->n_cols;
+            wmax = r * c > wmax ? r * c : wmax, rmax = r > rmax ? r : rmax, cmax = c > cmax ? c : cmax;
+        }
+    }
+    if ((st = dev_alloc(g, &g->mm.wf, wmax * 4, "cuBLAS scratch")) != KVS_OK ||
+        (st = dev_alloc(g, &g->mm.xg, (size_t)t_max * cmax * 4, "cuBLAS scratch")) != KVS_OK ||
+        (st = dev_alloc(g, &g->mm.yg, (size_t)t_max * rmax * 4, "cuBLAS scratch")) != KVS_OK ||
+        (st = dev_alloc(g, &g->mm.yg2, (size_t)t_max * rmax * 4, "cuBLAS scratch")) != KVS_OK)
+        return st;
+    g->mm.b = &g->bl, g->mm.wf_cap = wmax;
+    size_t L = strlen(g->name);
+    snprintf(g->name + L, sizeof g->name - L, ", prompts by cuBLAS %s", tf32 ? "TF32" : "FP32");
+    return KVS_OK;
+}
 
 extern "C" enum kvs_status cuda_ctx_new(const struct cuda_model_desc *m, int n_ctx, int t_max, int n_seq,
                                         struct cuda_ctx **out) {
@@ -1122,7 +1271,8 @@ extern "C" enum kvs_status cuda_ctx_new(const struct cuda_model_desc *m, int n_c
     const char *ge = getenv("KVS_CUDA_GRAPHS"), *pe = getenv("KVS_CUDA_PROFILE");
     g->graphs = !(ge && !strcmp(ge, "0"));
     const char *se = getenv("KVS_CUDA_STAGE");
-    g->stage = se && !strcmp(se, "0") ? INT_MAX : pr.multiProcessorCount > 0 ? pr.multiProcessorCount : 132;
+    g->mm.stage = se && !strcmp(se, "0") ? INT_MAX : pr.multiProcessorCount > 0 ? pr.multiProcessorCount : 132;
+    if ((st = blas_open(g, m, T)) != KVS_OK) return st;
     if (pe && strcmp(pe, "0") && *pe) { /* events between the launch groups; graphs off */
         g->graphs = false;
         g->pev_cap = 8 + g->n_layer * 11 + t_max / LOGIT_ROWS + 2;
@@ -1140,7 +1290,8 @@ extern "C" void cuda_ctx_free(struct cuda_ctx *g) {
     if (!g) return;
     for (int i = 0; i < g->n_seq && g->h_seqs; i++) cuda_seq_clear(g, i);
     for (int i = 0; i < g->n_allocs; i++) cudaFree(g->allocs[i]);
-    float *bufs[] = {g->x, g->xn, g->q, g->k, g->v, g->gate, g->up, g->part, g->logits, g->ml};
+    float *bufs[] = {g->x, g->xn, g->q, g->k, g->v, g->gate, g->up, g->part, g->logits, g->ml,
+                     g->mm.wf, g->mm.xg, g->mm.yg, g->mm.yg2};
     for (size_t i = 0; i < sizeof bufs / sizeof *bufs; i++) cudaFree(bufs[i]);
     cudaFree(g->d_meta);
     cudaFree(g->d_seqs);
@@ -1164,6 +1315,7 @@ extern "C" void cuda_ctx_free(struct cuda_ctx *g) {
         for (int j = 0; j <= GRAPH_T; j++)
             for (int a = 0; a < 2; a++)
                 if (g->gexec[a][i][j]) cudaGraphExecDestroy(g->gexec[a][i][j]);
+    blas_close(&g->bl);
     if (g->st) cudaStreamDestroy(g->st);
     free(g->L);
     free(g->allocs);
@@ -1444,9 +1596,9 @@ static void enqueue(cuda_ctx *g, int T, int n_out, int ns_grid, int acc_x, int a
         const dlayer *l = &g->L[il];
         k_rmsnorm<<<T, 256, 0, st>>>(g->x, NULL, l->attn_norm, g->xn, d, g->eps);
         mark(g, PR_NORM);
-        matmul(&l->wq, g->xn, d, d_tix, nl, T, g->q, nq, st, g->stage);
-        matmul(&l->wk, g->xn, d, d_tix, nl, T, g->k, nk, st, g->stage);
-        matmul(&l->wv, g->xn, d, d_tix, nl, T, g->v, nk, st, g->stage);
+        matmul(&l->wq, g->xn, d, d_tix, nl, T, g->q, nq, st, &g->mm);
+        matmul(&l->wk, g->xn, d, d_tix, nl, T, g->k, nk, st, &g->mm);
+        matmul(&l->wv, g->xn, d, d_tix, nl, T, g->v, nk, st, &g->mm);
         mark(g, PR_MM_QKV);
         k_qkv_post<<<dim3(T, g->nh + g->nkv), 64, 0, st>>>(g->q, g->k, g->v, l->bq, l->bk, l->bv, d_pos, d_slot,
                                                            d_rank, d_qix, d_lens, g->d_seqs, il, g->n_layer,
@@ -1464,26 +1616,26 @@ static void enqueue(cuda_ctx *g, int T, int n_out, int ns_grid, int acc_x, int a
                 g->nkv, g->hd, scale);
             mark(g, PR_ACC);
         }
-        matmul(&l->wo, g->xn, nq, d_tix, nl, T, g->x, d, st, g->stage, 1); /* the residual added by the product */
+        matmul(&l->wo, g->xn, nq, d_tix, nl, T, g->x, d, st, &g->mm, 1); /* the residual added by the product */
         mark(g, PR_MM_O);
         k_rmsnorm<<<T, 256, 0, st>>>(g->x, NULL, l->ffn_norm, g->xn, d, g->eps);
         mark(g, PR_NORM);
         if (l->wg.type == l->wu.type && l->wg.rows == l->wu.rows && l->wg.rb == l->wu.rb) {
-            matmul2(&l->wg, &l->wu, g->xn, d, d_tix, nl, T, g->gate, ff, 0, g->up, st, g->stage); /* + SwiGLU */
+            matmul2(&l->wg, &l->wu, g->xn, d, d_tix, nl, T, g->gate, ff, 0, g->up, st, &g->mm); /* + SwiGLU */
         } else {
-            matmul(&l->wg, g->xn, d, d_tix, nl, T, g->gate, ff, st, g->stage);
-            matmul(&l->wu, g->xn, d, d_tix, nl, T, g->up, ff, st, g->stage);
+            matmul(&l->wg, g->xn, d, d_tix, nl, T, g->gate, ff, st, &g->mm);
+            matmul(&l->wu, g->xn, d, d_tix, nl, T, g->up, ff, st, &g->mm);
             size_t nf = (size_t)T * ff;
             k_swiglu<<<(unsigned)((nf + 255) / 256), 256, 0, st>>>(g->gate, g->up, ff, d_tix, nf);
         }
         mark(g, PR_MM_UP);
-        matmul(&l->wd, g->gate, ff, d_tix, nl, T, g->x, d, st, g->stage, 1);
+        matmul(&l->wd, g->gate, ff, d_tix, nl, T, g->x, d, st, &g->mm, 1);
         mark(g, PR_MM_DOWN);
     }
     for (int r0 = 0; r0 < n_out; r0 += LOGIT_ROWS) {
         int nr = n_out - r0 < LOGIT_ROWS ? n_out - r0 : LOGIT_ROWS;
         k_rmsnorm<<<nr, 256, 0, st>>>(g->x, d_rows + r0, g->out_norm, g->xn, d, g->eps);
-        matmul(&g->output, g->xn, d, d_oix + r0, g->h_olone[r0 / LOGIT_ROWS], nr, g->logits, g->nv, st, g->stage);
+        matmul(&g->output, g->xn, d, d_oix + r0, g->h_olone[r0 / LOGIT_ROWS], nr, g->logits, g->nv, st, &g->mm);
         cudaMemcpyAsync(logits_dst + (size_t)r0 * g->nv, g->logits, (size_t)nr * g->nv * 4,
                         cudaMemcpyDeviceToHost, st);
     }
@@ -2098,11 +2250,31 @@ extern "C" enum kvs_status cuda_test_matmul(int type, const void *W, size_t row_
     if (e == cudaSuccess) e = cudaMalloc(&dt, (size_t)T * sizeof(int));
     if (e == cudaSuccess) e = cudaMemcpy(dt, ht, (size_t)T * sizeof(int), cudaMemcpyHostToDevice);
     if (e == cudaSuccess) e = cudaMemcpy(dx, x, (size_t)T * n_cols * 4, cudaMemcpyHostToDevice);
-    if (e == cudaSuccess) {
-        matmul(&dw, dx, (int)n_cols, dt, n_lone, T, dy, (int)n_rows, 0, 1); /* (8 lone tokens or more: staged) */
+    /* 8 lone tokens or more: the staged GEMV; KVS_CUDA_PREFILL=sgemm|tf32: the prompt rows by cuBLAS */
+    mm_cfg mc = {1, NULL, NULL, NULL, NULL, NULL, 0};
+    blas bl = {};
+    const char *pe = getenv("KVS_CUDA_PREFILL");
+    if (e == cudaSuccess && pe && (!strcmp(pe, "sgemm") || !strcmp(pe, "tf32"))) {
+        s = blas_load(&bl, !strcmp(pe, "tf32"), 0);
+        if (s == KVS_OK) {
+            mc.b = &bl, mc.wf_cap = (size_t)n_rows * n_cols;
+            e = cudaMalloc(&mc.wf, mc.wf_cap * 4);
+            if (e == cudaSuccess) e = cudaMalloc(&mc.xg, (size_t)T * n_cols * 4);
+            if (e == cudaSuccess) e = cudaMalloc(&mc.yg, (size_t)T * n_rows * 4);
+            if (e == cudaSuccess) e = cudaMalloc(&mc.yg2, (size_t)T * n_rows * 4);
+        }
+    }
+    if (e == cudaSuccess && s == KVS_OK) {
+        matmul(&dw, dx, (int)n_cols, dt, n_lone, T, dy, (int)n_rows, 0, &mc);
         e = cudaGetLastError();
     }
-    if (e == cudaSuccess) e = cudaMemcpy(y, dy, (size_t)T * n_rows * 4, cudaMemcpyDeviceToHost);
+    if (e == cudaSuccess && s == KVS_OK) e = cudaMemcpy(y, dy, (size_t)T * n_rows * 4, cudaMemcpyDeviceToHost);
+    cudaFree(mc.wf), cudaFree(mc.xg), cudaFree(mc.yg), cudaFree(mc.yg2);
+    blas_close(&bl);
+    if (s != KVS_OK) {
+        cudaFree(dx), cudaFree(dy), cudaFree(dt), free(ht), cudaFree(allocs[0]);
+        return s;
+    }
     cudaFree(dx);
     cudaFree(dy);
     cudaFree(dt);
