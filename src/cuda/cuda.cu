@@ -267,18 +267,22 @@ HD void deq8_scaled(const uint8_t *row, int cols, int u, int p, float *w) {
 
 /* ---- small kernels ----------------------------------------------------------------------- */
 
+/* one row of cols elements (GGUF blocks, the planes layout) as fp32 into out, by the block's threads */
 template <int TYPE>
-__global__ void k_embed(const uint8_t *E, size_t rb, int d, const int32_t *tok, float *x) {
-    int t = blockIdx.x;
-    const uint8_t *row = E + (size_t)tok[t] * rb;
-    for (int u = threadIdx.x; u < d / 32; u += blockDim.x)
+__device__ __forceinline__ void deq_row(const uint8_t *row, int cols, float *out) {
+    for (int u = threadIdx.x; u < cols / 32; u += blockDim.x)
 #pragma unroll
         for (int p = 0; p < 4; p++) {
             float w[8];
-            deq8_scaled<TYPE>(row, d, u, p, w);
+            deq8_scaled<TYPE>(row, cols, u, p, w);
 #pragma unroll
-            for (int i = 0; i < 8; i++) x[(size_t)t * d + u * 32 + p * 8 + i] = w[i];
+            for (int i = 0; i < 8; i++) out[u * 32 + p * 8 + i] = w[i];
         }
+}
+
+template <int TYPE>
+__global__ void k_embed(const uint8_t *E, size_t rb, int d, const int32_t *tok, float *x) {
+    deq_row<TYPE>(E + (size_t)tok[blockIdx.x] * rb, d, x + (size_t)blockIdx.x * d);
 }
 
 __device__ __forceinline__ float warp_sum(float v) {
@@ -567,15 +571,7 @@ struct mm_cfg {
 /* rows of W (GGUF blocks, the planes layout) as fp32, a block a row */
 template <int TYPE>
 __global__ void k_deq_rows(const uint8_t *W, size_t rb, int cols, float *out) {
-    const uint8_t *row = W + (size_t)blockIdx.x * rb;
-    for (int u = threadIdx.x; u < cols / 32; u += blockDim.x)
-#pragma unroll
-        for (int p = 0; p < 4; p++) {
-            float w[8];
-            deq8_scaled<TYPE>(row, cols, u, p, w);
-#pragma unroll
-            for (int i = 0; i < 8; i++) out[(size_t)blockIdx.x * cols + u * 32 + p * 8 + i] = w[i];
-        }
+    deq_row<TYPE>(W + (size_t)blockIdx.x * rb, cols, out + (size_t)blockIdx.x * cols);
 }
 
 /* xg (T, cols) = rows tix[0..T) of x */
