@@ -13,6 +13,9 @@ static enum kvs_status gpu_compress_now(kvs_context *c, kvs_sequence *s, const s
         return kvs_fail(KVS_ERR_UNSUPPORTED, "compressing a sequence with '%s' is not available with --device cuda "
                         "(see kvs_kv_runs_on)", spec->text);
     unsigned needs = kv_policy_needs(spec);
+    if (s->n_past > 0 && !cuda_seq_positions(c->gpu, s->slot, 0, 0))
+        return kvs_fail(KVS_ERR_INVALID_ARG, "compressing with '%s' reads the entries' positions, which this "
+                        "sequence does not keep (create its context with keep_stats)", spec->text);
     if ((needs & KV_NEED_ACC) && !s->kv->with_acc)
         return kvs_fail(KVS_ERR_INVALID_ARG, "'%s' needs accumulated attention, which this sequence does not keep "
                         "(create its context with keep_stats)", spec->text);

@@ -693,7 +693,11 @@ enum kvs_status kvs_seq_copy(kvs_context *cd, kvs_sequence *dst, const kvs_conte
                             src->n_past, dst->prof->max_past);
         if (src->prefix) return kvs_gpu_refuse(cd, "copying a sequence with a shared prefix");
         enum kvs_status st = cuda_seq_copy(cd->gpu, dst->slot, cs->gpu, src->slot);
-        if (st != KVS_OK) return st;
+        if (st != KVS_OK) { /* (dst was cleared first: it is empty) */
+            dst->n_past = 0;
+            dst->pos_shift = 0;
+            return st == KVS_ERR_CONTEXT_FULL ? kvs_fail(KVS_ERR_INVALID_ARG, "%s", kvs_last_error()) : st;
+        }
         dst->n_past = src->n_past;
         dst->pos_shift = src->pos_shift; /* (streaming pos=cache: the RoPE shift the entries have) */
         dst->kv->pin = src->kv->pin; /* (the pinned positions, as kv_seq_copy keeps them) */

@@ -660,6 +660,12 @@ static void test_fork(const int32_t *tok, int n) {
         CHECKF(ov == 1.0 && most == 128 && same == 8 && psame == 8, "%s", specs[i]);
         kvs_context_free(dc);
     }
+    /* the plain context keeps no positions: compressing its copy, or copying it back into a slot
+     * that keeps them, is refused (its entry i is no longer position i) */
+    CHECK(kvs_seq_compress(plain, P, "streaming:budget=64") == KVS_ERR_INVALID_ARG);
+    CHECK(kvs_seq_copy(kc, F, plain, P) == KVS_ERR_INVALID_ARG && kvs_seq_n_past(F) == 0);
+    printf("a compressed copy without positions: compressing it or copying it into a slot with positions refused "
+           "('%s')\n", kvs_last_error());
     free(la), free(lb), free(lc);
     kvs_context_free(kc);
     kvs_context_free(plain);

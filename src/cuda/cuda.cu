@@ -1006,6 +1006,8 @@ struct hseq {
     int pcap;
     int q_n, q_next;           /* queries in the ring (at most qwin), the ring index written next */
     int32_t shift;             /* RoPE position = position - shift (streaming pos=cache) */
+    bool compacted;            /* entries were dropped (here or in the slot it was copied from): entry i
+                                * is then not position i */
     int32_t *q_pos;            /* (qwin) position of the query at each ring index */
 };
 
@@ -1210,8 +1212,9 @@ extern "C" enum kvs_status cuda_ctx_new(const struct cuda_model_desc *m, int n_c
     g->attn = attn_kernel(m->head_dim, m->n_head / m->n_head_kv);
     CK(cudaFuncSetAttribute(g->attn, cudaFuncAttributeMaxDynamicSharedMemorySize,
                             (int)attn_smem(m->n_head / m->n_head_kv, m->head_dim)), "k_attn shared memory");
-    CK(cudaFuncSetAttribute(k_acc, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                            (int)acc_smem(m->n_head / m->n_head_kv, m->head_dim)), "k_acc shared memory");
+    /* (a setting of the kernel, not of the context: the most any model here may ask) */
+    CK(cudaFuncSetAttribute(k_acc, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)acc_smem(MAXG, 256)),
+       "k_acc shared memory");
     enum kvs_status st;
     char nm[64];
     if ((st = up_weight(g, &m->tok_embd, &g->tok_embd, "token_embd")) != KVS_OK) return st;
@@ -1361,7 +1364,7 @@ extern "C" void cuda_seq_clear(struct cuda_ctx *g, int slot) {
     *s = (dseq){};
     s->qwin = qwin, s->acc_on = acc_on;
     hseq *h = &g->hs[slot];
-    h->q_n = h->q_next = 0, h->shift = 0;
+    h->q_n = h->q_next = 0, h->shift = 0, h->compacted = false;
     memset(lens_of(g, slot), 0, sizeof(int32_t) * g->n_layer);
     put_slot(g, slot);
 }
@@ -1796,9 +1799,12 @@ extern "C" enum kvs_status cuda_seq_copy(struct cuda_ctx *g, int dst, const stru
     if (g == gs && dst == src) return KVS_OK;
     if (g->dev != gs->dev || g->n_layer != gs->n_layer || g->nkv != gs->nkv || g->hd != gs->hd || g->nh != gs->nh)
         return kvs_fail(KVS_ERR_INVALID_ARG, "cuda: a copy between contexts of different models or devices");
-    cuda_seq_clear(g, dst);
     const dseq *s = &gs->h_seqs[src];
     const hseq *hs = &gs->hs[src];
+    cuda_seq_clear(g, dst); /* (on any error below, dst is left empty) */
+    if (g->hs[dst].pos && !hs->pos && hs->compacted)
+        return kvs_fail(KVS_ERR_INVALID_ARG, "cuda: the source's entries have dropped some positions and it does not "
+                        "keep them; the target needs them (copy from a sequence under a policy or with statistics)");
     if (s->cap == 0) return KVS_OK;
     enum kvs_status st = seq_reserve(g, dst, s->n); /* (dst is empty: nothing moved) */
     if (st == KVS_OK) st = seq_ring(g, dst);
@@ -1813,16 +1819,22 @@ extern "C" enum kvs_status cuda_seq_copy(struct cuda_ctx *g, int dst, const stru
                              cudaMemcpyDeviceToDevice, g->st), "accumulated attention copy");
     else if (d->acc) /* a source that kept none: every entry starts at nothing received */
         CK(cudaMemsetAsync(d->acc, 0, acc_bytes(g, d), g->st), "accumulated attention copy");
-    if (d->qr && s->qr && d->qwin == s->qwin) {
-        CK(cudaMemcpyAsync(d->qr, s->qr, ring_bytes(g, s), cudaMemcpyDeviceToDevice, g->st), "query copy");
-        memcpy(hd_->q_pos, hs->q_pos, sizeof(int32_t) * s->qwin);
-        hd_->q_n = hs->q_n, hd_->q_next = hs->q_next;
+    if (d->qr && s->qr) { /* the newest queries dst's window holds, oldest first from ring index 0 */
+        int m = hs->q_n < d->qwin ? hs->q_n : d->qwin;
+        size_t qb = (size_t)g->nh * g->hd * sizeof(float);
+        for (int k = 0; k < m; k++) {
+            int i = ((hs->q_next - m + k) % s->qwin + s->qwin) % s->qwin;
+            CK(cudaMemcpy2DAsync(d->qr + (size_t)k * g->nh * g->hd, d->qwin * qb, s->qr + (size_t)i * g->nh * g->hd,
+                                 s->qwin * qb, qb, (size_t)g->n_layer, cudaMemcpyDeviceToDevice, g->st), "query copy");
+            hd_->q_pos[k] = hs->q_pos[i];
+        }
+        hd_->q_n = m, hd_->q_next = m % d->qwin;
     }
-    hd_->shift = hs->shift;
+    hd_->shift = hs->shift, hd_->compacted = hs->compacted;
     CK(cudaStreamSynchronize(g->st), "K/V copy");
     const int32_t *ln = gs->h_lens + (size_t)src * gs->n_layer;
     memcpy(lens_of(g, dst), ln, sizeof(int32_t) * g->n_layer);
-    if (hd_->pos) /* a source without positions holds the full cache: entry i is position i */
+    if (hd_->pos) /* a source without positions that never dropped any: entry i is position i */
         for (size_t r = 0; r < rows; r++) {
             int32_t *o = hd_->pos + r * hd_->pcap, n = ln[r / g->nkv];
             if (hs->pos) memcpy(o, hs->pos + r * hs->pcap, sizeof(int32_t) * n);
@@ -2168,6 +2180,7 @@ extern "C" enum kvs_status cuda_seq_compact(struct cuda_ctx *g, int slot, const 
     }
     if (st == KVS_OK) {
         s->n = nmax;
+        for (int l = 0; l < g->n_layer; l++) h->compacted = h->compacted || n_keep[l] < ln[l];
         if (h->pos)
             for (size_t r = 0; r < rows; r++) {
                 int32_t *p = h->pos + r * h->pcap;

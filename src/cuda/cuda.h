@@ -121,9 +121,10 @@ void cuda_use_graphs(struct cuda_ctx *g, bool on);
  * max groups, their names beside; returns how many (0: profiling off). */
 int cuda_prof_read(const struct cuda_ctx *g, const char **names, double *secs, int max);
 /* Make slot dst of g a copy of slot src of gs (g itself, or a context of the same model on the
- * same device): its entries, positions, RoPE shift, and the query window and accumulated
- * attention where dst keeps them as src does (acc that src lacks starts at 0); dst's old content
- * is dropped. */
+ * same device): its entries, positions, RoPE shift, the newest queries dst's window holds, and
+ * accumulated attention where dst keeps it (acc that src lacks starts at 0); dst's old content is
+ * dropped, and on an error dst is empty. A dst that tracks positions refuses a src that does not
+ * and has dropped entries (its positions are lost). */
 enum kvs_status cuda_seq_copy(struct cuda_ctx *g, int dst, const struct cuda_ctx *gs, int src);
 /* The device's memory bandwidth in GB/s: the best of 5 device-to-device copies of 1 GiB,
  * counting each byte read and written (-1 when the buffers do not fit). */

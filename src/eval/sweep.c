@@ -245,7 +245,8 @@ static void write_rec(struct sweep *sw, const struct rec *r) {
     char tbuf[32];
     time_t t = time(NULL);
     strftime(tbuf, sizeof tbuf, "%Y-%m-%dT%H:%M:%SZ", gmtime(&t));
-    fputs("{\"system\":\"kvsieve\",\"run\":", f);
+    /* (on the GPU its own system, so a report that reads CPU and GPU results keeps them apart) */
+    fprintf(f, "{\"system\":\"%s\",\"run\":", sw->cfg->device == KVS_DEVICE_CUDA ? "kvsieve-cuda" : "kvsieve");
     eval_json_str(f, r->key);
     fprintf(f, ",\"kind\":\"%s\",\"model\":", r->kind);
     eval_json_str(f, sw->model_name);
@@ -1034,6 +1035,10 @@ int eval_sweep(const struct eval_config *cfg_in) {
     struct eval_config dcfg;
     device_methods(cfg_in, &dcfg);
     const struct eval_config *cfg = &dcfg;
+    if (cfg->n_methods == 0 && cfg_in->n_methods > 0) {
+        fprintf(stderr, "kvsieve eval: none of the methods runs on --device cuda\n");
+        return 2;
+    }
     struct sweep sw;
     struct eval_prompt *fp;
     int n_fp;
