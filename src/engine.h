@@ -140,9 +140,10 @@ static inline enum kvs_status kvs_gpu_refuse(const struct kvs_context *c, const 
  * the device, and gather what is kept there (kvs_seq_compress: slack 0, s->n_past). */
 enum kvs_status kvs_gpu_plan(struct kvs_context *c, kvs_sequence *s, struct kv_policy *p, const struct kv_spec *sp,
                              int32_t slack, int64_t n_seen);
-/* The bytes of s's entries as fp16 K/V (what the CPU store's kvs_seq_kv_bytes counts; on the
- * GPU its entries, not the capacity or statistics the device allocates), for comparing methods
- * across devices; and a context's high-water mark of KV bytes, reset to what it holds now. */
+/* The bytes of s's entries (on the CPU kvs_seq_kv_bytes, which counts the store's capacity; on
+ * the GPU its entries at the CPU store's price per entry, not the capacity or statistics the
+ * device allocates), for comparing methods across devices; and a context's high-water mark of KV
+ * bytes, reset to what it holds now. */
 uint64_t kvs_seq_payload_bytes(const kvs_sequence *s);
 void kvs_context_kv_peak_reset(struct kvs_context *c);
 /* The queries a GPU slot under sp keeps (engine.c). */
