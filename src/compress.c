@@ -19,8 +19,8 @@ static enum kvs_status gpu_compress_now(kvs_context *c, kvs_sequence *s, const s
     if ((needs & KV_NEED_ACC) && !s->kv->with_acc)
         return kvs_fail(KVS_ERR_INVALID_ARG, "'%s' needs accumulated attention, which this sequence does not keep "
                         "(create its context with keep_stats)", spec->text);
-    int qwin = kv_policy_score_src(spec) == KV_SRC_LAST ? 1 : kv_policy_qwin(spec);
-    if ((needs & KV_NEED_QUERIES) && kvs_gpu_slot_qwin(c, &s->prof->spec) < qwin)
+    int qwin = kvs_gpu_spec_qwin(spec);
+    if (qwin > 0 && kvs_gpu_slot_qwin(c, &s->prof->spec) < qwin)
         return kvs_fail(KVS_ERR_INVALID_ARG, "'%s' needs the last %d queries; this sequence keeps %d (create its "
                         "context with keep_stats)", spec->text, qwin, kvs_gpu_slot_qwin(c, &s->prof->spec));
     struct kv_policy *pol = NULL;

@@ -31,8 +31,8 @@ double kvs_context_device_bandwidth(kvs_context *c) { return c->gpu ? cuda_bandw
 
 const char *kvs_context_device_name(const kvs_context *c) { return c->gpu ? cuda_device_name(c->gpu) : "cpu"; }
 
-/* what --device cuda runs: the full cache, and the policies scored there (kv_policy_score_src) */
-#define GPU_POLICIES "full, snapkv, h2o, tova, streaming, knorm and random (uniform or pyramid budgets, without merging or packed storage)"
+/* what --device cuda runs: the full cache, and the policies scored there (kv_policy_score_src;
+ * GPU_POLICIES in engine.h says it in words) */
 static bool gpu_runs(const struct kv_spec *sp) {
     return (sp->method == KV_FULL && !sp->think && !sp->kivi_bits && !sp->mikv_low) || kv_policy_scored_elsewhere(sp);
 }
@@ -43,11 +43,10 @@ bool kvs_kv_runs_on(const char *kv_spec, int device) {
     return device == KVS_DEVICE_CPU || (device == KVS_DEVICE_CUDA && gpu_runs(&sp));
 }
 
-/* the queries a GPU slot under sp keeps: the policy's window (TOVA: the newest alone), and in a
- * keep_stats context at least KVS_STATS_QWIN, as the CPU store keeps */
+/* the queries a GPU slot under sp keeps: the spec's own, and in a keep_stats context at least
+ * KVS_STATS_QWIN, as the CPU store keeps */
 int kvs_gpu_slot_qwin(const kvs_context *c, const struct kv_spec *sp) {
-    int qwin = (kv_policy_needs(sp) & KV_NEED_QUERIES) ? kv_policy_qwin(sp) : 0;
-    if (kv_policy_score_src(sp) == KV_SRC_LAST) qwin = 1;
+    int qwin = kvs_gpu_spec_qwin(sp);
     if (c->p.keep_stats && qwin < KVS_STATS_QWIN) qwin = KVS_STATS_QWIN;
     return qwin;
 }

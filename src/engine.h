@@ -146,8 +146,14 @@ enum kvs_status kvs_gpu_plan(struct kvs_context *c, kvs_sequence *s, struct kv_p
  * bytes, reset to what it holds now. */
 uint64_t kvs_seq_payload_bytes(const kvs_sequence *s);
 void kvs_context_kv_peak_reset(struct kvs_context *c);
-/* The queries a GPU slot under sp keeps (engine.c). */
+/* The saved queries a GPU plan under sp reads (the newest of them): its scorer's window, TOVA's
+ * newest alone (forward.c); and those a GPU slot under sp keeps (engine.c). */
+int kvs_gpu_spec_qwin(const struct kv_spec *sp);
 int kvs_gpu_slot_qwin(const struct kvs_context *c, const struct kv_spec *sp);
+/* What --device cuda runs (kvs_kv_runs_on), in words for messages. */
+#define GPU_POLICIES                                                                                       \
+    "full, snapkv, h2o, tova, streaming, knorm and random (uniform or pyramid budgets, without merging or " \
+    "packed storage)"
 
 /* Release the shared prefix s started from (if any): s then holds only its own entries. */
 void kvs_seq_drop_prefix(kvs_sequence *s);

@@ -459,6 +459,11 @@ static enum kvs_status gpu_compress(struct kvs_context *c, kvs_sequence *s, enum
     return kvs_gpu_plan(c, s, pr->policy, sp, slack, n_seen);
 }
 
+int kvs_gpu_spec_qwin(const struct kv_spec *sp) {
+    if (kv_policy_score_src(sp) == KV_SRC_LAST) return 1;
+    return (kv_policy_needs(sp) & KV_NEED_QUERIES) ? kv_policy_qwin(sp) : 0;
+}
+
 enum kvs_status kvs_gpu_plan(struct kvs_context *c, kvs_sequence *s, struct kv_policy *p, const struct kv_spec *sp,
                              int32_t slack, int64_t n_seen) {
     const struct hparams *hp = &c->m->hp;
@@ -475,7 +480,7 @@ enum kvs_status kvs_gpu_plan(struct kvs_context *c, kvs_sequence *s, struct kv_p
     int32_t *vis = malloc(sizeof(int32_t) * (size_t)n_lay * nkv * (p->qwin + 1)), *qpos = malloc(sizeof(int32_t) * (p->qwin + 1));
     enum kvs_status st = store && sc && tmp && vis && qpos ? KVS_OK : kvs_fail(KVS_ERR_NOMEM, "out of memory for a GPU plan");
     /* the newest qwin saved queries, as the CPU scorer takes (TOVA: the newest alone) */
-    int nq = st == KVS_OK && attn ? cuda_seq_queries(c->gpu, s->slot, qpos, src == KV_SRC_LAST ? 1 : p->qwin) : 0;
+    int nq = st == KVS_OK && attn ? cuda_seq_queries(c->gpu, s->slot, qpos, kvs_gpu_spec_qwin(sp)) : 0;
     for (int il = 0; il < nl; il++) n_keep[il] = cuda_seq_layer_entries(c->gpu, s->slot, il); /* (as they are) */
     int32_t before = n_keep[nl - 1];
     /* causal: query w sees the entries at positions up to its own (a prefix: entries are in

@@ -1947,6 +1947,20 @@ __global__ void __launch_bounds__(SCORE_T) k_win_score(const dseq *seqs, int slo
     if (j < n) out[(size_t)h * stride + j] = acc;
 }
 
+/* the layer list of a planning call: n_layers layers of the model, each holding at most stride
+ * entries in slot; the most of them to *nmax */
+static enum kvs_status check_layers(cuda_ctx *g, int slot, int n_layers, const int *layers, size_t stride, int *nmax) {
+    *nmax = 0;
+    if (n_layers < 0 || n_layers > g->n_layer) return kvs_fail(KVS_ERR_INTERNAL, "cuda: %d layers", n_layers);
+    for (int i = 0; i < n_layers; i++) {
+        if (layers[i] < 0 || layers[i] >= g->n_layer) return kvs_fail(KVS_ERR_INTERNAL, "cuda: layer %d", layers[i]);
+        int n = lens_of(g, slot)[layers[i]];
+        if ((size_t)n > stride) return kvs_fail(KVS_ERR_INTERNAL, "cuda: %d entries, rows of %zu", n, stride);
+        *nmax = n > *nmax ? n : *nmax;
+    }
+    return KVS_OK;
+}
+
 /* scratch of the planning kernels, for every layer at once: scores (layer, head, entry), softmax
  * (m, l) per window query, the queries' visible counts */
 static enum kvs_status score_scratch(cuda_ctx *g, int nq) {
@@ -1979,13 +1993,12 @@ extern "C" enum kvs_status cuda_seq_score_window(struct cuda_ctx *g, int slot, i
     const dseq *sq = &g->h_seqs[slot];
     const hseq *h = &g->hs[slot];
     int grp = g->nh / g->nkv, nmax = 0;
-    if (!sq->qr || nq > h->q_n || nq < 0 || nq > QWIN_MAX || n_layers < 0 || n_layers > g->n_layer)
+    if (!sq->qr || nq > h->q_n || nq < 0 || nq > QWIN_MAX)
         return kvs_fail(KVS_ERR_INTERNAL, "cuda: slot %d keeps %d queries, %d asked", slot, h->q_n, nq);
+    enum kvs_status st = check_layers(g, slot, n_layers, layers, stride, &nmax);
+    if (st != KVS_OK) return st;
     for (int i = 0; i < n_layers; i++) {
-        if (layers[i] < 0 || layers[i] >= g->n_layer) return kvs_fail(KVS_ERR_INTERNAL, "cuda: layer %d", layers[i]);
         int n = lens_of(g, slot)[layers[i]];
-        if ((size_t)n > stride) return kvs_fail(KVS_ERR_INTERNAL, "cuda: %d entries, rows of %zu", n, stride);
-        nmax = n > nmax ? n : nmax;
         for (int j = 0; j < g->nkv * nq; j++) {
             int v = vis[((size_t)i * g->nkv) * nq + j];
             if (v < 0 || v > n) return kvs_fail(KVS_ERR_INTERNAL, "cuda: a query sees %d of %d entries", v, n);
@@ -1996,8 +2009,7 @@ extern "C" enum kvs_status cuda_seq_score_window(struct cuda_ctx *g, int slot, i
         for (size_t r = 0; r < (size_t)n_layers * g->nkv; r++) memset(out + r * stride, 0, sizeof(float) * nmax);
         return KVS_OK;
     }
-    enum kvs_status st = score_scratch(g, nq);
-    if (st != KVS_OK) return st;
+    if ((st = score_scratch(g, nq)) != KVS_OK) return st;
     size_t cap = (size_t)(g->n_ctx + g->t_max);
     int q0 = ((h->q_next - nq) % sq->qwin + sq->qwin) % sq->qwin; /* the oldest of the newest nq */
     float scale = 1.0f / sqrtf((float)g->hd);
@@ -2047,17 +2059,10 @@ __global__ void k_key_sq(const dseq *seqs, int slot, const int *layers, const in
 
 extern "C" enum kvs_status cuda_seq_key_sq(struct cuda_ctx *g, int slot, int n_layers, const int *layers, float *out,
                                            size_t stride) {
-    int nmax = 0;
-    if (n_layers < 0 || n_layers > g->n_layer) return kvs_fail(KVS_ERR_INTERNAL, "cuda: %d layers", n_layers);
-    for (int i = 0; i < n_layers; i++) {
-        if (layers[i] < 0 || layers[i] >= g->n_layer) return kvs_fail(KVS_ERR_INTERNAL, "cuda: layer %d", layers[i]);
-        int n = lens_of(g, slot)[layers[i]];
-        if ((size_t)n > stride) return kvs_fail(KVS_ERR_INTERNAL, "cuda: %d entries, rows of %zu", n, stride);
-        nmax = n > nmax ? n : nmax;
-    }
-    if (nmax == 0 || n_layers == 0) return KVS_OK;
-    enum kvs_status st = score_scratch(g, 0);
-    if (st != KVS_OK) return st;
+    int nmax;
+    enum kvs_status st = check_layers(g, slot, n_layers, layers, stride, &nmax);
+    if (st != KVS_OK || nmax == 0) return st;
+    if ((st = score_scratch(g, 0)) != KVS_OK) return st;
     size_t cap = (size_t)(g->n_ctx + g->t_max);
     /* the layer list and the slot's lengths through the metadata (not in use between passes) */
     int *d_lens, *d_layers = (int *)g->d_wvis;
@@ -2076,11 +2081,11 @@ extern "C" enum kvs_status cuda_seq_acc(struct cuda_ctx *g, int slot, int n_laye
                                         size_t stride) {
     const dseq *sq = &g->h_seqs[slot];
     if (!sq->acc_on) return kvs_fail(KVS_ERR_INTERNAL, "cuda: slot %d keeps no accumulated attention", slot);
-    if (n_layers < 0 || n_layers > g->n_layer) return kvs_fail(KVS_ERR_INTERNAL, "cuda: %d layers", n_layers);
+    int nmax;
+    enum kvs_status st = check_layers(g, slot, n_layers, layers, stride, &nmax);
+    if (st != KVS_OK) return st;
     for (int i = 0; i < n_layers; i++) {
-        if (layers[i] < 0 || layers[i] >= g->n_layer) return kvs_fail(KVS_ERR_INTERNAL, "cuda: layer %d", layers[i]);
         int n = lens_of(g, slot)[layers[i]];
-        if ((size_t)n > stride) return kvs_fail(KVS_ERR_INTERNAL, "cuda: %d entries, rows of %zu", n, stride);
         if (n == 0) continue;
         if (!sq->acc) return kvs_fail(KVS_ERR_INTERNAL, "cuda: slot %d has entries and no accumulated attention", slot);
         CK(cudaMemcpy2DAsync(out + (size_t)i * g->nkv * stride, stride * sizeof(float),

@@ -1025,9 +1025,7 @@ static void device_methods(const struct eval_config *cfg, struct eval_config *ou
         snprintf(spec, sizeof spec, is_full(cfg->methods[i]) ? "%s" : "%s+ratio=0.5", cfg->methods[i]);
         if (kvs_kv_runs_on(spec, cfg->device)) out->methods[out->n_methods++] = cfg->methods[i];
         else
-            fprintf(stderr, "eval: skipping '%s' on --device cuda (the GPU runs the full cache, snapkv, h2o, tova, "
-                    "streaming, knorm and random, uniform or pyramid budgets, without merging or packed storage)\n",
-                    cfg->methods[i]);
+            fprintf(stderr, "eval: skipping '%s' on --device cuda (the GPU runs " GPU_POLICIES ")\n", cfg->methods[i]);
     }
 }
 
